@@ -1,0 +1,3 @@
+from estargz_opt.cli import main
+
+main()

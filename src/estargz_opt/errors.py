@@ -1,0 +1,17 @@
+"""Error types shared by every layer of the tool.
+
+Every error the user can cause derives from EstargzOptError; the CLI turns it into one
+line on stderr and a non-zero exit. Anything else is a bug and keeps its traceback.
+"""
+
+
+class EstargzOptError(Exception):
+    """A failure the user can act on; the message is a complete sentence-like line."""
+
+
+class BadInputError(EstargzOptError):
+    """The input layer or image is malformed, truncated or unsupported."""
+
+
+class VerificationError(EstargzOptError):
+    """A converted layer does not match its TOC, digest or annotations."""
