@@ -1,0 +1,207 @@
+"""The estargz-opt command line: parse, call the library, print. Nothing else lives here."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from estargz_opt import __version__
+from estargz_opt.errors import EstargzOptError
+from estargz_opt.format import (
+    DEFAULT_CHUNK_SIZE,
+    Format,
+    LayerOptions,
+    atomic_output,
+    convert_layer,
+    open_layer,
+)
+
+log = logging.getLogger("estargz_opt")
+
+
+def _read_lines(path: Path) -> list[str]:
+    try:
+        text = path.read_text(encoding="utf-8", errors="surrogateescape")
+    except OSError as exc:
+        raise EstargzOptError(f"cannot read {path}: {exc.strerror}") from None
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def _read_optional(path: Path | None) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise EstargzOptError(f"cannot read {path}: {exc.strerror}") from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="estargz-opt")
+def cli() -> None:
+    """Optimize container images for lazy pulling (eStargz, zstd:chunked).
+
+    \b
+    Examples:
+      estargz-opt layer convert layer.tar.gz out.blob --prioritized-files files.txt
+      estargz-opt layer verify out.blob --toc-digest sha256:...
+    """
+
+
+@cli.group()
+def layer() -> None:
+    """Convert, verify and inspect single layer blobs (no image, no daemon)."""
+
+
+@layer.command("convert")
+@click.argument("src", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("out", type=click.Path(dir_okay=False, writable=True, path_type=Path))
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice([f.value for f in Format]),
+    default=Format.ESTARGZ.value,
+    show_default=True,
+    help="Output layer format.",
+)
+@click.option(
+    "--prioritized-files",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="File with one path per line, in access order; they go first, before the landmark.",
+)
+@click.option(
+    "--compression-level",
+    type=int,
+    help="gzip 0-9 (default 9) or zstd 1-22 (default 3).",
+)
+@click.option(
+    "--chunk-size",
+    type=int,
+    default=DEFAULT_CHUNK_SIZE,
+    show_default=True,
+    help="Bytes per chunk of a regular file.",
+)
+@click.option(
+    "--min-chunk-size",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Keep small chunks in one gzip member until it holds this many compressed bytes.",
+)
+@click.option(
+    "--toc-out",
+    type=click.Path(dir_okay=False, writable=True, path_type=Path),
+    help="Where the external TOC blob goes (estargz-external-toc; default OUT.toc).",
+)
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    help="Compression threads (default: all CPUs). Output bytes never depend on it.",
+)
+def layer_convert(
+    src: Path,
+    out: Path,
+    fmt: str,
+    prioritized_files: Path | None,
+    compression_level: int | None,
+    chunk_size: int,
+    min_chunk_size: int,
+    toc_out: Path | None,
+    threads: int | None,
+) -> None:
+    """Convert the layer SRC (tar, tar+gzip or tar+zstd) into OUT.
+
+    Prints one JSON object: digest, size, diffID, uncompressedSize, tocDigest, annotations.
+
+    \b
+    Example:
+      estargz-opt layer convert base.tar.gz base.esgz --prioritized-files files.txt
+    """
+    opts = LayerOptions(
+        format=Format(fmt),
+        prioritized=_read_lines(prioritized_files) if prioritized_files else (),
+        compression_level=compression_level,
+        chunk_size=chunk_size,
+        min_chunk_size=min_chunk_size,
+        workers=threads,
+    )
+    if opts.format is not Format.EXTERNAL_TOC and toc_out is not None:
+        raise click.UsageError("--toc-out applies to --format estargz-external-toc only")
+    result = convert_layer(src, out, opts)
+    summary = result.summary()
+    if result.toc_blob is not None:
+        toc_path = toc_out or out.with_name(out.name + ".toc")
+        try:
+            with atomic_output(toc_path) as f:
+                f.write(result.toc_blob)
+        except BaseException:
+            out.unlink(missing_ok=True)
+            raise
+        summary["tocBlob"] = str(toc_path)
+    if result.missing_prioritized:
+        log.warning(
+            "%d prioritized path(s) not in the layer were skipped: %s",
+            len(result.missing_prioritized),
+            ", ".join(result.missing_prioritized[:5])
+            + (" ..." if len(result.missing_prioritized) > 5 else ""),
+        )
+    click.echo(json.dumps(summary))
+
+
+@layer.command("verify")
+@click.argument("blob", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--toc-digest", help="Expected TOC digest (the toc.digest annotation).")
+@click.option(
+    "--toc",
+    "toc_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="The external TOC blob, for estargz-external-toc layers.",
+)
+def layer_verify(blob: Path, toc_digest: str | None, toc_file: Path | None) -> None:
+    """Check BLOB's footer, TOC digest and every chunk digest; exit 0 only if all pass."""
+    with open_layer(blob, toc_digest=toc_digest, external_toc=_read_optional(toc_file)) as lay:
+        lay.verify()
+        chunks = len(lay.chunks())
+        click.echo(
+            f"ok: {lay.format} layer, {len(lay.toc.entries)} TOC entries, {chunks} chunks "
+            f"verified, TOC digest {lay.toc_digest}"
+        )
+
+
+@layer.command("toc")
+@click.argument("blob", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--toc",
+    "toc_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="The external TOC blob, for estargz-external-toc layers.",
+)
+def layer_toc(blob: Path, toc_file: Path | None) -> None:
+    """Print BLOB's TOC JSON exactly as stored (its sha256 is the TOC digest)."""
+    with open_layer(blob, external_toc=_read_optional(toc_file)) as lay:
+        sys.stdout.buffer.write(lay.toc_json + b"\n")
+
+
+def main() -> None:
+    """Entry point: every expected failure becomes one line on stderr and a non-zero exit."""
+    logging.basicConfig(format="estargz-opt: %(levelname)s: %(message)s", level=logging.INFO)
+    try:
+        cli.main(standalone_mode=False, prog_name="estargz-opt")
+    except click.UsageError as exc:
+        click.echo(f"estargz-opt: error: {exc.format_message()}", err=True)
+        sys.exit(2)
+    except click.ClickException as exc:
+        click.echo(f"estargz-opt: error: {exc.format_message()}", err=True)
+        sys.exit(exc.exit_code)
+    except EstargzOptError as exc:
+        click.echo(f"estargz-opt: error: {exc}", err=True)
+        sys.exit(1)
+    except (KeyboardInterrupt, click.Abort):
+        click.echo("estargz-opt: error: interrupted", err=True)
+        sys.exit(130)
+    except BrokenPipeError:
+        sys.exit(1)

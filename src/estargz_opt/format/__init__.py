@@ -1,0 +1,73 @@
+"""The layer format engine: build and read eStargz, external-TOC and zstd:chunked blobs.
+
+It knows nothing of images, registries, containerd or the CLI: a layer file goes in, a
+converted layer file (and its descriptor facts) comes out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+from estargz_opt.format.build import (
+    DEFAULT_CHUNK_SIZE,
+    TOC_DIGEST_ANNOTATION,
+    UNCOMPRESSED_SIZE_ANNOTATION,
+    Format,
+    LayerOptions,
+    LayerResult,
+    ProgressFn,
+    build_layer,
+)
+from estargz_opt.format.reader import Layer, open_layer
+from estargz_opt.format.source import open_tar
+from estargz_opt.format.toc import TOC, TOCEntry
+
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "TOC",
+    "TOC_DIGEST_ANNOTATION",
+    "UNCOMPRESSED_SIZE_ANNOTATION",
+    "Format",
+    "Layer",
+    "LayerOptions",
+    "LayerResult",
+    "TOCEntry",
+    "atomic_output",
+    "convert_layer",
+    "open_layer",
+]
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike[str]):  # type: ignore[no-untyped-def]
+    """A temporary file beside path that replaces path only if the block succeeds."""
+    target = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.fchmod(fd, 0o644)  # mkstemp's 0600 would make blobs unreadable to other users
+    try:
+        with os.fdopen(fd, "w+b") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def convert_layer(
+    src: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    opts: LayerOptions | None = None,
+    progress: ProgressFn | None = None,
+    tmp_dir: str | None = None,
+) -> LayerResult:
+    """Convert src (tar, tar+gzip or tar+zstd) into out, which appears only on success."""
+    opts = opts or LayerOptions()
+    opts.validate()
+    with open_tar(src, tmp_dir) as tar, atomic_output(out) as f:
+        return build_layer(tar, f, opts, progress)

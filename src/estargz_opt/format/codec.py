@@ -1,0 +1,65 @@
+"""The small interface through which each layer format plugs into the writer and reader.
+
+A format is a Compressor (member writer, TOC-and-footer writer) plus a Decompressor
+(footer parser, TOC parser, payload stream). The builder and the reader know nothing
+else about gzip, zstd or external TOCs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class TOCTail:
+    """What a format appends after the payload, and what that adds to the DiffID stream."""
+
+    blob_tail: bytes
+    diff_tail: bytes
+    toc_blob: bytes | None = None
+    annotations: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Footer:
+    """Where the TOC lives. toc_offset is None when the TOC is kept outside the blob."""
+
+    payload_size: int
+    toc_offset: int | None
+    toc_size: int
+
+
+class Compressor(Protocol):
+    """Writes a format: independent payload members, then the TOC and the footer."""
+
+    def compress_member(self, data: bytes) -> bytes:
+        """One self-contained member (gzip member or zstd frame). Thread-safe."""
+        ...
+
+    def write_toc_and_footer(self, toc_json: bytes, payload_size: int) -> TOCTail: ...
+
+
+class Stream(Protocol):
+    """Decompresses consecutive members fed in pieces; raises ValueError on corruption."""
+
+    def feed(self, data: bytes) -> bytes: ...
+
+    def at_member_end(self) -> bool: ...
+
+
+class Decompressor(Protocol):
+    """Reads a format: which footer it has, how its TOC is stored, how members decode."""
+
+    name: str
+    footer_size: int
+
+    def parse_footer(self, tail: bytes, blob_size: int) -> Footer:
+        """Raise ValueError when tail does not end with this format's footer."""
+        ...
+
+    def parse_toc(self, raw: bytes) -> bytes:
+        """The TOC JSON bytes from the stored TOC bytes; ValueError when malformed."""
+        ...
+
+    def stream(self) -> Stream: ...

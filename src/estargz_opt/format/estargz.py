@@ -1,0 +1,206 @@
+"""eStargz with gzip: members compressed by libdeflate, the TOC in its own member, 51-byte footer.
+
+Every member is a plain gzip member (no name, no mtime, OS 255, as Go writes them), so
+each chunk decompresses on its own and members compress in parallel.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import deflate
+
+from estargz_opt.format import tarfmt
+from estargz_opt.format.codec import Footer, TOCTail
+from estargz_opt.format.toc import TOC_TAR_NAME
+
+DEFAULT_LEVEL = 9
+FOOTER_SIZE = 51
+LEGACY_FOOTER_SIZE = 47
+_HEADER_EXTRA = bytes.fromhex("1f8b08040000000000ff")
+_FINAL_EMPTY_BLOCK = bytes.fromhex("010000ffff") + bytes(8)
+
+
+def gzip_header(level: int) -> bytes:
+    xfl = 2 if level == 9 else 4 if level == 1 else 0
+    return bytes([0x1F, 0x8B, 8, 0, 0, 0, 0, 0, xfl, 0xFF])
+
+
+def gzip_member(data: bytes, level: int) -> bytes:
+    """A complete gzip member: libdeflate's raw deflate inside a Go-style header."""
+    body = deflate.deflate_compress(data, level)
+    trailer = struct.pack("<II", deflate.crc32(data), len(data) & 0xFFFFFFFF)
+    return gzip_header(level) + body + trailer
+
+
+def toc_tar(toc_json: bytes) -> bytes:
+    """The tar that carries the TOC: its header, the JSON, padding and two EOF blocks."""
+    header = tarfmt.simple_reg_header(TOC_TAR_NAME, len(toc_json))
+    return header + tarfmt.pad(toc_json) + tarfmt.EOF_BLOCKS
+
+
+def footer(toc_offset: int) -> bytes:
+    extra = b"SG" + struct.pack("<H", 22) + f"{toc_offset:016x}STARGZ".encode()
+    return _HEADER_EXTRA + struct.pack("<H", len(extra)) + extra + _FINAL_EMPTY_BLOCK
+
+
+class StreamingMember:
+    """A gzip member written piece by piece, for min-chunk-size where cuts depend on output size.
+
+    zlib is used here because the cut decision needs the compressed size so far (after a
+    sync flush, as upstream measures it); libdeflate has no streaming mode.
+    """
+
+    def __init__(self, level: int) -> None:
+        self._z = zlib.compressobj(level, zlib.DEFLATED, -15)
+        self._crc = 0
+        self._size = 0
+        self.level = level
+        self.parts: list[bytes] = [gzip_header(level)]
+        self.compressed = len(self.parts[0])
+
+    def write(self, data: bytes) -> None:
+        self._crc = zlib.crc32(data, self._crc)
+        self._size += len(data)
+        out = self._z.compress(data)
+        if out:
+            self.parts.append(out)
+            self.compressed += len(out)
+
+    def flush(self) -> None:
+        out = self._z.flush(zlib.Z_SYNC_FLUSH)
+        self.parts.append(out)
+        self.compressed += len(out)
+
+    def close(self) -> bytes:
+        self.parts.append(self._z.flush(zlib.Z_FINISH))
+        self.parts.append(struct.pack("<II", self._crc, self._size & 0xFFFFFFFF))
+        return b"".join(self.parts)
+
+
+class GzipCompressor:
+    def __init__(self, level: int = DEFAULT_LEVEL) -> None:
+        self.level = level
+
+    def compress_member(self, data: bytes) -> bytes:
+        return gzip_member(data, self.level)
+
+    def streaming_member(self) -> StreamingMember:
+        return StreamingMember(self.level)
+
+    def write_toc_and_footer(self, toc_json: bytes, payload_size: int) -> TOCTail:
+        plain = toc_tar(toc_json)
+        member = gzip_member(plain, self.level)
+        return TOCTail(blob_tail=member + footer(payload_size), diff_tail=plain)
+
+
+class GzipStream:
+    """Decompresses consecutive gzip members; CRC and length are checked by zlib."""
+
+    def __init__(self) -> None:
+        self._d = zlib.decompressobj(31)
+        self._fresh = True
+
+    def feed(self, data: bytes) -> bytes:
+        out = []
+        while data:
+            self._fresh = False
+            try:
+                out.append(self._d.decompress(data))
+            except zlib.error as exc:
+                raise ValueError(f"corrupt gzip data ({exc})") from None
+            if not self._d.eof:
+                break
+            data = self._d.unused_data
+            self._d = zlib.decompressobj(31)
+            self._fresh = True
+        return b"".join(out)
+
+    def at_member_end(self) -> bool:
+        return self._fresh
+
+
+def _parse_gzip_extra(tail: bytes, xlen: int) -> bytes:
+    """The FEXTRA field of a bare gzip header at the start of tail (a minimal header parser)."""
+    if tail[:3] != b"\x1f\x8b\x08" or not tail[3] & 0x04:
+        raise ValueError("no gzip header with an extra field")
+    (got,) = struct.unpack_from("<H", tail, 10)
+    if got != xlen:
+        raise ValueError("unexpected gzip extra field length")
+    return tail[12 : 12 + xlen]
+
+
+def _parse_toc_member(raw: bytes) -> bytes:
+    """JSON from a single gzip member holding tar(stargz.index.json)."""
+    d = zlib.decompressobj(31)
+    try:
+        plain = d.decompress(raw)
+    except zlib.error as exc:
+        raise ValueError(f"corrupt TOC gzip member ({exc})") from None
+    if not d.eof:
+        raise ValueError("truncated TOC gzip member")
+    entries = tarfmt.iter_entries(io.BytesIO(plain), len(plain))
+    try:
+        first = next(entries)
+    except StopIteration:
+        raise ValueError("TOC member holds no tar entry") from None
+    except Exception as exc:
+        raise ValueError(f"TOC member is not a tar ({exc})") from None
+    if first.name != TOC_TAR_NAME:
+        raise ValueError(f"first entry of the TOC member is {first.name!r}, not {TOC_TAR_NAME}")
+    return plain[first.data_offset : first.data_offset + first.size]
+
+
+class GzipDecompressor:
+    name = "estargz"
+    footer_size = FOOTER_SIZE
+
+    def parse_footer(self, tail: bytes, blob_size: int) -> Footer:
+        tail = tail[-FOOTER_SIZE:]
+        if len(tail) < FOOTER_SIZE:
+            raise ValueError("blob too small for an eStargz footer")
+        extra = _parse_gzip_extra(tail, 26)
+        if extra[:2] != b"SG" or struct.unpack_from("<H", extra, 2)[0] != 22:
+            raise ValueError("gzip extra field is not an eStargz footer")
+        if extra[-6:] != b"STARGZ":
+            raise ValueError("footer lacks the STARGZ magic")
+        toc_offset = _hex_offset(extra[4:20])
+        return _checked_footer(toc_offset, blob_size, FOOTER_SIZE)
+
+    def parse_toc(self, raw: bytes) -> bytes:
+        return _parse_toc_member(raw)
+
+    def stream(self) -> GzipStream:
+        return GzipStream()
+
+
+class LegacyGzipDecompressor(GzipDecompressor):
+    """The original stargz footer (47 bytes, bare extra field); read-only."""
+
+    name = "stargz"
+    footer_size = LEGACY_FOOTER_SIZE
+
+    def parse_footer(self, tail: bytes, blob_size: int) -> Footer:
+        tail = tail[-LEGACY_FOOTER_SIZE:]
+        if len(tail) < LEGACY_FOOTER_SIZE:
+            raise ValueError("blob too small for a stargz footer")
+        extra = _parse_gzip_extra(tail, 22)
+        if extra[-6:] != b"STARGZ":
+            raise ValueError("footer lacks the STARGZ magic")
+        return _checked_footer(_hex_offset(extra[:16]), blob_size, LEGACY_FOOTER_SIZE)
+
+
+def _hex_offset(raw: bytes) -> int:
+    try:
+        return int(raw.decode("ascii"), 16)
+    except (UnicodeDecodeError, ValueError):
+        raise ValueError("footer TOC offset is not hexadecimal") from None
+
+
+def _checked_footer(toc_offset: int, blob_size: int, footer_size: int) -> Footer:
+    toc_size = blob_size - toc_offset - footer_size
+    if toc_size <= 0:
+        raise ValueError(f"footer TOC offset {toc_offset} lies outside the blob")
+    return Footer(payload_size=toc_offset, toc_offset=toc_offset, toc_size=toc_size)

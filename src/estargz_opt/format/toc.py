@@ -1,0 +1,207 @@
+"""The eStargz table of contents: its entries, and its JSON exactly as Go marshals it.
+
+The TOC digest is the sha256 of the JSON bytes, and readers check it against the layer's
+annotation; to list the same entries as ctr-remote we must also write the same bytes for
+the same entries: tab indent, Go's HTML escaping, omitempty, base64 xattrs.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from estargz_opt.errors import BadInputError
+
+TOC_TAR_NAME = "stargz.index.json"
+PREFETCH_LANDMARK = ".prefetch.landmark"
+NO_PREFETCH_LANDMARK = ".no.prefetch.landmark"
+LANDMARK_CONTENTS = b"\x0f"
+LANDMARKS = frozenset({PREFETCH_LANDMARK, NO_PREFETCH_LANDMARK})
+ENTRY_TYPES = frozenset({"dir", "reg", "symlink", "hardlink", "char", "block", "fifo", "chunk"})
+
+# (python attribute, JSON key) in Go's declaration order; all but name/type are omitempty.
+_FIELDS = (
+    ("name", "name"),
+    ("type", "type"),
+    ("size", "size"),
+    ("modtime", "modtime"),
+    ("link_name", "linkName"),
+    ("mode", "mode"),
+    ("uid", "uid"),
+    ("gid", "gid"),
+    ("uname", "userName"),
+    ("gname", "groupName"),
+    ("offset", "offset"),
+    ("inner_offset", "innerOffset"),
+    ("dev_major", "devMajor"),
+    ("dev_minor", "devMinor"),
+    ("xattrs", "xattrs"),
+    ("digest", "digest"),
+    ("chunk_offset", "chunkOffset"),
+    ("chunk_size", "chunkSize"),
+    ("chunk_digest", "chunkDigest"),
+)
+_INT_KEYS = frozenset(
+    {
+        "size",
+        "mode",
+        "uid",
+        "gid",
+        "offset",
+        "innerOffset",
+        "devMajor",
+        "devMinor",
+        "chunkOffset",
+        "chunkSize",
+    }
+)
+_STR_KEYS = frozenset(
+    {"name", "type", "modtime", "linkName", "userName", "groupName", "digest", "chunkDigest"}
+)
+_DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+
+
+@dataclass(slots=True)
+class TOCEntry:
+    """One TOC record: a tar entry, or one more chunk of a regular file."""
+
+    name: str
+    type: str
+    size: int = 0
+    modtime: str = ""
+    link_name: str = ""
+    mode: int = 0
+    uid: int = 0
+    gid: int = 0
+    uname: str = ""
+    gname: str = ""
+    offset: int = 0
+    inner_offset: int = 0
+    dev_major: int = 0
+    dev_minor: int = 0
+    xattrs: dict[str, bytes] = field(default_factory=dict)
+    digest: str = ""
+    chunk_offset: int = 0
+    chunk_size: int = 0
+    chunk_digest: str = ""
+
+    def to_json_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for attr, key in _FIELDS:
+            value = getattr(self, attr)
+            if key in ("name", "type"):
+                out[key] = _go_string(value)
+            elif key == "xattrs":
+                if value:
+                    out[key] = {
+                        _go_string(k): base64.b64encode(value[k]).decode()
+                        for k in sorted(value, key=lambda s: s.encode("utf-8", "surrogateescape"))
+                    }
+            elif value:
+                out[key] = _go_string(value) if isinstance(value, str) else value
+        return out
+
+
+@dataclass(slots=True)
+class TOC:
+    version: int = 1
+    entries: list[TOCEntry] = field(default_factory=list)
+
+    def to_json(self) -> bytes:
+        """Go's json.MarshalIndent(toc, "", "\\t") with HTML-safe escaping."""
+        doc = {"version": self.version, "entries": [e.to_json_dict() for e in self.entries]}
+        text = json.dumps(doc, indent="\t", separators=(",", ": "), ensure_ascii=False)
+        for char, escaped in _GO_ESCAPES:
+            text = text.replace(char, escaped)
+        return text.encode("utf-8")
+
+
+_GO_ESCAPES = (
+    ("<", "\\u003c"),
+    (">", "\\u003e"),
+    ("&", "\\u0026"),
+    ("\u2028", "\\u2028"),
+    ("\u2029", "\\u2029"),
+)
+_SURROGATES = re.compile("[\udc80-\udcff]")
+
+
+def _go_string(value: str) -> str:
+    """Go writes each invalid UTF-8 byte of a string as U+FFFD."""
+    return _SURROGATES.sub("\ufffd", value)
+
+
+def format_modtime(sec: int, nsec: int) -> str:
+    """RFC3339 UTC rounded to the second; empty for the Unix epoch, as upstream."""
+    if sec == 0:
+        return ""
+    if nsec >= 500_000_000:
+        sec += 1
+    t = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC) + datetime.timedelta(seconds=sec)
+    return f"{t.year:04d}-{t.month:02d}-{t.day:02d}T{t.hour:02d}:{t.minute:02d}:{t.second:02d}Z"
+
+
+def toc_digest(toc_json: bytes) -> str:
+    return "sha256:" + hashlib.sha256(toc_json).hexdigest()
+
+
+def parse_toc(data: bytes) -> TOC:
+    """Decode TOC JSON strictly enough that a malformed TOC is named, not crashed on."""
+    try:
+        doc = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadInputError(f"malformed TOC JSON: {exc}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("entries", []), list):
+        raise BadInputError("malformed TOC JSON: expected an object with an entries list")
+    version = doc.get("version", 0)
+    if not isinstance(version, int):
+        raise BadInputError("malformed TOC JSON: version is not a number")
+    toc = TOC(version=version)
+    keys = {key: attr for attr, key in _FIELDS}
+    for i, raw in enumerate(doc.get("entries") or []):
+        if not isinstance(raw, dict):
+            raise BadInputError(f"malformed TOC JSON: entry {i} is not an object")
+        kwargs: dict[str, Any] = {}
+        for key, value in raw.items():
+            attr = keys.get(key)
+            if attr is None:
+                continue
+            if key in _INT_KEYS:
+                if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                    raise BadInputError(f"malformed TOC JSON: entry {i} has a bad {key}")
+            elif key in _STR_KEYS:
+                if not isinstance(value, str):
+                    raise BadInputError(f"malformed TOC JSON: entry {i} has a bad {key}")
+            elif key == "xattrs":
+                value = _parse_xattrs(value, i)
+            kwargs[attr] = value
+        entry = TOCEntry(**{"name": "", "type": "", **kwargs})
+        if entry.type not in ENTRY_TYPES:
+            raise BadInputError(f"malformed TOC JSON: entry {i} has unknown type {entry.type!r}")
+        for what in ("digest", "chunk_digest"):
+            value = getattr(entry, what)
+            if value and not _DIGEST_RE.match(value):
+                raise BadInputError(f"malformed TOC JSON: entry {i} has a bad {what}")
+        toc.entries.append(entry)
+    return toc
+
+
+def _parse_xattrs(value: Any, i: int) -> dict[str, bytes]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise BadInputError(f"malformed TOC JSON: entry {i} has bad xattrs")
+    try:
+        return {k: base64.b64decode(v, validate=True) for k, v in value.items()}
+    except (binascii.Error, TypeError):
+        raise BadInputError(f"malformed TOC JSON: entry {i} has bad xattrs") from None
+
+
+def entry_fields() -> tuple[str, ...]:
+    return tuple(f.name for f in fields(TOCEntry))
