@@ -1,0 +1,67 @@
+"""Shared fixtures: a private containerd, the reference ctr-remote and test layers."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+from helpers_containerd import (
+    Containerd,
+    Unavailable,
+    containerd_unavailable_reason,
+    ensure_ctr_remote,
+)
+from layers import LayerBuildError, build_busybox_layer, build_synthetic_layer
+
+
+def _skip(reason: str) -> None:
+    # Printed as well, so the reason shows even where skip summaries are off.
+    print(f"SKIP: {reason}", file=sys.stderr)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def containerd(tmp_path_factory: pytest.TempPathFactory):
+    """A private containerd for the whole session (root only).
+
+    Yields a helpers_containerd.Containerd with .address, .root, .ctr() and
+    .ingest(); the daemon is stopped and its directory removed afterwards.
+    """
+    reason = containerd_unavailable_reason()
+    if reason:
+        _skip(reason)
+    # A short base keeps socket paths under the 107-byte unix limit.
+    directory = tmp_path_factory.mktemp("ctrd", numbered=True)
+    daemon = Containerd.start(directory)
+    try:
+        yield daemon
+    finally:
+        daemon.stop()
+
+
+@pytest.fixture(scope="session")
+def ctr_remote() -> Path:
+    """Path of the reference ctr-remote 0.14.3 (installed if missing)."""
+    try:
+        return ensure_ctr_remote()
+    except Unavailable as e:
+        _skip(f"reference ctr-remote unavailable: {e}")
+        raise  # not reached
+
+
+@pytest.fixture(scope="session")
+def busybox_layer(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Layer tar built from Debian's busybox-static .deb (cached .deb)."""
+    out = tmp_path_factory.mktemp("layers") / "busybox.tar"
+    try:
+        return build_busybox_layer(out)
+    except LayerBuildError as e:
+        _skip(str(e))
+        raise  # not reached
+
+
+@pytest.fixture(scope="session")
+def synthetic_layer(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Synthetic layer: 9 MiB file (3 chunks), links, xattr, long name, ..."""
+    return build_synthetic_layer(tmp_path_factory.mktemp("layers") / "synthetic.tar")
