@@ -48,7 +48,12 @@ fi
 ROOTFS="$WORK/rootfs"
 mkdir -p "$ROOTFS"
 dpkg -x "$DEB" "$ROOTFS"
-for applet in sh ls cat echo; do ln -s busybox "$ROOTFS/bin/$applet"; done
+for applet in sh ls cat echo; do
+    ln -s busybox "$ROOTFS/bin/$applet"
+    touch -h -r "$ROOTFS/bin/busybox" "$ROOTFS/bin/$applet"
+done
+# Same mtimes on every run, so the same .deb gives the same layer and digests.
+touch -r "$ROOTFS/bin/busybox" "$ROOTFS/bin"
 # A docker-style layer: relative names, every parent directory has its own
 # entry before its contents (bin/, bin/busybox, bin/sh -> busybox, usr/, ...).
 (cd "$ROOTFS" && find . -mindepth 1 -printf '%P\n' | LC_ALL=C sort \
