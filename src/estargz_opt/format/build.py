@@ -26,9 +26,9 @@ from estargz_opt.format.toc import (
     LANDMARKS,
     NO_PREFETCH_LANDMARK,
     PREFETCH_LANDMARK,
-    TOC,
     TOC_TAR_NAME,
     TOCEntry,
+    TOCWriter,
     format_modtime,
     toc_digest,
 )
@@ -37,7 +37,7 @@ DEFAULT_CHUNK_SIZE = 4 << 20
 TOC_DIGEST_ANNOTATION = "containerd.io/snapshot/stargz/toc.digest"
 UNCOMPRESSED_SIZE_ANNOTATION = "io.containers.estargz.uncompressed-size"
 _BATCH_BYTES = 1 << 20  # members are handed to threads in batches of about this size
-_IN_FLIGHT_BYTES = 32 << 20  # bound on uncompressed bytes queued for compression
+_IN_FLIGHT_BYTES = 16 << 20  # bound on uncompressed bytes queued for compression
 _READ = 4 << 20
 
 ProgressFn = Callable[[int, int], None]
@@ -155,7 +155,7 @@ def _normalize(e: TarEntry) -> None:
 
 def order_entries(
     index: _Index, prioritized: Sequence[str]
-) -> tuple[list[TarEntry], list[str], int]:
+) -> tuple[list[TarEntry | None], list[str], int]:
     """Upstream's order: prioritized files (parents first, hardlink targets first), landmark, rest.
 
     Unlike upstream, a parent directory without an entry of its own is skipped (nothing is
@@ -187,7 +187,7 @@ def order_entries(
     missing = [p for p in prioritized if not move(p)]
     if front:
         landmark = TarEntry(name=PREFETCH_LANDMARK, typeflag=tarfmt.REG, size=1, data_offset=-1)
-        order = [*front, landmark]
+        order: list[TarEntry | None] = [*front, landmark]
     else:
         landmark = TarEntry(name=NO_PREFETCH_LANDMARK, typeflag=tarfmt.REG, size=1, data_offset=-1)
         order = [landmark]
@@ -359,26 +359,21 @@ def build_layer(
 ) -> LayerResult:
     """Write the converted layer for src to out (positioned at 0) and describe it."""
     opts.validate()
-    index = index_entries(src)
-    order, missing, moved = order_entries(index, opts.prioritized)
+    order, missing, moved = order_entries(index_entries(src), opts.prioritized)
     comp = opts.format.compressor(opts.level)
     workers = opts.workers or os.cpu_count() or 1
     if opts.min_chunk_size and isinstance(comp, estargz.GzipCompressor):
         members: _ParallelMembers = _StreamingMembers(comp, out, opts.min_chunk_size, progress)
     else:
         members = _ParallelMembers(comp, out, workers, progress)
+    toc = _TOCStream(members)
     try:
-        toc, located = _write_entries(src, order, members, opts.chunk_size)
+        _write_entries(src, order, members, toc, opts.chunk_size)
         members.finish()
     except BaseException:
         members.abort()
         raise
-    prefetch_size = 0
-    for entry, member_index in located:
-        entry.offset = members.offsets[member_index]
-        if entry.name == PREFETCH_LANDMARK:
-            prefetch_size = entry.offset
-    toc_json = toc.to_json()
+    toc_json = toc.finish()
     tail = comp.write_toc_and_footer(toc_json, members.csize)
     members.emit(tail.blob_tail)
     members.diff.update(tail.diff_tail)
@@ -398,19 +393,52 @@ def build_layer(
         toc_blob=tail.toc_blob,
         missing_prioritized=missing,
         prioritized_entries=moved,
-        prefetch_size=prefetch_size,
+        prefetch_size=toc.prefetch_size,
     )
 
 
+class _TOCStream:
+    """TOC entries wait here until their member's blob offset is known, then become JSON."""
+
+    def __init__(self, members: _ParallelMembers) -> None:
+        self._members = members
+        self._waiting: deque[tuple[TOCEntry, int]] = deque()
+        self._writer = TOCWriter()
+        self.prefetch_size = 0
+
+    def add(self, entry: TOCEntry, member: int = -1) -> None:
+        self._waiting.append((entry, member))
+        self._flush()
+
+    def _flush(self) -> None:
+        offsets = self._members.offsets
+        while self._waiting and self._waiting[0][1] < len(offsets):
+            entry, member = self._waiting.popleft()
+            if member >= 0:
+                entry.offset = offsets[member]
+                if entry.name == PREFETCH_LANDMARK:
+                    self.prefetch_size = entry.offset
+            self._writer.add(entry)
+
+    def finish(self) -> bytes:
+        self._flush()
+        assert not self._waiting, "every member is written before the TOC"
+        return self._writer.finish()
+
+
 def _write_entries(
-    src: TarSource, order: list[TarEntry], members: _ParallelMembers, chunk_size: int
-) -> tuple[TOC, list[tuple[TOCEntry, int]]]:
-    """Feed headers and chunks to the members; return the TOC and where each payload starts."""
-    toc = TOC()
-    located: list[tuple[TOCEntry, int]] = []
+    src: TarSource,
+    order: list[TarEntry | None],
+    members: _ParallelMembers,
+    toc: _TOCStream,
+    chunk_size: int,
+) -> None:
+    """Feed headers and chunks to the members, and each TOC entry to the TOC stream."""
     users, groups = _Names(), _Names()
     fd = src.f.fileno()
-    for e in order:
+    for i, e in enumerate(order):
+        assert e is not None
+        order[i] = None  # parsed entries are let go as soon as they are written
         landmark = e.data_offset < 0
         if landmark:
             members.write(tarfmt.simple_reg_header(e.name, e.size))
@@ -435,11 +463,11 @@ def _write_entries(
             ent.size = e.size
         if e.typeflag != tarfmt.REG or e.size == 0:
             if e.typeflag == tarfmt.REG:
-                ent.digest = "sha256:" + hashlib.sha256(b"").hexdigest()
-            toc.entries.append(ent)
+                ent.digest = _EMPTY_DIGEST
+            toc.add(ent)
             continue
         whole = hashlib.sha256() if e.size > chunk_size else None
-        first = ent
+        chunks: list[tuple[TOCEntry, int]] = []
         written = 0
         while written < e.size:
             length = min(chunk_size, e.size - written)
@@ -452,13 +480,17 @@ def _write_entries(
             ent.chunk_digest = "sha256:" + hashlib.sha256(data).hexdigest()
             if whole is not None:
                 whole.update(data)
-            toc.entries.append(ent)
-            located.append((ent, member_index))
+            chunks.append((ent, member_index))
             written += length
             ent = TOCEntry(name=e.name, type="chunk")
+        first = chunks[0][0]
         first.digest = "sha256:" + whole.hexdigest() if whole else first.chunk_digest
+        for chunk, member_index in chunks:
+            toc.add(chunk, member_index)
         members.write(tarfmt.padding(e.size))
-    return toc, located
+
+
+_EMPTY_DIGEST = "sha256:" + hashlib.sha256(b"").hexdigest()
 
 
 def _pread(fd: int, e: TarEntry, at: int, length: int) -> bytes:

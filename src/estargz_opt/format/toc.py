@@ -115,11 +115,39 @@ class TOC:
 
     def to_json(self) -> bytes:
         """Go's json.MarshalIndent(toc, "", "\\t") with HTML-safe escaping."""
-        doc = {"version": self.version, "entries": [e.to_json_dict() for e in self.entries]}
-        text = json.dumps(doc, indent="\t", separators=(",", ": "), ensure_ascii=False)
-        for char, escaped in _GO_ESCAPES:
+        writer = TOCWriter(self.version)
+        for entry in self.entries:
+            writer.add(entry)
+        return writer.finish()
+
+
+class TOCWriter:
+    """Encodes TOC entries one at a time, so a big TOC never exists as a tree of objects."""
+
+    def __init__(self, version: int = 1) -> None:
+        self.version = version
+        self._parts: list[bytes] = []
+
+    def add(self, entry: TOCEntry) -> None:
+        text = json.dumps(
+            entry.to_json_dict(), indent="\t", separators=(",", ": "), ensure_ascii=False
+        )
+        self._parts.append(_go_escape("\t\t" + text.replace("\n", "\n\t\t")))
+
+    def finish(self) -> bytes:
+        head = f'{{\n\t"version": {self.version},\n\t"entries": '
+        if not self._parts:
+            return (head + "[]\n}").encode()
+        body = b",\n".join(self._parts)
+        self._parts = []
+        return head.encode() + b"[\n" + body + b"\n\t]\n}"
+
+
+def _go_escape(text: str) -> bytes:
+    for char, escaped in _GO_ESCAPES:
+        if char in text:
             text = text.replace(char, escaped)
-        return text.encode("utf-8")
+    return text.encode("utf-8")
 
 
 _GO_ESCAPES = (
