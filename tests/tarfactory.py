@@ -660,3 +660,106 @@ def go_marshal_indent(doc: Any) -> bytes:
 
 
 RFC3339_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
+
+
+# ---------------------------------------------------------------------------------------------
+# Ordering model (spec §1.2, with our product's tolerance of missing paths)
+
+
+def expected_order(
+    entries: Iterable[Entry], prioritized: Iterable[str]
+) -> tuple[list[str], list[str]]:
+    """(clean names in layer order incl. the landmark, prioritized paths that were missing).
+
+    Each prioritized path moves after its existing ancestors (top-down; ancestors without a tar
+    entry are skipped, never synthesized) and, for a hardlink, after its target (and the
+    target's ancestors). Then the landmark (`.no.prefetch.landmark` first if nothing moved),
+    then the rest in de-duplicated input order.
+    """
+    entries = list(entries)
+    prioritized = list(prioritized)
+    index = {e.clean: e for e in entries if e.clean not in SKIPPED_NAMES}
+    rest = expected_toc_names(entries)
+    out: list[str] = []
+    picked: set[str] = set()
+    missing: list[str] = []
+
+    def ancestors(name: str) -> list[str]:
+        chain = []
+        while name:
+            name = posixpath.dirname(name)
+            chain.append(name)
+        return chain[::-1]
+
+    def move(name: str) -> None:
+        if name in picked or name not in index:
+            return
+        for a in ancestors(name):
+            move(a)
+        e = index[name]
+        if e.type == tarfile.LNKTYPE:
+            move(clean_name(e.linkname))
+        if name not in picked:
+            picked.add(name)
+            out.append(name)
+
+    for p in prioritized:
+        c = clean_name(p)
+        if c not in index:
+            missing.append(p)
+            continue
+        move(c)
+    out.append(LANDMARK if out else NO_LANDMARK)
+    out.extend(n for n in rest if n not in picked)
+    return out, missing
+
+
+# ---------------------------------------------------------------------------------------------
+# Running the engine
+
+
+@dataclass
+class Converted:
+    result: Any
+    blob: bytes
+    toc_json: bytes
+    path: Path
+
+    @property
+    def entries(self) -> list[dict[str, Any]]:
+        return toc_entries(self.toc_json)
+
+    def main_entries(self) -> list[dict[str, Any]]:
+        """TOC entries without the `chunk` continuation entries."""
+        return [e for e in self.entries if e["type"] != "chunk"]
+
+
+def write_source(path: Path, tar_bytes: bytes, compression: str = "tar") -> Path:
+    if compression == "gz":
+        tar_bytes = gzip_bytes(tar_bytes)
+    elif compression == "zst":
+        tar_bytes = zstd_bytes(tar_bytes)
+    else:
+        assert compression == "tar"
+    path.write_bytes(tar_bytes)
+    return path
+
+
+def convert(
+    workdir: Path,
+    src: list[Entry] | bytes,
+    fmt: Any,
+    *,
+    compression: str = "tar",
+    name: str = "layer",
+    **opts: Any,
+) -> Converted:
+    """Write ``src`` (entries or raw tar bytes) into ``workdir`` and convert it with the engine."""
+    from estargz_opt.format import LayerOptions, convert_layer
+
+    tar_bytes = src if isinstance(src, bytes) else build_tar(src)
+    srcp = write_source(workdir / f"{name}.src", tar_bytes, compression)
+    out = workdir / f"{name}.out"
+    result = convert_layer(srcp, out, LayerOptions(format=fmt, **opts))
+    blob = out.read_bytes()
+    return Converted(result, blob, extract_toc_json(blob, fmt, result.toc_blob), out)
