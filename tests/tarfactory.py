@@ -763,3 +763,83 @@ def convert(
     result = convert_layer(srcp, out, LayerOptions(format=fmt, **opts))
     blob = out.read_bytes()
     return Converted(result, blob, extract_toc_json(blob, fmt, result.toc_blob), out)
+
+
+def check_layer(
+    conv: Converted, fmt: Any, entries: list[Entry], prioritized: Iterable[str] = ()
+) -> None:
+    """Every invariant a converted layer must satisfy, whatever its format."""
+    from estargz_opt.format import open_layer
+
+    res, blob = conv.result, conv.blob
+    want_tree = tree_of_entries(entries)
+
+    # descriptor facts
+    assert res.digest == sha256_digest(blob)
+    assert res.size == len(blob)
+    assert res.toc_digest == sha256_digest(conv.toc_json)
+    assert res.annotations[TOC_DIGEST_ANNOTATION] == res.toc_digest
+    stream = decompress_blob(blob, fmt)
+    assert res.diff_id == sha256_digest(stream)
+    assert res.uncompressed_size == len(stream)
+    assert res.annotations[USIZE_ANNOTATION] == str(len(stream))
+    if is_external(fmt):
+        assert res.toc_blob is not None
+    else:
+        assert res.toc_blob is None
+
+    # the decompressed blob is itself the layer tar (TOC entry last for in-blob gzip TOC)
+    assert file_tree(stream) == want_tree
+    names_in_stream = [ti.name for ti, _ in tar_members(stream)]
+    if is_zstd(fmt) or is_external(fmt):
+        assert TOC_NAME not in names_in_stream
+    else:
+        assert names_in_stream[-1] == TOC_NAME
+        assert names_in_stream.count(TOC_NAME) == 1
+        assert stream.endswith(b"\0" * 1024)
+
+    # TOC: one entry per (de-duplicated) input entry plus the landmark, in the spec's order
+    toc = conv.entries
+    main = conv.main_entries()
+    order, missing = expected_order(entries, prioritized)
+    assert [clean_name(e["name"]) for e in main] == order
+    assert list(res.missing_prioritized) == missing
+    assert [clean_name(ti.name) for ti, _ in tar_members(stream) if ti.name != TOC_NAME] == order
+
+    # every payload byte is where the TOC says, with the digests it claims
+    starts = set(member_starts(blob, fmt))
+    current: dict | None = None
+    for e in toc:
+        if e["type"] == "reg":
+            current = e
+            node = want_tree.get(clean_name(e["name"]))
+            if node is not None:
+                assert e["digest"] == "sha256:" + node.sha256
+            size = e.get("size", 0)
+        elif e["type"] == "chunk":
+            assert current is not None and e["name"] == current["name"]
+            size = current["size"]
+        else:
+            assert "chunkDigest" not in e
+            continue
+        if size == 0:
+            assert "offset" not in e and "chunkDigest" not in e
+            continue
+        off, inner = e.get("offset", 0), e.get("innerOffset", 0)
+        assert off in starts, f"{e['name']}: offset {off} is not a member/frame start"
+        coff = e.get("chunkOffset", 0)
+        clen = e.get("chunkSize") or size - coff
+        data = read_payload(blob, fmt, off, inner, clen)
+        assert e["chunkDigest"] == sha256_digest(data), f"{e['name']}@{coff}"
+
+    # the engine's reader agrees
+    with open_layer(conv.path, toc_digest=res.toc_digest, external_toc=res.toc_blob) as layer:
+        assert layer.toc.version == 1
+        assert [e.name for e in layer.toc.entries] == [e["name"] for e in toc]
+        assert [e.type for e in layer.toc.entries] == [e["type"] for e in toc]
+        layer.verify()
+        buf = io.BytesIO()
+        layer.write_tar(buf)
+    out = buf.getvalue()
+    assert len(out) % 512 == 0 and out.endswith(b"\0" * 1024), "write_tar lacks EOF blocks"
+    assert file_tree(out) == want_tree

@@ -7,7 +7,6 @@ write_tar). Spec: upstream-optimize.md §1-4.
 
 from __future__ import annotations
 
-import io
 import os
 import tempfile
 from pathlib import Path
@@ -32,93 +31,6 @@ PHASES = (
     else (Phase.explicit, Phase.reuse, Phase.generate)
 )
 CS = 1024  # small chunks so that a few KiB of data already gets chunked
-
-
-def layer_tree_of(conv: tf.Converted, fmt) -> dict[str, tf.Node]:
-    with open_layer(
-        conv.path, toc_digest=conv.result.toc_digest, external_toc=conv.result.toc_blob
-    ) as layer:
-        buf = io.BytesIO()
-        layer.write_tar(buf)
-    return tf.file_tree(buf.getvalue())
-
-
-def check_layer(conv: tf.Converted, fmt, entries: list[tf.Entry], prioritized=()) -> None:
-    """Every invariant a converted layer must satisfy, whatever its format."""
-    res, blob = conv.result, conv.blob
-    want_tree = tf.tree_of_entries(entries)
-
-    # descriptor facts
-    assert res.digest == tf.sha256_digest(blob)
-    assert res.size == len(blob)
-    assert res.toc_digest == tf.sha256_digest(conv.toc_json)
-    assert res.annotations[tf.TOC_DIGEST_ANNOTATION] == res.toc_digest
-    stream = tf.decompress_blob(blob, fmt)
-    assert res.diff_id == tf.sha256_digest(stream)
-    assert res.uncompressed_size == len(stream)
-    assert res.annotations[tf.USIZE_ANNOTATION] == str(len(stream))
-    if tf.is_external(fmt):
-        assert res.toc_blob is not None
-    else:
-        assert res.toc_blob is None
-
-    # the decompressed blob is itself the layer tar (TOC entry last for in-blob gzip TOC)
-    assert tf.file_tree(stream) == want_tree
-    names_in_stream = [ti.name for ti, _ in tf.tar_members(stream)]
-    if tf.is_zstd(fmt) or tf.is_external(fmt):
-        assert tf.TOC_NAME not in names_in_stream
-    else:
-        assert names_in_stream[-1] == tf.TOC_NAME
-        assert names_in_stream.count(tf.TOC_NAME) == 1
-        assert stream.endswith(b"\0" * 1024)
-
-    # TOC: one entry per (de-duplicated) input entry plus the landmark, in the spec's order
-    toc = conv.entries
-    main = conv.main_entries()
-    order, missing = tf.expected_order(entries, prioritized)
-    assert [tf.clean_name(e["name"]) for e in main] == order
-    assert list(res.missing_prioritized) == missing
-    assert [
-        tf.clean_name(ti.name) for ti, _ in tf.tar_members(stream) if ti.name != tf.TOC_NAME
-    ] == order
-
-    # every payload byte is where the TOC says, with the digests it claims
-    starts = set(tf.member_starts(blob, fmt))
-    current: dict | None = None
-    for e in toc:
-        if e["type"] == "reg":
-            current = e
-            node = want_tree.get(tf.clean_name(e["name"]))
-            if node is not None:
-                assert e["digest"] == "sha256:" + node.sha256
-            size = e.get("size", 0)
-        elif e["type"] == "chunk":
-            assert current is not None and e["name"] == current["name"]
-            size = current["size"]
-        else:
-            assert "chunkDigest" not in e
-            continue
-        if size == 0:
-            assert "offset" not in e and "chunkDigest" not in e
-            continue
-        off, inner = e.get("offset", 0), e.get("innerOffset", 0)
-        assert off in starts, f"{e['name']}: offset {off} is not a member/frame start"
-        coff = e.get("chunkOffset", 0)
-        clen = e.get("chunkSize") or size - coff
-        data = tf.read_payload(blob, fmt, off, inner, clen)
-        assert e["chunkDigest"] == tf.sha256_digest(data), f"{e['name']}@{coff}"
-
-    # the engine's reader agrees
-    with open_layer(conv.path, toc_digest=res.toc_digest, external_toc=res.toc_blob) as layer:
-        assert layer.toc.version == 1
-        assert [e.name for e in layer.toc.entries] == [e["name"] for e in toc]
-        assert [e.type for e in layer.toc.entries] == [e["type"] for e in toc]
-        layer.verify()
-        buf = io.BytesIO()
-        layer.write_tar(buf)
-    out = buf.getvalue()
-    assert len(out) % 512 == 0 and out.endswith(b"\0" * 1024), "write_tar lacks EOF blocks"
-    assert tf.file_tree(out) == want_tree
 
 
 @st.composite
@@ -150,20 +62,20 @@ def test_any_tar_round_trips(fmt, case):
         conv = tf.convert(
             Path(d), entries, fmt, compression=compression, prioritized=prioritized, chunk_size=cs
         )
-        check_layer(conv, fmt, entries, prioritized)
+        tf.check_layer(conv, fmt, entries, prioritized)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_sample_layer(fmt, tmp_path):
     entries = tf.sample_entries(CS)
     conv = tf.convert(tmp_path, entries, fmt, chunk_size=CS)
-    check_layer(conv, fmt, entries)
+    tf.check_layer(conv, fmt, entries)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_empty_layer(fmt, tmp_path):
     conv = tf.convert(tmp_path, [], fmt)
-    check_layer(conv, fmt, [])
+    tf.check_layer(conv, fmt, [])
     assert [e["name"] for e in conv.entries] == [tf.NO_LANDMARK]
 
 
@@ -202,7 +114,7 @@ def test_chunk_entries(fmt, tmp_path):
     sizes = {"f3000": 3000, "f1024": 1024, "f2048": 2048, "f1023": 1023}
     entries = [tf.reg(n, tf.content("random", s, s)) for n, s in sizes.items()]
     conv = tf.convert(tmp_path, entries, fmt, chunk_size=1024)
-    check_layer(conv, fmt, entries)
+    tf.check_layer(conv, fmt, entries)
     by_name: dict[str, list[dict]] = {}
     for e in conv.entries:
         by_name.setdefault(e["name"], []).append(e)
@@ -245,7 +157,7 @@ def test_min_chunk_size(fmt, tmp_path):
     conv = tf.convert(
         tmp_path, entries, fmt, chunk_size=CS, min_chunk_size=4096, prioritized=["d/f03"]
     )
-    check_layer(conv, fmt, entries, ["d/f03"])
+    tf.check_layer(conv, fmt, entries, ["d/f03"])
     inner = [e for e in conv.entries if e.get("innerOffset")]
     assert inner, "min_chunk_size produced no innerOffset"
     landmark = next(e for e in conv.entries if e["name"] == tf.LANDMARK)
@@ -257,7 +169,7 @@ def test_prioritized_first_then_landmark(fmt, tmp_path):
     entries = tf.sample_entries(CS)
     prio = ["etc/small", "bin/rbash", "opt/longlink", "bin/sh"]
     conv = tf.convert(tmp_path, entries, fmt, chunk_size=CS, prioritized=prio)
-    check_layer(conv, fmt, entries, prio)
+    tf.check_layer(conv, fmt, entries, prio)
     names = [tf.clean_name(e["name"]) for e in conv.main_entries()]
     assert names[: names.index(tf.LANDMARK) + 1] == [
         "",
@@ -291,7 +203,7 @@ def test_compression_levels(fmt, level, tmp_path):
             tf.convert(tmp_path, entries, fmt, chunk_size=CS, compression_level=level)
         return
     conv = tf.convert(tmp_path, entries, fmt, chunk_size=CS, compression_level=level)
-    check_layer(conv, fmt, entries)
+    tf.check_layer(conv, fmt, entries)
     if not tf.is_zstd(fmt):
         # Go compress/gzip member header: no flags, MTIME 0, XFL by level, OS 255 (§1.4)
         xfl = {9: 2, 1: 4}.get(level, 0)
