@@ -70,6 +70,25 @@ TYPE_NAMES = {
 }
 
 
+def json_text(name: str) -> str:
+    """A tar name (decoded with surrogateescape) as it reads back from the TOC JSON: Go
+    replaces each invalid UTF-8 byte with U+FFFD."""
+    raw = name.encode("utf-8", "surrogateescape")
+    out, i = [], 0
+    while i < len(raw):
+        for n in (4, 3, 2, 1):
+            try:
+                out.append(raw[i : i + n].decode("utf-8"))
+                i += n
+                break
+            except UnicodeDecodeError:
+                continue
+        else:
+            out.append("\ufffd")
+            i += 1
+    return "".join(out)
+
+
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -802,7 +821,7 @@ def check_layer(
     toc = conv.entries
     main = conv.main_entries()
     order, missing = expected_order(entries, prioritized)
-    assert [clean_name(e["name"]) for e in main] == order
+    assert [clean_name(e["name"]) for e in main] == [json_text(n) for n in order]
     assert list(res.missing_prioritized) == missing
     assert [clean_name(ti.name) for ti, _ in tar_members(stream) if ti.name != TOC_NAME] == order
 
