@@ -205,11 +205,14 @@ class _ParallelMembers:
         self._comp = comp
         self._out = out
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="compress")
-        self._pending: deque[tuple[Future[list[bytes]], int]] = deque()
+        self._pending: deque[tuple[Future[list[tuple[bytes, str]]], int]] = deque()
         self._in_flight = 0
-        self._batch: list[bytes] = []
+        self._batch: list[tuple[bytes, int]] = []
         self._batch_bytes = 0
         self._current: list[bytes] = []
+        self._lead = 0  # length of the chunk that opens the current member
+        self.chunk_digests: dict[int, str] = {}  # member index -> digest of its opening chunk
+        self.hashes_chunks = True  # chunk digests are computed on the pool, beside compression
         self._progress = progress
         self.count = 0  # members opened so far; the current one has index count - 1
         self.offsets: list[int] = []
@@ -226,9 +229,10 @@ class _ParallelMembers:
             self.usize += len(data)
             self._current.append(data)
 
-    def start_chunk(self, landmark: bool) -> tuple[int, int]:
+    def start_chunk(self, landmark: bool, length: int) -> tuple[int, int]:
         self._cut()
         self.count += 1
+        self._lead = length
         return self.count - 1, 0
 
     def _cut(self) -> None:
@@ -236,7 +240,8 @@ class _ParallelMembers:
             return
         member = b"".join(self._current)
         self._current = []
-        self._batch.append(member)
+        self._batch.append((member, self._lead))
+        self._lead = 0
         self._batch_bytes += len(member)
         if self._batch_bytes >= _BATCH_BYTES:
             self._submit()
@@ -247,7 +252,11 @@ class _ParallelMembers:
         batch, size = self._batch, self._batch_bytes
         self._batch, self._batch_bytes = [], 0
         compress = self._comp.compress_member
-        self._pending.append((self._pool.submit(lambda: [compress(m) for m in batch]), size))
+
+        def work() -> list[tuple[bytes, str]]:
+            return [(compress(m), _sha256(memoryview(m)[:n]) if n else "") for m, n in batch]
+
+        self._pending.append((self._pool.submit(work), size))
         self._in_flight += size
         while self._in_flight > _IN_FLIGHT_BYTES:
             self._drain_one()
@@ -255,7 +264,9 @@ class _ParallelMembers:
     def _drain_one(self) -> None:
         future, size = self._pending.popleft()
         self._in_flight -= size
-        for member in future.result():
+        for member, digest in future.result():
+            if digest:
+                self.chunk_digests[len(self.offsets)] = digest
             self.offsets.append(self.csize)
             self.emit(member)
         if self._progress:
@@ -295,6 +306,7 @@ class _StreamingMembers(_ParallelMembers):
         self._min = min_size
         self._member: estargz.StreamingMember | None = None
         self._member_start_usize = 0
+        self.hashes_chunks = False
 
     def write(self, data: bytes) -> None:
         if not data:
@@ -312,7 +324,7 @@ class _StreamingMembers(_ParallelMembers):
         self.offsets.append(self.csize)
         self.count += 1
 
-    def start_chunk(self, landmark: bool) -> tuple[int, int]:
+    def start_chunk(self, landmark: bool, length: int) -> tuple[int, int]:
         if self._member is None:
             self._open()
             return self.count - 1, 0
@@ -416,6 +428,10 @@ class _TOCStream:
             entry, member = self._waiting.popleft()
             if member >= 0:
                 entry.offset = offsets[member]
+                if not entry.chunk_digest:
+                    entry.chunk_digest = self._members.chunk_digests.pop(member)
+                if entry.type == "reg" and not entry.digest:
+                    entry.digest = entry.chunk_digest
                 if entry.name == PREFETCH_LANDMARK:
                     self.prefetch_size = entry.offset
             self._writer.add(entry)
@@ -473,24 +489,29 @@ def _write_entries(
             length = min(chunk_size, e.size - written)
             if length == chunk_size:
                 ent.chunk_size = length
-            member_index, ent.inner_offset = members.start_chunk(landmark)
+            member_index, ent.inner_offset = members.start_chunk(landmark, length)
             ent.chunk_offset = written
             data = LANDMARK_CONTENTS if landmark else _pread(fd, e, written, length)
             members.write(data)
-            ent.chunk_digest = "sha256:" + hashlib.sha256(data).hexdigest()
+            if not members.hashes_chunks:
+                ent.chunk_digest = _sha256(data)
             if whole is not None:
                 whole.update(data)
             chunks.append((ent, member_index))
             written += length
             ent = TOCEntry(name=e.name, type="chunk")
-        first = chunks[0][0]
-        first.digest = "sha256:" + whole.hexdigest() if whole else first.chunk_digest
+        if whole is not None:
+            chunks[0][0].digest = "sha256:" + whole.hexdigest()
         for chunk, member_index in chunks:
             toc.add(chunk, member_index)
         members.write(tarfmt.padding(e.size))
 
 
-_EMPTY_DIGEST = "sha256:" + hashlib.sha256(b"").hexdigest()
+def _sha256(data: bytes | memoryview) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+_EMPTY_DIGEST = _sha256(b"")
 
 
 def _pread(fd: int, e: TarEntry, at: int, length: int) -> bytes:

@@ -125,9 +125,11 @@ def _checksum_ok(block: bytes) -> bool:
         want = int(stored, 8)
     except ValueError:
         return False
-    unsigned = sum(block[:148]) + 8 * 32 + sum(block[156:])
-    signed = sum(b - 256 if b > 127 else b for b in block[:148] + block[156:]) + 8 * 32
-    return want in (unsigned, signed)
+    unsigned = sum(block) - sum(block[148:156]) + 8 * 32
+    if want == unsigned:
+        return True
+    high = sum(1 for b in block[:148] + block[156:] if b > 127)  # old tars summed signed bytes
+    return want == unsigned - 256 * high
 
 
 def _parse_pax(data: bytes, offset: int) -> dict[str, str]:
