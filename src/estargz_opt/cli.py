@@ -133,6 +133,8 @@ def layer_convert(
         raise click.UsageError("--toc-out applies to --format estargz-external-toc only")
     result = convert_layer(src, out, opts)
     summary = result.summary()
+    summary["prioritizedEntries"] = result.prioritized_entries
+    summary["skippedPrioritized"] = len(result.missing_prioritized)
     if result.toc_blob is not None:
         toc_path = toc_out or out.with_name(out.name + ".toc")
         try:
@@ -184,6 +186,25 @@ def layer_toc(blob: Path, toc_file: Path | None) -> None:
     """Print BLOB's TOC JSON exactly as stored (its sha256 is the TOC digest)."""
     with open_layer(blob, external_toc=_read_optional(toc_file)) as lay:
         sys.stdout.buffer.write(lay.toc_json + b"\n")
+
+
+@layer.command("tar")
+@click.argument("blob", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("out", type=click.Path(dir_okay=False, allow_dash=True, path_type=Path))
+@click.option(
+    "--toc",
+    "toc_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="The external TOC blob, for estargz-external-toc layers.",
+)
+def layer_tar(blob: Path, out: Path, toc_file: Path | None) -> None:
+    """Write BLOB's files to OUT (or - for stdout) as a plain tar, landmarks and TOC dropped."""
+    with open_layer(blob, external_toc=_read_optional(toc_file)) as lay:
+        if str(out) == "-":
+            lay.write_tar(sys.stdout.buffer)
+            return
+        with atomic_output(out) as f:
+            lay.write_tar(f)
 
 
 def main() -> None:
