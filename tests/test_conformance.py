@@ -12,9 +12,11 @@ import tempfile
 from pathlib import Path
 
 import pytest
-import tarfactory as tf
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
+
+pytest.register_assert_rewrite("tarfactory")  # readable failures from shared checks
+import tarfactory as tf  # noqa: E402
 
 fmt_mod = pytest.importorskip("estargz_opt.format")
 Format = fmt_mod.Format

@@ -8,7 +8,9 @@ the full layer check from tarfactory, so the output tree must still equal the in
 from __future__ import annotations
 
 import pytest
-import tarfactory as tf
+
+pytest.register_assert_rewrite("tarfactory")  # readable failures from shared checks
+import tarfactory as tf  # noqa: E402
 
 fmt_mod = pytest.importorskip("estargz_opt.format")
 FORMATS = list(fmt_mod.Format)

@@ -15,8 +15,10 @@ import sys
 import tarfile
 
 import pytest
-import tarfactory as tf
 import zstandard
+
+pytest.register_assert_rewrite("tarfactory")  # readable failures from shared checks
+import tarfactory as tf  # noqa: E402
 
 fmt_mod = pytest.importorskip("estargz_opt.format")
 Format = fmt_mod.Format
@@ -61,8 +63,13 @@ def test_json_is_go_marshal_indent(fmt, tmp_path):
     assert raw == tf.go_marshal_indent(json.loads(raw))
     assert raw.startswith(b'{\n\t"version": 1,\n\t"entries": [\n\t\t{\n\t\t\t"name": ')
     assert raw.endswith(b"\n\t\t}\n\t]\n}")  # no trailing newline
-    for ch, esc in [("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"),
-                    ("\u2028", "\\u2028"), ("\u2029", "\\u2029")]:  # fmt: skip
+    for ch, esc in [
+        ("<", "\\u003c"),
+        (">", "\\u003e"),
+        ("&", "\\u0026"),
+        ("\u2028", "\\u2028"),
+        ("\u2029", "\\u2029"),
+    ]:
         assert ch.encode() not in raw and esc.encode() in raw, ch
     assert "ünïcødé 日本".encode() in raw  # other non-ASCII is written raw
     assert b'q\\"uote\\\\back' in raw
@@ -185,8 +192,9 @@ def test_user_and_group_names_are_elided_when_unchanged(fmt, tmp_path):
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("prioritized", [[], ["f"]])
 def test_landmark_entry(fmt, prioritized, tmp_path):
-    conv = convert(tmp_path, [tf.reg("f", b"f\n"), tf.reg("g", b"g\n")], fmt,
-                   prioritized=prioritized)  # fmt: skip
+    conv = convert(
+        tmp_path, [tf.reg("f", b"f\n"), tf.reg("g", b"g\n")], fmt, prioritized=prioritized
+    )
     name = tf.LANDMARK if prioritized else tf.NO_LANDMARK
     (entry,) = [e for e in conv.entries if e["name"] == name]
     assert set(entry) == {"name", "type", "size", "offset", "digest", "chunkDigest"}
