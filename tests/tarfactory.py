@@ -15,6 +15,8 @@ its bugs:
 
 from __future__ import annotations
 
+import base64
+import datetime
 import gzip
 import hashlib
 import io
@@ -784,6 +786,43 @@ def convert(
     return Converted(result, blob, extract_toc_json(blob, fmt, result.toc_blob), out)
 
 
+def go_modtime(mtime: float) -> str | None:
+    """The TOC modtime Go writes: omitted when Unix() is 0, else rounded to the second."""
+    if int(mtime) == 0:
+        return None
+    t = datetime.datetime.fromtimestamp(int(mtime + 0.5), datetime.UTC)
+    return t.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def check_toc_metadata(toc: list[dict[str, Any]], entries: Iterable[Entry]) -> None:
+    """Each TOC entry describes its (surviving) input entry exactly: the snapshotter builds
+    the filesystem from the TOC alone, so wrong metadata there is wrong files for users."""
+    latest = {json_text(e.clean): e for e in entries if e.clean not in SKIPPED_NAMES}
+    for te in toc:
+        if te["type"] == "chunk":
+            continue
+        if te["type"] == "reg":
+            assert "digest" in te, te
+        name = clean_name(te["name"])
+        if name in (LANDMARK, NO_LANDMARK):
+            continue
+        src = latest[name]
+        where = f"TOC entry {te['name']!r}"
+        assert te["name"].lstrip("/") == json_text(src.name).lstrip("/"), where
+        assert te["type"] == TYPE_NAMES[src.type], where
+        assert te.get("mode", 0) == src.mode, where
+        assert (te.get("uid", 0), te.get("gid", 0)) == (src.uid, src.gid), where
+        assert te.get("modtime") == go_modtime(src.mtime), where
+        assert te.get("size", 0) == (len(src.data) if te["type"] == "reg" else 0), where
+        if te["type"] == "hardlink":
+            assert clean_name(te["linkName"]) == clean_name(json_text(src.linkname)), where
+        else:
+            assert te.get("linkName", "") == json_text(src.linkname), where
+        assert (te.get("devMajor", 0), te.get("devMinor", 0)) == (src.devmajor, src.devminor)
+        got_x = {k: base64.b64decode(v) for k, v in te.get("xattrs", {}).items()}
+        assert got_x == {k: v.encode() for k, v in src.xattrs.items()}, where
+
+
 def check_layer(
     conv: Converted, fmt: Any, entries: list[Entry], prioritized: Iterable[str] = ()
 ) -> None:
@@ -824,6 +863,8 @@ def check_layer(
     assert [clean_name(e["name"]) for e in main] == [json_text(n) for n in order]
     assert list(res.missing_prioritized) == missing
     assert [clean_name(ti.name) for ti, _ in tar_members(stream) if ti.name != TOC_NAME] == order
+
+    check_toc_metadata(conv.entries, entries)
 
     # every payload byte is where the TOC says, with the digests it claims
     starts = set(member_starts(blob, fmt))
