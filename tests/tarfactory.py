@@ -21,6 +21,7 @@ import gzip
 import hashlib
 import io
 import json
+import math
 import posixpath
 import random
 import re
@@ -243,7 +244,7 @@ def sample_entries(chunk_size: int = 1024) -> list[Entry]:
 # ---------------------------------------------------------------------------------------------
 # Hypothesis strategies
 
-_ALPHABET = "abcxyz019_-.~ éü日本"
+_ALPHABET = 'abcxyz019_-.~ éü日本\t\n\\"\x01<&\u2028'
 _component = st.text(_ALPHABET, min_size=0, max_size=8)
 _long_component = st.text(_ALPHABET, min_size=101, max_size=140).filter(
     lambda s: s.strip(".") != ""
@@ -255,7 +256,7 @@ _xattr_values = st.text("abc=\n é<>&", min_size=0, max_size=12)
 
 @st.composite
 def _ids(draw: st.DrawFn) -> tuple[int, int, str, str]:
-    small = st.sampled_from([0, 0, 1, 1000, 65534])
+    small = st.sampled_from([0, 0, 1, 1000, 65534, 4294967294])
     uid = draw(st.one_of(small, st.integers(0, 3_000_000)))
     gid = draw(st.one_of(small, st.integers(0, 3_000_000)))
     return uid, gid, draw(_unames), draw(_unames)
@@ -296,11 +297,15 @@ def layer_trees(draw: st.DrawFn, chunk_size: int = 1024, max_entries: int = 14) 
     def meta(f: int) -> dict[str, Any]:
         uid, gid, uname, gname = draw(_ids())
         mtime: int | float = draw(
-            st.one_of(st.sampled_from([0, 1_600_000_000]), st.integers(0, 2**33 - 1))
+            st.one_of(
+                st.sampled_from([0, 1_600_000_000]),
+                st.integers(0, 2**33 - 1),
+                st.integers(-(2**31), 2**35),  # before 1970 / after 2242: base-256 or PAX
+            )
         )
         xattrs: dict[str, str] = {}
         if f == PAX:
-            if draw(st.booleans()):
+            if mtime > 0 and draw(st.booleans()):
                 mtime = mtime + draw(st.sampled_from([0.25, 0.75, 0.125]))
             xattrs = draw(st.dictionaries(_xattr_keys, _xattr_values, max_size=2))
         return dict(
@@ -790,7 +795,7 @@ def go_modtime(mtime: float) -> str | None:
     """The TOC modtime Go writes: omitted when Unix() is 0, else rounded to the second."""
     if int(mtime) == 0:
         return None
-    t = datetime.datetime.fromtimestamp(int(mtime + 0.5), datetime.UTC)
+    t = datetime.datetime.fromtimestamp(math.floor(mtime + 0.5), datetime.UTC)
     return t.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
@@ -866,6 +871,8 @@ def check_layer(
     assert [clean_name(ti.name) for ti, _ in tar_members(stream) if ti.name != TOC_NAME] == order
 
     check_toc_metadata(conv.entries, entries)
+    if b"\\ufffd" not in conv.toc_json:  # (Go's invalid-UTF-8 escape has no parsed form)
+        assert conv.toc_json == go_marshal_indent(json.loads(conv.toc_json))
 
     # every payload byte is where the TOC says, with the digests it claims
     starts = set(member_starts(blob, fmt))

@@ -213,3 +213,21 @@ def test_compression_levels(fmt, level, tmp_path):
         assert tf.gzip_member_headers(conv.blob, starts) == {
             bytes([0x1F, 0x8B, 8, 0, 0, 0, 0, 0, xfl, 0xFF])
         }
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@settings(max_examples=15, deadline=None, phases=PHASES, print_blob=True)
+@given(case=cases())
+def test_reconverting_output_is_idempotent(fmt, case):
+    """A converted blob fed back as input (gzip, or zstd with skippable frames) converts to
+    the very same bytes: landmarks and the old TOC are dropped, headers re-encode stably."""
+    cs, entries, prioritized, _ = case
+    with tempfile.TemporaryDirectory() as d:
+        first = tf.convert(
+            Path(d), entries, fmt, name="first", prioritized=prioritized, chunk_size=cs
+        )
+        second = tf.convert(
+            Path(d), first.blob, fmt, name="second", prioritized=prioritized, chunk_size=cs
+        )
+        assert second.blob == first.blob
+        assert second.result.toc_blob == first.result.toc_blob
