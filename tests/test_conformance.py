@@ -97,18 +97,26 @@ def test_input_compression_does_not_change_output(fmt, tmp_path):
     entries = tf.sample_entries(CS)
     tar_bytes = tf.build_tar(entries)
     padded = tf.build_tar(entries, record_pad=True)
+    half = len(tar_bytes) // 2 + 100  # not on a block boundary
+    multi_gz = tf.gzip_bytes(tar_bytes[:half]) + tf.gzip_bytes(tar_bytes[half:], level=1)
+    skip = tf.ZSTD_SKIPPABLE_MAGIC + b"\x03\x00\x00\x00abc"
+    multi_zst = tf.zstd_bytes(tar_bytes[:half]) + skip + tf.zstd_bytes(tar_bytes[half:])
     blobs = {}
     for label, src, comp in [
         ("tar", tar_bytes, "tar"),
         ("padded", padded, "tar"),
         ("gz", tar_bytes, "gz"),
         ("zst", tar_bytes, "zst"),
+        ("multi-gz", multi_gz, "tar"),  # raw bytes: compression is detected by magic
+        ("multi-zst", multi_zst, "tar"),
     ]:
         conv = tf.convert(tmp_path, src, fmt, compression=comp, name=label, chunk_size=CS)
         blobs[label] = (conv.blob, conv.result.toc_blob)
     assert blobs["gz"] == blobs["tar"]
     assert blobs["zst"] == blobs["tar"]
     assert blobs["padded"] == blobs["tar"]
+    assert blobs["multi-gz"] == blobs["tar"]
+    assert blobs["multi-zst"] == blobs["tar"]
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
