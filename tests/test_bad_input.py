@@ -221,11 +221,22 @@ def test_absolute_names_are_normalized_not_refused(tmp_path):
 # blobs `layer verify` must refuse
 
 
-def rewrite_toc(blob: bytes, fmt, mutate) -> tuple[bytes, str]:
-    """The blob with its TOC replaced by mutate(entries) (footer and offsets recomputed)."""
-    doc = json.loads(tf.extract_toc_json(blob, fmt))
+def gzip_toc_member(toc_json: bytes) -> bytes:
+    ti = tarfile.TarInfo(tf.TOC_NAME)
+    ti.size, ti.mtime = len(toc_json), 0
+    toc_tar = ti.tobuf(tarfile.USTAR_FORMAT) + toc_json + tf.pad(len(toc_json)) + b"\0" * 1024
+    return tf.gzip_bytes(toc_tar, 9)
+
+
+def rewrite_toc(conv: tf.Converted, fmt, mutate) -> tuple[bytes, bytes | None, str]:
+    """(blob, external TOC blob, TOC digest) with the TOC replaced by mutate(entries); footer
+    and TOC offsets are recomputed so that only the lie itself is wrong."""
+    doc = json.loads(conv.toc_json)
     mutate(doc["entries"])
     new = tf.go_marshal_indent(doc)
+    blob = conv.blob
+    if tf.is_external(fmt):
+        return blob, gzip_toc_member(new), tf.sha256_digest(new)
     if tf.is_zstd(fmt):
         toc_off = tf.zstd_footer(blob)[0]
         payload = blob[: toc_off - 8]
@@ -237,11 +248,8 @@ def rewrite_toc(blob: bytes, fmt, mutate) -> tuple[bytes, str]:
             + struct.pack("<QQQQ", len(payload) + 8, len(comp), len(new), 1)
             + tf.ZSTD_FOOTER_MAGIC
         )
-        return payload + frame + footer, tf.sha256_digest(new)
+        return payload + frame + footer, None, tf.sha256_digest(new)
     toc_off = tf.gzip_footer_toc_offset(blob)
-    ti = tarfile.TarInfo(tf.TOC_NAME)
-    ti.size, ti.mtime = len(new), 0
-    toc_tar = ti.tobuf(tarfile.USTAR_FORMAT) + new + tf.pad(len(new)) + b"\0" * 1024
     footer = (
         bytes.fromhex("1f8b08040000000000ff1a0053471600")
         + b"%016x" % toc_off
@@ -249,13 +257,10 @@ def rewrite_toc(blob: bytes, fmt, mutate) -> tuple[bytes, str]:
         + bytes.fromhex("010000ffff")
         + b"\0" * 8
     )
-    return blob[:toc_off] + tf.gzip_bytes(toc_tar, 9) + footer, tf.sha256_digest(new)
+    return blob[:toc_off] + gzip_toc_member(new) + footer, None, tf.sha256_digest(new)
 
 
-VERIFY_FORMATS = [Format.ESTARGZ, Format.ZSTDCHUNKED]
-
-
-@pytest.fixture(params=VERIFY_FORMATS, ids=lambda f: f.value)
+@pytest.fixture(params=list(Format), ids=lambda f: f.value)
 def layer(request, tmp_path):
     fmt = request.param
     entries = [
@@ -264,23 +269,27 @@ def layer(request, tmp_path):
         tf.reg("other", tf.content("text", 1500, 6)),
     ]
     conv = tf.convert(tmp_path, entries, fmt, chunk_size=1024)
-    proc = run_cli("layer", "verify", conv.path, "--toc-digest", conv.result.toc_digest)
+    proc = verify_cli(tmp_path, conv.blob, conv.result.toc_blob, conv.result.toc_digest)
     assert proc.returncode == 0, proc.stderr
     return fmt, conv
 
 
-def write_blob(tmp_path: Path, data: bytes) -> Path:
-    p = tmp_path / "tampered.blob"
-    p.write_bytes(data)
-    return p
+def verify_cli(tmp_path: Path, blob: bytes, toc_blob: bytes | None, digest: str):
+    p = tmp_path / "verify.blob"
+    p.write_bytes(blob)
+    args: list[str | Path] = ["layer", "verify", p, "--toc-digest", digest]
+    if toc_blob is not None:
+        (tmp_path / "verify.toc").write_bytes(toc_blob)
+        args += ["--toc", tmp_path / "verify.toc"]
+    return run_cli(*args)
 
 
 def test_verify_accepts_an_identical_rewrite(layer, tmp_path):
     """Control for the TOC-rewriting tests below: an unchanged TOC still verifies."""
     fmt, conv = layer
-    blob, digest = rewrite_toc(conv.blob, fmt, lambda entries: None)
+    blob, toc_blob, digest = rewrite_toc(conv, fmt, lambda entries: None)
     assert digest == conv.result.toc_digest
-    proc = run_cli("layer", "verify", write_blob(tmp_path, blob), "--toc-digest", digest)
+    proc = verify_cli(tmp_path, blob, toc_blob, digest)
     assert proc.returncode == 0, proc.stderr
 
 
@@ -292,12 +301,9 @@ def test_verify_flipped_byte_in_chunk(layer, tmp_path):
     assert target["type"] == "chunk" and off > 0
     starts = tf.member_starts(conv.blob, fmt)
     nxt = starts[starts.index(off) + 1]
-    pos = off + (nxt - off) // 2
     blob = bytearray(conv.blob)
-    blob[pos] ^= 0x40
-    proc = run_cli(
-        "layer", "verify", write_blob(tmp_path, bytes(blob)), "--toc-digest", conv.result.toc_digest
-    )
+    blob[off + (nxt - off) // 2] ^= 0x40
+    proc = verify_cli(tmp_path, bytes(blob), conv.result.toc_blob, conv.result.toc_digest)
     msg = assert_one_line_error(proc)
     assert "big" in msg and str(off) in msg, msg
 
@@ -316,15 +322,14 @@ def test_verify_toc_that_lies(layer, lie, tmp_path):
         else:
             small["chunkDigest"] = tf.sha256_digest(b"something else")
 
-    blob, digest = rewrite_toc(conv.blob, fmt, mutate)
-    proc = run_cli("layer", "verify", write_blob(tmp_path, blob), "--toc-digest", digest)
+    proc = verify_cli(tmp_path, *rewrite_toc(conv, fmt, mutate))
     msg = assert_one_line_error(proc)
     assert "small" in msg, msg
 
 
-def test_verify_wrong_toc_digest(layer):
+def test_verify_wrong_toc_digest(layer, tmp_path):
     _, conv = layer
-    proc = run_cli("layer", "verify", conv.path, "--toc-digest", "sha256:" + "0" * 64)
+    proc = verify_cli(tmp_path, conv.blob, conv.result.toc_blob, "sha256:" + "0" * 64)
     assert_one_line_error(proc, "digest")
 
 
@@ -332,9 +337,7 @@ def test_verify_wrong_toc_digest(layer):
 def test_verify_truncated_blob(layer, keep, tmp_path):
     _, conv = layer
     blob = conv.blob[: int(len(conv.blob) * keep)]
-    proc = run_cli(
-        "layer", "verify", write_blob(tmp_path, blob), "--toc-digest", conv.result.toc_digest
-    )
+    proc = verify_cli(tmp_path, blob, conv.result.toc_blob, conv.result.toc_digest)
     assert_one_line_error(proc, "truncat", "footer", "toc")
 
 
