@@ -165,23 +165,26 @@ def order_entries(
     moved: set[int] = set()
     front: list[TarEntry] = []
 
+    def take(idx: int) -> None:
+        if idx not in moved:
+            moved.add(idx)
+            front.append(index.entries[idx])
+
     def move(name: str) -> bool:
         name = tarfmt.clean_name(name)
         idx = index.by_name.get(name)
-        if name == "":
-            if idx is not None and idx not in moved:
-                moved.add(idx)
-                front.append(index.entries[idx])
-            return idx is not None
         if idx is None:
             return False
-        move(name.rpartition("/")[0])
+        if name:
+            parts = name.split("/")
+            for depth in range(len(parts)):  # existing ancestors, root first
+                ancestor = index.by_name.get("/".join(parts[:depth]))
+                if ancestor is not None:
+                    take(ancestor)
         entry = index.entries[idx]
         if entry.typeflag == tarfmt.LINK:
             move(entry.linkname)
-        if idx not in moved:
-            moved.add(idx)
-            front.append(entry)
+        take(idx)
         return True
 
     missing = [p for p in prioritized if not move(p)]

@@ -13,7 +13,7 @@ import datetime
 import hashlib
 import json
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 from estargz_opt.errors import BadInputError
@@ -96,15 +96,15 @@ class TOCEntry:
         for attr, key in _FIELDS:
             value = getattr(self, attr)
             if key in ("name", "type"):
-                out[key] = _go_string(value)
+                out[key] = value
             elif key == "xattrs":
                 if value:
                     out[key] = {
-                        _go_string(k): base64.b64encode(value[k]).decode()
+                        k: base64.b64encode(value[k]).decode()
                         for k in sorted(value, key=lambda s: s.encode("utf-8", "surrogateescape"))
                     }
             elif value:
-                out[key] = _go_string(value) if isinstance(value, str) else value
+                out[key] = value
         return out
 
 
@@ -144,6 +144,8 @@ class TOCWriter:
 
 
 def _go_escape(text: str) -> bytes:
+    """Go's HTML-safe escapes; each invalid UTF-8 byte (a surrogate here) becomes \\ufffd."""
+    text = _SURROGATES.sub(r"\\ufffd", text)
     for char, escaped in _GO_ESCAPES:
         if char in text:
             text = text.replace(char, escaped)
@@ -158,11 +160,6 @@ _GO_ESCAPES = (
     ("\u2029", "\\u2029"),
 )
 _SURROGATES = re.compile("[\udc80-\udcff]")
-
-
-def _go_string(value: str) -> str:
-    """Go writes each invalid UTF-8 byte of a string as U+FFFD."""
-    return _SURROGATES.sub("\ufffd", value)
 
 
 def format_modtime(sec: int, nsec: int) -> str:
@@ -229,7 +226,3 @@ def _parse_xattrs(value: Any, i: int) -> dict[str, bytes]:
         return {k: base64.b64decode(v, validate=True) for k, v in value.items()}
     except (binascii.Error, TypeError):
         raise BadInputError(f"malformed TOC JSON: entry {i} has bad xattrs") from None
-
-
-def entry_fields() -> tuple[str, ...]:
-    return tuple(f.name for f in fields(TOCEntry))
