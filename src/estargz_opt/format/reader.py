@@ -11,8 +11,9 @@ import hashlib
 import os
 import struct
 import tempfile
+from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from types import TracebackType
 from typing import BinaryIO
@@ -128,9 +129,15 @@ class Layer:
             o: (starts[i + 1] if i + 1 < len(starts) else self.footer.payload_size)
             for i, o in enumerate(starts)
         }
-        with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
-            for error in pool.map(lambda o: self._check_group(o, ends[o], groups[o]), starts):
-                if error:
+        workers = workers or os.cpu_count() or 1
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            pending: deque[Future[str | None]] = deque()
+            for o in starts:  # bounded submission keeps memory flat on huge layers
+                pending.append(pool.submit(self._check_group, o, ends[o], groups.pop(o)))
+                if len(pending) >= 4 * workers and (error := pending.popleft().result()):
+                    raise VerificationError(error)
+            for future in pending:
+                if error := future.result():
                     raise VerificationError(error)
 
     def _check_group(self, start: int, end: int, chunks: list[Chunk]) -> str | None:
