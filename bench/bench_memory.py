@@ -204,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rebuild", action="store_true", help="regenerate the cached layer")
     ap.add_argument("--wait-cli", type=float, default=0,
                     help="seconds to wait for `estargz-opt layer convert` to exist")
+    ap.add_argument("--wait-idle", type=float, default=0,
+                    help="wait up to this many seconds for the 1-min load average to drop"
+                    " below 0.5 before measuring")
     args = ap.parse_args(argv)
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     for fmt in formats:
@@ -219,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
                              args.wait_cli):
         raise SystemExit("`estargz-opt layer convert --help` does not work; "
                          "pip install -e '.[test]' first")
+    if args.wait_idle:
+        benchlib.wait_for("the machine to be idle (1-min load < 0.5)",
+                          lambda: os.getloadavg()[0] < 0.5, args.wait_idle, every_s=10)
     local = Path(sys.executable).parent / "estargz-opt"  # skip a pyenv shim's start-up
     cli = [str(local)] if local.exists() else benchlib.estargz_opt_cmd()
     inputs = {"gz": [TGZ], "tar": [TAR], "both": [TGZ, TAR]}[args.input]
