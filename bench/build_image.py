@@ -451,8 +451,26 @@ def image_info() -> dict | None:
     return None
 
 
+def _remove_stale_builds() -> None:
+    """Leftovers of a build that was SIGKILLed (its pid gone): unmount, then delete."""
+    for d in list(CACHE_DIR.glob("image.tmp-*")) + list(CACHE_DIR.glob("work-*")):
+        pid = d.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and Path(f"/proc/{pid}").exists():
+            continue
+        mounts = [d / "rootfs1" / m for m in ("dev", "proc")]
+        for m in mounts:
+            if os.path.ismount(m):
+                run(["umount", "-l", m], check=False)
+        if any(os.path.ismount(m) for m in mounts):
+            log(f"warning: stale {d} still has mounts; left in place")
+            continue
+        log(f"removing stale {d}")
+        shutil.rmtree(d, ignore_errors=True)
+
+
 def build(mirror: str) -> dict:
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    _remove_stale_builds()
     staging = CACHE_DIR / f"image.tmp-{os.getpid()}"
     work = CACHE_DIR / f"work-{os.getpid()}"
     try:
