@@ -143,22 +143,35 @@ def bench_ctr_remote(ctr_remote: str, sock: Path, daemon_pid: int | None, src: s
 
 
 def bench_ours(cli: list[str], layer_paths: list[str], out_dir: Path, fmt: str,
-               attempt: int) -> dict:
+               attempt: int, concurrent: bool = True) -> dict:
+    """Convert every layer with our CLI: all at once (as an image conversion does, and as
+    ctr-remote converts an image's layers) or, with concurrent=False, one after another."""
     per_layer: list[dict] = []
     ms: list[Measurement] = []
-    log(f"estargz-opt {fmt} (#{attempt + 1}): layer convert x{len(layer_paths)}")
-    for i, src in enumerate(layer_paths):
-        out = out_dir / f"layer{i}.{fmt}"
-        m = run_measured([*cli, "layer", "convert", src, out, "--format", fmt]).check()
+    mode = "concurrently" if concurrent else "one after another"
+    log(f"estargz-opt {fmt} (#{attempt + 1}): layer convert x{len(layer_paths)}, {mode}")
+    if concurrent:
+        driver = [sys.executable, Path(__file__).with_name("convert_concurrently.py")]
+        m = run_measured([*driver, fmt, out_dir, *cli, "--", *layer_paths]).check()
         ms.append(m)
-        info = json.loads(m.stdout)
+        infos = json.loads(m.stdout)
+    else:
+        infos = []
+        for i, src in enumerate(layer_paths):
+            out = out_dir / f"layer{i}.{fmt}"
+            m = run_measured([*cli, "layer", "convert", src, out, "--format", fmt]).check()
+            ms.append(m)
+            infos.append(json.loads(m.stdout))
+    for i, info in enumerate(infos):
+        out = out_dir / f"layer{i}.{fmt}"
         actual = out.stat().st_size
         if info.get("size") != actual:
             raise RuntimeError(f"{out}: CLI reported size {info.get('size')}, file has {actual}")
-        per_layer.append({**m.as_dict(), "digest": info.get("digest"), "size": actual,
+        per_layer.append({"digest": info.get("digest"), "size": actual,
                           "uncompressedSize": info.get("uncompressedSize"),
                           "tocDigest": info.get("tocDigest"),
-                          "annotations": info.get("annotations", {})})
+                          "annotations": info.get("annotations", {})}
+                         | ({} if concurrent else ms[i].as_dict()))
         out.unlink()
     res = {
         "wall_s": round(sum(m.wall_s for m in ms), 3),
@@ -252,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--wait-cli", type=float, default=0,
                     help="seconds to wait for `estargz-opt layer convert` to exist")
     ap.add_argument("--skip-reference", action="store_true", help="only run estargz-opt")
+    ap.add_argument("--sequential", action="store_true",
+                    help="convert our layers one after another instead of all at once")
     ap.add_argument("--wait-idle", type=float, default=0,
                     help="wait up to this many seconds for the 1-min load average to drop"
                     " below 0.5 before measuring (other jobs skew the timings)")
@@ -303,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     git = run(["git", "-C", REPO_ROOT, "rev-parse", "--short", "HEAD"], check=False)
     report["git_head"] = git.stdout.strip() or None
 
+    report["our_layers"] = "one after another" if args.sequential else "concurrently"
     report["loadavg_start"] = [round(x, 2) for x in os.getloadavg()]
     with contextlib.ExitStack() as stack:
         if ctr_remote:
@@ -321,7 +337,8 @@ def main(argv: list[str] | None = None) -> int:
                         bench_ctr_remote(ctr_remote, sock, daemon_pid, image["ref"], fmt,
                                          image["architecture"], attempt))
                 report["results"][fmt].setdefault("estargz-opt-runs", []).append(
-                    bench_ours(cli, layer_paths, out_dir, fmt, attempt))
+                    bench_ours(cli, layer_paths, out_dir, fmt, attempt,
+                               concurrent=not args.sequential))
             for tool in ("ctr-remote", "estargz-opt"):
                 runs = report["results"][fmt].get(f"{tool}-runs")
                 if runs:

@@ -129,10 +129,16 @@ class TOCWriter:
         self._parts: list[bytes] = []
 
     def add(self, entry: TOCEntry) -> None:
-        text = json.dumps(
-            entry.to_json_dict(), indent="\t", separators=(",", ": "), ensure_ascii=False
-        )
-        self._parts.append(_go_escape("\t\t" + text.replace("\n", "\n\t\t")))
+        # json.dumps(indent=...) falls back to the slow pure-Python encoder; entries are flat
+        # (xattrs aside), so lay them out by hand and let the C encoder quote the strings.
+        lines = []
+        for key, value in entry.to_json_dict().items():
+            if isinstance(value, dict):
+                inner = ",\n".join(f"\t\t\t\t{_quote(k)}: {_quote(v)}" for k, v in value.items())
+                lines.append(f'\t\t\t"{key}": {{\n{inner}\n\t\t\t}}')
+            else:
+                lines.append(f'\t\t\t"{key}": {_quote(value) if isinstance(value, str) else value}')
+        self._parts.append(_go_escape("\t\t{\n" + ",\n".join(lines) + "\n\t\t}"))
 
     def finish(self) -> bytes:
         head = f'{{\n\t"version": {self.version},\n\t"entries": '
@@ -160,6 +166,7 @@ _GO_ESCAPES = (
     ("\u2029", "\\u2029"),
 )
 _SURROGATES = re.compile("[\udc80-\udcff]")
+_quote = json.encoder.encode_basestring  # type: ignore[attr-defined]
 
 
 def format_modtime(sec: int, nsec: int) -> str:
