@@ -229,8 +229,13 @@ def render(report: dict) -> str:
         notes.append(f"WARNING: the machine was busy (1-min load {load:.1f} at the start):"
                      " absolute times are inflated; the ratios are less affected (runs"
                      " interleave). Use --wait-idle to wait for a quiet machine.")
-    notes.append("ctr-remote: whole image, `image optimize --oci --no-optimize`; estargz-opt: "
-                 "`layer convert` per layer, sequential, CPU summed, RSS = max over layers.")
+    if report.get("our_layers") == "one after another":
+        ours = "`layer convert` per layer, one after another, CPU summed, RSS = max over layers"
+    else:
+        ours = ("one `layer convert` process per layer, all at once (as an image conversion"
+                " converts layers in parallel); CPU and peak RSS of the whole process tree")
+    notes.append(f"ctr-remote: whole image, `image optimize --oci --no-optimize`; estargz-opt: "
+                 f"{ours}.")
     return "\n".join([head, "", table, "", *[f"- {n}" for n in notes]])
 
 
