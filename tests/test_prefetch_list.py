@@ -1,0 +1,249 @@
+"""``estargz-opt optimize --prefetch-list FILE``: which files go first, in which layer.
+
+No container runs and no daemon is needed: the list is resolved against the
+layers' own tar contents (upstream-optimize.md §7, "Prefetch list"):
+
+* one path or glob per line; lines are trimmed, empty lines and ``#``
+  comments skipped; a path is cleaned (``/x`` and ``./x`` are ``x``);
+* globs use doublestar rules: ``*``, ``?`` and ``[...]`` stay inside one path
+  component, ``**`` spans directories (``a/**/b`` also matches ``a/b``);
+* each path goes to the top-most layer that holds it; ``.wh.<name>`` in a
+  layer above deletes it, and so does ``.wh..wh..opq`` in its immediate
+  parent directory, so such a path is prioritized nowhere;
+* the first occurrence of a path wins; a glob's matches come in sorted order
+  (upstream iterates a Go map, so its order is random: ours must not be);
+* a glob matching nothing is a warning, not an error.
+
+What a layer prioritizes is read back from its TOC (``estargz-opt layer
+toc``): the non-directory entries before ``.prefetch.landmark``, or nothing
+when the TOC starts with ``.no.prefetch.landmark``. Parent directories that
+move along with a file are left out of that list on purpose.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from helpers_containerd import estargz_opt
+from imagefactory import blob_path, layout_state, platform_manifests, resolve_tag, write_layout
+from tarfactory import build_tar, dir_, reg
+
+LANDMARK = ".prefetch.landmark"
+NO_LANDMARK = ".no.prefetch.landmark"
+TAG = "v1"
+
+
+def _layers() -> list[bytes]:
+    """Three docker-style layers (every parent directory has an entry)."""
+    bottom = [
+        dir_("data/"),
+        # Deliberately not in sorted order: glob matches must come out sorted.
+        reg("data/c.txt", b"c\n"), reg("data/a.txt", b"a\n"), reg("data/b.txt", b"b\n"),
+        reg("data/x2.log", b"2\n"), reg("data/x10.log", b"10\n"), reg("data/x1.log", b"1\n"),
+        dir_("data/sub/"), reg("data/sub/deep.txt", b"deep\n"),
+        dir_("logs/"),
+        reg("logs/c.log", b"c\n"), reg("logs/b.log", b"b\n"), reg("logs/a.log", b"a\n"),
+        dir_("lib/"), reg("lib/top.so", b"so\n"),
+        dir_("lib/one/"), reg("lib/one/readme", b"not a .so\n"),
+        dir_("lib/one/two/"), reg("lib/one/two/deep.so", b"deep so\n"),
+        dir_("shadow/"), reg("shadow/file", b"bottom version\n"),
+        dir_("wh/"), reg("wh/gone", b"deleted above\n"), reg("wh/back", b"deleted, re-added\n"),
+        dir_("opq/"), reg("opq/old", b"hidden by an opaque dir above\n"),
+        reg("base.txt", b"only in the bottom layer\n"),
+    ]
+    middle = [
+        dir_("wh/"), reg("wh/.wh.gone"), reg("wh/.wh.back"),
+        dir_("opq/"), reg("opq/.wh..wh..opq"), reg("opq/new", b"new in the opaque dir\n"),
+        reg("mid.txt", b"middle\n"),
+    ]
+    top = [
+        dir_("shadow/"), reg("shadow/file", b"top version wins\n"),
+        dir_("wh/"), reg("wh/back", b"back again\n"),
+        reg("top.txt", b"top\n"),
+    ]
+    return [build_tar(layer) for layer in (bottom, middle, top)]
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    layout = tmp_path_factory.mktemp("prefetch") / "src"
+    write_layout(layout, TAG, _layers())
+    return layout
+
+
+def optimize(src: Path, dst: Path, prefetch: str | bytes, *extra: str,
+             check: bool = True):
+    lst = dst.parent / f"{dst.name}.prefetch"
+    if isinstance(prefetch, bytes):
+        lst.write_bytes(prefetch)
+    else:
+        lst.write_text(prefetch)
+    return estargz_opt("optimize", "--oci", "--prefetch-list", str(lst), *extra,
+                       f"oci:{src}:{TAG}", f"oci:{dst}:{TAG}", check=check)
+
+
+def prioritized_files(toc: dict) -> list[str]:
+    """The non-directory entries before the landmark, in TOC order."""
+    entries = [e for e in toc["entries"] if e.get("type") != "chunk"]
+    names = [e["name"] for e in entries]
+    if names and names[0] == NO_LANDMARK:
+        assert LANDMARK not in names, names
+        return []
+    assert LANDMARK in names and NO_LANDMARK not in names, \
+        f"TOC has neither a leading {NO_LANDMARK} nor a {LANDMARK}: {names[:12]}"
+    return [e["name"] for e in entries[:names.index(LANDMARK)] if e.get("type") != "dir"]
+
+
+def per_layer(dst: Path, printed: str) -> list[list[str]]:
+    """Prioritized files of each layer of DST's image, bottom first."""
+    digest = printed.strip().splitlines()[-1]
+    assert resolve_tag(dst, TAG)["digest"] == digest, \
+        f"printed {digest}, {dst}:{TAG} is {resolve_tag(dst, TAG)}"
+    [(_plat, _desc, manifest)] = platform_manifests(dst, TAG)
+    out = []
+    for layer in manifest["layers"]:
+        toc = json.loads(estargz_opt("layer", "toc", str(blob_path(dst, layer["digest"]))).stdout)
+        out.append(prioritized_files(toc))
+    return out
+
+
+def test_paths_comments_blank_lines_and_cleaning(source: Path, tmp_path: Path) -> None:
+    listing = "\n".join([
+        "# the app's start-up files",
+        "",
+        "data/b.txt",
+        "   /base.txt   ",        # trimmed, leading / cleaned away
+        "\t./mid.txt",            # ./ cleaned away
+        "   # an indented comment: still a comment",
+        "top.txt",
+        "",
+        "data/b.txt",             # again: the first occurrence counts
+        "data/../data/a.txt",     # cleaned to data/a.txt
+        "not/in/the/image",       # skipped quietly, as upstream
+        "",
+    ]) + "\n"
+    res = optimize(source, tmp_path / "out", listing)
+    assert per_layer(tmp_path / "out", res.stdout) == [
+        ["data/b.txt", "base.txt", "data/a.txt"],
+        ["mid.txt"],
+        ["top.txt"],
+    ]
+
+
+def test_top_most_layer_and_whiteouts(source: Path, tmp_path: Path) -> None:
+    listing = "shadow/file\nwh/gone\nwh/back\nopq/old\nopq/new\nbase.txt\n"
+    res = optimize(source, tmp_path / "out", listing)
+    assert per_layer(tmp_path / "out", res.stdout) == [
+        # shadow/file is in the bottom layer too, but the top one provides it;
+        # wh/gone (.wh.gone above) and opq/old (opaque dir above): nowhere.
+        ["base.txt"],
+        ["opq/new"],
+        ["shadow/file", "wh/back"],
+    ]
+
+
+def test_globs_honour_whiteouts(source: Path, tmp_path: Path) -> None:
+    # wh/* sees wh/gone (deleted) and wh/back (top layer); opq/* sees opq/old
+    # (hidden by the opaque dir) and opq/new; shadow/* only the top copy.
+    res = optimize(source, tmp_path / "out", "opq/*\nwh/*\nshadow/*\n")
+    assert per_layer(tmp_path / "out", res.stdout) == [
+        [],
+        ["opq/new"],
+        ["wh/back", "shadow/file"],
+    ]
+
+
+def test_only_deleted_paths_prioritize_nothing(source: Path, tmp_path: Path) -> None:
+    res = optimize(source, tmp_path / "out", "wh/gone\nopq/old\n")
+    assert per_layer(tmp_path / "out", res.stdout) == [[], [], []]
+
+
+def test_glob_forms_in_sorted_order(source: Path, tmp_path: Path) -> None:
+    listing = "\n".join([
+        "data/*.txt",        # a, b, c (tar order c, a, b); not data/sub/deep.txt
+        "data/x?.log",       # x1, x2; not x10
+        "logs/[ab].log",     # a, b; not c
+        "logs/[!ab].log",    # c
+        "lib/**/*.so",       # lib/one/two/deep.so and, ** = no directory, lib/top.so
+        "**/deep.txt",       # data/sub/deep.txt
+        "data/x*.log",       # x10 is new; x1, x2 already listed above
+    ]) + "\n"
+    res = optimize(source, tmp_path / "out", listing)
+    assert per_layer(tmp_path / "out", res.stdout) == [
+        ["data/a.txt", "data/b.txt", "data/c.txt",
+         "data/x1.log", "data/x2.log",
+         "logs/a.log", "logs/b.log",
+         "logs/c.log",
+         "lib/one/two/deep.so", "lib/top.so",
+         "data/sub/deep.txt",
+         "data/x10.log"],
+        [],
+        [],
+    ]
+
+
+def test_glob_matching_nothing_warns_and_succeeds(source: Path, tmp_path: Path) -> None:
+    res = optimize(source, tmp_path / "out", "nothing/*.bin\ntop.txt\n")
+    assert "nothing/*.bin" in res.stderr, \
+        f"no warning names the glob that matched nothing; stderr:\n{res.stderr}"
+    assert per_layer(tmp_path / "out", res.stdout) == [[], [], ["top.txt"]]
+
+
+def test_glob_order_is_deterministic(source: Path, tmp_path: Path) -> None:
+    listing = "**/*.txt\nlogs/*\ndata/x*\n"
+    first = optimize(source, tmp_path / "one", listing)
+    second = optimize(source, tmp_path / "two", listing)
+    d1, d2 = (r.stdout.strip().splitlines()[-1] for r in (first, second))
+    assert d1 == d2, "two runs with the same globs gave different images"
+    got = per_layer(tmp_path / "one", first.stdout)
+    txt = sorted(["data/a.txt", "data/b.txt", "data/c.txt", "data/sub/deep.txt", "base.txt"])
+    assert got == [
+        [*txt, "logs/a.log", "logs/b.log", "logs/c.log",
+         "data/x1.log", "data/x10.log", "data/x2.log"],
+        ["mid.txt"],
+        ["top.txt"],
+    ]
+
+
+def _error_line(res) -> str:
+    assert res.returncode != 0, f"expected a failure; stdout:\n{res.stdout}"
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("estargz-opt: error: "), \
+        f"want one 'estargz-opt: error: ...' line, got stderr:\n{res.stderr}"
+    return lines[0]
+
+
+def _existing_dst(tmp_path: Path) -> Path:
+    """A DST layout that already holds an image: a failed run must leave it as is."""
+    dst = tmp_path / "dst"
+    write_layout(dst, "other", [build_tar([reg("keep.txt", b"keep\n")])])
+    return dst
+
+
+def test_prefetch_list_with_no_optimize_is_a_usage_error(source: Path, tmp_path: Path) -> None:
+    dst = _existing_dst(tmp_path)
+    before = layout_state(dst)
+    res = optimize(source, dst, "top.txt\n", "--no-optimize", check=False)
+    line = _error_line(res)
+    assert "--prefetch-list" in line and "--no-optimize" in line, line
+    assert layout_state(dst) == before
+
+
+@pytest.mark.parametrize("listing, lineno", [
+    # An unterminated character class is a bad glob.
+    (b"# header\n\nlogs/[ab.log\ntop.txt\n", 3),
+    # A NUL byte cannot be part of a path.
+    (b"top.txt\n# c\nmid.txt\nbase\0.txt\n", 4),
+], ids=["unterminated-class", "nul-byte"])
+def test_bad_line_is_an_error_with_its_line_number(source: Path, tmp_path: Path,
+                                                   listing: bytes, lineno: int) -> None:
+    dst = _existing_dst(tmp_path)
+    before = layout_state(dst)
+    res = optimize(source, dst, listing, check=False)
+    line = _error_line(res)
+    assert re.search(rf"(:{lineno}:|line {lineno}\b)", line), \
+        f"the error does not give line {lineno}: {line}"
+    assert layout_state(dst) == before
