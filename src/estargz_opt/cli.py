@@ -19,6 +19,7 @@ from estargz_opt.format import (
     convert_layer,
     open_layer,
 )
+from estargz_opt.optimize import OptimizeRequest, optimize
 
 log = logging.getLogger("estargz_opt")
 
@@ -50,6 +51,119 @@ def cli() -> None:
       estargz-opt layer convert layer.tar.gz out.blob --prioritized-files files.txt
       estargz-opt layer verify out.blob --toc-digest sha256:...
     """
+
+
+@cli.command("optimize")
+@click.argument("src")
+@click.argument("dst")
+@click.option(
+    "--oci", is_flag=True, help="Convert Docker media types to OCI ones (needed for annotations)."
+)
+@click.option("--no-optimize", is_flag=True, help="Convert without prioritized files.")
+@click.option(
+    "--record-in",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Prioritize the files of a record (ctr-remote --record-out JSON lines).",
+)
+@click.option(
+    "--prefetch-list",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Prioritize these paths and globs (*, ?, [], **), one per line; # comments.",
+)
+@click.option(
+    "--reuse",
+    is_flag=True,
+    help="Keep layers that are already sound eStargz and have no prioritized files.",
+)
+@click.option(
+    "--platform",
+    "platform_specs",
+    multiple=True,
+    help="Platform to convert (repeatable), e.g. linux/arm64.",
+)
+@click.option("--all-platforms", is_flag=True, help="Convert every platform of an index.")
+@click.option("--zstdchunked", is_flag=True, help="Write zstd:chunked layers (needs --oci).")
+@click.option("--zstdchunked-compression-level", type=int, default=3, show_default=True)
+@click.option("--estargz-compression-level", type=int, default=9, show_default=True)
+@click.option("--estargz-chunk-size", type=int, default=0, help="Chunk size in bytes (0: 4 MiB).")
+@click.option(
+    "--estargz-min-chunk-size",
+    type=int,
+    default=0,
+    help="Minimal gzip member size (breaks upstream VerifyTOC).",
+)
+@click.option(
+    "--estargz-external-toc", is_flag=True, help="Keep TOCs in a separate image DST-esgztoc."
+)
+def optimize_cmd(
+    src: str,
+    dst: str,
+    oci: bool,
+    no_optimize: bool,
+    record_in: Path | None,
+    prefetch_list: Path | None,
+    reuse: bool,
+    platform_specs: tuple[str, ...],
+    all_platforms: bool,
+    zstdchunked: bool,
+    zstdchunked_compression_level: int,
+    estargz_compression_level: int,
+    estargz_chunk_size: int,
+    estargz_min_chunk_size: int,
+    estargz_external_toc: bool,
+) -> None:
+    """Convert the image SRC into DST with prioritized files first.
+
+    SRC and DST are OCI image layouts, oci:DIR[:TAG]. The last line printed is the
+    digest of the new image.
+
+    \b
+    Examples:
+      estargz-opt optimize --oci --record-in record.jsonl oci:app:1.0 oci:app:1.0-esgz
+      estargz-opt optimize --oci --no-optimize --all-platforms oci:in:latest oci:out:latest
+    """
+    if zstdchunked and not oci:
+        raise click.UsageError("--zstdchunked requires --oci")
+    if zstdchunked and estargz_external_toc:
+        raise click.UsageError("--zstdchunked and --estargz-external-toc do not go together")
+    if estargz_external_toc and reuse:
+        raise click.UsageError("--estargz-external-toc cannot be combined with --reuse")
+    if prefetch_list and no_optimize:
+        raise click.UsageError("--prefetch-list cannot be combined with --no-optimize")
+    if record_in and prefetch_list:
+        raise click.UsageError("--record-in and --prefetch-list do not go together")
+    fmt = (
+        Format.ZSTDCHUNKED
+        if zstdchunked
+        else Format.EXTERNAL_TOC
+        if estargz_external_toc
+        else Format.ESTARGZ
+    )
+    layer_opts = LayerOptions(
+        format=fmt,
+        compression_level=zstdchunked_compression_level
+        if zstdchunked
+        else estargz_compression_level,
+        chunk_size=estargz_chunk_size or DEFAULT_CHUNK_SIZE,
+        min_chunk_size=0 if zstdchunked else estargz_min_chunk_size,
+    )
+    outcome = optimize(
+        OptimizeRequest(
+            src=src,
+            dst=dst,
+            layer=layer_opts,
+            oci=oci,
+            reuse=reuse,
+            platforms=platform_specs,
+            all_platforms=all_platforms,
+            no_optimize=no_optimize,
+            record_in=None if no_optimize else record_in,
+            prefetch_list=prefetch_list,
+        )
+    )
+    if outcome.extra_image:
+        click.echo(f"extra image: {outcome.extra_image}")
+    click.echo(outcome.digest)
 
 
 @cli.group()

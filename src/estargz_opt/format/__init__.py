@@ -36,6 +36,7 @@ __all__ = [
     "LayerResult",
     "TOCEntry",
     "atomic_output",
+    "build_layer",
     "convert_layer",
     "open_layer",
 ]

@@ -1,0 +1,352 @@
+"""The image converter: walk index -> manifests -> config and layers, rewrite what changed.
+
+It reads from one store and writes to another (they may be the same), calls the format
+engine for each layer, and returns the new top descriptor. Tagging is the caller's last
+step, so a failure here never leaves a half-written image behind a name.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from estargz_opt import descriptor as d
+from estargz_opt.descriptor import Descriptor, Index, Manifest
+from estargz_opt.errors import BadInputError, EstargzOptError
+from estargz_opt.format import Format, LayerOptions, LayerResult, build_layer, open_layer
+from estargz_opt.format.source import open_tar
+from estargz_opt.platforms import Matcher
+from estargz_opt.stores import Store
+
+log = logging.getLogger("estargz_opt")
+
+TOC_LAYER_DIGEST = "containerd.io/snapshot/stargz/layer.digest"
+_ATTESTATION = "attestation-manifest"
+_EMPTY_CONFIG = b"{}"
+
+
+@dataclass(frozen=True, slots=True)
+class ConvertOptions:
+    layer: LayerOptions = field(default_factory=LayerOptions)
+    platforms: Matcher = field(default_factory=lambda: Matcher((), all=True))
+    oci: bool = False
+    reuse: bool = False
+    prioritized: Mapping[str, Sequence[str]] = field(default_factory=dict)  # layer digest -> paths
+
+
+@dataclass(slots=True)
+class LayerReport:
+    platform: str
+    source: Descriptor
+    target: Descriptor
+    diff_id: str
+    result: LayerResult | None  # None when the layer was kept (--reuse)
+    seconds: float
+
+
+@dataclass(slots=True)
+class ConvertResult:
+    target: Descriptor
+    layers: list[LayerReport]
+    toc_layers: list[Descriptor]  # external TOC blobs, for the TOC image
+    warnings: list[str]
+
+
+class Cancelled(EstargzOptError):
+    """The conversion was interrupted."""
+
+
+class Converter:
+    def __init__(self, src: Store, dst: Store, opts: ConvertOptions, same_store: bool) -> None:
+        self.src = src
+        self.dst = dst
+        self.opts = opts
+        self.same_store = same_store
+        self.layers: list[LayerReport] = []
+        self.toc_layers: list[Descriptor] = []
+        self.warnings: list[str] = []
+        self.cancel = threading.Event()
+        self._lock = threading.Lock()
+        self._copied: set[str] = set()
+
+    # ------------------------------------------------------------------ walk
+
+    def convert(self, desc: Descriptor) -> ConvertResult:
+        target = self._node(desc, platform=str(desc.platform) if desc.platform else "")
+        return ConvertResult(target, self.layers, self.toc_layers, self.warnings)
+
+    def _node(self, desc: Descriptor, platform: str) -> Descriptor:
+        if desc.media_type in d.INDEX_TYPES:
+            return self._index(desc)
+        if desc.media_type in d.MANIFEST_TYPES:
+            return self._manifest(desc, platform)
+        self._copy(desc, "unknown media type")
+        return desc
+
+    def _index(self, desc: Descriptor) -> Descriptor:
+        index = Index.parse(self.src.read(desc, "index"), f"index {desc.digest}")
+        kept: list[Descriptor] = []
+        new_digest: dict[str, str] = {}
+        attestations: list[Descriptor] = []
+        for child in index.manifests:
+            ann = child.annotations or {}
+            if ann.get("vnd.docker.reference.type") == _ATTESTATION:
+                attestations.append(child)
+                continue
+            if child.media_type in d.INDEX_TYPES | d.MANIFEST_TYPES:
+                if child.platform is not None and not self.opts.platforms.matches(child.platform):
+                    continue
+                converted = self._node(child, str(child.platform or ""))
+                new_digest[child.digest] = converted.digest
+                kept.append(converted)
+            else:
+                self._copy(child, "unknown media type")
+                kept.append(child)
+        if not new_digest:
+            available = ", ".join(str(m.platform) for m in index.manifests if m.platform) or "none"
+            raise EstargzOptError(
+                f"no manifest matches {self.opts.platforms.describe()} (the image has: {available})"
+            )
+        for att in attestations:  # kept untouched when the manifest they describe is kept
+            ref = (att.annotations or {}).get("vnd.docker.reference.digest")
+            if ref in new_digest or self.opts.platforms.all:
+                self._copy(att, "attestation")
+                kept.append(att)
+        index.manifests = kept
+        index.media_type = self._map_type(index.media_type)
+        return self._put_json(index.to_bytes(), desc, index.media_type)
+
+    def _manifest(self, desc: Descriptor, platform: str) -> Descriptor:
+        where = f"manifest {desc.digest}" + (f" ({platform})" if platform else "")
+        manifest = Manifest.parse(self.src.read(desc, where), where)
+        if manifest.config.media_type not in (d.OCI_CONFIG, d.DOCKER_CONFIG):
+            self._copy(desc, "artifact")  # an artifact, not an image: pass it through
+            return desc
+        label = platform or "image"
+        config_raw = d.load_json(
+            self.src.read(manifest.config, f"config of {label}"), f"config of {label}"
+        )
+        layer_slots = [i for i, x in enumerate(manifest.layers) if x.media_type in d.LAYER_TYPES]
+        diff_ids = _diff_ids(config_raw, len(layer_slots), label)
+        workers = max(1, min(len(layer_slots), os.cpu_count() or 1))
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="layer") as pool:
+            futures = [
+                pool.submit(self._layer, manifest.layers[i], f"layer {n} of {label}", label)
+                for n, i in enumerate(layer_slots)
+            ]
+            try:
+                results = [f.result() for f in futures]
+            except BaseException:
+                self.cancel.set()
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
+        new_layers = list(manifest.layers)
+        for n, (i, (new_desc, new_diff)) in enumerate(zip(layer_slots, results, strict=True)):
+            new_layers[i] = new_desc
+            if new_diff:
+                diff_ids[n] = new_diff
+        for i, layer in enumerate(manifest.layers):
+            if i not in layer_slots:
+                self._copy(layer, f"non-layer blob of {label}")
+        manifest.layers = new_layers
+        manifest.config = self._config(manifest.config, config_raw, diff_ids)
+        if manifest.media_type:
+            manifest.media_type = self._map_type(manifest.media_type)
+        new_type = self._map_type(desc.media_type)
+        return self._put_json(manifest.to_bytes(), desc, new_type)
+
+    def _config(self, desc: Descriptor, raw: dict[str, Any], diff_ids: list[str]) -> Descriptor:
+        rootfs = raw.get("rootfs")
+        if isinstance(rootfs, dict):
+            raw["rootfs"] = {"type": rootfs.get("type", "layers"), "diff_ids": diff_ids}
+        for key in ("config", "container_config"):
+            section = raw.get(key)
+            if isinstance(section, dict):
+                section.pop("Image", None)
+        data = d.dump({k: raw[k] for k in sorted(raw)})
+        return self._put_json(data, desc, self._map_type(desc.media_type))
+
+    # ------------------------------------------------------------------ layers
+
+    def _layer(self, desc: Descriptor, what: str, platform: str) -> tuple[Descriptor, str | None]:
+        if self.cancel.is_set():
+            raise Cancelled("interrupted")
+        started = time.monotonic()
+        prioritized = list(self.opts.prioritized.get(desc.digest, ()))
+        if self.opts.reuse and not prioritized and self._reusable(desc, what):
+            kept = self._strip_if_docker(
+                desc.with_changes(media_type=self._map_type(desc.media_type))
+            )
+            self._copy(desc, what)
+            self._report(platform, desc, kept, "", None, started)
+            return kept, None
+        opts = replace(self.opts.layer, prioritized=prioritized)
+
+        def progress(_in: int, _out: int) -> None:
+            if self.cancel.is_set():
+                raise Cancelled("interrupted")
+
+        with (
+            self.src.local_file(desc, what) as path,
+            open_tar(path) as tar,
+            self.dst.sink() as sink,
+        ):
+            try:
+                result = build_layer(tar, sink.file, opts, progress)
+            except BadInputError as exc:
+                raise BadInputError(f"{what} ({desc.digest}): {exc}") from None
+            sink.commit(result.digest, result.size)
+        if result.missing_prioritized:
+            self._warn(
+                f"{what}: {len(result.missing_prioritized)} prioritized path(s) not in the layer "
+                f"were skipped"
+            )
+        if result.toc_blob is not None:
+            self.dst.write(result.toc_blob)
+            toc_desc = Descriptor(
+                media_type=d.OCI_LAYER_GZIP,
+                digest=d.sha256_digest(result.toc_blob),
+                size=len(result.toc_blob),
+                annotations={TOC_LAYER_DIGEST: result.digest},
+            )
+            with self._lock:
+                self.toc_layers.append(toc_desc)
+        new = desc.with_changes(
+            media_type=self._map_type(_layer_type(desc.media_type, self.opts.layer.format)),
+            digest=result.digest,
+            size=result.size,
+            annotations={**(desc.annotations or {}), **result.annotations},
+        )
+        new = self._strip_if_docker(new)
+        self._report(platform, desc, new, result.diff_id, result, started)
+        return new, result.diff_id
+
+    def _reusable(self, desc: Descriptor, what: str) -> bool:
+        """Upstream's --reuse test, plus every chunk verified: keep only sound eStargz layers."""
+        toc_digest = (desc.annotations or {}).get("containerd.io/snapshot/stargz/toc.digest")
+        if not toc_digest:
+            return False
+        with self.src.local_file(desc, what) as path:
+            try:
+                with open_layer(path, toc_digest=toc_digest) as layer:
+                    layer.verify()
+            except EstargzOptError as exc:
+                log.info("%s (%s) is not reusable: %s", what, desc.digest, exc)
+                return False
+        return True
+
+    def _report(
+        self,
+        platform: str,
+        src: Descriptor,
+        dst: Descriptor,
+        diff_id: str,
+        result: LayerResult | None,
+        started: float,
+    ) -> None:
+        with self._lock:
+            self.layers.append(
+                LayerReport(platform, src, dst, diff_id, result, time.monotonic() - started)
+            )
+
+    # ------------------------------------------------------------------ helpers
+
+    def _map_type(self, media_type: str) -> str:
+        return d.DOCKER_TO_OCI.get(media_type, media_type) if self.opts.oci else media_type
+
+    def _strip_if_docker(self, desc: Descriptor) -> Descriptor:
+        if d.is_docker(desc.media_type) and desc.annotations:
+            self._warn(
+                "Docker media types cannot carry annotations: the eStargz TOC digest is "
+                "stripped and lazy pulling will fetch whole layers; convert with --oci"
+            )
+            return desc.with_changes(annotations=None)
+        return desc
+
+    def _warn(self, message: str) -> None:
+        with self._lock:
+            if message not in self.warnings:
+                self.warnings.append(message)
+                log.warning("%s", message)
+
+    def _put_json(self, data: bytes, old: Descriptor, media_type: str) -> Descriptor:
+        self.dst.write(data)
+        return old.with_changes(media_type=media_type, digest=d.sha256_digest(data), size=len(data))
+
+    def _copy(self, desc: Descriptor, what: str) -> None:
+        """Make a blob we keep (and what it references) present in the destination."""
+        if self.same_store or desc.digest in self._copied:
+            return
+        with self._lock:
+            self._copied.add(desc.digest)
+        if desc.media_type in d.INDEX_TYPES | d.MANIFEST_TYPES or desc.media_type.endswith("json"):
+            data = self.src.read(desc, what)
+            self.dst.write(data)
+            for child in _children(data):
+                self._copy(child, what)
+            return
+        with self.src.local_file(desc, what) as path, open(path, "rb") as f, self.dst.sink() as s:
+            while block := f.read(1 << 20):
+                s.file.write(block)
+            s.commit(desc.digest, desc.size)
+
+
+def toc_image(toc_layers: list[Descriptor], dst: Store) -> Descriptor:
+    """The single TOC image for every converted layer of every platform (upstream's layout)."""
+    dst.write(_EMPTY_CONFIG)
+    manifest = Manifest(
+        media_type=d.OCI_MANIFEST,
+        config=Descriptor(d.OCI_CONFIG, d.sha256_digest(_EMPTY_CONFIG), len(_EMPTY_CONFIG)),
+        layers=sorted(toc_layers, key=lambda x: x.digest),
+        extra={"schemaVersion": 2},
+    )
+    data = manifest.to_bytes()
+    dst.write(data)
+    return Descriptor(d.OCI_MANIFEST, d.sha256_digest(data), len(data))
+
+
+def _layer_type(media_type: str, fmt: Format) -> str:
+    foreign = "foreign" in media_type or "nondistributable" in media_type
+    if fmt is Format.ZSTDCHUNKED:
+        return (d.OCI_FOREIGN if foreign else d.OCI_LAYER) + "+zstd"
+    if d.is_docker(media_type):
+        return d.DOCKER_FOREIGN_GZIP if foreign else d.DOCKER_LAYER_GZIP
+    return (d.OCI_FOREIGN if foreign else d.OCI_LAYER) + "+gzip"
+
+
+def _diff_ids(config: dict[str, Any], count: int, label: str) -> list[str]:
+    rootfs = config.get("rootfs")
+    ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
+    if not isinstance(ids, list) or not all(isinstance(x, str) for x in ids):
+        raise BadInputError(f"malformed config of {label}: rootfs.diff_ids is not a list")
+    if len(ids) != count:
+        raise BadInputError(f"malformed config of {label}: {len(ids)} diff_ids for {count} layers")
+    return list(ids)
+
+
+def _children(data: bytes) -> list[Descriptor]:
+    """Descriptors a JSON blob references (config, layers, manifests, subject), best effort."""
+    try:
+        raw = d.load_json(data, "blob")
+    except BadInputError:
+        return []
+    found = []
+    for key in ("config", "subject"):
+        if isinstance(raw.get(key), dict):
+            found.append(raw[key])
+    for key in ("layers", "manifests", "blobs"):
+        if isinstance(raw.get(key), list):
+            found.extend(x for x in raw[key] if isinstance(x, dict))
+    out = []
+    for item in found:
+        try:
+            out.append(Descriptor.from_json(item))
+        except ValueError:
+            continue
+    return out

@@ -1,0 +1,250 @@
+"""OCI descriptors, manifests and indexes as dataclasses that keep fields they do not know.
+
+Upstream re-marshals manifests from typed structs and so drops unknown fields; we keep
+every field we do not model in `extra`, and write it back unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from estargz_opt.errors import BadInputError
+
+# media types
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+OCI_LAYER = "application/vnd.oci.image.layer.v1.tar"
+OCI_LAYER_GZIP = OCI_LAYER + "+gzip"
+OCI_LAYER_ZSTD = OCI_LAYER + "+zstd"
+OCI_FOREIGN = "application/vnd.oci.image.layer.nondistributable.v1.tar"
+DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
+DOCKER_LAYER = "application/vnd.docker.image.rootfs.diff.tar"
+DOCKER_LAYER_GZIP = DOCKER_LAYER + ".gzip"
+DOCKER_FOREIGN = "application/vnd.docker.image.rootfs.foreign.diff.tar"
+DOCKER_FOREIGN_GZIP = DOCKER_FOREIGN + ".gzip"
+
+INDEX_TYPES = frozenset({OCI_INDEX, DOCKER_LIST})
+MANIFEST_TYPES = frozenset({OCI_MANIFEST, DOCKER_MANIFEST})
+LAYER_TYPES = frozenset(
+    {
+        OCI_LAYER,
+        OCI_LAYER_GZIP,
+        OCI_LAYER_ZSTD,
+        OCI_FOREIGN,
+        OCI_FOREIGN + "+gzip",
+        OCI_FOREIGN + "+zstd",
+        DOCKER_LAYER,
+        DOCKER_LAYER_GZIP,
+        DOCKER_FOREIGN,
+        DOCKER_FOREIGN_GZIP,
+        "application/vnd.docker.image.rootfs.diff.tar.zstd",
+    }
+)
+DOCKER_TO_OCI = {
+    DOCKER_LIST: OCI_INDEX,
+    DOCKER_MANIFEST: OCI_MANIFEST,
+    DOCKER_CONFIG: OCI_CONFIG,
+    DOCKER_LAYER_GZIP: OCI_LAYER_GZIP,
+    DOCKER_LAYER: OCI_LAYER,
+    DOCKER_FOREIGN_GZIP: OCI_FOREIGN + "+gzip",
+    DOCKER_FOREIGN: OCI_FOREIGN,
+}
+REF_NAME = "org.opencontainers.image.ref.name"
+
+
+def is_docker(media_type: str) -> bool:
+    return media_type.startswith("application/vnd.docker.")
+
+
+def sha256_digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+@dataclass(slots=True)
+class Platform:
+    os: str
+    architecture: str
+    variant: str = ""
+    os_version: str = ""
+    os_features: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        return "/".join(p for p in (self.os, self.architecture, self.variant) if p)
+
+    @classmethod
+    def from_json(cls, raw: Any) -> Platform:
+        if not isinstance(raw, dict):
+            raise ValueError("platform is not an object")
+        extra = {
+            k: v
+            for k, v in raw.items()
+            if k not in ("os", "architecture", "variant", "os.version", "os.features")
+        }
+        return cls(
+            os=_str(raw, "os"),
+            architecture=_str(raw, "architecture"),
+            variant=str(raw.get("variant", "")),
+            os_version=str(raw.get("os.version", "")),
+            os_features=list(raw.get("os.features", []) or []),
+            extra=extra,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"architecture": self.architecture, "os": self.os}
+        if self.os_version:
+            out["os.version"] = self.os_version
+        if self.os_features:
+            out["os.features"] = self.os_features
+        if self.variant:
+            out["variant"] = self.variant
+        return out | self.extra
+
+
+@dataclass(slots=True)
+class Descriptor:
+    media_type: str
+    digest: str
+    size: int
+    urls: list[str] | None = None
+    annotations: dict[str, str] | None = None
+    platform: Platform | None = None
+    artifact_type: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, raw: Any) -> Descriptor:
+        if not isinstance(raw, dict):
+            raise ValueError("descriptor is not an object")
+        digest, size = raw.get("digest"), raw.get("size")
+        if not isinstance(digest, str) or ":" not in digest:
+            raise ValueError("descriptor has no valid digest")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise ValueError(f"descriptor {digest} has no valid size")
+        known = ("mediaType", "digest", "size", "urls", "annotations", "platform", "artifactType")
+        return cls(
+            media_type=str(raw.get("mediaType", "")),
+            digest=digest,
+            size=size,
+            urls=raw.get("urls"),
+            annotations=raw.get("annotations"),
+            platform=Platform.from_json(raw["platform"]) if raw.get("platform") else None,
+            artifact_type=raw.get("artifactType"),
+            extra={k: v for k, v in raw.items() if k not in known},
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "mediaType": self.media_type,
+            "digest": self.digest,
+            "size": self.size,
+        }
+        if self.urls:
+            out["urls"] = self.urls
+        if self.annotations:
+            out["annotations"] = self.annotations
+        out |= self.extra
+        if self.platform:
+            out["platform"] = self.platform.to_json()
+        if self.artifact_type:
+            out["artifactType"] = self.artifact_type
+        return out
+
+    def with_changes(self, **changes: Any) -> Descriptor:
+        return replace(self, **changes)
+
+
+@dataclass(slots=True)
+class Manifest:
+    """An image manifest; `extra` holds every top-level field not modelled here."""
+
+    media_type: str
+    config: Descriptor
+    layers: list[Descriptor]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, data: bytes, where: str) -> Manifest:
+        raw = _load(data, where)
+        try:
+            return cls(
+                media_type=str(raw.get("mediaType", OCI_MANIFEST)),
+                config=Descriptor.from_json(raw.get("config")),
+                layers=[Descriptor.from_json(d) for d in _list(raw, "layers")],
+                extra={k: v for k, v in raw.items() if k not in ("mediaType", "config", "layers")},
+            )
+        except ValueError as exc:
+            raise BadInputError(f"malformed manifest {where}: {exc}") from None
+
+    def to_bytes(self) -> bytes:
+        doc: dict[str, Any] = {"schemaVersion": self.extra.get("schemaVersion", 2)}
+        if self.media_type:
+            doc["mediaType"] = self.media_type
+        doc["config"] = self.config.to_json()
+        doc["layers"] = [d.to_json() for d in self.layers]
+        return dump({**doc, **{k: v for k, v in self.extra.items() if k != "schemaVersion"}})
+
+
+@dataclass(slots=True)
+class Index:
+    media_type: str
+    manifests: list[Descriptor]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, data: bytes, where: str) -> Index:
+        raw = _load(data, where)
+        try:
+            return cls(
+                media_type=str(raw.get("mediaType", "")),
+                manifests=[Descriptor.from_json(d) for d in _list(raw, "manifests")],
+                extra={k: v for k, v in raw.items() if k not in ("mediaType", "manifests")},
+            )
+        except ValueError as exc:
+            raise BadInputError(f"malformed index {where}: {exc}") from None
+
+    def to_bytes(self) -> bytes:
+        doc: dict[str, Any] = {"schemaVersion": self.extra.get("schemaVersion", 2)}
+        if self.media_type:
+            doc["mediaType"] = self.media_type
+        doc["manifests"] = [d.to_json() for d in self.manifests]
+        return dump({**doc, **{k: v for k, v in self.extra.items() if k != "schemaVersion"}})
+
+
+def dump(doc: Any) -> bytes:
+    """Compact, deterministic JSON for the blobs we write."""
+    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _load(data: bytes, where: str) -> dict[str, Any]:
+    try:
+        raw = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadInputError(f"malformed JSON in {where}: {exc}") from None
+    if not isinstance(raw, dict):
+        raise BadInputError(f"malformed JSON in {where}: not an object")
+    return raw
+
+
+def load_json(data: bytes, where: str) -> dict[str, Any]:
+    return _load(data, where)
+
+
+def _list(raw: dict[str, Any], key: str) -> list[Any]:
+    value = raw.get(key) or []
+    if not isinstance(value, list):
+        raise ValueError(f"{key} is not a list")
+    return value
+
+
+def _str(raw: dict[str, Any], key: str) -> str:
+    value = raw.get(key, "")
+    if not isinstance(value, str):
+        raise ValueError(f"platform {key} is not a string")
+    return value

@@ -1,0 +1,140 @@
+"""`optimize` from end to end: references -> stores -> prioritized files -> convert -> tag.
+
+The tag is written only after every blob is in place; on any failure (or Ctrl-C) the
+destination store rolls back what this run wrote.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from estargz_opt import descriptor as d
+from estargz_opt import platforms, reference
+from estargz_opt.analyze.layerindex import LayerNames
+from estargz_opt.analyze.record import (
+    prioritized_from_record,
+    read_prefetch_list,
+    read_record,
+    record_from_prefetch_list,
+)
+from estargz_opt.convert import Converter, ConvertOptions, ConvertResult, toc_image
+from estargz_opt.descriptor import Descriptor, Index, Manifest
+from estargz_opt.errors import EstargzOptError
+from estargz_opt.format import Format, LayerOptions
+from estargz_opt.stores import Store
+from estargz_opt.stores.oci import OCILayout
+
+log = logging.getLogger("estargz_opt")
+TOC_IMAGE_SUFFIX = "-esgztoc"
+
+
+@dataclass(frozen=True, slots=True)
+class OptimizeRequest:
+    src: str
+    dst: str
+    layer: LayerOptions = field(default_factory=LayerOptions)
+    oci: bool = False
+    reuse: bool = False
+    platforms: tuple[str, ...] = ()
+    all_platforms: bool = False
+    no_optimize: bool = False
+    record_in: Path | None = None
+    prefetch_list: Path | None = None
+
+
+@dataclass(slots=True)
+class OptimizeOutcome:
+    digest: str
+    extra_image: str | None
+    result: ConvertResult
+    warnings: list[str] = field(default_factory=list)
+
+
+def optimize(req: OptimizeRequest) -> OptimizeOutcome:
+    src_ref, dst_ref = reference.parse(req.src), reference.parse(req.dst)
+    matcher = platforms.matcher(req.platforms, req.all_platforms)
+    if not (req.no_optimize or req.record_in or req.prefetch_list):
+        raise EstargzOptError(
+            "running the workload needs containerd, which oci: images do not use; "
+            "pass --record-in FILE or --prefetch-list FILE (or --no-optimize)"
+        )
+    dst_tag = dst_ref.tag or src_ref.tag
+    if not dst_tag:
+        raise EstargzOptError(f"name the destination tag: {dst_ref.path} needs oci:DIR:TAG")
+    src = OCILayout(src_ref.path)
+    root = src.resolve(src_ref.tag)
+    log.info(
+        "converting platforms: %s%s",
+        matcher.describe(),
+        ""
+        if req.platforms or req.all_platforms
+        else " (the host; use --platform or --all-platforms for others)",
+    )
+    prioritized = _prioritized(req, src, root)
+    same = src_ref.path.resolve() == dst_ref.path.resolve()
+    dst: Store = src if same else OCILayout(dst_ref.path, create=True)
+    opts = ConvertOptions(
+        layer=req.layer, platforms=matcher, oci=req.oci, reuse=req.reuse, prioritized=prioritized
+    )
+    try:
+        result = Converter(src, dst, opts, same_store=same).convert(root)
+        tags = {dst_tag: result.target}
+        extra = None
+        if req.layer.format is Format.EXTERNAL_TOC:
+            tags[dst_tag + TOC_IMAGE_SUFFIX] = toc_image(result.toc_layers, dst)
+            extra = str(dst_ref.with_tag(dst_tag + TOC_IMAGE_SUFFIX))
+        dst.tag(tags)
+    except BaseException:
+        dst.rollback()
+        raise
+    return OptimizeOutcome(result.target.digest, extra, result, result.warnings)
+
+
+def _prioritized(req: OptimizeRequest, src: OCILayout, root: Descriptor) -> dict[str, list[str]]:
+    if not (req.record_in or req.prefetch_list):
+        return {}
+    host = _host_manifest(src, root)
+    if host is None:
+        log.warning(
+            "the image has no manifest for the host platform %s: no files are prioritized",
+            platforms.host(),
+        )
+        return {}
+    host_desc, manifest = host
+    if req.record_in:
+        entries = read_record(req.record_in)
+    else:
+        assert req.prefetch_list is not None
+        patterns = read_prefetch_list(req.prefetch_list)
+        layers = [x for x in manifest.layers if x.media_type in d.LAYER_TYPES]
+        paths = []
+        for i, layer in enumerate(layers):
+            with src.local_file(layer, f"layer {i} of the host image") as p:
+                paths.append(str(p))
+        entries = record_from_prefetch_list(patterns, LayerNames.from_tars(paths), host_desc.digest)
+    found = prioritized_from_record(entries, host_desc.digest, manifest)
+    log.info(
+        "prioritized files: %d in %d layer(s) of %s",
+        sum(map(len, found.values())),
+        len(found),
+        host_desc.digest,
+    )
+    return found
+
+
+def _host_manifest(src: OCILayout, desc: Descriptor) -> tuple[Descriptor, Manifest] | None:
+    """The manifest a record refers to: the host platform's, matched strictly, as upstream."""
+    if desc.media_type in d.MANIFEST_TYPES:
+        return desc, Manifest.parse(src.read(desc, "manifest"), f"manifest {desc.digest}")
+    if desc.media_type not in d.INDEX_TYPES:
+        return None
+    index = Index.parse(src.read(desc, "index"), f"index {desc.digest}")
+    host = platforms.matcher((), False)
+    for child in index.manifests:
+        if child.platform is not None and host.matches(child.platform):
+            found = _host_manifest(src, child)
+            if found:
+                return found
+    return None

@@ -1,0 +1,202 @@
+"""An OCI image layout directory (oci-layout, index.json, blobs/sha256/…) as a store.
+
+Blobs are written under temporary names and renamed into place once complete; the tag
+in index.json is written last and atomically. A failed run removes the blobs it added
+(and the layout directory, if it created it), so the destination is left as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import BinaryIO
+
+from estargz_opt.descriptor import OCI_INDEX, REF_NAME, Descriptor, Index
+from estargz_opt.errors import BadInputError, EstargzOptError
+
+_LAYOUT = b'{"imageLayoutVersion":"1.0.0"}'
+_READ = 1 << 20
+
+
+class _Sink:
+    def __init__(self, layout: OCILayout, f: BinaryIO, tmp: Path) -> None:
+        self.file = f
+        self._layout = layout
+        self._tmp = tmp
+        self.committed = False
+
+    def commit(self, digest: str, size: int) -> None:
+        self.file.flush()
+        self._layout._place(self._tmp, digest)
+        self.committed = True
+
+
+class OCILayout:
+    def __init__(self, root: Path, *, create: bool = False) -> None:
+        self.root = root
+        self._created_root = False
+        self._added: list[Path] = []
+        if not (root / "index.json").is_file():
+            if not create:
+                raise EstargzOptError(f"{root} is not an OCI image layout (no index.json)")
+            self._init_layout()
+
+    # ------------------------------------------------------------------ reading
+
+    def index(self) -> Index:
+        try:
+            data = (self.root / "index.json").read_bytes()
+        except FileNotFoundError:
+            return Index(media_type=OCI_INDEX, manifests=[], extra={"schemaVersion": 2})
+        except OSError as exc:
+            raise EstargzOptError(
+                f"cannot read {self.root / 'index.json'}: {exc.strerror}"
+            ) from None
+        return Index.parse(data, f"{self.root}/index.json")
+
+    def resolve(self, name: str | None) -> Descriptor:
+        manifests = self.index().manifests
+        if name is None:
+            if len(manifests) == 1:
+                return manifests[0]
+            raise EstargzOptError(
+                f"{self.root} holds {len(manifests)} images; name one with oci:DIR:TAG "
+                f"(tags: {', '.join(self.tags()) or 'none'})"
+            )
+        for desc in manifests:
+            if (desc.annotations or {}).get(REF_NAME) == name:
+                return desc
+        raise EstargzOptError(
+            f"no image tagged {name!r} in {self.root} (tags: {', '.join(self.tags()) or 'none'})"
+        )
+
+    def tags(self) -> list[str]:
+        return [t for d in self.index().manifests if (t := (d.annotations or {}).get(REF_NAME))]
+
+    def blob_path(self, digest: str) -> Path:
+        algo, _, hexpart = digest.partition(":")
+        if (
+            algo != "sha256"
+            or len(hexpart) != 64
+            or not all(c in "0123456789abcdef" for c in hexpart)
+        ):
+            raise BadInputError(f"unsupported or malformed digest {digest!r}")
+        return self.root / "blobs" / algo / hexpart
+
+    def read(self, desc: Descriptor, what: str) -> bytes:
+        path = self._existing(desc, what)
+        data = path.read_bytes()
+        if len(data) != desc.size or "sha256:" + hashlib.sha256(data).hexdigest() != desc.digest:
+            raise BadInputError(f"blob {desc.digest} ({what}) does not match its digest or size")
+        return data
+
+    @contextlib.contextmanager
+    def local_file(self, desc: Descriptor, what: str) -> Iterator[Path]:
+        path = self._existing(desc, what)
+        h = hashlib.sha256()
+        size = 0
+        with open(path, "rb") as f:
+            while block := f.read(_READ):
+                h.update(block)
+                size += len(block)
+        if size != desc.size or "sha256:" + h.hexdigest() != desc.digest:
+            raise BadInputError(f"blob {desc.digest} ({what}) does not match its digest or size")
+        yield path
+
+    def _existing(self, desc: Descriptor, what: str) -> Path:
+        path = self.blob_path(desc.digest)
+        if not path.is_file():
+            raise BadInputError(f"missing blob {desc.digest} ({what}) in {self.root}")
+        return path
+
+    # ------------------------------------------------------------------ writing
+
+    def write(self, data: bytes) -> None:
+        with self.sink() as s:
+            s.file.write(data)
+            s.commit("sha256:" + hashlib.sha256(data).hexdigest(), len(data))
+
+    @contextlib.contextmanager
+    def sink(self) -> Iterator[_Sink]:
+        blobs = self.root / "blobs" / "sha256"
+        blobs.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=blobs, prefix=".ingest-", suffix=".tmp")
+        os.fchmod(fd, 0o644)
+        sink = None
+        try:
+            with os.fdopen(fd, "w+b") as f:
+                sink = _Sink(self, f, Path(tmp))
+                yield sink
+        finally:
+            if sink is None or not sink.committed:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+
+    def _place(self, tmp: Path, digest: str) -> None:
+        final = self.blob_path(digest)
+        if final.exists():
+            tmp.unlink()
+            return
+        os.replace(tmp, final)
+        self._added.append(final)
+
+    def tag(self, tags: Mapping[str, Descriptor]) -> None:
+        index = self.index()
+        kept = [d for d in index.manifests if (d.annotations or {}).get(REF_NAME) not in tags]
+        added = [
+            desc.with_changes(annotations={**(desc.annotations or {}), REF_NAME: name})
+            for name, desc in tags.items()
+        ]
+        index.manifests = [*kept, *added]
+        try:
+            _atomic_write(self.root / "index.json", index.to_bytes())
+        except OSError as exc:
+            raise EstargzOptError(
+                f"cannot write {self.root / 'index.json'}: {exc.strerror}"
+            ) from None
+
+    def rollback(self) -> None:
+        """Remove what this run added: its blobs, or the whole layout if it created it."""
+        if self._created_root:
+            shutil.rmtree(self.root, ignore_errors=True)
+            return
+        for path in self._added:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        self._added.clear()
+
+    def _init_layout(self) -> None:
+        if self.root.exists() and not self.root.is_dir():
+            raise EstargzOptError(f"cannot create an OCI layout at {self.root}: not a directory")
+        try:
+            if not self.root.exists():
+                self.root.mkdir(parents=True)
+                self._created_root = True
+            (self.root / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
+            if not (self.root / "oci-layout").exists():
+                _atomic_write(self.root / "oci-layout", _LAYOUT)
+        except OSError as exc:
+            self.rollback()
+            raise EstargzOptError(
+                f"cannot create an OCI layout at {self.root}: {exc.strerror}"
+            ) from None
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
