@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -321,9 +322,14 @@ def layer_tar(blob: Path, out: Path, toc_file: Path | None) -> None:
             lay.write_tar(f)
 
 
+def _terminate(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt  # unwind like Ctrl-C, so stores roll back what was written
+
+
 def main() -> None:
     """Entry point: every expected failure becomes one line on stderr and a non-zero exit."""
     logging.basicConfig(format="estargz-opt: %(levelname)s: %(message)s", level=logging.INFO)
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         cli.main(standalone_mode=False, prog_name="estargz-opt")
     except click.UsageError as exc:
