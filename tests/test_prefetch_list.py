@@ -156,8 +156,12 @@ def test_globs_honour_whiteouts(source: Path, tmp_path: Path) -> None:
     ]
 
 
-def test_only_deleted_paths_prioritize_nothing(source: Path, tmp_path: Path) -> None:
-    res = optimize(source, tmp_path / "out", "wh/gone\nopq/old\n")
+@pytest.mark.parametrize("listing", [
+    "wh/gone\nopq/old\n",          # all deleted by whiteouts above
+    "# nothing but comments\n\n",  # an empty list: no prioritized files at all
+], ids=["deleted", "comments-only"])
+def test_nothing_to_prioritize(source: Path, tmp_path: Path, listing: str) -> None:
+    res = optimize(source, tmp_path / "out", listing)
     assert per_layer(tmp_path / "out", res.stdout) == [[], [], []]
 
 
@@ -210,10 +214,12 @@ def test_glob_order_is_deterministic(source: Path, tmp_path: Path) -> None:
 
 def _error_line(res) -> str:
     assert res.returncode != 0, f"expected a failure; stdout:\n{res.stdout}"
+    # Progress lines (INFO, WARNING) may come first; the error is one line, the last.
     lines = [line for line in res.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("estargz-opt: error: "), \
-        f"want one 'estargz-opt: error: ...' line, got stderr:\n{res.stderr}"
-    return lines[0]
+    errors = [line for line in lines if line.startswith("estargz-opt: error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], \
+        f"want one 'estargz-opt: error: ...' line, last; got stderr:\n{res.stderr}"
+    return errors[0]
 
 
 def _existing_dst(tmp_path: Path) -> Path:
