@@ -1,0 +1,333 @@
+"""``estargz-opt optimize`` against ``ctr-remote image optimize`` 0.14.3.
+
+1. Same image, same record: ctr-remote optimizes a runnable three-layer image
+   (busybox, then two docker-style layers whose parent directories all have
+   entries), its analyzer runs the sample container and ``--record-out``
+   saves what it opened. We feed that very record to ``--record-in``. The
+   TOC of each of our layers must equal ctr-remote's after the normalization
+   of test_toc_parity (offsets dropped, elided userName/groupName filled),
+   and each layer's recorded files must come first, in record order, before
+   ``.prefetch.landmark``. For gzip eStargz and for zstd:chunked.
+
+   Record lines for another manifest or an out-of-range layer are ignored.
+
+2. An image built with the real ``umoci`` tool, whose upper layer adds
+   ``usr/bin/tool`` and, umoci writing only what changed, has no ``usr/``
+   entry, and a ``usr/bin/`` entry only if that directory's times changed
+   (both variants are built): ctr-remote's optimize aborts with ``not
+   found``; ours converts it with the record ctr-remote wrote, every layer
+   verifies, and the top layer's TOC starts with ``usr/bin/tool`` (after
+   ``usr/bin/`` when the layer has it) then ``.prefetch.landmark``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from helpers_containerd import estargz_opt
+from imagefactory import (
+    TOC_DIGEST,
+    archive_for_ctr,
+    blob_path,
+    platform_manifests,
+    resolve_tag,
+    write_layout,
+)
+from ociimage import image_target, read_manifest
+from tarfactory import build_tar, dir_, reg
+from test_toc_parity import LANDMARK, NO_LANDMARK, ctr_remote_run, describe_mismatch, normalize
+
+pytestmark = pytest.mark.interop
+
+FORMATS = ("estargz", "zstdchunked")
+TAG = "v1"
+WORKLOAD = ["/bin/busybox", "sh", "-c", "cat /data/a.txt /data/b.txt /etc/app.conf; sleep 1"]
+# What the workload opens, and the layer (bottom = 0) each file comes from.
+EXPECTED_ACCESSES = [("bin/busybox", 0), ("data/a.txt", 1), ("data/b.txt", 2),
+                     ("etc/app.conf", 2)]
+UMOCI_TOOL = "usr/bin/tool"
+UMOCI_WORKLOAD = ["/bin/busybox", "cat", "/" + UMOCI_TOOL]
+# Words of a sample container that could not be started (no runtime, no
+# cgroups, no overlay...): then there is nothing to compare against.
+RUNTIME_TROUBLE = ("runc", "OCI runtime", "shim", "cgroup", "failed to mount", "overlay")
+
+
+def _upper_layers() -> list[bytes]:
+    """Two docker-style layers: each file's parent directory has its own entry."""
+    one = [dir_("data/"), reg("data/a.txt", b"alpha\n" * 40),
+           dir_("etc/"), reg("etc/hostname", b"parity\n")]
+    two = [dir_("data/"), reg("data/b.txt", b"bravo\n" * 3000),
+           reg("data/unread.txt", b"never opened\n"),
+           dir_("etc/"), reg("etc/app.conf", b"mode = fast\n", mode=0o600)]
+    return [build_tar(one), build_tar(two)]
+
+
+@dataclass(frozen=True)
+class Image:
+    layout: Path
+    tag: str
+    ref: str  # its name in the private containerd
+    manifest_digest: str
+    layer_count: int
+
+
+def _import(containerd, layout: Path, tag: str, ref: str, archive: Path) -> Image:
+    [(_plat, desc, manifest)] = platform_manifests(layout, tag)
+    archive_for_ctr(layout, tag, ref, archive)
+    containerd.ctr("images", "import", "--no-unpack", "--all-platforms", str(archive))
+    assert image_target(containerd, ref) == desc["digest"]
+    return Image(layout, tag, ref, desc["digest"], len(manifest["layers"]))
+
+
+@pytest.fixture(scope="module")
+def parity_image(containerd, busybox_layer: Path, tmp_path_factory) -> Image:
+    base = tmp_path_factory.mktemp("optparity")
+    config = {"config": {"Entrypoint": WORKLOAD, "Env": ["PATH=/bin"], "WorkingDir": "/"}}
+    write_layout(base / "layout", TAG, [busybox_layer.read_bytes(), *_upper_layers()], config)
+    return _import(containerd, base / "layout", TAG, "localhost/optparity:1", base / "image.tar")
+
+
+def _run(*cmd: str | Path) -> None:
+    subprocess.run([str(c) for c in cmd], check=True, capture_output=True, text=True,
+                   stdin=subprocess.DEVNULL, timeout=120)
+
+
+# How umoci's top layer comes out. umoci lists a directory only when its
+# metadata changed since the layer below. Adding usr/bin/tool bumps
+# usr/bin's mtime, so by default the layer holds usr/bin/ and usr/bin/tool but
+# no usr/ ("dir-entry"); with usr/bin's times put back, only usr/bin/tool
+# ("no-parents"). Both miss a parent; each variant pins its times so the
+# output does not depend on the clock.
+UMOCI_VARIANTS = {
+    "no-parents": ((), [UMOCI_TOOL, LANDMARK]),
+    "dir-entry": (("usr/bin",), ["usr/bin", UMOCI_TOOL, LANDMARK]),
+}
+
+
+@dataclass(frozen=True)
+class UmociCase:
+    variant: str
+    image: Image
+
+
+@pytest.fixture(scope="module", params=list(UMOCI_VARIANTS))
+def umoci_case(request, containerd, busybox_layer: Path, tmp_path_factory) -> UmociCase:
+    if shutil.which("umoci") is None:
+        pytest.skip("umoci is not installed (apt-get install umoci)")
+    if os.geteuid() != 0:
+        pytest.skip("umoci unpack/repack of a rootfs with root-owned files needs root")
+    variant = request.param
+    parents, _ = UMOCI_VARIANTS[variant]
+    base = tmp_path_factory.mktemp(f"optumoci-{variant}")
+    layout, tag = base / "layout", "t"
+    image = f"{layout}:{tag}"
+    _run("umoci", "init", "--layout", layout)
+    _run("umoci", "new", "--image", image)
+    # Layer 0: the busybox files, plus an empty usr/bin for the next layer.
+    bundle = base / "bundle0"
+    _run("umoci", "unpack", "--image", image, bundle)
+    _run("tar", "-xf", busybox_layer, "-C", bundle / "rootfs")
+    (bundle / "rootfs" / "usr" / "bin").mkdir(parents=True, exist_ok=True)
+    _run("umoci", "repack", "--image", image, bundle)
+    # Layer 1: usr/bin/tool, added under directories of the layer below.
+    bundle = base / "bundle1"
+    _run("umoci", "unpack", "--image", image, bundle)
+    usr_bin = bundle / "rootfs" / "usr" / "bin"
+    before = usr_bin.stat()
+    tool = usr_bin / "tool"
+    tool.write_bytes(b"tool: not really a program\n")
+    tool.chmod(0o755)
+    if parents:
+        os.utime(usr_bin, (before.st_atime - 3600, before.st_mtime - 3600))
+    else:
+        os.utime(usr_bin, ns=(before.st_atime_ns, before.st_mtime_ns))
+    _run("umoci", "repack", "--image", image, bundle)
+
+    [(_plat, _desc, manifest)] = platform_manifests(layout, tag)
+    assert len(manifest["layers"]) == 2, manifest
+    with tarfile.open(blob_path(layout, manifest["layers"][1]["digest"])) as tar:
+        names = [m.name.removeprefix("./").rstrip("/") for m in tar.getmembers()]
+    if sorted(names) != sorted([*parents, UMOCI_TOOL]):
+        # The point of this case is the missing parent entries (the hand-made
+        # layer of test_toc_parity.py covers that if this umoci differs).
+        pytest.skip(f"umoci wrote {names}, expected {[*parents, UMOCI_TOOL]}")
+    return UmociCase(variant, _import(containerd, layout, tag,
+                                      f"localhost/optparity-umoci-{variant}:t",
+                                      base / "image.tar"))
+
+
+# --- helpers ----------------------------------------------------------------
+
+def reference_optimize(ctr_remote: Path, containerd, image: Image, target: str, fmt: str,
+                       workload: list[str], record: Path) -> subprocess.CompletedProcess:
+    if shutil.which("runc") is None:
+        pytest.skip("ctr-remote optimize runs the image: runc is not installed")
+    args = ["image", "optimize", "--oci"]
+    if fmt == "zstdchunked":
+        args.append("--zstdchunked")
+    args += ["--period", "3", "--record-out", str(record), "--entrypoint", json.dumps(workload),
+             image.ref, target]
+    return ctr_remote_run(ctr_remote, containerd, *args, check=False)
+
+
+def read_record(record: Path, res: subprocess.CompletedProcess) -> list[dict]:
+    if not record.is_file():
+        if any(w in res.stderr for w in RUNTIME_TROUBLE):
+            pytest.skip(f"the sample container could not run:\n{res.stderr[-2000:]}")
+        pytest.fail(f"ctr-remote wrote no record (exit {res.returncode})\n"
+                    f"stderr:\n{res.stderr}", pytrace=False)
+    return [json.loads(line) for line in record.read_text().splitlines() if line.strip()]
+
+
+def require_accesses(recorded: list[dict], image: Image, expected: list[tuple[str, int]],
+                     stderr: str) -> None:
+    got = [(r["path"], r["layerIndex"]) for r in recorded
+           if r["manifestDigest"] == image.manifest_digest]
+    missing = [e for e in expected if e not in got]
+    if missing:
+        pytest.skip(f"the sample container did not open {missing} (record: {got}); "
+                    f"it probably did not run\nctr-remote stderr:\n{stderr[-2000:]}")
+
+
+def recorded_per_layer(recorded: list[dict], image: Image) -> list[list[str]]:
+    """The record as ``--record-in`` must apply it: host manifest lines only,
+    layer index in range, first occurrence of (layer, path) kept, file order."""
+    out: list[list[str]] = [[] for _ in range(image.layer_count)]
+    for r in recorded:
+        index = r["layerIndex"]
+        if r["manifestDigest"] == image.manifest_digest and 0 <= index < image.layer_count \
+                and r["path"] not in out[index]:
+            out[index].append(r["path"])
+    return out
+
+
+def reference_tocs(ctr_remote: Path, containerd, target: str, fmt: str) -> list[dict]:
+    manifest = read_manifest(containerd, image_target(containerd, target))
+    tocs = []
+    for layer in manifest["layers"]:
+        assert TOC_DIGEST in layer.get("annotations", {}), layer
+        dump = ["images", "get-toc-digest", "--dump-toc"]
+        if fmt == "zstdchunked":
+            dump.append("--zstdchunked")
+        tocs.append(json.loads(ctr_remote_run(ctr_remote, containerd, *dump,
+                                              layer["digest"]).stdout))
+    return tocs
+
+
+def our_optimize(image: Image, out: Path, fmt: str, record: Path) -> list[tuple[dict, Path]]:
+    """Optimize *image* with our record; return (layer descriptor, blob) per layer."""
+    args = ["optimize", "--oci"]
+    if fmt == "zstdchunked":
+        args.append("--zstdchunked")
+    args += ["--record-in", str(record), f"oci:{image.layout}:{image.tag}",
+             f"oci:{out}:{image.tag}"]
+    res = estargz_opt(*args)
+    printed = res.stdout.strip().splitlines()[-1]
+    assert resolve_tag(out, image.tag)["digest"] == printed, \
+        f"printed {printed!r}; {out}:{image.tag} is {resolve_tag(out, image.tag)}"
+    [(_plat, _desc, manifest)] = platform_manifests(out, image.tag)
+    assert len(manifest["layers"]) == image.layer_count, manifest
+    return [(layer, blob_path(out, layer["digest"])) for layer in manifest["layers"]]
+
+
+def our_toc(blob: Path) -> dict:
+    return json.loads(estargz_opt("layer", "toc", str(blob)).stdout)
+
+
+def prioritized_files(toc: dict) -> list[str]:
+    """Non-directory entries before the landmark ([] after a leading no-prefetch one)."""
+    entries = [e for e in toc["entries"] if e.get("type") != "chunk"]
+    names = [e["name"] for e in entries]
+    if names and names[0] == NO_LANDMARK:
+        return []
+    assert LANDMARK in names, f"TOC has no landmark: {names[:12]}"
+    return [e["name"] for e in entries[:names.index(LANDMARK)] if e.get("type") != "dir"]
+
+
+# --- tests ------------------------------------------------------------------
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_optimize_toc_matches_ctr_remote(fmt: str, parity_image: Image, containerd,
+                                         ctr_remote: Path, tmp_path: Path) -> None:
+    record = tmp_path / "record.jsonl"
+    target = f"localhost/optparity:1-{fmt}"
+    res = reference_optimize(ctr_remote, containerd, parity_image, target, fmt, WORKLOAD,
+                             record)
+    recorded = read_record(record, res)
+    require_accesses(recorded, parity_image, EXPECTED_ACCESSES, res.stderr)
+    if res.returncode != 0:
+        pytest.fail(f"ctr-remote optimize failed on a docker-style image\n"
+                    f"stderr:\n{res.stderr}", pytrace=False)
+    ref_tocs = reference_tocs(ctr_remote, containerd, target, fmt)
+    assert len(ref_tocs) == parity_image.layer_count
+
+    ours = our_optimize(parity_image, tmp_path / "out", fmt, record)
+    expected = recorded_per_layer(recorded, parity_image)
+    reports = []
+    for index, ((_desc, blob), ref_toc) in enumerate(zip(ours, ref_tocs, strict=True)):
+        toc = our_toc(blob)
+        report = describe_mismatch(f"layer {index}, {fmt}, with ctr-remote's record",
+                                   normalize(toc), normalize(ref_toc))
+        if report:
+            reports.append(report)
+        got = prioritized_files(toc)
+        if got != expected[index]:
+            reports.append(f"layer {index}, {fmt}: prioritized files {got}, record says "
+                           f"{expected[index]}")
+    if reports:
+        pytest.fail("\n\n".join(reports), pytrace=False)
+
+    # Lines for another manifest or a layer index out of range are ignored,
+    # as upstream does: the same record with such lines gives the same image.
+    noisy = tmp_path / "noisy.jsonl"
+    other = "sha256:" + "0" * 64
+    noise = [{"path": "data/unread.txt", "manifestDigest": other, "layerIndex": 2},
+             {"path": "etc/hostname", "manifestDigest": parity_image.manifest_digest,
+              "layerIndex": parity_image.layer_count},
+             {"path": "data/unread.txt", "manifestDigest": parity_image.manifest_digest,
+              "layerIndex": 99}]
+    noisy.write_text("".join(json.dumps(n, separators=(",", ":")) + "\n" for n in noise)
+                     + record.read_text())
+    again = our_optimize(parity_image, tmp_path / "out-noisy", fmt, noisy)
+    assert [d["digest"] for d, _ in again] == [d["digest"] for d, _ in ours], \
+        "foreign or out-of-range record lines changed the layers"
+
+
+def test_umoci_image_converts_where_ctr_remote_fails(umoci_case: UmociCase, containerd,
+                                                     ctr_remote: Path, tmp_path: Path) -> None:
+    image = umoci_case.image
+    parents, head = UMOCI_VARIANTS[umoci_case.variant]
+    missing = "usr" if parents else "usr/bin"
+    record = tmp_path / "record.jsonl"
+    res = reference_optimize(ctr_remote, containerd, image, f"{image.ref}-opt", "estargz",
+                             UMOCI_WORKLOAD, record)
+    recorded = read_record(record, res)
+    require_accesses(recorded, image, [("bin/busybox", 0), (UMOCI_TOOL, 1)], res.stderr)
+    assert res.returncode != 0, (
+        "ctr-remote optimize was expected to fail: a parent of usr/bin/tool has no entry\n"
+        f"stdout:\n{res.stdout}\nstderr:\n{res.stderr}")
+    assert f'file: "{missing}": not found' in res.stderr, res.stderr
+
+    [(_plat, _desc, manifest)] = platform_manifests(image.layout, image.tag)
+    with tarfile.open(blob_path(image.layout, manifest["layers"][1]["digest"])) as tar:
+        inputs = [m.name.rstrip("/") for m in tar.getmembers()]
+    for fmt in FORMATS:
+        ours = our_optimize(image, tmp_path / f"out-{fmt}", fmt, record)
+        for desc, blob in ours:
+            assert TOC_DIGEST in desc.get("annotations", {}), desc
+            estargz_opt("layer", "verify", str(blob), "--toc-digest",
+                        desc["annotations"][TOC_DIGEST])
+        assert prioritized_files(our_toc(ours[0][1])) == ["bin/busybox"], fmt
+        names = [e["name"].rstrip("/") for e in our_toc(ours[1][1])["entries"]
+                 if e.get("type") != "chunk"]
+        assert names[:len(head)] == head, (fmt, names)
+        # No parent directory invented (usr/ never appears), nothing lost.
+        rest = [n for n in inputs if n not in head]
+        assert names[len(head):] == rest, (fmt, names, inputs)
