@@ -253,3 +253,18 @@ def test_bad_line_is_an_error_with_its_line_number(source: Path, tmp_path: Path,
     assert re.search(rf"(:{lineno}:|line {lineno}\b)", line), \
         f"the error does not give line {lineno}: {line}"
     assert layout_state(dst) == before
+
+
+def test_a_repeated_layer_gets_the_list_of_its_top_copy(tmp_path: Path) -> None:
+    # Upstream keys prioritized files by layer digest, so the same layer at
+    # index 0 and 2 converts once, with the list of its top-most copy; one
+    # source blob must not become two different blobs.
+    repeated = build_tar([dir_("a/"), reg("a/one", b"1\n"), reg("a/two", b"2\n")])
+    middle = build_tar([dir_("b/"), reg("b/x", b"x\n")])
+    src = tmp_path / "src"
+    write_layout(src, TAG, [repeated, middle, repeated])
+    res = optimize(src, tmp_path / "out", "a/two\n")
+    assert per_layer(tmp_path / "out", res.stdout) == [["a/two"], [], ["a/two"]]
+    [(_plat, _desc, manifest)] = platform_manifests(tmp_path / "out", TAG)
+    digests = [layer["digest"] for layer in manifest["layers"]]
+    assert digests[0] == digests[2] != digests[1], digests
