@@ -336,6 +336,8 @@ def check_converted_image(conv: Conversion, platforms: list[str], zstd: bool = F
 
 
 def run_tool(*argv: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    if shutil.which(str(argv[0])) is None:
+        pytest.skip(f"{argv[0]} is not installed (scripts/install-deps.sh installs it)")
     proc = subprocess.run(list(map(str, argv)), capture_output=True, text=True, cwd=cwd,
                           stdin=subprocess.DEVNULL, timeout=300)
     assert proc.returncode == 0, _fmt(proc)
