@@ -346,3 +346,7 @@ def main() -> None:
         sys.exit(130)
     except BrokenPipeError:
         sys.exit(1)
+    except OSError as exc:  # a disk, permission or path problem the layers above did not name
+        where = f": {exc.filename}" if exc.filename else ""
+        click.echo(f"estargz-opt: error: {exc.strerror or exc}{where}", err=True)
+        sys.exit(1)

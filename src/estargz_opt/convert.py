@@ -91,33 +91,35 @@ class Converter:
 
     def _index(self, desc: Descriptor) -> Descriptor:
         index = Index.parse(self.src.read(desc, "index"), f"index {desc.digest}")
-        kept: list[Descriptor] = []
+        slots: list[Descriptor | None] = []
         new_digest: dict[str, str] = {}
-        attestations: list[Descriptor] = []
+        attestations: dict[int, Descriptor] = {}
         for child in index.manifests:
             ann = child.annotations or {}
             if ann.get("vnd.docker.reference.type") == _ATTESTATION:
-                attestations.append(child)
-                continue
-            if child.media_type in d.INDEX_TYPES | d.MANIFEST_TYPES:
+                attestations[len(slots)] = child
+                slots.append(None)
+            elif child.media_type in d.INDEX_TYPES | d.MANIFEST_TYPES:
                 if child.platform is not None and not self.opts.platforms.matches(child.platform):
                     continue
                 converted = self._node(child, str(child.platform or ""))
                 new_digest[child.digest] = converted.digest
-                kept.append(converted)
+                slots.append(converted)
             else:
                 self._copy(child, "unknown media type")
-                kept.append(child)
+                slots.append(child)
         if not new_digest:
             available = ", ".join(str(m.platform) for m in index.manifests if m.platform) or "none"
             raise EstargzOptError(
                 f"no manifest matches {self.opts.platforms.describe()} (the image has: {available})"
             )
-        for att in attestations:  # kept untouched when the manifest they describe is kept
-            ref = (att.annotations or {}).get("vnd.docker.reference.digest")
-            if ref in new_digest or self.opts.platforms.all:
+        # Attestations pass through untouched, in place, when the manifest they describe is
+        # kept. They still name (and attest) the source manifest, which is the truth.
+        for pos, att in attestations.items():
+            if (att.annotations or {}).get("vnd.docker.reference.digest") in new_digest:
                 self._copy(att, "attestation")
-                kept.append(att)
+                slots[pos] = att
+        kept = [s for s in slots if s is not None]
         index.manifests = kept
         index.media_type = self._map_type(index.media_type)
         return self._put_json(index.to_bytes(), desc, index.media_type)

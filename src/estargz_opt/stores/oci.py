@@ -124,9 +124,12 @@ class OCILayout:
     @contextlib.contextmanager
     def sink(self) -> Iterator[_Sink]:
         blobs = self.root / "blobs" / "sha256"
-        blobs.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=blobs, prefix=".ingest-", suffix=".tmp")
-        os.fchmod(fd, 0o644)
+        try:
+            blobs.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=blobs, prefix=".ingest-", suffix=".tmp")
+            os.fchmod(fd, 0o644)
+        except OSError as exc:
+            raise EstargzOptError(f"cannot write blobs to {self.root}: {exc.strerror}") from None
         sink = None
         try:
             with os.fdopen(fd, "w+b") as f:
