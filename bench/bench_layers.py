@@ -23,6 +23,7 @@ import contextlib
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -142,14 +143,36 @@ def bench_ctr_remote(ctr_remote: str, sock: Path, daemon_pid: int | None, src: s
     return res
 
 
+def _bench_optimize(cli: list[str], oci_layout: str, out_dir: Path, fmt: str) -> dict:
+    """`estargz-opt optimize` on the image's OCI layout: the same job ctr-remote does."""
+    dst = out_dir / f"img-{fmt}"
+    flags = ["--oci", "--no-optimize"] + (["--zstdchunked"] if fmt == "zstdchunked" else [])
+    m = run_measured([*cli, "optimize", *flags, f"oci:{oci_layout}:latest", f"oci:{dst}:out"])
+    m.check()
+    digest = m.stdout.strip().splitlines()[-1]
+    manifest = json.loads((dst / "blobs" / "sha256" / digest.split(":", 1)[1]).read_bytes())
+    layers = [{"digest": la["digest"], "size": la["size"],
+               "annotations": la.get("annotations", {})} for la in manifest["layers"]]
+    shutil.rmtree(dst)
+    res = {"wall_s": round(m.wall_s, 3), "user_s": round(m.user_s, 3), "sys_s": round(m.sys_s, 3),
+           "cpu_s": round(m.cpu_s, 3), "maxrss_mib": round(m.maxrss_mib, 1), "layers": layers,
+           "total_size": sum(la["size"] for la in layers)}
+    log(f"  {res['wall_s']:.1f} s wall, {res['cpu_s']:.1f} s CPU, {res['maxrss_mib']:.0f} MiB,"
+        f" {res['total_size'] / 1e6:.1f} MB")
+    return res
+
+
 def bench_ours(cli: list[str], layer_paths: list[str], out_dir: Path, fmt: str,
-               attempt: int, concurrent: bool = True) -> dict:
+               attempt: int, concurrent: bool = True, oci_layout: str | None = None) -> dict:
     """Convert every layer with our CLI: all at once (as an image conversion does, and as
     ctr-remote converts an image's layers) or, with concurrent=False, one after another."""
     per_layer: list[dict] = []
     ms: list[Measurement] = []
-    mode = "concurrently" if concurrent else "one after another"
+    mode = ("`optimize` on the OCI layout" if oci_layout
+            else "concurrently" if concurrent else "one after another")
     log(f"estargz-opt {fmt} (#{attempt + 1}): layer convert x{len(layer_paths)}, {mode}")
+    if oci_layout is not None:
+        return _bench_optimize(cli, oci_layout, out_dir, fmt)
     if concurrent:
         driver = [sys.executable, Path(__file__).with_name("convert_concurrently.py")]
         m = run_measured([*driver, fmt, out_dir, *cli, "--", *layer_paths]).check()
@@ -229,7 +252,9 @@ def render(report: dict) -> str:
         notes.append(f"WARNING: the machine was busy (1-min load {load:.1f} at the start):"
                      " absolute times are inflated; the ratios are less affected (runs"
                      " interleave). Use --wait-idle to wait for a quiet machine.")
-    if report.get("our_layers") == "one after another":
+    if report.get("our_layers") == "optimize":
+        ours = "`optimize --oci --no-optimize` on the image's OCI layout, no daemon"
+    elif report.get("our_layers") == "one after another":
         ours = "`layer convert` per layer, one after another, CPU summed, RSS = max over layers"
     else:
         ours = ("one `layer convert` process per layer, all at once (as an image conversion"
@@ -270,8 +295,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--wait-cli", type=float, default=0,
                     help="seconds to wait for `estargz-opt layer convert` to exist")
     ap.add_argument("--skip-reference", action="store_true", help="only run estargz-opt")
+    ap.add_argument("--ours", choices=("optimize", "layers"), default="optimize",
+                    help="optimize: `estargz-opt optimize` on the image's OCI layout (default);"
+                    " layers: one `layer convert` per layer")
     ap.add_argument("--sequential", action="store_true",
-                    help="convert our layers one after another instead of all at once")
+                    help="with --ours layers: convert layers one after another, not all at once")
     ap.add_argument("--wait-idle", type=float, default=0,
                     help="wait up to this many seconds for the 1-min load average to drop"
                     " below 0.5 before measuring (other jobs skew the timings)")
@@ -299,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     cli = our_cli()
     ctr_remote = None if args.skip_reference else find_ctr_remote(args.ctr_remote)
     layer_paths = [la["path"] for la in image["layers"]]
+    oci_layout = str(Path(image["oci_tar"]).with_name("oci"))
 
     report: dict = {
         "name": name,
@@ -323,7 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     git = run(["git", "-C", REPO_ROOT, "rev-parse", "--short", "HEAD"], check=False)
     report["git_head"] = git.stdout.strip() or None
 
-    report["our_layers"] = "one after another" if args.sequential else "concurrently"
+    report["our_layers"] = ("optimize" if args.ours == "optimize"
+                            else "one after another" if args.sequential else "concurrently")
     report["loadavg_start"] = [round(x, 2) for x in os.getloadavg()]
     with contextlib.ExitStack() as stack:
         if ctr_remote:
@@ -343,7 +373,8 @@ def main(argv: list[str] | None = None) -> int:
                                          image["architecture"], attempt))
                 report["results"][fmt].setdefault("estargz-opt-runs", []).append(
                     bench_ours(cli, layer_paths, out_dir, fmt, attempt,
-                               concurrent=not args.sequential))
+                               concurrent=not args.sequential,
+                               oci_layout=oci_layout if args.ours == "optimize" else None))
             for tool in ("ctr-remote", "estargz-opt"):
                 runs = report["results"][fmt].get(f"{tool}-runs")
                 if runs:
