@@ -20,7 +20,9 @@ import os
 import queue
 import secrets
 import socket
+import stat
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -56,6 +58,7 @@ _CHUNK = 1 << 20  # bytes per Write message; containerd reads 1 MiB per Read mes
 _MAX_MESSAGE = 16 << 20  # containerd's own gRPC message limit
 _LOCK_WAIT = 10.0  # seconds to wait for an ingest another (dying) stream still holds
 _SPOOL_IN_MEMORY = 8 << 20
+_CLOSE_WAIT = 10.0  # seconds to wait for containerd to end a write stream we leave
 
 _HOW_TO_POINT = (
     "point estargz-opt at a running containerd with -a/--address or CONTAINERD_ADDRESS, "
@@ -589,9 +592,23 @@ class Client:
             except grpc.RpcError as exc:
                 raise self._error(exc, rpc.path, subject) from None
 
+        def close() -> None:
+            # Half-close and wait for containerd to end the stream: only then has it
+            # released the ingest, so an abort or a rewrite right after us cannot race
+            # the write handler of this stream (cancelling would not wait for that).
+            requests.put(None)
+            timer = threading.Timer(_CLOSE_WAIT, call.cancel)
+            timer.start()
+            try:
+                for _ in call:
+                    pass
+            except grpc.RpcError:
+                pass
+            finally:
+                timer.cancel()
+
         with contextlib.ExitStack() as cleanup:
-            cleanup.callback(call.cancel)
-            cleanup.callback(requests.put, None)
+            cleanup.callback(close)
             stat = exchange(
                 action=content_pb2.STAT,
                 total=expected_size or 0,
@@ -766,8 +783,15 @@ def probe_socket(path: str) -> str | None:
 
     gRPC reports all of these as UNAVAILABLE; a plain connect tells them apart.
     """
-    if not os.path.exists(path):
+    try:
+        if not stat.S_ISSOCK(os.stat(path).st_mode):
+            return "not a socket"
+    except FileNotFoundError:
         return "missing"
+    except PermissionError:  # a directory on the way is closed to us
+        return "permission"
+    except OSError as exc:
+        return exc.strerror or str(exc)
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(5)
     try:
