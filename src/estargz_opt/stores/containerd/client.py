@@ -343,7 +343,7 @@ class Client:
         self, exc: grpc.RpcError, path: str, subject: tuple[str, str] | None
     ) -> ContainerdError:
         """Turn a gRPC failure into an error that says what to do about it."""
-        code: grpc.StatusCode = exc.code() if isinstance(exc, grpc.Call) else None
+        code: grpc.StatusCode | None = exc.code() if isinstance(exc, grpc.Call) else None
         details = (exc.details() if isinstance(exc, grpc.Call) else None) or str(exc)
         details = " ".join(details.split())
         if code is not None:
@@ -355,10 +355,9 @@ class Client:
         if code == grpc.StatusCode.UNAVAILABLE:
             return self._unreachable(details)
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            within = f" within {self.timeout:g} s (raise --timeout?)" if self.timeout else ""
             return ContainerdUnavailableError(
-                f"containerd at {self.address} did not answer {what} within "
-                f"{self.timeout:g} s (raise --timeout?)",
-                code,
+                f"containerd at {self.address} did not answer {what}{within}", code
             )
         if code == grpc.StatusCode.NOT_FOUND:
             if not self._namespace_exists_quietly():
