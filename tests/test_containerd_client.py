@@ -17,6 +17,7 @@ import grpc
 import pytest
 from google.protobuf import descriptor_pb2, descriptor_pool
 
+import estargz_opt
 from estargz_opt.descriptor import OCI_CONFIG, OCI_MANIFEST, Descriptor, dump
 from estargz_opt.stores.containerd import (
     Client,
@@ -36,6 +37,13 @@ GEN = REPO / "scripts" / "gen-protos.sh"
 PB_DIR = Path(_pb.__file__).parent
 GC_ROOT = "containerd.io/gc.root"
 MiB = 1 << 20
+
+
+def _same_package_env() -> dict[str, str]:
+    """Environment for a child Python that imports the estargz_opt under test."""
+    src = str(Path(estargz_opt.__file__).resolve().parent.parent)
+    path = os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path}
 
 
 def _digest(data: bytes) -> str:
@@ -278,6 +286,7 @@ def test_write_killed_mid_blob_then_rerun(client: Client, containerd) -> None:
     )
     res = subprocess.run(
         [sys.executable, "-c", code, containerd.address, str(size), ref],
+        env=_same_package_env(),
         capture_output=True,
         timeout=60,
     )
@@ -433,6 +442,7 @@ def test_permission_denied_on_socket(containerd) -> None:
     )
     res = subprocess.run(
         [sys.executable, "-c", code, containerd.address],
+        env=_same_package_env(),
         capture_output=True,
         text=True,
         timeout=60,
