@@ -20,7 +20,7 @@ from estargz_opt.format import (
     convert_layer,
     open_layer,
 )
-from estargz_opt.optimize import OptimizeRequest, optimize
+from estargz_opt.optimize import ContainerdOptions, OptimizeRequest, optimize
 
 log = logging.getLogger("estargz_opt")
 
@@ -44,17 +44,44 @@ def _read_optional(path: Path | None) -> bytes | None:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="estargz-opt")
-def cli() -> None:
+@click.option(
+    "-a",
+    "--address",
+    envvar="CONTAINERD_ADDRESS",
+    default="/run/containerd/containerd.sock",
+    show_default=True,
+    help="containerd's socket (env CONTAINERD_ADDRESS), as ctr.",
+)
+@click.option(
+    "-n",
+    "--namespace",
+    envvar="CONTAINERD_NAMESPACE",
+    default="default",
+    show_default=True,
+    help="containerd namespace (env CONTAINERD_NAMESPACE), as ctr.",
+)
+@click.option("--timeout", type=float, help="Seconds for each containerd request.")
+@click.option("--debug", is_flag=True, help="Log debug output.")
+@click.pass_context
+def cli(
+    ctx: click.Context, address: str, namespace: str, timeout: float | None, debug: bool
+) -> None:
     """Optimize container images for lazy pulling (eStargz, zstd:chunked).
 
     \b
     Examples:
+      estargz-opt -a /run/containerd/containerd.sock optimize --oci --record-in rec.jsonl \\
+          docker.io/library/app:1.0 docker.io/library/app:1.0-esgz
+      estargz-opt optimize --oci --no-optimize oci:app:1.0 oci:app:1.0-esgz
       estargz-opt layer convert layer.tar.gz out.blob --prioritized-files files.txt
-      estargz-opt layer verify out.blob --toc-digest sha256:...
     """
+    if debug:
+        logging.getLogger().setLevel(logging.DEBUG)
+    ctx.obj = ContainerdOptions(address=address, namespace=namespace, timeout=timeout)
 
 
 @cli.command("optimize")
+@click.pass_obj
 @click.argument("src")
 @click.argument("dst")
 @click.option(
@@ -97,6 +124,7 @@ def cli() -> None:
     "--estargz-external-toc", is_flag=True, help="Keep TOCs in a separate image DST-esgztoc."
 )
 def optimize_cmd(
+    containerd: ContainerdOptions,
     src: str,
     dst: str,
     oci: bool,
@@ -115,8 +143,9 @@ def optimize_cmd(
 ) -> None:
     """Convert the image SRC into DST with prioritized files first.
 
-    SRC and DST are OCI image layouts, oci:DIR[:TAG]. The last line printed is the
-    digest of the new image.
+    SRC and DST are images in containerd (names, as ctr shows them) or OCI image layouts
+    (oci:DIR[:TAG]), in any combination. The last line printed is the digest of the new
+    image.
 
     \b
     Examples:
@@ -160,6 +189,7 @@ def optimize_cmd(
             no_optimize=no_optimize,
             record_in=None if no_optimize else record_in,
             prefetch_list=prefetch_list,
+            containerd=containerd,
         )
     )
     if outcome.extra_image:

@@ -197,13 +197,13 @@ class Converter:
         with (
             self.src.local_file(desc, what) as path,
             open_tar(path) as tar,
-            self.dst.sink() as sink,
+            self.dst.sink(source=desc) as sink,
         ):
             try:
                 result = build_layer(tar, sink.file, opts, progress)
             except BadInputError as exc:
                 raise BadInputError(f"{what} ({desc.digest}): {exc}") from None
-            sink.commit(result.digest, result.size)
+            sink.commit(result.digest, result.size, result.diff_id)
         if result.missing_prioritized:
             self._warn(
                 f"{what}: {len(result.missing_prioritized)} prioritized path(s) not in the layer "
@@ -278,7 +278,7 @@ class Converter:
                 log.warning("%s", message)
 
     def _put_json(self, data: bytes, old: Descriptor, media_type: str) -> Descriptor:
-        self.dst.write(data)
+        self.dst.write(data, source=old)
         return old.with_changes(media_type=media_type, digest=d.sha256_digest(data), size=len(data))
 
     def _copy(self, desc: Descriptor, what: str) -> None:
@@ -289,11 +289,15 @@ class Converter:
             self._copied.add(desc.digest)
         if desc.media_type in d.INDEX_TYPES | d.MANIFEST_TYPES or desc.media_type.endswith("json"):
             data = self.src.read(desc, what)
-            self.dst.write(data)
+            self.dst.write(data, source=desc)
             for child in _children(data):
                 self._copy(child, what)
             return
-        with self.src.local_file(desc, what) as path, open(path, "rb") as f, self.dst.sink() as s:
+        with (
+            self.src.local_file(desc, what) as path,
+            open(path, "rb") as f,
+            self.dst.sink(source=desc) as s,
+        ):
             while block := f.read(1 << 20):
                 s.file.write(block)
             s.commit(desc.digest, desc.size)

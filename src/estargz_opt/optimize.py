@@ -7,8 +7,10 @@ destination store rolls back what this run wrote.
 from __future__ import annotations
 
 import logging
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from estargz_opt import descriptor as d
 from estargz_opt import platforms, reference
@@ -31,6 +33,15 @@ TOC_IMAGE_SUFFIX = "-esgztoc"
 
 
 @dataclass(frozen=True, slots=True)
+class ContainerdOptions:
+    """ctr's global options: where containerd listens and which namespace to use."""
+
+    address: str = "/run/containerd/containerd.sock"
+    namespace: str = "default"
+    timeout: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class OptimizeRequest:
     src: str
     dst: str
@@ -42,6 +53,7 @@ class OptimizeRequest:
     no_optimize: bool = False
     record_in: Path | None = None
     prefetch_list: Path | None = None
+    containerd: ContainerdOptions = field(default_factory=ContainerdOptions)
 
 
 @dataclass(slots=True)
@@ -57,42 +69,64 @@ def optimize(req: OptimizeRequest) -> OptimizeOutcome:
     matcher = platforms.matcher(req.platforms, req.all_platforms)
     if not (req.no_optimize or req.record_in or req.prefetch_list):
         raise EstargzOptError(
-            "running the workload needs containerd, which oci: images do not use; "
+            "running the workload to find the files it reads is not available yet; "
             "pass --record-in FILE or --prefetch-list FILE (or --no-optimize)"
         )
     dst_tag = dst_ref.tag or src_ref.tag
     if not dst_tag:
-        raise EstargzOptError(f"name the destination tag: {dst_ref.path} needs oci:DIR:TAG")
-    src = OCILayout(src_ref.path)
-    root = src.resolve(src_ref.tag)
-    log.info(
-        "converting platforms: %s%s",
-        matcher.describe(),
-        ""
-        if req.platforms or req.all_platforms
-        else " (the host; use --platform or --all-platforms for others)",
-    )
-    prioritized = _prioritized(req, src, root)
-    same = src_ref.path.resolve() == dst_ref.path.resolve()
-    dst: Store = src if same else OCILayout(dst_ref.path, create=True)
-    opts = ConvertOptions(
-        layer=req.layer, platforms=matcher, oci=req.oci, reuse=req.reuse, prioritized=prioritized
-    )
-    try:
-        result = Converter(src, dst, opts, same_store=same).convert(root)
-        tags = {dst_tag: result.target}
-        extra = None
-        if req.layer.format is Format.EXTERNAL_TOC:
-            tags[dst_tag + TOC_IMAGE_SUFFIX] = toc_image(result.toc_layers, dst)
-            extra = str(dst_ref.with_tag(dst_tag + TOC_IMAGE_SUFFIX))
-        dst.tag(tags)
-    except BaseException:
-        dst.rollback()
-        raise
+        raise EstargzOptError(f"name the destination tag: {dst_ref} needs oci:DIR:TAG")
+    with ExitStack() as stack:
+        src = stack.enter_context(_open_store(src_ref, req, create=False))
+        root = src.resolve(src_ref.tag)
+        log.info(
+            "converting platforms: %s%s",
+            matcher.describe(),
+            ""
+            if req.platforms or req.all_platforms
+            else " (the host; use --platform or --all-platforms for others)",
+        )
+        prioritized = _prioritized(req, src, root)
+        same = _same_store(src_ref, dst_ref)
+        dst: Store = src if same else stack.enter_context(_open_store(dst_ref, req, create=True))
+        opts = ConvertOptions(
+            layer=req.layer,
+            platforms=matcher,
+            oci=req.oci,
+            reuse=req.reuse,
+            prioritized=prioritized,
+        )
+        try:
+            result = Converter(src, dst, opts, same_store=same).convert(root)
+            tags = {dst_tag: result.target}
+            extra = None
+            if req.layer.format is Format.EXTERNAL_TOC:
+                tags[dst_tag + TOC_IMAGE_SUFFIX] = toc_image(result.toc_layers, dst)
+                extra = str(dst_ref.with_tag(dst_tag + TOC_IMAGE_SUFFIX))
+            dst.tag(tags)
+        except BaseException:
+            dst.rollback()
+            raise
     return OptimizeOutcome(result.target.digest, extra, result, result.warnings)
 
 
-def _prioritized(req: OptimizeRequest, src: OCILayout, root: Descriptor) -> dict[str, list[str]]:
+def _open_store(ref: reference.ImageRef, req: OptimizeRequest, create: bool) -> Any:
+    """A store for ref, as a context manager (containerd's holds a lease while open)."""
+    if isinstance(ref, reference.OCIRef):
+        return OCILayout(ref.path, create=create)
+    from estargz_opt.stores.containerd.client import Client
+    from estargz_opt.stores.containerd.store import ContainerdStore
+
+    c = req.containerd
+    return ContainerdStore(Client(c.address, c.namespace, c.timeout))
+
+
+def _same_store(a: reference.ImageRef, b: reference.ImageRef) -> bool:
+    if isinstance(a, reference.OCIRef) and isinstance(b, reference.OCIRef):
+        return a.path.resolve() == b.path.resolve()
+    return isinstance(a, reference.ContainerdRef) and isinstance(b, reference.ContainerdRef)
+
+
+def _prioritized(req: OptimizeRequest, src: Store, root: Descriptor) -> dict[str, list[str]]:
     if not (req.record_in or req.prefetch_list):
         return {}
     host = _host_manifest(src, root)
@@ -109,11 +143,11 @@ def _prioritized(req: OptimizeRequest, src: OCILayout, root: Descriptor) -> dict
         assert req.prefetch_list is not None
         patterns = read_prefetch_list(req.prefetch_list)
         layers = [x for x in manifest.layers if x.media_type in d.LAYER_TYPES]
-        paths = []
+        names = []
         for i, layer in enumerate(layers):
             with src.local_file(layer, f"layer {i} of the host image") as p:
-                paths.append(str(p))
-        entries = record_from_prefetch_list(patterns, LayerNames.from_tars(paths), host_desc.digest)
+                names.append(LayerNames.names_in(str(p)))
+        entries = record_from_prefetch_list(patterns, LayerNames(names), host_desc.digest)
     found = prioritized_from_record(entries, host_desc.digest, manifest)
     log.info(
         "prioritized files: %d in %d layer(s) of %s",
@@ -124,7 +158,7 @@ def _prioritized(req: OptimizeRequest, src: OCILayout, root: Descriptor) -> dict
     return found
 
 
-def _host_manifest(src: OCILayout, desc: Descriptor) -> tuple[Descriptor, Manifest] | None:
+def _host_manifest(src: Store, desc: Descriptor) -> tuple[Descriptor, Manifest] | None:
     """The manifest a record refers to: the host platform's, matched strictly, as upstream."""
     if desc.media_type in d.MANIFEST_TYPES:
         return desc, Manifest.parse(src.read(desc, "manifest"), f"manifest {desc.digest}")

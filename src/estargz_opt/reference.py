@@ -22,11 +22,32 @@ class OCIRef:
         return OCIRef(self.path, tag)
 
 
-def parse(text: str) -> OCIRef:
+@dataclass(frozen=True, slots=True)
+class ContainerdRef:
+    """An image by name in containerd's image store (e.g. docker.io/library/app:1.0)."""
+
+    name: str
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def tag(self) -> str:
+        return self.name
+
+    def with_tag(self, tag: str) -> ContainerdRef:
+        return ContainerdRef(tag)
+
+
+ImageRef = OCIRef | ContainerdRef
+
+
+def parse(text: str) -> ImageRef:
+    """`oci:DIR[:TAG]` is an OCI layout; anything else names an image in containerd."""
     if not text.startswith("oci:"):
-        raise EstargzOptError(
-            f"unsupported image reference {text!r}: use oci:DIR[:TAG] (an OCI image layout)"
-        )
+        if not text or any(c.isspace() for c in text):
+            raise EstargzOptError(f"invalid image reference {text!r}")
+        return ContainerdRef(text)
     rest = text[len("oci:") :]
     path, _, tag = rest.partition(":")
     if not path:

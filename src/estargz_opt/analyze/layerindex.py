@@ -18,15 +18,13 @@ class LayerNames:
 
     layers: list[frozenset[str]]
 
-    @classmethod
-    def from_tars(cls, paths: list[str]) -> LayerNames:
-        layers = []
-        for path in paths:
-            with open_tar(path) as src:
-                names = {tarfmt.clean_name(e.name) for e in tarfmt.iter_entries(src.f, src.size)}
-            names.discard("")
-            layers.append(frozenset(names))
-        return cls(layers)
+    @staticmethod
+    def names_in(path: str) -> frozenset[str]:
+        """The clean names of one layer blob (tar, tar+gzip or tar+zstd)."""
+        with open_tar(path) as src:
+            names = {tarfmt.clean_name(e.name) for e in tarfmt.iter_entries(src.f, src.size)}
+        names.discard("")
+        return frozenset(names)
 
     def top_layer(self, name: str) -> int | None:
         """The layer that provides name, or None if absent or deleted by a whiteout above."""

@@ -15,7 +15,7 @@ class BlobSink(Protocol):
 
     file: BinaryIO
 
-    def commit(self, digest: str, size: int) -> None: ...
+    def commit(self, digest: str, size: int, diff_id: str | None = None) -> None: ...
 
 
 class Store(Protocol):
@@ -31,11 +31,11 @@ class Store(Protocol):
         """A verified local file holding a (layer) blob, for the format engine to read."""
         ...
 
-    def write(self, data: bytes) -> None:
-        """Store a small blob under its sha256."""
+    def write(self, data: bytes, source: Descriptor | None = None) -> None:
+        """Store a small blob under its sha256 (source: the blob it replaces, if any)."""
         ...
 
-    def sink(self) -> AbstractContextManager[BlobSink]:
+    def sink(self, source: Descriptor | None = None) -> AbstractContextManager[BlobSink]:
         """A new large blob, streamed; discarded unless committed."""
         ...
 

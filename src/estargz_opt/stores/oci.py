@@ -30,13 +30,19 @@ class _Sink:
         self._tmp = tmp
         self.committed = False
 
-    def commit(self, digest: str, size: int) -> None:
+    def commit(self, digest: str, size: int, diff_id: str | None = None) -> None:
         self.file.flush()
         self._layout._place(self._tmp, digest)
         self.committed = True
 
 
 class OCILayout:
+    def __enter__(self) -> OCILayout:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
     def __init__(self, root: Path, *, create: bool = False) -> None:
         self.root = root
         self._created_root = False
@@ -116,13 +122,13 @@ class OCILayout:
 
     # ------------------------------------------------------------------ writing
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes, source: Descriptor | None = None) -> None:
         with self.sink() as s:
             s.file.write(data)
             s.commit("sha256:" + hashlib.sha256(data).hexdigest(), len(data))
 
     @contextlib.contextmanager
-    def sink(self) -> Iterator[_Sink]:
+    def sink(self, source: Descriptor | None = None) -> Iterator[_Sink]:
         blobs = self.root / "blobs" / "sha256"
         try:
             blobs.mkdir(parents=True, exist_ok=True)

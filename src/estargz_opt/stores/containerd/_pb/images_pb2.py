@@ -4,6 +4,7 @@
 # NO CHECKED-IN PROTOBUF GENCODE
 # source: estargz_opt/stores/containerd/_pb/images.proto
 """Generated protocol buffer code."""
+
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import descriptor_pool as _descriptor_pool
 from google.protobuf import symbol_database as _symbol_database
@@ -16,40 +17,46 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mask__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
-from estargz_opt.stores.containerd._pb import types_pb2 as estargz__opt_dot_stores_dot_containerd_dot___pb_dot_types__pb2
+from estargz_opt.stores.containerd._pb import (
+    types_pb2 as estargz__opt_dot_stores_dot_containerd_dot___pb_dot_types__pb2,
+)
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n.estargz_opt/stores/containerd/_pb/images.proto\x12\x1d\x63ontainerd.services.images.v1\x1a\x1bgoogle/protobuf/empty.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a-estargz_opt/stores/containerd/_pb/types.proto\"\x94\x02\n\x05Image\x12\x0c\n\x04name\x18\x01 \x01(\t\x12@\n\x06labels\x18\x02 \x03(\x0b\x32\x30.containerd.services.images.v1.Image.LabelsEntry\x12,\n\x06target\x18\x03 \x01(\x0b\x32\x1c.containerd.types.Descriptor\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x1f\n\x0fGetImageRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"G\n\x10GetImageResponse\x12\x33\n\x05image\x18\x01 \x01(\x0b\x32$.containerd.services.images.v1.Image\"$\n\x11ListImagesRequest\x12\x0f\n\x07\x66ilters\x18\x01 \x03(\t\"J\n\x12ListImagesResponse\x12\x34\n\x06images\x18\x01 \x03(\x0b\x32$.containerd.services.images.v1.Image\"I\n\x12\x43reateImageRequest\x12\x33\n\x05image\x18\x01 \x01(\x0b\x32$.containerd.services.images.v1.Image\"J\n\x13\x43reateImageResponse\x12\x33\n\x05image\x18\x01 \x01(\x0b\x32$.containerd.services.images.v1.Image\"z\n\x12UpdateImageRequest\x12\x33\n\x05image\x18\x01 \x01(\x0b\x32$.containerd.services.images.v1.Image\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"J\n\x13UpdateImageResponse\x12\x33\n\x05image\x18\x01 \x01(\x0b\x32$.containerd.services.images.v1.Image\"0\n\x12\x44\x65leteImageRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04sync\x18\x02 \x01(\x08\x32\x94\x04\n\x06Images\x12\x66\n\x03Get\x12..containerd.services.images.v1.GetImageRequest\x1a/.containerd.services.images.v1.GetImageResponse\x12k\n\x04List\x12\x30.containerd.services.images.v1.ListImagesRequest\x1a\x31.containerd.services.images.v1.ListImagesResponse\x12o\n\x06\x43reate\x12\x31.containerd.services.images.v1.CreateImageRequest\x1a\x32.containerd.services.images.v1.CreateImageResponse\x12o\n\x06Update\x12\x31.containerd.services.images.v1.UpdateImageRequest\x1a\x32.containerd.services.images.v1.UpdateImageResponse\x12S\n\x06\x44\x65lete\x12\x31.containerd.services.images.v1.DeleteImageRequest\x1a\x16.google.protobuf.Emptyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(
+    b'\n.estargz_opt/stores/containerd/_pb/images.proto\x12\x1d\x63ontainerd.services.images.v1\x1a\x1bgoogle/protobuf/empty.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a-estargz_opt/stores/containerd/_pb/types.proto"\x94\x02\n\x05Image\x12\x0c\n\x04name\x18\x01 \x01(\t\x12@\n\x06labels\x18\x02 \x03(\x0b\x32\x30.containerd.services.images.v1.Image.LabelsEntry\x12,\n\x06target\x18\x03 \x01(\x0b\x32\x1c.containerd.types.Descriptor\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01"\x1f\n\x0fGetImageRequest\x12\x0c\n\x04name\x18\x01 \x01(\t"G\n\x10GetImageResponse\x12\x33\n\x05image\x18\x01 \x01(\x0b\x32$.containerd.services.images.v1.Image"$\n\x11ListImagesRequest\x12\x0f\n\x07\x66ilters\x18\x01 \x03(\t"J\n\x12ListImagesResponse\x12\x34\n\x06images\x18\x01 \x03(\x0b\x32$.containerd.services.images.v1.Image"I\n\x12\x43reateImageRequest\x12\x33\n\x05image\x18\x01 \x01(\x0b\x32$.containerd.services.images.v1.Image"J\n\x13\x43reateImageResponse\x12\x33\n\x05image\x18\x01 \x01(\x0b\x32$.containerd.services.images.v1.Image"z\n\x12UpdateImageRequest\x12\x33\n\x05image\x18\x01 \x01(\x0b\x32$.containerd.services.images.v1.Image\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask"J\n\x13UpdateImageResponse\x12\x33\n\x05image\x18\x01 \x01(\x0b\x32$.containerd.services.images.v1.Image"0\n\x12\x44\x65leteImageRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04sync\x18\x02 \x01(\x08\x32\x94\x04\n\x06Images\x12\x66\n\x03Get\x12..containerd.services.images.v1.GetImageRequest\x1a/.containerd.services.images.v1.GetImageResponse\x12k\n\x04List\x12\x30.containerd.services.images.v1.ListImagesRequest\x1a\x31.containerd.services.images.v1.ListImagesResponse\x12o\n\x06\x43reate\x12\x31.containerd.services.images.v1.CreateImageRequest\x1a\x32.containerd.services.images.v1.CreateImageResponse\x12o\n\x06Update\x12\x31.containerd.services.images.v1.UpdateImageRequest\x1a\x32.containerd.services.images.v1.UpdateImageResponse\x12S\n\x06\x44\x65lete\x12\x31.containerd.services.images.v1.DeleteImageRequest\x1a\x16.google.protobuf.Emptyb\x06proto3'
+)
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
-_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'estargz_opt.stores.containerd._pb.images_pb2', _globals)
+_builder.BuildTopDescriptorsAndMessages(
+    DESCRIPTOR, "estargz_opt.stores.containerd._pb.images_pb2", _globals
+)
 if not _descriptor._USE_C_DESCRIPTORS:
-  DESCRIPTOR._loaded_options = None
-  _globals['_IMAGE_LABELSENTRY']._loaded_options = None
-  _globals['_IMAGE_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_IMAGE']._serialized_start=225
-  _globals['_IMAGE']._serialized_end=501
-  _globals['_IMAGE_LABELSENTRY']._serialized_start=456
-  _globals['_IMAGE_LABELSENTRY']._serialized_end=501
-  _globals['_GETIMAGEREQUEST']._serialized_start=503
-  _globals['_GETIMAGEREQUEST']._serialized_end=534
-  _globals['_GETIMAGERESPONSE']._serialized_start=536
-  _globals['_GETIMAGERESPONSE']._serialized_end=607
-  _globals['_LISTIMAGESREQUEST']._serialized_start=609
-  _globals['_LISTIMAGESREQUEST']._serialized_end=645
-  _globals['_LISTIMAGESRESPONSE']._serialized_start=647
-  _globals['_LISTIMAGESRESPONSE']._serialized_end=721
-  _globals['_CREATEIMAGEREQUEST']._serialized_start=723
-  _globals['_CREATEIMAGEREQUEST']._serialized_end=796
-  _globals['_CREATEIMAGERESPONSE']._serialized_start=798
-  _globals['_CREATEIMAGERESPONSE']._serialized_end=872
-  _globals['_UPDATEIMAGEREQUEST']._serialized_start=874
-  _globals['_UPDATEIMAGEREQUEST']._serialized_end=996
-  _globals['_UPDATEIMAGERESPONSE']._serialized_start=998
-  _globals['_UPDATEIMAGERESPONSE']._serialized_end=1072
-  _globals['_DELETEIMAGEREQUEST']._serialized_start=1074
-  _globals['_DELETEIMAGEREQUEST']._serialized_end=1122
-  _globals['_IMAGES']._serialized_start=1125
-  _globals['_IMAGES']._serialized_end=1657
+    DESCRIPTOR._loaded_options = None
+    _globals["_IMAGE_LABELSENTRY"]._loaded_options = None
+    _globals["_IMAGE_LABELSENTRY"]._serialized_options = b"8\001"
+    _globals["_IMAGE"]._serialized_start = 225
+    _globals["_IMAGE"]._serialized_end = 501
+    _globals["_IMAGE_LABELSENTRY"]._serialized_start = 456
+    _globals["_IMAGE_LABELSENTRY"]._serialized_end = 501
+    _globals["_GETIMAGEREQUEST"]._serialized_start = 503
+    _globals["_GETIMAGEREQUEST"]._serialized_end = 534
+    _globals["_GETIMAGERESPONSE"]._serialized_start = 536
+    _globals["_GETIMAGERESPONSE"]._serialized_end = 607
+    _globals["_LISTIMAGESREQUEST"]._serialized_start = 609
+    _globals["_LISTIMAGESREQUEST"]._serialized_end = 645
+    _globals["_LISTIMAGESRESPONSE"]._serialized_start = 647
+    _globals["_LISTIMAGESRESPONSE"]._serialized_end = 721
+    _globals["_CREATEIMAGEREQUEST"]._serialized_start = 723
+    _globals["_CREATEIMAGEREQUEST"]._serialized_end = 796
+    _globals["_CREATEIMAGERESPONSE"]._serialized_start = 798
+    _globals["_CREATEIMAGERESPONSE"]._serialized_end = 872
+    _globals["_UPDATEIMAGEREQUEST"]._serialized_start = 874
+    _globals["_UPDATEIMAGEREQUEST"]._serialized_end = 996
+    _globals["_UPDATEIMAGERESPONSE"]._serialized_start = 998
+    _globals["_UPDATEIMAGERESPONSE"]._serialized_end = 1072
+    _globals["_DELETEIMAGEREQUEST"]._serialized_start = 1074
+    _globals["_DELETEIMAGEREQUEST"]._serialized_end = 1122
+    _globals["_IMAGES"]._serialized_start = 1125
+    _globals["_IMAGES"]._serialized_end = 1657
 # @@protoc_insertion_point(module_scope)

@@ -4,6 +4,7 @@
 # NO CHECKED-IN PROTOBUF GENCODE
 # source: estargz_opt/stores/containerd/_pb/introspection.proto
 """Generated protocol buffer code."""
+
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import descriptor_pool as _descriptor_pool
 from google.protobuf import symbol_database as _symbol_database
@@ -14,28 +15,34 @@ _sym_db = _symbol_database.Default()
 
 
 from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
-from estargz_opt.stores.containerd._pb import types_pb2 as estargz__opt_dot_stores_dot_containerd_dot___pb_dot_types__pb2
+from estargz_opt.stores.containerd._pb import (
+    types_pb2 as estargz__opt_dot_stores_dot_containerd_dot___pb_dot_types__pb2,
+)
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n5estargz_opt/stores/containerd/_pb/introspection.proto\x12$containerd.services.introspection.v1\x1a\x1bgoogle/protobuf/empty.proto\x1a-estargz_opt/stores/containerd/_pb/types.proto\"\xf5\x01\n\x06Plugin\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12\x10\n\x08requires\x18\x03 \x03(\t\x12-\n\tplatforms\x18\x04 \x03(\x0b\x32\x1a.containerd.types.Platform\x12J\n\x07\x65xports\x18\x05 \x03(\x0b\x32\x39.containerd.services.introspection.v1.Plugin.ExportsEntry\x12\x14\n\x0c\x63\x61pabilities\x18\x06 \x03(\t\x1a.\n\x0c\x45xportsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"!\n\x0ePluginsRequest\x12\x0f\n\x07\x66ilters\x18\x01 \x03(\t\"P\n\x0fPluginsResponse\x12=\n\x07plugins\x18\x01 \x03(\x0b\x32,.containerd.services.introspection.v1.Plugin\"\x1e\n\x0eServerResponse\x12\x0c\n\x04uuid\x18\x01 \x01(\t2\xdf\x01\n\rIntrospection\x12v\n\x07Plugins\x12\x34.containerd.services.introspection.v1.PluginsRequest\x1a\x35.containerd.services.introspection.v1.PluginsResponse\x12V\n\x06Server\x12\x16.google.protobuf.Empty\x1a\x34.containerd.services.introspection.v1.ServerResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(
+    b'\n5estargz_opt/stores/containerd/_pb/introspection.proto\x12$containerd.services.introspection.v1\x1a\x1bgoogle/protobuf/empty.proto\x1a-estargz_opt/stores/containerd/_pb/types.proto"\xf5\x01\n\x06Plugin\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12\x10\n\x08requires\x18\x03 \x03(\t\x12-\n\tplatforms\x18\x04 \x03(\x0b\x32\x1a.containerd.types.Platform\x12J\n\x07\x65xports\x18\x05 \x03(\x0b\x32\x39.containerd.services.introspection.v1.Plugin.ExportsEntry\x12\x14\n\x0c\x63\x61pabilities\x18\x06 \x03(\t\x1a.\n\x0c\x45xportsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01"!\n\x0ePluginsRequest\x12\x0f\n\x07\x66ilters\x18\x01 \x03(\t"P\n\x0fPluginsResponse\x12=\n\x07plugins\x18\x01 \x03(\x0b\x32,.containerd.services.introspection.v1.Plugin"\x1e\n\x0eServerResponse\x12\x0c\n\x04uuid\x18\x01 \x01(\t2\xdf\x01\n\rIntrospection\x12v\n\x07Plugins\x12\x34.containerd.services.introspection.v1.PluginsRequest\x1a\x35.containerd.services.introspection.v1.PluginsResponse\x12V\n\x06Server\x12\x16.google.protobuf.Empty\x1a\x34.containerd.services.introspection.v1.ServerResponseb\x06proto3'
+)
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
-_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'estargz_opt.stores.containerd._pb.introspection_pb2', _globals)
+_builder.BuildTopDescriptorsAndMessages(
+    DESCRIPTOR, "estargz_opt.stores.containerd._pb.introspection_pb2", _globals
+)
 if not _descriptor._USE_C_DESCRIPTORS:
-  DESCRIPTOR._loaded_options = None
-  _globals['_PLUGIN_EXPORTSENTRY']._loaded_options = None
-  _globals['_PLUGIN_EXPORTSENTRY']._serialized_options = b'8\001'
-  _globals['_PLUGIN']._serialized_start=172
-  _globals['_PLUGIN']._serialized_end=417
-  _globals['_PLUGIN_EXPORTSENTRY']._serialized_start=371
-  _globals['_PLUGIN_EXPORTSENTRY']._serialized_end=417
-  _globals['_PLUGINSREQUEST']._serialized_start=419
-  _globals['_PLUGINSREQUEST']._serialized_end=452
-  _globals['_PLUGINSRESPONSE']._serialized_start=454
-  _globals['_PLUGINSRESPONSE']._serialized_end=534
-  _globals['_SERVERRESPONSE']._serialized_start=536
-  _globals['_SERVERRESPONSE']._serialized_end=566
-  _globals['_INTROSPECTION']._serialized_start=569
-  _globals['_INTROSPECTION']._serialized_end=792
+    DESCRIPTOR._loaded_options = None
+    _globals["_PLUGIN_EXPORTSENTRY"]._loaded_options = None
+    _globals["_PLUGIN_EXPORTSENTRY"]._serialized_options = b"8\001"
+    _globals["_PLUGIN"]._serialized_start = 172
+    _globals["_PLUGIN"]._serialized_end = 417
+    _globals["_PLUGIN_EXPORTSENTRY"]._serialized_start = 371
+    _globals["_PLUGIN_EXPORTSENTRY"]._serialized_end = 417
+    _globals["_PLUGINSREQUEST"]._serialized_start = 419
+    _globals["_PLUGINSREQUEST"]._serialized_end = 452
+    _globals["_PLUGINSRESPONSE"]._serialized_start = 454
+    _globals["_PLUGINSRESPONSE"]._serialized_end = 534
+    _globals["_SERVERRESPONSE"]._serialized_start = 536
+    _globals["_SERVERRESPONSE"]._serialized_end = 566
+    _globals["_INTROSPECTION"]._serialized_start = 569
+    _globals["_INTROSPECTION"]._serialized_end = 792
 # @@protoc_insertion_point(module_scope)

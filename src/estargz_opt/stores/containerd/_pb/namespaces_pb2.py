@@ -4,6 +4,7 @@
 # NO CHECKED-IN PROTOBUF GENCODE
 # source: estargz_opt/stores/containerd/_pb/namespaces.proto
 """Generated protocol buffer code."""
+
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import descriptor_pool as _descriptor_pool
 from google.protobuf import symbol_database as _symbol_database
@@ -13,25 +14,27 @@ from google.protobuf.internal import builder as _builder
 _sym_db = _symbol_database.Default()
 
 
-
-
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n2estargz_opt/stores/containerd/_pb/namespaces.proto\x12!containerd.services.namespaces.v1\"\x92\x01\n\tNamespace\x12\x0c\n\x04name\x18\x01 \x01(\t\x12H\n\x06labels\x18\x02 \x03(\x0b\x32\x38.containerd.services.namespaces.v1.Namespace.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\'\n\x15ListNamespacesRequest\x12\x0e\n\x06\x66ilter\x18\x01 \x01(\t\"Z\n\x16ListNamespacesResponse\x12@\n\nnamespaces\x18\x01 \x03(\x0b\x32,.containerd.services.namespaces.v1.Namespace2\x89\x01\n\nNamespaces\x12{\n\x04List\x12\x38.containerd.services.namespaces.v1.ListNamespacesRequest\x1a\x39.containerd.services.namespaces.v1.ListNamespacesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(
+    b'\n2estargz_opt/stores/containerd/_pb/namespaces.proto\x12!containerd.services.namespaces.v1"\x92\x01\n\tNamespace\x12\x0c\n\x04name\x18\x01 \x01(\t\x12H\n\x06labels\x18\x02 \x03(\x0b\x32\x38.containerd.services.namespaces.v1.Namespace.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01"\'\n\x15ListNamespacesRequest\x12\x0e\n\x06\x66ilter\x18\x01 \x01(\t"Z\n\x16ListNamespacesResponse\x12@\n\nnamespaces\x18\x01 \x03(\x0b\x32,.containerd.services.namespaces.v1.Namespace2\x89\x01\n\nNamespaces\x12{\n\x04List\x12\x38.containerd.services.namespaces.v1.ListNamespacesRequest\x1a\x39.containerd.services.namespaces.v1.ListNamespacesResponseb\x06proto3'
+)
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
-_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'estargz_opt.stores.containerd._pb.namespaces_pb2', _globals)
+_builder.BuildTopDescriptorsAndMessages(
+    DESCRIPTOR, "estargz_opt.stores.containerd._pb.namespaces_pb2", _globals
+)
 if not _descriptor._USE_C_DESCRIPTORS:
-  DESCRIPTOR._loaded_options = None
-  _globals['_NAMESPACE_LABELSENTRY']._loaded_options = None
-  _globals['_NAMESPACE_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_NAMESPACE']._serialized_start=90
-  _globals['_NAMESPACE']._serialized_end=236
-  _globals['_NAMESPACE_LABELSENTRY']._serialized_start=191
-  _globals['_NAMESPACE_LABELSENTRY']._serialized_end=236
-  _globals['_LISTNAMESPACESREQUEST']._serialized_start=238
-  _globals['_LISTNAMESPACESREQUEST']._serialized_end=277
-  _globals['_LISTNAMESPACESRESPONSE']._serialized_start=279
-  _globals['_LISTNAMESPACESRESPONSE']._serialized_end=369
-  _globals['_NAMESPACES']._serialized_start=372
-  _globals['_NAMESPACES']._serialized_end=509
+    DESCRIPTOR._loaded_options = None
+    _globals["_NAMESPACE_LABELSENTRY"]._loaded_options = None
+    _globals["_NAMESPACE_LABELSENTRY"]._serialized_options = b"8\001"
+    _globals["_NAMESPACE"]._serialized_start = 90
+    _globals["_NAMESPACE"]._serialized_end = 236
+    _globals["_NAMESPACE_LABELSENTRY"]._serialized_start = 191
+    _globals["_NAMESPACE_LABELSENTRY"]._serialized_end = 236
+    _globals["_LISTNAMESPACESREQUEST"]._serialized_start = 238
+    _globals["_LISTNAMESPACESREQUEST"]._serialized_end = 277
+    _globals["_LISTNAMESPACESRESPONSE"]._serialized_start = 279
+    _globals["_LISTNAMESPACESRESPONSE"]._serialized_end = 369
+    _globals["_NAMESPACES"]._serialized_start = 372
+    _globals["_NAMESPACES"]._serialized_end = 509
 # @@protoc_insertion_point(module_scope)

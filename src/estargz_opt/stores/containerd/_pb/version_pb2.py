@@ -4,6 +4,7 @@
 # NO CHECKED-IN PROTOBUF GENCODE
 # source: estargz_opt/stores/containerd/_pb/version.proto
 """Generated protocol buffer code."""
+
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import descriptor_pool as _descriptor_pool
 from google.protobuf import symbol_database as _symbol_database
@@ -16,15 +17,19 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n/estargz_opt/stores/containerd/_pb/version.proto\x12\x1e\x63ontainerd.services.version.v1\x1a\x1bgoogle/protobuf/empty.proto\"4\n\x0fVersionResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\t2]\n\x07Version\x12R\n\x07Version\x12\x16.google.protobuf.Empty\x1a/.containerd.services.version.v1.VersionResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(
+    b'\n/estargz_opt/stores/containerd/_pb/version.proto\x12\x1e\x63ontainerd.services.version.v1\x1a\x1bgoogle/protobuf/empty.proto"4\n\x0fVersionResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\t2]\n\x07Version\x12R\n\x07Version\x12\x16.google.protobuf.Empty\x1a/.containerd.services.version.v1.VersionResponseb\x06proto3'
+)
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
-_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'estargz_opt.stores.containerd._pb.version_pb2', _globals)
+_builder.BuildTopDescriptorsAndMessages(
+    DESCRIPTOR, "estargz_opt.stores.containerd._pb.version_pb2", _globals
+)
 if not _descriptor._USE_C_DESCRIPTORS:
-  DESCRIPTOR._loaded_options = None
-  _globals['_VERSIONRESPONSE']._serialized_start=112
-  _globals['_VERSIONRESPONSE']._serialized_end=164
-  _globals['_VERSION']._serialized_start=166
-  _globals['_VERSION']._serialized_end=259
+    DESCRIPTOR._loaded_options = None
+    _globals["_VERSIONRESPONSE"]._serialized_start = 112
+    _globals["_VERSIONRESPONSE"]._serialized_end = 164
+    _globals["_VERSION"]._serialized_start = 166
+    _globals["_VERSION"]._serialized_end = 259
 # @@protoc_insertion_point(module_scope)
