@@ -197,6 +197,14 @@ def optimize_cmd(
     click.echo(outcome.digest)
 
 
+external_toc_option = click.option(
+    "--toc",
+    "toc_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="The external TOC blob, for estargz-external-toc layers.",
+)
+
+
 @cli.group()
 def layer() -> None:
     """Convert, verify and inspect single layer blobs (no image, no daemon)."""
@@ -302,12 +310,7 @@ def layer_convert(
 @layer.command("verify")
 @click.argument("blob", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--toc-digest", help="Expected TOC digest (the toc.digest annotation).")
-@click.option(
-    "--toc",
-    "toc_file",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="The external TOC blob, for estargz-external-toc layers.",
-)
+@external_toc_option
 def layer_verify(blob: Path, toc_digest: str | None, toc_file: Path | None) -> None:
     """Check BLOB's footer, TOC digest and every chunk digest; exit 0 only if all pass."""
     with open_layer(blob, toc_digest=toc_digest, external_toc=_read_optional(toc_file)) as lay:
@@ -321,12 +324,7 @@ def layer_verify(blob: Path, toc_digest: str | None, toc_file: Path | None) -> N
 
 @layer.command("toc")
 @click.argument("blob", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option(
-    "--toc",
-    "toc_file",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="The external TOC blob, for estargz-external-toc layers.",
-)
+@external_toc_option
 def layer_toc(blob: Path, toc_file: Path | None) -> None:
     """Print BLOB's TOC JSON exactly as stored (its sha256 is the TOC digest)."""
     with open_layer(blob, external_toc=_read_optional(toc_file)) as lay:
@@ -336,12 +334,7 @@ def layer_toc(blob: Path, toc_file: Path | None) -> None:
 @layer.command("tar")
 @click.argument("blob", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.argument("out", type=click.Path(dir_okay=False, allow_dash=True, path_type=Path))
-@click.option(
-    "--toc",
-    "toc_file",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="The external TOC blob, for estargz-external-toc layers.",
-)
+@external_toc_option
 def layer_tar(blob: Path, out: Path, toc_file: Path | None) -> None:
     """Write BLOB's files to OUT (or - for stdout) as a plain tar, landmarks and TOC dropped."""
     with open_layer(blob, external_toc=_read_optional(toc_file)) as lay:
