@@ -5,14 +5,19 @@ On the cached 3-layer Debian test image (bench/build_image.py):
   * reference: a private containerd, the image imported, then
     ``ctr-remote image optimize --oci --no-optimize [--zstdchunked] SRC DST``
     (the whole image, as ctr-remote converts it);
-  * ours: ``estargz-opt layer convert LAYER OUT --format F`` for each of the 3 layers,
-    one after the other, as an image conversion would do it.
+  * ours (``--ours``):
+      - ``optimize`` (default): ``estargz-opt optimize --oci --no-optimize [--zstdchunked]``
+        on the image's OCI layout, no daemon;
+      - ``containerd``: ``estargz-opt -a SOCK optimize --oci --no-optimize [--zstdchunked]
+        SRC DST`` on the image imported into the same private containerd ctr-remote uses;
+      - ``layers``: ``estargz-opt layer convert LAYER OUT --format F`` per layer.
 Each command is timed (wall, user+sys CPU, peak RSS from wait4() of the child), the
 converted layers' compressed sizes are summed, and a markdown table is printed
 (stdout) and written with all details to bench/results/<name>.json.
 
-Usage: python3 bench/bench_layers.py [--formats estargz,zstdchunked] [--repeat N]
-       [--name NAME] [--ctr-remote PATH] [--wait-cli SECONDS]
+Usage: python3 bench/bench_layers.py [--ours optimize|containerd|layers]
+       [--formats estargz,zstdchunked] [--repeat N] [--name NAME] [--ctr-remote PATH]
+       [--wait-idle SECONDS] [--wait-cli SECONDS]
 Needs root (private containerd; building the image the first time).
 """
 
@@ -97,6 +102,18 @@ def image_target(sock: Path, ref: str) -> tuple[str, str]:
     raise RuntimeError(f"image {ref} not found after conversion:\n{out}")
 
 
+def remove_image(sock: Path, ref: str, layers: list[dict]) -> None:
+    """Delete ``ref`` and collect its content now (``--sync``), so the next run of either
+    tool finds none of it: estargz-opt skips uploading a blob containerd already holds,
+    and its output is deterministic, so without this a repeat would measure less work."""
+    run(["ctr", "-a", sock, "images", "rm", "--sync", ref], check=False)
+    left = set(run(["ctr", "-a", sock, "content", "ls", "-q"]).stdout.split())
+    kept = [la["digest"] for la in layers if la["digest"] in left]
+    if kept:
+        raise RuntimeError(f"{ref}: converted layers still in containerd after"
+                           f" `ctr images rm --sync`: {kept}")
+
+
 def image_layers(sock: Path, ref: str, arch: str) -> list[dict]:
     """Layer descriptors of the image ``ref`` (through an index, if it is one)."""
     _mt, digest = image_target(sock, ref)
@@ -138,8 +155,36 @@ def bench_ctr_remote(ctr_remote: str, sock: Path, daemon_pid: int | None, src: s
         "total_size": sum(la["size"] for la in layers),
     }
     log(f"  {m.wall_s:.1f} s wall, {m.cpu_s:.1f} s CPU, {m.maxrss_mib:.0f} MiB,"
-        f" {res['total_size'] / 1e6:.1f} MB")
-    run(["ctr", "-a", sock, "images", "rm", dst], check=False)
+        f" {res['total_size'] / 1e6:.1f} MB, containerd {res['daemon_cpu_s']} s CPU")
+    remove_image(sock, dst, res["layers"])
+    return res
+
+
+def bench_ours_containerd(cli: list[str], sock: Path, daemon_pid: int | None, src: str,
+                          fmt: str, arch: str, attempt: int) -> dict:
+    """`estargz-opt -a SOCK optimize` on the imported image: ctr-remote's job, same daemon."""
+    dst = f"{build_image.IMAGE_BASE_NAME}:ours-{fmt}-{attempt}"
+    flags = ["--oci", "--no-optimize"] + (["--zstdchunked"] if fmt == "zstdchunked" else [])
+    cmd = [*cli, "-a", str(sock), "optimize", *flags, src, dst]
+    log(f"estargz-opt {fmt} (#{attempt + 1}): {' '.join(cmd[1:])}")
+    cpu0 = proc_cpu_s(daemon_pid)
+    m = run_measured(cmd).check()
+    cpu1 = proc_cpu_s(daemon_pid)
+    digest = m.stdout.strip().splitlines()[-1]
+    _mt, target = image_target(sock, dst)
+    if target != digest:
+        raise RuntimeError(f"{dst} points at {target}, estargz-opt printed {digest}")
+    layers = image_layers(sock, dst, arch)
+    res = {
+        **m.as_dict(),
+        "daemon_cpu_s": None if cpu0 is None or cpu1 is None else round(cpu1 - cpu0, 2),
+        "layers": [{"digest": la["digest"], "size": la["size"], "mediaType": la["mediaType"],
+                    "annotations": la.get("annotations", {})} for la in layers],
+        "total_size": sum(la["size"] for la in layers),
+    }
+    log(f"  {m.wall_s:.1f} s wall, {m.cpu_s:.1f} s CPU, {m.maxrss_mib:.0f} MiB,"
+        f" {res['total_size'] / 1e6:.1f} MB, containerd {res['daemon_cpu_s']} s CPU")
+    remove_image(sock, dst, res["layers"])
     return res
 
 
@@ -243,10 +288,11 @@ def render(report: dict) -> str:
          "speed (ctr-remote wall / this)", "size (this / ctr-remote)"], rows)
     notes = []
     for fmt, r in report["results"].items():
-        ref = r.get("ctr-remote")
-        if ref and ref.get("daemon_cpu_s") is not None:
-            notes.append(f"containerd daemon CPU during ctr-remote {fmt}:"
-                         f" {ref['daemon_cpu_s']:.1f} s (not in the CPU column)")
+        for tool in ("ctr-remote", "estargz-opt"):
+            x = r.get(tool)
+            if x and x.get("daemon_cpu_s") is not None:
+                notes.append(f"containerd daemon CPU during {tool} {fmt}:"
+                             f" {x['daemon_cpu_s']:.1f} s (not in the CPU column)")
     load = report.get("loadavg_start", [0])[0]
     if load >= 1.0:
         notes.append(f"WARNING: the machine was busy (1-min load {load:.1f} at the start):"
@@ -254,6 +300,9 @@ def render(report: dict) -> str:
                      " interleave). Use --wait-idle to wait for a quiet machine.")
     if report.get("our_layers") == "optimize":
         ours = "`optimize --oci --no-optimize` on the image's OCI layout, no daemon"
+    elif report.get("our_layers") == "containerd":
+        ours = ("`-a SOCK optimize --oci --no-optimize` on the image in the same private"
+                " containerd (read and written through its content API)")
     elif report.get("our_layers") == "one after another":
         ours = "`layer convert` per layer, one after another, CPU summed, RSS = max over layers"
     else:
@@ -295,9 +344,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--wait-cli", type=float, default=0,
                     help="seconds to wait for `estargz-opt layer convert` to exist")
     ap.add_argument("--skip-reference", action="store_true", help="only run estargz-opt")
-    ap.add_argument("--ours", choices=("optimize", "layers"), default="optimize",
+    ap.add_argument("--ours", choices=("optimize", "containerd", "layers"), default="optimize",
                     help="optimize: `estargz-opt optimize` on the image's OCI layout (default);"
-                    " layers: one `layer convert` per layer")
+                    " containerd: `estargz-opt -a SOCK optimize` on the image imported into"
+                    " the private containerd ctr-remote uses; layers: one `layer convert`"
+                    " per layer")
     ap.add_argument("--sequential", action="store_true",
                     help="with --ours layers: convert layers one after another, not all at once")
     ap.add_argument("--wait-idle", type=float, default=0,
@@ -339,7 +390,13 @@ def main(argv: list[str] | None = None) -> int:
                                         "total_uncompressed_size", "total_files")}
         | {"layers": [{k: la[k] for k in ("digest", "size", "uncompressedSize", "entries")}
                       for la in image["layers"]]},
-        "commands": {"estargz-opt": [*cli, "layer", "convert", "SRC", "OUT", "--format", "F"]},
+        "commands": {"estargz-opt": {
+            "optimize": [*cli, "optimize", "--oci", "--no-optimize", "[--zstdchunked]",
+                         "oci:IMAGE:latest", "oci:OUT:out"],
+            "containerd": [*cli, "-a", "SOCK", "optimize", "--oci", "--no-optimize",
+                           "[--zstdchunked]", image["ref"], "DST"],
+            "layers": [*cli, "layer", "convert", "SRC", "OUT", "--format", "F"],
+        }[args.ours]},
         "results": {f: {} for f in formats},
     }
     if ctr_remote:
@@ -352,11 +409,11 @@ def main(argv: list[str] | None = None) -> int:
     git = run(["git", "-C", REPO_ROOT, "rev-parse", "--short", "HEAD"], check=False)
     report["git_head"] = git.stdout.strip() or None
 
-    report["our_layers"] = ("optimize" if args.ours == "optimize"
+    report["our_layers"] = (args.ours if args.ours in ("optimize", "containerd")
                             else "one after another" if args.sequential else "concurrently")
     report["loadavg_start"] = [round(x, 2) for x in os.getloadavg()]
     with contextlib.ExitStack() as stack:
-        if ctr_remote:
+        if ctr_remote or args.ours == "containerd":
             sock, daemon_pid = stack.enter_context(private_containerd())
             log("ctr images import (OCI layout tarball, --no-unpack) ...")
             imp = run_measured(["ctr", "-a", sock, "images", "import", "--no-unpack",
@@ -371,10 +428,14 @@ def main(argv: list[str] | None = None) -> int:
                     report["results"][fmt].setdefault("ctr-remote-runs", []).append(
                         bench_ctr_remote(ctr_remote, sock, daemon_pid, image["ref"], fmt,
                                          image["architecture"], attempt))
-                report["results"][fmt].setdefault("estargz-opt-runs", []).append(
-                    bench_ours(cli, layer_paths, out_dir, fmt, attempt,
-                               concurrent=not args.sequential,
-                               oci_layout=oci_layout if args.ours == "optimize" else None))
+                if args.ours == "containerd":
+                    ours = bench_ours_containerd(cli, sock, daemon_pid, image["ref"], fmt,
+                                                 image["architecture"], attempt)
+                else:
+                    ours = bench_ours(cli, layer_paths, out_dir, fmt, attempt,
+                                      concurrent=not args.sequential,
+                                      oci_layout=oci_layout if args.ours == "optimize" else None)
+                report["results"][fmt].setdefault("estargz-opt-runs", []).append(ours)
             for tool in ("ctr-remote", "estargz-opt"):
                 runs = report["results"][fmt].get(f"{tool}-runs")
                 if runs:
