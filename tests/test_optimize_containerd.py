@@ -1,0 +1,470 @@
+"""``estargz-opt optimize`` on images in containerd (issue 4), checked with ctr and ctr-remote.
+
+Everything runs against private containerds started by scripts/containerd-up.sh:
+
+* the session-shared one (the ``containerd`` fixture) for conversions, labels,
+  errors and export/import; nothing here kills it, prunes it or runs its GC;
+* one of this module's own (``own``) for what would disturb other tests: a
+  garbage collection and ``ctr content prune references``, SIGKILL of
+  estargz-opt in the middle of a layer write, and SIGKILL of containerd itself
+  in the middle of a run (then restarted with containerd-up.sh on the same
+  directory).
+
+What is checked, per the issue's "Done when":
+
+* ``-a SOCK optimize --oci --no-optimize`` (and ``--record-in``, and
+  ``--zstdchunked``) gives an image that ``ctr run --rm`` runs with the
+  source's output; ctr-remote 0.14.3's ``images get-toc-digest
+  [--zstdchunked]`` prints each layer's ``toc.digest`` annotation;
+* per-layer TOCs (normalized as in test_toc_parity.py) equal ctr-remote's
+  ``image optimize --oci --record-out`` for the same containerd image and record;
+* ``ctr content ls`` labels: new layers carry the source blob's labels plus
+  ``containerd.io/uncompressed=<DiffID>``; manifests and indexes carry
+  ``containerd.io/gc.ref.content.*`` references to their children; a GC keeps
+  the new image whole and runnable;
+* no estargz-opt lease is left after a run that ends, well or badly;
+* errors are one ``estargz-opt: error:`` line (the last on stderr), a non-zero
+  exit and no new image in ``ctr images ls``;
+* a run killed mid-write, or whose containerd died, can simply be rerun, and
+  leaves no ingest behind (``ctr content active``);
+* containerd -> ``oci:DIR:TAG`` (skopeo copies it) and ``oci:`` -> containerd
+  (``ctr run`` runs it), without ctr.
+
+"Pulled for one platform only" is made the way ``ctr images import`` makes it
+when the archive lacks the other platform's blobs: containerd 1.6 imports
+every blob an archive holds whatever ``--all-platforms`` says, so the
+archive itself is cut down.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import imagefactory as f
+import pytest
+from helpers_containerd import Containerd, containerd_unavailable_reason
+from ociimage import image_target, read_manifest
+from test_optimize_parity import (
+    EXPECTED_ACCESSES,
+    TAG,
+    WORKLOAD,
+    _import,
+    _upper_layers,
+    prioritized_files,
+    read_record,
+    recorded_per_layer,
+    reference_optimize,
+    reference_tocs,
+    require_accesses,
+)
+from test_toc_parity import ctr_remote_run, describe_mismatch, normalize
+
+import estargz_opt
+
+pytestmark = pytest.mark.interop
+
+SRC_LABEL = "containerd.io/distribution.source.example"
+UNCOMPRESSED = "containerd.io/uncompressed"
+GC_REF = "containerd.io/gc.ref.content."
+GC_EXPIRE = "containerd.io/gc.expire"
+ERROR = "estargz-opt: error: "
+RUN_CMD = ["/bin/busybox", "sh", "-c", f"echo {f.BUSYBOX_HELLO}; cat /data/a.txt"]
+RUN_OUTPUT = f"{f.BUSYBOX_HELLO}\nalpha\n"
+MiB = 1 << 20
+
+
+# --- running things -------------------------------------------------------------------------
+
+def _env(**extra: str) -> dict[str, str]:
+    """Our CLI as a child process importing the estargz_opt under test, no CONTAINERD_*."""
+    src = str(Path(estargz_opt.__file__).resolve().parent.parent)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONTAINERD_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))
+    return {**env, **extra}
+
+
+def cli(*args: str | Path, env: dict[str, str] | None = None,
+        timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "estargz_opt", *map(str, args)],
+                          capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                          env=env or _env(), timeout=timeout)
+
+
+def optimize(c: Containerd, *args: str | Path, **kw) -> subprocess.CompletedProcess:
+    return cli("-a", c.address, "optimize", *args, **kw)
+
+
+def printed_digest(res: subprocess.CompletedProcess) -> str:
+    """Success: exit 0 and the new digest on the last stdout line."""
+    assert res.returncode == 0, (f"{res.args} exited {res.returncode}\nstdout:\n{res.stdout}\n"
+                                 f"stderr:\n{res.stderr}")
+    last = res.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"sha256:[0-9a-f]{64}", last), res.stdout
+    return last
+
+
+def error_message(res: subprocess.CompletedProcess) -> str:
+    """Failure: non-zero exit, no digest, one error line and it is stderr's last line."""
+    assert res.returncode != 0, f"expected a failure\nstdout:\n{res.stdout}\nstderr:{res.stderr}"
+    assert "Traceback" not in res.stderr, res.stderr
+    assert not re.search(r"sha256:[0-9a-f]{64}\s*$", res.stdout), res.stdout
+    lines = res.stderr.strip().splitlines()
+    errors = [line for line in lines if line.startswith(ERROR)]
+    assert len(errors) == 1 and lines[-1] == errors[0], \
+        f"want one {ERROR!r} line, last on stderr:\n{res.stderr}"
+    return errors[0].removeprefix(ERROR)
+
+
+def images(c: Containerd) -> set[str]:
+    return set(c.ctr("images", "ls", "-q").stdout.split())
+
+
+def content_labels(c: Containerd) -> dict[str, dict[str, str]]:
+    """digest -> labels, as ``ctr content ls`` shows them."""
+    out: dict[str, dict[str, str]] = {}
+    for line in c.ctr("content", "ls").stdout.splitlines()[1:]:
+        cols = [x for x in line.split("\t") if x]
+        if not cols:
+            continue
+        labels = cols[-1].strip()
+        out[cols[0]] = {} if labels == "-" else dict(
+            kv.split("=", 1) for kv in labels.split(","))
+    return out
+
+
+def blob(c: Containerd, digest: str) -> bytes:
+    return c.ctr("content", "get", digest, input=b"").stdout
+
+
+def doc(c: Containerd, digest: str) -> dict:
+    return json.loads(blob(c, digest))
+
+
+def label(c: Containerd, digest: str, **labels: str) -> None:
+    c.ctr("content", "label", digest, *(f"{k}={v}" for k, v in labels.items()))
+
+
+def leases(c: Containerd, namespace: str = "default") -> list[tuple[str, str]]:
+    """(id, labels) of estargz-opt's leases, from ``ctr leases ls``."""
+    res = subprocess.run(["ctr", "-a", c.address, "-n", namespace, "leases", "ls"],
+                         capture_output=True, text=True, check=True, timeout=60)
+    rows = [line.split() for line in res.stdout.splitlines()[1:] if line.strip()]
+    return [(row[0], row[-1]) for row in rows if "estargz-opt" in " ".join(row)]
+
+
+_SIZE = re.compile(r"([\d.]+)\s*([kMGT]?B)")
+_UNITS = {"B": 1, "kB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12}
+
+
+def active(c: Containerd) -> dict[str, float]:
+    """Ingests in progress or left behind: ref -> bytes held (``ctr content active``)."""
+    out = {}
+    for line in c.ctr("content", "active").stdout.splitlines()[1:]:
+        cols = [x for x in line.split("\t") if x]
+        if cols:
+            m = _SIZE.fullmatch(cols[1].strip()) if len(cols) > 1 else None
+            out[cols[0]] = float(m[1]) * _UNITS[m[2]] if m else 0.0
+    return out
+
+
+def ctr_run(c: Containerd, image: str) -> str:
+    cid = f"esgzcd-{os.getpid()}-{time.monotonic_ns() % 10**9}"
+    return c.ctr("run", "--rm", image, cid).stdout
+
+
+def import_layout(c: Containerd, layout: Path, tag: str, name: str, archive: Path,
+                  all_platforms: bool = True) -> None:
+    f.archive_for_ctr(layout, tag, name, archive)
+    c.ctr("images", "import", "--no-unpack",
+          *(["--all-platforms"] if all_platforms else []), str(archive))
+
+
+def walk(c: Containerd, top: str) -> list[tuple[dict, dict]]:
+    """(manifest document, its config document) for each manifest under *top*."""
+    d = doc(c, top)
+    if "manifests" in d:
+        return [pair for m in d["manifests"] for pair in walk(c, m["digest"])]
+    return [(d, doc(c, d["config"]["digest"]))]
+
+
+def gc_refs(labels: dict[str, str]) -> dict[str, str]:
+    return {k.removeprefix(GC_REF): v for k, v in labels.items() if k.startswith(GC_REF)}
+
+
+def check_toc_digests(ctr_remote: Path, c: Containerd, target: str, zstd: bool) -> None:
+    """ctr-remote's get-toc-digest prints each layer's toc.digest annotation."""
+    for i, layer in enumerate(read_manifest(c, image_target(c, target))["layers"]):
+        want = layer.get("annotations", {}).get(f.TOC_DIGEST)
+        assert want, f"layer {i} has no {f.TOC_DIGEST}: {layer}"
+        args = ["images", "get-toc-digest", *(["--zstdchunked"] if zstd else []), layer["digest"]]
+        got = ctr_remote_run(ctr_remote, c, *args).stdout.strip()
+        assert got == want, f"layer {i}: get-toc-digest printed {got!r}, annotation {want}"
+
+
+def no_leftovers(c: Containerd) -> None:
+    assert leases(c) == [], "estargz-opt left a lease behind"
+    assert active(c) == {}, "ingests left behind"
+
+
+# --- images ---------------------------------------------------------------------------------
+
+def data_layer() -> bytes:
+    return f.simple_layer({"data/": None, "data/a.txt": b"alpha\n"})
+
+
+@dataclass(frozen=True)
+class Source:
+    name: str  # in containerd
+    layout: Path
+    manifest: str
+    output: str  # what ctr run prints
+
+
+@pytest.fixture(scope="module")
+def runnable(containerd, busybox_layer: Path, tmp_path_factory) -> Source:
+    """busybox + data/a.txt; prints RUN_OUTPUT."""
+    base = tmp_path_factory.mktemp("cdrun")
+    manifest = f.write_busybox_image(base / "layout", "v1", busybox_layer,
+                                     extra_layers=[data_layer()], cmd=RUN_CMD)
+    name = "localhost/cdrun:1"
+    import_layout(containerd, base / "layout", "v1", name, base / "image.tar")
+    assert image_target(containerd, name) == manifest
+    output = ctr_run(containerd, name)
+    assert output == RUN_OUTPUT
+    return Source(name, base / "layout", manifest, output)
+
+
+def write_two_platforms(layout: Path, busybox_layer: Path, arm_text: bytes = b"arm64\n") -> str:
+    """Index: the host (busybox + data, runnable) and linux/arm64 (one small layer holding
+    *arm_text*; content is shared by the whole namespace, so vary it where that matters)."""
+    arm = f.simple_layer({"data/": None, "data/arm.txt": arm_text})
+    return f.write_index(layout, "v1", [(f.HOST_PLATFORM, [busybox_layer.read_bytes(),
+                                                           data_layer()]),
+                                        ("linux/arm64", [arm])],
+                         config_extra=f.busybox_config(RUN_CMD))
+
+
+@pytest.fixture(scope="module")
+def own(tmp_path_factory) -> Iterator[Containerd]:
+    """A private containerd of this module's own, free to be GC'd, pruned and killed."""
+    reason = containerd_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    daemon = Containerd.start(tmp_path_factory.mktemp("owncd"))
+    try:
+        yield daemon
+    finally:
+        daemon.stop()
+
+
+# --- runs and TOCs --------------------------------------------------------------------------
+
+def write_record(path: Path, manifest: str, entries: list[tuple[str, int]]) -> Path:
+    path.write_text("".join(json.dumps({"path": p, "manifestDigest": manifest, "layerIndex": i},
+                                       separators=(",", ":")) + "\n" for p, i in entries))
+    return path
+
+
+RUN_VARIANTS = {
+    # name: (extra flags, record?, zstd?, prioritized files per layer)
+    "no-optimize": (["--no-optimize"], False, False, [[], []]),
+    "record-in": ([], True, False, [["bin/busybox"], ["data/a.txt"]]),
+    "zstdchunked": (["--zstdchunked"], True, True, [["bin/busybox"], ["data/a.txt"]]),
+}
+
+
+@pytest.mark.parametrize("variant", list(RUN_VARIANTS))
+def test_optimized_image_runs(variant: str, runnable: Source, containerd, ctr_remote: Path,
+                              tmp_path: Path) -> None:
+    flags, with_record, zstd, want_prioritized = RUN_VARIANTS[variant]
+    if with_record:
+        record = write_record(tmp_path / "record.jsonl", runnable.manifest,
+                              [("bin/busybox", 0), ("data/a.txt", 1)])
+        flags = [*flags, "--record-in", str(record)]
+    dst = f"localhost/cdrun:1-{variant}"
+    digest = printed_digest(optimize(containerd, "--oci", *flags, runnable.name, dst))
+    assert image_target(containerd, dst) == digest
+    no_leftovers(containerd)
+
+    manifest = read_manifest(containerd, digest)
+    want_type = f.OCI_LAYER_ZSTD if zstd else f.OCI_LAYER_GZIP
+    assert [x["mediaType"] for x in manifest["layers"]] == [want_type] * 2, manifest
+    check_toc_digests(ctr_remote, containerd, dst, zstd)
+    tocs = reference_tocs(ctr_remote, containerd, dst, "zstdchunked" if zstd else "estargz")
+    assert [prioritized_files(t) for t in tocs] == want_prioritized
+    assert ctr_run(containerd, dst) == runnable.output
+
+
+def test_existing_image_record_is_updated(runnable: Source, containerd,
+                                          tmp_path: Path) -> None:
+    dst = "localhost/cdrun:1-update"
+    first = printed_digest(optimize(containerd, "--oci", "--no-optimize", runnable.name, dst))
+    record = write_record(tmp_path / "record.jsonl", runnable.manifest, [("data/a.txt", 1)])
+    second = printed_digest(optimize(containerd, "--oci", "--record-in", record,
+                                     runnable.name, dst))
+    assert first != second
+    assert image_target(containerd, dst) == second
+    no_leftovers(containerd)
+
+
+def test_external_toc_makes_two_images(runnable: Source, containerd) -> None:
+    dst = "localhost/cdrun:1-exttoc"
+    res = optimize(containerd, "--oci", "--no-optimize", "--estargz-external-toc",
+                   runnable.name, dst)
+    digest = printed_digest(res)
+    assert f"extra image: {dst}-esgztoc" in res.stdout.splitlines()
+    assert image_target(containerd, dst) == digest
+    toc_image = image_target(containerd, f"{dst}-esgztoc")
+    no_leftovers(containerd)
+    labels = content_labels(containerd)
+    assert gc_ref_problems(containerd, labels, digest) == []
+    assert gc_ref_problems(containerd, labels, toc_image) == []
+    assert ctr_run(containerd, dst) == runnable.output
+
+
+@pytest.fixture(scope="module")
+def parity(containerd, busybox_layer: Path, tmp_path_factory):
+    """test_optimize_parity.py's image (busybox + two docker-style layers), in containerd."""
+    base = tmp_path_factory.mktemp("cdparity")
+    config = {"config": {"Entrypoint": WORKLOAD, "Env": ["PATH=/bin"], "WorkingDir": "/"}}
+    f.write_layout(base / "layout", TAG, [busybox_layer.read_bytes(), *_upper_layers()], config)
+    return _import(containerd, base / "layout", TAG, "localhost/cdparity:1", base / "image.tar")
+
+
+@pytest.mark.parametrize("fmt", ["estargz", "zstdchunked"])
+def test_toc_matches_ctr_remote_on_the_same_containerd_image(fmt: str, parity, containerd,
+                                                             ctr_remote: Path,
+                                                             tmp_path: Path) -> None:
+    record = tmp_path / "record.jsonl"
+    ref_target = f"localhost/cdparity:1-ctr-remote-{fmt}"
+    res = reference_optimize(ctr_remote, containerd, parity, ref_target, fmt, WORKLOAD, record)
+    recorded = read_record(record, res)
+    require_accesses(recorded, parity, EXPECTED_ACCESSES, res.stderr)
+    assert res.returncode == 0, f"ctr-remote optimize failed\nstderr:\n{res.stderr}"
+    ref_tocs = reference_tocs(ctr_remote, containerd, ref_target, fmt)
+
+    dst = f"localhost/cdparity:1-ours-{fmt}"
+    zstd = ["--zstdchunked"] if fmt == "zstdchunked" else []
+    digest = printed_digest(optimize(containerd, "--oci", *zstd, "--record-in", record,
+                                     parity.ref, dst))
+    assert image_target(containerd, dst) == digest
+    no_leftovers(containerd)
+    check_toc_digests(ctr_remote, containerd, dst, bool(zstd))
+    ours = reference_tocs(ctr_remote, containerd, dst, fmt)  # read back by ctr-remote
+
+    expected = recorded_per_layer(recorded, parity)
+    reports = []
+    for i, (toc, ref_toc) in enumerate(zip(ours, ref_tocs, strict=True)):
+        report = describe_mismatch(f"layer {i}, {fmt}, in containerd", normalize(toc),
+                                   normalize(ref_toc))
+        if report:
+            reports.append(report)
+        if prioritized_files(toc) != expected[i]:
+            reports.append(f"layer {i}: prioritized {prioritized_files(toc)}, record says "
+                           f"{expected[i]}")
+    if reports:
+        pytest.fail("\n\n".join(reports), pytrace=False)
+
+
+# --- labels and garbage collection ---------------------------------------------------------
+
+def gc_ref_problems(c: Containerd, labels: dict[str, dict[str, str]], top: str) -> list[str]:
+    """An index must reference exactly its manifests, a manifest exactly its config and
+    layers (containerd.io/gc.ref.content.m.<i>, .config, .l.<i>)."""
+    d = doc(c, top)
+    if "manifests" in d:
+        want = {f"m.{i}": m["digest"] for i, m in enumerate(d["manifests"])}
+        children = [p for m in d["manifests"] for p in gc_ref_problems(c, labels, m["digest"])]
+    else:
+        want = {"config": d["config"]["digest"],
+                **{f"l.{i}": x["digest"] for i, x in enumerate(d["layers"])}}
+        children = []
+    got = gc_refs(labels.get(top, {}))
+    return children + ([f"{top}: GC refs {got}, want {want}"] if got != want else [])
+
+
+def check_labels(c: Containerd, src_top: str, dst_top: str) -> None:
+    """New layers: the source layer's labels (GC refs aside) plus uncompressed=<DiffID>;
+    manifests and the index: GC references to exactly their children."""
+    labels = content_labels(c)
+    problems = gc_ref_problems(c, labels, dst_top)
+    src_layers = {x["digest"] for m, _ in walk(c, src_top) for x in m["layers"]}
+    for m, cfg in walk(c, dst_top):
+        for x, diff_id in zip(m["layers"], cfg["rootfs"]["diff_ids"], strict=True):
+            got = labels.get(x["digest"], {})
+            if x["digest"] in src_layers:
+                problems.append(f"layer {x['digest']} was not converted")
+            if got.get(UNCOMPRESSED) != diff_id:
+                problems.append(f"layer {x['digest']}: {UNCOMPRESSED}={got.get(UNCOMPRESSED)}, "
+                                f"config DiffID {diff_id}")
+            if f.sha256_digest(gzip.decompress(blob(c, x["digest"]))) != diff_id:
+                problems.append(f"layer {x['digest']}: its bytes do not give DiffID {diff_id}")
+            if got.get(SRC_LABEL) != "repo":
+                problems.append(f"layer {x['digest']}: source label missing: {got}")
+            if gc_refs(got):
+                problems.append(f"layer {x['digest']} has GC refs: {got}")
+    if problems:
+        pytest.fail("\n".join(problems), pytrace=False)
+
+
+def import_labelled_two_platforms(c: Containerd, busybox_layer: Path, base: Path,
+                                  name: str) -> str:
+    """The two-platform image in *c*, each source layer labelled as if pulled, and marked
+    with its (old) DiffID as an unpacked image would be."""
+    index = write_two_platforms(base / "layout", busybox_layer)
+    import_layout(c, base / "layout", "v1", name, base / "image.tar")
+    assert image_target(c, name) == index
+    for m, cfg in walk(c, index):
+        for x, diff_id in zip(m["layers"], cfg["rootfs"]["diff_ids"], strict=True):
+            label(c, x["digest"], **{SRC_LABEL: "repo", UNCOMPRESSED: diff_id})
+    return index
+
+
+def test_labels_on_new_blobs(containerd, busybox_layer: Path, tmp_path: Path) -> None:
+    src = "localhost/cdlabels:1"
+    index = import_labelled_two_platforms(containerd, busybox_layer, tmp_path, src)
+    dst = "localhost/cdlabels:1-esgz"
+    digest = printed_digest(optimize(containerd, "--oci", "--no-optimize", "--all-platforms",
+                                     src, dst))
+    assert image_target(containerd, dst) == digest
+    no_leftovers(containerd)
+    check_labels(containerd, index, digest)
+
+
+def test_gc_and_prune_keep_the_new_image(own: Containerd, busybox_layer: Path,
+                                         tmp_path: Path) -> None:
+    src, dst = "localhost/cdgc:1", "localhost/cdgc:1-esgz"
+    index = import_labelled_two_platforms(own, busybox_layer, tmp_path, src)
+    digest = printed_digest(optimize(own, "--oci", "--no-optimize", "--all-platforms", src, dst))
+    no_leftovers(own)
+    check_labels(own, index, digest)
+    src_layers = {x["digest"] for m, _ in walk(own, index) for x in m["layers"]}
+    dst_blobs = {digest} | {d for m, _ in walk(own, digest)
+                            for d in [m["config"]["digest"], *(x["digest"] for x in m["layers"])]}
+    dst_blobs |= {m["digest"] for m in doc(own, digest)["manifests"]}
+
+    # Deleting the source with --sync runs a garbage collection and waits for it.
+    own.ctr("images", "rm", "--sync", src)
+    present = set(content_labels(own))
+    assert not src_layers & present, "no GC ran: the source layers are still there"
+    assert dst_blobs <= present, f"GC took blobs of the new image: {dst_blobs - present}"
+    for d in dst_blobs:
+        blob(own, d)  # readable
+    assert ctr_run(own, dst) == RUN_OUTPUT  # unpacks it too
+
+    # prune references drops every layer reference (ctr's images' too) and collects: what
+    # stays is held by the index, manifest and config references and the snapshots.
+    own.ctr("content", "prune", "references")
+    present = set(content_labels(own))
+    kept = dst_blobs - {x["digest"] for m, _ in walk(own, digest) for x in m["layers"]}
+    assert kept <= present, f"prune took the index, a manifest or a config: {kept - present}"
+    assert ctr_run(own, dst) == RUN_OUTPUT
