@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from estargz_opt import __version__
+from estargz_opt import __version__, lint, platforms
 from estargz_opt.errors import EstargzOptError
 from estargz_opt.format import (
     DEFAULT_CHUNK_SIZE,
@@ -195,6 +195,128 @@ def optimize_cmd(
     if outcome.extra_image:
         click.echo(f"extra image: {outcome.extra_image}")
     click.echo(outcome.digest)
+
+
+def _human(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
+def _print_report(report: lint.ImageReport, *, files: bool, checked: bool) -> None:
+    click.echo(f"{report.image} {report.digest}")
+    head = (
+        "platform",
+        "layer",
+        "format",
+        "size",
+        "uncompressed",
+        "entries",
+        "chunks",
+        "prioritized",
+        "prefetch",
+        "result",
+    )
+    rows = [head]
+    for c in report.layers:
+        result = ("ok" if c.ok else "FAIL") if checked else ""
+        rows.append(
+            (
+                c.platform or "-",
+                str(c.index),
+                c.format,
+                _human(c.size),
+                _human(c.uncompressed_size),
+                str(c.entries),
+                str(c.chunks),
+                str(len(c.prioritized)),
+                f"{_human(c.prefetch_bytes)} ({c.prefetch_share:.0%})",
+                result,
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    for r in rows:
+        click.echo("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
+    for c in report.layers:
+        for err in c.errors:
+            click.echo(f"FAIL {c.platform or '-'} layer {c.index} ({c.digest}): {err}")
+        if files and c.prioritized:
+            click.echo(f"prioritized files of {c.platform or '-'} layer {c.index}:")
+            for name in c.prioritized:
+                click.echo(f"  {name}")
+    for w in report.warnings:
+        click.echo(f"warning: {w}")
+
+
+@cli.command("verify")
+@click.pass_obj
+@click.argument("image")
+@click.option(
+    "--platform",
+    "platform_specs",
+    multiple=True,
+    help="Only this platform (repeatable); default: all.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def verify_cmd(
+    containerd: ContainerdOptions, image: str, platform_specs: tuple[str, ...], as_json: bool
+) -> None:
+    """Lint IMAGE before pushing: exit non-zero unless every layer will lazy-pull.
+
+    Checks each layer's footer, TOC digest against its annotation, every chunk digest,
+    DiffID against the config, uncompressed size, landmark, zstd:chunked annotations and
+    the external TOC image; warns about Docker media types, layers that are not eStargz,
+    and min-chunk-size TOCs.
+
+    \b
+    Examples:
+      estargz-opt verify oci:out:app-esgz
+      estargz-opt -a /run/containerd/containerd.sock verify docker.io/library/app:esgz --json
+    """
+    matcher = platforms.matcher(platform_specs, not platform_specs)
+    report = lint.lint(image, containerd, matcher, deep=True)
+    if as_json:
+        click.echo(json.dumps(report.to_json()))
+    else:
+        _print_report(report, files=False, checked=True)
+    if not report.ok:
+        failed = sum(1 for c in report.layers if not c.ok)
+        raise EstargzOptError(f"{failed} of {len(report.layers)} layer(s) failed verification")
+
+
+@cli.command("inspect")
+@click.pass_obj
+@click.argument("image")
+@click.option(
+    "--platform",
+    "platform_specs",
+    multiple=True,
+    help="Only this platform (repeatable); default: all.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--files", is_flag=True, help="List the prioritized paths of each layer.")
+def inspect_cmd(
+    containerd: ContainerdOptions,
+    image: str,
+    platform_specs: tuple[str, ...],
+    as_json: bool,
+    files: bool,
+) -> None:
+    """Show what a lazy pull of IMAGE prefetches: per layer, the bytes before the landmark.
+
+    \b
+    Example:
+      estargz-opt inspect oci:out:app-esgz --files
+    """
+    matcher = platforms.matcher(platform_specs, not platform_specs)
+    report = lint.lint(image, containerd, matcher, deep=False)
+    if as_json:
+        click.echo(json.dumps(report.to_json()))
+    else:
+        _print_report(report, files=files, checked=False)
 
 
 external_toc_option = click.option(

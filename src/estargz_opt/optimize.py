@@ -76,7 +76,7 @@ def optimize(req: OptimizeRequest) -> OptimizeOutcome:
     if not dst_tag:
         raise EstargzOptError(f"name the destination tag: {dst_ref} needs oci:DIR:TAG")
     with ExitStack() as stack:
-        src = stack.enter_context(_open_store(src_ref, req, create=False))
+        src = stack.enter_context(open_store(src_ref, req.containerd, create=False))
         root = src.resolve(src_ref.tag)
         log.info(
             "converting platforms: %s%s",
@@ -87,7 +87,9 @@ def optimize(req: OptimizeRequest) -> OptimizeOutcome:
         )
         prioritized = _prioritized(req, src, root)
         same = _same_store(src_ref, dst_ref)
-        dst: Store = src if same else stack.enter_context(_open_store(dst_ref, req, create=True))
+        dst: Store = (
+            src if same else stack.enter_context(open_store(dst_ref, req.containerd, create=True))
+        )
         opts = ConvertOptions(
             layer=req.layer,
             platforms=matcher,
@@ -109,14 +111,13 @@ def optimize(req: OptimizeRequest) -> OptimizeOutcome:
     return OptimizeOutcome(result.target.digest, extra, result, result.warnings)
 
 
-def _open_store(ref: reference.ImageRef, req: OptimizeRequest, create: bool) -> Any:
+def open_store(ref: reference.ImageRef, c: ContainerdOptions, create: bool) -> Any:
     """A store for ref, as a context manager (containerd's holds a lease while open)."""
     if isinstance(ref, reference.OCIRef):
         return OCILayout(ref.path, create=create)
     from estargz_opt.stores.containerd.client import Client
     from estargz_opt.stores.containerd.store import ContainerdStore
 
-    c = req.containerd
     return ContainerdStore(Client(c.address, c.namespace, c.timeout))
 
 

@@ -1,0 +1,290 @@
+"""`verify` and `inspect`: what a converted image will do under lazy pulling, before it is pushed.
+
+Conversions that "succeed" often produce images that never lazy-pull (no TOC digest
+annotation, Docker media types, min-chunk TOCs, layers that are not eStargz). `verify`
+checks each layer the way the snapshotter will, and more (DiffID, sizes, landmarks);
+`inspect` reports what a lazy pull prefetches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from estargz_opt import descriptor as d
+from estargz_opt.descriptor import Descriptor, Index, Manifest
+from estargz_opt.errors import EstargzOptError
+from estargz_opt.format import TOC_DIGEST_ANNOTATION, UNCOMPRESSED_SIZE_ANNOTATION, open_layer
+from estargz_opt.format.estargz import GzipStream
+from estargz_opt.format.reader import Layer
+from estargz_opt.format.toc import LANDMARKS, NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK
+from estargz_opt.format.zstdchunked import MANIFEST_CHECKSUM, MANIFEST_POSITION, ZstdStream
+from estargz_opt.platforms import Matcher
+from estargz_opt.stores import Store
+
+TOC_LAYER_DIGEST = "containerd.io/snapshot/stargz/layer.digest"
+_STEP = 1 << 20
+
+
+@dataclass(slots=True)
+class LayerCheck:
+    platform: str
+    index: int
+    digest: str
+    media_type: str
+    format: str = ""
+    size: int = 0
+    uncompressed_size: int = 0
+    entries: int = 0
+    chunks: int = 0
+    prioritized: list[str] = field(default_factory=list)
+    landmark: str = ""
+    prefetch_bytes: int = 0
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    @property
+    def prefetch_share(self) -> float:
+        return self.prefetch_bytes / self.size if self.size else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["ok"] = self.ok
+        out["prefetch_share"] = round(self.prefetch_share, 4)
+        return out
+
+
+@dataclass(slots=True)
+class ImageReport:
+    image: str
+    digest: str
+    layers: list[LayerCheck] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(layer.ok for layer in self.layers)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "image": self.image,
+            "digest": self.digest,
+            "ok": self.ok,
+            "warnings": self.warnings,
+            "layers": [layer.to_json() for layer in self.layers],
+        }
+
+
+def walk(store: Store, root: Descriptor, matcher: Matcher) -> Iterator[tuple[str, Manifest]]:
+    """(platform, manifest) for every image manifest the matcher selects."""
+    if root.media_type in d.INDEX_TYPES:
+        index = Index.parse(store.read(root, "index"), f"index {root.digest}")
+        for child in index.manifests:
+            if (child.annotations or {}).get("vnd.docker.reference.type"):
+                continue
+            if child.platform is not None and not matcher.matches(child.platform):
+                continue
+            if child.media_type in d.INDEX_TYPES | d.MANIFEST_TYPES:
+                yield from (
+                    (str(child.platform or p) if p == "" else p, m)
+                    for p, m in _walk_child(store, child, matcher)
+                )
+    elif root.media_type in d.MANIFEST_TYPES:
+        yield from _walk_child(store, root, matcher)
+
+
+def _walk_child(store: Store, desc: Descriptor, matcher: Matcher) -> Iterator[tuple[str, Manifest]]:
+    if desc.media_type in d.INDEX_TYPES:
+        yield from walk(store, desc, matcher)
+        return
+    manifest = Manifest.parse(store.read(desc, f"manifest {desc.digest}"), desc.digest)
+    if manifest.config.media_type in (d.OCI_CONFIG, d.DOCKER_CONFIG):
+        yield str(desc.platform or ""), manifest
+
+
+def check_image(
+    store: Store,
+    name: str,
+    root: Descriptor,
+    matcher: Matcher,
+    *,
+    deep: bool,
+    toc_image: Descriptor | None = None,
+) -> ImageReport:
+    """Check (deep: every chunk, DiffID and size too) or just describe every layer."""
+    report = ImageReport(image=name, digest=root.digest)
+    external = _external_tocs(store, toc_image) if toc_image else {}
+    for platform, manifest in walk(store, root, matcher):
+        label = platform or "image"
+        config = d.load_json(store.read(manifest.config, f"config of {label}"), "config")
+        rootfs = config.get("rootfs") if isinstance(config.get("rootfs"), dict) else {}
+        diff_ids = rootfs.get("diff_ids") or []
+        if d.is_docker(manifest.config.media_type) or any(
+            d.is_docker(x.media_type) for x in manifest.layers
+        ):
+            _note(
+                report,
+                f"{label}: Docker media types cannot carry annotations; "
+                "lazy pulling needs OCI types (convert with --oci)",
+            )
+        layers = [x for x in manifest.layers if x.media_type in d.LAYER_TYPES]
+        for i, layer in enumerate(layers):
+            diff_id = diff_ids[i] if i < len(diff_ids) else None
+            check = _check_layer(store, label, i, layer, diff_id, deep, external)
+            report.layers.append(check)
+            for w in check.warnings:
+                _note(report, f"{label} layer {i}: {w}")
+    if not report.layers:
+        raise EstargzOptError(f"{name}: no image manifest matches the platform selection")
+    return report
+
+
+def _note(report: ImageReport, message: str) -> None:
+    if message not in report.warnings:
+        report.warnings.append(message)
+
+
+def _external_tocs(store: Store, toc_image: Descriptor) -> dict[str, bytes]:
+    manifest = Manifest.parse(store.read(toc_image, "TOC image"), toc_image.digest)
+    out = {}
+    for layer in manifest.layers:
+        target = (layer.annotations or {}).get(TOC_LAYER_DIGEST)
+        if target:
+            out[target] = store.read(layer, f"TOC blob for {target}")
+    return out
+
+
+def _check_layer(
+    store: Store,
+    platform: str,
+    i: int,
+    desc: Descriptor,
+    diff_id: str | None,
+    deep: bool,
+    external: dict[str, bytes],
+) -> LayerCheck:
+    ann = desc.annotations or {}
+    check = LayerCheck(platform, i, desc.digest, desc.media_type, size=desc.size)
+    with ExitStack() as stack:
+        path = stack.enter_context(store.local_file(desc, f"layer {i} of {platform}"))
+        try:
+            layer: Layer = stack.enter_context(
+                open_layer(path, external_toc=external.get(desc.digest))
+            )
+        except EstargzOptError as exc:
+            check.format = "not eStargz"
+            if "outside the blob" in str(exc) and not external:
+                check.errors.append(f"external TOC: {exc}; the TOC image (-esgztoc) is missing")
+            else:
+                check.errors.append(
+                    "not an eStargz or zstd:chunked layer: a lazy pull fetches it whole"
+                )
+                check.warnings.append("layer is not eStargz (was the image converted?)")
+            return check
+        check.format = layer.format
+        toc = layer.toc
+        check.entries = sum(1 for e in toc.entries if e.type != "chunk")
+        check.chunks = len(layer.chunks())
+        names = [e.name for e in toc.entries if e.type != "chunk"]
+        landmark = next((n for n in names if n in LANDMARKS), "")
+        check.landmark = landmark
+        if landmark == PREFETCH_LANDMARK:
+            check.prioritized = [n for n in names[: names.index(landmark)] if not n.endswith("/")]
+            entry = next(e for e in toc.entries if e.name == landmark)
+            check.prefetch_bytes = entry.offset
+        elif landmark == NO_PREFETCH_LANDMARK:
+            check.prefetch_bytes = 0
+        else:
+            check.errors.append("no prefetch landmark: the layer was not built by an optimizer")
+        want = ann.get(TOC_DIGEST_ANNOTATION)
+        if not want:
+            check.errors.append(
+                f"missing annotation {TOC_DIGEST_ANNOTATION}: lazy pull cannot "
+                "verify the TOC and falls back to a full pull"
+            )
+        elif want != layer.toc_digest:
+            check.errors.append(f"TOC digest {layer.toc_digest} != annotation {want}")
+        offsets = [c.offset for c in layer.chunks()]
+        if len(offsets) != len(set(offsets)):
+            check.warnings.append(
+                "min-chunk-size TOC (chunks share offsets): upstream's "
+                "VerifyTOC rejects it, so it is never reused"
+            )
+        if layer.format == "zstdchunked":
+            check.errors.extend(_zstd_annotations(layer, ann))
+        if not deep:
+            check.uncompressed_size = int(ann.get(UNCOMPRESSED_SIZE_ANNOTATION, "0") or 0)
+            return check
+        try:
+            layer.verify()
+        except EstargzOptError as exc:
+            check.errors.append(str(exc))
+        try:
+            got_diff, usize = _diff_id(path, layer.format)
+        except EstargzOptError as exc:
+            check.errors.append(f"cannot decompress the blob: {exc}")
+            return check
+        check.uncompressed_size = usize
+        if diff_id and got_diff != diff_id:
+            check.errors.append(f"DiffID {got_diff} != config rootfs.diff_ids[{i}] {diff_id}")
+        size_ann = ann.get(UNCOMPRESSED_SIZE_ANNOTATION)
+        if size_ann is None:
+            check.errors.append(f"missing annotation {UNCOMPRESSED_SIZE_ANNOTATION}")
+        elif size_ann != str(usize):
+            check.errors.append(f"{UNCOMPRESSED_SIZE_ANNOTATION} {size_ann} != {usize} bytes")
+    return check
+
+
+def _zstd_annotations(layer: Layer, ann: dict[str, str]) -> list[str]:
+    errors = []
+    footer = layer.footer
+    position = f"{footer.toc_offset}:{footer.toc_size}:{len(layer.toc_json)}:1"
+    if ann.get(MANIFEST_POSITION) != position:
+        errors.append(f"{MANIFEST_POSITION} {ann.get(MANIFEST_POSITION)!r} != footer {position}")
+    raw = os.pread(layer._f.fileno(), footer.toc_size, footer.toc_offset or 0)
+    checksum = "sha256:" + hashlib.sha256(raw).hexdigest()
+    if ann.get(MANIFEST_CHECKSUM) != checksum:
+        errors.append(f"{MANIFEST_CHECKSUM} {ann.get(MANIFEST_CHECKSUM)!r} != {checksum}")
+    return errors
+
+
+def _diff_id(path: Path, fmt: str) -> tuple[str, int]:
+    """sha256 and length of the whole decompressed blob, as containerd computes the DiffID."""
+    stream = ZstdStream() if fmt == "zstdchunked" else GzipStream()
+    h = hashlib.sha256()
+    total = 0
+    with open(path, "rb") as f:
+        while block := f.read(_STEP):
+            try:
+                plain = stream.feed(block)
+            except ValueError as exc:
+                raise EstargzOptError(f"{path}: {exc}") from None
+            h.update(plain)
+            total += len(plain)
+    return "sha256:" + h.hexdigest(), total
+
+
+def lint(ref_text: str, containerd: Any, matcher: Matcher, *, deep: bool) -> ImageReport:
+    """Open the image named ref_text (containerd name or oci:DIR:TAG) and check it."""
+    from estargz_opt import reference
+    from estargz_opt.optimize import TOC_IMAGE_SUFFIX, open_store
+
+    ref = reference.parse(ref_text)
+    with open_store(ref, containerd, create=False) as store:
+        root = store.resolve(ref.tag)
+        toc_image = None
+        if ref.tag:
+            try:
+                toc_image = store.resolve(ref.tag + TOC_IMAGE_SUFFIX)
+            except EstargzOptError:
+                toc_image = None
+        return check_image(store, str(ref), root, matcher, deep=deep, toc_image=toc_image)
