@@ -42,6 +42,7 @@ import gzip
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -468,3 +469,136 @@ def test_gc_and_prune_keep_the_new_image(own: Containerd, busybox_layer: Path,
     kept = dst_blobs - {x["digest"] for m, _ in walk(own, digest) for x in m["layers"]}
     assert kept <= present, f"prune took the index, a manifest or a config: {kept - present}"
     assert ctr_run(own, dst) == RUN_OUTPUT
+
+
+# --- errors ---------------------------------------------------------------------------------
+
+@dataclass
+class Unchanged:
+    """Snapshot of what a failed run must not change in containerd."""
+
+    c: Containerd
+    before: set[str]
+
+    def check(self) -> None:
+        assert images(self.c) == self.before, "a failed run changed the image list"
+        no_leftovers(self.c)
+
+
+@pytest.fixture
+def unchanged(containerd) -> Iterator[Unchanged]:
+    u = Unchanged(containerd, images(containerd))
+    yield u
+    u.check()
+
+
+def test_missing_socket(tmp_path: Path, runnable: Source, unchanged: Unchanged) -> None:
+    sock = tmp_path / "no" / "containerd.sock"
+    msg = error_message(cli("-a", sock, "optimize", "--oci", "--no-optimize", runnable.name,
+                            "localhost/x:1"))
+    assert str(sock) in msg and "-a/--address" in msg, msg
+    # The same through CONTAINERD_ADDRESS, as ctr.
+    msg = error_message(cli("optimize", "--oci", "--no-optimize", runnable.name, "localhost/x:1",
+                            env=_env(CONTAINERD_ADDRESS=str(sock))))
+    assert str(sock) in msg and "-a/--address" in msg, msg
+
+
+def test_refused_socket(tmp_path: Path, unchanged: Unchanged) -> None:
+    sock = tmp_path / "stale.sock"
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(str(sock))  # a socket file nobody listens on
+    s.close()
+    msg = error_message(cli("-a", sock, "optimize", "--oci", "--no-optimize", "localhost/a:1",
+                            "localhost/b:1"))
+    assert str(sock) in msg and "refused" in msg and "-a/--address" in msg, msg
+
+
+def test_permission_denied(containerd, runnable: Source, unchanged: Unchanged) -> None:
+    """As user nobody. The interpreter and its packages may live under /root, which nobody
+    cannot read: the child loads what the run needs as root (a call to a missing socket
+    loads grpc's lazy modules, difflib is click's), then drops to nobody and runs the CLI."""
+    code = (
+        "import os, sys, difflib\n"
+        "import estargz_opt.cli, estargz_opt.optimize, estargz_opt.stores.containerd.store\n"
+        "from estargz_opt.stores.containerd.client import Client, ContainerdError\n"
+        "try:\n"
+        "    Client('/nonexistent/containerd.sock').version()\n"
+        "except ContainerdError:\n"
+        "    pass\n"
+        "os.setgroups([]); os.setgid(65534); os.setuid(65534)\n"
+        "sys.argv = ['estargz-opt', *sys.argv[1:]]\n"
+        "estargz_opt.cli.main()\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code, "-a", containerd.address, "optimize",
+                          "--oci", "--no-optimize", runnable.name, "localhost/cdrun:1-nobody"],
+                         capture_output=True, text=True, env=_env(), timeout=120,
+                         stdin=subprocess.DEVNULL)
+    msg = error_message(res)
+    assert "permission denied" in msg.lower() and containerd.address in msg, msg
+
+
+def test_image_not_found(containerd, unchanged: Unchanged) -> None:
+    msg = error_message(optimize(containerd, "--oci", "--no-optimize", "localhost/no-such:1",
+                                 "localhost/no-such:1-esgz"))
+    assert "localhost/no-such:1" in msg and "not found" in msg, msg
+
+
+def test_namespace_that_does_not_exist(containerd, runnable: Source,
+                                       unchanged: Unchanged) -> None:
+    before = containerd.ctr("namespaces", "ls", "-q").stdout.split()
+    assert "nope" not in before
+    try:
+        res = cli("-a", containerd.address, "-n", "nope", "optimize", "--oci", "--no-optimize",
+                  runnable.name, "localhost/cdrun:1-nope")
+        msg = error_message(res)
+        after = containerd.ctr("namespaces", "ls", "-q").stdout.split()
+        problems = []
+        if not re.search(r"namespace 'nope' does not exist", msg):
+            problems.append(f"the error does not say namespace 'nope' does not exist: {msg!r}")
+        if after != before:
+            problems.append(f"the run created a namespace: ctr namespaces ls {before} -> {after}")
+        if "nope" in after and leases(containerd, "nope"):
+            problems.append(f"lease left in namespace nope: {leases(containerd, 'nope')}")
+        if problems:
+            pytest.fail("\n".join(problems), pytrace=False)
+    finally:
+        subprocess.run(["ctr", "-a", containerd.address, "namespaces", "rm", "nope"],
+                       capture_output=True, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def host_only(containerd, busybox_layer: Path, tmp_path_factory) -> tuple[str, dict]:
+    """The two-platform image imported for the host only (the archive has no arm64 blobs).
+    Returns (name, arm64 manifest descriptor)."""
+    base = tmp_path_factory.mktemp("cdhostonly")
+    layout = base / "layout"
+    write_two_platforms(layout, busybox_layer, b"arm64, never imported\n")
+    [host, arm] = f.platform_manifests(layout, "v1")
+    host_blobs = {host[2]["config"]["digest"], *(x["digest"] for x in host[2]["layers"])}
+    for d in {arm[1]["digest"], arm[2]["config"]["digest"],
+              *(x["digest"] for x in arm[2]["layers"])} - host_blobs:
+        f.blob_path(layout, d).unlink()
+    name = "localhost/cdhostonly:1"
+    import_layout(containerd, layout, "v1", name, base / "image.tar", all_platforms=False)
+    have = set(content_labels(containerd))
+    assert arm[1]["digest"] not in have and f.resolve_tag(layout, "v1")["digest"] in have
+    return name, arm[1]
+
+
+@pytest.mark.parametrize("flag", [["--platform", "linux/arm64"], ["--all-platforms"]],
+                         ids=["platform-arm64", "all-platforms"])
+def test_content_of_another_platform_missing(flag: list[str], host_only, containerd,
+                                             unchanged: Unchanged) -> None:
+    name, arm = host_only
+    msg = error_message(optimize(containerd, "--oci", "--no-optimize", *flag, name,
+                                 f"{name}-esgz"))
+    assert arm["digest"] in msg and "linux/arm64" in msg, msg
+
+
+def test_host_platform_of_a_host_only_image_converts(host_only, containerd) -> None:
+    name, _ = host_only
+    dst = f"{name}-host"
+    digest = printed_digest(optimize(containerd, "--oci", "--no-optimize", name, dst))
+    assert image_target(containerd, dst) == digest
+    no_leftovers(containerd)
+    assert ctr_run(containerd, dst) == RUN_OUTPUT
