@@ -39,9 +39,12 @@ archive itself is cut down.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import os
 import re
+import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -265,6 +268,28 @@ def own(tmp_path_factory) -> Iterator[Containerd]:
         yield daemon
     finally:
         daemon.stop()
+
+
+@pytest.fixture(scope="module")
+def big(own: Containerd, busybox_layer: Path, tmp_path_factory) -> str:
+    """busybox + a 64 MiB layer of random bytes (uncompressed tar, quick to build), in *own*:
+    its converted layer takes containerd a good second to receive."""
+    layout = f.init_layout(tmp_path_factory.mktemp("cdbig") / "layout")
+    raws = [busybox_layer.read_bytes(),
+            f.simple_layer({"big/": None, "big/random.bin": os.urandom(64 * MiB)})]
+    layers = [f.descriptor(f.OCI_LAYER_GZIP, *f.put_blob(layout, f.gzip_layer(raws[0]))),
+              f.descriptor(f.OCI_LAYER_TAR, *f.put_blob(layout, raws[1]))]
+    plat = f.platform_dict(f.HOST_PLATFORM)
+    config = {**plat, **f.busybox_config(),
+              "rootfs": {"type": "layers", "diff_ids": [f.sha256_digest(r) for r in raws]}}
+    cfg = f.descriptor(f.OCI_CONFIG, *f.put_json(layout, config, sort_keys=True))
+    manifest = {"schemaVersion": 2, "mediaType": f.OCI_MANIFEST, "config": cfg,
+                "layers": layers}
+    f.tag_descriptor(layout, "v1", f.descriptor(f.OCI_MANIFEST, *f.put_json(layout, manifest),
+                                                platform=plat))
+    name = "localhost/cdbig:1"
+    import_layout(own, layout, "v1", name, layout.parent / "image.tar")
+    return name
 
 
 # --- runs and TOCs --------------------------------------------------------------------------
@@ -602,3 +627,150 @@ def test_host_platform_of_a_host_only_image_converts(host_only, containerd) -> N
     assert image_target(containerd, dst) == digest
     no_leftovers(containerd)
     assert ctr_run(containerd, dst) == RUN_OUTPUT
+
+
+# --- interruptions --------------------------------------------------------------------------
+
+def start_optimize(c: Containerd, tmp: Path, *args: str) -> subprocess.Popen:
+    tmpdir = tmp / "tmpdir"
+    tmpdir.mkdir(exist_ok=True)
+    return subprocess.Popen([sys.executable, "-m", "estargz_opt", "-a", c.address, "optimize",
+                             *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            stdin=subprocess.DEVNULL, env=_env(TMPDIR=str(tmpdir)))
+
+
+def wait_for_big_ingest(c: Containerd, proc: subprocess.Popen, timeout: float = 60) -> str:
+    """The ref of the big layer's ingest once it holds a few MB (of ~67), mid-write.
+    (The other layer, busybox, converts to ~1 MB.)"""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"estargz-opt ended ({proc.returncode}) before the big layer was "
+                        f"half-written\nstdout:\n{out}\nstderr:\n{err}", pytrace=False)
+        held = {ref: n for ref, n in active(c).items()
+                if ref.startswith("estargz-opt-") and 2e6 <= n <= 60e6}
+        if held:
+            return next(iter(held))
+        time.sleep(0.005)
+    proc.kill()
+    pytest.fail("the big layer's ingest never showed up in ctr content active", pytrace=False)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 60) -> subprocess.CompletedProcess:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"estargz-opt did not end within {timeout} s\nstderr:\n{err}",
+                    pytrace=False)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def test_killed_mid_write_then_rerun(own: Containerd, big: str, tmp_path: Path) -> None:
+    dst = "localhost/cdbig:1-killed"
+    args = ["--oci", "--no-optimize", big, dst]
+    before = {lease for lease, _ in leases(own)}
+    proc = start_optimize(own, tmp_path, *args)
+    ref = wait_for_big_ingest(own, proc)
+    proc.send_signal(signal.SIGKILL)
+    finish(proc)
+    assert ref in active(own), "the kill did not land mid-write (no ingest left)"
+    assert dst not in images(own)
+    stale = [(lease, labels) for lease, labels in leases(own) if lease not in before]
+    assert stale and all(GC_EXPIRE in labels for _, labels in stale), \
+        f"the killed run's lease should remain, with an expiry: {stale}"
+
+    res = optimize(own, *args, env=_env(TMPDIR=str(tmp_path / "tmpdir")))
+    assert "failed precondition" not in res.stderr, res.stderr
+    digest = printed_digest(res)
+    assert image_target(own, dst) == digest
+    assert active(own) == {}, "stale ingests remain after the rerun"
+    assert [x for x in leases(own) if x[0] not in before] == stale, "the rerun left a lease"
+    for lease, _ in stale:
+        own.ctr("leases", "rm", lease)
+
+
+def test_containerd_dies_mid_run_then_rerun(own: Containerd, big: str, tmp_path: Path) -> None:
+    # Another chunk size than the test above: other blobs, so there is something to write.
+    dst = "localhost/cdbig:1-died"
+    args = ["--oci", "--no-optimize", "--estargz-chunk-size", str(2 * MiB), big, dst]
+    proc = start_optimize(own, tmp_path, *args)
+    wait_for_big_ingest(own, proc)
+    pid = int((own.dir / "containerd.pid").read_text())
+    os.kill(pid, signal.SIGKILL)
+    try:
+        msg = error_message(finish(proc))
+        assert "containerd" in msg and own.address in msg, msg
+    finally:
+        restart(own, pid)
+    assert dst not in images(own), "half-created DST image after containerd died"
+
+    res = optimize(own, *args, env=_env(TMPDIR=str(tmp_path / "tmpdir")))
+    assert "failed precondition" not in res.stderr, res.stderr
+    digest = printed_digest(res)
+    assert image_target(own, dst) == digest
+    assert active(own) == {}, "stale ingests remain after the rerun"
+    assert ctr_run(own, dst) == f"{f.BUSYBOX_HELLO}\n"
+    for lease, _ in leases(own):  # the dead run's, with its expiry
+        own.ctr("leases", "rm", lease)
+
+
+def restart(c: Containerd, pid: int) -> None:
+    """Start containerd again on the same directory once the killed one is gone.
+
+    containerd-up.sh refuses while the pid file names a live process, and a zombie
+    counts as one; here the killed daemon is init's child, reaped within a few seconds.
+    """
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if Path(f"/proc/{pid}").exists():  # a zombie nobody reaps holds nothing but its pid
+        (c.dir / "containerd.pid").unlink()
+    Containerd.start(c.dir)
+
+
+# --- export and import without ctr ------------------------------------------------------------
+
+def test_containerd_to_oci_layout(runnable: Source, containerd, tmp_path: Path,
+                                  unchanged: Unchanged) -> None:
+    if shutil.which("skopeo") is None:
+        pytest.skip("skopeo is not installed")
+    out = tmp_path / "out"
+    digest = printed_digest(optimize(containerd, "--oci", "--no-optimize", runnable.name,
+                                     f"oci:{out}:v2"))
+    assert f.resolve_tag(out, "v2")["digest"] == digest
+    for _mdesc, layer in f.all_layer_descriptors(out, "v2"):
+        res = cli("layer", "verify", f.blob_path(out, layer["digest"]), "--toc-digest",
+                  layer["annotations"][f.TOC_DIGEST])
+        assert res.returncode == 0, res.stderr
+    res = subprocess.run(["skopeo", "copy", f"oci:{out}:v2", f"oci:{tmp_path / 'copy'}:v2"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    # unchanged: nothing was created in containerd, no lease is left
+
+
+def test_oci_layout_to_containerd(runnable: Source, containerd) -> None:
+    dst = "localhost/cdfromoci:1"
+    assert dst not in images(containerd)
+    digest = printed_digest(optimize(containerd, "--oci", "--no-optimize",
+                                     f"oci:{runnable.layout}:v1", dst))
+    assert image_target(containerd, dst) == digest
+    no_leftovers(containerd)
+    labels = content_labels(containerd)
+    assert gc_ref_problems(containerd, labels, digest) == []
+    [(m, cfg)] = walk(containerd, digest)
+    for x, diff_id in zip(m["layers"], cfg["rootfs"]["diff_ids"], strict=True):
+        assert labels[x["digest"]].get(UNCOMPRESSED) == diff_id
+    assert ctr_run(containerd, dst) == runnable.output
+
+
+def test_digest_is_stable_across_stores(runnable: Source, containerd, tmp_path: Path) -> None:
+    """containerd -> containerd and oci: -> oci: give the same image."""
+    a = printed_digest(optimize(containerd, "--oci", "--no-optimize", runnable.name,
+                                "localhost/cdrun:1-again"))
+    b = printed_digest(cli("optimize", "--oci", "--no-optimize", f"oci:{runnable.layout}:v1",
+                           f"oci:{tmp_path / 'o'}:v1"))
+    assert a == b
+    assert hashlib.sha256(blob(containerd, a)).hexdigest() == a.removeprefix("sha256:")
