@@ -21,6 +21,7 @@ from estargz_opt.format import (
     open_layer,
 )
 from estargz_opt.optimize import ContainerdOptions, OptimizeRequest, optimize
+from estargz_opt.progress import Progress
 
 log = logging.getLogger("estargz_opt")
 
@@ -61,10 +62,29 @@ def _read_optional(path: Path | None) -> bytes | None:
     help="containerd namespace (env CONTAINERD_NAMESPACE), as ctr.",
 )
 @click.option("--timeout", type=float, help="Seconds for each containerd request.")
-@click.option("--debug", is_flag=True, help="Log debug output.")
+@click.option("--debug", is_flag=True, help="Log debug output (same as --log-level debug).")
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="Log lines on stderr as text or as JSON objects.",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default="info",
+    show_default=True,
+)
 @click.pass_context
 def cli(
-    ctx: click.Context, address: str, namespace: str, timeout: float | None, debug: bool
+    ctx: click.Context,
+    address: str,
+    namespace: str,
+    timeout: float | None,
+    debug: bool,
+    log_format: str,
+    log_level: str,
 ) -> None:
     """Optimize container images for lazy pulling (eStargz, zstd:chunked).
 
@@ -75,8 +95,7 @@ def cli(
       estargz-opt optimize --oci --no-optimize oci:app:1.0 oci:app:1.0-esgz
       estargz-opt layer convert layer.tar.gz out.blob --prioritized-files files.txt
     """
-    if debug:
-        logging.getLogger().setLevel(logging.DEBUG)
+    _configure_logging(log_format, "debug" if debug else log_level)
     ctx.obj = ContainerdOptions(address=address, namespace=namespace, timeout=timeout)
 
 
@@ -123,6 +142,8 @@ def cli(
 @click.option(
     "--estargz-external-toc", is_flag=True, help="Keep TOCs in a separate image DST-esgztoc."
 )
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON report on stdout at the end.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 def optimize_cmd(
     containerd: ContainerdOptions,
     src: str,
@@ -140,6 +161,8 @@ def optimize_cmd(
     estargz_chunk_size: int,
     estargz_min_chunk_size: int,
     estargz_external_toc: bool,
+    as_json: bool,
+    quiet: bool,
 ) -> None:
     """Convert the image SRC into DST with prioritized files first.
 
@@ -177,6 +200,7 @@ def optimize_cmd(
         chunk_size=estargz_chunk_size or DEFAULT_CHUNK_SIZE,
         min_chunk_size=0 if zstdchunked else estargz_min_chunk_size,
     )
+    progress = Progress()
     outcome = optimize(
         OptimizeRequest(
             src=src,
@@ -190,8 +214,13 @@ def optimize_cmd(
             record_in=None if no_optimize else record_in,
             prefetch_list=prefetch_list,
             containerd=containerd,
+            progress=None if quiet else progress,
         )
     )
+    progress.close()
+    if as_json:
+        click.echo(json.dumps(outcome.report()))
+        return
     if outcome.extra_image:
         click.echo(f"extra image: {outcome.extra_image}")
     click.echo(outcome.digest)
@@ -465,6 +494,20 @@ def layer_tar(blob: Path, out: Path, toc_file: Path | None) -> None:
             return
         with atomic_output(out) as f:
             lay.write_tar(f)
+
+
+def _configure_logging(fmt: str, level: str) -> None:
+    """One stderr handler; JSON lines carry extra fields such as the layer digest."""
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        from pythonjsonlogger.json import JsonFormatter
+
+        handler.setFormatter(JsonFormatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter("estargz-opt: %(levelname)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
 
 
 def _terminate(signum: int, _frame: object) -> None:

@@ -22,6 +22,7 @@ from estargz_opt.errors import BadInputError, EstargzOptError
 from estargz_opt.format import Format, LayerOptions, LayerResult, build_layer, open_layer
 from estargz_opt.format.source import open_tar
 from estargz_opt.platforms import Matcher
+from estargz_opt.progress import Progress
 from estargz_opt.stores import Store
 
 log = logging.getLogger("estargz_opt")
@@ -38,6 +39,7 @@ class ConvertOptions:
     oci: bool = False
     reuse: bool = False
     prioritized: Mapping[str, Sequence[str]] = field(default_factory=dict)  # layer digest -> paths
+    progress: Progress | None = None
 
 
 @dataclass(slots=True)
@@ -190,19 +192,30 @@ class Converter:
             return kept, None
         opts = replace(self.opts.layer, prioritized=prioritized)
 
-        def progress(_in: int, _out: int) -> None:
+        shown = self.opts.progress
+
+        def progress(bytes_in: int, bytes_out: int) -> None:
             if self.cancel.is_set():
                 raise Cancelled("interrupted")
+            if shown:
+                shown.update(desc.digest, bytes_in, bytes_out)
 
         with (
             self.src.local_file(desc, what) as path,
             open_tar(path) as tar,
             self.dst.sink(source=desc) as sink,
         ):
+            if shown:
+                shown.start(desc.digest, tar.size)
             try:
                 result = build_layer(tar, sink.file, opts, progress)
+                if shown:
+                    shown.update(desc.digest, result.uncompressed_size, result.size)
             except BadInputError as exc:
                 raise BadInputError(f"{what} ({desc.digest}): {exc}") from None
+            finally:
+                if shown:
+                    shown.finish(desc.digest)
             sink.commit(result.digest, result.size, result.diff_id)
         if result.missing_prioritized:
             self._warn(

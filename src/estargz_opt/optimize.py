@@ -25,6 +25,7 @@ from estargz_opt.convert import Converter, ConvertOptions, ConvertResult, toc_im
 from estargz_opt.descriptor import Descriptor, Index, Manifest
 from estargz_opt.errors import EstargzOptError
 from estargz_opt.format import Format, LayerOptions
+from estargz_opt.progress import Progress
 from estargz_opt.stores import Store
 from estargz_opt.stores.oci import OCILayout
 
@@ -54,23 +55,63 @@ class OptimizeRequest:
     record_in: Path | None = None
     prefetch_list: Path | None = None
     containerd: ContainerdOptions = field(default_factory=ContainerdOptions)
+    progress: Progress | None = None
 
 
 @dataclass(slots=True)
 class OptimizeOutcome:
+    format: str
+    source_digest: str
     digest: str
     extra_image: str | None
     result: ConvertResult
     warnings: list[str] = field(default_factory=list)
+
+    def report(self) -> dict[str, Any]:
+        """The `optimize --json` report."""
+        layers = []
+        for lay in self.result.layers:
+            r = lay.result
+            layers.append(
+                {
+                    "platform": lay.platform,
+                    "source": {
+                        "digest": lay.source.digest,
+                        "size": lay.source.size,
+                        "mediaType": lay.source.media_type,
+                    },
+                    "target": {
+                        "digest": lay.target.digest,
+                        "size": lay.target.size,
+                        "mediaType": lay.target.media_type,
+                    },
+                    "diffID": lay.diff_id or None,
+                    "format": "reused" if r is None else self.format,
+                    "prioritizedFiles": r.prioritized_entries if r else 0,
+                    "prefetchBytes": r.prefetch_size if r else None,
+                    "seconds": round(lay.seconds, 3),
+                }
+            )
+        return {
+            "source": self.source_digest,
+            "target": self.digest,
+            "layers": layers,
+            "extraImage": self.extra_image,
+            "warnings": self.warnings,
+        }
 
 
 def optimize(req: OptimizeRequest) -> OptimizeOutcome:
     src_ref, dst_ref = reference.parse(req.src), reference.parse(req.dst)
     matcher = platforms.matcher(req.platforms, req.all_platforms)
     if not (req.no_optimize or req.record_in or req.prefetch_list):
+        why = (
+            "running the workload needs containerd, which oci: images do not use"
+            if isinstance(src_ref, reference.OCIRef)
+            else "running the workload in containerd is not available yet"
+        )
         raise EstargzOptError(
-            "running the workload to find the files it reads is not available yet; "
-            "pass --record-in FILE or --prefetch-list FILE (or --no-optimize)"
+            f"{why}; pass --record-in FILE or --prefetch-list FILE (or --no-optimize)"
         )
     dst_tag = dst_ref.tag or src_ref.tag
     if not dst_tag:
@@ -96,6 +137,7 @@ def optimize(req: OptimizeRequest) -> OptimizeOutcome:
             oci=req.oci,
             reuse=req.reuse,
             prioritized=prioritized,
+            progress=req.progress,
         )
         try:
             result = Converter(src, dst, opts, same_store=same).convert(root)
@@ -108,7 +150,9 @@ def optimize(req: OptimizeRequest) -> OptimizeOutcome:
         except BaseException:
             dst.rollback()
             raise
-    return OptimizeOutcome(result.target.digest, extra, result, result.warnings)
+    return OptimizeOutcome(
+        req.layer.format.value, root.digest, result.target.digest, extra, result, result.warnings
+    )
 
 
 def open_store(ref: reference.ImageRef, c: ContainerdOptions, create: bool) -> Any:

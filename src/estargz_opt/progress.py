@@ -1,0 +1,110 @@
+"""Per-layer progress on stderr: a live status line on a terminal, periodic log lines elsewhere.
+
+Stdout stays untouched (it carries the digest or the JSON report), so progress can never
+garble what a pipeline reads.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import TextIO
+
+log = logging.getLogger("estargz_opt")
+_LOG_EVERY = 5.0
+_DRAW_EVERY = 0.2
+
+
+@dataclass(slots=True)
+class _Layer:
+    digest: str
+    total: int
+    started: float
+    bytes_in: int = 0
+    bytes_out: int = 0
+    last_log: float = 0.0
+
+
+class Progress:
+    """Receives (digest, bytes in, bytes out) from converting threads and shows it."""
+
+    def __init__(self, stream: TextIO | None = None, *, live: bool | None = None) -> None:
+        self._stream = stream or sys.stderr
+        self._live = self._stream.isatty() if live is None else live
+        self._layers: dict[str, _Layer] = {}
+        self._lock = threading.Lock()
+        self._last_draw = 0.0
+        self._drawn = False
+
+    def start(self, digest: str, total: int) -> None:
+        with self._lock:
+            now = time.monotonic()
+            self._layers[digest] = _Layer(digest, total, now, last_log=now)
+        if not self._live:
+            log.info(
+                "converting layer %s (%d bytes of tar)", digest, total, extra={"layer": digest}
+            )
+
+    def update(self, digest: str, bytes_in: int, bytes_out: int) -> None:
+        with self._lock:
+            layer = self._layers.get(digest)
+            if layer is None:
+                return
+            layer.bytes_in, layer.bytes_out = bytes_in, bytes_out
+            now = time.monotonic()
+            if self._live:
+                if now - self._last_draw >= _DRAW_EVERY:
+                    self._last_draw = now
+                    self._draw()
+            elif now - layer.last_log >= _LOG_EVERY:
+                layer.last_log = now
+                log.info("layer %s: %s", digest, _describe(layer, now), extra={"layer": digest})
+
+    def finish(self, digest: str) -> None:
+        with self._lock:
+            layer = self._layers.pop(digest, None)
+            if layer is None:
+                return
+            now = time.monotonic()
+            if self._live:
+                self._clear()
+            log.info(
+                "layer %s done: %s in %.1f s",
+                digest,
+                _describe(layer, now),
+                now - layer.started,
+                extra={"layer": digest},
+            )
+            if self._live and self._layers:
+                self._draw()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._live:
+                self._clear()
+
+    def _draw(self) -> None:
+        now = time.monotonic()
+        parts = [f"{layer.digest[7:19]} {_describe(layer, now)}" for layer in self._layers.values()]
+        self._stream.write("\r\x1b[K" + " | ".join(parts))
+        self._stream.flush()
+        self._drawn = True
+
+    def _clear(self) -> None:
+        if self._drawn:
+            self._stream.write("\r\x1b[K")
+            self._stream.flush()
+            self._drawn = False
+
+
+def _describe(layer: _Layer, now: float) -> str:
+    rate = layer.bytes_in / max(now - layer.started, 1e-6)
+    share = f"{layer.bytes_in / layer.total:.0%} " if layer.total else ""
+    return f"{share}{_mib(layer.bytes_in)} in, {_mib(layer.bytes_out)} out, {_mib(rate)}/s"
+
+
+def _mib(n: float) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
