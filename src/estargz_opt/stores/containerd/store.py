@@ -23,6 +23,7 @@ from estargz_opt.stores.containerd.client import (
     ContentNotFoundError,
     Image,
     ImageNotFoundError,
+    NamespaceNotFoundError,
 )
 
 UNCOMPRESSED_LABEL = "containerd.io/uncompressed"
@@ -54,6 +55,9 @@ class ContainerdStore:
         self._stack = ExitStack()
 
     def __enter__(self) -> ContainerdStore:
+        # Check first: taking a lease in a namespace that does not exist would create it.
+        if not self.client.namespace_exists(self.client.namespace):
+            raise NamespaceNotFoundError(self.client._no_namespace_message())
         self._stack.enter_context(self.client.lease(labels={"estargz-opt": "optimize"}))
         return self
 
