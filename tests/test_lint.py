@@ -1,4 +1,4 @@
-"""Issue 6: ``verify`` on what ``optimize`` makes, and on damaged copies of it.
+"""Issue 6: ``verify``, ``inspect`` and ``optimize --json``, end to end.
 
 Every image here is built by :mod:`imagefactory` and converted by our own ``optimize``
 (one run per format, shared by the module), then:
@@ -9,7 +9,10 @@ Every image here is built by :mod:`imagefactory` and converted by our own ``opti
 * ``verify`` must fail, naming the layer (index and digest) and the problem, on copies that
   were damaged one way each. The damaged blob or config is stored under its *new* digest
   and the manifest and ``index.json`` are rewritten to point at it, so the layout stays
-  self-consistent and only the check under test can fail.
+  self-consistent and only the check under test can fail;
+* ``inspect --json`` must report as prefetch bytes exactly the offset of
+  ``.prefetch.landmark`` in the layer's TOC (read with ``estargz-opt layer toc``), as must
+  ``optimize --json``; ``inspect --files`` lists the recorded paths.
 """
 
 from __future__ import annotations
@@ -417,3 +420,89 @@ def test_external_toc_image_of_another_image(convert, src, tmp_path):
         assert re.search(rf"^FAIL {HOST} layer {i} \({layer['digest']}\): .*external TOC",
                          proc.stdout, re.M), proc.stdout
     assert "was the image converted" not in proc.stdout, proc.stdout
+
+
+# --- inspect and optimize --json ----------------------------------------------------------------
+
+@pytest.mark.parametrize("name", [*WITH_RECORD, "no-optimize"])
+def test_prefetch_bytes_are_the_landmark_offset(convert, name: str):
+    conv = convert(name)
+    report = json.loads(cli("inspect", "--json", conv.ref).stdout)
+    layers = conv.manifest()["layers"]
+    assert [x["digest"] for x in report["layers"]] == [x["digest"] for x in layers]
+    for i, (desc, got, opt) in enumerate(zip(layers, report["layers"], conv.report["layers"],
+                                             strict=True)):
+        entries = read_toc(conv, desc)["entries"]
+        if name == "no-optimize":
+            assert any(e["name"] == NO_PREFETCH_LANDMARK for e in entries)
+            want = 0
+        else:
+            (landmark,) = [e for e in entries if e["name"] == PREFETCH_LANDMARK]
+            want = landmark["offset"]
+            assert want > 0
+        assert got["prefetch_bytes"] == want, (i, got)
+        assert opt["prefetchBytes"] == want, (i, opt)
+        assert got["prefetch_share"] == round(want / desc["size"], 4), got
+
+
+@pytest.mark.parametrize("name", WITH_RECORD)
+def test_inspect_lists_prioritized_files(convert, name: str):
+    conv = convert(name)
+    report = json.loads(cli("inspect", "--json", conv.ref).stdout)
+    assert [x["prioritized"] for x in report["layers"]] == [PRIORITIZED[0], PRIORITIZED[1]]
+
+    out = cli("inspect", "--files", conv.ref).stdout
+    for i, paths in PRIORITIZED.items():
+        head = f"prioritized files of {HOST} layer {i}:"
+        assert head in out, out
+        listed = out.split(head, 1)[1].splitlines()[1:]
+        listed = [x.strip() for x in listed[: next((j for j, x in enumerate(listed)
+                                                    if not x.startswith("  ")), len(listed))]]
+        assert listed == paths, out
+    assert "unused.conf" not in out and "rand.bin" not in out, out
+    # Without --files the table shows counts, not paths.
+    plain = cli("inspect", conv.ref).stdout
+    assert "prioritized files of" not in plain and "bin/tool" not in plain, plain
+
+
+def test_inspect_json_of_no_optimize_prioritizes_nothing(convert):
+    report = json.loads(cli("inspect", "--json", convert("no-optimize").ref).stdout)
+    assert all(x["prioritized"] == [] and x["prefetch_bytes"] == 0 for x in report["layers"])
+
+
+@pytest.mark.parametrize("name", list(CONVERSIONS))
+def test_optimize_json_report(convert, src, name: str):
+    conv = convert(name)
+    layout, src_digest, _record = src
+    rep = conv.report
+    assert set(rep) == {"source", "target", "layers", "extraImage", "warnings"}, rep
+    assert rep["source"] == src_digest
+    assert rep["target"] == f.resolve_tag(conv.layout, conv.tag)["digest"]
+    manifest = conv.manifest()
+    config = f.read_json(conv.layout, manifest["config"]["digest"])
+    ((_p, _d, src_manifest),) = f.platform_manifests(layout, "t")
+    assert [x["target"] for x in rep["layers"]] == [
+        {k: x[k] for k in ("digest", "size", "mediaType")} for x in manifest["layers"]]
+    assert [x["source"] for x in rep["layers"]] == [
+        {k: x[k] for k in ("digest", "size", "mediaType")} for x in src_manifest["layers"]]
+    assert [x["diffID"] for x in rep["layers"]] == config["rootfs"]["diff_ids"]
+    for x in rep["layers"]:
+        assert x["platform"] == HOST and x["seconds"] >= 0, x
+    assert {x["format"] for x in rep["layers"]} == {FORMAT[name]}
+    if name == "external-toc":
+        assert rep["extraImage"] == f"oci:{conv.layout}:{conv.tag}-esgztoc"
+        f.resolve_tag(conv.layout, conv.tag + "-esgztoc")
+    else:
+        assert rep["extraImage"] is None
+    assert rep["warnings"] == []
+
+
+@pytest.mark.parametrize("name", [*WITH_RECORD, "no-optimize"])
+def test_optimize_json_counts_prioritized_files_as_inspect(convert, name: str):
+    """optimize's prioritizedFiles per layer is the number of files the record put first,
+    the same number inspect lists (the parent directories moved along are not files)."""
+    conv = convert(name)
+    report = json.loads(cli("inspect", "--json", conv.ref).stdout)
+    got = [x["prioritizedFiles"] for x in conv.report["layers"]]
+    want = [len(x["prioritized"]) for x in report["layers"]]
+    assert got == want, f"optimize --json prioritizedFiles {got}, inspect lists {want}"
