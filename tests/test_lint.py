@@ -1,4 +1,4 @@
-"""Issue 6: ``verify``, ``inspect`` and ``optimize --json``, end to end.
+"""Issue 6: ``verify``, ``inspect``, ``optimize --json``, progress and JSON logs, end to end.
 
 Every image here is built by :mod:`imagefactory` and converted by our own ``optimize``
 (one run per format, shared by the module), then:
@@ -12,7 +12,10 @@ Every image here is built by :mod:`imagefactory` and converted by our own ``opti
   self-consistent and only the check under test can fail;
 * ``inspect --json`` must report as prefetch bytes exactly the offset of
   ``.prefetch.landmark`` in the layer's TOC (read with ``estargz-opt layer toc``), as must
-  ``optimize --json``; ``inspect --files`` lists the recorded paths.
+  ``optimize --json``; ``inspect --files`` lists the recorded paths;
+* progress: drawn live on a terminal (tmux) without touching stdout, plain
+  ``converting layer sha256:`` log lines otherwise, nothing with ``-q``, one JSON object
+  per stderr line with ``--log-format json``.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -506,3 +510,125 @@ def test_optimize_json_counts_prioritized_files_as_inspect(convert, name: str):
     got = [x["prioritizedFiles"] for x in conv.report["layers"]]
     want = [len(x["prioritized"]) for x in report["layers"]]
     assert got == want, f"optimize --json prioritizedFiles {got}, inspect lists {want}"
+
+
+# --- progress and logs ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def big(tmp_path_factory) -> Path:
+    """A layout tagged ``t``: one uncompressed layer with 32 MiB of random bytes, so a
+    conversion lasts long enough for the live line to be drawn."""
+    layout = f.init_layout(tmp_path_factory.mktemp("lint-big") / "big")
+    raw = f.simple_layer({"r/": None, "r/random.bin": os.urandom(32 << 20)})
+    layer = f.descriptor(f.OCI_LAYER_TAR, *f.put_blob(layout, raw))
+    plat = f.platform_dict(f.HOST_PLATFORM)
+    config = {**plat, "config": {}, "rootfs": {"type": "layers",
+                                                 "diff_ids": [f.sha256_digest(raw)]}}
+    cdesc = f.descriptor(f.OCI_CONFIG, *f.put_json(layout, config, sort_keys=True))
+    manifest = {"schemaVersion": 2, "mediaType": f.OCI_MANIFEST, "config": cdesc,
+                "layers": [layer]}
+    mdesc = f.descriptor(f.OCI_MANIFEST, *f.put_json(layout, manifest), platform=plat)
+    f.tag_descriptor(layout, "t", mdesc)
+    return layout
+
+
+def test_progress_on_a_terminal_leaves_stdout_clean(big, tmp_path):
+    if shutil.which("tmux") is None:
+        pytest.skip("tmux is not installed")
+    out, done = tmp_path / "out.txt", tmp_path / "done"
+    env = " ".join(f"{k}={shlex.quote(v)}" for k, v in _env().items()
+                   if k in ("PYTHONPATH", "PATH", "HOME"))
+    cmd = (f"env {env} {shlex.quote(sys.executable)} -m estargz_opt optimize --oci "
+           f"--no-optimize oci:{big}:t oci:{tmp_path / 'dst'}:t > {out}; "
+           f"echo EXIT=$? >> {done}; sleep 120")
+    server = f"estargz-opt-test-{os.getpid()}"
+    tmux = ["tmux", "-L", server, "-f", "/dev/null"]
+    subprocess.run([*tmux, "new-session", "-d", "-s", "t", "-x", "200", "-y", "50", cmd],
+                   check=True, env={**os.environ, "TERM": "xterm"})
+    panes: list[str] = []
+    try:
+        deadline = time.monotonic() + 60
+        while not done.exists() and time.monotonic() < deadline:
+            panes.append(subprocess.run([*tmux, "capture-pane", "-p", "-t", "t"],
+                                        capture_output=True, text=True).stdout)
+            time.sleep(0.05)
+        assert done.exists(), "optimize did not finish within 60 s:\n" + (panes or [""])[-1]
+        time.sleep(0.1)
+        final = subprocess.run([*tmux, "capture-pane", "-p", "-t", "t"],
+                               capture_output=True, text=True, check=True).stdout
+    finally:
+        subprocess.run([*tmux, "kill-server"], capture_output=True)
+    assert done.read_text().strip() == "EXIT=0", final
+    digest = f.resolve_tag(tmp_path / "dst", "t")["digest"]
+    assert out.read_text() == digest + "\n"
+    # The live line: 12 hex digits of the layer digest, share, MiB in/out and a rate.
+    live = re.compile(r"^[0-9a-f]{12} \d+% [\d.]+ MiB in, [\d.]+ MiB out, [\d.]+ MiB/s")
+    drawn = [line for pane in panes for line in pane.splitlines() if live.match(line)]
+    assert drawn, "no live progress line was ever on the terminal:\n" + "\n---\n".join(
+        panes[-3:])
+    # Once done, the live line is gone: every line left is a whole log line.
+    left = [line for line in final.splitlines() if line.strip()]
+    assert left and all(line.startswith("estargz-opt: ") for line in left), final
+    assert any("done:" in line and "MiB" in line for line in left), final
+
+
+def test_progress_without_a_terminal_is_log_lines(src, tmp_path):
+    layout, _digest, _record = src
+    ((_p, _d, manifest),) = f.platform_manifests(layout, "t")
+    proc = cli("optimize", "--oci", "--no-optimize", f"oci:{layout}:t", f"oci:{tmp_path}/o:t")
+    assert DIGEST_LINE.fullmatch(proc.stdout.strip()) and proc.stdout.count("\n") == 1, \
+        proc.stdout
+    assert "\r" not in proc.stderr and "\x1b" not in proc.stderr, repr(proc.stderr)
+    for layer in manifest["layers"]:
+        assert f"estargz-opt: INFO: converting layer {layer['digest']}" in proc.stderr, \
+            proc.stderr
+        assert re.search(rf"layer {layer['digest']} done: .*MiB", proc.stderr), proc.stderr
+
+    quiet = cli("optimize", "-q", "--oci", "--no-optimize", f"oci:{layout}:t",
+                f"oci:{tmp_path}/q:t")
+    assert quiet.stdout == proc.stdout
+    assert "converting layer" not in quiet.stderr and "sha256:" not in quiet.stderr, \
+        quiet.stderr
+    jq = cli("optimize", "--quiet", "--json", "--oci", "--no-optimize", f"oci:{layout}:t",
+             f"oci:{tmp_path}/j:t")
+    assert json.loads(jq.stdout)["target"] == proc.stdout.strip()
+    assert "converting layer" not in jq.stderr, jq.stderr
+
+
+def _json_lines(stderr: str) -> list[dict]:
+    out = []
+    for line in stderr.splitlines():
+        try:
+            doc = json.loads(line)
+        except ValueError:
+            pytest.fail(f"stderr line is not JSON: {line!r}\nstderr:\n{stderr}")
+        assert isinstance(doc, dict), line
+        out.append(doc)
+    return out
+
+
+def test_json_logs(src, tmp_path):
+    layout, _digest, _record = src
+    ((_p, _d, manifest),) = f.platform_manifests(layout, "t")
+    proc = cli("--log-format", "json", "optimize", "--oci", "--no-optimize",
+               f"oci:{layout}:t", f"oci:{tmp_path}/o:t")
+    assert DIGEST_LINE.fullmatch(proc.stdout.strip()), proc.stdout
+    docs = _json_lines(proc.stderr)
+    assert all(d.get("levelname") and d.get("message") for d in docs), docs
+    layer_docs = [d for d in docs if "layer sha256:" in d["message"]]
+    assert {d["layer"] for d in layer_docs} == {x["digest"] for x in manifest["layers"]}, docs
+    for d in layer_docs:  # every line about a layer carries its digest
+        assert d["layer"] in d["message"], d
+
+    warn = cli("--log-format", "json", "--log-level", "warning", "optimize", "--oci",
+               "--no-optimize", f"oci:{layout}:t", f"oci:{tmp_path}/w:t")
+    assert warn.stderr == "", warn.stderr
+
+
+def test_json_logs_on_failure(src):
+    """A CI reading --log-format json stderr must be able to parse a failed run too."""
+    layout, _digest, _record = src
+    proc = cli("--log-format", "json", "verify", f"oci:{layout}:t", check=False)
+    assert proc.returncode != 0
+    docs = _json_lines(proc.stderr)
+    assert any(d.get("levelname") == "ERROR" for d in docs), docs
