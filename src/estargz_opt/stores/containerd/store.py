@@ -91,7 +91,8 @@ class ContainerdStore:
     def local_file(self, desc: Descriptor, what: str) -> Iterator[Path]:
         h = hashlib.sha256()
         size = 0
-        with tempfile.NamedTemporaryFile(dir=self._tmp_dir, prefix="estargz-opt-") as f:
+        # An anonymous file: nothing is left in TMPDIR even if the process is killed.
+        with tempfile.TemporaryFile(dir=self._tmp_dir, prefix="estargz-opt-") as f:
             try:
                 for block in self.client.read_content(desc.digest):
                     f.write(block)
@@ -104,7 +105,7 @@ class ContainerdStore:
                 raise BadInputError(
                     f"blob {desc.digest} ({what}) does not match its digest or size"
                 )
-            yield Path(f.name)
+            yield Path(f"/proc/self/fd/{f.fileno()}")
 
     def _missing(self, desc: Descriptor, what: str) -> BadInputError:
         return BadInputError(
