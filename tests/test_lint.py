@@ -28,6 +28,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -541,8 +542,9 @@ def test_progress_on_a_terminal_leaves_stdout_clean(big, tmp_path):
     cmd = (f"env {env} {shlex.quote(sys.executable)} -m estargz_opt optimize --oci "
            f"--no-optimize oci:{big}:t oci:{tmp_path / 'dst'}:t > {out}; "
            f"echo EXIT=$? >> {done}; sleep 120")
-    server = f"estargz-opt-test-{os.getpid()}"
-    tmux = ["tmux", "-L", server, "-f", "/dev/null"]
+    # A private server on a short socket path of our own (unix sockets max 107 bytes).
+    sock_dir = Path(tempfile.mkdtemp(prefix="estargz-opt-tmux-"))
+    tmux = ["tmux", "-S", str(sock_dir / "s"), "-f", "/dev/null"]
     subprocess.run([*tmux, "new-session", "-d", "-s", "t", "-x", "200", "-y", "50", cmd],
                    check=True, env={**os.environ, "TERM": "xterm"})
     panes: list[str] = []
@@ -558,6 +560,7 @@ def test_progress_on_a_terminal_leaves_stdout_clean(big, tmp_path):
                                capture_output=True, text=True, check=True).stdout
     finally:
         subprocess.run([*tmux, "kill-server"], capture_output=True)
+        shutil.rmtree(sock_dir, ignore_errors=True)
     assert done.read_text().strip() == "EXIT=0", final
     digest = f.resolve_tag(tmp_path / "dst", "t")["digest"]
     assert out.read_text() == digest + "\n"
