@@ -521,20 +521,25 @@ def main() -> None:
     try:
         cli.main(standalone_mode=False, prog_name="estargz-opt")
     except click.UsageError as exc:
-        click.echo(f"estargz-opt: error: {exc.format_message()}", err=True)
-        sys.exit(2)
+        _fail(exc.format_message(), 2)
     except click.ClickException as exc:
-        click.echo(f"estargz-opt: error: {exc.format_message()}", err=True)
-        sys.exit(exc.exit_code)
+        _fail(exc.format_message(), exc.exit_code)
     except EstargzOptError as exc:
-        click.echo(f"estargz-opt: error: {exc}", err=True)
-        sys.exit(1)
+        _fail(str(exc), 1)
     except (KeyboardInterrupt, click.Abort):
-        click.echo("estargz-opt: error: interrupted", err=True)
-        sys.exit(130)
+        _fail("interrupted", 130)
     except BrokenPipeError:
         sys.exit(1)
     except OSError as exc:  # a disk, permission or path problem the layers above did not name
         where = f": {exc.filename}" if exc.filename else ""
-        click.echo(f"estargz-opt: error: {exc.strerror or exc}{where}", err=True)
-        sys.exit(1)
+        _fail(f"{exc.strerror or exc}{where}", 1)
+
+
+def _fail(message: str, code: int) -> None:
+    """The one error line: JSON like every other log line under --log-format json."""
+    root = logging.getLogger()
+    if any(type(h.formatter).__name__ == "JsonFormatter" for h in root.handlers):
+        logging.getLogger("estargz_opt").error(message)
+    else:
+        click.echo(f"estargz-opt: error: {message}", err=True)
+    sys.exit(code)

@@ -182,12 +182,8 @@ def _check_layer(
             )
         except EstargzOptError as exc:
             check.format = "not eStargz"
-            if "outside the blob" in str(exc) and not external:
-                check.errors.append(f"external TOC: {exc}; the TOC image (-esgztoc) is missing")
-            else:
-                check.errors.append(
-                    "not an eStargz or zstd:chunked layer: a lazy pull fetches it whole"
-                )
+            check.errors.append(_unreadable(str(exc), ann, desc.digest in external, bool(external)))
+            if not ann.get(TOC_DIGEST_ANNOTATION):
                 check.warnings.append("layer is not eStargz (was the image converted?)")
             return check
         check.format = layer.format
@@ -228,6 +224,7 @@ def _check_layer(
             layer.verify()
         except EstargzOptError as exc:
             check.errors.append(str(exc))
+            return check  # the DiffID of a damaged blob would only repeat the same failure
         try:
             got_diff, usize = _diff_id(path, layer.format)
         except EstargzOptError as exc:
@@ -242,6 +239,17 @@ def _check_layer(
         elif size_ann != str(usize):
             check.errors.append(f"{UNCOMPRESSED_SIZE_ANNOTATION} {size_ann} != {usize} bytes")
     return check
+
+
+def _unreadable(message: str, ann: dict[str, str], has_toc: bool, toc_image: bool) -> str:
+    """Why a layer cannot be opened: external TOC problems, damage, or never converted."""
+    if "outside the blob" in message:
+        if toc_image and not has_toc:
+            return "external TOC: the TOC image (-esgztoc) has no TOC for this layer"
+        return "external TOC: the TOC image (-esgztoc) is missing"
+    if ann.get(TOC_DIGEST_ANNOTATION):
+        return f"damaged eStargz layer (annotated, but unreadable): {message}"
+    return "not an eStargz or zstd:chunked layer: a lazy pull fetches it whole"
 
 
 def _zstd_annotations(layer: Layer, ann: dict[str, str]) -> list[str]:

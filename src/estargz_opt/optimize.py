@@ -87,7 +87,7 @@ class OptimizeOutcome:
                     },
                     "diffID": lay.diff_id or None,
                     "format": "reused" if r is None else self.format,
-                    "prioritizedFiles": r.prioritized_entries if r else 0,
+                    "prioritizedFiles": r.prioritized_files if r else 0,
                     "prefetchBytes": r.prefetch_size if r else None,
                     "seconds": round(lay.seconds, 3),
                 }

@@ -99,7 +99,8 @@ class LayerResult:
     annotations: dict[str, str]
     toc_blob: bytes | None = None
     missing_prioritized: list[str] = field(default_factory=list)
-    prioritized_entries: int = 0
+    prioritized_entries: int = 0  # entries moved to the front, parent directories included
+    prioritized_files: int = 0  # of those, the ones that are not directories
     prefetch_size: int = 0  # blob bytes before the prefetch landmark (what a lazy pull prefetches)
 
     def summary(self) -> dict[str, object]:
@@ -155,12 +156,12 @@ def _normalize(e: TarEntry) -> None:
 
 def order_entries(
     index: _Index, prioritized: Sequence[str]
-) -> tuple[list[TarEntry | None], list[str], int]:
+) -> tuple[list[TarEntry | None], list[str], list[TarEntry]]:
     """Upstream's order: prioritized files (parents first, hardlink targets first), landmark, rest.
 
     Unlike upstream, a parent directory without an entry of its own is skipped (nothing is
     invented, so the layer's tree is unchanged), and a prioritized path missing from the
-    layer is reported instead of aborting. Returns (order, missing paths, moved count).
+    layer is reported instead of aborting. Returns (order, missing paths, moved entries).
     """
     moved: set[int] = set()
     front: list[TarEntry] = []
@@ -195,7 +196,7 @@ def order_entries(
         landmark = TarEntry(name=NO_PREFETCH_LANDMARK, typeflag=tarfmt.REG, size=1, data_offset=-1)
         order = [landmark]
     order.extend(e for i, e in enumerate(index.entries) if i not in moved)
-    return order, missing, len(front)
+    return order, missing, front
 
 
 # ----------------------------------------------------------------------------- members
@@ -374,7 +375,7 @@ def build_layer(
 ) -> LayerResult:
     """Write the converted layer for src to out (positioned at 0) and describe it."""
     opts.validate()
-    order, missing, moved = order_entries(index_entries(src), opts.prioritized)
+    order, missing, front = order_entries(index_entries(src), opts.prioritized)
     comp = opts.format.compressor(opts.level)
     workers = opts.workers or os.cpu_count() or 1
     if opts.min_chunk_size and isinstance(comp, estargz.GzipCompressor):
@@ -407,7 +408,8 @@ def build_layer(
         },
         toc_blob=tail.toc_blob,
         missing_prioritized=missing,
-        prioritized_entries=moved,
+        prioritized_entries=len(front),
+        prioritized_files=sum(1 for e in front if e.typeflag != tarfmt.DIR),
         prefetch_size=toc.prefetch_size,
     )
 
