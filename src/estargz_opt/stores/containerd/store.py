@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import queue
 import tempfile
+import threading
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack
 from pathlib import Path
@@ -24,26 +26,117 @@ from estargz_opt.stores.containerd.client import (
     Image,
     ImageNotFoundError,
     NamespaceNotFoundError,
+    WriteResult,
 )
 
 UNCOMPRESSED_LABEL = "containerd.io/uncompressed"
 GC_CONTENT = "containerd.io/gc.ref.content"
 _READ = 1 << 20
+_BLOCK = 1 << 20
+
+
+class _Aborted(Exception):
+    """Ends the upload stream without committing it."""
+
+
+_END = object()
+_ABORT = object()
+
+
+class _UploadPipe:
+    """A write-only file whose bytes stream into a containerd ingest while they are produced.
+
+    Writes are gathered into blocks (one gRPC round trip each) and handed to an upload
+    thread through a bounded queue, so compression and upload overlap and memory stays flat.
+    """
+
+    def __init__(self, sink: _Sink) -> None:
+        self._sink = sink
+        self._buf = bytearray()
+
+    def write(self, data: bytes) -> int:
+        self._buf += data
+        if len(self._buf) >= _BLOCK:
+            self._sink.put(bytes(self._buf))
+            self._buf = bytearray()
+        return len(data)
+
+    def flush(self) -> None:
+        if self._buf:
+            self._sink.put(bytes(self._buf))
+            self._buf = bytearray()
 
 
 class _Sink:
-    def __init__(self, store: ContainerdStore, f: BinaryIO, source: Descriptor | None) -> None:
-        self.file = f
+    def __init__(self, store: ContainerdStore, ref: str, source: Descriptor | None) -> None:
         self._store = store
+        self._ref = ref
         self._source = source
+        self._queue: queue.Queue[object] = queue.Queue(maxsize=8)
+        self._result: WriteResult | None = None
+        self._error: BaseException | None = None
+        self.committed = False
+        self.file = _UploadPipe(self)
+        self._thread = threading.Thread(target=self._upload, name="upload", daemon=True)
+        self._thread.start()
+
+    def _chunks(self) -> Iterator[bytes]:
+        while True:
+            item = self._queue.get()
+            if item is _END:
+                return
+            if item is _ABORT:
+                raise _Aborted
+            assert isinstance(item, bytes)
+            yield item
+
+    def _upload(self) -> None:
+        try:
+            self._result = self._store.client.write_content(self._ref, self._chunks())
+        except BaseException as exc:  # reported to the writer on its next put or commit
+            self._error = exc
+
+    def put(self, item: object) -> None:
+        while self._thread.is_alive():
+            try:
+                self._queue.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+        self._raise()
+
+    def _raise(self) -> None:
+        if self._error is not None and not isinstance(self._error, _Aborted):
+            raise self._error
+        raise EstargzOptError(f"upload of {self._ref} to containerd stopped")
 
     def commit(self, digest: str, size: int, diff_id: str | None = None) -> None:
         self.file.flush()
-        self.file.seek(0)
+        self.put(_END)
+        self._thread.join()
+        if self._result is None:
+            self._raise()
+        assert self._result is not None
+        if self._result.digest != digest or self._result.size != size:
+            raise EstargzOptError(
+                f"containerd stored {self._result.digest} ({self._result.size} bytes) for "
+                f"{digest} ({size} bytes)"
+            )
         labels = self._store.source_labels(self._source)
         if diff_id:
             labels[UNCOMPRESSED_LABEL] = diff_id
-        self._store.upload(self.file, digest, size, labels)
+        if labels:
+            self._store.client.update_labels(digest, labels)
+        self.committed = True
+
+    def abort(self) -> None:
+        """Stop the stream uncommitted and drop the partial ingest."""
+        if self._thread.is_alive():
+            with contextlib.suppress(queue.Full):
+                self._queue.put(_ABORT, timeout=5)
+            self._thread.join(timeout=10)
+        with contextlib.suppress(EstargzOptError):
+            self._store.client.abort(self._ref)
 
 
 class ContainerdStore:
@@ -53,6 +146,8 @@ class ContainerdStore:
         self.client = client
         self._tmp_dir = tmp_dir
         self._stack = ExitStack()
+        self._lock = threading.Lock()
+        self._sinks: dict[str, int] = {}
 
     def __enter__(self) -> ContainerdStore:
         # Check first: taking a lease in a namespace that does not exist would create it.
@@ -137,8 +232,20 @@ class ContainerdStore:
 
     @contextlib.contextmanager
     def sink(self, source: Descriptor | None = None) -> Iterator[_Sink]:
-        with tempfile.TemporaryFile(dir=self._tmp_dir, prefix="estargz-opt-") as f:
-            yield _Sink(self, f, source)
+        with self._lock:
+            key = source.digest if source else "blob"
+            self._sinks[key] = self._sinks.get(key, 0) + 1
+            # Named after the source, so a rerun after a crash finds (and resumes or
+            # restarts) the ingest the crashed run left behind.
+            ref = f"estargz-opt-from-{key}-{self._sinks[key]}"
+        sink = _Sink(self, ref, source)
+        committed = False
+        try:
+            yield sink
+            committed = sink.committed
+        finally:
+            if not committed:
+                sink.abort()
 
     def upload(
         self, data: bytes | BinaryIO, digest: str, size: int, labels: Mapping[str, str]
