@@ -131,6 +131,43 @@ containerd.services.leases.v1.ListRequest filters=1
 containerd.services.leases.v1.ListResponse leases=1
 containerd.services.leases.v1.Resource id=1 type=2
 containerd.services.leases.v1.AddResourceRequest id=1 resource=2
+containerd.types.Mount type=1 source=2 target=3 options=4
+containerd.services.snapshots.v1.PrepareSnapshotRequest snapshotter=1 key=2 parent=3 labels=4
+containerd.services.snapshots.v1.PrepareSnapshotResponse mounts=1
+containerd.services.snapshots.v1.ViewSnapshotRequest snapshotter=1 key=2 parent=3 labels=4
+containerd.services.snapshots.v1.ViewSnapshotResponse mounts=1
+containerd.services.snapshots.v1.MountsRequest snapshotter=1 key=2
+containerd.services.snapshots.v1.MountsResponse mounts=1
+containerd.services.snapshots.v1.RemoveSnapshotRequest snapshotter=1 key=2
+containerd.services.snapshots.v1.StatSnapshotRequest snapshotter=1 key=2
+containerd.services.snapshots.v1.Info name=1 parent=2 kind=3 created_at=4 updated_at=5 labels=6
+containerd.services.snapshots.v1.StatSnapshotResponse info=1
+containerd.services.snapshots.v1.ListSnapshotsRequest snapshotter=1 filters=2
+containerd.services.snapshots.v1.ListSnapshotsResponse info=1
+containerd.services.containers.v1.Container id=1 labels=2 image=3 runtime=4 spec=5
+    snapshotter=6 snapshot_key=7 created_at=8 updated_at=9
+containerd.services.containers.v1.Container.Runtime name=1 options=2
+containerd.services.containers.v1.GetContainerRequest id=1
+containerd.services.containers.v1.GetContainerResponse container=1
+containerd.services.containers.v1.CreateContainerRequest container=1
+containerd.services.containers.v1.CreateContainerResponse container=1
+containerd.services.containers.v1.DeleteContainerRequest id=1
+containerd.services.tasks.v1.CreateTaskRequest container_id=1 rootfs=3 stdin=4 stdout=5
+    stderr=6 terminal=7
+containerd.services.tasks.v1.CreateTaskResponse container_id=1 pid=2
+containerd.services.tasks.v1.StartRequest container_id=1 exec_id=2
+containerd.services.tasks.v1.StartResponse pid=1
+containerd.services.tasks.v1.DeleteTaskRequest container_id=1
+containerd.services.tasks.v1.DeleteResponse id=1 pid=2 exit_status=3 exited_at=4
+containerd.services.tasks.v1.GetRequest container_id=1 exec_id=2
+containerd.services.tasks.v1.GetResponse process=1
+containerd.services.tasks.v1.Process container_id=1 id=2 pid=3 status=4 stdin=5 stdout=6
+    stderr=7 terminal=8 exit_status=9 exited_at=10
+containerd.services.tasks.v1.KillRequest container_id=1 exec_id=2 signal=3 all=4
+containerd.services.tasks.v1.WaitRequest container_id=1 exec_id=2
+containerd.services.tasks.v1.WaitResponse exit_status=1 exited_at=2
+containerd.services.diff.v1.ApplyRequest diff=1 mounts=2
+containerd.services.diff.v1.ApplyResponse applied=1
 """
 
 
@@ -145,6 +182,18 @@ def test_field_numbers_are_containerds() -> None:
         assert got == fields, message
     enum = pool.FindEnumTypeByName("containerd.services.content.v1.WriteAction")
     assert {v.name: v.number for v in enum.values} == {"STAT": 0, "WRITE": 1, "COMMIT": 2}
+    kind = pool.FindEnumTypeByName("containerd.services.snapshots.v1.Kind")
+    assert {v.name: v.number for v in kind.values} == {
+        "UNKNOWN": 0,
+        "VIEW": 1,
+        "ACTIVE": 2,
+        "COMMITTED": 3,
+    }
+    status = pool.FindEnumTypeByName("containerd.services.tasks.v1.Status")
+    assert [(v.name, v.number) for v in status.values] == [
+        (name, i)
+        for i, name in enumerate(["UNKNOWN", "CREATED", "RUNNING", "STOPPED", "PAUSED", "PAUSING"])
+    ]
 
 
 def test_rpc_table_matches_protos() -> None:

@@ -30,16 +30,20 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, BinaryIO
 
 import grpc
-from google.protobuf import empty_pb2, field_mask_pb2
+from google.protobuf import any_pb2, empty_pb2, field_mask_pb2
 
 from estargz_opt.descriptor import Descriptor
 from estargz_opt.errors import EstargzOptError
 from estargz_opt.stores.containerd._pb import (
+    containers_pb2,
     content_pb2,
+    diff_pb2,
     images_pb2,
     introspection_pb2,
     leases_pb2,
     namespaces_pb2,
+    snapshots_pb2,
+    tasks_pb2,
     types_pb2,
     version_pb2,
 )
@@ -48,6 +52,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_ADDRESS = "/run/containerd/containerd.sock"
 DEFAULT_NAMESPACE = "default"
+DEFAULT_SNAPSHOTTER = "overlayfs"
+DEFAULT_RUNTIME = "io.containerd.runc.v2"
+#: The type URL containerd gives an OCI runtime spec (JSON) inside a container record.
+SPEC_TYPE_URL = "types.containerd.io/opencontainers/runtime-spec/1/Spec"
 NAMESPACE_HEADER = "containerd-namespace"
 LEASE_HEADER = "containerd-lease"
 GC_EXPIRE_LABEL = "containerd.io/gc.expire"
@@ -181,6 +189,61 @@ class Lease:
     created_at: datetime | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Mount:
+    """A mount as snapshotters return it and runtimes take it (mount(8) terms)."""
+
+    type: str
+    source: str
+    target: str = ""
+    options: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotInfo:
+    name: str
+    parent: str
+    #: "view", "active" or "committed"
+    kind: str
+    labels: dict[str, str] = field(default_factory=dict)
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Container:
+    """A container record: what a task is created from."""
+
+    id: str
+    #: the OCI runtime spec, as JSON bytes
+    spec: bytes
+    image: str = ""
+    runtime: str = DEFAULT_RUNTIME
+    snapshotter: str = ""
+    snapshot_key: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TaskState:
+    """A task's (or process's) state as containerd reports it."""
+
+    container_id: str
+    pid: int
+    #: "unknown", "created", "running", "stopped", "paused" or "pausing"
+    status: str
+    exit_status: int = 0
+    exited_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TaskExit:
+    exit_status: int
+    exited_at: datetime | None = None
+
+
 # ---------------------------------------------------------------------- RPC table
 
 _UNARY, _SERVER_STREAM, _BIDI = "unary_unary", "unary_stream", "stream_stream"
@@ -190,6 +253,10 @@ _LEASES = "containerd.services.leases.v1.Leases"
 _NAMESPACES = "containerd.services.namespaces.v1.Namespaces"
 _INTROSPECTION = "containerd.services.introspection.v1.Introspection"
 _VERSION = "containerd.services.version.v1.Version"
+_SNAPSHOTS = "containerd.services.snapshots.v1.Snapshots"
+_CONTAINERS = "containerd.services.containers.v1.Containers"
+_TASKS = "containerd.services.tasks.v1.Tasks"
+_DIFF = "containerd.services.diff.v1.Diff"
 
 
 @dataclass(frozen=True, slots=True)
@@ -275,6 +342,55 @@ RPCS: dict[str, _Rpc] = {
     "lease_add_resource": _Rpc(
         _LEASES, "AddResource", leases_pb2.AddResourceRequest, empty_pb2.Empty
     ),
+    "snapshot_prepare": _Rpc(
+        _SNAPSHOTS,
+        "Prepare",
+        snapshots_pb2.PrepareSnapshotRequest,
+        snapshots_pb2.PrepareSnapshotResponse,
+    ),
+    "snapshot_view": _Rpc(
+        _SNAPSHOTS, "View", snapshots_pb2.ViewSnapshotRequest, snapshots_pb2.ViewSnapshotResponse
+    ),
+    "snapshot_mounts": _Rpc(
+        _SNAPSHOTS, "Mounts", snapshots_pb2.MountsRequest, snapshots_pb2.MountsResponse
+    ),
+    "snapshot_remove": _Rpc(
+        _SNAPSHOTS, "Remove", snapshots_pb2.RemoveSnapshotRequest, empty_pb2.Empty
+    ),
+    "snapshot_stat": _Rpc(
+        _SNAPSHOTS, "Stat", snapshots_pb2.StatSnapshotRequest, snapshots_pb2.StatSnapshotResponse
+    ),
+    "snapshot_list": _Rpc(
+        _SNAPSHOTS,
+        "List",
+        snapshots_pb2.ListSnapshotsRequest,
+        snapshots_pb2.ListSnapshotsResponse,
+        _SERVER_STREAM,
+    ),
+    "container_get": _Rpc(
+        _CONTAINERS,
+        "Get",
+        containers_pb2.GetContainerRequest,
+        containers_pb2.GetContainerResponse,
+    ),
+    "container_create": _Rpc(
+        _CONTAINERS,
+        "Create",
+        containers_pb2.CreateContainerRequest,
+        containers_pb2.CreateContainerResponse,
+    ),
+    "container_delete": _Rpc(
+        _CONTAINERS, "Delete", containers_pb2.DeleteContainerRequest, empty_pb2.Empty
+    ),
+    "task_create": _Rpc(
+        _TASKS, "Create", tasks_pb2.CreateTaskRequest, tasks_pb2.CreateTaskResponse
+    ),
+    "task_start": _Rpc(_TASKS, "Start", tasks_pb2.StartRequest, tasks_pb2.StartResponse),
+    "task_delete": _Rpc(_TASKS, "Delete", tasks_pb2.DeleteTaskRequest, tasks_pb2.DeleteResponse),
+    "task_get": _Rpc(_TASKS, "Get", tasks_pb2.GetRequest, tasks_pb2.GetResponse),
+    "task_kill": _Rpc(_TASKS, "Kill", tasks_pb2.KillRequest, empty_pb2.Empty),
+    "task_wait": _Rpc(_TASKS, "Wait", tasks_pb2.WaitRequest, tasks_pb2.WaitResponse),
+    "diff_apply": _Rpc(_DIFF, "Apply", diff_pb2.ApplyRequest, diff_pb2.ApplyResponse),
 }
 
 
@@ -332,10 +448,19 @@ class Client:
             md.append((LEASE_HEADER, self._lease))
         return md
 
-    def _call(self, name: str, request: Any, subject: tuple[str, str] | None = None) -> Any:
+    def _call(
+        self,
+        name: str,
+        request: Any,
+        subject: tuple[str, str] | None = None,
+        *,
+        unbounded: bool = False,
+    ) -> Any:
+        """One unary call; `unbounded` lifts the timeout (for calls that block by design)."""
         log.debug("containerd %s %s", RPCS[name].path, subject[1] if subject else "")
+        timeout = None if unbounded else self.timeout
         try:
-            return self._stubs[name](request, timeout=self.timeout, metadata=self._metadata())
+            return self._stubs[name](request, timeout=timeout, metadata=self._metadata())
         except grpc.RpcError as exc:
             raise self._error(exc, RPCS[name].path, subject) from None
 
@@ -759,6 +884,174 @@ class Client:
                 # Keep the original error; the lease expires on its own.
                 log.debug("could not delete lease %s", lease.id, exc_info=True)
 
+    # -------------------------------------------------------------- snapshots
+
+    def prepare_snapshot(
+        self,
+        key: str,
+        parent: str = "",
+        *,
+        snapshotter: str = DEFAULT_SNAPSHOTTER,
+        labels: Mapping[str, str] | None = None,
+    ) -> list[Mount]:
+        """Create the active (writable) snapshot `key` on `parent` ("" for none); its mounts."""
+        req = snapshots_pb2.PrepareSnapshotRequest(
+            snapshotter=snapshotter, key=key, parent=parent, labels=dict(labels or {})
+        )
+        return _mounts(self._call("snapshot_prepare", req, ("snapshot", key)).mounts)
+
+    def view_snapshot(
+        self,
+        key: str,
+        parent: str,
+        *,
+        snapshotter: str = DEFAULT_SNAPSHOTTER,
+        labels: Mapping[str, str] | None = None,
+    ) -> list[Mount]:
+        """Create the read-only snapshot `key` of `parent`; its mounts."""
+        req = snapshots_pb2.ViewSnapshotRequest(
+            snapshotter=snapshotter, key=key, parent=parent, labels=dict(labels or {})
+        )
+        return _mounts(self._call("snapshot_view", req, ("snapshot", key)).mounts)
+
+    def snapshot_mounts(self, key: str, *, snapshotter: str = DEFAULT_SNAPSHOTTER) -> list[Mount]:
+        req = snapshots_pb2.MountsRequest(snapshotter=snapshotter, key=key)
+        return _mounts(self._call("snapshot_mounts", req, ("snapshot", key)).mounts)
+
+    def stat_snapshot(self, key: str, *, snapshotter: str = DEFAULT_SNAPSHOTTER) -> SnapshotInfo:
+        req = snapshots_pb2.StatSnapshotRequest(snapshotter=snapshotter, key=key)
+        return _snapshot_info(self._call("snapshot_stat", req, ("snapshot", key)).info)
+
+    def remove_snapshot(
+        self, key: str, *, snapshotter: str = DEFAULT_SNAPSHOTTER, missing_ok: bool = False
+    ) -> None:
+        req = snapshots_pb2.RemoveSnapshotRequest(snapshotter=snapshotter, key=key)
+        try:
+            self._call("snapshot_remove", req, ("snapshot", key))
+        except NotFoundError:
+            if not missing_ok:
+                raise
+
+    def list_snapshots(
+        self, *filters: str, snapshotter: str = DEFAULT_SNAPSHOTTER
+    ) -> list[SnapshotInfo]:
+        rpc = RPCS["snapshot_list"]
+        req = snapshots_pb2.ListSnapshotsRequest(snapshotter=snapshotter, filters=filters)
+        log.debug("containerd %s %s", rpc.path, snapshotter)
+        stream = self._stubs["snapshot_list"](req, timeout=self.timeout, metadata=self._metadata())
+        try:
+            return [_snapshot_info(i) for resp in stream for i in resp.info]
+        except grpc.RpcError as exc:
+            raise self._error(exc, rpc.path, ("snapshotter", snapshotter)) from None
+
+    # -------------------------------------------------------------- diff
+
+    def apply_layer(self, layer: Descriptor, mounts: Sequence[Mount]) -> Descriptor:
+        """Unpack the layer blob `layer` (in the content store) onto `mounts`.
+
+        Returns the applied, uncompressed layer: its digest is the layer's DiffID.
+        """
+        req = diff_pb2.ApplyRequest(diff=_descriptor_pb(layer), mounts=_mounts_pb(mounts))
+        r = self._call("diff_apply", req, ("layer", layer.digest), unbounded=True)
+        return _descriptor(r.applied)
+
+    # -------------------------------------------------------------- containers
+
+    def create_container(self, container: Container) -> Container:
+        c = container
+        req = containers_pb2.CreateContainerRequest(
+            container=containers_pb2.Container(
+                id=c.id,
+                labels=dict(c.labels),
+                image=c.image,
+                runtime=containers_pb2.Container.Runtime(name=c.runtime),
+                spec=any_pb2.Any(type_url=SPEC_TYPE_URL, value=c.spec),
+                snapshotter=c.snapshotter,
+                snapshot_key=c.snapshot_key,
+            )
+        )
+        return _container(self._call("container_create", req, ("container", c.id)).container)
+
+    def get_container(self, container_id: str) -> Container:
+        req = containers_pb2.GetContainerRequest(id=container_id)
+        return _container(self._call("container_get", req, ("container", container_id)).container)
+
+    def delete_container(self, container_id: str, *, missing_ok: bool = False) -> None:
+        req = containers_pb2.DeleteContainerRequest(id=container_id)
+        try:
+            self._call("container_delete", req, ("container", container_id))
+        except NotFoundError:
+            if not missing_ok:
+                raise
+
+    # -------------------------------------------------------------- tasks
+
+    def create_task(
+        self,
+        container_id: str,
+        rootfs: Sequence[Mount] = (),
+        *,
+        stdin: str = "",
+        stdout: str = "",
+        stderr: str = "",
+        terminal: bool = False,
+    ) -> int:
+        """Create the container's task (its init process, not yet started); its pid.
+
+        stdin/stdout/stderr are paths of FIFOs or files the shim opens ("" for none).
+        """
+        req = tasks_pb2.CreateTaskRequest(
+            container_id=container_id,
+            rootfs=_mounts_pb(rootfs),
+            stdin=stdin,
+            stdout=stdout,
+            stderr=stderr,
+            terminal=terminal,
+        )
+        return self._call("task_create", req, ("task", container_id)).pid
+
+    def start_task(self, container_id: str) -> int:
+        req = tasks_pb2.StartRequest(container_id=container_id)
+        return self._call("task_start", req, ("task", container_id)).pid
+
+    def kill_task(self, container_id: str, signal: int, *, all: bool = False) -> None:
+        """Send `signal` to the task's init process (all=True: to every process in it)."""
+        req = tasks_pb2.KillRequest(container_id=container_id, signal=signal, all=all)
+        self._call("task_kill", req, ("task", container_id))
+
+    def get_task(self, container_id: str) -> TaskState:
+        req = tasks_pb2.GetRequest(container_id=container_id)
+        p = self._call("task_get", req, ("task", container_id)).process
+        return TaskState(
+            container_id=p.container_id or container_id,
+            pid=p.pid,
+            status=tasks_pb2.Status.Name(p.status).lower(),
+            exit_status=p.exit_status,
+            exited_at=_time(p, "exited_at"),
+        )
+
+    def wait_task(self, container_id: str, timeout: float | None = None) -> TaskExit:
+        """Block until the task exits (at most `timeout` seconds; None: no limit)."""
+        rpc = RPCS["task_wait"]
+        req = tasks_pb2.WaitRequest(container_id=container_id)
+        log.debug("containerd %s %s", rpc.path, container_id)
+        try:
+            r = self._stubs["task_wait"](req, timeout=timeout, metadata=self._metadata())
+        except grpc.RpcError as exc:
+            raise self._error(exc, rpc.path, ("task", container_id)) from None
+        return TaskExit(exit_status=r.exit_status, exited_at=_time(r, "exited_at"))
+
+    def delete_task(self, container_id: str, *, missing_ok: bool = False) -> TaskExit | None:
+        """Delete a stopped task; its exit (None if missing_ok and there was no task)."""
+        req = tasks_pb2.DeleteTaskRequest(container_id=container_id)
+        try:
+            r = self._call("task_delete", req, ("task", container_id))
+        except NotFoundError:
+            if missing_ok:
+                return None
+            raise
+        return TaskExit(exit_status=r.exit_status, exited_at=_time(r, "exited_at"))
+
 
 # ---------------------------------------------------------------------- helpers
 
@@ -909,3 +1202,59 @@ def _image_pb(image: Image) -> images_pb2.Image:
 
 def _lease(x: leases_pb2.Lease) -> Lease:
     return Lease(id=x.id, labels=dict(x.labels), created_at=_time(x, "created_at"))
+
+
+def _mounts(ms: Iterable[types_pb2.Mount]) -> list[Mount]:
+    return [
+        Mount(type=m.type, source=m.source, target=m.target, options=list(m.options)) for m in ms
+    ]
+
+
+def _mounts_pb(ms: Iterable[Mount]) -> list[types_pb2.Mount]:
+    return [
+        types_pb2.Mount(type=m.type, source=m.source, target=m.target, options=list(m.options))
+        for m in ms
+    ]
+
+
+def _snapshot_info(i: snapshots_pb2.Info) -> SnapshotInfo:
+    return SnapshotInfo(
+        name=i.name,
+        parent=i.parent,
+        kind=snapshots_pb2.Kind.Name(i.kind).lower(),
+        labels=dict(i.labels),
+        created_at=_time(i, "created_at"),
+        updated_at=_time(i, "updated_at"),
+    )
+
+
+def _descriptor(d: types_pb2.Descriptor) -> Descriptor:
+    return Descriptor(
+        media_type=d.media_type,
+        digest=d.digest,
+        size=d.size,
+        annotations=dict(d.annotations) or None,
+    )
+
+
+def _descriptor_pb(d: Descriptor) -> types_pb2.Descriptor:
+    return types_pb2.Descriptor(
+        media_type=d.media_type,
+        digest=d.digest,
+        size=d.size,
+        annotations=dict(d.annotations or {}),
+    )
+
+
+def _container(c: containers_pb2.Container) -> Container:
+    return Container(
+        id=c.id,
+        spec=c.spec.value,
+        image=c.image,
+        runtime=c.runtime.name,
+        snapshotter=c.snapshotter,
+        snapshot_key=c.snapshot_key,
+        labels=dict(c.labels),
+        created_at=_time(c, "created_at"),
+        updated_at=_time(c, "updated_at"),
+    )
