@@ -26,15 +26,22 @@ from estargz_opt.stores.containerd.client import (
     NotFoundError,
 )
 
-GC_ROOT = "containerd.io/gc.root"
 LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
 LAYER_TAR = "application/vnd.oci.image.layer.v1.tar"
 
 
 @pytest.fixture
 def client(containerd) -> Iterator[Client]:
+    """A client whose calls all run under one lease, as a sample container's must.
+
+    Without a lease, containerd's garbage collector may remove a snapshot that
+    nothing references yet (e.g. while a layer is being applied to it). The lease
+    is gone after the test.
+    """
     with Client(containerd.address, "default", timeout=60) as c:
-        yield c
+        with c.lease(sync=True) as lease_id:
+            yield c
+        assert lease_id not in {x.id for x in c.list_leases()}
 
 
 def _key(what: str) -> str:
@@ -59,13 +66,8 @@ def _tar(files: dict[str, bytes]) -> bytes:
 
 def _store(client: Client, data: bytes, media_type: str) -> Descriptor:
     digest = _digest(data)
-    client.write_content(
-        _key("blob"),
-        data,
-        expected_digest=digest,
-        expected_size=len(data),
-        labels={GC_ROOT: "estargz-opt-test"},
-    )
+    # Held by the test's lease; each test also deletes it.
+    client.write_content(_key("blob"), data, expected_digest=digest, expected_size=len(data))
     return Descriptor(media_type=media_type, digest=digest, size=len(data))
 
 

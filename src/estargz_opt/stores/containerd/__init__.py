@@ -1,10 +1,15 @@
-"""containerd as an image store: a gRPC client for its content, image and lease services."""
+"""containerd as an image store and runtime: a gRPC client for its content, image, lease,
+snapshot, diff, container and task services."""
 
 from estargz_opt.stores.containerd.client import (
     DEFAULT_ADDRESS,
     DEFAULT_NAMESPACE,
+    DEFAULT_RUNTIME,
+    DEFAULT_SNAPSHOTTER,
+    SPEC_TYPE_URL,
     AlreadyExistsError,
     Client,
+    Container,
     ContainerdError,
     ContainerdPermissionError,
     ContainerdUnavailableError,
@@ -16,9 +21,13 @@ from estargz_opt.stores.containerd.client import (
     IngestLockedError,
     IngestStatus,
     Lease,
+    Mount,
     NamespaceNotFoundError,
     NotFoundError,
     Plugin,
+    SnapshotInfo,
+    TaskExit,
+    TaskState,
     Version,
     WriteResult,
 )
@@ -26,8 +35,12 @@ from estargz_opt.stores.containerd.client import (
 __all__ = [
     "DEFAULT_ADDRESS",
     "DEFAULT_NAMESPACE",
+    "DEFAULT_RUNTIME",
+    "DEFAULT_SNAPSHOTTER",
+    "SPEC_TYPE_URL",
     "AlreadyExistsError",
     "Client",
+    "Container",
     "ContainerdError",
     "ContainerdPermissionError",
     "ContainerdUnavailableError",
@@ -39,9 +52,13 @@ __all__ = [
     "IngestLockedError",
     "IngestStatus",
     "Lease",
+    "Mount",
     "NamespaceNotFoundError",
     "NotFoundError",
     "Plugin",
+    "SnapshotInfo",
+    "TaskExit",
+    "TaskState",
     "Version",
     "WriteResult",
 ]

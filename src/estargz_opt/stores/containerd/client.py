@@ -894,7 +894,11 @@ class Client:
         snapshotter: str = DEFAULT_SNAPSHOTTER,
         labels: Mapping[str, str] | None = None,
     ) -> list[Mount]:
-        """Create the active (writable) snapshot `key` on `parent` ("" for none); its mounts."""
+        """Create the active (writable) snapshot `key` on `parent` ("" for none); its mounts.
+
+        Call it inside `lease()`: containerd may garbage-collect a snapshot that no
+        lease, container or gc.root label holds, even while a layer is applied to it.
+        """
         req = snapshots_pb2.PrepareSnapshotRequest(
             snapshotter=snapshotter, key=key, parent=parent, labels=dict(labels or {})
         )
