@@ -138,6 +138,7 @@ containerd.services.snapshots.v1.ViewSnapshotRequest snapshotter=1 key=2 parent=
 containerd.services.snapshots.v1.ViewSnapshotResponse mounts=1
 containerd.services.snapshots.v1.MountsRequest snapshotter=1 key=2
 containerd.services.snapshots.v1.MountsResponse mounts=1
+containerd.services.snapshots.v1.CommitSnapshotRequest snapshotter=1 name=2 key=3 labels=4
 containerd.services.snapshots.v1.RemoveSnapshotRequest snapshotter=1 key=2
 containerd.services.snapshots.v1.StatSnapshotRequest snapshotter=1 key=2
 containerd.services.snapshots.v1.Info name=1 parent=2 kind=3 created_at=4 updated_at=5 labels=6

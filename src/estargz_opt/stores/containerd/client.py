@@ -354,6 +354,9 @@ RPCS: dict[str, _Rpc] = {
     "snapshot_mounts": _Rpc(
         _SNAPSHOTS, "Mounts", snapshots_pb2.MountsRequest, snapshots_pb2.MountsResponse
     ),
+    "snapshot_commit": _Rpc(
+        _SNAPSHOTS, "Commit", snapshots_pb2.CommitSnapshotRequest, empty_pb2.Empty
+    ),
     "snapshot_remove": _Rpc(
         _SNAPSHOTS, "Remove", snapshots_pb2.RemoveSnapshotRequest, empty_pb2.Empty
     ),
@@ -921,6 +924,24 @@ class Client:
     def snapshot_mounts(self, key: str, *, snapshotter: str = DEFAULT_SNAPSHOTTER) -> list[Mount]:
         req = snapshots_pb2.MountsRequest(snapshotter=snapshotter, key=key)
         return _mounts(self._call("snapshot_mounts", req, ("snapshot", key)).mounts)
+
+    def commit_snapshot(
+        self,
+        name: str,
+        key: str,
+        *,
+        labels: Mapping[str, str] | None = None,
+        snapshotter: str = DEFAULT_SNAPSHOTTER,
+    ) -> None:
+        """Commit the active snapshot `key` as the read-only snapshot `name`.
+
+        `key` no longer exists afterwards. An unpacked layer becomes a parent for
+        the next one only once committed (an active snapshot cannot be a parent).
+        """
+        req = snapshots_pb2.CommitSnapshotRequest(
+            snapshotter=snapshotter, name=name, key=key, labels=dict(labels or {})
+        )
+        self._call("snapshot_commit", req, ("snapshot", key))
 
     def stat_snapshot(self, key: str, *, snapshotter: str = DEFAULT_SNAPSHOTTER) -> SnapshotInfo:
         req = snapshots_pb2.StatSnapshotRequest(snapshotter=snapshotter, key=key)

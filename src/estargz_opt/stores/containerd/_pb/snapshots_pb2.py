@@ -22,7 +22,7 @@ from estargz_opt.stores.containerd._pb import (
 
 
 DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(
-    b'\n1estargz_opt/stores/containerd/_pb/snapshots.proto\x12 containerd.services.snapshots.v1\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a-estargz_opt/stores/containerd/_pb/types.proto"\xcf\x01\n\x16PrepareSnapshotRequest\x12\x13\n\x0bsnapshotter\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\x0e\n\x06parent\x18\x03 \x01(\t\x12T\n\x06labels\x18\x04 \x03(\x0b\x32\x44.containerd.services.snapshots.v1.PrepareSnapshotRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01"B\n\x17PrepareSnapshotResponse\x12\'\n\x06mounts\x18\x01 \x03(\x0b\x32\x17.containerd.types.Mount"\xc9\x01\n\x13ViewSnapshotRequest\x12\x13\n\x0bsnapshotter\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\x0e\n\x06parent\x18\x03 \x01(\t\x12Q\n\x06labels\x18\x04 \x03(\x0b\x32\x41.containerd.services.snapshots.v1.ViewSnapshotRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01"?\n\x14ViewSnapshotResponse\x12\'\n\x06mounts\x18\x01 \x03(\x0b\x32\x17.containerd.types.Mount"1\n\rMountsRequest\x12\x13\n\x0bsnapshotter\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t"9\n\x0eMountsResponse\x12\'\n\x06mounts\x18\x01 \x03(\x0b\x32\x17.containerd.types.Mount"9\n\x15RemoveSnapshotRequest\x12\x13\n\x0bsnapshotter\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t"7\n\x13StatSnapshotRequest\x12\x13\n\x0bsnapshotter\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t"\xad\x02\n\x04Info\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06parent\x18\x02 \x01(\t\x12\x34\n\x04kind\x18\x03 \x01(\x0e\x32&.containerd.services.snapshots.v1.Kind\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x42\n\x06labels\x18\x06 \x03(\x0b\x32\x32.containerd.services.snapshots.v1.Info.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01"L\n\x14StatSnapshotResponse\x12\x34\n\x04info\x18\x01 \x01(\x0b\x32&.containerd.services.snapshots.v1.Info"<\n\x14ListSnapshotsRequest\x12\x13\n\x0bsnapshotter\x18\x01 \x01(\t\x12\x0f\n\x07\x66ilters\x18\x02 \x03(\t"M\n\x15ListSnapshotsResponse\x12\x34\n\x04info\x18\x01 \x03(\x0b\x32&.containerd.services.snapshots.v1.Info*8\n\x04Kind\x12\x0b\n\x07UNKNOWN\x10\x00\x12\x08\n\x04VIEW\x10\x01\x12\n\n\x06\x41\x43TIVE\x10\x02\x12\r\n\tCOMMITTED\x10\x03\x32\xbc\x05\n\tSnapshots\x12~\n\x07Prepare\x12\x38.containerd.services.snapshots.v1.PrepareSnapshotRequest\x1a\x39.containerd.services.snapshots.v1.PrepareSnapshotResponse\x12u\n\x04View\x12\x35.containerd.services.snapshots.v1.ViewSnapshotRequest\x1a\x36.containerd.services.snapshots.v1.ViewSnapshotResponse\x12k\n\x06Mounts\x12/.containerd.services.snapshots.v1.MountsRequest\x1a\x30.containerd.services.snapshots.v1.MountsResponse\x12Y\n\x06Remove\x12\x37.containerd.services.snapshots.v1.RemoveSnapshotRequest\x1a\x16.google.protobuf.Empty\x12u\n\x04Stat\x12\x35.containerd.services.snapshots.v1.StatSnapshotRequest\x1a\x36.containerd.services.snapshots.v1.StatSnapshotResponse\x12y\n\x04List\x12\x36.containerd.services.snapshots.v1.ListSnapshotsRequest\x1a\x37.containerd.services.snapshots.v1.ListSnapshotsResponse0\x01\x62\x06proto3'
+    b'\n1estargz_opt/stores/containerd/_pb/snapshots.proto\x12 containerd.services.snapshots.v1\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a-estargz_opt/stores/containerd/_pb/types.proto"\xcf\x01\n\x16PrepareSnapshotRequest\x12\x13\n\x0bsnapshotter\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\x0e\n\x06parent\x18\x03 \x01(\t\x12T\n\x06labels\x18\x04 \x03(\x0b\x32\x44.containerd.services.snapshots.v1.PrepareSnapshotRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01"B\n\x17PrepareSnapshotResponse\x12\'\n\x06mounts\x18\x01 \x03(\x0b\x32\x17.containerd.types.Mount"\xc9\x01\n\x13ViewSnapshotRequest\x12\x13\n\x0bsnapshotter\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\x0e\n\x06parent\x18\x03 \x01(\t\x12Q\n\x06labels\x18\x04 \x03(\x0b\x32\x41.containerd.services.snapshots.v1.ViewSnapshotRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01"?\n\x14ViewSnapshotResponse\x12\'\n\x06mounts\x18\x01 \x03(\x0b\x32\x17.containerd.types.Mount"1\n\rMountsRequest\x12\x13\n\x0bsnapshotter\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t"9\n\x0eMountsResponse\x12\'\n\x06mounts\x18\x01 \x03(\x0b\x32\x17.containerd.types.Mount"\xcb\x01\n\x15\x43ommitSnapshotRequest\x12\x13\n\x0bsnapshotter\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0b\n\x03key\x18\x03 \x01(\t\x12S\n\x06labels\x18\x04 \x03(\x0b\x32\x43.containerd.services.snapshots.v1.CommitSnapshotRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01"9\n\x15RemoveSnapshotRequest\x12\x13\n\x0bsnapshotter\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t"7\n\x13StatSnapshotRequest\x12\x13\n\x0bsnapshotter\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t"\xad\x02\n\x04Info\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06parent\x18\x02 \x01(\t\x12\x34\n\x04kind\x18\x03 \x01(\x0e\x32&.containerd.services.snapshots.v1.Kind\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x42\n\x06labels\x18\x06 \x03(\x0b\x32\x32.containerd.services.snapshots.v1.Info.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01"L\n\x14StatSnapshotResponse\x12\x34\n\x04info\x18\x01 \x01(\x0b\x32&.containerd.services.snapshots.v1.Info"<\n\x14ListSnapshotsRequest\x12\x13\n\x0bsnapshotter\x18\x01 \x01(\t\x12\x0f\n\x07\x66ilters\x18\x02 \x03(\t"M\n\x15ListSnapshotsResponse\x12\x34\n\x04info\x18\x01 \x03(\x0b\x32&.containerd.services.snapshots.v1.Info*8\n\x04Kind\x12\x0b\n\x07UNKNOWN\x10\x00\x12\x08\n\x04VIEW\x10\x01\x12\n\n\x06\x41\x43TIVE\x10\x02\x12\r\n\tCOMMITTED\x10\x03\x32\x97\x06\n\tSnapshots\x12~\n\x07Prepare\x12\x38.containerd.services.snapshots.v1.PrepareSnapshotRequest\x1a\x39.containerd.services.snapshots.v1.PrepareSnapshotResponse\x12u\n\x04View\x12\x35.containerd.services.snapshots.v1.ViewSnapshotRequest\x1a\x36.containerd.services.snapshots.v1.ViewSnapshotResponse\x12k\n\x06Mounts\x12/.containerd.services.snapshots.v1.MountsRequest\x1a\x30.containerd.services.snapshots.v1.MountsResponse\x12Y\n\x06\x43ommit\x12\x37.containerd.services.snapshots.v1.CommitSnapshotRequest\x1a\x16.google.protobuf.Empty\x12Y\n\x06Remove\x12\x37.containerd.services.snapshots.v1.RemoveSnapshotRequest\x1a\x16.google.protobuf.Empty\x12u\n\x04Stat\x12\x35.containerd.services.snapshots.v1.StatSnapshotRequest\x1a\x36.containerd.services.snapshots.v1.StatSnapshotResponse\x12y\n\x04List\x12\x36.containerd.services.snapshots.v1.ListSnapshotsRequest\x1a\x37.containerd.services.snapshots.v1.ListSnapshotsResponse0\x01\x62\x06proto3'
 )
 
 _globals = globals()
@@ -36,10 +36,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
     _globals["_PREPARESNAPSHOTREQUEST_LABELSENTRY"]._serialized_options = b"8\001"
     _globals["_VIEWSNAPSHOTREQUEST_LABELSENTRY"]._loaded_options = None
     _globals["_VIEWSNAPSHOTREQUEST_LABELSENTRY"]._serialized_options = b"8\001"
+    _globals["_COMMITSNAPSHOTREQUEST_LABELSENTRY"]._loaded_options = None
+    _globals["_COMMITSNAPSHOTREQUEST_LABELSENTRY"]._serialized_options = b"8\001"
     _globals["_INFO_LABELSENTRY"]._loaded_options = None
     _globals["_INFO_LABELSENTRY"]._serialized_options = b"8\001"
-    _globals["_KIND"]._serialized_start = 1492
-    _globals["_KIND"]._serialized_end = 1548
+    _globals["_KIND"]._serialized_start = 1698
+    _globals["_KIND"]._serialized_end = 1754
     _globals["_PREPARESNAPSHOTREQUEST"]._serialized_start = 197
     _globals["_PREPARESNAPSHOTREQUEST"]._serialized_end = 404
     _globals["_PREPARESNAPSHOTREQUEST_LABELSENTRY"]._serialized_start = 359
@@ -56,20 +58,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
     _globals["_MOUNTSREQUEST"]._serialized_end = 792
     _globals["_MOUNTSRESPONSE"]._serialized_start = 794
     _globals["_MOUNTSRESPONSE"]._serialized_end = 851
-    _globals["_REMOVESNAPSHOTREQUEST"]._serialized_start = 853
-    _globals["_REMOVESNAPSHOTREQUEST"]._serialized_end = 910
-    _globals["_STATSNAPSHOTREQUEST"]._serialized_start = 912
-    _globals["_STATSNAPSHOTREQUEST"]._serialized_end = 967
-    _globals["_INFO"]._serialized_start = 970
-    _globals["_INFO"]._serialized_end = 1271
+    _globals["_COMMITSNAPSHOTREQUEST"]._serialized_start = 854
+    _globals["_COMMITSNAPSHOTREQUEST"]._serialized_end = 1057
+    _globals["_COMMITSNAPSHOTREQUEST_LABELSENTRY"]._serialized_start = 359
+    _globals["_COMMITSNAPSHOTREQUEST_LABELSENTRY"]._serialized_end = 404
+    _globals["_REMOVESNAPSHOTREQUEST"]._serialized_start = 1059
+    _globals["_REMOVESNAPSHOTREQUEST"]._serialized_end = 1116
+    _globals["_STATSNAPSHOTREQUEST"]._serialized_start = 1118
+    _globals["_STATSNAPSHOTREQUEST"]._serialized_end = 1173
+    _globals["_INFO"]._serialized_start = 1176
+    _globals["_INFO"]._serialized_end = 1477
     _globals["_INFO_LABELSENTRY"]._serialized_start = 359
     _globals["_INFO_LABELSENTRY"]._serialized_end = 404
-    _globals["_STATSNAPSHOTRESPONSE"]._serialized_start = 1273
-    _globals["_STATSNAPSHOTRESPONSE"]._serialized_end = 1349
-    _globals["_LISTSNAPSHOTSREQUEST"]._serialized_start = 1351
-    _globals["_LISTSNAPSHOTSREQUEST"]._serialized_end = 1411
-    _globals["_LISTSNAPSHOTSRESPONSE"]._serialized_start = 1413
-    _globals["_LISTSNAPSHOTSRESPONSE"]._serialized_end = 1490
-    _globals["_SNAPSHOTS"]._serialized_start = 1551
-    _globals["_SNAPSHOTS"]._serialized_end = 2251
+    _globals["_STATSNAPSHOTRESPONSE"]._serialized_start = 1479
+    _globals["_STATSNAPSHOTRESPONSE"]._serialized_end = 1555
+    _globals["_LISTSNAPSHOTSREQUEST"]._serialized_start = 1557
+    _globals["_LISTSNAPSHOTSREQUEST"]._serialized_end = 1617
+    _globals["_LISTSNAPSHOTSRESPONSE"]._serialized_start = 1619
+    _globals["_LISTSNAPSHOTSRESPONSE"]._serialized_end = 1696
+    _globals["_SNAPSHOTS"]._serialized_start = 1757
+    _globals["_SNAPSHOTS"]._serialized_end = 2548
 # @@protoc_insertion_point(module_scope)
