@@ -9,26 +9,21 @@ checks each layer the way the snapshotter will, and more (DiffID, sizes, landmar
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 from estargz_opt import descriptor as d
+from estargz_opt.convert import TOC_LAYER_DIGEST
 from estargz_opt.descriptor import Descriptor, Index, Manifest
 from estargz_opt.errors import EstargzOptError
 from estargz_opt.format import TOC_DIGEST_ANNOTATION, UNCOMPRESSED_SIZE_ANNOTATION, open_layer
-from estargz_opt.format.estargz import GzipStream
 from estargz_opt.format.reader import Layer
 from estargz_opt.format.toc import LANDMARKS, NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK
-from estargz_opt.format.zstdchunked import MANIFEST_CHECKSUM, MANIFEST_POSITION, ZstdStream
+from estargz_opt.format.zstdchunked import MANIFEST_CHECKSUM, MANIFEST_POSITION
 from estargz_opt.platforms import Matcher
 from estargz_opt.stores import Store
-
-TOC_LAYER_DIGEST = "containerd.io/snapshot/stargz/layer.digest"
-_STEP = 1 << 20
 
 
 @dataclass(slots=True)
@@ -226,7 +221,7 @@ def _check_layer(
             check.errors.append(str(exc))
             return check  # the DiffID of a damaged blob would only repeat the same failure
         try:
-            got_diff, usize = _diff_id(path, layer.format)
+            got_diff, usize = layer.diff_id()
         except EstargzOptError as exc:
             check.errors.append(f"cannot decompress the blob: {exc}")
             return check
@@ -258,27 +253,11 @@ def _zstd_annotations(layer: Layer, ann: dict[str, str]) -> list[str]:
     position = f"{footer.toc_offset}:{footer.toc_size}:{len(layer.toc_json)}:1"
     if ann.get(MANIFEST_POSITION) != position:
         errors.append(f"{MANIFEST_POSITION} {ann.get(MANIFEST_POSITION)!r} != footer {position}")
-    raw = os.pread(layer._f.fileno(), footer.toc_size, footer.toc_offset or 0)
+    raw = layer.read_at(footer.toc_offset or 0, footer.toc_size)
     checksum = "sha256:" + hashlib.sha256(raw).hexdigest()
     if ann.get(MANIFEST_CHECKSUM) != checksum:
         errors.append(f"{MANIFEST_CHECKSUM} {ann.get(MANIFEST_CHECKSUM)!r} != {checksum}")
     return errors
-
-
-def _diff_id(path: Path, fmt: str) -> tuple[str, int]:
-    """sha256 and length of the whole decompressed blob, as containerd computes the DiffID."""
-    stream = ZstdStream() if fmt == "zstdchunked" else GzipStream()
-    h = hashlib.sha256()
-    total = 0
-    with open(path, "rb") as f:
-        while block := f.read(_STEP):
-            try:
-                plain = stream.feed(block)
-            except ValueError as exc:
-                raise EstargzOptError(f"{path}: {exc}") from None
-            h.update(plain)
-            total += len(plain)
-    return "sha256:" + h.hexdigest(), total
 
 
 def lint(ref_text: str, containerd: Any, matcher: Matcher, *, deep: bool) -> ImageReport:

@@ -17,6 +17,7 @@ from estargz_opt.analyze.layerindex import LayerNames
 from estargz_opt.descriptor import Manifest
 from estargz_opt.errors import BadInputError, EstargzOptError
 from estargz_opt.format import tarfmt
+from estargz_opt.format.toc import go_escape
 
 log = logging.getLogger("estargz_opt")
 
@@ -34,15 +35,7 @@ class RecordEntry:
             "manifestDigest": self.manifest_digest,
             "layerIndex": self.layer_index,
         }
-        text = json.dumps(doc, separators=(",", ":"), ensure_ascii=False)
-        for char, esc in (
-            ("<", "\\u003c"),
-            (">", "\\u003e"),
-            ("&", "\\u0026"),
-            ("\u2028", "\\u2028"),
-            ("\u2029", "\\u2029"),
-        ):
-            text = text.replace(char, esc)
+        text = go_escape(json.dumps(doc, separators=(",", ":"), ensure_ascii=False))
         return text
 
 

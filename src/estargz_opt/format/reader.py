@@ -198,20 +198,34 @@ class Layer:
             out.write(tarfmt.EOF_BLOCKS)
 
     def _decompress_payload(self, dst: BinaryIO) -> int:
-        stream = self.codec.stream()
-        fd = self._f.fileno()
         total = 0
-        for pos in range(0, self.footer.payload_size, _STEP):
-            data = os.pread(fd, min(_STEP, self.footer.payload_size - pos), pos)
-            try:
-                plain = stream.feed(data)
-            except ValueError as exc:
-                raise VerificationError(f"payload near offset {pos}: {exc}") from None
+        for plain in self._decompressed(self.footer.payload_size):
             dst.write(plain)
             total += len(plain)
-        if not stream.at_member_end():
-            raise VerificationError("payload ends inside a compressed member")
         return total
+
+    def diff_id(self) -> tuple[str, int]:
+        """sha256 and length of the whole blob decompressed: the DiffID containerd computes."""
+        h = hashlib.sha256()
+        total = 0
+        for plain in self._decompressed(self.size):
+            h.update(plain)
+            total += len(plain)
+        return "sha256:" + h.hexdigest(), total
+
+    def read_at(self, offset: int, size: int) -> bytes:
+        return os.pread(self._f.fileno(), size, offset)
+
+    def _decompressed(self, end: int) -> Iterator[bytes]:
+        """The members in blob bytes [0, end), decompressed in order."""
+        stream = self.codec.stream()
+        for pos in range(0, end, _STEP):
+            try:
+                yield stream.feed(self.read_at(pos, min(_STEP, end - pos)))
+            except ValueError as exc:
+                raise VerificationError(f"blob near offset {pos}: {exc}") from None
+        if not stream.at_member_end():
+            raise VerificationError("blob ends inside a compressed member")
 
     @staticmethod
     def _payload_entries(f: BinaryIO, size: int) -> Iterator[tarfmt.TarEntry]:

@@ -149,13 +149,17 @@ class TOCWriter:
         return head.encode() + b"[\n" + body + b"\n\t]\n}"
 
 
-def _go_escape(text: str) -> bytes:
-    """Go's HTML-safe escapes; each invalid UTF-8 byte (a surrogate here) becomes \\ufffd."""
+def go_escape(text: str) -> str:
+    """Go's HTML-safe JSON escapes; each invalid UTF-8 byte (a surrogate here) becomes \\ufffd."""
     text = _SURROGATES.sub(r"\\ufffd", text)
     for char, escaped in _GO_ESCAPES:
         if char in text:
             text = text.replace(char, escaped)
-    return text.encode("utf-8")
+    return text
+
+
+def _go_escape(text: str) -> bytes:
+    return go_escape(text).encode("utf-8")
 
 
 _GO_ESCAPES = (

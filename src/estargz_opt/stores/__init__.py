@@ -8,6 +8,13 @@ from pathlib import Path
 from typing import BinaryIO, Protocol
 
 from estargz_opt.descriptor import Descriptor
+from estargz_opt.errors import BadInputError
+
+
+def check_blob(desc: Descriptor, digest: str, size: int, what: str) -> None:
+    """Every store checks what it reads against the descriptor that named it."""
+    if size != desc.size or digest != desc.digest:
+        raise BadInputError(f"blob {desc.digest} ({what}) does not match its digest or size")
 
 
 class BlobSink(Protocol):

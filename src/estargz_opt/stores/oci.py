@@ -18,6 +18,7 @@ from typing import BinaryIO
 
 from estargz_opt.descriptor import OCI_INDEX, REF_NAME, Descriptor, Index
 from estargz_opt.errors import BadInputError, EstargzOptError
+from estargz_opt.stores import check_blob
 
 _LAYOUT = b'{"imageLayoutVersion":"1.0.0"}'
 _READ = 1 << 20
@@ -97,8 +98,7 @@ class OCILayout:
     def read(self, desc: Descriptor, what: str) -> bytes:
         path = self._existing(desc, what)
         data = path.read_bytes()
-        if len(data) != desc.size or "sha256:" + hashlib.sha256(data).hexdigest() != desc.digest:
-            raise BadInputError(f"blob {desc.digest} ({what}) does not match its digest or size")
+        check_blob(desc, "sha256:" + hashlib.sha256(data).hexdigest(), len(data), what)
         return data
 
     @contextlib.contextmanager
@@ -110,8 +110,7 @@ class OCILayout:
             while block := f.read(_READ):
                 h.update(block)
                 size += len(block)
-        if size != desc.size or "sha256:" + h.hexdigest() != desc.digest:
-            raise BadInputError(f"blob {desc.digest} ({what}) does not match its digest or size")
+        check_blob(desc, "sha256:" + h.hexdigest(), size, what)
         yield path
 
     def _existing(self, desc: Descriptor, what: str) -> Path:

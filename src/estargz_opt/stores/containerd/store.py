@@ -20,6 +20,7 @@ from typing import BinaryIO
 
 from estargz_opt.descriptor import Descriptor, load_json
 from estargz_opt.errors import BadInputError, EstargzOptError
+from estargz_opt.stores import check_blob
 from estargz_opt.stores.containerd.client import (
     Client,
     ContentNotFoundError,
@@ -178,8 +179,7 @@ class ContainerdStore:
             data = self.client.read_all(desc.digest, verify=False)
         except ContentNotFoundError:
             raise self._missing(desc, what) from None
-        if len(data) != desc.size or "sha256:" + hashlib.sha256(data).hexdigest() != desc.digest:
-            raise BadInputError(f"blob {desc.digest} ({what}) does not match its digest or size")
+        check_blob(desc, "sha256:" + hashlib.sha256(data).hexdigest(), len(data), what)
         return data
 
     @contextlib.contextmanager
@@ -196,10 +196,7 @@ class ContainerdStore:
             except ContentNotFoundError:
                 raise self._missing(desc, what) from None
             f.flush()
-            if size != desc.size or "sha256:" + h.hexdigest() != desc.digest:
-                raise BadInputError(
-                    f"blob {desc.digest} ({what}) does not match its digest or size"
-                )
+            check_blob(desc, "sha256:" + h.hexdigest(), size, what)
             yield Path(f"/proc/self/fd/{f.fileno()}")
 
     def _missing(self, desc: Descriptor, what: str) -> BadInputError:
