@@ -393,6 +393,8 @@ RPCS: dict[str, _Rpc] = {
     "task_get": _Rpc(_TASKS, "Get", tasks_pb2.GetRequest, tasks_pb2.GetResponse),
     "task_kill": _Rpc(_TASKS, "Kill", tasks_pb2.KillRequest, empty_pb2.Empty),
     "task_wait": _Rpc(_TASKS, "Wait", tasks_pb2.WaitRequest, tasks_pb2.WaitResponse),
+    "task_close_io": _Rpc(_TASKS, "CloseIO", tasks_pb2.CloseIORequest, empty_pb2.Empty),
+    "task_resize_pty": _Rpc(_TASKS, "ResizePty", tasks_pb2.ResizePtyRequest, empty_pb2.Empty),
     "diff_apply": _Rpc(_DIFF, "Apply", diff_pb2.ApplyRequest, diff_pb2.ApplyResponse),
 }
 
@@ -1065,6 +1067,16 @@ class Client:
         except grpc.RpcError as exc:
             raise self._error(exc, rpc.path, ("task", container_id)) from None
         return TaskExit(exit_status=r.exit_status, exited_at=_time(r, "exited_at"))
+
+    def close_stdin(self, container_id: str) -> None:
+        """Close the task's stdin, so that it reads end-of-file (the shim keeps the FIFO)."""
+        req = tasks_pb2.CloseIORequest(container_id=container_id, stdin=True)
+        self._call("task_close_io", req, ("task", container_id))
+
+    def resize_pty(self, container_id: str, width: int, height: int) -> None:
+        """Set the size of the task's terminal (created with terminal=True)."""
+        req = tasks_pb2.ResizePtyRequest(container_id=container_id, width=width, height=height)
+        self._call("task_resize_pty", req, ("task", container_id))
 
     def delete_task(self, container_id: str, *, missing_ok: bool = False) -> TaskExit | None:
         """Delete a stopped task; its exit (None if missing_ok and there was no task)."""
