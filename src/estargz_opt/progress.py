@@ -38,10 +38,13 @@ class Progress:
         self._lock = threading.Lock()
         self._last_draw = 0.0
         self._drawn = False
+        self._last_sample_log = 0.0
 
     def start(self, digest: str, total: int) -> None:
         with self._lock:
             now = time.monotonic()
+            if self._live and not self._layers:
+                self._clear()  # the analysis countdown, if any
             self._layers[digest] = _Layer(digest, total, now, last_log=now)
         if not self._live:
             log.info(
@@ -80,6 +83,20 @@ class Progress:
             )
             if self._live and self._layers:
                 self._draw()
+
+    def sampling(self, seconds_left: float | None, files: int) -> None:
+        """The workload run: a countdown and how many file accesses were seen so far."""
+        left = "until it exits or Ctrl-C" if seconds_left is None else f"{seconds_left:.0f}s left"
+        text = f"analyzing the workload: {left}, {files} file accesses seen"
+        with self._lock:
+            now = time.monotonic()
+            if self._live:
+                self._stream.write("\r\x1b[K" + text)
+                self._stream.flush()
+                self._drawn = True
+            elif now - self._last_sample_log >= _LOG_EVERY:
+                self._last_sample_log = now
+                log.info("%s", text)
 
     def close(self) -> None:
         with self._lock:

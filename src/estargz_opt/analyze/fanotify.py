@@ -123,9 +123,21 @@ class FanotifyMonitor:
     `paths_under()` turns everything seen so far into rootfs-relative paths.
     """
 
-    def __init__(self, mount_path: str | os.PathLike[str]) -> None:
+    def __init__(
+        self,
+        mount_path: str | os.PathLike[str],
+        *,
+        mark: bool = True,
+        proc_dir_fd: int | None = None,
+    ) -> None:
+        """Create the fanotify group; mark the mount of `mount_path` now unless mark=False.
+
+        proc_dir_fd: an fd of a /proc directory to resolve event fds through (its
+        `self/fd/N`), for a process whose own root no longer shows the host's /proc.
+        """
         self.mount_path = os.fspath(mount_path)
         self.overflows = 0
+        self._proc_dir_fd = proc_dir_fd
         self._seen: dict[str, None] = {}
         self._fd = -1
         libc = _libc()
@@ -141,6 +153,13 @@ class FanotifyMonitor:
                 raise _unavailable_error("fanotify_init", err)
             raise FanotifyError(f"fanotify_init failed: {os.strerror(err)}")
         self._fd = fd
+        self._libc = libc
+        if mark:
+            self.mark()
+
+    def mark(self) -> None:
+        """Start reporting opens and reads on the mount that holds `mount_path`."""
+        fd, libc = self._fd, self._libc
         rc = libc.fanotify_mark(
             fd,
             FAN_MARK_ADD | FAN_MARK_MOUNT,
@@ -217,7 +236,10 @@ class FanotifyMonitor:
         paths: list[str] = []
         for fd in fds:
             try:
-                paths.append(os.readlink(f"/proc/self/fd/{fd}"))
+                if self._proc_dir_fd is None:
+                    paths.append(os.readlink(f"/proc/self/fd/{fd}"))
+                else:
+                    paths.append(os.readlink(f"self/fd/{fd}", dir_fd=self._proc_dir_fd))
             except OSError as exc:
                 log.debug("cannot resolve fanotify fd %d: %s", fd, exc)
             finally:

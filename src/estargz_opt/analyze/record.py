@@ -93,28 +93,53 @@ def read_prefetch_list(path: Path) -> list[tuple[int, str]]:
     return out
 
 
+class Recorder:
+    """Turns accessed paths into record lines, as ctr-remote's recorder does (reference §7).
+
+    Each path is mapped to the top-most layer that holds it; a whiteout of the file or an
+    opaque marker in its parent above that rejects it. The first access wins and repeats
+    are dropped, so the record lists each file once, in first-access order.
+    """
+
+    def __init__(self, names: LayerNames, manifest_digest: str) -> None:
+        self.names = names
+        self.manifest_digest = manifest_digest
+        self.entries: list[RecordEntry] = []
+        self._seen: set[str] = set()
+
+    def record(self, name: str) -> RecordEntry | None:
+        """Add one accessed path; the new line, or None if it is a repeat or not in a layer."""
+        clean = tarfmt.clean_name(name)
+        if not clean or clean in self._seen:
+            return None
+        layer = self.names.top_layer(clean)
+        if layer is None:
+            log.debug("not recorded: %s is in no layer (or deleted by a whiteout)", clean)
+            return None
+        self._seen.add(clean)
+        entry = RecordEntry(clean, self.manifest_digest, layer)
+        self.entries.append(entry)
+        return entry
+
+
+def write_record(path: Path, entries: Iterable[RecordEntry]) -> None:
+    """Write a record file (JSON lines, byte-compatible with ctr-remote's --record-out)."""
+    from estargz_opt.format import atomic_output
+
+    with atomic_output(path) as f:
+        for e in entries:
+            f.write(e.to_json().encode("utf-8", errors="surrogateescape") + b"\n")
+
+
 def record_from_prefetch_list(
     patterns: list[tuple[int, str]], names: LayerNames, manifest_digest: str
 ) -> list[RecordEntry]:
     """Resolve paths and globs to the top-most layer holding each, honouring whiteouts."""
-    entries: list[RecordEntry] = []
-    seen: set[str] = set()
-
-    def record(name: str) -> None:
-        clean = tarfmt.clean_name(name)
-        if not clean or clean in seen:
-            return
-        layer = names.top_layer(clean)
-        if layer is None:
-            log.debug("prefetch list: %s is not in the image (or deleted by a whiteout)", clean)
-            return
-        seen.add(clean)
-        entries.append(RecordEntry(clean, manifest_digest, layer))
-
+    recorder = Recorder(names, manifest_digest)
     all_names: list[str] | None = None
     for lineno, pattern in patterns:
         if not _is_glob(pattern):
-            record(pattern)
+            recorder.record(pattern)
             continue
         if all_names is None:
             all_names = names.all_names()
@@ -123,8 +148,8 @@ def record_from_prefetch_list(
         if not matched:
             log.warning("prefetch list line %d: %r matches no file in the image", lineno, pattern)
         for n in matched:
-            record(n)
-    return entries
+            recorder.record(n)
+    return recorder.entries
 
 
 def _is_glob(text: str) -> bool:

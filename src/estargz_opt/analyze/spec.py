@@ -582,6 +582,7 @@ def build_spec(
     netns_path: str | None = None,
     container_id: str | None = None,
     namespace: str = "default",
+    files_root: str | None = None,
 ) -> dict[str, Any]:
     """The OCI runtime spec (a JSON-ready dict) for the sample container.
 
@@ -592,11 +593,14 @@ def build_spec(
     mount_ns_path: /proc/<pid>/ns/mnt of the fanotify monitor, for the container to join.
     netns_path: the CNI network namespace to join (--cni).
     container_id/namespace: give the cgroups path /<namespace>/<id> as containerd does.
+    files_root: where this process can read the rootfs's /etc/passwd and /etc/group, when
+        `rootfs` is mounted only in another mount namespace (default: `rootfs`).
     """
     opts.validate()
     if not os.path.isabs(rootfs):
         raise BadInputError(f"rootfs {rootfs!r} must be an absolute path")
     cfg = _config_section(image_config)
+    files = files_root or rootfs
 
     caps = list(DEFAULT_CAPABILITIES)
     process: dict[str, Any] = {
@@ -654,7 +658,7 @@ def build_spec(
     # Image config (WithImageConfig): env, args, cwd, user.
     process["env"] = merge_env(list(cfg.get("Env") or [DEFAULT_PATH_ENV]), [])
     process["cwd"] = cfg.get("WorkingDir") or "/"
-    process["user"] = resolve_user(rootfs, cfg.get("User") or "")
+    process["user"] = resolve_user(files, cfg.get("User") or "")
 
     # --env
     process["env"] = merge_env(process["env"], opts.env)
@@ -687,7 +691,7 @@ def build_spec(
     if opts.env_file:
         process["env"] = merge_env(process["env"], read_env_file(opts.env_file))
     if opts.user:
-        process["user"] = resolve_user(rootfs, opts.user)
+        process["user"] = resolve_user(files, opts.user)
     if opts.cwd:
         process["cwd"] = opts.cwd
     if opts.terminal:

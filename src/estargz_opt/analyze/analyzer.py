@@ -1,0 +1,97 @@
+"""Profile an image: run its workload in a sample container and record the files it used.
+
+This ties the pieces together: the sampler runs the workload and returns the container
+paths it touched, in first-access order; the recorder maps each to the top-most layer
+that holds it. Which names each layer holds is read from the layer blobs meanwhile, in a
+background thread, so it costs no extra time on top of the `--period`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from estargz_opt import descriptor as d
+from estargz_opt.analyze.layerindex import LayerNames
+from estargz_opt.analyze.record import RecordEntry, Recorder
+from estargz_opt.analyze.sampler import SampleImage, SampleResult, Tick, run_sample
+from estargz_opt.analyze.spec import SamplerOptions
+from estargz_opt.descriptor import Descriptor, Manifest
+from estargz_opt.errors import BadInputError
+from estargz_opt.stores.containerd.store import ContainerdStore
+
+log = logging.getLogger("estargz_opt")
+
+
+@dataclass(slots=True)
+class Analysis:
+    """The record of one workload run, plus how the run went."""
+
+    entries: list[RecordEntry]
+    sample: SampleResult
+
+
+def analyze(
+    store: ContainerdStore,
+    image_name: str,
+    manifest_desc: Descriptor,
+    manifest: Manifest,
+    opts: SamplerOptions,
+    *,
+    on_tick: Tick | None = None,
+) -> Analysis:
+    """Run the workload of `manifest` (the host platform's) and record what it touched."""
+    config = _json_object(store.read(manifest.config, "image config"), manifest.config.digest)
+    layers = [x for x in manifest.layers if x.media_type in d.LAYER_TYPES]
+    image = SampleImage(image_name, config, layers, _diff_ids(config, len(layers)))
+    with ThreadPoolExecutor(1, thread_name_prefix="layer-names") as pool:
+        names_job = pool.submit(_layer_names, store, image.layers)
+        sample = run_sample(store.client, image, opts, on_tick=on_tick)
+        names = names_job.result()
+    recorder = Recorder(names, manifest_desc.digest)
+    for path in sample.paths:
+        if path.startswith("/"):
+            recorder.record(path)
+    log.info(
+        "recorded %d files: %s",
+        len(recorder.entries),
+        ", ".join(
+            f"layer {i}: {n}"
+            for i in range(len(image.layers))
+            if (n := sum(1 for e in recorder.entries if e.layer_index == i))
+        )
+        or "none",
+    )
+    return Analysis(recorder.entries, sample)
+
+
+def _layer_names(store: ContainerdStore, layers: list[Descriptor]) -> LayerNames:
+    names = []
+    for i, layer in enumerate(layers):
+        with store.local_file(layer, f"layer {i}") as path:
+            names.append(LayerNames.names_in(str(path)))
+    return LayerNames(names)
+
+
+def _json_object(data: bytes, digest: str) -> dict:
+    try:
+        doc = json.loads(data)
+    except ValueError:
+        raise BadInputError(f"image config {digest} is not JSON") from None
+    if not isinstance(doc, dict):
+        raise BadInputError(f"image config {digest} is not a JSON object")
+    return doc
+
+
+def _diff_ids(config: dict, count: int) -> list[str]:
+    rootfs = config.get("rootfs") or {}
+    diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
+    if not isinstance(diff_ids, list) or not all(isinstance(x, str) for x in diff_ids):
+        raise BadInputError("the image config has no rootfs.diff_ids list")
+    if len(diff_ids) != count:
+        raise BadInputError(
+            f"the image has {count} layers but its config lists {len(diff_ids)} diff IDs"
+        )
+    return diff_ids

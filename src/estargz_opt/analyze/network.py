@@ -1,0 +1,157 @@
+"""`--cni`: give the sample container its own network namespace, set up by CNI plugins.
+
+ctr-remote creates a named network namespace under /var/run/netns, loads the first CNI
+network configuration of the plugin conf dir (go-cni's `WithDefaultConf`) and runs the
+plugins' ADD on it; cleanup runs DEL and deletes the namespace. This is the same, with
+the plugins called directly as the CNI spec describes (JSON config on stdin, CNI_*
+variables in the environment).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from estargz_opt.analyze.spec import SamplerOptions
+from estargz_opt.errors import EstargzOptError
+
+log = logging.getLogger("estargz_opt")
+
+NETNS_DIR = "/var/run/netns"
+DEFAULT_CONF_DIR = "/etc/cni/net.d"
+DEFAULT_PLUGIN_DIRS = ("/opt/cni/bin", "/usr/lib/cni")
+IFNAME = "eth0"
+CLONE_NEWNET = 0x40000000
+
+
+class NetworkError(EstargzOptError):
+    """The CNI network of the sample container could not be set up."""
+
+
+def load_conf(conf_dir: str) -> dict[str, Any]:
+    """The first network config in `conf_dir` (lexical order), as a conflist."""
+    directory = Path(conf_dir or DEFAULT_CONF_DIR)
+    try:
+        files = sorted(
+            p for p in directory.iterdir() if p.suffix in (".conf", ".conflist", ".json")
+        )
+    except OSError as exc:
+        raise NetworkError(
+            f"--cni: cannot read the CNI config dir {directory}: {exc.strerror}"
+        ) from None
+    if not files:
+        raise NetworkError(f"--cni: no CNI network config (*.conf, *.conflist) in {directory}")
+    path = files[0]
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise NetworkError(f"--cni: cannot read {path}: {exc}") from None
+    if not isinstance(doc, dict):
+        raise NetworkError(f"--cni: {path} is not a JSON object")
+    if "plugins" in doc:
+        return doc
+    # A single-plugin .conf is a list of one.
+    return {
+        "cniVersion": doc.get("cniVersion", "0.4.0"),
+        "name": doc.get("name", ""),
+        "plugins": [doc],
+    }
+
+
+def plugin_path(kind: str, plugin_dir: str) -> str:
+    dirs = [plugin_dir] if plugin_dir else list(DEFAULT_PLUGIN_DIRS)
+    for d in dirs:
+        candidate = os.path.join(d, kind)
+        if os.access(candidate, os.X_OK):
+            return candidate
+    raise NetworkError(f"--cni: CNI plugin {kind!r} not found in {', '.join(dirs)}")
+
+
+def _run_plugin(
+    command: str, conf: dict[str, Any], cid: str, netns: str, plugin_dir: str
+) -> dict[str, Any]:
+    exe = plugin_path(conf.get("type", ""), plugin_dir)
+    env = {
+        "CNI_COMMAND": command,
+        "CNI_CONTAINERID": cid,
+        "CNI_NETNS": netns,
+        "CNI_IFNAME": IFNAME,
+        "CNI_PATH": os.path.dirname(exe),
+        "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+    }
+    proc = subprocess.run(
+        [exe], input=json.dumps(conf).encode(), env=env, capture_output=True, timeout=60
+    )
+    if proc.returncode != 0:
+        try:
+            msg = json.loads(proc.stdout).get("msg", "")
+        except ValueError:
+            msg = proc.stderr.decode(errors="replace").strip()
+        raise NetworkError(f"--cni: plugin {conf.get('type')} {command} failed: {msg}")
+    if command != "ADD" or not proc.stdout.strip():
+        return {}
+    return json.loads(proc.stdout)
+
+
+def _create_netns(name: str) -> str:
+    """A named network namespace (as `ip netns add` makes one), bind-mounted in NETNS_DIR."""
+    os.makedirs(NETNS_DIR, exist_ok=True)
+    path = os.path.join(NETNS_DIR, name)
+    with open(path, "x"):
+        pass
+    # A child process unshares and its namespace file is bind-mounted onto `path`.
+    code = (
+        "import ctypes,os,sys;libc=ctypes.CDLL(None,use_errno=True);"
+        f"sys.exit(0 if libc.unshare({CLONE_NEWNET})==0 and libc.mount("
+        "b'/proc/self/ns/net',sys.argv[1].encode(),None,0x1000,None)==0 "
+        "else ctypes.get_errno())"
+    )
+    rc = subprocess.run([sys.executable, "-c", code, path]).returncode
+    if rc != 0:
+        os.unlink(path)
+        raise NetworkError(f"--cni: cannot create a network namespace: {os.strerror(rc)}")
+    return path
+
+
+def _delete_netns(path: str) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.umount2(os.fsencode(path), 2)  # MNT_DETACH
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+@contextlib.contextmanager
+def cni_namespace(cid: str, opts: SamplerOptions) -> Iterator[str]:
+    """A network namespace wired by the default CNI network; removed on exit."""
+    conf = load_conf(opts.cni_plugin_conf_dir)
+    path = _create_netns(cid)
+    added: list[dict[str, Any]] = []
+    try:
+        prev: dict[str, Any] | None = None
+        for plugin in conf["plugins"]:
+            net = {
+                "cniVersion": conf.get("cniVersion", "0.4.0"),
+                "name": conf.get("name", ""),
+                **plugin,
+            }
+            if prev:
+                net["prevResult"] = prev
+            added.append(net)
+            prev = _run_plugin("ADD", net, cid, path, opts.cni_plugin_dir) or prev
+        log.info("sample container network: %s (CNI %s)", conf.get("name", ""), path)
+        yield path
+    finally:
+        for net in reversed(added):
+            try:
+                _run_plugin("DEL", net, cid, path, opts.cni_plugin_dir)
+            except NetworkError as exc:
+                log.warning("cleanup: %s", exc)
+        _delete_netns(path)
