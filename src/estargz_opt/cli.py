@@ -6,11 +6,14 @@ import json
 import logging
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 
 from estargz_opt import __version__, lint, platforms
+from estargz_opt.analyze.spec import DEFAULT_PERIOD, SamplerOptions
 from estargz_opt.errors import EstargzOptError
 from estargz_opt.format import (
     DEFAULT_CHUNK_SIZE,
@@ -20,7 +23,7 @@ from estargz_opt.format import (
     convert_layer,
     open_layer,
 )
-from estargz_opt.optimize import ContainerdOptions, OptimizeRequest, optimize
+from estargz_opt.optimize import ContainerdOptions, OptimizeRequest, optimize, profile
 from estargz_opt.progress import Progress
 
 log = logging.getLogger("estargz_opt")
@@ -99,6 +102,83 @@ def cli(
     ctx.obj = ContainerdOptions(address=address, namespace=namespace, timeout=timeout)
 
 
+def _sampler_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """ctr-remote's sampler flags, with its names and defaults (they shape the workload run)."""
+    options = [
+        click.option("-t", "--terminal", is_flag=True, help="Give the workload a TTY (needs -i)."),
+        click.option("-i", "stdin", is_flag=True, help="Attach our stdin to the workload."),
+        click.option(
+            "--period",
+            type=int,
+            default=DEFAULT_PERIOD,
+            show_default=True,
+            help="Seconds to watch the workload.",
+        ),
+        click.option("--user", default="", help="user[:group] to run as (names or ids)."),
+        click.option("--cwd", default="", help="Working directory of the workload."),
+        click.option("--args", default="", help='Replace the image Cmd: JSON array, e.g. ["-v"].'),
+        click.option("--entrypoint", default="", help="Replace the image Entrypoint: JSON array."),
+        click.option("--env", multiple=True, help="K=V for the workload (repeatable)."),
+        click.option("--env-file", default="", help="File of K=V lines for the workload."),
+        click.option(
+            "--mount",
+            "mounts",
+            multiple=True,
+            help="type=bind,source=/src,destination=/dst,options=rbind:ro (repeatable).",
+        ),
+        click.option("--dns-nameservers", default="8.8.8.8", show_default=True, help="CSV."),
+        click.option("--dns-search-domains", default="", help="CSV."),
+        click.option("--dns-options", default="", help="CSV."),
+        click.option("--add-hosts", default="", help="CSV of host:IP for /etc/hosts."),
+        click.option("--cni", is_flag=True, help="Network the workload with the first CNI config."),
+        click.option("--cni-plugin-conf-dir", default="", help="CNI config dir (/etc/cni/net.d)."),
+        click.option("--cni-plugin-dir", default="", help="CNI plugin dir (/opt/cni/bin)."),
+        click.option("--gpus", default="", help="GPUs for the workload: all, or indices 0,1."),
+        click.option("--net-host", is_flag=True, help="Run the workload in the host network."),
+        click.option(
+            "--wait-on-line", default="", help="End the run when a stdout line contains this."
+        ),
+        click.option(
+            "--wait-on-signal", is_flag=True, help="Run until the workload exits or Ctrl-C."
+        ),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _sampler(kw: dict[str, Any]) -> SamplerOptions:
+    """Take the sampler flags out of a command's keyword arguments."""
+    opts = SamplerOptions(
+        terminal=kw.pop("terminal"),
+        stdin=kw.pop("stdin"),
+        period=kw.pop("period"),
+        user=kw.pop("user"),
+        cwd=kw.pop("cwd"),
+        args=kw.pop("args"),
+        entrypoint=kw.pop("entrypoint"),
+        env=list(kw.pop("env")),
+        env_file=kw.pop("env_file"),
+        mounts=list(kw.pop("mounts")),
+        dns_nameservers=kw.pop("dns_nameservers"),
+        dns_search_domains=kw.pop("dns_search_domains"),
+        dns_options=kw.pop("dns_options"),
+        add_hosts=kw.pop("add_hosts"),
+        cni=kw.pop("cni"),
+        cni_plugin_conf_dir=kw.pop("cni_plugin_conf_dir"),
+        cni_plugin_dir=kw.pop("cni_plugin_dir"),
+        gpus=kw.pop("gpus"),
+        net_host=kw.pop("net_host"),
+        wait_on_line=kw.pop("wait_on_line"),
+        wait_on_signal=kw.pop("wait_on_signal"),
+    )
+    try:
+        opts.validate()
+    except EstargzOptError as exc:
+        raise click.UsageError(str(exc)) from None
+    return opts
+
+
 @cli.command("optimize")
 @click.pass_obj
 @click.argument("src")
@@ -142,8 +222,14 @@ def cli(
 @click.option(
     "--estargz-external-toc", is_flag=True, help="Keep TOCs in a separate image DST-esgztoc."
 )
+@click.option(
+    "--record-out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write the record of the workload run (JSON lines) to this file.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON report on stdout at the end.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
+@_sampler_options
 def optimize_cmd(
     containerd: ContainerdOptions,
     src: str,
@@ -161,8 +247,10 @@ def optimize_cmd(
     estargz_chunk_size: int,
     estargz_min_chunk_size: int,
     estargz_external_toc: bool,
+    record_out: Path | None,
     as_json: bool,
     quiet: bool,
+    **sampler_flags: Any,
 ) -> None:
     """Convert the image SRC into DST with prioritized files first.
 
@@ -170,8 +258,13 @@ def optimize_cmd(
     (oci:DIR[:TAG]), in any combination. The last line printed is the digest of the new
     image.
 
+    Unless --record-in, --prefetch-list or --no-optimize is given, the image's workload
+    runs for --period seconds in a sample container (containerd + runc, host platform
+    only), and the files it opens go first in their layers. Its output goes to stderr.
+
     \b
     Examples:
+      estargz-opt optimize --oci --period 5 --wait-on-line ready app:1.0 app:1.0-esgz
       estargz-opt optimize --oci --record-in record.jsonl oci:app:1.0 oci:app:1.0-esgz
       estargz-opt optimize --oci --no-optimize --all-platforms oci:in:latest oci:out:latest
     """
@@ -200,6 +293,7 @@ def optimize_cmd(
         chunk_size=estargz_chunk_size or DEFAULT_CHUNK_SIZE,
         min_chunk_size=0 if zstdchunked else estargz_min_chunk_size,
     )
+    sampler = _sampler(sampler_flags)
     progress = Progress()
     outcome = optimize(
         OptimizeRequest(
@@ -213,6 +307,8 @@ def optimize_cmd(
             no_optimize=no_optimize,
             record_in=None if no_optimize else record_in,
             prefetch_list=prefetch_list,
+            sampler=sampler,
+            record_out=record_out,
             containerd=containerd,
             progress=None if quiet else progress,
         )
@@ -224,6 +320,58 @@ def optimize_cmd(
     if outcome.extra_image:
         click.echo(f"extra image: {outcome.extra_image}")
     click.echo(outcome.digest)
+
+
+@cli.command("analyze")
+@click.pass_obj
+@click.argument("src")
+@click.option(
+    "--record-out",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Where to write the record (JSON lines, ctr-remote's format).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress output.")
+@_sampler_options
+def analyze_cmd(
+    containerd: ContainerdOptions,
+    src: str,
+    record_out: Path,
+    as_json: bool,
+    quiet: bool,
+    **sampler_flags: Any,
+) -> None:
+    """Run the workload of the image SRC (in containerd) and record the files it opens.
+
+    Nothing is converted. The record feeds `optimize --record-in` later, on any machine,
+    with or without containerd. The workload's output goes to stderr.
+
+    \b
+    Examples:
+      estargz-opt analyze --period 5 --record-out app.jsonl docker.io/library/app:1.0
+      estargz-opt optimize --oci --record-in app.jsonl oci:app:1.0 oci:app:1.0-esgz
+    """
+    sampler = _sampler(sampler_flags)
+    progress = Progress()
+    result = profile(src, sampler, record_out, containerd, None if quiet else progress)
+    progress.close()
+    sample = result.sample
+    if as_json:
+        click.echo(
+            json.dumps(
+                {
+                    "record": str(record_out),
+                    "files": len(result.entries),
+                    "layers": sorted({e.layer_index for e in result.entries}),
+                    "endedBy": sample.ended_by,
+                    "exitStatus": sample.exit_status,
+                    "error": sample.error,
+                }
+            )
+        )
+    else:
+        click.echo(f"recorded {len(result.entries)} files to {record_out}")
 
 
 def _human(n: int) -> str:

@@ -10,7 +10,7 @@ import logging
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from estargz_opt import descriptor as d
 from estargz_opt import platforms, reference
@@ -20,7 +20,12 @@ from estargz_opt.analyze.record import (
     read_prefetch_list,
     read_record,
     record_from_prefetch_list,
+    write_record,
 )
+from estargz_opt.analyze.spec import SamplerOptions
+
+if TYPE_CHECKING:
+    from estargz_opt.analyze.analyzer import Analysis
 from estargz_opt.convert import Converter, ConvertOptions, ConvertResult, toc_image
 from estargz_opt.descriptor import Descriptor, Index, Manifest
 from estargz_opt.errors import EstargzOptError
@@ -54,6 +59,10 @@ class OptimizeRequest:
     no_optimize: bool = False
     record_in: Path | None = None
     prefetch_list: Path | None = None
+    #: run the workload with these options (containerd sources only); see analyze.spec
+    sampler: SamplerOptions | None = None
+    #: write the record of the workload run here (ctr-remote's --record-out)
+    record_out: Path | None = None
     containerd: ContainerdOptions = field(default_factory=ContainerdOptions)
     progress: Progress | None = None
 
@@ -104,14 +113,16 @@ class OptimizeOutcome:
 def optimize(req: OptimizeRequest) -> OptimizeOutcome:
     src_ref, dst_ref = reference.parse(req.src), reference.parse(req.dst)
     matcher = platforms.matcher(req.platforms, req.all_platforms)
-    if not (req.no_optimize or req.record_in or req.prefetch_list):
-        why = (
-            "running the workload needs containerd, which oci: images do not use"
-            if isinstance(src_ref, reference.OCIRef)
-            else "running the workload in containerd is not available yet"
-        )
+    run_workload = not (req.no_optimize or req.record_in or req.prefetch_list)
+    if run_workload and isinstance(src_ref, reference.OCIRef):
         raise EstargzOptError(
-            f"{why}; pass --record-in FILE or --prefetch-list FILE (or --no-optimize)"
+            "running the workload needs containerd, which oci: images do not use; pass "
+            "--record-in FILE or --prefetch-list FILE (or --no-optimize)"
+        )
+    if req.record_out and not run_workload:
+        raise EstargzOptError(
+            "--record-out records a workload run; it cannot be combined with --record-in, "
+            "--prefetch-list or --no-optimize"
         )
     dst_tag = dst_ref.tag or src_ref.tag
     if not dst_tag:
@@ -126,7 +137,10 @@ def optimize(req: OptimizeRequest) -> OptimizeOutcome:
             if req.platforms or req.all_platforms
             else " (the host; use --platform or --all-platforms for others)",
         )
-        prioritized = _prioritized(req, src, root)
+        if run_workload:
+            prioritized = _analyze(req, src, root, src_ref, matcher)
+        else:
+            prioritized = _prioritized(req, src, root)
         same = _same_store(src_ref, dst_ref)
         dst: Store = (
             src if same else stack.enter_context(open_store(dst_ref, req.containerd, create=True))
@@ -155,6 +169,36 @@ def optimize(req: OptimizeRequest) -> OptimizeOutcome:
     )
 
 
+def profile(
+    src: str,
+    sampler: SamplerOptions,
+    record_out: Path,
+    containerd: ContainerdOptions,
+    progress: Progress | None = None,
+) -> Analysis:
+    """`estargz-opt analyze`: run the workload and write its record; convert nothing."""
+    from estargz_opt.analyze.analyzer import analyze
+
+    ref = reference.parse(src)
+    if isinstance(ref, reference.OCIRef):
+        raise EstargzOptError(
+            "running the workload needs containerd, which oci: images do not use; import "
+            "the image into containerd first (e.g. ctr images import)"
+        )
+    with open_store(ref, containerd, create=False) as store:
+        root = store.resolve(ref.tag)
+        host = _host_manifest(store, root)
+        if host is None:
+            raise EstargzOptError(
+                f"{ref} has no image for the host platform {platforms.host()}: "
+                "the workload cannot run here"
+            )
+        on_tick = progress.sampling if progress else None
+        result = analyze(store, str(ref), host[0], host[1], sampler, on_tick=on_tick)
+    write_record(record_out, result.entries)
+    return result
+
+
 def open_store(ref: reference.ImageRef, c: ContainerdOptions, create: bool) -> Any:
     """A store for ref, as a context manager (containerd's holds a lease while open)."""
     if isinstance(ref, reference.OCIRef):
@@ -169,6 +213,40 @@ def _same_store(a: reference.ImageRef, b: reference.ImageRef) -> bool:
     if isinstance(a, reference.OCIRef) and isinstance(b, reference.OCIRef):
         return a.path.resolve() == b.path.resolve()
     return isinstance(a, reference.ContainerdRef) and isinstance(b, reference.ContainerdRef)
+
+
+def _analyze(
+    req: OptimizeRequest,
+    src: Any,
+    root: Descriptor,
+    src_ref: reference.ImageRef,
+    matcher: platforms.Matcher,
+) -> dict[str, list[str]]:
+    """Run the workload of the host platform's image and prioritize what it touched."""
+    from estargz_opt.analyze.analyzer import analyze
+
+    host = _host_manifest(src, root)
+    if host is None or not matcher.matches(platforms.host()):
+        log.warning(
+            "the workload runs only for the host platform %s, which is not converted "
+            "here: no files are prioritized",
+            platforms.host(),
+        )
+        return {}
+    if req.platforms or req.all_platforms:
+        log.info(
+            "the workload runs for the host platform %s only; other platforms are "
+            "converted without prioritized files",
+            platforms.host(),
+        )
+    host_desc, manifest = host
+    on_tick = req.progress.sampling if req.progress else None
+    result = analyze(
+        src, str(src_ref), host_desc, manifest, req.sampler or SamplerOptions(), on_tick=on_tick
+    )
+    if req.record_out:
+        write_record(req.record_out, result.entries)
+    return prioritized_from_record(result.entries, host_desc.digest, manifest)
 
 
 def _prioritized(req: OptimizeRequest, src: Store, root: Descriptor) -> dict[str, list[str]]:
