@@ -10,9 +10,10 @@
 #      package (layer 0: busybox; layer 1: an app script and its config; the
 #      config's Cmd runs the script, which prints one line) as an OCI layout,
 #      and import it with `ctr images import`;
-#   3. write a record of the files the app reads (ctr-remote --record-out
-#      format) and run `estargz-opt -a SOCK optimize --oci --record-in REC SRC DST`
-#      (the analyzer that records them by running the app comes in a later issue);
+#   3. run `estargz-opt -a SOCK optimize --oci --period 5 --record-out REC SRC DST`:
+#      the app runs in a sample container under the file-access monitor, the
+#      files it opens are recorded (ctr-remote --record-out format) and put
+#      first in their layers;
 #   4. show the new digest and, per layer, source -> converted size, media type,
 #      toc.digest, the prefetch landmark and the prioritized files (from the
 #      TOC of the blob, via `ctr content get` + `estargz-opt layer toc`), and
@@ -173,24 +174,22 @@ tar -C "$WORK/oci" -cf "$WORK/image-oci.tar" oci-layout index.json blobs
 "${CTR[@]}" images import --no-unpack "$WORK/image-oci.tar" >&2
 "${CTR[@]}" images ls "name==$SRC" >&2
 
-# --- 3. record + estargz-opt optimize -----------------------------------------------------
-say "estargz-opt optimize with a record of the files the app reads"
-# What running the app opens, in order: /bin/sh -> busybox (layer 0), then the
-# script and its config (layer 1). Written by hand for now: the analyzer that
-# records them by running the image comes in a later issue; until then, --record-in.
+# --- 3. estargz-opt optimize: run the app, record what it opens, convert ---------------
+say "estargz-opt optimize: run the app in a sample container, record its files, convert"
+# The app runs under the file-access monitor for up to --period seconds (it exits at
+# once here); what it opens goes first in each layer. --record-out keeps the record,
+# which `optimize --record-in` can reuse later on any machine, even without containerd.
 REC="$WORK/record.jsonl"
-for entry in "bin/busybox 0" "app/run.sh 1" "etc/demo-app/app.conf 1"; do
-    set -- $entry
-    printf '{"path":"%s","manifestDigest":"%s","layerIndex":%s}\n' "$1" "$SRC_MANIFEST" "$2"
-done >"$REC"
-echo "record (written by the demo, not by an analyzer yet): $REC" >&2
-sed 's/^/  /' "$REC" >&2
-echo "+ estargz-opt -a $SOCK optimize --oci --record-in $REC $SRC $DST" >&2
+echo "+ estargz-opt -a $SOCK optimize --oci --period 5 --record-out $REC $SRC $DST" >&2
 T_OPT=$EPOCHREALTIME
-NEW_DIGEST="$("${ESTARGZ_OPT[@]}" -a "$SOCK" optimize --oci --record-in "$REC" "$SRC" "$DST" \
-              | tail -n1)"
+NEW_DIGEST="$("${ESTARGZ_OPT[@]}" -a "$SOCK" optimize --oci --period 5 --record-out "$REC" \
+              "$SRC" "$DST" | tail -n1)"
 OPT_S="$(awk -v a="$T_OPT" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }')"
 [[ "$NEW_DIGEST" == sha256:* ]] || die "estargz-opt printed no digest"
+echo "record of the workload run (ctr-remote --record-out format): $REC" >&2
+sed 's/^/  /' "$REC" >&2
+grep -q '"path":"etc/demo-app/app.conf"' "$REC" \
+    || die "the record lacks the app's config: the workload did not run as expected"
 "${CTR[@]}" images ls "name==$DST" >&2
 
 # --- 4. what happened ----------------------------------------------------------------------
@@ -252,8 +251,8 @@ echo "$RUN_OUT" >&2
 say "summary"
 cat <<SUMMARY
 containerd : private, $SOCK ($SYSTEM)
-optimize   : estargz-opt -a SOCK optimize --oci --record-in record.jsonl $SRC $DST  (${OPT_S} s)
-record     : written by the demo (the analyzer that records it comes in a later issue)
+optimize   : estargz-opt -a SOCK optimize --oci --period 5 --record-out record.jsonl $SRC $DST  (${OPT_S} s, workload run included)
+record     : $(wc -l <"$REC") files recorded by running the app: $(sed -n 's/.*"path":"\([^"]*\)".*/\1/p' "$REC" | paste -sd, -)
 $REPORT
 ctr run    : $RUN_OUT
 SUMMARY
