@@ -83,4 +83,5 @@ fi
 # --- reference ctr-remote -------------------------------------------------------------
 "$ROOT/scripts/install-ctr-remote.sh" >/dev/null \
     || die "scripts/install-ctr-remote.sh failed"
+"$ROOT/scripts/install-e2e-deps.sh" || die "scripts/install-e2e-deps.sh failed"
 log "done"
