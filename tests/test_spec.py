@@ -282,6 +282,24 @@ def test_parse_gpus():
 # ---- stop signal ------------------------------------------------------------------------
 
 
+def test_gpus_use_the_nvidia_hook(tmp_path):
+    hook = "/usr/bin/nvidia-container-runtime-hook"
+    s = build_spec(CFG, SamplerOptions(gpus="0,1"), make_rootfs(tmp_path), "h", gpu_hook=hook)
+    assert s["hooks"] == {"prestart": [{"path": hook, "args": [
+        "nvidia-container-runtime-hook", "prestart"]}]}
+    assert "NVIDIA_VISIBLE_DEVICES=0,1" in s["process"]["env"]
+    assert "NVIDIA_DRIVER_CAPABILITIES=all" in s["process"]["env"]
+    every = build_spec(CFG, SamplerOptions(gpus="all"), make_rootfs(tmp_path / "b"), "h",
+                       gpu_hook=hook)
+    assert "NVIDIA_VISIBLE_DEVICES=all" in every["process"]["env"]
+    assert "hooks" not in build_spec(CFG, SamplerOptions(), make_rootfs(tmp_path / "c"), "h")
+
+
+def test_gpus_without_the_toolkit_is_a_clear_error(tmp_path):
+    with pytest.raises(BadInputError, match="NVIDIA Container Toolkit"):
+        build_spec(CFG, SamplerOptions(gpus="all"), make_rootfs(tmp_path), "h")
+
+
 def test_stop_signal():
     assert S.stop_signal({"config": {"StopSignal": "SIGTERM"}}) == signal.SIGTERM
     assert S.stop_signal({"config": {"StopSignal": "15"}}) == 15

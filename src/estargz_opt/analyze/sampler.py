@@ -39,6 +39,7 @@ from estargz_opt.analyze.monitor import Monitor
 from estargz_opt.analyze.spec import (
     SamplerOptions,
     build_spec,
+    find_gpu_hook,
     hosts_file,
     resolv_conf,
     stop_signal,
@@ -110,6 +111,11 @@ def run_sample(
     """
     opts.validate()
     check_runtime()
+    if opts.gpus and find_gpu_hook() is None:
+        raise SampleError(
+            "--gpus needs the NVIDIA Container Toolkit (nvidia-container-runtime-hook was "
+            "not found on PATH)"
+        )
     out = output if output is not None else sys.stderr.buffer
     cid = f"estargz-opt-sample-{secrets.token_hex(8)}"
     with ExitStack() as stack:
@@ -145,6 +151,7 @@ def run_sample(
             container_id=cid,
             namespace=client.namespace,
             files_root=monitor.rootfs_view,
+            gpu_hook=find_gpu_hook() if opts.gpus else None,
         )
         client.create_container(
             Container(

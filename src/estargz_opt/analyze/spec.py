@@ -249,6 +249,13 @@ def parse_add_hosts(text: str) -> list[tuple[str, str]]:
     return out
 
 
+def find_gpu_hook() -> str | None:
+    """The NVIDIA Container Toolkit's OCI prestart hook, if installed."""
+    import shutil
+
+    return shutil.which("nvidia-container-runtime-hook") or shutil.which("nvidia-container-toolkit")
+
+
 def parse_gpus(text: str) -> list[str]:
     """`--gpus` → CDI device names: "all" or comma-separated indices."""
     if text == "":
@@ -583,6 +590,7 @@ def build_spec(
     container_id: str | None = None,
     namespace: str = "default",
     files_root: str | None = None,
+    gpu_hook: str | None = None,
 ) -> dict[str, Any]:
     """The OCI runtime spec (a JSON-ready dict) for the sample container.
 
@@ -595,6 +603,7 @@ def build_spec(
     container_id/namespace: give the cgroups path /<namespace>/<id> as containerd does.
     files_root: where this process can read the rootfs's /etc/passwd and /etc/group, when
         `rootfs` is mounted only in another mount namespace (default: `rootfs`).
+    gpu_hook: the NVIDIA container runtime hook, needed for --gpus (see find_gpu_hook).
     """
     opts.validate()
     if not os.path.isabs(rootfs):
@@ -704,6 +713,23 @@ def build_spec(
         for ns in namespaces:
             if ns["type"] == "network":
                 ns["path"] = netns_path
+    # GPUs: the NVIDIA Container Toolkit's prestart hook injects the devices and the
+    # driver libraries the NVIDIA_* variables ask for (what `--gpus` does in docker).
+    if opts.gpus:
+        devices = parse_gpus(opts.gpus)
+        if gpu_hook is None:
+            raise BadInputError(
+                "--gpus needs the NVIDIA Container Toolkit (nvidia-container-runtime-hook "
+                "was not found on PATH)"
+            )
+        visible = ",".join(d.split("=", 1)[1] for d in devices)
+        process["env"] = merge_env(
+            process["env"],
+            [f"NVIDIA_VISIBLE_DEVICES={visible}", "NVIDIA_DRIVER_CAPABILITIES=all"],
+        )
+        spec["hooks"] = {
+            "prestart": [{"path": gpu_hook, "args": [os.path.basename(gpu_hook), "prestart"]}]
+        }
     # The monitor's mount namespace comes last, as the analyzer appends it.
     if mount_ns_path is not None:
         for ns in linux["namespaces"]:
