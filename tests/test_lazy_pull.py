@@ -226,6 +226,23 @@ def is_size_probe(req: dict) -> bool:
     return ranges(req) == [(0, 1)]
 
 
+def prefetch_requests(env: Env, pushed: Pushed, layer: Layer) -> list[dict]:
+    """Requests for *layer* from byte 0 through its landmark: the prefetch."""
+    return [r for r in blob_requests(env, pushed, layer) if ranges(r)
+            and ranges(r)[0][0] == 0 and ranges(r)[-1][1] >= layer.landmark - 1]
+
+
+def wait_for_prefetch(env: Env, pushed: Pushed, timeout: float = 60) -> None:
+    """Wait until every layer's prefetch request is done (logged). The snapshotter
+    starts it while it mounts the layer, in the background, so it may still be
+    under way when rpull returns; the container would wait for it (reads wait for
+    the prefetch), but the checks below want a clear before and after."""
+    deadline = time.monotonic() + timeout
+    while not all(prefetch_requests(env, pushed, la) for la in pushed.layers):
+        assert time.monotonic() < deadline, ("no prefetch request", env.proxy.requests())
+        time.sleep(0.05)
+
+
 def is_tail_read(req: dict, layer: Layer, before: float) -> bool:
     """The footer/TOC read of a layer during the pull: one range through the last byte."""
     rs = ranges(req)
@@ -265,6 +282,7 @@ def test_lazy_pull_prefetches_prioritized_files(lazy_env: Env, fmt: str) -> None
         mounts = daemons.fuse_mounts()
         assert len(mounts) == len(pushed.layers), (mounts, daemons.snapshotter_log_text())
 
+        wait_for_prefetch(env, pushed)
         t_run = time.time()
         ready_s, rc, out, err = run_container(daemons, ref, f"lazy-{fmt}")
         assert rc == 0, (out, err, daemons.snapshotter_log_text()[-3000:])
@@ -280,8 +298,7 @@ def test_lazy_pull_prefetches_prioritized_files(lazy_env: Env, fmt: str) -> None
             # The prefetch: a request from byte 0 through the landmark, made during
             # the pull, before the container started. (0.12 may prefetch a layer
             # twice: once when it is mounted, once as a neighbour of the next.)
-            prefetch = [r for r in reqs if r["t0"] < t_run and ranges(r)
-                        and ranges(r)[0][0] == 0 and ranges(r)[-1][1] >= layer.landmark - 1]
+            prefetch = [r for r in prefetch_requests(env, pushed, layer) if r["t1"] < t_run]
             assert prefetch, (layer.digest, layer.landmark, reqs)
             # No on-demand read of a prioritized file: once the container started,
             # no request touched their chunks.
@@ -381,6 +398,7 @@ def test_workload_run_optimize_then_lazy_pull(lazy_env: Env) -> None:
         env.proxy.clear()
         daemons.ctr_remote_cmd("images", "rpull", "--plain-http", ref)
         assert len(daemons.fuse_mounts()) == len(pushed.layers)
+        wait_for_prefetch(env, pushed)
         t_run = time.time()
         ready_s, rc, out, err = run_container(daemons, ref, "lazy-workload")
         assert rc == 0 and ready_s is not None, (out, err)
