@@ -23,6 +23,7 @@ import secrets
 import select
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import termios
@@ -53,6 +54,8 @@ log = logging.getLogger("estargz_opt")
 
 #: Label on every container this module creates, so leftovers of a killed run are findable.
 SAMPLE_LABEL = "estargz-opt/sample"
+#: Which process owns a sample container: host/pid/start time (see reap_stale).
+OWNER_LABEL = "estargz-opt/owner"
 _KILL_WAIT = 5.0
 
 
@@ -118,6 +121,7 @@ def run_sample(
         )
     out = output if output is not None else sys.stderr.buffer
     cid = f"estargz-opt-sample-{secrets.token_hex(8)}"
+    reap_stale(client)
     with ExitStack() as stack:
         stack.enter_context(client.lease(labels={SAMPLE_LABEL: cid}, sync=True))
         top = unpack(client, image.layers, image.diff_ids)
@@ -158,7 +162,7 @@ def run_sample(
                 id=cid,
                 spec=json.dumps(spec).encode(),
                 image=image.name,
-                labels={SAMPLE_LABEL: "1"},
+                labels={SAMPLE_LABEL: "1", OWNER_LABEL: _owner(os.getpid()) or ""},
             )
         )
         stack.callback(_quietly, "delete container", client.delete_container, cid, missing_ok=True)
@@ -208,6 +212,42 @@ _ENDINGS = {
     "period": "the --period elapsed",
     "signal": "interrupted under --wait-on-signal",
 }
+
+
+def _owner(pid: int) -> str | None:
+    """host/pid/start-time of a process: unique even after its pid is reused."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            start = f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+    return f"{socket.gethostname()}/{pid}/{start}"
+
+
+def reap_stale(client: Client) -> None:
+    """Remove what runs killed with SIGKILL left (they could not clean up themselves).
+
+    Only sample containers whose owner process was on this host and is gone are touched:
+    a concurrent run's container is left alone.
+    """
+    try:
+        stale = client.list_containers(f'labels."{SAMPLE_LABEL}"')
+    except ContainerdError as exc:
+        log.debug("cannot list sample containers: %s", exc)
+        return
+    for c in stale:
+        host, _, pid = c.labels.get(OWNER_LABEL, "").partition("/")
+        if host != socket.gethostname() or not pid.split("/")[0].isdigit():
+            continue
+        if _owner(int(pid.split("/")[0])) == c.labels[OWNER_LABEL]:
+            continue  # its owner still runs
+        log.warning("removing sample container %s, left by a run that was killed", c.id)
+        _end_task(client, c.id)
+        _quietly("delete container", client.delete_container, c.id, missing_ok=True)
+        _quietly("remove snapshot", client.remove_snapshot, c.id, missing_ok=True)
+        with contextlib.suppress(ContainerdError):
+            for lease in client.list_leases(f'labels."{SAMPLE_LABEL}"=={c.id}'):
+                _quietly("delete lease", client.delete_lease, lease.id)
 
 
 def _wait(

@@ -385,6 +385,12 @@ RPCS: dict[str, _Rpc] = {
     "container_delete": _Rpc(
         _CONTAINERS, "Delete", containers_pb2.DeleteContainerRequest, empty_pb2.Empty
     ),
+    "container_list": _Rpc(
+        _CONTAINERS,
+        "List",
+        containers_pb2.ListContainersRequest,
+        containers_pb2.ListContainersResponse,
+    ),
     "task_create": _Rpc(
         _TASKS, "Create", tasks_pb2.CreateTaskRequest, tasks_pb2.CreateTaskResponse
     ),
@@ -1002,6 +1008,11 @@ class Client:
     def get_container(self, container_id: str) -> Container:
         req = containers_pb2.GetContainerRequest(id=container_id)
         return _container(self._call("container_get", req, ("container", container_id)).container)
+
+    def list_containers(self, *filters: str) -> list[Container]:
+        """Container records matching containerd filters (e.g. 'labels."x"==y')."""
+        req = containers_pb2.ListContainersRequest(filters=filters)
+        return [_container(c) for c in self._call("container_list", req).containers]
 
     def delete_container(self, container_id: str, *, missing_ok: bool = False) -> None:
         req = containers_pb2.DeleteContainerRequest(id=container_id)
