@@ -3,6 +3,7 @@
 # demo. Idempotent: installs only what is missing, so running it again is
 # cheap and needs no network when nothing is missing.
 #   - Debian packages: containerd runc skopeo umoci busybox-static debootstrap tmux
+#     containernetworking-plugins iproute2 (--cni tests)
 #   - a cached busybox-static .deb in /var/cache/estargz-opt/debs (test layer)
 #   - the project itself: pip install -e '.[test]' (redone when pyproject.toml
 #     changes or the editable install points at another checkout)
@@ -12,7 +13,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)"
 PYTHON="${PYTHON:-python3}"
 CACHE="${ESTARGZ_OPT_CACHE:-/var/cache/estargz-opt}"
-APT_PACKAGES=(containerd runc skopeo umoci busybox-static debootstrap tmux)
+APT_PACKAGES=(containerd runc skopeo umoci busybox-static debootstrap tmux containernetworking-plugins iproute2)
 
 log() { printf 'install-deps: %s\n' "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
