@@ -1,0 +1,762 @@
+"""The workload analyzer: `optimize` and `analyze` run the image's workload in a sample
+container (containerd + runc) under a fanotify monitor and record the files it opens.
+
+Everything runs through the CLI, as a child process, against the session's private
+containerd. What is checked:
+
+* workload kinds: one that exits at once, one stopped by --period, one that prints a
+  --wait-on-line text; the record holds exactly the (layerIndex, path) pairs the workload
+  reads (an overridden file maps to the upper layer), the converted layers put them first,
+  and the optimized image runs;
+* the recorder's rules on a real run: whiteouts and opaque dirs, first access wins;
+* the sampler flags reach the workload (env, env-file, user, cwd, args, entrypoint,
+  mount, DNS, hosts, net-host, -i) and bad values fail in one line;
+* cleanup after success, failure, timeout, Ctrl-C, SIGTERM and a workload killed from
+  outside: no container, task, snapshot, mount, lease, temp dir, netns or monitor left,
+  and no destination image after a failure;
+* errors: no CAP_SYS_ADMIN, no runc, an entrypoint that does not exist;
+* security: containerd's default unprivileged spec, a hostile image's symlinks and `..`
+  names never reach host files;
+* `analyze --record-out` then `optimize --record-in` on an OCI layout gives the same
+  prioritized files as the containerd run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import analyzeimages as ai
+import pytest
+from helpers_containerd import Containerd
+from test_optimize_containerd import (
+    _env,
+    cli,
+    ctr_run,
+    error_message,
+    images,
+    optimize,
+    printed_digest,
+)
+
+pytestmark = pytest.mark.interop
+
+SAMPLE = "estargz-opt-sample-"
+MONITOR = "estargz_opt.analyze.monitor"
+NO_PREFETCH = ".no.prefetch.landmark"
+# containerd's default capability set for an unprivileged container (oci.WithDefaultSpec).
+CONTAINERD_DEFAULT_CAPS = {
+    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD", "CAP_NET_RAW",
+    "CAP_SETGID", "CAP_SETUID", "CAP_SETFCAP", "CAP_SETPCAP", "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT", "CAP_KILL", "CAP_AUDIT_WRITE",
+}
+
+BB = ("bin/busybox", 0)
+
+
+# --- running the CLI --------------------------------------------------------------------------
+
+def env_with_tmp(tmpdir: Path, **extra: str) -> dict[str, str]:
+    return _env(TMPDIR=str(tmpdir), **extra)
+
+
+def start(c: Containerd, *args: str | Path, env: dict[str, str],
+          stderr_path: Path) -> subprocess.Popen:
+    """The CLI in the background; its stderr goes to *stderr_path* (to poll)."""
+    with open(stderr_path, "wb") as err:
+        return subprocess.Popen(
+            [sys.executable, "-m", "estargz_opt", "-a", c.address, *map(str, args)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err, env=env)
+
+
+def wait_for_text(path: Path, text: str, proc: subprocess.Popen, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if text in path.read_text(errors="replace"):
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"the CLI exited {proc.returncode} before printing {text!r}:\n"
+                        f"{path.read_text(errors='replace')}")
+        time.sleep(0.1)
+    proc.kill()
+    pytest.fail(f"no {text!r} within {timeout}s:\n{path.read_text(errors='replace')}")
+
+
+def finish(proc: subprocess.Popen, stderr_path: Path,
+           timeout: float = 60) -> subprocess.CompletedProcess:
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+        pytest.fail(f"the CLI did not end within {timeout}s:\n{stderr_path.read_text()}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out.decode(),
+                                       stderr_path.read_text(errors="replace"))
+
+
+def sample_containers(c: Containerd) -> list[str]:
+    return [x for x in c.ctr("containers", "ls", "-q").stdout.split() if x.startswith(SAMPLE)]
+
+
+def wait_for_container(c: Containerd, proc: subprocess.Popen, timeout: float = 30) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = sample_containers(c)
+        if found:
+            assert len(found) == 1, found
+            return found[0]
+        assert proc.poll() is None, "the CLI ended before its sample container appeared"
+        time.sleep(0.1)
+    pytest.fail("no estargz-opt-sample-* container appeared")
+
+
+def read_record(path: Path) -> list[dict]:
+    assert path.is_file(), f"no record at {path}"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def pairs(record: list[dict]) -> list[tuple[str, int]]:
+    return [(r["path"], r["layerIndex"]) for r in record]
+
+
+def inspect(c: Containerd, image: str) -> list[dict]:
+    res = cli("-a", c.address, "inspect", image, "--json")
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout)["layers"]
+
+
+def prioritized(c: Containerd, image: str) -> list[list[str]]:
+    """Per layer, the regular files before the landmark (directories left out)."""
+    out = []
+    for lay in inspect(c, image):
+        out.append([p for p in lay["prioritized"] if not p.endswith("/")])
+    return out
+
+
+def expected_prioritized(record: list[dict], layers: int) -> list[list[str]]:
+    out: list[list[str]] = [[] for _ in range(layers)]
+    for path, index in pairs(record):
+        out[index].append(path)
+    return out
+
+
+def ended_by(stderr: str) -> str:
+    m = re.search(r"workload ended \(([^)]*)\)", stderr)
+    assert m, f"no 'workload ended' line:\n{stderr}"
+    return m[1]
+
+
+# --- what a run must leave behind: nothing ---------------------------------------------------
+
+def _ctr_rows(c: Containerd, *args: str) -> set[str]:
+    res = c.ctr(*args)
+    return {line.split()[0] for line in res.stdout.splitlines()[1:] if line.strip()}
+
+
+def _netns() -> set[str]:
+    d = Path("/var/run/netns")
+    return set(os.listdir(d)) if d.is_dir() else set()
+
+
+def _monitors(c: Containerd) -> list[str]:
+    """Monitor processes of runs against *c* (their mounts name its directory): other
+    estargz-opt runs on this machine (other test sessions) have their own."""
+    res = subprocess.run(["pgrep", "-af", MONITOR], capture_output=True, text=True)
+    return [line for line in res.stdout.splitlines()
+            if "pgrep" not in line and str(c.dir) in line]
+
+
+@dataclass
+class State:
+    containers: set[str]
+    tasks: set[str]
+    snapshots: set[str]
+    leases: set[str]
+    images: set[str]
+    sample_mounts: list[str]
+    netns: set[str]
+
+    @classmethod
+    def take(cls, c: Containerd) -> State:
+        mountinfo = Path("/proc/self/mountinfo").read_text().splitlines()
+        return cls(
+            containers=set(c.ctr("containers", "ls", "-q").stdout.split()),
+            tasks=_ctr_rows(c, "tasks", "ls"),
+            snapshots=_ctr_rows(c, "snapshots", "ls"),
+            leases=_ctr_rows(c, "leases", "ls"),
+            images=images(c),
+            sample_mounts=[m for m in mountinfo if SAMPLE in m or str(c.dir) in m],
+            netns=_netns(),
+        )
+
+
+class Leftovers:
+    """Take the state before a run; `check()` after it: nothing new may remain."""
+
+    def __init__(self, c: Containerd, tmpdir: Path) -> None:
+        self.c = c
+        self.tmpdir = tmpdir
+        tmpdir.mkdir(parents=True, exist_ok=True)
+        self.before = State.take(c)
+
+    def reset(self) -> None:
+        """Take the state again (after a test built and imported its own image)."""
+        self.before = State.take(self.c)
+
+    def check(self, *, new_images: set[str] = frozenset()) -> None:
+        after = State.take(self.c)
+        b = self.before
+        # A sample mount or network namespace of another estargz-opt run on this machine
+        # (another test session) may come and go meanwhile: what a run leaks stays.
+        deadline = time.monotonic() + 10
+        while (after.sample_mounts != b.sample_mounts or after.netns != b.netns) \
+                and time.monotonic() < deadline:
+            time.sleep(0.5)
+            after = State.take(self.c)
+        assert not {x for x in after.containers if x.startswith(SAMPLE)}, after.containers
+        # "Nothing new" rather than "equal": a run may reap what a SIGKILLed one left.
+        assert after.containers <= b.containers, "containers left behind"
+        assert after.tasks <= b.tasks, "tasks left behind"
+        assert not {x for x in after.snapshots if SAMPLE in x}, after.snapshots
+        assert after.snapshots - b.snapshots == set(), \
+            f"new snapshots: {after.snapshots - b.snapshots}"
+        assert after.leases <= b.leases, f"leases: before {b.leases}, after {after.leases}"
+        assert after.sample_mounts == b.sample_mounts, after.sample_mounts
+        # The runs get a private $TMPDIR: their estargz-opt-sample-* directory goes there
+        # (checked in test_sample_container_spec), so /tmp is not looked at: other
+        # estargz-opt runs on this machine may come and go there.
+        assert list(self.tmpdir.iterdir()) == [], \
+            f"left in $TMPDIR: {list(self.tmpdir.iterdir())}"
+        assert after.netns == b.netns, "network namespaces left behind"
+        assert _monitors(self.c) == [], f"monitor process left: {_monitors(self.c)}"
+        assert after.images - b.images == set(new_images), \
+            f"new images {after.images - b.images}, want {set(new_images)}"
+
+
+@pytest.fixture
+def leftovers(containerd, tmp_path: Path) -> Leftovers:
+    return Leftovers(containerd, tmp_path / "tmpdir")
+
+
+# --- images -------------------------------------------------------------------------------------
+
+RUN_SH = """\
+cat /app/a.txt
+case "$1" in
+  exit) echo done-exit ;;
+  sleep) cat /app/b.txt; echo sleeping; exec /bin/busybox sleep 1000 ;;
+  ready) cat /app/c.txt; echo READY; exec /bin/busybox sleep 1000 ;;
+esac
+"""
+
+
+@pytest.fixture(scope="module")
+def kinds(containerd, busybox_layer: Path, tmp_path_factory) -> ai.Image:
+    """busybox; layer 1: app/run.sh, a.txt (lower), b.txt; layer 2: a.txt (upper), c.txt.
+    Cmd: `sh /app/run.sh exit` (prints alpha-upper, done-exit)."""
+    l1 = ai.layer([ai.script("app/run.sh", RUN_SH), ai.file("app/a.txt", "alpha-lower\n"),
+                   ai.file("app/b.txt", "bravo\n")])
+    l2 = ai.layer([ai.file("app/a.txt", "alpha-upper\n"), ai.file("app/c.txt", "charlie\n")])
+    return ai.build(containerd, tmp_path_factory.mktemp("kinds"), "localhost/analyze-kinds:1",
+                    [busybox_layer.read_bytes(), l1, l2],
+                    ai.config(["/bin/sh", "/app/run.sh", "exit"]))
+
+
+KIND_OUTPUT = "alpha-upper\ndone-exit\n"
+KINDS = {
+    # name: (flags, expected record set, period, how it ends, output on stderr)
+    "exit": ([], {BB, ("app/run.sh", 1), ("app/a.txt", 2)}, 10,
+             "the workload exited", "done-exit"),
+    "period": (["--args", '["/bin/sh","/app/run.sh","sleep"]'],
+               {BB, ("app/run.sh", 1), ("app/a.txt", 2), ("app/b.txt", 1)}, 2,
+               "the --period elapsed", "sleeping"),
+    "line": (["--args", '["/bin/sh","/app/run.sh","ready"]', "--wait-on-line", "READY"],
+             {BB, ("app/run.sh", 1), ("app/a.txt", 2), ("app/c.txt", 2)}, 30,
+             "the --wait-on-line text was printed", "READY"),
+}
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_workload_kinds(kind: str, kinds: ai.Image, containerd, tmp_path: Path,
+                        leftovers: Leftovers) -> None:
+    flags, want, period, ending, printed = KINDS[kind]
+    record = tmp_path / "record.jsonl"
+    dst = f"localhost/analyze-kinds:1-{kind}"
+    t0 = time.monotonic()
+    res = optimize(containerd, "--oci", "--period", str(period), "--record-out", record,
+                   *flags, kinds.name, dst, env=env_with_tmp(leftovers.tmpdir))
+    elapsed = time.monotonic() - t0
+    printed_digest(res)
+    assert printed in res.stderr, "the workload's output goes to our stderr"
+    assert printed not in res.stdout, "stdout carries only the digest"
+    assert ended_by(res.stderr) == ending, res.stderr
+    if kind == "exit":
+        assert elapsed < period - 3, f"a workload that exits at once took {elapsed:.1f}s"
+    elif kind == "period":
+        assert period <= elapsed < period + 15, elapsed
+    else:
+        assert elapsed < 15, f"--wait-on-line READY: the run took {elapsed:.1f}s of {period}"
+    leftovers.check(new_images={dst})
+
+    rec = read_record(record)
+    got = pairs(rec)
+    assert len(got) == len(set(got)), f"duplicates in the record: {got}"
+    assert set(got) == want, got
+    assert {r["manifestDigest"] for r in rec} == {kinds.manifest}
+    # busybox is exec'd before the script is read, which is read before what it cats
+    assert got.index(BB) < got.index(("app/run.sh", 1)) < got.index(("app/a.txt", 2))
+
+    assert prioritized(containerd, dst) == expected_prioritized(rec, 3)
+    assert ctr_run(containerd, dst) == KIND_OUTPUT
+
+
+# --- recorder rules -------------------------------------------------------------------------
+
+WH_SH = """\
+cat /gone/secret.txt /opq/old.txt
+cat /keep/k.txt
+cat /keep/k.txt /opq/new.txt
+cat /keep/k.txt
+echo wh-done
+"""
+
+
+def test_whiteouts_and_first_access(containerd, busybox_layer: Path, tmp_path: Path,
+                                    leftovers: Leftovers) -> None:
+    l1 = ai.layer([ai.script("app/wh.sh", WH_SH), ai.file("gone/secret.txt", "deleted\n"),
+                   ai.file("opq/old.txt", "hidden\n"), ai.file("keep/k.txt", "kept\n")])
+    l2 = ai.layer([ai.whiteout("gone/secret.txt"), ai.dir_("opq"), ai.opaque("opq"),
+                   ai.file("opq/new.txt", "new\n")])
+    img = ai.build(containerd, tmp_path / "img", "localhost/analyze-wh:1",
+                   [busybox_layer.read_bytes(), l1, l2], ai.config(["/bin/sh", "/app/wh.sh"]))
+    leftovers.reset()
+    record = tmp_path / "record.jsonl"
+    res = cli("-a", containerd.address, "analyze", img.name, "--record-out", record,
+              "--period", "10", "--json", env=env_with_tmp(leftovers.tmpdir))
+    assert res.returncode == 0, res.stderr
+    summary = json.loads(res.stdout)
+    assert summary["endedBy"] == "exit" and summary["exitStatus"] == 0, summary
+    out = [line for line in res.stderr.splitlines() if line in ("kept", "new", "wh-done")]
+    assert out == ["kept", "kept", "new", "kept", "wh-done"], res.stderr
+    assert "can't open '/gone/secret.txt'" in res.stderr
+    assert "can't open '/opq/old.txt'" in res.stderr
+    leftovers.check()
+    got = pairs(read_record(record))
+    assert got == [BB, ("app/wh.sh", 1), ("keep/k.txt", 1), ("opq/new.txt", 2)], got
+
+
+# --- sampler flags --------------------------------------------------------------------------
+
+FLAGS_SH = """\
+echo "ARGS=$*"
+echo "ID=$(/bin/busybox id)"
+echo "PWD=$(/bin/busybox pwd)"
+/bin/busybox env | /bin/busybox sort | /bin/busybox sed 's/^/ENV /'
+/bin/busybox sed 's/^/HOSTS /' /etc/hosts
+/bin/busybox sed 's/^/RESOLV /' /etc/resolv.conf
+for f in /data/*; do echo "DATA $f $(cat $f)"; done
+echo "NET $(ls /sys/class/net | /bin/busybox tr '\\n' ' ')"
+"""
+
+
+@pytest.fixture(scope="module")
+def flags_image(containerd, busybox_layer: Path, tmp_path_factory) -> ai.Image:
+    l1 = ai.layer([ai.script("app/flags.sh", FLAGS_SH),
+                   ai.file("etc/passwd", "root:x:0:0:root:/root:/bin/sh\n"
+                                         "app:x:1000:1000:app:/home/app:/bin/sh\n"),
+                   ai.file("etc/group", "root:x:0:\napp:x:1000:\n"),
+                   ai.dir_("tmp"), ai.dir_("data")])
+    return ai.build(containerd, tmp_path_factory.mktemp("flags"), "localhost/analyze-flags:1",
+                    [busybox_layer.read_bytes(), l1],
+                    ai.config(["/app/flags.sh", "from-cmd"], Env=["PATH=/bin", "IMG=1"]))
+
+
+def lines(stderr: str, prefix: str) -> list[str]:
+    return [line.removeprefix(prefix) for line in stderr.splitlines() if line.startswith(prefix)]
+
+
+def test_sampler_flags(flags_image: ai.Image, containerd, tmp_path: Path,
+                       leftovers: Leftovers) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "d1.txt").write_text("host-data")
+    env_file = tmp_path / "env"
+    env_file.write_text("C=from-file\nD=4\n")
+    res = cli("-a", containerd.address, "analyze", flags_image.name,
+              "--record-out", tmp_path / "r.jsonl", "--period", "10",
+              "--env", "A=1", "--env", "C=from-flag", "--env-file", env_file,
+              "--user", "1000:1000", "--cwd", "/tmp",
+              "--entrypoint", '["/bin/sh"]', "--args", '["/app/flags.sh","x1","x2"]',
+              "--mount", f"type=bind,source={data},destination=/data,options=rbind:ro",
+              "--dns-nameservers", "1.1.1.1,9.9.9.9",
+              "--dns-search-domains", "a.example,b.example", "--dns-options", "ndots:2",
+              "--add-hosts", "myhost:10.1.2.3",
+              env=env_with_tmp(leftovers.tmpdir))
+    assert res.returncode == 0, res.stderr
+    err = res.stderr
+    leftovers.check()
+    assert lines(err, "ARGS=") == ["x1 x2"], err
+    assert lines(err, "ID=") == ["uid=1000(app) gid=1000(app) groups=1000(app)"], err
+    assert lines(err, "PWD=") == ["/tmp"], err
+    env = dict(e.partition("=")[::2] for e in lines(err, "ENV "))
+    assert env["A"] == "1" and env["D"] == "4" and env["IMG"] == "1", env
+    assert env["C"] == "from-file", "--env-file wins over --env for the same key (upstream)"
+    hosts = lines(err, "HOSTS ")
+    assert "10.1.2.3\tmyhost" in hosts and "127.0.0.1\tlocalhost" in hosts, hosts
+    assert lines(err, "RESOLV ") == ["nameserver 1.1.1.1", "nameserver 9.9.9.9",
+                                     "search a.example b.example", "options ndots:2"], err
+    assert lines(err, "DATA ") == ["/data/d1.txt host-data"], err
+    assert lines(err, "NET ") == ["lo "], "a new network namespace holds only lo"
+    # the read-only bind: the workload cannot have written to it
+    assert sorted(os.listdir(data)) == ["d1.txt"]
+
+
+def test_entrypoint_keeps_cmd_and_user_name(flags_image: ai.Image, containerd,
+                                            tmp_path: Path) -> None:
+    res = cli("-a", containerd.address, "analyze", flags_image.name,
+              "--record-out", tmp_path / "r.jsonl", "--period", "10",
+              "--entrypoint", '["/bin/sh"]', "--user", "app")
+    assert res.returncode == 0, res.stderr
+    assert lines(res.stderr, "ARGS=") == ["from-cmd"], "--entrypoint alone keeps the Cmd"
+    assert lines(res.stderr, "ID=") == ["uid=1000(app) gid=1000(app) groups=1000(app)"]
+    # image defaults otherwise: cwd /, resolv.conf from the default 8.8.8.8
+    assert lines(res.stderr, "PWD=") == ["/"]
+    assert lines(res.stderr, "RESOLV ") == ["nameserver 8.8.8.8"]
+
+
+def test_net_host(flags_image: ai.Image, containerd, tmp_path: Path) -> None:
+    res = cli("-a", containerd.address, "analyze", flags_image.name,
+              "--record-out", tmp_path / "r.jsonl", "--period", "10",
+              "--entrypoint", '["/bin/sh"]', "--net-host")
+    assert res.returncode == 0, res.stderr
+    host = sorted(os.listdir("/sys/class/net"))
+    [seen] = lines(res.stderr, "NET ")
+    assert sorted(seen.split()) == host, f"--net-host: the workload sees {seen}, host {host}"
+
+
+def test_stdin(flags_image: ai.Image, containerd, tmp_path: Path, leftovers: Leftovers) -> None:
+    text = f"piped-{secrets.token_hex(4)}\n"
+    t0 = time.monotonic()
+    res = subprocess.run(
+        [sys.executable, "-m", "estargz_opt", "-a", containerd.address, "analyze",
+         flags_image.name, "--record-out", str(tmp_path / "r.jsonl"), "--period", "10",
+         "-i", "--entrypoint", '["/bin/cat"]', "--args", "[]"],
+        input=text, capture_output=True, text=True, env=env_with_tmp(leftovers.tmpdir),
+        timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert text in res.stderr, res.stderr
+    assert ended_by(res.stderr) == "the workload exited", "cat exits on stdin's EOF"
+    assert time.monotonic() - t0 < 15
+    leftovers.check()
+
+
+@pytest.mark.parametrize("bad, words", [
+    (["--args", "notjson"], "--args"),
+    (["--entrypoint", '{"a":1}'], "--entrypoint"),
+    (["-t"], "-i"),
+    (["--mount", "foo"], "--mount"),
+    (["--cwd", "relative"], "--cwd"),
+    (["--add-hosts", "nocolon"], "--add-hosts"),
+])
+def test_bad_flag_values(bad: list[str], words: str, flags_image: ai.Image, containerd,
+                         tmp_path: Path, leftovers: Leftovers) -> None:
+    for cmd in (["analyze", flags_image.name, "--record-out", str(tmp_path / "r.jsonl")],
+                ["optimize", "--oci", flags_image.name, "localhost/analyze-flags:bad"]):
+        res = cli("-a", containerd.address, *cmd, *bad, env=env_with_tmp(leftovers.tmpdir))
+        msg = error_message(res)
+        assert words in msg, msg
+        assert res.returncode == 2, res.returncode
+        assert not (tmp_path / "r.jsonl").exists()
+    leftovers.check()
+
+
+# --- cleanup ------------------------------------------------------------------------------------
+
+def test_failure_missing_layer_blob(containerd, busybox_layer: Path, tmp_path: Path,
+                                    leftovers: Leftovers) -> None:
+    unique = ai.layer([ai.file("app/u.txt", secrets.token_hex(16))])
+    img = ai.build(containerd, tmp_path / "img", "localhost/analyze-missing:1",
+                   [busybox_layer.read_bytes(), unique], ai.config(["/bin/cat", "/app/u.txt"]))
+    manifest = json.loads(containerd.ctr("content", "get", img.manifest, input=b"").stdout)
+    containerd.ctr("content", "rm", manifest["layers"][1]["digest"])
+    leftovers.reset()
+    dst = "localhost/analyze-missing:1-esgz"
+    res = optimize(containerd, "--oci", "--period", "5", img.name, dst,
+                   env=env_with_tmp(leftovers.tmpdir))
+    msg = error_message(res)
+    assert manifest["layers"][1]["digest"] in msg or "layer 1" in msg, msg
+    leftovers.check()
+
+
+def _interrupt(containerd, kinds: ai.Image, tmp_path: Path, leftovers: Leftovers,
+               signo: int) -> subprocess.CompletedProcess:
+    dst = f"localhost/analyze-kinds:1-sig{signo}"
+    err = tmp_path / "stderr"
+    proc = start(containerd, "optimize", "--oci", "--period", "60",
+                 "--args", '["/bin/sh","/app/run.sh","sleep"]', kinds.name, dst,
+                 env=env_with_tmp(leftovers.tmpdir), stderr_path=err)
+    wait_for_text(err, "sleeping", proc)
+    proc.send_signal(signo)
+    res = finish(proc, err)
+    msg = error_message(res)
+    assert msg == "interrupted", msg
+    assert res.returncode == 130
+    leftovers.check()
+    return res
+
+
+def test_ctrl_c(kinds: ai.Image, containerd, tmp_path: Path, leftovers: Leftovers) -> None:
+    _interrupt(containerd, kinds, tmp_path, leftovers, signal.SIGINT)
+
+
+def test_sigterm(kinds: ai.Image, containerd, tmp_path: Path, leftovers: Leftovers) -> None:
+    _interrupt(containerd, kinds, tmp_path, leftovers, signal.SIGTERM)
+
+
+def test_workload_killed_from_outside(kinds: ai.Image, containerd, tmp_path: Path,
+                                      leftovers: Leftovers) -> None:
+    dst = "localhost/analyze-kinds:1-killed"
+    err = tmp_path / "stderr"
+    record = tmp_path / "record.jsonl"
+    t0 = time.monotonic()
+    proc = start(containerd, "optimize", "--oci", "--period", "60", "--record-out", record,
+                 "--args", '["/bin/sh","/app/run.sh","sleep"]', kinds.name, dst,
+                 env=env_with_tmp(leftovers.tmpdir), stderr_path=err)
+    wait_for_text(err, "sleeping", proc)
+    cid = wait_for_container(containerd, proc)
+    containerd.ctr("tasks", "kill", "-s", "SIGKILL", cid)
+    res = finish(proc, err)
+    printed_digest(res)
+    assert time.monotonic() - t0 < 40
+    assert ended_by(res.stderr) == "the workload exited", res.stderr
+    leftovers.check(new_images={dst})
+    assert set(pairs(read_record(record))) == KINDS["period"][1]
+
+
+# --- errors ---------------------------------------------------------------------------------
+
+def test_without_cap_sys_admin(kinds: ai.Image, containerd, tmp_path: Path,
+                               leftovers: Leftovers) -> None:
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv (util-linux) is not installed")
+    drop = ["setpriv", "--bounding-set=-sys_admin", "--inh-caps=-sys_admin"]
+    status = subprocess.run([*drop, "cat", "/proc/self/status"], capture_output=True,
+                            text=True, check=True).stdout
+    cap_eff = int(re.search(r"^CapEff:\s*([0-9a-f]+)", status, re.M)[1], 16)
+    assert not cap_eff & (1 << 21), "setpriv did not drop CAP_SYS_ADMIN"
+    dst = "localhost/analyze-kinds:1-nocap"
+    res = subprocess.run(
+        [*drop, sys.executable, "-m", "estargz_opt", "-a", containerd.address, "optimize",
+         "--oci", "--period", "5", kinds.name, dst],
+        capture_output=True, text=True, stdin=subprocess.DEVNULL,
+        env=env_with_tmp(leftovers.tmpdir), timeout=120)
+    msg = error_message(res)
+    assert "fanotify" in msg and "CAP_SYS_ADMIN" in msg, msg
+    assert "--record-in" in msg and "--prefetch-list" in msg, msg
+    leftovers.check()
+
+
+def test_without_runc(kinds: ai.Image, containerd, tmp_path: Path,
+                      leftovers: Leftovers) -> None:
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    for tool in ("ctr", "containerd"):
+        if shutil.which(tool):
+            (bindir / tool).symlink_to(shutil.which(tool))
+    env = env_with_tmp(leftovers.tmpdir, PATH=str(bindir))
+    dst = "localhost/analyze-kinds:1-norunc"
+    res = subprocess.run(
+        [sys.executable, "-m", "estargz_opt", "-a", containerd.address, "optimize", "--oci",
+         "--period", "5", kinds.name, dst],
+        capture_output=True, text=True, stdin=subprocess.DEVNULL, env=env, timeout=120)
+    msg = error_message(res)
+    assert "runc" in msg, msg
+    leftovers.check()
+
+
+def test_entrypoint_that_does_not_exist(kinds: ai.Image, containerd, tmp_path: Path,
+                                        leftovers: Leftovers) -> None:
+    dst = "localhost/analyze-kinds:1-noentry"
+    record = tmp_path / "record.jsonl"
+    res = optimize(containerd, "--oci", "--period", "5", "--record-out", record,
+                   "--entrypoint", '["/nonexistent"]', kinds.name, dst,
+                   env=env_with_tmp(leftovers.tmpdir))
+    printed_digest(res)
+    assert "/nonexistent" in res.stderr and "could not start" in res.stderr, res.stderr
+    leftovers.check(new_images={dst})
+    assert read_record(record) == []
+    layers = inspect(containerd, dst)
+    assert len(layers) == 3
+    assert all(lay["landmark"] == NO_PREFETCH and lay["prioritized"] == [] for lay in layers), \
+        layers
+
+
+# --- security -----------------------------------------------------------------------------------
+
+def test_sample_container_spec(kinds: ai.Image, containerd, tmp_path: Path,
+                               leftovers: Leftovers) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    err = tmp_path / "stderr"
+    proc = start(containerd, "analyze", kinds.name, "--record-out", tmp_path / "r.jsonl",
+                 "--period", "60", "--args", '["/bin/sh","/app/run.sh","sleep"]',
+                 "--mount", f"type=bind,source={data},destination=/data,options=rbind:ro",
+                 env=env_with_tmp(leftovers.tmpdir), stderr_path=err)
+    try:
+        wait_for_text(err, "sleeping", proc)
+        cid = wait_for_container(containerd, proc)
+        info = json.loads(containerd.ctr("containers", "info", cid).stdout)
+        monitors = _monitors(containerd)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        finish(proc, err)
+    leftovers.check()
+    spec = info["Spec"]
+    assert info["Labels"].get("estargz-opt/sample") == "1", info["Labels"]
+    caps = spec["process"]["capabilities"]
+    for kind in ("bounding", "effective", "permitted"):
+        assert set(caps[kind]) == CONTAINERD_DEFAULT_CAPS, (kind, caps[kind])
+    assert not set(caps.get("ambient") or []) - CONTAINERD_DEFAULT_CAPS
+    assert "CAP_SYS_ADMIN" not in json.dumps(caps)
+    binds = {m["destination"]: m for m in spec["mounts"]
+             if m.get("type") == "bind" or "bind" in m.get("options", [])
+             or "rbind" in m.get("options", [])}
+    assert set(binds) == {"/etc/resolv.conf", "/etc/hosts", "/data"}, list(binds)
+    tmpdir = str(leftovers.tmpdir)
+    for name in ("resolv.conf", "hosts"):
+        src = binds[f"/etc/{name}"]["source"]
+        assert src.startswith(f"{tmpdir}/{SAMPLE}") and src.endswith(f"/etc/{name}"), src
+    assert binds["/data"]["source"] == str(data)
+    [mnt] = [n for n in spec["linux"]["namespaces"] if n["type"] == "mount"]
+    assert re.fullmatch(r"/proc/\d+/ns/mnt", mnt["path"]), mnt
+    pid = mnt["path"].split("/")[2]
+    assert any(line.split()[0] == pid for line in monitors), (pid, monitors)
+    types = {n["type"] for n in spec["linux"]["namespaces"]}
+    assert {"pid", "ipc", "uts", "mount", "network"} <= types, types
+
+
+@pytest.fixture
+def host_secret() -> Iterator[tuple[Path, str]]:
+    token = f"HOSTSECRET-{secrets.token_hex(8)}"
+    path = Path(f"/tmp/estargz-opt-secret-{secrets.token_hex(6)}")
+    path.write_text(f"{token}\nsecretuser:x:4242:4242::/:/bin/sh\n")
+    old = time.time() - 3600
+    os.utime(path, (old, path.stat().st_mtime))
+    yield path, token
+    path.unlink()
+
+
+def test_hostile_symlinks(containerd, busybox_layer: Path, tmp_path: Path,
+                          host_secret: tuple[Path, str], leftovers: Leftovers) -> None:
+    secret, token = host_secret
+    atime = secret.stat().st_atime
+    hostile = [
+        ai.symlink("app/shadow", "/etc/shadow"),
+        ai.symlink("app/abs", "/etc/hostname"),
+        ai.symlink("app/rel", "../../../../../../etc/passwd"),
+        ai.symlink("app/secret", str(secret)),
+        ai.symlink("etc/passwd", str(secret)),  # what --user would look up
+        ai.script("app/h.sh", "cat /app/shadow /app/abs /app/rel /app/secret\n"
+                              "echo \"ID=$(/bin/busybox id)\"\necho h-done\n"),
+    ]
+    raw = [busybox_layer.read_bytes(), ai.layer(hostile)]
+    img = ai.build(containerd, tmp_path / "img", "localhost/analyze-hostile:1", raw,
+                   ai.config(["/bin/sh", "/app/h.sh"]))
+    leftovers.reset()
+    names = set().union(*map(ai.layer_names, raw))
+    record = tmp_path / "record.jsonl"
+    dst = "localhost/analyze-hostile:1-esgz"
+    res = optimize(containerd, "--oci", "--period", "10", "--record-out", record,
+                   img.name, dst, env=env_with_tmp(leftovers.tmpdir))
+    printed_digest(res)
+    assert "h-done" in res.stderr
+    leftovers.check(new_images={dst})
+    assert token not in res.stderr + res.stdout
+    rec = pairs(read_record(record))
+    assert {p for p, _ in rec} <= names, rec
+    assert ("app/h.sh", 1) in rec
+    # --user secretuser: /etc/passwd is a symlink to the host secret; it must be resolved
+    # inside the rootfs (where it leads nowhere), never on the host.
+    res = cli("-a", containerd.address, "analyze", img.name, "--record-out", record,
+              "--period", "10", "--user", "secretuser", env=env_with_tmp(leftovers.tmpdir))
+    assert token not in res.stderr + res.stdout
+    assert "4242" not in res.stderr + res.stdout, res.stderr
+    msg = error_message(res)
+    assert "secretuser" in msg and "/etc/passwd" in msg, msg
+    leftovers.check(new_images={dst})
+    assert secret.stat().st_atime == atime, "estargz-opt or the workload read the host secret"
+    # the control: a read of the secret does move its atime here (relatime: atime < mtime)
+    secret.read_text()
+    assert secret.stat().st_atime != atime, "this filesystem does not update atime on read"
+
+
+def test_dotdot_tar_entry(containerd, busybox_layer: Path, tmp_path: Path,
+                          leftovers: Leftovers) -> None:
+    """A layer entry `../../../../../tmp/NAME`: containerd's applier (the unpack step)
+    sanitizes it into the rootfs (/tmp/NAME inside the snapshot), so nothing lands on
+    the host; `analyze` records it as tmp/NAME; `optimize` then refuses the layer in one
+    line (the converter rejects names that climb out of the layer root)."""
+    escape = f"estargz-opt-escape-{secrets.token_hex(6)}"
+    bad = ai.layer([ai.file(f"../../../../../tmp/{escape}", "escaped\n"),
+                    ai.dir_("app"), ai.file("app/ok.txt", "ok\n")], add_parents=False)
+    assert f"../../../../../tmp/{escape}" in ai.layer_names(bad), "the .. name as written"
+    img = ai.build(containerd, tmp_path / "img", "localhost/analyze-dotdot:1",
+                   [busybox_layer.read_bytes(), bad],
+                   ai.config(["/bin/cat", "/app/ok.txt", f"/tmp/{escape}"]))
+    leftovers.reset()
+    record = tmp_path / "r.jsonl"
+    res = cli("-a", containerd.address, "analyze", img.name, "--record-out", record,
+              "--period", "5", env=env_with_tmp(leftovers.tmpdir))
+    assert not Path("/tmp", escape).exists(), "a .. entry escaped the snapshot"
+    assert res.returncode == 0, res.stderr
+    assert "ok\nescaped\n" in res.stderr, "the entry was sanitized into the rootfs's /tmp"
+    leftovers.check()
+    assert pairs(read_record(record)) == [BB, ("app/ok.txt", 1), (f"tmp/{escape}", 1)]
+
+    dst = "localhost/analyze-dotdot:1-esgz"
+    res = optimize(containerd, "--oci", "--period", "5", img.name, dst,
+                   env=env_with_tmp(leftovers.tmpdir))
+    assert not Path("/tmp", escape).exists()
+    msg = error_message(res)
+    assert "climbs out of the layer root" in msg and "layer 1" in msg, msg
+    leftovers.check()
+
+
+# --- analyze, then optimize --record-in an OCI layout -----------------------------------------
+
+def test_analyze_then_record_in_oci_layout(kinds: ai.Image, containerd, tmp_path: Path,
+                                           leftovers: Leftovers) -> None:
+    record = tmp_path / "record.jsonl"
+    res = cli("-a", containerd.address, "analyze", kinds.name, "--record-out", record,
+              "--period", "10", "--json", env=env_with_tmp(leftovers.tmpdir))
+    assert res.returncode == 0, res.stderr
+    summary = json.loads(res.stdout)
+    assert {k: summary.get(k) for k in ("record", "endedBy", "exitStatus", "error")} == \
+        {"record": str(record), "endedBy": "exit", "exitStatus": 0, "error": None}, summary
+    leftovers.check()
+    rec = read_record(record)
+    assert set(pairs(rec)) == KINDS["exit"][1]
+
+    out = tmp_path / "out"
+    res = cli("optimize", "--oci", "--record-in", record, f"oci:{kinds.layout}:{kinds.tag}",
+              f"oci:{out}:esgz", env=_env(CONTAINERD_ADDRESS="/nonexistent/containerd.sock"))
+    printed_digest(res)
+    from_layout = [[p for p in lay["prioritized"] if not p.endswith("/")]
+                   for lay in json.loads(cli("inspect", f"oci:{out}:esgz", "--json").stdout)
+                   ["layers"]]
+    assert from_layout == expected_prioritized(rec, 3)
+    # ... and a containerd `optimize` run of the same workload prioritized the same
+    dst = "localhost/analyze-kinds:1-exit"
+    if dst not in images(containerd):  # test_workload_kinds[exit] did not run first
+        printed_digest(optimize(containerd, "--oci", "--period", "10", kinds.name, dst))
+    assert prioritized(containerd, dst) == from_layout
