@@ -22,12 +22,14 @@ workload ``python3 /app/main.py`` imports some stdlib modules and prints ``ready
      * the others: ``ctr-remote images rpull --plain-http REF`` +
        ``ctr run --snapshotter stargz REF``,
    all through the proxy, timed from the start of the pull until the container's
-   ``ready`` line. Runs are interleaved (every variant once, then again), the median
-   of ``--repeat`` (default 3) is reported, with the bytes that went through the proxy.
+   ``ready`` line. Runs are interleaved (every variant once, then again, in an order
+   rotated each round), the median of ``--repeat`` (default 3) is reported, with the
+   bytes that went through the proxy.
 
 Results: a markdown table on stdout, all details in bench/results/<name>.json.
 Usage: python3 bench/bench_time_to_ready.py [--repeat N] [--rtt-ms 20] [--mbit 100]
-       [--variants original,eo-noopt,eo-opt,ctrr-opt,eo-ctrr-record] [--name NAME]
+       [--variants original,eo-noopt,eo-opt,ctrr-opt,eo-ctrr-record] [--wait-idle S]
+       [--name NAME]
 Needs root, the e2e prerequisites (scripts/install-e2e-deps.sh) and ctr-remote
 (scripts/install-ctr-remote.sh).
 """
@@ -98,6 +100,7 @@ def make_variants(sock: Path, src: str, variants: list[str], work: Path,
             capture_output=True, check=True).stdout)
         layers = manifest.get("layers", [])
         out[v] = {"repo": repo, "local": local, "convert_s": round(convert_s, 2),
+                  "manifest_digest": image_digest(sock, local),
                   "layers": [{"digest": la["digest"], "size": la["size"], "mediaType":
                               la["mediaType"]} for la in layers],
                   "size": sum(la["size"] for la in layers)}
@@ -155,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rtt-ms", type=float, default=20.0)
     ap.add_argument("--mbit", type=float, default=100.0)
     ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--wait-idle", type=float, default=0, metavar="SECONDS",
+                    help="before each run, wait up to SECONDS for a load average below 1.0")
     ap.add_argument("--name", default=f"time-to-ready-{time.strftime('%Y%m%d-%H%M%S')}")
     args = ap.parse_args(argv)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -193,9 +198,16 @@ def main(argv: list[str] | None = None) -> int:
                                      rtt_ms=args.rtt_ms, mbit=args.mbit)
         stack.callback(proxy.stop)
         for attempt in range(args.repeat):
-            for v in variants:
+            # Rotate the order each round, so no variant always follows the same one.
+            k = attempt % len(variants)
+            for v in variants[k:] + variants[:k]:
+                if args.wait_idle:
+                    benchlib.wait_for("a 1-min load average below 1.0",
+                                      lambda: os.getloadavg()[0] < 1.0, args.wait_idle)
                 report["results"].setdefault(v, []).append(
                     one_run(binary, proxy, v, made[v]["repo"], attempt))
+                report.setdefault("loadavg_per_run", []).append(
+                    [v, attempt, round(os.getloadavg()[0], 2)])
     report["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
 
     rows = []
@@ -214,6 +226,11 @@ def main(argv: list[str] | None = None) -> int:
         ])
     table = markdown_table(["image", "size", "pull s", "run to ready s", "total s (median)",
                             "min-max", "through the link", "vs ctr-remote"], rows)
+    same = [(a, b) for i, a in enumerate(variants) for b in variants[i + 1:]
+            if made[a]["manifest_digest"] == made[b]["manifest_digest"]]
+    notes = [f"`{a}` and `{b}` are the same image ({made[a]['manifest_digest'][:19]}...): "
+             "their difference is run-to-run noise" for a, b in same]
+    report["notes"] = notes
     report["table"] = table
     report["median_total_s"] = med
     out = RESULTS_DIR / f"{args.name}.json"
@@ -222,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.mbit:g} Mbit/s; load average {report['loadavg_start'][0]:.2f} at the start, "
           f"{report['loadavg_end'][0]:.2f} at the end\n")
     print(table)
+    for n in notes:
+        print(f"\nNote: {n}")
     log(f"details: {out}")
     return 0
 
