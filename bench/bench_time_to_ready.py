@@ -128,6 +128,7 @@ def one_run(binary: Path, proxy: lazypull.Proxy, variant: str, repo: str, attemp
     with lazypull.lazy_daemons(binary, Path("/tmp"), ctr_remote=CTR_REMOTE) as d:
         proxy.clear()
         t0 = time.monotonic()
+        t0_wall = time.time()
         if variant == "original":
             d.ctr("images", "pull", "--plain-http", ref, timeout=900)
             run_args = ["run", "--rm", ref, f"ttr-{attempt}"]
@@ -146,7 +147,11 @@ def one_run(binary: Path, proxy: lazypull.Proxy, variant: str, repo: str, attemp
         fetched = sum(r["bytes"] for r in reqs)  # pull and run, until the container exited
     res = {"attempt": attempt, "pull_s": round(pull_s, 3), "run_to_ready_s": round(ready_s, 3),
            "total_s": round(total, 3), "fuse_mounts": fuse, "requests": len(reqs),
-           "bytes_through_proxy": fetched}
+           "bytes_through_proxy": fetched,
+           "request_log": [{"what": r["path"].rsplit("/", 1)[-1][:19], "method": r["method"],
+                            "range": r["range"], "bytes": r["bytes"],
+                            "t0": round(r["t0"] - t0_wall, 3), "t1": round(r["t1"] - t0_wall, 3)}
+                           for r in reqs]}
     log(f"{variant} #{attempt + 1}: pull {pull_s:.2f} s + run {ready_s:.2f} s = {total:.2f} s, "
         f"{fuse} FUSE mounts, {len(reqs)} requests, {fetched / 1e6:.1f} MB")
     return res
