@@ -480,7 +480,8 @@ def test_optimize_json_report(convert, src, name: str):
     conv = convert(name)
     layout, src_digest, _record = src
     rep = conv.report
-    assert set(rep) == {"source", "target", "layers", "extraImage", "warnings"}, rep
+    assert set(rep) == {"source", "target", "layers", "extraImage", "warnings", "workload"}, rep
+    assert rep["workload"] is None  # --record-in: no workload ran
     assert rep["source"] == src_digest
     assert rep["target"] == f.resolve_tag(conv.layout, conv.tag)["digest"]
     manifest = conv.manifest()

@@ -356,20 +356,8 @@ def analyze_cmd(
     progress = Progress()
     result = profile(src, sampler, record_out, containerd, None if quiet else progress)
     progress.close()
-    sample = result.sample
     if as_json:
-        click.echo(
-            json.dumps(
-                {
-                    "record": str(record_out),
-                    "files": len(result.entries),
-                    "layers": sorted({e.layer_index for e in result.entries}),
-                    "endedBy": sample.ended_by,
-                    "exitStatus": sample.exit_status,
-                    "error": sample.error,
-                }
-            )
-        )
+        click.echo(json.dumps({"record": str(record_out), **result.report()}))
     else:
         click.echo(f"recorded {len(result.entries)} files to {record_out}")
 

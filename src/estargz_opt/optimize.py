@@ -75,6 +75,8 @@ class OptimizeOutcome:
     extra_image: str | None
     result: ConvertResult
     warnings: list[str] = field(default_factory=list)
+    #: the workload run, when optimize ran one
+    analysis: Analysis | None = None
 
     def report(self) -> dict[str, Any]:
         """The `optimize --json` report."""
@@ -107,6 +109,7 @@ class OptimizeOutcome:
             "layers": layers,
             "extraImage": self.extra_image,
             "warnings": self.warnings,
+            "workload": None if self.analysis is None else self.analysis.report(),
         }
 
 
@@ -137,8 +140,10 @@ def optimize(req: OptimizeRequest) -> OptimizeOutcome:
             if req.platforms or req.all_platforms
             else " (the host; use --platform or --all-platforms for others)",
         )
+        analysis = None
         if run_workload:
-            prioritized = _analyze(req, src, root, src_ref, matcher)
+            analysis = _analyze(req, src, root, src_ref, matcher)
+            prioritized = analysis.prioritized if analysis else {}
         else:
             prioritized = _prioritized(req, src, root)
         same = _same_store(src_ref, dst_ref)
@@ -165,7 +170,13 @@ def optimize(req: OptimizeRequest) -> OptimizeOutcome:
             dst.rollback()
             raise
     return OptimizeOutcome(
-        req.layer.format.value, root.digest, result.target.digest, extra, result, result.warnings
+        req.layer.format.value,
+        root.digest,
+        result.target.digest,
+        extra,
+        result,
+        result.warnings,
+        analysis,
     )
 
 
@@ -221,8 +232,8 @@ def _analyze(
     root: Descriptor,
     src_ref: reference.ImageRef,
     matcher: platforms.Matcher,
-) -> dict[str, list[str]]:
-    """Run the workload of the host platform's image and prioritize what it touched."""
+) -> Analysis | None:
+    """Run the workload of the host platform's image; None if the host is not converted."""
     from estargz_opt.analyze.analyzer import analyze
 
     host = _host_manifest(src, root)
@@ -232,7 +243,7 @@ def _analyze(
             "here: no files are prioritized",
             platforms.host(),
         )
-        return {}
+        return None
     if req.platforms or req.all_platforms:
         log.info(
             "the workload runs for the host platform %s only; other platforms are "
@@ -246,7 +257,8 @@ def _analyze(
     )
     if req.record_out:
         write_record(req.record_out, result.entries)
-    return prioritized_from_record(result.entries, host_desc.digest, manifest)
+    result.prioritized = prioritized_from_record(result.entries, host_desc.digest, manifest)
+    return result
 
 
 def _prioritized(req: OptimizeRequest, src: Store, root: Descriptor) -> dict[str, list[str]]:

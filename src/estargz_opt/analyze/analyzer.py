@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from estargz_opt import descriptor as d
 from estargz_opt.analyze.layerindex import LayerNames
@@ -31,6 +31,19 @@ class Analysis:
 
     entries: list[RecordEntry]
     sample: SampleResult
+    #: paths per layer digest, once the caller has matched the record to its manifest
+    prioritized: dict[str, list[str]] = field(default_factory=dict)
+
+    def report(self) -> dict[str, object]:
+        """How the run went, for JSON reports."""
+        return {
+            "endedBy": self.sample.ended_by,
+            "exitStatus": self.sample.exit_status,
+            "error": self.sample.error,
+            "fileAccesses": len(self.sample.paths),
+            "recordedFiles": len(self.entries),
+            "queueOverflows": self.sample.overflows,
+        }
 
 
 def analyze(
