@@ -219,7 +219,7 @@ class Leftovers:
         # A sample mount or network namespace of another estargz-opt run on this machine
         # (another test session) may come and go meanwhile: what a run leaks stays.
         deadline = time.monotonic() + 10
-        while (after.sample_mounts != b.sample_mounts or after.netns != b.netns) \
+        while (set(after.sample_mounts) - set(b.sample_mounts) or after.netns - b.netns) \
                 and time.monotonic() < deadline:
             time.sleep(0.5)
             after = State.take(self.c)
@@ -231,13 +231,13 @@ class Leftovers:
         assert after.snapshots - b.snapshots == set(), \
             f"new snapshots: {after.snapshots - b.snapshots}"
         assert after.leases <= b.leases, f"leases: before {b.leases}, after {after.leases}"
-        assert after.sample_mounts == b.sample_mounts, after.sample_mounts
+        assert set(after.sample_mounts) <= set(b.sample_mounts), after.sample_mounts
         # The runs get a private $TMPDIR: their estargz-opt-sample-* directory goes there
         # (checked in test_sample_container_spec), so /tmp is not looked at: other
         # estargz-opt runs on this machine may come and go there.
         assert list(self.tmpdir.iterdir()) == [], \
             f"left in $TMPDIR: {list(self.tmpdir.iterdir())}"
-        assert after.netns == b.netns, "network namespaces left behind"
+        assert after.netns <= b.netns, f"network namespaces left: {after.netns - b.netns}"
         assert _monitors(self.c) == [], f"monitor process left: {_monitors(self.c)}"
         assert after.images - b.images == set(new_images), \
             f"new images {after.images - b.images}, want {set(new_images)}"
@@ -301,7 +301,7 @@ def test_workload_kinds(kind: str, kinds: ai.Image, containerd, tmp_path: Path,
     assert printed not in res.stdout, "stdout carries only the digest"
     assert ended_by(res.stderr) == ending, res.stderr
     if kind == "exit":
-        assert elapsed < period - 3, f"a workload that exits at once took {elapsed:.1f}s"
+        assert elapsed < period - 2, f"a workload that exits at once took {elapsed:.1f}s"
     elif kind == "period":
         assert period <= elapsed < period + 15, elapsed
     else:
@@ -467,6 +467,7 @@ def test_stdin(flags_image: ai.Image, containerd, tmp_path: Path, leftovers: Lef
     (["--mount", "foo"], "--mount"),
     (["--cwd", "relative"], "--cwd"),
     (["--add-hosts", "nocolon"], "--add-hosts"),
+    (["-i", "-t", "--wait-on-signal"], "--wait-on-signal"),
 ])
 def test_bad_flag_values(bad: list[str], words: str, flags_image: ai.Image, containerd,
                          tmp_path: Path, leftovers: Leftovers) -> None:
@@ -494,7 +495,23 @@ def test_failure_missing_layer_blob(containerd, busybox_layer: Path, tmp_path: P
     res = optimize(containerd, "--oci", "--period", "5", img.name, dst,
                    env=env_with_tmp(leftovers.tmpdir))
     msg = error_message(res)
-    assert manifest["layers"][1]["digest"] in msg or "layer 1" in msg, msg
+    assert manifest["layers"][1]["digest"] in msg and "not found" in msg, msg
+    leftovers.check()
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--env-file", "/nonexistent/env"], "--env-file"),
+    (["--user", "nosuchuser"], "nosuchuser"),
+])
+def test_failure_while_setting_up(flags: list[str], words: str, kinds: ai.Image, containerd,
+                                  leftovers: Leftovers) -> None:
+    """Refused while the sample container is set up (after the unpack, the snapshot and
+    the monitor): one line, and all of that undone."""
+    dst = "localhost/analyze-kinds:1-setup"
+    res = optimize(containerd, "--oci", "--period", "5", *flags, kinds.name, dst,
+                   env=env_with_tmp(leftovers.tmpdir))
+    msg = error_message(res)
+    assert words in msg, msg
     leftovers.check()
 
 
@@ -521,6 +538,27 @@ def test_ctrl_c(kinds: ai.Image, containerd, tmp_path: Path, leftovers: Leftover
 
 def test_sigterm(kinds: ai.Image, containerd, tmp_path: Path, leftovers: Leftovers) -> None:
     _interrupt(containerd, kinds, tmp_path, leftovers, signal.SIGTERM)
+
+
+def test_wait_on_signal(kinds: ai.Image, containerd, tmp_path: Path,
+                       leftovers: Leftovers) -> None:
+    """Under --wait-on-signal, Ctrl-C ends the run (not the command): it converts."""
+    dst = "localhost/analyze-kinds:1-onsignal"
+    err = tmp_path / "stderr"
+    record = tmp_path / "record.jsonl"
+    proc = start(containerd, "optimize", "--oci", "--wait-on-signal", "--period", "1",
+                 "--record-out", record,
+                 "--args", '["/bin/sh","/app/run.sh","sleep"]', kinds.name, dst,
+                 env=env_with_tmp(leftovers.tmpdir), stderr_path=err)
+    wait_for_text(err, "sleeping", proc)
+    time.sleep(2.5)  # the run waits for the signal: --period does not apply
+    assert proc.poll() is None, err.read_text()
+    proc.send_signal(signal.SIGINT)
+    res = finish(proc, err)
+    printed_digest(res)
+    assert ended_by(res.stderr) == "interrupted under --wait-on-signal", res.stderr
+    leftovers.check(new_images={dst})
+    assert set(pairs(read_record(record))) == KINDS["period"][1]
 
 
 def test_workload_killed_from_outside(kinds: ai.Image, containerd, tmp_path: Path,
@@ -580,7 +618,7 @@ def test_without_runc(kinds: ai.Image, containerd, tmp_path: Path,
          "--period", "5", kinds.name, dst],
         capture_output=True, text=True, stdin=subprocess.DEVNULL, env=env, timeout=120)
     msg = error_message(res)
-    assert "runc" in msg, msg
+    assert "runc" in msg and "--record-in" in msg, msg
     leftovers.check()
 
 
@@ -599,6 +637,21 @@ def test_entrypoint_that_does_not_exist(kinds: ai.Image, containerd, tmp_path: P
     assert len(layers) == 3
     assert all(lay["landmark"] == NO_PREFETCH and lay["prioritized"] == [] for lay in layers), \
         layers
+
+
+def test_analyze_of_a_workload_that_cannot_start_fails(kinds: ai.Image, containerd,
+                                                       tmp_path: Path,
+                                                       leftovers: Leftovers) -> None:
+    """`analyze` only makes a record: when the workload cannot start at all, the empty
+    record is no result, and a user expects a non-zero exit (unlike `optimize`, which
+    still converts). Unspecified: see the report."""
+    record = tmp_path / "record.jsonl"
+    res = cli("-a", containerd.address, "analyze", kinds.name, "--record-out", record,
+              "--period", "5", "--entrypoint", '["/nonexistent"]',
+              env=env_with_tmp(leftovers.tmpdir))
+    leftovers.check()
+    assert "/nonexistent" in res.stderr, res.stderr
+    assert res.returncode != 0, f"exit 0 with an empty record:\n{res.stdout}{res.stderr}"
 
 
 # --- security -----------------------------------------------------------------------------------
@@ -637,6 +690,9 @@ def test_sample_container_spec(kinds: ai.Image, containerd, tmp_path: Path,
         src = binds[f"/etc/{name}"]["source"]
         assert src.startswith(f"{tmpdir}/{SAMPLE}") and src.endswith(f"/etc/{name}"), src
     assert binds["/data"]["source"] == str(data)
+    others = [m for m in spec["mounts"] if m["destination"] not in binds]
+    assert all(not m.get("source", "").startswith("/") for m in others), others
+    assert {m["destination"] for m in others} >= {"/proc", "/dev", "/sys"}, others
     [mnt] = [n for n in spec["linux"]["namespaces"] if n["type"] == "mount"]
     assert re.fullmatch(r"/proc/\d+/ns/mnt", mnt["path"]), mnt
     pid = mnt["path"].split("/")[2]
