@@ -636,3 +636,31 @@ def test_json_logs_on_failure(src):
     assert proc.returncode != 0
     docs = _json_lines(proc.stderr)
     assert any(d.get("levelname") == "ERROR" for d in docs), docs
+
+
+def test_analysis_countdown_and_workload_output_share_the_terminal():
+    """The countdown is one live line; workload output clears it first, and the end of
+    the run clears it for good."""
+    import io
+
+    from estargz_opt.progress import Progress
+
+    class Tty(io.TextIOWrapper):
+        def isatty(self) -> bool:
+            return True
+
+    raw = io.BytesIO()
+    stream = Tty(raw, encoding="utf-8", write_through=True)
+    p = Progress(stream)
+    p.sampling(3.0, 2)
+    p.passthrough().write(b"hello from the workload\n")
+    p.sampling(2.0, 5)
+    p.sampling(0.0, 5)
+    text = raw.getvalue().decode()
+    assert text == ("\r\x1b[Kanalyzing the workload: 3s left, 2 file accesses seen"
+                    "\r\x1b[Khello from the workload\n"
+                    "\r\x1b[Kanalyzing the workload: 2s left, 5 file accesses seen"
+                    "\r\x1b[K")
+    forever = Progress(stream)
+    forever.sampling(None, 1)
+    assert raw.getvalue().decode().endswith("until it exits or Ctrl-C, 1 file accesses seen")

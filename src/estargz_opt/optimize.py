@@ -204,8 +204,15 @@ def profile(
                 f"{ref} has no image for the host platform {platforms.host()}: "
                 "the workload cannot run here"
             )
-        on_tick = progress.sampling if progress else None
-        result = analyze(store, str(ref), host[0], host[1], sampler, on_tick=on_tick)
+        result = analyze(
+            store,
+            str(ref),
+            host[0],
+            host[1],
+            sampler,
+            on_tick=progress.sampling if progress else None,
+            output=progress.passthrough() if progress else None,  # type: ignore[arg-type]
+        )
     write_record(record_out, result.entries)
     return result
 
@@ -251,9 +258,15 @@ def _analyze(
             platforms.host(),
         )
     host_desc, manifest = host
-    on_tick = req.progress.sampling if req.progress else None
+    p = req.progress
     result = analyze(
-        src, str(src_ref), host_desc, manifest, req.sampler or SamplerOptions(), on_tick=on_tick
+        src,
+        str(src_ref),
+        host_desc,
+        manifest,
+        req.sampler or SamplerOptions(),
+        on_tick=p.sampling if p else None,
+        output=p.passthrough() if p else None,  # type: ignore[arg-type]
     )
     if req.record_out:
         write_record(req.record_out, result.entries)

@@ -85,10 +85,16 @@ class Progress:
                 self._draw()
 
     def sampling(self, seconds_left: float | None, files: int) -> None:
-        """The workload run: a countdown and how many file accesses were seen so far."""
+        """The workload run: a countdown and how many file accesses were seen so far.
+
+        seconds_left None: no time limit (--wait-on-signal); 0: the run is over.
+        """
         left = "until it exits or Ctrl-C" if seconds_left is None else f"{seconds_left:.0f}s left"
         text = f"analyzing the workload: {left}, {files} file accesses seen"
         with self._lock:
+            if seconds_left is not None and seconds_left <= 0:
+                self._clear()
+                return
             now = time.monotonic()
             if self._live:
                 self._stream.write("\r\x1b[K" + text)
@@ -97,6 +103,10 @@ class Progress:
             elif now - self._last_sample_log >= _LOG_EVERY:
                 self._last_sample_log = now
                 log.info("%s", text)
+
+    def passthrough(self) -> _Passthrough:
+        """A binary stream for the workload's output: it clears the live line first."""
+        return _Passthrough(self)
 
     def close(self) -> None:
         with self._lock:
@@ -115,6 +125,29 @@ class Progress:
             self._stream.write("\r\x1b[K")
             self._stream.flush()
             self._drawn = False
+
+
+class _Passthrough:
+    """Writes bytes to the progress stream without garbling its live line."""
+
+    def __init__(self, progress: Progress) -> None:
+        self._progress = progress
+
+    def write(self, data: bytes) -> int:
+        p = self._progress
+        with p._lock:
+            p._clear()
+            p._stream.flush()
+            buffer = getattr(p._stream, "buffer", None)
+            if buffer is not None:
+                buffer.write(data)
+                buffer.flush()
+            else:
+                p._stream.write(data.decode(errors="replace"))
+        return len(data)
+
+    def flush(self) -> None:
+        self._progress._stream.flush()
 
 
 def _describe(layer: _Layer, now: float) -> str:

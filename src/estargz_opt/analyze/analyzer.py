@@ -12,6 +12,7 @@ import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import BinaryIO
 
 from estargz_opt import descriptor as d
 from estargz_opt.analyze.layerindex import LayerNames
@@ -54,6 +55,7 @@ def analyze(
     opts: SamplerOptions,
     *,
     on_tick: Tick | None = None,
+    output: BinaryIO | None = None,
 ) -> Analysis:
     """Run the workload of `manifest` (the host platform's) and record what it touched."""
     config = _json_object(store.read(manifest.config, "image config"), manifest.config.digest)
@@ -61,7 +63,7 @@ def analyze(
     image = SampleImage(image_name, config, layers, _diff_ids(config, len(layers)))
     with ThreadPoolExecutor(1, thread_name_prefix="layer-names") as pool:
         names_job = pool.submit(_layer_names, store, image.layers)
-        sample = run_sample(store.client, image, opts, on_tick=on_tick)
+        sample = run_sample(store.client, image, opts, on_tick=on_tick, output=output)
         names = names_job.result()
     recorder = Recorder(names, manifest_desc.digest)
     for path in sample.paths:

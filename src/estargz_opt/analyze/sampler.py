@@ -85,7 +85,8 @@ class SampleResult:
     overflows: int = 0
 
 
-#: Called about once a second while the workload runs: (seconds left or None, files seen).
+#: Called about once a second while the workload runs: (seconds left or None, files seen);
+#: a last call with 0 seconds left ends the countdown.
 Tick = Callable[[float | None, int], None]
 
 
@@ -300,6 +301,8 @@ def _wait(
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
+        if on_tick is not None:
+            on_tick(0.0, len(monitor.paths))  # the end of the countdown
     result.ended_by = ending[0]
     return result
 
