@@ -309,6 +309,9 @@ def test_workload_kinds(kind: str, kinds: ai.Image, containerd, tmp_path: Path,
     leftovers.check(new_images={dst})
 
     rec = read_record(record)
+    assert record.read_text() == "".join(
+        json.dumps(r, separators=(",", ":")) + "\n" for r in rec), "ctr-remote's format"
+    assert all(list(r) == ["path", "manifestDigest", "layerIndex"] for r in rec), rec
     got = pairs(rec)
     assert len(got) == len(set(got)), f"duplicates in the record: {got}"
     assert set(got) == want, got
@@ -327,6 +330,7 @@ cat /gone/secret.txt /opq/old.txt
 cat /keep/k.txt
 cat /keep/k.txt /opq/new.txt
 cat /keep/k.txt
+echo created > /keep/new.txt; cat /keep/new.txt
 echo wh-done
 """
 
@@ -346,8 +350,9 @@ def test_whiteouts_and_first_access(containerd, busybox_layer: Path, tmp_path: P
     assert res.returncode == 0, res.stderr
     summary = json.loads(res.stdout)
     assert summary["endedBy"] == "exit" and summary["exitStatus"] == 0, summary
-    out = [line for line in res.stderr.splitlines() if line in ("kept", "new", "wh-done")]
-    assert out == ["kept", "kept", "new", "kept", "wh-done"], res.stderr
+    out = [line for line in res.stderr.splitlines()
+           if line in ("kept", "new", "created", "wh-done")]
+    assert out == ["kept", "kept", "new", "kept", "created", "wh-done"], res.stderr
     assert "can't open '/gone/secret.txt'" in res.stderr
     assert "can't open '/opq/old.txt'" in res.stderr
     leftovers.check()
@@ -373,12 +378,14 @@ echo "NET $(ls /sys/class/net | /bin/busybox tr '\\n' ' ')"
 def flags_image(containerd, busybox_layer: Path, tmp_path_factory) -> ai.Image:
     l1 = ai.layer([ai.script("app/flags.sh", FLAGS_SH),
                    ai.file("etc/passwd", "root:x:0:0:root:/root:/bin/sh\n"
-                                         "app:x:1000:1000:app:/home/app:/bin/sh\n"),
-                   ai.file("etc/group", "root:x:0:\napp:x:1000:\n"),
+                                         "app:x:1000:1000:app:/home/app:/bin/sh\n"
+                                         "svc:x:2000:2000:svc:/:/bin/sh\n"),
+                   ai.file("etc/group", "root:x:0:\napp:x:1000:\nsvc:x:2000:\n"),
                    ai.dir_("tmp"), ai.dir_("data")])
     return ai.build(containerd, tmp_path_factory.mktemp("flags"), "localhost/analyze-flags:1",
                     [busybox_layer.read_bytes(), l1],
-                    ai.config(["/app/flags.sh", "from-cmd"], Env=["PATH=/bin", "IMG=1"]))
+                    ai.config(["/app/flags.sh", "from-cmd"], Env=["PATH=/bin", "IMG=1"],
+                              User="svc", WorkingDir="/app"))
 
 
 def lines(stderr: str, prefix: str) -> list[str]:
@@ -421,24 +428,25 @@ def test_sampler_flags(flags_image: ai.Image, containerd, tmp_path: Path,
     assert sorted(os.listdir(data)) == ["d1.txt"]
 
 
-def test_entrypoint_keeps_cmd_and_user_name(flags_image: ai.Image, containerd,
+def test_entrypoint_keeps_cmd_and_image_config(flags_image: ai.Image, containerd,
                                             tmp_path: Path) -> None:
     res = cli("-a", containerd.address, "analyze", flags_image.name,
               "--record-out", tmp_path / "r.jsonl", "--period", "10",
-              "--entrypoint", '["/bin/sh"]', "--user", "app")
+              "--entrypoint", '["/bin/sh"]')
     assert res.returncode == 0, res.stderr
     assert lines(res.stderr, "ARGS=") == ["from-cmd"], "--entrypoint alone keeps the Cmd"
-    assert lines(res.stderr, "ID=") == ["uid=1000(app) gid=1000(app) groups=1000(app)"]
-    # image defaults otherwise: cwd /, resolv.conf from the default 8.8.8.8
-    assert lines(res.stderr, "PWD=") == ["/"]
+    # the image config's User and WorkingDir; resolv.conf from the default 8.8.8.8
+    assert lines(res.stderr, "ID=") == ["uid=2000(svc) gid=2000(svc) groups=2000(svc)"]
+    assert lines(res.stderr, "PWD=") == ["/app"]
     assert lines(res.stderr, "RESOLV ") == ["nameserver 8.8.8.8"]
 
 
 def test_net_host(flags_image: ai.Image, containerd, tmp_path: Path) -> None:
     res = cli("-a", containerd.address, "analyze", flags_image.name,
               "--record-out", tmp_path / "r.jsonl", "--period", "10",
-              "--entrypoint", '["/bin/sh"]', "--net-host")
+              "--entrypoint", '["/bin/sh"]', "--net-host", "--user", "app")
     assert res.returncode == 0, res.stderr
+    assert lines(res.stderr, "ID=") == ["uid=1000(app) gid=1000(app) groups=1000(app)"]
     host = sorted(os.listdir("/sys/class/net"))
     [seen] = lines(res.stderr, "NET ")
     assert sorted(seen.split()) == host, f"--net-host: the workload sees {seen}, host {host}"
@@ -722,6 +730,7 @@ def test_hostile_symlinks(containerd, busybox_layer: Path, tmp_path: Path,
         ai.symlink("app/rel", "../../../../../../etc/passwd"),
         ai.symlink("app/secret", str(secret)),
         ai.symlink("etc/passwd", str(secret)),  # what --user would look up
+        ai.symlink("etc/group", str(secret)),
         ai.script("app/h.sh", "cat /app/shadow /app/abs /app/rel /app/secret\n"
                               "echo \"ID=$(/bin/busybox id)\"\necho h-done\n"),
     ]
@@ -749,6 +758,12 @@ def test_hostile_symlinks(containerd, busybox_layer: Path, tmp_path: Path,
     assert "4242" not in res.stderr + res.stdout, res.stderr
     msg = error_message(res)
     assert "secretuser" in msg and "/etc/passwd" in msg, msg
+    res = cli("-a", containerd.address, "analyze", img.name, "--record-out", record,
+              "--period", "10", "--user", "0:secretuser", env=env_with_tmp(leftovers.tmpdir))
+    assert token not in res.stderr + res.stdout
+    assert "4242" not in res.stderr + res.stdout, res.stderr
+    msg = error_message(res)
+    assert "secretuser" in msg and "/etc/group" in msg, msg
     leftovers.check(new_images={dst})
     assert secret.stat().st_atime == atime, "estargz-opt or the workload read the host secret"
     # the control: a read of the secret does move its atime here (relatime: atime < mtime)
