@@ -76,7 +76,17 @@ def start(c: Containerd, *args: str | Path, env: dict[str, str],
     with open(stderr_path, "wb") as err:
         return subprocess.Popen(
             [sys.executable, "-m", "estargz_opt", "-a", c.address, *map(str, args)],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err, env=env)
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err, env=env,
+            start_new_session=True)  # its own process group, as a shell's foreground job
+
+
+def ctrl_c(proc: subprocess.Popen, group: bool) -> None:
+    """SIGINT to the CLI alone, or to its whole process group, as a terminal's Ctrl-C does
+    (then the monitor helper and other children get it too)."""
+    if group:
+        os.killpg(proc.pid, signal.SIGINT)
+    else:
+        proc.send_signal(signal.SIGINT)
 
 
 def wait_for_text(path: Path, text: str, proc: subprocess.Popen, timeout: float = 30) -> None:
@@ -524,14 +534,17 @@ def test_failure_while_setting_up(flags: list[str], words: str, kinds: ai.Image,
 
 
 def _interrupt(containerd, kinds: ai.Image, tmp_path: Path, leftovers: Leftovers,
-               signo: int) -> subprocess.CompletedProcess:
+               signo: int, group: bool = False) -> subprocess.CompletedProcess:
     dst = f"localhost/analyze-kinds:1-sig{signo}"
     err = tmp_path / "stderr"
     proc = start(containerd, "optimize", "--oci", "--period", "60",
                  "--args", '["/bin/sh","/app/run.sh","sleep"]', kinds.name, dst,
                  env=env_with_tmp(leftovers.tmpdir), stderr_path=err)
     wait_for_text(err, "sleeping", proc)
-    proc.send_signal(signo)
+    if signo == signal.SIGINT:
+        ctrl_c(proc, group)
+    else:
+        proc.send_signal(signo)
     res = finish(proc, err)
     msg = error_message(res)
     assert msg == "interrupted", msg
@@ -540,18 +553,22 @@ def _interrupt(containerd, kinds: ai.Image, tmp_path: Path, leftovers: Leftovers
     return res
 
 
-def test_ctrl_c(kinds: ai.Image, containerd, tmp_path: Path, leftovers: Leftovers) -> None:
-    _interrupt(containerd, kinds, tmp_path, leftovers, signal.SIGINT)
+@pytest.mark.parametrize("group", [False, True], ids=["process", "group"])
+def test_ctrl_c(group: bool, kinds: ai.Image, containerd, tmp_path: Path,
+                leftovers: Leftovers) -> None:
+    _interrupt(containerd, kinds, tmp_path, leftovers, signal.SIGINT, group)
 
 
 def test_sigterm(kinds: ai.Image, containerd, tmp_path: Path, leftovers: Leftovers) -> None:
     _interrupt(containerd, kinds, tmp_path, leftovers, signal.SIGTERM)
 
 
-def test_wait_on_signal(kinds: ai.Image, containerd, tmp_path: Path,
-                       leftovers: Leftovers) -> None:
-    """Under --wait-on-signal, Ctrl-C ends the run (not the command): it converts."""
-    dst = "localhost/analyze-kinds:1-onsignal"
+@pytest.mark.parametrize("group", [False, True], ids=["process", "group"])
+def test_wait_on_signal(group: bool, kinds: ai.Image, containerd, tmp_path: Path,
+                        leftovers: Leftovers) -> None:
+    """Under --wait-on-signal, Ctrl-C ends the run (not the command): it converts. A
+    terminal's Ctrl-C signals the whole foreground process group ("group")."""
+    dst = f"localhost/analyze-kinds:1-onsignal-{int(group)}"
     err = tmp_path / "stderr"
     record = tmp_path / "record.jsonl"
     proc = start(containerd, "optimize", "--oci", "--wait-on-signal", "--period", "1",
@@ -561,7 +578,7 @@ def test_wait_on_signal(kinds: ai.Image, containerd, tmp_path: Path,
     wait_for_text(err, "sleeping", proc)
     time.sleep(2.5)  # the run waits for the signal: --period does not apply
     assert proc.poll() is None, err.read_text()
-    proc.send_signal(signal.SIGINT)
+    ctrl_c(proc, group)
     res = finish(proc, err)
     printed_digest(res)
     assert ended_by(res.stderr) == "interrupted under --wait-on-signal", res.stderr
@@ -679,7 +696,7 @@ def test_sample_container_spec(kinds: ai.Image, containerd, tmp_path: Path,
         info = json.loads(containerd.ctr("containers", "info", cid).stdout)
         monitors = _monitors(containerd)
     finally:
-        proc.send_signal(signal.SIGINT)
+        ctrl_c(proc, False)
         finish(proc, err)
     leftovers.check()
     spec = info["Spec"]
