@@ -22,7 +22,7 @@ MTIME = f.LAYER_MTIME
 
 @dataclass(frozen=True)
 class E:
-    """One tar entry: kind is "file", "dir" or "symlink"."""
+    """One tar entry: kind is "file", "dir", "symlink" or "fifo"."""
 
     name: str
     kind: str = "file"
@@ -45,6 +45,10 @@ def dir_(name: str) -> E:
 
 def symlink(name: str, target: str) -> E:
     return E(name, "symlink", target=target, mode=0o777)
+
+
+def fifo(name: str) -> E:
+    return E(name, "fifo", mode=0o644)
 
 
 def whiteout(name: str) -> E:
@@ -86,6 +90,9 @@ def _add(tar: tarfile.TarFile, e: E) -> None:
     info.mode = e.mode
     if e.kind == "dir":
         info.type = tarfile.DIRTYPE
+        tar.addfile(info)
+    elif e.kind == "fifo":
+        info.type = tarfile.FIFOTYPE
         tar.addfile(info)
     elif e.kind == "symlink":
         info.type = tarfile.SYMTYPE

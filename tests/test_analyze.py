@@ -803,6 +803,21 @@ def test_hostile_symlinks(containerd, busybox_layer: Path, tmp_path: Path,
     assert secret.stat().st_atime != atime, "this filesystem does not update atime on read"
 
 
+def test_passwd_that_is_a_fifo(containerd, busybox_layer: Path, tmp_path: Path,
+                               leftovers: Leftovers) -> None:
+    """A hostile /etc/passwd that is a FIFO: --user's look-up must not block on it."""
+    raw = [busybox_layer.read_bytes(), ai.layer([ai.fifo("etc/passwd")])]
+    img = ai.build(containerd, tmp_path / "img", "localhost/analyze-fifo:1", raw,
+                   ai.config(["/bin/echo", "fifo-ran"]))
+    leftovers.reset()
+    res = cli("-a", containerd.address, "analyze", img.name, "--record-out",
+              tmp_path / "r.jsonl", "--period", "5", "--user", "someone",
+              env=env_with_tmp(leftovers.tmpdir), timeout=60)
+    msg = error_message(res)
+    assert "someone" in msg and "/etc/passwd" in msg, msg
+    leftovers.check()
+
+
 def test_dotdot_tar_entry(containerd, busybox_layer: Path, tmp_path: Path,
                           leftovers: Leftovers) -> None:
     """A layer entry `../../../../../tmp/NAME`: containerd's applier (the unpack step)
