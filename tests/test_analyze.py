@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import analyzeimages as ai
+import imagefactory as f
 import pytest
 from helpers_containerd import Containerd
 from test_optimize_containerd import (
@@ -340,6 +341,7 @@ cat /gone/secret.txt /opq/old.txt
 cat /keep/k.txt
 cat /keep/k.txt /opq/new.txt
 cat /keep/k.txt
+cat /lib/x.txt
 echo created > /keep/new.txt; cat /keep/new.txt
 echo wh-done
 """
@@ -348,7 +350,8 @@ echo wh-done
 def test_whiteouts_and_first_access(containerd, busybox_layer: Path, tmp_path: Path,
                                     leftovers: Leftovers) -> None:
     l1 = ai.layer([ai.script("app/wh.sh", WH_SH), ai.file("gone/secret.txt", "deleted\n"),
-                   ai.file("opq/old.txt", "hidden\n"), ai.file("keep/k.txt", "kept\n")])
+                   ai.file("opq/old.txt", "hidden\n"), ai.file("keep/k.txt", "kept\n"),
+                   ai.file("usr/lib/x.txt", "via-link\n"), ai.symlink("lib", "usr/lib")])
     l2 = ai.layer([ai.whiteout("gone/secret.txt"), ai.dir_("opq"), ai.opaque("opq"),
                    ai.file("opq/new.txt", "new\n")])
     img = ai.build(containerd, tmp_path / "img", "localhost/analyze-wh:1",
@@ -361,13 +364,15 @@ def test_whiteouts_and_first_access(containerd, busybox_layer: Path, tmp_path: P
     summary = json.loads(res.stdout)
     assert summary["endedBy"] == "exit" and summary["exitStatus"] == 0, summary
     out = [line for line in res.stderr.splitlines()
-           if line in ("kept", "new", "created", "wh-done")]
-    assert out == ["kept", "kept", "new", "kept", "created", "wh-done"], res.stderr
+           if line in ("kept", "new", "via-link", "created", "wh-done")]
+    assert out == ["kept", "kept", "new", "kept", "via-link", "created", "wh-done"], res.stderr
     assert "can't open '/gone/secret.txt'" in res.stderr
     assert "can't open '/opq/old.txt'" in res.stderr
     leftovers.check()
     got = pairs(read_record(record))
-    assert got == [BB, ("app/wh.sh", 1), ("keep/k.txt", 1), ("opq/new.txt", 2)], got
+    # a file read through a symlinked directory is recorded under its real path
+    assert got == [BB, ("app/wh.sh", 1), ("keep/k.txt", 1), ("opq/new.txt", 2),
+                   ("usr/lib/x.txt", 1)], got
 
 
 # --- sampler flags --------------------------------------------------------------------------
@@ -467,7 +472,7 @@ def test_stdin(flags_image: ai.Image, containerd, tmp_path: Path, leftovers: Lef
     t0 = time.monotonic()
     res = subprocess.run(
         [sys.executable, "-m", "estargz_opt", "-a", containerd.address, "analyze",
-         flags_image.name, "--record-out", str(tmp_path / "r.jsonl"), "--period", "10",
+         flags_image.name, "--record-out", str(tmp_path / "r.jsonl"), "--period", "8",
          "-i", "--entrypoint", '["/bin/cat"]', "--args", "[]"],
         input=text, capture_output=True, text=True, env=env_with_tmp(leftovers.tmpdir),
         timeout=120)
@@ -489,8 +494,10 @@ def test_stdin(flags_image: ai.Image, containerd, tmp_path: Path, leftovers: Lef
 ])
 def test_bad_flag_values(bad: list[str], words: str, flags_image: ai.Image, containerd,
                          tmp_path: Path, leftovers: Leftovers) -> None:
-    for cmd in (["analyze", flags_image.name, "--record-out", str(tmp_path / "r.jsonl")],
-                ["optimize", "--oci", flags_image.name, "localhost/analyze-flags:bad"]):
+    commands = [["optimize", "--oci", flags_image.name, "localhost/analyze-flags:bad"]]
+    if words in ("--args", "--mount"):  # analyze takes the same flags, checked the same way
+        commands.append(["analyze", flags_image.name, "--record-out", str(tmp_path / "r.jsonl")])
+    for cmd in commands:
         res = cli("-a", containerd.address, *cmd, *bad, env=env_with_tmp(leftovers.tmpdir))
         msg = error_message(res)
         assert words in msg, msg
@@ -849,6 +856,31 @@ def test_dotdot_tar_entry(containerd, busybox_layer: Path, tmp_path: Path,
     msg = error_message(res)
     assert "climbs out of the layer root" in msg and "layer 1" in msg, msg
     leftovers.check()
+
+
+def test_index_image_records_the_host_manifest(containerd, busybox_layer: Path,
+                                               tmp_path: Path) -> None:
+    """An image index: the host platform's workload runs, and the record names the host
+    manifest (what --record-in matches), not the index."""
+    layout = tmp_path / "layout"
+    app = ai.layer([ai.file("app/host.txt", "host-platform\n")])
+    arm = ai.layer([ai.file("app/host.txt", "arm64\n")])
+    index = f.write_index(layout, "v1", [(f.HOST_PLATFORM, [busybox_layer.read_bytes(), app]),
+                                         ("linux/arm64", [arm])],
+                          config_extra=ai.config(["/bin/cat", "/app/host.txt"]))
+    name = "localhost/analyze-index:1"
+    containerd.ctr("images", "import", "--no-unpack", "--all-platforms",
+                   str(f.archive_for_ctr(layout, "v1", name, tmp_path / "image.tar")))
+    [host] = [m for p, m, _ in f.platform_manifests(layout, "v1")
+              if p and p["architecture"] == f.HOST_PLATFORM[1]]
+    record = tmp_path / "record.jsonl"
+    res = cli("-a", containerd.address, "analyze", name, "--record-out", record,
+              "--period", "10")
+    assert res.returncode == 0, res.stderr
+    assert "host-platform" in res.stderr.splitlines()
+    rec = read_record(record)
+    assert {r["manifestDigest"] for r in rec} == {host["digest"]} != {index}, rec
+    assert pairs(rec) == [BB, ("app/host.txt", 1)]
 
 
 # --- analyze, then optimize --record-in an OCI layout -----------------------------------------
