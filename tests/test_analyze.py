@@ -182,9 +182,15 @@ def _netns() -> set[str]:
 def _monitors(c: Containerd) -> list[str]:
     """Monitor processes of runs against *c* (their mounts name its directory): other
     estargz-opt runs on this machine (other test sessions) have their own."""
-    res = subprocess.run(["pgrep", "-af", MONITOR], capture_output=True, text=True)
-    return [line for line in res.stdout.splitlines()
-            if "pgrep" not in line and str(c.dir) in line]
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue  # gone meanwhile
+        if MONITOR in cmdline and str(c.dir) in cmdline:
+            found.append(f"{pid} {cmdline}")
+    return found
 
 
 @dataclass
