@@ -16,6 +16,7 @@ from estargz_opt import descriptor as d
 from estargz_opt import platforms, reference
 from estargz_opt.analyze.layerindex import LayerNames
 from estargz_opt.analyze.record import (
+    check_record_out,
     prioritized_from_record,
     read_prefetch_list,
     read_record,
@@ -127,6 +128,8 @@ def optimize(req: OptimizeRequest) -> OptimizeOutcome:
             "--record-out records a workload run; it cannot be combined with --record-in, "
             "--prefetch-list or --no-optimize"
         )
+    if req.record_out:
+        check_record_out(req.record_out)
     dst_tag = dst_ref.tag or src_ref.tag
     if not dst_tag:
         raise EstargzOptError(f"name the destination tag: {dst_ref} needs oci:DIR:TAG")
@@ -191,6 +194,7 @@ def profile(
     from estargz_opt.analyze.analyzer import analyze
 
     ref = reference.parse(src)
+    check_record_out(record_out)
     if isinstance(ref, reference.OCIRef):
         raise EstargzOptError(
             "running the workload needs containerd, which oci: images do not use; import "
@@ -212,6 +216,11 @@ def profile(
             sampler,
             on_tick=progress.sampling if progress else None,
             output=progress.passthrough() if progress else None,  # type: ignore[arg-type]
+        )
+    if result.sample.ended_by == "error":
+        # analyze makes nothing but the record: an empty one would only mislead.
+        raise EstargzOptError(
+            f"the workload could not start, so nothing was recorded: {result.sample.error}"
         )
     write_record(record_out, result.entries)
     return result

@@ -78,6 +78,9 @@ class Monitor:
             stdout=subprocess.PIPE,
             stderr=self._log,
             close_fds=True,
+            # Its own session: a Ctrl-C at the terminal is ours to handle (--wait-on-signal
+            # ends the run with it); the helper stops when told, or dies with us.
+            start_new_session=True,
         )
         self._reader = threading.Thread(target=self._read, name="monitor-reader", daemon=True)
         self._reader.start()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from pathlib import Path
 from estargz_opt.analyze.layerindex import LayerNames
 from estargz_opt.descriptor import Manifest
 from estargz_opt.errors import BadInputError, EstargzOptError
-from estargz_opt.format import tarfmt
+from estargz_opt.format import atomic_output, tarfmt
 from estargz_opt.format.toc import go_escape
 
 log = logging.getLogger("estargz_opt")
@@ -122,13 +123,25 @@ class Recorder:
         return entry
 
 
+def check_record_out(path: Path) -> None:
+    """Fail before the workload runs if the record could not be written afterwards."""
+    parent = path.parent
+    if not parent.is_dir():
+        raise EstargzOptError(f"cannot write --record-out {path}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise EstargzOptError(f"cannot write --record-out {path}: {parent} is not writable")
+    if path.is_dir():
+        raise EstargzOptError(f"cannot write --record-out {path}: it is a directory")
+
+
 def write_record(path: Path, entries: Iterable[RecordEntry]) -> None:
     """Write a record file (JSON lines, byte-compatible with ctr-remote's --record-out)."""
-    from estargz_opt.format import atomic_output
-
-    with atomic_output(path) as f:
-        for e in entries:
-            f.write(e.to_json().encode("utf-8", errors="surrogateescape") + b"\n")
+    try:
+        with atomic_output(path) as f:
+            for e in entries:
+                f.write(e.to_json().encode("utf-8", errors="surrogateescape") + b"\n")
+    except OSError as exc:
+        raise EstargzOptError(f"cannot write --record-out {path}: {exc.strerror}") from None
 
 
 def record_from_prefetch_list(

@@ -54,6 +54,8 @@ log = logging.getLogger("estargz_opt")
 
 #: Label on every container this module creates, so leftovers of a killed run are findable.
 SAMPLE_LABEL = "estargz-opt/sample"
+#: Names of sample containers, snapshots and temporary directories start with this.
+SAMPLE_PREFIX = "estargz-opt-sample-"
 #: Which process owns a sample container: host/pid/start time (see reap_stale).
 OWNER_LABEL = "estargz-opt/owner"
 _KILL_WAIT = 5.0
@@ -121,13 +123,15 @@ def run_sample(
             "not found on PATH)"
         )
     out = output if output is not None else sys.stderr.buffer
-    cid = f"estargz-opt-sample-{secrets.token_hex(8)}"
+    cid = f"{SAMPLE_PREFIX}{secrets.token_hex(8)}"
     reap_stale(client)
     with ExitStack() as stack:
         stack.enter_context(client.lease(labels={SAMPLE_LABEL: cid}, sync=True))
         top = unpack(client, image.layers, image.diff_ids)
-        tmp = tempfile.mkdtemp(prefix="estargz-opt-sample-")
+        tmp = os.path.join(tempfile.gettempdir(), cid)
+        os.mkdir(tmp, 0o700)
         stack.callback(shutil.rmtree, tmp, ignore_errors=True)
+        _write(os.path.join(tmp, "owner"), _owner(os.getpid()) or "")
         target = os.path.join(tmp, "rootfs")
         os.mkdir(target)
 
@@ -225,23 +229,37 @@ def _owner(pid: int) -> str | None:
     return f"{socket.gethostname()}/{pid}/{start}"
 
 
+def _dead(owner: str) -> bool:
+    """Whether the process an owner string names was on this host and is gone."""
+    host, _, rest = owner.partition("/")
+    pid = rest.split("/")[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    return _owner(int(pid)) != owner
+
+
 def reap_stale(client: Client) -> None:
     """Remove what runs killed with SIGKILL left (they could not clean up themselves).
 
     Only sample containers whose owner process was on this host and is gone are touched:
     a concurrent run's container is left alone.
     """
+    tmp = tempfile.gettempdir()
+    with contextlib.suppress(OSError):
+        for name in os.listdir(tmp):
+            owner_file = os.path.join(tmp, name, "owner")
+            if name.startswith(SAMPLE_PREFIX) and os.path.isfile(owner_file):
+                with open(owner_file) as f:
+                    if _dead(f.read()):
+                        shutil.rmtree(os.path.join(tmp, name), ignore_errors=True)
     try:
         stale = client.list_containers(f'labels."{SAMPLE_LABEL}"')
     except ContainerdError as exc:
         log.debug("cannot list sample containers: %s", exc)
         return
     for c in stale:
-        host, _, pid = c.labels.get(OWNER_LABEL, "").partition("/")
-        if host != socket.gethostname() or not pid.split("/")[0].isdigit():
+        if not _dead(c.labels.get(OWNER_LABEL, "")):
             continue
-        if _owner(int(pid.split("/")[0])) == c.labels[OWNER_LABEL]:
-            continue  # its owner still runs
         log.warning("removing sample container %s, left by a run that was killed", c.id)
         _end_task(client, c.id)
         _quietly("delete container", client.delete_container, c.id, missing_ok=True)
@@ -368,6 +386,7 @@ class _Stdio:
                 # shim has opened it.
                 self._fds[os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)] = name
         self._stdin_fd = -1
+        self._stdin_lock = threading.Lock()
         if self.stdin_path:
             os.mkfifo(self.stdin_path, 0o600)
             self._stdin_fd = os.open(self.stdin_path, os.O_RDWR | os.O_CLOEXEC)
@@ -384,9 +403,7 @@ class _Stdio:
         for fd in list(self._fds):
             os.close(fd)
         self._fds.clear()
-        if self._stdin_fd >= 0:
-            os.close(self._stdin_fd)
-            self._stdin_fd = -1
+        self._close_stdin_fd()
         if self._saved_tty is not None:
             termios.tcsetattr(sys.stdin.fileno(), termios.TCSADRAIN, self._saved_tty)
             self._saved_tty = None
@@ -441,6 +458,12 @@ class _Stdio:
                 self.line_seen.set()
                 return
 
+    def _close_stdin_fd(self) -> None:
+        with self._stdin_lock:
+            fd, self._stdin_fd = self._stdin_fd, -1
+        if fd >= 0:
+            os.close(fd)
+
     def _feed(self, client: Client, cid: str) -> None:
         src = sys.stdin.fileno()
         while True:
@@ -449,12 +472,15 @@ class _Stdio:
             except OSError:
                 data = b""
             if not data:
+                # Our writer must go first: the shim's copy ends only once no writer is
+                # left, and CloseIO then closes the workload's stdin.
+                self._close_stdin_fd()
                 with contextlib.suppress(ContainerdError):
                     client.close_stdin(cid)
                 return
             try:
                 os.write(self._stdin_fd, data)
-            except OSError:
+            except OSError:  # closed by cleanup: the run is over
                 return
 
 
