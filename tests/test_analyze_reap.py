@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -119,6 +120,9 @@ def test_next_run_removes_what_a_killed_run_left(containerd, image: str) -> None
     assert not _alive(monitors[0])
     with open("/proc/self/mountinfo") as f:
         assert cid not in f.read()
+    # Its temporary directory is named after it and says who owns it.
+    tmp = Path(tempfile.gettempdir()) / cid
+    assert (tmp / "owner").read_text().split("/")[0] == os.uname().nodename
     info = json.loads(containerd.ctr("containers", "info", cid).stdout)
     assert info["Labels"][SAMPLE_LABEL] == "1"
     assert info["Labels"][OWNER_LABEL].split("/")[0] == os.uname().nodename
@@ -129,6 +133,7 @@ def test_next_run_removes_what_a_killed_run_left(containerd, image: str) -> None
     containers, tasks, snaps = _state(containerd)
     assert not containers and cid not in tasks and not snaps
     assert _sample_leases(containerd) == before
+    assert not tmp.exists()
     assert "localhost/reap:killed" not in containerd.ctr("images", "ls", "-q").stdout
 
 
