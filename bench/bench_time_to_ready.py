@@ -94,7 +94,13 @@ def make_variants(sock: Path, src: str, variants: list[str], work: Path,
             run([*cli, "-a", sock, "optimize", "--oci", "--record-in", ctrr_record, src, local])
         convert_s = time.monotonic() - t0
         repo = f"bench/{v}"
-        run(["ctr", "-a", sock, "images", "push", "--plain-http", f"{registry}/{repo}:1", local])
+        push = run(["ctr", "-a", sock, "images", "push", "--plain-http", f"{registry}/{repo}:1",
+                    local], check=False)
+        if push.returncode != 0:
+            daemon_log = Path(sock).parent / "containerd.log"
+            tail = daemon_log.read_text(errors="replace")[-3000:] if daemon_log.exists() else ""
+            raise RuntimeError(f"ctr push of {local} failed: {push.stderr.strip()}\n"
+                               f"builder containerd log:\n{tail}")
         manifest = json.loads(subprocess.run(
             ["ctr", "-a", sock, "content", "get", image_digest(sock, local)],
             capture_output=True, check=True).stdout)
