@@ -133,6 +133,9 @@ def test_next_run_removes_what_a_killed_run_left(containerd, image: str) -> None
     containers, tasks, snaps = _state(containerd)
     assert not containers and cid not in tasks and not snaps
     assert _sample_leases(containerd) == before
+    # The killed run's own lease (the one optimize holds while it converts) is gone too.
+    rows = containerd.ctr("leases", "ls").stdout.splitlines()[1:]
+    assert not [r for r in rows if "estargz-opt" in r], rows
     assert not tmp.exists()
     assert "localhost/reap:killed" not in containerd.ctr("images", "ls", "-q").stdout
 

@@ -23,7 +23,6 @@ import secrets
 import select
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 import termios
@@ -49,6 +48,7 @@ from estargz_opt.analyze.unpack import DEFAULT_SNAPSHOTTER, unpack
 from estargz_opt.descriptor import Descriptor
 from estargz_opt.errors import EstargzOptError
 from estargz_opt.stores.containerd.client import Client, Container, ContainerdError
+from estargz_opt.stores.containerd.owner import OWNER_LABEL, is_dead, this_process
 
 log = logging.getLogger("estargz_opt")
 
@@ -56,8 +56,6 @@ log = logging.getLogger("estargz_opt")
 SAMPLE_LABEL = "estargz-opt/sample"
 #: Names of sample containers, snapshots and temporary directories start with this.
 SAMPLE_PREFIX = "estargz-opt-sample-"
-#: Which process owns a sample container: host/pid/start time (see reap_stale).
-OWNER_LABEL = "estargz-opt/owner"
 _KILL_WAIT = 5.0
 
 
@@ -126,12 +124,13 @@ def run_sample(
     cid = f"{SAMPLE_PREFIX}{secrets.token_hex(8)}"
     reap_stale(client)
     with ExitStack() as stack:
-        stack.enter_context(client.lease(labels={SAMPLE_LABEL: cid}, sync=True))
+        owner = this_process()
+        stack.enter_context(client.lease(labels={SAMPLE_LABEL: cid, OWNER_LABEL: owner}, sync=True))
         top = unpack(client, image.layers, image.diff_ids)
         tmp = os.path.join(tempfile.gettempdir(), cid)
         os.mkdir(tmp, 0o700)
         stack.callback(shutil.rmtree, tmp, ignore_errors=True)
-        _write(os.path.join(tmp, "owner"), _owner(os.getpid()) or "")
+        _write(os.path.join(tmp, "owner"), this_process())
         target = os.path.join(tmp, "rootfs")
         os.mkdir(target)
 
@@ -167,7 +166,7 @@ def run_sample(
                 id=cid,
                 spec=json.dumps(spec).encode(),
                 image=image.name,
-                labels={SAMPLE_LABEL: "1", OWNER_LABEL: _owner(os.getpid()) or ""},
+                labels={SAMPLE_LABEL: "1", OWNER_LABEL: this_process()},
             )
         )
         stack.callback(_quietly, "delete container", client.delete_container, cid, missing_ok=True)
@@ -219,25 +218,6 @@ _ENDINGS = {
 }
 
 
-def _owner(pid: int) -> str | None:
-    """host/pid/start-time of a process: unique even after its pid is reused."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            start = f.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-    return f"{socket.gethostname()}/{pid}/{start}"
-
-
-def _dead(owner: str) -> bool:
-    """Whether the process an owner string names was on this host and is gone."""
-    host, _, rest = owner.partition("/")
-    pid = rest.split("/")[0]
-    if host != socket.gethostname() or not pid.isdigit():
-        return False
-    return _owner(int(pid)) != owner
-
-
 def reap_stale(client: Client) -> None:
     """Remove what runs killed with SIGKILL left (they could not clean up themselves).
 
@@ -250,7 +230,7 @@ def reap_stale(client: Client) -> None:
             owner_file = os.path.join(tmp, name, "owner")
             if name.startswith(SAMPLE_PREFIX) and os.path.isfile(owner_file):
                 with open(owner_file) as f:
-                    if _dead(f.read()):
+                    if is_dead(f.read()):
                         shutil.rmtree(os.path.join(tmp, name), ignore_errors=True)
     try:
         stale = client.list_containers(f'labels."{SAMPLE_LABEL}"')
@@ -258,7 +238,7 @@ def reap_stale(client: Client) -> None:
         log.debug("cannot list sample containers: %s", exc)
         return
     for c in stale:
-        if not _dead(c.labels.get(OWNER_LABEL, "")):
+        if not is_dead(c.labels.get(OWNER_LABEL, "")):
             continue
         log.warning("removing sample container %s, left by a run that was killed", c.id)
         _end_task(client, c.id)

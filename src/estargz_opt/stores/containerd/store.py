@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import queue
 import tempfile
 import threading
@@ -23,12 +24,16 @@ from estargz_opt.errors import BadInputError, EstargzOptError
 from estargz_opt.stores import check_blob
 from estargz_opt.stores.containerd.client import (
     Client,
+    ContainerdError,
     ContentNotFoundError,
     Image,
     ImageNotFoundError,
     NamespaceNotFoundError,
     WriteResult,
 )
+from estargz_opt.stores.containerd.owner import OWNER_LABEL, is_dead, this_process
+
+log = logging.getLogger("estargz_opt")
 
 UNCOMPRESSED_LABEL = "containerd.io/uncompressed"
 GC_CONTENT = "containerd.io/gc.ref.content"
@@ -154,8 +159,24 @@ class ContainerdStore:
         # Check first: taking a lease in a namespace that does not exist would create it.
         if not self.client.namespace_exists(self.client.namespace):
             raise NamespaceNotFoundError(self.client._no_namespace_message())
-        self._stack.enter_context(self.client.lease(labels={"estargz-opt": "optimize"}))
+        self._reap_dead_leases()
+        labels = {"estargz-opt": "optimize", OWNER_LABEL: this_process()}
+        self._stack.enter_context(self.client.lease(labels=labels))
         return self
+
+    def _reap_dead_leases(self) -> None:
+        """Delete the leases of estargz-opt runs that were killed (see owner.py)."""
+        try:
+            leases = self.client.list_leases(f'labels."{OWNER_LABEL}"')
+        except ContainerdError:
+            return
+        for lease in leases:
+            if is_dead(lease.labels.get(OWNER_LABEL, "")):
+                log.info("deleting lease %s, left by a run that was killed", lease.id)
+                try:
+                    self.client.delete_lease(lease.id)
+                except ContainerdError as exc:
+                    log.debug("could not delete lease %s: %s", lease.id, exc)
 
     def __exit__(self, *exc: object) -> None:
         self._stack.close()
