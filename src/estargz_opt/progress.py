@@ -152,7 +152,8 @@ class _Passthrough:
 
 def _describe(layer: _Layer, now: float) -> str:
     rate = layer.bytes_in / max(now - layer.started, 1e-6)
-    share = f"{layer.bytes_in / layer.total:.0%} " if layer.total else ""
+    # The uncompressed stream also holds the TOC, so it can outgrow the input tar.
+    share = f"{min(layer.bytes_in / layer.total, 1.0):.0%} " if layer.total else ""
     return f"{share}{_mib(layer.bytes_in)} in, {_mib(layer.bytes_out)} out, {_mib(rate)}/s"
 
 
