@@ -291,11 +291,14 @@ def test_write_with_labels_info_and_read_back(client: Client, containerd) -> Non
 
 def test_write_without_expected_digest(client: Client) -> None:
     data = os.urandom(MiB // 2)
-    first = client.write_content("client-test-nodigest", [data[:1000], data[1000:]])
-    assert first.digest == _digest(data) and not first.existed
-    second = client.write_content("client-test-nodigest", data, labels={"y": "2"})
-    assert second.existed and client.content_info(first.digest).labels == {"y": "2"}
-    client.delete_content(first.digest)
+    # Under a lease: a garbage collection run by another test's lease deletion must not
+    # take the unreferenced blob between the writes.
+    with client.lease():
+        first = client.write_content("client-test-nodigest", [data[:1000], data[1000:]])
+        assert first.digest == _digest(data) and not first.existed
+        second = client.write_content("client-test-nodigest", data, labels={"y": "2"})
+        assert second.existed and client.content_info(first.digest).labels == {"y": "2"}
+        client.delete_content(first.digest)
 
 
 def _dies_after(data: bytes, limit: int) -> Iterator[bytes]:
