@@ -438,9 +438,11 @@ def test_image_round_trip(client: Client, containerd) -> None:
 
 
 def test_lease_keeps_content_through_gc(client: Client, containerd) -> None:
-    def put(tag: str) -> str:
+    def put(tag: str, labels: dict[str, str] | None = None) -> str:
         data = tag.encode() + os.urandom(4096)
-        return client.write_content(f"client-test-gc-{tag}", data, _digest(data), len(data)).digest
+        return client.write_content(
+            f"client-test-gc-{tag}", data, _digest(data), len(data), labels
+        ).digest
 
     def alive(digest: str) -> bool:
         try:
@@ -453,12 +455,16 @@ def test_lease_keeps_content_through_gc(client: Client, containerd) -> None:
         # Deleting any lease with sync=True runs (and waits for) a garbage collection.
         client.delete_lease(client.create_lease().id, sync=True)
 
-    unheld, added = put("unheld"), put("added")  # written outside any lease, unlabelled
+    # Written outside any lease. containerd collects in the background too, some time
+    # after any deletion, so "added" is held by a gc.root label until the lease holds it.
+    unheld, added = put("unheld"), put("added", {GC_ROOT: "until-leased"})
     with client.lease(sync=True) as lease_id:
         leases = containerd.ctr("leases", "ls").stdout
         assert lease_id in leases and GC_EXPIRE_LABEL in leases
         leased = put("leased")
         client.add_lease_resource(lease_id, added)
+        client.update_labels(added, {GC_ROOT: ""})  # now only the lease holds it
+        assert client.content_info(added).labels == {}
         collect()
         assert alive(leased) and alive(added)
         assert not alive(unheld)  # so a collection did run
