@@ -248,6 +248,15 @@ def test_bad_address_and_namespace() -> None:
 
 @pytest.fixture
 def client(containerd) -> Iterator[Client]:
+    """A client whose writes are held by a lease: containerd may collect unreferenced
+    content at any time after any deletion, e.g. another test's."""
+    with Client(containerd.address, "default", timeout=60) as c, c.lease():
+        yield c
+
+
+@pytest.fixture
+def bare_client(containerd) -> Iterator[Client]:
+    """A client without a lease, for the tests of garbage collection itself."""
     with Client(containerd.address, "default", timeout=60) as c:
         yield c
 
@@ -291,14 +300,11 @@ def test_write_with_labels_info_and_read_back(client: Client, containerd) -> Non
 
 def test_write_without_expected_digest(client: Client) -> None:
     data = os.urandom(MiB // 2)
-    # Under a lease: a garbage collection run by another test's lease deletion must not
-    # take the unreferenced blob between the writes.
-    with client.lease():
-        first = client.write_content("client-test-nodigest", [data[:1000], data[1000:]])
-        assert first.digest == _digest(data) and not first.existed
-        second = client.write_content("client-test-nodigest", data, labels={"y": "2"})
-        assert second.existed and client.content_info(first.digest).labels == {"y": "2"}
-        client.delete_content(first.digest)
+    first = client.write_content("client-test-nodigest", [data[:1000], data[1000:]])
+    assert first.digest == _digest(data) and not first.existed
+    second = client.write_content("client-test-nodigest", data, labels={"y": "2"})
+    assert second.existed and client.content_info(first.digest).labels == {"y": "2"}
+    client.delete_content(first.digest)
 
 
 def _dies_after(data: bytes, limit: int) -> Iterator[bytes]:
@@ -437,7 +443,8 @@ def test_image_round_trip(client: Client, containerd) -> None:
     assert name in str(err.value) and "'default'" in str(err.value)
 
 
-def test_lease_keeps_content_through_gc(client: Client, containerd) -> None:
+def test_lease_keeps_content_through_gc(bare_client: Client, containerd) -> None:
+    client = bare_client
     def put(tag: str, labels: dict[str, str] | None = None) -> str:
         data = tag.encode() + os.urandom(4096)
         return client.write_content(
