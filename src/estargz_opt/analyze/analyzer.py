@@ -83,11 +83,10 @@ def analyze(
 
 
 def _layer_names(store: ContainerdStore, layers: list[Descriptor]) -> LayerNames:
-    names = []
-    for i, layer in enumerate(layers):
-        with store.local_file(layer, f"layer {i}") as path:
-            names.append(LayerNames.names_in(str(path)))
-    return LayerNames(names)
+    # Streamed from containerd: no temporary copy while the workload competes for CPU.
+    return LayerNames(
+        [LayerNames.names_in_stream(store.client.read_content(x.digest)) for x in layers]
+    )
 
 
 def _json_object(data: bytes, digest: str) -> dict:

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import io
 import posixpath
+import tarfile
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import BinaryIO
 
+import zstandard
+from isal import igzip
+
+from estargz_opt.errors import BadInputError
 from estargz_opt.format import tarfmt
 from estargz_opt.format.source import open_tar
 
@@ -23,6 +31,31 @@ class LayerNames:
         """The clean names of one layer blob (tar, tar+gzip or tar+zstd)."""
         with open_tar(path) as src:
             names = {tarfmt.clean_name(e.name) for e in tarfmt.iter_entries(src.f, src.size)}
+        names.discard("")
+        return frozenset(names)
+
+    @staticmethod
+    def names_in_stream(chunks: Iterable[bytes]) -> frozenset[str]:
+        """The clean names of one layer blob read as a stream (no temporary copy).
+
+        Used on blobs read from containerd while the workload runs: the tar is parsed as
+        it is decompressed, so only the headers are kept.
+        """
+        reader = io.BufferedReader(_ChunkReader(iter(chunks)), 1 << 20)
+        magic = reader.peek(4)[:4]
+        stream: BinaryIO
+        if magic[:2] == b"\x1f\x8b":
+            stream = igzip.IGzipFile(fileobj=reader)  # type: ignore[assignment]
+        elif magic == b"\x28\xb5\x2f\xfd":
+            dctx = zstandard.ZstdDecompressor()
+            stream = dctx.stream_reader(reader, read_across_frames=True)  # type: ignore[assignment]
+        else:
+            stream = reader
+        try:
+            with tarfile.open(fileobj=stream, mode="r|") as tar:
+                names = {tarfmt.clean_name(m.name) for m in tar}
+        except (tarfile.TarError, OSError, EOFError, zstandard.ZstdError) as exc:
+            raise BadInputError(f"cannot read the layer's file names: {exc}") from None
         names.discard("")
         return frozenset(names)
 
@@ -48,3 +81,25 @@ class LayerNames:
         for names in self.layers:
             out.update(n for n in names if not posixpath.basename(n).startswith(WHITEOUT_PREFIX))
         return sorted(out)
+
+
+class _ChunkReader(io.RawIOBase):
+    """A read-only stream over an iterator of byte chunks (e.g. a gRPC read)."""
+
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        self._chunks = chunks
+        self._buf = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+        while not self._buf:
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                return 0
+            self._buf = memoryview(chunk)
+        n = min(len(b), len(self._buf))
+        b[:n] = self._buf[:n]
+        self._buf = self._buf[n:]
+        return n
