@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import signal
@@ -149,29 +150,9 @@ def _sampler_options(f: Callable[..., Any]) -> Callable[..., Any]:
 
 def _sampler(kw: dict[str, Any]) -> SamplerOptions:
     """Take the sampler flags out of a command's keyword arguments."""
-    opts = SamplerOptions(
-        terminal=kw.pop("terminal"),
-        stdin=kw.pop("stdin"),
-        period=kw.pop("period"),
-        user=kw.pop("user"),
-        cwd=kw.pop("cwd"),
-        args=kw.pop("args"),
-        entrypoint=kw.pop("entrypoint"),
-        env=list(kw.pop("env")),
-        env_file=kw.pop("env_file"),
-        mounts=list(kw.pop("mounts")),
-        dns_nameservers=kw.pop("dns_nameservers"),
-        dns_search_domains=kw.pop("dns_search_domains"),
-        dns_options=kw.pop("dns_options"),
-        add_hosts=kw.pop("add_hosts"),
-        cni=kw.pop("cni"),
-        cni_plugin_conf_dir=kw.pop("cni_plugin_conf_dir"),
-        cni_plugin_dir=kw.pop("cni_plugin_dir"),
-        gpus=kw.pop("gpus"),
-        net_host=kw.pop("net_host"),
-        wait_on_line=kw.pop("wait_on_line"),
-        wait_on_signal=kw.pop("wait_on_signal"),
-    )
+    # The option names are the field names (click turns tuples into lists below).
+    values = {f.name: kw.pop(f.name) for f in dataclasses.fields(SamplerOptions)}
+    opts = SamplerOptions(**{k: list(v) if isinstance(v, tuple) else v for k, v in values.items()})
     try:
         opts.validate()
     except EstargzOptError as exc:

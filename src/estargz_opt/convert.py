@@ -137,7 +137,7 @@ class Converter:
             self.src.read(manifest.config, f"config of {label}"), f"config of {label}"
         )
         layer_slots = [i for i, x in enumerate(manifest.layers) if x.media_type in d.LAYER_TYPES]
-        diff_ids = _diff_ids(config_raw, len(layer_slots), label)
+        diff_ids = d.config_diff_ids(config_raw, len(layer_slots), label)
         workers = max(1, min(len(layer_slots), os.cpu_count() or 1))
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="layer") as pool:
             futures = [
@@ -337,16 +337,6 @@ def _layer_type(media_type: str, fmt: Format) -> str:
     if d.is_docker(media_type):
         return d.DOCKER_FOREIGN_GZIP if foreign else d.DOCKER_LAYER_GZIP
     return (d.OCI_FOREIGN if foreign else d.OCI_LAYER) + "+gzip"
-
-
-def _diff_ids(config: dict[str, Any], count: int, label: str) -> list[str]:
-    rootfs = config.get("rootfs")
-    ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
-    if not isinstance(ids, list) or not all(isinstance(x, str) for x in ids):
-        raise BadInputError(f"malformed config of {label}: rootfs.diff_ids is not a list")
-    if len(ids) != count:
-        raise BadInputError(f"malformed config of {label}: {len(ids)} diff_ids for {count} layers")
-    return list(ids)
 
 
 def _children(data: bytes) -> list[Descriptor]:

@@ -236,6 +236,17 @@ def load_json(data: bytes, where: str) -> dict[str, Any]:
     return _load(data, where)
 
 
+def config_diff_ids(config: dict[str, Any], count: int, label: str) -> list[str]:
+    """An image config's rootfs.diff_ids, checked against the manifest's layer count."""
+    rootfs = config.get("rootfs")
+    ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
+    if not isinstance(ids, list) or not all(isinstance(x, str) for x in ids):
+        raise BadInputError(f"malformed config of {label}: rootfs.diff_ids is not a list")
+    if len(ids) != count:
+        raise BadInputError(f"malformed config of {label}: {len(ids)} diff_ids for {count} layers")
+    return list(ids)
+
+
 def _list(raw: dict[str, Any], key: str) -> list[Any]:
     value = raw.get(key) or []
     if not isinstance(value, list):

@@ -191,8 +191,6 @@ def profile(
     progress: Progress | None = None,
 ) -> Analysis:
     """`estargz-opt analyze`: run the workload and write its record; convert nothing."""
-    from estargz_opt.analyze.analyzer import analyze
-
     ref = reference.parse(src)
     check_record_out(record_out)
     if isinstance(ref, reference.OCIRef):
@@ -208,15 +206,7 @@ def profile(
                 f"{ref} has no image for the host platform {platforms.host()}: "
                 "the workload cannot run here"
             )
-        result = analyze(
-            store,
-            str(ref),
-            host[0],
-            host[1],
-            sampler,
-            on_tick=progress.sampling if progress else None,
-            output=progress.passthrough() if progress else None,  # type: ignore[arg-type]
-        )
+        result = _run_workload(store, str(ref), host, sampler, progress)
     if result.sample.ended_by == "error":
         # analyze makes nothing but the record: an empty one would only mislead.
         raise EstargzOptError(
@@ -224,6 +214,27 @@ def profile(
         )
     write_record(record_out, result.entries)
     return result
+
+
+def _run_workload(
+    store: Any,
+    name: str,
+    host: tuple[Descriptor, Manifest],
+    sampler: SamplerOptions,
+    progress: Progress | None,
+) -> Analysis:
+    """The workload run of optimize and analyze, with its countdown and output on stderr."""
+    from estargz_opt.analyze.analyzer import analyze
+
+    return analyze(
+        store,
+        name,
+        host[0],
+        host[1],
+        sampler,
+        on_tick=progress.sampling if progress else None,
+        output=progress.passthrough() if progress else None,  # type: ignore[arg-type]
+    )
 
 
 def open_store(ref: reference.ImageRef, c: ContainerdOptions, create: bool) -> Any:
@@ -250,8 +261,6 @@ def _analyze(
     matcher: platforms.Matcher,
 ) -> Analysis | None:
     """Run the workload of the host platform's image; None if the host is not converted."""
-    from estargz_opt.analyze.analyzer import analyze
-
     host = _host_manifest(src, root)
     if host is None or not matcher.matches(platforms.host()):
         log.warning(
@@ -267,16 +276,7 @@ def _analyze(
             platforms.host(),
         )
     host_desc, manifest = host
-    p = req.progress
-    result = analyze(
-        src,
-        str(src_ref),
-        host_desc,
-        manifest,
-        req.sampler or SamplerOptions(),
-        on_tick=p.sampling if p else None,
-        output=p.passthrough() if p else None,  # type: ignore[arg-type]
-    )
+    result = _run_workload(src, str(src_ref), host, req.sampler or SamplerOptions(), req.progress)
     if req.record_out:
         write_record(req.record_out, result.entries)
     result.prioritized = prioritized_from_record(result.entries, host_desc.digest, manifest)
@@ -303,7 +303,7 @@ def _prioritized(req: OptimizeRequest, src: Store, root: Descriptor) -> dict[str
         names = []
         for i, layer in enumerate(layers):
             with src.local_file(layer, f"layer {i} of the host image") as p:
-                names.append(LayerNames.names_in(str(p)))
+                names.append(LayerNames.names_in(p))
         entries = record_from_prefetch_list(patterns, LayerNames(names), host_desc.digest)
     found = prioritized_from_record(entries, host_desc.digest, manifest)
     log.info(

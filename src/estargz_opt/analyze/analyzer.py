@@ -8,7 +8,6 @@ background thread, so it costs no extra time on top of the `--period`.
 
 from __future__ import annotations
 
-import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -20,7 +19,6 @@ from estargz_opt.analyze.record import RecordEntry, Recorder
 from estargz_opt.analyze.sampler import SampleImage, SampleResult, Tick, run_sample
 from estargz_opt.analyze.spec import SamplerOptions
 from estargz_opt.descriptor import Descriptor, Manifest
-from estargz_opt.errors import BadInputError
 from estargz_opt.stores.containerd.store import ContainerdStore
 
 log = logging.getLogger("estargz_opt")
@@ -58,9 +56,10 @@ def analyze(
     output: BinaryIO | None = None,
 ) -> Analysis:
     """Run the workload of `manifest` (the host platform's) and record what it touched."""
-    config = _json_object(store.read(manifest.config, "image config"), manifest.config.digest)
+    config = d.load_json(store.read(manifest.config, "image config"), "image config")
     layers = [x for x in manifest.layers if x.media_type in d.LAYER_TYPES]
-    image = SampleImage(image_name, config, layers, _diff_ids(config, len(layers)))
+    diff_ids = d.config_diff_ids(config, len(layers), image_name)
+    image = SampleImage(image_name, config, layers, diff_ids)
     with ThreadPoolExecutor(1, thread_name_prefix="layer-names") as pool:
         names_job = pool.submit(_layer_names, store, image.layers)
         sample = run_sample(store.client, image, opts, on_tick=on_tick, output=output)
@@ -87,25 +86,3 @@ def _layer_names(store: ContainerdStore, layers: list[Descriptor]) -> LayerNames
     return LayerNames(
         [LayerNames.names_in_stream(store.client.read_content(x.digest)) for x in layers]
     )
-
-
-def _json_object(data: bytes, digest: str) -> dict:
-    try:
-        doc = json.loads(data)
-    except ValueError:
-        raise BadInputError(f"image config {digest} is not JSON") from None
-    if not isinstance(doc, dict):
-        raise BadInputError(f"image config {digest} is not a JSON object")
-    return doc
-
-
-def _diff_ids(config: dict, count: int) -> list[str]:
-    rootfs = config.get("rootfs") or {}
-    diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
-    if not isinstance(diff_ids, list) or not all(isinstance(x, str) for x in diff_ids):
-        raise BadInputError("the image config has no rootfs.diff_ids list")
-    if len(diff_ids) != count:
-        raise BadInputError(
-            f"the image has {count} layers but its config lists {len(diff_ids)} diff IDs"
-        )
-    return diff_ids

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import posixpath
 import tarfile
 from collections.abc import Iterable, Iterator
@@ -14,7 +15,6 @@ from isal import igzip
 
 from estargz_opt.errors import BadInputError
 from estargz_opt.format import tarfmt
-from estargz_opt.format.source import open_tar
 
 WHITEOUT_PREFIX = ".wh."
 OPAQUE = ".wh..wh..opq"
@@ -27,12 +27,10 @@ class LayerNames:
     layers: list[frozenset[str]]
 
     @staticmethod
-    def names_in(path: str) -> frozenset[str]:
-        """The clean names of one layer blob (tar, tar+gzip or tar+zstd)."""
-        with open_tar(path) as src:
-            names = {tarfmt.clean_name(e.name) for e in tarfmt.iter_entries(src.f, src.size)}
-        names.discard("")
-        return frozenset(names)
+    def names_in(path: str | os.PathLike[str]) -> frozenset[str]:
+        """The clean names of one layer blob file (tar, tar+gzip or tar+zstd)."""
+        with open(path, "rb") as f:
+            return LayerNames.names_in_stream(iter(lambda: f.read(1 << 20), b""))
 
     @staticmethod
     def names_in_stream(chunks: Iterable[bytes]) -> frozenset[str]:

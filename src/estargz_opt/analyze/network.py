@@ -10,12 +10,10 @@ variables in the environment).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import logging
 import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,7 +27,6 @@ NETNS_DIR = "/var/run/netns"
 DEFAULT_CONF_DIR = "/etc/cni/net.d"
 DEFAULT_PLUGIN_DIRS = ("/opt/cni/bin", "/usr/lib/cni")
 IFNAME = "eth0"
-CLONE_NEWNET = 0x40000000
 
 
 class NetworkError(EstargzOptError):
@@ -102,30 +99,20 @@ def _run_plugin(
 
 
 def _create_netns(name: str) -> str:
-    """A named network namespace (as `ip netns add` makes one), bind-mounted in NETNS_DIR."""
-    os.makedirs(NETNS_DIR, exist_ok=True)
-    path = os.path.join(NETNS_DIR, name)
-    with open(path, "x"):
-        pass
-    # A child process unshares and its namespace file is bind-mounted onto `path`.
-    code = (
-        "import ctypes,os,sys;libc=ctypes.CDLL(None,use_errno=True);"
-        f"sys.exit(0 if libc.unshare({CLONE_NEWNET})==0 and libc.mount("
-        "b'/proc/self/ns/net',sys.argv[1].encode(),None,0x1000,None)==0 "
-        "else ctypes.get_errno())"
-    )
-    rc = subprocess.run([sys.executable, "-c", code, path]).returncode
-    if rc != 0:
-        os.unlink(path)
-        raise NetworkError(f"--cni: cannot create a network namespace: {os.strerror(rc)}")
-    return path
+    """A named network namespace in NETNS_DIR, made by iproute2 as for any netns user."""
+    try:
+        res = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True)
+    except FileNotFoundError:
+        raise NetworkError("--cni needs iproute2 (apt-get install iproute2)") from None
+    if res.returncode != 0:
+        raise NetworkError(f"--cni: cannot create a network namespace: {res.stderr.strip()}")
+    return os.path.join(NETNS_DIR, name)
 
 
 def _delete_netns(path: str) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.umount2(os.fsencode(path), 2)  # MNT_DETACH
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
+    res = subprocess.run(["ip", "netns", "delete", os.path.basename(path)], capture_output=True)
+    if res.returncode != 0 and os.path.exists(path):
+        log.warning("cleanup: could not delete network namespace %s", path)
 
 
 @contextlib.contextmanager
