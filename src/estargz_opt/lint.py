@@ -24,6 +24,7 @@ from estargz_opt.format.toc import LANDMARKS, NO_PREFETCH_LANDMARK, PREFETCH_LAN
 from estargz_opt.format.zstdchunked import MANIFEST_CHECKSUM, MANIFEST_POSITION
 from estargz_opt.platforms import Matcher
 from estargz_opt.stores import Store
+from estargz_opt.stores.oci import OCILayout
 
 
 @dataclass(slots=True)
@@ -274,4 +275,20 @@ def lint(ref_text: str, containerd: Any, matcher: Matcher, *, deep: bool) -> Ima
                 toc_image = store.resolve(ref.tag + TOC_IMAGE_SUFFIX)
             except EstargzOptError:
                 toc_image = None
-        return check_image(store, str(ref), root, matcher, deep=deep, toc_image=toc_image)
+        report = check_image(store, str(ref), root, matcher, deep=deep, toc_image=toc_image)
+        if deep and isinstance(store, OCILayout):
+            _note_unreferenced(report, store)
+        return report
+
+
+def _note_unreferenced(report: ImageReport, layout: OCILayout) -> None:
+    """Blobs that no image uses: what an interrupted run (or one still running) left."""
+    blobs = layout.unreferenced()
+    if blobs:
+        _note(
+            report,
+            f"{len(blobs)} blob(s) ({sum(size for _, size in blobs)} bytes) in {layout.root} "
+            "are referenced by no image in its index.json (left by an interrupted or "
+            f"still running conversion?): {', '.join(digest for digest, _ in blobs[:5])}"
+            + (", …" if len(blobs) > 5 else ""),
+        )

@@ -48,7 +48,7 @@ from estargz_opt.analyze.unpack import DEFAULT_SNAPSHOTTER, unpack
 from estargz_opt.descriptor import Descriptor
 from estargz_opt.errors import EstargzOptError
 from estargz_opt.stores.containerd.client import Client, Container, ContainerdError
-from estargz_opt.stores.containerd.owner import OWNER_LABEL, is_dead, this_process
+from estargz_opt.stores.owner import OWNER_LABEL, is_dead, this_process
 
 log = logging.getLogger("estargz_opt")
 

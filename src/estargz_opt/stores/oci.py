@@ -2,26 +2,55 @@
 
 Blobs are written under temporary names and renamed into place once complete; the tag
 in index.json is written last and atomically. A failed run removes the blobs it added
-(and the layout directory, if it created it), so the destination is left as it was.
+(and the layout directory, if it created it and nothing else is in it), so the
+destination is left as it was.
+
+Several runs may write into one layout at once. Two flocks, on directories every layout
+has (so no lock file is left behind), keep them from losing each other's work:
+
+* ``index.json`` is updated under an exclusive lock on the layout directory, and re-read
+  under it, so concurrent tags all land;
+* every run that writes holds a shared lock on ``blobs/`` until it ends. A blob that is
+  already present is not written again, so a live run may depend on a blob another run
+  added; a rollback therefore deletes only under an exclusive *try*-lock on ``blobs/``
+  (no other writer is alive) and only blobs that no image in the re-read index
+  references. If other runs are alive it deletes nothing and says so; ``verify`` lists
+  such unreferenced blobs.
+
+Temporary files carry their writer's owner (see stores/owner.py), so any run that opens
+the layout for writing removes those of runs that were killed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
+import logging
 import os
-import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import BinaryIO
 
-from estargz_opt.descriptor import OCI_INDEX, REF_NAME, Descriptor, Index
+from estargz_opt.descriptor import (
+    LAYER_TYPES,
+    OCI_INDEX,
+    REF_NAME,
+    Descriptor,
+    Index,
+    load_json,
+)
 from estargz_opt.errors import BadInputError, EstargzOptError
 from estargz_opt.stores import check_blob
+from estargz_opt.stores.owner import is_dead, this_process
+
+log = logging.getLogger("estargz_opt")
 
 _LAYOUT = b'{"imageLayoutVersion":"1.0.0"}'
 _READ = 1 << 20
+#: Larger blobs are layers, not manifests or indexes: not read to find references.
+_MAX_JSON = 4 << 20
 
 
 class _Sink:
@@ -42,16 +71,18 @@ class OCILayout:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        return None
+        self._stop_writing()
 
     def __init__(self, root: Path, *, create: bool = False) -> None:
         self.root = root
         self._created_root = False
         self._added: list[Path] = []
-        if not (root / "index.json").is_file():
-            if not create:
-                raise EstargzOptError(f"{root} is not an OCI image layout (no index.json)")
-            self._init_layout()
+        #: fd of blobs/, share-locked while this run may write (see the module docstring)
+        self._writer: int | None = None
+        if create:
+            self._start_writing()
+        elif not (root / "index.json").is_file():
+            raise EstargzOptError(f"{root} is not an OCI image layout (no index.json)")
 
     # ------------------------------------------------------------------ reading
 
@@ -87,11 +118,7 @@ class OCILayout:
 
     def blob_path(self, digest: str) -> Path:
         algo, _, hexpart = digest.partition(":")
-        if (
-            algo != "sha256"
-            or len(hexpart) != 64
-            or not all(c in "0123456789abcdef" for c in hexpart)
-        ):
+        if algo != "sha256" or not _is_digest(hexpart):
             raise BadInputError(f"unsupported or malformed digest {digest!r}")
         return self.root / "blobs" / algo / hexpart
 
@@ -119,6 +146,44 @@ class OCILayout:
             raise BadInputError(f"missing blob {desc.digest} ({what}) in {self.root}")
         return path
 
+    def referenced(self) -> set[str]:
+        """Digests of every blob an image in index.json reaches: the descriptors in every
+        small JSON blob reached (manifests, indexes, artifacts). The children of an
+        unreadable blob cannot be known and are left out."""
+        seen: set[str] = set()
+        todo = list(self.index().manifests)
+        while todo:
+            desc = todo.pop()
+            if desc.digest in seen:
+                continue
+            seen.add(desc.digest)
+            if desc.size > _MAX_JSON or desc.media_type in LAYER_TYPES:
+                continue
+            try:
+                raw = load_json(self.read(desc, "manifest"), desc.digest)
+            except EstargzOptError:
+                continue
+            children = [raw.get("config"), raw.get("subject")]
+            for key in ("manifests", "layers", "blobs"):
+                if isinstance(raw.get(key), list):
+                    children += raw[key]
+            for child in children:
+                with contextlib.suppress(ValueError, TypeError):
+                    todo.append(Descriptor.from_json(child))
+        return seen
+
+    def unreferenced(self) -> list[tuple[str, int]]:
+        """(digest, size) of the blobs no image in index.json reaches."""
+        keep = self.referenced()
+        blobs = self.root / "blobs" / "sha256"
+        out = []
+        with contextlib.suppress(FileNotFoundError):
+            for entry in os.scandir(blobs):
+                digest = "sha256:" + entry.name
+                if _is_digest(entry.name) and digest not in keep and entry.is_file():
+                    out.append((digest, entry.stat().st_size))
+        return sorted(out)
+
     # ------------------------------------------------------------------ writing
 
     def write(self, data: bytes, source: Descriptor | None = None) -> None:
@@ -128,10 +193,10 @@ class OCILayout:
 
     @contextlib.contextmanager
     def sink(self, source: Descriptor | None = None) -> Iterator[_Sink]:
+        self._start_writing()
         blobs = self.root / "blobs" / "sha256"
         try:
-            blobs.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=blobs, prefix=".ingest-", suffix=".tmp")
+            fd, tmp = tempfile.mkstemp(dir=blobs, prefix=_temp_prefix("ingest"), suffix=".tmp")
             os.fchmod(fd, 0o644)
         except OSError as exc:
             raise EstargzOptError(f"cannot write blobs to {self.root}: {exc.strerror}") from None
@@ -148,55 +213,187 @@ class OCILayout:
     def _place(self, tmp: Path, digest: str) -> None:
         final = self.blob_path(digest)
         if final.exists():
+            # Another run (alive: it holds blobs/ too) or image may own it: not ours.
             tmp.unlink()
             return
         os.replace(tmp, final)
         self._added.append(final)
 
     def tag(self, tags: Mapping[str, Descriptor]) -> None:
-        index = self.index()
-        kept = [d for d in index.manifests if (d.annotations or {}).get(REF_NAME) not in tags]
-        added = [
-            desc.with_changes(annotations={**(desc.annotations or {}), REF_NAME: name})
-            for name, desc in tags.items()
-        ]
-        index.manifests = [*kept, *added]
+        self._start_writing()
         try:
-            _atomic_write(self.root / "index.json", index.to_bytes())
+            with self._index_locked():
+                index = self.index()  # under the lock: other runs' tags since we began
+                kept = [
+                    d for d in index.manifests if (d.annotations or {}).get(REF_NAME) not in tags
+                ]
+                added = [
+                    desc.with_changes(annotations={**(desc.annotations or {}), REF_NAME: name})
+                    for name, desc in tags.items()
+                ]
+                index.manifests = [*kept, *added]
+                _atomic_write(self.root / "index.json", index.to_bytes())
         except OSError as exc:
             raise EstargzOptError(
                 f"cannot write {self.root / 'index.json'}: {exc.strerror}"
             ) from None
 
     def rollback(self) -> None:
-        """Remove what this run added: its blobs, or the whole layout if it created it."""
-        if self._created_root:
-            shutil.rmtree(self.root, ignore_errors=True)
+        """Remove the blobs this run added that nothing else can need (module docstring),
+        and the layout if this run created it and it is empty again."""
+        if self._writer is None:
             return
-        for path in self._added:
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-        self._added.clear()
+        self._stop_writing()  # our own shared lock would fail the exclusive one
+        added, self._added = self._added, []
+        try:
+            with self._index_locked():
+                try:
+                    alone = _lock_dir(self.root / "blobs", fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    alone = None
+                if alone is None:
+                    if added:
+                        size = sum(p.stat().st_size for p in added if p.exists())
+                        log.warning(
+                            "left %d blob(s) (%d bytes) in %s: other runs writing into it "
+                            "may share them (verify lists blobs no image references)",
+                            len(added),
+                            size,
+                            self.root,
+                        )
+                    return
+                try:
+                    keep = self.referenced()
+                    for path in added:
+                        if "sha256:" + path.name not in keep:
+                            with contextlib.suppress(FileNotFoundError):
+                                path.unlink()
+                    if self._created_root:
+                        self._remove_if_empty()
+                finally:
+                    os.close(alone)
+        except (OSError, EstargzOptError) as exc:
+            log.warning("could not remove what this run added to %s: %s", self.root, exc)
+
+    def _start_writing(self) -> None:
+        """Create the layout if need be and hold blobs/ (shared) until the run ends."""
+        if self._writer is not None:
+            return
+        try:
+            while self._writer is None:
+                self._init_layout()
+                # None: a rollback removed the empty layout meanwhile; create it again
+                self._writer = _lock_dir(self.root / "blobs", fcntl.LOCK_SH)
+        except OSError as exc:
+            raise EstargzOptError(
+                f"cannot create an OCI layout at {self.root}: {exc.strerror}"
+            ) from None
+        self._remove_dead_temp_files()
+
+    def _stop_writing(self) -> None:
+        if self._writer is not None:
+            os.close(self._writer)
+            self._writer = None
+
+    @contextlib.contextmanager
+    def _index_locked(self) -> Iterator[None]:
+        while (fd := _lock_dir(self.root, fcntl.LOCK_EX)) is None:
+            if not self.root.is_dir():
+                raise FileNotFoundError(2, os.strerror(2), str(self.root))
+        try:
+            yield
+        finally:
+            os.close(fd)
 
     def _init_layout(self) -> None:
         if self.root.exists() and not self.root.is_dir():
             raise EstargzOptError(f"cannot create an OCI layout at {self.root}: not a directory")
-        try:
-            if not self.root.exists():
+        if not self.root.is_dir():
+            try:
                 self.root.mkdir(parents=True)
                 self._created_root = True
+            except FileExistsError:  # another run created it just now
+                pass
+        try:
             (self.root / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
             if not (self.root / "oci-layout").exists():
                 _atomic_write(self.root / "oci-layout", _LAYOUT)
-        except OSError as exc:
-            self.rollback()
-            raise EstargzOptError(
-                f"cannot create an OCI layout at {self.root}: {exc.strerror}"
-            ) from None
+        except OSError:
+            if self._created_root:
+                self._remove_if_empty()
+            raise
+
+    def _remove_if_empty(self) -> None:
+        """Remove the layout skeleton this run created, unless anything else is in it."""
+        with contextlib.suppress(OSError):
+            if not {e.name for e in os.scandir(self.root)} <= {"oci-layout", "blobs"}:
+                return
+            blobs = self.root / "blobs"
+            if blobs.exists():
+                if not {e.name for e in os.scandir(blobs)} <= {"sha256"}:
+                    return
+                with contextlib.suppress(FileNotFoundError):
+                    (blobs / "sha256").rmdir()
+                blobs.rmdir()
+            with contextlib.suppress(FileNotFoundError):
+                (self.root / "oci-layout").unlink()
+            self.root.rmdir()
+
+    def _remove_dead_temp_files(self) -> None:
+        """Delete the temporary files of runs that were killed (their owner is gone)."""
+        for where in (self.root, self.root / "blobs" / "sha256"):
+            with contextlib.suppress(FileNotFoundError):
+                for entry in os.scandir(where):
+                    owner = _temp_owner(entry.name)
+                    if owner is not None and is_dead(owner):
+                        log.info("deleting %s, left by a run that was killed", entry.path)
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(entry.path)
+
+
+def _is_digest(hexpart: str) -> bool:
+    return len(hexpart) == 64 and all(c in "0123456789abcdef" for c in hexpart)
+
+
+def _temp_prefix(kind: str) -> str:
+    """`.KIND@host@pid@start@`: the owner (stores/owner.py) of a temporary file, in its name
+    (host names hold no '/' or '@'; mkstemp's random part holds neither)."""
+    return f".{kind}@{this_process().replace('/', '@')}@"
+
+
+def _temp_owner(name: str) -> str | None:
+    """The owner a temporary file's name carries; None for any other file."""
+    if not (name.startswith(".") and name.endswith(".tmp")):
+        return None
+    parts = name[1:-4].split("@")
+    return "/".join(parts[1:4]) if len(parts) == 5 else None
+
+
+def _lock_dir(path: Path, how: int) -> int | None:
+    """An fd of directory `path` holding flock `how`, or None if `path` was removed or
+    replaced while we waited (the lock is then on a directory nobody uses: start over).
+    With LOCK_NB, BlockingIOError when another process holds a conflicting lock."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, how)
+        now, held = os.stat(path), os.fstat(fd)
+    except FileNotFoundError:
+        os.close(fd)
+        return None
+    except BaseException:
+        os.close(fd)
+        raise
+    if (now.st_dev, now.st_ino) != (held.st_dev, held.st_ino):
+        os.close(fd)
+        return None
+    return fd
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path.name), suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

@@ -31,7 +31,7 @@ from estargz_opt.stores.containerd.client import (
     NamespaceNotFoundError,
     WriteResult,
 )
-from estargz_opt.stores.containerd.owner import OWNER_LABEL, is_dead, this_process
+from estargz_opt.stores.owner import OWNER_LABEL, is_dead, this_process
 
 log = logging.getLogger("estargz_opt")
 
