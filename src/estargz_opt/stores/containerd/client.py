@@ -673,15 +673,19 @@ class Client:
         expected_digest: str | None = None,
         expected_size: int | None = None,
         labels: Mapping[str, str] | None = None,
+        *,
+        lock_wait: float | None = None,
     ) -> WriteResult:
         """Store a blob through the ingest `ref` and commit it with `labels`.
 
         An ingest left by an interrupted run under the same ref is resumed when the
         bytes it holds are a prefix of `data` (checked by digest), and restarted
         otherwise, so rerunning after a crash never fails on a stale ingest. A blob
-        that is already stored is not written again; `labels` are added to it.
+        that is already stored is not written again; `labels` are added to it. While
+        another stream holds `ref`, retry for `lock_wait` seconds (default: a dying stream's
+        grace), then IngestLockedError, before anything of `data` is consumed.
         """
-        deadline = time.monotonic() + _LOCK_WAIT
+        deadline = time.monotonic() + (_LOCK_WAIT if lock_wait is None else lock_wait)
         while True:
             try:
                 return self._write(ref, data, expected_digest, expected_size, labels or {})

@@ -14,7 +14,7 @@ import logging
 import queue
 import tempfile
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack
 from pathlib import Path
 from typing import BinaryIO
@@ -28,6 +28,8 @@ from estargz_opt.stores.containerd.client import (
     ContentNotFoundError,
     Image,
     ImageNotFoundError,
+    IngestLockedError,
+    IngestStatus,
     NamespaceNotFoundError,
     WriteResult,
 )
@@ -39,6 +41,7 @@ UNCOMPRESSED_LABEL = "containerd.io/uncompressed"
 GC_CONTENT = "containerd.io/gc.ref.content"
 _READ = 1 << 20
 _BLOCK = 1 << 20
+_INGEST_PREFIX = "estargz-opt-"
 
 
 class _Aborted(Exception):
@@ -74,9 +77,10 @@ class _UploadPipe:
 
 
 class _Sink:
-    def __init__(self, store: ContainerdStore, ref: str, source: Descriptor | None) -> None:
+    def __init__(self, store: ContainerdStore, base: str, source: Descriptor | None) -> None:
         self._store = store
-        self._ref = ref
+        self._base = base
+        self._ref = base  # the ingest ref, once the upload has chosen it
         self._source = source
         self._queue: queue.Queue[object] = queue.Queue(maxsize=8)
         self._result: WriteResult | None = None
@@ -98,7 +102,13 @@ class _Sink:
 
     def _upload(self) -> None:
         try:
-            self._result = self._store.client.write_content(self._ref, self._chunks())
+            chunks = self._chunks()
+
+            def write(ref: str, lock_wait: float | None) -> WriteResult:
+                self._ref = ref
+                return self._store.client.write_content(ref, chunks, lock_wait=lock_wait)
+
+            self._result = self._store.write_ingest(self._base, write)
         except BaseException as exc:  # reported to the writer on its next put or commit
             self._error = exc
 
@@ -154,15 +164,68 @@ class ContainerdStore:
         self._stack = ExitStack()
         self._lock = threading.Lock()
         self._sinks: dict[str, int] = {}
+        self._owner = this_process()
+        #: ingests of killed runs, by ref without its owner: resumed by the same write
+        self._dead_ingests: dict[str, IngestStatus] = {}
 
     def __enter__(self) -> ContainerdStore:
         # Check first: taking a lease in a namespace that does not exist would create it.
         if not self.client.namespace_exists(self.client.namespace):
             raise NamespaceNotFoundError(self.client._no_namespace_message())
         self._reap_dead_leases()
-        labels = {"estargz-opt": "optimize", OWNER_LABEL: this_process()}
+        labels = {"estargz-opt": "optimize", OWNER_LABEL: self._owner}
         self._stack.enter_context(self.client.lease(labels=labels))
+        self._find_dead_ingests()
         return self
+
+    def _find_dead_ingests(self) -> None:
+        """Note the ingests of killed runs (their ref ends in `@owner`, see owner.py)."""
+        try:
+            ingests = self.client.list_ingests()
+        except ContainerdError as exc:
+            log.debug("cannot list ingests: %s", exc)
+            return
+        for status in ingests:
+            base, _, owner = status.ref.rpartition("@")
+            if base.startswith(_INGEST_PREFIX) and is_dead(owner):
+                self._dead_ingests[base] = status
+        # Those no write of this run resumes are dropped when it ends.
+        self._stack.callback(self._abort_dead_ingests)
+
+    def _abort_dead_ingests(self) -> None:
+        with self._lock:
+            left, self._dead_ingests = self._dead_ingests, {}
+        for old in left.values():
+            with contextlib.suppress(ContainerdError):
+                # Unless another rerun resumes it right now (containerd's abort ignores
+                # the ingest's lock): then it has moved on since we listed it.
+                now = self.client.ingest_status(old.ref)
+                if now is not None and (now.offset, now.updated_at) == (
+                    old.offset,
+                    old.updated_at,
+                ):
+                    log.info("deleting ingest %s, left by a run that was killed", old.ref)
+                    self.client.abort(old.ref)
+
+    def write_ingest(
+        self, base: str, write: Callable[[str, float | None], WriteResult]
+    ) -> WriteResult:
+        """Write through an ingest of our own, `base@owner`, or resume a killed run's.
+
+        Refs are named after the content (`base`) so that a rerun finds what a killed run
+        left; the owner suffix keeps concurrent runs writing the same content from
+        locking each other out (each writes its own ingest; the later commit finds the
+        blob stored and just adds its labels). `write(ref, lock_wait)` does the upload
+        (lock_wait: None for the client's default).
+        """
+        with self._lock:
+            dead = self._dead_ingests.pop(base, None)
+        if dead is not None:
+            try:
+                return write(dead.ref, 0.0)
+            except IngestLockedError:  # another rerun resumes it
+                log.debug("ingest %s is taken by another run", dead.ref)
+        return write(f"{base}@{self._owner}", None)
 
     def _reap_dead_leases(self) -> None:
         """Delete the leases of estargz-opt runs that were killed (see owner.py)."""
@@ -254,9 +317,9 @@ class ContainerdStore:
             key = source.digest if source else "blob"
             self._sinks[key] = self._sinks.get(key, 0) + 1
             # Named after the source, so a rerun after a crash finds (and resumes or
-            # restarts) the ingest the crashed run left behind.
-            ref = f"estargz-opt-from-{key}-{self._sinks[key]}"
-        sink = _Sink(self, ref, source)
+            # restarts) the ingest the crashed run left behind (see write_ingest).
+            base = f"{_INGEST_PREFIX}from-{key}-{self._sinks[key]}"
+        sink = _Sink(self, base, source)
         committed = False
         try:
             yield sink
@@ -268,10 +331,17 @@ class ContainerdStore:
     def upload(
         self, data: bytes | BinaryIO, digest: str, size: int, labels: Mapping[str, str]
     ) -> None:
-        # A ref named after the content lets a rerun resume an interrupted upload.
-        self.client.write_content(
-            f"estargz-opt-{digest}", data, expected_digest=digest, expected_size=size, labels=labels
-        )
+        def write(ref: str, lock_wait: float | None) -> WriteResult:
+            return self.client.write_content(
+                ref,
+                data,
+                expected_digest=digest,
+                expected_size=size,
+                labels=labels,
+                lock_wait=lock_wait,
+            )
+
+        self.write_ingest(f"{_INGEST_PREFIX}{digest}", write)
 
     def tag(self, tags: Mapping[str, Descriptor]) -> None:
         for name, desc in tags.items():
