@@ -233,10 +233,10 @@ def test_verify_reports_unreferenced_blobs(small: Path, tmp_path: Path) -> None:
 
 @pytest.fixture
 def same_image(containerd: Containerd, busybox_layer: Path, tmp_path: Path) -> Iterator[str]:
-    """busybox + a few MB of random bytes: long enough for three runs to overlap."""
+    """busybox + BIG random bytes: a layer whose ingest is open for a while."""
     layout = tmp_path / "layout"
     f.write_busybox_image(layout, "v1", busybox_layer, extra_layers=[
-        f.simple_layer({"big/": None, "big/random.bin": os.urandom(8 << 20)})])
+        f.simple_layer({"big/": None, "big/random.bin": os.urandom(BIG)})])
     name = f"localhost/concurrent-{os.getpid()}:1"
     import_layout(containerd, layout, "v1", name, tmp_path / "image.tar")
     yield name
@@ -245,11 +245,28 @@ def same_image(containerd: Containerd, busybox_layer: Path, tmp_path: Path) -> I
 
 def test_concurrent_conversions_in_one_containerd(containerd: Containerd,
                                                   same_image: str) -> None:
+    """The first run is stopped while it holds the big layer's ingest, as a long upload
+    would: the others must not wait for it (they used to fail with 'locked' after 10 s)."""
     before = {lease for lease, _ in leases(containerd)}
     dsts = [f"{same_image}-esgz{i}" for i in range(3)]
-    procs = [start("-a", containerd.address, "optimize", "--oci", "--no-optimize", same_image,
-                   dst) for dst in dsts]
-    digests = {printed_digest(finish(p)) for p in procs}
+
+    def run(dst: str) -> subprocess.Popen:
+        return start("-a", containerd.address, "optimize", "--oci", "--no-optimize",
+                     same_image, dst)
+
+    first = run(dsts[0])
+    deadline = time.monotonic() + 120
+    while not [n for ref, n in active(containerd).items()
+               if ref.startswith("estargz-opt-") and n >= 2e6]:
+        assert time.monotonic() < deadline and first.poll() is None, \
+            "the first run never held the big layer's ingest"
+        time.sleep(0.01)
+    first.send_signal(signal.SIGSTOP)
+    try:
+        others = [finish(run(dst)) for dst in dsts[1:]]
+    finally:
+        first.send_signal(signal.SIGCONT)
+    digests = {printed_digest(p) for p in [*others, finish(first)]}
     assert len(digests) == 1, "the same conversion gave different images"
     for dst in dsts:
         assert image_target(containerd, dst) in digests
