@@ -31,7 +31,7 @@ CLI = [sys.executable, "-m", "estargz_opt"]
 @dataclass
 class Trial:
     delay: float
-    #: temporary files and blobs the killed run left (before the rerun)
+    #: temporary files and new blobs the killed run left (before the rerun)
     tmp_after_kill: int
     blobs_after_kill: int
     rerun_status: int
@@ -80,11 +80,12 @@ def seed_layout(dst: Path, src: Path, tag: str) -> None:
 
 
 def trial(cmd: list[str], dst: Path, delay: float) -> Trial:
+    blobs_before = blob_count(dst)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(delay)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    left_tmp, left_blobs = len(tmp_files(dst)), blob_count(dst)
+    left_tmp, left_blobs = len(tmp_files(dst)), blob_count(dst) - blobs_before
     rerun = subprocess.run(cmd, capture_output=True, text=True)
     verify = subprocess.run([*CLI, "verify", "--json", f"oci:{dst}:t"],
                             capture_output=True, text=True)
