@@ -16,6 +16,7 @@ directory and the lease that protected the unpacked layers.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -23,6 +24,7 @@ import secrets
 import select
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import termios
@@ -47,7 +49,7 @@ from estargz_opt.analyze.spec import (
 from estargz_opt.analyze.unpack import DEFAULT_SNAPSHOTTER, unpack
 from estargz_opt.descriptor import Descriptor
 from estargz_opt.errors import EstargzOptError
-from estargz_opt.stores.containerd.client import Client, Container, ContainerdError
+from estargz_opt.stores.containerd.client import Client, Container, ContainerdError, socket_path
 from estargz_opt.stores.owner import OWNER_LABEL, is_dead, this_process
 
 log = logging.getLogger("estargz_opt")
@@ -242,9 +244,74 @@ def reap_stale(client: Client) -> None:
             continue
         log.warning("removing sample container %s, left by a run that was killed", c.id)
         _end_task(client, c.id)
+        _stop_orphan_shims(client, c.id)
         _quietly("delete container", client.delete_container, c.id, missing_ok=True)
         _quietly("remove snapshot", client.remove_snapshot, c.id, missing_ok=True)
         # Its lease carries the same owner: ContainerdStore deletes dead owners' leases.
+
+
+def _stop_orphan_shims(client: Client, cid: str) -> None:
+    """Stop the shim of a sample task that containerd does not know.
+
+    A run killed while containerd creates its task can leave the task's shim (and the
+    half-made container in it) running although containerd dropped the task, so no task
+    call reaches it. It is found by its command line (namespace, id, our containerd's
+    socket) and cleaned up the way containerd cleans up after a shim: `SHIM ... delete`
+    in its bundle, which force-deletes the container with runc; then the shim is killed.
+    """
+    address = socket_path(client.address)
+    for pid in _shim_pids(client.namespace, cid, address):
+        try:
+            exe, bundle = os.readlink(f"/proc/{pid}/exe"), os.readlink(f"/proc/{pid}/cwd")
+        except OSError:
+            continue
+        log.warning(
+            "stopping shim %d of sample container %s, left by a run that was killed", pid, cid
+        )
+        argv = [
+            exe,
+            "-namespace",
+            client.namespace,
+            "-address",
+            address,
+            "-id",
+            cid,
+            "-bundle",
+            bundle,
+            "delete",
+        ]
+        try:
+            subprocess.run(
+                argv,
+                cwd=bundle,
+                capture_output=True,
+                stdin=subprocess.DEVNULL,
+                timeout=_KILL_WAIT * 6,
+            )
+        except (OSError, subprocess.SubprocessError) as exc:
+            log.warning("cleanup: could not delete the container of shim %d: %s", pid, exc)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _shim_pids(namespace: str, cid: str, address: str) -> list[int]:
+    """Processes of a containerd shim (v2) serving container `cid` for that containerd."""
+    want = {"-namespace": namespace, "-id": cid, "-address": address}
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                argv = f.read().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if not os.path.basename(argv[0]).startswith("containerd-shim"):
+            continue
+        flags = {a: b for a, b in itertools.pairwise(argv) if a in want}
+        if flags == want:
+            found.append(int(entry.name))
+    return found
 
 
 def _wait(
