@@ -683,9 +683,13 @@ def test_killed_mid_write_then_rerun(own: Containerd, big: str, tmp_path: Path) 
     assert stale and all(GC_EXPIRE in labels for _, labels in stale), \
         f"the killed run's lease should remain, with an expiry: {stale}"
 
-    res = optimize(own, *args, env=_env(TMPDIR=str(tmp_path / "tmpdir")))
+    res = cli("-a", own.address, "--debug", "optimize", *args,
+              env=_env(TMPDIR=str(tmp_path / "tmpdir")))
     assert "failed precondition" not in res.stderr, res.stderr
     digest = printed_digest(res)
+    # The rerun resumed the killed run's ingest (its ref names the dead owner).
+    resumed = [ln for ln in res.stderr.splitlines() if f"ingest {ref} held" in ln]
+    assert resumed and resumed[0].endswith("resuming"), res.stderr
     assert image_target(own, dst) == digest
     assert active(own) == {}, "stale ingests remain after the rerun"
     # The rerun deleted the killed run's lease (its owner process is gone) and left none.
