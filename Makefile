@@ -15,8 +15,9 @@ test: deps
 	if [ -n "$(PYTEST_STATUS_FILE)" ]; then echo $$rc > "$(PYTEST_STATUS_FILE)"; fi; \
 	exit $$rc
 
-lint:
-	ruff check .
+lint: deps
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m mypy --strict src
 
 demo: deps
 	bash scripts/demo.sh
