@@ -18,6 +18,7 @@ from typing import Any
 
 from estargz_opt import descriptor as d
 from estargz_opt.descriptor import Descriptor, Index, Manifest
+from estargz_opt.digest import sha256_digest
 from estargz_opt.errors import BadInputError, EstargzOptError
 from estargz_opt.format import Format, LayerOptions, LayerResult, build_layer, open_layer
 from estargz_opt.format.source import open_tar
@@ -226,7 +227,7 @@ class Converter:
             self.dst.write(result.toc_blob)
             toc_desc = Descriptor(
                 media_type=d.OCI_LAYER_GZIP,
-                digest=d.sha256_digest(result.toc_blob),
+                digest=sha256_digest(result.toc_blob),
                 size=len(result.toc_blob),
                 annotations={TOC_LAYER_DIGEST: result.digest},
             )
@@ -292,7 +293,7 @@ class Converter:
 
     def _put_json(self, data: bytes, old: Descriptor, media_type: str) -> Descriptor:
         self.dst.write(data, source=old)
-        return old.with_changes(media_type=media_type, digest=d.sha256_digest(data), size=len(data))
+        return old.with_changes(media_type=media_type, digest=sha256_digest(data), size=len(data))
 
     def _copy(self, desc: Descriptor, what: str) -> None:
         """Make a blob we keep (and what it references) present in the destination."""
@@ -321,13 +322,13 @@ def toc_image(toc_layers: list[Descriptor], dst: Store) -> Descriptor:
     dst.write(_EMPTY_CONFIG)
     manifest = Manifest(
         media_type=d.OCI_MANIFEST,
-        config=Descriptor(d.OCI_CONFIG, d.sha256_digest(_EMPTY_CONFIG), len(_EMPTY_CONFIG)),
+        config=Descriptor(d.OCI_CONFIG, sha256_digest(_EMPTY_CONFIG), len(_EMPTY_CONFIG)),
         layers=sorted(toc_layers, key=lambda x: x.digest),
         extra={"schemaVersion": 2},
     )
     data = manifest.to_bytes()
     dst.write(data)
-    return Descriptor(d.OCI_MANIFEST, d.sha256_digest(data), len(data))
+    return Descriptor(d.OCI_MANIFEST, sha256_digest(data), len(data))
 
 
 def _layer_type(media_type: str, fmt: Format) -> str:

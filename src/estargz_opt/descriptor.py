@@ -6,7 +6,6 @@ every field we do not model in `extra`, and write it back unchanged.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -60,10 +59,6 @@ REF_NAME = "org.opencontainers.image.ref.name"
 
 def is_docker(media_type: str) -> bool:
     return media_type.startswith("application/vnd.docker.")
-
-
-def sha256_digest(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 @dataclass(slots=True)

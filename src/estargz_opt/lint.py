@@ -8,7 +8,6 @@ checks each layer the way the snapshotter will, and more (DiffID, sizes, landmar
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
@@ -17,6 +16,7 @@ from typing import Any
 from estargz_opt import descriptor as d
 from estargz_opt.convert import TOC_LAYER_DIGEST
 from estargz_opt.descriptor import Descriptor, Index, Manifest
+from estargz_opt.digest import sha256_digest
 from estargz_opt.errors import EstargzOptError
 from estargz_opt.format import TOC_DIGEST_ANNOTATION, UNCOMPRESSED_SIZE_ANNOTATION, open_layer
 from estargz_opt.format.reader import Layer
@@ -254,7 +254,7 @@ def _zstd_annotations(layer: Layer, ann: dict[str, str]) -> list[str]:
     if ann.get(MANIFEST_POSITION) != position:
         errors.append(f"{MANIFEST_POSITION} {ann.get(MANIFEST_POSITION)!r} != footer {position}")
     raw = layer.read_at(footer.toc_offset or 0, footer.toc_size)
-    checksum = "sha256:" + hashlib.sha256(raw).hexdigest()
+    checksum = sha256_digest(raw)
     if ann.get(MANIFEST_CHECKSUM) != checksum:
         errors.append(f"{MANIFEST_CHECKSUM} {ann.get(MANIFEST_CHECKSUM)!r} != {checksum}")
     return errors

@@ -15,12 +15,12 @@ rootfs snapshot on top of them (or has finished with them).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import secrets
 from collections.abc import Sequence
 
 from estargz_opt.descriptor import Descriptor
+from estargz_opt.digest import sha256_digest
 from estargz_opt.errors import BadInputError
 from estargz_opt.stores.containerd.client import (
     AlreadyExistsError,
@@ -44,7 +44,7 @@ def chain_ids(diff_ids: Sequence[str]) -> list[str]:
     for diff_id in diff_ids:
         if chain:
             text = f"{chain[-1]} {diff_id}".encode()
-            chain.append("sha256:" + hashlib.sha256(text).hexdigest())
+            chain.append(sha256_digest(text))
         else:
             chain.append(diff_id)
     return chain

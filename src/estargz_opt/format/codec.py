@@ -7,6 +7,7 @@ else about gzip, zstd or external TOCs.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -46,6 +47,20 @@ class Stream(Protocol):
     def feed(self, data: bytes) -> bytes: ...
 
     def at_member_end(self) -> bool: ...
+
+
+class TruncatedError(ValueError):
+    """The input ended inside a member."""
+
+
+def decode_all(stream: Stream, chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """Everything `chunks` decode to through `stream`: ValueError on corrupt input,
+    TruncatedError on input that ends inside a member."""
+    for chunk in chunks:
+        if out := stream.feed(chunk):
+            yield out
+    if not stream.at_member_end():
+        raise TruncatedError("the stream ends inside a member")
 
 
 class Decompressor(Protocol):

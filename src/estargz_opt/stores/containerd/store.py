@@ -9,7 +9,6 @@ blobs carry the labels upstream gives them: the source blob's labels, the DiffID
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import queue
 import tempfile
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from estargz_opt.descriptor import Descriptor, load_json
+from estargz_opt.digest import digest_of, hasher, sha256_digest
 from estargz_opt.errors import BadInputError, EstargzOptError
 from estargz_opt.stores import check_blob
 from estargz_opt.stores.containerd.client import (
@@ -200,12 +200,12 @@ class ContainerdStore:
             data = self.client.read_all(desc.digest, verify=False)
         except ContentNotFoundError:
             raise self._missing(desc, what) from None
-        check_blob(desc, "sha256:" + hashlib.sha256(data).hexdigest(), len(data), what)
+        check_blob(desc, sha256_digest(data), len(data), what)
         return data
 
     @contextlib.contextmanager
     def local_file(self, desc: Descriptor, what: str) -> Iterator[Path]:
-        h = hashlib.sha256()
+        h = hasher()
         size = 0
         # An anonymous file: nothing is left in TMPDIR even if the process is killed.
         with tempfile.TemporaryFile(dir=self._tmp_dir, prefix="estargz-opt-") as f:
@@ -217,7 +217,7 @@ class ContainerdStore:
             except ContentNotFoundError:
                 raise self._missing(desc, what) from None
             f.flush()
-            check_blob(desc, "sha256:" + h.hexdigest(), size, what)
+            check_blob(desc, digest_of(h), size, what)
             yield Path(f"/proc/self/fd/{f.fileno()}")
 
     def _missing(self, desc: Descriptor, what: str) -> BadInputError:
@@ -244,7 +244,7 @@ class ContainerdStore:
     # ------------------------------------------------------------------ writing
 
     def write(self, data: bytes, source: Descriptor | None = None) -> None:
-        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        digest = sha256_digest(data)
         labels = self.source_labels(source) | _gc_labels(data)
         self.upload(data, digest, len(data), labels)
 
