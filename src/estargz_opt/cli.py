@@ -24,8 +24,13 @@ from estargz_opt.format import (
     convert_layer,
     open_layer,
 )
-from estargz_opt.optimize import ContainerdOptions, OptimizeRequest, optimize, profile
+from estargz_opt.optimize import OptimizeRequest, optimize, profile
 from estargz_opt.progress import Progress
+from estargz_opt.stores.containerd.model import (
+    DEFAULT_ADDRESS,
+    DEFAULT_NAMESPACE,
+    ContainerdOptions,
+)
 
 log = logging.getLogger("estargz_opt")
 
@@ -53,7 +58,7 @@ def _read_optional(path: Path | None) -> bytes | None:
     "-a",
     "--address",
     envvar="CONTAINERD_ADDRESS",
-    default="/run/containerd/containerd.sock",
+    default=DEFAULT_ADDRESS,
     show_default=True,
     help="containerd's socket (env CONTAINERD_ADDRESS), as ctr.",
 )
@@ -61,7 +66,7 @@ def _read_optional(path: Path | None) -> bytes | None:
     "-n",
     "--namespace",
     envvar="CONTAINERD_NAMESPACE",
-    default="default",
+    default=DEFAULT_NAMESPACE,
     show_default=True,
     help="containerd namespace (env CONTAINERD_NAMESPACE), as ctr.",
 )

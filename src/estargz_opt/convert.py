@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from estargz_opt import descriptor as d
-from estargz_opt.descriptor import Descriptor, Index, Manifest
+from estargz_opt.descriptor import Descriptor, Manifest
 from estargz_opt.digest import sha256_digest
 from estargz_opt.errors import BadInputError, EstargzOptError
 from estargz_opt.format import Format, LayerOptions, LayerResult, build_layer, open_layer
@@ -25,11 +25,11 @@ from estargz_opt.format.source import open_tar
 from estargz_opt.platforms import Matcher
 from estargz_opt.progress import Progress
 from estargz_opt.stores import Store
+from estargz_opt.walk import attested, is_attestation, is_image, read_index, read_manifest
 
 log = logging.getLogger("estargz_opt")
 
 TOC_LAYER_DIGEST = "containerd.io/snapshot/stargz/layer.digest"
-_ATTESTATION = "attestation-manifest"
 _EMPTY_CONFIG = b"{}"
 
 
@@ -93,13 +93,12 @@ class Converter:
         return desc
 
     def _index(self, desc: Descriptor) -> Descriptor:
-        index = Index.parse(self.src.read(desc, "index"), f"index {desc.digest}")
+        index = read_index(self.src, desc)
         slots: list[Descriptor | None] = []
         new_digest: dict[str, str] = {}
         attestations: dict[int, Descriptor] = {}
         for child in index.manifests:
-            ann = child.annotations or {}
-            if ann.get("vnd.docker.reference.type") == _ATTESTATION:
+            if is_attestation(child):
                 attestations[len(slots)] = child
                 slots.append(None)
             elif child.media_type in d.INDEX_TYPES | d.MANIFEST_TYPES:
@@ -119,7 +118,7 @@ class Converter:
         # Attestations pass through untouched, in place, when the manifest they describe is
         # kept. They still name (and attest) the source manifest, which is the truth.
         for pos, att in attestations.items():
-            if (att.annotations or {}).get("vnd.docker.reference.digest") in new_digest:
+            if attested(att) in new_digest:
                 self._copy(att, "attestation")
                 slots[pos] = att
         kept = [s for s in slots if s is not None]
@@ -128,9 +127,8 @@ class Converter:
         return self._put_json(index.to_bytes(), desc, index.media_type)
 
     def _manifest(self, desc: Descriptor, platform: str) -> Descriptor:
-        where = f"manifest {desc.digest}" + (f" ({platform})" if platform else "")
-        manifest = Manifest.parse(self.src.read(desc, where), where)
-        if manifest.config.media_type not in (d.OCI_CONFIG, d.DOCKER_CONFIG):
+        manifest = read_manifest(self.src, desc, platform)
+        if not is_image(manifest):
             self._copy(desc, "artifact")  # an artifact, not an image: pass it through
             return desc
         label = platform or "image"

@@ -8,14 +8,13 @@ checks each layer the way the snapshotter will, and more (DiffID, sizes, landmar
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from estargz_opt import descriptor as d
 from estargz_opt.convert import TOC_LAYER_DIGEST
-from estargz_opt.descriptor import Descriptor, Index, Manifest
+from estargz_opt.descriptor import Descriptor, Manifest
 from estargz_opt.digest import sha256_digest
 from estargz_opt.errors import EstargzOptError
 from estargz_opt.format import TOC_DIGEST_ANNOTATION, UNCOMPRESSED_SIZE_ANNOTATION, open_layer
@@ -23,7 +22,9 @@ from estargz_opt.format.reader import Layer
 from estargz_opt.format.toc import LANDMARKS, NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK
 from estargz_opt.format.zstdchunked import MANIFEST_CHECKSUM, MANIFEST_POSITION
 from estargz_opt.platforms import Matcher
-from estargz_opt.stores import Store
+from estargz_opt.stores import Store, open_store
+from estargz_opt.stores.containerd.model import ContainerdOptions
+from estargz_opt.walk import images
 
 
 @dataclass(slots=True)
@@ -79,33 +80,6 @@ class ImageReport:
         }
 
 
-def walk(store: Store, root: Descriptor, matcher: Matcher) -> Iterator[tuple[str, Manifest]]:
-    """(platform, manifest) for every image manifest the matcher selects."""
-    if root.media_type in d.INDEX_TYPES:
-        index = Index.parse(store.read(root, "index"), f"index {root.digest}")
-        for child in index.manifests:
-            if (child.annotations or {}).get("vnd.docker.reference.type"):
-                continue
-            if child.platform is not None and not matcher.matches(child.platform):
-                continue
-            if child.media_type in d.INDEX_TYPES | d.MANIFEST_TYPES:
-                yield from (
-                    (str(child.platform or p) if p == "" else p, m)
-                    for p, m in _walk_child(store, child, matcher)
-                )
-    elif root.media_type in d.MANIFEST_TYPES:
-        yield from _walk_child(store, root, matcher)
-
-
-def _walk_child(store: Store, desc: Descriptor, matcher: Matcher) -> Iterator[tuple[str, Manifest]]:
-    if desc.media_type in d.INDEX_TYPES:
-        yield from walk(store, desc, matcher)
-        return
-    manifest = Manifest.parse(store.read(desc, f"manifest {desc.digest}"), desc.digest)
-    if manifest.config.media_type in (d.OCI_CONFIG, d.DOCKER_CONFIG):
-        yield str(desc.platform or ""), manifest
-
-
 def check_image(
     store: Store,
     name: str,
@@ -118,8 +92,9 @@ def check_image(
     """Check (deep: every chunk, DiffID and size too) or just describe every layer."""
     report = ImageReport(image=name, digest=root.digest)
     external = _external_tocs(store, toc_image) if toc_image else {}
-    for platform, manifest in walk(store, root, matcher):
-        label = platform or "image"
+    for image in images(store, root, matcher):
+        manifest = image.manifest
+        label = image.platform or "image"
         config = d.load_json(store.read(manifest.config, f"config of {label}"), "config")
         rootfs = config.get("rootfs") if isinstance(config.get("rootfs"), dict) else {}
         diff_ids = rootfs.get("diff_ids") or []
@@ -260,10 +235,12 @@ def _zstd_annotations(layer: Layer, ann: dict[str, str]) -> list[str]:
     return errors
 
 
-def lint(ref_text: str, containerd: Any, matcher: Matcher, *, deep: bool) -> ImageReport:
+def lint(
+    ref_text: str, containerd: ContainerdOptions, matcher: Matcher, *, deep: bool
+) -> ImageReport:
     """Open the image named ref_text (containerd name or oci:DIR:TAG) and check it."""
     from estargz_opt import reference
-    from estargz_opt.optimize import TOC_IMAGE_SUFFIX, open_store
+    from estargz_opt.optimize import TOC_IMAGE_SUFFIX
 
     ref = reference.parse(ref_text)
     with open_store(ref, containerd, create=False) as store:

@@ -28,24 +28,16 @@ from estargz_opt.analyze.spec import SamplerOptions
 if TYPE_CHECKING:
     from estargz_opt.analyze.analyzer import Analysis
 from estargz_opt.convert import Converter, ConvertOptions, ConvertResult, toc_image
-from estargz_opt.descriptor import Descriptor, Index, Manifest
+from estargz_opt.descriptor import Descriptor, Manifest
 from estargz_opt.errors import EstargzOptError
 from estargz_opt.format import Format, LayerOptions
 from estargz_opt.progress import Progress
-from estargz_opt.stores import Store
-from estargz_opt.stores.oci import OCILayout
+from estargz_opt.stores import Store, as_containerd, open_store, same_store
+from estargz_opt.stores.containerd.model import ContainerdOptions
+from estargz_opt.walk import images
 
 log = logging.getLogger("estargz_opt")
 TOC_IMAGE_SUFFIX = "-esgztoc"
-
-
-@dataclass(frozen=True, slots=True)
-class ContainerdOptions:
-    """ctr's global options: where containerd listens and which namespace to use."""
-
-    address: str = "/run/containerd/containerd.sock"
-    namespace: str = "default"
-    timeout: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,7 +141,7 @@ def optimize(req: OptimizeRequest) -> OptimizeOutcome:
             prioritized = analysis.prioritized if analysis else {}
         else:
             prioritized = _prioritized(req, src, root)
-        same = _same_store(src_ref, dst_ref)
+        same = same_store(src_ref, dst_ref)
         dst: Store = (
             src if same else stack.enter_context(open_store(dst_ref, req.containerd, create=True))
         )
@@ -217,7 +209,7 @@ def profile(
 
 
 def _run_workload(
-    store: Any,
+    store: Store,
     name: str,
     host: tuple[Descriptor, Manifest],
     sampler: SamplerOptions,
@@ -227,7 +219,7 @@ def _run_workload(
     from estargz_opt.analyze.analyzer import analyze
 
     return analyze(
-        store,
+        as_containerd(store, "running the workload"),
         name,
         host[0],
         host[1],
@@ -237,25 +229,9 @@ def _run_workload(
     )
 
 
-def open_store(ref: reference.ImageRef, c: ContainerdOptions, create: bool) -> Any:
-    """A store for ref, as a context manager (containerd's holds a lease while open)."""
-    if isinstance(ref, reference.OCIRef):
-        return OCILayout(ref.path, create=create)
-    from estargz_opt.stores.containerd.client import Client
-    from estargz_opt.stores.containerd.store import ContainerdStore
-
-    return ContainerdStore(Client(c.address, c.namespace, c.timeout))
-
-
-def _same_store(a: reference.ImageRef, b: reference.ImageRef) -> bool:
-    if isinstance(a, reference.OCIRef) and isinstance(b, reference.OCIRef):
-        return a.path.resolve() == b.path.resolve()
-    return isinstance(a, reference.ContainerdRef) and isinstance(b, reference.ContainerdRef)
-
-
 def _analyze(
     req: OptimizeRequest,
-    src: Any,
+    src: Store,
     root: Descriptor,
     src_ref: reference.ImageRef,
     matcher: platforms.Matcher,
@@ -317,15 +293,7 @@ def _prioritized(req: OptimizeRequest, src: Store, root: Descriptor) -> dict[str
 
 def _host_manifest(src: Store, desc: Descriptor) -> tuple[Descriptor, Manifest] | None:
     """The manifest a record refers to: the host platform's, matched strictly, as upstream."""
-    if desc.media_type in d.MANIFEST_TYPES:
-        return desc, Manifest.parse(src.read(desc, "manifest"), f"manifest {desc.digest}")
-    if desc.media_type not in d.INDEX_TYPES:
-        return None
-    index = Index.parse(src.read(desc, "index"), f"index {desc.digest}")
     host = platforms.matcher((), False)
-    for child in index.manifests:
-        if child.platform is not None and host.matches(child.platform):
-            found = _host_manifest(src, child)
-            if found:
-                return found
+    for image in images(src, desc, host, need_platform=True):
+        return image.desc, image.manifest
     return None

@@ -43,7 +43,7 @@ from estargz_opt.analyze.fanotify import (
 )
 from estargz_opt.analyze.mounts import MountError, make_rslave, mount_all
 from estargz_opt.errors import EstargzOptError
-from estargz_opt.stores.containerd.client import Mount
+from estargz_opt.stores.containerd.model import Mount
 
 CLONE_NEWNS = 0x00020000
 PR_SET_PDEATHSIG = 1

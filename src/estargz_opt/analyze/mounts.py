@@ -14,7 +14,7 @@ import os
 from collections.abc import Sequence
 
 from estargz_opt.errors import EstargzOptError
-from estargz_opt.stores.containerd.client import Mount
+from estargz_opt.stores.containerd.model import Mount
 
 MS_RDONLY = 0x1
 MS_NOSUID = 0x2

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from estargz_opt.errors import BadInputError
+from estargz_opt.stores.containerd.model import DEFAULT_NAMESPACE
 
 OCI_VERSION = "1.0.2-dev"
 
@@ -588,7 +589,7 @@ def build_spec(
     mount_ns_path: str | None = None,
     netns_path: str | None = None,
     container_id: str | None = None,
-    namespace: str = "default",
+    namespace: str = DEFAULT_NAMESPACE,
     files_root: str | None = None,
     gpu_hook: str | None = None,
 ) -> dict[str, Any]:

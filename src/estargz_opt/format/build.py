@@ -13,12 +13,11 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import BinaryIO
 
 from estargz_opt.digest import digest_of, hasher, sha256_digest
 from estargz_opt.errors import BadInputError
 from estargz_opt.format import estargz, externaltoc, tarfmt, zstdchunked
-from estargz_opt.format.codec import Compressor
+from estargz_opt.format.codec import Compressor, Output
 from estargz_opt.format.source import TarSource
 from estargz_opt.format.tarfmt import TarEntry
 from estargz_opt.format.toc import (
@@ -205,7 +204,7 @@ def order_entries(
 class _ParallelMembers:
     """Cuts a member before every chunk; compresses members on a thread pool, writes in order."""
 
-    def __init__(self, comp: Compressor, out: BinaryIO, workers: int, progress: ProgressFn | None):
+    def __init__(self, comp: Compressor, out: Output, workers: int, progress: ProgressFn | None):
         self._comp = comp
         self._out = out
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="compress")
@@ -301,7 +300,7 @@ class _StreamingMembers(_ParallelMembers):
     def __init__(
         self,
         comp: estargz.GzipCompressor,
-        out: BinaryIO,
+        out: Output,
         min_size: int,
         progress: ProgressFn | None,
     ):
@@ -369,7 +368,7 @@ class _Names:
 
 def build_layer(
     src: TarSource,
-    out: BinaryIO,
+    out: Output,
     opts: LayerOptions,
     progress: ProgressFn | None = None,
 ) -> LayerResult:

@@ -31,6 +31,12 @@ class Footer:
     toc_size: int
 
 
+class Output(Protocol):
+    """Where a built layer goes: a file, or a store's upload stream (only written to)."""
+
+    def write(self, data: bytes, /) -> int: ...
+
+
 class Compressor(Protocol):
     """Writes a format: independent payload members, then the TOC and the footer."""
 

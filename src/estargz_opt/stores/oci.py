@@ -12,7 +12,7 @@ import os
 import shutil
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Self
 
 from estargz_opt.atomic import atomic_write, temp_file
 from estargz_opt.descriptor import OCI_INDEX, REF_NAME, Descriptor, Index
@@ -38,7 +38,9 @@ class _Sink:
 
 
 class OCILayout:
-    def __enter__(self) -> OCILayout:
+    """An OCI image layout as a Store; it holds nothing while open."""
+
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -97,8 +99,7 @@ class OCILayout:
         check_blob(desc, sha256_digest(data), len(data), what)
         return data
 
-    @contextlib.contextmanager
-    def local_file(self, desc: Descriptor, what: str) -> Iterator[Path]:
+    def stream(self, desc: Descriptor, what: str) -> Iterator[bytes]:
         path = self._existing(desc, what)
         h = hasher()
         size = 0
@@ -106,8 +107,14 @@ class OCILayout:
             while block := f.read(_READ):
                 h.update(block)
                 size += len(block)
+                yield block
         check_blob(desc, digest_of(h), size, what)
-        yield path
+
+    @contextlib.contextmanager
+    def local_file(self, desc: Descriptor, what: str) -> Iterator[Path]:
+        for _ in self.stream(desc, what):  # the blob is already a file: only check it
+            pass
+        yield self.blob_path(desc.digest)
 
     def _existing(self, desc: Descriptor, what: str) -> Path:
         path = self.blob_path(desc.digest)
