@@ -52,7 +52,7 @@ class PlatformImage:
     """An image manifest reached from the root, with the platform its index gives it."""
 
     desc: Descriptor
-    #: the platform of the index entry that led here ("" for a bare manifest)
+    #: the platform of the index entry (or root descriptor) that led here ("" if none)
     platform: str
     manifest: Manifest
 
@@ -65,7 +65,7 @@ def images(
     Index entries without a platform are followed unless `need_platform` (the host-manifest
     lookup wants a manifest that says it runs here); a bare root manifest always counts.
     """
-    yield from _walk(store, root, "", matcher, need_platform)
+    yield from _walk(store, root, str(root.platform or ""), matcher, need_platform)
 
 
 def _walk(
