@@ -13,9 +13,9 @@ from typing import Any
 
 import click
 
-from estargz_opt import __version__, lint, platforms
+from estargz_opt import __version__, check, platforms
 from estargz_opt.analyze.spec import DEFAULT_PERIOD, SamplerOptions
-from estargz_opt.errors import EstargzOptError
+from estargz_opt.errors import EstargzOptError, UsageError
 from estargz_opt.format import (
     DEFAULT_CHUNK_SIZE,
     Format,
@@ -24,7 +24,7 @@ from estargz_opt.format import (
     convert_layer,
     open_layer,
 )
-from estargz_opt.optimize import OptimizeRequest, optimize, profile
+from estargz_opt.optimize import OptimizeRequest, analyze_image, optimize
 from estargz_opt.progress import Progress
 from estargz_opt.stores.containerd.model import (
     DEFAULT_ADDRESS,
@@ -157,11 +157,12 @@ def _sampler(kw: dict[str, Any]) -> SamplerOptions:
     """Take the sampler flags out of a command's keyword arguments."""
     # The option names are the field names (click turns tuples into lists below).
     values = {f.name: kw.pop(f.name) for f in dataclasses.fields(SamplerOptions)}
-    opts = SamplerOptions(**{k: list(v) if isinstance(v, tuple) else v for k, v in values.items()})
+    fields: dict[str, Any] = {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+    opts = SamplerOptions(**fields)
     try:
         opts.validate()
     except EstargzOptError as exc:
-        raise click.UsageError(str(exc)) from None
+        raise UsageError(str(exc)) from None
     return opts
 
 
@@ -254,23 +255,7 @@ def optimize_cmd(
       estargz-opt optimize --oci --record-in record.jsonl oci:app:1.0 oci:app:1.0-esgz
       estargz-opt optimize --oci --no-optimize --all-platforms oci:in:latest oci:out:latest
     """
-    if zstdchunked and not oci:
-        raise click.UsageError("--zstdchunked requires --oci")
-    if zstdchunked and estargz_external_toc:
-        raise click.UsageError("--zstdchunked and --estargz-external-toc do not go together")
-    if estargz_external_toc and reuse:
-        raise click.UsageError("--estargz-external-toc cannot be combined with --reuse")
-    if prefetch_list and no_optimize:
-        raise click.UsageError("--prefetch-list cannot be combined with --no-optimize")
-    if record_in and prefetch_list:
-        raise click.UsageError("--record-in and --prefetch-list do not go together")
-    fmt = (
-        Format.ZSTDCHUNKED
-        if zstdchunked
-        else Format.EXTERNAL_TOC
-        if estargz_external_toc
-        else Format.ESTARGZ
-    )
+    fmt = OptimizeRequest.layer_format(zstdchunked, estargz_external_toc)
     layer_opts = LayerOptions(
         format=fmt,
         compression_level=zstdchunked_compression_level
@@ -340,7 +325,7 @@ def analyze_cmd(
     """
     sampler = _sampler(sampler_flags)
     progress = Progress()
-    result = profile(src, sampler, record_out, containerd, None if quiet else progress)
+    result = analyze_image(src, sampler, record_out, containerd, None if quiet else progress)
     progress.close()
     if as_json:
         click.echo(json.dumps({"record": str(record_out), **result.report()}))
@@ -357,7 +342,7 @@ def _human(n: int) -> str:
     return f"{n} B"
 
 
-def _print_report(report: lint.ImageReport, *, files: bool, checked: bool) -> None:
+def _print_report(report: check.ImageReport, *, files: bool, checked: bool) -> None:
     click.echo(f"{report.image} {report.digest}")
     head = (
         "platform",
@@ -428,7 +413,7 @@ def verify_cmd(
       estargz-opt -a /run/containerd/containerd.sock verify docker.io/library/app:esgz --json
     """
     matcher = platforms.matcher(platform_specs, not platform_specs)
-    report = lint.lint(image, containerd, matcher, deep=True)
+    report = check.check_ref(image, containerd, matcher, deep=True)
     if as_json:
         click.echo(json.dumps(report.to_json()))
     else:
@@ -463,7 +448,7 @@ def inspect_cmd(
       estargz-opt inspect oci:out:app-esgz --files
     """
     matcher = platforms.matcher(platform_specs, not platform_specs)
-    report = lint.lint(image, containerd, matcher, deep=False)
+    report = check.check_ref(image, containerd, matcher, deep=False)
     if as_json:
         click.echo(json.dumps(report.to_json()))
     else:
@@ -646,6 +631,8 @@ def main() -> None:
         _fail(exc.format_message(), 2)
     except click.ClickException as exc:
         _fail(exc.format_message(), exc.exit_code)
+    except UsageError as exc:
+        _fail(str(exc), exc.exit_code)
     except EstargzOptError as exc:
         _fail(str(exc), 1)
     except (KeyboardInterrupt, click.Abort):

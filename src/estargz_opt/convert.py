@@ -149,8 +149,10 @@ class Converter:
                 self.cancel.set()
                 pool.shutdown(wait=True, cancel_futures=True)
                 raise
+        # Reported in manifest order, whichever layer finished first.
+        self.layers.extend(report for _, _, report in results)
         new_layers = list(manifest.layers)
-        for n, (i, (new_desc, new_diff)) in enumerate(zip(layer_slots, results, strict=True)):
+        for n, (i, (new_desc, new_diff, _)) in enumerate(zip(layer_slots, results, strict=True)):
             new_layers[i] = new_desc
             if new_diff:
                 diff_ids[n] = new_diff
@@ -177,7 +179,9 @@ class Converter:
 
     # ------------------------------------------------------------------ layers
 
-    def _layer(self, desc: Descriptor, what: str, platform: str) -> tuple[Descriptor, str | None]:
+    def _layer(
+        self, desc: Descriptor, what: str, platform: str
+    ) -> tuple[Descriptor, str | None, LayerReport]:
         if self.cancel.is_set():
             raise Cancelled("interrupted")
         started = time.monotonic()
@@ -187,8 +191,7 @@ class Converter:
                 desc.with_changes(media_type=self._map_type(desc.media_type))
             )
             self._copy(desc, what)
-            self._report(platform, desc, kept, "", None, started)
-            return kept, None
+            return kept, None, self._report(platform, desc, kept, "", None, started)
         opts = replace(self.opts.layer, prioritized=prioritized)
 
         shown = self.opts.progress
@@ -238,8 +241,8 @@ class Converter:
             annotations={**(desc.annotations or {}), **result.annotations},
         )
         new = self._strip_if_docker(new)
-        self._report(platform, desc, new, result.diff_id, result, started)
-        return new, result.diff_id
+        report = self._report(platform, desc, new, result.diff_id, result, started)
+        return new, result.diff_id, report
 
     def _reusable(self, desc: Descriptor, what: str) -> bool:
         """Upstream's --reuse test, plus every chunk verified: keep only sound eStargz layers."""
@@ -263,11 +266,8 @@ class Converter:
         diff_id: str,
         result: LayerResult | None,
         started: float,
-    ) -> None:
-        with self._lock:
-            self.layers.append(
-                LayerReport(platform, src, dst, diff_id, result, time.monotonic() - started)
-            )
+    ) -> LayerReport:
+        return LayerReport(platform, src, dst, diff_id, result, time.monotonic() - started)
 
     # ------------------------------------------------------------------ helpers
 

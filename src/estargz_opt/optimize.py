@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from estargz_opt.analyze.analyzer import Analysis
 from estargz_opt.convert import Converter, ConvertOptions, ConvertResult, toc_image
 from estargz_opt.descriptor import Descriptor, Manifest
-from estargz_opt.errors import EstargzOptError
+from estargz_opt.errors import EstargzOptError, UsageError
 from estargz_opt.format import Format, LayerOptions
 from estargz_opt.progress import Progress
 from estargz_opt.stores import Store, as_containerd, open_store, same_store
@@ -58,6 +58,44 @@ class OptimizeRequest:
     record_out: Path | None = None
     containerd: ContainerdOptions = field(default_factory=ContainerdOptions)
     progress: Progress | None = None
+
+    @property
+    def runs_workload(self) -> bool:
+        return not (self.no_optimize or self.record_in or self.prefetch_list)
+
+    @staticmethod
+    def layer_format(zstdchunked: bool, external_toc: bool) -> Format:
+        """The layer format the flags ask for (they exclude each other)."""
+        if zstdchunked and external_toc:
+            raise UsageError("--zstdchunked and --estargz-external-toc do not go together")
+        if zstdchunked:
+            return Format.ZSTDCHUNKED
+        return Format.EXTERNAL_TOC if external_toc else Format.ESTARGZ
+
+    def validate(self) -> None:
+        """Every check of how optimize's options combine, as UsageError (exit 2)."""
+        src, dst = reference.parse(self.src), reference.parse(self.dst)
+        fmt = self.layer.format
+        if fmt is Format.ZSTDCHUNKED and not self.oci:
+            raise UsageError("--zstdchunked requires --oci")
+        if fmt is Format.EXTERNAL_TOC and self.reuse:
+            raise UsageError("--estargz-external-toc cannot be combined with --reuse")
+        if self.prefetch_list and self.no_optimize:
+            raise UsageError("--prefetch-list cannot be combined with --no-optimize")
+        if self.record_in and self.prefetch_list:
+            raise UsageError("--record-in and --prefetch-list do not go together")
+        if self.runs_workload and isinstance(src, reference.OCIRef):
+            raise UsageError(
+                "running the workload needs containerd, which oci: images do not use; pass "
+                "--record-in FILE or --prefetch-list FILE (or --no-optimize)"
+            )
+        if self.record_out and not self.runs_workload:
+            raise UsageError(
+                "--record-out records a workload run; it cannot be combined with --record-in, "
+                "--prefetch-list or --no-optimize"
+            )
+        if not (dst.tag or src.tag):
+            raise UsageError(f"name the destination tag: {dst} needs oci:DIR:TAG")
 
 
 @dataclass(slots=True)
@@ -107,24 +145,14 @@ class OptimizeOutcome:
 
 
 def optimize(req: OptimizeRequest) -> OptimizeOutcome:
+    req.validate()
     src_ref, dst_ref = reference.parse(req.src), reference.parse(req.dst)
     matcher = platforms.matcher(req.platforms, req.all_platforms)
-    run_workload = not (req.no_optimize or req.record_in or req.prefetch_list)
-    if run_workload and isinstance(src_ref, reference.OCIRef):
-        raise EstargzOptError(
-            "running the workload needs containerd, which oci: images do not use; pass "
-            "--record-in FILE or --prefetch-list FILE (or --no-optimize)"
-        )
-    if req.record_out and not run_workload:
-        raise EstargzOptError(
-            "--record-out records a workload run; it cannot be combined with --record-in, "
-            "--prefetch-list or --no-optimize"
-        )
+    run_workload = req.runs_workload
     if req.record_out:
         check_record_out(req.record_out)
     dst_tag = dst_ref.tag or src_ref.tag
-    if not dst_tag:
-        raise EstargzOptError(f"name the destination tag: {dst_ref} needs oci:DIR:TAG")
+    assert dst_tag  # validate() checked it
     with ExitStack() as stack:
         src = stack.enter_context(open_store(src_ref, req.containerd, create=False))
         root = src.resolve(src_ref.tag)
@@ -175,7 +203,7 @@ def optimize(req: OptimizeRequest) -> OptimizeOutcome:
     )
 
 
-def profile(
+def analyze_image(
     src: str,
     sampler: SamplerOptions,
     record_out: Path,
@@ -184,12 +212,12 @@ def profile(
 ) -> Analysis:
     """`estargz-opt analyze`: run the workload and write its record; convert nothing."""
     ref = reference.parse(src)
-    check_record_out(record_out)
     if isinstance(ref, reference.OCIRef):
-        raise EstargzOptError(
+        raise UsageError(
             "running the workload needs containerd, which oci: images do not use; import "
             "the image into containerd first (e.g. ctr images import)"
         )
+    check_record_out(record_out)
     with open_store(ref, containerd, create=False) as store:
         root = store.resolve(ref.tag)
         host = _host_manifest(store, root)
@@ -225,6 +253,7 @@ def _run_workload(
         host[1],
         sampler,
         on_tick=progress.sampling if progress else None,
+        # The sampler only writes and flushes its output, which the passthrough does.
         output=progress.passthrough() if progress else None,  # type: ignore[arg-type]
     )
 

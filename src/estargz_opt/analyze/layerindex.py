@@ -92,6 +92,7 @@ class _ChunkReader(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
+    # typeshed's readinto takes any buffer; io.BufferedReader passes memoryviews only.
     def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
         while not self._buf:
             chunk = next(self._chunks, None)

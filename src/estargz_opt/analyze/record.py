@@ -47,7 +47,7 @@ def read_record(path: Path) -> list[RecordEntry]:
             continue
         try:
             doc = json.loads(line)
-        except ValueError as exc:
+        except json.JSONDecodeError as exc:
             raise BadInputError(f"{path}:{lineno}: not a JSON record line ({exc.msg})") from None
         if not isinstance(doc, dict):
             raise BadInputError(f"{path}:{lineno}: record line is not a JSON object")

@@ -279,9 +279,11 @@ def _wait(
     threading.Thread(target=waiter, name="sample-wait", daemon=True).start()
     if opts.wait_on_line:
         # The line may have come already: the event stays set.
-        threading.Thread(
-            target=lambda: stdio.line_seen.wait() and end("line"), name="sample-line", daemon=True
-        ).start()
+        def on_line() -> None:
+            if stdio.line_seen.wait():
+                end("line")
+
+        threading.Thread(target=on_line, name="sample-line", daemon=True).start()
 
     deadline = None if opts.wait_on_signal else time.monotonic() + opts.effective_period
     previous = None

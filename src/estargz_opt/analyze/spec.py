@@ -717,13 +717,13 @@ def build_spec(
     # GPUs: the NVIDIA Container Toolkit's prestart hook injects the devices and the
     # driver libraries the NVIDIA_* variables ask for (what `--gpus` does in docker).
     if opts.gpus:
-        devices = parse_gpus(opts.gpus)
+        gpus = parse_gpus(opts.gpus)
         if gpu_hook is None:
             raise BadInputError(
                 "--gpus needs the NVIDIA Container Toolkit (nvidia-container-runtime-hook "
                 "was not found on PATH)"
             )
-        visible = ",".join(d.split("=", 1)[1] for d in devices)
+        visible = ",".join(d.split("=", 1)[1] for d in gpus)
         process["env"] = merge_env(
             process["env"],
             [f"NVIDIA_VISIBLE_DEVICES={visible}", "NVIDIA_DRIVER_CAPABILITIES=all"],

@@ -98,7 +98,8 @@ class GzipCompressor:
 
 
 # isal's stub declares its error class as an instance (`error: Exception`); it is a class.
-_DECODE_ERRORS: tuple[type[Exception], ...] = (isal_zlib.error, zlib.error)  # type: ignore[assignment]
+_ISAL_ERROR: type[Exception] = isal_zlib.error  # type: ignore[assignment]  # see above
+_DECODE_ERRORS = (_ISAL_ERROR, zlib.error)
 
 
 class GzipStream:

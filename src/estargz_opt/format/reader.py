@@ -35,6 +35,10 @@ DECOMPRESSORS: tuple[Decompressor, ...] = (
 _STEP = 1 << 20
 
 
+class MissingExternalTOCError(VerificationError):
+    """The blob is an external-TOC layer and its TOC was not supplied."""
+
+
 @dataclass(frozen=True, slots=True)
 class Chunk:
     """Where one chunk's bytes live: the member at offset, inner_offset bytes into it."""
@@ -270,7 +274,7 @@ def _open(f: BinaryIO, external_toc: bytes | None) -> Layer:
             continue
         if footer.toc_offset is None:
             if external_toc is None:
-                raise VerificationError(
+                raise MissingExternalTOCError(
                     "the layer keeps its TOC outside the blob (external TOC); supply it"
                 )
             raw = external_toc

@@ -18,7 +18,7 @@ from estargz_opt.descriptor import Descriptor, Manifest
 from estargz_opt.digest import sha256_digest
 from estargz_opt.errors import EstargzOptError
 from estargz_opt.format import TOC_DIGEST_ANNOTATION, UNCOMPRESSED_SIZE_ANNOTATION, open_layer
-from estargz_opt.format.reader import Layer
+from estargz_opt.format.reader import Layer, MissingExternalTOCError
 from estargz_opt.format.toc import LANDMARKS, NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK
 from estargz_opt.format.zstdchunked import MANIFEST_CHECKSUM, MANIFEST_POSITION
 from estargz_opt.platforms import Matcher
@@ -53,10 +53,16 @@ class LayerCheck:
         return self.prefetch_bytes / self.size if self.size else 0.0
 
     def to_json(self) -> dict[str, Any]:
-        out = asdict(self)
+        """The layer in `verify --json`/`inspect --json`: camelCase keys, as every report."""
+        out = {_camel(k): v for k, v in asdict(self).items()}
         out["ok"] = self.ok
-        out["prefetch_share"] = round(self.prefetch_share, 4)
+        out["prefetchShare"] = round(self.prefetch_share, 4)
         return out
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(word.capitalize() for word in rest)
 
 
 @dataclass(slots=True)
@@ -96,8 +102,8 @@ def check_image(
         manifest = image.manifest
         label = image.platform or "image"
         config = d.load_json(store.read(manifest.config, f"config of {label}"), "config")
-        rootfs = config.get("rootfs") if isinstance(config.get("rootfs"), dict) else {}
-        diff_ids = rootfs.get("diff_ids") or []
+        rootfs = config.get("rootfs")
+        diff_ids = (rootfs.get("diff_ids") if isinstance(rootfs, dict) else None) or []
         if d.is_docker(manifest.config.media_type) or any(
             d.is_docker(x.media_type) for x in manifest.layers
         ):
@@ -152,7 +158,7 @@ def _check_layer(
             )
         except EstargzOptError as exc:
             check.format = "not eStargz"
-            check.errors.append(_unreadable(str(exc), ann, desc.digest in external, bool(external)))
+            check.errors.append(_unreadable(exc, ann, desc.digest in external, bool(external)))
             if not ann.get(TOC_DIGEST_ANNOTATION):
                 check.warnings.append("layer is not eStargz (was the image converted?)")
             return check
@@ -211,9 +217,12 @@ def _check_layer(
     return check
 
 
-def _unreadable(message: str, ann: dict[str, str], has_toc: bool, toc_image: bool) -> str:
+def _unreadable(
+    exc: EstargzOptError, ann: dict[str, str], has_toc: bool, toc_image: bool
+) -> str:
     """Why a layer cannot be opened: external TOC problems, damage, or never converted."""
-    if "outside the blob" in message:
+    message = str(exc)
+    if isinstance(exc, MissingExternalTOCError):
         if toc_image and not has_toc:
             return "external TOC: the TOC image (-esgztoc) has no TOC for this layer"
         return "external TOC: the TOC image (-esgztoc) is missing"
@@ -235,7 +244,7 @@ def _zstd_annotations(layer: Layer, ann: dict[str, str]) -> list[str]:
     return errors
 
 
-def lint(
+def check_ref(
     ref_text: str, containerd: ContainerdOptions, matcher: Matcher, *, deep: bool
 ) -> ImageReport:
     """Open the image named ref_text (containerd name or oci:DIR:TAG) and check it."""
