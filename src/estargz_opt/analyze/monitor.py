@@ -1,6 +1,6 @@
 """The file-access monitor: a helper process whose private mount namespace the sample
 container joins, so that fanotify on its root mount sees exactly the container's file
-accesses (reference §6.2).
+accesses (ctr-remote's analyzer watches its container the same way).
 
 How it works, in order:
 1. The helper (`python -m estargz_opt.analyze.monitor`) unshares a mount namespace,

@@ -1,7 +1,7 @@
 """Mount a snapshot's mounts on a directory, and take them down again (mount(2) via ctypes).
 
 The sample container's rootfs is a snapshot mounted on a host directory before the
-monitor starts, so the monitor's private mount namespace inherits it (reference §6.1).
+monitor starts, so the monitor's private mount namespace inherits it (as ctr-remote does).
 Snapshotters describe mounts in mount(8) terms (type, source, comma options); this turns
 the flag words into mount(2) flags and passes the rest as filesystem data, as
 containerd's `mount.All` does.

@@ -1,6 +1,6 @@
 """Run an image's workload once in a sample container and collect the files it touches.
 
-The sample container is built the way ctr-remote's analyzer builds it (reference §6):
+The sample container is built the way ctr-remote's analyzer builds it:
 the image is unpacked into snapshots, a snapshot on its top chain ID is mounted as the
 rootfs, and the container (runc, through containerd's task service) joins the mount
 namespace of the file-access monitor. The run ends when the workload exits, prints the

@@ -5,7 +5,7 @@ by default (`oci.WithDefaultSpec` + `WithDefaultUnixDevices`): the default capab
 set, the default pseudo-filesystem mounts, masked and read-only /proc and /sys paths,
 new pid/ipc/uts/mount/network namespaces and RLIMIT_NOFILE 1024. On top of that come the
 image config (user, env, working dir, entrypoint + cmd) and the sampler flags, applied in
-ctr-remote's order (reference §6.1):
+ctr-remote's order:
 
     image config → --env → --mount → resolv.conf/hosts → entrypoint/args
                  → --env-file → --user → --cwd → -t → CNI netns / --net-host
