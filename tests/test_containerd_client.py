@@ -430,7 +430,9 @@ def _small_image(client: Client, lease: str) -> Descriptor:
 def test_image_round_trip(client: Client, containerd, lease: str) -> None:
     name = "example.test/estargz-opt/client:v1"
     target = _small_image(client, lease)
-    created = client.images.create(Image(name, target, {"estargz-opt.test": "a"}))
+    created = client.images.create(
+        Image(name=name, target=target, labels={"estargz-opt.test": "a"})
+    )
     assert created.name == name and created.target.digest == target.digest
     assert name in containerd.ctr("images", "ls", "-q").stdout.split()
 
@@ -439,13 +441,17 @@ def test_image_round_trip(client: Client, containerd, lease: str) -> None:
     assert got.labels == {"estargz-opt.test": "a"} and got.created_at
 
     annotated = target.with_changes(annotations={"org.example": "yes"})
-    updated = client.images.update(Image(name, annotated, {"estargz-opt.test": "b"}))
+    updated = client.images.update(
+        Image(name=name, target=annotated, labels={"estargz-opt.test": "b"})
+    )
     assert updated.target.annotations == {"org.example": "yes"}
     assert updated.labels == {"estargz-opt.test": "b"}
-    only_label = client.images.update(Image(name, target, {"extra": "1"}), ["labels.extra"])
+    only_label = client.images.update(
+        Image(name=name, target=target, labels={"extra": "1"}), ["labels.extra"]
+    )
     assert only_label.labels == {"estargz-opt.test": "b", "extra": "1"}
     assert only_label.target.annotations == {"org.example": "yes"}
-    assert client.images.put(Image(name, target)).target.annotations is None
+    assert client.images.put(Image(name=name, target=target)).target.annotations is None
     assert [i.name for i in client.images.list(f"name=={name}")] == [name]
 
     client.images.delete(name)

@@ -77,12 +77,10 @@ class ImageReport:
         return all(layer.ok for layer in self.layers)
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "image": self.image,
-            "digest": self.digest,
-            "ok": self.ok,
+        layers = [layer.to_json() for layer in self.layers]
+        return {"image": self.image, "digest": self.digest, "ok": self.ok} | {
             "warnings": self.warnings,
-            "layers": [layer.to_json() for layer in self.layers],
+            "layers": layers,
         }
 
 

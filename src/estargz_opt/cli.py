@@ -33,6 +33,9 @@ from estargz_opt.stores.containerd.model import (
 )
 
 log = logging.getLogger("estargz_opt")
+#: An existing file argument, and a file to be written.
+_INPUT_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
+_OUTPUT_FILE = click.Path(dir_okay=False, path_type=Path)
 
 
 def _read_lines(path: Path) -> list[str]:
@@ -176,12 +179,12 @@ def _sampler(kw: dict[str, Any]) -> SamplerOptions:
 @click.option("--no-optimize", is_flag=True, help="Convert without prioritized files.")
 @click.option(
     "--record-in",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    type=_INPUT_FILE,
     help="Prioritize the files of a record (ctr-remote --record-out JSON lines).",
 )
 @click.option(
     "--prefetch-list",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    type=_INPUT_FILE,
     help="Prioritize these paths and globs (*, ?, [], **), one per line; # comments.",
 )
 @click.option(
@@ -211,7 +214,7 @@ def _sampler(kw: dict[str, Any]) -> SamplerOptions:
 )
 @click.option(
     "--record-out",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=_OUTPUT_FILE,
     help="Also write the record of the workload run (JSON lines) to this file.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON report on stdout at the end.")
@@ -299,7 +302,7 @@ def optimize_cmd(
 @click.option(
     "--record-out",
     required=True,
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=_OUTPUT_FILE,
     help="Where to write the record (JSON lines, ctr-remote's format).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
@@ -458,7 +461,7 @@ def inspect_cmd(
 external_toc_option = click.option(
     "--toc",
     "toc_file",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    type=_INPUT_FILE,
     help="The external TOC blob, for estargz-external-toc layers.",
 )
 
@@ -469,7 +472,7 @@ def layer() -> None:
 
 
 @layer.command("convert")
-@click.argument("src", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("src", type=_INPUT_FILE)
 @click.argument("out", type=click.Path(dir_okay=False, writable=True, path_type=Path))
 @click.option(
     "--format",
@@ -481,7 +484,7 @@ def layer() -> None:
 )
 @click.option(
     "--prioritized-files",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    type=_INPUT_FILE,
     help="File with one path per line, in access order; they go first, before the landmark.",
 )
 @click.option(
@@ -566,7 +569,7 @@ def layer_convert(
 
 
 @layer.command("verify")
-@click.argument("blob", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("blob", type=_INPUT_FILE)
 @click.option("--toc-digest", help="Expected TOC digest (the toc.digest annotation).")
 @external_toc_option
 def layer_verify(blob: Path, toc_digest: str | None, toc_file: Path | None) -> None:
@@ -581,7 +584,7 @@ def layer_verify(blob: Path, toc_digest: str | None, toc_file: Path | None) -> N
 
 
 @layer.command("toc")
-@click.argument("blob", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("blob", type=_INPUT_FILE)
 @external_toc_option
 def layer_toc(blob: Path, toc_file: Path | None) -> None:
     """Print BLOB's TOC JSON exactly as stored (its sha256 is the TOC digest)."""
@@ -590,7 +593,7 @@ def layer_toc(blob: Path, toc_file: Path | None) -> None:
 
 
 @layer.command("tar")
-@click.argument("blob", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("blob", type=_INPUT_FILE)
 @click.argument("out", type=click.Path(dir_okay=False, allow_dash=True, path_type=Path))
 @external_toc_option
 def layer_tar(blob: Path, out: Path, toc_file: Path | None) -> None:

@@ -168,10 +168,7 @@ class GzipDecompressor:
     footer_size = FOOTER_SIZE
 
     def parse_footer(self, tail: bytes, blob_size: int) -> Footer:
-        tail = tail[-FOOTER_SIZE:]
-        if len(tail) < FOOTER_SIZE:
-            raise ValueError("blob too small for an eStargz footer")
-        extra = _parse_gzip_extra(tail, 26)
+        extra = _footer_extra(tail, FOOTER_SIZE, 26, "an eStargz")
         if extra[:2] != b"SG" or struct.unpack_from("<H", extra, 2)[0] != 22:
             raise ValueError("gzip extra field is not an eStargz footer")
         if extra[-6:] != b"STARGZ":
@@ -193,13 +190,18 @@ class LegacyGzipDecompressor(GzipDecompressor):
     footer_size = LEGACY_FOOTER_SIZE
 
     def parse_footer(self, tail: bytes, blob_size: int) -> Footer:
-        tail = tail[-LEGACY_FOOTER_SIZE:]
-        if len(tail) < LEGACY_FOOTER_SIZE:
-            raise ValueError("blob too small for a stargz footer")
-        extra = _parse_gzip_extra(tail, 22)
+        extra = _footer_extra(tail, LEGACY_FOOTER_SIZE, 22, "a stargz")
         if extra[-6:] != b"STARGZ":
             raise ValueError("footer lacks the STARGZ magic")
         return _checked_footer(_hex_offset(extra[:16]), blob_size, LEGACY_FOOTER_SIZE)
+
+
+def _footer_extra(tail: bytes, footer_size: int, xlen: int, what: str) -> bytes:
+    """The extra field of the footer (the last `footer_size` bytes of the blob)."""
+    tail = tail[-footer_size:]
+    if len(tail) < footer_size:
+        raise ValueError(f"blob too small for {what} footer")
+    return _parse_gzip_extra(tail, xlen)
 
 
 def _hex_offset(raw: bytes) -> int:

@@ -32,7 +32,7 @@ from estargz_opt.stores.containerd.errors import (
     NotFoundError,
 )
 from estargz_opt.stores.containerd.model import ContentInfo, IngestStatus, WriteResult
-from estargz_opt.stores.containerd.transport import Subject, Transport
+from estargz_opt.stores.containerd.transport import Service, Subject, Transport
 
 log = logging.getLogger("estargz_opt.stores.containerd")
 
@@ -44,11 +44,8 @@ _CLOSE_WAIT = 10.0  # seconds to wait for containerd to end a write stream we le
 Data = bytes | BinaryIO | Iterable[bytes]
 
 
-class ContentService:
+class ContentService(Service):
     """Blobs in one namespace's content store."""
-
-    def __init__(self, transport: Transport) -> None:
-        self._t = transport
 
     def info(self, digest: str) -> ContentInfo:
         r = self._t.unary(
@@ -102,7 +99,7 @@ class ContentService:
 
     def list_statuses(self, *filters: str) -> list[IngestStatus]:
         req = content_pb2.ListStatusesRequest(filters=filters)
-        return [wire.status(s) for s in self._t.unary(rpcs.CONTENT_LIST_STATUSES, req).statuses]
+        return [wire.status(s) for s in self._t.unary(rpcs.CONTENT_STATUSES, req).statuses]
 
     def abort(self, ref: str, *, missing_ok: bool = True) -> None:
         """Drop the ingest `ref` and what it holds."""

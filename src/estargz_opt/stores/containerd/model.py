@@ -22,6 +22,8 @@ DEFAULT_LEASE_EXPIRY = timedelta(hours=6)
 
 @dataclass(frozen=True, slots=True)
 class Version:
+    """The daemon's release and the commit it was built from."""
+
     version: str
     revision: str
 
@@ -36,13 +38,19 @@ class Plugin:
     capabilities: list[str] = field(default_factory=list)
 
 
-@dataclass(frozen=True, slots=True)
-class ContentInfo:
-    digest: str
-    size: int
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Record:
+    """What containerd keeps with every object: its labels and when it changed."""
+
     labels: dict[str, str] = field(default_factory=dict)
     created_at: datetime | None = None
     updated_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ContentInfo(Record):
+    digest: str
+    size: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,22 +75,17 @@ class WriteResult:
     existed: bool = False
 
 
-@dataclass(slots=True)
-class Image:
+@dataclass(frozen=True, slots=True)
+class Image(Record):
     """An image record: a name pointing at a descriptor (manifest or index), plus labels."""
 
     name: str
     target: Descriptor
-    labels: dict[str, str] = field(default_factory=dict)
-    created_at: datetime | None = None
-    updated_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
-class Lease:
+class Lease(Record):
     id: str
-    labels: dict[str, str] = field(default_factory=dict)
-    created_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,18 +99,15 @@ class Mount:
 
 
 @dataclass(frozen=True, slots=True)
-class SnapshotInfo:
+class SnapshotInfo(Record):
     name: str
     parent: str
     #: "view", "active" or "committed"
     kind: str
-    labels: dict[str, str] = field(default_factory=dict)
-    created_at: datetime | None = None
-    updated_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
-class Container:
+class Container(Record):
     """A container record: what a task is created from."""
 
     id: str
@@ -117,9 +117,6 @@ class Container:
     runtime: str = DEFAULT_RUNTIME
     snapshotter: str = ""
     snapshot_key: str = ""
-    labels: dict[str, str] = field(default_factory=dict)
-    created_at: datetime | None = None
-    updated_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)

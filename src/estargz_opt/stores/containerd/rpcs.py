@@ -12,30 +12,18 @@ from typing import Any, Generic, TypeVar
 from google.protobuf import empty_pb2
 from google.protobuf.message import Message
 
-from estargz_opt.stores.containerd._pb import (
-    containers_pb2,
-    content_pb2,
-    diff_pb2,
-    images_pb2,
-    introspection_pb2,
-    leases_pb2,
-    namespaces_pb2,
-    snapshots_pb2,
-    tasks_pb2,
-    version_pb2,
-)
+from estargz_opt.stores.containerd._pb import containers_pb2 as ctr
+from estargz_opt.stores.containerd._pb import content_pb2 as cs
+from estargz_opt.stores.containerd._pb import diff_pb2 as diff
+from estargz_opt.stores.containerd._pb import images_pb2 as img
+from estargz_opt.stores.containerd._pb import introspection_pb2 as intro
+from estargz_opt.stores.containerd._pb import leases_pb2 as lease
+from estargz_opt.stores.containerd._pb import namespaces_pb2 as ns
+from estargz_opt.stores.containerd._pb import snapshots_pb2 as snap
+from estargz_opt.stores.containerd._pb import tasks_pb2 as task
+from estargz_opt.stores.containerd._pb import version_pb2 as ver
 
 UNARY, SERVER_STREAM, BIDI = "unary_unary", "unary_stream", "stream_stream"
-_CONTENT = "containerd.services.content.v1.Content"
-_IMAGES = "containerd.services.images.v1.Images"
-_LEASES = "containerd.services.leases.v1.Leases"
-_NAMESPACES = "containerd.services.namespaces.v1.Namespaces"
-_INTROSPECTION = "containerd.services.introspection.v1.Introspection"
-_VERSION = "containerd.services.version.v1.Version"
-_SNAPSHOTS = "containerd.services.snapshots.v1.Snapshots"
-_CONTAINERS = "containerd.services.containers.v1.Containers"
-_TASKS = "containerd.services.tasks.v1.Tasks"
-_DIFF = "containerd.services.diff.v1.Diff"
 
 Req = TypeVar("Req", bound=Message)
 Resp = TypeVar("Resp", bound=Message)
@@ -56,85 +44,77 @@ class Rpc(Generic[Req, Resp]):
         return f"/{self.service}/{self.method}"
 
 
-VERSION = Rpc(_VERSION, "Version", empty_pb2.Empty, version_pb2.VersionResponse)
-PLUGINS = Rpc(
-    _INTROSPECTION, "Plugins", introspection_pb2.PluginsRequest, introspection_pb2.PluginsResponse
+@dataclass(frozen=True, slots=True)
+class _Api:
+    """One containerd service, whose methods are declared below."""
+
+    service: str
+
+    def rpc(self, method: str, request: type[Req], response: type[Resp]) -> Rpc[Req, Resp]:
+        return Rpc(self.service, method, request, response, UNARY)
+
+    def stream(self, method: str, request: type[Req], response: type[Resp]) -> Rpc[Req, Resp]:
+        """A method that answers with a stream of responses."""
+        return Rpc(self.service, method, request, response, SERVER_STREAM)
+
+    def bidi(self, method: str, request: type[Req], response: type[Resp]) -> Rpc[Req, Resp]:
+        """A method whose requests and responses are both streams."""
+        return Rpc(self.service, method, request, response, BIDI)
+
+
+_content = _Api("containerd.services.content.v1.Content")
+_images = _Api("containerd.services.images.v1.Images")
+_leases = _Api("containerd.services.leases.v1.Leases")
+_namespaces = _Api("containerd.services.namespaces.v1.Namespaces")
+_introspection = _Api("containerd.services.introspection.v1.Introspection")
+_version = _Api("containerd.services.version.v1.Version")
+_snapshot = _Api("containerd.services.snapshots.v1.Snapshots")
+_container = _Api("containerd.services.containers.v1.Containers")
+_tasks = _Api("containerd.services.tasks.v1.Tasks")
+_diff = _Api("containerd.services.diff.v1.Diff")
+
+VERSION = _version.rpc("Version", empty_pb2.Empty, ver.VersionResponse)
+PLUGINS = _introspection.rpc("Plugins", intro.PluginsRequest, intro.PluginsResponse)
+SERVER = _introspection.rpc("Server", empty_pb2.Empty, intro.ServerResponse)
+NAMESPACE_LIST = _namespaces.rpc("List", ns.ListNamespacesRequest, ns.ListNamespacesResponse)
+CONTENT_INFO = _content.rpc("Info", cs.InfoRequest, cs.InfoResponse)
+CONTENT_UPDATE = _content.rpc("Update", cs.UpdateRequest, cs.UpdateResponse)
+CONTENT_DELETE = _content.rpc("Delete", cs.DeleteContentRequest, empty_pb2.Empty)
+CONTENT_READ = _content.stream("Read", cs.ReadContentRequest, cs.ReadContentResponse)
+CONTENT_STATUS = _content.rpc("Status", cs.StatusRequest, cs.StatusResponse)
+CONTENT_STATUSES = _content.rpc("ListStatuses", cs.ListStatusesRequest, cs.ListStatusesResponse)
+CONTENT_WRITE = _content.bidi("Write", cs.WriteContentRequest, cs.WriteContentResponse)
+CONTENT_ABORT = _content.rpc("Abort", cs.AbortRequest, empty_pb2.Empty)
+IMAGE_GET = _images.rpc("Get", img.GetImageRequest, img.GetImageResponse)
+IMAGE_LIST = _images.rpc("List", img.ListImagesRequest, img.ListImagesResponse)
+IMAGE_CREATE = _images.rpc("Create", img.CreateImageRequest, img.CreateImageResponse)
+IMAGE_UPDATE = _images.rpc("Update", img.UpdateImageRequest, img.UpdateImageResponse)
+IMAGE_DELETE = _images.rpc("Delete", img.DeleteImageRequest, empty_pb2.Empty)
+LEASE_CREATE = _leases.rpc("Create", lease.CreateRequest, lease.CreateResponse)
+LEASE_DELETE = _leases.rpc("Delete", lease.DeleteRequest, empty_pb2.Empty)
+LEASE_LIST = _leases.rpc("List", lease.ListRequest, lease.ListResponse)
+LEASE_ADD_RESOURCE = _leases.rpc("AddResource", lease.AddResourceRequest, empty_pb2.Empty)
+SNAPSHOT_PREPARE = _snapshot.rpc(
+    "Prepare", snap.PrepareSnapshotRequest, snap.PrepareSnapshotResponse
 )
-SERVER = Rpc(_INTROSPECTION, "Server", empty_pb2.Empty, introspection_pb2.ServerResponse)
-NAMESPACE_LIST = Rpc(
-    _NAMESPACES, "List", namespaces_pb2.ListNamespacesRequest, namespaces_pb2.ListNamespacesResponse
-)
-CONTENT_INFO = Rpc(_CONTENT, "Info", content_pb2.InfoRequest, content_pb2.InfoResponse)
-CONTENT_UPDATE = Rpc(_CONTENT, "Update", content_pb2.UpdateRequest, content_pb2.UpdateResponse)
-CONTENT_DELETE = Rpc(_CONTENT, "Delete", content_pb2.DeleteContentRequest, empty_pb2.Empty)
-CONTENT_READ = Rpc(
-    _CONTENT, "Read", content_pb2.ReadContentRequest, content_pb2.ReadContentResponse, SERVER_STREAM
-)
-CONTENT_STATUS = Rpc(_CONTENT, "Status", content_pb2.StatusRequest, content_pb2.StatusResponse)
-CONTENT_LIST_STATUSES = Rpc(
-    _CONTENT, "ListStatuses", content_pb2.ListStatusesRequest, content_pb2.ListStatusesResponse
-)
-CONTENT_WRITE = Rpc(
-    _CONTENT, "Write", content_pb2.WriteContentRequest, content_pb2.WriteContentResponse, BIDI
-)
-CONTENT_ABORT = Rpc(_CONTENT, "Abort", content_pb2.AbortRequest, empty_pb2.Empty)
-IMAGE_GET = Rpc(_IMAGES, "Get", images_pb2.GetImageRequest, images_pb2.GetImageResponse)
-IMAGE_LIST = Rpc(_IMAGES, "List", images_pb2.ListImagesRequest, images_pb2.ListImagesResponse)
-IMAGE_CREATE = Rpc(_IMAGES, "Create", images_pb2.CreateImageRequest, images_pb2.CreateImageResponse)
-IMAGE_UPDATE = Rpc(_IMAGES, "Update", images_pb2.UpdateImageRequest, images_pb2.UpdateImageResponse)
-IMAGE_DELETE = Rpc(_IMAGES, "Delete", images_pb2.DeleteImageRequest, empty_pb2.Empty)
-LEASE_CREATE = Rpc(_LEASES, "Create", leases_pb2.CreateRequest, leases_pb2.CreateResponse)
-LEASE_DELETE = Rpc(_LEASES, "Delete", leases_pb2.DeleteRequest, empty_pb2.Empty)
-LEASE_LIST = Rpc(_LEASES, "List", leases_pb2.ListRequest, leases_pb2.ListResponse)
-LEASE_ADD_RESOURCE = Rpc(_LEASES, "AddResource", leases_pb2.AddResourceRequest, empty_pb2.Empty)
-SNAPSHOT_PREPARE = Rpc(
-    _SNAPSHOTS,
-    "Prepare",
-    snapshots_pb2.PrepareSnapshotRequest,
-    snapshots_pb2.PrepareSnapshotResponse,
-)
-SNAPSHOT_VIEW = Rpc(
-    _SNAPSHOTS, "View", snapshots_pb2.ViewSnapshotRequest, snapshots_pb2.ViewSnapshotResponse
-)
-SNAPSHOT_MOUNTS = Rpc(
-    _SNAPSHOTS, "Mounts", snapshots_pb2.MountsRequest, snapshots_pb2.MountsResponse
-)
-SNAPSHOT_COMMIT = Rpc(_SNAPSHOTS, "Commit", snapshots_pb2.CommitSnapshotRequest, empty_pb2.Empty)
-SNAPSHOT_REMOVE = Rpc(_SNAPSHOTS, "Remove", snapshots_pb2.RemoveSnapshotRequest, empty_pb2.Empty)
-SNAPSHOT_STAT = Rpc(
-    _SNAPSHOTS, "Stat", snapshots_pb2.StatSnapshotRequest, snapshots_pb2.StatSnapshotResponse
-)
-SNAPSHOT_LIST = Rpc(
-    _SNAPSHOTS,
-    "List",
-    snapshots_pb2.ListSnapshotsRequest,
-    snapshots_pb2.ListSnapshotsResponse,
-    SERVER_STREAM,
-)
-CONTAINER_GET = Rpc(
-    _CONTAINERS, "Get", containers_pb2.GetContainerRequest, containers_pb2.GetContainerResponse
-)
-CONTAINER_CREATE = Rpc(
-    _CONTAINERS,
-    "Create",
-    containers_pb2.CreateContainerRequest,
-    containers_pb2.CreateContainerResponse,
-)
-CONTAINER_DELETE = Rpc(
-    _CONTAINERS, "Delete", containers_pb2.DeleteContainerRequest, empty_pb2.Empty
-)
-CONTAINER_LIST = Rpc(
-    _CONTAINERS, "List", containers_pb2.ListContainersRequest, containers_pb2.ListContainersResponse
-)
-TASK_CREATE = Rpc(_TASKS, "Create", tasks_pb2.CreateTaskRequest, tasks_pb2.CreateTaskResponse)
-TASK_START = Rpc(_TASKS, "Start", tasks_pb2.StartRequest, tasks_pb2.StartResponse)
-TASK_DELETE = Rpc(_TASKS, "Delete", tasks_pb2.DeleteTaskRequest, tasks_pb2.DeleteResponse)
-TASK_GET = Rpc(_TASKS, "Get", tasks_pb2.GetRequest, tasks_pb2.GetResponse)
-TASK_KILL = Rpc(_TASKS, "Kill", tasks_pb2.KillRequest, empty_pb2.Empty)
-TASK_WAIT = Rpc(_TASKS, "Wait", tasks_pb2.WaitRequest, tasks_pb2.WaitResponse)
-TASK_CLOSE_IO = Rpc(_TASKS, "CloseIO", tasks_pb2.CloseIORequest, empty_pb2.Empty)
-TASK_RESIZE_PTY = Rpc(_TASKS, "ResizePty", tasks_pb2.ResizePtyRequest, empty_pb2.Empty)
-DIFF_APPLY = Rpc(_DIFF, "Apply", diff_pb2.ApplyRequest, diff_pb2.ApplyResponse)
+SNAPSHOT_MOUNTS = _snapshot.rpc("Mounts", snap.MountsRequest, snap.MountsResponse)
+SNAPSHOT_COMMIT = _snapshot.rpc("Commit", snap.CommitSnapshotRequest, empty_pb2.Empty)
+SNAPSHOT_REMOVE = _snapshot.rpc("Remove", snap.RemoveSnapshotRequest, empty_pb2.Empty)
+SNAPSHOT_STAT = _snapshot.rpc("Stat", snap.StatSnapshotRequest, snap.StatSnapshotResponse)
+SNAPSHOT_LIST = _snapshot.stream("List", snap.ListSnapshotsRequest, snap.ListSnapshotsResponse)
+CONTAINER_GET = _container.rpc("Get", ctr.GetContainerRequest, ctr.GetContainerResponse)
+CONTAINER_CREATE = _container.rpc("Create", ctr.CreateContainerRequest, ctr.CreateContainerResponse)
+CONTAINER_DELETE = _container.rpc("Delete", ctr.DeleteContainerRequest, empty_pb2.Empty)
+CONTAINER_LIST = _container.rpc("List", ctr.ListContainersRequest, ctr.ListContainersResponse)
+TASK_CREATE = _tasks.rpc("Create", task.CreateTaskRequest, task.CreateTaskResponse)
+TASK_START = _tasks.rpc("Start", task.StartRequest, task.StartResponse)
+TASK_DELETE = _tasks.rpc("Delete", task.DeleteTaskRequest, task.DeleteResponse)
+TASK_GET = _tasks.rpc("Get", task.GetRequest, task.GetResponse)
+TASK_KILL = _tasks.rpc("Kill", task.KillRequest, empty_pb2.Empty)
+TASK_WAIT = _tasks.rpc("Wait", task.WaitRequest, task.WaitResponse)
+TASK_CLOSE_IO = _tasks.rpc("CloseIO", task.CloseIORequest, empty_pb2.Empty)
+TASK_RESIZE_PTY = _tasks.rpc("ResizePty", task.ResizePtyRequest, empty_pb2.Empty)
+DIFF_APPLY = _diff.rpc("Apply", diff.ApplyRequest, diff.ApplyResponse)
 
 
 #: Every declared method by constant name, for the test against the .proto files.

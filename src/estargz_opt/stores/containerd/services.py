@@ -43,7 +43,7 @@ from estargz_opt.stores.containerd.model import (
     TaskExit,
     TaskState,
 )
-from estargz_opt.stores.containerd.transport import Subject, Transport
+from estargz_opt.stores.containerd.transport import Service, Subject, Transport
 
 log = logging.getLogger("estargz_opt.stores.containerd")
 
@@ -52,11 +52,8 @@ SPEC_TYPE_URL = "types.containerd.io/opencontainers/runtime-spec/1/Spec"
 GC_EXPIRE_LABEL = "containerd.io/gc.expire"
 
 
-class ImagesService:
+class ImagesService(Service):
     """Image records: names pointing at a manifest or index descriptor."""
-
-    def __init__(self, transport: Transport) -> None:
-        self._t = transport
 
     def get(self, name: str) -> Image:
         r = self._t.unary(
@@ -95,11 +92,8 @@ class ImagesService:
         self._t.unary(rpcs.IMAGE_DELETE, req, Subject("image", name))
 
 
-class LeasesService:
+class LeasesService(Service):
     """Leases: what keeps content and snapshots from garbage collection while in use."""
-
-    def __init__(self, transport: Transport) -> None:
-        self._t = transport
 
     def create(self, lease_id: str | None = None, labels: Mapping[str, str] | None = None) -> Lease:
         lease_id = lease_id or f"estargz-opt-{int(time.time())}-{secrets.token_hex(4)}"
@@ -151,11 +145,11 @@ class LeasesService:
                 log.debug("could not delete lease %s", lease.id, exc_info=True)
 
 
-class SnapshotsService:
+class SnapshotsService(Service):
     """The snapshots of one snapshotter (containerd's SnapshotService(name))."""
 
     def __init__(self, transport: Transport, snapshotter: str = DEFAULT_SNAPSHOTTER) -> None:
-        self._t = transport
+        super().__init__(transport)
         self.snapshotter = snapshotter
 
     def prepare(
@@ -175,21 +169,6 @@ class SnapshotsService:
             snapshotter=self.snapshotter, key=key, parent=parent, labels=dict(labels or {})
         )
         r = self._t.unary(rpcs.SNAPSHOT_PREPARE, req, Subject("snapshot", key), lease=lease)
-        return wire.mounts(r.mounts)
-
-    def view(
-        self,
-        key: str,
-        parent: str,
-        *,
-        labels: Mapping[str, str] | None = None,
-        lease: str | None = None,
-    ) -> list[Mount]:
-        """Create the read-only snapshot `key` of `parent`; its mounts."""
-        req = snapshots_pb2.ViewSnapshotRequest(
-            snapshotter=self.snapshotter, key=key, parent=parent, labels=dict(labels or {})
-        )
-        r = self._t.unary(rpcs.SNAPSHOT_VIEW, req, Subject("snapshot", key), lease=lease)
         return wire.mounts(r.mounts)
 
     def mounts(self, key: str) -> list[Mount]:
@@ -237,11 +216,8 @@ class SnapshotsService:
         return [wire.snapshot_info(i) for resp in stream for i in resp.info]
 
 
-class DiffService:
+class DiffService(Service):
     """Applying layer blobs onto mounts."""
-
-    def __init__(self, transport: Transport) -> None:
-        self._t = transport
 
     def apply(
         self, layer: Descriptor, mounts: Sequence[Mount], *, lease: str | None = None
@@ -257,11 +233,8 @@ class DiffService:
         return wire.descriptor(r.applied)
 
 
-class ContainersService:
+class ContainersService(Service):
     """Container records: what a task is created from."""
-
-    def __init__(self, transport: Transport) -> None:
-        self._t = transport
 
     def create(self, container: Container) -> Container:
         c = container
@@ -298,11 +271,8 @@ class ContainersService:
                 raise
 
 
-class TasksService:
+class TasksService(Service):
     """Tasks: a container's running init process."""
-
-    def __init__(self, transport: Transport) -> None:
-        self._t = transport
 
     def create(
         self,
@@ -376,11 +346,8 @@ class TasksService:
         return TaskExit(exit_status=r.exit_status, exited_at=wire.time(r, "exited_at"))
 
 
-class IntrospectionService:
+class IntrospectionService(Service):
     """What the daemon is: its plugins and its instance UUID."""
-
-    def __init__(self, transport: Transport) -> None:
-        self._t = transport
 
     def server_uuid(self) -> str:
         return self._t.unary(rpcs.SERVER, empty_pb2.Empty()).uuid

@@ -17,7 +17,7 @@ import socket
 import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import grpc
 from google.protobuf.message import Message
@@ -53,8 +53,7 @@ Req = TypeVar("Req", bound=Message)
 Resp = TypeVar("Resp", bound=Message)
 
 
-@dataclass(frozen=True, slots=True)
-class Subject:
+class Subject(NamedTuple):
     """What a call is about, for its error message: ("image", "docker.io/x:1")."""
 
     kind: str
@@ -279,6 +278,13 @@ class Transport:
             f"containerd namespace {self.namespace!r} does not exist "
             f"(namespaces: {names}); choose one with -n/--namespace or CONTAINERD_NAMESPACE"
         )
+
+
+class Service:
+    """A containerd service's client object: its calls, over the shared transport."""
+
+    def __init__(self, transport: Transport) -> None:
+        self._t = transport
 
 
 def socket_path(address: str) -> str:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
+from typing import TypedDict
 
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -29,20 +30,35 @@ from estargz_opt.stores.containerd.model import (
 
 
 def time(msg: Message, name: str) -> datetime | None:
-    """The timestamp field `name` of `msg`, or None where containerd left it unset."""
-    if not msg.HasField(name):
+    """The timestamp field `name` of `msg`; None where containerd left it unset or the
+    message has no such field."""
+    if name not in msg.DESCRIPTOR.fields_by_name or not msg.HasField(name):
         return None
     stamp: Timestamp = getattr(msg, name)
     return stamp.ToDatetime(tzinfo=UTC)
+
+
+class _RecordFields(TypedDict):
+    labels: dict[str, str]
+    created_at: datetime | None
+    updated_at: datetime | None
+
+
+def record(msg: Message) -> _RecordFields:
+    """The labels and timestamps every containerd object message carries."""
+    labels: Mapping[str, str] = getattr(msg, "labels")  # noqa: B009 - each message its own
+    return _RecordFields(
+        labels=dict(labels),
+        created_at=time(msg, "created_at"),
+        updated_at=time(msg, "updated_at"),
+    )
 
 
 def info(i: content_pb2.Info) -> ContentInfo:
     return ContentInfo(
         digest=i.digest,
         size=i.size,
-        labels=dict(i.labels),
-        created_at=time(i, "created_at"),
-        updated_at=time(i, "updated_at"),
+        **record(i),
     )
 
 
@@ -61,9 +77,7 @@ def image(i: images_pb2.Image) -> Image:
     return Image(
         name=i.name,
         target=descriptor(i.target),
-        labels=dict(i.labels),
-        created_at=time(i, "created_at"),
-        updated_at=time(i, "updated_at"),
+        **record(i),
     )
 
 
@@ -74,7 +88,7 @@ def image_pb(image: Image) -> images_pb2.Image:
 
 
 def lease(x: leases_pb2.Lease) -> Lease:
-    return Lease(id=x.id, labels=dict(x.labels), created_at=time(x, "created_at"))
+    return Lease(id=x.id, **record(x))
 
 
 def mounts(ms: Iterable[types_pb2.Mount]) -> list[Mount]:
@@ -95,9 +109,7 @@ def snapshot_info(i: snapshots_pb2.Info) -> SnapshotInfo:
         name=i.name,
         parent=i.parent,
         kind=snapshots_pb2.Kind.Name(i.kind).lower(),
-        labels=dict(i.labels),
-        created_at=time(i, "created_at"),
-        updated_at=time(i, "updated_at"),
+        **record(i),
     )
 
 
@@ -127,7 +139,5 @@ def container(c: containers_pb2.Container) -> Container:
         runtime=c.runtime.name,
         snapshotter=c.snapshotter,
         snapshot_key=c.snapshot_key,
-        labels=dict(c.labels),
-        created_at=time(c, "created_at"),
-        updated_at=time(c, "updated_at"),
+        **record(c),
     )
