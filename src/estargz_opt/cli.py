@@ -390,16 +390,39 @@ def _print_report(report: check.ImageReport, *, files: bool, checked: bool) -> N
         click.echo(f"warning: {w}")
 
 
+def _image_check(f: Callable[..., None]) -> Callable[..., None]:
+    """The arguments verify and inspect share: the image, --platform and --json."""
+    f = click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")(f)
+    f = click.option(
+        "--platform",
+        "platform_specs",
+        multiple=True,
+        help="Only this platform (repeatable); default: all.",
+    )(f)
+    return click.pass_obj(click.argument("image")(f))
+
+
+def _check_and_show(
+    containerd: ContainerdOptions,
+    image: str,
+    platform_specs: tuple[str, ...],
+    as_json: bool,
+    *,
+    deep: bool,
+    files: bool = False,
+) -> check.ImageReport:
+    """Check (deep: verify) or describe (inspect) IMAGE and print the report."""
+    matcher = platforms.matcher(platform_specs, not platform_specs)
+    report = check.check_ref(image, containerd, matcher, deep=deep)
+    if as_json:
+        click.echo(json.dumps(report.to_json()))
+    else:
+        _print_report(report, files=files, checked=deep)
+    return report
+
+
 @cli.command("verify")
-@click.pass_obj
-@click.argument("image")
-@click.option(
-    "--platform",
-    "platform_specs",
-    multiple=True,
-    help="Only this platform (repeatable); default: all.",
-)
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@_image_check
 def verify_cmd(
     containerd: ContainerdOptions, image: str, platform_specs: tuple[str, ...], as_json: bool
 ) -> None:
@@ -415,27 +438,14 @@ def verify_cmd(
       estargz-opt verify oci:out:app-esgz
       estargz-opt -a /run/containerd/containerd.sock verify docker.io/library/app:esgz --json
     """
-    matcher = platforms.matcher(platform_specs, not platform_specs)
-    report = check.check_ref(image, containerd, matcher, deep=True)
-    if as_json:
-        click.echo(json.dumps(report.to_json()))
-    else:
-        _print_report(report, files=False, checked=True)
+    report = _check_and_show(containerd, image, platform_specs, as_json, deep=True)
     if not report.ok:
         failed = sum(1 for c in report.layers if not c.ok)
         raise EstargzOptError(f"{failed} of {len(report.layers)} layer(s) failed verification")
 
 
 @cli.command("inspect")
-@click.pass_obj
-@click.argument("image")
-@click.option(
-    "--platform",
-    "platform_specs",
-    multiple=True,
-    help="Only this platform (repeatable); default: all.",
-)
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@_image_check
 @click.option("--files", is_flag=True, help="List the prioritized paths of each layer.")
 def inspect_cmd(
     containerd: ContainerdOptions,
@@ -450,12 +460,7 @@ def inspect_cmd(
     Example:
       estargz-opt inspect oci:out:app-esgz --files
     """
-    matcher = platforms.matcher(platform_specs, not platform_specs)
-    report = check.check_ref(image, containerd, matcher, deep=False)
-    if as_json:
-        click.echo(json.dumps(report.to_json()))
-    else:
-        _print_report(report, files=files, checked=False)
+    _check_and_show(containerd, image, platform_specs, as_json, deep=False, files=files)
 
 
 external_toc_option = click.option(
