@@ -170,11 +170,15 @@ class ContainerdStore:
         return self._client
 
     def __enter__(self) -> Self:
-        # Check first: taking a lease in a namespace that does not exist would create it.
-        self.client.check_namespace()
-        self._reap_dead_leases()
-        labels = {"estargz-opt": "optimize", OWNER_LABEL: this_process()}
-        self.lease = self._stack.enter_context(self.client.leases.hold(labels=labels))
+        try:
+            # Check first: taking a lease in a namespace that does not exist would create it.
+            self.client.check_namespace()
+            self._reap_dead_leases()
+            labels = {"estargz-opt": "optimize", OWNER_LABEL: this_process()}
+            self.lease = self._stack.enter_context(self.client.leases.hold(labels=labels))
+        except BaseException:
+            self._stack.close()
+            raise
         return self
 
     def _reap_dead_leases(self) -> None:
