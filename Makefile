@@ -15,7 +15,7 @@ test: deps
 	if [ -n "$(PYTEST_STATUS_FILE)" ]; then echo $$rc > "$(PYTEST_STATUS_FILE)"; fi; \
 	exit $$rc
 
-lint: deps
+lint:
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m mypy --strict src
 
