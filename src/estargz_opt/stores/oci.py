@@ -25,14 +25,13 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import logging
 import os
-import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Self
 
+from estargz_opt.atomic import atomic_write, temp_file
 from estargz_opt.descriptor import (
     LAYER_TYPES,
     OCI_INDEX,
@@ -41,6 +40,7 @@ from estargz_opt.descriptor import (
     Index,
     load_json,
 )
+from estargz_opt.digest import digest_of, hasher, sha256_digest, sha256_hex
 from estargz_opt.errors import BadInputError, EstargzOptError
 from estargz_opt.stores import check_blob
 from estargz_opt.stores.owner import is_dead, this_process
@@ -67,7 +67,9 @@ class _Sink:
 
 
 class OCILayout:
-    def __enter__(self) -> OCILayout:
+    """An OCI image layout as a Store; while open for writing it holds blobs/ (shared)."""
+
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -117,28 +119,33 @@ class OCILayout:
         return [t for d in self.index().manifests if (t := (d.annotations or {}).get(REF_NAME))]
 
     def blob_path(self, digest: str) -> Path:
-        algo, _, hexpart = digest.partition(":")
-        if algo != "sha256" or not _is_digest(hexpart):
+        hexpart = sha256_hex(digest)
+        if hexpart is None:
             raise BadInputError(f"unsupported or malformed digest {digest!r}")
-        return self.root / "blobs" / algo / hexpart
+        return self.root / "blobs" / "sha256" / hexpart
 
     def read(self, desc: Descriptor, what: str) -> bytes:
         path = self._existing(desc, what)
         data = path.read_bytes()
-        check_blob(desc, "sha256:" + hashlib.sha256(data).hexdigest(), len(data), what)
+        check_blob(desc, sha256_digest(data), len(data), what)
         return data
 
-    @contextlib.contextmanager
-    def local_file(self, desc: Descriptor, what: str) -> Iterator[Path]:
+    def stream(self, desc: Descriptor, what: str) -> Iterator[bytes]:
         path = self._existing(desc, what)
-        h = hashlib.sha256()
+        h = hasher()
         size = 0
         with open(path, "rb") as f:
             while block := f.read(_READ):
                 h.update(block)
                 size += len(block)
-        check_blob(desc, "sha256:" + h.hexdigest(), size, what)
-        yield path
+                yield block
+        check_blob(desc, digest_of(h), size, what)
+
+    @contextlib.contextmanager
+    def local_file(self, desc: Descriptor, what: str) -> Iterator[Path]:
+        for _ in self.stream(desc, what):  # the blob is already a file: only check it
+            pass
+        yield self.blob_path(desc.digest)
 
     def _existing(self, desc: Descriptor, what: str) -> Path:
         path = self.blob_path(desc.digest)
@@ -180,7 +187,7 @@ class OCILayout:
         with contextlib.suppress(FileNotFoundError):
             for entry in os.scandir(blobs):
                 digest = "sha256:" + entry.name
-                if _is_digest(entry.name) and digest not in keep and entry.is_file():
+                if sha256_hex(digest) and digest not in keep and entry.is_file():
                     out.append((digest, entry.stat().st_size))
         return sorted(out)
 
@@ -189,21 +196,20 @@ class OCILayout:
     def write(self, data: bytes, source: Descriptor | None = None) -> None:
         with self.sink() as s:
             s.file.write(data)
-            s.commit("sha256:" + hashlib.sha256(data).hexdigest(), len(data))
+            s.commit(sha256_digest(data), len(data))
 
     @contextlib.contextmanager
     def sink(self, source: Descriptor | None = None) -> Iterator[_Sink]:
         self._start_writing()
         blobs = self.root / "blobs" / "sha256"
         try:
-            fd, tmp = tempfile.mkstemp(dir=blobs, prefix=_temp_prefix("ingest"), suffix=".tmp")
-            os.fchmod(fd, 0o644)
+            f, tmp = temp_file(blobs, _temp_prefix("ingest"))
         except OSError as exc:
             raise EstargzOptError(f"cannot write blobs to {self.root}: {exc.strerror}") from None
         sink = None
         try:
-            with os.fdopen(fd, "w+b") as f:
-                sink = _Sink(self, f, Path(tmp))
+            with f:
+                sink = _Sink(self, f, tmp)
                 yield sink
         finally:
             if sink is None or not sink.committed:
@@ -232,7 +238,9 @@ class OCILayout:
                     for name, desc in tags.items()
                 ]
                 index.manifests = [*kept, *added]
-                _atomic_write(self.root / "index.json", index.to_bytes())
+                atomic_write(
+                    self.root / "index.json", index.to_bytes(), prefix=_temp_prefix("index.json")
+                )
         except OSError as exc:
             raise EstargzOptError(
                 f"cannot write {self.root / 'index.json'}: {exc.strerror}"
@@ -317,7 +325,7 @@ class OCILayout:
         try:
             (self.root / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
             if not (self.root / "oci-layout").exists():
-                _atomic_write(self.root / "oci-layout", _LAYOUT)
+                atomic_write(self.root / "oci-layout", _LAYOUT, prefix=_temp_prefix("oci-layout"))
         except OSError:
             if self._created_root:
                 self._remove_if_empty()
@@ -349,10 +357,6 @@ class OCILayout:
                         log.info("deleting %s, left by a run that was killed", entry.path)
                         with contextlib.suppress(FileNotFoundError):
                             os.unlink(entry.path)
-
-
-def _is_digest(hexpart: str) -> bool:
-    return len(hexpart) == 64 and all(c in "0123456789abcdef" for c in hexpart)
 
 
 def _temp_prefix(kind: str) -> str:
@@ -390,18 +394,3 @@ def _lock_dir(path: Path, how: int) -> int | None:
         os.close(fd)
         return None
     return fd
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path.name), suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise

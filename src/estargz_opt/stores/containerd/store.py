@@ -9,7 +9,6 @@ blobs carry the labels upstream gives them: the source blob's labels, the DiffID
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import queue
 import tempfile
@@ -17,20 +16,23 @@ import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Self
 
 from estargz_opt.descriptor import Descriptor, load_json
+from estargz_opt.digest import digest_of, hasher, sha256_digest
 from estargz_opt.errors import BadInputError, EstargzOptError
 from estargz_opt.stores import check_blob
-from estargz_opt.stores.containerd.client import (
-    Client,
+from estargz_opt.stores.containerd.client import Client
+from estargz_opt.stores.containerd.errors import (
     ContainerdError,
     ContentNotFoundError,
-    Image,
     ImageNotFoundError,
     IngestLockedError,
+)
+from estargz_opt.stores.containerd.model import (
+    ContainerdOptions,
+    Image,
     IngestStatus,
-    NamespaceNotFoundError,
     WriteResult,
 )
 from estargz_opt.stores.owner import OWNER_LABEL, is_dead, this_process
@@ -39,7 +41,6 @@ log = logging.getLogger("estargz_opt")
 
 UNCOMPRESSED_LABEL = "containerd.io/uncompressed"
 GC_CONTENT = "containerd.io/gc.ref.content"
-_READ = 1 << 20
 _BLOCK = 1 << 20
 _INGEST_PREFIX = "estargz-opt-"
 
@@ -106,7 +107,9 @@ class _Sink:
 
             def write(ref: str, lock_wait: float | None) -> WriteResult:
                 self._ref = ref
-                return self._store.client.write_content(ref, chunks, lock_wait=lock_wait)
+                return self._store.client.content.write(
+                    ref, chunks, lease=self._store.lease, lock_wait=lock_wait
+                )
 
             self._result = self._store.write_ingest(self._base, write)
         except BaseException as exc:  # reported to the writer on its next put or commit
@@ -142,7 +145,7 @@ class _Sink:
         if diff_id:
             labels[UNCOMPRESSED_LABEL] = diff_id
         if labels:
-            self._store.client.update_labels(digest, labels)
+            self._store.client.content.update_labels(digest, labels)
         self.committed = True
 
     def abort(self) -> None:
@@ -152,36 +155,54 @@ class _Sink:
                 self._queue.put(_ABORT, timeout=5)
             self._thread.join(timeout=10)
         with contextlib.suppress(EstargzOptError):
-            self._store.client.abort(self._ref)
+            self._store.client.content.abort(self._ref)
 
 
 class ContainerdStore:
     """Images of one containerd namespace, used inside a lease (use it as a context manager)."""
 
     def __init__(self, client: Client, tmp_dir: str | None = None) -> None:
-        self.client = client
+        self._client = client
         self._tmp_dir = tmp_dir
         self._stack = ExitStack()
         self._lock = threading.Lock()
         self._sinks: dict[str, int] = {}
+        self.lease: str | None = None
         self._owner = this_process()
         #: ingests of killed runs, by ref without its owner: resumed by the same write
         self._dead_ingests: dict[str, IngestStatus] = {}
 
-    def __enter__(self) -> ContainerdStore:
-        # Check first: taking a lease in a namespace that does not exist would create it.
-        if not self.client.namespace_exists(self.client.namespace):
-            raise NamespaceNotFoundError(self.client._no_namespace_message())
-        self._reap_dead_leases()
-        labels = {"estargz-opt": "optimize", OWNER_LABEL: self._owner}
-        self._stack.enter_context(self.client.lease(labels=labels))
-        self._find_dead_ingests()
+    @classmethod
+    def connect(cls, options: ContainerdOptions) -> ContainerdStore:
+        """A store over a new client; entering the store takes its lease, leaving it
+        deletes the lease and closes the client."""
+        store = cls(Client(options.address, options.namespace, options.timeout))
+        store._stack.callback(store._client.close)
+        return store
+
+    @property
+    def client(self) -> Client:
+        """The containerd client, for what needs containerd's own services beyond the
+        Store interface (the workload runner: snapshots, containers, tasks)."""
+        return self._client
+
+    def __enter__(self) -> Self:
+        try:
+            # Check first: taking a lease in a namespace that does not exist would create it.
+            self.client.check_namespace()
+            self._reap_dead_leases()
+            labels = {"estargz-opt": "optimize", OWNER_LABEL: self._owner}
+            self.lease = self._stack.enter_context(self.client.leases.hold(labels=labels))
+            self._find_dead_ingests()
+        except BaseException:
+            self._stack.close()
+            raise
         return self
 
     def _find_dead_ingests(self) -> None:
         """Note the ingests of killed runs (their ref ends in `@owner`, see owner.py)."""
         try:
-            ingests = self.client.list_ingests()
+            ingests = self.client.content.list_statuses()
         except ContainerdError as exc:
             log.debug("cannot list ingests: %s", exc)
             return
@@ -199,13 +220,13 @@ class ContainerdStore:
             with contextlib.suppress(ContainerdError):
                 # Unless another rerun resumes it right now (containerd's abort ignores
                 # the ingest's lock): then it has moved on since we listed it.
-                now = self.client.ingest_status(old.ref)
+                now = self.client.content.status(old.ref)
                 if now is not None and (now.offset, now.updated_at) == (
                     old.offset,
                     old.updated_at,
                 ):
                     log.info("deleting ingest %s, left by a run that was killed", old.ref)
-                    self.client.abort(old.ref)
+                    self.client.content.abort(old.ref)
 
     def write_ingest(
         self, base: str, write: Callable[[str, float | None], WriteResult]
@@ -230,18 +251,19 @@ class ContainerdStore:
     def _reap_dead_leases(self) -> None:
         """Delete the leases of estargz-opt runs that were killed (see owner.py)."""
         try:
-            leases = self.client.list_leases(f'labels."{OWNER_LABEL}"')
+            leases = self.client.leases.list(f'labels."{OWNER_LABEL}"')
         except ContainerdError:
             return
         for lease in leases:
             if is_dead(lease.labels.get(OWNER_LABEL, "")):
                 log.info("deleting lease %s, left by a run that was killed", lease.id)
                 try:
-                    self.client.delete_lease(lease.id)
+                    self.client.leases.delete(lease.id)
                 except ContainerdError as exc:
                     log.debug("could not delete lease %s: %s", lease.id, exc)
 
     def __exit__(self, *exc: object) -> None:
+        self.lease = None
         self._stack.close()
 
     @property
@@ -254,33 +276,37 @@ class ContainerdStore:
         if not name:
             raise EstargzOptError("name an image in containerd")
         try:
-            return self.client.get_image(name).target
+            return self.client.images.get(name).target
         except ImageNotFoundError:
             raise EstargzOptError(f"image {name!r} not found in {self.where}") from None
 
     def read(self, desc: Descriptor, what: str) -> bytes:
         try:
-            data = self.client.read_all(desc.digest, verify=False)
+            data = self.client.content.read_all(desc.digest, verify=False)
         except ContentNotFoundError:
             raise self._missing(desc, what) from None
-        check_blob(desc, "sha256:" + hashlib.sha256(data).hexdigest(), len(data), what)
+        check_blob(desc, sha256_digest(data), len(data), what)
         return data
+
+    def stream(self, desc: Descriptor, what: str) -> Iterator[bytes]:
+        h = hasher()
+        size = 0
+        try:
+            for block in self.client.content.read(desc.digest):
+                h.update(block)
+                size += len(block)
+                yield block
+        except ContentNotFoundError:
+            raise self._missing(desc, what) from None
+        check_blob(desc, digest_of(h), size, what)
 
     @contextlib.contextmanager
     def local_file(self, desc: Descriptor, what: str) -> Iterator[Path]:
-        h = hashlib.sha256()
-        size = 0
         # An anonymous file: nothing is left in TMPDIR even if the process is killed.
         with tempfile.TemporaryFile(dir=self._tmp_dir, prefix="estargz-opt-") as f:
-            try:
-                for block in self.client.read_content(desc.digest):
-                    f.write(block)
-                    h.update(block)
-                    size += len(block)
-            except ContentNotFoundError:
-                raise self._missing(desc, what) from None
+            for block in self.stream(desc, what):
+                f.write(block)
             f.flush()
-            check_blob(desc, "sha256:" + h.hexdigest(), size, what)
             yield Path(f"/proc/self/fd/{f.fileno()}")
 
     def _missing(self, desc: Descriptor, what: str) -> BadInputError:
@@ -295,7 +321,7 @@ class ContainerdStore:
         if source is None:
             return {}
         try:
-            labels = self.client.content_info(source.digest).labels
+            labels = self.client.content.info(source.digest).labels
         except ContentNotFoundError:
             return {}
         return {
@@ -307,7 +333,7 @@ class ContainerdStore:
     # ------------------------------------------------------------------ writing
 
     def write(self, data: bytes, source: Descriptor | None = None) -> None:
-        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        digest = sha256_digest(data)
         labels = self.source_labels(source) | _gc_labels(data)
         self.upload(data, digest, len(data), labels)
 
@@ -332,12 +358,13 @@ class ContainerdStore:
         self, data: bytes | BinaryIO, digest: str, size: int, labels: Mapping[str, str]
     ) -> None:
         def write(ref: str, lock_wait: float | None) -> WriteResult:
-            return self.client.write_content(
+            return self.client.content.write(
                 ref,
                 data,
                 expected_digest=digest,
                 expected_size=size,
                 labels=labels,
+                lease=self.lease,
                 lock_wait=lock_wait,
             )
 
@@ -345,7 +372,7 @@ class ContainerdStore:
 
     def tag(self, tags: Mapping[str, Descriptor]) -> None:
         for name, desc in tags.items():
-            self.client.put_image(Image(name=name, target=desc))
+            self.client.images.put(Image(name=name, target=desc))
 
     def rollback(self) -> None:
         """Nothing to undo by hand: unreferenced content goes with the lease."""
