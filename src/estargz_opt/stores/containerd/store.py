@@ -190,10 +190,12 @@ class ContainerdStore:
         try:
             # Check first: taking a lease in a namespace that does not exist would create it.
             self.client.check_namespace()
-            self._reap_dead_leases()
             labels = {"estargz-opt": "optimize", OWNER_LABEL: self._owner}
             self.lease = self._stack.enter_context(self.client.leases.hold(labels=labels))
+            # Dead runs' ingests move to our lease first: deleting their lease lets the
+            # garbage collector take them, and with them what a resume would reuse.
             self._find_dead_ingests()
+            self._reap_dead_leases()
         except BaseException:
             self._stack.close()
             raise
@@ -206,9 +208,15 @@ class ContainerdStore:
         except ContainerdError as exc:
             log.debug("cannot list ingests: %s", exc)
             return
+        assert self.lease is not None
         for status in ingests:
             base, _, owner = status.ref.rpartition("@")
             if base.startswith(_INGEST_PREFIX) and is_dead(owner):
+                try:
+                    self.client.leases.add_resource(self.lease, status.ref, type="ingests")
+                except ContainerdError as exc:  # gone meanwhile: nothing to resume
+                    log.debug("cannot keep ingest %s: %s", status.ref, exc)
+                    continue
                 self._dead_ingests[base] = status
         # Those no write of this run resumes are dropped when it ends.
         self._stack.callback(self._abort_dead_ingests)
