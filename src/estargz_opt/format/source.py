@@ -1,7 +1,7 @@
 """Opening an input layer: tar, tar+gzip or tar+zstd, recognised by its first bytes.
 
-Compressed input is decompressed once into an anonymous temporary file, so the layer
-never sits in memory and nothing is left on disk if the process dies.
+Compressed input is decompressed once, in bounded pieces, into an anonymous temporary
+file, so the layer never sits in memory and nothing is left on disk if the process dies.
 """
 
 from __future__ import annotations
@@ -10,14 +10,14 @@ import contextlib
 import os
 import shutil
 import tempfile
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from isal import isal_zlib
-
 from estargz_opt.errors import BadInputError
+from estargz_opt.format.codec import PIECE, Stream
+from estargz_opt.format.estargz import GzipStream
+from estargz_opt.format.zstdchunked import ZstdStream
 
 GZIP_MAGIC = b"\x1f\x8b\x08"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -68,44 +68,44 @@ def open_tar(path: str | os.PathLike[str], tmp_dir: str | None = None) -> Iterat
 
 def gunzip_into(src: BinaryIO, dst: BinaryIO) -> int:
     """Decompress a multi-member gzip stream; corrupt or truncated data is BadInputError."""
-    total = 0
-    d = isal_zlib.decompressobj(31)
-    in_member = False
-    while data := src.read(_COPY):
-        while data:
-            in_member = True
-            try:
-                out = d.decompress(data)
-            except (isal_zlib.error, zlib.error) as exc:
-                raise BadInputError(f"corrupt gzip input near byte {src.tell()}: {exc}") from None
-            dst.write(out)
-            total += len(out)
-            if not d.eof:
-                break
-            data = d.unused_data
-            d = isal_zlib.decompressobj(31)
-            in_member = False
-    if in_member:
-        raise BadInputError("truncated gzip input: the stream ends inside a member")
-    return total
+    return _decompress_into(GzipStream(), "gzip", src, dst)
 
 
 def unzstd_into(src: BinaryIO, dst: BinaryIO) -> int:
     """Decompress every zstd frame; corrupt or truncated data is BadInputError."""
-    from estargz_opt.format.zstdchunked import ZstdStream
+    return _decompress_into(ZstdStream(), "zstd", src, dst)
 
-    stream = ZstdStream()
+
+def _decompress_into(stream: Stream, kind: str, src: BinaryIO, dst: BinaryIO) -> int:
+    """Stream src through the decoder into dst, one bounded piece at a time.
+
+    All-zero pieces become holes (a seek, not a write), so that zero-filled files and
+    zero bombs cost neither memory nor disk bandwidth.
+    """
     total = 0
-    while True:
-        data = src.read(_COPY)
-        if not data:
-            break
+    hole = False
+    while data := src.read(_COPY):
         try:
-            out = stream.feed(data)
+            for out in stream.feed(data):
+                if out == _ZEROS[: len(out)]:
+                    dst.seek(len(out), os.SEEK_CUR)
+                    hole = True
+                else:
+                    dst.write(out)
+                    hole = False
+                total += len(out)
         except ValueError as exc:
-            raise BadInputError(f"corrupt zstd input: {exc}") from None
-        dst.write(out)
-        total += len(out)
+            raise BadInputError(
+                f"corrupt {kind} input: member at offset {stream.member_start}: {exc}"
+            ) from None
     if not stream.at_member_end():
-        raise BadInputError("truncated zstd input: the stream ends inside a frame")
+        raise BadInputError(
+            f"truncated {kind} input: the stream ends inside the member at offset "
+            f"{stream.member_start}"
+        )
+    if hole:
+        dst.truncate(total)  # a trailing hole needs the file's length set
     return total
+
+
+_ZEROS = memoryview(bytes(PIECE))
