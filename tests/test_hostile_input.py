@@ -327,7 +327,8 @@ def _pax_mtime_tar(value: str) -> bytes:
     ],
 )
 def test_mtime_beyond_int64_is_refused_like_go(tmp_path: Path, tar_bytes: bytes) -> None:
-    """Go's archive/tar fails on these headers (ParseInt / int64 overflow): so do we."""
+    """Go's archive/tar fails on these headers ("invalid tar header": ParseInt or int64
+    overflow; checked with Go's reader on these very bytes): so do we, in one line."""
     src = tmp_path / "src.tar"
     src.write_bytes(tar_bytes)
     refused(measured("layer", "convert", src, tmp_path / "out"), "mtime")
@@ -354,7 +355,8 @@ def test_mtime_beyond_int64_is_refused_like_go(tmp_path: Path, tar_bytes: bytes)
 def test_mtime_outside_years_1_to_9999_is_formatted_like_go(
     tmp_path: Path, tar_bytes: bytes, modtime: str
 ) -> None:
-    """Go's reader accepts them and Time.Format writes the year with more digits or a sign."""
+    """Go's reader accepts them and Time.Format writes the year with more digits or a sign
+    (the strings below are what Go printed for these very headers)."""
     src = tmp_path / "src.tar"
     src.write_bytes(tar_bytes)
     out = tmp_path / "out"
