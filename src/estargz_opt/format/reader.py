@@ -1,8 +1,10 @@
 """Opening a converted layer: find its footer, load and check its TOC, verify every chunk.
 
-Verification is what a lazy puller does at read time, done up front: each chunk is
-decompressed from its TOC offset and hashed, so a lying TOC or a flipped byte is named
-(entry and offset) before the image is pushed.
+Verification is what both kinds of pull do, done up front. A lazy puller decompresses
+each chunk from its TOC offset and hashes it; a full pull (overlayfs, Podman, containerd's
+default) reads every member in order, headers-only members too. Both are checked, so a
+lying TOC or a flipped byte anywhere is named (entry and offset) before the image is
+pushed. Decompression never hands out more than a fixed piece, whatever the ratio.
 """
 
 from __future__ import annotations
