@@ -284,6 +284,16 @@ def test_deeply_nested_toc_json(tmp_path: Path, fmt: Format, where: str) -> None
         refused(measured(*reader_args(cmd, args, tmp_path)), "nested too deeply")
 
 
+@pytest.mark.parametrize("value", ['"\\u0080"', "[1]", "{}", '"a b"'])
+def test_toc_xattr_that_is_not_base64(tmp_path: Path, value: str) -> None:
+    """Found by the fuzz target: non-ASCII text in an xattr value was a ValueError traceback."""
+    conv = sample_layer(tmp_path, Format.ESTARGZ)
+    doc = ('{"version": 1, "entries": [{"name": "a/", "type": "dir", "xattrs": {"k": '
+           + value + "}}]}").encode()
+    args = with_toc_json(conv, Format.ESTARGZ, doc, tmp_path)
+    refused(measured("layer", "verify", *args), "xattrs")
+
+
 # ---------------------------------------------------------------------------------------------
 # tar times out of range
 

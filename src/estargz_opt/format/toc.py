@@ -8,7 +8,6 @@ the same entries: tab indent, Go's HTML escaping, omitempty, base64 xattrs.
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import json
 import re
@@ -268,5 +267,5 @@ def _parse_xattrs(value: Any, i: int) -> dict[str, bytes]:
         raise BadInputError(f"malformed TOC JSON: entry {i} has bad xattrs")
     try:
         return {k: base64.b64decode(v, validate=True) for k, v in value.items()}
-    except (binascii.Error, TypeError):
+    except (ValueError, TypeError):  # binascii.Error, non-ASCII text, a non-string value
         raise BadInputError(f"malformed TOC JSON: entry {i} has bad xattrs") from None
