@@ -10,6 +10,7 @@ Times are recorded in the test's output (run with -s to see them).
 
 from __future__ import annotations
 
+import functools
 import gzip
 import os
 import struct
@@ -95,8 +96,9 @@ def refused(run: Run, *keywords: str) -> str:
 # building hostile blobs
 
 
+@functools.cache
 def zero_gzip(size: int, prefix: bytes = b"") -> bytes:
-    """A gzip member of prefix and then size zero bytes, built without holding them."""
+    """A gzip member of prefix and then size zero bytes, built without holding them (once)."""
     c = zlib.compressobj(9, zlib.DEFLATED, 31)
     parts = [c.compress(prefix)]
     block = bytes(MiB)
@@ -106,6 +108,7 @@ def zero_gzip(size: int, prefix: bytes = b"") -> bytes:
     return b"".join(parts)
 
 
+@functools.cache
 def zero_zstd(size: int, prefix: bytes = b"") -> bytes:
     c = zstandard.ZstdCompressor(level=3, write_content_size=False)
     chunker = c.chunker(chunk_size=MiB)
