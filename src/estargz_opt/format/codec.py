@@ -7,7 +7,7 @@ else about gzip, zstd or external TOCs.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -35,6 +35,12 @@ class Footer:
     toc_plain_size: int = 0  # the TOC's uncompressed size when the footer states it (zstd)
 
 
+class Output(Protocol):
+    """Where a built layer goes: a file, or a store's upload stream (only written to)."""
+
+    def write(self, data: bytes, /) -> int: ...
+
+
 class Compressor(Protocol):
     """Writes a format: independent payload members, then the TOC and the footer."""
 
@@ -57,6 +63,19 @@ class Stream(Protocol):
     def feed(self, data: bytes) -> Iterator[bytes]: ...
 
     def at_member_end(self) -> bool: ...
+
+
+class TruncatedError(ValueError):
+    """The input ended inside a member."""
+
+
+def decode_all(stream: Stream, chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """Everything `chunks` decode to through `stream`, in pieces of at most PIECE bytes:
+    ValueError on corrupt input, TruncatedError on input that ends inside a member."""
+    for chunk in chunks:
+        yield from stream.feed(chunk)
+    if not stream.at_member_end():
+        raise TruncatedError(f"the stream ends inside the member at offset {stream.member_start}")
 
 
 class Decompressor(Protocol):

@@ -9,7 +9,6 @@ pushed. Decompression never hands out more than a fixed piece, whatever the rati
 
 from __future__ import annotations
 
-import hashlib
 import os
 import struct
 from collections import deque
@@ -19,9 +18,10 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import BinaryIO
 
+from estargz_opt.digest import digest_of, hasher
 from estargz_opt.errors import BadInputError, VerificationError
 from estargz_opt.format import tarfmt
-from estargz_opt.format.codec import Decompressor, Footer, Stream
+from estargz_opt.format.codec import Decompressor, Footer, Stream, TruncatedError, decode_all
 from estargz_opt.format.estargz import GzipDecompressor, LegacyGzipDecompressor
 from estargz_opt.format.externaltoc import ExternalTOCDecompressor
 from estargz_opt.format.toc import (
@@ -42,6 +42,10 @@ DECOMPRESSORS: tuple[Decompressor, ...] = (
     ExternalTOCDecompressor(),
 )
 _STEP = 1 << 20
+
+
+class MissingExternalTOCError(VerificationError):
+    """The blob is an external-TOC layer and its TOC was not supplied."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,7 +172,7 @@ class Layer:
     def _check_group(self, start: int, end: int, chunks: list[Chunk]) -> str | None:
         """Hash the chunks of the member at start as it inflates, no further than they reach."""
         need = max(c.inner_offset + c.length for c in chunks)
-        hashers = [hashlib.sha256() for _ in chunks]
+        hashers = [hasher() for _ in chunks]
         pos = 0
         try:
             for piece in self._plain_from(start, end):
@@ -189,7 +193,7 @@ class Layer:
                     f"entry {c.name!r} at offset {c.offset}: data ends after "
                     f"{max(0, pos - c.inner_offset)} of {c.length} bytes"
                 )
-            got = "sha256:" + h.hexdigest()
+            got = digest_of(h)
             if got != c.digest:
                 return (
                     f"entry {c.name!r} at offset {c.offset} (inner offset {c.inner_offset}): "
@@ -228,7 +232,7 @@ class Layer:
         Memory stays bounded: the tar is parsed from the decompressed stream as it flows,
         content is hashed (and copied to sink, without landmarks and the TOC) piece by piece.
         """
-        diff = hashlib.sha256()
+        diff = hasher()
         stream = self.codec.stream(0)
 
         def pieces() -> Iterator[bytes]:
@@ -277,7 +281,7 @@ class Layer:
                 f"more than {_MAX_TRAILING} bytes follow the tar's end (member at offset "
                 f"{stream.member_start})"
             )
-        return PayloadCheck(diff_id="sha256:" + diff.hexdigest(), uncompressed_size=plain.pos)
+        return PayloadCheck(diff_id=digest_of(diff), uncompressed_size=plain.pos)
 
     def _check_content(
         self,
@@ -298,7 +302,7 @@ class Layer:
                     f"TOC chunks of {e.name!r} do not tile its {e.size} bytes "
                     f"(a chunk at {c.chunk_offset}+{length})"
                 )
-            h = hashlib.sha256()
+            h = hasher()
             left = length
             while left:
                 data = plain.read(min(left, _STEP))
@@ -310,7 +314,7 @@ class Layer:
                 h.update(data)
                 plain.settle(plain.pos, sink)
                 left -= len(data)
-            got = "sha256:" + h.hexdigest()
+            got = digest_of(h)
             if got != c.chunk_digest:
                 raise VerificationError(
                     f"entry {e.name!r} at file offset {c.chunk_offset} (member at offset "
@@ -322,13 +326,13 @@ class Layer:
 
     def _check_toc_entry(self, plain: _PlainStream, e: tarfmt.TarEntry, stream: Stream) -> None:
         """The TOC's own tar entry, after the payload: it must hold the TOC that was parsed."""
-        h = hashlib.sha256()
+        h = hasher()
         left = e.size
         while left and (data := plain.read(min(left, _STEP))):
             h.update(data)
             left -= len(data)
         plain.settle(plain.pos, None)
-        if "sha256:" + h.hexdigest() != self.toc_digest:
+        if digest_of(h) != self.toc_digest:
             raise VerificationError(
                 f"the TOC entry in the member at offset {stream.member_start} is not the TOC read"
             )
@@ -338,15 +342,15 @@ class Layer:
 
     def _decompressed(self, end: int, stream: Stream) -> Iterator[bytes]:
         """The members in blob bytes [0, end), decompressed in order, in bounded pieces."""
-        for pos in range(0, end, _STEP):
-            try:
-                yield from stream.feed(self.read_at(pos, min(_STEP, end - pos)))
-            except ValueError as exc:
-                raise VerificationError(f"member at offset {stream.member_start}: {exc}") from None
-        if not stream.at_member_end():
+        reads = (self.read_at(pos, min(_STEP, end - pos)) for pos in range(0, end, _STEP))
+        try:
+            yield from decode_all(stream, reads)
+        except TruncatedError:
             raise VerificationError(
                 f"blob ends inside the compressed member at offset {stream.member_start}"
-            )
+            ) from None
+        except ValueError as exc:
+            raise VerificationError(f"member at offset {stream.member_start}: {exc}") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -501,7 +505,7 @@ def _open(f: BinaryIO, external_toc: bytes | None) -> Layer:
             continue
         if footer.toc_offset is None:
             if external_toc is None:
-                raise VerificationError(
+                raise MissingExternalTOCError(
                     "the layer keeps its TOC outside the blob (external TOC); supply it"
                 )
             raw = external_toc

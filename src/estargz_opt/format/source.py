@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from estargz_opt.errors import BadInputError
-from estargz_opt.format.codec import PIECE, Stream
+from estargz_opt.format.codec import PIECE, Stream, TruncatedError, decode_all
 from estargz_opt.format.estargz import GzipStream
 from estargz_opt.format.zstdchunked import ZstdStream
 
@@ -84,25 +84,21 @@ def _decompress_into(stream: Stream, kind: str, src: BinaryIO, dst: BinaryIO) ->
     """
     total = 0
     hole = False
-    while data := src.read(_COPY):
-        try:
-            for out in stream.feed(data):
-                if out == _ZEROS[: len(out)]:
-                    dst.seek(len(out), os.SEEK_CUR)
-                    hole = True
-                else:
-                    dst.write(out)
-                    hole = False
-                total += len(out)
-        except ValueError as exc:
-            raise BadInputError(
-                f"corrupt {kind} input: member at offset {stream.member_start}: {exc}"
-            ) from None
-    if not stream.at_member_end():
+    try:
+        for out in decode_all(stream, iter(lambda: src.read(_COPY), b"")):
+            if out == _ZEROS[: len(out)]:
+                dst.seek(len(out), os.SEEK_CUR)
+                hole = True
+            else:
+                dst.write(out)
+                hole = False
+            total += len(out)
+    except TruncatedError as exc:
+        raise BadInputError(f"truncated {kind} input: {exc}") from None
+    except ValueError as exc:
         raise BadInputError(
-            f"truncated {kind} input: the stream ends inside the member at offset "
-            f"{stream.member_start}"
-        )
+            f"corrupt {kind} input: member at offset {stream.member_start}: {exc}"
+        ) from None
     if hole:
         dst.truncate(total)  # a trailing hole needs the file's length set
     return total

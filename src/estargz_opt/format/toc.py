@@ -8,12 +8,12 @@ the same entries: tab indent, Go's HTML escaping, omitempty, base64 xattrs.
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from estargz_opt.digest import sha256_digest
 from estargz_opt.errors import BadInputError
 
 TOC_TAR_NAME = "stargz.index.json"
@@ -173,7 +173,7 @@ _GO_ESCAPES = (
     ("\u2029", "\\u2029"),
 )
 _SURROGATES = re.compile("[\udc80-\udcff]")
-_quote = json.encoder.encode_basestring  # type: ignore[attr-defined]
+_quote = json.encoder.encode_basestring
 
 
 def format_modtime(sec: int, nsec: int) -> str:
@@ -214,7 +214,7 @@ def _civil_from_days(days: int) -> tuple[int, int, int]:
 
 
 def toc_digest(toc_json: bytes) -> str:
-    return "sha256:" + hashlib.sha256(toc_json).hexdigest()
+    return sha256_digest(toc_json)
 
 
 def parse_toc(data: bytes) -> TOC:
