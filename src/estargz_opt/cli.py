@@ -28,6 +28,9 @@ from estargz_opt.optimize import ContainerdOptions, OptimizeRequest, optimize, p
 from estargz_opt.progress import Progress
 
 log = logging.getLogger("estargz_opt")
+_GZIP_NEGATIVE_LEVELS = (
+    "-1 is Go's default (6); -2 is Huffman-only, written by zlib's Z_HUFFMAN_ONLY"
+)
 
 
 def _read_lines(path: Path) -> list[str]:
@@ -192,7 +195,13 @@ def _sampler(kw: dict[str, Any]) -> SamplerOptions:
 @click.option("--all-platforms", is_flag=True, help="Convert every platform of an index.")
 @click.option("--zstdchunked", is_flag=True, help="Write zstd:chunked layers (needs --oci).")
 @click.option("--zstdchunked-compression-level", type=int, default=3, show_default=True)
-@click.option("--estargz-compression-level", type=int, default=9, show_default=True)
+@click.option(
+    "--estargz-compression-level",
+    type=int,
+    default=9,
+    show_default=True,
+    help=f"gzip level 0-9; {_GZIP_NEGATIVE_LEVELS}.",
+)
 @click.option("--estargz-chunk-size", type=int, default=0, help="Chunk size in bytes (0: 4 MiB).")
 @click.option(
     "--estargz-min-chunk-size",
@@ -497,7 +506,7 @@ def layer() -> None:
 @click.option(
     "--compression-level",
     type=int,
-    help="gzip 0-9 (default 9) or zstd 1-22 (default 3).",
+    help=f"gzip 0-9 (default 9; {_GZIP_NEGATIVE_LEVELS}) or zstd 1-22 (default 3).",
 )
 @click.option(
     "--chunk-size",
