@@ -237,12 +237,12 @@ def test_payload_equals_ctr_remote_for_corner_cases(ctr_remote: Path, containerd
 
 def _format_trees(fmt: int | None) -> st.SearchStrategy[list[Entry]]:
     """Several generated trees in one layer (ctr-remote is slow: batch the entries)."""
-    trees = st.lists(layer_trees(max_entries=16), min_size=6, max_size=6)
+    trees = st.lists(layer_trees(max_entries=14), min_size=4, max_size=4)
     return trees.map(lambda ts: in_format([e for t in ts for e in t], fmt))
 
 
 @pytest.mark.interop
-@settings(max_examples=3, deadline=None, database=None,
+@settings(max_examples=6, deadline=None, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                  HealthCheck.function_scoped_fixture])
 @given(pax=_format_trees(PAX), gnu=_format_trees(GNU), ustar=_format_trees(USTAR),
