@@ -215,11 +215,11 @@ def _pax_int(records: dict[str, str], key: str, offset: int) -> int | None:
     return value
 
 
-def _pax_time(text: str, offset: int) -> tuple[int, int]:
+def _pax_time(text: str, offset: int, key: str = "mtime") -> tuple[int, int]:
     sign = -1 if text.startswith("-") else 1
     whole, _, frac = text.lstrip("-").partition(".")
     if not whole.isdigit() or (frac and not frac.isdigit()):
-        raise BadInputError(f"invalid PAX mtime record in tar header at offset {offset}")
+        raise BadInputError(f"invalid PAX {key} record in tar header at offset {offset}")
     nsec = int((frac + "000000000")[:9]) if frac else 0
     sec = int(whole)
     if sign < 0 and nsec:
@@ -378,9 +378,9 @@ def _merge_pax(entry: TarEntry, pax: dict[str, str], at: int) -> None:
     if pax.get("mtime"):
         entry.mtime, entry.mtime_nsec = _pax_time(pax["mtime"], at)
     if pax.get("atime"):
-        entry.atime = _pax_time(pax["atime"], at)
+        entry.atime = _pax_time(pax["atime"], at, "atime")
     if pax.get("ctime"):
-        entry.ctime = _pax_time(pax["ctime"], at)
+        entry.ctime = _pax_time(pax["ctime"], at, "ctime")
 
 
 # ----------------------------------------------------------------------------- writing
