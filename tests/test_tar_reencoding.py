@@ -37,7 +37,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from imagefactory import archive_for_ctr
 from ociimage import OCIImage, image_target, import_image, read_manifest, write_oci_layout
-from tarbytes import SET_ASIDE, build_retar, kept_entries, pax_records, retar, split_entries
+from tarbytes import (
+    SET_ASIDE,
+    build_retar,
+    kept_entries,
+    pax_records,
+    retar,
+    split_entries,
+    try_retar,
+)
 from tarfactory import (
     GNU,
     PAX,
@@ -53,6 +61,7 @@ from tarfactory import (
 )
 from test_toc_parity import ctr_remote_run
 
+from estargz_opt.errors import BadInputError
 from estargz_opt.format import Format, LayerOptions, convert_layer
 
 USTAR = tarfile.USTAR_FORMAT
@@ -249,13 +258,19 @@ def _format_trees(fmt: int | None) -> st.SearchStrategy[list[Entry]]:
        mixed=_format_trees(None))
 def test_payload_equals_ctr_remote_for_generated_trees(
         pax: list[Entry], gnu: list[Entry], ustar: list[Entry], mixed: list[Entry],
-        ctr_remote: Path, containerd, tmp_path_factory: pytest.TempPathFactory) -> None:
+        ctr_remote: Path, containerd, retar_bin: Path,
+        tmp_path_factory: pytest.TempPathFactory) -> None:
     tmp = tmp_path_factory.mktemp("generated")
     # A marker entry keeps the layers distinct (ctr-remote fails on two equal layers: it
     # converts both at once under the same lock).
     layers = {label: write_tar([*entries, reg(f"layer-{label}", label.encode(), fmt=PAX)])
               for label, entries in (("pax", pax), ("gnu", gnu), ("ustar", ustar),
                                      ("mixed", mixed))}
+    for label, raw in list(layers.items()):
+        if try_retar(retar_bin, raw) is None:  # Go's writer (so ctr-remote) refuses it: so do we
+            with pytest.raises(BadInputError, match="cannot re-encode tar entry"):
+                our_payload(raw, tmp)
+            del layers[label]
     check_against_ctr_remote(layers, ctr_remote, containerd, tmp, f"reencode-gen-{tmp.name}")
 
 
@@ -279,8 +294,13 @@ def test_payload_equals_go_for_generated_trees(tree: list[Entry], fmt: int | Non
     entries = in_format(tree, fmt)
     last = {clean_name(e.name): i for i, e in enumerate(entries)}
     raw = write_tar([e for i, e in enumerate(entries) if last[clean_name(e.name)] == i])
+    reference = try_retar(retar_bin, raw)
+    if reference is None:  # Go's writer refuses it (ctr-remote fails): we refuse it too
+        with pytest.raises(BadInputError, match="cannot re-encode tar entry"):
+            our_payload(raw, tmp_path_factory.mktemp("go"))
+        return
     ours, _ = our_payload(raw, tmp_path_factory.mktemp("go"))
-    problems = compare_entries("generated", ours, retar(retar_bin, raw))
+    problems = compare_entries("generated", ours, reference)
     assert not problems, "\n".join(problems)
 
 
@@ -591,3 +611,17 @@ def test_optimize_accepts_negative_gzip_levels(level: str, tmp_path: Path) -> No
     layer.write_bytes(_top_layer_blob(out))
     estargz_opt("layer", "verify", str(layer))
     assert layer.read_bytes()[8] == 0  # XFL of Go's gzip at levels other than 1 and 9
+
+
+def test_what_go_cannot_reencode_is_refused(retar_bin: Path, tmp_path: Path) -> None:
+    """A USTAR directory whose 122-byte name tarfile stored as prefix + empty name: Go's
+    writer cannot split it again and USTAR is the format it must keep, so ctr-remote fails;
+    we refuse it in one line and write nothing."""
+    raw = write_tar(in_format([dir_("d/" + "p" * 120 + "/")], USTAR))
+    assert try_retar(retar_bin, raw) is None
+    src, out = tmp_path / "in.tar", tmp_path / "out.esgz"
+    src.write_bytes(raw)
+    res = estargz_opt("layer", "convert", str(src), str(out), check=False)
+    assert res.returncode == 1 and res.stderr.count("\n") == 1, res.stderr
+    assert res.stderr.startswith("estargz-opt: error: cannot re-encode tar entry 'd/ppp")
+    assert not out.exists()
