@@ -33,6 +33,9 @@ from estargz_opt.stores.containerd.model import (
 )
 
 log = logging.getLogger("estargz_opt")
+_GZIP_NEGATIVE_LEVELS = (
+    "-1 is Go's default (6); -2 is Huffman-only, written by zlib's Z_HUFFMAN_ONLY"
+)
 #: An existing file argument, and a file to be written.
 _INPUT_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 _OUTPUT_FILE = click.Path(dir_okay=False, path_type=Path)
@@ -201,7 +204,13 @@ def _sampler(kw: dict[str, Any]) -> SamplerOptions:
 @click.option("--all-platforms", is_flag=True, help="Convert every platform of an index.")
 @click.option("--zstdchunked", is_flag=True, help="Write zstd:chunked layers (needs --oci).")
 @click.option("--zstdchunked-compression-level", type=int, default=3, show_default=True)
-@click.option("--estargz-compression-level", type=int, default=9, show_default=True)
+@click.option(
+    "--estargz-compression-level",
+    type=int,
+    default=9,
+    show_default=True,
+    help=f"gzip level 0-9; {_GZIP_NEGATIVE_LEVELS}.",
+)
 @click.option("--estargz-chunk-size", type=int, default=0, help="Chunk size in bytes (0: 4 MiB).")
 @click.option(
     "--estargz-min-chunk-size",
@@ -495,7 +504,7 @@ def layer() -> None:
 @click.option(
     "--compression-level",
     type=int,
-    help="gzip 0-9 (default 9) or zstd 1-22 (default 3).",
+    help=f"gzip 0-9 (default 9; {_GZIP_NEGATIVE_LEVELS}) or zstd 1-22 (default 3).",
 )
 @click.option(
     "--chunk-size",

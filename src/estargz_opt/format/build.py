@@ -80,8 +80,11 @@ class LayerOptions:
                 raise BadInputError(f"zstd compression level must be 1-22, got {self.level}")
             if self.min_chunk_size:
                 raise BadInputError("min chunk size applies to gzip eStargz only, not zstd:chunked")
-        elif not 0 <= self.level <= 9:
-            raise BadInputError(f"gzip compression level must be 0-9, got {self.level}")
+        elif not estargz.MIN_LEVEL <= self.level <= estargz.MAX_LEVEL:
+            raise BadInputError(
+                f"gzip compression level must be -2 to 9 (-1: default, -2: Huffman-only), "
+                f"got {self.level}"
+            )
         if self.chunk_size <= 0:
             raise BadInputError(f"chunk size must be positive, got {self.chunk_size}")
         if self.min_chunk_size < 0:

@@ -19,6 +19,12 @@ from estargz_opt.format.codec import MAX_TOC_SIZE, PIECE, Footer, TOCTail
 from estargz_opt.format.toc import TOC_TAR_NAME
 
 DEFAULT_LEVEL = 9
+# Go's compress/gzip levels below 0, which ctr-remote passes through: DefaultCompression
+# is flate level 6; HuffmanOnly has no LZ77 matches, which libdeflate cannot do, so zlib's
+# Z_HUFFMAN_ONLY strategy (the same encoding idea) writes those members.
+DEFAULT_COMPRESSION = -1
+HUFFMAN_ONLY = -2
+MIN_LEVEL, MAX_LEVEL = HUFFMAN_ONLY, 9
 FOOTER_SIZE = 51
 LEGACY_FOOTER_SIZE = 47
 _HEADER_EXTRA = bytes.fromhex("1f8b08040000000000ff")
@@ -30,9 +36,23 @@ def gzip_header(level: int) -> bytes:
     return bytes([0x1F, 0x8B, 8, 0, 0, 0, 0, 0, xfl, 0xFF])
 
 
+def _zlib_compressor(level: int) -> zlib._Compress:
+    if level == HUFFMAN_ONLY:
+        return zlib.compressobj(
+            zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -15, 8, zlib.Z_HUFFMAN_ONLY
+        )
+    return zlib.compressobj(level, zlib.DEFLATED, -15)
+
+
 def gzip_member(data: bytes, level: int) -> bytes:
-    """A complete gzip member: libdeflate's raw deflate inside a Go-style header."""
-    body = deflate.deflate_compress(data, level)
+    """A complete gzip member: libdeflate's raw deflate (zlib's when Huffman-only) inside a
+    Go-style header."""
+    body: bytes | bytearray
+    if level == HUFFMAN_ONLY:
+        z = _zlib_compressor(level)
+        body = z.compress(data) + z.flush()
+    else:
+        body = deflate.deflate_compress(data, 6 if level == DEFAULT_COMPRESSION else level)
     trailer = struct.pack("<II", deflate.crc32(data), len(data) & 0xFFFFFFFF)
     return gzip_header(level) + body + trailer
 
@@ -56,7 +76,7 @@ class StreamingMember:
     """
 
     def __init__(self, level: int) -> None:
-        self._z = zlib.compressobj(level, zlib.DEFLATED, -15)
+        self._z = _zlib_compressor(level)
         self._crc = 0
         self._size = 0
         self.level = level
