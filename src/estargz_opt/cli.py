@@ -14,7 +14,6 @@ from typing import Any
 import click
 
 from estargz_opt import __version__, lint, platforms
-from estargz_opt.analyze.spec import DEFAULT_PERIOD, SamplerOptions
 from estargz_opt.errors import EstargzOptError
 from estargz_opt.format import (
     DEFAULT_CHUNK_SIZE,
@@ -26,6 +25,7 @@ from estargz_opt.format import (
 )
 from estargz_opt.optimize import ContainerdOptions, OptimizeRequest, optimize, profile
 from estargz_opt.progress import Progress
+from estargz_opt.workload.spec import DEFAULT_PERIOD, SamplerOptions
 
 log = logging.getLogger("estargz_opt")
 

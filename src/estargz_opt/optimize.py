@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 from estargz_opt import descriptor as d
 from estargz_opt import platforms, reference
-from estargz_opt.analyze.layerindex import LayerNames
-from estargz_opt.analyze.record import (
+from estargz_opt.prioritize.layerindex import LayerNames
+from estargz_opt.prioritize.record import (
     check_record_out,
     prioritized_from_record,
     read_prefetch_list,
@@ -23,10 +23,10 @@ from estargz_opt.analyze.record import (
     record_from_prefetch_list,
     write_record,
 )
-from estargz_opt.analyze.spec import SamplerOptions
+from estargz_opt.workload.spec import SamplerOptions
 
 if TYPE_CHECKING:
-    from estargz_opt.analyze.analyzer import Analysis
+    from estargz_opt.workload.analyzer import Analysis
 from estargz_opt.convert import Converter, ConvertOptions, ConvertResult, toc_image
 from estargz_opt.descriptor import Descriptor, Index, Manifest
 from estargz_opt.errors import EstargzOptError
@@ -224,7 +224,7 @@ def _run_workload(
     progress: Progress | None,
 ) -> Analysis:
     """The workload run of optimize and analyze, with its countdown and output on stderr."""
-    from estargz_opt.analyze.analyzer import analyze
+    from estargz_opt.workload.analyzer import analyze
 
     return analyze(
         store,

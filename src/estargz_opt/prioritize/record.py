@@ -14,11 +14,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from estargz_opt.analyze.layerindex import LayerNames
 from estargz_opt.descriptor import Manifest
 from estargz_opt.errors import BadInputError, EstargzOptError
 from estargz_opt.format import atomic_output, tarfmt
 from estargz_opt.format.toc import go_escape
+from estargz_opt.prioritize.layerindex import LayerNames
 
 log = logging.getLogger("estargz_opt")
 

@@ -34,9 +34,14 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
-from estargz_opt.analyze import network
-from estargz_opt.analyze.monitor import Monitor
-from estargz_opt.analyze.spec import (
+from estargz_opt.descriptor import Descriptor
+from estargz_opt.errors import EstargzOptError
+from estargz_opt.stores.containerd.client import Client, Container, ContainerdError
+from estargz_opt.stores.containerd.owner import OWNER_LABEL, is_dead, this_process
+from estargz_opt.workload import network
+from estargz_opt.workload.containerd.unpack import DEFAULT_SNAPSHOTTER, unpack
+from estargz_opt.workload.monitor import Monitor
+from estargz_opt.workload.spec import (
     SamplerOptions,
     build_spec,
     find_gpu_hook,
@@ -44,11 +49,6 @@ from estargz_opt.analyze.spec import (
     resolv_conf,
     stop_signal,
 )
-from estargz_opt.analyze.unpack import DEFAULT_SNAPSHOTTER, unpack
-from estargz_opt.descriptor import Descriptor
-from estargz_opt.errors import EstargzOptError
-from estargz_opt.stores.containerd.client import Client, Container, ContainerdError
-from estargz_opt.stores.containerd.owner import OWNER_LABEL, is_dead, this_process
 
 log = logging.getLogger("estargz_opt")
 

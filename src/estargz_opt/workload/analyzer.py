@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from estargz_opt import descriptor as d
-from estargz_opt.analyze.layerindex import LayerNames
-from estargz_opt.analyze.record import RecordEntry, Recorder
-from estargz_opt.analyze.sampler import SampleImage, SampleResult, Tick, run_sample
-from estargz_opt.analyze.spec import SamplerOptions
 from estargz_opt.descriptor import Descriptor, Manifest
+from estargz_opt.prioritize.layerindex import LayerNames
+from estargz_opt.prioritize.record import RecordEntry, Recorder
 from estargz_opt.stores.containerd.store import ContainerdStore
+from estargz_opt.workload.runner import SampleImage, SampleResult, Tick, run_sample
+from estargz_opt.workload.spec import SamplerOptions
 
 log = logging.getLogger("estargz_opt")
 

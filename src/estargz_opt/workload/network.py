@@ -18,8 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from estargz_opt.analyze.spec import SamplerOptions
 from estargz_opt.errors import EstargzOptError
+from estargz_opt.workload.spec import SamplerOptions
 
 log = logging.getLogger("estargz_opt")
 
