@@ -15,12 +15,11 @@ from typing import TYPE_CHECKING, Any
 from estargz_opt import descriptor as d
 from estargz_opt import platforms, reference
 from estargz_opt.prioritize.layerindex import LayerNames
+from estargz_opt.prioritize.prefetch import read_prefetch_list, record_from_prefetch_list
 from estargz_opt.prioritize.record import (
     check_record_out,
     prioritized_from_record,
-    read_prefetch_list,
     read_record,
-    record_from_prefetch_list,
     write_record,
 )
 from estargz_opt.workload.spec import SamplerOptions

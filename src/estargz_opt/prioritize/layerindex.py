@@ -8,7 +8,7 @@ import posixpath
 import tarfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import IO
 
 import zstandard
 from isal import igzip
@@ -41,12 +41,13 @@ class LayerNames:
         """
         reader = io.BufferedReader(_ChunkReader(iter(chunks)), 1 << 20)
         magic = reader.peek(4)[:4]
-        stream: BinaryIO
+        stream: io.BufferedIOBase | IO[bytes]
         if magic[:2] == b"\x1f\x8b":
-            stream = igzip.IGzipFile(fileobj=reader)  # type: ignore[assignment]
+            # isal declares IGzipFile without parameter types.
+            stream = igzip.IGzipFile(fileobj=reader)  # type: ignore[no-untyped-call]
         elif magic == b"\x28\xb5\x2f\xfd":
             dctx = zstandard.ZstdDecompressor()
-            stream = dctx.stream_reader(reader, read_across_frames=True)  # type: ignore[assignment]
+            stream = dctx.stream_reader(reader, read_across_frames=True)
         else:
             stream = reader
         try:
