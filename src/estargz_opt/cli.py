@@ -25,7 +25,7 @@ from estargz_opt.format import (
 )
 from estargz_opt.optimize import ContainerdOptions, OptimizeRequest, optimize, profile
 from estargz_opt.progress import Progress
-from estargz_opt.workload.spec import DEFAULT_PERIOD, SamplerOptions
+from estargz_opt.workload.options import DEFAULT_PERIOD, SamplerOptions
 
 log = logging.getLogger("estargz_opt")
 

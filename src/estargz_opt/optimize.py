@@ -22,7 +22,7 @@ from estargz_opt.prioritize.record import (
     read_record,
     write_record,
 )
-from estargz_opt.workload.spec import SamplerOptions
+from estargz_opt.workload.options import SamplerOptions
 
 if TYPE_CHECKING:
     from estargz_opt.workload.analyzer import Analysis

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from estargz_opt.errors import EstargzOptError
-from estargz_opt.workload.spec import SamplerOptions
+from estargz_opt.workload.options import SamplerOptions
 
 log = logging.getLogger("estargz_opt")
 
