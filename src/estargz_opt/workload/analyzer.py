@@ -19,7 +19,7 @@ from estargz_opt.prioritize.layerindex import LayerNames
 from estargz_opt.prioritize.record import RecordEntry, Recorder
 from estargz_opt.stores.containerd.store import ContainerdStore
 from estargz_opt.workload.options import SamplerOptions
-from estargz_opt.workload.runner import SampleImage, SampleResult, Tick, run_sample
+from estargz_opt.workload.sample import SampleImage, SampleResult, Tick, run_sample
 
 log = logging.getLogger("estargz_opt")
 

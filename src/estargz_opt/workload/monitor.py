@@ -1,6 +1,7 @@
 """The file-access monitor: a helper process whose private mount namespace the sample
 container joins, so that fanotify on its root mount sees exactly the container's file
-accesses (reference §6.2).
+accesses. Every runner uses it; the helper runs privileged and imports only the standard
+library, `fanotify`, `mounts` and `errors` (no grpc, no store).
 
 How it works, in order:
 1. The helper (`python -m estargz_opt.workload.monitor`) unshares a mount namespace,
@@ -36,14 +37,13 @@ from dataclasses import asdict
 from typing import IO, Any
 
 from estargz_opt.errors import EstargzOptError
-from estargz_opt.stores.containerd.client import Mount
 from estargz_opt.workload.fanotify import (
     FanotifyError,
     FanotifyMonitor,
     FanotifyPermissionError,
     FanotifyUnavailableError,
 )
-from estargz_opt.workload.mounts import MountError, make_rslave, mount_all
+from estargz_opt.workload.mounts import Mount, MountError, make_rslave, mount_all
 
 CLONE_NEWNS = 0x00020000
 PR_SET_PDEATHSIG = 1
