@@ -23,7 +23,7 @@ from imagefactory import archive_for_ctr, write_busybox_image
 from tarfactory import build_tar, dir_, reg
 from test_optimize_containerd import _env, optimize, printed_digest
 
-from estargz_opt.workload.sample import OWNER_LABEL, SAMPLE_LABEL
+from estargz_opt.workload.containerd.runner import OWNER_LABEL, SAMPLE_LABEL
 
 WORKLOAD = ["/bin/busybox", "sh", "-c", "cat /app/data.txt; echo started; sleep 600"]
 

@@ -1,7 +1,8 @@
 """Profile an image: run its workload in a sample container and record the files it used.
 
-This ties the pieces together: the sampler runs the workload and returns the container
-paths it touched, in first-access order; the recorder maps each to the top-most layer
+This ties the pieces together: the runner chosen for the image's store runs the
+workload (`sample.run_sample`) and returns the container paths it touched, in
+first-access order; the recorder (prioritize.record) maps each to the top-most layer
 that holds it. Which names each layer holds is read from the layer blobs meanwhile, in a
 background thread, so it costs no extra time on top of the `--period`.
 """
@@ -18,8 +19,10 @@ from estargz_opt.descriptor import Descriptor, Manifest
 from estargz_opt.prioritize.layerindex import LayerNames
 from estargz_opt.prioritize.record import RecordEntry, Recorder
 from estargz_opt.stores.containerd.store import ContainerdStore
+from estargz_opt.workload.containerd.runner import ContainerdRunner
 from estargz_opt.workload.options import SamplerOptions
-from estargz_opt.workload.sample import SampleImage, SampleResult, Tick, run_sample
+from estargz_opt.workload.runner import Runner, SampleImage
+from estargz_opt.workload.sample import SampleResult, Tick, run_sample
 
 log = logging.getLogger("estargz_opt")
 
@@ -60,11 +63,32 @@ def analyze(
     layers = [x for x in manifest.layers if x.media_type in d.LAYER_TYPES]
     diff_ids = d.config_diff_ids(config, len(layers), image_name)
     image = SampleImage(image_name, config, layers, diff_ids)
+    runner = runner_for(store)
+    return record_workload(
+        runner, image, manifest_desc.digest, opts, on_tick=on_tick, output=output
+    )
+
+
+def runner_for(store: ContainerdStore) -> Runner:
+    """The runner for an image held in `store`: containerd's own, for a containerd store."""
+    return ContainerdRunner(store)
+
+
+def record_workload(
+    runner: Runner,
+    image: SampleImage,
+    manifest_digest: str,
+    opts: SamplerOptions,
+    *,
+    on_tick: Tick | None = None,
+    output: BinaryIO | None = None,
+) -> Analysis:
+    """Run the workload with `runner` and map each accessed path to its layer."""
     with ThreadPoolExecutor(1, thread_name_prefix="layer-names") as pool:
-        names_job = pool.submit(_layer_names, store, image.layers)
-        sample = run_sample(store.client, image, opts, on_tick=on_tick, output=output)
+        names_job = pool.submit(_layer_names, runner, image.layers)
+        sample = run_sample(runner, image, opts, on_tick=on_tick, output=output)
         names = names_job.result()
-    recorder = Recorder(names, manifest_desc.digest)
+    recorder = Recorder(names, manifest_digest)
     for path in sample.paths:
         if path.startswith("/"):
             recorder.record(path)
@@ -81,8 +105,5 @@ def analyze(
     return Analysis(recorder.entries, sample)
 
 
-def _layer_names(store: ContainerdStore, layers: list[Descriptor]) -> LayerNames:
-    # Streamed from containerd: no temporary copy while the workload competes for CPU.
-    return LayerNames(
-        [LayerNames.names_in_stream(store.client.read_content(x.digest)) for x in layers]
-    )
+def _layer_names(runner: Runner, layers: list[Descriptor]) -> LayerNames:
+    return LayerNames([LayerNames.names_in_stream(runner.layer_chunks(x)) for x in layers])
