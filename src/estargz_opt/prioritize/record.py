@@ -77,7 +77,7 @@ def prioritized_from_record(
 
 
 class Recorder:
-    """Turns accessed paths into record lines, as ctr-remote's recorder does (reference §7).
+    """Turns accessed paths into record lines, as ctr-remote's recorder does.
 
     Each path is mapped to the top-most layer that holds it; a whiteout of the file or an
     opaque marker in its parent above that rejects it. The first access wins and repeats

@@ -22,7 +22,7 @@ from estargz_opt.stores.containerd.store import ContainerdStore
 from estargz_opt.workload.containerd.runner import ContainerdRunner
 from estargz_opt.workload.options import SamplerOptions
 from estargz_opt.workload.runner import Runner, SampleImage
-from estargz_opt.workload.sample import SampleResult, Tick, run_sample
+from estargz_opt.workload.sample import SampleRequest, SampleResult, Tick, run_sample
 
 log = logging.getLogger("estargz_opt")
 
@@ -63,10 +63,8 @@ def analyze(
     layers = [x for x in manifest.layers if x.media_type in d.LAYER_TYPES]
     diff_ids = d.config_diff_ids(config, len(layers), image_name)
     image = SampleImage(image_name, config, layers, diff_ids)
-    runner = runner_for(store)
-    return record_workload(
-        runner, image, manifest_desc.digest, opts, on_tick=on_tick, output=output
-    )
+    req = SampleRequest(runner_for(store), image, opts, on_tick=on_tick, output=output)
+    return record_workload(req, manifest_desc.digest)
 
 
 def runner_for(store: ContainerdStore) -> Runner:
@@ -74,19 +72,11 @@ def runner_for(store: ContainerdStore) -> Runner:
     return ContainerdRunner(store)
 
 
-def record_workload(
-    runner: Runner,
-    image: SampleImage,
-    manifest_digest: str,
-    opts: SamplerOptions,
-    *,
-    on_tick: Tick | None = None,
-    output: BinaryIO | None = None,
-) -> Analysis:
-    """Run the workload with `runner` and map each accessed path to its layer."""
+def record_workload(req: SampleRequest, manifest_digest: str) -> Analysis:
+    """Run the workload as `req` says and map each accessed path to its layer."""
     with ThreadPoolExecutor(1, thread_name_prefix="layer-names") as pool:
-        names_job = pool.submit(_layer_names, runner, image.layers)
-        sample = run_sample(runner, image, opts, on_tick=on_tick, output=output)
+        names_job = pool.submit(_layer_names, req.runner, req.image.layers)
+        sample = run_sample(req)
         names = names_job.result()
     recorder = Recorder(names, manifest_digest)
     for path in sample.paths:
@@ -97,7 +87,7 @@ def record_workload(
         len(recorder.entries),
         ", ".join(
             f"layer {i}: {n}"
-            for i in range(len(image.layers))
+            for i in range(len(req.image.layers))
             if (n := sum(1 for e in recorder.entries if e.layer_index == i))
         )
         or "none",

@@ -37,13 +37,14 @@ from dataclasses import asdict
 from typing import IO, Any
 
 from estargz_opt.errors import EstargzOptError
+from estargz_opt.mount import Mount
 from estargz_opt.workload.fanotify import (
     FanotifyError,
     FanotifyMonitor,
     FanotifyPermissionError,
     FanotifyUnavailableError,
 )
-from estargz_opt.workload.mounts import Mount, MountError, make_rslave, mount_all
+from estargz_opt.workload.mounts import MountError, make_rslave, mount_all
 
 CLONE_NEWNS = 0x00020000
 PR_SET_PDEATHSIG = 1

@@ -1,7 +1,7 @@
 """Mount a snapshot's mounts on a directory, and take them down again (mount(2) via ctypes).
 
 The sample container's rootfs is mounted by the file-access monitor inside its private
-mount namespace. Runners describe that rootfs as `Mount`s in mount(8) terms (type,
+mount namespace. Runners describe that rootfs as `estargz_opt.mount.Mount`s in mount(8) terms (type,
 source, comma options), as containerd's snapshotters do; this turns the flag words into
 mount(2) flags and passes the rest as filesystem data, as containerd's `mount.All` does.
 This module imports nothing of grpc: the privileged monitor helper runs it.
@@ -12,9 +12,9 @@ from __future__ import annotations
 import ctypes
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 from estargz_opt.errors import EstargzOptError
+from estargz_opt.mount import Mount
 
 MS_RDONLY = 0x1
 MS_NOSUID = 0x2
@@ -36,16 +36,6 @@ _FLAGS = {
     "rbind": MS_BIND | MS_REC,
 }
 _IGNORED = {"rw", "suid", "dev", "exec", "defaults"}
-
-
-@dataclass(frozen=True, slots=True)
-class Mount:
-    """One mount of the rootfs in mount(8) terms: what a runner hands the monitor."""
-
-    type: str
-    source: str
-    target: str = ""
-    options: list[str] = field(default_factory=list)
 
 
 class MountError(EstargzOptError):

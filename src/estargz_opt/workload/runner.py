@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 from estargz_opt.descriptor import Descriptor
 from estargz_opt.errors import EstargzOptError
-from estargz_opt.workload.mounts import Mount
+from estargz_opt.mount import Mount
 from estargz_opt.workload.spec import Spec
 
 log = logging.getLogger("estargz_opt")

@@ -75,24 +75,27 @@ class SampleResult:
 Tick = Callable[[float | None, int], None]
 
 
-def run_sample(
-    runner: Runner,
-    image: SampleImage,
-    opts: SamplerOptions,
-    *,
-    on_tick: Tick | None = None,
-    output: BinaryIO | None = None,
-) -> SampleResult:
-    """Run the workload once under the file-access monitor; see the module docstring.
+@dataclass(frozen=True, slots=True)
+class SampleRequest:
+    """One workload run: with which runner, of which image, with which flags, watched how."""
 
-    The workload's stdout and stderr are copied to `output` (default: our stderr), so that
-    our stdout keeps carrying only the digest or the JSON report.
-    """
+    runner: Runner
+    image: SampleImage
+    opts: SamplerOptions
+    on_tick: Tick | None = None
+    #: where the workload's stdout and stderr go (default: our stderr), so that our stdout
+    #: keeps carrying only the digest or the JSON report
+    output: BinaryIO | None = None
+
+
+def run_sample(req: SampleRequest) -> SampleResult:
+    """Run the workload once under the file-access monitor; see the module docstring."""
+    runner, image, opts, on_tick = req.runner, req.image, req.opts, req.on_tick
     opts.validate()
     runner.check()
     if opts.gpus and find_gpu_hook() is None:
         raise SampleError(NO_GPU_HOOK)
-    out = output if output is not None else sys.stderr.buffer
+    out = req.output if req.output is not None else sys.stderr.buffer
     run_id = f"{SAMPLE_PREFIX}{secrets.token_hex(8)}"
     reap_stale_dirs()
     runner.reap_stale()

@@ -34,6 +34,7 @@ from google.protobuf import any_pb2, empty_pb2, field_mask_pb2
 
 from estargz_opt.descriptor import Descriptor
 from estargz_opt.errors import EstargzOptError
+from estargz_opt.mount import Mount as Mount  # re-exported: the client returns it
 from estargz_opt.stores.containerd._pb import (
     containers_pb2,
     content_pb2,
@@ -187,16 +188,6 @@ class Lease:
     id: str
     labels: dict[str, str] = field(default_factory=dict)
     created_at: datetime | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Mount:
-    """A mount as snapshotters return it and runtimes take it (mount(8) terms)."""
-
-    type: str
-    source: str
-    target: str = ""
-    options: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,11 +17,11 @@ import signal
 from collections.abc import Iterable, Iterator
 
 from estargz_opt.descriptor import Descriptor
+from estargz_opt.mount import Mount
 from estargz_opt.stores.containerd.client import Client, Container, ContainerdError
 from estargz_opt.stores.containerd.owner import OWNER_LABEL, is_dead, this_process
 from estargz_opt.stores.containerd.store import ContainerdStore
 from estargz_opt.workload.containerd.unpack import DEFAULT_SNAPSHOTTER, unpack
-from estargz_opt.workload.mounts import Mount
 from estargz_opt.workload.runner import (
     KILL_WAIT,
     RunDir,
@@ -94,7 +94,7 @@ class ContainerdRunner:
             top = unpack(client, image.layers, image.diff_ids)
             mounts = client.prepare_snapshot(run.id, top, snapshotter=DEFAULT_SNAPSHOTTER)
             try:
-                yield [Mount(m.type, m.source, m.target, list(m.options)) for m in mounts]
+                yield mounts
             finally:
                 quietly("remove snapshot", client.remove_snapshot, run.id, missing_ok=True)
 

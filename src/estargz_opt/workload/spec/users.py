@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from estargz_opt.errors import BadInputError
 from estargz_opt.workload.spec.rootfs import read_rootfs_file
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,38 +27,36 @@ class _Group:
     members: tuple[str, ...]
 
 
-def _passwd_entries(rootfs: str) -> list[_Passwd] | None:
-    text = read_rootfs_file(rootfs, "/etc/passwd")
+def _entries(
+    rootfs: str, path: str, min_fields: int, parse: Callable[[list[str]], _T]
+) -> list[_T] | None:
+    """The entries of an /etc database: its colon-separated lines with at least
+    `min_fields` fields, comments and lines with a non-numeric id skipped; None when the
+    image has no such file."""
+    text = read_rootfs_file(rootfs, path)
     if text is None:
         return None
     out = []
     for line in text.splitlines():
-        f = line.split(":")
-        if len(f) < 4 or line.startswith("#"):
+        fields = line.split(":")
+        if len(fields) < min_fields or line.startswith("#"):
             continue
-        try:
-            out.append(_Passwd(f[0], int(f[2]), int(f[3])))
-        except ValueError:
-            continue
+        with contextlib.suppress(ValueError):
+            out.append(parse(fields))
     return out
+
+
+def _passwd_entries(rootfs: str) -> list[_Passwd] | None:
+    return _entries(rootfs, "/etc/passwd", 4, lambda f: _Passwd(f[0], int(f[2]), int(f[3])))
+
+
+def _group(f: list[str]) -> _Group:
+    members = tuple(m for m in (f[3] if len(f) > 3 else "").split(",") if m)
+    return _Group(f[0], int(f[2]), members)
 
 
 def _group_entries(rootfs: str) -> list[_Group] | None:
-    text = read_rootfs_file(rootfs, "/etc/group")
-    if text is None:
-        return None
-    out = []
-    for line in text.splitlines():
-        f = line.split(":")
-        if len(f) < 3 or line.startswith("#"):
-            continue
-        try:
-            gid = int(f[2])
-        except ValueError:
-            continue
-        members = tuple(m for m in (f[3] if len(f) > 3 else "").split(",") if m)
-        out.append(_Group(f[0], gid, members))
-    return out
+    return _entries(rootfs, "/etc/group", 3, _group)
 
 
 def _as_id(text: str) -> int | None:
