@@ -59,7 +59,7 @@ class OptimizeRequest:
     no_optimize: bool = False
     record_in: Path | None = None
     prefetch_list: Path | None = None
-    #: run the workload with these options (containerd sources only); see analyze.spec
+    #: run the workload with these options (containerd sources only); see workload.options
     sampler: SamplerOptions | None = None
     #: write the record of the workload run here (ctr-remote's --record-out)
     record_out: Path | None = None
