@@ -13,7 +13,7 @@ Everything else is shared by all runners and lives outside them: the spec steps,
 monitor, the stdio, the end conditions (exit, --wait-on-line, --wait-on-signal,
 --period) and the recorder. The containerd runner is `containerd.runner.ContainerdRunner`;
 a runc-only runner or a rootless one goes beside it as `workload/<name>/runner.py`.
-This module imports nothing but the standard library and the project's leaves.
+It imports only the standard library, `descriptor`, `errors`, `mount` and the spec type.
 """
 
 from __future__ import annotations
