@@ -16,7 +16,8 @@ test: deps
 	exit $$rc
 
 lint:
-	ruff check .
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m mypy --strict src
 
 demo: deps
 	bash scripts/demo.sh

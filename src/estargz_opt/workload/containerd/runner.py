@@ -18,10 +18,12 @@ from collections.abc import Iterable, Iterator
 
 from estargz_opt.descriptor import Descriptor
 from estargz_opt.mount import Mount
-from estargz_opt.stores.containerd.client import Client, Container, ContainerdError
+from estargz_opt.stores.containerd.client import Client
+from estargz_opt.stores.containerd.errors import ContainerdError
+from estargz_opt.stores.containerd.model import Container
 from estargz_opt.stores.containerd.owner import OWNER_LABEL, is_dead, this_process
 from estargz_opt.stores.containerd.store import ContainerdStore
-from estargz_opt.workload.containerd.unpack import DEFAULT_SNAPSHOTTER, unpack
+from estargz_opt.workload.containerd.unpack import unpack
 from estargz_opt.workload.runner import (
     KILL_WAIT,
     RunDir,
@@ -46,7 +48,8 @@ class ContainerdRunner:
     """Runs the sample container in the containerd that holds the image (a `Runner`)."""
 
     def __init__(self, store: ContainerdStore) -> None:
-        # The one place that reaches through the store to its client.
+        self._store = store
+        # The containerd services the Store interface does not cover (see store.client).
         self._client: Client = store.client
         self.namespace = self._client.namespace
 
@@ -68,7 +71,7 @@ class ContainerdRunner:
         """
         client = self._client
         try:
-            stale = client.list_containers(f'labels."{SAMPLE_LABEL}"')
+            stale = client.containers.list(f'labels."{SAMPLE_LABEL}"')
         except ContainerdError as exc:
             log.debug("cannot list sample containers: %s", exc)
             return
@@ -77,12 +80,12 @@ class ContainerdRunner:
                 continue
             log.warning("removing sample container %s, left by a run that was killed", c.id)
             _end_task(client, c.id)
-            quietly("delete container", client.delete_container, c.id, missing_ok=True)
-            quietly("remove snapshot", client.remove_snapshot, c.id, missing_ok=True)
+            quietly("delete container", client.containers.delete, c.id, missing_ok=True)
+            quietly("remove snapshot", client.snapshots().remove, c.id, missing_ok=True)
 
     def layer_chunks(self, layer: Descriptor) -> Iterable[bytes]:
         """Streamed from containerd: no temporary copy while the workload competes for CPU."""
-        return self._client.read_content(layer.digest)
+        return self._store.stream(layer, f"layer {layer.digest}")
 
     @contextlib.contextmanager
     def rootfs(self, run: RunDir, image: SampleImage) -> Iterator[list[Mount]]:
@@ -90,13 +93,14 @@ class ContainerdRunner:
         all under a lease that goes when the run ends."""
         client = self._client
         labels = {SAMPLE_LABEL: run.id, OWNER_LABEL: this_process()}
-        with client.lease(labels=labels, sync=True):
-            top = unpack(client, image.layers, image.diff_ids)
-            mounts = client.prepare_snapshot(run.id, top, snapshotter=DEFAULT_SNAPSHOTTER)
+        with client.leases.hold(labels=labels, sync=True) as lease:
+            top = unpack(client, image.layers, image.diff_ids, lease=lease)
+            snapshots = client.snapshots()
+            mounts = snapshots.prepare(run.id, top, lease=lease)
             try:
                 yield mounts
             finally:
-                quietly("remove snapshot", client.remove_snapshot, run.id, missing_ok=True)
+                quietly("remove snapshot", snapshots.remove, run.id, missing_ok=True)
 
     @contextlib.contextmanager
     def container(
@@ -104,7 +108,7 @@ class ContainerdRunner:
     ) -> Iterator[ContainerdTask]:
         """The container `run.id` and its task, created but not started."""
         client = self._client
-        client.create_container(
+        client.containers.create(
             Container(
                 id=run.id,
                 spec=json.dumps(spec).encode(),
@@ -114,7 +118,7 @@ class ContainerdRunner:
         )
         try:
             try:
-                client.create_task(
+                client.tasks.create(
                     run.id,
                     stdin=stdio.stdin,
                     stdout=stdio.stdout,
@@ -130,7 +134,7 @@ class ContainerdRunner:
             finally:
                 _end_task(client, run.id)
         finally:
-            quietly("delete container", client.delete_container, run.id, missing_ok=True)
+            quietly("delete container", client.containers.delete, run.id, missing_ok=True)
 
 
 class ContainerdTask:
@@ -141,40 +145,40 @@ class ContainerdTask:
         self._id = container_id
 
     def start(self) -> None:
-        self._client.start_task(self._id)
+        self._client.tasks.start(self._id)
 
     def wait(self, timeout: float | None = None) -> int | None:
         try:
-            return self._client.wait_task(self._id, timeout=timeout).exit_status
+            return self._client.tasks.wait(self._id, timeout=timeout).exit_status
         except ContainerdError as exc:
             raise RunnerError(str(exc)) from None
 
     def kill(self, signo: int) -> None:
         try:
-            self._client.kill_task(self._id, signo, all=True)
+            self._client.tasks.kill(self._id, signo, all=True)
         except ContainerdError as exc:
             raise RunnerError(str(exc)) from None
 
     def delete(self) -> int | None:
-        gone = self._client.delete_task(self._id, missing_ok=True)
+        gone = self._client.tasks.delete(self._id, missing_ok=True)
         return None if gone is None else gone.exit_status
 
     def resize(self, cols: int, rows: int) -> None:
         with contextlib.suppress(ContainerdError):
-            self._client.resize_pty(self._id, cols, rows)
+            self._client.tasks.resize_pty(self._id, cols, rows)
 
     def close_stdin(self) -> None:
         with contextlib.suppress(ContainerdError):
-            self._client.close_stdin(self._id)
+            self._client.tasks.close_stdin(self._id)
 
 
 def _end_task(client: Client, cid: str) -> None:
     """Cleanup: a task still there (error paths) is killed and deleted."""
     try:
-        state = client.get_task(cid)
+        state = client.tasks.get(cid)
     except ContainerdError:
         return
     if state.status not in ("stopped", "created"):
-        quietly("kill task", client.kill_task, cid, signal.SIGKILL, all=True)
-        quietly("wait task", client.wait_task, cid, timeout=KILL_WAIT)
-    quietly("delete task", client.delete_task, cid, missing_ok=True)
+        quietly("kill task", client.tasks.kill, cid, signal.SIGKILL, all=True)
+        quietly("wait task", client.tasks.wait, cid, timeout=KILL_WAIT)
+    quietly("delete task", client.tasks.delete, cid, missing_ok=True)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from estargz_opt.errors import BadInputError
+from estargz_opt.stores.containerd.model import DEFAULT_NAMESPACE
 from estargz_opt.workload.options import SamplerOptions, parse_gpus, parse_mount
 from estargz_opt.workload.spec.defaults import DEFAULT_PATH_ENV, Spec, default_spec
 from estargz_opt.workload.spec.environ import merge_env, read_env_file
@@ -63,7 +64,7 @@ class SpecInputs:
     mount_ns_path: str | None = None
     netns_path: str | None = None
     container_id: str | None = None
-    namespace: str = "default"
+    namespace: str = DEFAULT_NAMESPACE
     files_root: str | None = None
     gpu_hook: str | None = None
 
@@ -227,7 +228,7 @@ def build_spec(
     mount_ns_path: str | None = None,
     netns_path: str | None = None,
     container_id: str | None = None,
-    namespace: str = "default",
+    namespace: str = DEFAULT_NAMESPACE,
     files_root: str | None = None,
     gpu_hook: str | None = None,
 ) -> Spec:
