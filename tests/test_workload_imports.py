@@ -29,6 +29,7 @@ def loaded_by(module: str) -> list[str]:
         "estargz_opt.workload.spec",
         "estargz_opt.workload.runner",
         "estargz_opt.workload.stdio",
+        "estargz_opt.workload.sample",
         "estargz_opt.prioritize.record",
         "estargz_opt.prioritize.prefetch",
     ],
