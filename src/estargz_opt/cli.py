@@ -576,15 +576,22 @@ def layer_convert(
 @layer.command("verify")
 @click.argument("blob", type=_INPUT_FILE)
 @click.option("--toc-digest", help="Expected TOC digest (the toc.digest annotation).")
+@click.option("--diff-id", help="Expected DiffID (the image config's rootfs.diff_ids entry).")
 @external_toc_option
-def layer_verify(blob: Path, toc_digest: str | None, toc_file: Path | None) -> None:
-    """Check BLOB's footer, TOC digest and every chunk digest; exit 0 only if all pass."""
+def layer_verify(
+    blob: Path, toc_digest: str | None, diff_id: str | None, toc_file: Path | None
+) -> None:
+    """Check everything a lazy or a full pull of BLOB reads; exit 0 only if all pass.
+
+    The footer, the TOC digest, every chunk from its TOC offset, then every member in
+    order: each tar entry and chunk against the TOC, and the DiffID.
+    """
     with open_layer(blob, toc_digest=toc_digest, external_toc=_read_optional(toc_file)) as lay:
-        lay.verify()
+        check = lay.verify(expected_diff_id=diff_id)
         chunks = len(lay.chunks())
         click.echo(
             f"ok: {lay.format} layer, {len(lay.toc.entries)} TOC entries, {chunks} chunks "
-            f"verified, TOC digest {lay.toc_digest}"
+            f"verified, TOC digest {lay.toc_digest}, DiffID {check.diff_id}"
         )
 
 
@@ -602,7 +609,10 @@ def layer_toc(blob: Path, toc_file: Path | None) -> None:
 @click.argument("out", type=click.Path(dir_okay=False, allow_dash=True, path_type=Path))
 @external_toc_option
 def layer_tar(blob: Path, out: Path, toc_file: Path | None) -> None:
-    """Write BLOB's files to OUT (or - for stdout) as a plain tar, landmarks and TOC dropped."""
+    """Write BLOB's files to OUT (or - for stdout) as a plain tar, landmarks and TOC dropped.
+
+    Every entry and chunk digest is checked against the TOC on the way.
+    """
     with open_layer(blob, external_toc=_read_optional(toc_file)) as lay:
         if str(out) == "-":
             lay.write_tar(sys.stdout.buffer)

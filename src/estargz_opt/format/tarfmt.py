@@ -11,12 +11,13 @@ from __future__ import annotations
 import posixpath
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import Protocol
 
 from estargz_opt.errors import BadInputError
 
 BLOCK = 512
 EOF_BLOCKS = bytes(2 * BLOCK)
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1  # Go's header fields are int64
 MAX_SPECIAL_SIZE = 1 << 20  # PAX and GNU long-name payloads above this are refused, as in Go
 
 REG, LINK, SYMLINK, CHAR, BLOCKDEV, DIR, FIFO = "0", "1", "2", "3", "4", "5", "6"
@@ -104,19 +105,23 @@ def _parse_string(raw: bytes) -> str:
     return decode(raw if end < 0 else raw[:end])
 
 
-def _parse_number(raw: bytes, what: str, offset: int) -> int:
+def parse_number(raw: bytes, what: str, offset: int) -> int:
+    """A numeric header field, octal or base-256; beyond int64 is invalid, as in Go's reader."""
     if raw and raw[0] & 0x80:  # base-256 (GNU extension), two's complement
         value = int.from_bytes(bytes([raw[0] & 0x7F]) + raw[1:], "big")
         if raw[0] & 0x40:
             value -= 1 << (8 * len(raw) - 1)
-        return value
-    text = raw.split(b"\0", 1)[0].strip(b" \0")
-    if not text:
-        return 0
-    try:
-        return int(text, 8)
-    except ValueError:
-        raise BadInputError(f"invalid {what} field in tar header at offset {offset}") from None
+    else:
+        text = raw.split(b"\0", 1)[0].strip(b" \0")
+        if not text:
+            return 0
+        try:
+            value = int(text, 8)
+        except ValueError:
+            raise BadInputError(f"invalid {what} field in tar header at offset {offset}") from None
+    if not INT64_MIN <= value <= INT64_MAX:
+        raise BadInputError(f"out-of-range {what} field in tar header at offset {offset}")
+    return value
 
 
 def _checksum_ok(block: bytes) -> bool:
@@ -171,16 +176,26 @@ def _pax_time(text: str, offset: int) -> tuple[int, int]:
     if not whole.isdigit() or (frac and not frac.isdigit()):
         raise BadInputError(f"invalid PAX mtime record in tar header at offset {offset}")
     nsec = int((frac + "000000000")[:9]) if frac else 0
-    sec = int(whole)
+    sec = int(whole) if len(whole) <= 19 else INT64_MAX + 1
+    if sec > INT64_MAX:  # Go's ParseInt fails: the header is invalid
+        raise BadInputError(f"out-of-range PAX mtime record in tar header at offset {offset}")
     if sign < 0 and nsec:
         return -sec - 1, 1_000_000_000 - nsec
     return sign * sec, nsec
 
 
+class Readable(Protocol):
+    """What the parser needs of a file: a real one, or a forward-only decompressed stream."""
+
+    def read(self, n: int, /) -> bytes: ...
+
+    def seek(self, offset: int, /) -> int: ...
+
+
 class _BlockReader:
     """Reads 512-byte blocks from a seekable binary file, tracking the offset."""
 
-    def __init__(self, f: BinaryIO, start: int) -> None:
+    def __init__(self, f: Readable, start: int) -> None:
         self.f = f
         self.pos = start
         f.seek(start)
@@ -193,17 +208,32 @@ class _BlockReader:
         self.pos += n
         return data
 
-    def skip(self, n: int, what: str, end: int) -> None:
-        if self.pos + n > end:
+    def next_block(self) -> bytes | None:
+        """The next header block of a stream of unknown length; None at a clean end."""
+        reached = self.f.seek(self.pos)
+        if reached != self.pos:
+            raise BadInputError(f"truncated tar: the data ends at offset {reached}, in an entry")
+        data = self.f.read(BLOCK)
+        if not data:
+            return None
+        if len(data) != BLOCK:
+            raise BadInputError(f"truncated tar: header at offset {self.pos} ends early")
+        self.pos += BLOCK
+        return data
+
+    def skip(self, n: int, what: str, end: int | None) -> None:
+        if end is not None and self.pos + n > end:
             raise BadInputError(f"truncated tar: {what} at offset {self.pos} ends early")
         self.pos += n
 
 
-def iter_entries(f: BinaryIO, end: int, start: int = 0) -> Iterator[TarEntry]:
+def iter_entries(f: Readable, end: int | None, start: int = 0) -> Iterator[TarEntry]:
     """Yield every member of the tar in f[start:end], with data offsets, as Go would parse it.
 
     Raises BadInputError for anything Go's reader or the eStargz builder would refuse.
     A stream that stops at a block boundary without EOF blocks is accepted, like Go.
+    With end None, f is read as a stream until it ends (f.seek only ever moves forward,
+    and a consumer may read each entry's content before asking for the next entry).
     """
     r = _BlockReader(f, start)
     pax: dict[str, str] = {}
@@ -212,15 +242,25 @@ def iter_entries(f: BinaryIO, end: int, start: int = 0) -> Iterator[TarEntry]:
     first_header = start
     while True:
         at = r.pos
-        if at == end:
+        if end is None:
+            block = r.next_block()
+            if block is None:
+                return
+        elif at == end:
             return
-        block = r.read_exact(BLOCK, "header") if at + BLOCK <= end else None
-        if block is None:
+        elif at + BLOCK <= end:
+            block = r.read_exact(BLOCK, "header")
+        else:
             raise BadInputError(f"truncated tar: header at offset {at} ends early")
         if block == bytes(BLOCK):
             if r.pos == end:
                 return
-            nxt = r.read_exact(BLOCK, "end-of-archive block") if r.pos + BLOCK <= end else None
+            if end is None:
+                nxt = r.next_block()
+                if nxt is None:
+                    return
+            else:
+                nxt = r.read_exact(BLOCK, "end-of-archive block") if r.pos + BLOCK <= end else None
             if nxt is None or nxt != bytes(BLOCK):
                 raise BadInputError(f"not a tar archive: lone zero block at offset {at}")
             return
@@ -228,7 +268,7 @@ def iter_entries(f: BinaryIO, end: int, start: int = 0) -> Iterator[TarEntry]:
             what = "not a tar archive" if at == start else "corrupt tar header"
             raise BadInputError(f"{what}: bad header checksum at offset {at}")
         typeflag = chr(block[156]) if block[156] else "\0"
-        size = _parse_number(block[124:136], "size", at)
+        size = parse_number(block[124:136], "size", at)
         if size < 0:
             raise BadInputError(f"negative size in tar header at offset {at}")
         padded = (size + BLOCK - 1) // BLOCK * BLOCK
@@ -264,18 +304,18 @@ def iter_entries(f: BinaryIO, end: int, start: int = 0) -> Iterator[TarEntry]:
             name=name,
             typeflag=typeflag,
             size=size,
-            mode=_parse_number(block[100:108], "mode", at),
-            uid=_parse_number(block[108:116], "uid", at),
-            gid=_parse_number(block[116:124], "gid", at),
-            mtime=_parse_number(block[136:148], "mtime", at),
+            mode=parse_number(block[100:108], "mode", at),
+            uid=parse_number(block[108:116], "uid", at),
+            gid=parse_number(block[116:124], "gid", at),
+            mtime=parse_number(block[136:148], "mtime", at),
             linkname=_parse_string(block[157:257]),
         )
         if magic[:5] == b"ustar":
             entry.uname = _parse_string(block[265:297])
             entry.gname = _parse_string(block[297:329])
             if typeflag in (CHAR, BLOCKDEV):
-                entry.devmajor = _parse_number(block[329:337], "devmajor", at)
-                entry.devminor = _parse_number(block[337:345], "devminor", at)
+                entry.devmajor = parse_number(block[329:337], "devmajor", at)
+                entry.devminor = parse_number(block[337:345], "devminor", at)
         if long_name is not None:
             entry.name = long_name
         if long_link is not None:
@@ -292,7 +332,7 @@ def iter_entries(f: BinaryIO, end: int, start: int = 0) -> Iterator[TarEntry]:
         entry.data_offset = r.pos
         entry.header_offset = first_header
         r.skip(padded, f"content of {entry.name!r}", end)
-        if r.pos > end:
+        if end is not None and r.pos > end:
             raise BadInputError(f"truncated tar: content of {entry.name!r} ends early")
         pax, long_name, long_link = {}, None, None
         first_header = r.pos
