@@ -14,7 +14,6 @@ from typing import Any
 import click
 
 from estargz_opt import __version__, check, platforms
-from estargz_opt.analyze.spec import DEFAULT_PERIOD, SamplerOptions
 from estargz_opt.errors import EstargzOptError, UsageError
 from estargz_opt.format import (
     DEFAULT_CHUNK_SIZE,
@@ -31,6 +30,7 @@ from estargz_opt.stores.containerd.model import (
     DEFAULT_NAMESPACE,
     ContainerdOptions,
 )
+from estargz_opt.workload.options import DEFAULT_PERIOD, SamplerOptions
 
 log = logging.getLogger("estargz_opt")
 _GZIP_NEGATIVE_LEVELS = (
