@@ -114,6 +114,15 @@ def cli(
     ctx.obj = ContainerdOptions(address=address, namespace=namespace, timeout=timeout)
 
 
+def _workload_run_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """What every command that runs the workload takes: the report, quiet, the sampler flags."""
+    f = _sampler_options(f)
+    f = click.option("-q", "--quiet", is_flag=True, help="No progress output.")(f)
+    return click.option(
+        "--json", "as_json", is_flag=True, help="Print one JSON report on stdout at the end."
+    )(f)
+
+
 def _sampler_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """ctr-remote's sampler flags, with its names and defaults (they shape the workload run)."""
     options = [
@@ -226,9 +235,7 @@ def _sampler(kw: dict[str, Any]) -> SamplerOptions:
     type=_OUTPUT_FILE,
     help="Also write the record of the workload run (JSON lines) to this file.",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON report on stdout at the end.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress output.")
-@_sampler_options
+@_workload_run_options
 def optimize_cmd(
     containerd: ContainerdOptions,
     src: str,
@@ -314,9 +321,7 @@ def optimize_cmd(
     type=_OUTPUT_FILE,
     help="Where to write the record (JSON lines, ctr-remote's format).",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress output.")
-@_sampler_options
+@_workload_run_options
 def analyze_cmd(
     containerd: ContainerdOptions,
     src: str,

@@ -236,19 +236,9 @@ def build_spec(
     opts.validate()
     if not os.path.isabs(rootfs):
         raise BadInputError(f"rootfs {rootfs!r} must be an absolute path")
-    inputs = SpecInputs(
-        image_config,
-        opts,
-        rootfs,
-        hostname,
-        etc_dir=etc_dir,
-        mount_ns_path=mount_ns_path,
-        netns_path=netns_path,
-        container_id=container_id,
-        namespace=namespace,
-        files_root=files_root,
-        gpu_hook=gpu_hook,
-    )
+    # Positional, in SpecInputs' field order (the signature above mirrors it).
+    inputs = SpecInputs(image_config, opts, rootfs, hostname, etc_dir, mount_ns_path,
+                        netns_path, container_id, namespace, files_root, gpu_hook)
     spec = default_spec(rootfs, hostname, inputs.cgroups_path)
     for step in STEPS:
         step(spec, inputs)
