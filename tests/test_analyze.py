@@ -53,7 +53,7 @@ from test_optimize_containerd import (
 pytestmark = pytest.mark.interop
 
 SAMPLE = "estargz-opt-sample-"
-MONITOR = "estargz_opt.analyze.monitor"
+MONITOR = "estargz_opt.workload.monitor"
 NO_PREFETCH = ".no.prefetch.landmark"
 # containerd's default capability set for an unprivileged container (oci.WithDefaultSpec).
 CONTAINERD_DEFAULT_CAPS = {

@@ -23,7 +23,7 @@ from imagefactory import archive_for_ctr, write_busybox_image
 from tarfactory import build_tar, dir_, reg
 from test_optimize_containerd import _env, optimize, printed_digest
 
-from estargz_opt.analyze.sampler import OWNER_LABEL, SAMPLE_LABEL
+from estargz_opt.workload.containerd.runner import OWNER_LABEL, SAMPLE_LABEL
 
 WORKLOAD = ["/bin/busybox", "sh", "-c", "cat /app/data.txt; echo started; sleep 600"]
 
@@ -97,7 +97,7 @@ def _start_killed_run(containerd, image: str, target: str) -> tuple[str, list[in
         else:
             pytest.fail("the sample container never ran")
         time.sleep(0.5)
-        monitors = _children(proc.pid, "estargz_opt.analyze.monitor")
+        monitors = _children(proc.pid, "estargz_opt.workload.monitor")
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.communicate(timeout=30)

@@ -18,15 +18,15 @@ from pathlib import Path
 
 import pytest
 
-from estargz_opt.analyze import fanotify
-from estargz_opt.analyze.fanotify import (
+from estargz_opt.errors import EstargzOptError
+from estargz_opt.workload import fanotify
+from estargz_opt.workload.fanotify import (
     FanotifyError,
     FanotifyMonitor,
     FanotifyPermissionError,
     FanotifyUnavailableError,
     paths_under,
 )
-from estargz_opt.errors import EstargzOptError
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounts and fanotify need root")
 
@@ -130,7 +130,7 @@ def test_without_cap_sys_admin_the_error_names_the_daemonless_path(mnt: Path) ->
         pytest.skip("setpriv(1) is not installed")
     code = (
         "import sys\n"
-        "from estargz_opt.analyze.fanotify import FanotifyMonitor, FanotifyPermissionError\n"
+        "from estargz_opt.workload.fanotify import FanotifyMonitor, FanotifyPermissionError\n"
         "try:\n"
         "    FanotifyMonitor(sys.argv[1])\n"
         "except FanotifyPermissionError as exc:\n"

@@ -15,9 +15,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from tarfactory import build_tar, dir_, gzip_bytes, layer_trees, reg, zstd_bytes
 
-from estargz_opt.analyze.layerindex import LayerNames
 from estargz_opt.errors import BadInputError
 from estargz_opt.format import Format, LayerOptions, convert_layer
+from estargz_opt.prioritize.layerindex import LayerNames
 
 
 def _chunks(data: bytes, size: int = 4096) -> Iterator[bytes]:

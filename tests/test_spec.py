@@ -9,9 +9,9 @@ import signal
 
 import pytest
 
-from estargz_opt.analyze import spec as S
-from estargz_opt.analyze.spec import SamplerOptions, build_spec
 from estargz_opt.errors import BadInputError
+from estargz_opt.workload import spec as S
+from estargz_opt.workload.spec import SamplerOptions, build_spec
 
 CFG = {
     "architecture": "amd64",

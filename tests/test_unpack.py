@@ -15,10 +15,10 @@ from pathlib import Path
 import imagefactory as f
 import pytest
 
-from estargz_opt.analyze.unpack import chain_ids, unpack
 from estargz_opt.descriptor import OCI_LAYER_GZIP, Descriptor
 from estargz_opt.errors import BadInputError
 from estargz_opt.stores.containerd.client import Client
+from estargz_opt.workload.containerd.unpack import chain_ids, unpack
 
 
 def _sha(data: bytes) -> str:

@@ -1,3 +1,3 @@
-from estargz_opt.cli import main
+from estargz_opt._entry import main
 
 main()

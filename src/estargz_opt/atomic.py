@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,9 +34,19 @@ def temp_file(directory: Path, prefix: str) -> tuple[BinaryIO, Path]:
 def atomic_output(path: str | os.PathLike[str], prefix: str | None = None) -> Iterator[BinaryIO]:
     """A temporary file beside `path` that replaces it (synced) only if the block succeeds.
 
-    `prefix` names the temporary file (default `.NAME.`), e.g. after its owner.
+    `prefix` names the temporary file (default `.NAME.`), e.g. after its owner. A `path`
+    that exists and is not a regular file (`/dev/null`, `/dev/stdout`, a FIFO) is written
+    in place: renaming over it would replace a device node with a file.
     """
     target = Path(path)
+    try:
+        special = not stat.S_ISREG(os.stat(target).st_mode)
+    except FileNotFoundError:
+        special = False
+    if special:
+        with open(target, "wb") as out:
+            yield out
+        return
     f, tmp = temp_file(target.parent, prefix or f".{target.name}.")
     try:
         with f:

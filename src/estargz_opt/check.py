@@ -196,15 +196,11 @@ def _check_layer(
             check.uncompressed_size = int(ann.get(UNCOMPRESSED_SIZE_ANNOTATION, "0") or 0)
             return check
         try:
-            layer.verify()
+            payload = layer.verify()  # its full pass also measures the DiffID
         except EstargzOptError as exc:
             check.errors.append(str(exc))
-            return check  # the DiffID of a damaged blob would only repeat the same failure
-        try:
-            got_diff, usize = layer.diff_id()
-        except EstargzOptError as exc:
-            check.errors.append(f"cannot decompress the blob: {exc}")
             return check
+        got_diff, usize = payload.diff_id, payload.uncompressed_size
         check.uncompressed_size = usize
         if diff_id and got_diff != diff_id:
             check.errors.append(f"DiffID {got_diff} != config rootfs.diff_ids[{i}] {diff_id}")

@@ -14,7 +14,6 @@ from typing import Any
 import click
 
 from estargz_opt import __version__, check, platforms
-from estargz_opt.analyze.spec import DEFAULT_PERIOD, SamplerOptions
 from estargz_opt.errors import EstargzOptError, UsageError
 from estargz_opt.format import (
     DEFAULT_CHUNK_SIZE,
@@ -31,8 +30,12 @@ from estargz_opt.stores.containerd.model import (
     DEFAULT_NAMESPACE,
     ContainerdOptions,
 )
+from estargz_opt.workload.options import DEFAULT_PERIOD, SamplerOptions
 
 log = logging.getLogger("estargz_opt")
+_GZIP_NEGATIVE_LEVELS = (
+    "-1 is Go's default (6); -2 is Huffman-only, written by zlib's Z_HUFFMAN_ONLY"
+)
 #: An existing file argument, and a file to be written.
 _INPUT_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 _OUTPUT_FILE = click.Path(dir_okay=False, path_type=Path)
@@ -109,6 +112,15 @@ def cli(
     """
     _configure_logging(log_format, "debug" if debug else log_level)
     ctx.obj = ContainerdOptions(address=address, namespace=namespace, timeout=timeout)
+
+
+def _workload_run_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """What every command that runs the workload takes: the report, quiet, the sampler flags."""
+    f = _sampler_options(f)
+    f = click.option("-q", "--quiet", is_flag=True, help="No progress output.")(f)
+    return click.option(
+        "--json", "as_json", is_flag=True, help="Print one JSON report on stdout at the end."
+    )(f)
 
 
 def _sampler_options(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -201,7 +213,13 @@ def _sampler(kw: dict[str, Any]) -> SamplerOptions:
 @click.option("--all-platforms", is_flag=True, help="Convert every platform of an index.")
 @click.option("--zstdchunked", is_flag=True, help="Write zstd:chunked layers (needs --oci).")
 @click.option("--zstdchunked-compression-level", type=int, default=3, show_default=True)
-@click.option("--estargz-compression-level", type=int, default=9, show_default=True)
+@click.option(
+    "--estargz-compression-level",
+    type=int,
+    default=9,
+    show_default=True,
+    help=f"gzip level 0-9; {_GZIP_NEGATIVE_LEVELS}.",
+)
 @click.option("--estargz-chunk-size", type=int, default=0, help="Chunk size in bytes (0: 4 MiB).")
 @click.option(
     "--estargz-min-chunk-size",
@@ -217,9 +235,7 @@ def _sampler(kw: dict[str, Any]) -> SamplerOptions:
     type=_OUTPUT_FILE,
     help="Also write the record of the workload run (JSON lines) to this file.",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON report on stdout at the end.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress output.")
-@_sampler_options
+@_workload_run_options
 def optimize_cmd(
     containerd: ContainerdOptions,
     src: str,
@@ -305,9 +321,7 @@ def optimize_cmd(
     type=_OUTPUT_FILE,
     help="Where to write the record (JSON lines, ctr-remote's format).",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress output.")
-@_sampler_options
+@_workload_run_options
 def analyze_cmd(
     containerd: ContainerdOptions,
     src: str,
@@ -495,7 +509,7 @@ def layer() -> None:
 @click.option(
     "--compression-level",
     type=int,
-    help="gzip 0-9 (default 9) or zstd 1-22 (default 3).",
+    help=f"gzip 0-9 (default 9; {_GZIP_NEGATIVE_LEVELS}) or zstd 1-22 (default 3).",
 )
 @click.option(
     "--chunk-size",
@@ -576,15 +590,22 @@ def layer_convert(
 @layer.command("verify")
 @click.argument("blob", type=_INPUT_FILE)
 @click.option("--toc-digest", help="Expected TOC digest (the toc.digest annotation).")
+@click.option("--diff-id", help="Expected DiffID (the image config's rootfs.diff_ids entry).")
 @external_toc_option
-def layer_verify(blob: Path, toc_digest: str | None, toc_file: Path | None) -> None:
-    """Check BLOB's footer, TOC digest and every chunk digest; exit 0 only if all pass."""
+def layer_verify(
+    blob: Path, toc_digest: str | None, diff_id: str | None, toc_file: Path | None
+) -> None:
+    """Check everything a lazy or a full pull of BLOB reads; exit 0 only if all pass.
+
+    The footer, the TOC digest, every chunk from its TOC offset, then every member in
+    order: each tar entry and chunk against the TOC, and the DiffID.
+    """
     with open_layer(blob, toc_digest=toc_digest, external_toc=_read_optional(toc_file)) as lay:
-        lay.verify()
+        check = lay.verify(expected_diff_id=diff_id)
         chunks = len(lay.chunks())
         click.echo(
             f"ok: {lay.format} layer, {len(lay.toc.entries)} TOC entries, {chunks} chunks "
-            f"verified, TOC digest {lay.toc_digest}"
+            f"verified, TOC digest {lay.toc_digest}, DiffID {check.diff_id}"
         )
 
 
@@ -602,7 +623,10 @@ def layer_toc(blob: Path, toc_file: Path | None) -> None:
 @click.argument("out", type=click.Path(dir_okay=False, allow_dash=True, path_type=Path))
 @external_toc_option
 def layer_tar(blob: Path, out: Path, toc_file: Path | None) -> None:
-    """Write BLOB's files to OUT (or - for stdout) as a plain tar, landmarks and TOC dropped."""
+    """Write BLOB's files to OUT (or - for stdout) as a plain tar, landmarks and TOC dropped.
+
+    Every entry and chunk digest is checked against the TOC on the way.
+    """
     with open_layer(blob, external_toc=_read_optional(toc_file)) as lay:
         if str(out) == "-":
             lay.write_tar(sys.stdout.buffer)

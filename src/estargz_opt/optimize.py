@@ -14,19 +14,18 @@ from typing import TYPE_CHECKING, Any
 
 from estargz_opt import descriptor as d
 from estargz_opt import platforms, reference
-from estargz_opt.analyze.layerindex import LayerNames
-from estargz_opt.analyze.record import (
+from estargz_opt.prioritize.layerindex import LayerNames
+from estargz_opt.prioritize.prefetch import read_prefetch_list, record_from_prefetch_list
+from estargz_opt.prioritize.record import (
     check_record_out,
     prioritized_from_record,
-    read_prefetch_list,
     read_record,
-    record_from_prefetch_list,
     write_record,
 )
-from estargz_opt.analyze.spec import SamplerOptions
+from estargz_opt.workload.options import SamplerOptions
 
 if TYPE_CHECKING:
-    from estargz_opt.analyze.analyzer import Analysis
+    from estargz_opt.workload.analyzer import Analysis
 from estargz_opt.convert import Converter, ConvertOptions, ConvertResult, toc_image
 from estargz_opt.descriptor import Descriptor, Manifest
 from estargz_opt.errors import EstargzOptError, UsageError
@@ -52,7 +51,7 @@ class OptimizeRequest:
     no_optimize: bool = False
     record_in: Path | None = None
     prefetch_list: Path | None = None
-    #: run the workload with these options (containerd sources only); see analyze.spec
+    #: run the workload with these options (containerd sources only); see workload.options
     sampler: SamplerOptions | None = None
     #: write the record of the workload run here (ctr-remote's --record-out)
     record_out: Path | None = None
@@ -244,7 +243,7 @@ def _run_workload(
     progress: Progress | None,
 ) -> Analysis:
     """The workload run of optimize and analyze, with its countdown and output on stderr."""
-    from estargz_opt.analyze.analyzer import analyze
+    from estargz_opt.workload.analyzer import analyze
 
     return analyze(
         as_containerd(store, "running the workload"),

@@ -80,8 +80,11 @@ class LayerOptions:
                 raise BadInputError(f"zstd compression level must be 1-22, got {self.level}")
             if self.min_chunk_size:
                 raise BadInputError("min chunk size applies to gzip eStargz only, not zstd:chunked")
-        elif not 0 <= self.level <= 9:
-            raise BadInputError(f"gzip compression level must be 0-9, got {self.level}")
+        elif not estargz.MIN_LEVEL <= self.level <= estargz.MAX_LEVEL:
+            raise BadInputError(
+                f"gzip compression level must be -2 to 9 (-1: default, -2: Huffman-only), "
+                f"got {self.level}"
+            )
         if self.chunk_size <= 0:
             raise BadInputError(f"chunk size must be positive, got {self.chunk_size}")
         if self.min_chunk_size < 0:
@@ -170,22 +173,39 @@ def order_entries(
             moved.add(idx)
             front.append(index.entries[idx])
 
-    def move(name: str) -> bool:
-        name = tarfmt.clean_name(name)
-        idx = index.by_name.get(name)
-        if idx is None:
-            return False
+    def take_ancestors(name: str) -> None:
         if name:
             parts = name.split("/")
             for depth in range(len(parts)):  # existing ancestors, root first
                 ancestor = index.by_name.get("/".join(parts[:depth]))
                 if ancestor is not None:
                     take(ancestor)
-        entry = index.entries[idx]
-        if entry.typeflag == tarfmt.LINK:
-            move(entry.linkname)
-        take(idx)
-        return True
+
+    def move(name: str) -> bool:
+        """Take name with its ancestors, after the chain of hardlink targets it leads to.
+
+        The chain is followed in a loop, not by recursion, so a long chain works and a
+        self-link or a loop is named instead of overflowing the stack.
+        """
+        chain: list[int] = []
+        seen: set[int] = set()
+        name = tarfmt.clean_name(name)
+        idx = index.by_name.get(name)
+        while idx is not None:
+            if idx in seen:
+                loop = " -> ".join(index.entries[i].name for i in chain) + f" -> {name}"
+                raise BadInputError(f"hardlink loop: {loop}")
+            seen.add(idx)
+            chain.append(idx)
+            take_ancestors(name)
+            entry = index.entries[idx]
+            if entry.typeflag != tarfmt.LINK:
+                break
+            name = tarfmt.clean_name(entry.linkname)
+            idx = index.by_name.get(name)
+        for i in reversed(chain):  # the final target first, the prioritized path last
+            take(i)
+        return bool(chain)
 
     missing = [p for p in prioritized if not move(p)]
     if front:

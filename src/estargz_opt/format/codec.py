@@ -11,6 +11,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
+PIECE = 1 << 20  # the most plain bytes a stream hands out at once, whatever the ratio
+MAX_TOC_SIZE = 150 << 20  # upstream and containers/storage refuse bigger TOCs too
+
 
 @dataclass(frozen=True, slots=True)
 class TOCTail:
@@ -29,6 +32,7 @@ class Footer:
     payload_size: int
     toc_offset: int | None
     toc_size: int
+    toc_plain_size: int = 0  # the TOC's uncompressed size when the footer states it (zstd)
 
 
 class Output(Protocol):
@@ -48,9 +52,15 @@ class Compressor(Protocol):
 
 
 class Stream(Protocol):
-    """Decompresses consecutive members fed in pieces; raises ValueError on corruption."""
+    """Decompresses consecutive members fed in pieces; raises ValueError on corruption.
 
-    def feed(self, data: bytes) -> bytes: ...
+    feed yields the plain bytes in pieces of at most PIECE bytes, so that memory stays
+    bounded whatever the compression ratio (bombs, zero-filled files).
+    """
+
+    member_start: int  # blob offset of the member being decoded (the last one begun)
+
+    def feed(self, data: bytes) -> Iterator[bytes]: ...
 
     def at_member_end(self) -> bool: ...
 
@@ -60,13 +70,12 @@ class TruncatedError(ValueError):
 
 
 def decode_all(stream: Stream, chunks: Iterable[bytes]) -> Iterator[bytes]:
-    """Everything `chunks` decode to through `stream`: ValueError on corrupt input,
-    TruncatedError on input that ends inside a member."""
+    """Everything `chunks` decode to through `stream`, in pieces of at most PIECE bytes:
+    ValueError on corrupt input, TruncatedError on input that ends inside a member."""
     for chunk in chunks:
-        if out := stream.feed(chunk):
-            yield out
+        yield from stream.feed(chunk)
     if not stream.at_member_end():
-        raise TruncatedError("the stream ends inside a member")
+        raise TruncatedError(f"the stream ends inside the member at offset {stream.member_start}")
 
 
 class Decompressor(Protocol):
@@ -79,8 +88,10 @@ class Decompressor(Protocol):
         """Raise ValueError when tail does not end with this format's footer."""
         ...
 
-    def parse_toc(self, raw: bytes) -> bytes:
-        """The TOC JSON bytes from the stored TOC bytes; ValueError when malformed."""
+    def parse_toc(self, raw: bytes, footer: Footer) -> bytes:
+        """The TOC JSON bytes from the stored TOC bytes; ValueError when malformed or too big."""
         ...
 
-    def stream(self) -> Stream: ...
+    def stream(self, start: int = 0) -> Stream:
+        """A stream whose first fed byte lies at blob offset start."""
+        ...

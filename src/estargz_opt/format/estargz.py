@@ -9,15 +9,22 @@ from __future__ import annotations
 import io
 import struct
 import zlib
+from collections.abc import Iterator
 
 import deflate
 from isal import isal_zlib
 
 from estargz_opt.format import tarfmt
-from estargz_opt.format.codec import Footer, TOCTail
+from estargz_opt.format.codec import MAX_TOC_SIZE, PIECE, Footer, TOCTail
 from estargz_opt.format.toc import TOC_TAR_NAME
 
 DEFAULT_LEVEL = 9
+# Go's compress/gzip levels below 0, which ctr-remote passes through: DefaultCompression
+# is flate level 6; HuffmanOnly has no LZ77 matches, which libdeflate cannot do, so zlib's
+# Z_HUFFMAN_ONLY strategy (the same encoding idea) writes those members.
+DEFAULT_COMPRESSION = -1
+HUFFMAN_ONLY = -2
+MIN_LEVEL, MAX_LEVEL = HUFFMAN_ONLY, 9
 FOOTER_SIZE = 51
 LEGACY_FOOTER_SIZE = 47
 _HEADER_EXTRA = bytes.fromhex("1f8b08040000000000ff")
@@ -29,9 +36,23 @@ def gzip_header(level: int) -> bytes:
     return bytes([0x1F, 0x8B, 8, 0, 0, 0, 0, 0, xfl, 0xFF])
 
 
+def _zlib_compressor(level: int) -> zlib._Compress:
+    if level == HUFFMAN_ONLY:
+        return zlib.compressobj(
+            zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -15, 8, zlib.Z_HUFFMAN_ONLY
+        )
+    return zlib.compressobj(level, zlib.DEFLATED, -15)
+
+
 def gzip_member(data: bytes, level: int) -> bytes:
-    """A complete gzip member: libdeflate's raw deflate inside a Go-style header."""
-    body = deflate.deflate_compress(data, level)
+    """A complete gzip member: libdeflate's raw deflate (zlib's when Huffman-only) inside a
+    Go-style header."""
+    body: bytes | bytearray
+    if level == HUFFMAN_ONLY:
+        z = _zlib_compressor(level)
+        body = z.compress(data) + z.flush()
+    else:
+        body = deflate.deflate_compress(data, 6 if level == DEFAULT_COMPRESSION else level)
     trailer = struct.pack("<II", deflate.crc32(data), len(data) & 0xFFFFFFFF)
     return gzip_header(level) + body + trailer
 
@@ -55,7 +76,7 @@ class StreamingMember:
     """
 
     def __init__(self, level: int) -> None:
-        self._z = zlib.compressobj(level, zlib.DEFLATED, -15)
+        self._z = _zlib_compressor(level)
         self._crc = 0
         self._size = 0
         self.level = level
@@ -106,27 +127,40 @@ class GzipStream:
     """Decompresses consecutive gzip members (ISA-L); CRC and length are checked.
 
     The one gzip decoder: the layer reader, the source unpacker and the layer-name
-    index all decode through it.
+    index all decode through it, in pieces of at most PIECE bytes.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, start: int = 0) -> None:
         self._d = isal_zlib.decompressobj(31)
         self._fresh = True
+        self.member_start = start
+        self._pos = start  # blob offset of the next byte fed
 
-    def feed(self, data: bytes) -> bytes:
-        out = []
-        while data:
-            self._fresh = False
+    def feed(self, data: bytes) -> Iterator[bytes]:
+        at = self._pos
+        self._pos += len(data)
+        while True:
+            if self._fresh:
+                if not data:
+                    return
+                self.member_start = at
+                self._fresh = False
             try:
-                out.append(self._d.decompress(data))
+                out = self._d.decompress(data, PIECE)
             except _DECODE_ERRORS as exc:
                 raise ValueError(f"corrupt gzip data ({exc})") from None
-            if not self._d.eof:
-                break
-            data = self._d.unused_data
-            self._d = isal_zlib.decompressobj(31)
-            self._fresh = True
-        return b"".join(out)
+            if self._d.eof:
+                rest = self._d.unused_data
+                self._d = isal_zlib.decompressobj(31)
+                self._fresh = True
+            else:
+                rest = self._d.unconsumed_tail
+            at += len(data) - len(rest)
+            data = rest
+            if out:
+                yield out
+            if not data and len(out) < PIECE and not self._fresh:
+                return  # everything fed is used and no output is held back
 
     def at_member_end(self) -> bool:
         return self._fresh
@@ -143,13 +177,24 @@ def _parse_gzip_extra(tail: bytes, xlen: int) -> bytes:
 
 
 def _parse_toc_member(raw: bytes) -> bytes:
-    """JSON from a single gzip member holding tar(stargz.index.json)."""
-    d = zlib.decompressobj(31)
+    """JSON from the gzip member holding tar(stargz.index.json), decoded only as far as needed.
+
+    The tar header states the JSON's size, so a member that inflates beyond it (or beyond
+    the TOC cap) is refused after at most one piece more than the TOC needs.
+    """
+    stream = GzipStream()
+    plain = bytearray()
+    limit = MAX_TOC_SIZE + _TOC_TAR_SLACK
     try:
-        plain = d.decompress(raw)
-    except zlib.error as exc:
-        raise ValueError(f"corrupt TOC gzip member ({exc})") from None
-    if not d.eof:
+        for piece in stream.feed(raw):
+            plain += piece
+            if len(plain) >= tarfmt.BLOCK and limit > MAX_TOC_SIZE:
+                limit = _toc_tar_limit(bytes(plain[: tarfmt.BLOCK]), limit)
+            if len(plain) > limit:
+                raise ValueError(f"TOC member inflates beyond {limit} bytes, more than its TOC")
+    except ValueError as exc:
+        raise ValueError(f"TOC member: {exc}") from None
+    if not stream.at_member_end():
         raise ValueError("truncated TOC gzip member")
     entries = tarfmt.iter_entries(io.BytesIO(plain), len(plain))
     try:
@@ -160,7 +205,27 @@ def _parse_toc_member(raw: bytes) -> bytes:
         raise ValueError(f"TOC member is not a tar ({exc})") from None
     if first.name != TOC_TAR_NAME:
         raise ValueError(f"first entry of the TOC member is {first.name!r}, not {TOC_TAR_NAME}")
-    return plain[first.data_offset : first.data_offset + first.size]
+    if first.size > MAX_TOC_SIZE:
+        raise ValueError(f"the TOC is {first.size} bytes, over the {MAX_TOC_SIZE} limit")
+    return bytes(plain[first.data_offset : first.data_offset + first.size])
+
+
+_TOC_TAR_SLACK = 1 << 20  # room for the TOC tar's own headers, padding and EOF blocks
+
+
+def _toc_tar_limit(block: bytes, limit: int) -> int:
+    """The TOC tar's whole size when its first header is a plain file header, else limit."""
+    if block == bytes(tarfmt.BLOCK):
+        raise ValueError("TOC member holds no tar entry")
+    if block[156:157] not in (b"0", b"\0"):
+        return limit  # an extended header first: only the cap bounds it
+    try:
+        size = tarfmt.parse_number(block[124:136], "size", 0)
+    except Exception as exc:
+        raise ValueError(f"TOC member is not a tar ({exc})") from None
+    if size > MAX_TOC_SIZE:
+        raise ValueError(f"the TOC is {size} bytes, over the {MAX_TOC_SIZE} limit")
+    return tarfmt.BLOCK + size + len(tarfmt.padding(size)) + len(tarfmt.EOF_BLOCKS)
 
 
 class GzipDecompressor:
@@ -176,11 +241,11 @@ class GzipDecompressor:
         toc_offset = _hex_offset(extra[4:20])
         return _checked_footer(toc_offset, blob_size, FOOTER_SIZE)
 
-    def parse_toc(self, raw: bytes) -> bytes:
+    def parse_toc(self, raw: bytes, footer: Footer) -> bytes:
         return _parse_toc_member(raw)
 
-    def stream(self) -> GzipStream:
-        return GzipStream()
+    def stream(self, start: int = 0) -> GzipStream:
+        return GzipStream(start)
 
 
 class LegacyGzipDecompressor(GzipDecompressor):

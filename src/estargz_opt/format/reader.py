@@ -1,15 +1,16 @@
 """Opening a converted layer: find its footer, load and check its TOC, verify every chunk.
 
-Verification is what a lazy puller does at read time, done up front: each chunk is
-decompressed from its TOC offset and hashed, so a lying TOC or a flipped byte is named
-(entry and offset) before the image is pushed.
+Verification is what both kinds of pull do, done up front. A lazy puller decompresses
+each chunk from its TOC offset and hashes it; a full pull (overlayfs, Podman, containerd's
+default) reads every member in order, headers-only members too. Both are checked, so a
+lying TOC or a flipped byte anywhere is named (entry and offset) before the image is
+pushed. Decompression never hands out more than a fixed piece, whatever the ratio.
 """
 
 from __future__ import annotations
 
 import os
 import struct
-import tempfile
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -17,13 +18,21 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import BinaryIO
 
-from estargz_opt.digest import digest_of, hasher, sha256_digest
+from estargz_opt.digest import digest_of, hasher
 from estargz_opt.errors import BadInputError, VerificationError
 from estargz_opt.format import tarfmt
-from estargz_opt.format.codec import Decompressor, Footer
+from estargz_opt.format.codec import Decompressor, Footer, Stream, TruncatedError, decode_all
 from estargz_opt.format.estargz import GzipDecompressor, LegacyGzipDecompressor
 from estargz_opt.format.externaltoc import ExternalTOCDecompressor
-from estargz_opt.format.toc import LANDMARKS, TOC, TOC_TAR_NAME, parse_toc, toc_digest
+from estargz_opt.format.toc import (
+    LANDMARKS,
+    TOC,
+    TOC_TAR_NAME,
+    TOCEntry,
+    as_decoded,
+    parse_toc,
+    toc_digest,
+)
 from estargz_opt.format.zstdchunked import ZstdDecompressor
 
 DECOMPRESSORS: tuple[Decompressor, ...] = (
@@ -113,8 +122,18 @@ class Layer:
             out.append(Chunk(e.name, e.offset, e.inner_offset, length, e.chunk_digest))
         return out
 
-    def verify(self, expected_toc_digest: str | None = None, workers: int | None = None) -> None:
-        """Check the TOC digest, then every chunk's sha256; raise on the first failure."""
+    def verify(
+        self,
+        expected_toc_digest: str | None = None,
+        workers: int | None = None,
+        expected_diff_id: str | None = None,
+    ) -> PayloadCheck:
+        """Check what a lazy pull reads, then what a full pull reads; raise on the first failure.
+
+        First the TOC digest and every chunk's sha256 from its TOC offset (the lazy path),
+        then one pass over every member in blob order: each payload entry against its TOC
+        entry and chunk digests, and the DiffID (the full-pull path).
+        """
         if expected_toc_digest and expected_toc_digest != self.toc_digest:
             raise VerificationError(
                 f"TOC digest {self.toc_digest} does not match the expected {expected_toc_digest}"
@@ -143,21 +162,38 @@ class Layer:
             for future in pending:
                 if error := future.result():
                     raise VerificationError(error)
+        check = self._full_pass(None)
+        if expected_diff_id and expected_diff_id != check.diff_id:
+            raise VerificationError(
+                f"DiffID {check.diff_id} does not match the expected {expected_diff_id}"
+            )
+        return check
 
     def _check_group(self, start: int, end: int, chunks: list[Chunk]) -> str | None:
+        """Hash the chunks of the member at start as it inflates, no further than they reach."""
         need = max(c.inner_offset + c.length for c in chunks)
+        hashers = [hasher() for _ in chunks]
+        pos = 0
         try:
-            data = self._decompress_from(start, end, need)
+            for piece in self._plain_from(start, end):
+                view = memoryview(piece)
+                for c, h in zip(chunks, hashers, strict=True):
+                    lo = max(c.inner_offset, pos)
+                    hi = min(c.inner_offset + c.length, pos + len(piece))
+                    if lo < hi:
+                        h.update(view[lo - pos : hi - pos])
+                pos += len(piece)
+                if pos >= need:
+                    break
         except ValueError as exc:
             return f"entry {chunks[0].name!r} at offset {start}: {exc}"
-        for c in chunks:
-            piece = data[c.inner_offset : c.inner_offset + c.length]
-            if len(piece) < c.length:
+        for c, h in zip(chunks, hashers, strict=True):
+            if pos < c.inner_offset + c.length:
                 return (
-                    f"entry {c.name!r} at offset {c.offset}: data ends after {len(piece)} of "
-                    f"{c.length} bytes"
+                    f"entry {c.name!r} at offset {c.offset}: data ends after "
+                    f"{max(0, pos - c.inner_offset)} of {c.length} bytes"
                 )
-            got = sha256_digest(piece)
+            got = digest_of(h)
             if got != c.digest:
                 return (
                     f"entry {c.name!r} at offset {c.offset} (inner offset {c.inner_offset}): "
@@ -165,78 +201,273 @@ class Layer:
                 )
         return None
 
-    def _decompress_from(self, start: int, end: int, need: int) -> bytes:
-        stream = self.codec.stream()
-        out = bytearray()
+    def _plain_from(self, start: int, end: int) -> Iterator[bytes]:
+        """Plain bytes of the members from blob offset start on, first reading up to end."""
+        stream = self.codec.stream(start)
         pos = start
         limit = self.footer.payload_size
         fd = self._f.fileno()
-        while len(out) < need and pos < limit:
+        while pos < limit:
             step = end - pos if pos < end else _STEP
-            data = os.pread(fd, min(step, limit - pos), pos)
+            data = os.pread(fd, min(step, _STEP, limit - pos), pos)
             if not data:
-                break
+                return
             pos += len(data)
-            out += stream.feed(data)
-        return bytes(out)
+            yield from stream.feed(data)
 
     # ------------------------------------------------------------------- tar
 
     def write_tar(self, out: BinaryIO) -> None:
-        """The layer's files as a plain tar: landmarks and the TOC dropped, EOF blocks added."""
-        with tempfile.TemporaryFile(prefix="estargz-opt-") as tmp:
-            size = self._decompress_payload(tmp)
-            for e in self._payload_entries(tmp, size):
-                if (
-                    tarfmt.clean_name(e.name) in LANDMARKS
-                    or tarfmt.clean_name(e.name) == TOC_TAR_NAME
-                ):
-                    continue
-                end = e.data_offset + e.data_size + len(tarfmt.padding(e.data_size))
-                tmp.seek(e.header_offset)
-                remaining = end - e.header_offset
-                while remaining:
-                    block = tmp.read(min(remaining, _STEP))
-                    out.write(block)
-                    remaining -= len(block)
-            out.write(tarfmt.EOF_BLOCKS)
+        """The layer's files as a plain tar: landmarks and the TOC dropped, EOF blocks added.
 
-    def _decompress_payload(self, dst: BinaryIO) -> int:
-        total = 0
-        for plain in self._decompressed(self.footer.payload_size):
-            dst.write(plain)
-            total += len(plain)
-        return total
+        Written while the blob is read once, with every entry and chunk checked against
+        the TOC on the way (what the tar holds is what a lazy pull would show).
+        """
+        self._full_pass(out)
+        out.write(tarfmt.EOF_BLOCKS)
 
-    def diff_id(self) -> tuple[str, int]:
-        """sha256 and length of the whole blob decompressed: the DiffID containerd computes."""
+    def _full_pass(self, sink: BinaryIO | None) -> PayloadCheck:
+        """Read every member in blob order as a full pull does, checking it against the TOC.
+
+        Memory stays bounded: the tar is parsed from the decompressed stream as it flows,
+        content is hashed (and copied to sink, without landmarks and the TOC) piece by piece.
+        """
+        diff = hasher()
+        stream = self.codec.stream(0)
+
+        def pieces() -> Iterator[bytes]:
+            for piece in self._decompressed(self.size, stream):
+                diff.update(piece)
+                yield piece
+
+        plain = _PlainStream(pieces(), keep=sink is not None)
+        files = iter(_toc_files(self.toc))
+        keep = False  # whether the entry before this one goes to sink
+        end = 0  # plain offset where the last entry (with its padding) ends
+        entries = tarfmt.iter_entries(plain, None)
+        while True:
+            try:
+                e = next(entries, None)
+            except BadInputError as exc:
+                raise VerificationError(
+                    f"payload tar (member at offset {stream.member_start}): {exc}"
+                ) from None
+            if e is None:
+                break
+            plain.settle(e.header_offset, sink if keep else None)
+            name = tarfmt.clean_name(e.name)
+            want = next(files, None)
+            if want is None:
+                if name != TOC_TAR_NAME or self.footer.toc_offset is None:
+                    raise VerificationError(
+                        f"payload entry {e.name!r} (member at offset {stream.member_start}) "
+                        "is not in the TOC"
+                    )
+                self._check_toc_entry(plain, e, stream)
+                keep = False
+            else:
+                _compare_entry(e, want[0], stream.member_start)
+                keep = name not in LANDMARKS
+                plain.settle(e.data_offset, sink if keep else None)
+                self._check_content(plain, e, want, stream, sink if keep else None)
+            end = e.data_offset + e.data_size + len(tarfmt.padding(e.data_size))
+        missing = next(files, None)
+        if missing is not None:
+            raise VerificationError(f"TOC entry {missing[0].name!r} is not in the payload")
+        plain.settle(end, sink if keep else None)
+        trailing = plain.drain(_MAX_TRAILING)
+        if trailing > _MAX_TRAILING:
+            raise VerificationError(
+                f"more than {_MAX_TRAILING} bytes follow the tar's end (member at offset "
+                f"{stream.member_start})"
+            )
+        return PayloadCheck(diff_id=digest_of(diff), uncompressed_size=plain.pos)
+
+    def _check_content(
+        self,
+        plain: _PlainStream,
+        e: tarfmt.TarEntry,
+        want: tuple[TOCEntry, list[TOCEntry]],
+        stream: Stream,
+        sink: BinaryIO | None,
+    ) -> None:
+        """Hash a regular file's content chunk by chunk against the TOC's chunk digests."""
+        if e.typeflag != tarfmt.REG or not e.size:
+            return
+        covered = 0
+        for c in want[1]:
+            length = c.chunk_size or e.size - c.chunk_offset
+            if c.chunk_offset != covered or length <= 0 or covered + length > e.size:
+                raise VerificationError(
+                    f"TOC chunks of {e.name!r} do not tile its {e.size} bytes "
+                    f"(a chunk at {c.chunk_offset}+{length})"
+                )
+            h = hasher()
+            left = length
+            while left:
+                data = plain.read(min(left, _STEP))
+                if not data:
+                    raise VerificationError(
+                        f"payload tar (member at offset {stream.member_start}): "
+                        f"truncated tar: content of {e.name!r} ends early"
+                    )
+                h.update(data)
+                plain.settle(plain.pos, sink)
+                left -= len(data)
+            got = digest_of(h)
+            if got != c.chunk_digest:
+                raise VerificationError(
+                    f"entry {e.name!r} at file offset {c.chunk_offset} (member at offset "
+                    f"{stream.member_start}): payload chunk digest {got} != TOC {c.chunk_digest}"
+                )
+            covered += length
+        if covered != e.size:
+            raise VerificationError(f"TOC chunks of {e.name!r} cover {covered} of {e.size} bytes")
+
+    def _check_toc_entry(self, plain: _PlainStream, e: tarfmt.TarEntry, stream: Stream) -> None:
+        """The TOC's own tar entry, after the payload: it must hold the TOC that was parsed."""
         h = hasher()
-        total = 0
-        for plain in self._decompressed(self.size):
-            h.update(plain)
-            total += len(plain)
-        return digest_of(h), total
+        left = e.size
+        while left and (data := plain.read(min(left, _STEP))):
+            h.update(data)
+            left -= len(data)
+        plain.settle(plain.pos, None)
+        if digest_of(h) != self.toc_digest:
+            raise VerificationError(
+                f"the TOC entry in the member at offset {stream.member_start} is not the TOC read"
+            )
 
     def read_at(self, offset: int, size: int) -> bytes:
         return os.pread(self._f.fileno(), size, offset)
 
-    def _decompressed(self, end: int) -> Iterator[bytes]:
-        """The members in blob bytes [0, end), decompressed in order."""
-        stream = self.codec.stream()
-        for pos in range(0, end, _STEP):
-            try:
-                yield stream.feed(self.read_at(pos, min(_STEP, end - pos)))
-            except ValueError as exc:
-                raise VerificationError(f"blob near offset {pos}: {exc}") from None
-        if not stream.at_member_end():
-            raise VerificationError("blob ends inside a compressed member")
-
-    @staticmethod
-    def _payload_entries(f: BinaryIO, size: int) -> Iterator[tarfmt.TarEntry]:
+    def _decompressed(self, end: int, stream: Stream) -> Iterator[bytes]:
+        """The members in blob bytes [0, end), decompressed in order, in bounded pieces."""
+        reads = (self.read_at(pos, min(_STEP, end - pos)) for pos in range(0, end, _STEP))
         try:
-            yield from tarfmt.iter_entries(f, size)
-        except BadInputError as exc:
-            raise VerificationError(f"payload tar: {exc}") from None
+            yield from decode_all(stream, reads)
+        except TruncatedError:
+            raise VerificationError(
+                f"blob ends inside the compressed member at offset {stream.member_start}"
+            ) from None
+        except ValueError as exc:
+            raise VerificationError(f"member at offset {stream.member_start}: {exc}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class PayloadCheck:
+    """What one full pass over the blob measured."""
+
+    diff_id: str
+    uncompressed_size: int
+
+
+_MAX_TRAILING = 1 << 20  # plain bytes allowed after the tar's end (zero padding, say)
+
+
+def _toc_files(toc: TOC) -> Iterator[tuple[TOCEntry, list[TOCEntry]]]:
+    """Each non-chunk TOC entry with its chunks (the entry itself first, for a regular file)."""
+    current: tuple[TOCEntry, list[TOCEntry]] | None = None
+    for e in toc.entries:
+        if e.type == "chunk" and current is not None and current[0].name == e.name:
+            current[1].append(e)
+            continue
+        if current is not None:
+            yield current
+        if e.type == "chunk":
+            raise VerificationError(f"TOC chunk entry {e.name!r} follows no file of that name")
+        current = (e, [e] if e.type == "reg" and e.size else [])
+    if current is not None:
+        yield current
+
+
+def _compare_entry(e: tarfmt.TarEntry, t: TOCEntry, member: int) -> None:
+    """A payload tar header against its TOC entry: what a full and a lazy pull would each see."""
+    where = f"payload entry {e.name!r} (member at offset {member})"
+    if tarfmt.clean_name(as_decoded(e.name)) != tarfmt.clean_name(t.name):
+        raise VerificationError(f"{where} is {t.name!r} in the TOC")
+    kind = tarfmt.TYPE_NAMES.get(e.typeflag, e.typeflag)
+    checks: list[tuple[str, object, object]] = [
+        ("type", kind, t.type),
+        ("mode", e.mode, t.mode),
+        ("uid", e.uid, t.uid),
+        ("gid", e.gid, t.gid),
+    ]
+    if e.typeflag == tarfmt.REG:
+        checks.append(("size", e.size, t.size))
+    elif e.typeflag == tarfmt.SYMLINK:
+        checks.append(("link name", as_decoded(e.linkname), t.link_name))
+    elif e.typeflag == tarfmt.LINK:
+        link = tarfmt.clean_name(as_decoded(e.linkname))
+        checks.append(("link name", link, tarfmt.clean_name(t.link_name)))
+    elif e.typeflag in (tarfmt.CHAR, tarfmt.BLOCKDEV):
+        checks.append(("device", (e.devmajor, e.devminor), (t.dev_major, t.dev_minor)))
+    for what, got, toc_value in checks:
+        if got != toc_value:
+            raise VerificationError(f"{where} has {what} {got!r}, the TOC says {toc_value!r}")
+
+
+class _PlainStream:
+    """A forward-only file over decompressed pieces, for the tar parser.
+
+    With keep, every byte read waits in pending until settle() sends it to a sink or
+    drops it: the consumer decides per entry, once the parser has named it.
+    """
+
+    def __init__(self, pieces: Iterator[bytes], keep: bool) -> None:
+        self._pieces = pieces
+        self._buf = b""
+        self._at = 0  # read position in _buf
+        self.pos = 0  # plain offset of the next byte
+        self._keep = keep
+        self._pending: deque[bytes] = deque()
+        self._settled = 0  # plain offset where pending starts
+
+    def read(self, n: int, /) -> bytes:
+        parts = []
+        while n:
+            if self._at == len(self._buf):
+                piece = next(self._pieces, None)
+                if piece is None:
+                    break
+                self._buf, self._at = piece, 0
+            take = self._buf[self._at : self._at + n]
+            self._at += len(take)
+            n -= len(take)
+            parts.append(take)
+        data = parts[0] if len(parts) == 1 else b"".join(parts)
+        self.pos += len(data)
+        if self._keep and data:
+            self._pending.append(data)
+        return data
+
+    def seek(self, offset: int, /) -> int:
+        if offset < self.pos:
+            raise ValueError("a plain stream cannot seek back")
+        while self.pos < offset and self.read(min(offset - self.pos, _STEP)):
+            pass
+        return self.pos
+
+    def settle(self, upto: int, sink: BinaryIO | None) -> None:
+        """Send the pending bytes before plain offset upto to sink (or drop them)."""
+        while self._pending and self._settled < upto:
+            head = self._pending.popleft()
+            cut = upto - self._settled
+            if cut < len(head):
+                self._pending.appendleft(head[cut:])
+                head = head[:cut]
+            if sink is not None:
+                sink.write(head)
+            self._settled += len(head)
+        self._settled = max(self._settled, min(upto, self.pos))
+
+    def drain(self, limit: int) -> int:
+        """Read to the end, dropping the bytes; returns how many (stops just past limit)."""
+        self._keep = False
+        self._pending.clear()
+        count = 0
+        while count <= limit and (data := self.read(_STEP)):
+            count += len(data)
+        return count
 
 
 def open_layer(
@@ -281,7 +512,7 @@ def _open(f: BinaryIO, external_toc: bytes | None) -> Layer:
         else:
             raw = os.pread(f.fileno(), footer.toc_size, footer.toc_offset)
         try:
-            toc_json = codec.parse_toc(raw)
+            toc_json = codec.parse_toc(raw, footer)
         except ValueError as exc:
             raise VerificationError(
                 f"{codec.name} TOC at offset {footer.toc_offset}: {exc}"

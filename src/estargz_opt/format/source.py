@@ -1,7 +1,7 @@
 """Opening an input layer: tar, tar+gzip or tar+zstd, recognised by its first bytes.
 
-Compressed input is decompressed once into an anonymous temporary file, so the layer
-never sits in memory and nothing is left on disk if the process dies.
+Compressed input is decompressed once, in bounded pieces, into an anonymous temporary
+file, so the layer never sits in memory and nothing is left on disk if the process dies.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from estargz_opt.errors import BadInputError
-from estargz_opt.format.codec import Stream, TruncatedError, decode_all
+from estargz_opt.format.codec import PIECE, Stream, TruncatedError, decode_all
 from estargz_opt.format.estargz import GzipStream
 from estargz_opt.format.zstdchunked import ZstdStream
 
@@ -68,24 +68,40 @@ def open_tar(path: str | os.PathLike[str], tmp_dir: str | None = None) -> Iterat
 
 def gunzip_into(src: BinaryIO, dst: BinaryIO) -> int:
     """Decompress a multi-member gzip stream; corrupt or truncated data is BadInputError."""
-    return _decode_into(GzipStream(), "gzip", "member", src, dst)
+    return _decompress_into(GzipStream(), "gzip", src, dst)
 
 
 def unzstd_into(src: BinaryIO, dst: BinaryIO) -> int:
     """Decompress every zstd frame; corrupt or truncated data is BadInputError."""
-    return _decode_into(ZstdStream(), "zstd", "frame", src, dst)
+    return _decompress_into(ZstdStream(), "zstd", src, dst)
 
 
-def _decode_into(stream: Stream, kind: str, member: str, src: BinaryIO, dst: BinaryIO) -> int:
+def _decompress_into(stream: Stream, kind: str, src: BinaryIO, dst: BinaryIO) -> int:
+    """Stream src through the decoder into dst, one bounded piece at a time.
+
+    All-zero pieces become holes (a seek, not a write), so that zero-filled files and
+    zero bombs cost neither memory nor disk bandwidth.
+    """
     total = 0
+    hole = False
     try:
         for out in decode_all(stream, iter(lambda: src.read(_COPY), b"")):
-            dst.write(out)
+            if out == _ZEROS[: len(out)]:
+                dst.seek(len(out), os.SEEK_CUR)
+                hole = True
+            else:
+                dst.write(out)
+                hole = False
             total += len(out)
-    except TruncatedError:
-        raise BadInputError(
-            f"truncated {kind} input: the stream ends inside a {member}"
-        ) from None
+    except TruncatedError as exc:
+        raise BadInputError(f"truncated {kind} input: {exc}") from None
     except ValueError as exc:
-        raise BadInputError(f"corrupt {kind} input near byte {src.tell()}: {exc}") from None
+        raise BadInputError(
+            f"corrupt {kind} input: member at offset {stream.member_start}: {exc}"
+        ) from None
+    if hole:
+        dst.truncate(total)  # a trailing hole needs the file's length set
     return total
+
+
+_ZEROS = memoryview(bytes(PIECE))

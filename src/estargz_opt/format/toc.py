@@ -8,8 +8,6 @@ the same entries: tab indent, Go's HTML escaping, omitempty, base64 xattrs.
 from __future__ import annotations
 
 import base64
-import binascii
-import datetime
 import json
 import re
 from dataclasses import dataclass, field
@@ -158,6 +156,11 @@ def go_escape(text: str) -> str:
     return text
 
 
+def as_decoded(text: str) -> str:
+    """A tar string as it reads back from the TOC: Go wrote each invalid UTF-8 byte as U+FFFD."""
+    return _SURROGATES.sub("\ufffd", text)
+
+
 def _go_escape(text: str) -> bytes:
     return go_escape(text).encode("utf-8")
 
@@ -174,13 +177,40 @@ _quote = json.encoder.encode_basestring
 
 
 def format_modtime(sec: int, nsec: int) -> str:
-    """RFC3339 UTC rounded to the second; empty for the Unix epoch, as upstream."""
+    """RFC3339 UTC rounded to the second; empty for the Unix epoch, as upstream.
+
+    Any int64 second is formatted as Go's Time.Format does, years beyond 0-9999
+    included (more digits, or a minus sign): Go's tar reader accepts such headers and
+    upstream's TOC writer formats them, so refusing them would refuse real layers.
+    """
     if sec == 0:
         return ""
     if nsec >= 500_000_000:
         sec += 1
-    t = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC) + datetime.timedelta(seconds=sec)
-    return f"{t.year:04d}-{t.month:02d}-{t.day:02d}T{t.hour:02d}:{t.minute:02d}:{t.second:02d}Z"
+    days, rest = divmod(sec, 86400)
+    year, month, day = _civil_from_days(days)
+    hour, rest = divmod(rest, 3600)
+    minute, second = divmod(rest, 60)
+    sign = "-" if year < 0 else ""
+    return f"{sign}{abs(year):04d}-{month:02d}-{day:02d}T{hour:02d}:{minute:02d}:{second:02d}Z"
+
+
+def _civil_from_days(days: int) -> tuple[int, int, int]:
+    """Proleptic Gregorian (year, month, day) of a day count from 1970-01-01, for any integer.
+
+    datetime stops at years 1-9999; this is the classic era arithmetic (400-year cycles),
+    exact for Python's unbounded integers.
+    """
+    z = days + 719468
+    era = z // 146097
+    doe = z - era * 146097
+    yoe = (doe - doe // 1460 + doe // 36524 - doe // 146096) // 365
+    doy = doe - (365 * yoe + yoe // 4 - yoe // 100)
+    mp = (5 * doy + 2) // 153
+    day = doy - (153 * mp + 2) // 5 + 1
+    month = mp + 3 if mp < 10 else mp - 9
+    year = yoe + era * 400 + (1 if month <= 2 else 0)
+    return year, month, day
 
 
 def toc_digest(toc_json: bytes) -> str:
@@ -193,6 +223,8 @@ def parse_toc(data: bytes) -> TOC:
         doc = json.loads(data)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadInputError(f"malformed TOC JSON: {exc}") from None
+    except RecursionError:  # the schema nests 4 deep; refuse what the decoder cannot hold
+        raise BadInputError("malformed TOC JSON: arrays or objects nested too deeply") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("entries", []), list):
         raise BadInputError("malformed TOC JSON: expected an object with an entries list")
     version = doc.get("version", 0)
@@ -235,5 +267,5 @@ def _parse_xattrs(value: Any, i: int) -> dict[str, bytes]:
         raise BadInputError(f"malformed TOC JSON: entry {i} has bad xattrs")
     try:
         return {k: base64.b64decode(v, validate=True) for k, v in value.items()}
-    except (binascii.Error, TypeError):
+    except (ValueError, TypeError):  # binascii.Error, non-ASCII text, a non-string value
         raise BadInputError(f"malformed TOC JSON: entry {i} has bad xattrs") from None

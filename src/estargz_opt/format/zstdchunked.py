@@ -7,12 +7,19 @@ the last 40. The manifest-checksum annotation hashes the compressed TOC.
 from __future__ import annotations
 
 import struct
+import sys
 import threading
+from collections.abc import Iterator
 
 import zstandard
 
 from estargz_opt.digest import sha256_digest
-from estargz_opt.format.codec import Footer, TOCTail
+from estargz_opt.format.codec import MAX_TOC_SIZE, PIECE, Footer, TOCTail
+
+if sys.version_info >= (3, 14):
+    from compression import zstd as _zstd
+else:
+    from backports import zstd as _zstd
 
 DEFAULT_LEVEL = 3
 FOOTER_SIZE = 40
@@ -63,46 +70,42 @@ class ZstdCompressor:
 
 
 class ZstdStream:
-    """Decompresses consecutive zstd frames, skipping skippable ones; checksums are checked."""
+    """Decompresses consecutive zstd frames (skippable ones yield nothing); checksums are checked.
 
-    def __init__(self) -> None:
-        self._dctx = zstandard.ZstdDecompressor()
-        self._d: zstandard.ZstdDecompressionObj | None = None
-        self._pending = b""
-        self._skip = 0
+    The decoder is the standard library's zstd API (backported before 3.14) because it can
+    stop at a given output size, which python-zstandard's decompressobj cannot.
+    """
 
-    def feed(self, data: bytes) -> bytes:
-        out = []
-        data = self._pending + data
-        self._pending = b""
-        while data:
-            if self._skip:
-                n = min(self._skip, len(data))
-                self._skip -= n
-                data = data[n:]
-                continue
+    def __init__(self, start: int = 0) -> None:
+        self._d: _zstd.ZstdDecompressor | None = None
+        self.member_start = start
+        self._pos = start  # blob offset of the next byte fed
+
+    def feed(self, data: bytes) -> Iterator[bytes]:
+        self._pos += len(data)
+        while True:
             if self._d is None:
-                if len(data) < 8:
-                    self._pending = data
-                    break
-                magic, size = _SKIPPABLE_HEADER.unpack_from(data)
-                if magic & 0xFFFFFFF0 == SKIPPABLE_MAGIC:
-                    self._skip = size
-                    data = data[8:]
-                    continue
-                self._d = self._dctx.decompressobj()
+                if not data:
+                    return
+                self._d = _zstd.ZstdDecompressor()
+                self.member_start = self._pos - len(data)
             try:
-                out.append(self._d.decompress(data))
-            except zstandard.ZstdError as exc:
+                out = self._d.decompress(data, max_length=PIECE)
+            except _zstd.ZstdError as exc:
                 raise ValueError(f"corrupt zstd data ({exc})") from None
-            if not self._d.eof:
-                break
-            data = self._d.unused_data
-            self._d = None
-        return b"".join(out)
+            data = b""
+            if self._d.eof:
+                data = self._d.unused_data
+                self._d = None
+            elif self._d.needs_input:  # all input used and no output held back
+                if out:
+                    yield out
+                return
+            if out:
+                yield out
 
     def at_member_end(self) -> bool:
-        return self._d is None and not self._pending and not self._skip
+        return self._d is None
 
 
 class ZstdDecompressor:
@@ -113,20 +116,28 @@ class ZstdDecompressor:
         tail = tail[-FOOTER_SIZE:]
         if len(tail) < FOOTER_SIZE or tail[32:] != _FOOTER_MAGIC:
             raise ValueError("not a zstd:chunked footer")
-        toc_offset, clen, _ulen, _kind = struct.unpack_from("<QQQQ", tail)
+        toc_offset, clen, ulen, _kind = struct.unpack_from("<QQQQ", tail)
         if toc_offset < 8 or toc_offset + clen > blob_size - FOOTER_SIZE:
             raise ValueError(f"footer TOC position {toc_offset}:{clen} lies outside the blob")
-        return Footer(payload_size=toc_offset - 8, toc_offset=toc_offset, toc_size=clen)
+        return Footer(
+            payload_size=toc_offset - 8, toc_offset=toc_offset, toc_size=clen, toc_plain_size=ulen
+        )
 
-    def parse_toc(self, raw: bytes) -> bytes:
+    def parse_toc(self, raw: bytes, footer: Footer) -> bytes:
+        """The TOC frame, decoded to at most the footer's stated size (and the hard cap)."""
+        limit = footer.toc_plain_size or MAX_TOC_SIZE
+        if limit > MAX_TOC_SIZE:
+            raise ValueError(f"the footer states a {limit}-byte TOC, over the {MAX_TOC_SIZE} limit")
+        d = _zstd.ZstdDecompressor()
         try:
-            d = zstandard.ZstdDecompressor().decompressobj()
-            out = d.decompress(raw)
-        except zstandard.ZstdError as exc:
+            out = d.decompress(raw, max_length=limit + 1)
+        except _zstd.ZstdError as exc:
             raise ValueError(f"corrupt zstd TOC ({exc})") from None
+        if len(out) > limit:
+            raise ValueError(f"the TOC decompresses to more than the footer's {limit} bytes")
         if not d.eof:
             raise ValueError("truncated zstd TOC")
         return out
 
-    def stream(self) -> ZstdStream:
-        return ZstdStream()
+    def stream(self, start: int = 0) -> ZstdStream:
+        return ZstdStream(start)

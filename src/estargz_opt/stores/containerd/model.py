@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from estargz_opt.descriptor import Descriptor
+from estargz_opt.mount import Mount as Mount  # re-exported: snapshotters return it
 
 DEFAULT_ADDRESS = "/run/containerd/containerd.sock"
 DEFAULT_NAMESPACE = "default"
@@ -86,16 +87,6 @@ class Image(Record):
 @dataclass(frozen=True, slots=True)
 class Lease(Record):
     id: str
-
-
-@dataclass(frozen=True, slots=True)
-class Mount:
-    """A mount as snapshotters return it and runtimes take it (mount(8) terms)."""
-
-    type: str
-    source: str
-    target: str = ""
-    options: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,7 +1,8 @@
-"""The record of accessed files (ctr-remote's --record-out format) and prefetch lists.
+"""The record of accessed files (ctr-remote's --record-out format) and the recorder.
 
-A record is JSON lines `{"path","manifestDigest","layerIndex"}`. Both sources end up as
-one list of paths per layer digest, in first-access order, which the converter applies.
+A record is JSON lines `{"path","manifestDigest","layerIndex"}`. The recorder makes one
+from accessed paths (a workload run or a prefetch list); a record ends up as one list of
+paths per layer digest, in first-access order, which the converter applies.
 """
 
 from __future__ import annotations
@@ -9,16 +10,15 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from estargz_opt.analyze.layerindex import LayerNames
 from estargz_opt.descriptor import Manifest
 from estargz_opt.errors import BadInputError, EstargzOptError
 from estargz_opt.format import atomic_output, tarfmt
 from estargz_opt.format.toc import go_escape
+from estargz_opt.prioritize.layerindex import LayerNames
 
 log = logging.getLogger("estargz_opt")
 
@@ -42,7 +42,7 @@ class RecordEntry:
 
 def read_record(path: Path) -> list[RecordEntry]:
     entries = []
-    for lineno, line in enumerate(_lines(path), 1):
+    for lineno, line in enumerate(read_lines(path), 1):
         if not line.strip():
             continue
         try:
@@ -73,24 +73,6 @@ def prioritized_from_record(
         if (digest, e.path) not in seen:
             seen.add((digest, e.path))
             out.setdefault(digest, []).append(e.path)
-    return out
-
-
-def read_prefetch_list(path: Path) -> list[tuple[int, str]]:
-    """(line number, pattern) pairs; blank lines and # comments are skipped."""
-    out = []
-    for lineno, raw in enumerate(_lines(path), 1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        if "\0" in line:
-            raise BadInputError(f"{path}:{lineno}: NUL byte in prefetch list line")
-        if _is_glob(line):
-            try:
-                _glob_regex(line)
-            except ValueError as exc:
-                raise BadInputError(f"{path}:{lineno}: bad glob {line!r}: {exc}") from None
-        out.append((lineno, line))
     return out
 
 
@@ -144,78 +126,7 @@ def write_record(path: Path, entries: Iterable[RecordEntry]) -> None:
         raise EstargzOptError(f"cannot write --record-out {path}: {exc.strerror}") from None
 
 
-def record_from_prefetch_list(
-    patterns: list[tuple[int, str]], names: LayerNames, manifest_digest: str
-) -> list[RecordEntry]:
-    """Resolve paths and globs to the top-most layer holding each, honouring whiteouts."""
-    recorder = Recorder(names, manifest_digest)
-    all_names: list[str] | None = None
-    for lineno, pattern in patterns:
-        if not _is_glob(pattern):
-            recorder.record(pattern)
-            continue
-        if all_names is None:
-            all_names = names.all_names()
-        regex = _glob_regex(tarfmt.clean_name(pattern))
-        matched = [n for n in all_names if regex.fullmatch(n)]
-        if not matched:
-            log.warning("prefetch list line %d: %r matches no file in the image", lineno, pattern)
-        for n in matched:
-            recorder.record(n)
-    return recorder.entries
-
-
-def _is_glob(text: str) -> bool:
-    return any(c in text for c in "*?[")
-
-
-def _glob_regex(pattern: str) -> re.Pattern[str]:
-    """doublestar semantics: `**` spans directories, `*` and `?` stay within one."""
-    out = []
-    i = 0
-    while i < len(pattern):
-        c = pattern[i]
-        if pattern.startswith("**", i):
-            at_start = i == 0 or pattern[i - 1] == "/"
-            at_end = i + 2 == len(pattern) or pattern[i + 2] == "/"
-            if at_start and pattern.startswith("**/", i):
-                out.append("(?:.*/)?")
-                i += 3
-                continue
-            if at_start and at_end:
-                out.append(".*")
-                i += 2
-                continue
-            out.append("[^/]*")
-            i += 2
-        elif c == "*":
-            out.append("[^/]*")
-            i += 1
-        elif c == "?":
-            out.append("[^/]")
-            i += 1
-        elif c == "[":
-            end = pattern.find("]", i + 2 if pattern[i + 1 : i + 2] in ("!", "^") else i + 1)
-            if end < 0:
-                raise ValueError("unterminated [ class")
-            body = pattern[i + 1 : end]
-            if body[:1] in ("!", "^"):
-                body = "^" + body[1:]
-            out.append("[" + body.replace("\\", "\\\\") + "]")
-            i = end + 1
-        elif c == "\\" and i + 1 < len(pattern):
-            out.append(re.escape(pattern[i + 1]))
-            i += 2
-        else:
-            out.append(re.escape(c))
-            i += 1
-    try:
-        return re.compile("".join(out))
-    except re.error as exc:
-        raise ValueError(str(exc)) from None
-
-
-def _lines(path: Path) -> list[str]:
+def read_lines(path: Path) -> list[str]:
     try:
         return path.read_text(encoding="utf-8", errors="surrogateescape").splitlines()
     except OSError as exc:

@@ -1,7 +1,8 @@
 """Profile an image: run its workload in a sample container and record the files it used.
 
-This ties the pieces together: the sampler runs the workload and returns the container
-paths it touched, in first-access order; the recorder maps each to the top-most layer
+This ties the pieces together: the runner chosen for the image's store runs the
+workload (`sample.run_sample`) and returns the container paths it touched, in
+first-access order; the recorder (prioritize.record) maps each to the top-most layer
 that holds it. Which names each layer holds is read from the layer blobs meanwhile, in a
 background thread, so it costs no extra time on top of the `--period`.
 """
@@ -14,12 +15,14 @@ from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from estargz_opt import descriptor as d
-from estargz_opt.analyze.layerindex import LayerNames
-from estargz_opt.analyze.record import RecordEntry, Recorder
-from estargz_opt.analyze.sampler import SampleImage, SampleResult, Tick, run_sample
-from estargz_opt.analyze.spec import SamplerOptions
 from estargz_opt.descriptor import Descriptor, Manifest
+from estargz_opt.prioritize.layerindex import LayerNames
+from estargz_opt.prioritize.record import RecordEntry, Recorder
 from estargz_opt.stores.containerd.store import ContainerdStore
+from estargz_opt.workload.containerd.runner import ContainerdRunner
+from estargz_opt.workload.options import SamplerOptions
+from estargz_opt.workload.runner import Runner, SampleImage
+from estargz_opt.workload.sample import SampleRequest, SampleResult, Tick, run_sample
 
 log = logging.getLogger("estargz_opt")
 
@@ -60,11 +63,22 @@ def analyze(
     layers = [x for x in manifest.layers if x.media_type in d.LAYER_TYPES]
     diff_ids = d.config_diff_ids(config, len(layers), image_name)
     image = SampleImage(image_name, config, layers, diff_ids)
+    req = SampleRequest(runner_for(store), image, opts, on_tick=on_tick, output=output)
+    return record_workload(req, manifest_desc.digest)
+
+
+def runner_for(store: ContainerdStore) -> Runner:
+    """The runner for an image held in `store`: containerd's own, for a containerd store."""
+    return ContainerdRunner(store)
+
+
+def record_workload(req: SampleRequest, manifest_digest: str) -> Analysis:
+    """Run the workload as `req` says and map each accessed path to its layer."""
     with ThreadPoolExecutor(1, thread_name_prefix="layer-names") as pool:
-        names_job = pool.submit(_layer_names, store, image.layers)
-        sample = run_sample(store.client, image, opts, on_tick=on_tick, output=output)
+        names_job = pool.submit(_layer_names, req.runner, req.image.layers)
+        sample = run_sample(req)
         names = names_job.result()
-    recorder = Recorder(names, manifest_desc.digest)
+    recorder = Recorder(names, manifest_digest)
     for path in sample.paths:
         if path.startswith("/"):
             recorder.record(path)
@@ -73,7 +87,7 @@ def analyze(
         len(recorder.entries),
         ", ".join(
             f"layer {i}: {n}"
-            for i in range(len(image.layers))
+            for i in range(len(req.image.layers))
             if (n := sum(1 for e in recorder.entries if e.layer_index == i))
         )
         or "none",
@@ -81,8 +95,5 @@ def analyze(
     return Analysis(recorder.entries, sample)
 
 
-def _layer_names(store: ContainerdStore, layers: list[Descriptor]) -> LayerNames:
-    # Streamed from containerd: no temporary copy while the workload competes for CPU.
-    return LayerNames(
-        [LayerNames.names_in_stream(store.stream(x, f"layer {i}")) for i, x in enumerate(layers)]
-    )
+def _layer_names(runner: Runner, layers: list[Descriptor]) -> LayerNames:
+    return LayerNames([LayerNames.names_in_stream(runner.layer_chunks(x)) for x in layers])

@@ -18,8 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from estargz_opt.analyze.spec import SamplerOptions
 from estargz_opt.errors import EstargzOptError
+from estargz_opt.workload.options import SamplerOptions
 
 log = logging.getLogger("estargz_opt")
 
@@ -95,7 +95,7 @@ def _run_plugin(
         raise NetworkError(f"--cni: plugin {conf.get('type')} {command} failed: {msg}")
     if command != "ADD" or not proc.stdout.strip():
         return {}
-    result: dict[str, Any] = json.loads(proc.stdout)
+    result: dict[str, Any] = json.loads(proc.stdout)  # a CNI result is a JSON object
     return result
 
 

@@ -1,9 +1,10 @@
 """The file-access monitor: a helper process whose private mount namespace the sample
 container joins, so that fanotify on its root mount sees exactly the container's file
-accesses (ctr-remote's analyzer watches its container the same way).
+accesses. Every runner uses it; the helper runs privileged and imports only the standard
+library, `fanotify`, `mounts` and `errors` (no grpc, no store).
 
 How it works, in order:
-1. The helper (`python -m estargz_opt.analyze.monitor`) unshares a mount namespace,
+1. The helper (`python -m estargz_opt.workload.monitor`) unshares a mount namespace,
    makes it a slave of the host's and mounts the rootfs snapshot on the target directory
    *inside that namespace only*: the host never sees the mount, and the kernel removes
    it when the helper dies, however it dies.
@@ -35,15 +36,15 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from typing import IO, Any
 
-from estargz_opt.analyze.fanotify import (
+from estargz_opt.errors import EstargzOptError
+from estargz_opt.mount import Mount
+from estargz_opt.workload.fanotify import (
     FanotifyError,
     FanotifyMonitor,
     FanotifyPermissionError,
     FanotifyUnavailableError,
 )
-from estargz_opt.analyze.mounts import MountError, make_rslave, mount_all
-from estargz_opt.errors import EstargzOptError
-from estargz_opt.stores.containerd.model import Mount
+from estargz_opt.workload.mounts import MountError, make_rslave, mount_all
 
 CLONE_NEWNS = 0x00020000
 PR_SET_PDEATHSIG = 1
@@ -73,7 +74,7 @@ class Monitor:
         setup = json.dumps({"target": target, "mounts": [asdict(m) for m in mounts]})
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in close()
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "estargz_opt.analyze.monitor", setup],
+            [sys.executable, "-m", "estargz_opt.workload.monitor", setup],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self._log,

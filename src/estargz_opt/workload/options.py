@@ -1,0 +1,156 @@
+"""The sampler flags of `ctr-remote image optimize` and the parsing of their values.
+
+Every runner takes the same `SamplerOptions`; the spec steps, the stdio, the network and
+the end conditions all read it. Parsing a value and checking it are one function, so
+`validate()` refuses at once what a spec step would refuse later.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from estargz_opt.errors import BadInputError
+
+DEFAULT_PERIOD = 10
+
+
+@dataclass(slots=True)
+class SamplerOptions:
+    """Every sampler flag of `ctr-remote image optimize`, with upstream's defaults.
+
+    Strings that upstream treats as "not given" when empty are kept as "" here too.
+    """
+
+    terminal: bool = False  # -t/--terminal; needs stdin
+    stdin: bool = False  # -i
+    period: int = DEFAULT_PERIOD  # seconds; <= 0 means the default
+    user: str = ""  # user[:group], names or numbers
+    cwd: str = ""
+    args: str = ""  # JSON array; replaces the image Cmd
+    entrypoint: str = ""  # JSON array; replaces the image Entrypoint (Cmd is kept)
+    env: list[str] = field(default_factory=list)  # K=V, added or overridden
+    env_file: str = ""  # one K=V per line
+    mounts: list[str] = field(default_factory=list)  # type=…,source=…,destination=…,options=a:b
+    dns_nameservers: str = "8.8.8.8"  # CSV
+    dns_search_domains: str = ""  # CSV
+    dns_options: str = ""  # CSV
+    add_hosts: str = ""  # CSV of host:IP
+    cni: bool = False
+    cni_plugin_conf_dir: str = ""
+    cni_plugin_dir: str = ""
+    gpus: str = ""  # "all" or "0,1"
+    net_host: bool = False
+    wait_on_line: str = ""
+    wait_on_signal: bool = False
+
+    @property
+    def effective_period(self) -> int:
+        """The monitoring time in seconds: `period`, or the default when it is <= 0."""
+        return self.period if self.period > 0 else DEFAULT_PERIOD
+
+    def validate(self) -> None:
+        """Reject flag combinations and values upstream refuses, with one clear line."""
+        if self.terminal and not self.stdin:
+            raise BadInputError("-t/--terminal requires -i")
+        if self.wait_on_signal and self.terminal:
+            raise BadInputError("--wait-on-signal cannot be used with -t/--terminal")
+        parse_json_array("--args", self.args)
+        parse_json_array("--entrypoint", self.entrypoint)
+        for m in self.mounts:
+            parse_mount(m)
+        parse_add_hosts(self.add_hosts)
+        parse_gpus(self.gpus)
+        if self.cwd and not self.cwd.startswith("/"):
+            raise BadInputError(f"--cwd {self.cwd!r} must be an absolute path")
+        for e in self.env:
+            check_env_entry("--env", e)
+
+
+def parse_json_array(flag: str, text: str) -> list[str] | None:
+    """Parse a JSON-array flag value; None when the flag was not given ("")."""
+    if text == "":
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise BadInputError(f"{flag} must be a JSON array of strings: {e.msg}") from None
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise BadInputError(f"{flag} must be a JSON array of strings, got {text!r}")
+    return value
+
+
+def csv_items(text: str) -> list[str]:
+    """The non-empty items of a comma-separated flag value."""
+    return [item for item in text.split(",") if item != ""]
+
+
+def parse_mount(text: str) -> dict[str, Any]:
+    """Parse one `--mount` value into an OCI spec mount.
+
+    The value is a CSV of `key=val` fields; keys are type, source|src, destination|dst
+    and options (colon-separated). Each field must contain exactly one '='.
+    """
+    try:
+        rows = list(csv.reader([text], strict=True))
+    except csv.Error as e:
+        raise BadInputError(f"invalid --mount {text!r}: {e}") from None
+    fields = rows[0] if rows else []
+    mount: dict[str, Any] = {}
+    for f in fields:
+        if f.count("=") != 1:
+            raise BadInputError(f"invalid --mount {text!r}: field {f!r} is not key=val")
+        key, val = f.split("=")
+        if key == "type":
+            mount["type"] = val
+        elif key in ("source", "src"):
+            mount["source"] = val
+        elif key in ("destination", "dst"):
+            mount["destination"] = val
+        elif key == "options":
+            mount["options"] = val.split(":")
+        else:
+            raise BadInputError(f"invalid --mount {text!r}: key {key!r} is not supported")
+    dst = mount.get("destination", "")
+    if not dst:
+        raise BadInputError(f"invalid --mount {text!r}: destination is missing")
+    if not dst.startswith("/"):
+        raise BadInputError(f"invalid --mount {text!r}: destination must be absolute")
+    out: dict[str, Any] = {"destination": dst}
+    for k in ("type", "source", "options"):
+        if mount.get(k):
+            out[k] = mount[k]
+    return out
+
+
+def parse_add_hosts(text: str) -> list[tuple[str, str]]:
+    """`--add-hosts` CSV of host:IP → [(host, ip)]. The IP may itself contain ':'."""
+    out = []
+    for item in csv_items(text):
+        host, sep, ip = item.partition(":")
+        if not sep or not host or not ip:
+            raise BadInputError(f"invalid --add-hosts entry {item!r}: expected host:IP")
+        out.append((host, ip))
+    return out
+
+
+def parse_gpus(text: str) -> list[str]:
+    """`--gpus` → CDI device names: "all" or comma-separated indices."""
+    if text == "":
+        return []
+    if text == "all":
+        return ["nvidia.com/gpu=all"]
+    out = []
+    for item in text.split(","):
+        if not item.strip().isdigit():
+            raise BadInputError(f"invalid --gpus {text!r}: expected 'all' or indices like 0,1")
+        out.append(f"nvidia.com/gpu={int(item)}")
+    return out
+
+
+def check_env_entry(flag: str, entry: str) -> None:
+    """A `K=V` (or bare `K`) entry of --env or --env-file needs a name."""
+    if entry.startswith("="):
+        raise BadInputError(f"invalid {flag} entry {entry!r}: the variable name is empty")

@@ -1,0 +1,264 @@
+"""Run an image's workload once under the file-access monitor, with any runner.
+
+The run is the same for every runner (see `runner.Runner`): a private run directory,
+the rootfs the runner prepares, mounted by the monitor in its own mount namespace, the
+generated /etc files, the CNI namespace (--cni), the spec from the shared steps, the
+stdio FIFOs, then the container the runner creates, joined to the monitor's namespace.
+The run ends when the workload exits, prints the `--wait-on-line` text, gets Ctrl-C
+under `--wait-on-signal`, or when `--period` is over; it is then killed with the image's
+stop signal.
+
+Everything the run creates is undone in reverse order whatever happens (success, error,
+timeout, Ctrl-C): the task and the container, the stdio, the network namespace, the
+monitor (and with it the rootfs mount, which lives only in its namespace), the runner's
+rootfs, and the run directory. After a SIGKILL the next run reaps what was left.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+from estargz_opt.stores.owner import is_dead, this_process
+from estargz_opt.workload import network
+from estargz_opt.workload.monitor import Monitor
+from estargz_opt.workload.options import SamplerOptions
+from estargz_opt.workload.runner import (
+    KILL_WAIT,
+    SAMPLE_PREFIX,
+    RunDir,
+    Runner,
+    RunnerError,
+    SampleError,
+    SampleImage,
+    Task,
+    WorkloadStartError,
+)
+from estargz_opt.workload.spec import (
+    NO_GPU_HOOK,
+    build_spec,
+    etc_file_texts,
+    find_gpu_hook,
+    stop_signal,
+)
+from estargz_opt.workload.stdio import Stdio
+
+log = logging.getLogger("estargz_opt")
+
+
+@dataclass(slots=True)
+class SampleResult:
+    """What happened in the run; `paths` are container paths in first-access order."""
+
+    paths: list[str] = field(default_factory=list)
+    #: "exit", "line", "period", "signal", or "error" when the workload could not start
+    ended_by: str = ""
+    exit_status: int | None = None
+    error: str | None = None
+    overflows: int = 0
+
+
+#: Called about once a second while the workload runs: (seconds left or None, files seen);
+#: a last call with 0 seconds left ends the countdown.
+Tick = Callable[[float | None, int], None]
+
+
+@dataclass(frozen=True, slots=True)
+class SampleRequest:
+    """One workload run: with which runner, of which image, with which flags, watched how."""
+
+    runner: Runner
+    image: SampleImage
+    opts: SamplerOptions
+    on_tick: Tick | None = None
+    #: where the workload's stdout and stderr go (default: our stderr), so that our stdout
+    #: keeps carrying only the digest or the JSON report
+    output: BinaryIO | None = None
+
+
+def run_sample(req: SampleRequest) -> SampleResult:
+    """Run the workload once under the file-access monitor; see the module docstring."""
+    runner, image, opts, on_tick = req.runner, req.image, req.opts, req.on_tick
+    opts.validate()
+    runner.check()
+    if opts.gpus and find_gpu_hook() is None:
+        raise SampleError(NO_GPU_HOOK)
+    out = req.output if req.output is not None else sys.stderr.buffer
+    run_id = f"{SAMPLE_PREFIX}{secrets.token_hex(8)}"
+    reap_stale_dirs()
+    runner.reap_stale()
+    with ExitStack() as stack:
+        run = RunDir(run_id, os.path.join(tempfile.gettempdir(), run_id))
+        os.mkdir(run.path, 0o700)
+        stack.callback(shutil.rmtree, run.path, ignore_errors=True)
+        _write(os.path.join(run.path, "owner"), this_process())
+        os.mkdir(run.rootfs)
+
+        mounts = stack.enter_context(runner.rootfs(run, image))
+        log_path = os.path.join(run.path, "monitor.log")
+        monitor = stack.enter_context(Monitor(mounts, run.rootfs, log_path))
+
+        etc_dir = None
+        if not opts.net_host:
+            etc_dir = os.path.join(run.path, "etc")
+            os.mkdir(etc_dir)
+            for name, text in etc_file_texts(opts).items():
+                _write(os.path.join(etc_dir, name), text)
+        netns = None
+        if opts.cni:
+            netns = stack.enter_context(network.cni_namespace(run.id, opts))
+
+        spec = build_spec(
+            image.config,
+            opts,
+            rootfs=run.rootfs,
+            hostname="",
+            etc_dir=etc_dir,
+            mount_ns_path=monitor.ns_path,
+            netns_path=netns,
+            container_id=run.id,
+            namespace=runner.namespace,
+            files_root=monitor.rootfs_view,
+            gpu_hook=find_gpu_hook() if opts.gpus else None,
+        )
+        stdio = stack.enter_context(Stdio(os.path.join(run.path, "io"), opts, out))
+        try:
+            task = stack.enter_context(runner.container(run, image, spec, stdio.paths))
+        except WorkloadStartError as exc:
+            # Like a workload that fails at once: report it; the caller converts anyway.
+            log.error("the workload could not start: %s", exc)
+            return SampleResult(ended_by="error", error=str(exc))
+
+        monitor.begin()
+        stdio.start(task)
+        task.start()
+        result = _wait(task, opts, stdio, monitor, on_tick)
+        if result.ended_by != "exit":
+            _kill(task, stop_signal(image.config), result)
+        status = task.delete()
+        if status is not None and result.exit_status is None:
+            result.exit_status = status
+        stdio.finish()
+        result.paths = monitor.stop()
+        result.overflows = monitor.overflows
+        log.info(
+            "workload ended (%s) with exit status %s; %d file accesses seen",
+            _ENDINGS[result.ended_by],
+            result.exit_status,
+            len(result.paths),
+        )
+        return result
+    raise AssertionError("unreachable")  # pragma: no cover - ExitStack does not swallow
+
+
+_ENDINGS = {
+    "exit": "the workload exited",
+    "line": "the --wait-on-line text was printed",
+    "period": "the --period elapsed",
+    "signal": "interrupted under --wait-on-signal",
+}
+
+
+def reap_stale_dirs() -> None:
+    """Remove the run directories of runs killed with SIGKILL (they could not clean up).
+
+    Only directories whose owner process was on this host and is gone are touched: a
+    concurrent run's directory is left alone. Each runner reaps its own objects.
+    """
+    tmp = tempfile.gettempdir()
+    with contextlib.suppress(OSError):
+        for name in os.listdir(tmp):
+            owner_file = os.path.join(tmp, name, "owner")
+            if name.startswith(SAMPLE_PREFIX) and os.path.isfile(owner_file):
+                with open(owner_file) as f:
+                    if is_dead(f.read()):
+                        shutil.rmtree(os.path.join(tmp, name), ignore_errors=True)
+
+
+def _wait(
+    task: Task,
+    opts: SamplerOptions,
+    stdio: Stdio,
+    monitor: Monitor,
+    on_tick: Tick | None,
+) -> SampleResult:
+    result = SampleResult()
+    done = threading.Event()
+    ending: list[str] = []
+
+    def end(why: str) -> None:
+        if not ending:
+            ending.append(why)
+        done.set()
+
+    def waiter() -> None:
+        try:
+            result.exit_status = task.wait()
+        except RunnerError as exc:
+            log.debug("waiting for the sample task: %s", exc)
+        end("exit")
+
+    def line_waiter() -> None:
+        # The line may have come already: the event stays set.
+        if stdio.line_seen.wait():
+            end("line")
+
+    threading.Thread(target=waiter, name="sample-wait", daemon=True).start()
+    if opts.wait_on_line:
+        threading.Thread(target=line_waiter, name="sample-line", daemon=True).start()
+
+    deadline = None if opts.wait_on_signal else time.monotonic() + opts.effective_period
+    previous = None
+    if opts.wait_on_signal:
+        log.info("waiting for the workload to exit, or for Ctrl-C (SIGINT)")
+        previous = signal.signal(signal.SIGINT, lambda *_: end("signal"))
+    else:
+        log.info("waiting for %ds ...", opts.effective_period)
+    try:
+        while not done.is_set():
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                end("period")
+                break
+            if on_tick is not None:
+                on_tick(left, len(monitor.paths))
+            done.wait(1.0 if left is None else min(1.0, left))
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+        if on_tick is not None:
+            on_tick(0.0, len(monitor.paths))  # the end of the countdown
+    result.ended_by = ending[0]
+    return result
+
+
+def _kill(task: Task, signo: int, result: SampleResult) -> None:
+    """Stop the workload with the image's stop signal; SIGKILL if it ignores it for 5 s."""
+    for sig in dict.fromkeys((signo, signal.SIGKILL)):
+        try:
+            task.kill(sig)
+        except RunnerError as exc:
+            log.debug("kill with signal %d: %s", sig, exc)
+        try:
+            result.exit_status = task.wait(timeout=KILL_WAIT)
+            return
+        except RunnerError:
+            log.warning("the workload did not exit %gs after signal %d", KILL_WAIT, sig)
+
+
+def _write(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+    os.chmod(path, 0o644)
