@@ -56,7 +56,7 @@ def optimize(c: Containerd, period: str, dst: str) -> list[str]:
 def trial(c: Containerd, client: Client, i: int, delay: float) -> dict[str, object]:
     proc = subprocess.Popen(optimize(c, "3", f"localhost/kill-sample:{i}"),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while not (cids := [x.id for x in client.list_containers() if x.id.startswith(PREFIX)]):
+    while not (cids := [x.id for x in client.containers.list() if x.id.startswith(PREFIX)]):
         if proc.poll() is not None:
             break
         time.sleep(0.002)
@@ -66,7 +66,7 @@ def trial(c: Containerd, client: Client, i: int, delay: float) -> dict[str, obje
     time.sleep(1)
     cid = cids[0] if cids else "-"
     try:
-        task = client.get_task(cid).status
+        task = client.tasks.get(cid).status
     except Exception:  # any failure: containerd has no such task
         task = "none"
     shims = processes(f"-id {cid} ")
