@@ -585,3 +585,30 @@ def test_ctrl_c_while_modules_load_exits_130_quietly(module: str) -> None:
         timeout=HANG_GUARD_S,
     )
     assert (proc.returncode, proc.stderr) == (130, "estargz-opt: error: interrupted\n")
+
+
+def _big_window_zstd(size: int) -> bytes:
+    """size zero bytes in one frame that asks its decoder for a 128 MiB window."""
+    params = zstandard.ZstdCompressionParameters.from_level(
+        1, window_log=27, write_content_size=False
+    )
+    return zstandard.ZstdCompressor(compression_params=params).compress(bytes(size))
+
+
+@pytest.mark.parametrize("cmd", ["verify", "tar"])
+def test_zstd_chunk_that_asks_for_a_huge_window(tmp_path: Path, cmd: str) -> None:
+    """A 10 KB frame can make libzstd allocate 128 MiB per decoder: such frames are refused
+    before any allocation (layer frames never need more than a 32 MiB window)."""
+    conv = tf.convert(
+        tmp_path, [tf.reg("f", tf.content("text", 3000, 2))], Format.ZSTDCHUNKED
+    )
+    (f_entry,) = [e for e in tf.toc_entries(conv.toc_json) if e["name"] == "f"]
+    at = f_entry["offset"]
+    raw = conv.blob[: tf.zstd_footer(conv.blob)[0] - 8]
+    c = zstandard.ZstdCompressor().compress(conv.toc_json)
+    blob = tmp_path / "window.blob"
+    blob.write_bytes(zstd_with_toc(raw[:at] + _big_window_zstd(300 << 20), c, len(conv.toc_json)))
+    run = measured(*reader_args(cmd, [str(blob)], tmp_path))
+    msg = refused(run, "too much memory")
+    assert f"offset {at}" in msg, msg
+    assert run.rss_mib < 100, f"the decoder allocated the window: {run.rss_mib:.0f} MiB"

@@ -17,7 +17,7 @@ from typing import BinaryIO
 from estargz_opt.errors import BadInputError
 from estargz_opt.format.codec import PIECE, Stream, TruncatedError, decode_all
 from estargz_opt.format.estargz import GzipStream
-from estargz_opt.format.zstdchunked import ZstdStream
+from estargz_opt.format.zstdchunked import SOURCE_WINDOW_LOG_MAX, ZstdStream
 
 GZIP_MAGIC = b"\x1f\x8b\x08"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -73,7 +73,7 @@ def gunzip_into(src: BinaryIO, dst: BinaryIO) -> int:
 
 def unzstd_into(src: BinaryIO, dst: BinaryIO) -> int:
     """Decompress every zstd frame; corrupt or truncated data is BadInputError."""
-    return _decompress_into(ZstdStream(), "zstd", src, dst)
+    return _decompress_into(ZstdStream(window_log_max=SOURCE_WINDOW_LOG_MAX), "zstd", src, dst)
 
 
 def _decompress_into(stream: Stream, kind: str, src: BinaryIO, dst: BinaryIO) -> int:

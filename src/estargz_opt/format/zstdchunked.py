@@ -22,6 +22,12 @@ else:
     from backports import zstd as _zstd
 
 DEFAULT_LEVEL = 3
+# A zstd frame names the window its decoder must hold, up to 2 GiB: a few hostile bytes can
+# make a decoder allocate that much. Layer frames (upstream's encoder uses 8 MiB windows,
+# ours at most the chunk) are decoded with up to 32 MiB; source layers with libzstd's own
+# default limit of 128 MiB (what `zstd --long` and `--ultra -22` write), one decoder at a time.
+BLOB_WINDOW_LOG_MAX = 25
+SOURCE_WINDOW_LOG_MAX = 27
 FOOTER_SIZE = 40
 SKIPPABLE_MAGIC = 0x184D2A50
 _SKIPPABLE_HEADER = struct.Struct("<II")
@@ -69,6 +75,12 @@ class ZstdCompressor:
         )
 
 
+def _decoder(window_log_max: int) -> _zstd.ZstdDecompressor:
+    """A decoder that refuses frames whose window exceeds 2**window_log_max bytes."""
+    limit = {_zstd.DecompressionParameter.window_log_max: window_log_max}
+    return _zstd.ZstdDecompressor(options=limit)
+
+
 class ZstdStream:
     """Decompresses consecutive zstd frames (skippable ones yield nothing); checksums are checked.
 
@@ -76,8 +88,9 @@ class ZstdStream:
     stop at a given output size, which python-zstandard's decompressobj cannot.
     """
 
-    def __init__(self, start: int = 0) -> None:
+    def __init__(self, start: int = 0, window_log_max: int = BLOB_WINDOW_LOG_MAX) -> None:
         self._d: _zstd.ZstdDecompressor | None = None
+        self._window_log_max = window_log_max
         self.member_start = start
         self._pos = start  # blob offset of the next byte fed
 
@@ -87,7 +100,7 @@ class ZstdStream:
             if self._d is None:
                 if not data:
                     return
-                self._d = _zstd.ZstdDecompressor()
+                self._d = _decoder(self._window_log_max)
                 self.member_start = self._pos - len(data)
             try:
                 out = self._d.decompress(data, max_length=PIECE)
@@ -128,7 +141,7 @@ class ZstdDecompressor:
         limit = footer.toc_plain_size or MAX_TOC_SIZE
         if limit > MAX_TOC_SIZE:
             raise ValueError(f"the footer states a {limit}-byte TOC, over the {MAX_TOC_SIZE} limit")
-        d = _zstd.ZstdDecompressor()
+        d = _decoder(BLOB_WINDOW_LOG_MAX)
         try:
             out = d.decompress(raw, max_length=limit + 1)
         except _zstd.ZstdError as exc:
