@@ -23,9 +23,10 @@ else:
 
 DEFAULT_LEVEL = 3
 # A zstd frame names the window its decoder must hold, up to 2 GiB: a few hostile bytes can
-# make a decoder allocate that much. Layer frames (upstream's encoder uses 8 MiB windows,
-# ours at most the chunk) are decoded with up to 32 MiB; source layers with libzstd's own
-# default limit of 128 MiB (what `zstd --long` and `--ultra -22` write), one decoder at a time.
+# make a decoder allocate that much. Chunk frames, decoded several at a time, get up to
+# 32 MiB (upstream's encoder uses 8 MiB windows; ours, with the input size known, fit the
+# chunk). The TOC frame and source layers, one decoder at a time, get libzstd's default
+# limit of 128 MiB (what level 22 writes for a big TOC, `zstd --long` for a layer).
 BLOB_WINDOW_LOG_MAX = 25
 SOURCE_WINDOW_LOG_MAX = 27
 FOOTER_SIZE = 40
@@ -141,7 +142,7 @@ class ZstdDecompressor:
         limit = footer.toc_plain_size or MAX_TOC_SIZE
         if limit > MAX_TOC_SIZE:
             raise ValueError(f"the footer states a {limit}-byte TOC, over the {MAX_TOC_SIZE} limit")
-        d = _decoder(BLOB_WINDOW_LOG_MAX)
+        d = _decoder(SOURCE_WINDOW_LOG_MAX)
         try:
             out = d.decompress(raw, max_length=limit + 1)
         except _zstd.ZstdError as exc:
