@@ -37,7 +37,8 @@ test: test-deps
 
 lint:
 	$(MKVENV) test >/dev/null
-	"$(VENV)/bin/ruff" check .
+	"$(VPY)" -m ruff check .
+	"$(VPY)" -m mypy --strict src
 
 demo: demo-deps
 	PYTHON="$(VPY)" bash scripts/demo.sh

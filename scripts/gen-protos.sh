@@ -11,7 +11,7 @@
 # package will use, and imports between the generated modules are absolute
 # imports of this package.
 #
-# Only message modules are generated (no *_pb2_grpc.py): client.py builds its
+# Only message modules (and their .pyi type stubs) are generated (no *_pb2_grpc.py): client.py builds its
 # RPC stubs from the method table it declares, so the committed code does not
 # demand the grpcio release that generated it. For the same reason the
 # runtime-version assertion that recent protoc versions emit is removed: it
@@ -37,11 +37,11 @@ trap 'rm -rf "$TMP"' EXIT
 mapfile -t FILES < <(cd "$PROTOS" && ls -1 ./*.proto | LC_ALL=C sort)
 "$PYTHON" -m grpc_tools.protoc \
     "-I$PKG/_pb=$PROTOS" "-I$WKT" \
-    --python_out="$TMP" \
+    --python_out="$TMP" --pyi_out="$TMP" \
     "${FILES[@]/#./$PROTOS}"
 
 mkdir -p "$OUT"
-rm -f "$OUT"/*_pb2.py
+rm -f "$OUT"/*_pb2.py "$OUT"/*_pb2.pyi
 "$PYTHON" - "$TMP/$PKG/_pb" "$OUT" <<'PY'
 import pathlib
 import re
@@ -64,6 +64,9 @@ for path in sorted(src.glob("*_pb2.py")):
     # Generated code is not held to our lint rules.
     text = "# ruff: noqa\n" + text
     (out / path.name).write_text(text)
+# The type stubs let mypy --strict check the client's use of the messages.
+for path in sorted(src.glob("*_pb2.pyi")):
+    (out / path.name).write_text("# ruff: noqa\n" + path.read_text())
 PY
 [[ -f "$OUT/__init__.py" ]] || printf '"""Generated protobuf modules (scripts/gen-protos.sh); do not edit."""\n' >"$OUT/__init__.py"
 echo "gen-protos: wrote $(ls "$OUT"/*_pb2.py | wc -l) modules to $OUT" >&2

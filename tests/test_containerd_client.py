@@ -19,18 +19,19 @@ from google.protobuf import descriptor_pb2, descriptor_pool
 
 import estargz_opt
 from estargz_opt.descriptor import OCI_CONFIG, OCI_MANIFEST, Descriptor, dump
-from estargz_opt.stores.containerd import (
-    Client,
+from estargz_opt.stores.containerd import _pb
+from estargz_opt.stores.containerd.client import Client
+from estargz_opt.stores.containerd.errors import (
     ContainerdError,
     ContainerdUnavailableError,
     ContentNotFoundError,
     FailedPreconditionError,
-    Image,
     ImageNotFoundError,
     NamespaceNotFoundError,
-    _pb,
 )
-from estargz_opt.stores.containerd.client import GC_EXPIRE_LABEL, RPCS
+from estargz_opt.stores.containerd.model import Image
+from estargz_opt.stores.containerd.rpcs import RPCS
+from estargz_opt.stores.containerd.services import GC_EXPIRE_LABEL
 
 REPO = Path(__file__).resolve().parent.parent
 GEN = REPO / "scripts" / "gen-protos.sh"
@@ -198,7 +199,7 @@ def test_field_numbers_are_containerds() -> None:
 
 
 def test_rpc_table_matches_protos() -> None:
-    """client.py's hand-declared stubs agree with the services in the .proto files."""
+    """rpcs.py's hand-declared stubs agree with the services in the .proto files."""
     pool = descriptor_pool.Default()
     kinds = {
         (False, False): "unary_unary",
@@ -248,10 +249,16 @@ def test_bad_address_and_namespace() -> None:
 
 @pytest.fixture
 def client(containerd) -> Iterator[Client]:
-    """A client whose writes are held by a lease: containerd may collect unreferenced
-    content at any time after any deletion, e.g. another test's."""
-    with Client(containerd.address, "default", timeout=60) as c, c.lease():
+    with Client(containerd.address, "default", timeout=60) as c:
         yield c
+
+
+@pytest.fixture
+def lease(client: Client) -> Iterator[str]:
+    """A lease for the test's writes: containerd may collect unreferenced content at any
+    time after any deletion, e.g. another test's."""
+    with client.leases.hold() as lease_id:
+        yield lease_id
 
 
 @pytest.fixture
@@ -265,46 +272,50 @@ def test_version(client: Client, containerd) -> None:
     version = client.version()
     assert version.version and version.revision
     assert version.version in containerd.ctr("version").stdout
-    assert client.server_uuid()
-    assert any(p.type == "io.containerd.content.v1" for p in client.plugins())
+    assert client.introspection.server_uuid()
+    assert any(p.type == "io.containerd.content.v1" for p in client.introspection.plugins())
 
 
-def test_write_with_labels_info_and_read_back(client: Client, containerd) -> None:
+def test_write_with_labels_info_and_read_back(client: Client, containerd, lease: str) -> None:
     data = os.urandom(3 * MiB + 123)  # several Write messages
     digest = _digest(data)
     labels = {GC_ROOT: "test", "estargz-opt.test/kind": "blob"}
-    result = client.write_content("client-test-labels", data, digest, len(data), labels)
+    result = client.content.write(
+        "client-test-labels", data, digest, len(data), labels, lease=lease
+    )
     assert (result.digest, result.size, result.existed) == (digest, len(data), False)
 
-    info = client.content_info(digest)
+    info = client.content.info(digest)
     assert info.size == len(data) and info.labels == labels and info.created_at
     listed = [
         line for line in containerd.ctr("content", "ls").stdout.splitlines() if digest in line
     ]
     assert listed and "estargz-opt.test/kind=blob" in listed[0]
 
-    assert client.read_all(digest) == data
+    assert client.content.read_all(digest) == data
     assert (
-        b"".join(client.read_content(digest, offset=MiB + 5, size=100)) == data[MiB + 5 : MiB + 105]
+        b"".join(client.content.read(digest, offset=MiB + 5, size=100)) == data[MiB + 5 : MiB + 105]
     )
 
     # The same blob again: nothing to write, and the new label is added.
-    again = client.write_content("client-test-labels", iter([data]), digest, len(data), {"x": "1"})
+    again = client.content.write(
+        "client-test-labels", iter([data]), digest, len(data), {"x": "1"}, lease=lease
+    )
     assert again.existed and again.digest == digest
-    assert client.content_info(digest).labels == {**labels, "x": "1"}
-    assert client.update_labels(digest, {"x": ""}).labels == labels
-    client.delete_content(digest)
+    assert client.content.info(digest).labels == {**labels, "x": "1"}
+    assert client.content.update_labels(digest, {"x": ""}).labels == labels
+    client.content.delete(digest)
     with pytest.raises(ContentNotFoundError, match=digest):
-        client.content_info(digest)
+        client.content.info(digest)
 
 
-def test_write_without_expected_digest(client: Client) -> None:
+def test_write_without_expected_digest(client: Client, lease: str) -> None:
     data = os.urandom(MiB // 2)
-    first = client.write_content("client-test-nodigest", [data[:1000], data[1000:]])
+    first = client.content.write("client-test-nodigest", [data[:1000], data[1000:]], lease=lease)
     assert first.digest == _digest(data) and not first.existed
-    second = client.write_content("client-test-nodigest", data, labels={"y": "2"})
-    assert second.existed and client.content_info(first.digest).labels == {"y": "2"}
-    client.delete_content(first.digest)
+    second = client.content.write("client-test-nodigest", data, labels={"y": "2"}, lease=lease)
+    assert second.existed and client.content.info(first.digest).labels == {"y": "2"}
+    client.content.delete(first.digest)
 
 
 def _dies_after(data: bytes, limit: int) -> Iterator[bytes]:
@@ -314,34 +325,34 @@ def _dies_after(data: bytes, limit: int) -> Iterator[bytes]:
     raise KeyboardInterrupt
 
 
-def test_interrupted_write_resumes(client: Client, containerd) -> None:
+def test_interrupted_write_resumes(client: Client, containerd, lease: str) -> None:
     data = os.urandom(5 * MiB)
     digest, ref = _digest(data), "client-test-resume"
     with pytest.raises(KeyboardInterrupt):
-        client.write_content(ref, _dies_after(data, 3 * MiB), digest, len(data))
-    status = client.ingest_status(ref)
+        client.content.write(ref, _dies_after(data, 3 * MiB), digest, len(data), lease=lease)
+    status = client.content.status(ref)
     assert status is not None and status.offset == 3 * MiB and status.total == len(data)
     assert ref in containerd.ctr("content", "active").stdout
 
-    result = client.write_content(ref, data, digest, len(data), {GC_ROOT: "test"})
+    result = client.content.write(ref, data, digest, len(data), {GC_ROOT: "test"}, lease=lease)
     assert result.resumed_from == 3 * MiB and result.digest == digest
-    assert client.ingest_status(ref) is None
-    assert client.read_all(digest) == data
-    client.delete_content(digest)
+    assert client.content.status(ref) is None
+    assert client.content.read_all(digest) == data
+    client.content.delete(digest)
 
 
-def test_write_killed_mid_blob_then_rerun(client: Client, containerd) -> None:
+def test_write_killed_mid_blob_then_rerun(client: Client, containerd, lease: str) -> None:
     """A writer process killed outright leaves its ingest; a rerun picks it up."""
     ref, size = "client-test-killed", 4 * MiB
     code = (
         "import os, random, signal, sys\n"
-        "from estargz_opt.stores.containerd import Client\n"
+        "from estargz_opt.stores.containerd.client import Client\n"
         "data = random.Random(7).randbytes(int(sys.argv[2]))\n"
         "def pieces():\n"
         "    for start in range(0, len(data) // 2, 1 << 18):\n"
         "        yield data[start : start + (1 << 18)]\n"
         "    os.kill(os.getpid(), signal.SIGKILL)\n"
-        "Client(sys.argv[1]).write_content(sys.argv[3], pieces(), None, len(data))\n"
+        "Client(sys.argv[1]).content.write(sys.argv[3], pieces(), None, len(data))\n"
     )
     res = subprocess.run(
         [sys.executable, "-c", code, containerd.address, str(size), ref],
@@ -351,51 +362,51 @@ def test_write_killed_mid_blob_then_rerun(client: Client, containerd) -> None:
     )
     assert res.returncode == -9, res.stderr
     data = random.Random(7).randbytes(size)
-    result = client.write_content(ref, data, _digest(data), size)
+    result = client.content.write(ref, data, _digest(data), size, lease=lease)
     assert result.resumed_from == size // 2 and result.digest == _digest(data)
-    assert client.read_all(result.digest) == data
-    client.delete_content(result.digest)
+    assert client.content.read_all(result.digest) == data
+    client.content.delete(result.digest)
 
 
-def test_stale_ingest_with_other_bytes_is_restarted(client: Client) -> None:
+def test_stale_ingest_with_other_bytes_is_restarted(client: Client, lease: str) -> None:
     """A rerun whose bytes differ from the interrupted run's (stargz#246) still commits."""
     ref = "client-test-stale"
     stale = os.urandom(2 * MiB)
     with pytest.raises(KeyboardInterrupt):
-        client.write_content(ref, _dies_after(stale, MiB + 7))
+        client.content.write(ref, _dies_after(stale, MiB + 7), lease=lease)
     data = os.urandom(3 * MiB)
-    result = client.write_content(ref, data, _digest(data), len(data))
+    result = client.content.write(ref, data, _digest(data), len(data), lease=lease)
     assert result.resumed_from == 0 and result.digest == _digest(data)
-    assert client.read_all(result.digest) == data
-    client.delete_content(result.digest)
+    assert client.content.read_all(result.digest) == data
+    client.content.delete(result.digest)
 
 
-def test_abort_then_rewrite(client: Client) -> None:
+def test_abort_then_rewrite(client: Client, lease: str) -> None:
     data = os.urandom(2 * MiB)
     ref = "client-test-abort"
     with pytest.raises(KeyboardInterrupt):
-        client.write_content(ref, _dies_after(data, MiB), _digest(data), len(data))
-    assert any(s.ref == ref for s in client.list_ingests())
-    client.abort(ref)
-    assert client.ingest_status(ref) is None
-    client.abort(ref)  # already gone: fine
-    result = client.write_content(ref, data, _digest(data), len(data))
-    assert result.resumed_from == 0 and client.read_all(result.digest) == data
-    client.delete_content(result.digest)
+        client.content.write(ref, _dies_after(data, MiB), _digest(data), len(data), lease=lease)
+    assert any(s.ref == ref for s in client.content.list_statuses())
+    client.content.abort(ref)
+    assert client.content.status(ref) is None
+    client.content.abort(ref)  # already gone: fine
+    result = client.content.write(ref, data, _digest(data), len(data), lease=lease)
+    assert result.resumed_from == 0 and client.content.read_all(result.digest) == data
+    client.content.delete(result.digest)
 
 
-def test_wrong_digest_fails_precondition(client: Client) -> None:
+def test_wrong_digest_fails_precondition(client: Client, lease: str) -> None:
     ref = "client-test-mismatch"
     with pytest.raises(FailedPreconditionError, match="unexpected commit digest"):
-        client.write_content(ref, b"some bytes", "sha256:" + "0" * 64, 10)
-    client.abort(ref)
+        client.content.write(ref, b"some bytes", "sha256:" + "0" * 64, 10, lease=lease)
+    client.content.abort(ref)
 
 
-def _small_image(client: Client) -> Descriptor:
+def _small_image(client: Client, lease: str) -> Descriptor:
     """A config and a manifest (no layers) in the store; the manifest's descriptor."""
     config = dump({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers"}})
-    config_digest = client.write_content(
-        "client-test-config", config, _digest(config), len(config)
+    config_digest = client.content.write(
+        "client-test-config", config, _digest(config), len(config), lease=lease
     ).digest
     manifest = dump(
         {
@@ -405,73 +416,81 @@ def _small_image(client: Client) -> Descriptor:
             "layers": [],
         }
     )
-    client.write_content(
+    client.content.write(
         "client-test-manifest",
         manifest,
         _digest(manifest),
         len(manifest),
         {"containerd.io/gc.ref.content.config": config_digest},
+        lease=lease,
     )
     return Descriptor(OCI_MANIFEST, _digest(manifest), len(manifest))
 
 
-def test_image_round_trip(client: Client, containerd) -> None:
+def test_image_round_trip(client: Client, containerd, lease: str) -> None:
     name = "example.test/estargz-opt/client:v1"
-    target = _small_image(client)
-    created = client.create_image(Image(name, target, {"estargz-opt.test": "a"}))
+    target = _small_image(client, lease)
+    created = client.images.create(
+        Image(name=name, target=target, labels={"estargz-opt.test": "a"})
+    )
     assert created.name == name and created.target.digest == target.digest
     assert name in containerd.ctr("images", "ls", "-q").stdout.split()
 
-    got = client.get_image(name)
+    got = client.images.get(name)
     assert got.target.media_type == OCI_MANIFEST and got.target.size == target.size
     assert got.labels == {"estargz-opt.test": "a"} and got.created_at
 
     annotated = target.with_changes(annotations={"org.example": "yes"})
-    updated = client.update_image(Image(name, annotated, {"estargz-opt.test": "b"}))
+    updated = client.images.update(
+        Image(name=name, target=annotated, labels={"estargz-opt.test": "b"})
+    )
     assert updated.target.annotations == {"org.example": "yes"}
     assert updated.labels == {"estargz-opt.test": "b"}
-    only_label = client.update_image(Image(name, target, {"extra": "1"}), ["labels.extra"])
+    only_label = client.images.update(
+        Image(name=name, target=target, labels={"extra": "1"}), ["labels.extra"]
+    )
     assert only_label.labels == {"estargz-opt.test": "b", "extra": "1"}
     assert only_label.target.annotations == {"org.example": "yes"}
-    assert client.put_image(Image(name, target)).target.annotations is None
-    assert [i.name for i in client.list_images(f"name=={name}")] == [name]
+    assert client.images.put(Image(name=name, target=target)).target.annotations is None
+    assert [i.name for i in client.images.list(f"name=={name}")] == [name]
 
-    client.delete_image(name)
+    client.images.delete(name)
     assert name not in containerd.ctr("images", "ls", "-q").stdout.split()
     with pytest.raises(ImageNotFoundError) as err:
-        client.get_image(name)
+        client.images.get(name)
     assert name in str(err.value) and "'default'" in str(err.value)
 
 
 def test_lease_keeps_content_through_gc(bare_client: Client, containerd) -> None:
     client = bare_client
-    def put(tag: str, labels: dict[str, str] | None = None) -> str:
+
+    def put(tag: str, labels: dict[str, str] | None = None, lease: str | None = None) -> str:
         data = tag.encode() + os.urandom(4096)
-        return client.write_content(
-            f"client-test-gc-{tag}", data, _digest(data), len(data), labels
+        return client.content.write(
+            f"client-test-gc-{tag}", data, _digest(data), len(data), labels, lease=lease
         ).digest
 
     def alive(digest: str) -> bool:
         try:
-            client.content_info(digest)
+            client.content.info(digest)
         except ContentNotFoundError:
             return False
         return True
 
     def collect() -> None:
         # Deleting any lease with sync=True runs (and waits for) a garbage collection.
-        client.delete_lease(client.create_lease().id, sync=True)
+        client.leases.delete(client.leases.create().id, sync=True)
 
     # Written outside any lease. containerd collects in the background too, some time
     # after any deletion, so "added" is held by a gc.root label until the lease holds it.
     unheld, added = put("unheld"), put("added", {GC_ROOT: "until-leased"})
-    with client.lease(sync=True) as lease_id:
+    with client.leases.hold(sync=True) as lease_id:
         leases = containerd.ctr("leases", "ls").stdout
         assert lease_id in leases and GC_EXPIRE_LABEL in leases
-        leased = put("leased")
-        client.add_lease_resource(lease_id, added)
-        client.update_labels(added, {GC_ROOT: ""})  # now only the lease holds it
-        assert client.content_info(added).labels == {}
+        leased = put("leased", lease=lease_id)
+        client.leases.add_resource(lease_id, added)
+        client.content.update_labels(added, {GC_ROOT: ""})  # now only the lease holds it
+        assert client.content.info(added).labels == {}
         collect()
         assert alive(leased) and alive(added)
         assert not alive(unheld)  # so a collection did run
@@ -481,15 +500,15 @@ def test_lease_keeps_content_through_gc(bare_client: Client, containerd) -> None
 
 def test_not_found_names_what_is_missing(client: Client, containerd) -> None:
     with pytest.raises(ImageNotFoundError, match="no/such:image"):
-        client.get_image("no/such:image")
+        client.images.get("no/such:image")
     missing = "sha256:" + "1" * 64
     with pytest.raises(ContentNotFoundError, match=missing):
-        client.read_all(missing)
+        client.content.read_all(missing)
     with (
         Client(containerd.address, "estargz-opt-no-such-ns") as other,
         pytest.raises(NamespaceNotFoundError, match="'estargz-opt-no-such-ns' does not exist"),
     ):
-        other.get_image("any")
+        other.images.get("any")
 
 
 def test_permission_denied_on_socket(containerd) -> None:
@@ -498,7 +517,8 @@ def test_permission_denied_on_socket(containerd) -> None:
         pytest.skip("needs root to drop to an unprivileged user")
     code = (
         "import os, sys\n"
-        "from estargz_opt.stores.containerd import Client, ContainerdPermissionError\n"
+        "from estargz_opt.stores.containerd.client import Client\n"
+        "from estargz_opt.stores.containerd.errors import ContainerdPermissionError\n"
         "client = Client(sys.argv[1])\n"
         "os.setgroups([]); os.setgid(65534); os.setuid(65534)\n"
         "try:\n"
@@ -521,16 +541,16 @@ def test_calls_carry_the_namespace(client: Client, containerd) -> None:
     """What a client writes in one namespace is invisible from another."""
     data = os.urandom(1000)
     with Client(containerd.address, "estargz-opt-client-ns", timeout=60) as other:
-        other.write_content("client-test-ns", data, _digest(data), len(data), {GC_ROOT: "t"})
-        assert other.content_info(_digest(data)).size == len(data)
+        other.content.write("client-test-ns", data, _digest(data), len(data), {GC_ROOT: "t"})
+        assert other.content.info(_digest(data)).size == len(data)
         with pytest.raises(ContentNotFoundError):
-            client.content_info(_digest(data))
+            client.content.info(_digest(data))
         assert "estargz-opt-client-ns" in other.namespaces()
-        other.delete_content(_digest(data))
+        other.content.delete(_digest(data))
 
 
 def test_rpc_error_is_not_leaked_as_grpc(client: Client) -> None:
     """Callers see our errors, never grpc.RpcError."""
     with pytest.raises(ContainerdError) as err:
-        client.delete_lease("estargz-opt-no-such-lease")
+        client.leases.delete("estargz-opt-no-such-lease")
     assert not isinstance(err.value, grpc.RpcError)

@@ -445,9 +445,9 @@ def test_prefetch_bytes_are_the_landmark_offset(convert, name: str):
             (landmark,) = [e for e in entries if e["name"] == PREFETCH_LANDMARK]
             want = landmark["offset"]
             assert want > 0
-        assert got["prefetch_bytes"] == want, (i, got)
+        assert got["prefetchBytes"] == want, (i, got)
         assert opt["prefetchBytes"] == want, (i, opt)
-        assert got["prefetch_share"] == round(want / desc["size"], 4), got
+        assert got["prefetchShare"] == round(want / desc["size"], 4), got
 
 
 @pytest.mark.parametrize("name", WITH_RECORD)
@@ -472,7 +472,7 @@ def test_inspect_lists_prioritized_files(convert, name: str):
 
 def test_inspect_json_of_no_optimize_prioritizes_nothing(convert):
     report = json.loads(cli("inspect", "--json", convert("no-optimize").ref).stdout)
-    assert all(x["prioritized"] == [] and x["prefetch_bytes"] == 0 for x in report["layers"])
+    assert all(x["prioritized"] == [] and x["prefetchBytes"] == 0 for x in report["layers"])
 
 
 @pytest.mark.parametrize("name", list(CONVERSIONS))

@@ -546,7 +546,8 @@ def test_permission_denied(containerd, runnable: Source, unchanged: Unchanged) -
     code = (
         "import os, sys, difflib\n"
         "import estargz_opt.cli, estargz_opt.optimize, estargz_opt.stores.containerd.store\n"
-        "from estargz_opt.stores.containerd.client import Client, ContainerdError\n"
+        "from estargz_opt.stores.containerd.client import Client\n"
+        "from estargz_opt.stores.containerd.errors import ContainerdError\n"
         "try:\n"
         "    Client('/nonexistent/containerd.sock').version()\n"
         "except ContainerdError:\n"

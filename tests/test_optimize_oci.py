@@ -503,6 +503,19 @@ def test_all_platforms_converts_both(convert, src: Source):
     assert top["mediaType"] == f.OCI_INDEX and len(top["manifests"]) == 2
 
 
+def test_json_report_lists_layers_in_manifest_order(src: Source, tmp_path: Path):
+    """Per platform, in index order, each manifest's layers in order: the big busybox
+    layer first, although the small app layer beside it finishes converting sooner."""
+    out = tmp_path / "out"
+    proc = cli("optimize", "--oci", "--no-optimize", "--all-platforms", "--json", "-q",
+               f"oci:{src.layout}:multi", f"oci:{out}:j")
+    report = json.loads(proc.stdout)
+    want = [layer["digest"] for _, _, m in f.platform_manifests(src.layout, "multi")
+            for layer in m["layers"]]
+    assert [x["source"]["digest"] for x in report["layers"]] == want
+    assert [x["platform"] for x in report["layers"]] == [HOST, HOST, OTHER, OTHER]
+
+
 def test_platform_flag_selects_one(convert):
     conv = convert("other-platform")
     check_converted_image(conv, [OTHER])
@@ -794,6 +807,16 @@ def test_workload_analysis_needs_containerd(src, nodaemon, dst):
     before = f.layout_state(dst)
     proc = nodaemon.optimize("--oci", f"oci:{src.layout}:t", f"oci:{dst}:x")
     assert_failed_cleanly(proc, dst, before, "containerd")
+    assert proc.returncode == 2, "a usage error exits 2, wherever it is detected"
+
+
+def test_record_out_without_a_workload_run_is_a_usage_error(src, nodaemon, dst, tmp_path):
+    before = f.layout_state(dst)
+    proc = nodaemon.optimize("--oci", "--no-optimize", "--record-out", str(tmp_path / "r.jsonl"),
+                             f"oci:{src.layout}:t", f"oci:{dst}:x")
+    assert_failed_cleanly(proc, dst, before, "--record-out")
+    assert proc.returncode == 2, "a usage error exits 2, wherever it is detected"
+    assert not (tmp_path / "r.jsonl").exists()
 
 
 def test_read_only_destination(src, nodaemon, dst):

@@ -19,12 +19,10 @@ from pathlib import Path
 import pytest
 
 from estargz_opt.descriptor import Descriptor
-from estargz_opt.stores.containerd.client import (
-    SPEC_TYPE_URL,
-    Client,
-    Container,
-    NotFoundError,
-)
+from estargz_opt.stores.containerd.client import Client
+from estargz_opt.stores.containerd.errors import NotFoundError
+from estargz_opt.stores.containerd.model import Container
+from estargz_opt.stores.containerd.services import SPEC_TYPE_URL
 
 LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
 LAYER_TAR = "application/vnd.oci.image.layer.v1.tar"
@@ -32,16 +30,21 @@ LAYER_TAR = "application/vnd.oci.image.layer.v1.tar"
 
 @pytest.fixture
 def client(containerd) -> Iterator[Client]:
-    """A client whose calls all run under one lease, as a sample container's must.
+    with Client(containerd.address, "default", timeout=60) as c:
+        yield c
+
+
+@pytest.fixture
+def lease(client: Client) -> Iterator[str]:
+    """One lease for the test's blobs and snapshots, as a sample container's must have.
 
     Without a lease, containerd's garbage collector may remove a snapshot that
     nothing references yet (e.g. while a layer is being applied to it). The lease
     is gone after the test.
     """
-    with Client(containerd.address, "default", timeout=60) as c:
-        with c.lease(sync=True) as lease_id:
-            yield c
-        assert lease_id not in {x.id for x in c.list_leases()}
+    with client.leases.hold(sync=True) as lease_id:
+        yield lease_id
+    assert lease_id not in {x.id for x in client.leases.list()}
 
 
 def _key(what: str) -> str:
@@ -64,15 +67,17 @@ def _tar(files: dict[str, bytes]) -> bytes:
     return buf.getvalue()
 
 
-def _store(client: Client, data: bytes, media_type: str) -> Descriptor:
+def _store(client: Client, lease: str, data: bytes, media_type: str) -> Descriptor:
     digest = _digest(data)
     # Held by the test's lease; each test also deletes it.
-    client.write_content(_key("blob"), data, expected_digest=digest, expected_size=len(data))
+    client.content.write(
+        _key("blob"), data, expected_digest=digest, expected_size=len(data), lease=lease
+    )
     return Descriptor(media_type=media_type, digest=digest, size=len(data))
 
 
 def _snapshot_keys(client: Client) -> set[str]:
-    return {s.name for s in client.list_snapshots()}
+    return {s.name for s in client.snapshots().list()}
 
 
 def _mounted(path_part: str) -> list[str]:
@@ -105,37 +110,39 @@ def _spec(args: list[str]) -> bytes:
 # ---------------------------------------------------------------- snapshots
 
 
-def test_snapshot_prepare_mounts_stat_remove(client: Client) -> None:
+def test_snapshot_prepare_mounts_stat_remove(client: Client, lease: str) -> None:
     key = _key("snap")
     try:
-        mounts = client.prepare_snapshot(key, labels={"estargz-opt/test": "1"})
+        mounts = client.snapshots().prepare(key, labels={"estargz-opt/test": "1"}, lease=lease)
         assert mounts, "an active snapshot has at least one mount"
         assert mounts[0].source and mounts[0].type in {"bind", "overlay"}
         assert "rw" in mounts[0].options
-        assert client.snapshot_mounts(key) == mounts
-        info = client.stat_snapshot(key)
+        assert client.snapshots().mounts(key) == mounts
+        info = client.snapshots().stat(key)
         assert (info.name, info.parent, info.kind) == (key, "", "active")
         assert info.labels == {"estargz-opt/test": "1"}
         assert info.created_at is not None
         assert key in _snapshot_keys(client)
     finally:
-        client.remove_snapshot(key, missing_ok=True)
+        client.snapshots().remove(key, missing_ok=True)
     assert key not in _snapshot_keys(client)
     with pytest.raises(NotFoundError, match=key):
-        client.stat_snapshot(key)
-    client.remove_snapshot(key, missing_ok=True)  # a second remove is quiet when asked
+        client.snapshots().stat(key)
+    client.snapshots().remove(key, missing_ok=True)  # a second remove is quiet when asked
 
 
 # ---------------------------------------------------------------- diff
 
 
-def test_apply_gzip_layer_onto_prepared_snapshot(client: Client, tmp_path: Path) -> None:
+def test_apply_gzip_layer_onto_prepared_snapshot(
+    client: Client, tmp_path: Path, lease: str
+) -> None:
     tar = _tar({"hello.txt": b"hello from a layer\n", "etc/os-release": b"ID=test\n"})
-    layer = _store(client, gzip.compress(tar, mtime=0), LAYER_GZIP)
+    layer = _store(client, lease, gzip.compress(tar, mtime=0), LAYER_GZIP)
     key = _key("apply")
     try:
-        mounts = client.prepare_snapshot(key)
-        applied = client.apply_layer(layer, mounts)
+        mounts = client.snapshots().prepare(key, lease=lease)
+        applied = client.diff.apply(layer, mounts, lease=lease)
         assert applied.digest == _digest(tar)  # the DiffID
         assert applied.media_type == LAYER_TAR
         # The files are in the snapshot: read them through a read-only view.
@@ -144,8 +151,8 @@ def test_apply_gzip_layer_onto_prepared_snapshot(client: Client, tmp_path: Path)
         assert (root / "hello.txt").read_bytes() == b"hello from a layer\n"
         assert (root / "etc" / "os-release").read_bytes() == b"ID=test\n"
     finally:
-        client.remove_snapshot(key, missing_ok=True)
-        client.delete_content(layer.digest)
+        client.snapshots().remove(key, missing_ok=True)
+        client.content.delete(layer.digest)
     assert key not in _snapshot_keys(client)
     assert not _mounted(key)
 
@@ -157,7 +164,7 @@ def test_container_create_get_delete(client: Client) -> None:
     cid = _key("ctr")
     spec = _spec(["/bin/sh", "-c", "true"])
     try:
-        made = client.create_container(
+        made = client.containers.create(
             Container(
                 id=cid,
                 spec=spec,
@@ -168,7 +175,7 @@ def test_container_create_get_delete(client: Client) -> None:
             )
         )
         assert made.id == cid and made.created_at is not None
-        got = client.get_container(cid)
+        got = client.containers.get(cid)
         assert json.loads(got.spec) == json.loads(spec)
         assert got.runtime == "io.containerd.runc.v2"
         assert (got.snapshotter, got.snapshot_key, got.image) == (
@@ -178,37 +185,39 @@ def test_container_create_get_delete(client: Client) -> None:
         )
         assert got.labels == {"estargz-opt/test": "1"}
     finally:
-        client.delete_container(cid, missing_ok=True)
+        client.containers.delete(cid, missing_ok=True)
     with pytest.raises(NotFoundError, match=cid):
-        client.get_container(cid)
+        client.containers.get(cid)
 
 
 def test_container_spec_is_stored_with_containerds_type_url(client: Client, containerd) -> None:
     cid = _key("ctr")
     try:
-        client.create_container(Container(id=cid, spec=_spec(["/bin/true"])))
+        client.containers.create(Container(id=cid, spec=_spec(["/bin/true"])))
         # ctr decodes the spec by its type URL (SPEC_TYPE_URL); with another URL
         # it could not print the spec as an object.
         out = containerd.ctr("containers", "info", cid).stdout
         assert json.loads(out)["Spec"]["process"]["args"] == ["/bin/true"]
         assert SPEC_TYPE_URL == "types.containerd.io/opencontainers/runtime-spec/1/Spec"
     finally:
-        client.delete_container(cid, missing_ok=True)
+        client.containers.delete(cid, missing_ok=True)
 
 
 # ---------------------------------------------------------------- tasks
 
 
-def test_task_runs_busybox_to_exit(client: Client, busybox_layer: Path, tmp_path: Path) -> None:
-    layer = _store(client, busybox_layer.read_bytes(), LAYER_TAR)
+def test_task_runs_busybox_to_exit(
+    client: Client, busybox_layer: Path, tmp_path: Path, lease: str
+) -> None:
+    layer = _store(client, lease, busybox_layer.read_bytes(), LAYER_TAR)
     key = cid = _key("task")
     out = tmp_path / "stdout"
     created = {"snapshot": False, "container": False, "task": False}
     try:
-        mounts = client.prepare_snapshot(key)
+        mounts = client.snapshots().prepare(key, lease=lease)
         created["snapshot"] = True
-        client.apply_layer(layer, mounts)
-        client.create_container(
+        client.diff.apply(layer, mounts, lease=lease)
+        client.containers.create(
             Container(
                 id=cid,
                 spec=_spec(["/bin/sh", "-c", "echo hello; exit 3"]),
@@ -217,47 +226,47 @@ def test_task_runs_busybox_to_exit(client: Client, busybox_layer: Path, tmp_path
             )
         )
         created["container"] = True
-        pid = client.create_task(cid, mounts, stdout=f"file://{out}", stderr=f"file://{out}")
+        pid = client.tasks.create(cid, mounts, stdout=f"file://{out}", stderr=f"file://{out}")
         created["task"] = True
         assert pid > 0
-        assert client.get_task(cid).status == "created"
-        assert client.start_task(cid) == pid
-        exit_ = client.wait_task(cid, timeout=60)
+        assert client.tasks.get(cid).status == "created"
+        assert client.tasks.start(cid) == pid
+        exit_ = client.tasks.wait(cid, timeout=60)
         assert exit_.exit_status == 3
-        state = client.get_task(cid)
+        state = client.tasks.get(cid)
         assert (state.status, state.exit_status) == ("stopped", 3)
-        deleted = client.delete_task(cid)
+        deleted = client.tasks.delete(cid)
         created["task"] = False
         assert deleted is not None and deleted.exit_status == 3
         assert out.read_text() == "hello\n"
     finally:
         if created["task"]:
             try:
-                client.kill_task(cid, 9, all=True)
-                client.wait_task(cid, timeout=30)
+                client.tasks.kill(cid, 9, all=True)
+                client.tasks.wait(cid, timeout=30)
             except NotFoundError:
                 pass
-            client.delete_task(cid, missing_ok=True)
+            client.tasks.delete(cid, missing_ok=True)
         if created["container"]:
-            client.delete_container(cid, missing_ok=True)
+            client.containers.delete(cid, missing_ok=True)
         if created["snapshot"]:
-            client.remove_snapshot(key, missing_ok=True)
-        client.delete_content(layer.digest)
+            client.snapshots().remove(key, missing_ok=True)
+        client.content.delete(layer.digest)
     assert key not in _snapshot_keys(client)
     assert not _mounted(cid)
     with pytest.raises(NotFoundError):
-        client.get_task(cid)
+        client.tasks.get(cid)
 
 
-def test_kill_stops_a_long_running_task(client: Client, busybox_layer: Path) -> None:
-    layer = _store(client, busybox_layer.read_bytes(), LAYER_TAR)
+def test_kill_stops_a_long_running_task(client: Client, busybox_layer: Path, lease: str) -> None:
+    layer = _store(client, lease, busybox_layer.read_bytes(), LAYER_TAR)
     key = cid = _key("kill")
     task = False
     try:
-        mounts = client.prepare_snapshot(key)
-        client.apply_layer(layer, mounts)
+        mounts = client.snapshots().prepare(key, lease=lease)
+        client.diff.apply(layer, mounts, lease=lease)
         # As pid 1, sh ignores SIGTERM unless it traps it.
-        client.create_container(
+        client.containers.create(
             Container(
                 id=cid,
                 spec=_spec(["/bin/sh", "-c", "trap 'exit 7' TERM; while :; do :; done"]),
@@ -265,25 +274,25 @@ def test_kill_stops_a_long_running_task(client: Client, busybox_layer: Path) -> 
                 snapshot_key=key,
             )
         )
-        client.create_task(cid, mounts)
+        client.tasks.create(cid, mounts)
         task = True
-        client.start_task(cid)
-        assert client.get_task(cid).status == "running"
-        client.kill_task(cid, 15)
-        assert client.wait_task(cid, timeout=60).exit_status == 7
-        client.delete_task(cid)
+        client.tasks.start(cid)
+        assert client.tasks.get(cid).status == "running"
+        client.tasks.kill(cid, 15)
+        assert client.tasks.wait(cid, timeout=60).exit_status == 7
+        client.tasks.delete(cid)
         task = False
     finally:
         if task:
             try:
-                client.kill_task(cid, 9, all=True)
-                client.wait_task(cid, timeout=30)
+                client.tasks.kill(cid, 9, all=True)
+                client.tasks.wait(cid, timeout=30)
             except NotFoundError:
                 pass
-            client.delete_task(cid, missing_ok=True)
-        client.delete_container(cid, missing_ok=True)
-        client.remove_snapshot(key, missing_ok=True)
-        client.delete_content(layer.digest)
+            client.tasks.delete(cid, missing_ok=True)
+        client.containers.delete(cid, missing_ok=True)
+        client.snapshots().remove(key, missing_ok=True)
+        client.content.delete(layer.digest)
     assert key not in _snapshot_keys(client)
     assert not _mounted(cid)
 
@@ -291,11 +300,11 @@ def test_kill_stops_a_long_running_task(client: Client, busybox_layer: Path) -> 
 def test_missing_objects_are_not_found(client: Client) -> None:
     name = _key("missing")
     for call in (
-        client.get_task,
-        client.get_container,
-        client.stat_snapshot,
-        client.snapshot_mounts,
+        client.tasks.get,
+        client.containers.get,
+        client.snapshots().stat,
+        client.snapshots().mounts,
     ):
         with pytest.raises(NotFoundError):
             call(name)
-    assert client.delete_task(name, missing_ok=True) is None
+    assert client.tasks.delete(name, missing_ok=True) is None

@@ -37,24 +37,31 @@ def test_chain_ids_follow_the_oci_image_spec() -> None:
 
 @pytest.fixture
 def client(containerd) -> Iterator[Client]:
-    """A client under one lease that is deleted (synchronously) after the test."""
-    with Client(containerd.address, "default", timeout=120) as c, c.lease(sync=True):
+    with Client(containerd.address, "default", timeout=120) as c:
         yield c
 
 
-def _store(client: Client, blob: bytes) -> Descriptor:
+@pytest.fixture
+def lease(client: Client) -> Iterator[str]:
+    """One lease for the test's blobs and snapshots, deleted (synchronously) after it."""
+    with client.leases.hold(sync=True) as lease_id:
+        yield lease_id
+
+
+def _store(client: Client, lease: str, blob: bytes) -> Descriptor:
     digest = _sha(blob)
-    client.write_content(
+    client.content.write(
         f"estargz-opt-test-unpack-{secrets.token_hex(6)}",
         blob,
         expected_digest=digest,
         expected_size=len(blob),
+        lease=lease,
     )
     return Descriptor(media_type=OCI_LAYER_GZIP, digest=digest, size=len(blob))
 
 
 def _snapshots(client: Client) -> dict[str, tuple[str, str]]:
-    return {s.name: (s.parent, s.kind) for s in client.list_snapshots()}
+    return {s.name: (s.parent, s.kind) for s in client.snapshots().list()}
 
 
 def _ctr_snapshots(containerd) -> dict[str, tuple[str, str]]:
@@ -72,12 +79,14 @@ def _cleanup(client: Client, chains: list[str], blobs: list[Descriptor], keep: s
     """
     for chain in reversed(chains):
         if chain not in keep:
-            client.remove_snapshot(chain, missing_ok=True)
+            client.snapshots().remove(chain, missing_ok=True)
     for blob in blobs:
-        client.delete_content(blob.digest)
+        client.content.delete(blob.digest)
 
 
-def test_unpack_two_layers_is_idempotent(client: Client, containerd, busybox_layer: Path) -> None:
+def test_unpack_two_layers_is_idempotent(
+    client: Client, containerd, busybox_layer: Path, lease: str
+) -> None:
     tars = [
         busybox_layer.read_bytes(),
         f.simple_layer({"etc/": None, "etc/estargz-opt-unpack": secrets.token_bytes(8)}),
@@ -87,8 +96,8 @@ def test_unpack_two_layers_is_idempotent(client: Client, containerd, busybox_lay
     layers: list[Descriptor] = []
     before = _snapshots(client)
     try:
-        layers = [_store(client, f.gzip_layer(t)) for t in tars]
-        top = unpack(client, layers, diff_ids)
+        layers = [_store(client, lease, f.gzip_layer(t)) for t in tars]
+        top = unpack(client, layers, diff_ids, lease=lease)
         assert top == chains[-1]
         snaps = _snapshots(client)
         assert snaps[chains[0]] == ("", "committed")
@@ -99,16 +108,16 @@ def test_unpack_two_layers_is_idempotent(client: Client, containerd, busybox_lay
         # Nothing else is left: no temporary active snapshot.
         assert set(snaps) - set(before) == set(chains) - set(before)
 
-        created = {c: client.stat_snapshot(c).created_at for c in chains}
-        assert unpack(client, layers, diff_ids) == top
-        assert {c: client.stat_snapshot(c).created_at for c in chains} == created
+        created = {c: client.snapshots().stat(c).created_at for c in chains}
+        assert unpack(client, layers, diff_ids, lease=lease) == top
+        assert {c: client.snapshots().stat(c).created_at for c in chains} == created
         assert _snapshots(client) == snaps
     finally:
         _cleanup(client, chains, layers, set(before))
     assert not (set(chains) - set(before)) & set(_snapshots(client))
 
 
-def test_unpack_refuses_a_layer_that_is_not_its_diff_id(client: Client) -> None:
+def test_unpack_refuses_a_layer_that_is_not_its_diff_id(client: Client, lease: str) -> None:
     tars = [
         f.simple_layer({"a": secrets.token_bytes(8)}),
         f.simple_layer({"b": secrets.token_bytes(8)}),
@@ -119,9 +128,9 @@ def test_unpack_refuses_a_layer_that_is_not_its_diff_id(client: Client) -> None:
     layers: list[Descriptor] = []
     before = _snapshots(client)
     try:
-        layers = [_store(client, f.gzip_layer(t)) for t in tars]
+        layers = [_store(client, lease, f.gzip_layer(t)) for t in tars]
         with pytest.raises(BadInputError) as e:
-            unpack(client, layers, diff_ids)
+            unpack(client, layers, diff_ids, lease=lease)
         assert layers[1].digest in str(e.value) and wrong in str(e.value)
         after = _snapshots(client)
         # The good bottom layer stays committed; the bad one left nothing behind.
@@ -132,6 +141,6 @@ def test_unpack_refuses_a_layer_that_is_not_its_diff_id(client: Client) -> None:
         _cleanup(client, chains, layers, set(before))
 
 
-def test_unpack_checks_layer_and_diff_id_counts(client: Client) -> None:
+def test_unpack_checks_layer_and_diff_id_counts(client: Client, lease: str) -> None:
     with pytest.raises(BadInputError, match="2 layers but its config lists 1"):
-        unpack(client, [Descriptor(OCI_LAYER_GZIP, _sha(b"x"), 1)] * 2, [_sha(b"x")])
+        unpack(client, [Descriptor(OCI_LAYER_GZIP, _sha(b"x"), 1)] * 2, [_sha(b"x")], lease=lease)

@@ -13,9 +13,9 @@ from typing import Any
 
 import click
 
-from estargz_opt import __version__, lint, platforms
+from estargz_opt import __version__, check, platforms
 from estargz_opt.analyze.spec import DEFAULT_PERIOD, SamplerOptions
-from estargz_opt.errors import EstargzOptError
+from estargz_opt.errors import EstargzOptError, UsageError
 from estargz_opt.format import (
     DEFAULT_CHUNK_SIZE,
     Format,
@@ -24,10 +24,18 @@ from estargz_opt.format import (
     convert_layer,
     open_layer,
 )
-from estargz_opt.optimize import ContainerdOptions, OptimizeRequest, optimize, profile
+from estargz_opt.optimize import OptimizeRequest, analyze_image, optimize
 from estargz_opt.progress import Progress
+from estargz_opt.stores.containerd.model import (
+    DEFAULT_ADDRESS,
+    DEFAULT_NAMESPACE,
+    ContainerdOptions,
+)
 
 log = logging.getLogger("estargz_opt")
+#: An existing file argument, and a file to be written.
+_INPUT_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
+_OUTPUT_FILE = click.Path(dir_okay=False, path_type=Path)
 
 
 def _read_lines(path: Path) -> list[str]:
@@ -53,7 +61,7 @@ def _read_optional(path: Path | None) -> bytes | None:
     "-a",
     "--address",
     envvar="CONTAINERD_ADDRESS",
-    default="/run/containerd/containerd.sock",
+    default=DEFAULT_ADDRESS,
     show_default=True,
     help="containerd's socket (env CONTAINERD_ADDRESS), as ctr.",
 )
@@ -61,7 +69,7 @@ def _read_optional(path: Path | None) -> bytes | None:
     "-n",
     "--namespace",
     envvar="CONTAINERD_NAMESPACE",
-    default="default",
+    default=DEFAULT_NAMESPACE,
     show_default=True,
     help="containerd namespace (env CONTAINERD_NAMESPACE), as ctr.",
 )
@@ -152,11 +160,12 @@ def _sampler(kw: dict[str, Any]) -> SamplerOptions:
     """Take the sampler flags out of a command's keyword arguments."""
     # The option names are the field names (click turns tuples into lists below).
     values = {f.name: kw.pop(f.name) for f in dataclasses.fields(SamplerOptions)}
-    opts = SamplerOptions(**{k: list(v) if isinstance(v, tuple) else v for k, v in values.items()})
+    fields: dict[str, Any] = {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+    opts = SamplerOptions(**fields)
     try:
         opts.validate()
     except EstargzOptError as exc:
-        raise click.UsageError(str(exc)) from None
+        raise UsageError(str(exc)) from None
     return opts
 
 
@@ -170,12 +179,12 @@ def _sampler(kw: dict[str, Any]) -> SamplerOptions:
 @click.option("--no-optimize", is_flag=True, help="Convert without prioritized files.")
 @click.option(
     "--record-in",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    type=_INPUT_FILE,
     help="Prioritize the files of a record (ctr-remote --record-out JSON lines).",
 )
 @click.option(
     "--prefetch-list",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    type=_INPUT_FILE,
     help="Prioritize these paths and globs (*, ?, [], **), one per line; # comments.",
 )
 @click.option(
@@ -205,7 +214,7 @@ def _sampler(kw: dict[str, Any]) -> SamplerOptions:
 )
 @click.option(
     "--record-out",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=_OUTPUT_FILE,
     help="Also write the record of the workload run (JSON lines) to this file.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON report on stdout at the end.")
@@ -249,23 +258,7 @@ def optimize_cmd(
       estargz-opt optimize --oci --record-in record.jsonl oci:app:1.0 oci:app:1.0-esgz
       estargz-opt optimize --oci --no-optimize --all-platforms oci:in:latest oci:out:latest
     """
-    if zstdchunked and not oci:
-        raise click.UsageError("--zstdchunked requires --oci")
-    if zstdchunked and estargz_external_toc:
-        raise click.UsageError("--zstdchunked and --estargz-external-toc do not go together")
-    if estargz_external_toc and reuse:
-        raise click.UsageError("--estargz-external-toc cannot be combined with --reuse")
-    if prefetch_list and no_optimize:
-        raise click.UsageError("--prefetch-list cannot be combined with --no-optimize")
-    if record_in and prefetch_list:
-        raise click.UsageError("--record-in and --prefetch-list do not go together")
-    fmt = (
-        Format.ZSTDCHUNKED
-        if zstdchunked
-        else Format.EXTERNAL_TOC
-        if estargz_external_toc
-        else Format.ESTARGZ
-    )
+    fmt = OptimizeRequest.layer_format(zstdchunked, estargz_external_toc)
     layer_opts = LayerOptions(
         format=fmt,
         compression_level=zstdchunked_compression_level
@@ -309,7 +302,7 @@ def optimize_cmd(
 @click.option(
     "--record-out",
     required=True,
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=_OUTPUT_FILE,
     help="Where to write the record (JSON lines, ctr-remote's format).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
@@ -335,7 +328,7 @@ def analyze_cmd(
     """
     sampler = _sampler(sampler_flags)
     progress = Progress()
-    result = profile(src, sampler, record_out, containerd, None if quiet else progress)
+    result = analyze_image(src, sampler, record_out, containerd, None if quiet else progress)
     progress.close()
     if as_json:
         click.echo(json.dumps({"record": str(record_out), **result.report()}))
@@ -352,7 +345,7 @@ def _human(n: int) -> str:
     return f"{n} B"
 
 
-def _print_report(report: lint.ImageReport, *, files: bool, checked: bool) -> None:
+def _print_report(report: check.ImageReport, *, files: bool, checked: bool) -> None:
     click.echo(f"{report.image} {report.digest}")
     head = (
         "platform",
@@ -397,16 +390,39 @@ def _print_report(report: lint.ImageReport, *, files: bool, checked: bool) -> No
         click.echo(f"warning: {w}")
 
 
+def _image_check(f: Callable[..., None]) -> Callable[..., None]:
+    """The arguments verify and inspect share: the image, --platform and --json."""
+    f = click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")(f)
+    f = click.option(
+        "--platform",
+        "platform_specs",
+        multiple=True,
+        help="Only this platform (repeatable); default: all.",
+    )(f)
+    return click.pass_obj(click.argument("image")(f))
+
+
+def _check_and_show(
+    containerd: ContainerdOptions,
+    image: str,
+    platform_specs: tuple[str, ...],
+    as_json: bool,
+    *,
+    deep: bool,
+    files: bool = False,
+) -> check.ImageReport:
+    """Check (deep: verify) or describe (inspect) IMAGE and print the report."""
+    matcher = platforms.matcher(platform_specs, not platform_specs)
+    report = check.check_ref(image, containerd, matcher, deep=deep)
+    if as_json:
+        click.echo(json.dumps(report.to_json()))
+    else:
+        _print_report(report, files=files, checked=deep)
+    return report
+
+
 @cli.command("verify")
-@click.pass_obj
-@click.argument("image")
-@click.option(
-    "--platform",
-    "platform_specs",
-    multiple=True,
-    help="Only this platform (repeatable); default: all.",
-)
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@_image_check
 def verify_cmd(
     containerd: ContainerdOptions, image: str, platform_specs: tuple[str, ...], as_json: bool
 ) -> None:
@@ -422,27 +438,14 @@ def verify_cmd(
       estargz-opt verify oci:out:app-esgz
       estargz-opt -a /run/containerd/containerd.sock verify docker.io/library/app:esgz --json
     """
-    matcher = platforms.matcher(platform_specs, not platform_specs)
-    report = lint.lint(image, containerd, matcher, deep=True)
-    if as_json:
-        click.echo(json.dumps(report.to_json()))
-    else:
-        _print_report(report, files=False, checked=True)
+    report = _check_and_show(containerd, image, platform_specs, as_json, deep=True)
     if not report.ok:
         failed = sum(1 for c in report.layers if not c.ok)
         raise EstargzOptError(f"{failed} of {len(report.layers)} layer(s) failed verification")
 
 
 @cli.command("inspect")
-@click.pass_obj
-@click.argument("image")
-@click.option(
-    "--platform",
-    "platform_specs",
-    multiple=True,
-    help="Only this platform (repeatable); default: all.",
-)
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@_image_check
 @click.option("--files", is_flag=True, help="List the prioritized paths of each layer.")
 def inspect_cmd(
     containerd: ContainerdOptions,
@@ -457,18 +460,13 @@ def inspect_cmd(
     Example:
       estargz-opt inspect oci:out:app-esgz --files
     """
-    matcher = platforms.matcher(platform_specs, not platform_specs)
-    report = lint.lint(image, containerd, matcher, deep=False)
-    if as_json:
-        click.echo(json.dumps(report.to_json()))
-    else:
-        _print_report(report, files=files, checked=False)
+    _check_and_show(containerd, image, platform_specs, as_json, deep=False, files=files)
 
 
 external_toc_option = click.option(
     "--toc",
     "toc_file",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    type=_INPUT_FILE,
     help="The external TOC blob, for estargz-external-toc layers.",
 )
 
@@ -479,7 +477,7 @@ def layer() -> None:
 
 
 @layer.command("convert")
-@click.argument("src", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("src", type=_INPUT_FILE)
 @click.argument("out", type=click.Path(dir_okay=False, writable=True, path_type=Path))
 @click.option(
     "--format",
@@ -491,7 +489,7 @@ def layer() -> None:
 )
 @click.option(
     "--prioritized-files",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    type=_INPUT_FILE,
     help="File with one path per line, in access order; they go first, before the landmark.",
 )
 @click.option(
@@ -576,7 +574,7 @@ def layer_convert(
 
 
 @layer.command("verify")
-@click.argument("blob", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("blob", type=_INPUT_FILE)
 @click.option("--toc-digest", help="Expected TOC digest (the toc.digest annotation).")
 @external_toc_option
 def layer_verify(blob: Path, toc_digest: str | None, toc_file: Path | None) -> None:
@@ -591,7 +589,7 @@ def layer_verify(blob: Path, toc_digest: str | None, toc_file: Path | None) -> N
 
 
 @layer.command("toc")
-@click.argument("blob", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("blob", type=_INPUT_FILE)
 @external_toc_option
 def layer_toc(blob: Path, toc_file: Path | None) -> None:
     """Print BLOB's TOC JSON exactly as stored (its sha256 is the TOC digest)."""
@@ -600,7 +598,7 @@ def layer_toc(blob: Path, toc_file: Path | None) -> None:
 
 
 @layer.command("tar")
-@click.argument("blob", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("blob", type=_INPUT_FILE)
 @click.argument("out", type=click.Path(dir_okay=False, allow_dash=True, path_type=Path))
 @external_toc_option
 def layer_tar(blob: Path, out: Path, toc_file: Path | None) -> None:
@@ -641,6 +639,8 @@ def main() -> None:
         _fail(exc.format_message(), 2)
     except click.ClickException as exc:
         _fail(exc.format_message(), exc.exit_code)
+    except UsageError as exc:
+        _fail(str(exc), exc.exit_code)
     except EstargzOptError as exc:
         _fail(str(exc), 1)
     except (KeyboardInterrupt, click.Abort):

@@ -17,18 +17,19 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from estargz_opt import descriptor as d
-from estargz_opt.descriptor import Descriptor, Index, Manifest
+from estargz_opt.descriptor import Descriptor, Manifest
+from estargz_opt.digest import sha256_digest
 from estargz_opt.errors import BadInputError, EstargzOptError
 from estargz_opt.format import Format, LayerOptions, LayerResult, build_layer, open_layer
 from estargz_opt.format.source import open_tar
 from estargz_opt.platforms import Matcher
 from estargz_opt.progress import Progress
 from estargz_opt.stores import Store
+from estargz_opt.walk import attested, is_attestation, is_image, read_index, read_manifest
 
 log = logging.getLogger("estargz_opt")
 
 TOC_LAYER_DIGEST = "containerd.io/snapshot/stargz/layer.digest"
-_ATTESTATION = "attestation-manifest"
 _EMPTY_CONFIG = b"{}"
 
 
@@ -92,13 +93,12 @@ class Converter:
         return desc
 
     def _index(self, desc: Descriptor) -> Descriptor:
-        index = Index.parse(self.src.read(desc, "index"), f"index {desc.digest}")
+        index = read_index(self.src, desc)
         slots: list[Descriptor | None] = []
         new_digest: dict[str, str] = {}
         attestations: dict[int, Descriptor] = {}
         for child in index.manifests:
-            ann = child.annotations or {}
-            if ann.get("vnd.docker.reference.type") == _ATTESTATION:
+            if is_attestation(child):
                 attestations[len(slots)] = child
                 slots.append(None)
             elif child.media_type in d.INDEX_TYPES | d.MANIFEST_TYPES:
@@ -118,7 +118,7 @@ class Converter:
         # Attestations pass through untouched, in place, when the manifest they describe is
         # kept. They still name (and attest) the source manifest, which is the truth.
         for pos, att in attestations.items():
-            if (att.annotations or {}).get("vnd.docker.reference.digest") in new_digest:
+            if attested(att) in new_digest:
                 self._copy(att, "attestation")
                 slots[pos] = att
         kept = [s for s in slots if s is not None]
@@ -127,9 +127,8 @@ class Converter:
         return self._put_json(index.to_bytes(), desc, index.media_type)
 
     def _manifest(self, desc: Descriptor, platform: str) -> Descriptor:
-        where = f"manifest {desc.digest}" + (f" ({platform})" if platform else "")
-        manifest = Manifest.parse(self.src.read(desc, where), where)
-        if manifest.config.media_type not in (d.OCI_CONFIG, d.DOCKER_CONFIG):
+        manifest = read_manifest(self.src, desc, platform)
+        if not is_image(manifest):
             self._copy(desc, "artifact")  # an artifact, not an image: pass it through
             return desc
         label = platform or "image"
@@ -150,8 +149,10 @@ class Converter:
                 self.cancel.set()
                 pool.shutdown(wait=True, cancel_futures=True)
                 raise
+        # Reported in manifest order, whichever layer finished first.
+        self.layers.extend(report for _, _, report in results)
         new_layers = list(manifest.layers)
-        for n, (i, (new_desc, new_diff)) in enumerate(zip(layer_slots, results, strict=True)):
+        for n, (i, (new_desc, new_diff, _)) in enumerate(zip(layer_slots, results, strict=True)):
             new_layers[i] = new_desc
             if new_diff:
                 diff_ids[n] = new_diff
@@ -178,7 +179,9 @@ class Converter:
 
     # ------------------------------------------------------------------ layers
 
-    def _layer(self, desc: Descriptor, what: str, platform: str) -> tuple[Descriptor, str | None]:
+    def _layer(
+        self, desc: Descriptor, what: str, platform: str
+    ) -> tuple[Descriptor, str | None, LayerReport]:
         if self.cancel.is_set():
             raise Cancelled("interrupted")
         started = time.monotonic()
@@ -188,8 +191,7 @@ class Converter:
                 desc.with_changes(media_type=self._map_type(desc.media_type))
             )
             self._copy(desc, what)
-            self._report(platform, desc, kept, "", None, started)
-            return kept, None
+            return kept, None, self._report(platform, desc, kept, "", None, started)
         opts = replace(self.opts.layer, prioritized=prioritized)
 
         shown = self.opts.progress
@@ -226,7 +228,7 @@ class Converter:
             self.dst.write(result.toc_blob)
             toc_desc = Descriptor(
                 media_type=d.OCI_LAYER_GZIP,
-                digest=d.sha256_digest(result.toc_blob),
+                digest=sha256_digest(result.toc_blob),
                 size=len(result.toc_blob),
                 annotations={TOC_LAYER_DIGEST: result.digest},
             )
@@ -239,8 +241,8 @@ class Converter:
             annotations={**(desc.annotations or {}), **result.annotations},
         )
         new = self._strip_if_docker(new)
-        self._report(platform, desc, new, result.diff_id, result, started)
-        return new, result.diff_id
+        report = self._report(platform, desc, new, result.diff_id, result, started)
+        return new, result.diff_id, report
 
     def _reusable(self, desc: Descriptor, what: str) -> bool:
         """Upstream's --reuse test, plus every chunk verified: keep only sound eStargz layers."""
@@ -264,11 +266,8 @@ class Converter:
         diff_id: str,
         result: LayerResult | None,
         started: float,
-    ) -> None:
-        with self._lock:
-            self.layers.append(
-                LayerReport(platform, src, dst, diff_id, result, time.monotonic() - started)
-            )
+    ) -> LayerReport:
+        return LayerReport(platform, src, dst, diff_id, result, time.monotonic() - started)
 
     # ------------------------------------------------------------------ helpers
 
@@ -292,7 +291,7 @@ class Converter:
 
     def _put_json(self, data: bytes, old: Descriptor, media_type: str) -> Descriptor:
         self.dst.write(data, source=old)
-        return old.with_changes(media_type=media_type, digest=d.sha256_digest(data), size=len(data))
+        return old.with_changes(media_type=media_type, digest=sha256_digest(data), size=len(data))
 
     def _copy(self, desc: Descriptor, what: str) -> None:
         """Make a blob we keep (and what it references) present in the destination."""
@@ -321,13 +320,13 @@ def toc_image(toc_layers: list[Descriptor], dst: Store) -> Descriptor:
     dst.write(_EMPTY_CONFIG)
     manifest = Manifest(
         media_type=d.OCI_MANIFEST,
-        config=Descriptor(d.OCI_CONFIG, d.sha256_digest(_EMPTY_CONFIG), len(_EMPTY_CONFIG)),
+        config=Descriptor(d.OCI_CONFIG, sha256_digest(_EMPTY_CONFIG), len(_EMPTY_CONFIG)),
         layers=sorted(toc_layers, key=lambda x: x.digest),
         extra={"schemaVersion": 2},
     )
     data = manifest.to_bytes()
     dst.write(data)
-    return Descriptor(d.OCI_MANIFEST, d.sha256_digest(data), len(data))
+    return Descriptor(d.OCI_MANIFEST, sha256_digest(data), len(data))
 
 
 def _layer_type(media_type: str, fmt: Format) -> str:

@@ -6,10 +6,9 @@ every field we do not model in `extra`, and write it back unchanged.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, ClassVar, Self
 
 from estargz_opt.errors import BadInputError
 
@@ -60,10 +59,6 @@ REF_NAME = "org.opencontainers.image.ref.name"
 
 def is_docker(media_type: str) -> bool:
     return media_type.startswith("application/vnd.docker.")
-
-
-def sha256_digest(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 @dataclass(slots=True)
@@ -160,27 +155,43 @@ class Descriptor:
         return replace(self, **changes)
 
 
-@dataclass(slots=True)
-class Manifest:
-    """An image manifest; `extra` holds every top-level field not modelled here."""
+class _Document:
+    """A JSON document read whole; the fields its class does not model stay in `extra`."""
 
+    __slots__ = ()
+    kind: ClassVar[str]
+
+    @classmethod
+    def parse(cls, data: bytes, where: str) -> Self:
+        raw = _load(data, where)
+        try:
+            return cls.from_raw(raw)
+        except ValueError as exc:
+            raise BadInputError(f"malformed {cls.kind} {where}: {exc}") from None
+
+    @classmethod
+    def from_raw(cls, raw: dict[str, Any]) -> Self:
+        raise NotImplementedError
+
+
+@dataclass(slots=True)
+class Manifest(_Document):
+    """An image manifest."""
+
+    kind: ClassVar[str] = "manifest"
     media_type: str
     config: Descriptor
     layers: list[Descriptor]
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def parse(cls, data: bytes, where: str) -> Manifest:
-        raw = _load(data, where)
-        try:
-            return cls(
-                media_type=str(raw.get("mediaType", OCI_MANIFEST)),
-                config=Descriptor.from_json(raw.get("config")),
-                layers=[Descriptor.from_json(d) for d in _list(raw, "layers")],
-                extra={k: v for k, v in raw.items() if k not in ("mediaType", "config", "layers")},
-            )
-        except ValueError as exc:
-            raise BadInputError(f"malformed manifest {where}: {exc}") from None
+    def from_raw(cls, raw: dict[str, Any]) -> Manifest:
+        return cls(
+            media_type=str(raw.get("mediaType", OCI_MANIFEST)),
+            config=Descriptor.from_json(raw.get("config")),
+            layers=[Descriptor.from_json(d) for d in _list(raw, "layers")],
+            extra=_extra(raw, "mediaType", "config", "layers"),
+        )
 
     def to_bytes(self) -> bytes:
         doc: dict[str, Any] = {"schemaVersion": self.extra.get("schemaVersion", 2)}
@@ -192,22 +203,18 @@ class Manifest:
 
 
 @dataclass(slots=True)
-class Index:
+class Index(_Document):
+    """An image index (or an OCI layout's index.json)."""
+
+    kind: ClassVar[str] = "index"
     media_type: str
     manifests: list[Descriptor]
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def parse(cls, data: bytes, where: str) -> Index:
-        raw = _load(data, where)
-        try:
-            return cls(
-                media_type=str(raw.get("mediaType", "")),
-                manifests=[Descriptor.from_json(d) for d in _list(raw, "manifests")],
-                extra={k: v for k, v in raw.items() if k not in ("mediaType", "manifests")},
-            )
-        except ValueError as exc:
-            raise BadInputError(f"malformed index {where}: {exc}") from None
+    def from_raw(cls, raw: dict[str, Any]) -> Index:
+        manifests = [Descriptor.from_json(d) for d in _list(raw, "manifests")]
+        return cls(str(raw.get("mediaType", "")), manifests, _extra(raw, "mediaType", "manifests"))
 
     def to_bytes(self) -> bytes:
         doc: dict[str, Any] = {"schemaVersion": self.extra.get("schemaVersion", 2)}
@@ -220,6 +227,11 @@ class Index:
 def dump(doc: Any) -> bytes:
     """Compact, deterministic JSON for the blobs we write."""
     return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _extra(raw: dict[str, Any], *known: str) -> dict[str, Any]:
+    """The document's fields not modelled by its class, kept to be written back."""
+    return {k: v for k, v in raw.items() if k not in known}
 
 
 def _load(data: bytes, where: str) -> dict[str, Any]:

@@ -15,3 +15,10 @@ class BadInputError(EstargzOptError):
 
 class VerificationError(EstargzOptError):
     """A converted layer does not match its TOC, digest or annotations."""
+
+
+class UsageError(EstargzOptError):
+    """The command line asks for something contradictory or impossible (exit status 2,
+    like every other usage error)."""
+
+    exit_code = 2

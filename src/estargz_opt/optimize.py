@@ -28,24 +28,16 @@ from estargz_opt.analyze.spec import SamplerOptions
 if TYPE_CHECKING:
     from estargz_opt.analyze.analyzer import Analysis
 from estargz_opt.convert import Converter, ConvertOptions, ConvertResult, toc_image
-from estargz_opt.descriptor import Descriptor, Index, Manifest
-from estargz_opt.errors import EstargzOptError
+from estargz_opt.descriptor import Descriptor, Manifest
+from estargz_opt.errors import EstargzOptError, UsageError
 from estargz_opt.format import Format, LayerOptions
 from estargz_opt.progress import Progress
-from estargz_opt.stores import Store
-from estargz_opt.stores.oci import OCILayout
+from estargz_opt.stores import Store, as_containerd, open_store, same_store
+from estargz_opt.stores.containerd.model import ContainerdOptions
+from estargz_opt.walk import images
 
 log = logging.getLogger("estargz_opt")
 TOC_IMAGE_SUFFIX = "-esgztoc"
-
-
-@dataclass(frozen=True, slots=True)
-class ContainerdOptions:
-    """ctr's global options: where containerd listens and which namespace to use."""
-
-    address: str = "/run/containerd/containerd.sock"
-    namespace: str = "default"
-    timeout: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +58,44 @@ class OptimizeRequest:
     record_out: Path | None = None
     containerd: ContainerdOptions = field(default_factory=ContainerdOptions)
     progress: Progress | None = None
+
+    @property
+    def runs_workload(self) -> bool:
+        return not (self.no_optimize or self.record_in or self.prefetch_list)
+
+    @staticmethod
+    def layer_format(zstdchunked: bool, external_toc: bool) -> Format:
+        """The layer format the flags ask for (they exclude each other)."""
+        if zstdchunked and external_toc:
+            raise UsageError("--zstdchunked and --estargz-external-toc do not go together")
+        if zstdchunked:
+            return Format.ZSTDCHUNKED
+        return Format.EXTERNAL_TOC if external_toc else Format.ESTARGZ
+
+    def validate(self) -> None:
+        """Every check of how optimize's options combine, as UsageError (exit 2)."""
+        src, dst = reference.parse(self.src), reference.parse(self.dst)
+        fmt = self.layer.format
+        if fmt is Format.ZSTDCHUNKED and not self.oci:
+            raise UsageError("--zstdchunked requires --oci")
+        if fmt is Format.EXTERNAL_TOC and self.reuse:
+            raise UsageError("--estargz-external-toc cannot be combined with --reuse")
+        if self.prefetch_list and self.no_optimize:
+            raise UsageError("--prefetch-list cannot be combined with --no-optimize")
+        if self.record_in and self.prefetch_list:
+            raise UsageError("--record-in and --prefetch-list do not go together")
+        if self.runs_workload and isinstance(src, reference.OCIRef):
+            raise UsageError(
+                "running the workload needs containerd, which oci: images do not use; pass "
+                "--record-in FILE or --prefetch-list FILE (or --no-optimize)"
+            )
+        if self.record_out and not self.runs_workload:
+            raise UsageError(
+                "--record-out records a workload run; it cannot be combined with --record-in, "
+                "--prefetch-list or --no-optimize"
+            )
+        if not (dst.tag or src.tag):
+            raise UsageError(f"name the destination tag: {dst} needs oci:DIR:TAG")
 
 
 @dataclass(slots=True)
@@ -115,24 +145,14 @@ class OptimizeOutcome:
 
 
 def optimize(req: OptimizeRequest) -> OptimizeOutcome:
+    req.validate()
     src_ref, dst_ref = reference.parse(req.src), reference.parse(req.dst)
     matcher = platforms.matcher(req.platforms, req.all_platforms)
-    run_workload = not (req.no_optimize or req.record_in or req.prefetch_list)
-    if run_workload and isinstance(src_ref, reference.OCIRef):
-        raise EstargzOptError(
-            "running the workload needs containerd, which oci: images do not use; pass "
-            "--record-in FILE or --prefetch-list FILE (or --no-optimize)"
-        )
-    if req.record_out and not run_workload:
-        raise EstargzOptError(
-            "--record-out records a workload run; it cannot be combined with --record-in, "
-            "--prefetch-list or --no-optimize"
-        )
+    run_workload = req.runs_workload
     if req.record_out:
         check_record_out(req.record_out)
     dst_tag = dst_ref.tag or src_ref.tag
-    if not dst_tag:
-        raise EstargzOptError(f"name the destination tag: {dst_ref} needs oci:DIR:TAG")
+    assert dst_tag  # validate() checked it
     with ExitStack() as stack:
         src = stack.enter_context(open_store(src_ref, req.containerd, create=False))
         root = src.resolve(src_ref.tag)
@@ -149,7 +169,7 @@ def optimize(req: OptimizeRequest) -> OptimizeOutcome:
             prioritized = analysis.prioritized if analysis else {}
         else:
             prioritized = _prioritized(req, src, root)
-        same = _same_store(src_ref, dst_ref)
+        same = same_store(src_ref, dst_ref)
         dst: Store = (
             src if same else stack.enter_context(open_store(dst_ref, req.containerd, create=True))
         )
@@ -183,7 +203,7 @@ def optimize(req: OptimizeRequest) -> OptimizeOutcome:
     )
 
 
-def profile(
+def analyze_image(
     src: str,
     sampler: SamplerOptions,
     record_out: Path,
@@ -192,12 +212,12 @@ def profile(
 ) -> Analysis:
     """`estargz-opt analyze`: run the workload and write its record; convert nothing."""
     ref = reference.parse(src)
-    check_record_out(record_out)
     if isinstance(ref, reference.OCIRef):
-        raise EstargzOptError(
+        raise UsageError(
             "running the workload needs containerd, which oci: images do not use; import "
             "the image into containerd first (e.g. ctr images import)"
         )
+    check_record_out(record_out)
     with open_store(ref, containerd, create=False) as store:
         root = store.resolve(ref.tag)
         host = _host_manifest(store, root)
@@ -217,7 +237,7 @@ def profile(
 
 
 def _run_workload(
-    store: Any,
+    store: Store,
     name: str,
     host: tuple[Descriptor, Manifest],
     sampler: SamplerOptions,
@@ -227,35 +247,20 @@ def _run_workload(
     from estargz_opt.analyze.analyzer import analyze
 
     return analyze(
-        store,
+        as_containerd(store, "running the workload"),
         name,
         host[0],
         host[1],
         sampler,
         on_tick=progress.sampling if progress else None,
+        # The sampler only writes and flushes its output, which the passthrough does.
         output=progress.passthrough() if progress else None,  # type: ignore[arg-type]
     )
 
 
-def open_store(ref: reference.ImageRef, c: ContainerdOptions, create: bool) -> Any:
-    """A store for ref, as a context manager (containerd's holds a lease while open)."""
-    if isinstance(ref, reference.OCIRef):
-        return OCILayout(ref.path, create=create)
-    from estargz_opt.stores.containerd.client import Client
-    from estargz_opt.stores.containerd.store import ContainerdStore
-
-    return ContainerdStore(Client(c.address, c.namespace, c.timeout))
-
-
-def _same_store(a: reference.ImageRef, b: reference.ImageRef) -> bool:
-    if isinstance(a, reference.OCIRef) and isinstance(b, reference.OCIRef):
-        return a.path.resolve() == b.path.resolve()
-    return isinstance(a, reference.ContainerdRef) and isinstance(b, reference.ContainerdRef)
-
-
 def _analyze(
     req: OptimizeRequest,
-    src: Any,
+    src: Store,
     root: Descriptor,
     src_ref: reference.ImageRef,
     matcher: platforms.Matcher,
@@ -317,15 +322,7 @@ def _prioritized(req: OptimizeRequest, src: Store, root: Descriptor) -> dict[str
 
 def _host_manifest(src: Store, desc: Descriptor) -> tuple[Descriptor, Manifest] | None:
     """The manifest a record refers to: the host platform's, matched strictly, as upstream."""
-    if desc.media_type in d.MANIFEST_TYPES:
-        return desc, Manifest.parse(src.read(desc, "manifest"), f"manifest {desc.digest}")
-    if desc.media_type not in d.INDEX_TYPES:
-        return None
-    index = Index.parse(src.read(desc, "index"), f"index {desc.digest}")
     host = platforms.matcher((), False)
-    for child in index.manifests:
-        if child.platform is not None and host.matches(child.platform):
-            found = _host_manifest(src, child)
-            if found:
-                return found
+    for image in images(src, desc, host, need_platform=True):
+        return image.desc, image.manifest
     return None

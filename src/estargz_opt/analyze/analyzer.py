@@ -84,5 +84,5 @@ def analyze(
 def _layer_names(store: ContainerdStore, layers: list[Descriptor]) -> LayerNames:
     # Streamed from containerd: no temporary copy while the workload competes for CPU.
     return LayerNames(
-        [LayerNames.names_in_stream(store.client.read_content(x.digest)) for x in layers]
+        [LayerNames.names_in_stream(store.stream(x, f"layer {i}")) for i, x in enumerate(layers)]
     )

@@ -8,13 +8,13 @@ import posixpath
 import tarfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import BinaryIO
-
-import zstandard
-from isal import igzip
 
 from estargz_opt.errors import BadInputError
 from estargz_opt.format import tarfmt
+from estargz_opt.format.codec import Stream, decode_all
+from estargz_opt.format.estargz import GzipStream
+from estargz_opt.format.source import GZIP_MAGIC, ZSTD_MAGIC
+from estargz_opt.format.zstdchunked import ZstdStream
 
 WHITEOUT_PREFIX = ".wh."
 OPAQUE = ".wh..wh..opq"
@@ -41,18 +41,19 @@ class LayerNames:
         """
         reader = io.BufferedReader(_ChunkReader(iter(chunks)), 1 << 20)
         magic = reader.peek(4)[:4]
-        stream: BinaryIO
-        if magic[:2] == b"\x1f\x8b":
-            stream = igzip.IGzipFile(fileobj=reader)  # type: ignore[assignment]
-        elif magic == b"\x28\xb5\x2f\xfd":
-            dctx = zstandard.ZstdDecompressor()
-            stream = dctx.stream_reader(reader, read_across_frames=True)  # type: ignore[assignment]
-        else:
-            stream = reader
+        decoder: Stream | None = None
+        if magic[:3] == GZIP_MAGIC:
+            decoder = GzipStream()
+        elif magic == ZSTD_MAGIC:
+            decoder = ZstdStream()
+        stream = reader
+        if decoder is not None:
+            plain = decode_all(decoder, iter(lambda: reader.read1(1 << 20), b""))
+            stream = io.BufferedReader(_ChunkReader(plain), 1 << 20)
         try:
             with tarfile.open(fileobj=stream, mode="r|") as tar:
                 names = {tarfmt.clean_name(m.name) for m in tar}
-        except (tarfile.TarError, OSError, EOFError, zstandard.ZstdError) as exc:
+        except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
             raise BadInputError(f"cannot read the layer's file names: {exc}") from None
         names.discard("")
         return frozenset(names)
@@ -91,6 +92,7 @@ class _ChunkReader(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
+    # typeshed's readinto takes any buffer; io.BufferedReader passes memoryviews only.
     def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
         while not self._buf:
             chunk = next(self._chunks, None)

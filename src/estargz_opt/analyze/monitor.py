@@ -1,6 +1,6 @@
 """The file-access monitor: a helper process whose private mount namespace the sample
 container joins, so that fanotify on its root mount sees exactly the container's file
-accesses (reference §6.2).
+accesses (ctr-remote's analyzer watches its container the same way).
 
 How it works, in order:
 1. The helper (`python -m estargz_opt.analyze.monitor`) unshares a mount namespace,
@@ -43,7 +43,7 @@ from estargz_opt.analyze.fanotify import (
 )
 from estargz_opt.analyze.mounts import MountError, make_rslave, mount_all
 from estargz_opt.errors import EstargzOptError
-from estargz_opt.stores.containerd.client import Mount
+from estargz_opt.stores.containerd.model import Mount
 
 CLONE_NEWNS = 0x00020000
 PR_SET_PDEATHSIG = 1

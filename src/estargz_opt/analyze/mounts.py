@@ -1,7 +1,7 @@
 """Mount a snapshot's mounts on a directory, and take them down again (mount(2) via ctypes).
 
 The sample container's rootfs is a snapshot mounted on a host directory before the
-monitor starts, so the monitor's private mount namespace inherits it (reference §6.1).
+monitor starts, so the monitor's private mount namespace inherits it (as ctr-remote does).
 Snapshotters describe mounts in mount(8) terms (type, source, comma options); this turns
 the flag words into mount(2) flags and passes the rest as filesystem data, as
 containerd's `mount.All` does.
@@ -14,7 +14,7 @@ import os
 from collections.abc import Sequence
 
 from estargz_opt.errors import EstargzOptError
-from estargz_opt.stores.containerd.client import Mount
+from estargz_opt.stores.containerd.model import Mount
 
 MS_RDONLY = 0x1
 MS_NOSUID = 0x2

@@ -95,7 +95,8 @@ def _run_plugin(
         raise NetworkError(f"--cni: plugin {conf.get('type')} {command} failed: {msg}")
     if command != "ADD" or not proc.stdout.strip():
         return {}
-    return json.loads(proc.stdout)
+    result: dict[str, Any] = json.loads(proc.stdout)
+    return result
 
 
 def _create_netns(name: str) -> str:

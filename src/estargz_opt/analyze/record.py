@@ -47,7 +47,7 @@ def read_record(path: Path) -> list[RecordEntry]:
             continue
         try:
             doc = json.loads(line)
-        except ValueError as exc:
+        except json.JSONDecodeError as exc:
             raise BadInputError(f"{path}:{lineno}: not a JSON record line ({exc.msg})") from None
         if not isinstance(doc, dict):
             raise BadInputError(f"{path}:{lineno}: record line is not a JSON object")
@@ -95,7 +95,7 @@ def read_prefetch_list(path: Path) -> list[tuple[int, str]]:
 
 
 class Recorder:
-    """Turns accessed paths into record lines, as ctr-remote's recorder does (reference §7).
+    """Turns accessed paths into record lines, as ctr-remote's recorder does.
 
     Each path is mapped to the top-most layer that holds it; a whiteout of the file or an
     opaque marker in its parent above that rejects it. The first access wins and repeats

@@ -1,6 +1,6 @@
 """Run an image's workload once in a sample container and collect the files it touches.
 
-The sample container is built the way ctr-remote's analyzer builds it (reference §6):
+The sample container is built the way ctr-remote's analyzer builds it:
 the image is unpacked into snapshots, a snapshot on its top chain ID is mounted as the
 rootfs, and the container (runc, through containerd's task service) joins the mount
 namespace of the file-access monitor. The run ends when the workload exits, prints the
@@ -44,10 +44,12 @@ from estargz_opt.analyze.spec import (
     resolv_conf,
     stop_signal,
 )
-from estargz_opt.analyze.unpack import DEFAULT_SNAPSHOTTER, unpack
+from estargz_opt.analyze.unpack import unpack
 from estargz_opt.descriptor import Descriptor
 from estargz_opt.errors import EstargzOptError
-from estargz_opt.stores.containerd.client import Client, Container, ContainerdError
+from estargz_opt.stores.containerd.client import Client
+from estargz_opt.stores.containerd.errors import ContainerdError
+from estargz_opt.stores.containerd.model import Container
 from estargz_opt.stores.containerd.owner import OWNER_LABEL, is_dead, this_process
 
 log = logging.getLogger("estargz_opt")
@@ -125,8 +127,10 @@ def run_sample(
     reap_stale(client)
     with ExitStack() as stack:
         owner = this_process()
-        stack.enter_context(client.lease(labels={SAMPLE_LABEL: cid, OWNER_LABEL: owner}, sync=True))
-        top = unpack(client, image.layers, image.diff_ids)
+        lease = stack.enter_context(
+            client.leases.hold(labels={SAMPLE_LABEL: cid, OWNER_LABEL: owner}, sync=True)
+        )
+        top = unpack(client, image.layers, image.diff_ids, lease=lease)
         tmp = os.path.join(tempfile.gettempdir(), cid)
         os.mkdir(tmp, 0o700)
         stack.callback(shutil.rmtree, tmp, ignore_errors=True)
@@ -134,8 +138,9 @@ def run_sample(
         target = os.path.join(tmp, "rootfs")
         os.mkdir(target)
 
-        mounts = client.prepare_snapshot(cid, top, snapshotter=DEFAULT_SNAPSHOTTER)
-        stack.callback(_quietly, "remove snapshot", client.remove_snapshot, cid, missing_ok=True)
+        snapshots = client.snapshots()
+        mounts = snapshots.prepare(cid, top, lease=lease)
+        stack.callback(_quietly, "remove snapshot", snapshots.remove, cid, missing_ok=True)
         monitor = stack.enter_context(Monitor(mounts, target, os.path.join(tmp, "monitor.log")))
 
         etc_dir = None
@@ -161,7 +166,7 @@ def run_sample(
             files_root=monitor.rootfs_view,
             gpu_hook=find_gpu_hook() if opts.gpus else None,
         )
-        client.create_container(
+        client.containers.create(
             Container(
                 id=cid,
                 spec=json.dumps(spec).encode(),
@@ -169,11 +174,11 @@ def run_sample(
                 labels={SAMPLE_LABEL: "1", OWNER_LABEL: this_process()},
             )
         )
-        stack.callback(_quietly, "delete container", client.delete_container, cid, missing_ok=True)
+        stack.callback(_quietly, "delete container", client.containers.delete, cid, missing_ok=True)
 
         stdio = stack.enter_context(_Stdio(os.path.join(tmp, "io"), opts, out))
         try:
-            client.create_task(
+            client.tasks.create(
                 cid,
                 stdin=stdio.stdin_path,
                 stdout=stdio.stdout_path,
@@ -190,11 +195,11 @@ def run_sample(
 
         monitor.begin()
         stdio.start(client, cid)
-        client.start_task(cid)
+        client.tasks.start(cid)
         result = _wait(client, cid, opts, stdio, monitor, on_tick)
         if result.ended_by != "exit":
             _kill(client, cid, stop_signal(image.config), result)
-        gone = client.delete_task(cid, missing_ok=True)
+        gone = client.tasks.delete(cid, missing_ok=True)
         if gone is not None and result.exit_status is None:
             result.exit_status = gone.exit_status
         stdio.finish()
@@ -233,7 +238,7 @@ def reap_stale(client: Client) -> None:
                     if is_dead(f.read()):
                         shutil.rmtree(os.path.join(tmp, name), ignore_errors=True)
     try:
-        stale = client.list_containers(f'labels."{SAMPLE_LABEL}"')
+        stale = client.containers.list(f'labels."{SAMPLE_LABEL}"')
     except ContainerdError as exc:
         log.debug("cannot list sample containers: %s", exc)
         return
@@ -242,8 +247,8 @@ def reap_stale(client: Client) -> None:
             continue
         log.warning("removing sample container %s, left by a run that was killed", c.id)
         _end_task(client, c.id)
-        _quietly("delete container", client.delete_container, c.id, missing_ok=True)
-        _quietly("remove snapshot", client.remove_snapshot, c.id, missing_ok=True)
+        _quietly("delete container", client.containers.delete, c.id, missing_ok=True)
+        _quietly("remove snapshot", client.snapshots().remove, c.id, missing_ok=True)
         # Its lease carries the same owner: ContainerdStore deletes dead owners' leases.
 
 
@@ -266,7 +271,7 @@ def _wait(
 
     def waiter() -> None:
         try:
-            result.exit_status = client.wait_task(cid).exit_status
+            result.exit_status = client.tasks.wait(cid).exit_status
         except ContainerdError as exc:
             log.debug("waiting for the sample task: %s", exc)
         end("exit")
@@ -274,9 +279,11 @@ def _wait(
     threading.Thread(target=waiter, name="sample-wait", daemon=True).start()
     if opts.wait_on_line:
         # The line may have come already: the event stays set.
-        threading.Thread(
-            target=lambda: stdio.line_seen.wait() and end("line"), name="sample-line", daemon=True
-        ).start()
+        def on_line() -> None:
+            if stdio.line_seen.wait():
+                end("line")
+
+        threading.Thread(target=on_line, name="sample-line", daemon=True).start()
 
     deadline = None if opts.wait_on_signal else time.monotonic() + opts.effective_period
     previous = None
@@ -307,11 +314,11 @@ def _kill(client: Client, cid: str, signo: int, result: SampleResult) -> None:
     """Stop the workload with the image's stop signal; SIGKILL if it ignores it for 5 s."""
     for sig in dict.fromkeys((signo, signal.SIGKILL)):
         try:
-            client.kill_task(cid, sig, all=True)
+            client.tasks.kill(cid, sig, all=True)
         except ContainerdError as exc:
             log.debug("kill %s: %s", cid, exc)
         try:
-            result.exit_status = client.wait_task(cid, timeout=_KILL_WAIT).exit_status
+            result.exit_status = client.tasks.wait(cid, timeout=_KILL_WAIT).exit_status
             return
         except ContainerdError:
             log.warning("the workload did not exit %gs after signal %d", _KILL_WAIT, sig)
@@ -320,13 +327,13 @@ def _kill(client: Client, cid: str, signo: int, result: SampleResult) -> None:
 def _end_task(client: Client, cid: str) -> None:
     """Cleanup: a task still there (error paths) is killed and deleted."""
     try:
-        state = client.get_task(cid)
+        state = client.tasks.get(cid)
     except ContainerdError:
         return
     if state.status not in ("stopped", "created"):
-        _quietly("kill task", client.kill_task, cid, signal.SIGKILL, all=True)
-        _quietly("wait task", client.wait_task, cid, timeout=_KILL_WAIT)
-    _quietly("delete task", client.delete_task, cid, missing_ok=True)
+        _quietly("kill task", client.tasks.kill, cid, signal.SIGKILL, all=True)
+        _quietly("wait task", client.tasks.wait, cid, timeout=_KILL_WAIT)
+    _quietly("delete task", client.tasks.delete, cid, missing_ok=True)
 
 
 def _quietly(what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
@@ -396,7 +403,7 @@ class _Stdio:
                 tty.setraw(sys.stdin.fileno())
                 with contextlib.suppress(OSError, ContainerdError):
                     cols, rows = os.get_terminal_size(sys.stdin.fileno())
-                    client.resize_pty(cid, cols, rows)
+                    client.tasks.resize_pty(cid, cols, rows)
             feeder = threading.Thread(
                 target=self._feed, args=(client, cid), name="sample-stdin", daemon=True
             )
@@ -454,7 +461,7 @@ class _Stdio:
                 # left, and CloseIO then closes the workload's stdin.
                 self._close_stdin_fd()
                 with contextlib.suppress(ContainerdError):
-                    client.close_stdin(cid)
+                    client.tasks.close_stdin(cid)
                 return
             try:
                 os.write(self._stdin_fd, data)

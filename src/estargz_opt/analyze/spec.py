@@ -5,7 +5,7 @@ by default (`oci.WithDefaultSpec` + `WithDefaultUnixDevices`): the default capab
 set, the default pseudo-filesystem mounts, masked and read-only /proc and /sys paths,
 new pid/ipc/uts/mount/network namespaces and RLIMIT_NOFILE 1024. On top of that come the
 image config (user, env, working dir, entrypoint + cmd) and the sampler flags, applied in
-ctr-remote's order (reference §6.1):
+ctr-remote's order:
 
     image config → --env → --mount → resolv.conf/hosts → entrypoint/args
                  → --env-file → --user → --cwd → -t → CNI netns / --net-host
@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from estargz_opt.errors import BadInputError
+from estargz_opt.stores.containerd.model import DEFAULT_NAMESPACE
 
 OCI_VERSION = "1.0.2-dev"
 
@@ -588,7 +589,7 @@ def build_spec(
     mount_ns_path: str | None = None,
     netns_path: str | None = None,
     container_id: str | None = None,
-    namespace: str = "default",
+    namespace: str = DEFAULT_NAMESPACE,
     files_root: str | None = None,
     gpu_hook: str | None = None,
 ) -> dict[str, Any]:
@@ -716,13 +717,13 @@ def build_spec(
     # GPUs: the NVIDIA Container Toolkit's prestart hook injects the devices and the
     # driver libraries the NVIDIA_* variables ask for (what `--gpus` does in docker).
     if opts.gpus:
-        devices = parse_gpus(opts.gpus)
+        gpus = parse_gpus(opts.gpus)
         if gpu_hook is None:
             raise BadInputError(
                 "--gpus needs the NVIDIA Container Toolkit (nvidia-container-runtime-hook "
                 "was not found on PATH)"
             )
-        visible = ",".join(d.split("=", 1)[1] for d in devices)
+        visible = ",".join(d.split("=", 1)[1] for d in gpus)
         process["env"] = merge_env(
             process["env"],
             [f"NVIDIA_VISIBLE_DEVICES={visible}", "NVIDIA_DRIVER_CAPABILITIES=all"],

@@ -8,31 +8,30 @@ own unpacker for a pulled image) is reused as is.
 
 Each missing layer is applied through containerd's diff service into an active snapshot
 with a temporary key, checked against the image config's diff ID, and committed as its
-chain ID. Nothing here sets a gc.root label: the caller must run `unpack` inside
-`client.lease()`, which keeps the new snapshots alive until the caller has prepared the
-rootfs snapshot on top of them (or has finished with them).
+chain ID. Nothing here sets a gc.root label: the caller passes the lease that keeps the
+new snapshots alive until it has prepared the rootfs snapshot on top of them (or has
+finished with them).
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import secrets
 from collections.abc import Sequence
 
 from estargz_opt.descriptor import Descriptor
+from estargz_opt.digest import sha256_digest
 from estargz_opt.errors import BadInputError
-from estargz_opt.stores.containerd.client import (
+from estargz_opt.stores.containerd.client import Client
+from estargz_opt.stores.containerd.errors import (
     AlreadyExistsError,
-    Client,
     ContainerdError,
     NotFoundError,
 )
+from estargz_opt.stores.containerd.model import DEFAULT_SNAPSHOTTER
+from estargz_opt.stores.containerd.services import SnapshotsService
 
 log = logging.getLogger(__name__)
-
-DEFAULT_SNAPSHOTTER = "overlayfs"
-
 
 def chain_ids(diff_ids: Sequence[str]) -> list[str]:
     """The chain ID of each layer (OCI image spec, "ChainID"), bottom layer first.
@@ -44,7 +43,7 @@ def chain_ids(diff_ids: Sequence[str]) -> list[str]:
     for diff_id in diff_ids:
         if chain:
             text = f"{chain[-1]} {diff_id}".encode()
-            chain.append("sha256:" + hashlib.sha256(text).hexdigest())
+            chain.append(sha256_digest(text))
         else:
             chain.append(diff_id)
     return chain
@@ -55,12 +54,14 @@ def unpack(
     layers: Sequence[Descriptor],
     diff_ids: Sequence[str],
     snapshotter: str = DEFAULT_SNAPSHOTTER,
+    *,
+    lease: str | None,
 ) -> str:
     """Make sure each layer is a committed snapshot named by its chain ID; the top one's.
 
     `layers` are the manifest's layer descriptors (their blobs in the content store) and
-    `diff_ids` the config's rootfs.diff_ids, in the same order. Run it inside
-    `client.lease()`: the snapshots it commits carry no gc.root label.
+    `diff_ids` the config's rootfs.diff_ids, in the same order. Pass a lease
+    (`client.leases.hold()`): the snapshots it commits carry no gc.root label.
 
     A layer whose applied (uncompressed) digest is not its diff ID is refused, so the
     snapshot named by a chain ID always holds what that chain ID promises.
@@ -72,16 +73,17 @@ def unpack(
             f"the image has {len(layers)} layers but its config lists {len(diff_ids)} diff IDs"
         )
     parent = ""
+    snapshots = client.snapshots(snapshotter)
     for layer, diff_id, chain_id in zip(layers, diff_ids, chain_ids(diff_ids), strict=True):
-        if not _exists(client, chain_id, snapshotter):
-            _unpack_layer(client, layer, diff_id, chain_id, parent, snapshotter)
+        if not _exists(snapshots, chain_id):
+            _unpack_layer(client, snapshots, layer, diff_id, chain_id, parent, lease)
         parent = chain_id
     return parent
 
 
-def _exists(client: Client, key: str, snapshotter: str) -> bool:
+def _exists(snapshots: SnapshotsService, key: str) -> bool:
     try:
-        client.stat_snapshot(key, snapshotter=snapshotter)
+        snapshots.stat(key)
     except NotFoundError:
         return False
     return True
@@ -89,33 +91,34 @@ def _exists(client: Client, key: str, snapshotter: str) -> bool:
 
 def _unpack_layer(
     client: Client,
+    snapshots: SnapshotsService,
     layer: Descriptor,
     diff_id: str,
     chain_id: str,
     parent: str,
-    snapshotter: str,
+    lease: str | None,
 ) -> None:
     # A unique key: another unpack of the same image may be running concurrently, and an
     # active snapshot left by a crashed run must not block this one.
     key = f"extract-{secrets.token_hex(8)} {chain_id}"
     log.debug("unpacking layer %s as snapshot %s", layer.digest, chain_id)
-    mounts = client.prepare_snapshot(key, parent, snapshotter=snapshotter)
+    mounts = snapshots.prepare(key, parent, lease=lease)
     try:
-        applied = client.apply_layer(layer, mounts)
+        applied = client.diff.apply(layer, mounts, lease=lease)
         if applied.digest != diff_id:
             raise BadInputError(
                 f"layer {layer.digest} unpacks to {applied.digest}, but the image config"
                 f" says its diff ID is {diff_id}"
             )
-        client.commit_snapshot(chain_id, key, snapshotter=snapshotter)
+        snapshots.commit(chain_id, key, lease=lease)
     except AlreadyExistsError:
         # A concurrent unpack committed the same chain first: same content, reuse it.
         log.debug("snapshot %s was committed concurrently", chain_id)
-        client.remove_snapshot(key, snapshotter=snapshotter, missing_ok=True)
+        snapshots.remove(key, missing_ok=True)
     except BaseException:
         # Leave no half-applied active snapshot behind; keep the original error.
         try:
-            client.remove_snapshot(key, snapshotter=snapshotter, missing_ok=True)
+            snapshots.remove(key, missing_ok=True)
         except ContainerdError:
             log.warning("could not remove the active snapshot %r", key, exc_info=True)
         raise

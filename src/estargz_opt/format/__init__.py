@@ -6,11 +6,9 @@ converted layer file (and its descriptor facts) comes out.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
-from pathlib import Path
 
+from estargz_opt.atomic import atomic_output
 from estargz_opt.format.build import (
     DEFAULT_CHUNK_SIZE,
     TOC_DIGEST_ANNOTATION,
@@ -40,24 +38,6 @@ __all__ = [
     "convert_layer",
     "open_layer",
 ]
-
-
-@contextlib.contextmanager
-def atomic_output(path: str | os.PathLike[str]):  # type: ignore[no-untyped-def]
-    """A temporary file beside path that replaces path only if the block succeeds."""
-    target = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.fchmod(fd, 0o644)  # mkstemp's 0600 would make blobs unreadable to other users
-    try:
-        with os.fdopen(fd, "w+b") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def convert_layer(

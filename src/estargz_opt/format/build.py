@@ -7,18 +7,17 @@ in order while the DiffID, blob digest and TOC are computed in the same pass.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import BinaryIO
 
+from estargz_opt.digest import digest_of, hasher, sha256_digest
 from estargz_opt.errors import BadInputError
 from estargz_opt.format import estargz, externaltoc, tarfmt, zstdchunked
-from estargz_opt.format.codec import Compressor
+from estargz_opt.format.codec import Compressor, Output
 from estargz_opt.format.source import TarSource
 from estargz_opt.format.tarfmt import TarEntry
 from estargz_opt.format.toc import (
@@ -205,7 +204,7 @@ def order_entries(
 class _ParallelMembers:
     """Cuts a member before every chunk; compresses members on a thread pool, writes in order."""
 
-    def __init__(self, comp: Compressor, out: BinaryIO, workers: int, progress: ProgressFn | None):
+    def __init__(self, comp: Compressor, out: Output, workers: int, progress: ProgressFn | None):
         self._comp = comp
         self._out = out
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="compress")
@@ -220,9 +219,9 @@ class _ParallelMembers:
         self._progress = progress
         self.count = 0  # members opened so far; the current one has index count - 1
         self.offsets: list[int] = []
-        self.diff = hashlib.sha256()
+        self.diff = hasher()
         self.usize = 0
-        self.blob = hashlib.sha256()
+        self.blob = hasher()
         self.csize = 0
 
     def write(self, data: bytes) -> None:
@@ -258,7 +257,7 @@ class _ParallelMembers:
         compress = self._comp.compress_member
 
         def work() -> list[tuple[bytes, str]]:
-            return [(compress(m), _sha256(memoryview(m)[:n]) if n else "") for m, n in batch]
+            return [(compress(m), sha256_digest(memoryview(m)[:n]) if n else "") for m, n in batch]
 
         self._pending.append((self._pool.submit(work), size))
         self._in_flight += size
@@ -301,7 +300,7 @@ class _StreamingMembers(_ParallelMembers):
     def __init__(
         self,
         comp: estargz.GzipCompressor,
-        out: BinaryIO,
+        out: Output,
         min_size: int,
         progress: ProgressFn | None,
     ):
@@ -369,7 +368,7 @@ class _Names:
 
 def build_layer(
     src: TarSource,
-    out: BinaryIO,
+    out: Output,
     opts: LayerOptions,
     progress: ProgressFn | None = None,
 ) -> LayerResult:
@@ -396,9 +395,9 @@ def build_layer(
     usize = members.usize + len(tail.diff_tail)
     tdigest = toc_digest(toc_json)
     return LayerResult(
-        digest="sha256:" + members.blob.hexdigest(),
+        digest=digest_of(members.blob),
         size=members.csize,
-        diff_id="sha256:" + members.diff.hexdigest(),
+        diff_id=digest_of(members.diff),
         uncompressed_size=usize,
         toc_digest=tdigest,
         annotations={
@@ -487,7 +486,7 @@ def _write_entries(
                 ent.digest = _EMPTY_DIGEST
             toc.add(ent)
             continue
-        whole = hashlib.sha256() if e.size > chunk_size else None
+        whole = hasher() if e.size > chunk_size else None
         chunks: list[tuple[TOCEntry, int]] = []
         written = 0
         while written < e.size:
@@ -499,24 +498,20 @@ def _write_entries(
             data = LANDMARK_CONTENTS if landmark else _pread(fd, e, written, length)
             members.write(data)
             if not members.hashes_chunks:
-                ent.chunk_digest = _sha256(data)
+                ent.chunk_digest = sha256_digest(data)
             if whole is not None:
                 whole.update(data)
             chunks.append((ent, member_index))
             written += length
             ent = TOCEntry(name=e.name, type="chunk")
         if whole is not None:
-            chunks[0][0].digest = "sha256:" + whole.hexdigest()
+            chunks[0][0].digest = digest_of(whole)
         for chunk, member_index in chunks:
             toc.add(chunk, member_index)
         members.write(tarfmt.padding(e.size))
 
 
-def _sha256(data: bytes | memoryview) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-_EMPTY_DIGEST = _sha256(b"")
+_EMPTY_DIGEST = sha256_digest(b"")
 
 
 def _pread(fd: int, e: TarEntry, at: int, length: int) -> bytes:

@@ -7,6 +7,7 @@ else about gzip, zstd or external TOCs.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -30,6 +31,12 @@ class Footer:
     toc_size: int
 
 
+class Output(Protocol):
+    """Where a built layer goes: a file, or a store's upload stream (only written to)."""
+
+    def write(self, data: bytes, /) -> int: ...
+
+
 class Compressor(Protocol):
     """Writes a format: independent payload members, then the TOC and the footer."""
 
@@ -46,6 +53,20 @@ class Stream(Protocol):
     def feed(self, data: bytes) -> bytes: ...
 
     def at_member_end(self) -> bool: ...
+
+
+class TruncatedError(ValueError):
+    """The input ended inside a member."""
+
+
+def decode_all(stream: Stream, chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """Everything `chunks` decode to through `stream`: ValueError on corrupt input,
+    TruncatedError on input that ends inside a member."""
+    for chunk in chunks:
+        if out := stream.feed(chunk):
+            yield out
+    if not stream.at_member_end():
+        raise TruncatedError("the stream ends inside a member")
 
 
 class Decompressor(Protocol):

@@ -11,6 +11,7 @@ import struct
 import zlib
 
 import deflate
+from isal import isal_zlib
 
 from estargz_opt.format import tarfmt
 from estargz_opt.format.codec import Footer, TOCTail
@@ -96,11 +97,20 @@ class GzipCompressor:
         return TOCTail(blob_tail=member + footer(payload_size), diff_tail=plain)
 
 
+# isal's stub declares its error class as an instance (`error: Exception`); it is a class.
+_ISAL_ERROR: type[Exception] = isal_zlib.error  # type: ignore[assignment]  # see above
+_DECODE_ERRORS = (_ISAL_ERROR, zlib.error)
+
+
 class GzipStream:
-    """Decompresses consecutive gzip members; CRC and length are checked by zlib."""
+    """Decompresses consecutive gzip members (ISA-L); CRC and length are checked.
+
+    The one gzip decoder: the layer reader, the source unpacker and the layer-name
+    index all decode through it.
+    """
 
     def __init__(self) -> None:
-        self._d = zlib.decompressobj(31)
+        self._d = isal_zlib.decompressobj(31)
         self._fresh = True
 
     def feed(self, data: bytes) -> bytes:
@@ -109,12 +119,12 @@ class GzipStream:
             self._fresh = False
             try:
                 out.append(self._d.decompress(data))
-            except zlib.error as exc:
+            except _DECODE_ERRORS as exc:
                 raise ValueError(f"corrupt gzip data ({exc})") from None
             if not self._d.eof:
                 break
             data = self._d.unused_data
-            self._d = zlib.decompressobj(31)
+            self._d = isal_zlib.decompressobj(31)
             self._fresh = True
         return b"".join(out)
 
@@ -158,10 +168,7 @@ class GzipDecompressor:
     footer_size = FOOTER_SIZE
 
     def parse_footer(self, tail: bytes, blob_size: int) -> Footer:
-        tail = tail[-FOOTER_SIZE:]
-        if len(tail) < FOOTER_SIZE:
-            raise ValueError("blob too small for an eStargz footer")
-        extra = _parse_gzip_extra(tail, 26)
+        extra = _footer_extra(tail, FOOTER_SIZE, 26, "an eStargz")
         if extra[:2] != b"SG" or struct.unpack_from("<H", extra, 2)[0] != 22:
             raise ValueError("gzip extra field is not an eStargz footer")
         if extra[-6:] != b"STARGZ":
@@ -183,13 +190,18 @@ class LegacyGzipDecompressor(GzipDecompressor):
     footer_size = LEGACY_FOOTER_SIZE
 
     def parse_footer(self, tail: bytes, blob_size: int) -> Footer:
-        tail = tail[-LEGACY_FOOTER_SIZE:]
-        if len(tail) < LEGACY_FOOTER_SIZE:
-            raise ValueError("blob too small for a stargz footer")
-        extra = _parse_gzip_extra(tail, 22)
+        extra = _footer_extra(tail, LEGACY_FOOTER_SIZE, 22, "a stargz")
         if extra[-6:] != b"STARGZ":
             raise ValueError("footer lacks the STARGZ magic")
         return _checked_footer(_hex_offset(extra[:16]), blob_size, LEGACY_FOOTER_SIZE)
+
+
+def _footer_extra(tail: bytes, footer_size: int, xlen: int, what: str) -> bytes:
+    """The extra field of the footer (the last `footer_size` bytes of the blob)."""
+    tail = tail[-footer_size:]
+    if len(tail) < footer_size:
+        raise ValueError(f"blob too small for {what} footer")
+    return _parse_gzip_extra(tail, xlen)
 
 
 def _hex_offset(raw: bytes) -> int:

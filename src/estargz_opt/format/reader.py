@@ -7,7 +7,6 @@ decompressed from its TOC offset and hashed, so a lying TOC or a flipped byte is
 
 from __future__ import annotations
 
-import hashlib
 import os
 import struct
 import tempfile
@@ -18,6 +17,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import BinaryIO
 
+from estargz_opt.digest import digest_of, hasher, sha256_digest
 from estargz_opt.errors import BadInputError, VerificationError
 from estargz_opt.format import tarfmt
 from estargz_opt.format.codec import Decompressor, Footer
@@ -33,6 +33,10 @@ DECOMPRESSORS: tuple[Decompressor, ...] = (
     ExternalTOCDecompressor(),
 )
 _STEP = 1 << 20
+
+
+class MissingExternalTOCError(VerificationError):
+    """The blob is an external-TOC layer and its TOC was not supplied."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,7 +157,7 @@ class Layer:
                     f"entry {c.name!r} at offset {c.offset}: data ends after {len(piece)} of "
                     f"{c.length} bytes"
                 )
-            got = "sha256:" + hashlib.sha256(piece).hexdigest()
+            got = sha256_digest(piece)
             if got != c.digest:
                 return (
                     f"entry {c.name!r} at offset {c.offset} (inner offset {c.inner_offset}): "
@@ -206,12 +210,12 @@ class Layer:
 
     def diff_id(self) -> tuple[str, int]:
         """sha256 and length of the whole blob decompressed: the DiffID containerd computes."""
-        h = hashlib.sha256()
+        h = hasher()
         total = 0
         for plain in self._decompressed(self.size):
             h.update(plain)
             total += len(plain)
-        return "sha256:" + h.hexdigest(), total
+        return digest_of(h), total
 
     def read_at(self, offset: int, size: int) -> bytes:
         return os.pread(self._f.fileno(), size, offset)
@@ -270,7 +274,7 @@ def _open(f: BinaryIO, external_toc: bytes | None) -> Layer:
             continue
         if footer.toc_offset is None:
             if external_toc is None:
-                raise VerificationError(
+                raise MissingExternalTOCError(
                     "the layer keeps its TOC outside the blob (external TOC); supply it"
                 )
             raw = external_toc

@@ -10,14 +10,14 @@ import contextlib
 import os
 import shutil
 import tempfile
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from isal import isal_zlib
-
 from estargz_opt.errors import BadInputError
+from estargz_opt.format.codec import Stream, TruncatedError, decode_all
+from estargz_opt.format.estargz import GzipStream
+from estargz_opt.format.zstdchunked import ZstdStream
 
 GZIP_MAGIC = b"\x1f\x8b\x08"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -68,44 +68,24 @@ def open_tar(path: str | os.PathLike[str], tmp_dir: str | None = None) -> Iterat
 
 def gunzip_into(src: BinaryIO, dst: BinaryIO) -> int:
     """Decompress a multi-member gzip stream; corrupt or truncated data is BadInputError."""
-    total = 0
-    d = isal_zlib.decompressobj(31)
-    in_member = False
-    while data := src.read(_COPY):
-        while data:
-            in_member = True
-            try:
-                out = d.decompress(data)
-            except (isal_zlib.error, zlib.error) as exc:
-                raise BadInputError(f"corrupt gzip input near byte {src.tell()}: {exc}") from None
-            dst.write(out)
-            total += len(out)
-            if not d.eof:
-                break
-            data = d.unused_data
-            d = isal_zlib.decompressobj(31)
-            in_member = False
-    if in_member:
-        raise BadInputError("truncated gzip input: the stream ends inside a member")
-    return total
+    return _decode_into(GzipStream(), "gzip", "member", src, dst)
 
 
 def unzstd_into(src: BinaryIO, dst: BinaryIO) -> int:
     """Decompress every zstd frame; corrupt or truncated data is BadInputError."""
-    from estargz_opt.format.zstdchunked import ZstdStream
+    return _decode_into(ZstdStream(), "zstd", "frame", src, dst)
 
-    stream = ZstdStream()
+
+def _decode_into(stream: Stream, kind: str, member: str, src: BinaryIO, dst: BinaryIO) -> int:
     total = 0
-    while True:
-        data = src.read(_COPY)
-        if not data:
-            break
-        try:
-            out = stream.feed(data)
-        except ValueError as exc:
-            raise BadInputError(f"corrupt zstd input: {exc}") from None
-        dst.write(out)
-        total += len(out)
-    if not stream.at_member_end():
-        raise BadInputError("truncated zstd input: the stream ends inside a frame")
+    try:
+        for out in decode_all(stream, iter(lambda: src.read(_COPY), b"")):
+            dst.write(out)
+            total += len(out)
+    except TruncatedError:
+        raise BadInputError(
+            f"truncated {kind} input: the stream ends inside a {member}"
+        ) from None
+    except ValueError as exc:
+        raise BadInputError(f"corrupt {kind} input near byte {src.tell()}: {exc}") from None
     return total

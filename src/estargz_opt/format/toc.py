@@ -10,12 +10,12 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime
-import hashlib
 import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from estargz_opt.digest import sha256_digest
 from estargz_opt.errors import BadInputError
 
 TOC_TAR_NAME = "stargz.index.json"
@@ -170,7 +170,7 @@ _GO_ESCAPES = (
     ("\u2029", "\\u2029"),
 )
 _SURROGATES = re.compile("[\udc80-\udcff]")
-_quote = json.encoder.encode_basestring  # type: ignore[attr-defined]
+_quote = json.encoder.encode_basestring
 
 
 def format_modtime(sec: int, nsec: int) -> str:
@@ -184,7 +184,7 @@ def format_modtime(sec: int, nsec: int) -> str:
 
 
 def toc_digest(toc_json: bytes) -> str:
-    return "sha256:" + hashlib.sha256(toc_json).hexdigest()
+    return sha256_digest(toc_json)
 
 
 def parse_toc(data: bytes) -> TOC:

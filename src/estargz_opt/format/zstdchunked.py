@@ -6,12 +6,12 @@ the last 40. The manifest-checksum annotation hashes the compressed TOC.
 
 from __future__ import annotations
 
-import hashlib
 import struct
 import threading
 
 import zstandard
 
+from estargz_opt.digest import sha256_digest
 from estargz_opt.format.codec import Footer, TOCTail
 
 DEFAULT_LEVEL = 3
@@ -56,7 +56,7 @@ class ZstdCompressor:
             blob_tail=skippable_frame(compressed) + skippable_frame(footer),
             diff_tail=b"",
             annotations={
-                MANIFEST_CHECKSUM: "sha256:" + hashlib.sha256(compressed).hexdigest(),
+                MANIFEST_CHECKSUM: sha256_digest(compressed),
                 MANIFEST_POSITION: f"{toc_offset}:{len(compressed)}:{len(toc_json)}:1",
             },
         )

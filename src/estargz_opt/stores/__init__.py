@@ -1,14 +1,25 @@
-"""Where images live. Every store offers the same small interface to the converter."""
+"""Where images live. Every store offers the same small interface (`Store`) to the
+converter, to verify/inspect and to the workload runner; `open_store` picks one for a
+reference.
+
+Adding a store (a registry, an image archive) means one module here that implements
+`Store`, one `ImageRef` kind in reference.py, and one line in `open_store`.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import TYPE_CHECKING, Protocol, Self
 
 from estargz_opt.descriptor import Descriptor
-from estargz_opt.errors import BadInputError
+from estargz_opt.errors import BadInputError, EstargzOptError
+from estargz_opt.reference import ContainerdRef, ImageRef, OCIRef
+from estargz_opt.stores.containerd.model import ContainerdOptions
+
+if TYPE_CHECKING:
+    from estargz_opt.stores.containerd.store import ContainerdStore
 
 
 def check_blob(desc: Descriptor, digest: str, size: int, what: str) -> None:
@@ -17,21 +28,52 @@ def check_blob(desc: Descriptor, digest: str, size: int, what: str) -> None:
         raise BadInputError(f"blob {desc.digest} ({what}) does not match its digest or size")
 
 
+class Writer(Protocol):
+    def write(self, data: bytes, /) -> int: ...
+
+
 class BlobSink(Protocol):
     """A blob being written; it becomes visible under its digest only on commit."""
 
-    file: BinaryIO
+    @property
+    def file(self) -> Writer: ...
 
     def commit(self, digest: str, size: int, diff_id: str | None = None) -> None: ...
 
 
 class Store(Protocol):
+    """An image store, used as a context manager for one run.
+
+    How a new store follows it (a registry, an image archive):
+    - `__enter__` takes whatever the run holds for its whole length (containerd: a lease
+      against garbage collection; a registry: its auth token and connection pool);
+      `__exit__` releases it, whether or not the run failed.
+    - Reads are by descriptor and always verified: `read`, `stream` and `local_file`
+      check the digest and size (`check_blob`) before the caller trusts the bytes. A
+      missing blob is a BadInputError naming the blob and what it was for (`what`).
+    - Writes are by content: `write` and `sink` store blobs under their sha256; nothing
+      is visible under a name until `tag`, the run's last step. A registry store pushes
+      blobs on commit and manifests in `tag`; an archive store writes the archive in `tag`.
+    - `rollback` removes what the run wrote, so a failed conversion leaves no trace.
+    A read-only store (an archive used as a source) raises EstargzOptError from the
+    writing methods.
+    """
+
+    def __enter__(self) -> Self: ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
     def resolve(self, name: str | None) -> Descriptor:
         """The descriptor an image name (tag) points at."""
         ...
 
     def read(self, desc: Descriptor, what: str) -> bytes:
         """A small blob (manifest, index, config), checked against its digest and size."""
+        ...
+
+    def stream(self, desc: Descriptor, what: str) -> Iterator[bytes]:
+        """A (layer) blob as a stream of pieces, checked once the stream is read to its
+        end (a reader that stops early, like a file-name scan, gets no check)."""
         ...
 
     def local_file(self, desc: Descriptor, what: str) -> AbstractContextManager[Path]:
@@ -53,3 +95,32 @@ class Store(Protocol):
     def rollback(self) -> None:
         """Remove what this run wrote (a conversion that failed leaves no trace)."""
         ...
+
+
+def open_store(ref: ImageRef, containerd: ContainerdOptions, *, create: bool) -> Store:
+    """The store `ref` names (not yet entered). create: make an OCI layout if missing."""
+    # Imported here: each store module imports check_blob from this package.
+    if isinstance(ref, OCIRef):
+        from estargz_opt.stores.oci import OCILayout
+
+        return OCILayout(ref.path, create=create)
+    from estargz_opt.stores.containerd.store import ContainerdStore
+
+    return ContainerdStore.connect(containerd)
+
+
+def same_store(a: ImageRef, b: ImageRef) -> bool:
+    """Whether two references name the same store (the converter then copies nothing)."""
+    if isinstance(a, OCIRef) and isinstance(b, OCIRef):
+        return a.path.resolve() == b.path.resolve()
+    return isinstance(a, ContainerdRef) and isinstance(b, ContainerdRef)
+
+
+def as_containerd(store: Store, why: str) -> ContainerdStore:
+    """The store as containerd, for what needs containerd's own services (the workload
+    runner's snapshots, containers and tasks: `ContainerdStore.client`)."""
+    from estargz_opt.stores.containerd.store import ContainerdStore
+
+    if not isinstance(store, ContainerdStore):
+        raise EstargzOptError(f"{why} needs containerd, which this image's store is not")
+    return store

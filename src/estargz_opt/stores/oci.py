@@ -8,15 +8,15 @@ in index.json is written last and atomically. A failed run removes the blobs it 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Self
 
+from estargz_opt.atomic import atomic_write, temp_file
 from estargz_opt.descriptor import OCI_INDEX, REF_NAME, Descriptor, Index
+from estargz_opt.digest import digest_of, hasher, sha256_digest, sha256_hex
 from estargz_opt.errors import BadInputError, EstargzOptError
 from estargz_opt.stores import check_blob
 
@@ -38,7 +38,9 @@ class _Sink:
 
 
 class OCILayout:
-    def __enter__(self) -> OCILayout:
+    """An OCI image layout as a Store; it holds nothing while open."""
+
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -86,32 +88,33 @@ class OCILayout:
         return [t for d in self.index().manifests if (t := (d.annotations or {}).get(REF_NAME))]
 
     def blob_path(self, digest: str) -> Path:
-        algo, _, hexpart = digest.partition(":")
-        if (
-            algo != "sha256"
-            or len(hexpart) != 64
-            or not all(c in "0123456789abcdef" for c in hexpart)
-        ):
+        hexpart = sha256_hex(digest)
+        if hexpart is None:
             raise BadInputError(f"unsupported or malformed digest {digest!r}")
-        return self.root / "blobs" / algo / hexpart
+        return self.root / "blobs" / "sha256" / hexpart
 
     def read(self, desc: Descriptor, what: str) -> bytes:
         path = self._existing(desc, what)
         data = path.read_bytes()
-        check_blob(desc, "sha256:" + hashlib.sha256(data).hexdigest(), len(data), what)
+        check_blob(desc, sha256_digest(data), len(data), what)
         return data
 
-    @contextlib.contextmanager
-    def local_file(self, desc: Descriptor, what: str) -> Iterator[Path]:
+    def stream(self, desc: Descriptor, what: str) -> Iterator[bytes]:
         path = self._existing(desc, what)
-        h = hashlib.sha256()
+        h = hasher()
         size = 0
         with open(path, "rb") as f:
             while block := f.read(_READ):
                 h.update(block)
                 size += len(block)
-        check_blob(desc, "sha256:" + h.hexdigest(), size, what)
-        yield path
+                yield block
+        check_blob(desc, digest_of(h), size, what)
+
+    @contextlib.contextmanager
+    def local_file(self, desc: Descriptor, what: str) -> Iterator[Path]:
+        for _ in self.stream(desc, what):  # the blob is already a file: only check it
+            pass
+        yield self.blob_path(desc.digest)
 
     def _existing(self, desc: Descriptor, what: str) -> Path:
         path = self.blob_path(desc.digest)
@@ -124,21 +127,20 @@ class OCILayout:
     def write(self, data: bytes, source: Descriptor | None = None) -> None:
         with self.sink() as s:
             s.file.write(data)
-            s.commit("sha256:" + hashlib.sha256(data).hexdigest(), len(data))
+            s.commit(sha256_digest(data), len(data))
 
     @contextlib.contextmanager
     def sink(self, source: Descriptor | None = None) -> Iterator[_Sink]:
         blobs = self.root / "blobs" / "sha256"
         try:
             blobs.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=blobs, prefix=".ingest-", suffix=".tmp")
-            os.fchmod(fd, 0o644)
+            f, tmp = temp_file(blobs, ".ingest-")
         except OSError as exc:
             raise EstargzOptError(f"cannot write blobs to {self.root}: {exc.strerror}") from None
         sink = None
         try:
-            with os.fdopen(fd, "w+b") as f:
-                sink = _Sink(self, f, Path(tmp))
+            with f:
+                sink = _Sink(self, f, tmp)
                 yield sink
         finally:
             if sink is None or not sink.committed:
@@ -162,7 +164,7 @@ class OCILayout:
         ]
         index.manifests = [*kept, *added]
         try:
-            _atomic_write(self.root / "index.json", index.to_bytes())
+            atomic_write(self.root / "index.json", index.to_bytes())
         except OSError as exc:
             raise EstargzOptError(
                 f"cannot write {self.root / 'index.json'}: {exc.strerror}"
@@ -187,24 +189,9 @@ class OCILayout:
                 self._created_root = True
             (self.root / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
             if not (self.root / "oci-layout").exists():
-                _atomic_write(self.root / "oci-layout", _LAYOUT)
+                atomic_write(self.root / "oci-layout", _LAYOUT)
         except OSError as exc:
             self.rollback()
             raise EstargzOptError(
                 f"cannot create an OCI layout at {self.root}: {exc.strerror}"
             ) from None
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise

@@ -9,7 +9,6 @@ blobs carry the labels upstream gives them: the source blob's labels, the DiffID
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import queue
 import tempfile
@@ -17,27 +16,25 @@ import threading
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Self
 
 from estargz_opt.descriptor import Descriptor, load_json
+from estargz_opt.digest import digest_of, hasher, sha256_digest
 from estargz_opt.errors import BadInputError, EstargzOptError
 from estargz_opt.stores import check_blob
-from estargz_opt.stores.containerd.client import (
-    Client,
+from estargz_opt.stores.containerd.client import Client
+from estargz_opt.stores.containerd.errors import (
     ContainerdError,
     ContentNotFoundError,
-    Image,
     ImageNotFoundError,
-    NamespaceNotFoundError,
-    WriteResult,
 )
+from estargz_opt.stores.containerd.model import ContainerdOptions, Image, WriteResult
 from estargz_opt.stores.containerd.owner import OWNER_LABEL, is_dead, this_process
 
 log = logging.getLogger("estargz_opt")
 
 UNCOMPRESSED_LABEL = "containerd.io/uncompressed"
 GC_CONTENT = "containerd.io/gc.ref.content"
-_READ = 1 << 20
 _BLOCK = 1 << 20
 
 
@@ -98,7 +95,9 @@ class _Sink:
 
     def _upload(self) -> None:
         try:
-            self._result = self._store.client.write_content(self._ref, self._chunks())
+            self._result = self._store.client.content.write(
+                self._ref, self._chunks(), lease=self._store.lease
+            )
         except BaseException as exc:  # reported to the writer on its next put or commit
             self._error = exc
 
@@ -132,7 +131,7 @@ class _Sink:
         if diff_id:
             labels[UNCOMPRESSED_LABEL] = diff_id
         if labels:
-            self._store.client.update_labels(digest, labels)
+            self._store.client.content.update_labels(digest, labels)
         self.committed = True
 
     def abort(self) -> None:
@@ -142,43 +141,62 @@ class _Sink:
                 self._queue.put(_ABORT, timeout=5)
             self._thread.join(timeout=10)
         with contextlib.suppress(EstargzOptError):
-            self._store.client.abort(self._ref)
+            self._store.client.content.abort(self._ref)
 
 
 class ContainerdStore:
     """Images of one containerd namespace, used inside a lease (use it as a context manager)."""
 
     def __init__(self, client: Client, tmp_dir: str | None = None) -> None:
-        self.client = client
+        self._client = client
         self._tmp_dir = tmp_dir
         self._stack = ExitStack()
         self._lock = threading.Lock()
         self._sinks: dict[str, int] = {}
+        self.lease: str | None = None
 
-    def __enter__(self) -> ContainerdStore:
-        # Check first: taking a lease in a namespace that does not exist would create it.
-        if not self.client.namespace_exists(self.client.namespace):
-            raise NamespaceNotFoundError(self.client._no_namespace_message())
-        self._reap_dead_leases()
-        labels = {"estargz-opt": "optimize", OWNER_LABEL: this_process()}
-        self._stack.enter_context(self.client.lease(labels=labels))
+    @classmethod
+    def connect(cls, options: ContainerdOptions) -> ContainerdStore:
+        """A store over a new client; entering the store takes its lease, leaving it
+        deletes the lease and closes the client."""
+        store = cls(Client(options.address, options.namespace, options.timeout))
+        store._stack.callback(store._client.close)
+        return store
+
+    @property
+    def client(self) -> Client:
+        """The containerd client, for what needs containerd's own services beyond the
+        Store interface (the workload runner: snapshots, containers, tasks)."""
+        return self._client
+
+    def __enter__(self) -> Self:
+        try:
+            # Check first: taking a lease in a namespace that does not exist would create it.
+            self.client.check_namespace()
+            self._reap_dead_leases()
+            labels = {"estargz-opt": "optimize", OWNER_LABEL: this_process()}
+            self.lease = self._stack.enter_context(self.client.leases.hold(labels=labels))
+        except BaseException:
+            self._stack.close()
+            raise
         return self
 
     def _reap_dead_leases(self) -> None:
         """Delete the leases of estargz-opt runs that were killed (see owner.py)."""
         try:
-            leases = self.client.list_leases(f'labels."{OWNER_LABEL}"')
+            leases = self.client.leases.list(f'labels."{OWNER_LABEL}"')
         except ContainerdError:
             return
         for lease in leases:
             if is_dead(lease.labels.get(OWNER_LABEL, "")):
                 log.info("deleting lease %s, left by a run that was killed", lease.id)
                 try:
-                    self.client.delete_lease(lease.id)
+                    self.client.leases.delete(lease.id)
                 except ContainerdError as exc:
                     log.debug("could not delete lease %s: %s", lease.id, exc)
 
     def __exit__(self, *exc: object) -> None:
+        self.lease = None
         self._stack.close()
 
     @property
@@ -191,33 +209,37 @@ class ContainerdStore:
         if not name:
             raise EstargzOptError("name an image in containerd")
         try:
-            return self.client.get_image(name).target
+            return self.client.images.get(name).target
         except ImageNotFoundError:
             raise EstargzOptError(f"image {name!r} not found in {self.where}") from None
 
     def read(self, desc: Descriptor, what: str) -> bytes:
         try:
-            data = self.client.read_all(desc.digest, verify=False)
+            data = self.client.content.read_all(desc.digest, verify=False)
         except ContentNotFoundError:
             raise self._missing(desc, what) from None
-        check_blob(desc, "sha256:" + hashlib.sha256(data).hexdigest(), len(data), what)
+        check_blob(desc, sha256_digest(data), len(data), what)
         return data
+
+    def stream(self, desc: Descriptor, what: str) -> Iterator[bytes]:
+        h = hasher()
+        size = 0
+        try:
+            for block in self.client.content.read(desc.digest):
+                h.update(block)
+                size += len(block)
+                yield block
+        except ContentNotFoundError:
+            raise self._missing(desc, what) from None
+        check_blob(desc, digest_of(h), size, what)
 
     @contextlib.contextmanager
     def local_file(self, desc: Descriptor, what: str) -> Iterator[Path]:
-        h = hashlib.sha256()
-        size = 0
         # An anonymous file: nothing is left in TMPDIR even if the process is killed.
         with tempfile.TemporaryFile(dir=self._tmp_dir, prefix="estargz-opt-") as f:
-            try:
-                for block in self.client.read_content(desc.digest):
-                    f.write(block)
-                    h.update(block)
-                    size += len(block)
-            except ContentNotFoundError:
-                raise self._missing(desc, what) from None
+            for block in self.stream(desc, what):
+                f.write(block)
             f.flush()
-            check_blob(desc, "sha256:" + h.hexdigest(), size, what)
             yield Path(f"/proc/self/fd/{f.fileno()}")
 
     def _missing(self, desc: Descriptor, what: str) -> BadInputError:
@@ -232,7 +254,7 @@ class ContainerdStore:
         if source is None:
             return {}
         try:
-            labels = self.client.content_info(source.digest).labels
+            labels = self.client.content.info(source.digest).labels
         except ContentNotFoundError:
             return {}
         return {
@@ -244,7 +266,7 @@ class ContainerdStore:
     # ------------------------------------------------------------------ writing
 
     def write(self, data: bytes, source: Descriptor | None = None) -> None:
-        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        digest = sha256_digest(data)
         labels = self.source_labels(source) | _gc_labels(data)
         self.upload(data, digest, len(data), labels)
 
@@ -269,13 +291,18 @@ class ContainerdStore:
         self, data: bytes | BinaryIO, digest: str, size: int, labels: Mapping[str, str]
     ) -> None:
         # A ref named after the content lets a rerun resume an interrupted upload.
-        self.client.write_content(
-            f"estargz-opt-{digest}", data, expected_digest=digest, expected_size=size, labels=labels
+        self.client.content.write(
+            f"estargz-opt-{digest}",
+            data,
+            expected_digest=digest,
+            expected_size=size,
+            labels=labels,
+            lease=self.lease,
         )
 
     def tag(self, tags: Mapping[str, Descriptor]) -> None:
         for name, desc in tags.items():
-            self.client.put_image(Image(name=name, target=desc))
+            self.client.images.put(Image(name=name, target=desc))
 
     def rollback(self) -> None:
         """Nothing to undo by hand: unreferenced content goes with the lease."""

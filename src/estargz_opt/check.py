@@ -8,22 +8,23 @@ checks each layer the way the snapshotter will, and more (DiffID, sizes, landmar
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from estargz_opt import descriptor as d
 from estargz_opt.convert import TOC_LAYER_DIGEST
-from estargz_opt.descriptor import Descriptor, Index, Manifest
+from estargz_opt.descriptor import Descriptor, Manifest
+from estargz_opt.digest import sha256_digest
 from estargz_opt.errors import EstargzOptError
 from estargz_opt.format import TOC_DIGEST_ANNOTATION, UNCOMPRESSED_SIZE_ANNOTATION, open_layer
-from estargz_opt.format.reader import Layer
+from estargz_opt.format.reader import Layer, MissingExternalTOCError
 from estargz_opt.format.toc import LANDMARKS, NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK
 from estargz_opt.format.zstdchunked import MANIFEST_CHECKSUM, MANIFEST_POSITION
 from estargz_opt.platforms import Matcher
-from estargz_opt.stores import Store
+from estargz_opt.stores import Store, open_store
+from estargz_opt.stores.containerd.model import ContainerdOptions
+from estargz_opt.walk import images
 
 
 @dataclass(slots=True)
@@ -52,10 +53,16 @@ class LayerCheck:
         return self.prefetch_bytes / self.size if self.size else 0.0
 
     def to_json(self) -> dict[str, Any]:
-        out = asdict(self)
+        """The layer in `verify --json`/`inspect --json`: camelCase keys, as every report."""
+        out = {_camel(k): v for k, v in asdict(self).items()}
         out["ok"] = self.ok
-        out["prefetch_share"] = round(self.prefetch_share, 4)
+        out["prefetchShare"] = round(self.prefetch_share, 4)
         return out
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(word.capitalize() for word in rest)
 
 
 @dataclass(slots=True)
@@ -70,40 +77,11 @@ class ImageReport:
         return all(layer.ok for layer in self.layers)
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "image": self.image,
-            "digest": self.digest,
-            "ok": self.ok,
+        layers = [layer.to_json() for layer in self.layers]
+        return {"image": self.image, "digest": self.digest, "ok": self.ok} | {
             "warnings": self.warnings,
-            "layers": [layer.to_json() for layer in self.layers],
+            "layers": layers,
         }
-
-
-def walk(store: Store, root: Descriptor, matcher: Matcher) -> Iterator[tuple[str, Manifest]]:
-    """(platform, manifest) for every image manifest the matcher selects."""
-    if root.media_type in d.INDEX_TYPES:
-        index = Index.parse(store.read(root, "index"), f"index {root.digest}")
-        for child in index.manifests:
-            if (child.annotations or {}).get("vnd.docker.reference.type"):
-                continue
-            if child.platform is not None and not matcher.matches(child.platform):
-                continue
-            if child.media_type in d.INDEX_TYPES | d.MANIFEST_TYPES:
-                yield from (
-                    (str(child.platform or p) if p == "" else p, m)
-                    for p, m in _walk_child(store, child, matcher)
-                )
-    elif root.media_type in d.MANIFEST_TYPES:
-        yield from _walk_child(store, root, matcher)
-
-
-def _walk_child(store: Store, desc: Descriptor, matcher: Matcher) -> Iterator[tuple[str, Manifest]]:
-    if desc.media_type in d.INDEX_TYPES:
-        yield from walk(store, desc, matcher)
-        return
-    manifest = Manifest.parse(store.read(desc, f"manifest {desc.digest}"), desc.digest)
-    if manifest.config.media_type in (d.OCI_CONFIG, d.DOCKER_CONFIG):
-        yield str(desc.platform or ""), manifest
 
 
 def check_image(
@@ -118,11 +96,12 @@ def check_image(
     """Check (deep: every chunk, DiffID and size too) or just describe every layer."""
     report = ImageReport(image=name, digest=root.digest)
     external = _external_tocs(store, toc_image) if toc_image else {}
-    for platform, manifest in walk(store, root, matcher):
-        label = platform or "image"
+    for image in images(store, root, matcher):
+        manifest = image.manifest
+        label = image.platform or "image"
         config = d.load_json(store.read(manifest.config, f"config of {label}"), "config")
-        rootfs = config.get("rootfs") if isinstance(config.get("rootfs"), dict) else {}
-        diff_ids = rootfs.get("diff_ids") or []
+        rootfs = config.get("rootfs")
+        diff_ids = (rootfs.get("diff_ids") if isinstance(rootfs, dict) else None) or []
         if d.is_docker(manifest.config.media_type) or any(
             d.is_docker(x.media_type) for x in manifest.layers
         ):
@@ -177,7 +156,7 @@ def _check_layer(
             )
         except EstargzOptError as exc:
             check.format = "not eStargz"
-            check.errors.append(_unreadable(str(exc), ann, desc.digest in external, bool(external)))
+            check.errors.append(_unreadable(exc, ann, desc.digest in external, bool(external)))
             if not ann.get(TOC_DIGEST_ANNOTATION):
                 check.warnings.append("layer is not eStargz (was the image converted?)")
             return check
@@ -236,9 +215,12 @@ def _check_layer(
     return check
 
 
-def _unreadable(message: str, ann: dict[str, str], has_toc: bool, toc_image: bool) -> str:
+def _unreadable(
+    exc: EstargzOptError, ann: dict[str, str], has_toc: bool, toc_image: bool
+) -> str:
     """Why a layer cannot be opened: external TOC problems, damage, or never converted."""
-    if "outside the blob" in message:
+    message = str(exc)
+    if isinstance(exc, MissingExternalTOCError):
         if toc_image and not has_toc:
             return "external TOC: the TOC image (-esgztoc) has no TOC for this layer"
         return "external TOC: the TOC image (-esgztoc) is missing"
@@ -254,16 +236,18 @@ def _zstd_annotations(layer: Layer, ann: dict[str, str]) -> list[str]:
     if ann.get(MANIFEST_POSITION) != position:
         errors.append(f"{MANIFEST_POSITION} {ann.get(MANIFEST_POSITION)!r} != footer {position}")
     raw = layer.read_at(footer.toc_offset or 0, footer.toc_size)
-    checksum = "sha256:" + hashlib.sha256(raw).hexdigest()
+    checksum = sha256_digest(raw)
     if ann.get(MANIFEST_CHECKSUM) != checksum:
         errors.append(f"{MANIFEST_CHECKSUM} {ann.get(MANIFEST_CHECKSUM)!r} != {checksum}")
     return errors
 
 
-def lint(ref_text: str, containerd: Any, matcher: Matcher, *, deep: bool) -> ImageReport:
+def check_ref(
+    ref_text: str, containerd: ContainerdOptions, matcher: Matcher, *, deep: bool
+) -> ImageReport:
     """Open the image named ref_text (containerd name or oci:DIR:TAG) and check it."""
     from estargz_opt import reference
-    from estargz_opt.optimize import TOC_IMAGE_SUFFIX, open_store
+    from estargz_opt.optimize import TOC_IMAGE_SUFFIX
 
     ref = reference.parse(ref_text)
     with open_store(ref, containerd, create=False) as store:
