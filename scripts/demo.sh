@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Demo of the image pipeline, run by `make demo` (as root, after
-# scripts/install-deps.sh):
+# `scripts/install-deps.sh demo` and `scripts/install-venv.sh demo`, which
+# make the checkout's .venv; PYTHON may name another Python with estargz-opt):
 #   1. start a PRIVATE containerd on a temporary socket and root. It always
 #      does, even when a system containerd answers at
 #      /run/containerd/containerd.sock: the demo never touches the system's
@@ -24,7 +25,7 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)"
-PYTHON="${PYTHON:-python3}"
+PYTHON="${PYTHON:-${VENV:-$ROOT/.venv}/bin/python}"
 CACHE="${ESTARGZ_OPT_CACHE:-/var/cache/estargz-opt}"
 CTR_REMOTE="${ESTARGZ_OPT_CTR_REMOTE:-/opt/estargz-opt/ctr-remote/usr/bin/ctr-remote}"
 SYSTEM_SOCK=/run/containerd/containerd.sock
@@ -37,13 +38,11 @@ die() { printf 'demo: ERROR: %s\n' "$*" >&2; exit 1; }
 
 [[ "$(id -u)" -eq 0 ]] || die "run as root (a private containerd needs it)"
 [[ -x "$CTR_REMOTE" ]] || CTR_REMOTE="$("$ROOT/scripts/install-ctr-remote.sh" | tail -n1)"
-command -v ctr >/dev/null || die "ctr not found: run scripts/install-deps.sh (or make demo)"
-
-if command -v estargz-opt >/dev/null; then
-    ESTARGZ_OPT=(estargz-opt)
-else
-    ESTARGZ_OPT=("$PYTHON" -m estargz_opt)
-fi
+command -v ctr >/dev/null || die "ctr not found: run make demo (scripts/install-deps.sh demo)"
+"$PYTHON" -c 'import estargz_opt' 2>/dev/null \
+    || die "$PYTHON cannot import estargz_opt: run make demo (it creates .venv)"
+# This checkout's estargz-opt, not whichever one PATH finds first.
+ESTARGZ_OPT=("$PYTHON" -m estargz_opt)
 
 T0=$SECONDS
 WORK="$(mktemp -d /tmp/estargz-opt-demo.XXXXXX)"

@@ -23,10 +23,12 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)"
 PKG=estargz_opt/stores/containerd
 PROTOS="$ROOT/src/$PKG/protos"
 OUT="${1:-$ROOT/src/$PKG/_pb}"
-PYTHON="${PYTHON:-python3}"
+# The project's venv (make test creates it), where grpcio-tools is installed.
+PYTHON="${PYTHON:-${VENV:-$ROOT/.venv}/bin/python}"
+command -v "$PYTHON" >/dev/null || { echo "gen-protos: $PYTHON not found: run make test once (it creates .venv) or set PYTHON" >&2; exit 1; }
 
 "$PYTHON" -c 'import grpc_tools.protoc' 2>/dev/null \
-    || { echo "gen-protos: grpcio-tools is missing (pip install grpcio-tools)" >&2; exit 1; }
+    || { echo "gen-protos: grpcio-tools is missing (it is in the project's test extras: make test installs them)" >&2; exit 1; }
 WKT="$("$PYTHON" -c 'import grpc_tools, os; print(os.path.join(os.path.dirname(grpc_tools.__file__), "_proto"))')"
 
 TMP="$(mktemp -d)"

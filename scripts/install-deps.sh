@@ -1,23 +1,34 @@
 #!/usr/bin/env bash
-# Set up a fresh Debian bookworm machine (as root) for estargz-opt's tests and
-# demo. Idempotent: installs only what is missing, so running it again is
-# cheap and needs no network when nothing is missing.
-#   - Debian packages: containerd runc skopeo umoci busybox-static debootstrap tmux
-#     containernetworking-plugins iproute2 (--cni tests)
-#   - a cached busybox-static .deb in /var/cache/estargz-opt/debs (test layer)
-#   - the project itself: pip install -e '.[test]' (redone when pyproject.toml
-#     changes or the editable install points at another checkout)
-#   - the reference ctr-remote 0.14.3 (scripts/install-ctr-remote.sh)
+# Set up a fresh Debian bookworm machine (as root) for estargz-opt's demo or
+# tests: `install-deps.sh demo` installs only what `make demo` needs, `install-deps.sh test`
+# what the test suite needs. Idempotent: installs only what is missing, so
+# running it again is cheap and needs no network when nothing is missing.
+#   demo: Debian's containerd and runc; a cached busybox-static .deb in
+#         /var/cache/estargz-opt/debs (the sample layer); the reference
+#         ctr-remote 0.14.3 (scripts/install-ctr-remote.sh), whose get-toc-digest
+#         verdict the demo shows.
+#   test: the same, plus Debian's skopeo umoci busybox-static debootstrap tmux,
+#         containernetworking-plugins iproute2 (--cni tests), and the lazy-pull
+#         end-to-end deps (scripts/install-e2e-deps.sh: Go, the stargz Go
+#         library, docker-registry, fuse3).
+# The project itself goes into the checkout's venv: scripts/install-venv.sh.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)"
-PYTHON="${PYTHON:-python3}"
 CACHE="${ESTARGZ_OPT_CACHE:-/var/cache/estargz-opt}"
-APT_PACKAGES=(containerd runc skopeo umoci busybox-static debootstrap tmux containernetworking-plugins iproute2)
+DEMO_PACKAGES=(containerd runc)
+TEST_PACKAGES=("${DEMO_PACKAGES[@]}" skopeo umoci busybox-static debootstrap tmux
+               containernetworking-plugins iproute2)
 
 log() { printf 'install-deps: %s\n' "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
 
+case "${1:-}" in
+    demo) APT_PACKAGES=("${DEMO_PACKAGES[@]}") ;;
+    test) APT_PACKAGES=("${TEST_PACKAGES[@]}") ;;
+    *) die "usage: $0 demo|test" ;;
+esac
+PURPOSE="$1"
 [[ "$(id -u)" -eq 0 ]] || die "must run as root (apt-get install, /opt, /var/cache)"
 export DEBIAN_FRONTEND=noninteractive
 
@@ -64,25 +75,10 @@ if ! compgen -G "$CACHE/debs/busybox-static_*.deb" >/dev/null; then
     fi
 fi
 
-# --- the project ------------------------------------------------------------------
-STAMP="$ROOT/.cache/install-deps.pip-stamp"
-want_stamp="$(cd "$ROOT" && { echo "$ROOT"; "$PYTHON" --version; sha256sum pyproject.toml; } 2>&1)"
-editable_loc="$("$PYTHON" -m pip show estargz-opt 2>/dev/null \
-                | awk -F': ' '/^Editable project location:/ { print $2 }' || true)"
-if [[ "$editable_loc" == "$ROOT" && -f "$STAMP" && "$(cat "$STAMP")" == "$want_stamp" ]] \
-   && "$PYTHON" -c 'import estargz_opt, pytest, hypothesis' 2>/dev/null; then
-    log "project already installed (editable, $ROOT)"
-else
-    log "pip install -e '.[test]' in $ROOT"
-    (cd "$ROOT" && "$PYTHON" -m pip install -q --disable-pip-version-check \
-        --root-user-action=ignore -e '.[test]') >&2 \
-        || die "pip install -e '.[test]' failed"
-    mkdir -p "$ROOT/.cache"
-    printf '%s' "$want_stamp" >"$STAMP"
-fi
-
 # --- reference ctr-remote -------------------------------------------------------------
 "$ROOT/scripts/install-ctr-remote.sh" >/dev/null \
     || die "scripts/install-ctr-remote.sh failed"
-"$ROOT/scripts/install-e2e-deps.sh" || die "scripts/install-e2e-deps.sh failed"
-log "done"
+if [[ "$PURPOSE" == test ]]; then
+    "$ROOT/scripts/install-e2e-deps.sh" || die "scripts/install-e2e-deps.sh failed"
+fi
+log "done ($PURPOSE)"

@@ -22,8 +22,9 @@ import pytest
 pytest.register_assert_rewrite("tarfactory")  # readable failures from shared checks
 import tarfactory as tf  # noqa: E402
 
-fmt_mod = pytest.importorskip("estargz_opt.format")
-errors = pytest.importorskip("estargz_opt.errors")
+import estargz_opt.errors as errors  # noqa: E402
+import estargz_opt.format as fmt_mod  # noqa: E402
+
 Format = fmt_mod.Format
 
 

@@ -20,7 +20,8 @@ import zstandard
 pytest.register_assert_rewrite("tarfactory")  # readable failures from shared checks
 import tarfactory as tf  # noqa: E402
 
-fmt_mod = pytest.importorskip("estargz_opt.format")
+import estargz_opt.format as fmt_mod  # noqa: E402
+
 Format = fmt_mod.Format
 FORMATS = list(Format)
 
