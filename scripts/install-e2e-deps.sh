@@ -8,12 +8,16 @@
 #     against /usr/share/gocode in GOPATH mode;
 #   - docker-registry: a loopback registry (only its binary is used; no
 #     service is started or enabled);
-#   - fuse3: fusermount3 and the FUSE userspace bits the snapshotter mounts with.
+#   - fuse3: fusermount3 and the FUSE userspace bits the snapshotter mounts with;
+#   - golang-github-vbatts-tar-split-dev: tests/go/retar (tests/test_tar_reencoding.py)
+#     re-encodes tars with Go's archive/tar as upstream does (the stargz library
+#     depends on it too; named here because the tar tests use it directly).
 # Idempotent: installs only what is missing; apt-get update runs at most once,
 # and only when something is missing.
 set -euo pipefail
 
-APT_PACKAGES=(golang-go golang-github-containerd-stargz-snapshotter-dev docker-registry fuse3)
+APT_PACKAGES=(golang-go golang-github-containerd-stargz-snapshotter-dev golang-github-vbatts-tar-split-dev
+              docker-registry fuse3)
 
 log() { printf 'install-e2e-deps: %s\n' "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
