@@ -4,7 +4,7 @@ Each input class of the fuzz/kill/load campaign (issue 17) is built here byte by
 decompression bombs in the TOC, in a chunk and as a source layer; TOC JSON nested
 thousands deep; tar mtimes outside int64 or past year 9999; hardlink loops and long
 chains; damaged metadata-only members and payload entries that disagree with an intact
-TOC. The child's peak RSS comes from wait4(); a subprocess timeout is the hang guard.
+TOC. The child's own peak RSS comes from tests/peakrss.py; a timeout is the hang guard.
 Times are recorded in the test's output (run with -s to see them).
 """
 
@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import functools
 import gzip
-import os
 import struct
 import subprocess
 import sys
 import tempfile
-import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +25,7 @@ import zstandard
 
 pytest.register_assert_rewrite("tarfactory")
 import tarfactory as tf  # noqa: E402
+from peakrss import run_measured  # noqa: E402
 
 from estargz_opt.format import Format, estargz, externaltoc, zstdchunked  # noqa: E402
 
@@ -45,35 +44,24 @@ class Run:
 
 
 def measured(*args: str | Path) -> Run:
-    """The CLI in a child process, reaped by wait4 for its peak RSS; killed past the guard."""
+    """The CLI in a child process, with its own peak RSS (peakrss); killed past the guard."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        t0 = time.monotonic()
-        proc = subprocess.Popen(
+        m = run_measured(
             [sys.executable, "-m", "estargz_opt", *map(str, args)],
+            timeout=HANG_GUARD_S,
             stdout=out,
             stderr=err,
-            stdin=subprocess.DEVNULL,
         )
-        deadline = t0 + HANG_GUARD_S
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.monotonic() > deadline:
-                proc.kill()
-                os.wait4(proc.pid, 0)
-                pytest.fail(f"hang: {args} ran over {HANG_GUARD_S} s")
-            time.sleep(0.02)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        seconds = time.monotonic() - t0
+        if m is None:
+            pytest.fail(f"hang: {args} ran over {HANG_GUARD_S} s")
         out.seek(0)
         err.seek(0)
         run = Run(
-            proc.returncode,
+            m.returncode,
             out.read().decode(errors="replace"),
             err.read().decode(errors="replace"),
-            seconds,
-            usage.ru_maxrss / 1024,
+            m.seconds,
+            m.rss_mib,
         )
     print(f"\n  {' '.join(map(str, args[:2]))}: exit {run.returncode}, {run.seconds:.2f} s, "
           f"peak RSS {run.rss_mib:.0f} MiB: {run.stderr.strip()[:160]}")
