@@ -26,7 +26,6 @@ from estargz_opt.prioritize.profile import (
     match_profile,
 )
 from estargz_opt.prioritize.record import (
-    RecordEntry,
     check_record_out,
     prioritized_from_record,
     write_record,
@@ -105,10 +104,10 @@ class OptimizeRequest:
                 "--record-out records a workload run; it cannot be combined with --record-in, "
                 "--prefetch-list or --no-optimize"
             )
-        if self.prefetch_list_out and not self.runs_workload:
+        if self.prefetch_list_out and not (self.runs_workload or self.profiles):
             raise UsageError(
-                "--prefetch-list-out writes the files of a workload run; it cannot be combined "
-                "with --record-in, --prefetch-list or --no-optimize"
+                "--prefetch-list-out writes the files of a workload run or of the profiles; "
+                "--no-optimize has neither"
             )
         if self.allow_empty_profile and not self.profiles:
             raise UsageError("--allow-empty-profile applies to --record-in and --prefetch-list")
@@ -213,6 +212,14 @@ def optimize(req: OptimizeRequest) -> OptimizeOutcome:
         else:
             profile = _profile(req, src, root, matcher)
             prioritized = profile.prioritized if profile else {}
+            if profile and req.prefetch_list_out:
+                _write_prefetch_list_out(
+                    req.prefetch_list_out,
+                    str(src_ref),
+                    profile.manifest_digest,
+                    profile.order,
+                    "profile's",
+                )
         same = same_store(src_ref, dst_ref)
         dst: Store = (
             src if same else stack.enter_context(open_store(dst_ref, req.containerd, create=True))
@@ -286,21 +293,23 @@ def analyze_image(
         )
     write_record(record_out, result.entries)
     if prefetch_list_out:
-        _write_prefetch_list_out(prefetch_list_out, str(ref), host[0].digest, result.entries)
+        _write_prefetch_list_out(
+            prefetch_list_out, str(ref), host[0].digest, [e.path for e in result.entries]
+        )
     return result
 
 
 def _write_prefetch_list_out(
-    path: Path, image: str, manifest_digest: str, entries: list[RecordEntry]
+    path: Path, image: str, manifest_digest: str, paths: list[str], what: str = "workload"
 ) -> None:
-    """The workload run's files as a prefetch list: reviewable, and matched by path."""
+    """The prioritized files as a prefetch list: reviewable, and matched by path."""
     when = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     write_prefetch_list(
         path,
-        (e.path for e in entries),
+        paths,
         [
-            f"estargz-opt prefetch list: the files the workload of {image} ({manifest_digest}) "
-            f"opened, recorded {when}",
+            f"estargz-opt prefetch list: the {what} files of {image} ({manifest_digest}), "
+            f"written {when}",
             "one path per line, in access order; use with estargz-opt optimize --prefetch-list",
         ],
     )
@@ -356,7 +365,7 @@ def _analyze(
         write_record(req.record_out, result.entries)
     if req.prefetch_list_out:
         _write_prefetch_list_out(
-            req.prefetch_list_out, str(src_ref), host_desc.digest, result.entries
+            req.prefetch_list_out, str(src_ref), host_desc.digest, [e.path for e in result.entries]
         )
     result.prioritized = prioritized_from_record(result.entries, host_desc.digest, manifest)
     return result

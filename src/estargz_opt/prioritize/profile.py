@@ -59,6 +59,8 @@ class Profile:
     missing_by_layer: dict[str, int] = field(default_factory=dict)
     #: manifest digests of records that were not made for this image
     foreign_manifests: list[str] = field(default_factory=list)
+    #: the prioritized paths in merged (access) order, each once: the --prefetch-list-out
+    order: list[str] = field(default_factory=list)
 
     @property
     def matched(self) -> int:
@@ -108,7 +110,10 @@ def match_profile(
     def place(digest: str, path: str) -> None:
         if (digest, path) not in placed:
             placed.add((digest, path))
-            paths.add(tarfmt.clean_name(path))
+            clean = tarfmt.clean_name(path)
+            if clean not in paths:
+                paths.add(clean)
+                profile.order.append(clean)
             profile.prioritized.setdefault(digest, []).append(path)
 
     def by_path(path: str, recorded_layer: str | None) -> int | None:
