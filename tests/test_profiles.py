@@ -10,13 +10,14 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from helpers_containerd import estargz_opt
-from imagefactory import layout_state, resolve_tag, write_layout
+from imagefactory import blob_path, layout_state, platform_manifests, resolve_tag, write_layout
 from tarfactory import build_tar, dir_, reg
-from test_prefetch_list import TAG, per_layer
+from test_prefetch_list import TAG, per_layer, prioritized_files
 
 BASE0 = [dir_("bin/"), reg("bin/sh", b"sh\n"), dir_("lib/"), reg("lib/libc.so", b"libc\n"),
          reg("lib/unused.so", b"never read\n")]
@@ -159,3 +160,54 @@ def test_prefetch_list_out_round_trip(tmp_path: Path, odd: str) -> None:
     assert via_list.stdout.splitlines()[-1] == via_record.stdout.splitlines()[-1]
     assert resolve_tag(tmp_path / "l", TAG)["digest"] == resolve_tag(tmp_path / "r", TAG)["digest"]
     assert per_layer(tmp_path / "l", via_list.stdout)[1] == ["app/x.py", odd, "app/main.py"]
+
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def recipe_commands() -> list[list[str]]:
+    """The commands of the README's first sh block under "In CI: record once, ...", split."""
+    text = README.read_text()
+    section = text[text.index("### In CI: record once, convert many times"):]
+    block = section[section.index("```sh\n") + 6:]
+    block = block[:block.index("```")].replace("\\\n", " ")
+    return [line.split() for line in block.splitlines()
+            if line.strip() and not line.lstrip().startswith("#")]
+
+
+def test_readme_ci_recipe_converts_later_releases(tmp_path: Path) -> None:
+    commands = recipe_commands()
+    analyze, *converts = commands
+    # The recording step needs containerd (test_analyze runs it); its output is a record of
+    # release 1.0 in ctr-remote's form, which we write for the image built here.
+    assert analyze[:2] == ["estargz-opt", "analyze"], analyze
+    record = analyze[analyze.index("--record-out") + 1]
+    build = tmp_path / "build" / "app"
+    layers = {"1.0": app(1), "1.1": app(2), "1.2": app(3)}
+    digests = {tag: write_layout(build, tag, [build_tar(BASE0), build_tar(BASE1), top])
+               for tag, top in layers.items()}
+    write_record(tmp_path / record, digests[analyze[-1].split(":")[1]], ACCESSES)
+    assert len(converts) >= 2, "the recipe should convert at least two later releases"
+    base = None
+    for cmd in converts:
+        assert cmd[:2] == ["estargz-opt", "optimize"], cmd
+        res = subprocess.run([sys.executable, "-m", "estargz_opt", *cmd[1:]], cwd=tmp_path,
+                             capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stderr
+        assert "matched by path" in res.stderr, res.stderr
+        layout, tag = cmd[-1].removeprefix("oci:").rsplit(":", 1)
+        got = per_layer_of(tmp_path / layout, tag, res.stdout)
+        assert got[2] == ["app/main.py", "app/util.py"], got
+        assert base is None or got[:2] == base, (got, base)
+        base = got[:2]
+    assert base == [["lib/libc.so", "bin/sh"], ["usr/py/re.py", "usr/py/os.py"]]
+
+
+def per_layer_of(layout: Path, tag: str, printed: str) -> list[list[str]]:
+    """Prioritized files of each layer of LAYOUT:TAG (the printed digest), bottom first."""
+    digest = printed.strip().splitlines()[-1]
+    assert resolve_tag(layout, tag)["digest"] == digest
+    [(_plat, _desc, manifest)] = platform_manifests(layout, tag)
+    return [prioritized_files(json.loads(
+        estargz_opt("layer", "toc", str(blob_path(layout, lay["digest"]))).stdout))
+        for lay in manifest["layers"]]
