@@ -211,3 +211,29 @@ def per_layer_of(layout: Path, tag: str, printed: str) -> list[list[str]]:
     return [prioritized_files(json.loads(
         estargz_opt("layer", "toc", str(blob_path(layout, lay["digest"]))).stdout))
         for lay in manifest["layers"]]
+
+
+@pytest.mark.parametrize("old_image_in_layout", [True, False], ids=["same-layout", "alone"])
+def test_recorded_layer_is_preferred_where_it_moved(tmp_path: Path,
+                                                    old_image_in_layout: bool) -> None:
+    """Release 2 adds a layer below the base and a hotfix above it that also holds re.py.
+
+    When the store holds the recorded image, its layer 1 is known to be base1 (same digest,
+    now at index 2), so re.py stays there and base1's TOC is unchanged; without it, re.py
+    goes to the top-most layer that holds it, the hotfix.
+    """
+    extra = build_tar([dir_("opt/"), reg("opt/tool", b"tool\n")])
+    hotfix = build_tar([dir_("usr/"), dir_("usr/py/"), reg("usr/py/re.py", b"re fixed\n")])
+    old_layout = tmp_path / "build"
+    digest1 = write_layout(old_layout, "1.0", [build_tar(BASE0), build_tar(BASE1), app(1)])
+    new_layout = old_layout if old_image_in_layout else tmp_path / "alone"
+    write_layout(new_layout, TAG, [extra, build_tar(BASE0), build_tar(BASE1), hotfix, app(2)])
+    record = write_record(tmp_path / "rec.jsonl", digest1, ACCESSES)
+    res = optimize(new_layout, tmp_path / "out", "--record-in", str(record))
+    got = per_layer(tmp_path / "out", res.stdout)
+    if old_image_in_layout:
+        assert got == [[], ["lib/libc.so", "bin/sh"], ["usr/py/re.py", "usr/py/os.py"], [],
+                       ["app/main.py", "app/util.py"]]
+    else:
+        assert got == [[], ["lib/libc.so", "bin/sh"], ["usr/py/os.py"], ["usr/py/re.py"],
+                       ["app/main.py", "app/util.py"]]

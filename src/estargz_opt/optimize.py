@@ -20,6 +20,7 @@ from estargz_opt.prioritize.prefetch import write_prefetch_list
 from estargz_opt.prioritize.profile import (
     EXAMPLES,
     EmptyProfileError,
+    LayerId,
     Profile,
     ProfileKind,
     ProfileSource,
@@ -46,6 +47,8 @@ from estargz_opt.walk import images
 
 log = logging.getLogger("estargz_opt")
 TOC_IMAGE_SUFFIX = "-esgztoc"
+#: a record's manifest bigger than this is not read (it names no image we could use)
+MAX_MANIFEST_SIZE = 4 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -399,7 +402,9 @@ def _profile(
                 names.append(LayerNames.names_in(p))
         return LayerNames(names)
 
-    profile = match_profile(req.profiles, host_desc.digest, manifest, layer_names)
+    profile = match_profile(
+        req.profiles, host_desc.digest, manifest, layer_names, lambda m: _layer_ids(src, m)
+    )
     log.info(
         "prioritized files: %d in %d layer(s) of %s",
         profile.matched,
@@ -417,6 +422,25 @@ def _profile(
             ", ".join(profile.missing[:EXAMPLES]),
         )
     return profile
+
+
+def _layer_ids(store: Store, manifest_digest: str) -> list[LayerId] | None:
+    """The layers of the manifest `manifest_digest`, if the store holds it (and its config)."""
+    size = store.size_of(manifest_digest)
+    if size is None or size > MAX_MANIFEST_SIZE:
+        return None
+    where = f"manifest {manifest_digest}"
+    try:
+        manifest = Manifest.parse(
+            store.read(Descriptor(d.OCI_MANIFEST, manifest_digest, size), where), where
+        )
+        layers = [x for x in manifest.layers if x.media_type in d.LAYER_TYPES]
+        config = d.load_json(store.read(manifest.config, f"config of {where}"), where)
+        diff_ids = d.config_diff_ids(config, len(layers), where)
+    except EstargzOptError as exc:
+        log.debug("the layers of %s are unknown: %s", manifest_digest, exc)
+        return None
+    return [LayerId(x.digest, i) for x, i in zip(layers, diff_ids, strict=True)]
 
 
 def _empty_profile(req: OptimizeRequest, reason: str) -> None:

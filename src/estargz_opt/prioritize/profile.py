@@ -1,9 +1,11 @@
 """Profiles (records and prefetch lists), merged in the order given and matched to an image.
 
-A record made for this very manifest is applied exactly as ctr-remote does (by layer
-index), so the TOCs stay equal to upstream's. A record made for another manifest (the
-image was rebuilt) is matched by path instead, like a prefetch list: each path goes to the
-top-most layer of this image that holds it, honouring whiteouts and opaque directories.
+A record made for this very manifest (one with lines for it) is applied exactly as
+ctr-remote does: by layer index, lines for other manifests ignored, so the TOCs stay equal
+to upstream's. A record made only for other manifests (the image was rebuilt) is matched
+by path instead, like a prefetch list: each path goes to the top-most layer of this image
+that holds it, honouring whiteouts and opaque directories, unless the recorded layer is
+known (the store holds the recorded manifest) and is in this image too, maybe elsewhere.
 Across profiles the first occurrence of a file wins and repeats are dropped.
 """
 
@@ -43,6 +45,17 @@ class ProfileSource:
 
 class EmptyProfileError(EstargzOptError):
     """The profile prioritizes nothing in the image (exit 1 unless --allow-empty-profile)."""
+
+
+@dataclass(frozen=True, slots=True)
+class LayerId:
+    """What identifies a layer across images: its blob digest, or its DiffID."""
+
+    digest: str
+    diff_id: str
+
+    def same(self, other: LayerId) -> bool:
+        return self.digest == other.digest or bool(self.diff_id and self.diff_id == other.diff_id)
 
 
 @dataclass(slots=True)
@@ -88,14 +101,28 @@ def match_profile(
     manifest_digest: str,
     manifest: Manifest,
     layer_names: Callable[[], LayerNames],
+    layer_ids: Callable[[str], list[LayerId] | None] = lambda _digest: None,
 ) -> Profile:
     """Merge the profiles in order and map each file to a layer of this host image.
 
     `layer_names` reads the layers' names; it is called only when some profile is matched
-    by path (a prefetch list, or a record of another manifest).
+    by path (a prefetch list, or a record of another manifest). `layer_ids(digest)` gives
+    the layers of a manifest (this one, or the one a record was made for) if the store
+    holds it: a recorded file then stays in its recorded layer wherever that layer now is.
     """
     layers = [x.digest for x in manifest.layers if x.media_type in d.LAYER_TYPES]
     profile = Profile(manifest_digest)
+    ids: dict[str, list[LayerId] | None] = {}
+
+    def same_layer(recorded_manifest: str, index: int) -> int | None:
+        """This image's layer that is the record's layer `index`, if both are known."""
+        for digest in (recorded_manifest, manifest_digest):
+            if digest not in ids:
+                ids[digest] = layer_ids(digest)
+        old, new = ids[recorded_manifest], ids[manifest_digest]
+        if old is None or new is None or index >= len(old):
+            return None
+        return next((j for j, lay in enumerate(new) if lay.same(old[index])), None)
     names: LayerNames | None = None
     placed: set[tuple[str, str]] = set()
     paths: set[str] = set()
@@ -116,11 +143,13 @@ def match_profile(
                 profile.order.append(clean)
             profile.prioritized.setdefault(digest, []).append(path)
 
-    def by_path(path: str, recorded_layer: str | None) -> int | None:
+    def by_path(path: str, recorded_layer: str | None, same: int | None = None) -> int | None:
         clean = tarfmt.clean_name(path)
         if not clean or clean in paths:
             return None
         top = index().top_layer(clean)
+        if top is not None and same is not None and clean in index().layers[same]:
+            top = same
         if top is not None:
             place(layers[top], clean)
         elif clean not in missing:
@@ -136,21 +165,26 @@ def match_profile(
     for source in sources:
         if source.kind is ProfileKind.RECORD:
             entries = read_record(source.path)
+            # A record with lines for this manifest was made for this image: it is applied
+            # exactly as upstream does, lines for other manifests ignored (TOC parity).
+            exact = any(e.manifest_digest == manifest_digest for e in entries)
             found: dict[int, int] = {}
             foreign = 0
             before = len(profile.missing)
             for e in entries:
-                named.add(tarfmt.clean_name(e.path))
                 if e.manifest_digest == manifest_digest:
-                    # exactly as upstream: the line names its layer
+                    named.add(tarfmt.clean_name(e.path))
                     if e.layer_index < len(manifest.layers):
                         place(manifest.layers[e.layer_index].digest, e.path)
                     continue
+                if exact:
+                    continue
+                named.add(tarfmt.clean_name(e.path))
                 foreign += 1
                 if e.manifest_digest not in profile.foreign_manifests:
                     profile.foreign_manifests.append(e.manifest_digest)
                 recorded = layers[e.layer_index] if e.layer_index < len(layers) else None
-                top = by_path(e.path, recorded)
+                top = by_path(e.path, recorded, same_layer(e.manifest_digest, e.layer_index))
                 if top is not None:
                     found[top] = found.get(top, 0) + 1
             if foreign:
