@@ -917,3 +917,26 @@ def test_analyze_then_record_in_oci_layout(kinds: ai.Image, containerd, tmp_path
     if dst not in images(containerd):  # test_workload_kinds[exit] did not run first
         printed_digest(optimize(containerd, "--oci", "--period", "10", kinds.name, dst))
     assert prioritized(containerd, dst) == from_layout
+
+
+def test_analyze_prefetch_list_out_round_trip(kinds: ai.Image, containerd, tmp_path: Path,
+                                              leftovers: Leftovers) -> None:
+    """A real workload run's --prefetch-list-out gives, fed back with --prefetch-list, the
+    same image byte for byte as its record with --record-in (daemonless conversions)."""
+    record, listing = tmp_path / "record.jsonl", tmp_path / "prefetch.txt"
+    res = cli("-a", containerd.address, "analyze", kinds.name, "--record-out", record,
+              "--prefetch-list-out", listing, "--period", "10",
+              env=env_with_tmp(leftovers.tmpdir))
+    assert res.returncode == 0, res.stderr
+    rec = read_record(record)
+    lines = listing.read_text().splitlines()
+    assert lines[0].startswith("# estargz-opt prefetch list") and kinds.name in lines[0], lines
+    assert rec[0]["manifestDigest"] in lines[0], lines
+    assert [x for x in lines if not x.startswith("#")] == [r["path"] for r in rec]
+    src = f"oci:{kinds.layout}:{kinds.tag}"
+    nodaemon = _env(CONTAINERD_ADDRESS="/nonexistent/containerd.sock")
+    via_record = printed_digest(cli("optimize", "--oci", "--record-in", record, src,
+                                    f"oci:{tmp_path / 'r'}:esgz", env=nodaemon))
+    via_list = printed_digest(cli("optimize", "--oci", "--prefetch-list", listing, src,
+                                  f"oci:{tmp_path / 'l'}:esgz", env=nodaemon))
+    assert via_list == via_record
