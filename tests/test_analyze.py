@@ -940,3 +940,39 @@ def test_analyze_prefetch_list_out_round_trip(kinds: ai.Image, containerd, tmp_p
     via_list = printed_digest(cli("optimize", "--oci", "--prefetch-list", listing, src,
                                   f"oci:{tmp_path / 'l'}:esgz", env=nodaemon))
     assert via_list == via_record
+
+
+def test_analyze_record_survives_a_rebuild(kinds: ai.Image, containerd, tmp_path: Path,
+                                           leftovers: Leftovers) -> None:
+    """Record release 1 with a real workload run, rebuild with a changed top layer (a new
+    manifest digest), and convert the rebuild with the old record, with no daemon: the
+    base layers prioritize the same files in the same order, the top layer by path."""
+    record = tmp_path / "record.jsonl"
+    res = cli("-a", containerd.address, "analyze", kinds.name, "--record-out", record,
+              "--period", "10", env=env_with_tmp(leftovers.tmpdir))
+    assert res.returncode == 0, res.stderr
+    rec = read_record(record)
+    rebuilt = tmp_path / "rebuilt"
+    top = ai.layer([ai.file("app/a.txt", "alpha-upper, release 2\n"),
+                    ai.file("app/d.txt", "delta\n")])
+    new_digest = f.write_layout(rebuilt, "v2", [*kinds.layers[:2], top],
+                                ai.config(["/bin/sh", "/app/run.sh", "exit"]))
+    assert new_digest != kinds.manifest
+    nodaemon = _env(CONTAINERD_ADDRESS="/nonexistent/containerd.sock")
+
+    def prioritized_of(out: Path) -> list[list[str]]:
+        report = json.loads(cli("inspect", f"oci:{out}:esgz", "--json").stdout)
+        return [[p for p in lay["prioritized"] if not p.endswith("/")]
+                for lay in report["layers"]]
+
+    printed_digest(cli("optimize", "--oci", "--record-in", record,
+                       f"oci:{kinds.layout}:{kinds.tag}", f"oci:{tmp_path / 'v1'}:esgz",
+                       env=nodaemon))
+    res = cli("optimize", "--oci", "--record-in", record, f"oci:{rebuilt}:v2",
+              f"oci:{tmp_path / 'v2'}:esgz", env=nodaemon)
+    printed_digest(res)
+    assert "matched by path" in res.stderr, res.stderr
+    original, after = prioritized_of(tmp_path / "v1"), prioritized_of(tmp_path / "v2")
+    assert original == expected_prioritized(rec, 3)
+    assert after[:2] == original[:2]
+    assert after[2] == ["app/a.txt"] == original[2]

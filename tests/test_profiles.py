@@ -15,7 +15,14 @@ from pathlib import Path
 
 import pytest
 from helpers_containerd import estargz_opt
-from imagefactory import blob_path, layout_state, platform_manifests, resolve_tag, write_layout
+from imagefactory import (
+    HOST_PLATFORM,
+    blob_path,
+    layout_state,
+    platform_manifests,
+    resolve_tag,
+    write_layout,
+)
 from tarfactory import build_tar, dir_, reg
 from test_prefetch_list import TAG, per_layer, prioritized_files
 
@@ -237,3 +244,27 @@ def test_recorded_layer_is_preferred_where_it_moved(tmp_path: Path,
     else:
         assert got == [[], ["lib/libc.so", "bin/sh"], ["usr/py/os.py"], ["usr/py/re.py"],
                        ["app/main.py", "app/util.py"]]
+
+
+def test_profile_for_a_platform_not_converted_is_an_error(images, tmp_path: Path) -> None:
+    src, digest = images[1]
+    record = write_record(tmp_path / "rec.jsonl", digest, ACCESSES)
+    other = "linux/arm64" if "amd64" in f"{HOST_PLATFORM}" else "linux/amd64"
+    res = optimize(src, tmp_path / "out", "--record-in", str(record), "--platform", other,
+                   check=False)
+    assert res.returncode == 1, res
+    [line] = errors(res.stderr)
+    assert "host platform" in line and "wrong --platform" in line, line
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--no-optimize", "--allow-empty-profile"], "--allow-empty-profile applies to"),
+    (["--no-optimize", "--prefetch-list-out", "x.txt"], "--no-optimize has neither"),
+])
+def test_profile_usage_errors(images, tmp_path: Path, args: list[str], message: str) -> None:
+    src, _ = images[1]
+    res = optimize(src, tmp_path / "out", *args, check=False)
+    assert res.returncode == 2, res
+    [line] = errors(res.stderr)
+    assert message in line, line
