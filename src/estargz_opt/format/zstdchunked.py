@@ -78,7 +78,7 @@ class ZstdCompressor:
 
 def _decoder(window_log_max: int) -> _zstd.ZstdDecompressor:
     """A decoder that refuses frames whose window exceeds 2**window_log_max bytes."""
-    limit = {_zstd.DecompressionParameter.window_log_max: window_log_max}
+    limit: dict[int, int] = {_zstd.DecompressionParameter.window_log_max: window_log_max}
     return _zstd.ZstdDecompressor(options=limit)
 
 
