@@ -917,3 +917,62 @@ def test_analyze_then_record_in_oci_layout(kinds: ai.Image, containerd, tmp_path
     if dst not in images(containerd):  # test_workload_kinds[exit] did not run first
         printed_digest(optimize(containerd, "--oci", "--period", "10", kinds.name, dst))
     assert prioritized(containerd, dst) == from_layout
+
+
+def test_analyze_prefetch_list_out_round_trip(kinds: ai.Image, containerd, tmp_path: Path,
+                                              leftovers: Leftovers) -> None:
+    """A real workload run's --prefetch-list-out gives, fed back with --prefetch-list, the
+    same image byte for byte as its record with --record-in (daemonless conversions)."""
+    record, listing = tmp_path / "record.jsonl", tmp_path / "prefetch.txt"
+    res = cli("-a", containerd.address, "analyze", kinds.name, "--record-out", record,
+              "--prefetch-list-out", listing, "--period", "10",
+              env=env_with_tmp(leftovers.tmpdir))
+    assert res.returncode == 0, res.stderr
+    rec = read_record(record)
+    lines = listing.read_text().splitlines()
+    assert lines[0].startswith("# estargz-opt prefetch list") and kinds.name in lines[0], lines
+    assert rec[0]["manifestDigest"] in lines[0], lines
+    assert [x for x in lines if not x.startswith("#")] == [r["path"] for r in rec]
+    src = f"oci:{kinds.layout}:{kinds.tag}"
+    nodaemon = _env(CONTAINERD_ADDRESS="/nonexistent/containerd.sock")
+    via_record = printed_digest(cli("optimize", "--oci", "--record-in", record, src,
+                                    f"oci:{tmp_path / 'r'}:esgz", env=nodaemon))
+    via_list = printed_digest(cli("optimize", "--oci", "--prefetch-list", listing, src,
+                                  f"oci:{tmp_path / 'l'}:esgz", env=nodaemon))
+    assert via_list == via_record
+
+
+def test_analyze_record_survives_a_rebuild(kinds: ai.Image, containerd, tmp_path: Path,
+                                           leftovers: Leftovers) -> None:
+    """Record release 1 with a real workload run, rebuild with a changed top layer (a new
+    manifest digest), and convert the rebuild with the old record, with no daemon: the
+    base layers prioritize the same files in the same order, the top layer by path."""
+    record = tmp_path / "record.jsonl"
+    res = cli("-a", containerd.address, "analyze", kinds.name, "--record-out", record,
+              "--period", "10", env=env_with_tmp(leftovers.tmpdir))
+    assert res.returncode == 0, res.stderr
+    rec = read_record(record)
+    rebuilt = tmp_path / "rebuilt"
+    top = ai.layer([ai.file("app/a.txt", "alpha-upper, release 2\n"),
+                    ai.file("app/d.txt", "delta\n")])
+    new_digest = f.write_layout(rebuilt, "v2", [*kinds.layers[:2], top],
+                                ai.config(["/bin/sh", "/app/run.sh", "exit"]))
+    assert new_digest != kinds.manifest
+    nodaemon = _env(CONTAINERD_ADDRESS="/nonexistent/containerd.sock")
+
+    def prioritized_of(out: Path) -> list[list[str]]:
+        report = json.loads(cli("inspect", f"oci:{out}:esgz", "--json").stdout)
+        return [[p for p in lay["prioritized"] if not p.endswith("/")]
+                for lay in report["layers"]]
+
+    printed_digest(cli("optimize", "--oci", "--record-in", record,
+                       f"oci:{kinds.layout}:{kinds.tag}", f"oci:{tmp_path / 'v1'}:esgz",
+                       env=nodaemon))
+    res = cli("optimize", "--oci", "--record-in", record, f"oci:{rebuilt}:v2",
+              f"oci:{tmp_path / 'v2'}:esgz", env=nodaemon)
+    printed_digest(res)
+    assert "matched by path" in res.stderr, res.stderr
+    original, after = prioritized_of(tmp_path / "v1"), prioritized_of(tmp_path / "v2")
+    assert original == expected_prioritized(rec, 3)
+    assert after[:2] == original[:2]
+    assert after[2] == ["app/a.txt"] == original[2]

@@ -480,8 +480,18 @@ def test_optimize_json_report(convert, src, name: str):
     conv = convert(name)
     layout, src_digest, _record = src
     rep = conv.report
-    assert set(rep) == {"source", "target", "layers", "extraImage", "warnings", "workload"}, rep
+    assert set(rep) == {"source", "target", "layers", "extraImage", "warnings", "workload",
+                        "profile"}, rep
     assert rep["workload"] is None  # --record-in: no workload ran
+    if name.startswith("no-optimize"):
+        assert rep["profile"] is None
+        assert all("profileFiles" not in x for x in rep["layers"]), rep["layers"]
+    else:  # the record was made for this image: every file found, in its layer
+        profile = rep["profile"]
+        assert profile["matched"] == profile["files"] > 0 and profile["missing"] == 0, profile
+        assert [x["profileFiles"] for x in rep["layers"]] == \
+            [x["prioritizedFiles"] for x in rep["layers"]]
+        assert {x["profileMissing"] for x in rep["layers"]} == {0}
     assert rep["source"] == src_digest
     assert rep["target"] == f.resolve_tag(conv.layout, conv.tag)["digest"]
     manifest = conv.manifest()

@@ -161,7 +161,16 @@ def test_globs_honour_whiteouts(source: Path, tmp_path: Path) -> None:
     "# nothing but comments\n\n",  # an empty list: no prioritized files at all
 ], ids=["deleted", "comments-only"])
 def test_nothing_to_prioritize(source: Path, tmp_path: Path, listing: str) -> None:
-    res = optimize(source, tmp_path / "out", listing)
+    # A list that prioritizes nothing is an error: one line, exit 1, nothing written...
+    res = optimize(source, tmp_path / "out", listing, check=False)
+    assert res.returncode == 1, res
+    errors = [line for line in res.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and "nothing written" in errors[0], res.stderr
+    assert not (tmp_path / "out").exists() or not layout_state(tmp_path / "out"), \
+        "a failed conversion left files behind"
+    # ...and a warning with --allow-empty-profile.
+    res = optimize(source, tmp_path / "out", listing, "--allow-empty-profile")
+    assert "WARNING" in res.stderr and "--allow-empty-profile" in res.stderr, res.stderr
     assert per_layer(tmp_path / "out", res.stdout) == [[], [], []]
 
 

@@ -24,6 +24,7 @@ from estargz_opt.format import (
     open_layer,
 )
 from estargz_opt.optimize import OptimizeRequest, analyze_image, optimize
+from estargz_opt.prioritize.profile import ProfileKind, ProfileSource
 from estargz_opt.progress import Progress
 from estargz_opt.stores.containerd.model import (
     DEFAULT_ADDRESS,
@@ -114,6 +115,14 @@ def cli(
     ctx.obj = ContainerdOptions(address=address, namespace=namespace, timeout=timeout)
 
 
+_prefetch_list_out_option = click.option(
+    "--prefetch-list-out",
+    type=_OUTPUT_FILE,
+    help="Also write the files the workload opened as a prefetch list (one path per line, "
+    "access order): stable across rebuilds, reviewable, for --prefetch-list.",
+)
+
+
 def _workload_run_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """What every command that runs the workload takes: the report, quiet, the sampler flags."""
     f = _sampler_options(f)
@@ -181,7 +190,35 @@ def _sampler(kw: dict[str, Any]) -> SamplerOptions:
     return opts
 
 
-@cli.command("optimize")
+class _ProfileOrder(click.Command):
+    """Keeps the command-line order of --record-in and --prefetch-list, which are merged in it.
+
+    click gathers each repeated option into its own tuple; the parser's order of
+    occurrences is the only record of how the two were interleaved.
+    """
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        _opts, _args, order = self.make_parser(ctx).parse_args(args=list(args))
+        ctx.meta[_PROFILE_ORDER] = [p.name for p in order if p.name in _PROFILE_KINDS]
+        return super().parse_args(ctx, args)
+
+
+_PROFILE_ORDER = "estargz_opt.profile_order"
+_PROFILE_KINDS = {"record_in": ProfileKind.RECORD, "prefetch_list": ProfileKind.PREFETCH_LIST}
+
+
+def _profiles(records: tuple[Path, ...], lists: tuple[Path, ...]) -> tuple[ProfileSource, ...]:
+    """The profile files in the order given on the command line."""
+    order = click.get_current_context().meta.get(_PROFILE_ORDER, [])
+    values = {"record_in": iter(records), "prefetch_list": iter(lists)}
+    out = [ProfileSource(_PROFILE_KINDS[name], next(values[name])) for name in order]
+    if len(out) != len(records) + len(lists):  # not parsed by _ProfileOrder: records first
+        out = [ProfileSource(ProfileKind.RECORD, p) for p in records]
+        out += [ProfileSource(ProfileKind.PREFETCH_LIST, p) for p in lists]
+    return tuple(out)
+
+
+@cli.command("optimize", cls=_ProfileOrder)
 @click.pass_obj
 @click.argument("src")
 @click.argument("dst")
@@ -192,12 +229,21 @@ def _sampler(kw: dict[str, Any]) -> SamplerOptions:
 @click.option(
     "--record-in",
     type=_INPUT_FILE,
-    help="Prioritize the files of a record (ctr-remote --record-out JSON lines).",
+    multiple=True,
+    help="Prioritize the files of a record (ctr-remote --record-out JSON lines); repeatable. "
+    "A record of another build of the image is matched by path.",
 )
 @click.option(
     "--prefetch-list",
     type=_INPUT_FILE,
-    help="Prioritize these paths and globs (*, ?, [], **), one per line; # comments.",
+    multiple=True,
+    help="Prioritize these paths and globs (*, ?, [], **), one per line; # comments; "
+    "repeatable. Profiles are merged in the order given, the first occurrence wins.",
+)
+@click.option(
+    "--allow-empty-profile",
+    is_flag=True,
+    help="Convert even if the profiles prioritize no file of the image (else exit 1).",
 )
 @click.option(
     "--reuse",
@@ -235,6 +281,7 @@ def _sampler(kw: dict[str, Any]) -> SamplerOptions:
     type=_OUTPUT_FILE,
     help="Also write the record of the workload run (JSON lines) to this file.",
 )
+@_prefetch_list_out_option
 @_workload_run_options
 def optimize_cmd(
     containerd: ContainerdOptions,
@@ -242,8 +289,9 @@ def optimize_cmd(
     dst: str,
     oci: bool,
     no_optimize: bool,
-    record_in: Path | None,
-    prefetch_list: Path | None,
+    record_in: tuple[Path, ...],
+    prefetch_list: tuple[Path, ...],
+    allow_empty_profile: bool,
     reuse: bool,
     platform_specs: tuple[str, ...],
     all_platforms: bool,
@@ -254,6 +302,7 @@ def optimize_cmd(
     estargz_min_chunk_size: int,
     estargz_external_toc: bool,
     record_out: Path | None,
+    prefetch_list_out: Path | None,
     as_json: bool,
     quiet: bool,
     **sampler_flags: Any,
@@ -295,10 +344,11 @@ def optimize_cmd(
             platforms=platform_specs,
             all_platforms=all_platforms,
             no_optimize=no_optimize,
-            record_in=None if no_optimize else record_in,
-            prefetch_list=prefetch_list,
+            profiles=_profiles(() if no_optimize else record_in, prefetch_list),
+            allow_empty_profile=allow_empty_profile,
             sampler=sampler,
             record_out=record_out,
+            prefetch_list_out=prefetch_list_out,
             containerd=containerd,
             progress=None if quiet else progress,
         )
@@ -321,11 +371,13 @@ def optimize_cmd(
     type=_OUTPUT_FILE,
     help="Where to write the record (JSON lines, ctr-remote's format).",
 )
+@_prefetch_list_out_option
 @_workload_run_options
 def analyze_cmd(
     containerd: ContainerdOptions,
     src: str,
     record_out: Path,
+    prefetch_list_out: Path | None,
     as_json: bool,
     quiet: bool,
     **sampler_flags: Any,
@@ -342,7 +394,9 @@ def analyze_cmd(
     """
     sampler = _sampler(sampler_flags)
     progress = Progress()
-    result = analyze_image(src, sampler, record_out, containerd, None if quiet else progress)
+    result = analyze_image(
+        src, sampler, record_out, containerd, None if quiet else progress, prefetch_list_out
+    )
     progress.close()
     if as_json:
         click.echo(json.dumps({"record": str(record_out), **result.report()}))

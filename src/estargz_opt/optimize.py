@@ -9,17 +9,26 @@ from __future__ import annotations
 import logging
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from estargz_opt import descriptor as d
 from estargz_opt import platforms, reference
 from estargz_opt.prioritize.layerindex import LayerNames
-from estargz_opt.prioritize.prefetch import read_prefetch_list, record_from_prefetch_list
+from estargz_opt.prioritize.prefetch import write_prefetch_list
+from estargz_opt.prioritize.profile import (
+    EXAMPLES,
+    EmptyProfileError,
+    LayerId,
+    Profile,
+    ProfileKind,
+    ProfileSource,
+    match_profile,
+)
 from estargz_opt.prioritize.record import (
     check_record_out,
     prioritized_from_record,
-    read_record,
     write_record,
 )
 from estargz_opt.workload.options import SamplerOptions
@@ -30,6 +39,7 @@ from estargz_opt.convert import Converter, ConvertOptions, ConvertResult, toc_im
 from estargz_opt.descriptor import Descriptor, Manifest
 from estargz_opt.errors import EstargzOptError, UsageError
 from estargz_opt.format import Format, LayerOptions
+from estargz_opt.format.build import LayerResult
 from estargz_opt.progress import Progress
 from estargz_opt.stores import Store, as_containerd, open_store, same_store
 from estargz_opt.stores.containerd.model import ContainerdOptions
@@ -37,6 +47,8 @@ from estargz_opt.walk import images
 
 log = logging.getLogger("estargz_opt")
 TOC_IMAGE_SUFFIX = "-esgztoc"
+#: a record's manifest bigger than this is not read (it names no image we could use)
+MAX_MANIFEST_SIZE = 4 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,18 +61,22 @@ class OptimizeRequest:
     platforms: tuple[str, ...] = ()
     all_platforms: bool = False
     no_optimize: bool = False
-    record_in: Path | None = None
-    prefetch_list: Path | None = None
+    #: --record-in and --prefetch-list files, merged in this order
+    profiles: tuple[ProfileSource, ...] = ()
+    #: a profile that prioritizes nothing is a warning instead of an error
+    allow_empty_profile: bool = False
     #: run the workload with these options (containerd sources only); see workload.options
     sampler: SamplerOptions | None = None
     #: write the record of the workload run here (ctr-remote's --record-out)
     record_out: Path | None = None
+    #: also write the workload run's files as a prefetch list here
+    prefetch_list_out: Path | None = None
     containerd: ContainerdOptions = field(default_factory=ContainerdOptions)
     progress: Progress | None = None
 
     @property
     def runs_workload(self) -> bool:
-        return not (self.no_optimize or self.record_in or self.prefetch_list)
+        return not (self.no_optimize or self.profiles)
 
     @staticmethod
     def layer_format(zstdchunked: bool, external_toc: bool) -> Format:
@@ -79,10 +95,8 @@ class OptimizeRequest:
             raise UsageError("--zstdchunked requires --oci")
         if fmt is Format.EXTERNAL_TOC and self.reuse:
             raise UsageError("--estargz-external-toc cannot be combined with --reuse")
-        if self.prefetch_list and self.no_optimize:
+        if self.no_optimize and any(p.kind is ProfileKind.PREFETCH_LIST for p in self.profiles):
             raise UsageError("--prefetch-list cannot be combined with --no-optimize")
-        if self.record_in and self.prefetch_list:
-            raise UsageError("--record-in and --prefetch-list do not go together")
         if self.runs_workload and isinstance(src, reference.OCIRef):
             raise UsageError(
                 "running the workload needs containerd, which oci: images do not use; pass "
@@ -93,6 +107,13 @@ class OptimizeRequest:
                 "--record-out records a workload run; it cannot be combined with --record-in, "
                 "--prefetch-list or --no-optimize"
             )
+        if self.prefetch_list_out and not (self.runs_workload or self.profiles):
+            raise UsageError(
+                "--prefetch-list-out writes the files of a workload run or of the profiles; "
+                "--no-optimize has neither"
+            )
+        if self.allow_empty_profile and not self.profiles:
+            raise UsageError("--allow-empty-profile applies to --record-in and --prefetch-list")
         if not (dst.tag or src.tag):
             raise UsageError(f"name the destination tag: {dst} needs oci:DIR:TAG")
 
@@ -107,6 +128,8 @@ class OptimizeOutcome:
     warnings: list[str] = field(default_factory=list)
     #: the workload run, when optimize ran one
     analysis: Analysis | None = None
+    #: the --record-in / --prefetch-list profile as matched to the host image
+    profile: Profile | None = None
 
     def report(self) -> dict[str, Any]:
         """The `optimize --json` report."""
@@ -130,6 +153,7 @@ class OptimizeOutcome:
                     "format": "reused" if r is None else self.format,
                     "prioritizedFiles": r.prioritized_files if r else 0,
                     "prefetchBytes": r.prefetch_size if r else None,
+                    **self._profile_counts(lay.source.digest, r),
                     "seconds": round(lay.seconds, 3),
                 }
             )
@@ -140,6 +164,25 @@ class OptimizeOutcome:
             "extraImage": self.extra_image,
             "warnings": self.warnings,
             "workload": None if self.analysis is None else self.analysis.report(),
+            "profile": None
+            if self.profile is None
+            else {
+                "files": self.profile.files,
+                "matched": self.profile.matched,
+                "missing": len(self.profile.missing),
+                "missingExamples": self.profile.missing[:EXAMPLES],
+            },
+        }
+
+    def _profile_counts(self, digest: str, r: LayerResult | None) -> dict[str, int]:
+        """Of one layer: prioritized files that came from the profile, profile paths missing."""
+        if self.profile is None:
+            return {}
+        listed = len(self.profile.prioritized.get(digest, ()))
+        absent = len(r.missing_prioritized) if r else 0
+        return {
+            "profileFiles": listed - absent,
+            "profileMissing": self.profile.missing_by_layer.get(digest, 0) + absent,
         }
 
 
@@ -150,6 +193,8 @@ def optimize(req: OptimizeRequest) -> OptimizeOutcome:
     run_workload = req.runs_workload
     if req.record_out:
         check_record_out(req.record_out)
+    if req.prefetch_list_out:
+        check_record_out(req.prefetch_list_out, "--prefetch-list-out")
     dst_tag = dst_ref.tag or src_ref.tag
     assert dst_tag  # validate() checked it
     with ExitStack() as stack:
@@ -166,8 +211,18 @@ def optimize(req: OptimizeRequest) -> OptimizeOutcome:
         if run_workload:
             analysis = _analyze(req, src, root, src_ref, matcher)
             prioritized = analysis.prioritized if analysis else {}
+            profile = None
         else:
-            prioritized = _prioritized(req, src, root)
+            profile = _profile(req, src, root, matcher)
+            prioritized = profile.prioritized if profile else {}
+            if profile and req.prefetch_list_out:
+                _write_prefetch_list_out(
+                    req.prefetch_list_out,
+                    str(src_ref),
+                    profile.manifest_digest,
+                    profile.order,
+                    "profile's",
+                )
         same = same_store(src_ref, dst_ref)
         dst: Store = (
             src if same else stack.enter_context(open_store(dst_ref, req.containerd, create=True))
@@ -182,6 +237,10 @@ def optimize(req: OptimizeRequest) -> OptimizeOutcome:
         )
         try:
             result = Converter(src, dst, opts, same_store=same).convert(root)
+            if profile and profile.prioritized and not any(
+                lay.result and lay.result.prioritized_files for lay in result.layers
+            ):
+                _empty_profile(req, profile.empty_reason(req.profiles))
             tags = {dst_tag: result.target}
             extra = None
             if req.layer.format is Format.EXTERNAL_TOC:
@@ -199,6 +258,7 @@ def optimize(req: OptimizeRequest) -> OptimizeOutcome:
         result,
         result.warnings,
         analysis,
+        profile,
     )
 
 
@@ -208,6 +268,7 @@ def analyze_image(
     record_out: Path,
     containerd: ContainerdOptions,
     progress: Progress | None = None,
+    prefetch_list_out: Path | None = None,
 ) -> Analysis:
     """`estargz-opt analyze`: run the workload and write its record; convert nothing."""
     ref = reference.parse(src)
@@ -217,6 +278,8 @@ def analyze_image(
             "the image into containerd first (e.g. ctr images import)"
         )
     check_record_out(record_out)
+    if prefetch_list_out:
+        check_record_out(prefetch_list_out, "--prefetch-list-out")
     with open_store(ref, containerd, create=False) as store:
         root = store.resolve(ref.tag)
         host = _host_manifest(store, root)
@@ -232,7 +295,27 @@ def analyze_image(
             f"the workload could not start, so nothing was recorded: {result.sample.error}"
         )
     write_record(record_out, result.entries)
+    if prefetch_list_out:
+        _write_prefetch_list_out(
+            prefetch_list_out, str(ref), host[0].digest, [e.path for e in result.entries]
+        )
     return result
+
+
+def _write_prefetch_list_out(
+    path: Path, image: str, manifest_digest: str, paths: list[str], what: str = "workload"
+) -> None:
+    """The prioritized files as a prefetch list: reviewable, and matched by path."""
+    when = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    write_prefetch_list(
+        path,
+        paths,
+        [
+            f"estargz-opt prefetch list: the {what} files of {image} ({manifest_digest}), "
+            f"written {when}",
+            "one path per line, in access order; use with estargz-opt optimize --prefetch-list",
+        ],
+    )
 
 
 def _run_workload(
@@ -283,40 +366,90 @@ def _analyze(
     result = _run_workload(src, str(src_ref), host, req.sampler or SamplerOptions(), req.progress)
     if req.record_out:
         write_record(req.record_out, result.entries)
+    if req.prefetch_list_out:
+        _write_prefetch_list_out(
+            req.prefetch_list_out, str(src_ref), host_desc.digest, [e.path for e in result.entries]
+        )
     result.prioritized = prioritized_from_record(result.entries, host_desc.digest, manifest)
     return result
 
 
-def _prioritized(req: OptimizeRequest, src: Store, root: Descriptor) -> dict[str, list[str]]:
-    if not (req.record_in or req.prefetch_list):
-        return {}
+def _profile(
+    req: OptimizeRequest, src: Store, root: Descriptor, matcher: platforms.Matcher
+) -> Profile | None:
+    """Match the profiles to the host image; EmptyProfileError if that prioritizes nothing."""
+    if not req.profiles:
+        return None
     host = _host_manifest(src, root)
-    if host is None:
-        log.warning(
-            "the image has no manifest for the host platform %s: no files are prioritized",
-            platforms.host(),
+    if host is None or not matcher.matches(platforms.host()):
+        _empty_profile(
+            req,
+            f"the profile applies to the host platform {platforms.host()}, and "
+            + (
+                "the image has no manifest for it (the wrong platform?)"
+                if host is None
+                else "it is not converted here (the wrong --platform?)"
+            ),
         )
-        return {}
+        return None
     host_desc, manifest = host
-    if req.record_in:
-        entries = read_record(req.record_in)
-    else:
-        assert req.prefetch_list is not None
-        patterns = read_prefetch_list(req.prefetch_list)
+
+    def layer_names() -> LayerNames:
         layers = [x for x in manifest.layers if x.media_type in d.LAYER_TYPES]
         names = []
         for i, layer in enumerate(layers):
             with src.local_file(layer, f"layer {i} of the host image") as p:
                 names.append(LayerNames.names_in(p))
-        entries = record_from_prefetch_list(patterns, LayerNames(names), host_desc.digest)
-    found = prioritized_from_record(entries, host_desc.digest, manifest)
+        return LayerNames(names)
+
+    profile = match_profile(
+        req.profiles, host_desc.digest, manifest, layer_names, lambda m: _layer_ids(src, m)
+    )
     log.info(
         "prioritized files: %d in %d layer(s) of %s",
-        sum(map(len, found.values())),
-        len(found),
+        profile.matched,
+        len(profile.prioritized),
         host_desc.digest,
     )
-    return found
+    if not profile.prioritized:
+        _empty_profile(req, profile.empty_reason(req.profiles))
+    elif profile.matched * 2 < profile.files:
+        log.warning(
+            "the profile matches only %d of its %d files in %s (e.g. not found: %s)",
+            profile.matched,
+            profile.files,
+            host_desc.digest,
+            ", ".join(profile.missing[:EXAMPLES]),
+        )
+    return profile
+
+
+def _layer_ids(store: Store, manifest_digest: str) -> list[LayerId] | None:
+    """The layers of the manifest `manifest_digest`, if the store holds it (and its config)."""
+    size = store.size_of(manifest_digest)
+    if size is None or size > MAX_MANIFEST_SIZE:
+        return None
+    where = f"manifest {manifest_digest}"
+    try:
+        manifest = Manifest.parse(
+            store.read(Descriptor(d.OCI_MANIFEST, manifest_digest, size), where), where
+        )
+        layers = [x for x in manifest.layers if x.media_type in d.LAYER_TYPES]
+        config = d.load_json(store.read(manifest.config, f"config of {where}"), where)
+        diff_ids = d.config_diff_ids(config, len(layers), where)
+    except EstargzOptError as exc:
+        log.debug("the layers of %s are unknown: %s", manifest_digest, exc)
+        return None
+    return [LayerId(x.digest, i) for x, i in zip(layers, diff_ids, strict=True)]
+
+
+def _empty_profile(req: OptimizeRequest, reason: str) -> None:
+    """A profile that prioritizes nothing: an error, or a warning under --allow-empty-profile."""
+    if not req.allow_empty_profile:
+        raise EmptyProfileError(
+            f"{reason}; nothing written (--allow-empty-profile converts anyway)"
+        )
+    log.warning("%s: converting without prioritized files (--allow-empty-profile)", reason)
 
 
 def _host_manifest(src: Store, desc: Descriptor) -> tuple[Descriptor, Manifest] | None:

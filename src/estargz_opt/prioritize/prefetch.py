@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from estargz_opt.errors import BadInputError
-from estargz_opt.format import tarfmt
+from estargz_opt.errors import BadInputError, EstargzOptError
+from estargz_opt.format import atomic_output, tarfmt
 from estargz_opt.prioritize.layerindex import LayerNames
 from estargz_opt.prioritize.record import RecordEntry, Recorder, read_lines
 
@@ -36,15 +37,13 @@ def read_prefetch_list(path: Path) -> list[tuple[int, str]]:
     return out
 
 
-def record_from_prefetch_list(
-    patterns: list[tuple[int, str]], names: LayerNames, manifest_digest: str
-) -> list[RecordEntry]:
-    """Resolve paths and globs to the top-most layer holding each, honouring whiteouts."""
-    recorder = Recorder(names, manifest_digest)
+def expand_prefetch_list(patterns: list[tuple[int, str]], names: LayerNames) -> list[str]:
+    """The listed paths in list order, each glob expanded to its matches in sorted order."""
+    out: list[str] = []
     all_names: list[str] | None = None
     for lineno, pattern in patterns:
         if not _is_glob(pattern):
-            recorder.record(pattern)
+            out.append(pattern)
             continue
         if all_names is None:
             all_names = names.all_names()
@@ -52,9 +51,53 @@ def record_from_prefetch_list(
         matched = [n for n in all_names if regex.fullmatch(n)]
         if not matched:
             log.warning("prefetch list line %d: %r matches no file in the image", lineno, pattern)
-        for n in matched:
-            recorder.record(n)
+        out.extend(matched)
+    return out
+
+
+def record_from_prefetch_list(
+    patterns: list[tuple[int, str]], names: LayerNames, manifest_digest: str
+) -> list[RecordEntry]:
+    """Resolve paths and globs to the top-most layer holding each, honouring whiteouts."""
+    recorder = Recorder(names, manifest_digest)
+    for path in expand_prefetch_list(patterns, names):
+        recorder.record(path)
     return recorder.entries
+
+
+def prefetch_list_line(path: str) -> str | None:
+    """The line that makes read_prefetch_list give back exactly `path` (None: no such line).
+
+    A line is a glob as soon as it holds `*?[`, and lines are trimmed and may be comments,
+    so such paths are written as globs that match only themselves.
+    """
+    if "\n" in path or "\r" in path or not path:
+        return None
+    literal = not (_is_glob(path) or path.startswith("#") or path != path.strip())
+    if literal:
+        return path
+    out = "".join("\\" + c if c in "*?[\\" else c for c in path)
+    if out.startswith("#") or out[:1].isspace():
+        out = "[" + out[0] + "]" + out[1:]
+    if out[-1:].isspace():
+        out = out[:-1] + "[" + out[-1] + "]"
+    return out
+
+
+def write_prefetch_list(path: Path, paths: Iterable[str], header: Sequence[str]) -> None:
+    """Write a prefetch list: `#` header lines, then one path per line in access order."""
+    lines = [f"# {h}" for h in header]
+    for p in paths:
+        line = prefetch_list_line(p)
+        if line is None:
+            log.warning("--prefetch-list-out: %r cannot be written as a line: left out", p)
+            continue
+        lines.append(line)
+    try:
+        with atomic_output(path) as f:
+            f.write(("\n".join(lines) + "\n").encode("utf-8", errors="surrogateescape"))
+    except OSError as exc:
+        raise EstargzOptError(f"cannot write --prefetch-list-out {path}: {exc.strerror}") from None
 
 
 def _is_glob(text: str) -> bool:

@@ -71,6 +71,11 @@ class Store(Protocol):
         """A small blob (manifest, index, config), checked against its digest and size."""
         ...
 
+    def size_of(self, digest: str) -> int | None:
+        """The size of the blob `digest`, or None if the store does not hold it (a record
+        names its image's manifest by digest alone)."""
+        ...
+
     def stream(self, desc: Descriptor, what: str) -> Iterator[bytes]:
         """A (layer) blob as a stream of pieces, checked once the stream is read to its
         end (a reader that stops early, like a file-name scan, gets no check)."""

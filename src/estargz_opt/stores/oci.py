@@ -130,6 +130,12 @@ class OCILayout:
         check_blob(desc, sha256_digest(data), len(data), what)
         return data
 
+    def size_of(self, digest: str) -> int | None:
+        if sha256_hex(digest) is None:
+            return None
+        path = self.blob_path(digest)
+        return path.stat().st_size if path.is_file() else None
+
     def stream(self, desc: Descriptor, what: str) -> Iterator[bytes]:
         path = self._existing(desc, what)
         h = hasher()

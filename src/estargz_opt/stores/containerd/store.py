@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import BinaryIO, Self
 
 from estargz_opt.descriptor import Descriptor, load_json
-from estargz_opt.digest import digest_of, hasher, sha256_digest
+from estargz_opt.digest import digest_of, hasher, sha256_digest, sha256_hex
 from estargz_opt.errors import BadInputError, EstargzOptError
 from estargz_opt.stores import check_blob
 from estargz_opt.stores.containerd.client import Client
@@ -295,6 +295,14 @@ class ContainerdStore:
             raise self._missing(desc, what) from None
         check_blob(desc, sha256_digest(data), len(data), what)
         return data
+
+    def size_of(self, digest: str) -> int | None:
+        if sha256_hex(digest) is None:
+            return None
+        try:
+            return self.client.content.info(digest).size
+        except ContentNotFoundError:
+            return None
 
     def stream(self, desc: Descriptor, what: str) -> Iterator[bytes]:
         h = hasher()
