@@ -84,16 +84,13 @@ class Profile:
         named = ", ".join(f"{s.kind.value} {s.path}" for s in sources)
         if self.files == 0:
             return f"the profile ({named}) lists no files"
+        files = "its one file" if self.files == 1 else f"none of its {self.files} files"
+        found = "is not" if self.files == 1 else "is"
+        head = f"the profile ({named}): {files} {found} in the image {self.manifest_digest}"
         if self.foreign_manifests and len(self.missing) == self.files:
             made = ", ".join(self.foreign_manifests[:3])
-            return (
-                f"none of the {self.files} files of the profile ({named}) is in the image "
-                f"{self.manifest_digest}: the record was made for {made} (the wrong image?)"
-            )
-        return (
-            f"none of the {self.files} files of the profile ({named}) is in the image "
-            f"{self.manifest_digest} (e.g. {_examples(self.missing)})"
-        )
+            return f"{head}: the record was made for {made} (the wrong image?)"
+        return f"{head} (e.g. {_examples(self.missing)})"
 
 
 def match_profile(
