@@ -257,7 +257,13 @@ class ContainerdStore:
         return write(f"{base}@{self._owner}", None)
 
     def _reap_dead_leases(self) -> None:
-        """Delete the leases of estargz-opt runs that were killed (see owner.py)."""
+        """Delete the leases of estargz-opt runs that were killed (see owner.py).
+
+        Synchronously: the garbage collection a deletion allows must be over before this
+        run looks anything up. Otherwise a blob or snapshot that only the dead lease held
+        is found now (an unpacked layer, a converted blob) and collected a moment later,
+        under this run's feet ("parent snapshot … does not exist", "content … not found").
+        """
         try:
             leases = self.client.leases.list(f'labels."{OWNER_LABEL}"')
         except ContainerdError:
@@ -266,7 +272,7 @@ class ContainerdStore:
             if is_dead(lease.labels.get(OWNER_LABEL, "")):
                 log.info("deleting lease %s, left by a run that was killed", lease.id)
                 try:
-                    self.client.leases.delete(lease.id)
+                    self.client.leases.delete(lease.id, sync=True)
                 except ContainerdError as exc:
                     log.debug("could not delete lease %s: %s", lease.id, exc)
 
