@@ -286,11 +286,27 @@ def _seeded(fn: Callable[[], None], value: int) -> Callable[[], None]:
     return seed(value)(fn)  # type: ignore[no-any-return]
 
 
+def warm_up() -> None:
+    """Draw one text: hypothesis builds its Unicode table and caches it on disk."""
+
+    @settings(max_examples=1, database=None)
+    @given(st.text(min_size=1))
+    def touch(_text: str) -> None:
+        pass
+
+    touch()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=40)
     ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--warm-up", action="store_true",
+                    help="only build hypothesis' cached Unicode table, then exit")
     args = ap.parse_args()
+    if args.warm_up:
+        warm_up()
+        return 0
     t0 = time.monotonic()
     tally = fuzz(args.seconds, args.seed)
     print(f"cases: {tally.cases} ok: {tally.ok} refused: {tally.refused} "
