@@ -164,7 +164,7 @@ def _magic_kind(block: bytes) -> str:
 def _block_format(block: bytes, kind: str) -> int:
     """The format Go's reader sets on one header block (before the PAX/GNU special cases)."""
     if kind == "ustar":
-        if any(b >= 0x80 for b in block):
+        if not block.isascii():
             return FORMAT_UNKNOWN  # non-ASCII bytes: not strictly USTAR
         if any(block[i] != 0 for i in _USTAR_NUMERIC_ENDS):
             return FORMAT_UNKNOWN  # numeric fields must end in NUL
@@ -669,7 +669,7 @@ def _allowed_formats(e: TarEntry, f: _Fields) -> tuple[int, dict[bytes, bytes]]:
                 fmt &= ~FORMAT_PAX
             else:
                 pax[nkey] = str(number).encode()
-        if nkey is not None:
+        if nkey is not None and given:
             keep_given(nkey, str(number).encode())
     for stamp, tkey in ((f.mtime, b"mtime"), (f.atime, b"atime"), (f.ctime, b"ctime")):
         if stamp is None:
