@@ -21,6 +21,16 @@ def _skip(reason: str) -> None:
     pytest.skip(reason)
 
 
+@pytest.fixture(autouse=True)
+def _private_layer_cache(tmp_path_factory: pytest.TempPathFactory,
+                         monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test gets its own empty converted-layer cache (its subprocesses inherit the
+    variable), so no test fills the machine's cache or depends on what it holds."""
+    path = tmp_path_factory.mktemp("layer-cache")
+    monkeypatch.setenv("ESTARGZ_OPT_CACHE_DIR", str(path))
+    return path
+
+
 @pytest.fixture(scope="session")
 def containerd(tmp_path_factory: pytest.TempPathFactory):
     """A private containerd for the whole session (root only).
