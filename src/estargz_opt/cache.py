@@ -7,8 +7,8 @@ reused by any later run, and a rebuilt image recompresses only the layers that c
 
 Layout, under ``DIR/layers/`` (DIR also holds other tools' subdirectories):
 
-* ``KEY.blob`` the converted blob, ``KEY.json`` its LayerResult; the entry exists once
-  its ``.json`` does (both are renamed into place, the ``.json`` last);
+* ``KEY.blob`` the converted blob, ``KEY.meta`` its LayerResult (JSON); the entry exists
+  once its ``.meta`` does (both are renamed into place, the ``.meta`` last);
 * ``KEY.lock`` a flock per key: a run filling an entry holds it, so a second run
   converting the same layer waits and then uses the entry;
 * ``.fill@OWNER@….tmp`` blobs being written, named after their owner
@@ -121,6 +121,7 @@ class LayerCache:
         self.stats = Stats()
         self._off: str | None = None
         self._lock = threading.Lock()
+        self._open_lock = threading.Lock()
         self._opened = False
 
     # ------------------------------------------------------------------ state
@@ -140,15 +141,16 @@ class LayerCache:
         )
 
     def _open(self) -> bool:
-        with self._lock:
-            if self._opened:
-                return self._off is None
-            self._opened = True
-        try:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            self._remove_dead_fills()
-        except OSError as exc:
-            self.turn_off(exc)
+        """Create the directory and reap killed runs' fills, once; the layer threads
+        all wait for it (one that went ahead would find no directory)."""
+        with self._open_lock:
+            if not self._opened:
+                self._opened = True
+                try:
+                    self.dir.mkdir(parents=True, exist_ok=True)
+                    self._remove_dead_fills()
+                except OSError as exc:
+                    self.turn_off(exc)
         return self.usable
 
     def _remove_dead_fills(self) -> None:
@@ -217,9 +219,9 @@ class LayerCache:
         found = []
         with contextlib.suppress(FileNotFoundError):
             for entry in os.scandir(self.dir):
-                if not entry.name.endswith(".json") or entry.name == _STATS:
+                if not entry.name.endswith(".meta"):
                     continue
-                key = entry.name[: -len(".json")]
+                key = entry.name[: -len(".meta")]
                 try:
                     meta = entry.stat()
                     blob = os.stat(self.dir / f"{key}.blob").st_size
@@ -292,7 +294,7 @@ class LayerCache:
             os.close(fd)
 
     def _remove(self, key: str) -> None:
-        for suffix in (".json", ".blob"):  # the .json first: the entry is gone at once
+        for suffix in (".meta", ".blob"):  # the .meta first: the entry is gone at once
             (self.dir / f"{key}{suffix}").unlink(missing_ok=True)
 
 
@@ -335,10 +337,11 @@ class Slot:
         self.key = key
         self.locked = locked
         self._blob = cache.dir / f"{key}.blob"
-        self._meta = cache.dir / f"{key}.json"
+        self._meta = cache.dir / f"{key}.meta"
 
     def lookup(self) -> Hit | None:
-        """The entry, if it exists and its blob has the recorded size (else it is removed)."""
+        """The entry, if it exists; its blob is checked only when it is copied (a
+        destination that holds the blob already needs none of its bytes)."""
         if not self.locked or not self.cache.usable:
             return None
         try:
@@ -353,19 +356,19 @@ class Slot:
         except (ValueError, TypeError, KeyError, AttributeError):
             self.discard("its metadata cannot be read")
             return None
-        try:
-            size = self._blob.stat().st_size
-        except FileNotFoundError:
-            size = -1
-        if size != result.size:
-            self.discard(f"its blob holds {size} bytes, not {result.size}")
-            return None
         with contextlib.suppress(OSError):
             os.utime(self._meta)  # the last use, for least-recently-used eviction
         return Hit(result, self._blob)
 
     def copy_to(self, hit: Hit, out: Output) -> bool:
         """Copy the cached blob to out, hashing it; whether it had its digest and size."""
+        try:
+            held = hit.blob.stat().st_size
+        except FileNotFoundError:
+            held = -1
+        if held != hit.result.size:
+            self.discard(f"its blob holds {held} bytes, not {hit.result.size}")
+            return False
         h = hasher()
         size = 0
         with open(hit.blob, "rb") as f:
@@ -408,9 +411,12 @@ class Slot:
             return
         fill = Fill(self.cache, f, tmp)
         try:
-            with f:
-                yield fill
+            yield fill
         finally:
+            try:
+                f.close()  # flushes what is buffered: a full disk may show only here
+            except OSError as exc:
+                self.cache.turn_off(exc)
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
 
