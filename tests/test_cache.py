@@ -300,7 +300,7 @@ def test_a_run_killed_mid_fill_leaves_nothing_the_next_run_uses(tmp_path: Path) 
     deadline = time.monotonic() + 300
     fills: list[Path] = []
     while time.monotonic() < deadline and proc.poll() is None:
-        fills = [p for p in (cache / "layers").glob(".fill@*.tmp") if p.stat().st_size > 1 << 20]
+        fills = [p for p in (cache / "layers").glob(".fill-*@*.tmp") if p.stat().st_size > 1 << 20]
         if fills:
             break
         time.sleep(0.05)
@@ -314,6 +314,35 @@ def test_a_run_killed_mid_fill_leaves_nothing_the_next_run_uses(tmp_path: Path) 
     assert "left by a run that was killed" in again["stderr"]
     verify(f"oci:{tmp_path / 'two'}:t")
     assert states(optimize(f"oci:{src}:t", f"oci:{tmp_path / 'three'}:t", cache=cache)) == ["hit"]
+
+
+def test_a_run_waits_for_a_fill_only_while_it_grows(tmp_path: Path) -> None:
+    """A stopped run holding an entry's lock does not hold up the next run for long."""
+    src = tmp_path / "src"
+    write_layout(src, "t", [simple_layer({"big/": None, "big/x": noise(80 << 20, 8)})])
+    cache = tmp_path / "cache"
+    env = {**os.environ, "ESTARGZ_OPT_CACHE_DIR": str(cache)}
+    a = subprocess.Popen([*CLI, "optimize", "--oci", "--no-optimize", "--json", "--quiet",
+                          f"oci:{src}:t", f"oci:{tmp_path / 'a'}:t"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 300
+        while a.poll() is None and time.monotonic() < deadline and not [
+            p for p in (cache / "layers").glob(".fill-*@*.tmp") if p.stat().st_size > 1 << 20
+        ]:
+            time.sleep(0.05)
+        assert a.poll() is None, "A ended before it filled an entry"
+        a.send_signal(signal.SIGSTOP)
+        b = optimize(f"oci:{src}:t", f"oci:{tmp_path / 'b'}:t", cache=cache)
+        assert states(b) == ["off"]
+        assert "made no progress" in b["stderr"], b["stderr"]
+    finally:
+        a.send_signal(signal.SIGCONT)
+    out, err = a.communicate(timeout=600)
+    assert a.returncode == 0, err
+    assert states(json.loads(out)) == ["miss"]
+    assert json.loads(out)["target"] == b["target"]
+    assert len(entries(cache)) == 1
 
 
 def test_eviction_keeps_the_recently_used_entries(image: Path, tmp_path: Path) -> None:

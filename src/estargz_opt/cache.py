@@ -11,8 +11,9 @@ Layout, under ``DIR/layers/`` (DIR also holds other tools' subdirectories):
   once its ``.meta`` does (both are renamed into place, the ``.meta`` last);
 * ``KEY.lock`` a flock per key: a run filling an entry holds it, so a second run
   converting the same layer waits and then uses the entry;
-* ``.fill@OWNER@….tmp`` blobs being written, named after their owner
-  (stores/owner.py): a run killed mid-fill leaves one, which the next run deletes;
+* ``.fill-KEY@OWNER@….tmp`` blobs being written, named after their key and owner
+  (stores/owner.py): a run killed mid-fill leaves one, which the next run deletes; a
+  run waiting for the key watches it grow (and stops waiting for a stalled one);
 * ``stats.json`` hits and misses, for ``cache info``.
 
 A blob is served only if it hashes to its recorded digest while being copied; a damaged
@@ -31,6 +32,7 @@ import json
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -50,6 +52,14 @@ SUBDIR = "layers"
 DEFAULT_MAX_SIZE = 10 << 30
 _READ = 1 << 20
 _STATS = "stats.json"
+#: a run waits for another one filling the same entry until that fill stops growing
+STALL_SECONDS = 10
+_POLL_SECONDS = 0.2
+
+
+def _fill_kind(key: str) -> str:
+    """The temporary name's kind of a fill of `key` (a waiting run watches it grow)."""
+    return f"fill-{key}"
 
 
 def default_dir(env: Mapping[str, str] = os.environ) -> Path:
@@ -173,12 +183,49 @@ class LayerCache:
     @contextlib.contextmanager
     def slot(self, key: str) -> Iterator[Slot]:
         """The entry `key`, locked against other runs while the block runs."""
-        fd = self._lock_key(key) if self._open() else None
+        fd = self._wait_for_key(key) if self._open() else None
         try:
             yield Slot(self, key, locked=fd is not None)
         finally:
             if fd is not None:
                 os.close(fd)
+
+    def _wait_for_key(self, key: str) -> int | None:
+        """The lock of `key`, waiting for the run that holds it while its fill grows.
+
+        A holder whose fill has not grown for STALL_SECONDS (stopped, stuck on a slow
+        disk) is not waited for: this run then converts the layer without the cache.
+        """
+        try:
+            return self._lock_key(key, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pass
+        log.info("layer cache entry %s is being filled by another run: waiting for it", key)
+        seen, since = -1, time.monotonic()
+        while True:
+            time.sleep(_POLL_SECONDS)
+            try:
+                return self._lock_key(key, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pass
+            grown = self._fill_size(key)
+            if grown != seen:
+                seen, since = grown, time.monotonic()
+            elif time.monotonic() - since > STALL_SECONDS:
+                log.warning(
+                    "the run filling layer cache entry %s made no progress for %d s: "
+                    "converting without the cache",
+                    key,
+                    STALL_SECONDS,
+                )
+                return None
+
+    def _fill_size(self, key: str) -> int:
+        total = 0
+        for path in self.dir.glob(f".{_fill_kind(key)}@*.tmp"):
+            with contextlib.suppress(FileNotFoundError):
+                total += path.stat().st_size
+        return total
 
     def _lock_key(self, key: str, how: int = fcntl.LOCK_EX) -> int | None:
         """An fd holding flock `how` on KEY.lock; None if the cache failed (it is then off).
@@ -404,7 +451,7 @@ class Slot:
             yield Fill(self.cache, None, None)
             return
         try:
-            f, tmp = temp_file(self.cache.dir, temp_prefix("fill"))
+            f, tmp = temp_file(self.cache.dir, temp_prefix(_fill_kind(self.key)))
         except OSError as exc:
             self.cache.turn_off(exc)
             yield Fill(self.cache, None, None)

@@ -240,6 +240,10 @@ class Converter:
         hit = slot.lookup()
         if hit is None:
             return None
+        # The source must be there and sound, as for a conversion: a hit never turns a
+        # missing or corrupt source blob into a success. (Read and hashed, not converted.)
+        for _ in self.src.stream(desc, what):
+            pass
         r = hit.result
         if self.dst.holds(r.digest, r.size):
             slot.served_elsewhere()
