@@ -419,3 +419,46 @@ def test_usage_errors(image: Path, tmp_path: Path) -> None:
                f"oci:{image}:t", f"oci:{tmp_path / 'x'}:t", check=False)
     assert done.returncode == 2
     assert "is not a size" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_containerd_uses_the_cache_and_copies_nothing_it_holds(containerd, tmp_path: Path,
+                                                               ) -> None:
+    """containerd as source and destination: a hit is copied into a namespace that lacks
+    the blob, and not even read where containerd already holds it."""
+    from imagefactory import archive_for_ctr
+
+    cache = tmp_path / "cache"
+    layout = tmp_path / "layout"
+    write_layout(layout, "v1", [
+        simple_layer({"a/": None, "a/one": noise(300_000, 11)}),
+        simple_layer({"b/": None, "b/two": b"two\n" * 1000}),
+    ])
+    name = f"localhost/cachetest-{os.getpid()}:v1"
+    archive = archive_for_ctr(layout, "v1", name, tmp_path / "image.tar")
+    other_ns = f"cachetest-{os.getpid()}"
+    for ns in ("default", other_ns):
+        subprocess.run(["ctr", "-a", containerd.address, "-n", ns, "images", "import",
+                        "--no-unpack", str(archive)], check=True, capture_output=True)
+
+    def convert(ns: str, dst: str) -> dict:
+        done = run("-a", containerd.address, "-n", ns, "optimize", "--oci", "--no-optimize",
+                   "--json", name, dst, cache=cache)
+        report = json.loads(done.stdout)
+        report["stderr"] = done.stderr
+        return report
+
+    cold = convert("default", f"{name}-esgz1")
+    assert states(cold) == ["miss", "miss"]
+    copied = convert(other_ns, f"{name}-esgz")  # the blobs are not in this namespace
+    assert states(copied) == ["hit", "hit"] and copied["target"] == cold["target"]
+    verify_done = run("-a", containerd.address, "-n", other_ns, "verify", f"{name}-esgz",
+                      check=False)
+    assert verify_done.returncode == 0, verify_done.stdout + verify_done.stderr
+    for b in blobs(cache):
+        b.write_bytes(b"")  # reading (copying) one now would be refused as damaged
+    held = convert("default", f"{name}-esgz2")
+    assert states(held) == ["hit", "hit"] and held["target"] == cold["target"]
+    assert "is damaged" not in held["stderr"]
+    subprocess.run(["ctr", "-a", containerd.address, "-n", other_ns, "images", "rm",
+                    name, f"{name}-esgz"], capture_output=True)
+    containerd.ctr("images", "rm", name, f"{name}-esgz1", f"{name}-esgz2")
