@@ -266,6 +266,8 @@ def test_a_read_only_cache_directory_is_one_warning(image: Path, tmp_path: Path,
     assert report["target"] == plain["target"]
     assert len(cache_warnings(report["stderr"])) == 1, report["stderr"]
     assert "Read-only" in cache_warnings(report["stderr"])[0]
+    assert [w for w in report["warnings"] if "layer cache" in w] == [
+        cache_warnings(report["stderr"])[0].split("WARNING: ", 1)[1]]
     verify(f"oci:{tmp_path / 'out'}:t")
 
 

@@ -130,6 +130,8 @@ class LayerCache:
         self.max_size = max_size
         self.stats = Stats()
         self._off: str | None = None
+        #: the one warning of a cache that was turned off, for the run's report
+        self.warning: str | None = None
         self._lock = threading.Lock()
         self._open_lock = threading.Lock()
         self._opened = False
@@ -146,9 +148,10 @@ class LayerCache:
             if self._off is not None:
                 return
             self._off = exc.strerror or str(exc)
-        log.warning(
-            "the layer cache %s cannot be used (%s): converting without it", self.dir, self._off
-        )
+            self.warning = (
+                f"the layer cache {self.dir} cannot be used ({self._off}): converting without it"
+            )
+        log.warning("%s", self.warning)
 
     def _open(self) -> bool:
         """Create the directory and reap killed runs' fills, once; the layer threads
@@ -482,7 +485,6 @@ class Slot:
             with contextlib.suppress(OSError):
                 self.cache._remove(self.key)
             self.cache.turn_off(exc)
-
 
 
 def convert_file(

@@ -248,6 +248,8 @@ def optimize(req: OptimizeRequest) -> OptimizeOutcome:
         )
         try:
             result = Converter(src, dst, opts, same_store=same).convert(root)
+            if cache and cache.warning:
+                result.warnings.append(cache.warning)
             if profile and profile.prioritized and not any(
                 lay.result and lay.result.prioritized_files for lay in result.layers
             ):
