@@ -34,7 +34,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -129,8 +129,7 @@ class LayerCache:
         self.dir = root / SUBDIR
         self.max_size = max_size
         self.stats = Stats()
-        self._off: str | None = None
-        #: the one warning of a cache that was turned off, for the run's report
+        #: why the cache was turned off for this run (its one warning), for the report
         self.warning: str | None = None
         self._lock = threading.Lock()
         self._open_lock = threading.Lock()
@@ -140,16 +139,16 @@ class LayerCache:
 
     @property
     def usable(self) -> bool:
-        return self._off is None
+        return self.warning is None
 
     def turn_off(self, exc: OSError) -> None:
         """Stop using the cache for this run, with one warning line."""
         with self._lock:
-            if self._off is not None:
+            if self.warning is not None:
                 return
-            self._off = exc.strerror or str(exc)
             self.warning = (
-                f"the layer cache {self.dir} cannot be used ({self._off}): converting without it"
+                f"the layer cache {self.dir} cannot be used ({exc.strerror or exc}): "
+                "converting without it"
             )
         log.warning("%s", self.warning)
 
@@ -362,14 +361,16 @@ class Fill:
     file: BinaryIO | None
     tmp: Path | None
     failed: bool = False
-    _out: list[Output] = field(default_factory=list)
+    out: Output | None = None  # the destination, set by tee
 
     def tee(self, out: Output) -> Output:
-        self._out = [out]
+        """Write to `out`, and to the cache while the cache takes it."""
+        self.out = out
         return self
 
     def write(self, data: bytes, /) -> int:
-        n = self._out[0].write(data)
+        assert self.out is not None, "tee() first"
+        n = self.out.write(data)
         if self.file is not None and not self.failed:
             try:
                 self.file.write(data)
