@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,11 +17,37 @@ from helpers_containerd import (
 )
 from layers import LayerBuildError, build_busybox_layer, build_synthetic_layer
 
+_CACHE_KEY = pytest.StashKey[str]()
+
 
 def _skip(reason: str) -> None:
     # Printed as well, so the reason shows even where skip summaries are off.
     print(f"SKIP: {reason}", file=sys.stderr)
     pytest.skip(reason)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The run's own converted-layer cache, set before any fixture (session and module
+    fixtures convert images too): the machine's cache is never filled or read."""
+    path = tempfile.mkdtemp(prefix="estargz-opt-test-cache-")
+    config.stash[_CACHE_KEY] = path
+    os.environ["ESTARGZ_OPT_CACHE_DIR"] = path
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    path = config.stash.get(_CACHE_KEY, None)
+    if path:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _private_layer_cache(tmp_path_factory: pytest.TempPathFactory,
+                         monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test gets its own empty converted-layer cache (its subprocesses inherit the
+    variable), so no test fills the machine's cache or depends on what it holds."""
+    path = tmp_path_factory.mktemp("layer-cache")
+    monkeypatch.setenv("ESTARGZ_OPT_CACHE_DIR", str(path))
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from estargz_opt import __version__, check, platforms
+from estargz_opt import __version__, cache, check, platforms
 from estargz_opt.errors import EstargzOptError, UsageError
 from estargz_opt.format import (
     DEFAULT_CHUNK_SIZE,
@@ -40,6 +40,38 @@ _GZIP_NEGATIVE_LEVELS = (
 #: An existing file argument, and a file to be written.
 _INPUT_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 _OUTPUT_FILE = click.Path(dir_okay=False, path_type=Path)
+
+
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+class _Size(click.ParamType[int]):
+    """A byte count: 1073741824, 512M, 10G (K, M, G, T: powers of 1024)."""
+
+    name = "size"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        text = str(value).strip().upper().removesuffix("IB").removesuffix("B")
+        unit = text[-1:] if text[-1:] in _SIZE_UNITS else ""
+        number = text[: len(text) - len(unit)]
+        if not number.isdigit():
+            self.fail(f"{value!r} is not a size such as 10G, 512M or 1048576", param, ctx)
+        return int(number) * _SIZE_UNITS[unit]
+
+
+def _cache_dir_option(default_on: bool) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    return click.option(
+        "--cache-dir",
+        type=click.Path(file_okay=False, path_type=Path),
+        envvar=cache.ENV_DIR,
+        help="The converted-layer cache (env ESTARGZ_OPT_CACHE_DIR; default "
+        "$XDG_CACHE_HOME/estargz-opt, ~/.cache/estargz-opt, or /var/cache/estargz-opt "
+        "for root)."
+        if default_on
+        else "Take converted layers from (and add them to) this cache directory.",
+    )
 
 
 def _read_lines(path: Path) -> list[str]:
@@ -281,6 +313,14 @@ def _profiles(records: tuple[Path, ...], lists: tuple[Path, ...]) -> tuple[Profi
     type=_OUTPUT_FILE,
     help="Also write the record of the workload run (JSON lines) to this file.",
 )
+@_cache_dir_option(default_on=True)
+@click.option("--no-cache", is_flag=True, help="Neither use nor fill the converted-layer cache.")
+@click.option(
+    "--cache-max-size",
+    type=_Size(),
+    default=cache.DEFAULT_MAX_SIZE,
+    help="Evict least recently used cache entries beyond this size after the run (default 10G).",
+)
 @_prefetch_list_out_option
 @_workload_run_options
 def optimize_cmd(
@@ -303,6 +343,9 @@ def optimize_cmd(
     estargz_external_toc: bool,
     record_out: Path | None,
     prefetch_list_out: Path | None,
+    cache_dir: Path | None,
+    no_cache: bool,
+    cache_max_size: int,
     as_json: bool,
     quiet: bool,
     **sampler_flags: Any,
@@ -351,6 +394,8 @@ def optimize_cmd(
             prefetch_list_out=prefetch_list_out,
             containerd=containerd,
             progress=None if quiet else progress,
+            cache_dir=None if no_cache else cache_dir or cache.default_dir(),
+            cache_max_size=cache_max_size,
         )
     )
     progress.close()
@@ -589,6 +634,7 @@ def layer() -> None:
     type=click.IntRange(min=1),
     help="Compression threads (default: all CPUs). Output bytes never depend on it.",
 )
+@_cache_dir_option(default_on=False)
 def layer_convert(
     src: Path,
     out: Path,
@@ -599,6 +645,7 @@ def layer_convert(
     min_chunk_size: int,
     toc_out: Path | None,
     threads: int | None,
+    cache_dir: Path | None,
 ) -> None:
     """Convert the layer SRC (tar, tar+gzip or tar+zstd) into OUT.
 
@@ -618,8 +665,13 @@ def layer_convert(
     )
     if opts.format is not Format.EXTERNAL_TOC and toc_out is not None:
         raise click.UsageError("--toc-out applies to --format estargz-external-toc only")
-    result = convert_layer(src, out, opts)
-    summary = result.summary()
+    if cache_dir is None:
+        result = convert_layer(src, out, opts)
+        summary = result.summary()
+    else:
+        result, state = cache.convert_file(cache.LayerCache(cache_dir), src, out, opts)
+        summary = result.summary()
+        summary["cache"] = state
     summary["prioritizedEntries"] = result.prioritized_entries
     summary["skippedPrioritized"] = len(result.missing_prioritized)
     if result.toc_blob is not None:
@@ -687,6 +739,42 @@ def layer_tar(blob: Path, out: Path, toc_file: Path | None) -> None:
             return
         with atomic_output(out) as f:
             lay.write_tar(f)
+
+
+@cli.group("cache")
+def cache_group() -> None:
+    """The converted-layer cache that optimize shares between runs."""
+
+
+@cache_group.command("info")
+@_cache_dir_option(default_on=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+def cache_info(cache_dir: Path | None, as_json: bool) -> None:
+    """Entries, bytes, hits and misses of the cache."""
+    usage = cache.LayerCache(cache_dir or cache.default_dir()).usage()
+    if as_json:
+        click.echo(json.dumps({**dataclasses.asdict(usage), "directory": str(usage.directory)}))
+        return
+    click.echo(f"directory: {usage.directory}")
+    click.echo(f"entries:   {usage.entries}")
+    click.echo(f"bytes:     {usage.bytes} ({_human(usage.bytes)})")
+    click.echo(f"hits:      {usage.hits}")
+    click.echo(f"misses:    {usage.misses}")
+
+
+@cache_group.command("prune")
+@_cache_dir_option(default_on=True)
+@click.option("--all", "everything", is_flag=True, help="Remove every entry.")
+@click.option(
+    "--cache-max-size",
+    type=_Size(),
+    default=cache.DEFAULT_MAX_SIZE,
+    help="Without --all: evict least recently used entries beyond this size (default 10G).",
+)
+def cache_prune(cache_dir: Path | None, everything: bool, cache_max_size: int) -> None:
+    """Evict entries beyond the size limit, or (--all) empty the cache."""
+    removed = cache.LayerCache(cache_dir or cache.default_dir(), cache_max_size).prune(everything)
+    click.echo(f"removed {removed} entr{'y' if removed == 1 else 'ies'}")
 
 
 def _configure_logging(fmt: str, level: str) -> None:

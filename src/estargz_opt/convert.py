@@ -7,6 +7,7 @@ step, so a failure here never leaves a half-written image behind a name.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from estargz_opt import descriptor as d
+from estargz_opt.cache import LayerCache, Slot, layer_key
 from estargz_opt.descriptor import Descriptor, Manifest
 from estargz_opt.digest import sha256_digest
 from estargz_opt.errors import BadInputError, EstargzOptError
@@ -41,6 +43,7 @@ class ConvertOptions:
     reuse: bool = False
     prioritized: Mapping[str, Sequence[str]] = field(default_factory=dict)  # layer digest -> paths
     progress: Progress | None = None
+    cache: LayerCache | None = None  # None: --no-cache
 
 
 @dataclass(slots=True)
@@ -51,6 +54,7 @@ class LayerReport:
     diff_id: str
     result: LayerResult | None  # None when the layer was kept (--reuse)
     seconds: float
+    cache: str = "off"  # "hit", "miss" or "off" (no cache, or it could not be used)
 
 
 @dataclass(slots=True)
@@ -193,32 +197,18 @@ class Converter:
             self._copy(desc, what)
             return kept, None, self._report(platform, desc, kept, "", None, started)
         opts = replace(self.opts.layer, prioritized=prioritized)
-
-        shown = self.opts.progress
-
-        def progress(bytes_in: int, bytes_out: int) -> None:
-            if self.cancel.is_set():
-                raise Cancelled("interrupted")
-            if shown:
-                shown.update(desc.digest, bytes_in, bytes_out)
-
-        with (
-            self.src.local_file(desc, what) as path,
-            open_tar(path) as tar,
-            self.dst.sink(source=desc) as sink,
-        ):
-            if shown:
-                shown.start(desc.digest, tar.size)
-            try:
-                result = build_layer(tar, sink.file, opts, progress)
-                if shown:
-                    shown.update(desc.digest, result.uncompressed_size, result.size)
-            except BadInputError as exc:
-                raise BadInputError(f"{what} ({desc.digest}): {exc}") from None
-            finally:
-                if shown:
-                    shown.finish(desc.digest)
-            sink.commit(result.digest, result.size, result.diff_id)
+        cache = self.opts.cache
+        if cache is None:
+            result = self._build(desc, what, opts, None)
+            state = "off"
+        else:
+            with cache.slot(layer_key(desc.digest, opts)) as slot:
+                cached = self._from_cache(desc, what, slot)
+                if cached is not None:
+                    result, state = cached, "hit"
+                else:
+                    result = self._build(desc, what, opts, slot)
+                    state = "miss" if slot.locked and cache.usable else "off"
         if result.missing_prioritized:
             self._warn(
                 f"{what}: {len(result.missing_prioritized)} prioritized path(s) not in the layer "
@@ -242,7 +232,66 @@ class Converter:
         )
         new = self._strip_if_docker(new)
         report = self._report(platform, desc, new, result.diff_id, result, started)
+        report.cache = state
         return new, result.diff_id, report
+
+    def _from_cache(self, desc: Descriptor, what: str, slot: Slot) -> LayerResult | None:
+        """The cached conversion, in the destination (copied unless it holds it already)."""
+        hit = slot.lookup()
+        if hit is None:
+            return None
+        # The source must be there and sound, as for a conversion: a hit never turns a
+        # missing or corrupt source blob into a success. (Read and hashed, not converted.)
+        for _ in self.src.stream(desc, what):
+            pass
+        r = hit.result
+        if self.dst.holds(r.digest, r.size):
+            slot.served_elsewhere()
+            served = True
+        else:
+            with self.dst.sink(source=desc) as sink:
+                served = slot.copy_to(hit, sink.file)
+                if served:
+                    sink.commit(r.digest, r.size, r.diff_id)
+        if not served:
+            return None
+        if self.opts.progress:
+            self.opts.progress.cached(desc.digest, r.size)
+        return r
+
+    def _build(
+        self, desc: Descriptor, what: str, opts: LayerOptions, slot: Slot | None
+    ) -> LayerResult:
+        """Convert the layer into the destination (and, with a slot, into the cache)."""
+        shown = self.opts.progress
+
+        def progress(bytes_in: int, bytes_out: int) -> None:
+            if self.cancel.is_set():
+                raise Cancelled("interrupted")
+            if shown:
+                shown.update(desc.digest, bytes_in, bytes_out)
+
+        with contextlib.ExitStack() as stack:
+            path = stack.enter_context(self.src.local_file(desc, what))
+            tar = stack.enter_context(open_tar(path))
+            sink = stack.enter_context(self.dst.sink(source=desc))
+            fill = stack.enter_context(slot.fill()) if slot else None
+            if shown:
+                shown.start(desc.digest, tar.size)
+            try:
+                out = fill.tee(sink.file) if fill else sink.file
+                result = build_layer(tar, out, opts, progress)
+                if shown:
+                    shown.update(desc.digest, result.uncompressed_size, result.size)
+            except BadInputError as exc:
+                raise BadInputError(f"{what} ({desc.digest}): {exc}") from None
+            finally:
+                if shown:
+                    shown.finish(desc.digest)
+            sink.commit(result.digest, result.size, result.diff_id)
+            if slot and fill:
+                slot.store(fill, result)
+        return result
 
     def _reusable(self, desc: Descriptor, what: str) -> bool:
         """Upstream's --reuse test, plus every chunk verified: keep only sound eStargz layers."""

@@ -35,6 +35,7 @@ from estargz_opt.workload.options import SamplerOptions
 
 if TYPE_CHECKING:
     from estargz_opt.workload.analyzer import Analysis
+from estargz_opt.cache import DEFAULT_MAX_SIZE, LayerCache
 from estargz_opt.convert import Converter, ConvertOptions, ConvertResult, toc_image
 from estargz_opt.descriptor import Descriptor, Manifest
 from estargz_opt.errors import EstargzOptError, UsageError
@@ -73,6 +74,9 @@ class OptimizeRequest:
     prefetch_list_out: Path | None = None
     containerd: ContainerdOptions = field(default_factory=ContainerdOptions)
     progress: Progress | None = None
+    #: the converted-layer cache (estargz_opt.cache); None: no cache (--no-cache)
+    cache_dir: Path | None = None
+    cache_max_size: int = DEFAULT_MAX_SIZE
 
     @property
     def runs_workload(self) -> bool:
@@ -114,6 +118,8 @@ class OptimizeRequest:
             )
         if self.allow_empty_profile and not self.profiles:
             raise UsageError("--allow-empty-profile applies to --record-in and --prefetch-list")
+        if self.cache_max_size < 0:
+            raise UsageError(f"--cache-max-size must not be negative, got {self.cache_max_size}")
         if not (dst.tag or src.tag):
             raise UsageError(f"name the destination tag: {dst} needs oci:DIR:TAG")
 
@@ -154,6 +160,7 @@ class OptimizeOutcome:
                     "prioritizedFiles": r.prioritized_files if r else 0,
                     "prefetchBytes": r.prefetch_size if r else None,
                     **self._profile_counts(lay.source.digest, r),
+                    "cache": lay.cache,
                     "seconds": round(lay.seconds, 3),
                 }
             )
@@ -224,6 +231,9 @@ def optimize(req: OptimizeRequest) -> OptimizeOutcome:
                     "profile's",
                 )
         same = same_store(src_ref, dst_ref)
+        cache = LayerCache(req.cache_dir, req.cache_max_size) if req.cache_dir else None
+        if cache:
+            stack.callback(cache.finish)
         dst: Store = (
             src if same else stack.enter_context(open_store(dst_ref, req.containerd, create=True))
         )
@@ -234,9 +244,12 @@ def optimize(req: OptimizeRequest) -> OptimizeOutcome:
             reuse=req.reuse,
             prioritized=prioritized,
             progress=req.progress,
+            cache=cache,
         )
         try:
             result = Converter(src, dst, opts, same_store=same).convert(root)
+            if cache and cache.warning:
+                result.warnings.append(cache.warning)
             if profile and profile.prioritized and not any(
                 lay.result and lay.result.prioritized_files for lay in result.layers
             ):

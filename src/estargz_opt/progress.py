@@ -84,6 +84,12 @@ class Progress:
             if self._live and self._layers:
                 self._draw()
 
+    def cached(self, digest: str, size: int) -> None:
+        """A layer taken from the layer cache: nothing was converted."""
+        log.info(
+            "layer %s cached: %s from the layer cache", digest, _mib(size), extra={"layer": digest}
+        )
+
     def sampling(self, seconds_left: float | None, files: int) -> None:
         """The workload run: a countdown and how many file accesses were seen so far.
 

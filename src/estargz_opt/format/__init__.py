@@ -11,6 +11,7 @@ import os
 from estargz_opt.atomic import atomic_output
 from estargz_opt.format.build import (
     DEFAULT_CHUNK_SIZE,
+    OUTPUT_VERSION,
     TOC_DIGEST_ANNOTATION,
     UNCOMPRESSED_SIZE_ANNOTATION,
     Format,
@@ -25,6 +26,7 @@ from estargz_opt.format.toc import TOC, TOCEntry
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
+    "OUTPUT_VERSION",
     "TOC",
     "TOC_DIGEST_ANNOTATION",
     "UNCOMPRESSED_SIZE_ANNOTATION",

@@ -41,6 +41,12 @@ _READ = 4 << 20
 
 ProgressFn = Callable[[int, int], None]
 
+#: The version of the bytes this engine writes. Raise it with any change that could give
+#: different bytes for the same input and options (tar re-encoding, chunking, TOC
+#: fields, footer, compressor settings): the converted-layer cache (estargz_opt.cache)
+#: keys on it, so entries written by an older engine are then no longer used.
+OUTPUT_VERSION = 1
+
 
 class Format(StrEnum):
     ESTARGZ = "estargz"

@@ -76,6 +76,11 @@ class Store(Protocol):
         names its image's manifest by digest alone)."""
         ...
 
+    def holds(self, digest: str, size: int) -> bool:
+        """Whether the store already holds the blob, kept for this run (containerd: added
+        to the run's lease): a blob it holds needs no copy."""
+        ...
+
     def stream(self, desc: Descriptor, what: str) -> Iterator[bytes]:
         """A (layer) blob as a stream of pieces, checked once the stream is read to its
         end (a reader that stops early, like a file-name scan, gets no check)."""

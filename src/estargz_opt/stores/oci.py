@@ -43,7 +43,7 @@ from estargz_opt.descriptor import (
 from estargz_opt.digest import digest_of, hasher, sha256_digest, sha256_hex
 from estargz_opt.errors import BadInputError, EstargzOptError
 from estargz_opt.stores import check_blob
-from estargz_opt.stores.owner import is_dead, this_process
+from estargz_opt.stores.owner import is_dead, temp_owner, temp_prefix
 
 log = logging.getLogger("estargz_opt")
 
@@ -136,6 +136,13 @@ class OCILayout:
         path = self.blob_path(digest)
         return path.stat().st_size if path.is_file() else None
 
+    def holds(self, digest: str, size: int) -> bool:
+        # A blob in place is never removed while this run lives (it holds blobs/ shared).
+        if self.size_of(digest) != size:
+            return False
+        self._start_writing()
+        return self.size_of(digest) == size
+
     def stream(self, desc: Descriptor, what: str) -> Iterator[bytes]:
         path = self._existing(desc, what)
         h = hasher()
@@ -209,7 +216,7 @@ class OCILayout:
         self._start_writing()
         blobs = self.root / "blobs" / "sha256"
         try:
-            f, tmp = temp_file(blobs, _temp_prefix("ingest"))
+            f, tmp = temp_file(blobs, temp_prefix("ingest"))
         except OSError as exc:
             raise EstargzOptError(f"cannot write blobs to {self.root}: {exc.strerror}") from None
         sink = None
@@ -245,7 +252,7 @@ class OCILayout:
                 ]
                 index.manifests = [*kept, *added]
                 atomic_write(
-                    self.root / "index.json", index.to_bytes(), prefix=_temp_prefix("index.json")
+                    self.root / "index.json", index.to_bytes(), prefix=temp_prefix("index.json")
                 )
         except OSError as exc:
             raise EstargzOptError(
@@ -331,7 +338,7 @@ class OCILayout:
         try:
             (self.root / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
             if not (self.root / "oci-layout").exists():
-                atomic_write(self.root / "oci-layout", _LAYOUT, prefix=_temp_prefix("oci-layout"))
+                atomic_write(self.root / "oci-layout", _LAYOUT, prefix=temp_prefix("oci-layout"))
         except OSError:
             if self._created_root:
                 self._remove_if_empty()
@@ -358,25 +365,11 @@ class OCILayout:
         for where in (self.root, self.root / "blobs" / "sha256"):
             with contextlib.suppress(FileNotFoundError):
                 for entry in os.scandir(where):
-                    owner = _temp_owner(entry.name)
+                    owner = temp_owner(entry.name)
                     if owner is not None and is_dead(owner):
                         log.info("deleting %s, left by a run that was killed", entry.path)
                         with contextlib.suppress(FileNotFoundError):
                             os.unlink(entry.path)
-
-
-def _temp_prefix(kind: str) -> str:
-    """`.KIND@host@pid@start@`: the owner (stores/owner.py) of a temporary file, in its name
-    (host names hold no '/' or '@'; mkstemp's random part holds neither)."""
-    return f".{kind}@{this_process().replace('/', '@')}@"
-
-
-def _temp_owner(name: str) -> str | None:
-    """The owner a temporary file's name carries; None for any other file."""
-    if not (name.startswith(".") and name.endswith(".tmp")):
-        return None
-    parts = name[1:-4].split("@")
-    return "/".join(parts[1:4]) if len(parts) == 5 else None
 
 
 def _lock_dir(path: Path, how: int) -> int | None:

@@ -40,3 +40,18 @@ def is_dead(owner: str) -> bool:
     if host != socket.gethostname() or not pid.isdigit():
         return False
     return owner_of(int(pid)) != owner
+
+
+def temp_prefix(kind: str) -> str:
+    """`.KIND@host@pid@start@`: the owner of a temporary file, in its name (host names
+    hold no '/' or '@'; mkstemp's random part holds neither)."""
+    return f".{kind}@{this_process().replace('/', '@')}@"
+
+
+def temp_owner(name: str) -> str | None:
+    """The owner a temporary file's name (`temp_prefix` + mkstemp's part + `.tmp`)
+    carries; None for any other file."""
+    if not (name.startswith(".") and name.endswith(".tmp")):
+        return None
+    parts = name[1:-4].split("@")
+    return "/".join(parts[1:4]) if len(parts) == 5 else None

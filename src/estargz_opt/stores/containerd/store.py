@@ -310,6 +310,13 @@ class ContainerdStore:
         except ContentNotFoundError:
             return None
 
+    def holds(self, digest: str, size: int) -> bool:
+        if self.size_of(digest) != size:
+            return False
+        if self.lease:
+            self.client.leases.add_resource(self.lease, digest)
+        return self.size_of(digest) == size  # still there, now under our lease
+
     def stream(self, desc: Descriptor, what: str) -> Iterator[bytes]:
         h = hasher()
         size = 0

@@ -1,0 +1,466 @@
+"""The converted-layer cache (estargz_opt.cache), through the real CLI on OCI layouts.
+
+Every run is a real `estargz-opt` subprocess; results are checked by manifest digest
+against a run without the cache, and by `estargz-opt verify` (every chunk, TOC digest
+and DiffID). Faults are real: bytes flipped on disk, a read-only tmpfs, a full tmpfs, a
+SIGKILL while an entry is being written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from imagefactory import simple_layer, write_layout
+
+CLI = [sys.executable, "-m", "estargz_opt"]
+FORMATS = {
+    "estargz": [],
+    "zstdchunked": ["--zstdchunked"],
+    "estargz-external-toc": ["--estargz-external-toc"],
+}
+
+
+def run(
+    *args: str, cache: Path | None = None, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ)
+    if cache is not None:
+        env["ESTARGZ_OPT_CACHE_DIR"] = str(cache)
+    done = subprocess.run([*CLI, *args], capture_output=True, text=True, env=env)
+    if check:
+        assert done.returncode == 0, done.stderr
+    return done
+
+
+def optimize(src: str, dst: str, *flags: str, cache: Path | None = None) -> dict:
+    done = run("optimize", "--oci", "--no-optimize", "--json", *flags, src, dst, cache=cache)
+    report = json.loads(done.stdout)
+    report["stderr"] = done.stderr
+    return report
+
+
+def states(report: dict) -> list[str]:
+    return [x["cache"] for x in report["layers"]]
+
+
+def verify(ref: str) -> None:
+    done = run("verify", ref, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def entries(cache: Path) -> list[Path]:
+    return sorted((cache / "layers").glob("*.meta"))
+
+
+def blobs(cache: Path) -> list[Path]:
+    return sorted((cache / "layers").glob("*.blob"))
+
+
+def cache_warnings(stderr: str) -> list[str]:
+    return [x for x in stderr.splitlines() if "WARNING" in x and "layer cache" in x]
+
+
+def tag_digest(layout: Path, tag: str) -> str:
+    index = json.loads((layout / "index.json").read_text())
+    found = [m["digest"] for m in index["manifests"]
+             if m.get("annotations", {}).get("org.opencontainers.image.ref.name") == tag]
+    assert len(found) == 1, index
+    return str(found[0])
+
+
+def noise(n: int, seed: int) -> bytes:
+    """Incompressible bytes: a layer of them is as large compressed as it is raw."""
+    return random.Random(seed).randbytes(n)
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Path:
+    src = tmp_path / "src"
+    write_layout(src, "t", [
+        simple_layer({"a/": None, "a/one": b"1" * 300_000, "a/two": noise(20_000, 1)}),
+        simple_layer({"b/": None, "b/three": b"3" * 70_000, "b/four": b"four\n"}),
+    ])
+    write_layout(src, "rebuilt", [  # the same base layer, a changed top layer
+        simple_layer({"a/": None, "a/one": b"1" * 300_000, "a/two": noise(20_000, 1)}),
+        simple_layer({"b/": None, "b/three": b"3" * 70_000, "b/four": b"FOUR\n"}),
+    ])
+    return src
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_a_hit_gives_the_image_a_cold_run_gives(image: Path, tmp_path: Path, fmt: str) -> None:
+    cache = tmp_path / "cache"
+    flags = FORMATS[fmt]
+    plain = optimize(f"oci:{image}:t", f"oci:{tmp_path / 'plain'}:t", "--no-cache", *flags)
+    cold = optimize(f"oci:{image}:t", f"oci:{tmp_path / 'cold'}:t", *flags, cache=cache)
+    warm = optimize(f"oci:{image}:t", f"oci:{tmp_path / 'warm'}:t", *flags, cache=cache)
+    assert states(plain) == ["off", "off"]
+    assert states(cold) == ["miss", "miss"]
+    assert states(warm) == ["hit", "hit"]
+    assert plain["target"] == cold["target"] == warm["target"]
+    assert len(entries(cache)) == 2
+    assert warm["stderr"].count("from the layer cache") == 2  # the progress lines
+    if fmt == "estargz-external-toc":
+        # The TOC image is made from the cached TOC blobs: the same digest too.
+        assert tag_digest(tmp_path / "plain", "t-esgztoc") == tag_digest(
+            tmp_path / "warm", "t-esgztoc")
+    verify(f"oci:{tmp_path / 'warm'}:t")
+
+
+def test_a_rebuilt_image_converts_only_its_changed_layer(image: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    optimize(f"oci:{image}:t", f"oci:{tmp_path / 'one'}:t", cache=cache)
+    rebuilt = optimize(f"oci:{image}:rebuilt", f"oci:{tmp_path / 'two'}:t", cache=cache)
+    assert states(rebuilt) == ["hit", "miss"]
+    plain = optimize(f"oci:{image}:rebuilt", f"oci:{tmp_path / 'plain'}:t", "--no-cache")
+    assert rebuilt["target"] == plain["target"]
+    info = json.loads(run("cache", "info", "--json", cache=cache).stdout)
+    assert (info["entries"], info["hits"], info["misses"]) == (3, 1, 3)
+    assert info["bytes"] == sum(p.stat().st_size for p in (cache / "layers").glob("*.*")
+                                if p.suffix in (".meta", ".blob"))
+
+
+@pytest.mark.parametrize("flags", [
+    ["--estargz-compression-level", "6"],
+    ["--estargz-chunk-size", "65536"],
+    ["--estargz-min-chunk-size", "8192"],
+    ["--estargz-external-toc"],
+    ["--zstdchunked"],
+    ["--prefetch-list", "LIST"],
+], ids=["level", "chunk-size", "min-chunk-size", "external-toc", "format", "prioritized"])
+def test_a_changed_option_or_list_is_a_miss(image: Path, tmp_path: Path, flags: list[str]) -> None:
+    cache = tmp_path / "cache"
+    optimize(f"oci:{image}:t", f"oci:{tmp_path / 'one'}:t", cache=cache)
+    if "LIST" in flags:
+        listing = tmp_path / "list"
+        listing.write_text("b/four\n")
+        flags = ["--prefetch-list", str(listing)]
+        done = run("optimize", "--oci", "--json", *flags, f"oci:{image}:t",
+                   f"oci:{tmp_path / 'two'}:t", cache=cache)
+        report = json.loads(done.stdout)
+        # Only the layer whose prioritized list changed is converted again.
+        assert states(report) == ["hit", "miss"]
+        # Another order of the same files is another key as well.
+        listing.write_text("b/three\nb/four\n")
+        again = run("optimize", "--oci", "--json", *flags, f"oci:{image}:t",
+                    f"oci:{tmp_path / 'three'}:t", cache=cache)
+        listing.write_text("b/four\nb/three\n")
+        other = run("optimize", "--oci", "--json", *flags, f"oci:{image}:t",
+                    f"oci:{tmp_path / 'four'}:t", cache=cache)
+        assert states(json.loads(again.stdout)) == ["hit", "miss"]
+        assert states(json.loads(other.stdout)) == ["hit", "miss"]
+        return
+    report = optimize(f"oci:{image}:t", f"oci:{tmp_path / 'two'}:t", *flags, cache=cache)
+    assert states(report) == ["miss", "miss"]
+    again = optimize(f"oci:{image}:t", f"oci:{tmp_path / 'three'}:t", *flags, cache=cache)
+    assert states(again) == ["hit", "hit"]
+    assert again["target"] == report["target"]
+
+
+def test_another_engine_version_is_a_miss(image: Path, tmp_path: Path) -> None:
+    """A run of an engine whose OUTPUT_VERSION differs uses none of the entries."""
+    cache = tmp_path / "cache"
+    optimize(f"oci:{image}:t", f"oci:{tmp_path / 'one'}:t", cache=cache)
+    code = (
+        "import sys, estargz_opt.format as f, estargz_opt.format.build as b\n"
+        "f.OUTPUT_VERSION = b.OUTPUT_VERSION = b.OUTPUT_VERSION + 1\n"
+        "sys.argv[0] = 'estargz-opt'\n"
+        "from estargz_opt._entry import main\n"
+        "main()\n"
+    )
+    env = {**os.environ, "ESTARGZ_OPT_CACHE_DIR": str(cache)}
+    done = subprocess.run(
+        [sys.executable, "-c", code, "optimize", "--oci", "--no-optimize", "--json",
+         f"oci:{image}:t", f"oci:{tmp_path / 'two'}:t"],
+        capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert states(json.loads(done.stdout)) == ["miss", "miss"]
+    assert len(entries(cache)) == 4
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "metadata"])
+def test_a_damaged_entry_is_removed_logged_and_rebuilt(
+    image: Path, tmp_path: Path, damage: str
+) -> None:
+    cache = tmp_path / "cache"
+    cold = optimize(f"oci:{image}:t", f"oci:{tmp_path / 'one'}:t", cache=cache)
+    blob = max(blobs(cache), key=lambda p: p.stat().st_size)
+    original = blob.read_bytes()
+    data = bytearray(original)
+    if damage == "flip":
+        data[len(data) // 2] ^= 0x01
+        blob.write_bytes(bytes(data))
+    elif damage == "truncate":
+        blob.write_bytes(bytes(data[:-100]))
+    else:
+        blob.with_suffix(".meta").write_text("{not json")
+    again = optimize(f"oci:{image}:t", f"oci:{tmp_path / 'two'}:t", cache=cache)
+    assert sorted(states(again)) == ["hit", "miss"]
+    assert again["target"] == cold["target"]
+    damaged = [x for x in again["stderr"].splitlines() if "is damaged" in x]
+    assert len(damaged) == 1 and blob.stem in damaged[0], again["stderr"]
+    verify(f"oci:{tmp_path / 'two'}:t")
+    # Rebuilt: the entry is whole again and serves the next run.
+    assert blob.read_bytes() == original
+    third = optimize(f"oci:{image}:t", f"oci:{tmp_path / 'three'}:t", cache=cache)
+    assert states(third) == ["hit", "hit"]
+    assert "is damaged" not in third["stderr"]
+
+
+def test_two_concurrent_runs_on_a_cold_cache_make_one_entry_per_layer(
+    tmp_path: Path,
+) -> None:
+    src = tmp_path / "src"
+    write_layout(src, "t", [simple_layer({"big/": None, "big/x": noise(6 << 20, n)})
+                            for n in range(3)])
+    cache = tmp_path / "cache"
+    env = {**os.environ, "ESTARGZ_OPT_CACHE_DIR": str(cache)}
+    procs = [
+        subprocess.Popen([*CLI, "optimize", "--oci", "--no-optimize", "--json",
+                          f"oci:{src}:t", f"oci:{tmp_path / f'out{i}'}:t"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err
+    reports = [json.loads(out) for out, _ in outs]
+    assert reports[0]["target"] == reports[1]["target"]
+    assert len(entries(cache)) == 3 and len(blobs(cache)) == 3
+    # Each layer was converted once: the run that waited for it used the entry.
+    every = states(reports[0]) + states(reports[1])
+    assert sorted(every) == ["hit"] * 3 + ["miss"] * 3
+    for i in range(2):
+        verify(f"oci:{tmp_path / f'out{i}'}:t")
+
+
+@pytest.fixture
+def mount_point(tmp_path: Path) -> Iterator[Path]:
+    where = tmp_path / "mnt"
+    where.mkdir()
+    yield where
+    subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+def _mount_tmpfs(where: Path, options: str) -> None:
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, f"mounting a tmpfs needs root: {done.stderr}"
+
+
+def test_a_read_only_cache_directory_is_one_warning(image: Path, tmp_path: Path,
+                                                     mount_point: Path) -> None:
+    _mount_tmpfs(mount_point, "ro,size=1m")
+    report = optimize(f"oci:{image}:t", f"oci:{tmp_path / 'out'}:t", cache=mount_point)
+    plain = optimize(f"oci:{image}:t", f"oci:{tmp_path / 'plain'}:t", "--no-cache")
+    assert states(report) == ["off", "off"]
+    assert report["target"] == plain["target"]
+    assert len(cache_warnings(report["stderr"])) == 1, report["stderr"]
+    assert "Read-only" in cache_warnings(report["stderr"])[0]
+    assert [w for w in report["warnings"] if "layer cache" in w] == [
+        cache_warnings(report["stderr"])[0].split("WARNING: ", 1)[1]]
+    verify(f"oci:{tmp_path / 'out'}:t")
+
+
+def test_a_full_cache_filesystem_is_one_warning(tmp_path: Path, mount_point: Path) -> None:
+    src = tmp_path / "src"
+    write_layout(src, "t", [simple_layer({"x/": None, "x/y": noise(400_000, n)})
+                            for n in range(3)])
+    _mount_tmpfs(mount_point, "size=256k")
+    report = optimize(f"oci:{src}:t", f"oci:{tmp_path / 'out'}:t", cache=mount_point)
+    plain = optimize(f"oci:{src}:t", f"oci:{tmp_path / 'plain'}:t", "--no-cache")
+    assert report["target"] == plain["target"]
+    warnings = cache_warnings(report["stderr"])
+    assert len(warnings) == 1 and "No space left" in warnings[0], report["stderr"]
+    # A layer filled before the disk was full is an entry; every other one is "off".
+    assert states(report).count("miss") == len(entries(mount_point))
+    assert "off" in states(report)
+    # Nothing half-written is left to be served: every entry present is whole.
+    for meta in entries(mount_point):
+        assert meta.with_suffix(".blob").stat().st_size == json.loads(meta.read_text())["size"]
+    assert not list((mount_point / "layers").glob(".*.tmp"))
+    verify(f"oci:{tmp_path / 'out'}:t")
+
+
+def test_a_run_killed_mid_fill_leaves_nothing_the_next_run_uses(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    write_layout(src, "t", [simple_layer({"big/": None, "big/x": noise(80 << 20, 7)})])
+    cache = tmp_path / "cache"
+    env = {**os.environ, "ESTARGZ_OPT_CACHE_DIR": str(cache)}
+    proc = subprocess.Popen([*CLI, "optimize", "--oci", "--no-optimize", "--quiet",
+                             f"oci:{src}:t", f"oci:{tmp_path / 'one'}:t"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.monotonic() + 300
+    fills: list[Path] = []
+    while time.monotonic() < deadline and proc.poll() is None:
+        fills = [p for p in (cache / "layers").glob(".fill-*@*.tmp") if p.stat().st_size > 1 << 20]
+        if fills:
+            break
+        time.sleep(0.05)
+    assert fills and proc.poll() is None, "the run ended before it filled an entry"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not entries(cache)
+    again = optimize(f"oci:{src}:t", f"oci:{tmp_path / 'two'}:t", cache=cache)
+    assert states(again) == ["miss"]
+    assert not fills[0].exists()  # the killed run's temp file was deleted
+    assert "left by a run that was killed" in again["stderr"]
+    verify(f"oci:{tmp_path / 'two'}:t")
+    assert states(optimize(f"oci:{src}:t", f"oci:{tmp_path / 'three'}:t", cache=cache)) == ["hit"]
+
+
+def test_a_run_waits_for_a_fill_only_while_it_grows(tmp_path: Path) -> None:
+    """A stopped run holding an entry's lock does not hold up the next run for long."""
+    src = tmp_path / "src"
+    write_layout(src, "t", [simple_layer({"big/": None, "big/x": noise(80 << 20, 8)})])
+    cache = tmp_path / "cache"
+    env = {**os.environ, "ESTARGZ_OPT_CACHE_DIR": str(cache)}
+    a = subprocess.Popen([*CLI, "optimize", "--oci", "--no-optimize", "--json", "--quiet",
+                          f"oci:{src}:t", f"oci:{tmp_path / 'a'}:t"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 300
+        while a.poll() is None and time.monotonic() < deadline and not [
+            p for p in (cache / "layers").glob(".fill-*@*.tmp") if p.stat().st_size > 1 << 20
+        ]:
+            time.sleep(0.05)
+        assert a.poll() is None, "A ended before it filled an entry"
+        a.send_signal(signal.SIGSTOP)
+        b = optimize(f"oci:{src}:t", f"oci:{tmp_path / 'b'}:t", cache=cache)
+        assert states(b) == ["off"]
+        assert "made no progress" in b["stderr"], b["stderr"]
+    finally:
+        a.send_signal(signal.SIGCONT)
+    out, err = a.communicate(timeout=600)
+    assert a.returncode == 0, err
+    assert states(json.loads(out)) == ["miss"]
+    assert json.loads(out)["target"] == b["target"]
+    assert len(entries(cache)) == 1
+
+
+def test_eviction_keeps_the_recently_used_entries(image: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    other = tmp_path / "other"
+    write_layout(other, "t", [simple_layer({"c/": None, "c/x": noise(50_000, 3)})])
+    optimize(f"oci:{image}:t", f"oci:{tmp_path / 'one'}:t", cache=cache)
+    optimize(f"oci:{other}:t", f"oci:{tmp_path / 'two'}:t", cache=cache)
+    time.sleep(0.05)
+    optimize(f"oci:{image}:t", f"oci:{tmp_path / 'three'}:t", cache=cache)  # used again
+    info = json.loads(run("cache", "info", "--json", cache=cache).stdout)
+    assert info["entries"] == 3
+    done = run("cache", "prune", "--cache-max-size", str(info["bytes"] - 1), cache=cache)
+    assert done.stdout.strip() == "removed 1 entry"
+    assert states(optimize(f"oci:{image}:t", f"oci:{tmp_path / 'four'}:t", cache=cache)) == [
+        "hit", "hit"]
+    assert states(optimize(f"oci:{other}:t", f"oci:{tmp_path / 'five'}:t", cache=cache)) == [
+        "miss"]
+    # A run's own limit evicts after the run: 0 leaves nothing.
+    optimize(f"oci:{image}:t", f"oci:{tmp_path / 'six'}:t", "--cache-max-size", "0",
+             cache=cache)
+    assert not entries(cache)
+    assert run("cache", "prune", "--all", cache=cache).stdout.strip() == "removed 0 entries"
+
+
+def test_prune_all_empties_the_cache(image: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    optimize(f"oci:{image}:t", f"oci:{tmp_path / 'one'}:t", cache=cache)
+    assert run("cache", "prune", "--all", cache=cache).stdout.strip() == "removed 2 entries"
+    info = json.loads(run("cache", "info", "--json", cache=cache).stdout)
+    assert (info["entries"], info["bytes"], info["hits"], info["misses"]) == (0, 0, 0, 0)
+
+
+def test_a_destination_holding_the_blob_gets_no_copy(image: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    out = tmp_path / "out"
+    optimize(f"oci:{image}:t", f"oci:{out}:t", cache=cache)
+    before = {p: p.stat().st_ino for p in (out / "blobs" / "sha256").iterdir()}
+    for b in blobs(cache):
+        b.write_bytes(b"")  # a copy from the cache would now be refused as damaged
+    again = optimize(f"oci:{image}:t", f"oci:{out}:t2", cache=cache)
+    assert "is damaged" not in again["stderr"]
+    assert states(again) == ["hit", "hit"]
+    after = {p: p.stat().st_ino for p in before}
+    assert before == after
+
+
+def test_layer_convert_with_a_cache_dir(tmp_path: Path) -> None:
+    layer = tmp_path / "layer.tar"
+    layer.write_bytes(simple_layer({"d/": None, "d/x": b"x" * 100_000}))
+    cache = tmp_path / "cache"
+    first = run("layer", "convert", "--cache-dir", str(cache), str(layer), str(tmp_path / "a"))
+    second = run("layer", "convert", "--cache-dir", str(cache), str(layer), str(tmp_path / "b"))
+    plain = run("layer", "convert", str(layer), str(tmp_path / "c"))
+    a, b = json.loads(first.stdout), json.loads(second.stdout)
+    assert (a["cache"], b["cache"]) == ("miss", "hit")
+    assert a["digest"] == b["digest"] == json.loads(plain.stdout)["digest"]
+    assert (tmp_path / "a").read_bytes() == (tmp_path / "b").read_bytes() == (
+        tmp_path / "c").read_bytes()
+
+
+def test_the_default_directory(tmp_path: Path) -> None:
+    from estargz_opt.cache import default_dir
+
+    assert default_dir({"ESTARGZ_OPT_CACHE_DIR": "/x"}) == Path("/x")
+    assert default_dir({"XDG_CACHE_HOME": "/c"}) == Path("/c/estargz-opt")
+    want = Path("/var/cache/estargz-opt") if os.geteuid() == 0 else (
+        Path.home() / ".cache" / "estargz-opt")
+    assert default_dir({}) == want
+
+
+def test_usage_errors(image: Path, tmp_path: Path) -> None:
+    done = run("optimize", "--oci", "--no-optimize", "--cache-max-size", "lots",
+               f"oci:{image}:t", f"oci:{tmp_path / 'x'}:t", check=False)
+    assert done.returncode == 2
+    assert "is not a size" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_containerd_uses_the_cache_and_copies_nothing_it_holds(containerd, tmp_path: Path,
+                                                               ) -> None:
+    """containerd as source and destination: a hit is copied into a namespace that lacks
+    the blob, and not even read where containerd already holds it."""
+    from imagefactory import archive_for_ctr
+
+    cache = tmp_path / "cache"
+    layout = tmp_path / "layout"
+    write_layout(layout, "v1", [
+        simple_layer({"a/": None, "a/one": noise(300_000, 11)}),
+        simple_layer({"b/": None, "b/two": b"two\n" * 1000}),
+    ])
+    name = f"localhost/cachetest-{os.getpid()}:v1"
+    archive = archive_for_ctr(layout, "v1", name, tmp_path / "image.tar")
+    other_ns = f"cachetest-{os.getpid()}"
+    for ns in ("default", other_ns):
+        subprocess.run(["ctr", "-a", containerd.address, "-n", ns, "images", "import",
+                        "--no-unpack", str(archive)], check=True, capture_output=True)
+
+    def convert(ns: str, dst: str) -> dict:
+        done = run("-a", containerd.address, "-n", ns, "optimize", "--oci", "--no-optimize",
+                   "--json", name, dst, cache=cache)
+        report = json.loads(done.stdout)
+        report["stderr"] = done.stderr
+        return report
+
+    cold = convert("default", f"{name}-esgz1")
+    assert states(cold) == ["miss", "miss"]
+    copied = convert(other_ns, f"{name}-esgz")  # the blobs are not in this namespace
+    assert states(copied) == ["hit", "hit"] and copied["target"] == cold["target"]
+    verify_done = run("-a", containerd.address, "-n", other_ns, "verify", f"{name}-esgz",
+                      check=False)
+    assert verify_done.returncode == 0, verify_done.stdout + verify_done.stderr
+    for b in blobs(cache):
+        b.write_bytes(b"")  # reading (copying) one now would be refused as damaged
+    held = convert("default", f"{name}-esgz2")
+    assert states(held) == ["hit", "hit"] and held["target"] == cold["target"]
+    assert "is damaged" not in held["stderr"]
+    subprocess.run(["ctr", "-a", containerd.address, "-n", other_ns, "images", "rm",
+                    name, f"{name}-esgz"], capture_output=True)
+    containerd.ctr("images", "rm", name, f"{name}-esgz1", f"{name}-esgz2")
