@@ -40,7 +40,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib
 import build_image
-from benchlib import REPO_ROOT, RESULTS_DIR, Measurement, log, run, run_measured
+from benchlib import NO_CACHE, REPO_ROOT, RESULTS_DIR, Measurement, log, run, run_measured
 
 SCRIPTS = REPO_ROOT / "scripts"
 
@@ -165,7 +165,7 @@ def bench_ours_containerd(cli: list[str], sock: Path, daemon_pid: int | None, sr
     """`estargz-opt -a SOCK optimize` on the imported image: ctr-remote's job, same daemon."""
     dst = f"{build_image.IMAGE_BASE_NAME}:ours-{fmt}-{attempt}"
     flags = ["--oci", "--no-optimize"] + (["--zstdchunked"] if fmt == "zstdchunked" else [])
-    cmd = [*cli, "-a", str(sock), "optimize", *flags, src, dst]
+    cmd = [*cli, "-a", str(sock), "optimize", *flags, *NO_CACHE, src, dst]
     log(f"estargz-opt {fmt} (#{attempt + 1}): {' '.join(cmd[1:])}")
     cpu0 = proc_cpu_s(daemon_pid)
     m = run_measured(cmd).check()
@@ -192,7 +192,8 @@ def _bench_optimize(cli: list[str], oci_layout: str, out_dir: Path, fmt: str) ->
     """`estargz-opt optimize` on the image's OCI layout: the same job ctr-remote does."""
     dst = out_dir / f"img-{fmt}"
     flags = ["--oci", "--no-optimize"] + (["--zstdchunked"] if fmt == "zstdchunked" else [])
-    m = run_measured([*cli, "optimize", *flags, f"oci:{oci_layout}:latest", f"oci:{dst}:out"])
+    m = run_measured([*cli, "optimize", *flags, *NO_CACHE, f"oci:{oci_layout}:latest",
+                      f"oci:{dst}:out"])
     m.check()
     digest = m.stdout.strip().splitlines()[-1]
     manifest = json.loads((dst / "blobs" / "sha256" / digest.split(":", 1)[1]).read_bytes())

@@ -40,7 +40,7 @@ from bench_layers import (
     private_containerd,
     remove_image,
 )
-from benchlib import REPO_ROOT, RESULTS_DIR, log, run, run_measured
+from benchlib import NO_CACHE, REPO_ROOT, RESULTS_DIR, log, run, run_measured
 
 
 def one_run(tool: str, cmd_head: list[str], sock: Path, src: str, fmt: str, period: int,
@@ -49,7 +49,7 @@ def one_run(tool: str, cmd_head: list[str], sock: Path, src: str, fmt: str, peri
     record = work / f"{tool}-{fmt}-{attempt}.jsonl"
     cmd = [*cmd_head, "-a", str(sock), *(["image"] if tool == "ctr-remote" else []),
            "optimize", "--oci", "--period", str(period), *CTR_REMOTE_FLAGS[fmt],
-           "--record-out", str(record), src, dst]
+           *([] if tool == "ctr-remote" else NO_CACHE), "--record-out", str(record), src, dst]
     log(f"{tool} {fmt} (#{attempt + 1}): {' '.join(cmd[1:])}")
     m = run_measured(cmd).check()
     layers = image_layers(sock, dst, arch)

@@ -24,6 +24,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = REPO_ROOT / "bench"
 RESULTS_DIR = BENCH_DIR / "results"
 CACHE_DIR = Path(os.environ.get("ESTARGZ_OPT_BENCH_CACHE", "/var/cache/estargz-opt/bench"))
+# Conversion benchmarks measure the conversion: estargz-opt's layer cache would turn a
+# repeat into a copy (bench_cache.py measures the cache itself).
+NO_CACHE = ["--no-cache"]
 
 MiB = 1024 * 1024
 

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 CLI = [sys.executable, "-m", "estargz_opt"]
+NO_CACHE = ["--no-cache"]  # a rerun converts again, as the kill points assume
 
 
 @dataclass
@@ -52,7 +53,8 @@ def blob_count(layout: Path) -> int:
 
 
 def command(src: Path, tag: str, dst: Path, extra: list[str]) -> list[str]:
-    return [*CLI, "optimize", "--oci", "--no-optimize", *extra, f"oci:{src}:{tag}", f"oci:{dst}:t"]
+    return [*CLI, "optimize", "--oci", "--no-optimize", *NO_CACHE, *extra, f"oci:{src}:{tag}",
+            f"oci:{dst}:t"]
 
 
 def calibrate(cmd: list[str], dst: Path) -> tuple[float, float]:
@@ -72,8 +74,9 @@ def calibrate(cmd: list[str], dst: Path) -> tuple[float, float]:
 
 def seed_layout(dst: Path, src: Path, tag: str) -> None:
     """A destination that already holds an image (tag `keep`)."""
-    done = subprocess.run([*CLI, "optimize", "--oci", "--no-optimize", f"oci:{src}:{tag}",
-                           f"oci:{dst}:keep", "--estargz-chunk-size", "1048576"],
+    done = subprocess.run([*CLI, "optimize", "--oci", "--no-optimize", *NO_CACHE,
+                           f"oci:{src}:{tag}", f"oci:{dst}:keep",
+                           "--estargz-chunk-size", "1048576"],
                           capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"cannot seed {dst}: {done.stderr}")
