@@ -7,6 +7,7 @@ every field we do not model in `extra`, and write it back unchanged.
 from __future__ import annotations
 
 import json
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Self
 
@@ -155,7 +156,7 @@ class Descriptor:
         return replace(self, **changes)
 
 
-class _Document:
+class _Document(ABC):
     """A JSON document read whole; the fields its class does not model stay in `extra`."""
 
     __slots__ = ()
@@ -170,8 +171,9 @@ class _Document:
             raise BadInputError(f"malformed {cls.kind} {where}: {exc}") from None
 
     @classmethod
+    @abstractmethod
     def from_raw(cls, raw: dict[str, Any]) -> Self:
-        raise NotImplementedError
+        """The document from its decoded JSON object (ValueError if malformed)."""
 
 
 @dataclass(slots=True)
