@@ -1,0 +1,30 @@
+"""What the command line says about reaching registries on one side of a run."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True, slots=True)
+class RegistryOptions:
+    """How to reach the registry of a source or a destination (skopeo's per-side flags).
+
+    `env` is the environment the credential lookup reads (REGISTRY_AUTH_FILE,
+    XDG_RUNTIME_DIR, HOME, DOCKER_CONFIG, PATH for credential helpers); it is passed in,
+    never read from os.environ below the CLI, so that tests and callers control it.
+    """
+
+    #: --authfile (else REGISTRY_AUTH_FILE, then the usual auth files)
+    authfile: Path | None = None
+    #: --src-creds / --dest-creds USER[:PASS]; overrides every auth file
+    creds: str | None = None
+    #: --src-no-creds: access the registry anonymously
+    no_creds: bool = False
+    #: --src-tls-verify / --dest-tls-verify; false also allows plain HTTP
+    tls_verify: bool = True
+    #: --src-cert-dir / --dest-cert-dir: a certs.d-style directory used instead of the
+    #: per-host ones
+    cert_dir: Path | None = None
+    env: Mapping[str, str] = field(default_factory=dict)
