@@ -15,7 +15,13 @@ from typing import TYPE_CHECKING, Protocol, Self
 
 from estargz_opt.descriptor import Descriptor
 from estargz_opt.errors import BadInputError, EstargzOptError
-from estargz_opt.reference import ContainerdRef, ImageRef, OCIRef
+from estargz_opt.reference import (
+    ContainerdRef,
+    DockerArchiveRef,
+    ImageRef,
+    OCIArchiveRef,
+    OCIRef,
+)
 from estargz_opt.stores.containerd.model import ContainerdOptions
 
 if TYPE_CHECKING:
@@ -114,6 +120,14 @@ def open_store(ref: ImageRef, containerd: ContainerdOptions, *, create: bool) ->
         from estargz_opt.stores.oci import OCILayout
 
         return OCILayout(ref.path, create=create)
+    if isinstance(ref, OCIArchiveRef):
+        from estargz_opt.stores.ociarchive import OCIArchive
+
+        return OCIArchive(ref.path, create=create)
+    if isinstance(ref, DockerArchiveRef):
+        from estargz_opt.stores.dockerarchive import DockerArchive
+
+        return DockerArchive(ref.path)
     from estargz_opt.stores.containerd.store import ContainerdStore
 
     return ContainerdStore.connect(containerd)
@@ -122,6 +136,8 @@ def open_store(ref: ImageRef, containerd: ContainerdOptions, *, create: bool) ->
 def same_store(a: ImageRef, b: ImageRef) -> bool:
     """Whether two references name the same store (the converter then copies nothing)."""
     if isinstance(a, OCIRef) and isinstance(b, OCIRef):
+        return a.path.resolve() == b.path.resolve()
+    if isinstance(a, OCIArchiveRef) and isinstance(b, OCIArchiveRef):
         return a.path.resolve() == b.path.resolve()
     return isinstance(a, ContainerdRef) and isinstance(b, ContainerdRef)
 

@@ -47,7 +47,8 @@ from estargz_opt.stores.owner import is_dead, temp_owner, temp_prefix
 
 log = logging.getLogger("estargz_opt")
 
-_LAYOUT = b'{"imageLayoutVersion":"1.0.0"}'
+#: the oci-layout file every layout (and OCI archive) holds
+LAYOUT_FILE = b'{"imageLayoutVersion":"1.0.0"}'
 _READ = 1 << 20
 #: Larger blobs are layers, not manifests or indexes: not read to find references.
 _MAX_JSON = 4 << 20
@@ -100,23 +101,7 @@ class OCILayout:
         return Index.parse(data, f"{self.root}/index.json")
 
     def resolve(self, name: str | None) -> Descriptor:
-        manifests = self.index().manifests
-        if name is None:
-            if len(manifests) == 1:
-                return manifests[0]
-            raise EstargzOptError(
-                f"{self.root} holds {len(manifests)} images; name one with oci:DIR:TAG "
-                f"(tags: {', '.join(self.tags()) or 'none'})"
-            )
-        for desc in manifests:
-            if (desc.annotations or {}).get(REF_NAME) == name:
-                return desc
-        raise EstargzOptError(
-            f"no image tagged {name!r} in {self.root} (tags: {', '.join(self.tags()) or 'none'})"
-        )
-
-    def tags(self) -> list[str]:
-        return [t for d in self.index().manifests if (t := (d.annotations or {}).get(REF_NAME))]
+        return resolve_in(self.index(), name, str(self.root), "oci:DIR:TAG")
 
     def blob_path(self, digest: str) -> Path:
         hexpart = sha256_hex(digest)
@@ -243,14 +228,7 @@ class OCILayout:
         try:
             with self._index_locked():
                 index = self.index()  # under the lock: other runs' tags since we began
-                kept = [
-                    d for d in index.manifests if (d.annotations or {}).get(REF_NAME) not in tags
-                ]
-                added = [
-                    desc.with_changes(annotations={**(desc.annotations or {}), REF_NAME: name})
-                    for name, desc in tags.items()
-                ]
-                index.manifests = [*kept, *added]
+                retag(index, tags)
                 atomic_write(
                     self.root / "index.json", index.to_bytes(), prefix=temp_prefix("index.json")
                 )
@@ -338,7 +316,9 @@ class OCILayout:
         try:
             (self.root / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
             if not (self.root / "oci-layout").exists():
-                atomic_write(self.root / "oci-layout", _LAYOUT, prefix=temp_prefix("oci-layout"))
+                atomic_write(
+                    self.root / "oci-layout", LAYOUT_FILE, prefix=temp_prefix("oci-layout")
+                )
         except OSError:
             if self._created_root:
                 self._remove_if_empty()
@@ -370,6 +350,37 @@ class OCILayout:
                         log.info("deleting %s, left by a run that was killed", entry.path)
                         with contextlib.suppress(FileNotFoundError):
                             os.unlink(entry.path)
+
+
+def resolve_in(index: Index, name: str | None, where: str, form: str) -> Descriptor:
+    """The image `name` (its ref.name annotation) of a layout's index, or its only image;
+    `form` is how the user names one (`oci:DIR:TAG`)."""
+    manifests = index.manifests
+    known = ", ".join(tags_of(index)) or "none"
+    if name is None:
+        if len(manifests) == 1:
+            return manifests[0]
+        raise EstargzOptError(
+            f"{where} holds {len(manifests)} images; name one with {form} (tags: {known})"
+        )
+    for desc in manifests:
+        if (desc.annotations or {}).get(REF_NAME) == name:
+            return desc
+    raise EstargzOptError(f"no image tagged {name!r} in {where} (tags: {known})")
+
+
+def retag(index: Index, tags: Mapping[str, Descriptor]) -> None:
+    """Point each name of `tags` at its descriptor in a layout's index (in place)."""
+    kept = [d for d in index.manifests if (d.annotations or {}).get(REF_NAME) not in tags]
+    added = [
+        desc.with_changes(annotations={**(desc.annotations or {}), REF_NAME: name})
+        for name, desc in tags.items()
+    ]
+    index.manifests = [*kept, *added]
+
+
+def tags_of(index: Index) -> list[str]:
+    return [t for d in index.manifests if (t := (d.annotations or {}).get(REF_NAME))]
 
 
 def _lock_dir(path: Path, how: int) -> int | None:
