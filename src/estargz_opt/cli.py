@@ -356,6 +356,9 @@ def optimize_cmd(
     (oci:DIR[:TAG]), in any combination. The last line printed is the digest of the new
     image.
 
+    Archives, as skopeo names them: oci-archive:PATH[:TAG] (SRC or DST) and
+    docker-archive:PATH[:NAME:TAG] (what docker save writes; SRC only).
+
     Unless --record-in, --prefetch-list or --no-optimize is given, the image's workload
     runs for --period seconds in a sample container (containerd + runc, host platform
     only), and the files it opens go first in their layers. Its output goes to stderr.

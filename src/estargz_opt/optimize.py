@@ -106,6 +106,11 @@ class OptimizeRequest:
                 "running the workload needs containerd, which oci: images do not use; pass "
                 "--record-in FILE or --prefetch-list FILE (or --no-optimize)"
             )
+        if isinstance(dst, reference.DockerArchiveRef):
+            raise UsageError(
+                f"{dst}: docker-archive: images are read only; write oci-archive:PATH[:TAG] "
+                "or oci:DIR[:TAG]"
+            )
         if self.record_out and not self.runs_workload:
             raise UsageError(
                 "--record-out records a workload run; it cannot be combined with --record-in, "

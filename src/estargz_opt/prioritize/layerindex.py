@@ -13,8 +13,8 @@ from estargz_opt.errors import BadInputError
 from estargz_opt.format import tarfmt
 from estargz_opt.format.codec import Stream, decode_all
 from estargz_opt.format.estargz import GzipStream
-from estargz_opt.format.source import GZIP_MAGIC, ZSTD_MAGIC
 from estargz_opt.format.zstdchunked import ZstdStream
+from estargz_opt.magic import GZIP_MAGIC, ZSTD_MAGIC
 
 WHITEOUT_PREFIX = ".wh."
 OPAQUE = ".wh..wh..opq"

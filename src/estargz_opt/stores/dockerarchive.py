@@ -22,7 +22,7 @@ from estargz_opt import descriptor as d
 from estargz_opt.descriptor import Descriptor, Manifest
 from estargz_opt.digest import sha256_digest, sha256_hex
 from estargz_opt.errors import BadInputError, EstargzOptError, UsageError
-from estargz_opt.format.source import sniff
+from estargz_opt.magic import sniff
 from estargz_opt.reference import docker_name
 from estargz_opt.stores import BlobSink, check_blob
 from estargz_opt.stores.tarindex import Member, TarIndex
@@ -179,9 +179,7 @@ class DockerArchive:
         pass
 
     def _read_only(self) -> NoReturn:
-        raise EstargzOptError(
-            f"{self.what}: docker-archive: is read only here; write oci-archive:PATH or oci:DIR"
-        )
+        raise EstargzOptError(f"{self.what}: docker-archive: images are read only")
 
 
 def _parse_manifest(data: bytes, what: str) -> list[_Entry]:

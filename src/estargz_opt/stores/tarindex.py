@@ -20,7 +20,7 @@ from typing import BinaryIO
 from estargz_opt.descriptor import Descriptor
 from estargz_opt.digest import digest_of, hasher, sha256_digest
 from estargz_opt.errors import BadInputError, EstargzOptError
-from estargz_opt.format.source import sniff
+from estargz_opt.magic import sniff
 from estargz_opt.stores import check_blob
 
 _READ = 1 << 20
