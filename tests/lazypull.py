@@ -319,11 +319,13 @@ class Proxy:
     proc: subprocess.Popen | None = field(default=None, repr=False)
 
     @classmethod
-    def start(cls, upstream: str, log: Path, rtt_ms: float = 0, mbit: float = 0) -> Proxy:
+    def start(cls, upstream: str, log: Path, rtt_ms: float = 0, mbit: float = 0,
+              throttle_uploads: bool = False) -> Proxy:
         proxy = cls(log)
         proxy.proc = subprocess.Popen(
             [sys.executable, str(PROXY_SCRIPT), "--upstream", upstream, "--log", str(log),
-             "--rtt-ms", str(rtt_ms), "--mbit", str(mbit)],
+             "--rtt-ms", str(rtt_ms), "--mbit", str(mbit),
+             *(["--throttle-uploads"] if throttle_uploads else [])],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             preexec_fn=_die_with_parent)
         line = proxy.proc.stdout.readline().strip()
