@@ -209,6 +209,8 @@ def test_compressed_docker_archive_layers(compressed_docker_archive: Path, tmp_p
                      f"docker-archive:{compressed_docker_archive}:example.com/small:1",
                      f"oci-archive:{out}:small")
     assert skopeo_digest(f"oci-archive:{out}:small") == small
+    assert optimize("--oci", "--no-optimize", f"docker-archive:{compressed_docker_archive}:@1",
+                    f"oci:{tmp_path / 'n'}:small") == small  # skopeo's @N: the Nth image
     assert skopeo_digest(f"oci-archive:{out}:v1") == digest  # the first tag is kept
 
 
