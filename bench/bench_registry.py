@@ -75,11 +75,22 @@ def pushed_digest(reg: lazypull.Registry) -> tuple[str, list[dict]]:
 
 
 def link_figures(proxy: lazypull.Proxy, mbit: float) -> dict:
+    """Bytes each way, the floor, and when (seconds after the first request) the link
+    carried blob downloads and uploads: how much of them overlapped."""
     reqs = proxy.requests()
     down = sum(r["bytes"] for r in reqs)
     up = sum(r.get("req_bytes", 0) for r in reqs)
+    t0 = min((r["t0"] for r in reqs), default=0.0)
+    gets = [r for r in reqs if r["method"] == "GET" and "/blobs/" in r["path"] and r["bytes"]]
+    puts = [r for r in reqs if r.get("req_bytes")]
+
+    def span(rs: list[dict]) -> list[float] | None:
+        return [round(min(r["t0"] for r in rs) - t0, 2),
+                round(max(r["t1"] for r in rs) - t0, 2)] if rs else None
+
     return {"requests": len(reqs), "bytes_down": down, "bytes_up": up,
-            "floor_s": round((down + up) * 8 / (mbit * 1e6), 3)}
+            "floor_s": round((down + up) * 8 / (mbit * 1e6), 3),
+            "download_span_s": span(gets), "upload_span_s": span(puts)}
 
 
 def run_ours(cli: list[str], proxy: lazypull.Proxy) -> dict:
@@ -124,8 +135,9 @@ def one_run(tool: str, image: dict, work: Path, args: argparse.Namespace, ctr_re
             "containerd.io/snapshot/stargz/toc.digest" in (x.get("annotations") or {})
             for x in layers)
     res["vs_floor"] = round(res["wall_s"] / res["floor_s"], 3) if res["floor_s"] else None
-    log(f"  {res['wall_s']:.1f} s wall, {res['bytes_down'] / 1e6:.1f} MB down, "
-        f"{res['bytes_up'] / 1e6:.1f} MB up, floor {res['floor_s']:.1f} s, "
+    log(f"  {res['wall_s']:.1f} s wall, {res['bytes_down'] / 1e6:.1f} MB down "
+        f"(s {res['download_span_s']}), {res['bytes_up'] / 1e6:.1f} MB up "
+        f"(s {res['upload_span_s']}), floor {res['floor_s']:.1f} s, "
         f"peak RSS {res['maxrss_mib']:.0f} MiB")
     return res
 
@@ -150,7 +162,9 @@ def render(report: dict) -> str:
     same = {r["digest"] for r in report["results"].values()}
     notes = [f"median of {report['repeat']}, {report['rtt_ms']:g} ms per request and per "
              f"connection, {report['mbit']:g} Mbit/s shared by both directions; "
-             f"pushed manifests {'identical' if len(same) == 1 else 'differ'}; load average "
+             f"pushed manifests {'identical' if len(same) == 1 else 'differ'} (both "
+             f"eStargz, every layer TOC-annotated: "
+             f"{all(r['toc_annotated'] for r in report['results'].values())}); load average "
              f"{report['loadavg_start']} -> {report['loadavg_end']}"]
     return table + "\n\n" + "\n".join(notes)
 
