@@ -159,10 +159,12 @@ def render(report: dict) -> str:
     table = benchlib.markdown_table(
         ["pipeline", "wall s", "vs ctr-remote", "MB down / up", "link floor s",
          "wall vs floor", "peak RSS MiB"], rows)
-    same = {r["digest"] for r in report["results"].values()}
+    digests = {r["digest"] for r in report["results"].values()}
+    same = "n/a" if len(report["results"]) < 2 else (
+        "identical" if len(digests) == 1 else "differ")
     notes = [f"median of {report['repeat']}, {report['rtt_ms']:g} ms per request and per "
              f"connection, {report['mbit']:g} Mbit/s shared by both directions; "
-             f"pushed manifests {'identical' if len(same) == 1 else 'differ'} (both "
+             f"pushed manifests {same} (all "
              f"eStargz, every layer TOC-annotated: "
              f"{all(r['toc_annotated'] for r in report['results'].values())}); load average "
              f"{report['loadavg_start']} -> {report['loadavg_end']}"]
