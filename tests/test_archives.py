@@ -178,6 +178,25 @@ def test_oci_archive_converted_in_place_keeps_its_images(oci_archive: Path, tmp_
     assert leftovers(tmp_path) == []
 
 
+def test_concurrent_runs_into_one_archive_keep_every_image(oci_archive: Path, tmp_path: Path):
+    out = tmp_path / "shared.tar"
+    src = f"oci-archive:{oci_archive}:{SRC_TAG}"
+    flags = {"a": [], "b": ["--zstdchunked"], "c": ["--estargz-chunk-size", "65536"]}
+    runs = [subprocess.Popen([sys.executable, "-m", "estargz_opt", "optimize", "--oci",
+                              "--no-optimize", *fmt, src, f"oci-archive:{out}:{tag}"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for tag, fmt in flags.items()]
+    digests = {}
+    for tag, run in zip("abc", runs, strict=True):
+        stdout, stderr = run.communicate(timeout=300)
+        assert run.returncode == 0, stderr
+        digests[tag] = stdout.strip().splitlines()[-1]
+    for tag, digest in digests.items():
+        assert skopeo_digest(f"oci-archive:{out}:{tag}") == digest
+    tool("skopeo", "copy", f"oci-archive:{out}:b", f"oci:{tmp_path / 'copy'}:b")
+    assert leftovers(tmp_path) == []
+
+
 def test_docker_archive_to_oci(docker_archive: Path, tmp_path: Path):
     out = tmp_path / "out"
     digest = optimize("--oci", "--no-optimize", f"docker-archive:{docker_archive}:{DOCKER_NAME}",

@@ -247,7 +247,7 @@ class OCILayout:
         try:
             with self._index_locked():
                 try:
-                    alone = _lock_dir(self.root / "blobs", fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    alone = lock_dir(self.root / "blobs", fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
                     alone = None
                 if alone is None:
@@ -282,7 +282,7 @@ class OCILayout:
             while self._writer is None:
                 self._init_layout()
                 # None: a rollback removed the empty layout meanwhile; create it again
-                self._writer = _lock_dir(self.root / "blobs", fcntl.LOCK_SH)
+                self._writer = lock_dir(self.root / "blobs", fcntl.LOCK_SH)
         except OSError as exc:
             raise EstargzOptError(
                 f"cannot create an OCI layout at {self.root}: {exc.strerror}"
@@ -296,7 +296,7 @@ class OCILayout:
 
     @contextlib.contextmanager
     def _index_locked(self) -> Iterator[None]:
-        while (fd := _lock_dir(self.root, fcntl.LOCK_EX)) is None:
+        while (fd := lock_dir(self.root, fcntl.LOCK_EX)) is None:
             if not self.root.is_dir():
                 raise FileNotFoundError(2, os.strerror(2), str(self.root))
         try:
@@ -383,7 +383,7 @@ def tags_of(index: Index) -> list[str]:
     return [t for d in index.manifests if (t := (d.annotations or {}).get(REF_NAME))]
 
 
-def _lock_dir(path: Path, how: int) -> int | None:
+def lock_dir(path: Path, how: int) -> int | None:
     """An fd of directory `path` holding flock `how`, or None if `path` was removed or
     replaced while we waited (the lock is then on a directory nobody uses: start over).
     With LOCK_NB, BlockingIOError when another process holds a conflicting lock."""

@@ -10,12 +10,14 @@ blobs (an archive keeps its other images, as a layout does), the new blobs, inde
 and oci-layout into a temporary file that then replaces the archive in one rename. A
 failed run removes its directory, and any later run writing beside it removes the
 directories and files of runs that were killed (their owner is in the name, owner.py).
-Two runs writing one archive at the same time: the later rename wins.
+Runs writing one archive at the same time all keep their images: `tag` holds an exclusive
+flock on the archive's directory and starts from the archive as it is then.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import io
 import logging
 import os
@@ -32,7 +34,7 @@ from estargz_opt.descriptor import OCI_INDEX, Descriptor, Index
 from estargz_opt.digest import digest_of, hasher, sha256_digest, sha256_hex
 from estargz_opt.errors import BadInputError, EstargzOptError
 from estargz_opt.stores import check_blob
-from estargz_opt.stores.oci import LAYOUT_FILE, resolve_in, retag
+from estargz_opt.stores.oci import LAYOUT_FILE, lock_dir, resolve_in, retag
 from estargz_opt.stores.owner import is_dead, temp_owner, temp_prefix
 from estargz_opt.stores.tarindex import Member, TarIndex
 
@@ -68,6 +70,8 @@ class OCIArchive:
         #: the run's private directory of committed blobs (a destination only)
         self._work: Path | None = None
         self._new: dict[str, Path] = {}
+        #: what the archive on disk was when read (another run may replace it meanwhile)
+        self._identity: tuple[int, ...] | None = None
         self._lock = threading.Lock()
         if not create or path.exists():
             self._open()
@@ -81,6 +85,7 @@ class OCIArchive:
         self._drop_work()
 
     def _open(self) -> None:
+        self._identity = _identity(self.path)
         self._tar = TarIndex.scan(self.path, self.what)
         member = self._tar.get("index.json")
         if member is None:
@@ -193,12 +198,28 @@ class OCIArchive:
             self._new[digest] = final
 
     def tag(self, tags: Mapping[str, Descriptor]) -> None:
-        """Write the archive: its previous blobs, this run's, and the index with `tags`."""
-        index = Index(self._index.media_type, list(self._index.manifests), dict(self._index.extra))
-        retag(index, tags)
+        """Write the archive: its previous blobs, this run's, and the index with `tags`.
+
+        Under an exclusive flock on the archive's directory, and from the archive as it
+        is then: runs that wrote it since this one read it keep their images (every
+        write keeps every blob, so what this run's images use is still there)."""
         try:
-            with atomic_output(self.path, temp_prefix(_KIND)) as out:
-                self._write_tar(out, index)
+            fd = lock_dir(self.path.parent, fcntl.LOCK_EX)
+            if fd is None:
+                raise FileNotFoundError(2, os.strerror(2), str(self.path.parent))
+            try:
+                if _identity(self.path) != self._identity:
+                    if self._identity is not None and not self.path.exists():
+                        raise EstargzOptError(f"{self.what} was removed during the run")
+                    self._open()
+                index = Index(
+                    self._index.media_type, list(self._index.manifests), dict(self._index.extra)
+                )
+                retag(index, tags)
+                with atomic_output(self.path, temp_prefix(_KIND)) as out:
+                    self._write_tar(out, index)
+            finally:
+                os.close(fd)
         except OSError as exc:
             raise EstargzOptError(f"cannot write {self.what}: {exc.strerror}") from None
         self._drop_work()
@@ -217,7 +238,9 @@ class OCIArchive:
                     if name.startswith(_BLOBS) and name == member.name:
                         old.seek(member.offset)
                         tar.addfile(_info(name, member.size), old)
-            for path in sorted(self._new.values()):
+            for digest, path in sorted(self._new.items()):
+                if self._member(digest) is not None:  # another run wrote it meanwhile
+                    continue
                 with open(path, "rb") as f:
                     tar.addfile(_info(_BLOBS + path.name, os.fstat(f.fileno()).st_size), f)
             for name, data in (("index.json", index.to_bytes()), ("oci-layout", LAYOUT_FILE)):
@@ -246,6 +269,15 @@ class OCIArchive:
             self._new = {}
         if work is not None:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def _identity(path: Path) -> tuple[int, ...] | None:
+    """Which file `path` is now (None: none): a rename over it changes this."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def _info(name: str, size: int, kind: bytes = tarfile.REGTYPE) -> tarfile.TarInfo:
