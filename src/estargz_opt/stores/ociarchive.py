@@ -226,18 +226,15 @@ class OCIArchive:
         self._open()
 
     def _write_tar(self, out: BinaryIO, index: Index) -> None:
-        with (
-            tarfile.TarFile(fileobj=out, mode="w", copybufsize=_COPY) as tar,
-            contextlib.ExitStack() as stack,
-        ):
+        with tarfile.TarFile(fileobj=out, mode="w", copybufsize=_COPY) as tar:
             for name in ("blobs", "blobs/sha256"):
                 tar.addfile(_info(name, 0, tarfile.DIRTYPE))
-            old = stack.enter_context(open(self._tar.path, "rb")) if self._tar else None
-            if self._tar is not None and old is not None:
-                for name, member in sorted(self._tar.members.items()):
-                    if name.startswith(_BLOBS) and name == member.name:
-                        old.seek(member.offset)
-                        tar.addfile(_info(name, member.size), old)
+            if self._tar is not None:
+                with open(self._tar.path, "rb") as old:
+                    for name, member in sorted(self._tar.members.items()):
+                        if name.startswith(_BLOBS) and name == member.name:  # not a link
+                            old.seek(member.offset)
+                            tar.addfile(_info(name, member.size), old)
             for digest, path in sorted(self._new.items()):
                 if self._member(digest) is not None:  # another run wrote it meanwhile
                     continue
