@@ -389,3 +389,8 @@ def test_compressed_or_foreign_archive_files(oci_archive: Path, tmp_path: Path):
     one_error(cli("--log-level", "error", "optimize", "--oci", "--no-optimize",
                   f"oci-archive:{oci_archive}:{SRC_TAG}", f"oci-archive:{out}:x"), str(out))
     assert out.read_text() == text.read_text()
+    missing = tmp_path / "no" / "such" / "out.tar"
+    one_error(cli("--log-level", "error", "optimize", "--oci", "--no-optimize",
+                  f"oci-archive:{oci_archive}:{SRC_TAG}", f"oci-archive:{missing}:x"),
+              "cannot write", "No such file")
+    one_error(cli("verify", f"oci-archive:{tmp_path}"), "Is a directory")
