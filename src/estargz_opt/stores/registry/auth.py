@@ -1,0 +1,255 @@
+"""Registry authentication as an `httpx.Auth` flow: Basic, and the bearer-token flow
+that `WWW-Authenticate` asks for (the distribution token spec).
+
+The flow derives the token scope from each request: the repository from the
+`/v2/<name>/...` path, `pull` for GET/HEAD and `pull,push` otherwise, plus
+`repository:<from>:pull` for a cross-repository mount, so one token request carries every
+scope a request needs. Tokens are cached per scope set and fetched again on expiry or
+on a 401.
+
+httpx streams request bodies, and a streamed body cannot be sent twice. So the flow
+authorizes *before* sending whenever it knows the registry's challenge (learned from the
+session's first request, a GET `/v2/`), and only a replayable request is retried after a
+401. A request still refused after that raises `RegistryAccessError`, naming the
+credential source; no secret ever goes into a message or a log record.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+import threading
+import time
+from collections.abc import Callable, Generator
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+import httpx
+
+from estargz_opt.stores.registry.access import RegistryAccessError
+from estargz_opt.stores.registry.credentials import Credential
+
+#: Tokens that say less (or nothing) are taken to live this long, as Docker does.
+MIN_TOKEN_LIFETIME = 60.0
+#: A token this close to its expiry is fetched again before a request is sent.
+EXPIRY_MARGIN = 10.0
+#: `client_id` sent with an identity-token exchange.
+CLIENT_ID = "estargz-opt"
+
+_PATH = re.compile(r"^/v2/(?P<name>.+?)/(?:manifests|blobs|tags|referrers)/")
+_PARAM = re.compile(r'\s*([A-Za-z0-9_.-]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]*))\s*,?')
+
+Scopes = frozenset[str]
+CredentialLookup = Callable[[str | None], Credential | None]
+
+
+@dataclass(frozen=True, slots=True)
+class Challenge:
+    """One `WWW-Authenticate` challenge: scheme (lower case) and its parameters."""
+
+    scheme: str
+    params: dict[str, str] = field(default_factory=dict)
+
+
+def parse_challenges(headers: list[str]) -> list[Challenge]:
+    """`Bearer realm="…",service="…",scope="…"` and `Basic realm="…"`, one or more per
+    header."""
+    out: list[Challenge] = []
+    for header in headers:
+        rest = header.strip()
+        while rest:
+            m = re.match(r"([A-Za-z][A-Za-z0-9_-]*)\s*", rest)
+            if m is None:
+                break
+            scheme, rest = m.group(1).lower(), rest[m.end():]
+            params: dict[str, str] = {}
+            while (p := _PARAM.match(rest)) and p.group(0):
+                value = p.group(2) if p.group(2) is not None else p.group(3) or ""
+                params[p.group(1).lower()] = re.sub(r"\\(.)", r"\1", value)
+                rest = rest[p.end():]
+            out.append(Challenge(scheme, params))
+    return out
+
+
+def _merge(scopes: list[str]) -> Scopes:
+    """Scope strings with the actions of each resource united, so that
+    `repository:a:pull` and `repository:a:push` become `repository:a:pull,push`."""
+    actions: dict[str, set[str]] = {}
+    for scope in scopes:
+        resource, sep, acts = scope.rpartition(":")
+        if not sep or ":" not in resource:
+            continue
+        actions.setdefault(resource, set()).update(a for a in acts.split(",") if a)
+    return frozenset(f"{r}:{','.join(sorted(a))}" for r, a in actions.items())
+
+
+def request_scopes(request: httpx.Request) -> tuple[str | None, Scopes]:
+    """The repository a request is about (None for `/v2/` itself) and the scopes it
+    needs."""
+    m = _PATH.match(request.url.path)
+    if m is None:
+        if request.url.path.rstrip("/") == "/v2/_catalog":
+            return None, frozenset({"registry:catalog:*"})
+        return None, frozenset()
+    name = m.group("name")
+    push = request.method not in ("GET", "HEAD")
+    scopes = [f"repository:{name}:{'pull,push' if push else 'pull'}"]
+    source = request.url.params.get("from")
+    if push and request.url.params.get("mount") and source:
+        scopes.append(f"repository:{source}:pull")
+    return name, _merge(scopes)
+
+
+def _replayable(request: httpx.Request) -> bool:
+    """A request whose body can be sent again (none, or bytes in memory)."""
+    return isinstance(request.stream, httpx.ByteStream)
+
+
+def _basic(cred: Credential) -> str:
+    return "Basic " + base64.b64encode(f"{cred.username}:{cred.password}".encode()).decode()
+
+
+@dataclass(slots=True)
+class _Token:
+    value: str = field(repr=False)
+    expires: float
+
+
+class RegistryAuth(httpx.Auth):
+    """Authentication for one registry host, shared by every request of a session
+    (thread-safe: layers are fetched in parallel)."""
+
+    def __init__(self, host: str, credentials: CredentialLookup) -> None:
+        self.host = host
+        self._lookup = credentials
+        self._lock = threading.Lock()
+        self._challenge: Challenge | None = None
+        self._tokens: dict[Scopes, _Token] = {}
+        self._creds: dict[str | None, Credential | None] = {}
+        #: how many token requests were sent, per scope set (tests and --debug read it)
+        self.token_requests: list[Scopes] = []
+
+    # -------------------------------------------------------------- the flow
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response,
+                                                             None]:
+        repo, scopes = request_scopes(request)
+        ping = repo is None and not scopes
+        if not ping:
+            yield from self._authorize(request, repo, scopes, fresh=False)
+        response = yield request
+        if response.status_code != 401:
+            return
+        challenge = self._pick(response)
+        if challenge is None or ping:
+            return
+        if not _replayable(request):
+            # The body has gone; pre-authorization was refused: nothing to retry.
+            raise self._refused(repo, challenge)
+        extra = challenge.params.get("scope", "").split()
+        yield from self._authorize(request, repo, _merge([*scopes, *extra]), fresh=True)
+        response = yield request
+        if response.status_code == 401:
+            raise self._refused(repo, challenge)
+
+    def _pick(self, response: httpx.Response) -> Challenge | None:
+        """Remember the registry's challenge (bearer preferred) for pre-authorization."""
+        challenges = parse_challenges(response.headers.get_list("www-authenticate"))
+        chosen = next((c for c in challenges if c.scheme == "bearer" and "realm" in c.params),
+                      next((c for c in challenges if c.scheme == "basic"), None))
+        if chosen is not None:
+            with self._lock:
+                self._challenge = chosen
+        return chosen
+
+    def _authorize(self, request: httpx.Request, repo: str | None, scopes: Scopes,
+                   fresh: bool) -> Generator[httpx.Request, httpx.Response, None]:
+        with self._lock:
+            challenge = self._challenge
+        if challenge is None:
+            return
+        cred = self.credential(repo)
+        if challenge.scheme == "basic":
+            if cred is not None and cred.username:
+                request.headers["Authorization"] = _basic(cred)
+            return
+        token = yield from self._token(challenge, repo, scopes, cred, fresh)
+        request.headers["Authorization"] = f"Bearer {token}"
+
+    # -------------------------------------------------------------- tokens
+
+    def _token(self, challenge: Challenge, repo: str | None, scopes: Scopes,
+               cred: Credential | None, fresh: bool
+               ) -> Generator[httpx.Request, httpx.Response, str]:
+        now = time.monotonic()
+        with self._lock:
+            cached = self._tokens.get(scopes)
+        if cached is not None and not fresh and cached.expires - EXPIRY_MARGIN > now:
+            return cached.value
+        realm = challenge.params["realm"]
+        service = challenge.params.get("service")
+        ordered = sorted(scopes)
+        if cred is not None and cred.identity_token:
+            form = {"grant_type": "refresh_token", "refresh_token": cred.identity_token,
+                    "client_id": CLIENT_ID, **({"service": service} if service else {}),
+                    **({"scope": " ".join(ordered)} if ordered else {})}
+            token_request = httpx.Request("POST", realm, data=form)
+        else:
+            query = httpx.QueryParams([*([("service", service)] if service else []),
+                                       *(("scope", s) for s in ordered)])
+            headers = {"Authorization": _basic(cred)} if cred is not None and cred.username \
+                else {}
+            token_request = httpx.Request("GET", realm, params=query, headers=headers)
+        with self._lock:
+            self.token_requests.append(scopes)
+        response = yield token_request
+        response.read()
+        realm_host = urlsplit(realm).netloc or realm
+        if response.status_code in (401, 403):
+            raise self._refused(repo, challenge, f"the token server {realm_host}")
+        if not response.is_success:
+            raise RegistryAccessError(f"registry {self.host}: its token server {realm_host} "
+                                      f"answered HTTP {response.status_code}")
+        try:
+            body = response.json()
+            value = body.get("token") or body.get("access_token")
+            lifetime = float(body.get("expires_in") or MIN_TOKEN_LIFETIME)
+        except (ValueError, AttributeError, TypeError):
+            value = None
+        if not isinstance(value, str) or not value:
+            raise RegistryAccessError(f"registry {self.host}: its token server {realm_host} "
+                                      "sent no token")
+        with self._lock:
+            self._tokens[scopes] = _Token(value, now + max(lifetime, MIN_TOKEN_LIFETIME))
+        return value
+
+    # -------------------------------------------------------------- credentials, errors
+
+    def credential(self, repo: str | None) -> Credential | None:
+        """The credential for `repo`, looked up once (a helper is run only once)."""
+        with self._lock:
+            if repo in self._creds:
+                return self._creds[repo]
+        cred = self._lookup(repo)
+        with self._lock:
+            self._creds[repo] = cred
+        return cred
+
+    def credential_source(self, repo: str | None) -> str:
+        cred = self.credential(repo)
+        return cred.source if cred is not None else "none"
+
+    def _refused(self, repo: str | None, challenge: Challenge,
+                 by: str | None = None) -> RegistryAccessError:
+        cred = self.credential(repo)
+        what = f"registry {self.host}: unauthorized"
+        if repo:
+            what += f" for repository {repo}"
+        if by:
+            what += f" ({by} refused the login)"
+        if cred is None:
+            return RegistryAccessError(
+                f"{what}: no credentials were found (pass --src-creds/--dest-creds or "
+                "--authfile, or log in with podman/docker login)")
+        return RegistryAccessError(f"{what}: the credentials from {cred.source} were refused "
+                                   f"({challenge.scheme} auth)")
