@@ -1,0 +1,317 @@
+"""Registry sessions against Debian's docker-registry (distribution 2.8) on loopback in
+the four configurations of issue 13 (tests/registries.py): the scheme, TLS from certs.d,
+credentials from every place skopeo/docker look, Basic and bearer-token auth checked by
+the real registry, and the one-line errors. Images pushed through a session are read
+back by skopeo, an independent client."""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import io
+import json
+import logging
+import os
+import subprocess
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urljoin
+
+import httpx
+import pytest
+from lazypull import _free_port
+from registries import PASSWORD, USER, Registries, sha256
+
+from estargz_opt.stores.registry.access import RegistryAccessError
+from estargz_opt.stores.registry.options import RegistryOptions
+from estargz_opt.stores.registry.session import Session, open_session
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+CREDS = f"{USER}:{PASSWORD}"
+
+
+@pytest.fixture(scope="module")
+def regs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registries]:
+    r = Registries.start(tmp_path_factory.mktemp("registries"))
+    try:
+        yield r
+    finally:
+        r.stop()
+
+
+@pytest.fixture(scope="module")
+def certs_d(regs: Registries, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A certs.d tree with the test CA for each TLS registry."""
+    base = tmp_path_factory.mktemp("certs.d")
+    for r in (regs.tls, regs.basic, regs.token):
+        regs.ca.certs_d(base, r.host)
+    return base
+
+
+def _opts(regs: Registries, name: str, certs_d: Path, **kw: object) -> RegistryOptions:
+    reg = regs.all()[name]
+    base: dict[str, object] = {"env": {"HOME": "/nonexistent", "PATH": os.defpath}}
+    if name == "plain":
+        base["tls_verify"] = False
+    else:
+        base["cert_dir"] = certs_d / reg.host
+    if name in ("basic", "token"):
+        base["creds"] = CREDS
+    base.update(kw)
+    return RegistryOptions(**base)  # type: ignore[arg-type]
+
+
+def _layer() -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        data = b"hello from estargz-opt\n"
+        info = tarfile.TarInfo("hello.txt")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    return gzip.compress(buf.getvalue(), mtime=0)
+
+
+def _with_digest(location: str, blob: bytes) -> httpx.URL:
+    """The upload URL plus ?digest= (httpx's `params=` would drop the registry's own
+    query parameters, such as `_state`)."""
+    return httpx.URL(location).copy_add_param("digest", sha256(blob))
+
+
+def _upload_streamed(s: Session, repo: str, blob: bytes) -> None:
+    """POST, one PATCH whose body is a generator (not replayable), PUT ?digest."""
+    r = s.client.post(f"{s.base_url}/v2/{repo}/blobs/uploads/")
+    assert r.status_code == 202, r.text
+    loc = urljoin(s.base_url + "/", r.headers["Location"])
+
+    def chunks() -> Iterator[bytes]:
+        for i in range(0, len(blob), 7):
+            yield blob[i:i + 7]
+
+    r = s.client.patch(loc, content=chunks(), headers={"Content-Type": "application/octet-stream"})
+    assert r.status_code == 202, r.text
+    loc = urljoin(s.base_url + "/", r.headers["Location"])
+    r = s.client.put(_with_digest(loc, blob))
+    assert r.status_code == 201, r.text
+
+
+def _upload_monolithic(s: Session, repo: str, blob: bytes) -> None:
+    r = s.client.post(f"{s.base_url}/v2/{repo}/blobs/uploads/")
+    assert r.status_code == 202, r.text
+    loc = urljoin(s.base_url + "/", r.headers["Location"])
+    r = s.client.put(_with_digest(loc, blob), content=blob,
+                     headers={"Content-Type": "application/octet-stream"})
+    assert r.status_code == 201, r.text
+
+
+def _push_image(s: Session, repo: str, tag: str) -> tuple[str, bytes]:
+    """A one-layer OCI image: layer streamed, config monolithic, then manifest and tag."""
+    layer = _layer()
+    diff_id = sha256(gzip.decompress(layer))
+    config = json.dumps({"architecture": "amd64", "os": "linux",
+                         "rootfs": {"type": "layers", "diff_ids": [diff_id]}}).encode()
+    if s.client.head(f"{s.base_url}/v2/{repo}/blobs/{sha256(layer)}").status_code != 200:
+        _upload_streamed(s, repo, layer)
+    _upload_monolithic(s, repo, config)
+    manifest = json.dumps({
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   "digest": sha256(config), "size": len(config)},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                    "digest": sha256(layer), "size": len(layer)}]}).encode()
+    r = s.client.put(f"{s.base_url}/v2/{repo}/manifests/{tag}", content=manifest,
+                     headers={"Content-Type": OCI_MANIFEST})
+    assert r.status_code == 201, r.text
+    return sha256(manifest), layer
+
+
+def _skopeo_inspect(regs: Registries, name: str, certs_d: Path, ref: str) -> dict[str, object]:
+    reg = regs.all()[name]
+    flags = ["--tls-verify=false"] if name == "plain" else ["--cert-dir", str(certs_d / reg.host)]
+    if name in ("basic", "token"):
+        flags += ["--creds", CREDS]
+    res = subprocess.run(["skopeo", "inspect", *flags, f"docker://{reg.host}/{ref}"],
+                         capture_output=True, text=True, timeout=60,
+                         env={"PATH": os.environ["PATH"], "HOME": "/nonexistent"})
+    assert res.returncode == 0, res.stderr
+    out: dict[str, object] = json.loads(res.stdout)
+    return out
+
+
+@pytest.mark.parametrize("name", ["plain", "tls", "basic", "token"])
+def test_push_through_session_then_skopeo_reads_it(regs: Registries, certs_d: Path,
+                                                    name: str) -> None:
+    s = open_session(regs.all()[name].host, _opts(regs, name, certs_d))
+    try:
+        assert s.base_url == f"{'http' if name == 'plain' else 'https'}://{s.host}"
+        digest, _ = _push_image(s, "acme/app", "v1")
+        r = s.client.get(f"{s.base_url}/v2/acme/app/tags/list")
+        assert r.status_code == 200 and r.json()["tags"] == ["v1"]
+        r = s.client.get(f"{s.base_url}/v2/acme/app/manifests/v1",
+                         headers={"Accept": OCI_MANIFEST})
+        assert r.status_code == 200 and sha256(r.content) == digest
+        expected = "none" if name in ("plain", "tls") else \
+            "command-line credentials (--src-creds/--dest-creds)"
+        assert s.credential_source == expected
+    finally:
+        s.close()
+    info = _skopeo_inspect(regs, name, certs_d, "acme/app:v1")
+    assert info["Digest"] == digest
+
+
+def test_token_flow_one_request_carries_push_and_mount_scopes(regs: Registries,
+                                                             certs_d: Path) -> None:
+    """A mount POST needs push on the target and pull on the source: one token request
+    asks for both, the real registry accepts the token (201 Created, mounted), and the
+    token is cached per scope set."""
+    s = open_session(regs.token.host, _opts(regs, "token", certs_d))
+    try:
+        _, layer = _push_image(s, "src/one", "v1")
+        regs.issuer.requests.clear()
+        r = s.client.post(f"{s.base_url}/v2/dst/two/blobs/uploads/",
+                          params={"mount": sha256(layer), "from": "src/one"})
+        assert r.status_code == 201, r.text
+        assert [sorted(t.scopes) for t in regs.issuer.requests] == [
+            ["repository:dst/two:pull,push", "repository:src/one:pull"]]
+        assert regs.issuer.requests[0].service == "estargz-opt-test-registry"
+        assert regs.issuer.requests[0].user == USER
+        for _ in range(3):
+            assert s.client.head(f"{s.base_url}/v2/dst/two/blobs/{sha256(layer)}"
+                                 ).status_code == 200
+        # one more token (pull on dst/two), then the cached one
+        assert [t.scopes for t in regs.issuer.requests[1:]] == [["repository:dst/two:pull"]]
+    finally:
+        s.close()
+
+
+def test_token_refused_by_registry_is_fetched_again(regs: Registries, certs_d: Path) -> None:
+    """A token the registry refuses (here: one already expired, though the issuer said
+    it lives 300 s) gets a 401; the flow fetches a fresh token, retries once, and then
+    reuses the fresh one from its cache. A 401 whose challenge names a scope the request
+    did not derive (distribution wants `delete` to cancel an upload) widens the scope."""
+    opts = _opts(regs, "token", certs_d)
+    s = open_session(regs.token.host, opts)
+    try:
+        _push_image(s, "refresh/app", "v1")
+    finally:
+        s.close()
+    s = open_session(regs.token.host, opts)
+    try:
+        regs.issuer.expired_next = 1
+        regs.issuer.requests.clear()
+        for _ in range(2):
+            r = s.client.get(f"{s.base_url}/v2/refresh/app/manifests/v1",
+                             headers={"Accept": OCI_MANIFEST})
+            assert r.status_code == 200
+        assert [t.scopes for t in regs.issuer.requests] == [["repository:refresh/app:pull"]] * 2
+        regs.issuer.requests.clear()
+        r = s.client.delete(f"{s.base_url}/v2/refresh/app/blobs/uploads/no-such-upload")
+        assert r.status_code == 404  # authorized; the upload is unknown
+        assert [t.scopes for t in regs.issuer.requests] == [
+            ["repository:refresh/app:pull,push"], ["repository:refresh/app:delete,pull,push"]]
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize("name", ["basic", "token"])
+def test_wrong_password_names_the_source_and_not_the_secret(
+        regs: Registries, certs_d: Path, name: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    bad = "Wr0ng-pa55-7d2e"
+    s = open_session(regs.all()[name].host, _opts(regs, name, certs_d, creds=f"{USER}:{bad}"))
+    try:
+        with pytest.raises(RegistryAccessError) as e:
+            s.client.get(f"{s.base_url}/v2/acme/app/tags/list")
+    finally:
+        s.close()
+    msg = str(e.value)
+    assert msg.startswith(f"registry {s.host}: unauthorized for repository acme/app")
+    assert "credentials from command-line credentials (--src-creds/--dest-creds) were " \
+           "refused" in msg
+    assert "\n" not in msg
+    for secret in (bad, base64.b64encode(f"{USER}:{bad}".encode()).decode()):
+        assert secret not in msg and secret not in caplog.text
+
+
+def test_secrets_never_in_debug_logs(regs: Registries, certs_d: Path,
+                                     caplog: pytest.LogCaptureFixture) -> None:
+    """httpx and httpcore log every request at DEBUG: neither the password, its Basic
+    encoding nor any token the issuer handed out appears."""
+    caplog.set_level(logging.DEBUG)
+    for name in ("basic", "token"):
+        s = open_session(regs.all()[name].host, _opts(regs, name, certs_d))
+        try:
+            _push_image(s, "logs/app", "v1")
+        finally:
+            s.close()
+    assert "HTTP Request" in caplog.text  # the logging under test did happen
+    assert regs.issuer.issued
+    for secret in (PASSWORD, base64.b64encode(CREDS.encode()).decode(),
+                   *regs.issuer.issued):
+        assert secret not in caplog.text
+
+
+def test_anonymous_on_an_auth_registry_says_no_credentials(regs: Registries,
+                                                           certs_d: Path) -> None:
+    s = open_session(regs.basic.host, _opts(regs, "basic", certs_d, creds=None))
+    try:
+        assert s.credential_source == "none"
+        with pytest.raises(RegistryAccessError, match=r"^registry 127\.0\.0\.1:\d+: "
+                           r"unauthorized for repository x/y: no credentials were found"):
+            s.client.get(f"{s.base_url}/v2/x/y/tags/list")
+    finally:
+        s.close()
+
+
+def test_self_signed_without_ca_names_certs_d_and_tls_verify(regs: Registries,
+                                                            tmp_path: Path) -> None:
+    host = regs.tls.host
+    opts = RegistryOptions(env={"HOME": str(tmp_path)})
+    with pytest.raises(RegistryAccessError) as e:
+        open_session(host, opts)
+    msg = str(e.value)
+    assert msg.startswith(f"registry {host}: TLS certificate verification failed")
+    assert str(tmp_path / ".config/containers/certs.d" / host) in msg
+    assert "--src-tls-verify=false" in msg and "\n" not in msg
+
+
+def test_ca_found_in_home_certs_d(regs: Registries, tmp_path: Path) -> None:
+    host = regs.tls.host
+    regs.ca.certs_d(tmp_path / ".config/containers/certs.d", host)
+    s = open_session(host, RegistryOptions(env={"HOME": str(tmp_path)}))
+    try:
+        assert s.tls is not None and s.tls.cert_dir == tmp_path / ".config/containers/certs.d" / host
+        assert s.client.get(f"{s.base_url}/v2/").status_code == 200
+    finally:
+        s.close()
+
+
+def test_tls_verify_false_is_https_unverified_then_plain_http(regs: Registries) -> None:
+    """skopeo's meaning: a TLS registry is still spoken to over HTTPS (unverified); a
+    plain one falls back to HTTP. With verification on, plain HTTP is never tried."""
+    opts = RegistryOptions(tls_verify=False, env={"HOME": "/nonexistent"})
+    for reg, scheme in ((regs.tls, "https"), (regs.plain, "http")):
+        s = open_session(reg.host, opts)
+        try:
+            assert s.base_url == f"{scheme}://{reg.host}"
+            assert s.client.get(f"{s.base_url}/v2/").status_code == 200
+        finally:
+            s.close()
+    with pytest.raises(RegistryAccessError, match="TLS handshake failed.*tls-verify=false"):
+        open_session(regs.plain.host, RegistryOptions(env={"HOME": "/nonexistent"}))
+
+
+def test_connection_refused_and_dns(tmp_path: Path) -> None:
+    opts = RegistryOptions(tls_verify=False, env={"HOME": str(tmp_path)})
+    host = f"127.0.0.1:{_free_port()}"
+    with pytest.raises(RegistryAccessError, match=rf"^registry {host}: connection refused"):
+        open_session(host, opts)
+    with pytest.raises(RegistryAccessError,
+                       match=r"^registry no-such-registry\.invalid:5000: the host name "
+                             r"no-such-registry\.invalid does not resolve"):
+        open_session("no-such-registry.invalid:5000", opts)
+
+
+def test_creds_without_password_is_an_error(regs: Registries) -> None:
+    with pytest.raises(RegistryAccessError, match="no password given for user 'bob'"):
+        open_session(regs.plain.host, RegistryOptions(creds="bob", tls_verify=False))
