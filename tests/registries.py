@@ -33,7 +33,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.x509.oid import NameOID
-
 from lazypull import Registry, RegistryConfig
 
 USER = "tester"

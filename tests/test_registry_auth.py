@@ -280,7 +280,8 @@ def test_ca_found_in_home_certs_d(regs: Registries, tmp_path: Path) -> None:
     regs.ca.certs_d(tmp_path / ".config/containers/certs.d", host)
     s = open_session(host, RegistryOptions(env={"HOME": str(tmp_path)}))
     try:
-        assert s.tls is not None and s.tls.cert_dir == tmp_path / ".config/containers/certs.d" / host
+        assert s.tls is not None
+        assert s.tls.cert_dir == tmp_path / ".config/containers/certs.d" / host
         assert s.client.get(f"{s.base_url}/v2/").status_code == 200
     finally:
         s.close()
@@ -297,7 +298,7 @@ def test_tls_verify_false_is_https_unverified_then_plain_http(regs: Registries) 
             assert s.client.get(f"{s.base_url}/v2/").status_code == 200
         finally:
             s.close()
-    with pytest.raises(RegistryAccessError, match="TLS handshake failed.*tls-verify=false"):
+    with pytest.raises(RegistryAccessError, match=r"TLS handshake failed.*tls-verify=false"):
         open_session(regs.plain.host, RegistryOptions(env={"HOME": "/nonexistent"}))
 
 
