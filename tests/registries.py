@@ -135,6 +135,8 @@ class TokenIssuer:
     issued: list[str] = field(default_factory=list)
     #: the next this many tokens are already expired (the registry then answers 401)
     expired_next: int = 0
+    #: identity (refresh) tokens accepted by the OAuth2 POST, and the user each means
+    refresh_tokens: dict[str, str] = field(default_factory=dict)
     _server: ThreadingHTTPServer | None = field(default=None, repr=False)
     _key: rsa.RSAPrivateKey = field(default_factory=_key, repr=False)
 
@@ -157,6 +159,9 @@ class TokenIssuer:
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 issuer._answer(self)
+
+            def do_POST(self) -> None:
+                issuer._answer_refresh(self)
 
             def log_message(self, *args: object) -> None:
                 pass
@@ -191,6 +196,20 @@ class TokenIssuer:
         self.issued.append(token)
         self._send(h, 200, {"token": token, "expires_in": 300,
                             "issued_at": datetime.datetime.now(datetime.UTC).isoformat()})
+
+    def _answer_refresh(self, h: BaseHTTPRequestHandler) -> None:
+        """The OAuth2 form POST: grant_type=refresh_token with an identity token."""
+        length = int(h.headers.get("Content-Length", "0"))
+        form = parse_qs(h.rfile.read(length).decode())
+        scopes = " ".join(form.get("scope", [])).split()
+        user = self.refresh_tokens.get((form.get("refresh_token") or [""])[0])
+        self.requests.append(TokenRequest(user, scopes, (form.get("service") or [None])[0]))
+        if (form.get("grant_type") or [""])[0] != "refresh_token" or user is None:
+            self._send(h, 401, {"error": "invalid_grant"})
+            return
+        token = self.sign(user, scopes)
+        self.issued.append(token)
+        self._send(h, 200, {"access_token": token, "expires_in": 300})
 
     def sign(self, user: str, scopes: list[str], expired: bool = False) -> str:
         access = []

@@ -316,3 +316,238 @@ def test_connection_refused_and_dns(tmp_path: Path) -> None:
 def test_creds_without_password_is_an_error(regs: Registries) -> None:
     with pytest.raises(RegistryAccessError, match="no password given for user 'bob'"):
         open_session(regs.plain.host, RegistryOptions(creds="bob", tls_verify=False))
+
+
+# --------------------------------------------------------------------------- credential sources
+
+
+HELPER = """#!/bin/sh
+# docker-credential-test: the server on stdin; JSON for {host}, else "not found".
+read -r server
+echo "$server" >> "{log}"
+if [ "$server" = "{host}" ]; then
+  printf '{{"ServerURL":"%s","Username":"{user}","Secret":"{password}"}}\\n' "$server"
+  exit 0
+fi
+echo "credentials not found in native keychain"
+exit 1
+"""
+
+
+def _auth_json(key: str, user: str = USER, password: str = PASSWORD) -> dict[str, object]:
+    return {"auths": {key: {"auth": base64.b64encode(f"{user}:{password}".encode()).decode()}}}
+
+
+def _write(path: Path, data: object) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
+    return path
+
+
+@pytest.fixture(scope="module")
+def basic_image(regs: Registries, certs_d: Path) -> None:
+    """ns/app:v1 and other/app:v1 on the basic-auth registry."""
+    s = open_session(regs.basic.host, _opts(regs, "basic", certs_d))
+    try:
+        _push_image(s, "ns/app", "v1")
+        _push_image(s, "other/app", "v1")
+    finally:
+        s.close()
+
+
+def _home_opts(regs: Registries, certs_d: Path, home: Path, env: dict[str, str] | None = None,
+               authfile: Path | None = None, creds: str | None = None,
+               no_creds: bool = False) -> RegistryOptions:
+    """Options for the basic-auth registry with HOME (and PATH's first entry) in `home`."""
+    return RegistryOptions(
+        authfile=authfile, creds=creds, no_creds=no_creds, cert_dir=certs_d / regs.basic.host,
+        env={"HOME": str(home), "PATH": f"{home / 'bin'}:{os.defpath}", **(env or {})})
+
+
+def _pull_tags(s: Session, repo: str) -> list[str]:
+    r = s.client.get(f"{s.base_url}/v2/{repo}/tags/list")
+    assert r.status_code == 200, r.text
+    tags: list[str] = r.json()["tags"]
+    return tags
+
+
+# Where each auth file is, relative to HOME, and the environment that points there.
+AUTH_FILE_PLACES = {
+    "REGISTRY_AUTH_FILE": ("elsewhere/auth.json",
+                           {"REGISTRY_AUTH_FILE": "{home}/elsewhere/auth.json"}),
+    "XDG_RUNTIME_DIR": ("run/containers/auth.json", {"XDG_RUNTIME_DIR": "{home}/run"}),
+    "~/.config": (".config/containers/auth.json", {}),
+    "XDG_CONFIG_HOME": ("cfg/containers/auth.json", {"XDG_CONFIG_HOME": "{home}/cfg"}),
+    "DOCKER_CONFIG": ("dcfg/config.json", {"DOCKER_CONFIG": "{home}/dcfg"}),
+    "~/.docker": (".docker/config.json", {}),
+}
+
+
+@pytest.mark.parametrize("place", sorted(AUTH_FILE_PLACES))
+@pytest.mark.usefixtures("basic_image")
+def test_each_auth_file_place(regs: Registries, certs_d: Path, tmp_path: Path,
+                              place: str) -> None:
+    rel, env = AUTH_FILE_PLACES[place]
+    path = _write(tmp_path / rel, _auth_json(regs.basic.host))
+    opts = _home_opts(regs, certs_d, tmp_path,
+                      env={k: v.format(home=tmp_path) for k, v in env.items()})
+    s = open_session(regs.basic.host, opts)
+    try:
+        assert _pull_tags(s, "ns/app") == ["v1"]
+        assert s.credential_source == f"auth file {path} (key {regs.basic.host})"
+    finally:
+        s.close()
+
+
+@pytest.mark.usefixtures("basic_image")
+def test_authfile_option_legacy_dockercfg_and_url_keys(regs: Registries, certs_d: Path,
+                                                       tmp_path: Path) -> None:
+    host = regs.basic.host
+    named = _write(tmp_path / "named.json", _auth_json(f"https://{host}/v1/"))
+    s = open_session(host, _home_opts(regs, certs_d, tmp_path, authfile=named))
+    try:
+        assert _pull_tags(s, "ns/app") == ["v1"]
+        assert s.credential_source == f"auth file {named} (key {host})"
+    finally:
+        s.close()
+    named.unlink()
+    legacy = _write(tmp_path / ".dockercfg", _auth_json(host)["auths"])
+    s = open_session(host, _home_opts(regs, certs_d, tmp_path))
+    try:
+        assert _pull_tags(s, "ns/app") == ["v1"]
+        assert s.credential_source == f"auth file {legacy} (key {host})"
+    finally:
+        s.close()
+
+
+@pytest.mark.usefixtures("basic_image")
+def test_first_file_with_an_answer_wins(regs: Registries, certs_d: Path,
+                                        tmp_path: Path) -> None:
+    """XDG_RUNTIME_DIR's file before ~/.docker; a named auth file replaces the
+    containers files (so ~/.config is skipped) but not docker's."""
+    host = regs.basic.host
+    good = _write(tmp_path / "run/containers/auth.json", _auth_json(host))
+    _write(tmp_path / ".docker/config.json", _auth_json(host, password="wrong"))
+    s = open_session(host, _home_opts(regs, certs_d, tmp_path,
+                                      env={"XDG_RUNTIME_DIR": str(tmp_path / "run")}))
+    try:
+        assert _pull_tags(s, "ns/app") == ["v1"]
+        assert s.credential_source == f"auth file {good} (key {host})"
+    finally:
+        s.close()
+    _write(tmp_path / ".config/containers/auth.json", _auth_json(host, password="wrong2"))
+    docker = _write(tmp_path / ".docker/config.json", _auth_json(host))
+    named = _write(tmp_path / "empty.json", {"auths": {}})
+    s = open_session(host, _home_opts(regs, certs_d, tmp_path, authfile=named))
+    try:
+        assert _pull_tags(s, "ns/app") == ["v1"]
+        assert s.credential_source == f"auth file {docker} (key {host})"
+    finally:
+        s.close()
+
+
+@pytest.mark.usefixtures("basic_image")
+def test_namespaced_keys_longest_match_first(regs: Registries, certs_d: Path,
+                                             tmp_path: Path) -> None:
+    host = regs.basic.host
+    auths = {f"{host}/ns": _auth_json("x")["auths"]["x"],
+             host: _auth_json("x", password="wrong")["auths"]["x"]}
+    path = _write(tmp_path / ".docker/config.json", {"auths": auths})
+    s = open_session(host, _home_opts(regs, certs_d, tmp_path))
+    try:
+        assert s.auth is not None
+        assert _pull_tags(s, "ns/app") == ["v1"]
+        assert s.auth.credential_source("ns/app") == f"auth file {path} (key {host}/ns)"
+        with pytest.raises(RegistryAccessError) as e:
+            s.client.get(f"{s.base_url}/v2/other/app/tags/list")
+        assert str(e.value).endswith(
+            f"unauthorized for repository other/app: the credentials from auth file {path} "
+            f"(key {host}) were refused (basic auth)")
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize("kind", ["credHelpers", "credsStore"])
+@pytest.mark.usefixtures("basic_image")
+def test_credential_helper_on_path(regs: Registries, certs_d: Path, tmp_path: Path,
+                                   kind: str) -> None:
+    host = regs.basic.host
+    log = tmp_path / "helper.log"
+    helper = tmp_path / "bin" / "docker-credential-test"
+    helper.parent.mkdir()
+    helper.write_text(HELPER.format(host=host, log=log, user=USER, password=PASSWORD))
+    helper.chmod(0o755)
+    config = {"credHelpers": {host: "test"}} if kind == "credHelpers" else \
+        {"credsStore": "test", "auths": {host: {}}}
+    _write(tmp_path / ".docker/config.json", config)
+    s = open_session(host, _home_opts(regs, certs_d, tmp_path))
+    try:
+        assert _pull_tags(s, "ns/app") == ["v1"]
+        assert _pull_tags(s, "other/app") == ["v1"]
+        assert s.credential_source == "credential helper docker-credential-test"
+    finally:
+        s.close()
+    # host-wide, then once per repository; never run twice for the same one
+    assert log.read_text().splitlines() == [host] * 3
+    # A helper with nothing for a registry is no answer: anonymous, then refused.
+    helper.write_text(HELPER.format(host="elsewhere", log=log, user=USER, password=PASSWORD))
+    s = open_session(host, _home_opts(regs, certs_d, tmp_path))
+    try:
+        assert s.credential_source == "none"
+        with pytest.raises(RegistryAccessError, match="no credentials were found"):
+            s.client.get(f"{s.base_url}/v2/ns/app/tags/list")
+    finally:
+        s.close()
+    helper.unlink()
+    with pytest.raises(RegistryAccessError,
+                       match="credential helper docker-credential-test: not found on PATH"):
+        open_session(host, _home_opts(regs, certs_d, tmp_path))
+
+
+@pytest.mark.usefixtures("basic_image")
+def test_command_line_creds_and_no_creds_override_files(regs: Registries, certs_d: Path,
+                                                        tmp_path: Path) -> None:
+    host = regs.basic.host
+    _write(tmp_path / ".docker/config.json", _auth_json(host, password="wrong"))
+    s = open_session(host, _home_opts(regs, certs_d, tmp_path, creds=CREDS))
+    try:
+        assert _pull_tags(s, "ns/app") == ["v1"]
+    finally:
+        s.close()
+    _write(tmp_path / ".docker/config.json", _auth_json(host))
+    s = open_session(host, _home_opts(regs, certs_d, tmp_path, no_creds=True))
+    try:
+        with pytest.raises(RegistryAccessError, match="no credentials were found"):
+            s.client.get(f"{s.base_url}/v2/ns/app/tags/list")
+    finally:
+        s.close()
+
+
+def test_bad_auth_file_is_one_line(regs: Registries, certs_d: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "auth.json"
+    bad.write_text("{not json")
+    with pytest.raises(RegistryAccessError, match=rf"^auth file {bad}: not valid JSON"):
+        open_session(regs.basic.host, _home_opts(regs, certs_d, tmp_path, authfile=bad))
+
+
+def test_identity_token_is_exchanged_at_the_realm(regs: Registries, certs_d: Path,
+                                                  tmp_path: Path) -> None:
+    """An `identitytoken` in an auth file: the OAuth2 refresh-token POST to the realm."""
+    s = open_session(regs.token.host, _opts(regs, "token", certs_d))
+    try:
+        _push_image(s, "ident/app", "v1")
+    finally:
+        s.close()
+    refresh = "refresh-7a61c0ffee"
+    regs.issuer.refresh_tokens[refresh] = USER
+    _write(tmp_path / ".docker/config.json",
+           {"auths": {regs.token.host: {"identitytoken": refresh}}})
+    regs.issuer.requests.clear()
+    opts = RegistryOptions(cert_dir=certs_d / regs.token.host, env={"HOME": str(tmp_path)})
+    s = open_session(regs.token.host, opts)
+    try:
+        assert _pull_tags(s, "ident/app") == ["v1"]
+    finally:
+        s.close()
+    assert [(t.user, t.scopes) for t in regs.issuer.requests] == [
+        (USER, ["repository:ident/app:pull"])]
