@@ -137,6 +137,8 @@ class TokenIssuer:
     expired_next: int = 0
     #: identity (refresh) tokens accepted by the OAuth2 POST, and the user each means
     refresh_tokens: dict[str, str] = field(default_factory=dict)
+    #: repositories no user gets any access to (the token is issued without it)
+    denied: set[str] = field(default_factory=set)
     _server: ThreadingHTTPServer | None = field(default=None, repr=False)
     _key: rsa.RSAPrivateKey = field(default_factory=_key, repr=False)
 
@@ -216,6 +218,8 @@ class TokenIssuer:
         for scope in scopes:
             kind, _, rest = scope.partition(":")
             name, _, actions = rest.rpartition(":")
+            if name in self.denied:
+                continue
             access.append({"type": kind, "name": name, "actions": actions.split(",")})
         now = int(time.time()) - (3600 if expired else 0)
         header = {"typ": "JWT", "alg": "RS256", "x5c": [base64.b64encode(self._der).decode()]}

@@ -233,6 +233,23 @@ def test_wrong_password_names_the_source_and_not_the_secret(
         assert secret not in msg and secret not in caplog.text
 
 
+def test_token_without_the_scope_says_so(regs: Registries, certs_d: Path) -> None:
+    """The password is right, but the issuer grants nothing on this repository: the
+    registry answers 401 insufficient_scope, and the error says what is missing."""
+    regs.issuer.denied.add("locked/app")
+    s = open_session(regs.token.host, _opts(regs, "token", certs_d))
+    try:
+        with pytest.raises(RegistryAccessError) as e:
+            s.client.get(f"{s.base_url}/v2/locked/app/tags/list")
+    finally:
+        s.close()
+        regs.issuer.denied.clear()
+    assert str(e.value) == (
+        f"registry {s.host}: unauthorized for repository locked/app: the token for "
+        "command-line credentials (--src-creds/--dest-creds) does not grant "
+        "repository:locked/app:pull")
+
+
 def test_secrets_never_in_debug_logs(regs: Registries, certs_d: Path,
                                      caplog: pytest.LogCaptureFixture) -> None:
     """httpx and httpcore log every request at DEBUG: neither the password, its Basic

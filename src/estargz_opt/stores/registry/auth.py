@@ -150,7 +150,7 @@ class RegistryAuth(httpx.Auth):
         yield from self._authorize(request, repo, _merge([*scopes, *extra]), fresh=True)
         response = yield request
         if response.status_code == 401:
-            raise self._refused(repo, challenge)
+            raise self._refused(repo, self._pick(response) or challenge)
 
     def _pick(self, response: httpx.Response) -> Challenge | None:
         """Remember the registry's challenge (bearer preferred) for pre-authorization."""
@@ -247,6 +247,11 @@ class RegistryAuth(httpx.Auth):
             what += f" for repository {repo}"
         if by:
             what += f" ({by} refused the login)"
+        if challenge.params.get("error") == "insufficient_scope":
+            wanted = challenge.params.get("scope", "the access it needs")
+            return RegistryAccessError(
+                f"{what}: the token for {'anonymous access' if cred is None else cred.source}"
+                f" does not grant {wanted}")
         if cred is None:
             return RegistryAccessError(
                 f"{what}: no credentials were found (pass --src-creds/--dest-creds or "
