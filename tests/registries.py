@@ -137,6 +137,8 @@ class TokenIssuer:
     expired_next: int = 0
     #: identity (refresh) tokens accepted by the OAuth2 POST, and the user each means
     refresh_tokens: dict[str, str] = field(default_factory=dict)
+    #: the Authorization header of every GET ("" for none)
+    authorization_seen: list[str] = field(default_factory=list)
     #: repositories no user gets any access to (the token is issued without it)
     denied: set[str] = field(default_factory=set)
     _server: ThreadingHTTPServer | None = field(default=None, repr=False)
@@ -182,6 +184,7 @@ class TokenIssuer:
         q = parse_qs(urlsplit(h.path).query)
         user = None
         auth = h.headers.get("Authorization", "")
+        self.authorization_seen.append(auth)
         if auth.startswith("Basic "):
             u, _, p = base64.b64decode(auth[6:]).decode().partition(":")
             if self.users.get(u) != p:

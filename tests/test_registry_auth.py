@@ -209,6 +209,25 @@ def test_token_refused_by_registry_is_fetched_again(regs: Registries, certs_d: P
         assert r.status_code == 404  # authorized; the upload is unknown
         assert [t.scopes for t in regs.issuer.requests] == [
             ["repository:refresh/app:pull,push"], ["repository:refresh/app:delete,pull,push"]]
+        regs.issuer.requests.clear()
+        r = s.client.delete(f"{s.base_url}/v2/refresh/app/blobs/uploads/no-such-upload")
+        assert r.status_code == 404 and regs.issuer.requests == []  # widened and cached
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize("name", ["basic", "token"])
+def test_no_credentials_go_to_another_host(regs: Registries, certs_d: Path, name: str) -> None:
+    """A URL on another host (an upload Location or a redirect to storage) is sent as it
+    is: here the token issuer's host plays that other server and records the header."""
+    s = open_session(regs.all()[name].host, _opts(regs, name, certs_d))
+    try:
+        _push_image(s, "origin/app", "v1")  # the session holds credentials and tokens
+        regs.issuer.authorization_seen.clear()
+        other = regs.issuer.realm.removesuffix("/token")
+        r = s.client.get(f"{other}/v2/origin/app/tags/list")
+        assert r.status_code == 401  # the other server's own answer, passed through
+        assert regs.issuer.authorization_seen == [""]
     finally:
         s.close()
 

@@ -125,16 +125,25 @@ class RegistryAuth(httpx.Auth):
         self._lock = threading.Lock()
         self._challenge: Challenge | None = None
         self._tokens: dict[Scopes, _Token] = {}
+        #: scope sets the registry asked to widen (its 401 named more), so that the next
+        #: such request asks for the wider set at once
+        self._widened: dict[Scopes, Scopes] = {}
         self._creds: dict[str | None, Credential | None] = {}
-        #: how many token requests were sent, per scope set (tests and --debug read it)
-        self.token_requests: list[Scopes] = []
+        #: held while a credential is looked up, so that a helper runs once per repository
+        self._lookup_lock = threading.Lock()
 
     # -------------------------------------------------------------- the flow
 
     def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response,
                                                              None]:
-        repo, scopes = request_scopes(request)
-        ping = repo is None and not scopes
+        if not self._ours(request.url):
+            # An upload Location or a redirect on another host: no credentials go there.
+            yield request
+            return
+        repo, derived = request_scopes(request)
+        ping = repo is None and not derived
+        with self._lock:
+            scopes = self._widened.get(derived, derived)
         if not ping:
             yield from self._authorize(request, repo, scopes, fresh=False)
         response = yield request
@@ -146,11 +155,21 @@ class RegistryAuth(httpx.Auth):
         if not _replayable(request):
             # The body has gone; pre-authorization was refused: nothing to retry.
             raise self._refused(repo, challenge)
-        extra = challenge.params.get("scope", "").split()
-        yield from self._authorize(request, repo, _merge([*scopes, *extra]), fresh=True)
+        wider = _merge([*scopes, *challenge.params.get("scope", "").split()])
+        if wider != scopes:
+            with self._lock:
+                self._widened[derived] = wider
+        yield from self._authorize(request, repo, wider, fresh=True)
         response = yield request
         if response.status_code == 401:
             raise self._refused(repo, self._pick(response) or challenge)
+
+    def _ours(self, url: httpx.URL) -> bool:
+        """Whether `url` is on this registry (a default port written out counts)."""
+        default = {"https": 443, "http": 80}.get(url.scheme)
+        host = f"[{url.host}]" if ":" in url.host else url.host
+        netloc = host if url.port in (None, default) else f"{host}:{url.port}"
+        return netloc in (self.host, self.host.removesuffix(f":{default}"))
 
     def _pick(self, response: httpx.Response) -> Challenge | None:
         """Remember the registry's challenge (bearer preferred) for pre-authorization."""
@@ -200,8 +219,6 @@ class RegistryAuth(httpx.Auth):
             headers = {"Authorization": _basic(cred)} if cred is not None and cred.username \
                 else {}
             token_request = httpx.Request("GET", realm, params=query, headers=headers)
-        with self._lock:
-            self.token_requests.append(scopes)
         response = yield token_request
         response.read()
         realm_host = urlsplit(realm).netloc or realm
@@ -227,13 +244,10 @@ class RegistryAuth(httpx.Auth):
 
     def credential(self, repo: str | None) -> Credential | None:
         """The credential for `repo`, looked up once (a helper is run only once)."""
-        with self._lock:
-            if repo in self._creds:
-                return self._creds[repo]
-        cred = self._lookup(repo)
-        with self._lock:
-            self._creds[repo] = cred
-        return cred
+        with self._lookup_lock:
+            if repo not in self._creds:
+                self._creds[repo] = self._lookup(repo)
+            return self._creds[repo]
 
     def credential_source(self, repo: str | None) -> str:
         cred = self.credential(repo)
