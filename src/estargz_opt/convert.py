@@ -354,6 +354,8 @@ class Converter:
             for child in _children(data):
                 self._copy(child, what)
             return
+        if self.dst.holds(desc.digest, desc.size):
+            return  # already there (or mounted from the source's repository): no bytes move
         with (
             self.src.local_file(desc, what) as path,
             open(path, "rb") as f,
