@@ -17,6 +17,7 @@ credential source; no secret ever goes into a message or a log record.
 from __future__ import annotations
 
 import base64
+import logging
 import re
 import threading
 import time
@@ -28,6 +29,8 @@ import httpx
 
 from estargz_opt.stores.registry.access import RegistryAccessError
 from estargz_opt.stores.registry.credentials import Credential
+
+log = logging.getLogger("estargz_opt")
 
 #: Tokens that say less (or nothing) are taken to live this long, as Docker does.
 MIN_TOKEN_LIFETIME = 60.0
@@ -125,6 +128,8 @@ class RegistryAuth(httpx.Auth):
         self._lock = threading.Lock()
         self._challenge: Challenge | None = None
         self._tokens: dict[Scopes, _Token] = {}
+        #: one lock per scope set while its token is being fetched
+        self._fetching: dict[Scopes, threading.Lock] = {}
         #: scope sets the registry asked to widen (its 401 named more), so that the next
         #: such request asks for the wider set at once
         self._widened: dict[Scopes, Scopes] = {}
@@ -145,7 +150,7 @@ class RegistryAuth(httpx.Auth):
         with self._lock:
             scopes = self._widened.get(derived, derived)
         if not ping:
-            yield from self._authorize(request, repo, scopes, fresh=False)
+            yield from self._authorize(request, repo, scopes, refused=None)
         response = yield request
         if response.status_code != 401:
             return
@@ -155,11 +160,15 @@ class RegistryAuth(httpx.Auth):
         if not _replayable(request):
             # The body has gone; pre-authorization was refused: nothing to retry.
             raise self._refused(repo, challenge)
+        log.debug("registry %s: %s %s answered 401; authorizing again", self.host,
+                  request.method, request.url.path)
         wider = _merge([*scopes, *challenge.params.get("scope", "").split()])
         if wider != scopes:
             with self._lock:
                 self._widened[derived] = wider
-        yield from self._authorize(request, repo, wider, fresh=True)
+        sent = request.headers.get("Authorization", "")
+        refused = sent.removeprefix("Bearer ") if sent.startswith("Bearer ") else None
+        yield from self._authorize(request, repo, wider, refused)
         response = yield request
         if response.status_code == 401:
             raise self._refused(repo, self._pick(response) or challenge)
@@ -178,11 +187,18 @@ class RegistryAuth(httpx.Auth):
                       next((c for c in challenges if c.scheme == "basic"), None))
         if chosen is not None:
             with self._lock:
-                self._challenge = chosen
+                known, self._challenge = self._challenge, chosen
+            if known is None or (known.scheme, known.params.get("realm")) != (
+                    chosen.scheme, chosen.params.get("realm")):
+                log.debug("registry %s: %s auth%s", self.host, chosen.scheme,
+                          f" (token realm {chosen.params['realm']})"
+                          if chosen.scheme == "bearer" else "")
         return chosen
 
     def _authorize(self, request: httpx.Request, repo: str | None, scopes: Scopes,
-                   fresh: bool) -> Generator[httpx.Request, httpx.Response, None]:
+                   refused: str | None) -> Generator[httpx.Request, httpx.Response, None]:
+        """Set the request's Authorization; `refused` is a token the registry just
+        answered 401 to, which is not to be used again."""
         with self._lock:
             challenge = self._challenge
         if challenge is None:
@@ -192,19 +208,29 @@ class RegistryAuth(httpx.Auth):
             if cred is not None and cred.username:
                 request.headers["Authorization"] = _basic(cred)
             return
-        token = yield from self._token(challenge, repo, scopes, cred, fresh)
+        token = yield from self._token(challenge, repo, scopes, cred, refused)
         request.headers["Authorization"] = f"Bearer {token}"
 
     # -------------------------------------------------------------- tokens
 
     def _token(self, challenge: Challenge, repo: str | None, scopes: Scopes,
-               cred: Credential | None, fresh: bool
+               cred: Credential | None, refused: str | None
                ) -> Generator[httpx.Request, httpx.Response, str]:
-        now = time.monotonic()
+        """A token for `scopes`: the cached one, else one fetched while other threads
+        that need the same scopes wait for it (parallel layer requests ask once)."""
         with self._lock:
-            cached = self._tokens.get(scopes)
-        if cached is not None and not fresh and cached.expires - EXPIRY_MARGIN > now:
-            return cached.value
+            fetching = self._fetching.setdefault(scopes, threading.Lock())
+        with fetching:
+            with self._lock:
+                cached = self._tokens.get(scopes)
+            if cached is not None and cached.value != refused and \
+                    cached.expires - EXPIRY_MARGIN > time.monotonic():
+                return cached.value
+            return (yield from self._fetch_token(challenge, repo, scopes, cred))
+
+    def _fetch_token(self, challenge: Challenge, repo: str | None, scopes: Scopes,
+                     cred: Credential | None) -> Generator[httpx.Request, httpx.Response, str]:
+        now = time.monotonic()
         realm = challenge.params["realm"]
         service = challenge.params.get("service")
         ordered = sorted(scopes)
@@ -219,9 +245,12 @@ class RegistryAuth(httpx.Auth):
             headers = {"Authorization": _basic(cred)} if cred is not None and cred.username \
                 else {}
             token_request = httpx.Request("GET", realm, params=query, headers=headers)
+        realm_host = urlsplit(realm).netloc or realm
+        log.debug("registry %s: token for %s from %s, with %s", self.host,
+                  " ".join(ordered) or "no scope", realm_host,
+                  "anonymous access" if cred is None else cred.source)
         response = yield token_request
         response.read()
-        realm_host = urlsplit(realm).netloc or realm
         if response.status_code in (401, 403):
             raise self._refused(repo, challenge, f"the token server {realm_host}")
         if not response.is_success:
