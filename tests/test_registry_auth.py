@@ -15,6 +15,7 @@ import os
 import subprocess
 import tarfile
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urljoin
 
@@ -212,6 +213,27 @@ def test_token_refused_by_registry_is_fetched_again(regs: Registries, certs_d: P
         regs.issuer.requests.clear()
         r = s.client.delete(f"{s.base_url}/v2/refresh/app/blobs/uploads/no-such-upload")
         assert r.status_code == 404 and regs.issuer.requests == []  # widened and cached
+    finally:
+        s.close()
+
+
+def test_parallel_requests_share_one_token_request(regs: Registries, certs_d: Path) -> None:
+    """Layers are fetched in parallel: requests needing the same scopes wait for one
+    token instead of each asking the issuer."""
+    opts = _opts(regs, "token", certs_d)
+    s = open_session(regs.token.host, opts)
+    try:
+        _, layer = _push_image(s, "parallel/app", "v1")
+    finally:
+        s.close()
+    s = open_session(regs.token.host, opts)
+    try:
+        regs.issuer.requests.clear()
+        url = f"{s.base_url}/v2/parallel/app/blobs/{sha256(layer)}"
+        with ThreadPoolExecutor(8) as pool:
+            codes = list(pool.map(lambda _: s.client.get(url).status_code, range(16)))
+        assert codes == [200] * 16
+        assert [t.scopes for t in regs.issuer.requests] == [["repository:parallel/app:pull"]]
     finally:
         s.close()
 
