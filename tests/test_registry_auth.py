@@ -152,7 +152,7 @@ def test_push_through_session_then_skopeo_reads_it(regs: Registries, certs_d: Pa
                          headers={"Accept": OCI_MANIFEST})
         assert r.status_code == 200 and sha256(r.content) == digest
         expected = "none" if name in ("plain", "tls") else \
-            "command-line credentials (--src-creds/--dest-creds)"
+            "the command line (--creds, --src-creds or --dest-creds)"
         assert s.credential_source == expected
     finally:
         s.close()
@@ -267,8 +267,8 @@ def test_wrong_password_names_the_source_and_not_the_secret(
         s.close()
     msg = str(e.value)
     assert msg.startswith(f"registry {s.host}: unauthorized for repository acme/app")
-    assert "credentials from command-line credentials (--src-creds/--dest-creds) were " \
-           "refused" in msg
+    assert "the credentials from the command line (--creds, --src-creds or --dest-creds) " \
+           "were refused" in msg
     assert "\n" not in msg
     for secret in (bad, base64.b64encode(f"{USER}:{bad}".encode()).decode()):
         assert secret not in msg and secret not in caplog.text
@@ -286,8 +286,9 @@ def test_token_without_the_scope_says_so(regs: Registries, certs_d: Path) -> Non
         s.close()
         regs.issuer.denied.clear()
     assert str(e.value) == (
-        f"registry {s.host}: unauthorized for repository locked/app: the token for "
-        "command-line credentials (--src-creds/--dest-creds) does not grant "
+        f"registry {s.host}: unauthorized for repository locked/app: the token obtained "
+        "with the credentials from the command line (--creds, --src-creds or --dest-creds) "
+        "does not grant "
         "repository:locked/app:pull")
 
 

@@ -138,7 +138,8 @@ def test_wrong_password_is_one_line_naming_the_source(regs: Registries, home: Pa
                 f"docker://{host}/err/app:1")
     msg = _one_error_line(proc)
     assert msg.startswith(f"registry {host}: unauthorized for repository err/app: the "
-                          "credentials from command-line credentials")
+                          "credentials from the command line (--creds, --src-creds or "
+                          "--dest-creds) were refused (basic auth)")
     assert "not-the-password" not in proc.stdout + proc.stderr
     proc = _cli(home, "verify", "--authfile", str(home / "missing.json"),
                 f"docker://{host}/err/app:1")

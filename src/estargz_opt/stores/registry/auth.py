@@ -293,7 +293,8 @@ class RegistryAuth(httpx.Auth):
         if challenge.params.get("error") == "insufficient_scope":
             wanted = challenge.params.get("scope", "the access it needs")
             return RegistryAccessError(
-                f"{what}: the token for {'anonymous access' if cred is None else cred.source}"
+                f"{what}: the token obtained with "
+                f"{'no credentials' if cred is None else 'the credentials from ' + cred.source}"
                 f" does not grant {wanted}")
         if cred is None:
             return RegistryAccessError(

@@ -55,17 +55,22 @@ class _AuthFile:
     legacy: bool = False
 
 
-def parse_creds(value: str, flag: str) -> Credential:
+#: The source of `RegistryOptions.creds` (which flag filled it depends on the command).
+COMMAND_LINE = "the command line (--creds, --src-creds or --dest-creds)"
+
+
+def parse_creds(value: str) -> Credential:
     """USER[:PASS] from the command line; prompt-free, so a missing password is an
     error rather than a question."""
     user, sep, password = value.partition(":")
     if not user:
-        raise RegistryAccessError(f"{flag}: the user name is empty (expected USER:PASS)")
+        raise RegistryAccessError(f"credentials from {COMMAND_LINE}: the user name is empty "
+                                  "(expected USER:PASS)")
     if not sep:
         raise RegistryAccessError(
-            f"{flag}: no password given for user {user!r} (expected USER:PASS; "
-            "estargz-opt never prompts)")
-    return Credential(user, password, f"command-line credentials ({flag})")
+            f"credentials from {COMMAND_LINE}: no password given for user {user!r} "
+            "(expected USER:PASS; estargz-opt never prompts)")
+    return Credential(user, password, COMMAND_LINE)
 
 
 def lookup(host: str, repository: str | None, opts: RegistryOptions) -> Credential | None:
@@ -74,7 +79,7 @@ def lookup(host: str, repository: str | None, opts: RegistryOptions) -> Credenti
     if opts.no_creds:
         return None
     if opts.creds is not None:
-        return parse_creds(opts.creds, "--src-creds/--dest-creds")
+        return parse_creds(opts.creds)
     keys = list(_candidate_keys(host, repository))
     for auth_file in _auth_files(opts):
         found = _lookup_in_file(auth_file, host, keys, opts.env)
