@@ -89,21 +89,29 @@ def lookup(host: str, repository: str | None, opts: RegistryOptions) -> Credenti
 
 
 def _auth_files(opts: RegistryOptions) -> Iterator[_AuthFile]:
+    """The files to read, in order. Without HOME in the environment the per-user
+    places that hang off it are skipped (never guessed)."""
     env = opts.env
-    home = Path(env.get("HOME", "/root"))
+    home = Path(env["HOME"]) if env.get("HOME") else None
+
+    def under(var: str, default: str) -> Path | None:
+        return Path(env[var]) if env.get(var) else home / default if home else None
+
     named = opts.authfile or (Path(env["REGISTRY_AUTH_FILE"]) if env.get(
         "REGISTRY_AUTH_FILE") else None)
+    places: list[_AuthFile | None] = []
     if named is not None:
-        yield _AuthFile(named)
+        places.append(_AuthFile(named))
     else:
         if env.get("XDG_RUNTIME_DIR"):
-            yield _AuthFile(Path(env["XDG_RUNTIME_DIR"]) / "containers" / "auth.json")
-        config_home = Path(env["XDG_CONFIG_HOME"]) if env.get("XDG_CONFIG_HOME") \
-            else home / ".config"
-        yield _AuthFile(config_home / "containers" / "auth.json")
-    docker_dir = Path(env["DOCKER_CONFIG"]) if env.get("DOCKER_CONFIG") else home / ".docker"
-    yield _AuthFile(docker_dir / "config.json")
-    yield _AuthFile(home / ".dockercfg", legacy=True)
+            places.append(_AuthFile(Path(env["XDG_RUNTIME_DIR"]) / "containers" / "auth.json"))
+        config_home = under("XDG_CONFIG_HOME", ".config")
+        places.append(_AuthFile(config_home / "containers" / "auth.json") if config_home
+                      else None)
+    docker_dir = under("DOCKER_CONFIG", ".docker")
+    places.append(_AuthFile(docker_dir / "config.json") if docker_dir else None)
+    places.append(_AuthFile(home / ".dockercfg", legacy=True) if home else None)
+    yield from (p for p in places if p is not None)
 
 
 def _candidate_keys(host: str, repository: str | None) -> Iterator[str]:

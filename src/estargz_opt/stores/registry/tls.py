@@ -32,14 +32,17 @@ class TlsConfig:
     suggested_dir: Path
 
 
-def user_certs_d(opts: RegistryOptions) -> Path:
-    return Path(opts.env.get("HOME", "/root")) / ".config" / "containers" / "certs.d"
+def certs_d_bases(opts: RegistryOptions) -> list[Path]:
+    """The certs.d directories, in order; the per-user one only when HOME is known."""
+    home = opts.env.get("HOME")
+    user = [Path(home) / ".config" / "containers" / "certs.d"] if home else []
+    return [*user, *SYSTEM_CERTS_D]
 
 
 def find_cert_dir(host: str, opts: RegistryOptions) -> Path | None:
     if opts.cert_dir is not None:
         return opts.cert_dir
-    for base in (user_certs_d(opts), *SYSTEM_CERTS_D):
+    for base in certs_d_bases(opts):
         if (base / host).is_dir():
             return base / host
     return None
@@ -55,7 +58,7 @@ def tls_config(host: str, opts: RegistryOptions) -> TlsConfig:
     cert_dir = find_cert_dir(host, opts)
     if cert_dir is not None:
         _load_dir(ctx, cert_dir)
-    return TlsConfig(ctx, cert_dir, cert_dir or user_certs_d(opts) / host)
+    return TlsConfig(ctx, cert_dir, cert_dir or certs_d_bases(opts)[0] / host)
 
 
 def _load_dir(ctx: ssl.SSLContext, d: Path) -> None:
