@@ -466,7 +466,7 @@ def test_authfile_option_legacy_dockercfg_and_url_keys(regs: Registries, certs_d
     s = open_session(host, _home_opts(regs, certs_d, tmp_path, authfile=named))
     try:
         assert _pull_tags(s, "ns/app") == ["v1"]
-        assert s.credential_source == f"auth file {named} (key {host})"
+        assert s.credential_source == f"auth file {named} (key https://{host}/v1/)"
     finally:
         s.close()
     named.unlink()

@@ -164,13 +164,14 @@ def _lookup_in_file(auth_file: _AuthFile, host: str, keys: list[str],
                 return run_helper(helpers[h], host, env)
     auths = data if auth_file.legacy else data.get("auths")
     if isinstance(auths, dict):
-        normalized: dict[str, Any] = {}
+        # normalized key -> (the key as the file writes it, its entry)
+        normalized: dict[str, tuple[str, Any]] = {}
         for key, entry in auths.items():
-            normalized.setdefault(_normalize_key(key), entry)
+            normalized.setdefault(_normalize_key(key), (key, entry))
         for key in keys:
-            entry = normalized.get(_normalize_key(key))
+            written, entry = normalized.get(_normalize_key(key), (key, None))
             if isinstance(entry, dict):
-                cred = _from_entry(entry, f"{where} (key {key})", auth_file.path)
+                cred = _from_entry(entry, f"{where} (key {written})", auth_file.path)
                 if cred is not None:
                     return cred
     store = data.get("credsStore") if not auth_file.legacy else None
