@@ -24,6 +24,7 @@ import pytest
 from lazypull import _free_port
 from registries import PASSWORD, USER, Registries, sha256
 
+from estargz_opt.stores.registry import credentials
 from estargz_opt.stores.registry.access import RegistryAccessError
 from estargz_opt.stores.registry.options import RegistryOptions
 from estargz_opt.stores.registry.session import Session, open_session
@@ -610,3 +611,32 @@ def test_identity_token_is_exchanged_at_the_realm(regs: Registries, certs_d: Pat
         s.close()
     assert [(t.user, t.scopes) for t in regs.issuer.requests] == [
         (USER, ["repository:ident/app:pull"])]
+
+
+def test_docker_hub_keys(tmp_path: Path) -> None:
+    """Docker Hub's API host finds `docker login`'s URL key, and a namespaced
+    `docker.io/…` key before it; its helper is asked for the URL docker uses. (Lookup
+    only: no test reaches Docker Hub itself.)"""
+    log = tmp_path / "helper.log"
+    helper = tmp_path / "bin" / "docker-credential-hub"
+    helper.parent.mkdir()
+    helper.write_text(HELPER.format(host="https://index.docker.io/v1/", log=log, user="hubber",
+                                    password="x"))
+    helper.chmod(0o755)
+    hub = "registry-1.docker.io"
+    path = _write(tmp_path / ".docker/config.json", {
+        **_auth_json("https://index.docker.io/v1/", "url-user", "p1"),
+        "credHelpers": {}})
+    path_env = {"HOME": str(tmp_path), "PATH": str(tmp_path / "bin")}
+    cred = credentials.lookup(hub, "library/alpine", RegistryOptions(env=path_env))
+    assert cred is not None and (cred.username, cred.source) == (
+        "url-user", f"auth file {path} (key https://index.docker.io/v1/)")
+    data = json.loads(path.read_text())
+    data["auths"]["docker.io/library"] = _auth_json("x", "ns-user", "p2")["auths"]["x"]
+    path.write_text(json.dumps(data))
+    cred = credentials.lookup(hub, "library/alpine", RegistryOptions(env=path_env))
+    assert cred is not None and cred.username == "ns-user"
+    path.write_text(json.dumps({"credHelpers": {"docker.io": "hub"}}))
+    cred = credentials.lookup(hub, "library/alpine", RegistryOptions(env=path_env))
+    assert cred is not None and cred.username == "hubber"
+    assert log.read_text().splitlines() == ["https://index.docker.io/v1/"]

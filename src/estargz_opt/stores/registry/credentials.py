@@ -116,13 +116,12 @@ def _auth_files(opts: RegistryOptions) -> Iterator[_AuthFile]:
 
 def _candidate_keys(host: str, repository: str | None) -> Iterator[str]:
     """`auths` keys to try, most specific first: host/ns/repo, host/ns, host."""
-    hosts = [host, "docker.io"] if host in DOCKER_HUB_HOSTS else [host]
-    for h in dict.fromkeys(hosts):
-        if repository:
-            parts = repository.split("/")
-            for n in range(len(parts), 0, -1):
-                yield f"{h}/{'/'.join(parts[:n])}"
-        yield h
+    h = "docker.io" if host in DOCKER_HUB_HOSTS else host
+    if repository:
+        parts = repository.split("/")
+        for n in range(len(parts), 0, -1):
+            yield f"{h}/{'/'.join(parts[:n])}"
+    yield h
 
 
 def _normalize_key(key: str) -> str:
