@@ -2,7 +2,7 @@
 (and the registry store's tests):
 
 * plain HTTP;
-* TLS with a test CA (:class:`TestCA`), the CA found through a certs.d directory;
+* TLS with a test CA (:class:`LoopbackCA`), the CA found through a certs.d directory;
 * htpasswd basic auth over TLS (bcrypt hashes, as distribution requires);
 * token auth over TLS against :class:`TokenIssuer`, a small HTTP token server that checks
   basic credentials and signs RS256 JWTs with a test key. The token header carries the
@@ -73,7 +73,7 @@ def _cert(subject: str, key: rsa.RSAPrivateKey, issuer: x509.Name, issuer_key: r
 
 
 @dataclass
-class TestCA:
+class LoopbackCA:
     """A CA and a server certificate for 127.0.0.1 and localhost, as PEM files."""
 
     dir: Path
@@ -91,7 +91,7 @@ class TestCA:
         return self.dir / "server.key"
 
     @classmethod
-    def create(cls, d: Path) -> TestCA:
+    def create(cls, d: Path) -> LoopbackCA:
         d.mkdir(parents=True, exist_ok=True)
         ca_key, srv_key = _key(), _key()
         ca = _cert("estargz-opt test CA", ca_key, _name("estargz-opt test CA"), ca_key, True)
@@ -255,7 +255,7 @@ class Registries:
     """The four configurations, started together (one CA, one token issuer)."""
 
     dir: Path
-    ca: TestCA
+    ca: LoopbackCA
     issuer: TokenIssuer
     plain: Registry
     tls: Registry
@@ -264,7 +264,7 @@ class Registries:
 
     @classmethod
     def start(cls, d: Path) -> Registries:
-        ca = TestCA.create(d / "ca")
+        ca = LoopbackCA.create(d / "ca")
         issuer = TokenIssuer(d / "issuer").start()
         tls = RegistryConfig(tls_cert=ca.server_crt, tls_key=ca.server_key, ca=ca.ca_crt)
         started: list[Registry] = []
