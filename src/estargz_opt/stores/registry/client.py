@@ -303,6 +303,8 @@ class Client:
             try:
                 with contextlib.closing(resp):
                     for piece in resp.iter_bytes(PIECE):
+                        if self.stopped.is_set():
+                            raise RegistryError(f"{self.where}: download interrupted")
                         h.update(piece)
                         size += len(piece)
                         if size > desc.size:
