@@ -19,10 +19,12 @@ tell prefetches from on-demand reads.
 
 Fault injection, for the registry client's tests: ``--too-many N`` answers the first N
 requests whose path contains ``/blobs/`` with ``429 Too Many Requests`` and
-``Retry-After: --retry-after`` seconds, without forwarding them (logged with status 429).
+``Retry-After: --retry-after`` seconds, without forwarding them (logged with status 429);
+``--max-body BYTES`` answers requests with a larger body ``413 Payload Too Large``, as
+some proxies in front of registries do (logged with status 413).
 
 Usage: throttle_proxy.py --upstream HOST:PORT [--listen HOST:PORT] [--rtt-ms 20]
-       [--mbit 100] [--log FILE] [--too-many N [--retry-after S]]
+       [--mbit 100] [--log FILE] [--too-many N [--retry-after S]] [--max-body BYTES]
 Prints ``listening on HOST:PORT`` on stdout once it accepts connections; SIGTERM or
 SIGINT stop it.
 """
@@ -90,7 +92,8 @@ class Proxy(socketserver.ThreadingMixIn, http.server.HTTPServer):
     request_queue_size = 128
 
     def __init__(self, listen: tuple[str, int], upstream: tuple[str, int], rtt_s: float,
-                 link: Link, reqlog: RequestLog, too_many: int = 0, retry_after: int = 1):
+                 link: Link, reqlog: RequestLog, too_many: int = 0, retry_after: int = 1,
+                 max_body: int = 0):
         super().__init__(listen, Handler)
         self.upstream = upstream
         self.rtt_s = rtt_s
@@ -99,6 +102,7 @@ class Proxy(socketserver.ThreadingMixIn, http.server.HTTPServer):
         self.conns = itertools.count(1)
         self.too_many = too_many
         self.retry_after = retry_after
+        self.max_body = max_body
         self._faults = threading.Lock()
 
     def take_fault(self, path: str) -> bool:
@@ -158,10 +162,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if k.lower() not in HOP_BY_HOP:
                 headers[k] = f"{headers[k]}, {v}" if k in headers else v
         status, sent = 502, 0
-        if self.server.take_fault(self.path):
-            status = 429
-            self.send_response_only(429)
-            self.send_header("Retry-After", str(self.server.retry_after))
+        too_big = bool(self.server.max_body and body and len(body) > self.server.max_body)
+        if too_big or self.server.take_fault(self.path):
+            status = 413 if too_big else 429
+            self.send_response_only(status)
+            if status == 429:
+                self.send_header("Retry-After", str(self.server.retry_after))
             self.send_header("Content-Length", "0")
             self.end_headers()
             self.wfile.flush()
@@ -251,11 +257,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="answer the first N blob requests with 429 (fault injection)")
     ap.add_argument("--retry-after", type=int, default=1,
                     help="the Retry-After seconds of those 429 answers")
+    ap.add_argument("--max-body", type=int, default=0,
+                    help="answer requests with a larger body 413 (fault injection)")
     args = ap.parse_args(argv)
 
     reqlog = RequestLog(args.log)
     server = Proxy(args.listen, args.upstream, args.rtt_ms / 1000, Link(args.mbit), reqlog,
-                   args.too_many, args.retry_after)
+                   args.too_many, args.retry_after, args.max_body)
 
     def stop(signum: int, _frame: object) -> None:
         threading.Thread(target=server.shutdown, daemon=True).start()

@@ -279,6 +279,36 @@ def test_429_with_retry_after_waits_and_succeeds(env: Env, tmp_path: Path) -> No
     check_pushed(env, dst.replace(proxy.host, env.host), tmp_path)
 
 
+def test_413_falls_back_to_chunked_uploads(env: Env, tmp_path: Path) -> None:
+    """A proxy that refuses bodies over 1 MiB: the 5 MiB layer goes up in chunks with
+    Content-Range, and what lands is sound."""
+    src = env.push_source("chunked", seed=12)
+    proxy = lazypull.Proxy.start(env.registry.host, tmp_path / "413.jsonl",
+                                 extra=["--max-body", str(1 << 20)])
+    try:
+        dst = f"docker://{proxy.host}/chunked:esgz"
+        estargz_opt("optimize", "--oci", "--no-optimize", "--no-cache", *PLAIN,
+                    src.replace(env.host, proxy.host), dst)
+        patches = [r for r in proxy.requests() if r["method"] == "PATCH"]
+        assert any(r["status"] == 413 for r in patches), patches
+        assert len([r for r in patches if r["status"] == 202]) > 5, patches
+    finally:
+        proxy.stop()
+    check_pushed(env, dst.replace(proxy.host, env.host), tmp_path)
+
+
+def test_credentials_never_shown(env: Env) -> None:
+    secret = "s3cret-Pa55"
+    for args in (["--debug", "verify", "--tls-verify=false", "--creds", f"someone:{secret}",
+                  f"docker://{env.host}/never-pushed:1"],
+                 ["--debug", "optimize", "--no-optimize", "--json", "--src-tls-verify=false",
+                  "--dest-creds", f"someone:{secret}", "--src-creds", f"other:{secret}",
+                  f"docker://{env.host}/never-pushed:1", f"docker://{env.host}/x:1"]):
+        res = estargz_opt(*args, check=False)
+        assert res.returncode == 1, res
+        assert secret not in res.stdout + res.stderr, res
+
+
 def _restart(reg: lazypull.Registry) -> None:
     """Start the registry again on its port, over the same storage."""
     log = reg.dir / "registry.log"

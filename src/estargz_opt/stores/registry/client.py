@@ -39,6 +39,8 @@ MAX_MANIFEST = 4 << 20
 PIECE = 1 << 20
 #: Chunked uploads: pieces of this size unless the registry asks for bigger ones.
 CHUNK = 16 << 20
+#: ... halved on each 413, down to this.
+MIN_CHUNK = 64 << 10
 _RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 T = TypeVar("T")
 
@@ -409,12 +411,16 @@ class Client:
         offset = 0
         while offset < size:
             n = min(chunk, size - offset)
-            if self._patch(up, path, offset, n, whole=False) == 413:
+            if self._patch(up, path, offset, n, whole=False) != 413:
+                offset += n
+                continue
+            # Refused, so not applied: the same bytes again, in smaller chunks.
+            chunk = n // 2
+            if chunk < max(up.min_chunk, MIN_CHUNK):
                 raise RegistryError(
                     f"{self.where}: uploading blob {digest}: the registry refuses chunks of "
                     f"{n} bytes (413)"
                 )
-            offset += n
         self._finish(up, digest)
 
     def _patch(self, up: Upload, path: Path, offset: int, n: int, *, whole: bool) -> int:
