@@ -230,7 +230,7 @@ class Client:
         data = bytes(body)
         media_type = resp.headers.get("Content-Type", "").partition(";")[0].strip()
         if media_type not in d.INDEX_TYPES | d.MANIFEST_TYPES:
-            media_type = _sniff_type(data) or media_type
+            media_type = sniff_type(data) or media_type
         digest = sha256_digest(data)
         return Descriptor(media_type, digest, len(data)), data
 
@@ -487,8 +487,8 @@ def _error_body(resp: httpx.Response) -> tuple[str, str]:
         return "", ""
 
 
-def _sniff_type(data: bytes) -> str | None:
-    """The media type of a manifest served with an unhelpful Content-Type."""
+def sniff_type(data: bytes) -> str | None:
+    """The media type of a manifest or an index, told by its content (None: neither)."""
     try:
         raw = d.load_json(data, "manifest")
     except BadInputError:
@@ -498,6 +498,6 @@ def _sniff_type(data: bytes) -> str | None:
         return media_type
     if isinstance(raw.get("manifests"), list):
         return d.OCI_INDEX
-    if isinstance(raw.get("config"), dict):
+    if isinstance(raw.get("config"), dict) and isinstance(raw.get("layers"), list):
         return d.OCI_MANIFEST
     return None

@@ -31,7 +31,13 @@ from estargz_opt.digest import sha256_digest, sha256_hex
 from estargz_opt.errors import BadInputError
 from estargz_opt.reference import DEFAULT_TAG, RegistryRef
 from estargz_opt.stores import check_blob
-from estargz_opt.stores.registry.client import Client, RegistryError, RetryPolicy, Upload
+from estargz_opt.stores.registry.client import (
+    Client,
+    RegistryError,
+    RetryPolicy,
+    Upload,
+    sniff_type,
+)
 from estargz_opt.stores.registry.options import RegistryOptions
 from estargz_opt.stores.registry.session import Session, open_session
 
@@ -283,7 +289,8 @@ class RegistryStore:
         for desc in tags.values():
             self._push_manifest(desc, pushed)
         for name, desc in tags.items():
-            self.client.put_manifest(name, desc.media_type, self._manifest_bytes(desc))
+            data = self._manifest_bytes(desc)
+            self.client.put_manifest(name, _content_type(desc, data), data)
 
     def _manifest_bytes(self, desc: Descriptor) -> bytes:
         data = self._out.get(desc.digest)
@@ -294,11 +301,11 @@ class RegistryStore:
         if desc.digest in pushed or desc.digest not in self._out:
             return
         data = self._out[desc.digest]
-        if desc.media_type in d.INDEX_TYPES:
+        if _content_type(desc, data) in d.INDEX_TYPES:
             for child in Index.parse(data, f"index {desc.digest}").manifests:
                 if child.media_type in d.INDEX_TYPES | d.MANIFEST_TYPES:
                     self._push_manifest(child, pushed)
-        self.client.put_manifest(desc.digest, desc.media_type, data)
+        self.client.put_manifest(desc.digest, _content_type(desc, data), data)
         pushed.add(desc.digest)
 
     def rollback(self) -> None:
@@ -320,18 +327,17 @@ class RegistryStore:
             self.client.cancel(upload)
 
 
+def _content_type(desc: Descriptor, data: bytes) -> str:
+    """The Content-Type a manifest is pushed with: its descriptor's media type, else its
+    own (an OCI index may omit both mediaType fields)."""
+    if desc.media_type in d.INDEX_TYPES | d.MANIFEST_TYPES:
+        return desc.media_type
+    return sniff_type(data) or d.OCI_MANIFEST
+
+
 def _is_manifest(data: bytes, source: Descriptor | None) -> bool:
     """Whether a small blob being written is a manifest or an index (pushed as a manifest,
     not as a blob): by the type of the blob it replaces, else by its content."""
-    kinds = d.INDEX_TYPES | d.MANIFEST_TYPES
     if source is not None:
-        return source.media_type in kinds
-    try:
-        raw = d.load_json(data, "blob")
-    except BadInputError:
-        return False
-    return (
-        raw.get("mediaType") in kinds
-        or isinstance(raw.get("manifests"), list)
-        or (isinstance(raw.get("config"), dict) and isinstance(raw.get("layers"), list))
-    )
+        return source.media_type in d.INDEX_TYPES | d.MANIFEST_TYPES
+    return sniff_type(data) is not None
