@@ -94,6 +94,8 @@ def check_pushed(env: Env, ref: str, tmp: Path) -> dict:
     out = tmp / ("copy-" + ref.rsplit(":", 1)[1])
     skopeo("copy", "--src-tls-verify=false", ref, f"oci:{out}:x")
     estargz_opt("verify", "--tls-verify=false", ref)
+    shown = json.loads(estargz_opt("inspect", "--json", "--tls-verify=false", ref).stdout)
+    assert shown["digest"] == info["Digest"] and len(shown["layers"]) == len(info["Layers"])
     return info
 
 
@@ -220,6 +222,25 @@ def test_unknown_repository_and_tag(env: Env) -> None:
         lines = res.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("estargz-opt: error: "), res.stderr
         assert f"registry {env.host}" in lines[0] and reason in lines[0], lines
+
+
+def test_references_as_skopeo_reads_them() -> None:
+    from estargz_opt.reference import RegistryRef, parse
+
+    digest = "sha256:" + "ab" * 32
+    cases = {
+        "docker://busybox": ("docker.io", "library/busybox", "latest", None),
+        "docker://docker.io/library/busybox:1.36": ("docker.io", "library/busybox", "1.36", None),
+        "docker://user/app": ("docker.io", "user/app", "latest", None),
+        "docker://localhost/app:v1": ("localhost", "app", "v1", None),
+        "docker://127.0.0.1:5000/team/app": ("127.0.0.1:5000", "team/app", "latest", None),
+        f"docker://reg.example/app@{digest}": ("reg.example", "app", None, digest),
+    }
+    for text, (registry, repository, tag, dig) in cases.items():
+        ref = parse(text)
+        assert ref == RegistryRef(registry, repository, tag, dig), (text, ref)
+    assert parse("docker://busybox").api_host == "registry-1.docker.io"  # type: ignore[union-attr]
+    assert str(parse("docker://busybox")) == "docker://docker.io/library/busybox:latest"
 
 
 def test_bad_references_exit_2() -> None:
