@@ -8,11 +8,11 @@ Adding a store (a registry, an image archive) means one module here that impleme
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, Self
+from typing import TYPE_CHECKING, Protocol, Self, runtime_checkable
 
 from estargz_opt.descriptor import Descriptor
 from estargz_opt.errors import BadInputError, EstargzOptError
@@ -107,6 +107,15 @@ class Store(Protocol):
     def rollback(self) -> None:
         """Remove what this run wrote (a conversion that failed leaves no trace)."""
         ...
+
+
+@runtime_checkable
+class Prefetching(Protocol):
+    """A store whose reads are slow (a registry) and that can fetch ahead: told which
+    blobs will be read, in about that order, it starts fetching them so that reading one
+    overlaps fetching the next. A capability, not part of `Store`."""
+
+    def prefetch(self, descs: Sequence[Descriptor], whats: Sequence[str]) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)

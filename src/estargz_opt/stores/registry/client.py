@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 from urllib.parse import urljoin
 
 import httpx
@@ -39,7 +39,10 @@ MAX_MANIFEST = 4 << 20
 PIECE = 1 << 20
 #: Chunked uploads: pieces of this size unless the registry asks for bigger ones.
 CHUNK = 16 << 20
+#: ... halved on each 413, down to this.
+MIN_CHUNK = 64 << 10
 _RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+T = TypeVar("T")
 
 
 class RegistryError(EstargzOptError):
@@ -107,43 +110,63 @@ class Client:
         stream: bool = False,
         **kw: object,
     ) -> httpx.Response:
-        """One request, retried while it fails in a retryable way. `kw['content']` may be a
-        callable making a fresh body for each try (a stream is never replayed half-read).
-        The answer is returned if `ok` accepts it; otherwise a RegistryError names why.
-        A streamed answer must be closed by the caller."""
+        """One request, retried while it fails in a retryable way (`_once`)."""
+        return self._retrying(
+            what, lambda: self._once(method, url, what, ok=ok, stream=stream, **kw)
+        )
+
+    def _retrying(self, what: str, attempt: Callable[[], T]) -> T:
+        """`attempt()` again, with backoff, each time it raises Retry, within the policy."""
         started = time.monotonic()
         delay = self.retry.first_delay
-        for attempt in range(1, self.retry.tries + 1):
-            args = dict(kw)
-            if callable(args.get("content")):
-                args["content"] = args["content"]()  # type: ignore[operator]
+        tries = 0
+        while True:
+            tries += 1
             try:
-                try:
-                    req = self.session.client.build_request(method, url, **args)  # type: ignore[arg-type]
-                    resp = self.session.client.send(req, stream=stream)
-                except httpx.TransportError as exc:
-                    raise Retry(self._transport_reason(exc)) from exc
-                if ok(resp):
-                    return resp
-                if resp.status_code in _RETRY_STATUS:
-                    after = _retry_after(resp.headers.get("Retry-After"))
-                    reason = f"{resp.status_code} {resp.reason_phrase}".strip()
-                    resp.close()
-                    raise Retry(reason, after)
-                if stream:
-                    resp.read()
-                raise self.error(resp, what)
+                return attempt()
             except Retry as exc:
                 elapsed = time.monotonic() - started
                 wait = exc.after if exc.after is not None else delay
-                if attempt == self.retry.tries or elapsed + wait > self.retry.total:
+                if tries >= self.retry.tries or elapsed + wait > self.retry.total:
                     raise RegistryError(
-                        f"{self.where}: {what} failed: {exc.reason} (after {attempt} tries)"
+                        f"{self.where}: {what} failed: {exc.reason} (after {tries} tries)"
                     ) from None
                 log.info("%s: %s: %s; retrying in %.1fs", self.where, what, exc.reason, wait)
                 time.sleep(wait)
                 delay = min(delay * self.retry.factor, self.retry.max_delay)
-        raise AssertionError("unreachable")
+
+    def _once(
+        self,
+        method: str,
+        url: str,
+        what: str,
+        *,
+        ok: Callable[[httpx.Response], bool],
+        stream: bool = False,
+        **kw: object,
+    ) -> httpx.Response:
+        """One try: the answer if `ok` accepts it; Retry if it failed in a way worth
+        retrying (connection error, 408, 429, 5xx); else a RegistryError naming why.
+        `kw['content']` may be a callable making a fresh body (a stream is never replayed
+        half-read). A streamed answer must be closed by the caller."""
+        args = dict(kw)
+        if callable(args.get("content")):
+            args["content"] = args["content"]()  # type: ignore[operator]
+        try:
+            req = self.session.client.build_request(method, url, **args)  # type: ignore[arg-type]
+            resp = self.session.client.send(req, stream=stream)
+        except httpx.TransportError as exc:
+            raise Retry(self._transport_reason(exc)) from exc
+        if ok(resp):
+            return resp
+        if resp.status_code in _RETRY_STATUS:
+            after = _retry_after(resp.headers.get("Retry-After"))
+            reason = f"{resp.status_code} {resp.reason_phrase}".strip()
+            resp.close()
+            raise Retry(reason, after)
+        if stream:
+            resp.read()
+        raise self.error(resp, what)
 
     def _transport_reason(self, exc: httpx.TransportError) -> str:
         cause: BaseException | None = exc
@@ -181,10 +204,15 @@ class Client:
             "GET",
             self.url(f"manifests/{reference}"),
             what,
-            ok=lambda r: r.status_code == 200,
+            ok=lambda r: r.status_code in (200, 404),
             stream=True,
             headers={"Accept": MANIFEST_ACCEPT},
         )
+        if resp.status_code == 404:
+            resp.read()
+            if not self._repository_exists():
+                raise RegistryError(f"{self.where}: {what}: repository not found")
+            raise self.error(resp, what)
         with contextlib.closing(resp):
             length = resp.headers.get("Content-Length")
             if length is not None and length.isdigit() and int(length) > MAX_MANIFEST:
@@ -202,9 +230,21 @@ class Client:
         data = bytes(body)
         media_type = resp.headers.get("Content-Type", "").partition(";")[0].strip()
         if media_type not in d.INDEX_TYPES | d.MANIFEST_TYPES:
-            media_type = _sniff_type(data) or media_type
+            media_type = sniff_type(data) or media_type
         digest = sha256_digest(data)
         return Descriptor(media_type, digest, len(data)), data
+
+    def _repository_exists(self) -> bool:
+        """Whether the repository is known (registries answer an unknown tag and an
+        unknown repository alike on manifests; the tag list tells them apart)."""
+        resp = self._send(
+            "GET",
+            self.url("tags/list"),
+            "listing tags",
+            ok=lambda r: r.status_code in (200, 401, 403, 404),
+            params={"n": "1"},
+        )
+        return resp.status_code != 404
 
     def manifest_size(self, digest: str) -> int | None:
         resp = self._send(
@@ -265,6 +305,8 @@ class Client:
             try:
                 with contextlib.closing(resp):
                     for piece in resp.iter_bytes(PIECE):
+                        if self.stopped.is_set():
+                            raise RegistryError(f"{self.where}: download interrupted")
                         h.update(piece)
                         size += len(piece)
                         if size > desc.size:
@@ -316,7 +358,7 @@ class Client:
         return False
 
     def start_upload(self) -> Upload:
-        resp = self._send(
+        resp = self._once(
             "POST",
             self.url("blobs/uploads/"),
             "starting an upload",
@@ -336,8 +378,25 @@ class Client:
     def upload(
         self, path: Path, digest: str, size: int, on_start: Callable[[Upload], None]
     ) -> None:
-        """Upload the file `path` as blob `digest`: one streamed PATCH, or chunked PATCHes
-        with Content-Range when the registry asks for them (OCI-Chunk-Min-Length, 413)."""
+        """Upload the file `path` as blob `digest`. A try that fails in a retryable way
+        starts over with a new session (an upload's offset cannot be trusted after a
+        broken request), unless the registry turns out to have the blob already."""
+        first = True
+
+        def attempt() -> None:
+            nonlocal first
+            if not first and self.blob_size(digest) == size:
+                return  # the last try's commit landed; only its answer was lost
+            first = False
+            self._upload_once(path, digest, size, on_start)
+
+        self._retrying(f"uploading blob {digest}", attempt)
+
+    def _upload_once(
+        self, path: Path, digest: str, size: int, on_start: Callable[[Upload], None]
+    ) -> None:
+        """POST, then one streamed PATCH, or chunked PATCHes with Content-Range when the
+        registry asks for them (OCI-Chunk-Min-Length, 413), then PUT ?digest=."""
         up = self.start_upload()
         on_start(up)
         if not up.min_chunk:
@@ -352,13 +411,16 @@ class Client:
         offset = 0
         while offset < size:
             n = min(chunk, size - offset)
-            status = self._patch(up, path, offset, n, whole=False)
-            if status == 413:
+            if self._patch(up, path, offset, n, whole=False) != 413:
+                offset += n
+                continue
+            # Refused, so not applied: the same bytes again, in smaller chunks.
+            chunk = n // 2
+            if chunk < max(up.min_chunk, MIN_CHUNK):
                 raise RegistryError(
                     f"{self.where}: uploading blob {digest}: the registry refuses chunks of "
                     f"{n} bytes (413)"
                 )
-            offset += n
         self._finish(up, digest)
 
     def _patch(self, up: Upload, path: Path, offset: int, n: int, *, whole: bool) -> int:
@@ -378,7 +440,7 @@ class Client:
         headers = {"Content-Type": "application/octet-stream", "Content-Length": str(n)}
         if not whole:
             headers["Content-Range"] = f"{offset}-{offset + n - 1}"
-        resp = self._send(
+        resp = self._once(
             "PATCH",
             up.location,
             "uploading a blob",
@@ -394,7 +456,7 @@ class Client:
     def _finish(self, up: Upload, digest: str) -> None:
         # Added to the Location's own query (its upload state), which `params=` would drop.
         url = str(httpx.URL(up.location).copy_add_param("digest", digest))
-        self._send(
+        self._once(
             "PUT",
             url,
             f"committing blob {digest}",
@@ -425,8 +487,8 @@ def _error_body(resp: httpx.Response) -> tuple[str, str]:
         return "", ""
 
 
-def _sniff_type(data: bytes) -> str | None:
-    """The media type of a manifest served with an unhelpful Content-Type."""
+def sniff_type(data: bytes) -> str | None:
+    """The media type of a manifest or an index, told by its content (None: neither)."""
     try:
         raw = d.load_json(data, "manifest")
     except BadInputError:
@@ -436,6 +498,6 @@ def _sniff_type(data: bytes) -> str | None:
         return media_type
     if isinstance(raw.get("manifests"), list):
         return d.OCI_INDEX
-    if isinstance(raw.get("config"), dict):
+    if isinstance(raw.get("config"), dict) and isinstance(raw.get("layers"), list):
         return d.OCI_MANIFEST
     return None

@@ -20,7 +20,7 @@ import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO, Self
@@ -31,13 +31,23 @@ from estargz_opt.digest import sha256_digest, sha256_hex
 from estargz_opt.errors import BadInputError
 from estargz_opt.reference import DEFAULT_TAG, RegistryRef
 from estargz_opt.stores import check_blob
-from estargz_opt.stores.registry.client import Client, RetryPolicy, Upload
+from estargz_opt.stores.registry.client import (
+    Client,
+    RegistryError,
+    RetryPolicy,
+    Upload,
+    sniff_type,
+)
 from estargz_opt.stores.registry.options import RegistryOptions
 from estargz_opt.stores.registry.session import Session, open_session
 
 _READ = 1 << 20
 #: Blobs pushed at once (each its own connection); the converter's workers run besides.
 _UPLOADS = 2
+#: Layers downloaded at once ahead of the conversion, and how many downloaded layers may
+#: wait on disk for the converter (a bound on temporary disk use, not on memory).
+_DOWNLOADS = 2
+_AHEAD = 4
 
 
 class _Sink:
@@ -78,15 +88,24 @@ class RegistryStore:
         self._open_uploads: list[Upload] = []
         #: another repository of the same registry that blobs can be mounted from
         self.mount_from: str | None = None
+        #: layers being fetched ahead (`prefetch`), by digest, until `local_file` takes them
+        self._ahead: dict[str, Future[Path]] = {}
+        self._ahead_room = threading.BoundedSemaphore(_AHEAD)
+        self._fetcher: ThreadPoolExecutor | None = None
 
     def __enter__(self) -> Self:
         self._session = open_session(self.ref.api_host, self._opts)
         self._client = Client(self._session, self.ref.repository, self._retry)
         self._tmp = Path(tempfile.mkdtemp(prefix="estargz-opt-registry."))
         self._pool = ThreadPoolExecutor(_UPLOADS, thread_name_prefix="push")
+        self._fetcher = ThreadPoolExecutor(_DOWNLOADS, thread_name_prefix="fetch")
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if self._fetcher is not None:
+            self.client.stopped.set()
+            self._fetcher.shutdown(wait=True, cancel_futures=True)
+            self._fetcher = None
         if self._pool is not None:
             self._stop_pushing()
         if self._session is not None:
@@ -151,12 +170,47 @@ class RegistryStore:
             while block := f.read(_READ):
                 yield block
 
-    @contextlib.contextmanager
-    def local_file(self, desc: Descriptor, what: str) -> Iterator[Path]:
+    def prefetch(self, descs: Sequence[Descriptor], whats: Sequence[str]) -> None:
+        """Start downloading these layers, in order, at most _AHEAD waiting on disk."""
+        assert self._fetcher is not None
+        with self._lock:
+            for desc, what in zip(descs, whats, strict=True):
+                if desc.digest not in self._ahead:
+                    self._ahead[desc.digest] = self._fetcher.submit(self._fetch, desc, what)
+
+    def _fetch(self, desc: Descriptor, what: str) -> Path:
+        while not self._ahead_room.acquire(timeout=0.2):
+            if self.client.stopped.is_set():
+                raise RegistryError(f"{self.client.where}: download interrupted")
+        try:
+            return self._download(desc, what)
+        except BaseException:
+            self._ahead_room.release()
+            raise
+
+    def _download(self, desc: Descriptor, what: str) -> Path:
         f, path = self._temp()
         try:
             with f:
                 self.client.download(desc, what, f)
+        except BaseException:
+            path.unlink()
+            raise
+        return path
+
+    @contextlib.contextmanager
+    def local_file(self, desc: Descriptor, what: str) -> Iterator[Path]:
+        with self._lock:
+            ahead = self._ahead.pop(desc.digest, None)
+        if ahead is not None:
+            try:
+                path = ahead.result()
+            finally:
+                if not ahead.exception():
+                    self._ahead_room.release()
+        else:
+            path = self._download(desc, what)
+        try:
             yield path
         finally:
             with contextlib.suppress(FileNotFoundError):
@@ -235,7 +289,8 @@ class RegistryStore:
         for desc in tags.values():
             self._push_manifest(desc, pushed)
         for name, desc in tags.items():
-            self.client.put_manifest(name, desc.media_type, self._manifest_bytes(desc))
+            data = self._manifest_bytes(desc)
+            self.client.put_manifest(name, _content_type(desc, data), data)
 
     def _manifest_bytes(self, desc: Descriptor) -> bytes:
         data = self._out.get(desc.digest)
@@ -246,11 +301,11 @@ class RegistryStore:
         if desc.digest in pushed or desc.digest not in self._out:
             return
         data = self._out[desc.digest]
-        if desc.media_type in d.INDEX_TYPES:
+        if _content_type(desc, data) in d.INDEX_TYPES:
             for child in Index.parse(data, f"index {desc.digest}").manifests:
                 if child.media_type in d.INDEX_TYPES | d.MANIFEST_TYPES:
                     self._push_manifest(child, pushed)
-        self.client.put_manifest(desc.digest, desc.media_type, data)
+        self.client.put_manifest(desc.digest, _content_type(desc, data), data)
         pushed.add(desc.digest)
 
     def rollback(self) -> None:
@@ -272,18 +327,17 @@ class RegistryStore:
             self.client.cancel(upload)
 
 
+def _content_type(desc: Descriptor, data: bytes) -> str:
+    """The Content-Type a manifest is pushed with: its descriptor's media type, else its
+    own (an OCI index may omit both mediaType fields)."""
+    if desc.media_type in d.INDEX_TYPES | d.MANIFEST_TYPES:
+        return desc.media_type
+    return sniff_type(data) or d.OCI_MANIFEST
+
+
 def _is_manifest(data: bytes, source: Descriptor | None) -> bool:
     """Whether a small blob being written is a manifest or an index (pushed as a manifest,
     not as a blob): by the type of the blob it replaces, else by its content."""
-    kinds = d.INDEX_TYPES | d.MANIFEST_TYPES
     if source is not None:
-        return source.media_type in kinds
-    try:
-        raw = d.load_json(data, "blob")
-    except BadInputError:
-        return False
-    return (
-        raw.get("mediaType") in kinds
-        or isinstance(raw.get("manifests"), list)
-        or (isinstance(raw.get("config"), dict) and isinstance(raw.get("layers"), list))
-    )
+        return source.media_type in d.INDEX_TYPES | d.MANIFEST_TYPES
+    return sniff_type(data) is not None
