@@ -138,9 +138,19 @@ def test_wrong_password_is_one_line_naming_the_source(regs: Registries, home: Pa
                 f"docker://{host}/err/app:1")
     msg = _one_error_line(proc)
     assert msg.startswith(f"registry {host}: unauthorized for repository err/app: the "
-                          "credentials from the command line (--creds, --src-creds or "
-                          "--dest-creds) were refused (basic auth)")
+                          "credentials from the command line (--creds) were refused "
+                          "(basic auth)")
     assert "not-the-password" not in proc.stdout + proc.stderr
+    # optimize has a flag per side, and the error names the one that was refused
+    good = ["--authfile", str(home / "basic-auth.json")]
+    for flag, repo in (("--src-creds", "err/app"), ("--dest-creds", "err/out")):
+        proc = _cli(home, "--log-level", "error", "optimize", "--oci", "--no-optimize",
+                    "--no-cache", *good, flag, f"{USER}:not-the-password", f"docker://{host}/err/app:1",
+                    f"docker://{host}/err/out:1")
+        assert _one_error_line(proc).startswith(
+            f"registry {host}: unauthorized for repository {repo}: the credentials from "
+            f"the command line ({flag}) were refused (basic auth)"), proc.stderr
+        assert "not-the-password" not in proc.stdout + proc.stderr
     proc = _cli(home, "verify", "--authfile", str(home / "missing.json"),
                 f"docker://{host}/err/app:1")
     assert _one_error_line(proc).startswith(f"registry {host}: unauthorized for repository "

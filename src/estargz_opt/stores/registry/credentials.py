@@ -55,22 +55,24 @@ class _AuthFile:
     legacy: bool = False
 
 
-#: The source of `RegistryOptions.creds` (which flag filled it depends on the command).
-COMMAND_LINE = "the command line (--creds, --src-creds or --dest-creds)"
+def command_line_source(flag: str) -> str:
+    """The source of `RegistryOptions.creds`, named by the flag that set it."""
+    return f"the command line ({flag})"
 
 
-def parse_creds(value: str) -> Credential:
-    """USER[:PASS] from the command line; prompt-free, so a missing password is an
-    error rather than a question."""
+def parse_creds(value: str, flag: str) -> Credential:
+    """USER[:PASS] given to `flag`; prompt-free, so a missing password is an error
+    rather than a question."""
+    source = command_line_source(flag)
     user, sep, password = value.partition(":")
     if not user:
-        raise RegistryAccessError(f"credentials from {COMMAND_LINE}: the user name is empty "
+        raise RegistryAccessError(f"credentials from {source}: the user name is empty "
                                   "(expected USER:PASS)")
     if not sep:
         raise RegistryAccessError(
-            f"credentials from {COMMAND_LINE}: no password given for user {user!r} "
+            f"credentials from {source}: no password given for user {user!r} "
             "(expected USER:PASS; estargz-opt never prompts)")
-    return Credential(user, password, COMMAND_LINE)
+    return Credential(user, password, source)
 
 
 def lookup(host: str, repository: str | None, opts: RegistryOptions) -> Credential | None:
@@ -79,7 +81,7 @@ def lookup(host: str, repository: str | None, opts: RegistryOptions) -> Credenti
     if opts.no_creds:
         return None
     if opts.creds is not None:
-        return parse_creds(opts.creds)
+        return parse_creds(opts.creds, opts.creds_flag)
     keys = list(_candidate_keys(host, repository))
     for auth_file in _auth_files(opts):
         found = _lookup_in_file(auth_file, host, keys, opts.env)
