@@ -123,6 +123,10 @@ class TokenRequest:
     user: str | None
     scopes: list[str]
     service: str | None
+    #: "basic" (GET with a password) or "refresh_token" (the OAuth2 POST)
+    grant: str = "basic"
+    #: the OAuth2 POST's client_id
+    client_id: str | None = None
 
 
 @dataclass
@@ -208,7 +212,9 @@ class TokenIssuer:
         form = parse_qs(h.rfile.read(length).decode())
         scopes = " ".join(form.get("scope", [])).split()
         user = self.refresh_tokens.get((form.get("refresh_token") or [""])[0])
-        self.requests.append(TokenRequest(user, scopes, (form.get("service") or [None])[0]))
+        self.requests.append(TokenRequest(user, scopes, (form.get("service") or [None])[0],
+                                          (form.get("grant_type") or [""])[0],
+                                          (form.get("client_id") or [None])[0]))
         if (form.get("grant_type") or [""])[0] != "refresh_token" or user is None:
             self._send(h, 401, {"error": "invalid_grant"})
             return

@@ -607,8 +607,57 @@ def test_identity_token_is_exchanged_at_the_realm(regs: Registries, certs_d: Pat
         assert _pull_tags(s, "ident/app") == ["v1"]
     finally:
         s.close()
-    assert [(t.user, t.scopes) for t in regs.issuer.requests] == [
-        (USER, ["repository:ident/app:pull"])]
+    assert [(t.user, t.scopes, t.grant) for t in regs.issuer.requests] == [
+        (USER, ["repository:ident/app:pull"], "refresh_token")]
+
+
+def test_helper_identity_token_is_exchanged_at_the_realm(regs: Registries, certs_d: Path,
+                                                         tmp_path: Path) -> None:
+    """A credential helper answering the username `<token>` (what docker's helpers store
+    after an OAuth2 login) hands over an identity token, not a password: it is exchanged
+    by the refresh-token POST, never sent as Basic, and the real registry accepts the
+    token that exchange got, for a pull and for a push."""
+    host = regs.token.host
+    refresh = "refresh-helper-5b0d"
+    regs.issuer.refresh_tokens[refresh] = USER
+    log = tmp_path / "helper.log"
+    helper = tmp_path / "bin" / "docker-credential-ident"
+    helper.parent.mkdir()
+    helper.write_text(HELPER.format(host=host, log=log, user="<token>", password=refresh))
+    helper.chmod(0o755)
+    _write(tmp_path / ".docker/config.json", {"credHelpers": {host: "ident"}})
+    opts = RegistryOptions(cert_dir=certs_d / host, env={
+        "HOME": str(tmp_path), "PATH": f"{tmp_path / 'bin'}:{os.defpath}"})
+    regs.issuer.requests.clear()
+    regs.issuer.authorization_seen.clear()
+    s = open_session(host, opts)
+    try:
+        assert s.credential_source == "credential helper docker-credential-ident"
+        digest, _ = _push_image(s, "helper/app", "v1")
+        assert _pull_tags(s, "helper/app") == ["v1"]
+    finally:
+        s.close()
+    assert regs.issuer.requests, "tokens were fetched"
+    assert {(t.user, t.grant, t.client_id, t.service) for t in regs.issuer.requests} == {
+        (USER, "refresh_token", "estargz-opt", "estargz-opt-test-registry")}
+    assert ["repository:helper/app:pull,push"] in [t.scopes for t in regs.issuer.requests]
+    assert regs.issuer.authorization_seen == []  # no GET with Basic: only the POSTs
+    assert _skopeo_inspect(regs, "token", certs_d, "helper/app:v1")["Digest"] == digest
+    # The basic-auth registry cannot take an identity token: the error says so.
+    helper.write_text(HELPER.format(host=regs.basic.host, log=log, user="<token>",
+                                    password=refresh))
+    _write(tmp_path / ".docker/config.json", {"credHelpers": {regs.basic.host: "ident"}})
+    s = open_session(regs.basic.host, RegistryOptions(
+        cert_dir=certs_d / regs.basic.host, env=opts.env))
+    try:
+        with pytest.raises(RegistryAccessError) as e:
+            s.client.get(f"{s.base_url}/v2/helper/app/tags/list")
+    finally:
+        s.close()
+    assert str(e.value) == (
+        f"registry {regs.basic.host}: unauthorized for repository helper/app: credential "
+        "helper docker-credential-ident gave an identity token (user <token>), which only a "
+        "token server exchanges, and the registry asks for basic auth")
 
 
 def test_docker_hub_keys(tmp_path: Path) -> None:

@@ -300,5 +300,9 @@ class RegistryAuth(httpx.Auth):
             return RegistryAccessError(
                 f"{what}: no credentials were found (pass --src-creds/--dest-creds or "
                 "--authfile, or log in with podman/docker login)")
+        if challenge.scheme == "basic" and cred.identity_token and not cred.username:
+            return RegistryAccessError(
+                f"{what}: {cred.source} gave an identity token (user <token>), which only "
+                "a token server exchanges, and the registry asks for basic auth")
         return RegistryAccessError(f"{what}: the credentials from {cred.source} were refused "
                                    f"({challenge.scheme} auth)")
