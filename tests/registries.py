@@ -20,6 +20,7 @@ import datetime
 import hashlib
 import ipaddress
 import json
+import math
 import threading
 import time
 import uuid
@@ -39,6 +40,9 @@ USER = "tester"
 PASSWORD = "s3cret-Pa55word-9f1c"
 SERVICE = "estargz-opt-test-registry"
 ISSUER = "estargz-opt-test-issuer"
+#: distribution's allowance for clock skew on a token's exp and nbf
+#: (registry/auth/token: Leeway)
+LEEWAY = 60
 
 
 def _name(cn: str) -> x509.Name:
@@ -139,6 +143,8 @@ class TokenIssuer:
     issued: list[str] = field(default_factory=list)
     #: the next this many tokens are already expired (the registry then answers 401)
     expired_next: int = 0
+    #: seconds each token lives: its `expires_in`, and when the registry stops taking it
+    lifetime: int = 300
     #: identity (refresh) tokens accepted by the OAuth2 POST, and the user each means
     refresh_tokens: dict[str, str] = field(default_factory=dict)
     #: the Authorization header of every GET ("" for none)
@@ -203,7 +209,7 @@ class TokenIssuer:
         token = self.sign(user, scopes, expired=self.expired_next > 0)
         self.expired_next = max(0, self.expired_next - 1)
         self.issued.append(token)
-        self._send(h, 200, {"token": token, "expires_in": 300,
+        self._send(h, 200, {"token": token, "expires_in": self.lifetime,
                             "issued_at": datetime.datetime.now(datetime.UTC).isoformat()})
 
     def _answer_refresh(self, h: BaseHTTPRequestHandler) -> None:
@@ -220,7 +226,7 @@ class TokenIssuer:
             return
         token = self.sign(user, scopes)
         self.issued.append(token)
-        self._send(h, 200, {"access_token": token, "expires_in": 300})
+        self._send(h, 200, {"access_token": token, "expires_in": self.lifetime})
 
     def sign(self, user: str, scopes: list[str], expired: bool = False) -> str:
         access = []
@@ -230,9 +236,13 @@ class TokenIssuer:
             if name in self.denied:
                 continue
             access.append({"type": kind, "name": name, "actions": actions.split(",")})
-        now = int(time.time()) - (3600 if expired else 0)
+        # JWT times are whole seconds: round up, so the token lives at least `lifetime`.
+        # distribution accepts a token until LEEWAY after its `exp` (clock skew), so
+        # `exp` is set that much earlier: the registry refuses the token `lifetime`
+        # seconds after it was issued, as `expires_in` said.
+        now = math.ceil(time.time()) - (3600 if expired else 0)
         header = {"typ": "JWT", "alg": "RS256", "x5c": [base64.b64encode(self._der).decode()]}
-        claims = {"iss": ISSUER, "sub": user, "aud": SERVICE, "exp": now + 300,
+        claims = {"iss": ISSUER, "sub": user, "aud": SERVICE, "exp": now + self.lifetime - LEEWAY,
                   "nbf": now - 10, "iat": now, "jti": uuid.uuid4().hex, "access": access}
         signing_input = (_b64url(json.dumps(header).encode()) + "." +
                          _b64url(json.dumps(claims).encode()))

@@ -14,6 +14,7 @@ import logging
 import os
 import subprocess
 import tarfile
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -213,6 +214,59 @@ def test_token_refused_by_registry_is_fetched_again(regs: Registries, certs_d: P
         regs.issuer.requests.clear()
         r = s.client.delete(f"{s.base_url}/v2/refresh/app/blobs/uploads/no-such-upload")
         assert r.status_code == 404 and regs.issuer.requests == []  # widened and cached
+    finally:
+        s.close()
+
+
+def test_token_fetched_again_when_it_expires(regs: Registries, certs_d: Path) -> None:
+    """Tokens that live 2 s (`expires_in` 2, and the real registry refuses them after
+    that): a session used across the expiry asks the issuer again for the same scopes
+    before sending, so that even a streamed PATCH, whose body cannot be sent twice after
+    a 401, is accepted. The lapsed token is shown to be refused by the registry."""
+    opts = _opts(regs, "token", certs_d)
+    s = open_session(regs.token.host, opts)
+    try:
+        _push_image(s, "expiry/app", "v1")
+    finally:
+        s.close()
+    pull, push = ["repository:expiry/app:pull"], ["repository:expiry/app:pull,push"]
+    blob = os.urandom(4096)
+    regs.issuer.lifetime = 2
+    s = open_session(regs.token.host, opts)
+    try:
+        regs.issuer.requests.clear()
+        regs.issuer.issued.clear()
+        manifest = f"{s.base_url}/v2/expiry/app/manifests/v1"
+        accept = {"Accept": OCI_MANIFEST}
+        assert s.client.get(manifest, headers=accept).status_code == 200
+        r = s.client.post(f"{s.base_url}/v2/expiry/app/blobs/uploads/")
+        assert r.status_code == 202, r.text
+        loc = urljoin(s.base_url + "/", r.headers["Location"])
+        assert [t.scopes for t in regs.issuer.requests] == [pull, push]
+        lapsed = regs.issuer.issued[0]
+        time.sleep(3.1)  # JWT times are whole seconds: 2 s, rounded up, plus a margin
+        assert s.tls is not None
+        with httpx.Client(verify=s.tls.context) as raw:
+            r = raw.get(manifest, headers={**accept, "Authorization": f"Bearer {lapsed}"})
+        assert r.status_code == 401, "the registry refuses the lapsed token"
+
+        r = s.client.patch(loc, content=iter([blob[:1000], blob[1000:]]),
+                           headers={"Content-Type": "application/octet-stream"})
+        assert r.status_code == 202, r.text
+        r = s.client.put(_with_digest(urljoin(s.base_url + "/", r.headers["Location"]), blob))
+        assert r.status_code == 201, r.text
+        assert s.client.get(manifest, headers=accept).status_code == 200
+        after = [t.scopes for t in regs.issuer.requests[2:]]
+        # a new token for the push scopes before the PATCH went out, and one for pull
+        assert after[0] == push and after[-1] == pull and set(map(tuple, after)) == {
+            tuple(push), tuple(pull)}, after
+    finally:
+        s.close()
+        regs.issuer.lifetime = 300
+    s = open_session(regs.token.host, opts)
+    try:
+        assert s.client.head(f"{s.base_url}/v2/expiry/app/blobs/{sha256(blob)}"
+                             ).status_code == 200
     finally:
         s.close()
 

@@ -32,9 +32,11 @@ from estargz_opt.stores.registry.credentials import Credential
 
 log = logging.getLogger("estargz_opt")
 
-#: Tokens that say less (or nothing) are taken to live this long, as Docker does.
-MIN_TOKEN_LIFETIME = 60.0
-#: A token this close to its expiry is fetched again before a request is sent.
+#: How long a token lives when its server does not say (the token spec's default).
+DEFAULT_TOKEN_LIFETIME = 60.0
+#: A token this close to its expiry is fetched again before a request is sent (a
+#: quarter of its lifetime for shorter-lived tokens), so that a streamed upload, which
+#: cannot be replayed after a 401, never goes out with a token about to lapse.
 EXPIRY_MARGIN = 10.0
 #: `client_id` sent with an identity-token exchange.
 CLIENT_ID = "estargz-opt"
@@ -115,7 +117,18 @@ def _basic(cred: Credential) -> str:
 @dataclass(slots=True)
 class _Token:
     value: str = field(repr=False)
-    expires: float
+    #: time.monotonic() after which the token is fetched again rather than sent
+    fresh_until: float
+
+
+def token_lifetime(body: object) -> float:
+    """Seconds a token answer says its token lives: `expires_in` as given, however
+    short (a server that issues 5-second tokens means it; Docker's 60-second floor
+    would send lapsed tokens), the spec's default when absent or unusable."""
+    value = body.get("expires_in") if isinstance(body, dict) else None
+    if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
+        return float(value)
+    return DEFAULT_TOKEN_LIFETIME
 
 
 class RegistryAuth(httpx.Auth):
@@ -224,7 +237,7 @@ class RegistryAuth(httpx.Auth):
             with self._lock:
                 cached = self._tokens.get(scopes)
             if cached is not None and cached.value != refused and \
-                    cached.expires - EXPIRY_MARGIN > time.monotonic():
+                    cached.fresh_until > time.monotonic():
                 return cached.value
             return (yield from self._fetch_token(challenge, repo, scopes, cred))
 
@@ -259,14 +272,16 @@ class RegistryAuth(httpx.Auth):
         try:
             body = response.json()
             value = body.get("token") or body.get("access_token")
-            lifetime = float(body.get("expires_in") or MIN_TOKEN_LIFETIME)
         except (ValueError, AttributeError, TypeError):
             value = None
         if not isinstance(value, str) or not value:
             raise RegistryAccessError(f"registry {self.host}: its token server {realm_host} "
                                       "sent no token")
+        # `now` is when the request left: the server's clock started later.
+        lifetime = token_lifetime(body)
         with self._lock:
-            self._tokens[scopes] = _Token(value, now + max(lifetime, MIN_TOKEN_LIFETIME))
+            self._tokens[scopes] = _Token(value, now + lifetime - min(EXPIRY_MARGIN,
+                                                                      lifetime / 4))
         return value
 
     # -------------------------------------------------------------- credentials, errors
