@@ -263,6 +263,10 @@ class RegistryConfig:
     ca: Path | None = None
     #: the body of the top-level ``auth:`` section, each line indented by two spaces
     auth: str = ""
+    #: ``tls.clientcas``: the registry then requires a client certificate signed by it
+    client_ca: Path | None = None
+    #: the certificate and key the readiness probe presents to such a registry
+    probe_cert: tuple[Path, Path] | None = None
 
 
 @dataclass
@@ -292,6 +296,8 @@ class Registry:
         (d / "storage").mkdir()
         tls = (f"  tls:\n    certificate: {reg.config.tls_cert}\n    key: {reg.config.tls_key}\n"
                if reg.config.tls_cert else "")
+        if reg.config.client_ca is not None:
+            tls += f"    clientcas:\n      - {reg.config.client_ca}\n"
         auth = f"auth:\n{reg.config.auth}" if reg.config.auth else ""
         (d / "config.yml").write_text(
             "version: 0.1\n"
@@ -317,6 +323,8 @@ class Registry:
         ctx = None
         if self.config.ca is not None:
             ctx = ssl.create_default_context(cafile=str(self.config.ca))
+            if self.config.probe_cert is not None:
+                ctx.load_cert_chain(*self.config.probe_cert)
         try:
             with urllib.request.urlopen(f"{self.scheme}://{self.host}/v2/", timeout=2,
                                         context=ctx) as r:

@@ -59,7 +59,8 @@ def _pem_key(key: rsa.RSAPrivateKey) -> bytes:
 
 
 def _cert(subject: str, key: rsa.RSAPrivateKey, issuer: x509.Name, issuer_key: rsa.RSAPrivateKey,
-          ca: bool, sans: list[x509.GeneralName] | None = None) -> x509.Certificate:
+          ca: bool, sans: list[x509.GeneralName] | None = None,
+          client: bool = False) -> x509.Certificate:
     now = datetime.datetime.now(datetime.UTC)
     b = (x509.CertificateBuilder().subject_name(_name(subject)).issuer_name(issuer)
          .public_key(key.public_key()).serial_number(x509.random_serial_number())
@@ -68,6 +69,9 @@ def _cert(subject: str, key: rsa.RSAPrivateKey, issuer: x509.Name, issuer_key: r
          .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
     if sans:
         b = b.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    if client:
+        b = b.add_extension(x509.ExtendedKeyUsage([x509.ExtendedKeyUsageOID.CLIENT_AUTH]),
+                            critical=False)
     if ca:
         b = b.add_extension(x509.KeyUsage(
             digital_signature=True, content_commitment=False, key_encipherment=False,
@@ -94,6 +98,10 @@ class LoopbackCA:
     def server_key(self) -> Path:
         return self.dir / "server.key"
 
+    @property
+    def ca_key(self) -> Path:
+        return self.dir / "ca.key"
+
     @classmethod
     def create(cls, d: Path) -> LoopbackCA:
         d.mkdir(parents=True, exist_ok=True)
@@ -106,7 +114,23 @@ class LoopbackCA:
         self.ca_crt.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
         self.server_crt.write_bytes(srv.public_bytes(serialization.Encoding.PEM))
         self.server_key.write_bytes(_pem_key(srv_key))
+        self.ca_key.write_bytes(_pem_key(ca_key))
         return self
+
+    def client_pair(self, d: Path, name: str = "client") -> tuple[Path, Path]:
+        """A client certificate signed by this CA, as certs.d wants it: ``NAME.cert`` and
+        ``NAME.key`` in `d`."""
+        d.mkdir(parents=True, exist_ok=True)
+        ca_cert = x509.load_pem_x509_certificate(self.ca_crt.read_bytes())
+        ca_key = serialization.load_pem_private_key(self.ca_key.read_bytes(), None)
+        assert isinstance(ca_key, rsa.RSAPrivateKey)
+        key = _key()
+        cert = _cert(f"estargz-opt test client {name}", key, ca_cert.subject, ca_key, False,
+                     client=True)
+        pem, key_pem = d / f"{name}.cert", d / f"{name}.key"
+        pem.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        key_pem.write_bytes(_pem_key(key))
+        return pem, key_pem
 
     def certs_d(self, base: Path, host: str) -> Path:
         """A certs.d directory for `host` under `base` holding the CA as ``ca.crt``."""

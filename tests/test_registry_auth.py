@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import subprocess
+import sys
 import tarfile
 import time
 from collections.abc import Iterator
@@ -22,8 +23,8 @@ from urllib.parse import urljoin
 
 import httpx
 import pytest
-from lazypull import _free_port
-from registries import PASSWORD, USER, Registries, sha256
+from lazypull import Registry, RegistryConfig, _free_port
+from registries import PASSWORD, USER, LoopbackCA, Registries, sha256
 
 from estargz_opt.stores.registry import credentials
 from estargz_opt.stores.registry.access import RegistryAccessError
@@ -397,6 +398,108 @@ def test_ca_found_in_home_certs_d(regs: Registries, tmp_path: Path) -> None:
         assert s.client.get(f"{s.base_url}/v2/").status_code == 200
     finally:
         s.close()
+
+
+# --------------------------------------------------------------------------- client certificates
+
+
+@pytest.fixture(scope="module")
+def mtls(regs: Registries, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    """docker-registry with `tls.clientcas`: it requires and verifies a client
+    certificate signed by the test CA (its readiness probe presents one)."""
+    d = tmp_path_factory.mktemp("mtls")
+    probe = regs.ca.client_pair(d / "probe")
+    reg = Registry.start(d, RegistryConfig(regs.ca.server_crt, regs.ca.server_key,
+                                           regs.ca.ca_crt, client_ca=regs.ca.ca_crt,
+                                           probe_cert=probe))
+    try:
+        yield reg
+    finally:
+        reg.stop()
+
+
+def _mtls_home(regs: Registries, mtls: Registry, home: Path, pair: bool) -> Path:
+    """HOME's certs.d directory for the registry: the CA, and a client pair if `pair`."""
+    d = regs.ca.certs_d(home / ".config/containers/certs.d", mtls.host)
+    if pair:
+        regs.ca.client_pair(d)
+    return d
+
+
+def test_client_certificate_from_certs_d_is_presented(regs: Registries, mtls: Registry,
+                                                      tmp_path: Path) -> None:
+    """certs.d's client.cert + client.key (found under HOME, not passed) are presented;
+    the registry verifies them, and skopeo, given the same directory, reads back what
+    the session pushed."""
+    d = _mtls_home(regs, mtls, tmp_path, pair=True)
+    s = open_session(mtls.host, RegistryOptions(env={"HOME": str(tmp_path)}))
+    try:
+        assert s.tls is not None and s.tls.client_cert == d / "client.cert"
+        digest, _ = _push_image(s, "mtls/app", "v1")
+    finally:
+        s.close()
+    res = subprocess.run(["skopeo", "inspect", "--cert-dir", str(d),
+                          f"docker://{mtls.host}/mtls/app:v1"], capture_output=True, text=True,
+                         timeout=60, env={"PATH": os.environ["PATH"], "HOME": "/nonexistent"})
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["Digest"] == digest
+
+
+def test_without_client_certificate_names_the_certs_d_directory(
+        regs: Registries, mtls: Registry, tmp_path: Path) -> None:
+    """No pair: one line naming the directory to put one in, with TLS verification on or
+    off (off must not fall back to plain HTTP: the alert proves the registry speaks
+    TLS). A pair the registry does not trust (another CA's): named as refused."""
+    d = _mtls_home(regs, mtls, tmp_path, pair=False)
+    for verify in (True, False):
+        with pytest.raises(RegistryAccessError) as e:
+            open_session(mtls.host, RegistryOptions(tls_verify=verify,
+                                                    env={"HOME": str(tmp_path)}))
+        assert str(e.value) == (
+            f"registry {mtls.host}: TLS: the registry requires a client certificate and "
+            "none was presented (TLS alert: bad certificate); put one as a NAME.cert + "
+            f"NAME.key pair in {d} (or pass --src-cert-dir/--dest-cert-dir)")
+    stranger = LoopbackCA.create(tmp_path / "stranger")
+    stranger.client_pair(d, "other")
+    with pytest.raises(RegistryAccessError) as e:
+        open_session(mtls.host, RegistryOptions(env={"HOME": str(tmp_path)}))
+    assert str(e.value) == (
+        f"registry {mtls.host}: TLS: the registry refused the client certificate "
+        f"{d / 'other.cert'} (TLS alert: bad certificate); it must be signed by a CA the "
+        "registry trusts for clients (its tls.clientcas) and be valid now")
+
+
+def test_client_certificate_through_the_command_line(regs: Registries, mtls: Registry,
+                                                     tmp_path: Path) -> None:
+    """`optimize docker://… docker://…` against the registry that requires a client
+    certificate: it works with the pair in HOME's certs.d, and without it fails with the
+    one-line TLS error naming the directory (exit 1)."""
+    d = _mtls_home(regs, mtls, tmp_path, pair=True)
+    s = open_session(mtls.host, RegistryOptions(env={"HOME": str(tmp_path)}))
+    try:
+        _push_image(s, "mtls/src", "v1")
+    finally:
+        s.close()
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        env = {k: v for k, v in os.environ.items() if k not in (
+            "REGISTRY_AUTH_FILE", "DOCKER_CONFIG", "XDG_RUNTIME_DIR", "XDG_CONFIG_HOME")}
+        return subprocess.run([sys.executable, "-m", "estargz_opt", "--log-level", "error",
+                               *args], capture_output=True, text=True, timeout=300,
+                              stdin=subprocess.DEVNULL, env={**env, "HOME": str(tmp_path)})
+
+    src, dst = f"docker://{mtls.host}/mtls/src:v1", f"docker://{mtls.host}/mtls/dst:v1"
+    proc = cli("optimize", "--oci", "--no-optimize", "--no-cache", src, dst)
+    assert proc.returncode == 0, proc.stderr
+    assert cli("verify", dst).returncode == 0
+    for f in (d / "client.cert", d / "client.key"):
+        f.unlink()
+    proc = cli("verify", dst)
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines() == [
+        f"estargz-opt: error: registry {mtls.host}: TLS: the registry requires a client "
+        "certificate and none was presented (TLS alert: bad certificate); put one as a "
+        f"NAME.cert + NAME.key pair in {d} (or pass --src-cert-dir/--dest-cert-dir)"]
 
 
 def test_tls_verify_false_is_https_unverified_then_plain_http(regs: Registries) -> None:

@@ -26,6 +26,11 @@ from estargz_opt.stores.registry.tls import TlsConfig, tls_config
 
 #: Per-request timeouts: connecting is quick or it fails; reads wait for a slow registry.
 TIMEOUT = httpx.Timeout(30.0, connect=10.0)
+#: The TLS alerts (OpenSSL's reason names) a server sends when it requires a client
+#: certificate it did not get, or does not accept the one it got.
+CLIENT_CERT_ALERTS = ("BAD_CERTIFICATE", "CERTIFICATE_REQUIRED", "UNKNOWN_CA",
+                      "CERTIFICATE_UNKNOWN", "UNSUPPORTED_CERTIFICATE",
+                      "CERTIFICATE_EXPIRED", "CERTIFICATE_REVOKED", "ACCESS_DENIED")
 
 
 @dataclass(slots=True)
@@ -69,7 +74,9 @@ def _ping(client: httpx.Client, host: str, tls: TlsConfig, opts: RegistryOptions
         return f"https://{host}"
     except httpx.TransportError as e:
         https_error = e
-    if not opts.tls_verify and not _refused_or_unresolved(https_error):
+    # A TLS alert proves the server speaks TLS: plain HTTP would only hide the reason.
+    if not opts.tls_verify and not _refused_or_unresolved(https_error) and \
+            _server_alert(https_error) is None:
         try:
             client.get(f"http://{host}/v2/").close()
             return f"http://{host}"
@@ -85,6 +92,29 @@ def _causes(exc: BaseException) -> list[BaseException]:
         chain.append(cur)
         cur = cur.__cause__ or cur.__context__
     return chain
+
+
+def _server_alert(exc: BaseException) -> str | None:
+    """The TLS alert the server sent, as OpenSSL names it ("BAD_CERTIFICATE"), if any."""
+    for c in _causes(exc):
+        reason = getattr(c, "reason", None) if isinstance(c, ssl.SSLError) else None
+        if isinstance(reason, str) and "_ALERT_" in reason:
+            return reason.split("_ALERT_", 1)[1]
+    return None
+
+
+def _client_cert_error(host: str, alert: str, tls: TlsConfig | None) -> RegistryAccessError:
+    said = alert.lower().replace("_", " ")
+    where = tls.suggested_dir if tls is not None else f"certs.d/{host}"
+    if tls is None or tls.client_cert is None:
+        return RegistryAccessError(
+            f"registry {host}: TLS: the registry requires a client certificate and none was "
+            f"presented (TLS alert: {said}); put one as a NAME.cert + NAME.key pair in "
+            f"{where} (or pass --src-cert-dir/--dest-cert-dir)")
+    return RegistryAccessError(
+        f"registry {host}: TLS: the registry refused the client certificate "
+        f"{tls.client_cert} (TLS alert: {said}); it must be signed by a CA the registry "
+        "trusts for clients (its tls.clientcas) and be valid now")
 
 
 def _refused_or_unresolved(exc: BaseException) -> bool:
@@ -105,6 +135,9 @@ def describe_transport_error(host: str, exc: BaseException,
             f"registry's CA certificate as a *.crt file in {where} (or pass "
             "--src-cert-dir/--dest-cert-dir), or use --src-tls-verify=false/"
             "--dest-tls-verify=false")
+    alert = _server_alert(exc)
+    if alert is not None and alert in CLIENT_CERT_ALERTS:
+        return _client_cert_error(host, alert, tls)
     if any(isinstance(c, socket.gaierror) for c in chain) or \
             "Name or service not known" in text or "nodename nor servname" in text:
         name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host

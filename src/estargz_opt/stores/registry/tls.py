@@ -5,6 +5,9 @@ The directory is `--*-cert-dir` if given, else the first that exists of
 `/etc/docker/certs.d/HOST[:PORT]` (containers/image's order). In it, `*.crt` are CA
 roots and each `NAME.cert` + `NAME.key` pair is a client certificate. Verification off
 (`--*-tls-verify=false`) still presents client certificates.
+
+Go's TLS picks, among several pairs, one the server's CAs accept; Python's SSLContext
+holds one, so every pair is checked but the first (by name) is the one presented.
 """
 
 from __future__ import annotations
@@ -28,8 +31,10 @@ class TlsConfig:
     context: ssl.SSLContext
     #: the certs.d directory that was used, if any
     cert_dir: Path | None
-    #: where a user should put the registry's CA (`NAME.crt`)
+    #: where a user should put the registry's CA (`NAME.crt`) or a client certificate
     suggested_dir: Path
+    #: the client certificate (`NAME.cert`) presented, if any
+    client_cert: Path | None = None
 
 
 def certs_d_bases(opts: RegistryOptions) -> list[Path]:
@@ -56,12 +61,13 @@ def tls_config(host: str, opts: RegistryOptions) -> TlsConfig:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
     cert_dir = find_cert_dir(host, opts)
-    if cert_dir is not None:
-        _load_dir(ctx, cert_dir)
-    return TlsConfig(ctx, cert_dir, cert_dir or certs_d_bases(opts)[0] / host)
+    client_cert = _load_dir(ctx, cert_dir) if cert_dir is not None else None
+    return TlsConfig(ctx, cert_dir, cert_dir or certs_d_bases(opts)[0] / host, client_cert)
 
 
-def _load_dir(ctx: ssl.SSLContext, d: Path) -> None:
+def _load_dir(ctx: ssl.SSLContext, d: Path) -> Path | None:
+    """Load `d`'s CAs and client pairs; the client certificate presented, if any."""
+    pairs: list[tuple[Path, Path]] = []
     try:
         entries = sorted(d.iterdir())
     except FileNotFoundError:
@@ -77,9 +83,13 @@ def _load_dir(ctx: ssl.SSLContext, d: Path) -> None:
                 if not key.exists():
                     raise RegistryAccessError(f"client certificate {f} has no key {key.name}")
                 ctx.load_cert_chain(f, key)
+                pairs.append((f, key))
             elif f.suffix == ".key" and not f.with_suffix(".cert").exists():
                 raise RegistryAccessError(f"client key {f} has no certificate "
                                           f"{f.with_suffix('.cert').name}")
         except ssl.SSLError as e:
             raise RegistryAccessError(f"{f}: not a usable PEM certificate or key "
                                       f"({e.reason or e})") from None
+    if len(pairs) > 1:
+        ctx.load_cert_chain(*pairs[0])  # each load replaced the one before
+    return pairs[0][0] if pairs else None
