@@ -330,6 +330,38 @@ def test_credentials_never_shown(env: Env) -> None:
         assert secret not in res.stdout + res.stderr, res
 
 
+def test_a_killed_runs_spool_is_removed_by_the_next(env: Env, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGKILL leaves the run's spool directory (downloaded and converted blobs) in
+    $TMPDIR, named after its owner; the next run removes it."""
+    spool_dir = tmp_path / "tmpdir"
+    spool_dir.mkdir()
+    monkeypatch.setenv("TMPDIR", str(spool_dir))
+    src = env.push_source("spool", seed=13)
+    proxy = lazypull.Proxy.start(env.registry.host, tmp_path / "slow.jsonl", rtt_ms=300)
+    try:
+        args = ["optimize", "--oci", "--no-optimize", "--no-cache", *PLAIN,
+                src.replace(env.host, proxy.host), f"docker://{proxy.host}/spool:esgz"]
+        run = subprocess.Popen([sys.executable, "-m", "estargz_opt", *args],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+        def spools() -> list[str]:
+            return [p.name for p in spool_dir.iterdir()
+                    if p.name.startswith(".estargz-opt-registry@")]
+
+        deadline = time.monotonic() + 60
+        while not spools():
+            assert run.poll() is None and time.monotonic() < deadline
+            time.sleep(0.02)
+        run.kill()
+        run.wait()
+        assert len(spools()) == 1
+        estargz_opt(*args)
+        assert spools() == []
+    finally:
+        proxy.stop()
+
+
 def _restart(reg: lazypull.Registry) -> None:
     """Start the registry again on its port, over the same storage."""
     log = reg.dir / "registry.log"
