@@ -179,6 +179,26 @@ def test_platform_fetches_only_what_it_converts(env: Env, tmp_path: Path) -> Non
     assert fetched and not fetched & other_digests, fetched
 
 
+def test_more_layers_than_are_fetched_ahead(env: Env, tmp_path: Path) -> None:
+    """Twelve layers, one of them twice: more than the store fetches ahead (4 waiting on
+    disk, 2 at once), each read once by its conversion."""
+    rnd = random.Random(14)
+    layers = [F.simple_layer({f"f{i}": rnd.randbytes(300_000)}) for i in range(11)]
+    layout = tmp_path / "many"
+    F.write_layout(layout, "1", [*layers, layers[3]])
+    src = f"docker://{env.host}/many:1"
+    skopeo("copy", "--dest-tls-verify=false", f"oci:{layout}:1", src)
+    env.proxy.clear()
+    dst = f"docker://{env.host}/many:esgz"
+    estargz_opt("optimize", "--oci", "--no-optimize", "--no-cache", *PLAIN, src, dst)
+    gets = [r["path"] for r in env.proxy.requests()
+            if r["method"] == "GET" and "/blobs/sha256:" in r["path"]]
+    config = json.loads(skopeo("inspect", "--raw", "--tls-verify=false", src).stdout)["config"]
+    layer_gets = [g for g in gets if g.rsplit("/", 1)[1] != config["digest"]]
+    assert len(layer_gets) == 12 and len(set(layer_gets)) == 11, gets
+    assert len(check_pushed(env, dst, tmp_path)["Layers"]) == 12
+
+
 # --------------------------------------------------------------------------- bytes moved
 
 
