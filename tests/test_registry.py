@@ -263,6 +263,17 @@ def test_references_as_skopeo_reads_them() -> None:
     assert str(parse("docker://busybox")) == "docker://docker.io/library/busybox:latest"
 
 
+def test_unknown_host_is_one_line_at_once() -> None:
+    res = estargz_opt("verify", "--tls-verify=false", "docker://no-such-host.invalid/app:1",
+                      check=False)
+    assert res.returncode == 1, res
+    # (Without a reachable resolver the lookup fails "for now", and is retried first.)
+    lines = [x for x in res.stderr.splitlines() if x.startswith("estargz-opt: error:")]
+    assert len(lines) == 1 and lines[0].startswith(
+        "estargz-opt: error: registry no-such-host.invalid, repository app: "), lines
+    assert "cannot resolve the host name no-such-host.invalid" in lines[0], lines
+
+
 def test_bad_references_exit_2() -> None:
     for ref in ["docker://127.0.0.1:5000/", "docker://reg.example/app@sha256:1234",
                 "foo://reg.example/app:1", "docker://reg.example/App:1"]:
