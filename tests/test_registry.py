@@ -274,6 +274,15 @@ def test_unknown_host_is_one_line_at_once() -> None:
     assert "cannot resolve the host name no-such-host.invalid" in lines[0], lines
 
 
+def test_plain_http_registry_with_tls_verification_fails_at_once(env: Env) -> None:
+    res = estargz_opt("verify", f"docker://{env.host}/app:1", check=False)
+    assert res.returncode == 1, res
+    lines = res.stderr.strip().splitlines()
+    # One line: no "retrying" lines before it (a TLS failure is not retried).
+    assert len(lines) == 1 and f"registry {env.host}, repository app: TLS: " in lines[0], lines
+    assert "--tls-verify=false" in lines[0], lines
+
+
 def test_bad_references_exit_2() -> None:
     for ref in ["docker://127.0.0.1:5000/", "docker://reg.example/app@sha256:1234",
                 "foo://reg.example/app:1", "docker://reg.example/App:1"]:

@@ -13,6 +13,7 @@ import contextlib
 import errno
 import logging
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -174,6 +175,12 @@ class Client:
         retrying and raises at once."""
         cause: BaseException | None = exc
         while cause is not None:
+            if isinstance(cause, ssl.SSLError):
+                # A certificate or protocol mismatch does not go away by itself.
+                reason = getattr(cause, "verify_message", None) or cause.reason or str(cause)
+                if cause.reason == "WRONG_VERSION_NUMBER":
+                    reason = "the registry does not speak TLS (plain HTTP needs --tls-verify=false)"
+                raise RegistryError(f"{self.where}: TLS: {reason}")
             if isinstance(cause, socket.gaierror):
                 if cause.errno == socket.EAI_AGAIN:
                     return f"cannot resolve the host name {self.session.host} (for now)"
