@@ -179,6 +179,26 @@ def test_platform_fetches_only_what_it_converts(env: Env, tmp_path: Path) -> Non
     assert fetched and not fetched & other_digests, fetched
 
 
+def test_more_layers_than_are_fetched_ahead(env: Env, tmp_path: Path) -> None:
+    """Twelve layers, one of them twice: more than the store fetches ahead (4 waiting on
+    disk, 2 at once), each read once by its conversion."""
+    rnd = random.Random(14)
+    layers = [F.simple_layer({f"f{i}": rnd.randbytes(300_000)}) for i in range(11)]
+    layout = tmp_path / "many"
+    F.write_layout(layout, "1", [*layers, layers[3]])
+    src = f"docker://{env.host}/many:1"
+    skopeo("copy", "--dest-tls-verify=false", f"oci:{layout}:1", src)
+    env.proxy.clear()
+    dst = f"docker://{env.host}/many:esgz"
+    estargz_opt("optimize", "--oci", "--no-optimize", "--no-cache", *PLAIN, src, dst)
+    gets = [r["path"] for r in env.proxy.requests()
+            if r["method"] == "GET" and "/blobs/sha256:" in r["path"]]
+    config = json.loads(skopeo("inspect", "--raw", "--tls-verify=false", src).stdout)["config"]
+    layer_gets = [g for g in gets if g.rsplit("/", 1)[1] != config["digest"]]
+    assert len(layer_gets) == 12 and len(set(layer_gets)) == 11, gets
+    assert len(check_pushed(env, dst, tmp_path)["Layers"]) == 12
+
+
 # --------------------------------------------------------------------------- bytes moved
 
 
@@ -241,6 +261,26 @@ def test_references_as_skopeo_reads_them() -> None:
         assert ref == RegistryRef(registry, repository, tag, dig), (text, ref)
     assert parse("docker://busybox").api_host == "registry-1.docker.io"  # type: ignore[union-attr]
     assert str(parse("docker://busybox")) == "docker://docker.io/library/busybox:latest"
+
+
+def test_unknown_host_is_one_line_at_once() -> None:
+    res = estargz_opt("verify", "--tls-verify=false", "docker://no-such-host.invalid/app:1",
+                      check=False)
+    assert res.returncode == 1, res
+    # (Without a reachable resolver the lookup fails "for now", and is retried first.)
+    lines = [x for x in res.stderr.splitlines() if x.startswith("estargz-opt: error:")]
+    assert len(lines) == 1 and lines[0].startswith(
+        "estargz-opt: error: registry no-such-host.invalid, repository app: "), lines
+    assert "cannot resolve the host name no-such-host.invalid" in lines[0], lines
+
+
+def test_plain_http_registry_with_tls_verification_fails_at_once(env: Env) -> None:
+    res = estargz_opt("verify", f"docker://{env.host}/app:1", check=False)
+    assert res.returncode == 1, res
+    lines = res.stderr.strip().splitlines()
+    # One line: no "retrying" lines before it (a TLS failure is not retried).
+    assert len(lines) == 1 and f"registry {env.host}, repository app: TLS: " in lines[0], lines
+    assert "--tls-verify=false" in lines[0], lines
 
 
 def test_bad_references_exit_2() -> None:
@@ -328,6 +368,38 @@ def test_credentials_never_shown(env: Env) -> None:
         res = estargz_opt(*args, check=False)
         assert res.returncode == 1, res
         assert secret not in res.stdout + res.stderr, res
+
+
+def test_a_killed_runs_spool_is_removed_by_the_next(env: Env, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGKILL leaves the run's spool directory (downloaded and converted blobs) in
+    $TMPDIR, named after its owner; the next run removes it."""
+    spool_dir = tmp_path / "tmpdir"
+    spool_dir.mkdir()
+    monkeypatch.setenv("TMPDIR", str(spool_dir))
+    src = env.push_source("spool", seed=13)
+    proxy = lazypull.Proxy.start(env.registry.host, tmp_path / "slow.jsonl", rtt_ms=300)
+    try:
+        args = ["optimize", "--oci", "--no-optimize", "--no-cache", *PLAIN,
+                src.replace(env.host, proxy.host), f"docker://{proxy.host}/spool:esgz"]
+        run = subprocess.Popen([sys.executable, "-m", "estargz_opt", *args],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+        def spools() -> list[str]:
+            return [p.name for p in spool_dir.iterdir()
+                    if p.name.startswith(".estargz-opt-registry@")]
+
+        deadline = time.monotonic() + 60
+        while not spools():
+            assert run.poll() is None and time.monotonic() < deadline
+            time.sleep(0.02)
+        run.kill()
+        run.wait()
+        assert len(spools()) == 1
+        estargz_opt(*args)
+        assert spools() == []
+    finally:
+        proxy.stop()
 
 
 def _restart(reg: lazypull.Registry) -> None:

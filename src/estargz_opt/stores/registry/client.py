@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -169,14 +171,27 @@ class Client:
         raise self.error(resp, what)
 
     def _transport_reason(self, exc: httpx.TransportError) -> str:
+        """Why a request got no answer, said plainly; an unknown host name is not worth
+        retrying and raises at once."""
         cause: BaseException | None = exc
         while cause is not None:
+            if isinstance(cause, ssl.SSLError):
+                # A certificate or protocol mismatch does not go away by itself.
+                reason = getattr(cause, "verify_message", None) or cause.reason or str(cause)
+                if cause.reason == "WRONG_VERSION_NUMBER":
+                    reason = "the registry does not speak TLS (plain HTTP needs --tls-verify=false)"
+                raise RegistryError(f"{self.where}: TLS: {reason}")
+            if isinstance(cause, socket.gaierror):
+                if cause.errno == socket.EAI_AGAIN:
+                    return f"cannot resolve the host name {self.session.host} (for now)"
+                raise RegistryError(
+                    f"{self.where}: cannot resolve the host name {self.session.host}"
+                )
             if isinstance(cause, OSError) and cause.errno == errno.ECONNREFUSED:
                 return "connection refused"
             cause = cause.__cause__ or cause.__context__
         text = str(exc) or type(exc).__name__
         if "Name or service not known" in text or "nodename nor servname" in text:
-            # Not worth retrying, and said plainly.
             raise RegistryError(f"{self.where}: cannot resolve the host name {self.session.host}")
         return text
 

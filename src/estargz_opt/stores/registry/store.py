@@ -31,6 +31,7 @@ from estargz_opt.digest import sha256_digest, sha256_hex
 from estargz_opt.errors import BadInputError
 from estargz_opt.reference import DEFAULT_TAG, RegistryRef
 from estargz_opt.stores import check_blob
+from estargz_opt.stores.owner import is_dead, temp_owner, temp_prefix
 from estargz_opt.stores.registry.client import (
     Client,
     RegistryError,
@@ -48,6 +49,8 @@ _UPLOADS = 2
 #: wait on disk for the converter (a bound on temporary disk use, not on memory).
 _DOWNLOADS = 2
 _AHEAD = 4
+#: The kind of this run's spool directory (downloaded and converted blobs), in $TMPDIR.
+_SPOOL = "estargz-opt-registry"
 
 
 class _Sink:
@@ -96,7 +99,8 @@ class RegistryStore:
     def __enter__(self) -> Self:
         self._session = open_session(self.ref.api_host, self._opts)
         self._client = Client(self._session, self.ref.repository, self._retry)
-        self._tmp = Path(tempfile.mkdtemp(prefix="estargz-opt-registry."))
+        _remove_dead_spools()
+        self._tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(_SPOOL), suffix=".tmp"))
         self._pool = ThreadPoolExecutor(_UPLOADS, thread_name_prefix="push")
         self._fetcher = ThreadPoolExecutor(_DOWNLOADS, thread_name_prefix="fetch")
         return self
@@ -325,6 +329,16 @@ class RegistryStore:
             open_uploads, self._open_uploads = self._open_uploads, []
         for upload in open_uploads:
             self.client.cancel(upload)
+
+
+def _remove_dead_spools() -> None:
+    """Remove the spool directories of runs that were killed (their owner is gone)."""
+    where = Path(tempfile.gettempdir())
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(where):
+            owner = temp_owner(entry.name)
+            if entry.name.startswith(f".{_SPOOL}@") and owner and is_dead(owner):
+                shutil.rmtree(entry.path, ignore_errors=True)
 
 
 def _content_type(desc: Descriptor, data: bytes) -> str:
