@@ -141,16 +141,21 @@ def describe_transport_error(host: str, exc: BaseException,
     if any(isinstance(c, socket.gaierror) for c in chain) or \
             "Name or service not known" in text or "nodename nor servname" in text:
         name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
-        return RegistryAccessError(f"registry {host}: the host name {name} does not resolve "
+        return RegistryAccessError(f"registry {host}: cannot resolve the host name {name} "
                                    "(DNS)")
     if any(isinstance(c, ConnectionRefusedError) for c in chain) or \
             f"[Errno {errno.ECONNREFUSED}]" in text:
         return RegistryAccessError(f"registry {host}: connection refused (is a registry "
                                    "listening there?)")
-    if any(isinstance(c, ssl.SSLError) for c in chain):
+    ssl_error = next((c for c in chain if isinstance(c, ssl.SSLError)), None)
+    if ssl_error is not None:
+        # OpenSSL's name for an answer that is no TLS record: a plain-HTTP server.
+        plain = ssl_error.reason == "WRONG_VERSION_NUMBER"
         return RegistryAccessError(
-            f"registry {host}: the TLS handshake failed ({chain[-1]}); if the registry "
-            "speaks plain HTTP, use --src-tls-verify=false/--dest-tls-verify=false")
+            f"registry {host}: TLS: "
+            f"{'the registry does not speak TLS' if plain else 'the handshake failed'} "
+            f"({chain[-1]}); for a plain-HTTP registry use --tls-verify=false "
+            "(--src-tls-verify=false/--dest-tls-verify=false with optimize)")
     if isinstance(exc, httpx.TimeoutException):
         return RegistryAccessError(f"registry {host}: no answer in time ({type(exc).__name__})")
     return RegistryAccessError(f"registry {host}: cannot connect ({exc or type(exc).__name__})")
