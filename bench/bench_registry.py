@@ -56,7 +56,7 @@ def seeded_registry(image: dict, work: Path, rtt_ms: float, mbit: float
         run(["skopeo", "copy", "--dest-tls-verify=false", f"oci-archive:{image['oci_tar']}",
              f"docker://{reg.host}/{SRC}"])
         proxy = lazypull.Proxy.start(reg.host, work / f"proxy-{time.monotonic_ns()}.jsonl",
-                                     rtt_ms=rtt_ms, mbit=mbit, throttle_uploads=True)
+                                     rtt_ms=rtt_ms, mbit=mbit, extra=["--throttle-uploads"])
         try:
             yield reg, proxy
         finally:

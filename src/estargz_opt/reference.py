@@ -1,6 +1,6 @@
 """Image references on the command line, as skopeo spells them: `oci:DIR[:TAG]`,
-`oci-archive:PATH[:TAG]`, `docker-archive:PATH[:NAME:TAG]`; anything else names an image
-in containerd."""
+`docker://…` (a registry), `oci-archive:PATH[:TAG]`, `docker-archive:PATH[:NAME:TAG]`, and
+otherwise a containerd image name."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from estargz_opt.digest import sha256_hex
 from estargz_opt.errors import EstargzOptError, UsageError
 
 
@@ -42,6 +43,90 @@ class ContainerdRef:
         return ContainerdRef(tag)
 
 
+# ---------------------------------------------------------------- docker:// (registries)
+
+DOCKER_PREFIX = "docker://"
+#: Docker Hub: the name users write, the name its repositories are normalized under, and
+#: the host that serves its API.
+DOCKER_HUB = "docker.io"
+DOCKER_HUB_API = "registry-1.docker.io"
+DEFAULT_TAG = "latest"
+# The grammar of docker/distribution's reference package, as skopeo applies it.
+_COMPONENT = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*")
+_TAG = re.compile(r"[\w][\w.-]{0,127}")
+_HOST = re.compile(
+    r"(?:(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?\.?)+|\[[0-9a-fA-F:.]+\])(?::[0-9]+)?"
+)
+_TRANSPORT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+@dataclass(frozen=True, slots=True)
+class RegistryRef:
+    """An image in a registry (skopeo's `docker://HOST[:PORT]/REPO[:TAG|@DIGEST]`).
+
+    Exactly one of tag and digest is set: a reference with neither means `latest`.
+    """
+
+    #: the registry as written (docker.io for Docker Hub), HOST[:PORT]
+    registry: str
+    repository: str
+    tag: str | None
+    digest: str | None = None
+
+    def __str__(self) -> str:
+        where = f"@{self.digest}" if self.digest else f":{self.tag}"
+        return f"{DOCKER_PREFIX}{self.registry}/{self.repository}{where}"
+
+    @property
+    def api_host(self) -> str:
+        """The host the distribution API is served on."""
+        return DOCKER_HUB_API if self.registry == DOCKER_HUB else self.registry
+
+    def with_tag(self, tag: str) -> RegistryRef:
+        return RegistryRef(self.registry, self.repository, tag)
+
+    @classmethod
+    def parse(cls, text: str) -> RegistryRef:
+        """A `docker://` reference; UsageError (exit 2) naming what is wrong."""
+        name = text.removeprefix(DOCKER_PREFIX)
+
+        def bad(why: str) -> UsageError:
+            return UsageError(f"invalid image reference {text!r}: {why}")
+
+        name, at, digest = name.partition("@")
+        if at and sha256_hex(digest) is None:
+            raise bad(f"{digest!r} is not a sha256 digest (sha256:<64 hex digits>)")
+        tag = None
+        last_slash = name.rfind("/")
+        colon = name.rfind(":")
+        if colon > last_slash:
+            name, tag = name[:colon], name[colon + 1 :]
+            if not _TAG.fullmatch(tag):
+                raise bad(f"{tag!r} is not a valid tag")
+        if at and tag:
+            raise bad("a tag and a digest together are not supported (name one)")
+        first, slash, rest = name.partition("/")
+        if slash and ("." in first or ":" in first or first == "localhost"):
+            if not _HOST.fullmatch(first):
+                raise bad(f"{first!r} is not a registry host")
+            registry, repository = first, rest
+        else:
+            registry, repository = DOCKER_HUB, name
+        if registry == DOCKER_HUB and repository and "/" not in repository:
+            repository = "library/" + repository
+        if not repository:
+            raise bad("no repository (docker://HOST[:PORT]/REPOSITORY[:TAG])")
+        for part in repository.split("/"):
+            if not _COMPONENT.fullmatch(part):
+                raise bad(
+                    f"repository component {part!r} is not lowercase letters, digits and separators"
+                )
+        return cls(registry, repository, None if at else tag or DEFAULT_TAG, digest or None)
+
+
+# ---------------------------------------------------------------- archives
+
+
 @dataclass(frozen=True, slots=True)
 class OCIArchiveRef:
     """An image in a tar of an OCI image layout, optionally by tag (skopeo's `oci-archive:`)."""
@@ -74,14 +159,22 @@ class DockerArchiveRef:
         return DockerArchiveRef(self.path, tag)
 
 
-ImageRef = OCIRef | ContainerdRef | OCIArchiveRef | DockerArchiveRef
+ImageRef = OCIRef | ContainerdRef | RegistryRef | OCIArchiveRef | DockerArchiveRef
 
 
 def parse(text: str) -> ImageRef:
-    """`oci:DIR[:TAG]` is an OCI layout; anything else names an image in containerd."""
+    """`oci:DIR[:TAG]` is an OCI layout, `docker://…` an image in a registry; any other
+    `TRANSPORT://` is an error (exit 2); anything else names an image in containerd."""
+    if text.startswith(DOCKER_PREFIX):
+        return RegistryRef.parse(text)
     archive = _parse_archive(text)
     if archive is not None:
         return archive
+    if (m := _TRANSPORT.match(text)) is not None:
+        raise UsageError(
+            f"invalid image reference {text!r}: unknown transport {m.group()!r} "
+            "(use docker://, oci:, oci-archive:, docker-archive: or a containerd image name)"
+        )
     if not text.startswith("oci:"):
         if not text or any(c.isspace() for c in text):
             raise EstargzOptError(f"invalid image reference {text!r}")
@@ -95,9 +188,6 @@ def parse(text: str) -> ImageRef:
 
 _OCI_ARCHIVE = "oci-archive:"
 _DOCKER_ARCHIVE = "docker-archive:"
-#: a docker name component and a tag (distribution's reference grammar)
-_COMPONENT = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*")
-_TAG = re.compile(r"[\w][\w.-]{0,127}")
 
 
 def _parse_archive(text: str) -> OCIArchiveRef | DockerArchiveRef | None:
@@ -127,15 +217,10 @@ def docker_name(name: str, where: str) -> str:
     images by tag."""
     if "@" in name:
         raise UsageError(f"invalid image reference {where!r}: archives name images by tag")
-    repo, tag = name, "latest"
-    colon = name.rfind(":")
-    if colon > name.rfind("/"):  # a colon before the last slash is a registry's port
-        repo, tag = name[:colon], name[colon + 1 :]
-    first, _, rest = repo.partition("/")
-    if not rest or ("." not in first and ":" not in first and first != "localhost"):
-        first, rest = "docker.io", repo
-    if first == "docker.io" and "/" not in rest:
-        rest = "library/" + rest
-    if not _TAG.fullmatch(tag) or not all(_COMPONENT.fullmatch(c) for c in rest.split("/")):
-        raise UsageError(f"invalid image reference {where!r}: {name!r} is not a docker NAME:TAG")
-    return f"{first}/{rest}:{tag}"
+    try:
+        ref = RegistryRef.parse(DOCKER_PREFIX + name)
+    except UsageError:
+        raise UsageError(
+            f"invalid image reference {where!r}: {name!r} is not a docker NAME:TAG"
+        ) from None
+    return f"{ref.registry}/{ref.repository}:{ref.tag}"
