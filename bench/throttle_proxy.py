@@ -24,11 +24,13 @@ Fault injection, for the registry client's tests: ``--too-many N`` answers the f
 requests whose path contains ``/blobs/`` with ``429 Too Many Requests`` and
 ``Retry-After: --retry-after`` seconds, without forwarding them (logged with status 429);
 ``--max-body BYTES`` answers requests with a larger body ``413 Payload Too Large``, as
-some proxies in front of registries do (logged with status 413).
+some proxies in front of registries do (logged with status 413); ``--cut-streams N``
+breaks the first N streamed uploads (PATCH with a chunked body) after their first
+chunk: the connection is reset, nothing is forwarded (logged with status 0).
 
 Usage: throttle_proxy.py --upstream HOST:PORT [--listen HOST:PORT] [--rtt-ms 20]
        [--mbit 100] [--throttle-uploads] [--log FILE] [--too-many N [--retry-after S]]
-       [--max-body BYTES]
+       [--max-body BYTES] [--cut-streams N]
 Prints ``listening on HOST:PORT`` on stdout once it accepts connections; SIGTERM or
 SIGINT stop it.
 """
@@ -41,7 +43,9 @@ import http.server
 import itertools
 import json
 import signal
+import socket
 import socketserver
+import struct
 import sys
 import threading
 import time
@@ -97,7 +101,7 @@ class Proxy(socketserver.ThreadingMixIn, http.server.HTTPServer):
 
     def __init__(self, listen: tuple[str, int], upstream: tuple[str, int], rtt_s: float,
                  link: Link, reqlog: RequestLog, too_many: int = 0, retry_after: int = 1,
-                 max_body: int = 0, throttle_uploads: bool = False):
+                 max_body: int = 0, throttle_uploads: bool = False, cut_streams: int = 0):
         super().__init__(listen, Handler)
         self.upstream = upstream
         self.rtt_s = rtt_s
@@ -108,6 +112,7 @@ class Proxy(socketserver.ThreadingMixIn, http.server.HTTPServer):
         self.too_many = too_many
         self.retry_after = retry_after
         self.max_body = max_body
+        self.cut_streams = cut_streams
         self._faults = threading.Lock()
 
     def take_fault(self, path: str) -> bool:
@@ -118,6 +123,14 @@ class Proxy(socketserver.ThreadingMixIn, http.server.HTTPServer):
             if self.too_many <= 0:
                 return False
             self.too_many -= 1
+            return True
+
+    def take_cut(self) -> bool:
+        """Whether this streamed upload is broken off (one of the first --cut-streams)."""
+        with self._faults:
+            if self.cut_streams <= 0:
+                return False
+            self.cut_streams -= 1
             return True
 
 
@@ -168,8 +181,26 @@ class Handler(http.server.BaseHTTPRequestHandler):
         n = int(self.headers.get("Content-Length") or 0)
         return self._read(n) if n else None
 
+    def _cut(self, t0: float) -> None:
+        """Read the stream's first chunk, then reset the connection unanswered."""
+        size = int(self.rfile.readline().split(b";")[0].strip(), 16)
+        received = len(self._read(size))
+        self.close_connection = True
+        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                   struct.pack("ii", 1, 0))
+        self.connection.close()
+        self.server.reqlog.write({
+            "t0": round(t0, 6), "t1": round(time.time(), 6), "method": self.command,
+            "path": self.path, "range": None, "status": 0, "bytes": 0,
+            "req_bytes": received, "conn": self.conn_no})
+
     def _forward(self) -> None:
         t0 = time.time()
+        if (self.command == "PATCH"
+                and self.headers.get("Transfer-Encoding", "").lower() == "chunked"
+                and self.server.take_cut()):
+            self._cut(t0)
+            return
         body = self._read_body()
         if self.server.rtt_s:
             time.sleep(self.server.rtt_s)
@@ -280,11 +311,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="the Retry-After seconds of those 429 answers")
     ap.add_argument("--max-body", type=int, default=0,
                     help="answer requests with a larger body 413 (fault injection)")
+    ap.add_argument("--cut-streams", type=int, default=0,
+                    help="reset the first N streamed uploads mid-body (fault injection)")
     args = ap.parse_args(argv)
 
     reqlog = RequestLog(args.log)
     server = Proxy(args.listen, args.upstream, args.rtt_ms / 1000, Link(args.mbit), reqlog,
-                   args.too_many, args.retry_after, args.max_body, args.throttle_uploads)
+                   args.too_many, args.retry_after, args.max_body, args.throttle_uploads,
+                   args.cut_streams)
 
     def stop(signum: int, _frame: object) -> None:
         threading.Thread(target=server.shutdown, daemon=True).start()

@@ -8,6 +8,7 @@ Source images are pushed by skopeo (not by us), and what we push is checked by s
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
@@ -25,6 +26,9 @@ from pathlib import Path
 import imagefactory as F
 import lazypull
 import pytest
+from estargz_opt.reference import RegistryRef
+from estargz_opt.stores.registry.options import RegistryOptions
+from estargz_opt.stores.registry.store import RegistryStore
 from helpers_containerd import estargz_opt
 
 FORMATS = {
@@ -214,10 +218,16 @@ def test_rerun_uploads_nothing_and_another_repository_is_a_mount(env: Env) -> No
     report = json.loads(res.stdout)
     assert [x["cache"] for x in report["layers"]] == ["hit"] * 3, report
     assert env.blob_writes() == [], env.blob_writes()
-    # The same with no cache: converted again, still nothing uploaded.
+    # With no cache, a conversion's digest is known only once it is written, and it is
+    # streamed as it is written: the three layers go up again (to the same digests);
+    # the config, known before it is written, is found by HEAD and not sent.
     env.proxy.clear()
     estargz_opt("optimize", "--oci", "--no-optimize", "--no-cache", *PLAIN, src, dst)
-    assert env.blob_writes() == [], env.blob_writes()
+    layers = {x["target"]["digest"] for x in report["layers"]}
+    streamed = [r for r in env.blob_writes() if r["method"] == "PATCH"]
+    puts = {urllib.parse.unquote(r["path"]).rsplit("digest=", 1)[1]
+            for r in env.blob_writes() if r["method"] == "PUT"}
+    assert len(streamed) == 3 and puts == layers, env.blob_writes()
 
     # A second tag in another repository of the same registry: every blob mounted.
     env.proxy.clear()
@@ -360,6 +370,76 @@ def test_413_falls_back_to_chunked_uploads(env: Env, tmp_path: Path) -> None:
         assert len([r for r in patches if r["status"] == 202]) > 5, patches
     finally:
         proxy.stop()
+    check_pushed(env, dst.replace(proxy.host, env.host), tmp_path)
+
+
+def test_a_new_blob_streams_while_it_is_written(env: Env, tmp_path: Path) -> None:
+    """The PATCH of a blob written through a sink starts while the blob is still being
+    written (here: a second before its second half is), not after its commit; what
+    lands is the blob. A sink discarded uncommitted cancels its upload session."""
+    proxy = lazypull.Proxy.start(env.registry.host, tmp_path / "stream.jsonl")
+    data = random.Random(14).randbytes(6 << 20)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    ref = RegistryRef.parse(f"docker://{proxy.host}/streamed:1")
+    try:
+        with RegistryStore(ref, RegistryOptions(tls_verify=False,
+                                                env={"HOME": str(tmp_path)})) as store:
+            with store.sink() as sink:
+                sink.file.write(data[: 3 << 20])
+                time.sleep(1)
+                second_half = time.time()
+                sink.file.write(data[3 << 20:])
+                sink.commit(digest, len(data))
+            with pytest.raises(RuntimeError), store.sink() as dropped:
+                dropped.file.write(data[: 2 << 20])
+                time.sleep(0.5)
+                raise RuntimeError("the conversion failed")
+            store.tag({})  # waits for every push
+        log = proxy.requests()
+    finally:
+        proxy.stop()
+    # The proxy logs a request once its body has arrived: the discarded stream's PATCH,
+    # broken off, is not logged.
+    patches = [r for r in log if r["method"] == "PATCH"]
+    assert len(patches) == 1, log  # the stream was not sent again
+    assert patches[0]["t0"] < second_half - 0.5 and patches[0]["status"] == 202, patches
+    assert patches[0]["req_bytes"] == len(data), patches
+    posts = [r for r in log if r["method"] == "POST"]
+    assert len(posts) == 2, log
+    puts = [r for r in log if r["method"] == "PUT" and "digest=" in r["path"]]
+    assert [urllib.parse.unquote(r["path"]).rsplit("digest=", 1)[1] for r in puts] == [digest]
+    assert puts[0]["t0"] >= second_half and puts[0]["status"] == 201, puts
+    deletes = [r for r in log if r["method"] == "DELETE"]
+    assert [r["status"] for r in deletes] == [204], log
+    assert deletes[0]["t0"] > posts[1]["t0"], log
+    req = urllib.request.Request(f"http://{env.registry.host}/v2/streamed/blobs/{digest}")
+    with urllib.request.urlopen(req, timeout=10) as r:
+        assert r.read() == data
+
+
+def test_a_broken_stream_is_sent_again_from_the_spool(env: Env, tmp_path: Path) -> None:
+    """A proxy that resets the first streamed PATCH: the blob goes up again from its
+    spool (the retried whole upload), and the run succeeds."""
+    src = env.push_source("cut", seed=15)
+    proxy = lazypull.Proxy.start(env.registry.host, tmp_path / "cut.jsonl",
+                                 extra=["--cut-streams", "1"])
+    try:
+        dst = f"docker://{proxy.host}/cut:esgz"
+        estargz_opt("optimize", "--oci", "--no-optimize", "--no-cache", *PLAIN,
+                    src.replace(env.host, proxy.host), dst)
+        log = proxy.requests()
+    finally:
+        proxy.stop()
+    patches = [r for r in log if r["method"] == "PATCH"]
+    cut = [r for r in patches if r["status"] == 0]
+    assert len(cut) == 1 and cut[0]["req_bytes"] > 0, patches
+    # Three layers streamed (one of them cut), the cut one sent again, and the config:
+    # four PATCHes answered, one commit per blob.
+    answered = [r for r in patches if r["status"] == 202]
+    assert len(answered) == 4 and any(r["t0"] > cut[0]["t1"] for r in answered), patches
+    puts = [urllib.parse.unquote(r["path"]).rsplit("digest=", 1)[1] for r in log
+            if r["method"] == "PUT" and "digest=" in r["path"] and r["status"] == 201]
+    assert len(set(puts)) == len(puts) == 4, log
     check_pushed(env, dst.replace(proxy.host, env.host), tmp_path)
 
 

@@ -468,6 +468,39 @@ class Client:
             up.offset = offset + n
         return resp.status_code
 
+    def stream_patch(self, up: Upload, body: Iterator[bytes]) -> str | None:
+        """Send `body` as one PATCH of unknown length (chunked transfer encoding) while
+        it is still being produced. None once the registry took it; else why not: a
+        stream is never replayed (no retry here), the caller uploads again from its copy.
+        An exception raised by `body` (the blob was discarded) goes through."""
+        try:
+            resp = self._once(
+                "PATCH",
+                up.location,
+                "streaming a blob",
+                ok=lambda r: r.status_code == 202,
+                content=body,
+                headers={"Content-Type": "application/octet-stream"},
+            )
+        except Retry as exc:
+            return exc.reason
+        except RegistryError as exc:
+            return str(exc)
+        if "Location" in resp.headers:
+            up.location = self._absolute(resp.headers["Location"])
+        return None
+
+    def finish_stream(self, up: Upload, digest: str) -> str | None:
+        """PUT ?digest= after `stream_patch` (the registry checks the digest of what it
+        received). None once committed, else why not (the caller uploads again)."""
+        try:
+            self._finish(up, digest)
+        except Retry as exc:
+            return exc.reason
+        except RegistryError as exc:
+            return str(exc)
+        return None
+
     def _finish(self, up: Upload, digest: str) -> None:
         # Added to the Location's own query (its upload state), which `params=` would drop.
         url = str(httpx.URL(up.location).copy_add_param("digest", digest))

@@ -4,18 +4,26 @@ Reading: manifests are fetched by tag or digest (and kept for the run, they are 
 layers are streamed through their digest check into a temporary file that the format
 engine reads, one file per layer being converted, removed once converted.
 
-Writing: blobs are spooled to a temporary file as the converter writes them, and pushed
-on commit in the background (HEAD first, then a cross-repository mount when the source
-is another repository of the same registry, else an upload), so the next layer converts
-while this one uploads. Manifests and indexes are kept until `tag`, which waits for every
-blob, pushes manifests children first, and writes the tags last: a failure never leaves
-a tag pointing at missing content. A rollback cancels open upload sessions; blobs
-already pushed stay, untagged (as with skopeo).
+Writing: a new blob (`sink`, whose digest is known only once written) is streamed: an
+upload session is opened at once and a thread sends the blob in one PATCH as the
+converter writes it, so a layer's upload overlaps its own conversion; `commit` then has
+the blob committed (PUT ?digest=) in the background. The bytes go through a spool file
+that the stream reads behind the writer: the converter never waits on the network,
+memory stays flat, and a stream that breaks or is refused is sent again from the spool
+by the retried whole/chunked upload. Blobs whose digest is known before they are
+written (`write`: configs) are pushed on commit in the background: HEAD first, then a
+cross-repository mount when the source is another repository of the same registry, else
+an upload (copies and cache hits ask `holds`, which does the HEAD and the mount, before
+opening a sink). Manifests and indexes are kept until `tag`, which waits for every blob,
+pushes manifests children first, and writes the tags last: a failure never leaves a tag
+pointing at missing content. A discarded sink and a rollback cancel their upload
+sessions; blobs already pushed stay, untagged (as with skopeo).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import tempfile
@@ -33,6 +41,7 @@ from estargz_opt.reference import DEFAULT_TAG, RegistryRef
 from estargz_opt.stores import check_blob
 from estargz_opt.stores.owner import is_dead, temp_owner, temp_prefix
 from estargz_opt.stores.registry.client import (
+    PIECE,
     Client,
     RegistryError,
     RetryPolicy,
@@ -41,6 +50,8 @@ from estargz_opt.stores.registry.client import (
 )
 from estargz_opt.stores.registry.options import RegistryOptions
 from estargz_opt.stores.registry.session import Session, open_session
+
+log = logging.getLogger("estargz_opt")
 
 _READ = 1 << 20
 #: Blobs pushed at once (each its own connection); the converter's workers run besides.
@@ -53,19 +64,109 @@ _AHEAD = 4
 _SPOOL = "estargz-opt-registry"
 
 
-class _Sink:
-    """A blob being written: a temporary file, pushed on commit."""
+class _Discarded(Exception):
+    """Ends a stream whose blob was discarded or whose run stopped (never committed)."""
+
+
+class _StreamSink:
+    """A new blob, streamed to an upload session while it is written (module docstring).
+
+    The writer appends to the spool and publishes how much of it is flushed; the stream
+    thread reads the spool up to there, so the spool is the only buffer. The session is
+    opened (POST) before the PATCH goes out, which gives the session its push token:
+    the auth flow authorizes the PATCH before sending it, since a streamed body cannot
+    be replayed after a 401.
+    """
 
     def __init__(self, store: RegistryStore, f: BinaryIO, path: Path) -> None:
-        self.file = f
-        self._store = store
-        self._path = path
+        self.file = self
         self.committed = False
+        self._store = store
+        self._f = f
+        self.path = path
+        self._cond = threading.Condition()
+        self._flushed = 0  # bytes of the spool the stream may read
+        self._pending = 0  # bytes written since
+        self._done = False
+        self._discarded = False
+        self.upload: Upload | None = None
+        #: why the stream did not reach the registry whole (None: it did, or not yet)
+        self.failure: str | None = None
+        self._thread = threading.Thread(target=self._stream, name="stream", daemon=True)
+        self._thread.start()
+
+    def write(self, data: bytes) -> int:
+        self._f.write(data)
+        self._pending += len(data)
+        if self._pending >= PIECE:
+            self._publish()
+        return len(data)
+
+    def _publish(self) -> None:
+        self._f.flush()
+        with self._cond:
+            self._flushed += self._pending
+            self._cond.notify_all()
+        self._pending = 0
+
+    def _body(self) -> Iterator[bytes]:
+        """The spool as it grows, to its end once committed."""
+        stopped = self._store.client.stopped
+        with open(self.path, "rb") as f:
+            sent = 0
+            while True:
+                with self._cond:
+                    while sent == self._flushed and not (self._done or self._discarded):
+                        if stopped.is_set():
+                            raise _Discarded
+                        self._cond.wait(0.2)
+                    if self._discarded or stopped.is_set():
+                        raise _Discarded
+                    end = self._flushed
+                if sent == end:
+                    return  # done, and all of it sent
+                piece = f.read(min(PIECE, end - sent))
+                if not piece:
+                    raise _Discarded  # the spool is gone (the run is over)
+                sent += len(piece)
+                yield piece
+
+    def _stream(self) -> None:
+        client = self._store.client
+        try:
+            up = client.start_upload()
+            self.upload = up
+            self._store._opened(up)
+            if up.min_chunk:
+                self.failure = f"the registry asks for chunks of at least {up.min_chunk} bytes"
+                return
+            self.failure = client.stream_patch(up, self._body())
+        except _Discarded:
+            self.failure = "discarded"
+        except Exception as exc:  # any failure: the blob is sent again from the spool
+            self.failure = str(exc) or type(exc).__name__
 
     def commit(self, digest: str, size: int, diff_id: str | None = None) -> None:
-        self.file.flush()
-        self._store._push(self._path, digest, size)
+        self._publish()
+        with self._cond:
+            self._done = True
+            self._cond.notify_all()
+        self._store._push_streamed(self, digest, size)
         self.committed = True
+
+    def wait(self) -> str | None:
+        """Wait for the stream to end; why it failed, or None."""
+        self._thread.join()
+        return self.failure
+
+    def discard(self) -> None:
+        """Stop the stream and cancel its upload session (the blob will not be used)."""
+        with self._cond:
+            self._discarded = True
+            self._cond.notify_all()
+        self._thread.join(timeout=30)
+        if self.upload is not None and not self._thread.is_alive():
+            self._store._cancel(self.upload)
 
 
 class RegistryStore:
@@ -228,23 +329,74 @@ class RegistryStore:
             with self._lock:
                 self._out[digest] = data
             return
-        with self.sink(source) as s:
-            s.file.write(data)
-            s.commit(digest, len(data))
+        self._raise_failed_push()
+        f, path = self._temp()
+        with f:
+            f.write(data)
+        self._push(path, digest, len(data))
 
     @contextlib.contextmanager
-    def sink(self, source: Descriptor | None = None) -> Iterator[_Sink]:
+    def sink(self, source: Descriptor | None = None) -> Iterator[_StreamSink]:
         self._raise_failed_push()
         f, path = self._temp()
         sink = None
         try:
             with f:
-                sink = _Sink(self, f, path)
+                sink = _StreamSink(self, f, path)
                 yield sink
         finally:
             if sink is None or not sink.committed:
+                if sink is not None:
+                    sink.discard()
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
+
+    def _opened(self, upload: Upload) -> None:
+        with self._lock:
+            self._open_uploads.append(upload)
+
+    def _closed(self, upload: Upload) -> None:
+        with self._lock:
+            self._open_uploads = [u for u in self._open_uploads if u is not upload]
+
+    def _cancel(self, upload: Upload) -> None:
+        self.client.cancel(upload)
+        self._closed(upload)
+
+    def _push_streamed(self, sink: _StreamSink, digest: str, size: int) -> None:
+        """Have a committed stream's blob committed in the background (a blob this run
+        pushes already needs no second copy: that stream is cancelled)."""
+        assert self._pool is not None
+        with self._lock:
+            known = digest in self._pushes
+            if not known:
+                self._pushes[digest] = self._pool.submit(self._land, sink, digest, size)
+        if known:
+            sink.discard()
+            with contextlib.suppress(FileNotFoundError):
+                sink.path.unlink()
+
+    def _land(self, sink: _StreamSink, digest: str, size: int) -> None:
+        """PUT ?digest= once the stream has ended; a stream that broke, was refused, or
+        whose commit failed is uploaded again from the spool (HEAD, mount, upload)."""
+        try:
+            why = sink.wait()
+            up = sink.upload
+            if why is None and up is not None:
+                why = self.client.finish_stream(up, digest)
+                if why is None:
+                    self._closed(up)
+                    return
+            if self.client.stopped.is_set():
+                raise RegistryError(f"{self.client.where}: upload interrupted")
+            log.info("%s: blob %s: the streamed upload did not land (%s); uploading it "
+                     "again from its spool", self.client.where, digest, why)
+            if up is not None:
+                self._cancel(up)
+            self._push_now(sink.path, digest, size)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                sink.path.unlink()
 
     def _push(self, path: Path, digest: str, size: int) -> None:
         """Push the spooled blob in the background (the file is removed once pushed)."""
@@ -265,14 +417,13 @@ class RegistryStore:
 
             def on_start(upload: Upload) -> None:
                 started.append(upload)
-                with self._lock:
-                    self._open_uploads.append(upload)
+                self._opened(upload)
 
             self.client.upload(path, digest, size, on_start)
             # Committed: those sessions are closed. A failed push leaves its session open
             # for rollback to cancel.
-            with self._lock:
-                self._open_uploads = [u for u in self._open_uploads if u not in started]
+            for upload in started:
+                self._closed(upload)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
