@@ -26,10 +26,11 @@ from pathlib import Path
 import imagefactory as F
 import lazypull
 import pytest
+from helpers_containerd import estargz_opt
+
 from estargz_opt.reference import RegistryRef
 from estargz_opt.stores.registry.options import RegistryOptions
 from estargz_opt.stores.registry.store import RegistryStore
-from helpers_containerd import estargz_opt
 
 FORMATS = {
     "estargz": [],
