@@ -26,10 +26,12 @@ import pytest
 from lazypull import Registry, RegistryConfig, _free_port
 from registries import PASSWORD, USER, LoopbackCA, Registries, sha256
 
+from estargz_opt.reference import RegistryRef
 from estargz_opt.stores.registry import credentials
 from estargz_opt.stores.registry.access import RegistryAccessError
 from estargz_opt.stores.registry.options import RegistryOptions
 from estargz_opt.stores.registry.session import Session, open_session
+from estargz_opt.stores.registry.store import RegistryStore
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 CREDS = f"{USER}:{PASSWORD}"
@@ -160,6 +162,33 @@ def test_push_through_session_then_skopeo_reads_it(regs: Registries, certs_d: Pa
         s.close()
     info = _skopeo_inspect(regs, name, certs_d, "acme/app:v1")
     assert info["Digest"] == digest
+
+
+@pytest.mark.parametrize("name", ["basic", "token"])
+def test_store_streams_with_the_push_authorization_it_already_holds(
+        regs: Registries, certs_d: Path, name: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A sink's PATCH streams a body that cannot be replayed after a 401: the upload's
+    POST has the session authorized for push before the stream starts, so the stream
+    lands as it is (no second upload from the spool), and the registry checked it."""
+    caplog.set_level(logging.INFO, logger="estargz_opt")
+    blob = os.urandom(3 << 20)
+    ref = RegistryRef.parse(f"docker://{regs.all()[name].host}/stream/app:v1")
+    regs.issuer.requests.clear()
+    with RegistryStore(ref, _opts(regs, name, certs_d)) as store:
+        with store.sink() as sink:
+            for i in range(0, len(blob), 1 << 19):
+                sink.file.write(blob[i:i + (1 << 19)])
+            sink.commit(sha256(blob), len(blob))
+        store.tag({})
+    assert "did not land" not in caplog.text, caplog.text
+    s = open_session(regs.all()[name].host, _opts(regs, name, certs_d))
+    try:
+        r = s.client.get(f"{s.base_url}/v2/stream/app/blobs/{sha256(blob)}")
+        assert r.status_code == 200 and r.content == blob
+    finally:
+        s.close()
+    if name == "token":
+        assert ["repository:stream/app:pull,push"] in [t.scopes for t in regs.issuer.requests]
 
 
 def test_token_flow_one_request_carries_push_and_mount_scopes(regs: Registries,
