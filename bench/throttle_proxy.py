@@ -14,7 +14,8 @@ This kernel has no netem, so the link is emulated in user space, at the HTTP lev
   push and a pull share the link's bandwidth.
 
 Each request is logged as one JSON line (``--log FILE``): ``t0``/``t1`` (wall clock,
-seconds), ``method``, ``path``, ``range`` (the Range header or null), ``status``,
+seconds), ``method``, ``path``, ``range`` (the Range header or null),
+``content_range`` (an upload chunk's Content-Range header or null), ``status``,
 ``bytes`` (response body bytes sent), ``req_bytes`` (request body bytes received) and
 ``conn`` (client connection number). The
 end-to-end tests use the log, with ``--rtt-ms 0 --mbit 0`` (no throttling), to
@@ -191,7 +192,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.connection.close()
         self.server.reqlog.write({
             "t0": round(t0, 6), "t1": round(time.time(), 6), "method": self.command,
-            "path": self.path, "range": None, "status": 0, "bytes": 0,
+            "path": self.path, "range": None, "content_range": None, "status": 0, "bytes": 0,
             "req_bytes": received, "conn": self.conn_no})
 
     def _forward(self) -> None:
@@ -223,7 +224,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.wfile.flush()
             self.server.reqlog.write({
                 "t0": round(t0, 6), "t1": round(time.time(), 6), "method": self.command,
-                "path": self.path, "range": self.headers.get("Range"), "status": status,
+                "path": self.path, "range": self.headers.get("Range"),
+                "content_range": self.headers.get("Content-Range"), "status": status,
                 "bytes": 0, "req_bytes": received, "conn": self.conn_no})
             return
         try:
@@ -284,7 +286,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         finally:
             self.server.reqlog.write({
                 "t0": round(t0, 6), "t1": round(time.time(), 6), "method": self.command,
-                "path": self.path, "range": self.headers.get("Range"), "status": status,
+                "path": self.path, "range": self.headers.get("Range"),
+                "content_range": self.headers.get("Content-Range"), "status": status,
                 "bytes": sent, "req_bytes": received, "conn": self.conn_no})
 
     do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = _forward

@@ -80,6 +80,8 @@ class Upload:
     offset: int = 0
     #: OCI-Chunk-Min-Length: the registry wants chunks at least this large
     min_chunk: int = 0
+    #: the registry refused a whole body (413): send this blob again in chunks
+    whole_refused: bool = False
 
 
 class Client:
@@ -391,11 +393,18 @@ class Client:
             self.session.client.delete(upload.location)
 
     def upload(
-        self, path: Path, digest: str, size: int, on_start: Callable[[Upload], None]
+        self,
+        path: Path,
+        digest: str,
+        size: int,
+        on_start: Callable[[Upload], None],
+        *,
+        chunked: bool = False,
     ) -> None:
-        """Upload the file `path` as blob `digest`. A try that fails in a retryable way
-        starts over with a new session (an upload's offset cannot be trusted after a
-        broken request), unless the registry turns out to have the blob already."""
+        """Upload the file `path` as blob `digest` (in chunks at once with `chunked`: the
+        registry refused it whole). A try that fails in a retryable way starts over with
+        a new session (an upload's offset cannot be trusted after a broken request),
+        unless the registry turns out to have the blob already."""
         first = True
 
         def attempt() -> None:
@@ -403,18 +412,23 @@ class Client:
             if not first and self.blob_size(digest) == size:
                 return  # the last try's commit landed; only its answer was lost
             first = False
-            self._upload_once(path, digest, size, on_start)
+            self._upload_once(path, digest, size, on_start, chunked)
 
         self._retrying(f"uploading blob {digest}", attempt)
 
     def _upload_once(
-        self, path: Path, digest: str, size: int, on_start: Callable[[Upload], None]
+        self,
+        path: Path,
+        digest: str,
+        size: int,
+        on_start: Callable[[Upload], None],
+        chunked: bool,
     ) -> None:
         """POST, then one streamed PATCH, or chunked PATCHes with Content-Range when the
         registry asks for them (OCI-Chunk-Min-Length, 413), then PUT ?digest=."""
         up = self.start_upload()
         on_start(up)
-        if not up.min_chunk:
+        if not up.min_chunk and not chunked:
             if self._patch(up, path, 0, size, whole=True) != 413:
                 self._finish(up, digest)
                 return
@@ -478,7 +492,7 @@ class Client:
                 "PATCH",
                 up.location,
                 "streaming a blob",
-                ok=lambda r: r.status_code == 202,
+                ok=lambda r: r.status_code in (202, 413),
                 content=body,
                 headers={"Content-Type": "application/octet-stream"},
             )
@@ -486,6 +500,9 @@ class Client:
             return exc.reason
         except RegistryError as exc:
             return str(exc)
+        if resp.status_code == 413:
+            up.whole_refused = True
+            return "refused whole (413)"
         if "Location" in resp.headers:
             up.location = self._absolute(resp.headers["Location"])
         return None

@@ -393,7 +393,7 @@ class RegistryStore:
                      "again from its spool", self.client.where, digest, why)
             if up is not None:
                 self._cancel(up)
-            self._push_now(sink.path, digest, size)
+            self._push_now(sink.path, digest, size, chunked=up is not None and up.whole_refused)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 sink.path.unlink()
@@ -407,7 +407,7 @@ class RegistryStore:
                 return
             self._pushes[digest] = self._pool.submit(self._push_now, path, digest, size)
 
-    def _push_now(self, path: Path, digest: str, size: int) -> None:
+    def _push_now(self, path: Path, digest: str, size: int, *, chunked: bool = False) -> None:
         try:
             if self.client.blob_size(digest) == size:
                 return
@@ -419,7 +419,7 @@ class RegistryStore:
                 started.append(upload)
                 self._opened(upload)
 
-            self.client.upload(path, digest, size, on_start)
+            self.client.upload(path, digest, size, on_start, chunked=chunked)
             # Committed: those sessions are closed. A failed push leaves its session open
             # for rollback to cancel.
             for upload in started:
