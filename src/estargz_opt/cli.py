@@ -31,7 +31,7 @@ from estargz_opt.stores.containerd.model import (
     DEFAULT_NAMESPACE,
     ContainerdOptions,
 )
-from estargz_opt.workload.options import DEFAULT_PERIOD, SamplerOptions
+from estargz_opt.workload.options import DEFAULT_PERIOD, DEFAULT_RUNTIME, RUNNERS, SamplerOptions
 
 log = logging.getLogger("estargz_opt")
 _GZIP_NEGATIVE_LEVELS = (
@@ -203,6 +203,20 @@ def _sampler_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option(
             "--wait-on-signal", is_flag=True, help="Run until the workload exits or Ctrl-C."
         ),
+        click.option(
+            "--runner",
+            type=click.Choice(("", *RUNNERS)),
+            default="",
+            help="How the sample container runs: containerd (its task service) or runc "
+            "(the runtime's CLI, no daemon). Default: containerd for an image in "
+            "containerd, runc for any other source.",
+        ),
+        click.option(
+            "--runtime",
+            default=DEFAULT_RUNTIME,
+            show_default=True,
+            help="The OCI runtime: runc, crun or a path (with either runner).",
+        ),
     ]
     for option in reversed(options):
         f = option(f)
@@ -357,8 +371,9 @@ def optimize_cmd(
     image.
 
     Unless --record-in, --prefetch-list or --no-optimize is given, the image's workload
-    runs for --period seconds in a sample container (containerd + runc, host platform
-    only), and the files it opens go first in their layers. Its output goes to stderr.
+    runs for --period seconds in a sample container (host platform only; in containerd
+    for an image in containerd, else with runc directly: --runner), and the files it
+    opens go first in their layers. Its output goes to stderr.
 
     \b
     Examples:
@@ -427,7 +442,8 @@ def analyze_cmd(
     quiet: bool,
     **sampler_flags: Any,
 ) -> None:
-    """Run the workload of the image SRC (in containerd) and record the files it opens.
+    """Run the workload of the image SRC (in containerd, or any source with --runner runc)
+    and record the files it opens.
 
     Nothing is converted. The record feeds `optimize --record-in` later, on any machine,
     with or without containerd. The workload's output goes to stderr.
