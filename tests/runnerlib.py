@@ -145,3 +145,43 @@ def run_layout_image(layout: Path, tag: str, work: Path, runtime: str = "runc") 
         return res.stdout
     finally:
         shutil.rmtree(bundle, ignore_errors=True)
+
+
+def cgroup_controllers_on_v2_in_hybrid() -> list[str]:
+    """The controllers a hybrid host leaves on its cgroup v2 hierarchy (crun refuses to
+    run there while there are any: "cgroups in hybrid mode not supported")."""
+    if Path("/sys/fs/cgroup/cgroup.controllers").exists():
+        return []  # unified: not hybrid
+    unified = Path("/sys/fs/cgroup/unified/cgroup.controllers")
+    return unified.read_text().split() if unified.exists() else []
+
+
+class V1Controllers:
+    """Binds the given controllers to cgroup v1 hierarchies while it lives, as systemd does
+    on a hybrid host, so that crun runs here (this machine's init left hugetlb on v2).
+
+    The hierarchies are mounted only in a helper process's private mount namespace, so
+    no mount is visible anywhere and none is left: when the helper is killed, its
+    namespace and the mounts go, and the kernel gives the controllers back to v2 (no
+    runtime made cgroups in them: the host's namespace never sees the hierarchies).
+    """
+
+    def __init__(self, controllers: list[str], base: Path) -> None:
+        lines = []
+        for c in controllers:
+            d = base / c
+            d.mkdir(parents=True)
+            lines.append(f"mount -t cgroup -o {c} cgroup {d} || exit 97")
+        lines += ["echo ready", "exec sleep 100000"]
+        self.proc = subprocess.Popen(
+            ["unshare", "--mount", "--propagation", "private", "sh", "-c", "\n".join(lines)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+        assert self.proc.stdout is not None
+        ready = self.proc.stdout.readline()
+        assert ready.strip() == b"ready", self.proc.communicate()
+        self.controllers = controllers
+        assert not set(cgroup_controllers_on_v2_in_hybrid()) & set(controllers)
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.communicate()
