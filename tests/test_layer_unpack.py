@@ -295,3 +295,39 @@ def test_a_wrong_diff_id_or_a_bad_tar_is_refused(tmp_path: Path) -> None:
     loop = tf.build_tar([tf.symlink("a", "b"), tf.symlink("b", "a"), tf.reg("a/x", b"")])
     with pytest.raises(BadInputError, match="too many levels"):
         unpack_layers(str(tmp_path / "root"), _layers([loop]))
+
+
+def test_unpacked_layers_are_kept_shared_and_evicted_lru(tmp_path: Path) -> None:
+    from estargz_opt.workload.runc.layers import UnpackedLayers
+
+    streamed: list[str] = []
+
+    def layer(tar: bytes, name: str) -> Layer:
+        def chunks() -> Iterator[bytes]:
+            streamed.append(name)
+            yield f.gzip_layer(tar)
+        return Layer(chunks(), _sha(tar), name)
+
+    cache = UnpackedLayers(tmp_path / "cache")
+    # a fill left by a run killed with SIGKILL (its owner pid does not exist)
+    dead = cache.dir / f".unpack@{os.uname().nodename}@999999999@1@abc.tmp"
+    dead.mkdir(parents=True)
+    with cache.hold([layer(L0, "l0"), layer(L1, "l1")], UnpackOptions()) as dirs:
+        assert not dead.exists(), "a dead run's fill was not reaped"
+        assert (Path(dirs[0]) / "bin/tool").read_text().endswith("v1\n")
+        assert stat.S_ISCHR(os.lstat(Path(dirs[1]) / "etc/gone.conf").st_mode)
+    assert streamed == ["l0", "l1"]
+    with cache.hold([layer(L0, "l0"), layer(L2, "l2")], UnpackOptions()) as dirs2:
+        assert dirs2[0] == dirs[0]  # the same directory: not unpacked again
+        assert streamed == ["l0", "l1", "l2"]
+        # eviction to nothing removes every layer no run holds, and only those
+        cache.max_size = 0
+        cache.evict()
+        assert not Path(dirs[1]).exists()
+        assert Path(dirs2[0]).is_dir() and Path(dirs2[1]).is_dir()
+    assert not Path(dirs2[0]).exists() and not Path(dirs2[1]).exists()  # evicted on release
+    # a layer that fails its diff ID check leaves nothing
+    bad = Layer([f.gzip_layer(L2)], _sha(b"other"), "bad")
+    with pytest.raises(BadInputError), cache.hold([bad], UnpackOptions()):
+        pass
+    assert [p.name for p in cache.dir.iterdir() if p.is_dir()] == []

@@ -201,8 +201,15 @@ class RuncRunner:
         layers = image_layers(image.layers, image.diff_ids, self.layer_chunks)
         started = time.monotonic()
         with contextlib.ExitStack() as stack:
-            cache = UnpackedLayers(self._layer_cache) if self._layer_cache else None
-            dirs = stack.enter_context(cache.hold(layers, self._unpack)) if cache else []
+            dirs: list[str] = []
+            if self._layer_cache is not None:
+                cache = UnpackedLayers(self._layer_cache)
+                try:
+                    dirs = stack.enter_context(cache.hold(layers, self._unpack))
+                except OSError as exc:  # e.g. a read-only cache: unpack for this run only
+                    log.warning("cannot keep unpacked layers in %s (%s): unpacking for this "
+                                "run only", cache.dir, exc.strerror or exc)
+                    layers = image_layers(image.layers, image.diff_ids, self.layer_chunks)
             lower = ":".join(reversed(dirs))
             if dirs and len(lower) < _MAX_LOWERDIR and not any(c in lower for c in ",\\"):
                 upper, work = os.path.join(run.path, "upper"), os.path.join(run.path, "work")
