@@ -34,7 +34,7 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
-from typing import IO, Any, Protocol
+from typing import IO, Any, ClassVar, Protocol
 
 from estargz_opt.errors import EstargzOptError
 from estargz_opt.mount import Mount
@@ -69,7 +69,7 @@ class Monitor:
     """The parent's handle on the monitor process; a context manager that always kills it."""
 
     #: the helper's error kinds and the exceptions they become here
-    errors: dict[str, type[EstargzOptError]] = _ERRORS
+    errors: ClassVar[dict[str, type[EstargzOptError]]] = _ERRORS
 
     def __init__(self, mounts: Sequence[Mount], target: str, log_path: str) -> None:
         setup = json.dumps({"target": target, "mounts": [asdict(m) for m in mounts]})

@@ -110,6 +110,24 @@ class Task(Protocol):
         ...
 
 
+class FileMonitor(Protocol):
+    """The file-access monitor whose mount namespace the container joins (`monitor.Monitor`
+    for runners that run as root; the rootless runner brings its own)."""
+
+    paths: list[str]
+    overflows: int
+
+    @property
+    def ns_path(self) -> str: ...
+
+    @property
+    def rootfs_view(self) -> str: ...
+
+    def begin(self) -> None: ...
+
+    def stop(self) -> list[str]: ...
+
+
 class Runner(Protocol):
     """One way of running the sample container (see the module docstring)."""
 
@@ -130,6 +148,13 @@ class Runner(Protocol):
 
     def rootfs(self, run: RunDir, image: SampleImage) -> AbstractContextManager[list[Mount]]:
         """Make the image's root filesystem; the mounts that put it on `run.rootfs`."""
+        ...
+
+    def monitor(
+        self, run: RunDir, image: SampleImage, mounts: list[Mount], log_path: str
+    ) -> AbstractContextManager[FileMonitor]:
+        """Start the file-access monitor that mounts `mounts` on `run.rootfs` in its own
+        mount namespace (the privileged `monitor.Monitor`, unless the runner needs another)."""
         ...
 
     def container(

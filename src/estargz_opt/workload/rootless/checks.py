@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 from estargz_opt.workload.runner import SampleError
 
@@ -103,6 +104,17 @@ class IdMapping:
     gid: int
     sub_uids: IdRange | None = None
     sub_gids: IdRange | None = None
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> IdMapping:
+        """The mapping from its `dataclasses.asdict` form (the helper's command line)."""
+        users, groups = raw.get("sub_uids"), raw.get("sub_gids")
+        return cls(
+            int(raw["uid"]),
+            int(raw["gid"]),
+            IdRange(**users) if users else None,
+            IdRange(**groups) if groups else None,
+        )
 
     @property
     def several(self) -> bool:
