@@ -191,9 +191,9 @@ def mem_available(meminfo: str = "/proc/meminfo") -> int:
     return 0
 
 
-def memory_refusal(needed: int, available: int, what: str) -> RootlessUnavailableError:
-    mib = 1 << 20
+def memory_refusal(what: str, available: int) -> RootlessUnavailableError:
+    """`what` (the image, with its size) is larger than the memory a tmpfs can take."""
     return refuse(
-        f"{what} ({needed // mib} MiB) does not fit in memory, which a rootless run holds "
-        f"the rootfs in (MemAvailable {available // mib} MiB)"
+        f"{what} does not fit in memory, where a rootless run holds the rootfs "
+        f"(MemAvailable {available >> 20} MiB)"
     )
