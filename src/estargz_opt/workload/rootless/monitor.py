@@ -121,7 +121,7 @@ class RootlessMonitor(base.Monitor):
             reply = self._expect("ready", timeout=UNPACK_TIMEOUT)
             self.unpacked = int(reply.get("bytes", 0))
         except BaseException:
-            if not self._feeder.is_alive():
+            if self._feeder.ident is None:  # never started: the write end is still ours
                 os.close(write_end)
             self.close()
             raise

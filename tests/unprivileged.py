@@ -1,0 +1,104 @@
+"""Run estargz-opt as an unprivileged user with no capabilities, from a root test.
+
+`setpriv` drops to a uid/gid that has no passwd entry, no supplementary groups, and an
+empty inheritable and bounding capability set: what a GitLab runner without privileges
+gives. That user must be able to run our Python and read the project; when the test's
+interpreter is not readable by it (e.g. a pyenv under /root), a venv without pip is made
+from the system's python3 of the same minor version, whose site-packages point at the
+test venv's packages and the project source. Files the user reads or writes live under
+`Unprivileged.home`, which it owns.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import estargz_opt
+
+UID = GID = 64123
+
+
+def setpriv(uid: int = UID, gid: int = GID) -> list[str]:
+    return ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups",
+            "--inh-caps=-all", "--bounding-set=-all", "--"]
+
+
+def _runs_as(python: str, uid: int) -> bool:
+    """Whether `uid` can run `python` and import the project, also from inside a user
+    namespace of its own (where the rootless helper imports what it needs)."""
+    res = subprocess.run([*setpriv(uid, uid), "unshare", "--user", "--map-root-user",
+                          python, "-c", "import estargz_opt, grpc"],
+                         capture_output=True, check=False)
+    return res.returncode == 0
+
+
+def _python_for(uid: int, where: Path) -> str:
+    if _runs_as(sys.executable, uid):
+        return sys.executable
+    system = shutil.which(f"python{sys.version_info.major}.{sys.version_info.minor}",
+                          path="/usr/bin:/bin")
+    assert system, "no system python of this minor version for the unprivileged user"
+    venv = where / "venv"
+    subprocess.run([system, "-m", "venv", "--without-pip", str(venv)], check=True)
+    site = Path(subprocess.run(
+        [str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+        check=True, capture_output=True, text=True).stdout.strip())
+    src = Path(estargz_opt.__file__).resolve().parents[1]
+    (site / "estargz-opt-test.pth").write_text(f"{sysconfig.get_path('purelib')}\n{src}\n")
+    python = str(venv / "bin" / "python")
+    assert _runs_as(python, uid), "the unprivileged user cannot import estargz_opt"
+    return python
+
+
+@dataclass
+class Unprivileged:
+    uid: int
+    gid: int
+    home: Path
+    python: str
+
+    @property
+    def tmpdir(self) -> Path:
+        return self.home / "tmp"
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+               "HOME": str(self.home), "TMPDIR": str(self.tmpdir), "LANG": "C.UTF-8",
+               "ESTARGZ_OPT_CACHE_DIR": str(self.home / "cache")}
+        env.update(extra)
+        return env
+
+    def argv(self, *args: str | Path) -> list[str]:
+        return [*setpriv(self.uid, self.gid), self.python, "-m", "estargz_opt",
+                *map(str, args)]
+
+    def run(self, *args: str | Path, env: dict[str, str] | None = None,
+            timeout: float = 180) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(self.argv(*args), env=env or self.env(), capture_output=True,
+                              text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+                              check=False)
+
+    def give(self, path: Path) -> Path:
+        """Make `path` (a tree under home) the user's own."""
+        subprocess.run(["chown", "-R", f"{self.uid}:{self.gid}", str(path)], check=True)
+        return path
+
+
+def make_unprivileged(uid: int = UID, gid: int = GID) -> Unprivileged:
+    """A home for the user (0755 on the way, so it can reach it), and a Python it runs."""
+    home = Path(tempfile.mkdtemp(prefix="estargz-opt-unpriv-", dir="/tmp"))
+    home.chmod(0o755)
+    python = _python_for(uid, home)
+    for d in ("tmp", "cache"):
+        (home / d).mkdir()
+    os.chown(home, uid, gid)
+    for d in ("tmp", "cache"):
+        os.chown(home / d, uid, gid)
+    return Unprivileged(uid, gid, home, python)
