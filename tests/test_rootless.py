@@ -97,18 +97,9 @@ def test_fid_monitor_reports_reads_by_path(user: Unprivileged, scratch: Path) ->
 
 
 def test_owner_outside_the_namespace_is_refused(user: Unprivileged, scratch: Path) -> None:
-    layer = ai.layer([ai.file("srv/data", "d\n")])
-    # re-own the entry: uid 1000 cannot be mapped with only the caller's id
-    import io
-    import tarfile
-    src = tarfile.open(fileobj=io.BytesIO(layer))
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as dst:
-        for info in src.getmembers():
-            if info.name == "srv/data":
-                info.uid = info.gid = 1000
-            dst.addfile(info, src.extractfile(info) if info.isfile() else None)
-    out = drive(user, scratch, [buf.getvalue()], [])
+    # uid 1000 cannot be mapped with only the caller's id
+    layer = ai.layer([ai.file("srv/data", "d\n", owner=1000)])
+    out = drive(user, scratch, [layer], [])
     assert out["type"] == "NeedsIdsError", out
     msg = out["error"]
     assert "srv/data is owned by uid 1000" in msg and "several ids" in msg, msg

@@ -47,9 +47,9 @@ def _python_for(uid: int, where: Path) -> str:
     assert system, "no system python of this minor version for the unprivileged user"
     venv = where / "venv"
     subprocess.run([system, "-m", "venv", "--without-pip", str(venv)], check=True)
-    site = Path(subprocess.run(
-        [str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
-        check=True, capture_output=True, text=True).stdout.strip())
+    code = "import sysconfig; print(sysconfig.get_path('purelib'))"
+    site = Path(subprocess.run([str(venv / "bin" / "python"), "-c", code],
+                               check=True, capture_output=True, text=True).stdout.strip())
     src = Path(estargz_opt.__file__).resolve().parents[1]
     (site / "estargz-opt-test.pth").write_text(f"{sysconfig.get_path('purelib')}\n{src}\n")
     python = str(venv / "bin" / "python")
