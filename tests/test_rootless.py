@@ -17,6 +17,7 @@ import textwrap
 from pathlib import Path
 
 import analyzeimages as ai
+import imagefactory as f
 import pytest
 from unprivileged import Unprivileged, make_unprivileged
 
@@ -100,7 +101,7 @@ def test_owner_outside_the_namespace_is_refused(user: Unprivileged, scratch: Pat
     # uid 1000 cannot be mapped with only the caller's id
     layer = ai.layer([ai.file("srv/data", "d\n", owner=1000)])
     out = drive(user, scratch, [layer], [])
-    assert out["type"] == "NeedsIdsError", out
+    assert out["type"] == "RootlessUnavailableError", out
     msg = out["error"]
     assert "srv/data is owned by uid 1000" in msg and "several ids" in msg, msg
     assert "--record-in" in msg and "run as root" in msg and "\n" not in msg, msg
@@ -142,11 +143,13 @@ def test_userns_sysctls_are_named(tmp_path: Path, name: str, words: str) -> None
     assert words in str(err.value) and "run as root" in str(err.value)
 
 
-def test_max_user_namespaces_zero_for_real(user: Unprivileged) -> None:
+def test_max_user_namespaces_zero_for_real(user: Unprivileged, tmp_path: Path) -> None:
     """Inside a user namespace whose user.max_user_namespaces is 0, the CLI refuses at
     once, naming the sysctl (the sysctl is per user namespace: the host keeps its own)."""
+    layout = user.home / "tiny"
+    f.write_layout(layout, "v1", [ai.layer([ai.file("x", "x\n")])], ai.config(["/x"]))
     script = (f"echo 0 > /proc/sys/user/max_user_namespaces && exec {user.python} -m "
-              "estargz_opt analyze --rootless oci:/nonexistent")
+              f"estargz_opt analyze --rootless --record-out {tmp_path}/r.jsonl oci:{layout}:v1")
     res = subprocess.run(["unshare", "--user", "--map-root-user", "sh", "-c", script],
                          capture_output=True, text=True, timeout=60, check=False)
     assert res.returncode != 0

@@ -23,11 +23,17 @@ from pathlib import Path
 import estargz_opt
 
 UID = GID = 64123
+#: by its path: a test may give the user a PATH without it
+SETPRIV = shutil.which("setpriv") or "setpriv"
 
 
-def setpriv(uid: int = UID, gid: int = GID) -> list[str]:
-    return ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups",
-            "--inh-caps=-all", "--bounding-set=-all", "--"]
+def setpriv(uid: int = UID, gid: int = GID, *, setuid_helpers: bool = False) -> list[str]:
+    """setpriv's command line to run as `uid`: no capabilities, and (unless
+    `setuid_helpers`, for newuidmap) an empty bounding set, so that no setuid binary can
+    gain any either."""
+    bounding = [] if setuid_helpers else ["--bounding-set=-all"]
+    return [SETPRIV, f"--reuid={uid}", f"--regid={gid}", "--clear-groups",
+            "--inh-caps=-all", *bounding, "--"]
 
 
 def _runs_as(python: str, uid: int) -> bool:
@@ -75,13 +81,15 @@ class Unprivileged:
         env.update(extra)
         return env
 
-    def argv(self, *args: str | Path) -> list[str]:
-        return [*setpriv(self.uid, self.gid), self.python, "-m", "estargz_opt",
-                *map(str, args)]
+    def argv(self, *args: str | Path, setuid_helpers: bool = False) -> list[str]:
+        return [*setpriv(self.uid, self.gid, setuid_helpers=setuid_helpers), self.python,
+                "-m", "estargz_opt", *map(str, args)]
 
     def run(self, *args: str | Path, env: dict[str, str] | None = None,
-            timeout: float = 180) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(self.argv(*args), env=env or self.env(), capture_output=True,
+            timeout: float = 180, setuid_helpers: bool = False
+            ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(self.argv(*args, setuid_helpers=setuid_helpers),
+                              env=env or self.env(), capture_output=True,
                               text=True, timeout=timeout, stdin=subprocess.DEVNULL,
                               check=False)
 

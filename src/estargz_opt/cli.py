@@ -31,7 +31,7 @@ from estargz_opt.stores.containerd.model import (
     DEFAULT_NAMESPACE,
     ContainerdOptions,
 )
-from estargz_opt.workload.options import DEFAULT_PERIOD, SamplerOptions
+from estargz_opt.workload.options import DEFAULT_PERIOD, RUNNERS, SamplerOptions
 
 log = logging.getLogger("estargz_opt")
 _GZIP_NEGATIVE_LEVELS = (
@@ -203,6 +203,21 @@ def _sampler_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option(
             "--wait-on-signal", is_flag=True, help="Run until the workload exits or Ctrl-C."
         ),
+        click.option(
+            "--runner",
+            type=click.Choice(RUNNERS),
+            default=None,
+            help="How to run the workload: containerd (images in containerd), or rootless "
+            "(the default when not root: no privilege at all; the rootfs is held in memory, "
+            "a tmpfs the size of the image).",
+        ),
+        click.option("--rootless", is_flag=True, help="The same as --runner rootless."),
+        click.option(
+            "--runtime",
+            default="runc",
+            show_default=True,
+            help="The OCI runtime of the rootless runner: runc, crun or a path.",
+        ),
     ]
     for option in reversed(options):
         f = option(f)
@@ -214,6 +229,11 @@ def _sampler(kw: dict[str, Any]) -> SamplerOptions:
     # The option names are the field names (click turns tuples into lists below).
     values = {f.name: kw.pop(f.name) for f in dataclasses.fields(SamplerOptions)}
     fields: dict[str, Any] = {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+    fields["runner"] = fields["runner"] or ""
+    if kw.pop("rootless"):
+        if fields["runner"] not in ("", "rootless"):
+            raise UsageError(f"--rootless contradicts --runner {fields['runner']}")
+        fields["runner"] = "rootless"
     opts = SamplerOptions(**fields)
     try:
         opts.validate()

@@ -42,7 +42,7 @@ from estargz_opt.errors import EstargzOptError, UsageError
 from estargz_opt.format import Format, LayerOptions
 from estargz_opt.format.build import LayerResult
 from estargz_opt.progress import Progress
-from estargz_opt.stores import Store, as_containerd, open_store, same_store
+from estargz_opt.stores import Store, open_store, same_store
 from estargz_opt.stores.containerd.model import ContainerdOptions
 from estargz_opt.walk import images
 
@@ -101,11 +101,6 @@ class OptimizeRequest:
             raise UsageError("--estargz-external-toc cannot be combined with --reuse")
         if self.no_optimize and any(p.kind is ProfileKind.PREFETCH_LIST for p in self.profiles):
             raise UsageError("--prefetch-list cannot be combined with --no-optimize")
-        if self.runs_workload and isinstance(src, reference.OCIRef):
-            raise UsageError(
-                "running the workload needs containerd, which oci: images do not use; pass "
-                "--record-in FILE or --prefetch-list FILE (or --no-optimize)"
-            )
         if self.record_out and not self.runs_workload:
             raise UsageError(
                 "--record-out records a workload run; it cannot be combined with --record-in, "
@@ -285,11 +280,6 @@ def analyze_image(
 ) -> Analysis:
     """`estargz-opt analyze`: run the workload and write its record; convert nothing."""
     ref = reference.parse(src)
-    if isinstance(ref, reference.OCIRef):
-        raise UsageError(
-            "running the workload needs containerd, which oci: images do not use; import "
-            "the image into containerd first (e.g. ctr images import)"
-        )
     check_record_out(record_out)
     if prefetch_list_out:
         check_record_out(prefetch_list_out, "--prefetch-list-out")
@@ -342,7 +332,7 @@ def _run_workload(
     from estargz_opt.workload.analyzer import analyze
 
     return analyze(
-        as_containerd(store, "running the workload"),
+        store,
         name,
         host[0],
         host[1],

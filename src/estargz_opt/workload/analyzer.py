@@ -18,10 +18,12 @@ from estargz_opt import descriptor as d
 from estargz_opt.descriptor import Descriptor, Manifest
 from estargz_opt.prioritize.layerindex import LayerNames
 from estargz_opt.prioritize.record import RecordEntry, Recorder
+from estargz_opt.stores import Store
 from estargz_opt.stores.containerd.store import ContainerdStore
 from estargz_opt.workload.containerd.runner import ContainerdRunner
 from estargz_opt.workload.options import SamplerOptions
-from estargz_opt.workload.runner import Runner, SampleImage
+from estargz_opt.workload.rootless.checks import is_real_root
+from estargz_opt.workload.runner import Runner, SampleError, SampleImage
 from estargz_opt.workload.sample import SampleRequest, SampleResult, Tick, run_sample
 
 log = logging.getLogger("estargz_opt")
@@ -49,7 +51,7 @@ class Analysis:
 
 
 def analyze(
-    store: ContainerdStore,
+    store: Store,
     image_name: str,
     manifest_desc: Descriptor,
     manifest: Manifest,
@@ -63,12 +65,26 @@ def analyze(
     layers = [x for x in manifest.layers if x.media_type in d.LAYER_TYPES]
     diff_ids = d.config_diff_ids(config, len(layers), image_name)
     image = SampleImage(image_name, config, layers, diff_ids)
-    req = SampleRequest(runner_for(store), image, opts, on_tick=on_tick, output=output)
+    req = SampleRequest(runner_for(store, opts), image, opts, on_tick=on_tick, output=output)
     return record_workload(req, manifest_desc.digest)
 
 
-def runner_for(store: ContainerdStore) -> Runner:
-    """The runner for an image held in `store`: containerd's own, for a containerd store."""
+def runner_for(store: Store, opts: SamplerOptions) -> Runner:
+    """The runner `opts.runner` names; by default containerd's own for an image held in
+    containerd by root, and the rootless one for anyone but root (in the initial user
+    namespace), whatever the source."""
+    runner = opts.runner or (
+        "containerd" if isinstance(store, ContainerdStore) and is_real_root() else "rootless"
+    )
+    if runner == "rootless":
+        from estargz_opt.workload.rootless.runner import RootlessRunner
+
+        return RootlessRunner(store, opts, opts.runtime)
+    if not isinstance(store, ContainerdStore):
+        raise SampleError(
+            "running the workload of an image that is not in containerd needs the rootless "
+            "runner (--rootless) here; or import the image into containerd first"
+        )
     return ContainerdRunner(store)
 
 

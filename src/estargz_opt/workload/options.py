@@ -15,6 +15,8 @@ from typing import Any
 from estargz_opt.errors import BadInputError
 
 DEFAULT_PERIOD = 10
+#: The ways of running the workload (--runner); see workload.analyzer.runner_for.
+RUNNERS = ("containerd", "rootless")
 
 
 @dataclass(slots=True)
@@ -45,6 +47,9 @@ class SamplerOptions:
     net_host: bool = False
     wait_on_line: str = ""
     wait_on_signal: bool = False
+    #: "containerd", "runc" or "rootless"; "" chooses by the source and by who we are
+    runner: str = ""
+    runtime: str = "runc"  # runc, crun, or a path to either
 
     @property
     def effective_period(self) -> int:
@@ -67,6 +72,9 @@ class SamplerOptions:
             raise BadInputError(f"--cwd {self.cwd!r} must be an absolute path")
         for e in self.env:
             check_env_entry("--env", e)
+        if self.runner and self.runner not in RUNNERS:
+            choices = ", ".join(RUNNERS)
+            raise BadInputError(f"--runner must be one of {choices}, not {self.runner!r}")
 
 
 def parse_json_array(flag: str, text: str) -> list[str] | None:

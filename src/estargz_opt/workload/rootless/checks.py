@@ -147,11 +147,28 @@ def _sub_range(path: str, uid: int) -> IdRange | None:
     return None
 
 
+CAP_SETGID, CAP_SETUID = 6, 7
+
+
+def setuid_helpers_work() -> bool:
+    """newuidmap/newgidmap (setuid root) get CAP_SETUID/CAP_SETGID only if our bounding
+    set still has them (a runner started with an empty bounding set cannot use them)."""
+    try:
+        with open("/proc/self/status") as f:
+            line = next(x for x in f if x.startswith("CapBnd:"))
+    except (OSError, StopIteration):
+        return False
+    bounding = int(line.split()[1], 16)
+    return all(bounding >> cap & 1 for cap in (CAP_SETUID, CAP_SETGID))
+
+
 def plan_ids(
     uid: int, gid: int, *, subuid: str = "/etc/subuid", subgid: str = "/etc/subgid"
 ) -> IdMapping:
     """Several ids when newuidmap/newgidmap and the caller's ranges are there, else one."""
     if shutil.which("newuidmap") is None or shutil.which("newgidmap") is None:
+        return IdMapping(uid, gid)
+    if not setuid_helpers_work():
         return IdMapping(uid, gid)
     users, groups = _sub_range(subuid, uid), _sub_range(subgid, uid)
     if users is None or groups is None:
@@ -165,6 +182,8 @@ def several_ids_refusal(mapping: IdMapping, why: str) -> RootlessUnavailableErro
         return refuse(f"{why}, beyond the {mapping.size} ids of this user's /etc/subuid range")
     if shutil.which("newuidmap") is None or shutil.which("newgidmap") is None:
         how = "newuidmap and newgidmap (apt-get install uidmap) are not installed"
+    elif not setuid_helpers_work():
+        how = "newuidmap cannot work without CAP_SETUID and CAP_SETGID in the bounding set"
     else:
         how = f"uid {mapping.uid} has no range in /etc/subuid and /etc/subgid"
     return refuse(f"{why}, and only your own id can be mapped: {how}")

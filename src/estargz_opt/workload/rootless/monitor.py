@@ -66,7 +66,8 @@ class ImageTooBigError(RootlessUnavailableError):
 
 
 class NeedsIdsError(RootlessUnavailableError):
-    """The image owns files by ids the user namespace does not map."""
+    """The image owns files by ids the user namespace does not map (the helper's report;
+    the parent turns it into the refusal that names the ways out)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +119,11 @@ class RootlessMonitor(base.Monitor):
             write_id_maps(self.pid, setup.mapping)
             self._send(f"mapped {read_end}")
             self._feeder.start()
-            reply = self._expect("ready", timeout=UNPACK_TIMEOUT)
+            try:
+                reply = self._expect("ready", timeout=UNPACK_TIMEOUT)
+            except NeedsIdsError as exc:
+                # the ways to more ids are the host's to tell, not the namespace's
+                raise several_ids_refusal(setup.mapping, str(exc)) from None
             self.unpacked = int(reply.get("bytes", 0))
         except BaseException:
             if self._feeder.ident is None:  # never started: the write end is still ours
@@ -227,8 +232,7 @@ def _helper(raw: dict[str, Any], cmd_in: IO[bytes], out: IO[bytes]) -> int:
     try:
         unpack_layers(target, layers, UnpackOptions(privileged=False, ids=mapping.size))
     except UnmappedOwnerError as exc:
-        why = f"the image needs several ids ({exc})"
-        raise base._Failure("ids", str(several_ids_refusal(mapping, why))) from None
+        raise base._Failure("ids", f"the image needs several ids ({exc})") from None
     except UnpackError as exc:
         cause = exc.__context__
         if isinstance(cause, OSError) and cause.errno == errno.ENOSPC:  # the tmpfs is full

@@ -24,9 +24,11 @@ finds and kills what the dead run left, before the run directories are removed.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
+import subprocess
 import tempfile
 from collections.abc import Iterable, Iterator
 
@@ -38,8 +40,19 @@ from estargz_opt.workload.options import SamplerOptions
 from estargz_opt.workload.rootless import checks
 from estargz_opt.workload.rootless.checks import IdMapping, RootlessUnavailableError
 from estargz_opt.workload.rootless.monitor import RootlessMonitor, RootlessSetup
+from estargz_opt.workload.rootless.spec import rootless_spec
 from estargz_opt.workload.rootless.userns import kill_all, ns_id
-from estargz_opt.workload.runner import SAMPLE_PREFIX, RunDir, SampleError, SampleImage
+from estargz_opt.workload.runner import (
+    SAMPLE_PREFIX,
+    RunDir,
+    RunnerError,
+    SampleError,
+    SampleImage,
+    StdioPaths,
+    WorkloadStartError,
+    quietly,
+)
+from estargz_opt.workload.spec import Spec
 
 log = logging.getLogger("estargz_opt")
 
@@ -183,3 +196,101 @@ class RootlessRunner:
         if self._monitor is None:
             raise RootlessUnavailableError("the rootless container needs its monitor first")
         return self._monitor
+
+    def runtime_argv(self, monitor: RootlessMonitor, state: str) -> list[str]:
+        """The runtime's command line up to its subcommand: entered into the monitor's
+        user namespace (root there, nothing on the host), its state in the run dir."""
+        argv = ["nsenter", f"--user={monitor.user_ns_path}", "--preserve-credentials"]
+        argv += [self._runtime, "--root", state]
+        if os.path.basename(self._runtime).startswith("crun"):
+            argv.append("--cgroup-manager=disabled")
+        return argv
+
+    @contextlib.contextmanager
+    def container(
+        self, run: RunDir, image: SampleImage, spec: Spec, stdio: StdioPaths
+    ) -> Iterator[RuntimeTask]:
+        """The bundle of the container `run.id`; the runtime runs it on `start`."""
+        if stdio.terminal:
+            raise SampleError("-t is not supported by the rootless runner yet")
+        monitor = self._require_monitor()
+        bundle = os.path.join(run.path, "bundle")
+        os.mkdir(bundle, 0o700)
+        with open(os.path.join(bundle, "config.json"), "w") as f:
+            json.dump(rootless_spec(spec, self.mapping), f)
+        state = os.path.join(run.path, "runtime")
+        os.mkdir(state, 0o700)
+        task = RuntimeTask(self.runtime_argv(monitor, state), run.id, bundle, stdio)
+        try:
+            yield task
+        finally:
+            task.close()
+
+
+class RuntimeTask:
+    """The container under the runtime's `run` (a `Task`): `run` stays our child for as
+    long as the container runs, and exits with its status."""
+
+    def __init__(self, argv: list[str], cid: str, bundle: str, stdio: StdioPaths) -> None:
+        self._argv, self._id, self._bundle, self._stdio = argv, cid, bundle, stdio
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        def fifo(path: str, flags: int) -> int:
+            return os.open(path, flags | os.O_CLOEXEC) if path else os.open(os.devnull, flags)
+
+        fds = [
+            fifo(self._stdio.stdin, os.O_RDONLY),
+            fifo(self._stdio.stdout, os.O_WRONLY),
+            fifo(self._stdio.stderr, os.O_WRONLY),
+        ]
+        try:
+            self._proc = subprocess.Popen(
+                [*self._argv, "run", "--bundle", self._bundle, self._id],
+                stdin=fds[0],
+                stdout=fds[1],
+                stderr=fds[2],
+                cwd=self._bundle,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            raise WorkloadStartError(f"cannot start the runtime: {exc}") from None
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        if self._proc is None:
+            raise RunnerError("the rootless container was not started")
+        try:
+            return self._proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise RunnerError(f"the workload did not exit within {timeout}s") from None
+
+    def kill(self, signo: int) -> None:
+        res = subprocess.run(
+            [*self._argv, "kill", "--all", self._id, str(signo)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if res.returncode != 0 and self._proc is not None and self._proc.poll() is None:
+            raise RunnerError(res.stderr.strip() or f"kill exited {res.returncode}")
+
+    def delete(self) -> int | None:
+        status = self._proc.poll() if self._proc is not None else None
+        subprocess.run(
+            [*self._argv, "delete", "--force", self._id], capture_output=True, check=False
+        )
+        return status
+
+    def resize(self, cols: int, rows: int) -> None:
+        return None
+
+    def close_stdin(self) -> None:
+        return None
+
+    def close(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            quietly("kill the runtime", self._proc.kill)
+            self._proc.wait()
