@@ -31,7 +31,7 @@ from estargz_opt.stores.containerd.model import (
     DEFAULT_NAMESPACE,
     ContainerdOptions,
 )
-from estargz_opt.workload.options import DEFAULT_PERIOD, RUNNERS, SamplerOptions
+from estargz_opt.workload.options import DEFAULT_PERIOD, DEFAULT_RUNTIME, RUNNERS, SamplerOptions
 
 log = logging.getLogger("estargz_opt")
 _GZIP_NEGATIVE_LEVELS = (
@@ -205,18 +205,19 @@ def _sampler_options(f: Callable[..., Any]) -> Callable[..., Any]:
         ),
         click.option(
             "--runner",
-            type=click.Choice(RUNNERS),
-            default=None,
-            help="How to run the workload: containerd (images in containerd), or rootless "
-            "(the default when not root: no privilege at all; the rootfs is held in memory, "
-            "a tmpfs the size of the image).",
+            type=click.Choice(("", *RUNNERS)),
+            default="",
+            help="How the sample container runs: containerd (its task service), runc (the "
+            "runtime's CLI, no daemon) or rootless (no privilege at all; the rootfs is held "
+            "in memory, a tmpfs the size of the image). Default: rootless when not root; "
+            "as root, containerd for an image in containerd, runc for any other source.",
         ),
         click.option("--rootless", is_flag=True, help="The same as --runner rootless."),
         click.option(
             "--runtime",
-            default="runc",
+            default=DEFAULT_RUNTIME,
             show_default=True,
-            help="The OCI runtime of the rootless runner: runc, crun or a path.",
+            help="The OCI runtime: runc, crun or a path (with any runner).",
         ),
     ]
     for option in reversed(options):
@@ -377,8 +378,9 @@ def optimize_cmd(
     image.
 
     Unless --record-in, --prefetch-list or --no-optimize is given, the image's workload
-    runs for --period seconds in a sample container (containerd + runc, host platform
-    only), and the files it opens go first in their layers. Its output goes to stderr.
+    runs for --period seconds in a sample container (host platform only; in containerd
+    for an image in containerd, else with runc directly: --runner), and the files it
+    opens go first in their layers. Its output goes to stderr.
 
     \b
     Examples:
@@ -447,7 +449,8 @@ def analyze_cmd(
     quiet: bool,
     **sampler_flags: Any,
 ) -> None:
-    """Run the workload of the image SRC (in containerd) and record the files it opens.
+    """Run the workload of the image SRC (in containerd, or any source with --runner runc)
+    and record the files it opens.
 
     Nothing is converted. The record feeds `optimize --record-in` later, on any machine,
     with or without containerd. The workload's output goes to stderr.

@@ -66,7 +66,7 @@ class OptimizeRequest:
     profiles: tuple[ProfileSource, ...] = ()
     #: a profile that prioritizes nothing is a warning instead of an error
     allow_empty_profile: bool = False
-    #: run the workload with these options (containerd sources only); see workload.options
+    #: run the workload with these options (any source; --runner); see workload.options
     sampler: SamplerOptions | None = None
     #: write the record of the workload run here (ctr-remote's --record-out)
     record_out: Path | None = None

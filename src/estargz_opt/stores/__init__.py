@@ -126,6 +126,13 @@ def same_store(a: ImageRef, b: ImageRef) -> bool:
     return isinstance(a, ContainerdRef) and isinstance(b, ContainerdRef)
 
 
+def is_containerd(store: Store) -> bool:
+    """Whether the store is containerd (whose own runner can run its images)."""
+    from estargz_opt.stores.containerd.store import ContainerdStore
+
+    return isinstance(store, ContainerdStore)
+
+
 def as_containerd(store: Store, why: str) -> ContainerdStore:
     """The store as containerd, for what needs containerd's own services (the workload
     runner's snapshots, containers and tasks: `ContainerdStore.client`)."""

@@ -18,12 +18,12 @@ from estargz_opt import descriptor as d
 from estargz_opt.descriptor import Descriptor, Manifest
 from estargz_opt.prioritize.layerindex import LayerNames
 from estargz_opt.prioritize.record import RecordEntry, Recorder
-from estargz_opt.stores import Store
-from estargz_opt.stores.containerd.store import ContainerdStore
+from estargz_opt.stores import Store, as_containerd, is_containerd
 from estargz_opt.workload.containerd.runner import ContainerdRunner
 from estargz_opt.workload.options import SamplerOptions
 from estargz_opt.workload.rootless.checks import is_real_root
-from estargz_opt.workload.runner import Runner, SampleError, SampleImage
+from estargz_opt.workload.runc.runner import RuncRunner
+from estargz_opt.workload.runner import Runner, SampleImage
 from estargz_opt.workload.sample import SampleRequest, SampleResult, Tick, run_sample
 
 log = logging.getLogger("estargz_opt")
@@ -70,22 +70,26 @@ def analyze(
 
 
 def runner_for(store: Store, opts: SamplerOptions) -> Runner:
-    """The runner `opts.runner` names; by default containerd's own for an image held in
-    containerd by root, and the rootless one for anyone but root (in the initial user
-    namespace), whatever the source."""
-    runner = opts.runner or (
-        "containerd" if isinstance(store, ContainerdStore) and is_real_root() else "rootless"
-    )
-    if runner == "rootless":
+    """The runner `--runner` names. By default: the rootless runner for anyone but root
+    (in the initial user namespace), whatever the source; for root, containerd's own for
+    an image in containerd, and runc directly for any other store (a layout, an archive,
+    a registry).
+
+    `--runner containerd` needs the image in containerd; `--runner runc` and
+    `--runner rootless` take an image from any store, containerd's included (its blobs
+    are streamed from containerd).
+    """
+    default = "containerd" if is_containerd(store) else "runc"
+    name = opts.runner or (default if is_real_root() else "rootless")
+    if name == "rootless":
         from estargz_opt.workload.rootless.runner import RootlessRunner
 
         return RootlessRunner(store, opts, opts.runtime)
-    if not isinstance(store, ContainerdStore):
-        raise SampleError(
-            "running the workload of an image that is not in containerd needs the rootless "
-            "runner (--rootless) here; or import the image into containerd first"
+    if name == "containerd":
+        return ContainerdRunner(
+            as_containerd(store, "--runner containerd (the containerd runner)"), opts.runtime
         )
-    return ContainerdRunner(store)
+    return RuncRunner(store, opts.runtime)
 
 
 def record_workload(req: SampleRequest, manifest_digest: str) -> Analysis:

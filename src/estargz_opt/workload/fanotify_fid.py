@@ -26,7 +26,6 @@ from collections.abc import Iterator
 from types import TracebackType
 
 from estargz_opt.workload.fanotify import (
-    AT_FDCWD,
     FAN_ACCESS,
     FAN_CLASS_NOTIF,
     FAN_CLOEXEC,
@@ -184,15 +183,14 @@ class FidMonitor:
             raise FanotifyError(f"fanotify_init failed: {os.strerror(err)}")
         self._fd = fd
         self._libc = libc
+        # Held from now on: once the container pivots into the rootfs, `root` no longer
+        # names it in this process (whose root moved with it).
+        self._root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
 
     def mark(self) -> None:
         """Start reporting opens and reads anywhere on the filesystem of `root`."""
         rc = self._libc.fanotify_mark(
-            self._fd,
-            FAN_MARK_ADD | FAN_MARK_FILESYSTEM,
-            FAN_ACCESS | FAN_OPEN,
-            AT_FDCWD,
-            os.fsencode(self.root),
+            self._fd, FAN_MARK_ADD | FAN_MARK_FILESYSTEM, FAN_ACCESS | FAN_OPEN, self._root_fd, None
         )
         if rc < 0:
             err = ctypes.get_errno()
@@ -231,6 +229,7 @@ class FidMonitor:
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
+            os.close(self._root_fd)
             self._fd = -1
 
     def __enter__(self) -> FidMonitor:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -164,6 +165,21 @@ class Runner(Protocol):
         WorkloadStartError when the workload cannot start. On exit the task and the
         container are gone."""
         ...
+
+
+def find_runtime(runtime: str) -> str:
+    """The OCI runtime binary `--runtime` names (runc, crun or a path); SampleError, in
+    one line with the ways out, when there is none."""
+    found = shutil.which(runtime)
+    if found is None:
+        what = "is not an executable file" if "/" in runtime else "is not installed"
+        hint = f" (apt-get install {runtime})" if runtime in ("runc", "crun") else ""
+        raise SampleError(
+            f"the OCI runtime {runtime} {what}{hint}: it runs the sample container; pick "
+            "another with --runtime runc|crun|PATH, or convert without running the "
+            "workload: --record-in FILE, --prefetch-list FILE or --no-optimize"
+        )
+    return found
 
 
 def quietly(what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:

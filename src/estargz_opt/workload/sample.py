@@ -97,7 +97,8 @@ def run_sample(req: SampleRequest) -> SampleResult:
         raise SampleError(NO_GPU_HOOK)
     out = req.output if req.output is not None else sys.stderr.buffer
     run_id = f"{SAMPLE_PREFIX}{secrets.token_hex(8)}"
-    runner.reap_stale()  # first: a runner may find its leftovers through run directories
+    # The runner's objects first: a dead run's container may still use its run directory.
+    runner.reap_stale()
     reap_stale_dirs()
     with ExitStack() as stack:
         run = RunDir(run_id, os.path.join(tempfile.gettempdir(), run_id))

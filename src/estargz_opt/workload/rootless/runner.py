@@ -24,15 +24,12 @@ finds and kills what the dead run left, before the run directories are removed.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import shutil
-import subprocess
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 
-from estargz_opt.descriptor import Descriptor
 from estargz_opt.mount import Mount
 from estargz_opt.stores import Store
 from estargz_opt.stores.owner import is_dead
@@ -42,15 +39,14 @@ from estargz_opt.workload.rootless.checks import IdMapping, RootlessUnavailableE
 from estargz_opt.workload.rootless.monitor import RootlessMonitor, RootlessSetup
 from estargz_opt.workload.rootless.spec import rootless_spec
 from estargz_opt.workload.rootless.userns import kill_all, ns_id
+from estargz_opt.workload.runc.runner import RuncRunner, RuncTask, RuntimeCLI
 from estargz_opt.workload.runner import (
     SAMPLE_PREFIX,
     RunDir,
-    RunnerError,
     SampleError,
     SampleImage,
     StdioPaths,
-    WorkloadStartError,
-    quietly,
+    find_runtime,
 )
 from estargz_opt.workload.spec import Spec
 
@@ -66,10 +62,9 @@ CNI_NEEDS_ROOT = (
 )
 
 
-class RootlessRunner:
-    """Runs the sample container rootless (a `Runner`; see the module docstring)."""
-
-    namespace = "estargz-opt"
+class RootlessRunner(RuncRunner):
+    """Runs the sample container rootless (a `Runner`; see the module docstring): the
+    runc runner's container and task, with its own rootfs, monitor, checks and reaping."""
 
     def __init__(
         self,
@@ -82,9 +77,8 @@ class RootlessRunner:
     ) -> None:
         """release, proc_sys: the kernel release and /proc/sys to check (the host's by
         default; a test gives others to make a refusal true)."""
-        self._store = store
+        super().__init__(store, runtime)
         self._opts = opts
-        self._runtime = runtime
         self._release = release if release is not None else os.uname().release
         self._proc_sys = proc_sys
         self._mapping: IdMapping | None = None
@@ -102,12 +96,12 @@ class RootlessRunner:
             raise SampleError(CNI_NEEDS_ROOT)
         checks.check_kernel(self._release)
         checks.check_userns(self._proc_sys)
-        for tool, package in ((self._runtime, self._runtime), ("nsenter", "util-linux")):
-            if shutil.which(tool) is None:
-                raise SampleError(
-                    f"{tool} is not installed (apt-get install {package}): the rootless "
-                    f"runner needs it; {checks.WAYS_OUT}"
-                )
+        find_runtime(self._runtime)
+        if shutil.which("nsenter") is None:
+            raise SampleError(
+                f"nsenter is not installed (apt-get install util-linux): the rootless "
+                f"runner needs it; {checks.WAYS_OUT}"
+            )
         log.info(
             "rootless run: %s",
             f"{self.mapping.size} ids from /etc/subuid"
@@ -145,9 +139,6 @@ class RootlessRunner:
                     "was killed",
                     len(killed),
                 )
-
-    def layer_chunks(self, layer: Descriptor) -> Iterable[bytes]:
-        return self._store.stream(layer, f"layer {layer.digest}")
 
     @contextlib.contextmanager
     def rootfs(self, run: RunDir, image: SampleImage) -> Iterator[list[Mount]]:
@@ -197,100 +188,21 @@ class RootlessRunner:
             raise RootlessUnavailableError("the rootless container needs its monitor first")
         return self._monitor
 
-    def runtime_argv(self, monitor: RootlessMonitor, state: str) -> list[str]:
-        """The runtime's command line up to its subcommand: entered into the monitor's
-        user namespace (root there, nothing on the host), its state in the run dir."""
-        argv = ["nsenter", f"--user={monitor.user_ns_path}", "--preserve-credentials"]
-        argv += [self._runtime, "--root", state]
-        if os.path.basename(self._runtime).startswith("crun"):
-            argv.append("--cgroup-manager=disabled")
-        return argv
+    def runtime_cli(self, run: RunDir) -> RuntimeCLI:
+        """The runtime entered into the monitor's user namespace (root there, nothing on
+        the host), its state in the run directory; crun without cgroups."""
+        monitor = self._require_monitor()
+        root = os.path.join(run.path, "runtime")
+        os.makedirs(root, 0o700, exist_ok=True)
+        binary = find_runtime(self._runtime)
+        flags = ("--cgroup-manager=disabled",) if "crun" in os.path.basename(binary) else ()
+        prefix = ("nsenter", f"--user={monitor.user_ns_path}", "--preserve-credentials")
+        return RuntimeCLI(binary, root, prefix, flags)
 
     @contextlib.contextmanager
     def container(
         self, run: RunDir, image: SampleImage, spec: Spec, stdio: StdioPaths
-    ) -> Iterator[RuntimeTask]:
-        """The bundle of the container `run.id`; the runtime runs it on `start`."""
-        if stdio.terminal:
-            raise SampleError("-t is not supported by the rootless runner yet")
-        monitor = self._require_monitor()
-        bundle = os.path.join(run.path, "bundle")
-        os.mkdir(bundle, 0o700)
-        with open(os.path.join(bundle, "config.json"), "w") as f:
-            json.dump(rootless_spec(spec, self.mapping), f)
-        state = os.path.join(run.path, "runtime")
-        os.mkdir(state, 0o700)
-        task = RuntimeTask(self.runtime_argv(monitor, state), run.id, bundle, stdio)
-        try:
+    ) -> Iterator[RuncTask]:
+        """As the runc runner's, from the spec without what the namespace cannot have."""
+        with super().container(run, image, rootless_spec(spec, self.mapping), stdio) as task:
             yield task
-        finally:
-            task.close()
-
-
-class RuntimeTask:
-    """The container under the runtime's `run` (a `Task`): `run` stays our child for as
-    long as the container runs, and exits with its status."""
-
-    def __init__(self, argv: list[str], cid: str, bundle: str, stdio: StdioPaths) -> None:
-        self._argv, self._id, self._bundle, self._stdio = argv, cid, bundle, stdio
-        self._proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        def fifo(path: str, flags: int) -> int:
-            return os.open(path, flags | os.O_CLOEXEC) if path else os.open(os.devnull, flags)
-
-        fds = [
-            fifo(self._stdio.stdin, os.O_RDONLY),
-            fifo(self._stdio.stdout, os.O_WRONLY),
-            fifo(self._stdio.stderr, os.O_WRONLY),
-        ]
-        try:
-            self._proc = subprocess.Popen(
-                [*self._argv, "run", "--bundle", self._bundle, self._id],
-                stdin=fds[0],
-                stdout=fds[1],
-                stderr=fds[2],
-                cwd=self._bundle,
-                start_new_session=True,
-            )
-        except OSError as exc:
-            raise WorkloadStartError(f"cannot start the runtime: {exc}") from None
-        finally:
-            for fd in fds:
-                os.close(fd)
-
-    def wait(self, timeout: float | None = None) -> int | None:
-        if self._proc is None:
-            raise RunnerError("the rootless container was not started")
-        try:
-            return self._proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            raise RunnerError(f"the workload did not exit within {timeout}s") from None
-
-    def kill(self, signo: int) -> None:
-        res = subprocess.run(
-            [*self._argv, "kill", "--all", self._id, str(signo)],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if res.returncode != 0 and self._proc is not None and self._proc.poll() is None:
-            raise RunnerError(res.stderr.strip() or f"kill exited {res.returncode}")
-
-    def delete(self) -> int | None:
-        status = self._proc.poll() if self._proc is not None else None
-        subprocess.run(
-            [*self._argv, "delete", "--force", self._id], capture_output=True, check=False
-        )
-        return status
-
-    def resize(self, cols: int, rows: int) -> None:
-        return None
-
-    def close_stdin(self) -> None:
-        return None
-
-    def close(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            quietly("kill the runtime", self._proc.kill)
-            self._proc.wait()
