@@ -14,6 +14,7 @@ import hashlib
 import json
 import subprocess
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import analyzeimages as ai
@@ -25,8 +26,10 @@ from estargz_opt.workload.rootless import checks
 
 
 @pytest.fixture(scope="module")
-def user() -> Unprivileged:
-    return make_unprivileged()
+def user() -> Iterator[Unprivileged]:
+    made = make_unprivileged()
+    yield made
+    made.remove()
 
 
 DRIVER = textwrap.dedent("""

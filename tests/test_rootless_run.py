@@ -38,8 +38,10 @@ SAMPLE = "estargz-opt-sample-"
 
 
 @pytest.fixture(scope="module")
-def user() -> Unprivileged:
-    return make_unprivileged()
+def user() -> Iterator[Unprivileged]:
+    made = make_unprivileged()
+    yield made
+    made.remove()
 
 
 def uid_processes(uid: int) -> list[str]:

@@ -93,6 +93,10 @@ class Unprivileged:
                               text=True, timeout=timeout, stdin=subprocess.DEVNULL,
                               check=False)
 
+    def remove(self) -> None:
+        """Remove the home and everything the user made there."""
+        shutil.rmtree(self.home, ignore_errors=True)
+
     def give(self, path: Path) -> Path:
         """Make `path` (a tree under home) the user's own."""
         subprocess.run(["chown", "-R", f"{self.uid}:{self.gid}", str(path)], check=True)
