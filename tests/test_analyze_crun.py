@@ -10,6 +10,7 @@ module, as systemd would, without a mount visible or left anywhere.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -83,8 +84,8 @@ def _run_watching(argv: list[str], env: dict[str, str], root: str,
         proc = subprocess.Popen([sys.executable, "-m", "estargz_opt", *argv], env=env,
                                 stdout=subprocess.PIPE, stderr=e, stdin=subprocess.DEVNULL)
     seen: set[str] = set()
-    while proc.poll() is None and not seen:
-        if Path(root).is_dir():
+    while proc.poll() is None:
+        with contextlib.suppress(OSError):  # the directory goes when the run ends
             for d in set(Path(root).iterdir()) - before:
                 if d.name.startswith("estargz-opt-sample-") and d.is_dir():
                     seen |= {p.name for p in d.iterdir()}

@@ -27,7 +27,12 @@ from estargz_opt.descriptor import OCI_LAYER_GZIP, Descriptor
 from estargz_opt.errors import BadInputError
 from estargz_opt.stores.containerd.client import Client
 from estargz_opt.workload.containerd.unpack import chain_ids, unpack
-from estargz_opt.workload.unpack import Layer, UnpackOptions, unpack_layers
+from estargz_opt.workload.unpack import (
+    Layer,
+    UnpackOptions,
+    unpack_layers,
+    unpack_overlay_layer,
+)
 
 TESTS = Path(__file__).parent
 
@@ -121,6 +126,26 @@ def client(containerd) -> Iterator[Client]:
         yield c
 
 
+def _mounted_tree(mounts: list[dict]) -> dict[str, list[object]]:
+    """tree_print of `mounts` mounted in a private mount namespace (gone with it)."""
+    script = (
+        "import json, sys, tempfile\n"
+        "from estargz_opt.mount import Mount\n"
+        "from estargz_opt.workload.mounts import make_rslave, mount_all\n"
+        "from test_layer_unpack import tree_print\n"
+        "make_rslave('/')\n"
+        "d = tempfile.mkdtemp()\n"
+        "mount_all([Mount(**m) for m in json.loads(sys.argv[1])], d)\n"
+        "print(json.dumps(tree_print(d)))\n"
+    )
+    out = subprocess.run(
+        ["unshare", "-m", sys.executable, "-c", script, json.dumps(mounts)],
+        check=True, capture_output=True, text=True,
+        env={**os.environ, "PYTHONPATH": str(TESTS)},
+    ).stdout
+    return json.loads(out)
+
+
 def _containerd_tree(containerd, client: Client, tars: list[bytes]) -> dict[str, list[object]]:
     """containerd's applier on `tars`; the merged tree, printed in a private mount namespace."""
     diff_ids = [_sha(t) for t in tars]
@@ -140,28 +165,12 @@ def _containerd_tree(containerd, client: Client, tars: list[bytes]) -> dict[str,
         key = f"estargz-opt-test-view-{secrets.token_hex(6)}"
         mounts = client.snapshots().prepare(key, top, lease=lease)
         try:
-            script = (
-                "import json, sys, tempfile\n"
-                "from estargz_opt.mount import Mount\n"
-                "from estargz_opt.workload.mounts import make_rslave, mount_all\n"
-                "from test_layer_unpack import tree_print\n"
-                "make_rslave('/')\n"
-                "d = tempfile.mkdtemp()\n"
-                "mount_all([Mount(**m) for m in json.loads(sys.argv[1])], d)\n"
-                "print(json.dumps(tree_print(d)))\n"
-            )
-            arg = json.dumps([{"type": m.type, "source": m.source, "target": m.target,
-                               "options": list(m.options)} for m in mounts])
-            out = subprocess.run(
-                ["unshare", "-m", sys.executable, "-c", script, arg],
-                check=True, capture_output=True, text=True,
-                env={**os.environ, "PYTHONPATH": str(TESTS)},
-            ).stdout
+            return _mounted_tree([{"type": m.type, "source": m.source, "target": m.target,
+                                   "options": list(m.options)} for m in mounts])
         finally:
             client.snapshots().remove(key, missing_ok=True)
             for chain in reversed(chain_ids(diff_ids)):
                 client.snapshots().remove(chain, missing_ok=True)
-    return json.loads(out)
 
 
 def test_unpack_matches_containerds_applier(containerd, client: Client, tmp_path: Path) -> None:
@@ -187,6 +196,28 @@ def test_unpack_matches_containerds_applier(containerd, client: Client, tmp_path
     assert os.stat(root / "etc/old.conf")[4:6] == (33, 44)
     assert (root / "etc/via-here.conf").is_file()  # this layer's symlink: followed inside
     assert "opq/.wh..wh..opq" in stats.names[1] and stats.skipped_devices == 0
+
+
+def test_overlay_layers_stack_to_what_containerd_applies(
+    containerd, client: Client, tmp_path: Path
+) -> None:
+    """One directory per layer (the runc runner's cache), stacked as overlayfs lowerdirs
+    under an empty upper: the merged tree is containerd's."""
+    tars = [L0, L1, L2]
+    dirs = []
+    for i, layer in enumerate(_layers(tars)):
+        d = tmp_path / f"layer{i}"
+        d.mkdir()
+        unpack_overlay_layer(str(d), layer)
+        dirs.append(str(d))
+    assert stat.S_ISCHR(os.lstat(tmp_path / "layer1/etc/gone.conf").st_mode)  # a whiteout
+    assert os.getxattr(tmp_path / "layer1/opq", "trusted.overlay.opaque") == b"y"
+    (tmp_path / "upper").mkdir()
+    (tmp_path / "work").mkdir()
+    options = [f"lowerdir={':'.join(reversed(dirs))}", f"upperdir={tmp_path / 'upper'}",
+               f"workdir={tmp_path / 'work'}"]
+    mine = _mounted_tree([{"type": "overlay", "source": "overlay", "options": options}])
+    assert mine == _containerd_tree(containerd, client, tars)
 
 
 def test_unprivileged_mode_skips_devices(tmp_path: Path) -> None:
@@ -264,3 +295,39 @@ def test_a_wrong_diff_id_or_a_bad_tar_is_refused(tmp_path: Path) -> None:
     loop = tf.build_tar([tf.symlink("a", "b"), tf.symlink("b", "a"), tf.reg("a/x", b"")])
     with pytest.raises(BadInputError, match="too many levels"):
         unpack_layers(str(tmp_path / "root"), _layers([loop]))
+
+
+def test_unpacked_layers_are_kept_shared_and_evicted_lru(tmp_path: Path) -> None:
+    from estargz_opt.workload.runc.layers import UnpackedLayers
+
+    streamed: list[str] = []
+
+    def layer(tar: bytes, name: str) -> Layer:
+        def chunks() -> Iterator[bytes]:
+            streamed.append(name)
+            yield f.gzip_layer(tar)
+        return Layer(chunks(), _sha(tar), name)
+
+    cache = UnpackedLayers(tmp_path / "cache")
+    # a fill left by a run killed with SIGKILL (its owner pid does not exist)
+    dead = cache.dir / f".unpack@{os.uname().nodename}@999999999@1@abc.tmp"
+    dead.mkdir(parents=True)
+    with cache.hold([layer(L0, "l0"), layer(L1, "l1")], UnpackOptions()) as dirs:
+        assert not dead.exists(), "a dead run's fill was not reaped"
+        assert (Path(dirs[0]) / "bin/tool").read_text().endswith("v1\n")
+        assert stat.S_ISCHR(os.lstat(Path(dirs[1]) / "etc/gone.conf").st_mode)
+    assert streamed == ["l0", "l1"]
+    with cache.hold([layer(L0, "l0"), layer(L2, "l2")], UnpackOptions()) as dirs2:
+        assert dirs2[0] == dirs[0]  # the same directory: not unpacked again
+        assert streamed == ["l0", "l1", "l2"]
+        # eviction to nothing removes every layer no run holds, and only those
+        cache.max_size = 0
+        cache.evict()
+        assert not Path(dirs[1]).exists()
+        assert Path(dirs2[0]).is_dir() and Path(dirs2[1]).is_dir()
+    assert not Path(dirs2[0]).exists() and not Path(dirs2[1]).exists()  # evicted on release
+    # a layer that fails its diff ID check leaves nothing
+    bad = Layer([f.gzip_layer(L2)], _sha(b"other"), "bad")
+    with pytest.raises(BadInputError), cache.hold([bad], UnpackOptions()):
+        pass
+    assert [p.name for p in cache.dir.iterdir() if p.is_dir()] == []

@@ -101,6 +101,8 @@ class OptimizeRequest:
             raise UsageError("--estargz-external-toc cannot be combined with --reuse")
         if self.no_optimize and any(p.kind is ProfileKind.PREFETCH_LIST for p in self.profiles):
             raise UsageError("--prefetch-list cannot be combined with --no-optimize")
+        if self.runs_workload and self.sampler is not None:
+            check_runner(src, self.sampler)
         if self.record_out and not self.runs_workload:
             raise UsageError(
                 "--record-out records a workload run; it cannot be combined with --record-in, "
@@ -280,6 +282,7 @@ def analyze_image(
 ) -> Analysis:
     """`estargz-opt analyze`: run the workload and write its record; convert nothing."""
     ref = reference.parse(src)
+    check_runner(ref, sampler)
     check_record_out(record_out)
     if prefetch_list_out:
         check_record_out(prefetch_list_out, "--prefetch-list-out")
@@ -303,6 +306,15 @@ def analyze_image(
             prefetch_list_out, str(ref), host[0].digest, [e.path for e in result.entries]
         )
     return result
+
+
+def check_runner(src: reference.ImageRef, sampler: SamplerOptions) -> None:
+    """--runner containerd runs only images in containerd (UsageError otherwise)."""
+    if sampler.runner == "containerd" and not isinstance(src, reference.ContainerdRef):
+        raise UsageError(
+            f"--runner containerd runs images in containerd, and {src} is not one; drop "
+            "--runner (the runc runner runs it) or import the image into containerd"
+        )
 
 
 def _write_prefetch_list_out(

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from estargz_opt import descriptor as d
+from estargz_opt.cache import default_dir
 from estargz_opt.descriptor import Descriptor, Manifest
 from estargz_opt.prioritize.layerindex import LayerNames
 from estargz_opt.prioritize.record import RecordEntry, Recorder
@@ -89,7 +90,7 @@ def runner_for(store: Store, opts: SamplerOptions) -> Runner:
         return ContainerdRunner(
             as_containerd(store, "--runner containerd (the containerd runner)"), opts.runtime
         )
-    return RuncRunner(store, opts.runtime)
+    return RuncRunner(store, opts.runtime, layer_cache=default_dir())
 
 
 def record_workload(req: SampleRequest, manifest_digest: str) -> Analysis:

@@ -52,6 +52,7 @@ log = logging.getLogger("estargz_opt")
 
 WHITEOUT_PREFIX = ".wh."
 OPAQUE = ".wh..wh..opq"
+OVERLAY_OPAQUE = "trusted.overlay.opaque"
 #: as Linux: more symlinks than this on one path is ELOOP
 MAX_LINKS = 40
 _DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -114,6 +115,19 @@ def unpack_layers(
     return stats
 
 
+def unpack_overlay_layer(
+    directory: str, layer: Layer, options: UnpackOptions | None = None
+) -> UnpackStats:
+    """Apply one layer into the existing empty `directory` as an overlayfs layer, as
+    containerd's overlayfs snapshotter holds it: a whiteout is a 0/0 character device, an
+    opaque directory has `trusted.overlay.opaque=y`. Stacked as lowerdirs, such layers
+    show what `unpack_layers` makes (needs root: mknod and trusted.* xattrs)."""
+    stats = UnpackStats()
+    with _Tree(directory, options or UnpackOptions(), overlay=True) as tree:
+        stats.names.append(tree.apply(layer, stats))
+    return stats
+
+
 class _Forward:
     """A forward-only file over the plain tar, hashing every byte for the diff ID."""
 
@@ -155,8 +169,9 @@ class _Forward:
 class _Tree:
     """The root being unpacked into, with the descriptors of resolved parent directories."""
 
-    def __init__(self, root: str, opts: UnpackOptions) -> None:
+    def __init__(self, root: str, opts: UnpackOptions, *, overlay: bool = False) -> None:
         self._opts = opts
+        self._overlay = overlay
         self._root_fd = os.open(root, _DIR_FLAGS)
         #: resolved parent paths: clean name -> (descriptor, resolved clean name)
         self._dirs: dict[str, tuple[int, str]] = {}
@@ -322,12 +337,18 @@ class _Tree:
         pfd, real_parent = self.parent(parent, create=True)
         real = f"{real_parent}/{base}" if real_parent else base
         if base == OPAQUE:
-            self._empty(pfd, real_parent, made)
+            if self._overlay:
+                os.setxattr(_proc_path(pfd, ""), OVERLAY_OPAQUE, b"y")
+            else:
+                self._empty(pfd, real_parent, made)
             return
         if base.startswith(WHITEOUT_PREFIX):
             gone = base[len(WHITEOUT_PREFIX) :]
             if gone not in ("", ".", ".."):  # ".wh..." must not remove the parent
                 self._remove(pfd, gone)
+                if self._overlay:
+                    os.mknod(gone, stat.S_IFCHR, os.makedev(0, 0), dir_fd=pfd)
+                    made.add(f"{real_parent}/{gone}" if real_parent else gone)
             return
         try:
             old = os.stat(base, dir_fd=pfd, follow_symlinks=False)

@@ -41,6 +41,7 @@ import time
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from pathlib import Path
 
 from estargz_opt.descriptor import Descriptor
 from estargz_opt.mount import Mount
@@ -48,6 +49,7 @@ from estargz_opt.stores import Store
 from estargz_opt.stores.owner import is_dead, this_process
 from estargz_opt.workload.monitor import Monitor
 from estargz_opt.workload.options import DEFAULT_RUNTIME
+from estargz_opt.workload.runc.layers import UnpackedLayers
 from estargz_opt.workload.runner import (
     KILL_WAIT,
     SAMPLE_PREFIX,
@@ -75,6 +77,8 @@ CGROUP_PARENT = "estargz-opt"
 #: How long one runtime command may take (create sets up namespaces and mounts).
 _COMMAND_TIMEOUT = 60.0
 PR_SET_CHILD_SUBREAPER = 36
+#: overlayfs takes its options in one page; leave room for upperdir and workdir
+_MAX_LOWERDIR = 3000
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,11 +155,14 @@ class RuncRunner:
         runtime: str = DEFAULT_RUNTIME,
         *,
         state_root: str = STATE_ROOT,
+        layer_cache: Path | None = None,
         unpack_options: UnpackOptions | None = None,
     ) -> None:
         self._store = store
         self._runtime = runtime
         self._state_root = state_root
+        #: where unpacked layers are kept between runs (None: unpack every run, flat)
+        self._layer_cache = layer_cache
         self._unpack = unpack_options or UnpackOptions()
 
     def check(self) -> None:
@@ -199,22 +206,49 @@ class RuncRunner:
 
     @contextlib.contextmanager
     def rootfs(self, run: RunDir, image: SampleImage) -> Iterator[list[Mount]]:
-        """The layers unpacked into `<run>/tree`, bound as the rootfs by the monitor (in
-        its namespace only). The tree goes with the run directory."""
-        tree = os.path.join(run.path, "tree")
-        os.mkdir(tree, 0o755)
+        """The image's layers stacked with overlayfs (`layers.UnpackedLayers`, kept
+        between runs like containerd's snapshots) under an upper directory in the run
+        directory; or, where overlayfs cannot take them (lowerdir too long for one
+        mount), all unpacked into `<run>/tree`. The monitor mounts either in its own
+        namespace only; what the run wrote goes with the run directory."""
+        layers = image_layers(image.layers, image.diff_ids, self.layer_chunks)
         started = time.monotonic()
-        stats = unpack_layers(
-            tree, image_layers(image.layers, image.diff_ids, self.layer_chunks), self._unpack
-        )
-        log.info(
-            "unpacked %d layers (%d entries, %d MB) in %.1fs",
-            len(image.layers),
-            stats.entries,
-            stats.plain_bytes >> 20,
-            time.monotonic() - started,
-        )
-        yield [Mount("bind", tree, options=["rbind"])]
+        with contextlib.ExitStack() as stack:
+            dirs: list[str] = []
+            if self._layer_cache is not None:
+                cache = UnpackedLayers(self._layer_cache)
+                try:
+                    dirs = stack.enter_context(cache.hold(layers, self._unpack))
+                except OSError as exc:  # e.g. a read-only cache: unpack for this run only
+                    log.warning("cannot keep unpacked layers in %s (%s): unpacking for this "
+                                "run only", cache.dir, exc.strerror or exc)
+                    layers = image_layers(image.layers, image.diff_ids, self.layer_chunks)
+            lower = ":".join(reversed(dirs))
+            if dirs and len(lower) < _MAX_LOWERDIR and not any(c in lower for c in ",\\"):
+                upper, work = os.path.join(run.path, "upper"), os.path.join(run.path, "work")
+                os.mkdir(upper, 0o755)
+                os.mkdir(work, 0o700)
+                mounts = [
+                    Mount(
+                        "overlay",
+                        "overlay",
+                        options=[f"lowerdir={lower}", f"upperdir={upper}", f"workdir={work}"],
+                    )
+                ]
+            else:
+                stack.close()  # the fallback needs no shared layer
+                tree = os.path.join(run.path, "tree")
+                os.mkdir(tree, 0o755)
+                stats = unpack_layers(tree, layers, self._unpack)
+                log.debug(
+                    "unpacked %d entries (%d MB) into %s",
+                    stats.entries,
+                    stats.plain_bytes >> 20,
+                    tree,
+                )
+                mounts = [Mount("bind", tree, options=["rbind"])]
+            log.debug("rootfs of %d layers ready in %.1fs", len(layers), time.monotonic() - started)
+            yield mounts
 
     def monitor(
         self, run: RunDir, image: SampleImage, mounts: list[Mount], log_path: str
