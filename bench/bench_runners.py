@@ -18,7 +18,8 @@ between the tools; the median wall time of --repeat runs is reported with the nu
 
 `RUNNERS` holds one row per runner (name -> flags, environment). The rootless runner's
 row runs as an unprivileged uid with no capabilities (setpriv, as tests/unprivileged.py
-does), on a copy of the layout that uid owns; it unpacks the image onto a tmpfs on every
+does), with an /etc/subuid and /etc/subgid range (the Debian image owns files by several
+groups), on a copy of the layout that uid owns; it unpacks the image onto a tmpfs on every
 run (nothing is kept between rootless runs), and its row also gives how much memory that
 tmpfs took (the rootfs is held in memory), besides every row's peak RSS.
 
@@ -82,7 +83,9 @@ def ours_run(runner: str, cli: list[str], layout: str, period: int, attempt: int
         cmd = [*cli, *args]
         env = {**os.environ, "ESTARGZ_OPT_CACHE_DIR": str(work / "cache"), **extra_env}
     else:
-        cmd, env = user.argv(*args), user.env(**extra_env)
+        # a Debian image owns files by several groups (shadow, ...): a subordinate range
+        cmd = user.with_subids(user.argv(*args, setuid_helpers=True))
+        env = user.env(**extra_env)
     log(f"estargz-opt {runner} (#{attempt + 1}): {' '.join(cmd[1:])}")
     m = run_measured(cmd, env=env).check()
     tmpfs = _TMPFS.search(m.stderr)

@@ -198,6 +198,24 @@ def test_hostile_symlinks(user: Unprivileged, busybox_layer: Path,
     assert secret.stat().st_atime != atime, "this filesystem does not update atime on read"
 
 
+def test_dotdot_tar_entry(user: Unprivileged, busybox_layer: Path) -> None:
+    """`../../../../../tmp/NAME` lands in the rootfs's /tmp, never in the host's (which
+    the unprivileged user could write), and is recorded as tmp/NAME."""
+    escape = f"estargz-opt-escape-{secrets.token_hex(6)}"
+    bad = ai.layer([ai.file(f"../../../../../tmp/{escape}", "escaped\n"),
+                    ai.dir_("app"), ai.file("app/ok.txt", "ok\n")], add_parents=False)
+    src = layout(user, "dotdot", [busybox_layer.read_bytes(), bad],
+                 ai.config(["/bin/cat", "/app/ok.txt", f"/tmp/{escape}"]))
+    record = user.home / "dotdot.jsonl"
+    res = user.run("analyze", src, "--record-out", record, "--period", "5")
+    assert not Path("/tmp", escape).exists(), "a .. entry escaped the rootfs"
+    assert res.returncode == 0, res.stderr
+    assert [x for x in res.stderr.splitlines() if x in ("ok", "escaped")] == ["ok", "escaped"]
+    rec = [(r["path"], r["layerIndex"]) for r in map(json.loads, record.read_text().split())]
+    assert rec == [BB, ("app/ok.txt", 1), (f"tmp/{escape}", 1)]
+    check_clean(user)
+
+
 # --- several ids ------------------------------------------------------------------
 
 IDS_SH = "stat -c 'owner=%u:%g' /srv/data\n/bin/busybox id\necho ids-done\n"
@@ -245,20 +263,10 @@ def test_several_ids_without_newuidmap(owned: str, user: Unprivileged) -> None:
 def test_several_ids_from_subuid(owned: str, user: Unprivileged) -> None:
     """With an /etc/subuid range (bound over the host's in a private mount namespace for
     this test), newuidmap/newgidmap map it, the file keeps its owner and --user works."""
-    ranges = user.home / "subids"
-    ranges.write_text("estargz-test:200000:65536\n")
-    passwd = user.home / "passwd"  # newuidmap wants the user to have a name
-    passwd.write_text(Path("/etc/passwd").read_text()
-                      + f"estargz-test:x:{user.uid}:{user.gid}::/nonexistent:/bin/sh\n")
-    for p in (ranges, passwd):
-        p.chmod(0o644)
     argv = user.argv("analyze", "--record-out", user.home / "s.jsonl", "--period", "10",
                      "--user", "1000:1000", owned, setuid_helpers=True)
-    script = (f"mount --bind {ranges} /etc/subuid && mount --bind {ranges} /etc/subgid && "
-              f"mount --bind {passwd} /etc/passwd && exec {' '.join(argv)}")
-    res = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
-                         capture_output=True, text=True, env=user.env(), timeout=120,
-                         check=False)
+    res = subprocess.run(user.with_subids(argv), capture_output=True, text=True,
+                         env=user.env(), timeout=120, check=False)
     assert res.returncode == 0, res.stderr
     assert "owner=1000:1000" in res.stderr and "uid=1000 gid=1000" in res.stderr, res.stderr
     assert "ids-done" in res.stderr

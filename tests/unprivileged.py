@@ -93,6 +93,25 @@ class Unprivileged:
                               text=True, timeout=timeout, stdin=subprocess.DEVNULL,
                               check=False)
 
+    def with_subids(self, argv: list[str], start: int = 200000, count: int = 65536
+                    ) -> list[str]:
+        """`argv` (from `argv(..., setuid_helpers=True)`) run where the user has a name and
+        an /etc/subuid and /etc/subgid range: the host's files with the user's lines,
+        bound over them in a private mount namespace (the host's stay as they are)."""
+        name = "estargz-test"
+        files = {}
+        for etc, line in (("passwd", f"{name}:x:{self.uid}:{self.gid}::/nonexistent:/bin/sh"),
+                          ("subuid", f"{name}:{start}:{count}"),
+                          ("subgid", f"{name}:{start}:{count}")):
+            path = self.home / f"etc-{etc}"
+            host = Path("/etc", etc)
+            path.write_text((host.read_text() if host.exists() else "") + line + "\n")
+            path.chmod(0o644)
+            files[f"/etc/{etc}"] = path
+        binds = " && ".join(f"mount --bind {src} {dst}" for dst, src in files.items())
+        return ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                f'{binds} && exec "$@"', "sh", *argv]
+
     def remove(self) -> None:
         """Remove the home and everything the user made there."""
         shutil.rmtree(self.home, ignore_errors=True)
