@@ -1,7 +1,8 @@
 """The rootless file-access monitor: a helper in its own user and mount namespace that
 holds the rootfs on a tmpfs and watches it with fanotify in FID mode.
 
-Nothing on the host is privileged at any point; the order is what the kernel needs:
+Nothing privileged runs on the host (newuidmap/newgidmap aside, for an image that needs
+several ids); the order is what the kernel needs:
 1. The helper unshares a user namespace and says `unshared`. The parent, which owns it,
    writes its id maps: its own uid/gid as 0 (and, with newuidmap/newgidmap and an
    /etc/subuid range, 1..N as that range), then says `mapped`.
@@ -26,6 +27,7 @@ import logging
 import os
 import signal
 import struct
+import subprocess
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -35,7 +37,7 @@ from estargz_opt.errors import EstargzOptError
 from estargz_opt.mount import Mount
 from estargz_opt.workload import monitor as base
 from estargz_opt.workload.fanotify_fid import FidMonitor, HandleMap
-from estargz_opt.workload.mounts import MS_REMOUNT, _mount, make_rslave, mount_all
+from estargz_opt.workload.mounts import make_rslave, mount_all, remount
 from estargz_opt.workload.rootless.checks import (
     IdMapping,
     RootlessUnavailableError,
@@ -169,8 +171,6 @@ def write_id_maps(pid: int, mapping: IdMapping) -> None:
         with open(f"/proc/{pid}/gid_map", "w") as f:
             f.write(f"0 {mapping.gid} 1\n")
         return
-    import subprocess
-
     for tool, own, sub in (
         ("newuidmap", mapping.uid, mapping.sub_uids),
         ("newgidmap", mapping.gid, mapping.sub_gids),
@@ -241,7 +241,7 @@ def _helper(raw: dict[str, Any], cmd_in: IO[bytes], out: IO[bytes]) -> int:
         raise
     used = _used(target)
     # The tmpfs is the image's size (plus room for the workload's writes) from now on.
-    _mount("", target, "", MS_REMOUNT, f"size={min(limit, used + WRITE_ROOM)}")
+    remount(target, f"size={min(limit, used + WRITE_ROOM)}")
     handles = HandleMap(target)
     monitor = FidMonitor(target, handles)
     base._say(out, type="ready", pid=os.getpid(), bytes=used, files=len(handles.paths))
