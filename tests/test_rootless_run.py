@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 import signal
 import subprocess
@@ -270,6 +271,26 @@ def test_several_ids_from_subuid(owned: str, user: Unprivileged) -> None:
     assert res.returncode == 0, res.stderr
     assert "owner=1000:1000" in res.stderr and "uid=1000 gid=1000" in res.stderr, res.stderr
     assert "ids-done" in res.stderr
+    check_clean(user)
+
+
+def test_image_larger_than_memory(kinds: str, user: Unprivileged) -> None:
+    """MemAvailable below the layers' size (a /proc/meminfo saying 1 MiB, bound over the
+    host's in a private mount namespace): refused up front, in one line."""
+    meminfo = user.home / "meminfo"
+    meminfo.write_text("".join(
+        "MemAvailable:       1024 kB\n" if line.startswith("MemAvailable:") else line + "\n"
+        for line in Path("/proc/meminfo").read_text().splitlines()))
+    meminfo.chmod(0o644)
+    argv = user.argv("analyze", "--record-out", user.home / "m.jsonl", kinds)
+    res = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                          f'mount --bind {meminfo} /proc/meminfo && exec "$@"', "sh", *argv],
+                         capture_output=True, text=True, env=user.env(), timeout=60,
+                         check=False)
+    msg = error_message(res)
+    assert re.match(r"cannot run the workload rootless: the image \(its layers alone \d+ "
+                    r"MiB\) does not fit in memory", msg), msg
+    assert "(MemAvailable 1 MiB)" in msg and "--record-in" in msg, msg
     check_clean(user)
 
 
