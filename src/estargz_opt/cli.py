@@ -378,9 +378,10 @@ def optimize_cmd(
     image.
 
     Unless --record-in, --prefetch-list or --no-optimize is given, the image's workload
-    runs for --period seconds in a sample container (host platform only; in containerd
-    for an image in containerd, else with runc directly: --runner), and the files it
-    opens go first in their layers. Its output goes to stderr.
+    runs for --period seconds in a sample container (host platform only; as root in
+    containerd for an image in containerd, else with runc directly; when not root,
+    rootless, with the rootfs held in memory: --runner), and the files it opens go first
+    in their layers. Its output goes to stderr.
 
     \b
     Examples:
@@ -449,8 +450,8 @@ def analyze_cmd(
     quiet: bool,
     **sampler_flags: Any,
 ) -> None:
-    """Run the workload of the image SRC (in containerd, or any source with --runner runc)
-    and record the files it opens.
+    """Run the workload of the image SRC (in containerd, or any source with --runner runc,
+    or rootless with the rootfs in memory) and record the files it opens.
 
     Nothing is converted. The record feeds `optimize --record-in` later, on any machine,
     with or without containerd. The workload's output goes to stderr.
