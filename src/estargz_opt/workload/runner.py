@@ -11,8 +11,9 @@ A runner does three things for `sample.run_sample`:
 
 Everything else is shared by all runners and lives outside them: the spec steps, the
 monitor, the stdio, the end conditions (exit, --wait-on-line, --wait-on-signal,
---period) and the recorder. The containerd runner is `containerd.runner.ContainerdRunner`;
-a runc-only runner or a rootless one goes beside it as `workload/<name>/runner.py`.
+--period) and the recorder. The runners are `containerd.runner.ContainerdRunner` and
+`runc.runner.RuncRunner` (no containerd); a rootless one goes beside them as
+`workload/<name>/runner.py`, and `analyzer.runner_for` picks one.
 It imports only the standard library, `descriptor`, `errors`, `mount` and the spec type.
 """
 

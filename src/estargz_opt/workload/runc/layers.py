@@ -42,6 +42,10 @@ class UnpackedLayers:
         self.dir = root / SUBDIR
         self.max_size = max_size
 
+    def paths(self, layers: Sequence[Layer]) -> list[str]:
+        """Where each layer's directory is (or will be), bottom first."""
+        return [str(self.dir / layer.diff_id.removeprefix("sha256:")) for layer in layers]
+
     @contextlib.contextmanager
     def hold(self, layers: Sequence[Layer], options: UnpackOptions) -> Iterator[list[str]]:
         """The directory of each layer (bottom first), unpacked if needed, kept from

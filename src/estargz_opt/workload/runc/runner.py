@@ -215,28 +215,25 @@ class RuncRunner:
         started = time.monotonic()
         with contextlib.ExitStack() as stack:
             dirs: list[str] = []
-            if self._layer_cache is not None:
-                cache = UnpackedLayers(self._layer_cache)
+            cache = UnpackedLayers(self._layer_cache) if self._layer_cache else None
+            if cache is not None and _fits_overlay(cache.paths(layers)):
                 try:
                     dirs = stack.enter_context(cache.hold(layers, self._unpack))
                 except OSError as exc:  # e.g. a read-only cache: unpack for this run only
-                    log.warning("cannot keep unpacked layers in %s (%s): unpacking for this "
-                                "run only", cache.dir, exc.strerror or exc)
+                    log.warning(
+                        "cannot keep unpacked layers in %s (%s): unpacking for this run only",
+                        cache.dir,
+                        exc.strerror or exc,
+                    )
                     layers = image_layers(image.layers, image.diff_ids, self.layer_chunks)
-            lower = ":".join(reversed(dirs))
-            if dirs and len(lower) < _MAX_LOWERDIR and not any(c in lower for c in ",\\"):
+            if dirs:
                 upper, work = os.path.join(run.path, "upper"), os.path.join(run.path, "work")
                 os.mkdir(upper, 0o755)
                 os.mkdir(work, 0o700)
-                mounts = [
-                    Mount(
-                        "overlay",
-                        "overlay",
-                        options=[f"lowerdir={lower}", f"upperdir={upper}", f"workdir={work}"],
-                    )
-                ]
+                lower = ":".join(reversed(dirs))
+                options = [f"lowerdir={lower}", f"upperdir={upper}", f"workdir={work}"]
+                mounts = [Mount("overlay", "overlay", options=options)]
             else:
-                stack.close()  # the fallback needs no shared layer
                 tree = os.path.join(run.path, "tree")
                 os.mkdir(tree, 0o755)
                 stats = unpack_layers(tree, layers, self._unpack)
@@ -517,6 +514,14 @@ def _relay(
     t = threading.Thread(target=copy, name=name, daemon=True)
     t.start()
     return t
+
+
+def _fits_overlay(lower: list[str]) -> bool:
+    """Whether these lowerdirs go into one overlayfs mount: its options fit in a page,
+    and no path holds a separator of overlayfs's options (',' ':' and the escape)."""
+    return sum(len(p) + 1 for p in lower) < _MAX_LOWERDIR and not any(
+        c in p for p in lower for c in ",:\\"
+    )
 
 
 def _become_subreaper() -> None:

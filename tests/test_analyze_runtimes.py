@@ -1,7 +1,10 @@
-"""`--runtime crun` (Debian's crun) with both runners: containerd's (the runc shim's
-BinaryName option) and the runc runner (crun's own CLI). That crun, not runc, ran the
-container is read from the runtime's state directory while the workload runs: crun keeps
-`status` there, runc `state.json`.
+"""`--runtime` with both runners: containerd's (the runc shim's BinaryName option) and the
+runc runner (the runtime's own CLI).
+
+- crun (Debian's): that crun, not runc, ran the container is read from the runtime's
+  state directory while the workload runs (crun keeps `status` there, runc `state.json`).
+- a PATH (a wrapper that keeps each bundle's config.json): both runners hand the
+  runtime the same spec, but for what names the run.
 
 crun refuses a hybrid cgroup host whose v2 hierarchy still has controllers (this
 machine's init leaves hugetlb there); `runnerlib.V1Controllers` binds them to v1 for the
@@ -133,3 +136,61 @@ def test_crun_with_the_daemonless_runners(runner: str, layers: list[bytes],
     assert layout_prioritized(layout, "esgz") == expected_prioritized(rec, 3)
     assert run_layout_image(layout, "esgz", tmp_path, runtime="crun") == KIND_OUTPUT
     assert json.loads((layout / "index.json").read_text())["manifests"]
+
+
+def _spy_runtime(path: Path, out: Path) -> Path:
+    """A runtime (`--runtime PATH`) that keeps a copy of each bundle's config.json it is
+    asked to create, then runs runc with the same arguments."""
+    path.write_text(
+        "#!/bin/sh\n"
+        'prev=""; for a in "$@"; do\n'
+        f'  if [ "$prev" = "--bundle" ]; then cp "$a/config.json" "{out}/$$.json"; fi\n'
+        '  prev="$a"\n'
+        "done\n"
+        'exec runc "$@"\n'
+    )
+    path.chmod(0o755)
+    out.mkdir()
+    return path
+
+
+def _normalized(spec: dict) -> dict:
+    """A spec without what names this run (paths of its directory, ids, owner)."""
+    spec = json.loads(json.dumps(spec))
+    spec["root"].pop("path")
+    spec.pop("annotations", None)
+    spec["linux"].pop("cgroupsPath")
+    for ns in spec["linux"]["namespaces"]:
+        if ns["type"] == "mount":
+            assert ns.pop("path").startswith("/proc/")
+    for m in spec["mounts"]:
+        if m["destination"] in ("/etc/hosts", "/etc/resolv.conf"):
+            assert m.pop("source").endswith(m["destination"])
+    return spec
+
+
+def test_both_runners_give_the_same_spec_and_take_a_runtime_path(
+    containerd, layers: list[bytes], tmp_path: Path
+) -> None:
+    """--runtime PATH in both runners; the spec the runtime is given is the same."""
+    img = ai.build(containerd, tmp_path / "img", "localhost/analyze-spec:1", layers, CONFIG)
+    layout = tmp_path / "layout"
+    f.write_layout(layout, "v1", layers, CONFIG)
+    flags = ["--period", "5", "--env", "A=1", "--user", "0:0", "--cwd", "/app",
+             "--mount", f"type=bind,source={tmp_path},destination=/data,options=rbind:ro"]
+    specs = {}
+    for runner, src in (("containerd", img.name), ("runc", f"oci:{layout}:v1")):
+        out = tmp_path / f"specs-{runner}"
+        spy = _spy_runtime(tmp_path / f"spy-{runner}", out)
+        env = cli_env(tmp_path, CONTAINERD_ADDRESS=containerd.address)
+        res = subprocess.run(
+            [sys.executable, "-m", "estargz_opt", "analyze", "--runner", runner, "--runtime",
+             str(spy), *flags, "--record-out", str(tmp_path / f"{runner}.jsonl"), src],
+            capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL, timeout=120)
+        assert res.returncode == 0, res.stderr
+        assert "done-exit" in res.stderr
+        [copied] = list(out.iterdir())
+        specs[runner] = json.loads(copied.read_text())
+    assert specs["runc"]["linux"]["cgroupsPath"].startswith("/estargz-opt/estargz-opt-sample-")
+    assert specs["containerd"]["linux"]["cgroupsPath"].startswith("/default/estargz-opt-sample-")
+    assert _normalized(specs["runc"]) == _normalized(specs["containerd"])
