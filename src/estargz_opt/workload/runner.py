@@ -11,9 +11,11 @@ A runner does three things for `sample.run_sample`:
 
 Everything else is shared by all runners and lives outside them: the spec steps, the
 monitor, the stdio, the end conditions (exit, --wait-on-line, --wait-on-signal,
---period) and the recorder. The runners are `containerd.runner.ContainerdRunner` and
-`runc.runner.RuncRunner` (no containerd); a rootless one goes beside them as
-`workload/<name>/runner.py`, and `analyzer.runner_for` picks one.
+--period) and the recorder; each runner starts the file-access monitor (`Runner.monitor`:
+the privileged `monitor.Monitor`, or the rootless runner's own). The runners are
+`containerd.runner.ContainerdRunner`, `runc.runner.RuncRunner` (no containerd) and
+`rootless.runner.RootlessRunner` (a RuncRunner inside a user namespace, no privilege);
+`analyzer.runner_for` picks one.
 It imports only the standard library, `descriptor`, `errors`, `mount` and the spec type.
 """
 
