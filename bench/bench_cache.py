@@ -8,9 +8,13 @@ layer (/app/main.py) changed, all measured in the same run:
   (b) ``estargz-opt optimize --oci --no-optimize`` on the rebuilt image's OCI layout with
       an empty cache, and with ``--no-cache`` (today's cost: (b) must be no slower);
   (c) the same with the cache warmed by converting the first image (not timed).
-Targets: (c) at most 0.05x of (a); (b) no slower than --no-cache. (c) must also give the
-manifest digest of (b). A markdown table goes to stdout, details to
-bench/results/<name>.json.
+  (d) registry -> registry: the rebuilt image pushed (by skopeo) to Debian's docker-registry
+      on loopback, converted into another tag there once, then again with the warm cache
+      and the target holding every blob: timed, with the registry's request log (through
+      bench/throttle_proxy.py, unthrottled) showing that no blob was uploaded.
+Targets: (c) at most 0.05x of (a); (b) no slower than --no-cache; (d) no layer converted
+and no blob uploaded. (c) must also give the manifest digest of (b). A markdown table
+goes to stdout, details to bench/results/<name>.json.
 
 Usage: python3 bench/bench_cache.py [--name NAME] [--ctr-remote PATH] [--skip-reference]
 Needs root (a private containerd; building the image the first time).
@@ -104,6 +108,36 @@ def ours(cli: list[str], src: str, out: Path, cache: list[str]) -> dict:
     return res
 
 
+def registry_rerun(cli: list[str], rebuilt: Path, work: Path, cache: Path,
+                   stack: contextlib.ExitStack) -> dict:
+    """(d): the rerun registry -> registry with a warm cache and a full target."""
+    sys.path.insert(0, str(benchlib.REPO_ROOT / "tests"))
+    import lazypull  # the tests' registry and request-logging proxy
+
+    registry = lazypull.Registry.start(work)
+    stack.callback(registry.stop)
+    proxy = lazypull.Proxy.start(registry.host, work / "requests.jsonl")
+    stack.callback(proxy.stop)
+    src = f"docker://{proxy.host}/app:{REBUILT_TAG}"
+    dst = f"docker://{proxy.host}/app:{REBUILT_TAG}-esgz"
+    run(["skopeo", "copy", "--dest-tls-verify=false", f"oci:{rebuilt}:{REBUILT_TAG}", src])
+    cmd = [*cli, "optimize", "--oci", "--no-optimize", "--json", "--cache-dir", str(cache),
+           "--src-tls-verify=false", "--dest-tls-verify=false", src, dst]
+    log("(d) " + " ".join(cmd[1:]) + " (once to fill the target, then timed)")
+    first = run_measured(cmd).check()
+    proxy.clear()
+    m = run_measured(cmd).check()
+    report = json.loads(m.stdout)
+    uploads = [r for r in proxy.requests()
+               if "/blobs/uploads/" in r["path"] and r["method"] in ("POST", "PATCH", "PUT")]
+    res = {**m.as_dict(), "target": report["target"], "first_wall_s": first.wall_s,
+           "cache": [x["cache"] for x in report["layers"]], "blob_uploads": len(uploads),
+           "requests": len(proxy.requests())}
+    log(f"  {m.wall_s:.2f} s wall, layers: {res['cache']}, blob uploads: {len(uploads)},"
+        f" {res['requests']} requests")
+    return res
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--name", default=None, help="results name (default cache-<timestamp>)")
@@ -149,7 +183,9 @@ def main(argv: list[str] | None = None) -> int:
         ours(cli, src_first, work / "out", ["--cache-dir", str(work / "warm")])
         report["c_warm"] = ours(cli, src_rebuilt, work / "out",
                                 ["--cache-dir", str(work / "warm")])
-    targets = {report[k]["target"] for k in ("b_no_cache", "b_cold", "c_warm")}
+        report["d_registry_rerun"] = registry_rerun(cli, rebuilt, work, work / "warm", stack)
+    targets = {report[k]["target"] for k in ("b_no_cache", "b_cold", "c_warm",
+                                             "d_registry_rerun")}
     if len(targets) != 1:
         raise SystemExit(f"the runs made different images: {targets}")
     a = report.get("a_ctr_remote", {}).get("wall_s")
@@ -158,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
                        ("b_cold", "(b) estargz-opt, cold cache"),
                        ("c_warm", "(c) estargz-opt, cache warmed by the first image")):
         rows.append((label, report[key]["wall_s"], " ".join(report[key]["cache"])))
+    d = report["d_registry_rerun"]
+    rows.append(("(d) registry -> registry rerun, warm cache, full target", d["wall_s"],
+                 " ".join(d["cache"]) + f"; {d['blob_uploads']} blob uploads"))
     lines = ["| run | wall s | x of (a) | layers |", "|---|---:|---:|---|"]
     for label, wall, layers in rows:
         ratio = f"{wall / a:.3f}" if a and wall is not None else "-"
@@ -170,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
                  f" ({c / a:.3f}x)" if a else "target (c) vs (a): no reference run")
     lines.append(f"target (b) no slower than --no-cache: {b:.2f} s vs {nc:.2f} s"
                  f" ({b / nc:.2f}x)")
+    lines.append(f"target (d) nothing converted or uploaded: "
+                 f"{'met' if set(d['cache']) == {'hit'} and not d['blob_uploads'] else 'NOT met'}")
     lines.append(f"load average at start: {report['loadavg_start']}; 2 cores shared with CI")
     table = "\n".join(lines)
     print(table)

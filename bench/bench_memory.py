@@ -16,7 +16,12 @@ RSS (wait4() of the child) compared with the 200 MiB target.
 to /dev/null and `layer verify` of it are measured too; all must stay under the target
 (memory follows a fixed buffer size, not the compression ratio).
 
-Usage: python3 bench/bench_memory.py [--case mixed|zeros]
+--case registry measures `optimize docker://… docker://…` on an image whose one layer is
+a 2 GiB uncompressed tar of incompressible bytes, in Debian's docker-registry on
+loopback: 2 GiB are downloaded, converted (estargz, gzip level 9) and ~2 GiB uploaded,
+all streamed (temporary files, never whole blobs in memory).
+
+Usage: python3 bench/bench_memory.py [--case mixed|zeros|registry]
        [--formats estargz,zstdchunked,estargz-external-toc]
        [--input gz|tar|both] [--name NAME] [--check] [--rebuild]
 """
@@ -24,6 +29,7 @@ Usage: python3 bench/bench_memory.py [--case mixed|zeros]
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import random
@@ -260,13 +266,107 @@ def run_zeros(cli: list[str], formats: list[str], name: str, check: bool, rebuil
     return 1 if check and not all(r["within_target"] for r in results) else 0
 
 
+# --------------------------------------------------------------------------- registry
+
+RANDOM_TAR = MEM_DIR / "random-2g.tar"
+
+
+def ensure_random_tar(rebuild: bool = False) -> Path:
+    """One 2 GiB file of seeded random bytes, as an uncompressed tar (a layer blob)."""
+    if RANDOM_TAR.exists() and not rebuild:
+        return RANDOM_TAR
+    MEM_DIR.mkdir(parents=True, exist_ok=True)
+    tmp = RANDOM_TAR.with_suffix(".tmp")
+    try:
+        with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
+            tar.copybufsize = 1 * MiB
+            tar.addfile(_ti("random.bin", size=ZEROS_SIZE),
+                        GenReader(ZEROS_SIZE, "random", str(SEED), b""))
+        os.replace(tmp, RANDOM_TAR)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return RANDOM_TAR
+
+
+def _layout_with_layer(layout: Path, layer: Path) -> None:
+    """An OCI layout whose one image has `layer` (uncompressed tar) as its layer; the blob
+    is a hard link (or copy) of the cached tar."""
+    blobs = layout / "blobs" / "sha256"
+    blobs.mkdir(parents=True)
+    digest = sha256_file(layer)
+    try:
+        os.link(layer, blobs / digest.split(":")[1])
+    except OSError:
+        subprocess.run(["cp", str(layer), str(blobs / digest.split(":")[1])], check=True)
+
+    def put(doc: dict) -> dict:
+        data = json.dumps(doc, separators=(",", ":")).encode()
+        d = "sha256:" + hashlib.sha256(data).hexdigest()
+        (blobs / d.split(":")[1]).write_bytes(data)
+        return {"digest": d, "size": len(data)}
+
+    config = put({"architecture": "amd64", "os": "linux",
+                  "rootfs": {"type": "layers", "diff_ids": [digest]}})
+    manifest = put({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                    "config": {"mediaType": "application/vnd.oci.image.config.v1+json", **config},
+                    "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
+                                "digest": digest, "size": layer.stat().st_size}]})
+    (layout / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
+    (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [{
+        "mediaType": "application/vnd.oci.image.manifest.v1+json", **manifest,
+        "annotations": {"org.opencontainers.image.ref.name": "1"}}]}))
+
+
+def run_registry(cli: list[str], name: str, check: bool, rebuild: bool) -> int:
+    """optimize registry -> registry of the 2 GiB layer: peak RSS against the target."""
+    sys.path.insert(0, str(REPO_ROOT / "tests"))
+    import lazypull  # the tests' registry helper
+
+    layer = ensure_random_tar(rebuild)
+    log(f"layer: {layer.stat().st_size / MiB:.0f} MiB uncompressed tar ({layer})")
+    with benchlib.temp_dir("eo-bench-memreg-", "/var/tmp") as tmp:
+        registry = lazypull.Registry.start(tmp)
+        try:
+            layout = tmp / "layout"
+            _layout_with_layer(layout, layer)
+            src, dst = f"docker://{registry.host}/mem:1", f"docker://{registry.host}/mem:esgz"
+            log("skopeo copy of the source image into the registry ...")
+            benchlib.run(["skopeo", "copy", "--dest-tls-verify=false", f"oci:{layout}:1", src])
+            log("estargz-opt optimize docker://… docker://… ...")
+            m = run_measured([*cli, "optimize", "--oci", "--no-optimize", "--no-cache",
+                              "--src-tls-verify=false", "--dest-tls-verify=false", src,
+                              dst]).check()
+            verify = run_measured([*cli, "verify", "--tls-verify=false", dst]).check()
+        finally:
+            registry.stop()
+    rows = [["optimize (registry -> registry)", f"{m.wall_s:.1f}", f"{m.cpu_s:.1f}",
+             f"{m.maxrss_mib:.0f}", "yes" if m.maxrss_mib <= TARGET_RSS_MIB else "NO"],
+            ["verify docker://", f"{verify.wall_s:.1f}", f"{verify.cpu_s:.1f}",
+             f"{verify.maxrss_mib:.0f}", "yes" if verify.maxrss_mib <= TARGET_RSS_MIB else "NO"]]
+    text = (f"Peak memory, registry to registry, one 2 GiB incompressible layer (uncompressed"
+            f" tar, estargz level 9); {os.cpu_count()} CPUs\n\n" + benchlib.markdown_table(
+                ["command", "wall s", "CPU s", "peak RSS MiB", f"<= {TARGET_RSS_MIB} MiB"],
+                rows))
+    report = {"name": name, "case": "registry", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+              "target_rss_mib": TARGET_RSS_MIB, "optimize": m.as_dict(),
+              "verify": verify.as_dict(), "table": text,
+              "loadavg_start": [round(x, 2) for x in os.getloadavg()], "cpus": os.cpu_count()}
+    path = RESULTS_DIR / f"{name}.json"
+    benchlib.write_json_atomic(path, report)
+    print(text)
+    print(f"\nresults: {path.relative_to(REPO_ROOT)}")
+    ok = m.maxrss_mib <= TARGET_RSS_MIB and verify.maxrss_mib <= TARGET_RSS_MIB
+    return 1 if check and not ok else 0
+
+
 # --------------------------------------------------------------------------- main
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--case", choices=("mixed", "zeros"), default="mixed",
-                    help="the mixed 2 GiB layer (default) or one 2 GiB zero-filled file")
+    ap.add_argument("--case", choices=("mixed", "zeros", "registry"), default="mixed",
+                    help="the mixed 2 GiB layer (default), one 2 GiB zero-filled file, or a "
+                    "2 GiB layer registry -> registry")
     ap.add_argument("--formats", default=",".join(FORMATS))
     ap.add_argument("--input", choices=("gz", "tar", "both"), default="gz",
                     help="convert the .tar.gz (default), the .tar, or both")
@@ -291,6 +391,11 @@ def main(argv: list[str] | None = None) -> int:
         cli = [str(local)] if local.exists() else benchlib.estargz_opt_cmd()
         return run_zeros(cli, formats, name + "-zeros" if not args.name else name,
                          args.check, args.rebuild)
+    if args.case == "registry":
+        local = Path(sys.executable).parent / "estargz-opt"
+        cli = [str(local)] if local.exists() else benchlib.estargz_opt_cmd()
+        return run_registry(cli, name + "-registry" if not args.name else name, args.check,
+                            args.rebuild)
 
     meta = ensure_layer(args.rebuild)
     log(f"layer: {meta['tar_size'] / MiB:.0f} MiB tar, {meta['gz_size'] / MiB:.0f} MiB gzip,"

@@ -17,8 +17,14 @@ seconds), ``method``, ``path``, ``range`` (the Range header or null), ``status``
 end-to-end tests use the log, with ``--rtt-ms 0 --mbit 0`` (no throttling), to
 tell prefetches from on-demand reads.
 
+Fault injection, for the registry client's tests: ``--too-many N`` answers the first N
+requests whose path contains ``/blobs/`` with ``429 Too Many Requests`` and
+``Retry-After: --retry-after`` seconds, without forwarding them (logged with status 429);
+``--max-body BYTES`` answers requests with a larger body ``413 Payload Too Large``, as
+some proxies in front of registries do (logged with status 413).
+
 Usage: throttle_proxy.py --upstream HOST:PORT [--listen HOST:PORT] [--rtt-ms 20]
-       [--mbit 100] [--log FILE]
+       [--mbit 100] [--log FILE] [--too-many N [--retry-after S]] [--max-body BYTES]
 Prints ``listening on HOST:PORT`` on stdout once it accepts connections; SIGTERM or
 SIGINT stop it.
 """
@@ -86,13 +92,28 @@ class Proxy(socketserver.ThreadingMixIn, http.server.HTTPServer):
     request_queue_size = 128
 
     def __init__(self, listen: tuple[str, int], upstream: tuple[str, int], rtt_s: float,
-                 link: Link, reqlog: RequestLog):
+                 link: Link, reqlog: RequestLog, too_many: int = 0, retry_after: int = 1,
+                 max_body: int = 0):
         super().__init__(listen, Handler)
         self.upstream = upstream
         self.rtt_s = rtt_s
         self.link = link
         self.reqlog = reqlog
         self.conns = itertools.count(1)
+        self.too_many = too_many
+        self.retry_after = retry_after
+        self.max_body = max_body
+        self._faults = threading.Lock()
+
+    def take_fault(self, path: str) -> bool:
+        """Whether this request gets a 429 (one of the first --too-many blob requests)."""
+        if "/blobs/" not in path:
+            return False
+        with self._faults:
+            if self.too_many <= 0:
+                return False
+            self.too_many -= 1
+            return True
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -134,9 +155,34 @@ class Handler(http.server.BaseHTTPRequestHandler):
         body = self._read_body()
         if self.server.rtt_s:
             time.sleep(self.server.rtt_s)
-        headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
+        # Repeated headers (skopeo sends one Accept line per media type) are joined, as
+        # HTTP allows: a dict of the last one only would hide OCI manifests from skopeo.
+        headers: dict[str, str] = {}
+        for k, v in self.headers.items():
+            if k.lower() not in HOP_BY_HOP:
+                headers[k] = f"{headers[k]}, {v}" if k in headers else v
         status, sent = 502, 0
+        too_big = bool(self.server.max_body and body and len(body) > self.server.max_body)
+        if too_big or self.server.take_fault(self.path):
+            status = 413 if too_big else 429
+            self.send_response_only(status)
+            if status == 429:
+                self.send_header("Retry-After", str(self.server.retry_after))
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            self.wfile.flush()
+            self.server.reqlog.write({
+                "t0": round(t0, 6), "t1": round(time.time(), 6), "method": self.command,
+                "path": self.path, "range": self.headers.get("Range"), "status": status,
+                "bytes": 0, "conn": self.conn_no})
+            return
         try:
+            idempotent = self.command in ("GET", "HEAD")
+            if not idempotent and self.upstream is not None:
+                # Never on a kept-alive connection: if the registry had closed it, sending
+                # again could apply an upload PATCH twice.
+                self.upstream.close()
+                self.upstream = None
             for attempt in (0, 1):  # a kept-alive upstream connection may have been closed
                 if self.upstream is None:
                     self.upstream = http.client.HTTPConnection(*self.server.upstream, timeout=300)
@@ -147,7 +193,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 except (ConnectionError, http.client.HTTPException):
                     self.upstream.close()
                     self.upstream = None
-                    if attempt:
+                    if attempt or not idempotent:
                         raise
             status = resp.status
             self.send_response_only(resp.status, resp.reason)
@@ -207,10 +253,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rtt-ms", type=float, default=20.0, help="round trip per request (ms)")
     ap.add_argument("--mbit", type=float, default=100.0, help="link bandwidth, 0 = unlimited")
     ap.add_argument("--log", help="append one JSON line per request to this file")
+    ap.add_argument("--too-many", type=int, default=0,
+                    help="answer the first N blob requests with 429 (fault injection)")
+    ap.add_argument("--retry-after", type=int, default=1,
+                    help="the Retry-After seconds of those 429 answers")
+    ap.add_argument("--max-body", type=int, default=0,
+                    help="answer requests with a larger body 413 (fault injection)")
     args = ap.parse_args(argv)
 
     reqlog = RequestLog(args.log)
-    server = Proxy(args.listen, args.upstream, args.rtt_ms / 1000, Link(args.mbit), reqlog)
+    server = Proxy(args.listen, args.upstream, args.rtt_ms / 1000, Link(args.mbit), reqlog,
+                   args.too_many, args.retry_after, args.max_body)
 
     def stop(signum: int, _frame: object) -> None:
         threading.Thread(target=server.shutdown, daemon=True).start()

@@ -319,11 +319,13 @@ class Proxy:
     proc: subprocess.Popen | None = field(default=None, repr=False)
 
     @classmethod
-    def start(cls, upstream: str, log: Path, rtt_ms: float = 0, mbit: float = 0) -> Proxy:
+    def start(cls, upstream: str, log: Path, rtt_ms: float = 0, mbit: float = 0,
+              extra: Sequence[str] = ()) -> Proxy:
+        """extra: more throttle_proxy.py flags (e.g. --too-many N)."""
         proxy = cls(log)
         proxy.proc = subprocess.Popen(
             [sys.executable, str(PROXY_SCRIPT), "--upstream", upstream, "--log", str(log),
-             "--rtt-ms", str(rtt_ms), "--mbit", str(mbit)],
+             "--rtt-ms", str(rtt_ms), "--mbit", str(mbit), *extra],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             preexec_fn=_die_with_parent)
         line = proxy.proc.stdout.readline().strip()

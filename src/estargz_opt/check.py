@@ -22,8 +22,7 @@ from estargz_opt.format.reader import Layer, MissingExternalTOCError
 from estargz_opt.format.toc import LANDMARKS, NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK
 from estargz_opt.format.zstdchunked import MANIFEST_CHECKSUM, MANIFEST_POSITION
 from estargz_opt.platforms import Matcher
-from estargz_opt.stores import Store, open_store
-from estargz_opt.stores.containerd.model import ContainerdOptions
+from estargz_opt.stores import Store, StoreOptions, open_store
 from estargz_opt.stores.oci import OCILayout
 from estargz_opt.walk import images
 
@@ -238,14 +237,15 @@ def _zstd_annotations(layer: Layer, ann: dict[str, str]) -> list[str]:
 
 
 def check_ref(
-    ref_text: str, containerd: ContainerdOptions, matcher: Matcher, *, deep: bool
+    ref_text: str, store_opts: StoreOptions, matcher: Matcher, *, deep: bool
 ) -> ImageReport:
-    """Open the image named ref_text (containerd name or oci:DIR:TAG) and check it."""
+    """Open the image named ref_text (containerd name, oci:DIR:TAG, docker://…) and check
+    it."""
     from estargz_opt import reference
     from estargz_opt.optimize import TOC_IMAGE_SUFFIX
 
     ref = reference.parse(ref_text)
-    with open_store(ref, containerd, create=False) as store:
+    with open_store(ref, store_opts, create=False) as store:
         root = store.resolve(ref.tag)
         toc_image = None
         if ref.tag:

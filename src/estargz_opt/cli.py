@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -26,11 +27,13 @@ from estargz_opt.format import (
 from estargz_opt.optimize import OptimizeRequest, analyze_image, optimize
 from estargz_opt.prioritize.profile import ProfileKind, ProfileSource
 from estargz_opt.progress import Progress
+from estargz_opt.stores import StoreOptions
 from estargz_opt.stores.containerd.model import (
     DEFAULT_ADDRESS,
     DEFAULT_NAMESPACE,
     ContainerdOptions,
 )
+from estargz_opt.stores.registry.options import RegistryOptions
 from estargz_opt.workload.options import DEFAULT_PERIOD, DEFAULT_RUNTIME, RUNNERS, SamplerOptions
 
 log = logging.getLogger("estargz_opt")
@@ -243,6 +246,66 @@ def _sampler(kw: dict[str, Any]) -> SamplerOptions:
     return opts
 
 
+def _registry_options(*prefixes: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """skopeo's flags for reaching registries, one set per side: prefixes ("src-", "dest-")
+    for a command with a source and a destination, ("",) for one image."""
+
+    def add(f: Callable[..., Any]) -> Callable[..., Any]:
+        options = [
+            click.option(
+                "--authfile",
+                type=click.Path(dir_okay=False, path_type=Path),
+                help="Registry credentials file (else REGISTRY_AUTH_FILE, containers' "
+                "auth.json, then Docker's config.json).",
+            )
+        ]
+        for p in prefixes:
+            side = {"src-": "the source's ", "dest-": "the destination's "}.get(p, "the ")
+            options += [
+                click.option(
+                    f"--{p}creds",
+                    metavar="USER[:PASS]",
+                    help=f"Credentials for {side}registry (over any auth file).",
+                ),
+                click.option(
+                    f"--{p}no-creds", is_flag=True, help=f"Access {side}registry anonymously."
+                ),
+                click.option(
+                    f"--{p}tls-verify",
+                    type=click.BOOL,
+                    default=True,
+                    is_flag=False,
+                    flag_value=True,
+                    metavar="BOOL",
+                    help=f"Verify {side}registry's TLS certificate (false also allows plain HTTP).",
+                ),
+                click.option(
+                    f"--{p}cert-dir",
+                    type=click.Path(file_okay=False, path_type=Path),
+                    help=f"CA certificates (*.crt) and client certificates (*.cert, *.key) "
+                    f"for {side}registry, instead of the certs.d directories.",
+                ),
+            ]
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return add
+
+
+def _registry(kw: dict[str, Any], prefix: str, authfile: Path | None) -> RegistryOptions:
+    """Take one side's registry flags out of a command's keyword arguments."""
+    p = prefix.replace("-", "_")
+    return RegistryOptions(
+        authfile=authfile,
+        creds=kw.pop(f"{p}creds"),
+        no_creds=kw.pop(f"{p}no_creds"),
+        tls_verify=kw.pop(f"{p}tls_verify"),
+        cert_dir=kw.pop(f"{p}cert_dir"),
+        env=os.environ,
+    )
+
+
 class _ProfileOrder(click.Command):
     """Keeps the command-line order of --record-in and --prefetch-list, which are merged in it.
 
@@ -343,6 +406,7 @@ def _profiles(records: tuple[Path, ...], lists: tuple[Path, ...]) -> tuple[Profi
     help="Evict least recently used cache entries beyond this size after the run (default 10G).",
 )
 @_prefetch_list_out_option
+@_registry_options("src-", "dest-")
 @_workload_run_options
 def optimize_cmd(
     containerd: ContainerdOptions,
@@ -369,13 +433,14 @@ def optimize_cmd(
     cache_max_size: int,
     as_json: bool,
     quiet: bool,
-    **sampler_flags: Any,
+    authfile: Path | None,
+    **flags: Any,
 ) -> None:
     """Convert the image SRC into DST with prioritized files first.
 
-    SRC and DST are images in containerd (names, as ctr shows them) or OCI image layouts
-    (oci:DIR[:TAG]), in any combination. The last line printed is the digest of the new
-    image.
+    SRC and DST are images in containerd (names, as ctr shows them), OCI image layouts
+    (oci:DIR[:TAG]) or registries (docker://HOST[:PORT]/REPO[:TAG|@DIGEST]), in any
+    combination. The last line printed is the digest of the new image.
 
     Unless --record-in, --prefetch-list or --no-optimize is given, the image's workload
     runs for --period seconds in a sample container (host platform only; as root in
@@ -398,7 +463,9 @@ def optimize_cmd(
         chunk_size=estargz_chunk_size or DEFAULT_CHUNK_SIZE,
         min_chunk_size=0 if zstdchunked else estargz_min_chunk_size,
     )
-    sampler = _sampler(sampler_flags)
+    src_registry = _registry(flags, "src-", authfile)
+    dst_registry = _registry(flags, "dest-", authfile)
+    sampler = _sampler(flags)
     progress = Progress()
     outcome = optimize(
         OptimizeRequest(
@@ -415,7 +482,8 @@ def optimize_cmd(
             sampler=sampler,
             record_out=record_out,
             prefetch_list_out=prefetch_list_out,
-            containerd=containerd,
+            src_store=StoreOptions(containerd, src_registry),
+            dst_store=StoreOptions(containerd, dst_registry),
             progress=None if quiet else progress,
             cache_dir=None if no_cache else cache_dir or cache.default_dir(),
             cache_max_size=cache_max_size,
@@ -440,6 +508,7 @@ def optimize_cmd(
     help="Where to write the record (JSON lines, ctr-remote's format).",
 )
 @_prefetch_list_out_option
+@_registry_options("")
 @_workload_run_options
 def analyze_cmd(
     containerd: ContainerdOptions,
@@ -448,7 +517,8 @@ def analyze_cmd(
     prefetch_list_out: Path | None,
     as_json: bool,
     quiet: bool,
-    **sampler_flags: Any,
+    authfile: Path | None,
+    **flags: Any,
 ) -> None:
     """Run the workload of the image SRC (in containerd, or any source with --runner runc,
     or rootless with the rootfs in memory) and record the files it opens.
@@ -461,10 +531,11 @@ def analyze_cmd(
       estargz-opt analyze --period 5 --record-out app.jsonl docker.io/library/app:1.0
       estargz-opt optimize --oci --record-in app.jsonl oci:app:1.0 oci:app:1.0-esgz
     """
-    sampler = _sampler(sampler_flags)
+    store_opts = StoreOptions(containerd, _registry(flags, "", authfile))
+    sampler = _sampler(flags)
     progress = Progress()
     result = analyze_image(
-        src, sampler, record_out, containerd, None if quiet else progress, prefetch_list_out
+        src, sampler, record_out, store_opts, None if quiet else progress, prefetch_list_out
     )
     progress.close()
     if as_json:
@@ -530,6 +601,7 @@ def _print_report(report: check.ImageReport, *, files: bool, checked: bool) -> N
 def _image_check(f: Callable[..., None]) -> Callable[..., None]:
     """The arguments verify and inspect share: the image, --platform and --json."""
     f = click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")(f)
+    f = _registry_options("")(f)
     f = click.option(
         "--platform",
         "platform_specs",
@@ -544,13 +616,15 @@ def _check_and_show(
     image: str,
     platform_specs: tuple[str, ...],
     as_json: bool,
+    registry: dict[str, Any],
     *,
     deep: bool,
     files: bool = False,
 ) -> check.ImageReport:
     """Check (deep: verify) or describe (inspect) IMAGE and print the report."""
     matcher = platforms.matcher(platform_specs, not platform_specs)
-    report = check.check_ref(image, containerd, matcher, deep=deep)
+    store_opts = StoreOptions(containerd, _registry(registry, "", registry.pop("authfile")))
+    report = check.check_ref(image, store_opts, matcher, deep=deep)
     if as_json:
         click.echo(json.dumps(report.to_json()))
     else:
@@ -561,7 +635,11 @@ def _check_and_show(
 @cli.command("verify")
 @_image_check
 def verify_cmd(
-    containerd: ContainerdOptions, image: str, platform_specs: tuple[str, ...], as_json: bool
+    containerd: ContainerdOptions,
+    image: str,
+    platform_specs: tuple[str, ...],
+    as_json: bool,
+    **registry: Any,
 ) -> None:
     """Lint IMAGE before pushing: exit non-zero unless every layer will lazy-pull.
 
@@ -575,7 +653,7 @@ def verify_cmd(
       estargz-opt verify oci:out:app-esgz
       estargz-opt -a /run/containerd/containerd.sock verify docker.io/library/app:esgz --json
     """
-    report = _check_and_show(containerd, image, platform_specs, as_json, deep=True)
+    report = _check_and_show(containerd, image, platform_specs, as_json, registry, deep=True)
     if not report.ok:
         failed = sum(1 for c in report.layers if not c.ok)
         raise EstargzOptError(f"{failed} of {len(report.layers)} layer(s) failed verification")
@@ -590,6 +668,7 @@ def inspect_cmd(
     platform_specs: tuple[str, ...],
     as_json: bool,
     files: bool,
+    **registry: Any,
 ) -> None:
     """Show what a lazy pull of IMAGE prefetches: per layer, the bytes before the landmark.
 
@@ -597,7 +676,7 @@ def inspect_cmd(
     Example:
       estargz-opt inspect oci:out:app-esgz --files
     """
-    _check_and_show(containerd, image, platform_specs, as_json, deep=False, files=files)
+    _check_and_show(containerd, image, platform_specs, as_json, registry, deep=False, files=files)
 
 
 external_toc_option = click.option(
@@ -813,6 +892,9 @@ def _configure_logging(fmt: str, level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # httpx logs every request (with its URL) at INFO; our registry client says what matters.
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _terminate(signum: int, _frame: object) -> None:

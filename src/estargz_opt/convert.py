@@ -26,7 +26,7 @@ from estargz_opt.format import Format, LayerOptions, LayerResult, build_layer, o
 from estargz_opt.format.source import open_tar
 from estargz_opt.platforms import Matcher
 from estargz_opt.progress import Progress
-from estargz_opt.stores import Store
+from estargz_opt.stores import Prefetching, Store
 from estargz_opt.walk import attested, is_attestation, is_image, read_index, read_manifest
 
 log = logging.getLogger("estargz_opt")
@@ -141,6 +141,13 @@ class Converter:
         )
         layer_slots = [i for i, x in enumerate(manifest.layers) if x.media_type in d.LAYER_TYPES]
         diff_ids = d.config_diff_ids(config_raw, len(layer_slots), label)
+        if isinstance(self.src, Prefetching):
+            # Downloads run ahead of the conversions (a registry: layer N+1 arrives while
+            # layer N converts and N-1 uploads).
+            self.src.prefetch(
+                [manifest.layers[i] for i in layer_slots],
+                [f"layer {n} of {label}" for n in range(len(layer_slots))],
+            )
         workers = max(1, min(len(layer_slots), os.cpu_count() or 1))
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="layer") as pool:
             futures = [
@@ -354,6 +361,8 @@ class Converter:
             for child in _children(data):
                 self._copy(child, what)
             return
+        if self.dst.holds(desc.digest, desc.size):
+            return  # already there (or mounted from the source's repository): no bytes move
         with (
             self.src.local_file(desc, what) as path,
             open(path, "rb") as f,

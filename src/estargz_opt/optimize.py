@@ -42,8 +42,7 @@ from estargz_opt.errors import EstargzOptError, UsageError
 from estargz_opt.format import Format, LayerOptions
 from estargz_opt.format.build import LayerResult
 from estargz_opt.progress import Progress
-from estargz_opt.stores import Store, open_store, same_store
-from estargz_opt.stores.containerd.model import ContainerdOptions
+from estargz_opt.stores import Store, StoreOptions, open_store, pair, same_store
 from estargz_opt.walk import images
 
 log = logging.getLogger("estargz_opt")
@@ -72,7 +71,9 @@ class OptimizeRequest:
     record_out: Path | None = None
     #: also write the workload run's files as a prefetch list here
     prefetch_list_out: Path | None = None
-    containerd: ContainerdOptions = field(default_factory=ContainerdOptions)
+    #: how to reach the source's and the destination's stores
+    src_store: StoreOptions = field(default_factory=StoreOptions)
+    dst_store: StoreOptions = field(default_factory=StoreOptions)
     progress: Progress | None = None
     #: the converted-layer cache (estargz_opt.cache); None: no cache (--no-cache)
     cache_dir: Path | None = None
@@ -103,6 +104,8 @@ class OptimizeRequest:
             raise UsageError("--prefetch-list cannot be combined with --no-optimize")
         if self.runs_workload and self.sampler is not None:
             check_runner(src, self.sampler)
+        if isinstance(dst, reference.RegistryRef) and dst.digest:
+            raise UsageError(f"the destination {dst} names a digest; give it a tag instead")
         if self.record_out and not self.runs_workload:
             raise UsageError(
                 "--record-out records a workload run; it cannot be combined with --record-in, "
@@ -202,7 +205,7 @@ def optimize(req: OptimizeRequest) -> OptimizeOutcome:
     dst_tag = dst_ref.tag or src_ref.tag
     assert dst_tag  # validate() checked it
     with ExitStack() as stack:
-        src = stack.enter_context(open_store(src_ref, req.containerd, create=False))
+        src = stack.enter_context(open_store(src_ref, req.src_store, create=False))
         root = src.resolve(src_ref.tag)
         log.info(
             "converting platforms: %s%s",
@@ -232,8 +235,9 @@ def optimize(req: OptimizeRequest) -> OptimizeOutcome:
         if cache:
             stack.callback(cache.finish)
         dst: Store = (
-            src if same else stack.enter_context(open_store(dst_ref, req.containerd, create=True))
+            src if same else stack.enter_context(open_store(dst_ref, req.dst_store, create=True))
         )
+        pair(src, dst)
         opts = ConvertOptions(
             layer=req.layer,
             platforms=matcher,
@@ -247,8 +251,10 @@ def optimize(req: OptimizeRequest) -> OptimizeOutcome:
             result = Converter(src, dst, opts, same_store=same).convert(root)
             if cache and cache.warning:
                 result.warnings.append(cache.warning)
-            if profile and profile.prioritized and not any(
-                lay.result and lay.result.prioritized_files for lay in result.layers
+            if (
+                profile
+                and profile.prioritized
+                and not any(lay.result and lay.result.prioritized_files for lay in result.layers)
             ):
                 _empty_profile(req, profile.empty_reason(req.profiles))
             tags = {dst_tag: result.target}
@@ -276,7 +282,7 @@ def analyze_image(
     src: str,
     sampler: SamplerOptions,
     record_out: Path,
-    containerd: ContainerdOptions,
+    store_opts: StoreOptions,
     progress: Progress | None = None,
     prefetch_list_out: Path | None = None,
 ) -> Analysis:
@@ -286,7 +292,7 @@ def analyze_image(
     check_record_out(record_out)
     if prefetch_list_out:
         check_record_out(prefetch_list_out, "--prefetch-list-out")
-    with open_store(ref, containerd, create=False) as store:
+    with open_store(ref, store_opts, create=False) as store:
         root = store.resolve(ref.tag)
         host = _host_manifest(store, root)
         if host is None:

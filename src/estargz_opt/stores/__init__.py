@@ -8,15 +8,17 @@ Adding a store (a registry, an image archive) means one module here that impleme
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, Self
+from typing import TYPE_CHECKING, Protocol, Self, runtime_checkable
 
 from estargz_opt.descriptor import Descriptor
 from estargz_opt.errors import BadInputError, EstargzOptError
-from estargz_opt.reference import ContainerdRef, ImageRef, OCIRef
+from estargz_opt.reference import ContainerdRef, ImageRef, OCIRef, RegistryRef
 from estargz_opt.stores.containerd.model import ContainerdOptions
+from estargz_opt.stores.registry.options import RegistryOptions
 
 if TYPE_CHECKING:
     from estargz_opt.stores.containerd.store import ContainerdStore
@@ -107,20 +109,43 @@ class Store(Protocol):
         ...
 
 
-def open_store(ref: ImageRef, containerd: ContainerdOptions, *, create: bool) -> Store:
+@runtime_checkable
+class Prefetching(Protocol):
+    """A store whose reads are slow (a registry) and that can fetch ahead: told which
+    blobs will be read, in about that order, it starts fetching them so that reading one
+    overlaps fetching the next. A capability, not part of `Store`."""
+
+    def prefetch(self, descs: Sequence[Descriptor], whats: Sequence[str]) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class StoreOptions:
+    """How to reach the stores of one side of a run (source or destination)."""
+
+    containerd: ContainerdOptions = field(default_factory=ContainerdOptions)
+    registry: RegistryOptions = field(default_factory=RegistryOptions)
+
+
+def open_store(ref: ImageRef, opts: StoreOptions, *, create: bool) -> Store:
     """The store `ref` names (not yet entered). create: make an OCI layout if missing."""
     # Imported here: each store module imports check_blob from this package.
     if isinstance(ref, OCIRef):
         from estargz_opt.stores.oci import OCILayout
 
         return OCILayout(ref.path, create=create)
+    if isinstance(ref, RegistryRef):
+        from estargz_opt.stores.registry.store import RegistryStore
+
+        return RegistryStore(ref, opts.registry)
     from estargz_opt.stores.containerd.store import ContainerdStore
 
-    return ContainerdStore.connect(containerd)
+    return ContainerdStore.connect(opts.containerd)
 
 
 def same_store(a: ImageRef, b: ImageRef) -> bool:
-    """Whether two references name the same store (the converter then copies nothing)."""
+    """Whether two references name the same store (the converter then copies nothing).
+    Two repositories of a registry are two stores (each side has its own credentials);
+    blobs go from one to the other by mount (`pair`)."""
     if isinstance(a, OCIRef) and isinstance(b, OCIRef):
         return a.path.resolve() == b.path.resolve()
     return isinstance(a, ContainerdRef) and isinstance(b, ContainerdRef)
@@ -131,6 +156,21 @@ def is_containerd(store: Store) -> bool:
     from estargz_opt.stores.containerd.store import ContainerdStore
 
     return isinstance(store, ContainerdStore)
+
+
+def pair(src: Store, dst: Store) -> None:
+    """Tell the destination where the source lives, when it can take blobs from there
+    without moving their bytes (a registry: mount from another repository of the same
+    registry)."""
+    from estargz_opt.stores.registry.store import RegistryStore
+
+    if (
+        isinstance(src, RegistryStore)
+        and isinstance(dst, RegistryStore)
+        and src.ref.api_host == dst.ref.api_host
+        and src.ref.repository != dst.ref.repository
+    ):
+        dst.mount_from = src.ref.repository
 
 
 def as_containerd(store: Store, why: str) -> ContainerdStore:

@@ -19,7 +19,7 @@ class RegistryOptions:
     #: --authfile (else REGISTRY_AUTH_FILE, then the usual auth files)
     authfile: Path | None = None
     #: --src-creds / --dest-creds USER[:PASS]; overrides every auth file
-    creds: str | None = None
+    creds: str | None = field(default=None, repr=False)
     #: --src-no-creds: access the registry anonymously
     no_creds: bool = False
     #: --src-tls-verify / --dest-tls-verify; false also allows plain HTTP

@@ -1,0 +1,518 @@
+"""The distribution API (OCI distribution spec) for one repository, over a `Session`.
+
+Every request goes to `session.base_url + /v2/<repo>/...` through `session.client`, whose
+auth flow answers 401s; this module never sees credentials. It retries what is worth
+retrying (connection errors, 408, 429 with Retry-After, 5xx), bounded in tries and in
+time, and turns every failure into one line naming the registry, the repository and the
+reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+from typing import BinaryIO, TypeVar
+from urllib.parse import urljoin
+
+import httpx
+
+from estargz_opt import descriptor as d
+from estargz_opt.descriptor import Descriptor
+from estargz_opt.digest import digest_of, hasher, sha256_digest
+from estargz_opt.errors import BadInputError, EstargzOptError
+from estargz_opt.stores.registry.session import Session
+
+log = logging.getLogger("estargz_opt")
+
+#: What we ask for when resolving a reference: every manifest and index type we read.
+MANIFEST_ACCEPT = ", ".join([d.OCI_INDEX, d.OCI_MANIFEST, d.DOCKER_LIST, d.DOCKER_MANIFEST])
+#: Registries commonly refuse manifests over 4 MiB; a bigger answer is not a manifest.
+MAX_MANIFEST = 4 << 20
+#: Read and upload in pieces of this size (memory stays flat whatever the blob's size).
+PIECE = 1 << 20
+#: Chunked uploads: pieces of this size unless the registry asks for bigger ones.
+CHUNK = 16 << 20
+#: ... halved on each 413, down to this.
+MIN_CHUNK = 64 << 10
+_RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+T = TypeVar("T")
+
+
+class RegistryError(EstargzOptError):
+    """A registry answered something we cannot go on from (the message says which)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How often and how long to retry a request that failed in a way worth retrying."""
+
+    tries: int = 5
+    first_delay: float = 0.5
+    factor: float = 2.0
+    max_delay: float = 10.0
+    #: no retry starts after this many seconds since the first try
+    total: float = 60.0
+
+
+class Retry(Exception):
+    """A try failed in a way worth retrying (internal to `Client._send`)."""
+
+    def __init__(self, reason: str, after: float | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.after = after
+
+
+@dataclass(slots=True)
+class Upload:
+    """An open upload session: where to send the next request."""
+
+    location: str
+    offset: int = 0
+    #: OCI-Chunk-Min-Length: the registry wants chunks at least this large
+    min_chunk: int = 0
+
+
+class Client:
+    """One repository on one registry."""
+
+    def __init__(self, session: Session, repository: str, retry: RetryPolicy | None = None):
+        self.session = session
+        self.repository = repository
+        self.retry = retry or RetryPolicy()
+        self.where = f"registry {session.host}, repository {repository}"
+        #: set when the run is over: uploads still streaming stop at their next piece
+        self.stopped = threading.Event()
+
+    # ------------------------------------------------------------------ requests
+
+    def url(self, tail: str) -> str:
+        return f"{self.session.base_url}/v2/{self.repository}/{tail}"
+
+    def _absolute(self, location: str) -> str:
+        """A Location header, which may be relative to the registry."""
+        return urljoin(self.session.base_url + "/", location)
+
+    def _send(
+        self,
+        method: str,
+        url: str,
+        what: str,
+        *,
+        ok: Callable[[httpx.Response], bool],
+        stream: bool = False,
+        **kw: object,
+    ) -> httpx.Response:
+        """One request, retried while it fails in a retryable way (`_once`)."""
+        return self._retrying(
+            what, lambda: self._once(method, url, what, ok=ok, stream=stream, **kw)
+        )
+
+    def _retrying(self, what: str, attempt: Callable[[], T]) -> T:
+        """`attempt()` again, with backoff, each time it raises Retry, within the policy."""
+        started = time.monotonic()
+        delay = self.retry.first_delay
+        tries = 0
+        while True:
+            tries += 1
+            try:
+                return attempt()
+            except Retry as exc:
+                elapsed = time.monotonic() - started
+                wait = exc.after if exc.after is not None else delay
+                if tries >= self.retry.tries or elapsed + wait > self.retry.total:
+                    raise RegistryError(
+                        f"{self.where}: {what} failed: {exc.reason} (after {tries} tries)"
+                    ) from None
+                log.info("%s: %s: %s; retrying in %.1fs", self.where, what, exc.reason, wait)
+                time.sleep(wait)
+                delay = min(delay * self.retry.factor, self.retry.max_delay)
+
+    def _once(
+        self,
+        method: str,
+        url: str,
+        what: str,
+        *,
+        ok: Callable[[httpx.Response], bool],
+        stream: bool = False,
+        **kw: object,
+    ) -> httpx.Response:
+        """One try: the answer if `ok` accepts it; Retry if it failed in a way worth
+        retrying (connection error, 408, 429, 5xx); else a RegistryError naming why.
+        `kw['content']` may be a callable making a fresh body (a stream is never replayed
+        half-read). A streamed answer must be closed by the caller."""
+        args = dict(kw)
+        if callable(args.get("content")):
+            args["content"] = args["content"]()  # type: ignore[operator]
+        try:
+            req = self.session.client.build_request(method, url, **args)  # type: ignore[arg-type]
+            resp = self.session.client.send(req, stream=stream)
+        except httpx.TransportError as exc:
+            raise Retry(self._transport_reason(exc)) from exc
+        if ok(resp):
+            return resp
+        if resp.status_code in _RETRY_STATUS:
+            after = _retry_after(resp.headers.get("Retry-After"))
+            reason = f"{resp.status_code} {resp.reason_phrase}".strip()
+            resp.close()
+            raise Retry(reason, after)
+        if stream:
+            resp.read()
+        raise self.error(resp, what)
+
+    def _transport_reason(self, exc: httpx.TransportError) -> str:
+        """Why a request got no answer, said plainly; an unknown host name is not worth
+        retrying and raises at once."""
+        cause: BaseException | None = exc
+        while cause is not None:
+            if isinstance(cause, ssl.SSLError):
+                # A certificate or protocol mismatch does not go away by itself.
+                reason = getattr(cause, "verify_message", None) or cause.reason or str(cause)
+                if cause.reason == "WRONG_VERSION_NUMBER":
+                    reason = "the registry does not speak TLS (plain HTTP needs --tls-verify=false)"
+                raise RegistryError(f"{self.where}: TLS: {reason}")
+            if isinstance(cause, socket.gaierror):
+                if cause.errno == socket.EAI_AGAIN:
+                    return f"cannot resolve the host name {self.session.host} (for now)"
+                raise RegistryError(
+                    f"{self.where}: cannot resolve the host name {self.session.host}"
+                )
+            if isinstance(cause, OSError) and cause.errno == errno.ECONNREFUSED:
+                return "connection refused"
+            cause = cause.__cause__ or cause.__context__
+        text = str(exc) or type(exc).__name__
+        if "Name or service not known" in text or "nodename nor servname" in text:
+            raise RegistryError(f"{self.where}: cannot resolve the host name {self.session.host}")
+        return text
+
+    def error(self, resp: httpx.Response, what: str) -> RegistryError:
+        """The one line for an answer we cannot use."""
+        code, message = _error_body(resp)
+        status = resp.status_code
+        if status == 401:
+            reason = f"unauthorized (credentials: {self.session.credential_source})"
+        elif status == 403:
+            reason = "denied" + (f": {message}" if message else "")
+        elif status == 404 and code == "NAME_UNKNOWN":
+            reason = "repository not found"
+        elif status == 404:
+            reason = "not found"
+        else:
+            reason = f"{status} {resp.reason_phrase}".strip() + (f": {message}" if message else "")
+        return RegistryError(f"{self.where}: {what}: {reason}")
+
+    # ------------------------------------------------------------------ manifests
+
+    def get_manifest(self, reference: str, what: str) -> tuple[Descriptor, bytes]:
+        """The manifest or index `reference` (tag or digest) names, with its descriptor."""
+        resp = self._send(
+            "GET",
+            self.url(f"manifests/{reference}"),
+            what,
+            ok=lambda r: r.status_code in (200, 404),
+            stream=True,
+            headers={"Accept": MANIFEST_ACCEPT},
+        )
+        if resp.status_code == 404:
+            resp.read()
+            if not self._repository_exists():
+                raise RegistryError(f"{self.where}: {what}: repository not found")
+            raise self.error(resp, what)
+        with contextlib.closing(resp):
+            length = resp.headers.get("Content-Length")
+            if length is not None and length.isdigit() and int(length) > MAX_MANIFEST:
+                raise RegistryError(
+                    f"{self.where}: {what}: manifest too large ({length} bytes; the limit is "
+                    f"{MAX_MANIFEST})"
+                )
+            body = bytearray()
+            for piece in resp.iter_bytes():
+                body += piece
+                if len(body) > MAX_MANIFEST:
+                    raise RegistryError(
+                        f"{self.where}: {what}: manifest too large (over {MAX_MANIFEST} bytes)"
+                    )
+        data = bytes(body)
+        media_type = resp.headers.get("Content-Type", "").partition(";")[0].strip()
+        if media_type not in d.INDEX_TYPES | d.MANIFEST_TYPES:
+            media_type = sniff_type(data) or media_type
+        digest = sha256_digest(data)
+        return Descriptor(media_type, digest, len(data)), data
+
+    def _repository_exists(self) -> bool:
+        """Whether the repository is known (registries answer an unknown tag and an
+        unknown repository alike on manifests; the tag list tells them apart)."""
+        resp = self._send(
+            "GET",
+            self.url("tags/list"),
+            "listing tags",
+            ok=lambda r: r.status_code in (200, 401, 403, 404),
+            params={"n": "1"},
+        )
+        return resp.status_code != 404
+
+    def manifest_size(self, digest: str) -> int | None:
+        resp = self._send(
+            "HEAD",
+            self.url(f"manifests/{digest}"),
+            f"manifest {digest}",
+            ok=lambda r: r.status_code in (200, 404),
+            headers={"Accept": MANIFEST_ACCEPT},
+        )
+        length = resp.headers.get("Content-Length", "")
+        return int(length) if resp.status_code == 200 and length.isdigit() else None
+
+    def put_manifest(self, reference: str, media_type: str, data: bytes) -> None:
+        self._send(
+            "PUT",
+            self.url(f"manifests/{reference}"),
+            f"pushing manifest {reference}",
+            ok=lambda r: r.status_code in (200, 201),
+            content=data,
+            headers={"Content-Type": media_type},
+        )
+
+    # ------------------------------------------------------------------ blobs
+
+    def blob_size(self, digest: str) -> int | None:
+        """The size of a blob the repository holds (HEAD), or None."""
+        resp = self._send(
+            "HEAD",
+            self.url(f"blobs/{digest}"),
+            f"blob {digest}",
+            ok=lambda r: r.status_code in (200, 404),
+        )
+        length = resp.headers.get("Content-Length", "")
+        return int(length) if resp.status_code == 200 and length.isdigit() else None
+
+    def read_blob(self, desc: Descriptor, what: str) -> bytes:
+        """A small blob (config), checked."""
+        resp = self._send(
+            "GET", self.url(f"blobs/{desc.digest}"), what, ok=lambda r: r.status_code == 200
+        )
+        return resp.content
+
+    def download(self, desc: Descriptor, what: str, out: BinaryIO) -> None:
+        """Stream the blob into `out` through its digest check; a download that does not
+        match is fetched once more, then fails naming the digest."""
+        for attempt in (1, 2):
+            out.seek(0)
+            out.truncate()
+            h = hasher()
+            size = 0
+            resp = self._send(
+                "GET",
+                self.url(f"blobs/{desc.digest}"),
+                f"{what} ({desc.digest})",
+                ok=lambda r: r.status_code == 200,
+                stream=True,
+            )
+            try:
+                with contextlib.closing(resp):
+                    for piece in resp.iter_bytes(PIECE):
+                        if self.stopped.is_set():
+                            raise RegistryError(f"{self.where}: download interrupted")
+                        h.update(piece)
+                        size += len(piece)
+                        if size > desc.size:
+                            break
+                        out.write(piece)
+            except httpx.TransportError as exc:
+                if attempt == 2:
+                    raise RegistryError(
+                        f"{self.where}: {what} ({desc.digest}): download failed: {exc}"
+                    ) from None
+                log.warning(
+                    "%s: %s (%s): download broke off (%s); fetching it again",
+                    self.where,
+                    what,
+                    desc.digest,
+                    exc,
+                )
+                continue
+            if size == desc.size and digest_of(h) == desc.digest:
+                out.flush()
+                return
+            if attempt == 1:
+                log.warning(
+                    "%s: %s (%s) does not match its digest or size; fetching it again",
+                    self.where,
+                    what,
+                    desc.digest,
+                )
+        raise BadInputError(
+            f"{self.where}: blob {desc.digest} ({what}) does not match its digest or size "
+            "(fetched twice)"
+        )
+
+    def mount(self, digest: str, source_repository: str) -> bool:
+        """Cross-repository mount; False (and the session the registry opened instead
+        cancelled) when the registry did not mount."""
+        resp = self._send(
+            "POST",
+            self.url("blobs/uploads/"),
+            f"mounting blob {digest} from {source_repository}",
+            ok=lambda r: r.status_code in (201, 202),
+            params={"mount": digest, "from": source_repository},
+        )
+        if resp.status_code == 201:
+            return True
+        location = resp.headers.get("Location")
+        if location:
+            self.cancel(Upload(self._absolute(location)))
+        return False
+
+    def start_upload(self) -> Upload:
+        resp = self._once(
+            "POST",
+            self.url("blobs/uploads/"),
+            "starting an upload",
+            ok=lambda r: r.status_code == 202 and "Location" in r.headers,
+        )
+        min_chunk = resp.headers.get("OCI-Chunk-Min-Length", "")
+        return Upload(
+            self._absolute(resp.headers["Location"]),
+            min_chunk=int(min_chunk) if min_chunk.isdigit() else 0,
+        )
+
+    def cancel(self, upload: Upload) -> None:
+        """Cancel an upload session (best effort: it expires on the registry anyway)."""
+        with contextlib.suppress(httpx.HTTPError):
+            self.session.client.delete(upload.location)
+
+    def upload(
+        self, path: Path, digest: str, size: int, on_start: Callable[[Upload], None]
+    ) -> None:
+        """Upload the file `path` as blob `digest`. A try that fails in a retryable way
+        starts over with a new session (an upload's offset cannot be trusted after a
+        broken request), unless the registry turns out to have the blob already."""
+        first = True
+
+        def attempt() -> None:
+            nonlocal first
+            if not first and self.blob_size(digest) == size:
+                return  # the last try's commit landed; only its answer was lost
+            first = False
+            self._upload_once(path, digest, size, on_start)
+
+        self._retrying(f"uploading blob {digest}", attempt)
+
+    def _upload_once(
+        self, path: Path, digest: str, size: int, on_start: Callable[[Upload], None]
+    ) -> None:
+        """POST, then one streamed PATCH, or chunked PATCHes with Content-Range when the
+        registry asks for them (OCI-Chunk-Min-Length, 413), then PUT ?digest=."""
+        up = self.start_upload()
+        on_start(up)
+        if not up.min_chunk:
+            if self._patch(up, path, 0, size, whole=True) != 413:
+                self._finish(up, digest)
+                return
+            log.info("%s: blob %s refused whole (413); uploading it in chunks", self.where, digest)
+            self.cancel(up)
+            up = self.start_upload()
+            on_start(up)
+        chunk = max(up.min_chunk, CHUNK)
+        offset = 0
+        while offset < size:
+            n = min(chunk, size - offset)
+            if self._patch(up, path, offset, n, whole=False) != 413:
+                offset += n
+                continue
+            # Refused, so not applied: the same bytes again, in smaller chunks.
+            chunk = n // 2
+            if chunk < max(up.min_chunk, MIN_CHUNK):
+                raise RegistryError(
+                    f"{self.where}: uploading blob {digest}: the registry refuses chunks of "
+                    f"{n} bytes (413)"
+                )
+        self._finish(up, digest)
+
+    def _patch(self, up: Upload, path: Path, offset: int, n: int, *, whole: bool) -> int:
+        """Send bytes [offset, offset+n) of `path`; the new Location is kept. 413 is
+        returned, not raised (the caller falls back to chunks)."""
+
+        def body() -> Iterator[bytes]:
+            with open(path, "rb") as f:
+                f.seek(offset)
+                left = n
+                while left > 0 and (piece := f.read(min(PIECE, left))):
+                    if self.stopped.is_set():
+                        raise RegistryError(f"{self.where}: upload interrupted")
+                    left -= len(piece)
+                    yield piece
+
+        headers = {"Content-Type": "application/octet-stream", "Content-Length": str(n)}
+        if not whole:
+            headers["Content-Range"] = f"{offset}-{offset + n - 1}"
+        resp = self._once(
+            "PATCH",
+            up.location,
+            "uploading a blob",
+            ok=lambda r: r.status_code in (202, 413),
+            content=body,
+            headers=headers,
+        )
+        if resp.status_code == 202 and "Location" in resp.headers:
+            up.location = self._absolute(resp.headers["Location"])
+            up.offset = offset + n
+        return resp.status_code
+
+    def _finish(self, up: Upload, digest: str) -> None:
+        # Added to the Location's own query (its upload state), which `params=` would drop.
+        url = str(httpx.URL(up.location).copy_add_param("digest", digest))
+        self._once(
+            "PUT",
+            url,
+            f"committing blob {digest}",
+            ok=lambda r: r.status_code in (201, 204),
+            headers={"Content-Length": "0"},
+        )
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Retry-After in seconds (delta-seconds or an HTTP date)."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    with contextlib.suppress(TypeError, ValueError):
+        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    return None
+
+
+def _error_body(resp: httpx.Response) -> tuple[str, str]:
+    """The first (code, message) of a distribution error body, or ("", "")."""
+    try:
+        errors = resp.json().get("errors") or []
+        first = errors[0]
+        return str(first.get("code", "")), str(first.get("message", ""))
+    except (ValueError, AttributeError, IndexError, TypeError, httpx.ResponseNotRead):
+        return "", ""
+
+
+def sniff_type(data: bytes) -> str | None:
+    """The media type of a manifest or an index, told by its content (None: neither)."""
+    try:
+        raw = d.load_json(data, "manifest")
+    except BadInputError:
+        return None
+    media_type = raw.get("mediaType")
+    if isinstance(media_type, str) and media_type in d.INDEX_TYPES | d.MANIFEST_TYPES:
+        return media_type
+    if isinstance(raw.get("manifests"), list):
+        return d.OCI_INDEX
+    if isinstance(raw.get("config"), dict) and isinstance(raw.get("layers"), list):
+        return d.OCI_MANIFEST
+    return None
