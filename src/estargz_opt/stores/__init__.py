@@ -168,6 +168,13 @@ def same_store(a: ImageRef, b: ImageRef) -> bool:
     return isinstance(a, ContainerdRef) and isinstance(b, ContainerdRef)
 
 
+def is_containerd(store: Store) -> bool:
+    """Whether the store is containerd (whose own runner can run its images)."""
+    from estargz_opt.stores.containerd.store import ContainerdStore
+
+    return isinstance(store, ContainerdStore)
+
+
 def pair(src: Store, dst: Store) -> None:
     """Tell the destination where the source lives, when it can take blobs from there
     without moving their bytes (a registry: mount from another repository of the same
