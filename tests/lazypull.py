@@ -28,6 +28,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -251,6 +252,23 @@ def build_snapshotter(cache: Path = CACHE) -> Path:
 # --------------------------------------------------------------------------- registry
 
 
+@dataclass(frozen=True)
+class RegistryConfig:
+    """What a test registry adds to the plain-HTTP default (tests/registries.py builds
+    these): TLS with a server certificate, and an ``auth:`` section."""
+
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    #: the CA that signed tls_cert, for the readiness probe
+    ca: Path | None = None
+    #: the body of the top-level ``auth:`` section, each line indented by two spaces
+    auth: str = ""
+    #: ``tls.clientcas``: the registry then requires a client certificate signed by it
+    client_ca: Path | None = None
+    #: the certificate and key the readiness probe presents to such a registry
+    probe_cert: tuple[Path, Path] | None = None
+
+
 @dataclass
 class Registry:
     """docker-registry serving on 127.0.0.1:<port>, storage under ``dir``."""
@@ -258,24 +276,35 @@ class Registry:
     dir: Path
     port: int
     proc: subprocess.Popen | None = field(default=None, repr=False)
+    config: RegistryConfig = field(default_factory=RegistryConfig)
 
     @property
     def host(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    @property
+    def scheme(self) -> str:
+        return "https" if self.config.tls_cert else "http"
+
     @classmethod
-    def start(cls, parent: Path | None = None) -> Registry:
+    def start(cls, parent: Path | None = None, config: RegistryConfig | None = None
+              ) -> Registry:
         if not REGISTRY_BIN.exists():
             raise Unavailable(f"{REGISTRY_BIN} is missing (apt-get install docker-registry)")
         d = _short_dir(parent, "reg.")
-        reg = cls(d, _free_port())
+        reg = cls(d, _free_port(), config=config or RegistryConfig())
         (d / "storage").mkdir()
+        tls = (f"  tls:\n    certificate: {reg.config.tls_cert}\n    key: {reg.config.tls_key}\n"
+               if reg.config.tls_cert else "")
+        if reg.config.client_ca is not None:
+            tls += f"    clientcas:\n      - {reg.config.client_ca}\n"
+        auth = f"auth:\n{reg.config.auth}" if reg.config.auth else ""
         (d / "config.yml").write_text(
             "version: 0.1\n"
             "log:\n  level: warn\n  accesslog:\n    disabled: true\n"
             f"storage:\n  filesystem:\n    rootdirectory: {d / 'storage'}\n"
             "  delete:\n    enabled: true\n"
-            f"http:\n  addr: 127.0.0.1:{reg.port}\n"
+            f"http:\n  addr: 127.0.0.1:{reg.port}\n{tls}{auth}"
         )
         log = d / "registry.log"
         try:
@@ -290,9 +319,18 @@ class Registry:
         return reg
 
     def _answers(self) -> bool:
+        """Any HTTP answer from /v2/ (a registry with auth answers 401)."""
+        ctx = None
+        if self.config.ca is not None:
+            ctx = ssl.create_default_context(cafile=str(self.config.ca))
+            if self.config.probe_cert is not None:
+                ctx.load_cert_chain(*self.config.probe_cert)
         try:
-            with urllib.request.urlopen(f"http://{self.host}/v2/", timeout=2) as r:
+            with urllib.request.urlopen(f"{self.scheme}://{self.host}/v2/", timeout=2,
+                                        context=ctx) as r:
                 return r.status == 200
+        except urllib.error.HTTPError as e:
+            return e.code == 401
         except (urllib.error.URLError, OSError):
             return False
 

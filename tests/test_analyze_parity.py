@@ -10,8 +10,9 @@ containerd (`optimize --period 3 --record-out`). Then:
   line per access; first access wins in ours, as in upstream since v0.18);
 - each converted layer puts the same prioritized files first, in the same order, before
   `.prefetch.landmark`, and layers without accessed files get the no-prefetch landmark;
-- the runners without containerd (runnerlib.DAEMONLESS: runc), on the same image given
-  as `oci:`, record the same lines and put the same files first.
+- the runners without containerd (runnerlib.DAEMONLESS: runc; and the rootless runner,
+  run by an unprivileged uid with no capabilities), on the same image given as `oci:`,
+  record the same lines and put the same files first.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from test_optimize_parity import (
     require_accesses,
 )
 from test_toc_parity import NO_LANDMARK, ctr_remote_run
+from unprivileged import make_unprivileged
 
 pytestmark = pytest.mark.interop
 
@@ -138,6 +140,24 @@ def test_recorded_files_and_order_match_ctr_remote(
         assert {(r["path"], r["layerIndex"]) for r in map(json.loads, lines)} == our_set, runner
         assert lines == our_lines, f"{runner}: not the containerd runner's record"
         daemonless[runner] = layout_prioritized(layout, "esgz")
+    # The rootless runner, run by an unprivileged uid with no capabilities (setpriv).
+    user = make_unprivileged()
+    try:
+        layout = user.home / "layout"
+        subprocess.run(["cp", "-a", str(image.layout), str(layout)], check=True)
+        user.give(layout)
+        record = user.home / "rootless.jsonl"
+        res = user.run("optimize", "--oci", "--period", "3", "--record-out", record,
+                       "--entrypoint", json.dumps(WORKLOAD), f"oci:{layout}:{image.tag}",
+                       f"oci:{layout}:esgz")
+        assert res.returncode == 0, res.stderr
+        assert "rootless run" in res.stderr, res.stderr
+        lines = record.read_text().splitlines()
+        assert {(r["path"], r["layerIndex"]) for r in map(json.loads, lines)} == our_set
+        assert lines == our_lines, "rootless: not the containerd runner's record"
+        daemonless["rootless"] = layout_prioritized(layout, "esgz")
+    finally:
+        user.remove()
 
     ref_tocs = reference_tocs(ctr_remote, containerd, "localhost/anaparity:ref", "estargz")
     our_tocs = _our_tocs(containerd, "localhost/anaparity:ours")

@@ -32,6 +32,8 @@ def loaded_by(module: str) -> list[str]:
         "estargz_opt.workload.sample",
         "estargz_opt.workload.unpack",
         "estargz_opt.workload.runc.runner",
+        "estargz_opt.workload.rootless.runner",
+        "estargz_opt.workload.rootless.monitor",
         "estargz_opt.prioritize.record",
         "estargz_opt.prioritize.prefetch",
     ],

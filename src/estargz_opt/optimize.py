@@ -102,6 +102,11 @@ class OptimizeRequest:
             raise UsageError("--estargz-external-toc cannot be combined with --reuse")
         if self.no_optimize and any(p.kind is ProfileKind.PREFETCH_LIST for p in self.profiles):
             raise UsageError("--prefetch-list cannot be combined with --no-optimize")
+        if isinstance(dst, reference.DockerArchiveRef):
+            raise UsageError(
+                f"{dst}: docker-archive: images are read only; write oci-archive:PATH[:TAG] "
+                "or oci:DIR[:TAG]"
+            )
         if self.runs_workload and self.sampler is not None:
             check_runner(src, self.sampler)
         if isinstance(dst, reference.RegistryRef) and dst.digest:

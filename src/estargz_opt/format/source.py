@@ -19,9 +19,8 @@ from estargz_opt.errors import BadInputError
 from estargz_opt.format.codec import PIECE, Stream, TruncatedError, decode_all
 from estargz_opt.format.estargz import GzipStream
 from estargz_opt.format.zstdchunked import SOURCE_WINDOW_LOG_MAX, ZstdStream
+from estargz_opt.magic import ZSTD_MAGIC, sniff
 
-GZIP_MAGIC = b"\x1f\x8b\x08"
-ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _COPY = 1 << 20
 
 
@@ -32,14 +31,6 @@ class TarSource:
     f: BinaryIO
     size: int
     compression: str  # "gzip", "zstd" or "none": what the input was
-
-
-def sniff(head: bytes) -> str:
-    if head.startswith(GZIP_MAGIC):
-        return "gzip"
-    if head.startswith(ZSTD_MAGIC):
-        return "zstd"
-    return "none"
 
 
 @contextlib.contextmanager

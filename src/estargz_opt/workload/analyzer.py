@@ -22,6 +22,7 @@ from estargz_opt.prioritize.record import RecordEntry, Recorder
 from estargz_opt.stores import Store, as_containerd, is_containerd
 from estargz_opt.workload.containerd.runner import ContainerdRunner
 from estargz_opt.workload.options import SamplerOptions
+from estargz_opt.workload.rootless.checks import is_real_root
 from estargz_opt.workload.runc.runner import RuncRunner
 from estargz_opt.workload.runner import Runner, SampleImage
 from estargz_opt.workload.sample import SampleRequest, SampleResult, Tick, run_sample
@@ -70,13 +71,21 @@ def analyze(
 
 
 def runner_for(store: Store, opts: SamplerOptions) -> Runner:
-    """The runner `--runner` names; by default containerd's own for an image in
-    containerd, and runc directly for any other store (a layout, an archive, a registry).
+    """The runner `--runner` names. By default: the rootless runner for anyone but root
+    (in the initial user namespace), whatever the source; for root, containerd's own for
+    an image in containerd, and runc directly for any other store (a layout, an archive,
+    a registry).
 
-    `--runner containerd` needs the image in containerd; `--runner runc` takes an image
-    from any store, containerd's included (its blobs are streamed from containerd).
+    `--runner containerd` needs the image in containerd; `--runner runc` and
+    `--runner rootless` take an image from any store, containerd's included (its blobs
+    are streamed from containerd).
     """
-    name = opts.runner or ("containerd" if is_containerd(store) else "runc")
+    default = "containerd" if is_containerd(store) else "runc"
+    name = opts.runner or (default if is_real_root() else "rootless")
+    if name == "rootless":
+        from estargz_opt.workload.rootless.runner import RootlessRunner
+
+        return RootlessRunner(store, opts, opts.runtime)
     if name == "containerd":
         return ContainerdRunner(
             as_containerd(store, "--runner containerd (the containerd runner)"), opts.runtime

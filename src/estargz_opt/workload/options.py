@@ -15,9 +15,10 @@ from typing import Any
 from estargz_opt.errors import BadInputError
 
 DEFAULT_PERIOD = 10
-#: --runner values; "" (the default) picks by where the image is (see analyzer.runner_for)
-RUNNERS: tuple[str, ...] = ("containerd", "runc")
-#: --runtime's default: the OCI runtime both runners run (containerd's through its shim)
+#: --runner values; "" (the default) picks by where the image is and who we are (see
+#: analyzer.runner_for)
+RUNNERS: tuple[str, ...] = ("containerd", "runc", "rootless")
+#: --runtime's default: the OCI runtime every runner runs (containerd's through its shim)
 DEFAULT_RUNTIME = "runc"
 
 

@@ -11,9 +11,11 @@ A runner does three things for `sample.run_sample`:
 
 Everything else is shared by all runners and lives outside them: the spec steps, the
 monitor, the stdio, the end conditions (exit, --wait-on-line, --wait-on-signal,
---period) and the recorder. The runners are `containerd.runner.ContainerdRunner` and
-`runc.runner.RuncRunner` (no containerd); a rootless one goes beside them as
-`workload/<name>/runner.py`, and `analyzer.runner_for` picks one.
+--period) and the recorder; each runner starts the file-access monitor (`Runner.monitor`:
+the privileged `monitor.Monitor`, or the rootless runner's own). The runners are
+`containerd.runner.ContainerdRunner`, `runc.runner.RuncRunner` (no containerd) and
+`rootless.runner.RootlessRunner` (a RuncRunner inside a user namespace, no privilege);
+`analyzer.runner_for` picks one.
 It imports only the standard library, `descriptor`, `errors`, `mount` and the spec type.
 """
 
@@ -112,6 +114,24 @@ class Task(Protocol):
         ...
 
 
+class FileMonitor(Protocol):
+    """The file-access monitor whose mount namespace the container joins (`monitor.Monitor`
+    for runners that run as root; the rootless runner brings its own)."""
+
+    paths: list[str]
+    overflows: int
+
+    @property
+    def ns_path(self) -> str: ...
+
+    @property
+    def rootfs_view(self) -> str: ...
+
+    def begin(self) -> None: ...
+
+    def stop(self) -> list[str]: ...
+
+
 class Runner(Protocol):
     """One way of running the sample container (see the module docstring)."""
 
@@ -132,6 +152,13 @@ class Runner(Protocol):
 
     def rootfs(self, run: RunDir, image: SampleImage) -> AbstractContextManager[list[Mount]]:
         """Make the image's root filesystem; the mounts that put it on `run.rootfs`."""
+        ...
+
+    def monitor(
+        self, run: RunDir, image: SampleImage, mounts: list[Mount], log_path: str
+    ) -> AbstractContextManager[FileMonitor]:
+        """Start the file-access monitor that mounts `mounts` on `run.rootfs` in its own
+        mount namespace (the privileged `monitor.Monitor`, unless the runner needs another)."""
         ...
 
     def container(

@@ -33,11 +33,11 @@ from typing import BinaryIO
 
 from estargz_opt.stores.owner import is_dead, this_process
 from estargz_opt.workload import network
-from estargz_opt.workload.monitor import Monitor
 from estargz_opt.workload.options import SamplerOptions
 from estargz_opt.workload.runner import (
     KILL_WAIT,
     SAMPLE_PREFIX,
+    FileMonitor,
     RunDir,
     Runner,
     RunnerError,
@@ -109,7 +109,7 @@ def run_sample(req: SampleRequest) -> SampleResult:
 
         mounts = stack.enter_context(runner.rootfs(run, image))
         log_path = os.path.join(run.path, "monitor.log")
-        monitor = stack.enter_context(Monitor(mounts, run.rootfs, log_path))
+        monitor = stack.enter_context(runner.monitor(run, image, mounts, log_path))
 
         etc_dir = None
         if not opts.net_host:
@@ -192,7 +192,7 @@ def _wait(
     task: Task,
     opts: SamplerOptions,
     stdio: Stdio,
-    monitor: Monitor,
+    monitor: FileMonitor,
     on_tick: Tick | None,
 ) -> SampleResult:
     result = SampleResult()

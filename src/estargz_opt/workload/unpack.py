@@ -63,11 +63,24 @@ class UnpackError(BadInputError):
     """A layer could not be applied (its tar is bad, or it asks for the impossible)."""
 
 
+class UnmappedOwnerError(UnpackError):
+    """An entry is owned by an id the caller cannot give files (see UnpackOptions.ids)."""
+
+    def __init__(self, name: str, uid: int, gid: int) -> None:
+        super().__init__(f"{name} is owned by uid {uid} gid {gid}")
+        self.name, self.uid, self.gid = name, uid, gid
+
+
 @dataclass(frozen=True, slots=True)
 class UnpackOptions:
-    """What the caller may do. privileged: mknod, chown to any id, trusted.* xattrs."""
+    """What the caller may do. privileged: mknod, chown to any id, trusted.* xattrs.
+
+    ids: the caller can own files only as ids 0..ids-1 (a user namespace's map); an
+    entry owned by another is an UnmappedOwnerError instead of an owner left as it
+    comes out, so that a rootless run does not give the workload wrong owners."""
 
     privileged: bool = True
+    ids: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -288,6 +301,8 @@ class _Tree:
             plain.drain()
         except OSError as exc:
             raise UnpackError(f"cannot apply layer {layer.name}: {exc}") from None
+        except UnmappedOwnerError:
+            raise
         except UnpackError as exc:
             raise UnpackError(f"cannot apply layer {layer.name}: {exc}") from None
         stats.plain_bytes += plain.pos
@@ -438,6 +453,9 @@ class _Tree:
     def _chown(
         self, e: tarfmt.TarEntry, *, fd: int | None = None, base: str = "", pfd: int = -1
     ) -> None:
+        ids = self._opts.ids
+        if ids is not None and (e.uid >= ids or e.gid >= ids):
+            raise UnmappedOwnerError(tarfmt.clean_name(e.name), e.uid, e.gid)
         try:
             if fd is not None:
                 os.fchown(fd, e.uid, e.gid)

@@ -20,6 +20,9 @@ class RegistryOptions:
     authfile: Path | None = None
     #: --src-creds / --dest-creds USER[:PASS]; overrides every auth file
     creds: str | None = field(default=None, repr=False)
+    #: the flag that set `creds` (--creds, --src-creds or --dest-creds), so that an
+    #: error about them names exactly what the user typed
+    creds_flag: str = "--creds"
     #: --src-no-creds: access the registry anonymously
     no_creds: bool = False
     #: --src-tls-verify / --dest-tls-verify; false also allows plain HTTP

@@ -1,21 +1,36 @@
 """One HTTP session per registry host: scheme, TLS and authentication.
 
-`open_session` is the only entry point the client uses. Authentication is an
-`httpx.Auth` flow that derives the token scope from each request (repository from the
-`/v2/<name>/...` path, pull for GET/HEAD, pull+push otherwise, plus pull on the `from=`
-repository of a mount), so the client never handles a 401 itself.
+`open_session` is the only entry point the client uses. It builds the TLS context
+(`tls.py`), the authentication flow (`auth.py`, credentials from `credentials.py`) and
+then pings `GET /v2/` once: that decides the scheme (HTTPS; plain HTTP only when TLS
+verification is off and the registry does not speak TLS, skopeo's meaning of
+`--*-tls-verify=false`) and teaches the auth flow the registry's challenge, so that every
+later request, streamed uploads included, is authorized before it is sent. Callers never
+see a 401: a refusal is a `RegistryAccessError`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import errno
+import socket
+import ssl
+from dataclasses import dataclass, field
 
 import httpx
 
+from estargz_opt.stores.registry import credentials
+from estargz_opt.stores.registry.access import RegistryAccessError
+from estargz_opt.stores.registry.auth import RegistryAuth
 from estargz_opt.stores.registry.options import RegistryOptions
+from estargz_opt.stores.registry.tls import TlsConfig, tls_config
 
 #: Per-request timeouts: connecting is quick or it fails; reads wait for a slow registry.
 TIMEOUT = httpx.Timeout(30.0, connect=10.0)
+#: The TLS alerts (OpenSSL's reason names) a server sends when it requires a client
+#: certificate it did not get, or does not accept the one it got.
+CLIENT_CERT_ALERTS = ("BAD_CERTIFICATE", "CERTIFICATE_REQUIRED", "UNKNOWN_CA",
+                      "CERTIFICATE_UNKNOWN", "UNSUPPORTED_CERTIFICATE",
+                      "CERTIFICATE_EXPIRED", "CERTIFICATE_REVOKED", "ACCESS_DENIED")
 
 
 @dataclass(slots=True)
@@ -26,19 +41,121 @@ class Session:
     #: "https://HOST" or, with TLS verification off and no TLS answer, "http://HOST"
     base_url: str
     client: httpx.Client
-    #: where the credentials came from, for error messages ("none" when anonymous)
+    #: where the host-wide credentials came from, for error messages ("none" when
+    #: anonymous); `auth.credential_source(repo)` also sees namespaced auth-file keys
     credential_source: str
+    auth: RegistryAuth | None = field(default=None, repr=False)
+    tls: TlsConfig | None = field(default=None, repr=False)
 
     def close(self) -> None:
         self.client.close()
 
 
 def open_session(host: str, opts: RegistryOptions) -> Session:
-    """A session to `host` (HOST[:PORT]); plain HTTP only when TLS verification is off.
+    """A session to `host` (HOST[:PORT]); plain HTTP only when TLS verification is off."""
+    tls = tls_config(host, opts)
+    auth = RegistryAuth(host, lambda repo: credentials.lookup(host, repo, opts))
+    source = auth.credential_source(None)
+    client = httpx.Client(timeout=TIMEOUT, verify=tls.context, auth=auth,
+                          follow_redirects=True)
+    try:
+        base_url = _ping(client, host, tls, opts)
+    except BaseException:
+        client.close()
+        raise
+    return Session(host, base_url, client, source, auth, tls)
 
-    Placeholder until the auth/TLS work lands: anonymous, system roots, and with
-    tls_verify off plain HTTP for loopback registries.
-    """
-    scheme = "https" if opts.tls_verify else "http"
-    client = httpx.Client(timeout=TIMEOUT, verify=opts.tls_verify, follow_redirects=True)
-    return Session(host, f"{scheme}://{host}", client, "none")
+
+def _ping(client: httpx.Client, host: str, tls: TlsConfig, opts: RegistryOptions) -> str:
+    """The base URL that answers `GET /v2/` (any HTTP status will do: a 401 is the
+    challenge the auth flow remembers)."""
+    try:
+        client.get(f"https://{host}/v2/").close()
+        return f"https://{host}"
+    except httpx.TransportError as e:
+        https_error = e
+    # A TLS alert proves the server speaks TLS: plain HTTP would only hide the reason.
+    if not opts.tls_verify and not _refused_or_unresolved(https_error) and \
+            _server_alert(https_error) is None:
+        try:
+            client.get(f"http://{host}/v2/").close()
+            return f"http://{host}"
+        except httpx.TransportError:
+            pass
+    raise describe_transport_error(host, https_error, tls) from None
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    chain: list[BaseException] = []
+    cur: BaseException | None = exc
+    while cur is not None and cur not in chain:
+        chain.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    return chain
+
+
+def _server_alert(exc: BaseException) -> str | None:
+    """The TLS alert the server sent, as OpenSSL names it ("BAD_CERTIFICATE"), if any."""
+    for c in _causes(exc):
+        reason = getattr(c, "reason", None) if isinstance(c, ssl.SSLError) else None
+        if isinstance(reason, str) and "_ALERT_" in reason:
+            return reason.split("_ALERT_", 1)[1]
+    return None
+
+
+def _client_cert_error(host: str, alert: str, tls: TlsConfig | None) -> RegistryAccessError:
+    said = alert.lower().replace("_", " ")
+    where = tls.suggested_dir if tls is not None else f"certs.d/{host}"
+    if tls is None or tls.client_cert is None:
+        return RegistryAccessError(
+            f"registry {host}: TLS: the registry requires a client certificate and none was "
+            f"presented (TLS alert: {said}); put one as a NAME.cert + NAME.key pair in "
+            f"{where} (or pass --src-cert-dir/--dest-cert-dir)")
+    return RegistryAccessError(
+        f"registry {host}: TLS: the registry refused the client certificate "
+        f"{tls.client_cert} (TLS alert: {said}); it must be signed by a CA the registry "
+        "trusts for clients (its tls.clientcas) and be valid now")
+
+
+def _refused_or_unresolved(exc: BaseException) -> bool:
+    return any(isinstance(c, socket.gaierror | ConnectionRefusedError) for c in _causes(exc))
+
+
+def describe_transport_error(host: str, exc: BaseException,
+                             tls: TlsConfig | None = None) -> RegistryAccessError:
+    """One line for a registry that cannot be reached: DNS, refused, TLS or other."""
+    chain = _causes(exc)
+    text = " ".join(str(c) for c in chain)
+    verify = next((c for c in chain if isinstance(c, ssl.SSLCertVerificationError)), None)
+    if verify is not None or "CERTIFICATE_VERIFY_FAILED" in text:
+        reason = getattr(verify, "verify_message", None) or "certificate verify failed"
+        where = tls.suggested_dir if tls is not None else f"certs.d/{host}"
+        return RegistryAccessError(
+            f"registry {host}: TLS certificate verification failed ({reason}); put the "
+            f"registry's CA certificate as a *.crt file in {where} (or pass "
+            "--src-cert-dir/--dest-cert-dir), or use --src-tls-verify=false/"
+            "--dest-tls-verify=false")
+    alert = _server_alert(exc)
+    if alert is not None and alert in CLIENT_CERT_ALERTS:
+        return _client_cert_error(host, alert, tls)
+    if any(isinstance(c, socket.gaierror) for c in chain) or \
+            "Name or service not known" in text or "nodename nor servname" in text:
+        name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+        return RegistryAccessError(f"registry {host}: cannot resolve the host name {name} "
+                                   "(DNS)")
+    if any(isinstance(c, ConnectionRefusedError) for c in chain) or \
+            f"[Errno {errno.ECONNREFUSED}]" in text:
+        return RegistryAccessError(f"registry {host}: connection refused (is a registry "
+                                   "listening there?)")
+    ssl_error = next((c for c in chain if isinstance(c, ssl.SSLError)), None)
+    if ssl_error is not None:
+        # OpenSSL's name for an answer that is no TLS record: a plain-HTTP server.
+        plain = ssl_error.reason == "WRONG_VERSION_NUMBER"
+        return RegistryAccessError(
+            f"registry {host}: TLS: "
+            f"{'the registry does not speak TLS' if plain else 'the handshake failed'} "
+            f"({chain[-1]}); for a plain-HTTP registry use --tls-verify=false "
+            "(--src-tls-verify=false/--dest-tls-verify=false with optimize)")
+    if isinstance(exc, httpx.TimeoutException):
+        return RegistryAccessError(f"registry {host}: no answer in time ({type(exc).__name__})")
+    return RegistryAccessError(f"registry {host}: cannot connect ({exc or type(exc).__name__})")

@@ -27,6 +27,7 @@ from estargz_opt.stores.containerd.store import ContainerdStore
 from estargz_opt.stores.containerd.transport import socket_path
 from estargz_opt.stores.owner import OWNER_LABEL, is_dead, this_process
 from estargz_opt.workload.containerd.unpack import unpack
+from estargz_opt.workload.monitor import Monitor
 from estargz_opt.workload.options import DEFAULT_RUNTIME
 from estargz_opt.workload.runner import (
     KILL_WAIT,
@@ -104,6 +105,12 @@ class ContainerdRunner:
                 yield mounts
             finally:
                 quietly("remove snapshot", snapshots.remove, run.id, missing_ok=True)
+
+    def monitor(
+        self, run: RunDir, image: SampleImage, mounts: list[Mount], log_path: str
+    ) -> Monitor:
+        """The privileged monitor, which mounts the snapshot in its namespace."""
+        return Monitor(mounts, run.rootfs, log_path)
 
     @contextlib.contextmanager
     def container(

@@ -39,6 +39,7 @@ import termios
 import threading
 import time
 from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,11 +47,13 @@ from estargz_opt.descriptor import Descriptor
 from estargz_opt.mount import Mount
 from estargz_opt.stores import Store
 from estargz_opt.stores.owner import is_dead, this_process
+from estargz_opt.workload.monitor import Monitor
 from estargz_opt.workload.options import DEFAULT_RUNTIME
 from estargz_opt.workload.runc.layers import UnpackedLayers
 from estargz_opt.workload.runner import (
     KILL_WAIT,
     SAMPLE_PREFIX,
+    FileMonitor,
     RunDir,
     RunnerError,
     SampleError,
@@ -80,13 +83,18 @@ _MAX_LOWERDIR = 3000
 
 @dataclass(frozen=True, slots=True)
 class RuntimeCLI:
-    """One OCI runtime with runc's command line, on one private state root."""
+    """One OCI runtime with runc's command line, on one private state root.
+
+    prefix: what runs the runtime (the rootless runner's `nsenter --user=…`); flags: the
+    runtime's own global flags after --root."""
 
     binary: str
     root: str
+    prefix: tuple[str, ...] = ()
+    flags: tuple[str, ...] = ()
 
     def argv(self, *args: str) -> list[str]:
-        return [self.binary, "--root", self.root, *args]
+        return [*self.prefix, self.binary, "--root", self.root, *self.flags, *args]
 
     def run(
         self, *args: str, timeout: float = _COMMAND_TIMEOUT
@@ -170,6 +178,11 @@ class RuncRunner:
     def _cli(self) -> RuntimeCLI:
         return RuntimeCLI(find_runtime(self._runtime), self._state_root)
 
+    def runtime_cli(self, run: RunDir) -> RuntimeCLI:
+        """How the runtime is run for the container of `run` (a subclass may run it
+        elsewhere, e.g. in a user namespace)."""
+        return self._cli()
+
     def reap_stale(self) -> None:
         """Kill and delete the sample containers of dead runs (by their owner annotation;
         a live run's are left alone)."""
@@ -234,12 +247,18 @@ class RuncRunner:
             log.debug("rootfs of %d layers ready in %.1fs", len(layers), time.monotonic() - started)
             yield mounts
 
+    def monitor(
+        self, run: RunDir, image: SampleImage, mounts: list[Mount], log_path: str
+    ) -> AbstractContextManager[FileMonitor]:
+        """The privileged monitor, which binds the tree in its namespace."""
+        return Monitor(mounts, run.rootfs, log_path)
+
     @contextlib.contextmanager
     def container(
         self, run: RunDir, image: SampleImage, spec: Spec, stdio: StdioPaths
     ) -> Iterator[RuncTask]:
         """The container `run.id`, created (its init waits for `start`)."""
-        cli = self._cli()
+        cli = self.runtime_cli(run)
         os.makedirs(cli.root, 0o700, exist_ok=True)
         bundle = os.path.join(run.path, "bundle")
         os.mkdir(bundle, 0o700)
@@ -261,17 +280,7 @@ class RuncRunner:
             log_path = os.path.join(run.path, "runtime.log")
             try:
                 res = subprocess.run(
-                    [
-                        cli.binary,
-                        "--root",
-                        cli.root,
-                        "--log",
-                        log_path,
-                        "--log-format",
-                        "json",
-                        *args,
-                        run.id,
-                    ],
+                    cli.argv("--log", log_path, "--log-format", "json", *args, run.id),
                     stdin=fds[0],
                     stdout=fds[1],
                     stderr=fds[2],
