@@ -72,9 +72,24 @@ class Env:
         return ref
 
     def blob_writes(self) -> list[dict]:
-        """Logged requests that send blob data or open an upload."""
+        """Logged requests that send blob data, mount a blob or open an upload, but for
+        the destination's push check (`push_checks`), which sends no byte."""
+        checks = self.push_checks()
         return [r for r in self.proxy.requests()
-                if "/blobs/uploads/" in r["path"] and r["method"] in ("POST", "PATCH", "PUT")]
+                if "/blobs/uploads/" in r["path"] and r["method"] in ("POST", "PATCH", "PUT")
+                and r not in checks]
+
+    def push_checks(self) -> list[dict]:
+        """Upload sessions opened (a bare POST) and cancelled (a DELETE of it) with no
+        byte sent in between: the push check a registry destination makes on entry."""
+        reqs = self.proxy.requests()
+        out = []
+        for i, r in enumerate(reqs):
+            if r["method"] == "POST" and r["path"].endswith("/blobs/uploads/") and \
+                    i + 1 < len(reqs) and reqs[i + 1]["method"] == "DELETE" and \
+                    "/blobs/uploads/" in reqs[i + 1]["path"]:
+                out += [r, reqs[i + 1]]
+        return out
 
 
 @pytest.fixture(scope="module")
@@ -214,6 +229,9 @@ def test_rerun_uploads_nothing_and_another_repository_is_a_mount(env: Env) -> No
     report = json.loads(res.stdout)
     assert [x["cache"] for x in report["layers"]] == ["hit"] * 3, report
     assert env.blob_writes() == [], env.blob_writes()
+    # the one upload session the run opened was the push check's, cancelled at once
+    assert [(r["method"], r["status"]) for r in env.push_checks()] == \
+        [("POST", 202), ("DELETE", 204)], env.proxy.requests()
     # The same with no cache: converted again, still nothing uploaded.
     env.proxy.clear()
     estargz_opt("optimize", "--oci", "--no-optimize", "--no-cache", *PLAIN, src, dst)

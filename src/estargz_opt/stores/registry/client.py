@@ -372,6 +372,20 @@ class Client:
             self.cancel(Upload(self._absolute(location)))
         return False
 
+    def check_push(self) -> None:
+        """Fail now, before any layer is converted, if this repository refuses our pushes:
+        opening an upload session makes the auth flow obtain push access (a refusal is
+        its one line), and the session is cancelled at once, so nothing is left open."""
+        resp = self._send(
+            "POST",
+            self.url("blobs/uploads/"),
+            "checking that we may push",
+            ok=lambda r: r.status_code == 202,
+        )
+        location = resp.headers.get("Location")
+        if location:
+            self.cancel(Upload(self._absolute(location)))
+
     def start_upload(self) -> Upload:
         resp = self._once(
             "POST",
