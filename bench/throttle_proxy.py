@@ -9,11 +9,14 @@ This kernel has no netem, so the link is emulated in user space, at the HTTP lev
   handshake).
 * **Bandwidth**: response bodies leave through one shared token bucket of
   ``--mbit`` Mbit/s (all connections share the link, as on a real one), in
-  64 KiB slices. Request bodies (pushes) are not throttled.
+  64 KiB slices. Request bodies (pushes) are not throttled unless
+  ``--throttle-uploads``: then they pass the same bucket as they are read, so a
+  push and a pull share the link's bandwidth.
 
 Each request is logged as one JSON line (``--log FILE``): ``t0``/``t1`` (wall clock,
 seconds), ``method``, ``path``, ``range`` (the Range header or null), ``status``,
-``bytes`` (response body bytes sent) and ``conn`` (client connection number). The
+``bytes`` (response body bytes sent), ``req_bytes`` (request body bytes received) and
+``conn`` (client connection number). The
 end-to-end tests use the log, with ``--rtt-ms 0 --mbit 0`` (no throttling), to
 tell prefetches from on-demand reads.
 
@@ -24,7 +27,8 @@ requests whose path contains ``/blobs/`` with ``429 Too Many Requests`` and
 some proxies in front of registries do (logged with status 413).
 
 Usage: throttle_proxy.py --upstream HOST:PORT [--listen HOST:PORT] [--rtt-ms 20]
-       [--mbit 100] [--log FILE] [--too-many N [--retry-after S]] [--max-body BYTES]
+       [--mbit 100] [--throttle-uploads] [--log FILE] [--too-many N [--retry-after S]]
+       [--max-body BYTES]
 Prints ``listening on HOST:PORT`` on stdout once it accepts connections; SIGTERM or
 SIGINT stop it.
 """
@@ -93,11 +97,12 @@ class Proxy(socketserver.ThreadingMixIn, http.server.HTTPServer):
 
     def __init__(self, listen: tuple[str, int], upstream: tuple[str, int], rtt_s: float,
                  link: Link, reqlog: RequestLog, too_many: int = 0, retry_after: int = 1,
-                 max_body: int = 0):
+                 max_body: int = 0, throttle_uploads: bool = False):
         super().__init__(listen, Handler)
         self.upstream = upstream
         self.rtt_s = rtt_s
         self.link = link
+        self.throttle_uploads = throttle_uploads
         self.reqlog = reqlog
         self.conns = itertools.count(1)
         self.too_many = too_many
@@ -135,6 +140,19 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def log_message(self, format: str, *args) -> None:
         pass  # the JSON log says it all
 
+    def _read(self, n: int) -> bytes:
+        """n bytes of the request body, through the link with --throttle-uploads."""
+        parts = []
+        while n > 0:
+            data = self.rfile.read(min(n, SLICE))
+            if not data:
+                break
+            if self.server.throttle_uploads:
+                self.server.link.send(len(data))
+            parts.append(data)
+            n -= len(data)
+        return b"".join(parts)
+
     def _read_body(self) -> bytes | None:
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
             parts = []
@@ -144,11 +162,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
                     while self.rfile.readline() not in (b"\r\n", b"\n", b""):
                         pass
                     break
-                parts.append(self.rfile.read(size))
+                parts.append(self._read(size))
                 self.rfile.readline()
             return b"".join(parts)
         n = int(self.headers.get("Content-Length") or 0)
-        return self.rfile.read(n) if n else None
+        return self._read(n) if n else None
 
     def _forward(self) -> None:
         t0 = time.time()
@@ -162,6 +180,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if k.lower() not in HOP_BY_HOP:
                 headers[k] = f"{headers[k]}, {v}" if k in headers else v
         status, sent = 502, 0
+        received = len(body or b"")
         too_big = bool(self.server.max_body and body and len(body) > self.server.max_body)
         if too_big or self.server.take_fault(self.path):
             status = 413 if too_big else 429
@@ -174,7 +193,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.server.reqlog.write({
                 "t0": round(t0, 6), "t1": round(time.time(), 6), "method": self.command,
                 "path": self.path, "range": self.headers.get("Range"), "status": status,
-                "bytes": 0, "conn": self.conn_no})
+                "bytes": 0, "req_bytes": received, "conn": self.conn_no})
             return
         try:
             idempotent = self.command in ("GET", "HEAD")
@@ -235,7 +254,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.server.reqlog.write({
                 "t0": round(t0, 6), "t1": round(time.time(), 6), "method": self.command,
                 "path": self.path, "range": self.headers.get("Range"), "status": status,
-                "bytes": sent, "conn": self.conn_no})
+                "bytes": sent, "req_bytes": received, "conn": self.conn_no})
 
     do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = _forward
 
@@ -252,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="HOST:PORT to listen on (port 0: any free port)")
     ap.add_argument("--rtt-ms", type=float, default=20.0, help="round trip per request (ms)")
     ap.add_argument("--mbit", type=float, default=100.0, help="link bandwidth, 0 = unlimited")
+    ap.add_argument("--throttle-uploads", action="store_true",
+                    help="request bodies (pushes) share the link's bandwidth too")
     ap.add_argument("--log", help="append one JSON line per request to this file")
     ap.add_argument("--too-many", type=int, default=0,
                     help="answer the first N blob requests with 429 (fault injection)")
@@ -263,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
 
     reqlog = RequestLog(args.log)
     server = Proxy(args.listen, args.upstream, args.rtt_ms / 1000, Link(args.mbit), reqlog,
-                   args.too_many, args.retry_after, args.max_body)
+                   args.too_many, args.retry_after, args.max_body, args.throttle_uploads)
 
     def stop(signum: int, _frame: object) -> None:
         threading.Thread(target=server.shutdown, daemon=True).start()

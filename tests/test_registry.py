@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import analyzeimages as ai
 import imagefactory as F
 import lazypull
 import pytest
@@ -314,13 +315,22 @@ def test_bad_references_exit_2() -> None:
             assert len(lines) == 1 and "invalid image reference" in lines[0], (args, lines)
 
 
-def test_analyze_names_the_alternatives(tmp_path: Path) -> None:
-    res = estargz_opt("analyze", "--record-out", str(tmp_path / "r.jsonl"),
-                      "docker://reg.example/app:1", check=False)
-    assert res.returncode == 2, res
-    line = res.stderr.strip()
-    assert "containerd" in line and "--no-optimize" in line, line
-    assert not (tmp_path / "r.jsonl").exists()
+def test_analyze_runs_a_registry_image(env: Env, busybox_layer: Path, tmp_path: Path) -> None:
+    """A docker:// source's workload runs without containerd (the runc runner, as root:
+    issue 14), its layers streamed from the registry, and the record names its files."""
+    layout = tmp_path / "layout"
+    app = ai.layer([ai.script("app/run.sh", "cat /app/data.txt\necho reg-done\n"),
+                    ai.file("app/data.txt", "from the registry\n")])
+    F.write_layout(layout, "1", [busybox_layer.read_bytes(), app],
+                   ai.config(["/bin/sh", "/app/run.sh"]))
+    ref = f"docker://{env.host}/workload:1"
+    skopeo("copy", "--dest-tls-verify=false", f"oci:{layout}:1", ref)
+    record = tmp_path / "r.jsonl"
+    res = estargz_opt("analyze", "--tls-verify=false", "--period", "10", "--record-out",
+                      str(record), ref)
+    assert "reg-done" in res.stderr and "from the registry" in res.stderr, res.stderr
+    got = {(r["path"], r["layerIndex"]) for r in map(json.loads, record.read_text().split())}
+    assert {("app/run.sh", 1), ("app/data.txt", 1), ("bin/busybox", 0)} <= got, got
 
 
 def test_corrupt_blob_is_fetched_twice_then_named(env: Env) -> None:

@@ -26,6 +26,7 @@ DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
 DOCKER_LAYER = "application/vnd.docker.image.rootfs.diff.tar"
 DOCKER_LAYER_GZIP = DOCKER_LAYER + ".gzip"
+DOCKER_LAYER_ZSTD = DOCKER_LAYER + ".zstd"  # containerd's name; docker has no zstd type
 DOCKER_FOREIGN = "application/vnd.docker.image.rootfs.foreign.diff.tar"
 DOCKER_FOREIGN_GZIP = DOCKER_FOREIGN + ".gzip"
 
@@ -43,7 +44,7 @@ LAYER_TYPES = frozenset(
         DOCKER_LAYER_GZIP,
         DOCKER_FOREIGN,
         DOCKER_FOREIGN_GZIP,
-        "application/vnd.docker.image.rootfs.diff.tar.zstd",
+        DOCKER_LAYER_ZSTD,
     }
 )
 DOCKER_TO_OCI = {
@@ -52,6 +53,7 @@ DOCKER_TO_OCI = {
     DOCKER_CONFIG: OCI_CONFIG,
     DOCKER_LAYER_GZIP: OCI_LAYER_GZIP,
     DOCKER_LAYER: OCI_LAYER,
+    DOCKER_LAYER_ZSTD: OCI_LAYER_ZSTD,
     DOCKER_FOREIGN_GZIP: OCI_FOREIGN + "+gzip",
     DOCKER_FOREIGN: OCI_FOREIGN,
 }

@@ -1,4 +1,5 @@
-"""Image references on the command line: `oci:DIR[:TAG]`, `docker://…` (a registry), and
+"""Image references on the command line, as skopeo spells them: `oci:DIR[:TAG]`,
+`docker://…` (a registry), `oci-archive:PATH[:TAG]`, `docker-archive:PATH[:NAME:TAG]`, and
 otherwise a containerd image name."""
 
 from __future__ import annotations
@@ -123,7 +124,42 @@ class RegistryRef:
         return cls(registry, repository, None if at else tag or DEFAULT_TAG, digest or None)
 
 
-ImageRef = OCIRef | ContainerdRef | RegistryRef
+# ---------------------------------------------------------------- archives
+
+
+@dataclass(frozen=True, slots=True)
+class OCIArchiveRef:
+    """An image in a tar of an OCI image layout, optionally by tag (skopeo's `oci-archive:`)."""
+
+    path: Path
+    tag: str | None
+
+    def __str__(self) -> str:
+        return f"oci-archive:{self.path}" + (f":{self.tag}" if self.tag else "")
+
+    def with_tag(self, tag: str) -> OCIArchiveRef:
+        return OCIArchiveRef(self.path, tag)
+
+
+@dataclass(frozen=True, slots=True)
+class DockerArchiveRef:
+    """An image in what `docker save` writes (skopeo's `docker-archive:`), read only.
+
+    `tag` is a normalized docker name (`docker.io/library/app:1`) matched against the
+    archive's RepoTags, `@N` for its Nth image, or None for its only image.
+    """
+
+    path: Path
+    tag: str | None
+
+    def __str__(self) -> str:
+        return f"docker-archive:{self.path}" + (f":{self.tag}" if self.tag else "")
+
+    def with_tag(self, tag: str) -> DockerArchiveRef:
+        return DockerArchiveRef(self.path, tag)
+
+
+ImageRef = OCIRef | ContainerdRef | RegistryRef | OCIArchiveRef | DockerArchiveRef
 
 
 def parse(text: str) -> ImageRef:
@@ -131,10 +167,13 @@ def parse(text: str) -> ImageRef:
     `TRANSPORT://` is an error (exit 2); anything else names an image in containerd."""
     if text.startswith(DOCKER_PREFIX):
         return RegistryRef.parse(text)
+    archive = _parse_archive(text)
+    if archive is not None:
+        return archive
     if (m := _TRANSPORT.match(text)) is not None:
         raise UsageError(
             f"invalid image reference {text!r}: unknown transport {m.group()!r} "
-            "(use docker://, oci: or a containerd image name)"
+            "(use docker://, oci:, oci-archive:, docker-archive: or a containerd image name)"
         )
     if not text.startswith("oci:"):
         if not text or any(c.isspace() for c in text):
@@ -145,3 +184,43 @@ def parse(text: str) -> ImageRef:
     if not path:
         raise EstargzOptError(f"invalid image reference {text!r}: no directory")
     return OCIRef(Path(path), tag or None)
+
+
+_OCI_ARCHIVE = "oci-archive:"
+_DOCKER_ARCHIVE = "docker-archive:"
+
+
+def _parse_archive(text: str) -> OCIArchiveRef | DockerArchiveRef | None:
+    """An archive reference, split at the first colon after the prefix as skopeo does."""
+    for prefix in (_OCI_ARCHIVE, _DOCKER_ARCHIVE):
+        if text.startswith(prefix):
+            break
+    else:
+        return None
+    path, _, tag = text[len(prefix) :].partition(":")
+    if not path:
+        raise UsageError(f"invalid image reference {text!r}: no archive path")
+    if prefix == _OCI_ARCHIVE:
+        return OCIArchiveRef(Path(path), tag or None)
+    if not tag:
+        return DockerArchiveRef(Path(path), None)
+    if tag.startswith("@"):
+        if not tag[1:].isdigit():
+            raise UsageError(f"invalid image reference {text!r}: @N needs an image number")
+        return DockerArchiveRef(Path(path), f"@{int(tag[1:])}")
+    return DockerArchiveRef(Path(path), docker_name(tag, text))
+
+
+def docker_name(name: str, where: str) -> str:
+    """`NAME[:TAG]` normalized as docker does (`app` is `docker.io/library/app:latest`),
+    so that names written either way match. Digests are refused: an archive names its
+    images by tag."""
+    if "@" in name:
+        raise UsageError(f"invalid image reference {where!r}: archives name images by tag")
+    try:
+        ref = RegistryRef.parse(DOCKER_PREFIX + name)
+    except UsageError:
+        raise UsageError(
+            f"invalid image reference {where!r}: {name!r} is not a docker NAME:TAG"
+        ) from None
+    return f"{ref.registry}/{ref.repository}:{ref.tag}"

@@ -16,7 +16,14 @@ from typing import TYPE_CHECKING, Protocol, Self, runtime_checkable
 
 from estargz_opt.descriptor import Descriptor
 from estargz_opt.errors import BadInputError, EstargzOptError
-from estargz_opt.reference import ContainerdRef, ImageRef, OCIRef, RegistryRef
+from estargz_opt.reference import (
+    ContainerdRef,
+    DockerArchiveRef,
+    ImageRef,
+    OCIArchiveRef,
+    OCIRef,
+    RegistryRef,
+)
 from estargz_opt.stores.containerd.model import ContainerdOptions
 from estargz_opt.stores.registry.options import RegistryOptions
 
@@ -134,6 +141,14 @@ def open_store(ref: ImageRef, opts: StoreOptions, *, create: bool) -> Store:
         from estargz_opt.stores.oci import OCILayout
 
         return OCILayout(ref.path, create=create)
+    if isinstance(ref, OCIArchiveRef):
+        from estargz_opt.stores.ociarchive import OCIArchive
+
+        return OCIArchive(ref.path, create=create)
+    if isinstance(ref, DockerArchiveRef):
+        from estargz_opt.stores.dockerarchive import DockerArchive
+
+        return DockerArchive(ref.path)
     if isinstance(ref, RegistryRef):
         from estargz_opt.stores.registry.store import RegistryStore
 
@@ -149,7 +164,16 @@ def same_store(a: ImageRef, b: ImageRef) -> bool:
     blobs go from one to the other by mount (`pair`)."""
     if isinstance(a, OCIRef) and isinstance(b, OCIRef):
         return a.path.resolve() == b.path.resolve()
+    if isinstance(a, OCIArchiveRef) and isinstance(b, OCIArchiveRef):
+        return a.path.resolve() == b.path.resolve()
     return isinstance(a, ContainerdRef) and isinstance(b, ContainerdRef)
+
+
+def is_containerd(store: Store) -> bool:
+    """Whether the store is containerd (whose own runner can run its images)."""
+    from estargz_opt.stores.containerd.store import ContainerdStore
+
+    return isinstance(store, ContainerdStore)
 
 
 def pair(src: Store, dst: Store) -> None:

@@ -47,7 +47,8 @@ from estargz_opt.stores.owner import is_dead, temp_owner, temp_prefix
 
 log = logging.getLogger("estargz_opt")
 
-_LAYOUT = b'{"imageLayoutVersion":"1.0.0"}'
+#: the oci-layout file every layout (and OCI archive) holds
+LAYOUT_FILE = b'{"imageLayoutVersion":"1.0.0"}'
 _READ = 1 << 20
 #: Larger blobs are layers, not manifests or indexes: not read to find references.
 _MAX_JSON = 4 << 20
@@ -100,23 +101,7 @@ class OCILayout:
         return Index.parse(data, f"{self.root}/index.json")
 
     def resolve(self, name: str | None) -> Descriptor:
-        manifests = self.index().manifests
-        if name is None:
-            if len(manifests) == 1:
-                return manifests[0]
-            raise EstargzOptError(
-                f"{self.root} holds {len(manifests)} images; name one with oci:DIR:TAG "
-                f"(tags: {', '.join(self.tags()) or 'none'})"
-            )
-        for desc in manifests:
-            if (desc.annotations or {}).get(REF_NAME) == name:
-                return desc
-        raise EstargzOptError(
-            f"no image tagged {name!r} in {self.root} (tags: {', '.join(self.tags()) or 'none'})"
-        )
-
-    def tags(self) -> list[str]:
-        return [t for d in self.index().manifests if (t := (d.annotations or {}).get(REF_NAME))]
+        return resolve_in(self.index(), name, str(self.root), "oci:DIR:TAG")
 
     def blob_path(self, digest: str) -> Path:
         hexpart = sha256_hex(digest)
@@ -243,14 +228,7 @@ class OCILayout:
         try:
             with self._index_locked():
                 index = self.index()  # under the lock: other runs' tags since we began
-                kept = [
-                    d for d in index.manifests if (d.annotations or {}).get(REF_NAME) not in tags
-                ]
-                added = [
-                    desc.with_changes(annotations={**(desc.annotations or {}), REF_NAME: name})
-                    for name, desc in tags.items()
-                ]
-                index.manifests = [*kept, *added]
+                retag(index, tags)
                 atomic_write(
                     self.root / "index.json", index.to_bytes(), prefix=temp_prefix("index.json")
                 )
@@ -269,7 +247,7 @@ class OCILayout:
         try:
             with self._index_locked():
                 try:
-                    alone = _lock_dir(self.root / "blobs", fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    alone = lock_dir(self.root / "blobs", fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
                     alone = None
                 if alone is None:
@@ -304,7 +282,7 @@ class OCILayout:
             while self._writer is None:
                 self._init_layout()
                 # None: a rollback removed the empty layout meanwhile; create it again
-                self._writer = _lock_dir(self.root / "blobs", fcntl.LOCK_SH)
+                self._writer = lock_dir(self.root / "blobs", fcntl.LOCK_SH)
         except OSError as exc:
             raise EstargzOptError(
                 f"cannot create an OCI layout at {self.root}: {exc.strerror}"
@@ -318,7 +296,7 @@ class OCILayout:
 
     @contextlib.contextmanager
     def _index_locked(self) -> Iterator[None]:
-        while (fd := _lock_dir(self.root, fcntl.LOCK_EX)) is None:
+        while (fd := lock_dir(self.root, fcntl.LOCK_EX)) is None:
             if not self.root.is_dir():
                 raise FileNotFoundError(2, os.strerror(2), str(self.root))
         try:
@@ -338,7 +316,9 @@ class OCILayout:
         try:
             (self.root / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
             if not (self.root / "oci-layout").exists():
-                atomic_write(self.root / "oci-layout", _LAYOUT, prefix=temp_prefix("oci-layout"))
+                atomic_write(
+                    self.root / "oci-layout", LAYOUT_FILE, prefix=temp_prefix("oci-layout")
+                )
         except OSError:
             if self._created_root:
                 self._remove_if_empty()
@@ -372,7 +352,38 @@ class OCILayout:
                             os.unlink(entry.path)
 
 
-def _lock_dir(path: Path, how: int) -> int | None:
+def resolve_in(index: Index, name: str | None, where: str, form: str) -> Descriptor:
+    """The image `name` (its ref.name annotation) of a layout's index, or its only image;
+    `form` is how the user names one (`oci:DIR:TAG`)."""
+    manifests = index.manifests
+    known = ", ".join(tags_of(index)) or "none"
+    if name is None:
+        if len(manifests) == 1:
+            return manifests[0]
+        raise EstargzOptError(
+            f"{where} holds {len(manifests)} images; name one with {form} (tags: {known})"
+        )
+    for desc in manifests:
+        if (desc.annotations or {}).get(REF_NAME) == name:
+            return desc
+    raise EstargzOptError(f"no image tagged {name!r} in {where} (tags: {known})")
+
+
+def retag(index: Index, tags: Mapping[str, Descriptor]) -> None:
+    """Point each name of `tags` at its descriptor in a layout's index (in place)."""
+    kept = [d for d in index.manifests if (d.annotations or {}).get(REF_NAME) not in tags]
+    added = [
+        desc.with_changes(annotations={**(desc.annotations or {}), REF_NAME: name})
+        for name, desc in tags.items()
+    ]
+    index.manifests = [*kept, *added]
+
+
+def tags_of(index: Index) -> list[str]:
+    return [t for d in index.manifests if (t := (d.annotations or {}).get(REF_NAME))]
+
+
+def lock_dir(path: Path, how: int) -> int | None:
     """An fd of directory `path` holding flock `how`, or None if `path` was removed or
     replaced while we waited (the lock is then on a directory nobody uses: start over).
     With LOCK_NB, BlockingIOError when another process holds a conflicting lock."""
