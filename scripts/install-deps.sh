@@ -7,7 +7,9 @@
 #         /var/cache/estargz-opt/debs (the sample layer); the reference
 #         ctr-remote 0.14.3 (scripts/install-ctr-remote.sh), whose get-toc-digest
 #         verdict the demo shows.
-#   test: the same, plus Debian's skopeo umoci busybox-static debootstrap tmux,
+#   test: the same, plus Debian's crun (--runtime crun tests) skopeo umoci
+#         busybox-static debootstrap tmux, uidmap (newuidmap/newgidmap: the
+#         rootless runner's several-ids test),
 #         containernetworking-plugins iproute2 (--cni tests), and the lazy-pull
 #         end-to-end deps (scripts/install-e2e-deps.sh: Go, the stargz Go
 #         library, docker-registry, fuse3).
@@ -17,8 +19,8 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)"
 CACHE="${ESTARGZ_OPT_CACHE:-/var/cache/estargz-opt}"
 DEMO_PACKAGES=(containerd runc)
-TEST_PACKAGES=("${DEMO_PACKAGES[@]}" skopeo umoci busybox-static debootstrap tmux
-               containernetworking-plugins iproute2)
+TEST_PACKAGES=("${DEMO_PACKAGES[@]}" crun skopeo umoci busybox-static debootstrap tmux
+               containernetworking-plugins iproute2 uidmap)
 
 log() { printf 'install-deps: %s\n' "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }

@@ -29,10 +29,12 @@ class E:
     data: bytes = b""
     target: str = ""  # symlink target
     mode: int = 0
+    owner: int = 0  # uid and gid
 
 
-def file(name: str, data: bytes | str, mode: int = 0o644) -> E:
-    return E(name, "file", data.encode() if isinstance(data, str) else data, mode=mode)
+def file(name: str, data: bytes | str, mode: int = 0o644, owner: int = 0) -> E:
+    return E(name, "file", data.encode() if isinstance(data, str) else data, mode=mode,
+             owner=owner)
 
 
 def script(name: str, text: str) -> E:
@@ -85,8 +87,8 @@ def layer(entries: Iterable[E], *, add_parents: bool = True) -> bytes:
 def _add(tar: tarfile.TarFile, e: E) -> None:
     info = tarfile.TarInfo(e.name.rstrip("/") if e.kind == "dir" else e.name)
     info.mtime = MTIME
-    info.uid = info.gid = 0
-    info.uname = info.gname = "root"
+    info.uid = info.gid = e.owner
+    info.uname = info.gname = "root" if e.owner == 0 else ""
     info.mode = e.mode
     if e.kind == "dir":
         info.type = tarfile.DIRTYPE

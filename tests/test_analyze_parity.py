@@ -9,16 +9,21 @@ containerd (`optimize --period 3 --record-out`). Then:
 - our record is byte for byte ctr-remote's with its repeats dropped (0.14.3 writes a
   line per access; first access wins in ours, as in upstream since v0.18);
 - each converted layer puts the same prioritized files first, in the same order, before
-  `.prefetch.landmark`, and layers without accessed files get the no-prefetch landmark.
+  `.prefetch.landmark`, and layers without accessed files get the no-prefetch landmark;
+- the runners without containerd (runnerlib.DAEMONLESS: runc; and the rootless runner,
+  run by an unprivileged uid with no capabilities), on the same image given as `oci:`,
+  record the same lines and put the same files first.
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
 from imagefactory import write_layout
+from runnerlib import DAEMONLESS, cli_env, layout_prioritized, run_cli
 from tarfactory import build_tar, dir_, reg
 from test_optimize_containerd import optimize as our_containerd_optimize
 from test_optimize_parity import (
@@ -32,6 +37,7 @@ from test_optimize_parity import (
     require_accesses,
 )
 from test_toc_parity import NO_LANDMARK, ctr_remote_run
+from unprivileged import make_unprivileged
 
 pytestmark = pytest.mark.interop
 
@@ -119,11 +125,47 @@ def test_recorded_files_and_order_match_ctr_remote(
     # Byte-compatible: ctr-remote's lines, each once, in first-access order.
     assert our_lines == _dedup(theirs.read_text().splitlines())
 
+    # The runners without containerd, on the same image as an OCI layout (issue 14).
+    daemonless: dict[str, list[list[str]]] = {}
+    for runner, flags in DAEMONLESS.items():
+        layout = tmp_path / f"layout-{runner}"
+        subprocess.run(["cp", "-a", str(image.layout), str(layout)], check=True)
+        record = tmp_path / f"{runner}.jsonl"
+        (tmp_path / f"tmp-{runner}").mkdir()
+        res = run_cli("optimize", "--oci", *flags, "--period", "3", "--record-out", record,
+                      "--entrypoint", json.dumps(WORKLOAD), f"oci:{layout}:{image.tag}",
+                      f"oci:{layout}:esgz", env=cli_env(tmp_path / f"tmp-{runner}"))
+        assert res.returncode == 0, res.stderr
+        lines = record.read_text().splitlines()
+        assert {(r["path"], r["layerIndex"]) for r in map(json.loads, lines)} == our_set, runner
+        assert lines == our_lines, f"{runner}: not the containerd runner's record"
+        daemonless[runner] = layout_prioritized(layout, "esgz")
+    # The rootless runner, run by an unprivileged uid with no capabilities (setpriv).
+    user = make_unprivileged()
+    try:
+        layout = user.home / "layout"
+        subprocess.run(["cp", "-a", str(image.layout), str(layout)], check=True)
+        user.give(layout)
+        record = user.home / "rootless.jsonl"
+        res = user.run("optimize", "--oci", "--period", "3", "--record-out", record,
+                       "--entrypoint", json.dumps(WORKLOAD), f"oci:{layout}:{image.tag}",
+                       f"oci:{layout}:esgz")
+        assert res.returncode == 0, res.stderr
+        assert "rootless run" in res.stderr, res.stderr
+        lines = record.read_text().splitlines()
+        assert {(r["path"], r["layerIndex"]) for r in map(json.loads, lines)} == our_set
+        assert lines == our_lines, "rootless: not the containerd runner's record"
+        daemonless["rootless"] = layout_prioritized(layout, "esgz")
+    finally:
+        user.remove()
+
     ref_tocs = reference_tocs(ctr_remote, containerd, "localhost/anaparity:ref", "estargz")
     our_tocs = _our_tocs(containerd, "localhost/anaparity:ours")
     assert len(our_tocs) == len(ref_tocs) == image.layer_count
     for index, (mine, ref) in enumerate(zip(our_tocs, ref_tocs, strict=True)):
         assert prioritized_files(mine) == prioritized_files(ref), f"layer {index}"
+        for runner, per_layer in daemonless.items():
+            assert per_layer[index] == prioritized_files(ref), f"{runner}, layer {index}"
         first = mine["entries"][0]["name"]
         assert (first == NO_LANDMARK) == (prioritized_files(ref) == []), f"layer {index}"
     # Every layer of this image has an accessed file, so none is left unprioritized.

@@ -155,7 +155,8 @@ containerd.services.containers.v1.CreateContainerRequest container=1
 containerd.services.containers.v1.CreateContainerResponse container=1
 containerd.services.containers.v1.DeleteContainerRequest id=1
 containerd.services.tasks.v1.CreateTaskRequest container_id=1 rootfs=3 stdin=4 stdout=5
-    stderr=6 terminal=7
+    stderr=6 terminal=7 options=9
+containerd.runc.v1.Options binary_name=6
 containerd.services.tasks.v1.CreateTaskResponse container_id=1 pid=2
 containerd.services.tasks.v1.StartRequest container_id=1 exec_id=2
 containerd.services.tasks.v1.StartResponse pid=1

@@ -803,10 +803,12 @@ def test_zstdchunked_needs_oci(src, nodaemon, tmp_path):
     assert proc.returncode == 2, "a usage error exits 2 (click convention)"
 
 
-def test_workload_analysis_needs_containerd(src, nodaemon, dst):
+def test_the_containerd_runner_needs_containerd(src, nodaemon, dst):
+    # (without --runner, an oci: image's workload runs with runc: tests/test_analyze_runc.py)
     before = f.layout_state(dst)
-    proc = nodaemon.optimize("--oci", f"oci:{src.layout}:t", f"oci:{dst}:x")
-    assert_failed_cleanly(proc, dst, before, "containerd")
+    proc = nodaemon.optimize("--oci", "--runner", "containerd", f"oci:{src.layout}:t",
+                             f"oci:{dst}:x")
+    assert_failed_cleanly(proc, dst, before, "--runner containerd")
     assert proc.returncode == 2, "a usage error exits 2, wherever it is detected"
 
 

@@ -34,7 +34,7 @@ from estargz_opt.stores.containerd.model import (
     ContainerdOptions,
 )
 from estargz_opt.stores.registry.options import RegistryOptions
-from estargz_opt.workload.options import DEFAULT_PERIOD, SamplerOptions
+from estargz_opt.workload.options import DEFAULT_PERIOD, DEFAULT_RUNTIME, RUNNERS, SamplerOptions
 
 log = logging.getLogger("estargz_opt")
 _GZIP_NEGATIVE_LEVELS = (
@@ -206,6 +206,22 @@ def _sampler_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option(
             "--wait-on-signal", is_flag=True, help="Run until the workload exits or Ctrl-C."
         ),
+        click.option(
+            "--runner",
+            type=click.Choice(("", *RUNNERS)),
+            default="",
+            help="How the sample container runs: containerd (its task service), runc (the "
+            "runtime's CLI, no daemon) or rootless (no privilege at all; the rootfs is held "
+            "in memory, a tmpfs the size of the image). Default: rootless when not root; "
+            "as root, containerd for an image in containerd, runc for any other source.",
+        ),
+        click.option("--rootless", is_flag=True, help="The same as --runner rootless."),
+        click.option(
+            "--runtime",
+            default=DEFAULT_RUNTIME,
+            show_default=True,
+            help="The OCI runtime: runc, crun or a path (with any runner).",
+        ),
     ]
     for option in reversed(options):
         f = option(f)
@@ -217,6 +233,11 @@ def _sampler(kw: dict[str, Any]) -> SamplerOptions:
     # The option names are the field names (click turns tuples into lists below).
     values = {f.name: kw.pop(f.name) for f in dataclasses.fields(SamplerOptions)}
     fields: dict[str, Any] = {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+    fields["runner"] = fields["runner"] or ""
+    if kw.pop("rootless"):
+        if fields["runner"] not in ("", "rootless"):
+            raise UsageError(f"--rootless contradicts --runner {fields['runner']}")
+        fields["runner"] = "rootless"
     opts = SamplerOptions(**fields)
     try:
         opts.validate()
@@ -426,8 +447,10 @@ def optimize_cmd(
     docker-archive:PATH[:NAME:TAG] (what docker save writes; SRC only).
 
     Unless --record-in, --prefetch-list or --no-optimize is given, the image's workload
-    runs for --period seconds in a sample container (containerd + runc, host platform
-    only), and the files it opens go first in their layers. Its output goes to stderr.
+    runs for --period seconds in a sample container (host platform only; as root in
+    containerd for an image in containerd, else with runc directly; when not root,
+    rootless, with the rootfs held in memory: --runner), and the files it opens go first
+    in their layers. Its output goes to stderr.
 
     \b
     Examples:
@@ -501,7 +524,8 @@ def analyze_cmd(
     authfile: Path | None,
     **flags: Any,
 ) -> None:
-    """Run the workload of the image SRC (in containerd) and record the files it opens.
+    """Run the workload of the image SRC (in containerd, or any source with --runner runc,
+    or rootless with the rootfs in memory) and record the files it opens.
 
     Nothing is converted. The record feeds `optimize --record-in` later, on any machine,
     with or without containerd. The workload's output goes to stderr.

@@ -42,19 +42,13 @@ from estargz_opt.errors import EstargzOptError, UsageError
 from estargz_opt.format import Format, LayerOptions
 from estargz_opt.format.build import LayerResult
 from estargz_opt.progress import Progress
-from estargz_opt.stores import Store, StoreOptions, as_containerd, open_store, pair, same_store
+from estargz_opt.stores import Store, StoreOptions, open_store, pair, same_store
 from estargz_opt.walk import images
 
 log = logging.getLogger("estargz_opt")
 TOC_IMAGE_SUFFIX = "-esgztoc"
 #: a record's manifest bigger than this is not read (it names no image we could use)
 MAX_MANIFEST_SIZE = 4 << 20
-#: Until workloads run without containerd: what to do with a registry image instead.
-REGISTRY_WORKLOAD = (
-    "running the workload needs containerd, and docker:// images are not in it: pull the "
-    "image into containerd first (ctr images pull, or estargz-opt optimize --no-optimize "
-    "docker://… NAME) and name it as in containerd"
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +65,7 @@ class OptimizeRequest:
     profiles: tuple[ProfileSource, ...] = ()
     #: a profile that prioritizes nothing is a warning instead of an error
     allow_empty_profile: bool = False
-    #: run the workload with these options (containerd sources only); see workload.options
+    #: run the workload with these options (any source; --runner); see workload.options
     sampler: SamplerOptions | None = None
     #: write the record of the workload run here (ctr-remote's --record-out)
     record_out: Path | None = None
@@ -108,21 +102,13 @@ class OptimizeRequest:
             raise UsageError("--estargz-external-toc cannot be combined with --reuse")
         if self.no_optimize and any(p.kind is ProfileKind.PREFETCH_LIST for p in self.profiles):
             raise UsageError("--prefetch-list cannot be combined with --no-optimize")
-        if self.runs_workload and isinstance(src, reference.OCIRef):
-            raise UsageError(
-                "running the workload needs containerd, which oci: images do not use; pass "
-                "--record-in FILE or --prefetch-list FILE (or --no-optimize)"
-            )
         if isinstance(dst, reference.DockerArchiveRef):
             raise UsageError(
                 f"{dst}: docker-archive: images are read only; write oci-archive:PATH[:TAG] "
                 "or oci:DIR[:TAG]"
             )
-        if self.runs_workload and isinstance(src, reference.RegistryRef):
-            raise UsageError(
-                REGISTRY_WORKLOAD + "; or pass --record-in FILE or --prefetch-list "
-                "FILE (or --no-optimize)"
-            )
+        if self.runs_workload and self.sampler is not None:
+            check_runner(src, self.sampler)
         if isinstance(dst, reference.RegistryRef) and dst.digest:
             raise UsageError(f"the destination {dst} names a digest; give it a tag instead")
         if self.record_out and not self.runs_workload:
@@ -307,13 +293,7 @@ def analyze_image(
 ) -> Analysis:
     """`estargz-opt analyze`: run the workload and write its record; convert nothing."""
     ref = reference.parse(src)
-    if isinstance(ref, reference.OCIRef):
-        raise UsageError(
-            "running the workload needs containerd, which oci: images do not use; import "
-            "the image into containerd first (e.g. ctr images import)"
-        )
-    if isinstance(ref, reference.RegistryRef):
-        raise UsageError(REGISTRY_WORKLOAD)
+    check_runner(ref, sampler)
     check_record_out(record_out)
     if prefetch_list_out:
         check_record_out(prefetch_list_out, "--prefetch-list-out")
@@ -337,6 +317,15 @@ def analyze_image(
             prefetch_list_out, str(ref), host[0].digest, [e.path for e in result.entries]
         )
     return result
+
+
+def check_runner(src: reference.ImageRef, sampler: SamplerOptions) -> None:
+    """--runner containerd runs only images in containerd (UsageError otherwise)."""
+    if sampler.runner == "containerd" and not isinstance(src, reference.ContainerdRef):
+        raise UsageError(
+            f"--runner containerd runs images in containerd, and {src} is not one; drop "
+            "--runner (the runc runner runs it) or import the image into containerd"
+        )
 
 
 def _write_prefetch_list_out(
@@ -366,7 +355,7 @@ def _run_workload(
     from estargz_opt.workload.analyzer import analyze
 
     return analyze(
-        as_containerd(store, "running the workload"),
+        store,
         name,
         host[0],
         host[1],

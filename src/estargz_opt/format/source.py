@@ -7,10 +7,11 @@ file, so the layer never sits in memory and nothing is left on disk if the proce
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -18,7 +19,7 @@ from estargz_opt.errors import BadInputError
 from estargz_opt.format.codec import PIECE, Stream, TruncatedError, decode_all
 from estargz_opt.format.estargz import GzipStream
 from estargz_opt.format.zstdchunked import SOURCE_WINDOW_LOG_MAX, ZstdStream
-from estargz_opt.magic import sniff
+from estargz_opt.magic import ZSTD_MAGIC, sniff
 
 _COPY = 1 << 20
 
@@ -55,6 +56,35 @@ def open_tar(path: str | os.PathLike[str], tmp_dir: str | None = None) -> Iterat
                 size = tmp.tell()
             tmp.flush()
             yield TarSource(tmp, size, kind)
+
+
+def plain_pieces(chunks: Iterable[bytes], what: str) -> Iterator[bytes]:
+    """A layer blob read as a stream (tar, tar+gzip or tar+zstd), as its tar bytes, in
+    bounded pieces: for readers that must not keep a temporary copy (the layer-name index,
+    the workload unpacker). Corrupt or truncated data is BadInputError naming `what`."""
+    it = iter(chunks)
+    head = b""
+    for chunk in it:
+        head += chunk
+        if len(head) >= len(ZSTD_MAGIC):
+            break
+    kind = sniff(head)
+    if kind == "none":
+        if head:
+            yield head
+        yield from it
+        return
+    stream: Stream = GzipStream() if kind == "gzip" else ZstdStream(
+        window_log_max=SOURCE_WINDOW_LOG_MAX
+    )
+    try:
+        yield from decode_all(stream, itertools.chain((head,), it))
+    except TruncatedError as exc:
+        raise BadInputError(f"truncated {kind} {what}: {exc}") from None
+    except ValueError as exc:
+        raise BadInputError(
+            f"corrupt {kind} {what}: member at offset {stream.member_start}: {exc}"
+        ) from None
 
 
 def gunzip_into(src: BinaryIO, dst: BinaryIO) -> int:

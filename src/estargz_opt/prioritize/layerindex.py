@@ -11,10 +11,7 @@ from dataclasses import dataclass
 
 from estargz_opt.errors import BadInputError
 from estargz_opt.format import tarfmt
-from estargz_opt.format.codec import Stream, decode_all
-from estargz_opt.format.estargz import GzipStream
-from estargz_opt.format.zstdchunked import ZstdStream
-from estargz_opt.magic import GZIP_MAGIC, ZSTD_MAGIC
+from estargz_opt.format.source import plain_pieces
 
 WHITEOUT_PREFIX = ".wh."
 OPAQUE = ".wh..wh..opq"
@@ -39,17 +36,7 @@ class LayerNames:
         Used on blobs read from containerd while the workload runs: the tar is parsed as
         it is decompressed, so only the headers are kept.
         """
-        reader = io.BufferedReader(_ChunkReader(iter(chunks)), 1 << 20)
-        magic = reader.peek(4)[:4]
-        decoder: Stream | None = None
-        if magic[:3] == GZIP_MAGIC:
-            decoder = GzipStream()
-        elif magic == ZSTD_MAGIC:
-            decoder = ZstdStream()
-        stream = reader
-        if decoder is not None:
-            plain = decode_all(decoder, iter(lambda: reader.read1(1 << 20), b""))
-            stream = io.BufferedReader(_ChunkReader(plain), 1 << 20)
+        stream = io.BufferedReader(_ChunkReader(plain_pieces(chunks, "layer")), 1 << 20)
         try:
             with tarfile.open(fileobj=stream, mode="r|") as tar:
                 names = {tarfmt.clean_name(m.name) for m in tar}

@@ -15,12 +15,15 @@ from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from estargz_opt import descriptor as d
+from estargz_opt.cache import default_dir
 from estargz_opt.descriptor import Descriptor, Manifest
 from estargz_opt.prioritize.layerindex import LayerNames
 from estargz_opt.prioritize.record import RecordEntry, Recorder
-from estargz_opt.stores.containerd.store import ContainerdStore
+from estargz_opt.stores import Store, as_containerd, is_containerd
 from estargz_opt.workload.containerd.runner import ContainerdRunner
 from estargz_opt.workload.options import SamplerOptions
+from estargz_opt.workload.rootless.checks import is_real_root
+from estargz_opt.workload.runc.runner import RuncRunner
 from estargz_opt.workload.runner import Runner, SampleImage
 from estargz_opt.workload.sample import SampleRequest, SampleResult, Tick, run_sample
 
@@ -49,7 +52,7 @@ class Analysis:
 
 
 def analyze(
-    store: ContainerdStore,
+    store: Store,
     image_name: str,
     manifest_desc: Descriptor,
     manifest: Manifest,
@@ -63,13 +66,31 @@ def analyze(
     layers = [x for x in manifest.layers if x.media_type in d.LAYER_TYPES]
     diff_ids = d.config_diff_ids(config, len(layers), image_name)
     image = SampleImage(image_name, config, layers, diff_ids)
-    req = SampleRequest(runner_for(store), image, opts, on_tick=on_tick, output=output)
+    req = SampleRequest(runner_for(store, opts), image, opts, on_tick=on_tick, output=output)
     return record_workload(req, manifest_desc.digest)
 
 
-def runner_for(store: ContainerdStore) -> Runner:
-    """The runner for an image held in `store`: containerd's own, for a containerd store."""
-    return ContainerdRunner(store)
+def runner_for(store: Store, opts: SamplerOptions) -> Runner:
+    """The runner `--runner` names. By default: the rootless runner for anyone but root
+    (in the initial user namespace), whatever the source; for root, containerd's own for
+    an image in containerd, and runc directly for any other store (a layout, an archive,
+    a registry).
+
+    `--runner containerd` needs the image in containerd; `--runner runc` and
+    `--runner rootless` take an image from any store, containerd's included (its blobs
+    are streamed from containerd).
+    """
+    default = "containerd" if is_containerd(store) else "runc"
+    name = opts.runner or (default if is_real_root() else "rootless")
+    if name == "rootless":
+        from estargz_opt.workload.rootless.runner import RootlessRunner
+
+        return RootlessRunner(store, opts, opts.runtime)
+    if name == "containerd":
+        return ContainerdRunner(
+            as_containerd(store, "--runner containerd (the containerd runner)"), opts.runtime
+        )
+    return RuncRunner(store, opts.runtime, layer_cache=default_dir())
 
 
 def record_workload(req: SampleRequest, manifest_digest: str) -> Analysis:

@@ -23,6 +23,7 @@ import struct
 import time
 from collections.abc import Iterable, Iterator
 from types import TracebackType
+from typing import Protocol
 
 from estargz_opt.errors import EstargzOptError
 
@@ -113,6 +114,35 @@ def paths_under(paths: Iterable[str], root: str) -> list[str]:
         if rel and rel not in seen:
             seen[rel] = None
     return list(seen)
+
+
+class EventSource(Protocol):
+    """A fanotify group that yields paths: `FanotifyMonitor` or the FID-mode one."""
+
+    def fileno(self) -> int: ...
+
+    def events(self) -> Iterator[str]: ...
+
+
+def drain(source: EventSource, timeout: float = 0.0) -> list[str]:
+    """Wait up to `timeout` seconds for events of `source`, then read until its queue is
+    empty (a stopping monitor must not lose what the workload did last)."""
+    if source.fileno() < 0:
+        raise FanotifyError("the fanotify monitor is closed")
+    poller = select.poll()
+    poller.register(source.fileno(), select.POLLIN)
+    deadline = time.monotonic() + max(timeout, 0.0)
+    out: list[str] = []
+    while True:
+        left = max(deadline - time.monotonic(), 0.0)
+        if not poller.poll(int(left * 1000)):
+            return out
+        got = list(source.events())
+        out.extend(got)
+        if not got:
+            return out
+        # Events arrived: keep reading what is already queued, but do not wait longer.
+        deadline = time.monotonic()
 
 
 class FanotifyMonitor:
@@ -250,22 +280,7 @@ class FanotifyMonitor:
 
     def drain(self, timeout: float = 0.0) -> list[str]:
         """Wait up to `timeout` seconds for events, then read until the queue is empty."""
-        if self._fd < 0:
-            raise FanotifyError("the fanotify monitor is closed")
-        poller = select.poll()
-        poller.register(self._fd, select.POLLIN)
-        deadline = time.monotonic() + max(timeout, 0.0)
-        out: list[str] = []
-        while True:
-            left = max(deadline - time.monotonic(), 0.0)
-            if not poller.poll(int(left * 1000)):
-                return out
-            got = list(self.events())
-            out.extend(got)
-            if not got:
-                return out
-            # Events arrived: keep reading what is already queued, but do not wait longer.
-            deadline = time.monotonic()
+        return drain(self, timeout)
 
     def paths_under(self, root: str | os.PathLike[str] | None = None) -> list[str]:
         """Everything seen so far, relative to `root` (default: the marked mount path)."""

@@ -32,17 +32,19 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
-from typing import IO, Any
+from typing import IO, Any, ClassVar, Protocol
 
 from estargz_opt.errors import EstargzOptError
 from estargz_opt.mount import Mount
 from estargz_opt.workload.fanotify import (
+    EventSource,
     FanotifyError,
     FanotifyMonitor,
     FanotifyPermissionError,
     FanotifyUnavailableError,
+    drain,
 )
 from estargz_opt.workload.mounts import MountError, make_rslave, mount_all
 
@@ -66,30 +68,40 @@ _ERRORS: dict[str, type[EstargzOptError]] = {
 class Monitor:
     """The parent's handle on the monitor process; a context manager that always kills it."""
 
+    #: the helper's error kinds and the exceptions they become here
+    errors: ClassVar[dict[str, type[EstargzOptError]]] = _ERRORS
+
     def __init__(self, mounts: Sequence[Mount], target: str, log_path: str) -> None:
+        setup = json.dumps({"target": target, "mounts": [asdict(m) for m in mounts]})
+        self._launch("estargz_opt.workload.monitor", setup, target, log_path)
+        try:
+            self._expect("ready")
+        except BaseException:
+            self.close()
+            raise
+
+    def _launch(
+        self, module: str, setup: str, target: str, log_path: str, pass_fds: Sequence[int] = ()
+    ) -> None:
+        """Start the helper `python -m module setup` and the thread that reads its lines."""
         self.target = target
         self.paths: list[str] = []
         self.overflows = 0
         self._replies: queue.Queue[dict[str, Any]] = queue.Queue()
-        setup = json.dumps({"target": target, "mounts": [asdict(m) for m in mounts]})
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in close()
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "estargz_opt.workload.monitor", setup],
+            [sys.executable, "-m", module, setup],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self._log,
             close_fds=True,
+            pass_fds=pass_fds,
             # Its own session: a Ctrl-C at the terminal is ours to handle (--wait-on-signal
             # ends the run with it); the helper stops when told, or dies with us.
             start_new_session=True,
         )
         self._reader = threading.Thread(target=self._read, name="monitor-reader", daemon=True)
         self._reader.start()
-        try:
-            self._expect("ready")
-        except BaseException:
-            self.close()
-            raise
 
     @property
     def pid(self) -> int:
@@ -143,13 +155,13 @@ class Monitor:
         except BrokenPipeError:
             raise self._died() from None
 
-    def _expect(self, kind: str) -> dict[str, Any]:
+    def _expect(self, kind: str, timeout: float = _REPLY_TIMEOUT) -> dict[str, Any]:
         try:
-            reply = self._replies.get(timeout=_REPLY_TIMEOUT)
+            reply = self._replies.get(timeout=timeout)
         except queue.Empty:
             raise MonitorError(f"the file-access monitor did not answer {kind!r} in time") from None
         if "error" in reply:
-            cls = _ERRORS.get(reply.get("kind", ""), MonitorError)
+            cls = self.errors.get(reply.get("kind", ""), MonitorError)
             raise cls(reply["error"])
         if reply.get("type") == "eof":
             raise self._died()
@@ -221,7 +233,19 @@ def _helper(setup: dict[str, Any], cmd_in: IO[bytes], out: IO[bytes]) -> int:
     make_rslave("/")
     mount_all([Mount(**m) for m in setup["mounts"]], setup["target"])
     _say(out, type="ready", pid=os.getpid())
+    return serve(monitor, cmd_in, out)
 
+
+class _Watcher(EventSource, Protocol):
+    overflows: int
+
+    def mark(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def serve(monitor: _Watcher, cmd_in: IO[bytes], out: IO[bytes]) -> int:
+    """The helper's loop once it is ready: `start` marks, paths stream, `stop` drains."""
     fd_in = cmd_in.fileno()
     pending = b""
     watching = False
@@ -247,7 +271,7 @@ def _helper(setup: dict[str, Any], cmd_in: IO[bytes], out: IO[bytes]) -> int:
                     _say(out, type="started")
                 elif command == "stop":
                     if watching:
-                        for path in monitor.drain(0.2):
+                        for path in drain(monitor, 0.2):
                             _say(out, path=path)
                     _say(out, type="stopped", overflows=monitor.overflows)
                     monitor.close()
@@ -260,10 +284,12 @@ class _Failure(Exception):
         self.kind = kind
 
 
-def main() -> int:
+def main(helper: Callable[[dict[str, Any], IO[bytes], IO[bytes]], int] | None = None) -> int:
+    """Run `helper` (this module's by default) with the setup in argv[1]; report an error
+    as one JSON line that the parent raises as the matching exception."""
     out = sys.stdout.buffer
     try:
-        return _helper(json.loads(sys.argv[1]), sys.stdin.buffer, out)
+        return (helper or _helper)(json.loads(sys.argv[1]), sys.stdin.buffer, out)
     except _Failure as exc:
         _say(out, error=str(exc), kind=exc.kind)
     except (EstargzOptError, OSError) as exc:

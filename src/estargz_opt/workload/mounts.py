@@ -107,6 +107,11 @@ def unmount(target: str) -> None:
         raise MountError(f"cannot unmount {target}: {os.strerror(err)}")
 
 
+def remount(target: str, data: str) -> None:
+    """Change the filesystem options of the mount on `target` (e.g. a tmpfs's size)."""
+    _mount("", target, "", MS_REMOUNT, data)
+
+
 def make_rslave(path: str = "/") -> None:
     """Stop mounts made below `path` in this namespace from reaching the host's."""
     _mount("", path, "", MS_REC | MS_SLAVE, "")

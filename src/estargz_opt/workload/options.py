@@ -15,6 +15,11 @@ from typing import Any
 from estargz_opt.errors import BadInputError
 
 DEFAULT_PERIOD = 10
+#: --runner values; "" (the default) picks by where the image is and who we are (see
+#: analyzer.runner_for)
+RUNNERS: tuple[str, ...] = ("containerd", "runc", "rootless")
+#: --runtime's default: the OCI runtime every runner runs (containerd's through its shim)
+DEFAULT_RUNTIME = "runc"
 
 
 @dataclass(slots=True)
@@ -45,6 +50,9 @@ class SamplerOptions:
     net_host: bool = False
     wait_on_line: str = ""
     wait_on_signal: bool = False
+    #: how the sample container runs (not ctr-remote flags): --runner and --runtime
+    runner: str = ""
+    runtime: str = DEFAULT_RUNTIME  # runc, crun or a path
 
     @property
     def effective_period(self) -> int:
@@ -55,6 +63,12 @@ class SamplerOptions:
         """Reject flag combinations and values upstream refuses, with one clear line."""
         if self.terminal and not self.stdin:
             raise BadInputError("-t/--terminal requires -i")
+        if self.runner and self.runner not in RUNNERS:
+            raise BadInputError(
+                f"--runner must be one of {', '.join(RUNNERS)}, got {self.runner!r}"
+            )
+        if not self.runtime:
+            raise BadInputError("--runtime must name an OCI runtime (runc, crun or a path)")
         if self.wait_on_signal and self.terminal:
             raise BadInputError("--wait-on-signal cannot be used with -t/--terminal")
         parse_json_array("--args", self.args)

@@ -11,8 +11,11 @@ A runner does three things for `sample.run_sample`:
 
 Everything else is shared by all runners and lives outside them: the spec steps, the
 monitor, the stdio, the end conditions (exit, --wait-on-line, --wait-on-signal,
---period) and the recorder. The containerd runner is `containerd.runner.ContainerdRunner`;
-a runc-only runner or a rootless one goes beside it as `workload/<name>/runner.py`.
+--period) and the recorder; each runner starts the file-access monitor (`Runner.monitor`:
+the privileged `monitor.Monitor`, or the rootless runner's own). The runners are
+`containerd.runner.ContainerdRunner`, `runc.runner.RuncRunner` (no containerd) and
+`rootless.runner.RootlessRunner` (a RuncRunner inside a user namespace, no privilege);
+`analyzer.runner_for` picks one.
 It imports only the standard library, `descriptor`, `errors`, `mount` and the spec type.
 """
 
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -110,6 +114,24 @@ class Task(Protocol):
         ...
 
 
+class FileMonitor(Protocol):
+    """The file-access monitor whose mount namespace the container joins (`monitor.Monitor`
+    for runners that run as root; the rootless runner brings its own)."""
+
+    paths: list[str]
+    overflows: int
+
+    @property
+    def ns_path(self) -> str: ...
+
+    @property
+    def rootfs_view(self) -> str: ...
+
+    def begin(self) -> None: ...
+
+    def stop(self) -> list[str]: ...
+
+
 class Runner(Protocol):
     """One way of running the sample container (see the module docstring)."""
 
@@ -132,6 +154,13 @@ class Runner(Protocol):
         """Make the image's root filesystem; the mounts that put it on `run.rootfs`."""
         ...
 
+    def monitor(
+        self, run: RunDir, image: SampleImage, mounts: list[Mount], log_path: str
+    ) -> AbstractContextManager[FileMonitor]:
+        """Start the file-access monitor that mounts `mounts` on `run.rootfs` in its own
+        mount namespace (the privileged `monitor.Monitor`, unless the runner needs another)."""
+        ...
+
     def container(
         self, run: RunDir, image: SampleImage, spec: Spec, stdio: StdioPaths
     ) -> AbstractContextManager[Task]:
@@ -139,6 +168,21 @@ class Runner(Protocol):
         WorkloadStartError when the workload cannot start. On exit the task and the
         container are gone."""
         ...
+
+
+def find_runtime(runtime: str) -> str:
+    """The OCI runtime binary `--runtime` names (runc, crun or a path); SampleError, in
+    one line with the ways out, when there is none."""
+    found = shutil.which(runtime)
+    if found is None:
+        what = "is not an executable file" if "/" in runtime else "is not installed"
+        hint = f" (apt-get install {runtime})" if runtime in ("runc", "crun") else ""
+        raise SampleError(
+            f"the OCI runtime {runtime} {what}{hint}: it runs the sample container; pick "
+            "another with --runtime runc|crun|PATH, or convert without running the "
+            "workload: --record-in FILE, --prefetch-list FILE or --no-optimize"
+        )
+    return found
 
 
 def quietly(what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:

@@ -33,11 +33,11 @@ from typing import BinaryIO
 
 from estargz_opt.stores.owner import is_dead, this_process
 from estargz_opt.workload import network
-from estargz_opt.workload.monitor import Monitor
 from estargz_opt.workload.options import SamplerOptions
 from estargz_opt.workload.runner import (
     KILL_WAIT,
     SAMPLE_PREFIX,
+    FileMonitor,
     RunDir,
     Runner,
     RunnerError,
@@ -97,8 +97,9 @@ def run_sample(req: SampleRequest) -> SampleResult:
         raise SampleError(NO_GPU_HOOK)
     out = req.output if req.output is not None else sys.stderr.buffer
     run_id = f"{SAMPLE_PREFIX}{secrets.token_hex(8)}"
-    reap_stale_dirs()
+    # The runner's objects first: a dead run's container may still use its run directory.
     runner.reap_stale()
+    reap_stale_dirs()
     with ExitStack() as stack:
         run = RunDir(run_id, os.path.join(tempfile.gettempdir(), run_id))
         os.mkdir(run.path, 0o700)
@@ -108,7 +109,7 @@ def run_sample(req: SampleRequest) -> SampleResult:
 
         mounts = stack.enter_context(runner.rootfs(run, image))
         log_path = os.path.join(run.path, "monitor.log")
-        monitor = stack.enter_context(Monitor(mounts, run.rootfs, log_path))
+        monitor = stack.enter_context(runner.monitor(run, image, mounts, log_path))
 
         etc_dir = None
         if not opts.net_host:
@@ -191,7 +192,7 @@ def _wait(
     task: Task,
     opts: SamplerOptions,
     stdio: Stdio,
-    monitor: Monitor,
+    monitor: FileMonitor,
     on_tick: Tick | None,
 ) -> SampleResult:
     result = SampleResult()

@@ -23,6 +23,7 @@ from estargz_opt.stores.containerd._pb import (
     images_pb2,
     introspection_pb2,
     leases_pb2,
+    runcoptions_pb2,
     snapshots_pb2,
     tasks_pb2,
 )
@@ -271,6 +272,9 @@ class ContainersService(Service):
                 raise
 
 
+RUNC_OPTIONS_TYPE = "containerd.runc.v1.Options"
+
+
 class TasksService(Service):
     """Tasks: a container's running init process."""
 
@@ -283,10 +287,13 @@ class TasksService(Service):
         stdout: str = "",
         stderr: str = "",
         terminal: bool = False,
+        runtime_binary: str = "",
     ) -> int:
         """Create the container's task (its init process, not yet started); its pid.
 
         stdin/stdout/stderr are paths of FIFOs or files the shim opens ("" for none).
+        runtime_binary: the OCI runtime the runc shim runs instead of `runc` (its
+        BinaryName option), e.g. crun or a path.
         """
         req = tasks_pb2.CreateTaskRequest(
             container_id=container_id,
@@ -296,6 +303,12 @@ class TasksService(Service):
             stderr=stderr,
             terminal=terminal,
         )
+        if runtime_binary:
+            # typeurl's name for it, as ctr's --runc-binary sends it (no URL prefix)
+            req.options.type_url = RUNC_OPTIONS_TYPE
+            req.options.value = runcoptions_pb2.Options(
+                binary_name=runtime_binary
+            ).SerializeToString()
         return self._t.unary(rpcs.TASK_CREATE, req, Subject("task", container_id)).pid
 
     def start(self, container_id: str) -> int:

@@ -4,18 +4,21 @@ Reading: manifests are fetched by tag or digest (and kept for the run, they are 
 layers are streamed through their digest check into a temporary file that the format
 engine reads, one file per layer being converted, removed once converted.
 
-Writing: a new blob (`sink`, whose digest is known only once written) is streamed: an
-upload session is opened at once and a thread sends the blob in one PATCH as the
-converter writes it, so a layer's upload overlaps its own conversion; `commit` then has
-the blob committed (PUT ?digest=) in the background. The bytes go through a spool file
-that the stream reads behind the writer: the converter never waits on the network,
-memory stays flat, and a stream that breaks or is refused is sent again from the spool
-by the retried whole/chunked upload. Blobs whose digest is known before they are
-written (`write`: configs) are pushed on commit in the background: HEAD first, then a
-cross-repository mount when the source is another repository of the same registry, else
-an upload (copies and cache hits ask `holds`, which does the HEAD and the mount, before
-opening a sink). Manifests and indexes are kept until `tag`, which waits for every blob,
-pushes manifests children first, and writes the tags last: a failure never leaves a tag
+Writing: entered as a run's destination, the store first opens an upload session and
+cancels it, so a repository that refuses our pushes fails the run before any layer is
+converted (and the session holds its push authorization before any stream starts). A
+new blob (`sink`, whose digest is known only once written) is streamed: an upload
+session is opened at once and a thread sends the blob in one PATCH as the converter
+writes it, so a layer's upload overlaps its own conversion; `commit` then has the blob
+committed (PUT ?digest=) in the background. The bytes go through a spool file that the
+stream reads behind the writer: the converter never waits on the network, memory stays
+flat, and a stream that breaks or is refused is sent again from the spool by the retried
+whole/chunked upload. Blobs whose digest is known before they are written (`write`:
+configs) are pushed on commit in the background: HEAD first, then a cross-repository
+mount when the source is another repository of the same registry, else an upload
+(copies and cache hits ask `holds`, which does the HEAD and the mount, before opening a
+sink). Manifests and indexes are kept until `tag`, which waits for every blob, pushes
+manifests children first, and writes the tags last: a failure never leaves a tag
 pointing at missing content. A discarded sink and a rollback cancel their upload
 sessions; blobs already pushed stay, untagged (as with skopeo).
 """
@@ -173,11 +176,18 @@ class RegistryStore:
     """One repository (`ref`) on a registry, reached with the options of its side."""
 
     def __init__(
-        self, ref: RegistryRef, opts: RegistryOptions, retry: RetryPolicy | None = None
+        self,
+        ref: RegistryRef,
+        opts: RegistryOptions,
+        retry: RetryPolicy | None = None,
+        *,
+        destination: bool = False,
     ) -> None:
         self.ref = ref
         self._opts = opts
         self._retry = retry
+        #: entered as a run's destination: check at once that we may push (`__enter__`)
+        self._destination = destination
         self._session: Session | None = None
         self._client: Client | None = None
         self._tmp: Path | None = None
@@ -198,8 +208,15 @@ class RegistryStore:
         self._fetcher: ThreadPoolExecutor | None = None
 
     def __enter__(self) -> Self:
-        self._session = open_session(self.ref.api_host, self._opts)
-        self._client = Client(self._session, self.ref.repository, self._retry)
+        session = open_session(self.ref.api_host, self._opts)
+        try:
+            client = Client(session, self.ref.repository, self._retry)
+            if self._destination:
+                client.check_push()
+        except BaseException:
+            session.close()
+            raise
+        self._session, self._client = session, client
         _remove_dead_spools()
         self._tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(_SPOOL), suffix=".tmp"))
         self._pool = ThreadPoolExecutor(_UPLOADS, thread_name_prefix="push")

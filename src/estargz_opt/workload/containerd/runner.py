@@ -14,7 +14,6 @@ import itertools
 import json
 import logging
 import os
-import shutil
 import signal
 import subprocess
 from collections.abc import Iterable, Iterator
@@ -28,6 +27,8 @@ from estargz_opt.stores.containerd.store import ContainerdStore
 from estargz_opt.stores.containerd.transport import socket_path
 from estargz_opt.stores.owner import OWNER_LABEL, is_dead, this_process
 from estargz_opt.workload.containerd.unpack import unpack
+from estargz_opt.workload.monitor import Monitor
+from estargz_opt.workload.options import DEFAULT_RUNTIME
 from estargz_opt.workload.runner import (
     KILL_WAIT,
     RunDir,
@@ -36,6 +37,7 @@ from estargz_opt.workload.runner import (
     SampleImage,
     StdioPaths,
     WorkloadStartError,
+    find_runtime,
     quietly,
 )
 from estargz_opt.workload.spec import Spec
@@ -51,20 +53,17 @@ __all__ = ["OWNER_LABEL", "SAMPLE_LABEL", "ContainerdRunner", "ContainerdTask"]
 class ContainerdRunner:
     """Runs the sample container in the containerd that holds the image (a `Runner`)."""
 
-    def __init__(self, store: ContainerdStore) -> None:
+    def __init__(self, store: ContainerdStore, runtime: str = DEFAULT_RUNTIME) -> None:
         self._store = store
         # The containerd services the Store interface does not cover (see store.client).
         self._client: Client = store.client
         self.namespace = self._client.namespace
+        #: the OCI runtime containerd's runc shim runs (its BinaryName option)
+        self._runtime = runtime
 
     def check(self) -> None:
-        """Fail early, in one line, when runc (the runtime containerd's shim calls) is missing."""
-        if shutil.which("runc") is None:
-            raise SampleError(
-                "runc is not installed (apt-get install runc): containerd needs it to run the "
-                "sample container; to convert without running the workload, pass --record-in "
-                "FILE, --prefetch-list FILE or --no-optimize"
-            )
+        """Fail early, in one line, when the runtime containerd's shim calls is missing."""
+        find_runtime(self._runtime)
 
     def reap_stale(self) -> None:
         """Remove the sample containers (and their tasks and snapshots) of dead runs.
@@ -107,6 +106,12 @@ class ContainerdRunner:
             finally:
                 quietly("remove snapshot", snapshots.remove, run.id, missing_ok=True)
 
+    def monitor(
+        self, run: RunDir, image: SampleImage, mounts: list[Mount], log_path: str
+    ) -> Monitor:
+        """The privileged monitor, which mounts the snapshot in its namespace."""
+        return Monitor(mounts, run.rootfs, log_path)
+
     @contextlib.contextmanager
     def container(
         self, run: RunDir, image: SampleImage, spec: Spec, stdio: StdioPaths
@@ -129,10 +134,14 @@ class ContainerdRunner:
                     stdout=stdio.stdout,
                     stderr=stdio.stderr,
                     terminal=stdio.terminal,
+                    # the default stays the shim's own choice, as before --runtime
+                    runtime_binary="" if self._runtime == DEFAULT_RUNTIME else self._runtime,
                 )
             except ContainerdError as exc:
-                if '"runc": executable file not found' in str(exc):
-                    raise SampleError(f"containerd cannot find runc: {exc}") from None
+                if "executable file not found in $PATH" in str(exc) and (
+                    f'"{self._runtime}"' in str(exc)
+                ):
+                    raise SampleError(f"containerd cannot find {self._runtime}: {exc}") from None
                 raise WorkloadStartError(str(exc)) from None
             try:
                 yield ContainerdTask(client, run.id)

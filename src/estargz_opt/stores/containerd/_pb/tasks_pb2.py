@@ -14,6 +14,7 @@ from google.protobuf.internal import builder as _builder
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import any_pb2 as google_dot_protobuf_dot_any__pb2
 from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from estargz_opt.stores.containerd._pb import (
@@ -22,7 +23,7 @@ from estargz_opt.stores.containerd._pb import (
 
 
 DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(
-    b'\n-estargz_opt/stores/containerd/_pb/tasks.proto\x12\x1c\x63ontainerd.services.tasks.v1\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a-estargz_opt/stores/containerd/_pb/types.proto"\x93\x01\n\x11\x43reateTaskRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\'\n\x06rootfs\x18\x03 \x03(\x0b\x32\x17.containerd.types.Mount\x12\r\n\x05stdin\x18\x04 \x01(\t\x12\x0e\n\x06stdout\x18\x05 \x01(\t\x12\x0e\n\x06stderr\x18\x06 \x01(\t\x12\x10\n\x08terminal\x18\x07 \x01(\x08"7\n\x12\x43reateTaskResponse\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0b\n\x03pid\x18\x02 \x01(\r"5\n\x0cStartRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t"\x1c\n\rStartResponse\x12\x0b\n\x03pid\x18\x01 \x01(\r")\n\x11\x44\x65leteTaskRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t"m\n\x0e\x44\x65leteResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0b\n\x03pid\x18\x02 \x01(\r\x12\x13\n\x0b\x65xit_status\x18\x03 \x01(\r\x12-\n\texited_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp"3\n\nGetRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t"\xf3\x01\n\x07Process\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\r\x12\x34\n\x06status\x18\x04 \x01(\x0e\x32$.containerd.services.tasks.v1.Status\x12\r\n\x05stdin\x18\x05 \x01(\t\x12\x0e\n\x06stdout\x18\x06 \x01(\t\x12\x0e\n\x06stderr\x18\x07 \x01(\t\x12\x10\n\x08terminal\x18\x08 \x01(\x08\x12\x13\n\x0b\x65xit_status\x18\t \x01(\r\x12-\n\texited_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp"E\n\x0bGetResponse\x12\x36\n\x07process\x18\x01 \x01(\x0b\x32%.containerd.services.tasks.v1.Process"Q\n\x0bKillRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\x12\x0e\n\x06signal\x18\x03 \x01(\r\x12\x0b\n\x03\x61ll\x18\x04 \x01(\x08"4\n\x0bWaitRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t"R\n\x0cWaitResponse\x12\x13\n\x0b\x65xit_status\x18\x01 \x01(\r\x12-\n\texited_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp"F\n\x0e\x43loseIORequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\x12\r\n\x05stdin\x18\x03 \x01(\x08"X\n\x10ResizePtyRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\x12\r\n\x05width\x18\x03 \x01(\r\x12\x0e\n\x06height\x18\x04 \x01(\r*U\n\x06Status\x12\x0b\n\x07UNKNOWN\x10\x00\x12\x0b\n\x07\x43REATED\x10\x01\x12\x0b\n\x07RUNNING\x10\x02\x12\x0b\n\x07STOPPED\x10\x03\x12\n\n\x06PAUSED\x10\x04\x12\x0b\n\x07PAUSING\x10\x05\x32\xeb\x05\n\x05Tasks\x12k\n\x06\x43reate\x12/.containerd.services.tasks.v1.CreateTaskRequest\x1a\x30.containerd.services.tasks.v1.CreateTaskResponse\x12`\n\x05Start\x12*.containerd.services.tasks.v1.StartRequest\x1a+.containerd.services.tasks.v1.StartResponse\x12g\n\x06\x44\x65lete\x12/.containerd.services.tasks.v1.DeleteTaskRequest\x1a,.containerd.services.tasks.v1.DeleteResponse\x12Z\n\x03Get\x12(.containerd.services.tasks.v1.GetRequest\x1a).containerd.services.tasks.v1.GetResponse\x12I\n\x04Kill\x12).containerd.services.tasks.v1.KillRequest\x1a\x16.google.protobuf.Empty\x12]\n\x04Wait\x12).containerd.services.tasks.v1.WaitRequest\x1a*.containerd.services.tasks.v1.WaitResponse\x12O\n\x07\x43loseIO\x12,.containerd.services.tasks.v1.CloseIORequest\x1a\x16.google.protobuf.Empty\x12S\n\tResizePty\x12..containerd.services.tasks.v1.ResizePtyRequest\x1a\x16.google.protobuf.Emptyb\x06proto3'
+    b'\n-estargz_opt/stores/containerd/_pb/tasks.proto\x12\x1c\x63ontainerd.services.tasks.v1\x1a\x19google/protobuf/any.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a-estargz_opt/stores/containerd/_pb/types.proto"\xba\x01\n\x11\x43reateTaskRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\'\n\x06rootfs\x18\x03 \x03(\x0b\x32\x17.containerd.types.Mount\x12\r\n\x05stdin\x18\x04 \x01(\t\x12\x0e\n\x06stdout\x18\x05 \x01(\t\x12\x0e\n\x06stderr\x18\x06 \x01(\t\x12\x10\n\x08terminal\x18\x07 \x01(\x08\x12%\n\x07options\x18\t \x01(\x0b\x32\x14.google.protobuf.Any"7\n\x12\x43reateTaskResponse\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0b\n\x03pid\x18\x02 \x01(\r"5\n\x0cStartRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t"\x1c\n\rStartResponse\x12\x0b\n\x03pid\x18\x01 \x01(\r")\n\x11\x44\x65leteTaskRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t"m\n\x0e\x44\x65leteResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0b\n\x03pid\x18\x02 \x01(\r\x12\x13\n\x0b\x65xit_status\x18\x03 \x01(\r\x12-\n\texited_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp"3\n\nGetRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t"\xf3\x01\n\x07Process\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\r\x12\x34\n\x06status\x18\x04 \x01(\x0e\x32$.containerd.services.tasks.v1.Status\x12\r\n\x05stdin\x18\x05 \x01(\t\x12\x0e\n\x06stdout\x18\x06 \x01(\t\x12\x0e\n\x06stderr\x18\x07 \x01(\t\x12\x10\n\x08terminal\x18\x08 \x01(\x08\x12\x13\n\x0b\x65xit_status\x18\t \x01(\r\x12-\n\texited_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp"E\n\x0bGetResponse\x12\x36\n\x07process\x18\x01 \x01(\x0b\x32%.containerd.services.tasks.v1.Process"Q\n\x0bKillRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\x12\x0e\n\x06signal\x18\x03 \x01(\r\x12\x0b\n\x03\x61ll\x18\x04 \x01(\x08"4\n\x0bWaitRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t"R\n\x0cWaitResponse\x12\x13\n\x0b\x65xit_status\x18\x01 \x01(\r\x12-\n\texited_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp"F\n\x0e\x43loseIORequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\x12\r\n\x05stdin\x18\x03 \x01(\x08"X\n\x10ResizePtyRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\x12\r\n\x05width\x18\x03 \x01(\r\x12\x0e\n\x06height\x18\x04 \x01(\r*U\n\x06Status\x12\x0b\n\x07UNKNOWN\x10\x00\x12\x0b\n\x07\x43REATED\x10\x01\x12\x0b\n\x07RUNNING\x10\x02\x12\x0b\n\x07STOPPED\x10\x03\x12\n\n\x06PAUSED\x10\x04\x12\x0b\n\x07PAUSING\x10\x05\x32\xeb\x05\n\x05Tasks\x12k\n\x06\x43reate\x12/.containerd.services.tasks.v1.CreateTaskRequest\x1a\x30.containerd.services.tasks.v1.CreateTaskResponse\x12`\n\x05Start\x12*.containerd.services.tasks.v1.StartRequest\x1a+.containerd.services.tasks.v1.StartResponse\x12g\n\x06\x44\x65lete\x12/.containerd.services.tasks.v1.DeleteTaskRequest\x1a,.containerd.services.tasks.v1.DeleteResponse\x12Z\n\x03Get\x12(.containerd.services.tasks.v1.GetRequest\x1a).containerd.services.tasks.v1.GetResponse\x12I\n\x04Kill\x12).containerd.services.tasks.v1.KillRequest\x1a\x16.google.protobuf.Empty\x12]\n\x04Wait\x12).containerd.services.tasks.v1.WaitRequest\x1a*.containerd.services.tasks.v1.WaitResponse\x12O\n\x07\x43loseIO\x12,.containerd.services.tasks.v1.CloseIORequest\x1a\x16.google.protobuf.Empty\x12S\n\tResizePty\x12..containerd.services.tasks.v1.ResizePtyRequest\x1a\x16.google.protobuf.Emptyb\x06proto3'
 )
 
 _globals = globals()
@@ -32,36 +33,36 @@ _builder.BuildTopDescriptorsAndMessages(
 )
 if not _descriptor._USE_C_DESCRIPTORS:
     DESCRIPTOR._loaded_options = None
-    _globals["_STATUS"]._serialized_start = 1387
-    _globals["_STATUS"]._serialized_end = 1472
-    _globals["_CREATETASKREQUEST"]._serialized_start = 189
-    _globals["_CREATETASKREQUEST"]._serialized_end = 336
-    _globals["_CREATETASKRESPONSE"]._serialized_start = 338
-    _globals["_CREATETASKRESPONSE"]._serialized_end = 393
-    _globals["_STARTREQUEST"]._serialized_start = 395
-    _globals["_STARTREQUEST"]._serialized_end = 448
-    _globals["_STARTRESPONSE"]._serialized_start = 450
-    _globals["_STARTRESPONSE"]._serialized_end = 478
-    _globals["_DELETETASKREQUEST"]._serialized_start = 480
-    _globals["_DELETETASKREQUEST"]._serialized_end = 521
-    _globals["_DELETERESPONSE"]._serialized_start = 523
-    _globals["_DELETERESPONSE"]._serialized_end = 632
-    _globals["_GETREQUEST"]._serialized_start = 634
-    _globals["_GETREQUEST"]._serialized_end = 685
-    _globals["_PROCESS"]._serialized_start = 688
-    _globals["_PROCESS"]._serialized_end = 931
-    _globals["_GETRESPONSE"]._serialized_start = 933
-    _globals["_GETRESPONSE"]._serialized_end = 1002
-    _globals["_KILLREQUEST"]._serialized_start = 1004
-    _globals["_KILLREQUEST"]._serialized_end = 1085
-    _globals["_WAITREQUEST"]._serialized_start = 1087
-    _globals["_WAITREQUEST"]._serialized_end = 1139
-    _globals["_WAITRESPONSE"]._serialized_start = 1141
-    _globals["_WAITRESPONSE"]._serialized_end = 1223
-    _globals["_CLOSEIOREQUEST"]._serialized_start = 1225
-    _globals["_CLOSEIOREQUEST"]._serialized_end = 1295
-    _globals["_RESIZEPTYREQUEST"]._serialized_start = 1297
-    _globals["_RESIZEPTYREQUEST"]._serialized_end = 1385
-    _globals["_TASKS"]._serialized_start = 1475
-    _globals["_TASKS"]._serialized_end = 2222
+    _globals["_STATUS"]._serialized_start = 1453
+    _globals["_STATUS"]._serialized_end = 1538
+    _globals["_CREATETASKREQUEST"]._serialized_start = 216
+    _globals["_CREATETASKREQUEST"]._serialized_end = 402
+    _globals["_CREATETASKRESPONSE"]._serialized_start = 404
+    _globals["_CREATETASKRESPONSE"]._serialized_end = 459
+    _globals["_STARTREQUEST"]._serialized_start = 461
+    _globals["_STARTREQUEST"]._serialized_end = 514
+    _globals["_STARTRESPONSE"]._serialized_start = 516
+    _globals["_STARTRESPONSE"]._serialized_end = 544
+    _globals["_DELETETASKREQUEST"]._serialized_start = 546
+    _globals["_DELETETASKREQUEST"]._serialized_end = 587
+    _globals["_DELETERESPONSE"]._serialized_start = 589
+    _globals["_DELETERESPONSE"]._serialized_end = 698
+    _globals["_GETREQUEST"]._serialized_start = 700
+    _globals["_GETREQUEST"]._serialized_end = 751
+    _globals["_PROCESS"]._serialized_start = 754
+    _globals["_PROCESS"]._serialized_end = 997
+    _globals["_GETRESPONSE"]._serialized_start = 999
+    _globals["_GETRESPONSE"]._serialized_end = 1068
+    _globals["_KILLREQUEST"]._serialized_start = 1070
+    _globals["_KILLREQUEST"]._serialized_end = 1151
+    _globals["_WAITREQUEST"]._serialized_start = 1153
+    _globals["_WAITREQUEST"]._serialized_end = 1205
+    _globals["_WAITRESPONSE"]._serialized_start = 1207
+    _globals["_WAITRESPONSE"]._serialized_end = 1289
+    _globals["_CLOSEIOREQUEST"]._serialized_start = 1291
+    _globals["_CLOSEIOREQUEST"]._serialized_end = 1361
+    _globals["_RESIZEPTYREQUEST"]._serialized_start = 1363
+    _globals["_RESIZEPTYREQUEST"]._serialized_end = 1451
+    _globals["_TASKS"]._serialized_start = 1541
+    _globals["_TASKS"]._serialized_end = 2288
 # @@protoc_insertion_point(module_scope)

@@ -1,6 +1,7 @@
 # ruff: noqa
 import datetime
 
+from google.protobuf import any_pb2 as _any_pb2
 from google.protobuf import empty_pb2 as _empty_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from estargz_opt.stores.containerd._pb import types_pb2 as _types_pb2
@@ -29,20 +30,22 @@ PAUSED: Status
 PAUSING: Status
 
 class CreateTaskRequest(_message.Message):
-    __slots__ = ("container_id", "rootfs", "stdin", "stdout", "stderr", "terminal")
+    __slots__ = ("container_id", "rootfs", "stdin", "stdout", "stderr", "terminal", "options")
     CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
     ROOTFS_FIELD_NUMBER: _ClassVar[int]
     STDIN_FIELD_NUMBER: _ClassVar[int]
     STDOUT_FIELD_NUMBER: _ClassVar[int]
     STDERR_FIELD_NUMBER: _ClassVar[int]
     TERMINAL_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
     container_id: str
     rootfs: _containers.RepeatedCompositeFieldContainer[_types_pb2.Mount]
     stdin: str
     stdout: str
     stderr: str
     terminal: bool
-    def __init__(self, container_id: _Optional[str] = ..., rootfs: _Optional[_Iterable[_Union[_types_pb2.Mount, _Mapping]]] = ..., stdin: _Optional[str] = ..., stdout: _Optional[str] = ..., stderr: _Optional[str] = ..., terminal: _Optional[bool] = ...) -> None: ...
+    options: _any_pb2.Any
+    def __init__(self, container_id: _Optional[str] = ..., rootfs: _Optional[_Iterable[_Union[_types_pb2.Mount, _Mapping]]] = ..., stdin: _Optional[str] = ..., stdout: _Optional[str] = ..., stderr: _Optional[str] = ..., terminal: _Optional[bool] = ..., options: _Optional[_Union[_any_pb2.Any, _Mapping]] = ...) -> None: ...
 
 class CreateTaskResponse(_message.Message):
     __slots__ = ("container_id", "pid")

@@ -1,0 +1,139 @@
+"""Unpacked layers kept between runs, one directory per diff ID, stacked with overlayfs.
+
+containerd keeps each unpacked layer as a snapshot, so its runner unpacks an image once;
+this is the same for the runc runner. A layer is unpacked (`unpack_overlay_layer`) into
+`<cache>/unpacked/<diff id hex>` once, then every run of any image holding that layer
+stacks it as an overlayfs lowerdir under its own upper directory (the workload's writes
+never reach the shared layers).
+
+Concurrency and crashes, as the converted-layer cache handles them: a layer is filled
+into a temporary directory named after its owner process and renamed into place (a
+concurrent fill of the same layer keeps the first); a run holds a shared flock on each
+layer it stacks, and eviction (least recently used first, above `max_size`) takes an
+exclusive one without waiting, so a layer in use is never removed; fills left by a run
+killed with SIGKILL are removed by the next run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from estargz_opt.stores.owner import is_dead, temp_owner, temp_prefix
+from estargz_opt.workload.unpack import Layer, UnpackOptions, unpack_overlay_layer
+
+log = logging.getLogger("estargz_opt")
+
+SUBDIR = "unpacked"
+DEFAULT_MAX_SIZE = 10 << 30
+_FILL = "unpack"
+
+
+class UnpackedLayers:
+    """The unpacked-layer directory under a cache root (see the module docstring)."""
+
+    def __init__(self, root: Path, max_size: int = DEFAULT_MAX_SIZE) -> None:
+        self.dir = root / SUBDIR
+        self.max_size = max_size
+
+    def paths(self, layers: Sequence[Layer]) -> list[str]:
+        """Where each layer's directory is (or will be), bottom first."""
+        return [str(self.dir / layer.diff_id.removeprefix("sha256:")) for layer in layers]
+
+    @contextlib.contextmanager
+    def hold(self, layers: Sequence[Layer], options: UnpackOptions) -> Iterator[list[str]]:
+        """The directory of each layer (bottom first), unpacked if needed, kept from
+        eviction until the context ends."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._reap_dead_fills()
+        with contextlib.ExitStack() as stack:
+            paths = []
+            for layer in layers:
+                key = layer.diff_id.removeprefix("sha256:")
+                stack.enter_context(_lock_file(self.dir / f"{key}.lock"))
+                path = self.dir / key
+                if not path.is_dir():
+                    # one fill at a time; a concurrent run of the same layer waits for it
+                    with _lock_file(self.dir / f"{key}.fill", fcntl.LOCK_EX):
+                        if not path.is_dir():
+                            self._fill(path, layer, options)
+                else:
+                    log.debug("layer %s is unpacked already", layer.name)
+                os.utime(self.dir / f"{key}.lock")  # its last use, for eviction
+                paths.append(str(path))
+            yield paths
+        self.evict()
+
+    def _fill(self, path: Path, layer: Layer, options: UnpackOptions) -> None:
+        tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(_FILL), suffix=".tmp", dir=self.dir))
+        try:
+            stats = unpack_overlay_layer(str(tmp), layer, options)
+            size = _du(tmp)
+            (self.dir / f"{path.name}.size").write_text(str(size))
+            os.chmod(tmp, 0o755)
+            os.rename(tmp, path)
+            log.debug("unpacked layer %s: %d entries, %d MB", layer.name, stats.entries, size >> 20)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    def _reap_dead_fills(self) -> None:
+        for entry in os.scandir(self.dir):
+            owner = temp_owner(entry.name)
+            if owner is not None and is_dead(owner):
+                log.info("deleting %s, left by a run that was killed", entry.path)
+                shutil.rmtree(entry.path, ignore_errors=True)
+
+    def evict(self) -> None:
+        """Remove least recently used layers until at most `max_size` bytes are kept;
+        layers another run holds are skipped."""
+        entries = []
+        for lock in self.dir.glob("*.lock"):
+            key = lock.name[: -len(".lock")]
+            try:
+                size = int((self.dir / f"{key}.size").read_text())
+                entries.append((lock.stat().st_mtime, size, key))
+            except (OSError, ValueError):
+                continue
+        total = sum(size for _, size, _ in entries)
+        for _, size, key in sorted(entries):
+            if total <= self.max_size:
+                return
+            with contextlib.ExitStack() as stack:
+                try:
+                    stack.enter_context(
+                        _lock_file(self.dir / f"{key}.lock", fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    )
+                except BlockingIOError:
+                    continue  # in use
+                log.debug("evicting unpacked layer %s (%d MB)", key, size >> 20)
+                shutil.rmtree(self.dir / key, ignore_errors=True)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.dir / f"{key}.size")
+                total -= size
+
+
+@contextlib.contextmanager
+def _lock_file(path: Path, how: int = fcntl.LOCK_SH) -> Iterator[int]:
+    """A lock file, flocked `how` (shared: in use) while the context lasts."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, how)
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _du(path: Path) -> int:
+    total = 0
+    for dirpath, dirs, files in os.walk(path):
+        for name in dirs + files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
+    return total

@@ -1,0 +1,196 @@
+"""`--runtime` with both runners: containerd's (the runc shim's BinaryName option) and the
+runc runner (the runtime's own CLI).
+
+- crun (Debian's): that crun, not runc, ran the container is read from the runtime's
+  state directory while the workload runs (crun keeps `status` there, runc `state.json`).
+- a PATH (a wrapper that keeps each bundle's config.json): both runners hand the
+  runtime the same spec, but for what names the run.
+
+crun refuses a hybrid cgroup host whose v2 hierarchy still has controllers (this
+machine's init leaves hugetlb there); `runnerlib.V1Controllers` binds them to v1 for the
+module, as systemd would, without a mount visible or left anywhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import analyzeimages as ai
+import imagefactory as f
+import pytest
+from runnerlib import (
+    DAEMONLESS,
+    STATE_ROOT,
+    RunLeftovers,
+    V1Controllers,
+    cgroup_controllers_on_v2_in_hybrid,
+    cli_env,
+    layout_prioritized,
+    run_layout_image,
+)
+from test_analyze import (
+    BB,
+    KIND_OUTPUT,
+    RUN_SH,
+    ended_by,
+    expected_prioritized,
+    pairs,
+    prioritized,
+    read_record,
+)
+from test_optimize_containerd import ctr_run
+
+pytestmark = pytest.mark.interop
+
+WANT = {BB, ("app/run.sh", 1), ("app/a.txt", 2), ("app/b.txt", 1)}
+SLEEP = ["--args", '["/bin/sh","/app/run.sh","sleep"]']
+#: where containerd's runc shim keeps its runtime's state (namespace "default")
+SHIM_ROOT = "/run/containerd/runc/default"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def crun_host(tmp_path_factory) -> Iterator[None]:
+    controllers = cgroup_controllers_on_v2_in_hybrid()
+    if not controllers:
+        yield
+        return
+    v1 = V1Controllers(controllers, tmp_path_factory.mktemp("cgroup-v1"))
+    try:
+        yield
+    finally:
+        v1.close()
+
+
+@pytest.fixture(scope="module")
+def layers(busybox_layer: Path) -> list[bytes]:
+    l1 = ai.layer([ai.script("app/run.sh", RUN_SH), ai.file("app/a.txt", "alpha-lower\n"),
+                   ai.file("app/b.txt", "bravo\n")])
+    l2 = ai.layer([ai.file("app/a.txt", "alpha-upper\n"), ai.file("app/c.txt", "charlie\n")])
+    return [busybox_layer.read_bytes(), l1, l2]
+
+
+CONFIG = ai.config(["/bin/sh", "/app/run.sh", "exit"])
+
+
+def _run_watching(argv: list[str], env: dict[str, str], root: str,
+                  tmp_path: Path) -> tuple[subprocess.CompletedProcess, set[str]]:
+    """Run the CLI; meanwhile, the files in the sample container's state directory."""
+    before = set(Path(root).iterdir()) if Path(root).is_dir() else set()
+    err = tmp_path / "err"
+    with open(err, "wb") as e:
+        proc = subprocess.Popen([sys.executable, "-m", "estargz_opt", *argv], env=env,
+                                stdout=subprocess.PIPE, stderr=e, stdin=subprocess.DEVNULL)
+    seen: set[str] = set()
+    while proc.poll() is None:
+        with contextlib.suppress(OSError):  # the directory goes when the run ends
+            for d in set(Path(root).iterdir()) - before:
+                if d.name.startswith("estargz-opt-sample-") and d.is_dir():
+                    seen |= {p.name for p in d.iterdir()}
+        time.sleep(0.05)
+    out, _ = proc.communicate(timeout=120)
+    return subprocess.CompletedProcess(argv, proc.returncode, out.decode(),
+                                       err.read_text()), seen
+
+
+def test_crun_with_the_containerd_runner(containerd, layers: list[bytes],
+                                         tmp_path: Path) -> None:
+    img = ai.build(containerd, tmp_path / "img", "localhost/analyze-crun:1", layers, CONFIG)
+    record = tmp_path / "r.jsonl"
+    dst = "localhost/analyze-crun:1-esgz"
+    env = cli_env(tmp_path, CONTAINERD_ADDRESS=containerd.address)
+    res, seen = _run_watching(["optimize", "--oci", "--runtime", "crun", "--period", "3",
+                               "--record-out", str(record), *SLEEP, img.name, dst],
+                              env, SHIM_ROOT, tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "status" in seen and "state.json" not in seen, f"not crun's state: {seen}"
+    assert ended_by(res.stderr) == "the --period elapsed"
+    rec = read_record(record)
+    assert set(pairs(rec)) == WANT
+    assert prioritized(containerd, dst) == expected_prioritized(rec, 3)
+    assert ctr_run(containerd, dst) == KIND_OUTPUT
+
+
+@pytest.mark.parametrize("runner", list(DAEMONLESS))
+def test_crun_with_the_daemonless_runners(runner: str, layers: list[bytes],
+                                          tmp_path: Path) -> None:
+    layout = tmp_path / "layout"
+    f.write_layout(layout, "v1", layers, CONFIG)
+    leftovers = RunLeftovers(tmp_path / "tmpdir")
+    record = tmp_path / "r.jsonl"
+    res, seen = _run_watching(["optimize", "--oci", *DAEMONLESS[runner], "--runtime", "crun",
+                               "--period", "3", "--record-out", str(record), *SLEEP,
+                               f"oci:{layout}:v1", f"oci:{layout}:esgz"],
+                              cli_env(leftovers.tmpdir), STATE_ROOT, tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "status" in seen and "state.json" not in seen, f"not crun's state: {seen}"
+    assert ended_by(res.stderr) == "the --period elapsed"
+    leftovers.check()
+    rec = read_record(record)
+    assert set(pairs(rec)) == WANT
+    assert layout_prioritized(layout, "esgz") == expected_prioritized(rec, 3)
+    assert run_layout_image(layout, "esgz", tmp_path, runtime="crun") == KIND_OUTPUT
+    assert json.loads((layout / "index.json").read_text())["manifests"]
+
+
+def _spy_runtime(path: Path, out: Path) -> Path:
+    """A runtime (`--runtime PATH`) that keeps a copy of each bundle's config.json it is
+    asked to create, then runs runc with the same arguments."""
+    path.write_text(
+        "#!/bin/sh\n"
+        'prev=""; for a in "$@"; do\n'
+        f'  if [ "$prev" = "--bundle" ]; then cp "$a/config.json" "{out}/$$.json"; fi\n'
+        '  prev="$a"\n'
+        "done\n"
+        'exec runc "$@"\n'
+    )
+    path.chmod(0o755)
+    out.mkdir()
+    return path
+
+
+def _normalized(spec: dict) -> dict:
+    """A spec without what names this run (paths of its directory, ids, owner)."""
+    spec = json.loads(json.dumps(spec))
+    spec["root"].pop("path")
+    spec.pop("annotations", None)
+    spec["linux"].pop("cgroupsPath")
+    for ns in spec["linux"]["namespaces"]:
+        if ns["type"] == "mount":
+            assert ns.pop("path").startswith("/proc/")
+    for m in spec["mounts"]:
+        if m["destination"] in ("/etc/hosts", "/etc/resolv.conf"):
+            assert m.pop("source").endswith(m["destination"])
+    return spec
+
+
+def test_both_runners_give_the_same_spec_and_take_a_runtime_path(
+    containerd, layers: list[bytes], tmp_path: Path
+) -> None:
+    """--runtime PATH in both runners; the spec the runtime is given is the same."""
+    img = ai.build(containerd, tmp_path / "img", "localhost/analyze-spec:1", layers, CONFIG)
+    layout = tmp_path / "layout"
+    f.write_layout(layout, "v1", layers, CONFIG)
+    flags = ["--period", "5", "--env", "A=1", "--user", "0:0", "--cwd", "/app",
+             "--mount", f"type=bind,source={tmp_path},destination=/data,options=rbind:ro"]
+    specs = {}
+    for runner, src in (("containerd", img.name), ("runc", f"oci:{layout}:v1")):
+        out = tmp_path / f"specs-{runner}"
+        spy = _spy_runtime(tmp_path / f"spy-{runner}", out)
+        env = cli_env(tmp_path, CONTAINERD_ADDRESS=containerd.address)
+        res = subprocess.run(
+            [sys.executable, "-m", "estargz_opt", "analyze", "--runner", runner, "--runtime",
+             str(spy), *flags, "--record-out", str(tmp_path / f"{runner}.jsonl"), src],
+            capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL, timeout=120)
+        assert res.returncode == 0, res.stderr
+        assert "done-exit" in res.stderr
+        [copied] = list(out.iterdir())
+        specs[runner] = json.loads(copied.read_text())
+    assert specs["runc"]["linux"]["cgroupsPath"].startswith("/estargz-opt/estargz-opt-sample-")
+    assert specs["containerd"]["linux"]["cgroupsPath"].startswith("/default/estargz-opt-sample-")
+    assert _normalized(specs["runc"]) == _normalized(specs["containerd"])
