@@ -214,6 +214,21 @@ def test_destination_that_refuses_us_fails_before_any_conversion(
     assert "not-the-password" not in proc.stdout + proc.stderr
 
 
+def test_refusing_destination_fails_before_the_workload_runs(
+        regs: Registries, home: Path, layout: Path) -> None:
+    """With a workload to run (no --no-optimize), a destination that refuses our pushes
+    is still the first and only error: the workload never starts."""
+    reg = regs.basic
+    proc = _cli(home, "--log-level", "error", "optimize", "--oci", "--period", "1",
+                "--dest-creds",
+                f"{USER}:not-the-password", f"oci:{layout}:v1",
+                f"docker://{reg.host}/workload-refused/out:1")
+    assert _one_error_line(proc) == (
+        f"registry {reg.host}: unauthorized for repository workload-refused/out: the "
+        "credentials from the command line (--dest-creds) were refused (basic auth)")
+    assert not _repository_dir(reg, "workload-refused/out").exists()
+
+
 def test_self_signed_without_ca_is_one_line(regs: Registries, tmp_path: Path) -> None:
     host = regs.tls.host
     msg = _one_error_line(_cli(tmp_path, "verify", f"docker://{host}/any/app:1"))
