@@ -318,7 +318,11 @@ class RegistryAuth(httpx.Auth):
         if by:
             what += f" ({by} refused the login)"
         if challenge is not None and challenge.params.get("error") == "insufficient_scope":
-            wanted = challenge.params.get("scope", "the access it needs")
+            # The registry's own scope string lists actions in no fixed order (distribution
+            # builds it from a map): normalized, so the message is the same every time.
+            scope = challenge.params.get("scope")
+            wanted = (" ".join(sorted(_merge(scope.split()))) or scope) if scope else (
+                "the access it needs")
             return RegistryAccessError(
                 f"{what}: the token obtained with "
                 f"{'no credentials' if cred is None else 'the credentials from ' + cred.source}"
