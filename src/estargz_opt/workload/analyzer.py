@@ -17,6 +17,7 @@ from typing import BinaryIO
 from estargz_opt import descriptor as d
 from estargz_opt.cache import default_dir
 from estargz_opt.descriptor import Descriptor, Manifest
+from estargz_opt.format.source import Spool
 from estargz_opt.prioritize.layerindex import LayerNames
 from estargz_opt.prioritize.record import RecordEntry, Recorder
 from estargz_opt.stores import Store, as_containerd, is_containerd
@@ -60,14 +61,16 @@ def analyze(
     *,
     on_tick: Tick | None = None,
     output: BinaryIO | None = None,
+    spool: Spool | None = None,
 ) -> Analysis:
-    """Run the workload of `manifest` (the host platform's) and record what it touched."""
+    """Run the workload of `manifest` (the host platform's) and record what it touched;
+    with `spool`, the layers' tar bytes are kept there for the conversion that follows."""
     config = d.load_json(store.read(manifest.config, "image config"), "image config")
     layers = [x for x in manifest.layers if x.media_type in d.LAYER_TYPES]
     diff_ids = d.config_diff_ids(config, len(layers), image_name)
     image = SampleImage(image_name, config, layers, diff_ids)
     req = SampleRequest(runner_for(store, opts), image, opts, on_tick=on_tick, output=output)
-    return record_workload(req, manifest_desc.digest)
+    return record_workload(req, manifest_desc.digest, spool)
 
 
 def runner_for(store: Store, opts: SamplerOptions) -> Runner:
@@ -93,10 +96,12 @@ def runner_for(store: Store, opts: SamplerOptions) -> Runner:
     return RuncRunner(store, opts.runtime, layer_cache=default_dir())
 
 
-def record_workload(req: SampleRequest, manifest_digest: str) -> Analysis:
+def record_workload(
+    req: SampleRequest, manifest_digest: str, spool: Spool | None = None
+) -> Analysis:
     """Run the workload as `req` says and map each accessed path to its layer."""
     with ThreadPoolExecutor(1, thread_name_prefix="layer-names") as pool:
-        names_job = pool.submit(_layer_names, req.runner, req.image.layers)
+        names_job = pool.submit(_layer_names, req.runner, req.image.layers, spool)
         sample = run_sample(req)
         names = names_job.result()
     recorder = Recorder(names, manifest_digest)
@@ -116,5 +121,16 @@ def record_workload(req: SampleRequest, manifest_digest: str) -> Analysis:
     return Analysis(recorder.entries, sample)
 
 
-def _layer_names(runner: Runner, layers: list[Descriptor]) -> LayerNames:
-    return LayerNames([LayerNames.names_in_stream(runner.layer_chunks(x)) for x in layers])
+def _layer_names(runner: Runner, layers: list[Descriptor], spool: Spool | None) -> LayerNames:
+    """Every layer's names, read while the workload runs; with `spool`, each layer is read
+    to its end (past the tar's end marker) so that its spooled tar is complete."""
+    names = []
+    for x in layers:
+        if spool is None:
+            names.append(LayerNames.names_in_stream(runner.layer_chunks(x)))
+            continue
+        pieces = spool.tee(x.digest, runner.layer_chunks(x), f"layer {x.digest}")
+        names.append(LayerNames.names_in_stream(pieces))
+        for _ in pieces:
+            pass
+    return LayerNames(names)
