@@ -311,6 +311,7 @@ class Converter:
     def _source(self, desc: Descriptor, what: str) -> Iterator[TarSource]:
         """The layer's tar: spooled during the workload run if it was, else from the store."""
         spooled = self.opts.spool.take(desc.digest) if self.opts.spool else None
+        log.debug("%s: %s", what, "spooled" if spooled else "read from the store")
         if spooled is not None:
             with spooled.f:
                 yield spooled

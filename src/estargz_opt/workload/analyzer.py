@@ -130,7 +130,9 @@ def _layer_names(runner: Runner, layers: list[Descriptor], spool: Spool | None) 
             names.append(LayerNames.names_in_stream(runner.layer_chunks(x)))
             continue
         pieces = spool.tee(x.digest, runner.layer_chunks(x), f"layer {x.digest}")
-        names.append(LayerNames.names_in_stream(pieces))
+        # A bare iterator: the name scan stops at the tar's end marker and closes what it
+        # reads from, which must not close (and discard) the spool's copy.
+        names.append(LayerNames.names_in_stream(iter(pieces.__next__, None)))
         for _ in pieces:
             pass
     return LayerNames(names)
