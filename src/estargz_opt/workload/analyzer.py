@@ -10,6 +10,7 @@ background thread, so it costs no extra time on top of the `--period`.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import BinaryIO
@@ -122,17 +123,18 @@ def record_workload(
 
 
 def _layer_names(runner: Runner, layers: list[Descriptor], spool: Spool | None) -> LayerNames:
-    """Every layer's names, read while the workload runs; with `spool`, each layer is read
-    to its end (past the tar's end marker) so that its spooled tar is complete."""
-    names = []
-    for x in layers:
-        if spool is None:
-            names.append(LayerNames.names_in_stream(runner.layer_chunks(x)))
-            continue
-        pieces = spool.tee(x.digest, runner.layer_chunks(x), f"layer {x.digest}")
-        # A bare iterator: the name scan stops at the tar's end marker and closes what it
-        # reads from, which must not close (and discard) the spool's copy.
-        names.append(LayerNames.names_in_stream(iter(pieces.__next__, None)))
-        for _ in pieces:
-            pass
-    return LayerNames(names)
+    return LayerNames([scan_layer(runner.layer_chunks(x), x.digest, spool) for x in layers])
+
+
+def scan_layer(chunks: Iterable[bytes], digest: str, spool: Spool | None) -> frozenset[str]:
+    """One layer's names, read while the workload runs; with `spool`, the layer is read
+    to its end (past the tar's end marker), so that the spool keeps its whole tar."""
+    if spool is None:
+        return LayerNames.names_in_stream(chunks)
+    pieces = spool.tee(digest, chunks, f"layer {digest}")
+    # A bare iterator: the name scan stops at the tar's end marker and closes what it
+    # reads from, which must not close (and discard) the spool's copy.
+    names = LayerNames.names_in_stream(iter(pieces.__next__, None))
+    for _ in pieces:
+        pass
+    return names
