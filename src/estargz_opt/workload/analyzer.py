@@ -22,7 +22,6 @@ from estargz_opt.format.source import Spool
 from estargz_opt.prioritize.layerindex import LayerNames
 from estargz_opt.prioritize.record import RecordEntry, Recorder
 from estargz_opt.stores import Store, as_containerd, is_containerd
-from estargz_opt.workload.containerd.runner import ContainerdRunner
 from estargz_opt.workload.options import SamplerOptions
 from estargz_opt.workload.rootless.checks import is_real_root
 from estargz_opt.workload.runc.runner import RuncRunner
@@ -91,6 +90,10 @@ def runner_for(store: Store, opts: SamplerOptions) -> Runner:
 
         return RootlessRunner(store, opts, opts.runtime)
     if name == "containerd":
+        # imported here: grpc and containerd's client take ~0.15 s to load, for nothing
+        # when the runc or rootless runner runs an image from a layout, archive or registry
+        from estargz_opt.workload.containerd.runner import ContainerdRunner
+
         return ContainerdRunner(
             as_containerd(store, "--runner containerd (the containerd runner)"), opts.runtime
         )
