@@ -25,6 +25,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -252,6 +253,10 @@ def build_snapshotter(cache: Path = CACHE) -> Path:
 # --------------------------------------------------------------------------- registry
 
 
+#: A request in distribution's access log: "METHOD PATH HTTP/x.y" STATUS
+ACCESS_LINE = re.compile(r'"(GET|HEAD|POST|PUT|PATCH|DELETE) (\S+) HTTP/[\d.]+" (\d{3}) ')
+
+
 @dataclass(frozen=True)
 class RegistryConfig:
     """What a test registry adds to the plain-HTTP default (tests/registries.py builds
@@ -301,7 +306,7 @@ class Registry:
         auth = f"auth:\n{reg.config.auth}" if reg.config.auth else ""
         (d / "config.yml").write_text(
             "version: 0.1\n"
-            "log:\n  level: warn\n  accesslog:\n    disabled: true\n"
+            "log:\n  level: warn\n  accesslog:\n    disabled: false\n"
             f"storage:\n  filesystem:\n    rootdirectory: {d / 'storage'}\n"
             "  delete:\n    enabled: true\n"
             f"http:\n  addr: 127.0.0.1:{reg.port}\n{tls}{auth}"
@@ -333,6 +338,13 @@ class Registry:
             return e.code == 401
         except (urllib.error.URLError, OSError):
             return False
+
+    def requests(self) -> list[tuple[str, str, int]]:
+        """(method, path, status) of each request served so far, from the access log
+        (Apache combined format) in registry.log."""
+        log = self.dir / "registry.log"
+        text = log.read_text(errors="replace") if log.exists() else ""
+        return [(m[1], m[2], int(m[3])) for m in ACCESS_LINE.finditer(text)]
 
     def blob_data(self, digest: str) -> Path:
         """Where the registry's filesystem driver keeps the blob's bytes."""

@@ -175,6 +175,8 @@ class TokenIssuer:
     authorization_seen: list[str] = field(default_factory=list)
     #: repositories no user gets any access to (the token is issued without it)
     denied: set[str] = field(default_factory=set)
+    #: repositories every user may pull from but not push to
+    read_only: set[str] = field(default_factory=set)
     _server: ThreadingHTTPServer | None = field(default=None, repr=False)
     _key: rsa.RSAPrivateKey = field(default_factory=_key, repr=False)
 
@@ -259,7 +261,9 @@ class TokenIssuer:
             name, _, actions = rest.rpartition(":")
             if name in self.denied:
                 continue
-            access.append({"type": kind, "name": name, "actions": actions.split(",")})
+            granted = [a for a in actions.split(",")
+                       if not (name in self.read_only and a == "push")]
+            access.append({"type": kind, "name": name, "actions": granted})
         # JWT times are whole seconds: round up, so the token lives at least `lifetime`.
         # distribution accepts a token until LEEWAY after its `exp` (clock skew), so
         # `exp` is set that much earlier: the registry refuses the token `lifetime`

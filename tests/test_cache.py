@@ -464,3 +464,34 @@ def test_containerd_uses_the_cache_and_copies_nothing_it_holds(containerd, tmp_p
     subprocess.run(["ctr", "-a", containerd.address, "-n", other_ns, "images", "rm",
                     name, f"{name}-esgz"], capture_output=True)
     containerd.ctr("images", "rm", name, f"{name}-esgz1", f"{name}-esgz2")
+
+
+def test_archives_use_the_cache(image: Path, tmp_path: Path) -> None:
+    """oci-archive: and docker-archive: sources and an oci-archive: destination go
+    through the same cache: a warm run from each archive is all hits and gives the image
+    a cold run gives."""
+    cache = tmp_path / "cache"
+    archive = tmp_path / "src.tar"
+    docker = tmp_path / "docker.tar"
+    for dst in (f"oci-archive:{archive}:t", f"docker-archive:{docker}:example.com/app:t"):
+        subprocess.run(["skopeo", "copy", "-q", f"oci:{image}:t", dst], check=True,
+                       capture_output=True)
+    plain = optimize(f"oci-archive:{archive}:t", f"oci-archive:{tmp_path / 'plain.tar'}:t",
+                     "--no-cache")
+    cold = optimize(f"oci-archive:{archive}:t", f"oci-archive:{tmp_path / 'cold.tar'}:t",
+                    cache=cache)
+    warm = optimize(f"oci-archive:{archive}:t", f"oci-archive:{tmp_path / 'warm.tar'}:t",
+                    cache=cache)
+    assert states(plain) == ["off", "off"]
+    assert states(cold) == ["miss", "miss"]
+    assert states(warm) == ["hit", "hit"]
+    assert plain["target"] == cold["target"] == warm["target"]
+    verify(f"oci-archive:{tmp_path / 'warm.tar'}:t")
+    # skopeo stores docker-archive layers uncompressed: other source digests, other keys;
+    # a second run from the same archive is all hits.
+    first = optimize(f"docker-archive:{docker}", f"oci:{tmp_path / 'd1'}:t", cache=cache)
+    second = optimize(f"docker-archive:{docker}", f"oci:{tmp_path / 'd2'}:t", cache=cache)
+    assert states(first) == ["miss", "miss"]
+    assert states(second) == ["hit", "hit"]
+    assert first["target"] == second["target"]
+    verify(f"oci:{tmp_path / 'd2'}:t")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from imagefactory import simple_layer, write_layout
+from lazypull import Registry
 from registries import PASSWORD, USER, Registries
 
 CREDS = f"{USER}:{PASSWORD}"
@@ -121,6 +122,20 @@ def test_optimize_registry_to_registry(regs: Registries, home: Path, layout: Pat
               f"docker://{host}/dst/app:1-esgz", f"oci:{tmp_path / 'copy'}:x"], home))
     _ok(_cli(home, "verify", *_ours(regs, home, name, ("",)),
              f"docker://{host}/dst/app:1-esgz"))
+    # the destination's push check (an upload opened and cancelled) left no session open
+    assert _open_uploads(regs.all()[name], "dst/app") == []
+
+
+def _repository_dir(reg: Registry, repo: str) -> Path:
+    """Where distribution's filesystem driver keeps a repository's links and uploads."""
+    return reg.dir / "storage/docker/registry/v2/repositories" / repo
+
+
+def _open_uploads(reg: Registry, repo: str) -> list[str]:
+    """The upload sessions the registry holds open for `repo`: those with a `startedat`
+    file (a committed or cancelled one loses it; a committed one leaves its hash state)."""
+    uploads = _repository_dir(reg, repo) / "_uploads"
+    return sorted(p.parent.name for p in uploads.glob("*/startedat"))
 
 
 def _one_error_line(proc: subprocess.CompletedProcess[str]) -> str:
@@ -155,6 +170,63 @@ def test_wrong_password_is_one_line_naming_the_source(regs: Registries, home: Pa
                 f"docker://{host}/err/app:1")
     assert _one_error_line(proc).startswith(f"registry {host}: unauthorized for repository "
                                             "err/app: no credentials were found")
+
+
+@pytest.mark.parametrize("case", ["wrong-password", "push-denied"])
+def test_destination_that_refuses_us_fails_before_any_conversion(
+        regs: Registries, home: Path, layout: Path, tmp_path: Path, case: str) -> None:
+    """A wrong --dest-creds (htpasswd), or a repository the token issuer grants pull but
+    not push on: the one-line error comes before any layer is read or converted, and the
+    destination repository is left untouched (no tag, no blob, no upload session)."""
+    name = "basic" if case == "wrong-password" else "token"
+    reg = regs.all()[name]
+    src, dst = f"{case}/app", f"{case}/out"
+    _push_source(regs, home, layout, name, f"{src}:1")
+    if case == "wrong-password":
+        flags = ["--authfile", str(home / "basic-auth.json"), "--dest-creds",
+                 f"{USER}:not-the-password"]
+        reason = ("the credentials from the command line (--dest-creds) were refused "
+                  "(basic auth)")
+    else:
+        flags = ["--src-creds", CREDS, "--dest-creds", CREDS]
+        reason = ("the token obtained with the credentials from the command line "
+                  f"(--dest-creds) does not grant repository:{dst}:pull,push")
+    cache = tmp_path / "cache"
+    args = ["optimize", "--oci", "--no-optimize", "--cache-dir", str(cache), *flags,
+            f"docker://{reg.host}/{src}:1", f"docker://{reg.host}/{dst}:1"]
+    seen = len(reg.requests())
+    regs.issuer.read_only.add(dst)
+    try:
+        proc = _cli(home, "--log-level", "error", *args)
+    finally:
+        regs.issuer.read_only.clear()
+    assert _one_error_line(proc) == f"registry {reg.host}: unauthorized for repository " \
+        f"{dst}: {reason}"
+    # the registry's access log: the push check was made, and no blob was read, probed
+    # or sent on either side
+    requests = reg.requests()[seen:]
+    assert ("POST", f"/v2/{dst}/blobs/uploads/", 401) in requests, requests
+    check = f"/v2/{dst}/blobs/uploads/"
+    assert not [r for r in requests if ("/blobs/" in r[1] and r[1] != check)
+                or r[0] in ("PUT", "PATCH")], requests
+    assert not list(cache.rglob("*.meta")), "a layer was converted (and cached)"
+    assert not _repository_dir(reg, dst).exists()
+    assert "not-the-password" not in proc.stdout + proc.stderr
+
+
+def test_refusing_destination_fails_before_the_workload_runs(
+        regs: Registries, home: Path, layout: Path) -> None:
+    """With a workload to run (no --no-optimize), a destination that refuses our pushes
+    is still the first and only error: the workload never starts."""
+    reg = regs.basic
+    proc = _cli(home, "--log-level", "error", "optimize", "--oci", "--period", "1",
+                "--dest-creds",
+                f"{USER}:not-the-password", f"oci:{layout}:v1",
+                f"docker://{reg.host}/workload-refused/out:1")
+    assert _one_error_line(proc) == (
+        f"registry {reg.host}: unauthorized for repository workload-refused/out: the "
+        "credentials from the command line (--dest-creds) were refused (basic auth)")
+    assert not _repository_dir(reg, "workload-refused/out").exists()
 
 
 def test_self_signed_without_ca_is_one_line(regs: Registries, tmp_path: Path) -> None:

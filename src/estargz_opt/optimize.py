@@ -220,25 +220,9 @@ def optimize(req: OptimizeRequest) -> OptimizeOutcome:
             if req.platforms or req.all_platforms
             else " (the host; use --platform or --all-platforms for others)",
         )
-        analysis = None
         # The host layers, decompressed while the workload runs, for their conversion.
         spool = Spool()
         stack.callback(spool.close)
-        if run_workload:
-            analysis = _analyze(req, src, root, src_ref, matcher, spool)
-            prioritized = analysis.prioritized if analysis else {}
-            profile = None
-        else:
-            profile = _profile(req, src, root, matcher)
-            prioritized = profile.prioritized if profile else {}
-            if profile and req.prefetch_list_out:
-                _write_prefetch_list_out(
-                    req.prefetch_list_out,
-                    str(src_ref),
-                    profile.manifest_digest,
-                    profile.order,
-                    "profile's",
-                )
         same = same_store(src_ref, dst_ref)
         cache = LayerCache(req.cache_dir, req.cache_max_size) if req.cache_dir else None
         if cache:
@@ -247,17 +231,35 @@ def optimize(req: OptimizeRequest) -> OptimizeOutcome:
             src if same else stack.enter_context(open_store(dst_ref, req.dst_store, create=True))
         )
         pair(src, dst)
-        opts = ConvertOptions(
-            layer=req.layer,
-            platforms=matcher,
-            oci=req.oci,
-            reuse=req.reuse,
-            prioritized=prioritized,
-            progress=req.progress,
-            cache=cache,
-            spool=spool,
-        )
         try:
+            # The destination is opened (a registry's push access checked) before the
+            # workload runs, so a refusal costs no run and no conversion.
+            analysis = None
+            if run_workload:
+                analysis = _analyze(req, src, root, src_ref, matcher, spool)
+                prioritized = analysis.prioritized if analysis else {}
+                profile = None
+            else:
+                profile = _profile(req, src, root, matcher)
+                prioritized = profile.prioritized if profile else {}
+                if profile and req.prefetch_list_out:
+                    _write_prefetch_list_out(
+                        req.prefetch_list_out,
+                        str(src_ref),
+                        profile.manifest_digest,
+                        profile.order,
+                        "profile's",
+                    )
+            opts = ConvertOptions(
+                layer=req.layer,
+                platforms=matcher,
+                oci=req.oci,
+                reuse=req.reuse,
+                prioritized=prioritized,
+                progress=req.progress,
+                cache=cache,
+                spool=spool,
+            )
             result = Converter(src, dst, opts, same_store=same).convert(root)
             if cache and cache.warning:
                 result.warnings.append(cache.warning)

@@ -135,7 +135,8 @@ class StoreOptions:
 
 
 def open_store(ref: ImageRef, opts: StoreOptions, *, create: bool) -> Store:
-    """The store `ref` names (not yet entered). create: make an OCI layout if missing."""
+    """The store `ref` names (not yet entered). create: it is the run's destination (an
+    OCI layout is made if missing; a registry checks on entry that it may push)."""
     # Imported here: each store module imports check_blob from this package.
     if isinstance(ref, OCIRef):
         from estargz_opt.stores.oci import OCILayout
@@ -152,7 +153,7 @@ def open_store(ref: ImageRef, opts: StoreOptions, *, create: bool) -> Store:
     if isinstance(ref, RegistryRef):
         from estargz_opt.stores.registry.store import RegistryStore
 
-        return RegistryStore(ref, opts.registry)
+        return RegistryStore(ref, opts.registry, destination=create)
     from estargz_opt.stores.containerd.store import ContainerdStore
 
     return ContainerdStore.connect(opts.containerd)

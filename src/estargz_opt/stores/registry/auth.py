@@ -105,6 +105,13 @@ def request_scopes(request: httpx.Request) -> tuple[str | None, Scopes]:
     return name, _merge(scopes)
 
 
+def _choose(response: httpx.Response) -> Challenge | None:
+    """The challenge of a 401 that the flow can answer: bearer with a realm, else basic."""
+    challenges = parse_challenges(response.headers.get_list("www-authenticate"))
+    return next((c for c in challenges if c.scheme == "bearer" and "realm" in c.params),
+                next((c for c in challenges if c.scheme == "basic"), None))
+
+
 def _replayable(request: httpx.Request) -> bool:
     """A request whose body can be sent again (none, or bytes in memory)."""
     return isinstance(request.stream, httpx.ByteStream)
@@ -195,9 +202,7 @@ class RegistryAuth(httpx.Auth):
 
     def _pick(self, response: httpx.Response) -> Challenge | None:
         """Remember the registry's challenge (bearer preferred) for pre-authorization."""
-        challenges = parse_challenges(response.headers.get_list("www-authenticate"))
-        chosen = next((c for c in challenges if c.scheme == "bearer" and "realm" in c.params),
-                      next((c for c in challenges if c.scheme == "basic"), None))
+        chosen = _choose(response)
         if chosen is not None:
             with self._lock:
                 known, self._challenge = self._challenge, chosen
@@ -297,7 +302,14 @@ class RegistryAuth(httpx.Auth):
         cred = self.credential(repo)
         return cred.source if cred is not None else "none"
 
-    def _refused(self, repo: str | None, challenge: Challenge,
+    def refusal(self, repo: str | None, response: httpx.Response) -> RegistryAccessError:
+        """The one line for a 401 the flow passed on (one with no challenge it can answer,
+        or from another host): the same words as the refusals it raises itself."""
+        with self._lock:
+            known = self._challenge
+        return self._refused(repo, _choose(response) or known)
+
+    def _refused(self, repo: str | None, challenge: Challenge | None,
                  by: str | None = None) -> RegistryAccessError:
         cred = self.credential(repo)
         what = f"registry {self.host}: unauthorized"
@@ -305,7 +317,7 @@ class RegistryAuth(httpx.Auth):
             what += f" for repository {repo}"
         if by:
             what += f" ({by} refused the login)"
-        if challenge.params.get("error") == "insufficient_scope":
+        if challenge is not None and challenge.params.get("error") == "insufficient_scope":
             wanted = challenge.params.get("scope", "the access it needs")
             return RegistryAccessError(
                 f"{what}: the token obtained with "
@@ -315,9 +327,10 @@ class RegistryAuth(httpx.Auth):
             return RegistryAccessError(
                 f"{what}: no credentials were found (pass --src-creds/--dest-creds or "
                 "--authfile, or log in with podman/docker login)")
-        if challenge.scheme == "basic" and cred.identity_token and not cred.username:
+        scheme = challenge.scheme if challenge is not None else None
+        if scheme == "basic" and cred.identity_token and not cred.username:
             return RegistryAccessError(
                 f"{what}: {cred.source} gave an identity token (user <token>), which only "
                 "a token server exchanges, and the registry asks for basic auth")
-        return RegistryAccessError(f"{what}: the credentials from {cred.source} were refused "
-                                   f"({challenge.scheme} auth)")
+        return RegistryAccessError(f"{what}: the credentials from {cred.source} were refused"
+                                   + (f" ({scheme} auth)" if scheme else ""))

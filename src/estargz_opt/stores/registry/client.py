@@ -10,10 +10,7 @@ reason.
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
-import socket
-import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -29,7 +26,8 @@ from estargz_opt import descriptor as d
 from estargz_opt.descriptor import Descriptor
 from estargz_opt.digest import digest_of, hasher, sha256_digest
 from estargz_opt.errors import BadInputError, EstargzOptError
-from estargz_opt.stores.registry.session import Session
+from estargz_opt.stores.registry.access import RegistryAccessError
+from estargz_opt.stores.registry.session import Session, transport_failure
 
 log = logging.getLogger("estargz_opt")
 
@@ -158,7 +156,10 @@ class Client:
             req = self.session.client.build_request(method, url, **args)  # type: ignore[arg-type]
             resp = self.session.client.send(req, stream=stream)
         except httpx.TransportError as exc:
-            raise Retry(self._transport_reason(exc)) from exc
+            failure = transport_failure(self.session.host, exc, self.session.tls)
+            if not failure.retryable:
+                raise RegistryError(f"{self.where}: {failure.reason}") from None
+            raise Retry(failure.reason) from exc
         if ok(resp):
             return resp
         if resp.status_code in _RETRY_STATUS:
@@ -170,38 +171,14 @@ class Client:
             resp.read()
         raise self.error(resp, what)
 
-    def _transport_reason(self, exc: httpx.TransportError) -> str:
-        """Why a request got no answer, said plainly; an unknown host name is not worth
-        retrying and raises at once."""
-        cause: BaseException | None = exc
-        while cause is not None:
-            if isinstance(cause, ssl.SSLError):
-                # A certificate or protocol mismatch does not go away by itself.
-                reason = getattr(cause, "verify_message", None) or cause.reason or str(cause)
-                if cause.reason == "WRONG_VERSION_NUMBER":
-                    reason = "the registry does not speak TLS (plain HTTP needs --tls-verify=false)"
-                raise RegistryError(f"{self.where}: TLS: {reason}")
-            if isinstance(cause, socket.gaierror):
-                if cause.errno == socket.EAI_AGAIN:
-                    return f"cannot resolve the host name {self.session.host} (for now)"
-                raise RegistryError(
-                    f"{self.where}: cannot resolve the host name {self.session.host}"
-                )
-            if isinstance(cause, OSError) and cause.errno == errno.ECONNREFUSED:
-                return "connection refused"
-            cause = cause.__cause__ or cause.__context__
-        text = str(exc) or type(exc).__name__
-        if "Name or service not known" in text or "nodename nor servname" in text:
-            raise RegistryError(f"{self.where}: cannot resolve the host name {self.session.host}")
-        return text
-
-    def error(self, resp: httpx.Response, what: str) -> RegistryError:
+    def error(self, resp: httpx.Response, what: str) -> RegistryError | RegistryAccessError:
         """The one line for an answer we cannot use."""
         code, message = _error_body(resp)
         status = resp.status_code
         if status == 401:
-            reason = f"unauthorized (credentials: {self.session.credential_source})"
-        elif status == 403:
+            # the auth flow answers every 401 it can; what it passes on it words as well
+            return self.session.auth.refusal(self.repository, resp)
+        if status == 403:
             reason = "denied" + (f": {message}" if message else "")
         elif status == 404 and code == "NAME_UNKNOWN":
             reason = "repository not found"
@@ -371,6 +348,20 @@ class Client:
         if location:
             self.cancel(Upload(self._absolute(location)))
         return False
+
+    def check_push(self) -> None:
+        """Fail now, before any layer is converted, if this repository refuses our pushes:
+        opening an upload session makes the auth flow obtain push access (a refusal is
+        its one line), and the session is cancelled at once, so nothing is left open."""
+        resp = self._send(
+            "POST",
+            self.url("blobs/uploads/"),
+            "checking that we may push",
+            ok=lambda r: r.status_code == 202,
+        )
+        location = resp.headers.get("Location")
+        if location:
+            self.cancel(Upload(self._absolute(location)))
 
     def start_upload(self) -> Upload:
         resp = self._once(

@@ -41,21 +41,35 @@ class Session:
     #: "https://HOST" or, with TLS verification off and no TLS answer, "http://HOST"
     base_url: str
     client: httpx.Client
-    #: where the host-wide credentials came from, for error messages ("none" when
-    #: anonymous); `auth.credential_source(repo)` also sees namespaced auth-file keys
-    credential_source: str
-    auth: RegistryAuth | None = field(default=None, repr=False)
-    tls: TlsConfig | None = field(default=None, repr=False)
+    #: the flow `client` authenticates with; it owns every "unauthorized" message
+    auth: RegistryAuth = field(repr=False)
+    tls: TlsConfig = field(repr=False)
+
+    @property
+    def credential_source(self) -> str:
+        """Where the host-wide credentials came from ("none" when anonymous);
+        `auth.credential_source(repo)` also sees namespaced auth-file keys."""
+        return self.auth.credential_source(None)
 
     def close(self) -> None:
         self.client.close()
+
+
+@dataclass(frozen=True, slots=True)
+class TransportFailure:
+    """Why a request got no answer, in words, and whether trying again may help."""
+
+    reason: str
+    #: a refused connection, a timeout or a temporary DNS failure may pass; a TLS
+    #: failure or an unknown host name does not
+    retryable: bool
 
 
 def open_session(host: str, opts: RegistryOptions) -> Session:
     """A session to `host` (HOST[:PORT]); plain HTTP only when TLS verification is off."""
     tls = tls_config(host, opts)
     auth = RegistryAuth(host, lambda repo: credentials.lookup(host, repo, opts))
-    source = auth.credential_source(None)
+    auth.credential(None)  # a bad auth file fails here, before any request
     client = httpx.Client(timeout=TIMEOUT, verify=tls.context, auth=auth,
                           follow_redirects=True)
     try:
@@ -63,7 +77,7 @@ def open_session(host: str, opts: RegistryOptions) -> Session:
     except BaseException:
         client.close()
         raise
-    return Session(host, base_url, client, source, auth, tls)
+    return Session(host, base_url, client, auth, tls)
 
 
 def _ping(client: httpx.Client, host: str, tls: TlsConfig, opts: RegistryOptions) -> str:
@@ -103,18 +117,16 @@ def _server_alert(exc: BaseException) -> str | None:
     return None
 
 
-def _client_cert_error(host: str, alert: str, tls: TlsConfig | None) -> RegistryAccessError:
+def _client_cert_error(alert: str, tls: TlsConfig) -> str:
     said = alert.lower().replace("_", " ")
-    where = tls.suggested_dir if tls is not None else f"certs.d/{host}"
-    if tls is None or tls.client_cert is None:
-        return RegistryAccessError(
-            f"registry {host}: TLS: the registry requires a client certificate and none was "
-            f"presented (TLS alert: {said}); put one as a NAME.cert + NAME.key pair in "
-            f"{where} (or pass --src-cert-dir/--dest-cert-dir)")
-    return RegistryAccessError(
-        f"registry {host}: TLS: the registry refused the client certificate "
-        f"{tls.client_cert} (TLS alert: {said}); it must be signed by a CA the registry "
-        "trusts for clients (its tls.clientcas) and be valid now")
+    if tls.client_cert is None:
+        return ("TLS: the registry requires a client certificate and none was presented "
+                f"(TLS alert: {said}); put one as a NAME.cert + NAME.key pair in "
+                f"{tls.suggested_dir} "
+                "(or pass --src-cert-dir/--dest-cert-dir)")
+    return (f"TLS: the registry refused the client certificate {tls.client_cert} (TLS "
+            f"alert: {said}); it must be signed by a CA the registry trusts for clients "
+            "(its tls.clientcas) and be valid now")
 
 
 def _refused_or_unresolved(exc: BaseException) -> bool:
@@ -122,40 +134,52 @@ def _refused_or_unresolved(exc: BaseException) -> bool:
 
 
 def describe_transport_error(host: str, exc: BaseException,
-                             tls: TlsConfig | None = None) -> RegistryAccessError:
+                             tls: TlsConfig) -> RegistryAccessError:
     """One line for a registry that cannot be reached: DNS, refused, TLS or other."""
+    return RegistryAccessError(f"registry {host}: {transport_failure(host, exc, tls).reason}")
+
+
+def transport_failure(host: str, exc: BaseException, tls: TlsConfig) -> TransportFailure:
+    """Why a request to `host` got no answer (the one wording the session's first request
+    and the client's later ones share), and whether it is worth retrying."""
     chain = _causes(exc)
     text = " ".join(str(c) for c in chain)
     verify = next((c for c in chain if isinstance(c, ssl.SSLCertVerificationError)), None)
     if verify is not None or "CERTIFICATE_VERIFY_FAILED" in text:
         reason = getattr(verify, "verify_message", None) or "certificate verify failed"
-        where = tls.suggested_dir if tls is not None else f"certs.d/{host}"
-        return RegistryAccessError(
-            f"registry {host}: TLS certificate verification failed ({reason}); put the "
-            f"registry's CA certificate as a *.crt file in {where} (or pass "
-            "--src-cert-dir/--dest-cert-dir), or use --src-tls-verify=false/"
-            "--dest-tls-verify=false")
+        return TransportFailure(
+            f"TLS certificate verification failed ({reason}); put the registry's CA "
+            f"certificate as a *.crt file in {tls.suggested_dir} (or pass --src-cert-dir/"
+            "--dest-cert-dir), or use --src-tls-verify=false/--dest-tls-verify=false",
+            retryable=False)
     alert = _server_alert(exc)
     if alert is not None and alert in CLIENT_CERT_ALERTS:
-        return _client_cert_error(host, alert, tls)
-    if any(isinstance(c, socket.gaierror) for c in chain) or \
-            "Name or service not known" in text or "nodename nor servname" in text:
+        return TransportFailure(_client_cert_error(alert, tls), retryable=False)
+    unresolved = next((c for c in chain if isinstance(c, socket.gaierror)), None)
+    if unresolved is not None or "Name or service not known" in text or \
+            "nodename nor servname" in text:
         name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
-        return RegistryAccessError(f"registry {host}: cannot resolve the host name {name} "
-                                   "(DNS)")
+        # A resolver that could not answer for now (EAI_AGAIN) may answer on a retry.
+        return TransportFailure(f"cannot resolve the host name {name} (DNS)",
+                                retryable=unresolved is not None and
+                                unresolved.errno == socket.EAI_AGAIN)
     if any(isinstance(c, ConnectionRefusedError) for c in chain) or \
             f"[Errno {errno.ECONNREFUSED}]" in text:
-        return RegistryAccessError(f"registry {host}: connection refused (is a registry "
-                                   "listening there?)")
+        return TransportFailure("connection refused (is a registry listening there?)",
+                                retryable=True)
     ssl_error = next((c for c in chain if isinstance(c, ssl.SSLError)), None)
     if ssl_error is not None:
         # OpenSSL's name for an answer that is no TLS record: a plain-HTTP server.
         plain = ssl_error.reason == "WRONG_VERSION_NUMBER"
-        return RegistryAccessError(
-            f"registry {host}: TLS: "
-            f"{'the registry does not speak TLS' if plain else 'the handshake failed'} "
+        return TransportFailure(
+            f"TLS: {'the registry does not speak TLS' if plain else 'the handshake failed'} "
             f"({chain[-1]}); for a plain-HTTP registry use --tls-verify=false "
-            "(--src-tls-verify=false/--dest-tls-verify=false with optimize)")
+            "(--src-tls-verify=false/--dest-tls-verify=false with optimize)",
+            retryable=False)
     if isinstance(exc, httpx.TimeoutException):
-        return RegistryAccessError(f"registry {host}: no answer in time ({type(exc).__name__})")
-    return RegistryAccessError(f"registry {host}: cannot connect ({exc or type(exc).__name__})")
+        return TransportFailure(f"no answer in time ({type(exc).__name__})", retryable=True)
+    if isinstance(exc, httpx.ConnectError):
+        return TransportFailure(f"cannot connect ({exc or type(exc).__name__})",
+                                retryable=True)
+    # The connection broke off after it was made (a reset, a registry that went away).
+    return TransportFailure(str(exc) or type(exc).__name__, retryable=True)

@@ -4,7 +4,9 @@ Reading: manifests are fetched by tag or digest (and kept for the run, they are 
 layers are streamed through their digest check into a temporary file that the format
 engine reads, one file per layer being converted, removed once converted.
 
-Writing: blobs are spooled to a temporary file as the converter writes them, and pushed
+Writing: entered as a run's destination, the store first opens an upload session and
+cancels it, so a repository that refuses our pushes fails the run before any layer is
+converted. Blobs are spooled to a temporary file as the converter writes them, and pushed
 on commit in the background (HEAD first, then a cross-repository mount when the source
 is another repository of the same registry, else an upload), so the next layer converts
 while this one uploads. Manifests and indexes are kept until `tag`, which waits for every
@@ -72,11 +74,18 @@ class RegistryStore:
     """One repository (`ref`) on a registry, reached with the options of its side."""
 
     def __init__(
-        self, ref: RegistryRef, opts: RegistryOptions, retry: RetryPolicy | None = None
+        self,
+        ref: RegistryRef,
+        opts: RegistryOptions,
+        retry: RetryPolicy | None = None,
+        *,
+        destination: bool = False,
     ) -> None:
         self.ref = ref
         self._opts = opts
         self._retry = retry
+        #: entered as a run's destination: check at once that we may push (`__enter__`)
+        self._destination = destination
         self._session: Session | None = None
         self._client: Client | None = None
         self._tmp: Path | None = None
@@ -97,8 +106,15 @@ class RegistryStore:
         self._fetcher: ThreadPoolExecutor | None = None
 
     def __enter__(self) -> Self:
-        self._session = open_session(self.ref.api_host, self._opts)
-        self._client = Client(self._session, self.ref.repository, self._retry)
+        session = open_session(self.ref.api_host, self._opts)
+        try:
+            client = Client(session, self.ref.repository, self._retry)
+            if self._destination:
+                client.check_push()
+        except BaseException:
+            session.close()
+            raise
+        self._session, self._client = session, client
         _remove_dead_spools()
         self._tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(_SPOOL), suffix=".tmp"))
         self._pool = ThreadPoolExecutor(_UPLOADS, thread_name_prefix="push")
