@@ -128,6 +128,13 @@ def test_workload_kinds_without_containerd(
     assert got.index(BB) < got.index(("app/run.sh", 1)) < got.index(("app/a.txt", 2))
     assert layout_prioritized(layout, "esgz") == expected_prioritized(rec, 3)
     assert run_layout_image(layout, "esgz", tmp_path) == KIND_OUTPUT
+    if kind == "exit":
+        # The run converted the layers it spooled during the workload; from the record,
+        # they are converted from the blobs: the same image, byte for byte.
+        again = nodaemon.optimize("--oci", "--record-in", record, f"oci:{layout}:v1",
+                                  f"oci:{layout}:from-record")
+        assert again.returncode == 0, again.stderr
+        assert again.stdout.split()[-1] == res.stdout.split()[-1]
 
 
 def test_oci_source_defaults_to_the_runc_runner(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import os
 import posixpath
 import tarfile
 from collections.abc import Iterator
@@ -23,8 +24,10 @@ from hypothesis import HealthCheck, given, settings
 from tarfactory import build_tar, dir_, gzip_bytes, layer_trees, reg, zstd_bytes
 
 from estargz_opt.errors import BadInputError
-from estargz_opt.format import Format, LayerOptions, convert_layer
+from estargz_opt.format import Format, LayerOptions, build_layer, convert_layer, open_tar
+from estargz_opt.format.source import Spool
 from estargz_opt.prioritize.layerindex import LayerNames
+from estargz_opt.workload.analyzer import scan_layer
 
 
 def _chunks(data: bytes, size: int = 4096) -> Iterator[bytes]:
@@ -77,6 +80,56 @@ def test_stream_reads_converted_layers(fmt: Format, tmp_path: Path) -> None:
 def test_stream_refuses_garbage() -> None:
     with pytest.raises(BadInputError, match="file names"):
         LayerNames.names_in_stream(_chunks(b"\x1f\x8b" + b"\x00" * 600))
+
+
+# --- the spool: the scan's tar bytes kept for the conversion ---------------------------------
+
+def _layer_bytes(tmp: Path, src: Path | bytes, opts: LayerOptions) -> bytes:
+    out = tmp / "converted"
+    with open(out, "wb") as f:
+        if isinstance(src, Path):
+            with open_tar(src) as tar:
+                build_layer(tar, f, opts)
+        else:
+            build_layer(src, f, opts)
+    return out.read_bytes()
+
+
+@pytest.mark.parametrize("compress", [gzip_bytes, zstd_bytes, lambda tar: tar])
+def test_spool_keeps_the_whole_tar_and_converts_the_same(compress, tmp_path: Path) -> None:
+    """The scan stops at the tar's end marker; the spool still holds every byte after it
+    (the record padding), and converting from it gives the bytes converting the blob gives."""
+    tar = build_tar([dir_("a/"), reg("a/b.txt", b"x" * 10_000), reg("c", b"y" * 3000)],
+                    record_pad=True)
+    blob = compress(tar)
+    spool = Spool(str(tmp_path))
+    names = scan_layer(_chunks(blob, 1000), "sha256:l", spool)
+    assert names == _tar_walk(blob)
+    spooled = spool.take("sha256:l")
+    assert spooled is not None and spool.take("sha256:l") is None
+    with spooled.f:
+        spooled.f.seek(0)
+        assert spooled.size == len(tar) and spooled.f.read() == tar
+        (tmp_path / "blob").write_bytes(blob)
+        opts = LayerOptions(prioritized=["c"], chunk_size=4096)
+        assert _layer_bytes(tmp_path, spooled, opts) == _layer_bytes(tmp_path, tmp_path / "blob",
+                                                                    opts)
+    assert list(tmp_path.glob("estargz-opt-*")) == []  # anonymous files only
+
+
+def test_spool_keeps_nothing_it_did_not_read_to_the_end(tmp_path: Path) -> None:
+    blob = gzip_bytes(build_tar([reg("f", os.urandom(200_000))]))
+    spool = Spool(str(tmp_path))
+    pieces = spool.tee("sha256:part", _chunks(blob, 1000), "layer")
+    next(pieces)
+    pieces.close()  # a reader that stops early
+    with pytest.raises(BadInputError, match="truncated gzip"):
+        scan_layer(_chunks(blob[: len(blob) // 2], 1000), "sha256:cut", spool)
+    assert "sha256:part" not in spool and spool.take("sha256:cut") is None
+    scan_layer(_chunks(blob, 1000), "sha256:whole", spool)
+    assert "sha256:whole" in spool
+    spool.close()
+    assert "sha256:whole" not in spool
 
 
 def test_top_layer_whiteouts_and_opaque_dirs() -> None:

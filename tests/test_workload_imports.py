@@ -34,6 +34,8 @@ def loaded_by(module: str) -> list[str]:
         "estargz_opt.workload.runc.runner",
         "estargz_opt.workload.rootless.runner",
         "estargz_opt.workload.rootless.monitor",
+        # picks the runner: containerd's (and grpc) only when it is the one that runs
+        "estargz_opt.workload.analyzer",
         "estargz_opt.prioritize.record",
         "estargz_opt.prioritize.prefetch",
     ],

@@ -12,7 +12,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -23,7 +23,7 @@ from estargz_opt.descriptor import Descriptor, Manifest
 from estargz_opt.digest import sha256_digest
 from estargz_opt.errors import BadInputError, EstargzOptError
 from estargz_opt.format import Format, LayerOptions, LayerResult, build_layer, open_layer
-from estargz_opt.format.source import open_tar
+from estargz_opt.format.source import Spool, TarSource, open_tar
 from estargz_opt.platforms import Matcher
 from estargz_opt.progress import Progress
 from estargz_opt.stores import Prefetching, Store
@@ -44,6 +44,8 @@ class ConvertOptions:
     prioritized: Mapping[str, Sequence[str]] = field(default_factory=dict)  # layer digest -> paths
     progress: Progress | None = None
     cache: LayerCache | None = None  # None: --no-cache
+    #: source layers already checked and decompressed (during the workload run), by digest
+    spool: Spool | None = None
 
 
 @dataclass(slots=True)
@@ -141,12 +143,18 @@ class Converter:
         )
         layer_slots = [i for i, x in enumerate(manifest.layers) if x.media_type in d.LAYER_TYPES]
         diff_ids = d.config_diff_ids(config_raw, len(layer_slots), label)
-        if isinstance(self.src, Prefetching):
+        spool = self.opts.spool
+        to_fetch = [
+            n
+            for n, i in enumerate(layer_slots)
+            if spool is None or manifest.layers[i].digest not in spool
+        ]
+        if isinstance(self.src, Prefetching) and to_fetch:
             # Downloads run ahead of the conversions (a registry: layer N+1 arrives while
-            # layer N converts and N-1 uploads).
+            # layer N converts and N-1 uploads); a spooled layer needs no download.
             self.src.prefetch(
-                [manifest.layers[i] for i in layer_slots],
-                [f"layer {n} of {label}" for n in range(len(layer_slots))],
+                [manifest.layers[layer_slots[n]] for n in to_fetch],
+                [f"layer {n} of {label}" for n in to_fetch],
             )
         workers = max(1, min(len(layer_slots), os.cpu_count() or 1))
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="layer") as pool:
@@ -279,8 +287,7 @@ class Converter:
                 shown.update(desc.digest, bytes_in, bytes_out)
 
         with contextlib.ExitStack() as stack:
-            path = stack.enter_context(self.src.local_file(desc, what))
-            tar = stack.enter_context(open_tar(path))
+            tar = stack.enter_context(self._source(desc, what))
             sink = stack.enter_context(self.dst.sink(source=desc))
             fill = stack.enter_context(slot.fill()) if slot else None
             if shown:
@@ -299,6 +306,18 @@ class Converter:
             if slot and fill:
                 slot.store(fill, result)
         return result
+
+    @contextlib.contextmanager
+    def _source(self, desc: Descriptor, what: str) -> Iterator[TarSource]:
+        """The layer's tar: spooled during the workload run if it was, else from the store."""
+        spooled = self.opts.spool.take(desc.digest) if self.opts.spool else None
+        log.debug("%s: %s", what, "spooled" if spooled else "read from the store")
+        if spooled is not None:
+            with spooled.f:
+                yield spooled
+            return
+        with self.src.local_file(desc, what) as path, open_tar(path) as tar:
+            yield tar
 
     def _reusable(self, desc: Descriptor, what: str) -> bool:
         """Upstream's --reuse test, plus every chunk verified: keep only sound eStargz layers."""

@@ -41,6 +41,7 @@ from estargz_opt.descriptor import Descriptor, Manifest
 from estargz_opt.errors import EstargzOptError, UsageError
 from estargz_opt.format import Format, LayerOptions
 from estargz_opt.format.build import LayerResult
+from estargz_opt.format.source import Spool
 from estargz_opt.progress import Progress
 from estargz_opt.stores import Store, StoreOptions, open_store, pair, same_store
 from estargz_opt.walk import images
@@ -219,6 +220,9 @@ def optimize(req: OptimizeRequest) -> OptimizeOutcome:
             if req.platforms or req.all_platforms
             else " (the host; use --platform or --all-platforms for others)",
         )
+        # The host layers, decompressed while the workload runs, for their conversion.
+        spool = Spool()
+        stack.callback(spool.close)
         same = same_store(src_ref, dst_ref)
         cache = LayerCache(req.cache_dir, req.cache_max_size) if req.cache_dir else None
         if cache:
@@ -232,7 +236,7 @@ def optimize(req: OptimizeRequest) -> OptimizeOutcome:
             # workload runs, so a refusal costs no run and no conversion.
             analysis = None
             if run_workload:
-                analysis = _analyze(req, src, root, src_ref, matcher)
+                analysis = _analyze(req, src, root, src_ref, matcher, spool)
                 prioritized = analysis.prioritized if analysis else {}
                 profile = None
             else:
@@ -254,6 +258,7 @@ def optimize(req: OptimizeRequest) -> OptimizeOutcome:
                 prioritized=prioritized,
                 progress=req.progress,
                 cache=cache,
+                spool=spool,
             )
             result = Converter(src, dst, opts, same_store=same).convert(root)
             if cache and cache.warning:
@@ -352,6 +357,7 @@ def _run_workload(
     host: tuple[Descriptor, Manifest],
     sampler: SamplerOptions,
     progress: Progress | None,
+    spool: Spool | None = None,
 ) -> Analysis:
     """The workload run of optimize and analyze, with its countdown and output on stderr."""
     from estargz_opt.workload.analyzer import analyze
@@ -365,6 +371,7 @@ def _run_workload(
         on_tick=progress.sampling if progress else None,
         # The sampler only writes and flushes its output, which the passthrough does.
         output=progress.passthrough() if progress else None,  # type: ignore[arg-type]
+        spool=spool,
     )
 
 
@@ -374,6 +381,7 @@ def _analyze(
     root: Descriptor,
     src_ref: reference.ImageRef,
     matcher: platforms.Matcher,
+    spool: Spool,
 ) -> Analysis | None:
     """Run the workload of the host platform's image; None if the host is not converted."""
     host = _host_manifest(src, root)
@@ -391,7 +399,9 @@ def _analyze(
             platforms.host(),
         )
     host_desc, manifest = host
-    result = _run_workload(src, str(src_ref), host, req.sampler or SamplerOptions(), req.progress)
+    result = _run_workload(
+        src, str(src_ref), host, req.sampler or SamplerOptions(), req.progress, spool
+    )
     if req.record_out:
         write_record(req.record_out, result.entries)
     if req.prefetch_list_out:

@@ -11,6 +11,7 @@ import itertools
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -56,6 +57,66 @@ def open_tar(path: str | os.PathLike[str], tmp_dir: str | None = None) -> Iterat
                 size = tmp.tell()
             tmp.flush()
             yield TarSource(tmp, size, kind)
+
+
+class Spool:
+    """Source layers decompressed ahead of their conversion, by blob digest.
+
+    The layer-name index decompresses each host layer while the workload runs; spooling
+    those tar bytes into anonymous temporary files lets the conversion start from them
+    instead of reading, checking and decompressing the blob a second time once the record
+    is final. Only a blob read to its end (so checked by its store) is kept; the files
+    take disk, never memory, and vanish with the process.
+    """
+
+    def __init__(self, tmp_dir: str | None = None) -> None:
+        self._tmp_dir = tmp_dir
+        self._tars: dict[str, TarSource] = {}
+        self._lock = threading.Lock()
+
+    def tee(self, digest: str, chunks: Iterable[bytes], what: str) -> Iterator[bytes]:
+        """`plain_pieces(chunks)`, also written to a temporary file that is kept for
+        `take(digest)` once the stream has been read to its end."""
+        head = bytearray()
+
+        def noting_head(it: Iterable[bytes]) -> Iterator[bytes]:
+            for chunk in it:
+                head.extend(chunk[: max(0, len(ZSTD_MAGIC) - len(head))])
+                yield chunk
+
+        # kept open past this generator, in the spool: closed by the taker or close()
+        tmp = tempfile.TemporaryFile(dir=self._tmp_dir, prefix="estargz-opt-spool-")  # noqa: SIM115
+        kept = False
+        try:
+            for piece in plain_pieces(noting_head(chunks), what):
+                tmp.write(piece)
+                yield piece
+            tmp.flush()
+            with self._lock:
+                old = self._tars.pop(digest, None)
+                self._tars[digest] = TarSource(tmp, tmp.tell(), sniff(bytes(head)))
+            if old is not None:
+                old.f.close()
+            kept = True
+        finally:
+            if not kept:
+                tmp.close()
+
+    def __contains__(self, digest: object) -> bool:
+        with self._lock:
+            return digest in self._tars
+
+    def take(self, digest: str) -> TarSource | None:
+        """The spooled tar of `digest` (the caller closes its file), or None."""
+        with self._lock:
+            return self._tars.pop(digest, None)
+
+    def close(self) -> None:
+        """Drop every tar nobody took."""
+        with self._lock:
+            tars, self._tars = list(self._tars.values()), {}
+        for t in tars:
+            t.f.close()
 
 
 def plain_pieces(chunks: Iterable[bytes], what: str) -> Iterator[bytes]:

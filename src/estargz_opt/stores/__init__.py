@@ -8,6 +8,7 @@ Adding a store (a registry, an image archive) means one module here that impleme
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -171,21 +172,29 @@ def same_store(a: ImageRef, b: ImageRef) -> bool:
 
 def is_containerd(store: Store) -> bool:
     """Whether the store is containerd (whose own runner can run its images)."""
-    from estargz_opt.stores.containerd.store import ContainerdStore
+    return _is_a(store, "estargz_opt.stores.containerd.store", "ContainerdStore")
 
-    return isinstance(store, ContainerdStore)
+
+def _is_a(store: Store, module: str, cls: str) -> bool:
+    """isinstance(store, module.cls) without importing `module`: a store of that class
+    exists only if its module is loaded (containerd's loads grpc, the registry's httpx:
+    ~0.2 s that a run on an OCI layout need not pay)."""
+    loaded = sys.modules.get(module)
+    return loaded is not None and isinstance(store, getattr(loaded, cls))
 
 
 def pair(src: Store, dst: Store) -> None:
     """Tell the destination where the source lives, when it can take blobs from there
     without moving their bytes (a registry: mount from another repository of the same
     registry)."""
+    registry = "estargz_opt.stores.registry.store"
+    if not (_is_a(src, registry, "RegistryStore") and _is_a(dst, registry, "RegistryStore")):
+        return
     from estargz_opt.stores.registry.store import RegistryStore
 
+    assert isinstance(src, RegistryStore) and isinstance(dst, RegistryStore)
     if (
-        isinstance(src, RegistryStore)
-        and isinstance(dst, RegistryStore)
-        and src.ref.api_host == dst.ref.api_host
+        src.ref.api_host == dst.ref.api_host
         and src.ref.repository != dst.ref.repository
     ):
         dst.mount_from = src.ref.repository

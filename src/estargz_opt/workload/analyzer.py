@@ -10,6 +10,7 @@ background thread, so it costs no extra time on top of the `--period`.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import BinaryIO
@@ -17,10 +18,10 @@ from typing import BinaryIO
 from estargz_opt import descriptor as d
 from estargz_opt.cache import default_dir
 from estargz_opt.descriptor import Descriptor, Manifest
+from estargz_opt.format.source import Spool
 from estargz_opt.prioritize.layerindex import LayerNames
 from estargz_opt.prioritize.record import RecordEntry, Recorder
 from estargz_opt.stores import Store, as_containerd, is_containerd
-from estargz_opt.workload.containerd.runner import ContainerdRunner
 from estargz_opt.workload.options import SamplerOptions
 from estargz_opt.workload.rootless.checks import is_real_root
 from estargz_opt.workload.runc.runner import RuncRunner
@@ -60,14 +61,16 @@ def analyze(
     *,
     on_tick: Tick | None = None,
     output: BinaryIO | None = None,
+    spool: Spool | None = None,
 ) -> Analysis:
-    """Run the workload of `manifest` (the host platform's) and record what it touched."""
+    """Run the workload of `manifest` (the host platform's) and record what it touched;
+    with `spool`, the layers' tar bytes are kept there for the conversion that follows."""
     config = d.load_json(store.read(manifest.config, "image config"), "image config")
     layers = [x for x in manifest.layers if x.media_type in d.LAYER_TYPES]
     diff_ids = d.config_diff_ids(config, len(layers), image_name)
     image = SampleImage(image_name, config, layers, diff_ids)
     req = SampleRequest(runner_for(store, opts), image, opts, on_tick=on_tick, output=output)
-    return record_workload(req, manifest_desc.digest)
+    return record_workload(req, manifest_desc.digest, spool)
 
 
 def runner_for(store: Store, opts: SamplerOptions) -> Runner:
@@ -87,16 +90,22 @@ def runner_for(store: Store, opts: SamplerOptions) -> Runner:
 
         return RootlessRunner(store, opts, opts.runtime)
     if name == "containerd":
+        # imported here: grpc and containerd's client take ~0.15 s to load, for nothing
+        # when the runc or rootless runner runs an image from a layout, archive or registry
+        from estargz_opt.workload.containerd.runner import ContainerdRunner
+
         return ContainerdRunner(
             as_containerd(store, "--runner containerd (the containerd runner)"), opts.runtime
         )
     return RuncRunner(store, opts.runtime, layer_cache=default_dir())
 
 
-def record_workload(req: SampleRequest, manifest_digest: str) -> Analysis:
+def record_workload(
+    req: SampleRequest, manifest_digest: str, spool: Spool | None = None
+) -> Analysis:
     """Run the workload as `req` says and map each accessed path to its layer."""
     with ThreadPoolExecutor(1, thread_name_prefix="layer-names") as pool:
-        names_job = pool.submit(_layer_names, req.runner, req.image.layers)
+        names_job = pool.submit(_layer_names, req.runner, req.image.layers, spool)
         sample = run_sample(req)
         names = names_job.result()
     recorder = Recorder(names, manifest_digest)
@@ -116,5 +125,19 @@ def record_workload(req: SampleRequest, manifest_digest: str) -> Analysis:
     return Analysis(recorder.entries, sample)
 
 
-def _layer_names(runner: Runner, layers: list[Descriptor]) -> LayerNames:
-    return LayerNames([LayerNames.names_in_stream(runner.layer_chunks(x)) for x in layers])
+def _layer_names(runner: Runner, layers: list[Descriptor], spool: Spool | None) -> LayerNames:
+    return LayerNames([scan_layer(runner.layer_chunks(x), x.digest, spool) for x in layers])
+
+
+def scan_layer(chunks: Iterable[bytes], digest: str, spool: Spool | None) -> frozenset[str]:
+    """One layer's names, read while the workload runs; with `spool`, the layer is read
+    to its end (past the tar's end marker), so that the spool keeps its whole tar."""
+    if spool is None:
+        return LayerNames.names_in_stream(chunks)
+    pieces = spool.tee(digest, chunks, f"layer {digest}")
+    # A bare iterator: the name scan stops at the tar's end marker and closes what it
+    # reads from, which must not close (and discard) the spool's copy.
+    names = LayerNames.names_in_stream(iter(pieces.__next__, None))
+    for _ in pieces:
+        pass
+    return names
