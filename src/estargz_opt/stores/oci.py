@@ -27,7 +27,7 @@ import contextlib
 import fcntl
 import logging
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import BinaryIO, Self
 
@@ -54,17 +54,34 @@ _READ = 1 << 20
 _MAX_JSON = 4 << 20
 
 
-class _Sink:
-    def __init__(self, layout: OCILayout, f: BinaryIO, tmp: Path) -> None:
+class FileSink:
+    """A blob written to a temporary file, which `place` moves under its digest on
+    commit (the OCI layout's and the OCI archive's sinks)."""
+
+    def __init__(self, f: BinaryIO, place: Callable[[Path, str], None], tmp: Path) -> None:
         self.file = f
-        self._layout = layout
+        self._place = place
         self._tmp = tmp
         self.committed = False
 
     def commit(self, digest: str, size: int, diff_id: str | None = None) -> None:
         self.file.flush()
-        self._layout._place(self._tmp, digest)
+        self._place(self._tmp, digest)
         self.committed = True
+
+
+@contextlib.contextmanager
+def file_sink(f: BinaryIO, tmp: Path, place: Callable[[Path, str], None]) -> Iterator[FileSink]:
+    """A FileSink on the open temporary file `f` at `tmp`, removed unless committed."""
+    sink = None
+    try:
+        with f:
+            sink = FileSink(f, place, tmp)
+            yield sink
+    finally:
+        if sink is None or not sink.committed:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
 
 
 class OCILayout:
@@ -197,22 +214,15 @@ class OCILayout:
             s.commit(sha256_digest(data), len(data))
 
     @contextlib.contextmanager
-    def sink(self, source: Descriptor | None = None) -> Iterator[_Sink]:
+    def sink(self, source: Descriptor | None = None) -> Iterator[FileSink]:
         self._start_writing()
         blobs = self.root / "blobs" / "sha256"
         try:
             f, tmp = temp_file(blobs, temp_prefix("ingest"))
         except OSError as exc:
             raise EstargzOptError(f"cannot write blobs to {self.root}: {exc.strerror}") from None
-        sink = None
-        try:
-            with f:
-                sink = _Sink(self, f, tmp)
-                yield sink
-        finally:
-            if sink is None or not sink.committed:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp)
+        with file_sink(f, tmp, self._place) as sink:
+            yield sink
 
     def _place(self, tmp: Path, digest: str) -> None:
         final = self.blob_path(digest)

@@ -34,7 +34,7 @@ from estargz_opt.descriptor import OCI_INDEX, Descriptor, Index
 from estargz_opt.digest import digest_of, hasher, sha256_digest, sha256_hex
 from estargz_opt.errors import BadInputError, EstargzOptError
 from estargz_opt.stores import check_blob
-from estargz_opt.stores.oci import LAYOUT_FILE, lock_dir, resolve_in, retag
+from estargz_opt.stores.oci import LAYOUT_FILE, FileSink, file_sink, lock_dir, resolve_in, retag
 from estargz_opt.stores.owner import is_dead, temp_owner, temp_prefix
 from estargz_opt.stores.tarindex import Member, TarIndex
 
@@ -43,19 +43,6 @@ log = logging.getLogger("estargz_opt")
 _KIND = "oci-archive"
 _BLOBS = "blobs/sha256/"
 _COPY = 1 << 20
-
-
-class _Sink:
-    def __init__(self, archive: OCIArchive, f: BinaryIO, tmp: Path) -> None:
-        self.file = f
-        self._archive = archive
-        self._tmp = tmp
-        self.committed = False
-
-    def commit(self, digest: str, size: int, diff_id: str | None = None) -> None:
-        self.file.flush()
-        self._archive._place(self._tmp, digest)
-        self.committed = True
 
 
 class OCIArchive:
@@ -169,21 +156,14 @@ class OCIArchive:
             s.commit(sha256_digest(data), len(data))
 
     @contextlib.contextmanager
-    def sink(self, source: Descriptor | None = None) -> Iterator[_Sink]:
+    def sink(self, source: Descriptor | None = None) -> Iterator[FileSink]:
         work = self._start_writing()
         try:
             f, tmp = temp_file(work, "ingest-")
         except OSError as exc:
             raise EstargzOptError(f"cannot write {self.what}: {exc.strerror}") from None
-        sink = None
-        try:
-            with f:
-                sink = _Sink(self, f, tmp)
-                yield sink
-        finally:
-            if sink is None or not sink.committed:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp)
+        with file_sink(f, tmp, self._place) as sink:
+            yield sink
 
     def _place(self, tmp: Path, digest: str) -> None:
         hexpart = sha256_hex(digest)
