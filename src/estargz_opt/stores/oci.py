@@ -54,6 +54,19 @@ _READ = 1 << 20
 _MAX_JSON = 4 << 20
 
 
+def stream_file_checked(path: Path, desc: Descriptor, what: str) -> Iterator[bytes]:
+    """A blob file as a stream of pieces, checked against `desc` once read to its end
+    (the OCI layout's blobs, and the OCI archive's blobs committed by this run)."""
+    h = hasher()
+    size = 0
+    with open(path, "rb") as f:
+        while block := f.read(_READ):
+            h.update(block)
+            size += len(block)
+            yield block
+    check_blob(desc, digest_of(h), size, what)
+
+
 class FileSink:
     """A blob written to a temporary file, which `place` moves under its digest on
     commit (the OCI layout's and the OCI archive's sinks)."""
@@ -146,15 +159,7 @@ class OCILayout:
         return self.size_of(digest) == size
 
     def stream(self, desc: Descriptor, what: str) -> Iterator[bytes]:
-        path = self._existing(desc, what)
-        h = hasher()
-        size = 0
-        with open(path, "rb") as f:
-            while block := f.read(_READ):
-                h.update(block)
-                size += len(block)
-                yield block
-        check_blob(desc, digest_of(h), size, what)
+        yield from stream_file_checked(self._existing(desc, what), desc, what)
 
     @contextlib.contextmanager
     def local_file(self, desc: Descriptor, what: str) -> Iterator[Path]:

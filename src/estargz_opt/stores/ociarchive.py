@@ -31,10 +31,18 @@ from typing import BinaryIO, Self
 
 from estargz_opt.atomic import atomic_output, temp_file
 from estargz_opt.descriptor import OCI_INDEX, Descriptor, Index
-from estargz_opt.digest import digest_of, hasher, sha256_digest, sha256_hex
+from estargz_opt.digest import sha256_digest, sha256_hex
 from estargz_opt.errors import BadInputError, EstargzOptError
 from estargz_opt.stores import check_blob
-from estargz_opt.stores.oci import LAYOUT_FILE, FileSink, file_sink, lock_dir, resolve_in, retag
+from estargz_opt.stores.oci import (
+    LAYOUT_FILE,
+    FileSink,
+    file_sink,
+    lock_dir,
+    resolve_in,
+    retag,
+    stream_file_checked,
+)
 from estargz_opt.stores.owner import is_dead, temp_owner, temp_prefix
 from estargz_opt.stores.tarindex import Member, TarIndex
 
@@ -127,14 +135,7 @@ class OCIArchive:
             assert self._tar is not None
             yield from self._tar.stream_checked(src, desc, what)
             return
-        h = hasher()
-        size = 0
-        with open(src, "rb") as f:
-            while block := f.read(_COPY):
-                h.update(block)
-                size += len(block)
-                yield block
-        check_blob(desc, digest_of(h), size, what)
+        yield from stream_file_checked(src, desc, what)
 
     @contextlib.contextmanager
     def local_file(self, desc: Descriptor, what: str) -> Iterator[Path]:
