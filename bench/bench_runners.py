@@ -17,7 +17,7 @@ between the tools; the median wall time of --repeat runs is reported with the nu
 (layer, path) pairs each recorded and the converted image's size.
 
 `RUNNERS` holds one row per runner (name -> flags, environment). The rootless runner's
-row runs as an unprivileged uid with no capabilities (setpriv, as tests/unprivileged.py
+row runs as an unprivileged uid with no capabilities (setpriv, as tests/support/unprivileged.py
 does), with an /etc/subuid and /etc/subgid range (the Debian image owns files by several
 groups), on a copy of the layout that uid owns; it unpacks the image onto a tmpfs on every
 run (nothing is kept between rootless runs), and its row also gives how much memory that
@@ -47,14 +47,14 @@ import build_image
 from bench_layers import find_ctr_remote, image_target, median_run, our_cli, private_containerd
 from bench_optimize import one_run as ctr_remote_run
 from benchlib import NO_CACHE, REPO_ROOT, RESULTS_DIR, log, run, run_measured
-from unprivileged import Unprivileged, make_unprivileged
+from support.unprivileged import Unprivileged, make_unprivileged
 
 #: runner -> (estargz-opt flags, extra environment); the rootless runner adds its row
 RUNNERS: dict[str, tuple[list[str], dict[str, str]]] = {
     "runc": (["--runner", "runc"], {}),
     "rootless": (["--runner", "rootless"], {}),
 }
-#: the runners whose row runs as an unprivileged uid (tests/unprivileged.py)
+#: the runners whose row runs as an unprivileged uid (tests/support/unprivileged.py)
 AS_USER = {"rootless"}
 _TMPFS = re.compile(r"the image's rootfs takes (\d+) MiB of memory")
 

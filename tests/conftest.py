@@ -9,13 +9,20 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from helpers_containerd import (
+
+pytest.register_assert_rewrite("support")  # readable failures from shared checks
+
+from support.containerd import (  # noqa: E402
     Containerd,
     Unavailable,
     containerd_unavailable_reason,
     ensure_ctr_remote,
 )
-from layers import LayerBuildError, build_busybox_layer, build_synthetic_layer
+from support.layers import (  # noqa: E402
+    LayerBuildError,
+    build_busybox_layer,
+    build_synthetic_layer,
+)
 
 _CACHE_KEY = pytest.StashKey[str]()
 

@@ -36,10 +36,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import analyzeimages as ai
-import imagefactory as f
 import pytest
-from helpers_containerd import Containerd
+from support import analyzeimages as ai
+from support import imagefactory as f
+from support.containerd import Containerd
 from test_optimize_containerd import (
     _env,
     cli,

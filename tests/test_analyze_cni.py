@@ -14,8 +14,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from imagefactory import archive_for_ctr, write_busybox_image
-from tarfactory import build_tar, dir_, reg
+from support.imagefactory import archive_for_ctr, write_busybox_image
+from support.tarfactory import build_tar, dir_, reg
 from test_optimize_containerd import optimize, printed_digest
 
 PLUGINS = Path("/usr/lib/cni")

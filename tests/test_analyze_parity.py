@@ -22,9 +22,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from imagefactory import write_layout
-from runnerlib import DAEMONLESS, cli_env, layout_prioritized, run_cli
-from tarfactory import build_tar, dir_, reg
+from support.imagefactory import write_layout
+from support.runnerlib import DAEMONLESS, cli_env, layout_prioritized, run_cli
+from support.tarfactory import build_tar, dir_, reg
+from support.unprivileged import make_unprivileged
 from test_optimize_containerd import optimize as our_containerd_optimize
 from test_optimize_parity import (
     Image,
@@ -37,7 +38,6 @@ from test_optimize_parity import (
     require_accesses,
 )
 from test_toc_parity import NO_LANDMARK, ctr_remote_run
-from unprivileged import make_unprivileged
 
 pytestmark = pytest.mark.interop
 
@@ -79,7 +79,7 @@ def image(containerd, busybox_layer: Path, tmp_path_factory) -> Image:
 
 def _our_tocs(containerd, target: str) -> list[dict]:
     """Our converted layers' TOCs, read back from containerd by our own reader."""
-    from ociimage import image_target, read_manifest
+    from support.ociimage import image_target, read_manifest
 
     manifest = read_manifest(containerd, image_target(containerd, target))
     tocs = []
@@ -172,7 +172,7 @@ def test_recorded_files_and_order_match_ctr_remote(
     assert all(prioritized_files(t) for t in our_tocs)
 
     # ctr-remote's reader accepts our layers.
-    from ociimage import image_target, read_manifest
+    from support.ociimage import image_target, read_manifest
 
     manifest = read_manifest(containerd, image_target(containerd, "localhost/anaparity:ours"))
     for layer in manifest["layers"]:

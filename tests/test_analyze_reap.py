@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 
 import pytest
-from imagefactory import archive_for_ctr, write_busybox_image
-from tarfactory import build_tar, dir_, reg
+from support.imagefactory import archive_for_ctr, write_busybox_image
+from support.tarfactory import build_tar, dir_, reg
 from test_optimize_containerd import _env, optimize, printed_digest
 
 from estargz_opt.workload.containerd.runner import OWNER_LABEL, SAMPLE_LABEL

@@ -21,10 +21,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import analyzeimages as ai
-import imagefactory as f
 import pytest
-from runnerlib import (
+from support import analyzeimages as ai
+from support import imagefactory as f
+from support.runnerlib import (
     DAEMONLESS,
     STATE_ROOT,
     RunLeftovers,

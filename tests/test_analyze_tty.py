@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 
 import pytest
-from imagefactory import archive_for_ctr, write_busybox_image
-from tarfactory import build_tar, dir_, reg
+from support.imagefactory import archive_for_ctr, write_busybox_image
+from support.tarfactory import build_tar, dir_, reg
 from test_optimize_containerd import _env
 
 SCRIPT = b"#!/bin/sh\ntty\nread x\necho got:$x\necho READY\nsleep 30\n"

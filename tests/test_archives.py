@@ -21,9 +21,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import imagefactory as f
 import pytest
 import zstandard
+from support import imagefactory as f
 
 LAYERS = [
     {"etc/": None, "etc/app.conf": b"conf=1\n"},

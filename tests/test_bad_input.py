@@ -18,12 +18,10 @@ import zlib
 from pathlib import Path
 
 import pytest
+from support import tarfactory as tf
 
-pytest.register_assert_rewrite("tarfactory")  # readable failures from shared checks
-import tarfactory as tf  # noqa: E402
-
-import estargz_opt.errors as errors  # noqa: E402
-import estargz_opt.format as fmt_mod  # noqa: E402
+import estargz_opt.errors as errors
+import estargz_opt.format as fmt_mod
 
 Format = fmt_mod.Format
 

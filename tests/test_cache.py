@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from imagefactory import simple_layer, write_layout
+from support.imagefactory import simple_layer, write_layout
 
 CLI = [sys.executable, "-m", "estargz_opt"]
 FORMATS = {
@@ -427,7 +427,7 @@ def test_containerd_uses_the_cache_and_copies_nothing_it_holds(containerd, tmp_p
                                                                ) -> None:
     """containerd as source and destination: a hit is copied into a namespace that lacks
     the blob, and not even read where containerd already holds it."""
-    from imagefactory import archive_for_ctr
+    from support.imagefactory import archive_for_ctr
 
     cache = tmp_path / "cache"
     layout = tmp_path / "layout"

@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from helpers_containerd import REPO
+from support.containerd import REPO
 
 CHECK = REPO / ".ci" / "check-skips.py"
 

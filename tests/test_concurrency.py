@@ -21,10 +21,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import imagefactory as f
 import pytest
-from helpers_containerd import Containerd
-from ociimage import image_target
+from support import imagefactory as f
+from support.containerd import Containerd
+from support.ociimage import image_target
 from test_optimize_containerd import _env, active, import_layout, leases, printed_digest
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -14,11 +14,9 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
+from support import tarfactory as tf
 
-pytest.register_assert_rewrite("tarfactory")  # readable failures from shared checks
-import tarfactory as tf  # noqa: E402
-
-import estargz_opt.format as fmt_mod  # noqa: E402
+import estargz_opt.format as fmt_mod
 
 Format = fmt_mod.Format
 open_layer = fmt_mod.open_layer

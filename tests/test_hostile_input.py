@@ -4,7 +4,7 @@ Each input class of the fuzz/kill/load campaign (issue 17) is built here byte by
 decompression bombs in the TOC, in a chunk and as a source layer; TOC JSON nested
 thousands deep; tar mtimes outside int64 or past year 9999; hardlink loops and long
 chains; damaged metadata-only members and payload entries that disagree with an intact
-TOC. The child's own peak RSS comes from tests/peakrss.py; a timeout is the hang guard.
+TOC. The child's own peak RSS comes from tests/support/peakrss.py; a timeout is the hang guard.
 Times are recorded in the test's output (run with -s to see them).
 """
 
@@ -22,12 +22,10 @@ from pathlib import Path
 
 import pytest
 import zstandard
+from support import tarfactory as tf
+from support.peakrss import run_measured
 
-pytest.register_assert_rewrite("tarfactory")
-import tarfactory as tf  # noqa: E402
-from peakrss import run_measured  # noqa: E402
-
-from estargz_opt.format import Format, estargz, externaltoc, zstdchunked  # noqa: E402
+from estargz_opt.format import Format, estargz, externaltoc, zstdchunked
 
 MAX_RSS_MIB = 200
 HANG_GUARD_S = 60

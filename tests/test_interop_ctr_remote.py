@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from helpers_containerd import NAMESPACE, estargz_opt, file_digest
-from layers import BUSYBOX_PRIORITIZED, SYNTHETIC_PRIORITIZED, write_list
+from support.containerd import NAMESPACE, estargz_opt, file_digest
+from support.layers import BUSYBOX_PRIORITIZED, SYNTHETIC_PRIORITIZED, write_list
 
 pytestmark = pytest.mark.interop
 

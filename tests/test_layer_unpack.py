@@ -19,9 +19,9 @@ import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
-import imagefactory as f
 import pytest
-import tarfactory as tf
+from support import imagefactory as f
+from support import tarfactory as tf
 
 from estargz_opt.descriptor import OCI_LAYER_GZIP, Descriptor
 from estargz_opt.errors import BadInputError

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import zstandard
 from hypothesis import HealthCheck, given, settings
-from tarfactory import build_tar, dir_, gzip_bytes, layer_trees, reg, zstd_bytes
+from support.tarfactory import build_tar, dir_, gzip_bytes, layer_trees, reg, zstd_bytes
 
 from estargz_opt.errors import BadInputError
 from estargz_opt.format import Format, LayerOptions, build_layer, convert_layer, open_tar

@@ -33,8 +33,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import imagefactory as f
 import pytest
+from support import imagefactory as f
 
 import estargz_opt
 

@@ -53,10 +53,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import imagefactory as f
 import pytest
-from helpers_containerd import Containerd, containerd_unavailable_reason
-from ociimage import image_target, read_manifest
+from support import imagefactory as f
+from support.containerd import Containerd, containerd_unavailable_reason
+from support.ociimage import image_target, read_manifest
 from test_optimize_parity import (
     EXPECTED_ACCESSES,
     TAG,

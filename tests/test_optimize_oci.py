@@ -32,10 +32,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import imagefactory as f
 import pytest
 import zstandard
-from helpers_containerd import find_ctr_remote
+from support import imagefactory as f
+from support.containerd import find_ctr_remote
 
 # --- the images ------------------------------------------------------------------------------
 

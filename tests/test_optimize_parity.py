@@ -31,8 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from helpers_containerd import estargz_opt
-from imagefactory import (
+from support.containerd import estargz_opt
+from support.imagefactory import (
     TOC_DIGEST,
     archive_for_ctr,
     blob_path,
@@ -40,8 +40,8 @@ from imagefactory import (
     resolve_tag,
     write_layout,
 )
-from ociimage import image_target, read_manifest
-from tarfactory import build_tar, dir_, reg
+from support.ociimage import image_target, read_manifest
+from support.tarfactory import build_tar, dir_, reg
 from test_toc_parity import LANDMARK, NO_LANDMARK, ctr_remote_run, describe_mismatch, normalize
 
 pytestmark = pytest.mark.interop

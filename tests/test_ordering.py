@@ -8,11 +8,9 @@ the full layer check from tarfactory, so the output tree must still equal the in
 from __future__ import annotations
 
 import pytest
+from support import tarfactory as tf
 
-pytest.register_assert_rewrite("tarfactory")  # readable failures from shared checks
-import tarfactory as tf  # noqa: E402
-
-import estargz_opt.format as fmt_mod  # noqa: E402
+import estargz_opt.format as fmt_mod
 
 FORMATS = list(fmt_mod.Format)
 

@@ -27,9 +27,15 @@ import re
 from pathlib import Path
 
 import pytest
-from helpers_containerd import estargz_opt
-from imagefactory import blob_path, layout_state, platform_manifests, resolve_tag, write_layout
-from tarfactory import build_tar, dir_, reg
+from support.containerd import estargz_opt
+from support.imagefactory import (
+    blob_path,
+    layout_state,
+    platform_manifests,
+    resolve_tag,
+    write_layout,
+)
+from support.tarfactory import build_tar, dir_, reg
 
 LANDMARK = ".prefetch.landmark"
 NO_LANDMARK = ".no.prefetch.landmark"

@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers_containerd import estargz_opt
-from imagefactory import (
+from support.containerd import estargz_opt
+from support.imagefactory import (
     HOST_PLATFORM,
     blob_path,
     layout_state,
@@ -23,7 +23,7 @@ from imagefactory import (
     resolve_tag,
     write_layout,
 )
-from tarfactory import build_tar, dir_, reg
+from support.tarfactory import build_tar, dir_, reg
 from test_prefetch_list import TAG, per_layer, prioritized_files
 
 BASE0 = [dir_("bin/"), reg("bin/sh", b"sh\n"), dir_("lib/"), reg("lib/libc.so", b"libc\n"),

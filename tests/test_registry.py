@@ -1,5 +1,5 @@
 """docker:// sources and destinations against a real registry (Debian's docker-registry,
-distribution 2.8, plain HTTP on loopback), with bench/throttle_proxy.py in front of it,
+distribution 2.8, plain HTTP on loopback), with tests/support/throttle_proxy.py in front of it,
 unthrottled, logging every request: the log shows which bytes moved.
 
 Source images are pushed by skopeo (not by us), and what we push is checked by skopeo
@@ -23,11 +23,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import imagefactory as F
-import lazypull
 import pytest
-from helpers_containerd import estargz_opt
-from runnerlib import cli_env, run_cli
+from support import imagefactory as F
+from support import lazypull
+from support.containerd import estargz_opt
+from support.runnerlib import cli_env, run_cli
 
 from estargz_opt.reference import RegistryRef
 from estargz_opt.stores.registry.options import RegistryOptions

@@ -1,5 +1,5 @@
 """Registry sessions against Debian's docker-registry (distribution 2.8) on loopback in
-the four configurations of issue 13 (tests/registries.py): the scheme, TLS from certs.d,
+the four configurations of issue 13 (tests/support/registries.py): the scheme, TLS from certs.d,
 credentials from every place skopeo/docker look, Basic and bearer-token auth checked by
 the real registry, and the one-line errors. Images pushed through a session are read
 back by skopeo, an independent client."""
@@ -23,8 +23,8 @@ from urllib.parse import urljoin
 
 import httpx
 import pytest
-from lazypull import Registry, RegistryConfig, _free_port
-from registries import PASSWORD, USER, LoopbackCA, Registries, sha256
+from support.lazypull import Registry, RegistryConfig, _free_port
+from support.registries import PASSWORD, USER, LoopbackCA, Registries, sha256
 
 from estargz_opt.reference import RegistryRef
 from estargz_opt.stores.registry import credentials

@@ -1,5 +1,5 @@
 """`estargz-opt optimize docker://… docker://…` in each registry configuration of issue 13
-(tests/registries.py: plain HTTP, TLS with a test CA, htpasswd over TLS, token auth),
+(tests/support/registries.py: plain HTTP, TLS with a test CA, htpasswd over TLS, token auth),
 each time reaching the registry the way that configuration needs (flags, a certs.d
 directory under HOME, an auth file, --*-creds). The source image is pushed by skopeo and
 the result read back by skopeo (`inspect`, and `copy … oci:`, which checks every
@@ -17,9 +17,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from imagefactory import simple_layer, write_layout
-from lazypull import Registry
-from registries import PASSWORD, USER, Registries
+from support.imagefactory import simple_layer, write_layout
+from support.lazypull import Registry
+from support.registries import PASSWORD, USER, Registries
 
 CREDS = f"{USER}:{PASSWORD}"
 TOC_DIGEST = "containerd.io/snapshot/stargz/toc.digest"

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from imagefactory import (
+from support.imagefactory import (
     all_layer_descriptors,
     blob_path,
     simple_layer,

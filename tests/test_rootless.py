@@ -17,10 +17,10 @@ import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
-import analyzeimages as ai
-import imagefactory as f
 import pytest
-from unprivileged import Unprivileged, make_unprivileged
+from support import analyzeimages as ai
+from support import imagefactory as f
+from support.unprivileged import Unprivileged, make_unprivileged
 
 from estargz_opt.workload.rootless import checks
 

@@ -27,14 +27,14 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import analyzeimages as ai
-import imagefactory as f
 import pytest
-from runnerlib import V1Controllers, cgroup_controllers_on_v2_in_hybrid
+from support import analyzeimages as ai
+from support import imagefactory as f
+from support.runnerlib import V1Controllers, cgroup_controllers_on_v2_in_hybrid
+from support.unprivileged import Unprivileged, make_unprivileged
 from test_analyze import BB, KIND_OUTPUT, KINDS, RUN_SH, ended_by, expected_prioritized
 from test_optimize_containerd import error_message, printed_digest
 from test_optimize_parity import our_toc, prioritized_files
-from unprivileged import Unprivileged, make_unprivileged
 
 SAMPLE = "estargz-opt-sample-"
 

@@ -32,12 +32,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
-from helpers_containerd import estargz_opt
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from imagefactory import archive_for_ctr
-from ociimage import OCIImage, image_target, import_image, read_manifest, write_oci_layout
-from tarbytes import (
+from support.containerd import estargz_opt
+from support.imagefactory import archive_for_ctr
+from support.ociimage import OCIImage, image_target, import_image, read_manifest, write_oci_layout
+from support.tarbytes import (
     SET_ASIDE,
     build_retar,
     kept_entries,
@@ -46,7 +46,7 @@ from tarbytes import (
     split_entries,
     try_retar,
 )
-from tarfactory import (
+from support.tarfactory import (
     GNU,
     PAX,
     Entry,

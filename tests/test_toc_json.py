@@ -16,11 +16,9 @@ import tarfile
 
 import pytest
 import zstandard
+from support import tarfactory as tf
 
-pytest.register_assert_rewrite("tarfactory")  # readable failures from shared checks
-import tarfactory as tf  # noqa: E402
-
-import estargz_opt.format as fmt_mod  # noqa: E402
+import estargz_opt.format as fmt_mod
 
 Format = fmt_mod.Format
 FORMATS = list(Format)

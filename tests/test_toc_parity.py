@@ -49,8 +49,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import pytest
-from helpers_containerd import NAMESPACE, estargz_opt
-from ociimage import OCIImage, image_target, import_image, read_manifest, write_oci_layout
+from support.containerd import NAMESPACE, estargz_opt
+from support.ociimage import OCIImage, image_target, import_image, read_manifest, write_oci_layout
 
 pytestmark = pytest.mark.interop
 

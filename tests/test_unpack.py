@@ -12,8 +12,8 @@ import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
-import imagefactory as f
 import pytest
+from support import imagefactory as f
 
 from estargz_opt.descriptor import OCI_LAYER_GZIP, Descriptor
 from estargz_opt.errors import BadInputError

@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SCRIPTS = REPO / "scripts"
 CONTAINERD = "/usr/bin/containerd"
 CTR_REMOTE_DEFAULT = Path("/opt/estargz-opt/ctr-remote/usr/bin/ctr-remote")

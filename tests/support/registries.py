@@ -34,7 +34,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.x509.oid import NameOID
-from lazypull import Registry, RegistryConfig
+
+from support.lazypull import Registry, RegistryConfig
 
 USER = "tester"
 PASSWORD = "s3cret-Pa55word-9f1c"

@@ -13,9 +13,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import imagefactory as f
-from helpers_containerd import Containerd
-from ociimage import image_target
+from support import imagefactory as f
+from support.containerd import Containerd
+from support.ociimage import image_target
 
 MTIME = f.LAYER_MTIME
 
