@@ -39,16 +39,20 @@ from pathlib import Path
 import pytest
 from support import analyzeimages as ai
 from support import imagefactory as f
-from support.containerd import Containerd
-from test_optimize_containerd import (
-    _env,
-    cli,
-    ctr_run,
-    error_message,
-    images,
-    optimize,
-    printed_digest,
+from support.analyzeimages import (
+    BB,
+    KIND_OUTPUT,
+    KINDS,
+    RUN_SH,
+    ended_by,
+    expected_prioritized,
+    inspect,
+    pairs,
+    prioritized,
+    read_record,
 )
+from support.cli import cli_env, error_message, printed_digest, run_cli
+from support.containerd import Containerd, ctr_run, images, optimize
 
 pytestmark = pytest.mark.interop
 
@@ -62,13 +66,11 @@ CONTAINERD_DEFAULT_CAPS = {
     "CAP_SYS_CHROOT", "CAP_KILL", "CAP_AUDIT_WRITE",
 }
 
-BB = ("bin/busybox", 0)
-
 
 # --- running the CLI --------------------------------------------------------------------------
 
 def env_with_tmp(tmpdir: Path, **extra: str) -> dict[str, str]:
-    return _env(TMPDIR=str(tmpdir), **extra)
+    return cli_env(TMPDIR=str(tmpdir), **extra)
 
 
 def start(c: Containerd, *args: str | Path, env: dict[str, str],
@@ -129,42 +131,6 @@ def wait_for_container(c: Containerd, proc: subprocess.Popen, timeout: float = 3
         assert proc.poll() is None, "the CLI ended before its sample container appeared"
         time.sleep(0.1)
     pytest.fail("no estargz-opt-sample-* container appeared")
-
-
-def read_record(path: Path) -> list[dict]:
-    assert path.is_file(), f"no record at {path}"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def pairs(record: list[dict]) -> list[tuple[str, int]]:
-    return [(r["path"], r["layerIndex"]) for r in record]
-
-
-def inspect(c: Containerd, image: str) -> list[dict]:
-    res = cli("-a", c.address, "inspect", image, "--json")
-    assert res.returncode == 0, res.stderr
-    return json.loads(res.stdout)["layers"]
-
-
-def prioritized(c: Containerd, image: str) -> list[list[str]]:
-    """Per layer, the regular files before the landmark (directories left out)."""
-    out = []
-    for lay in inspect(c, image):
-        out.append([p for p in lay["prioritized"] if not p.endswith("/")])
-    return out
-
-
-def expected_prioritized(record: list[dict], layers: int) -> list[list[str]]:
-    out: list[list[str]] = [[] for _ in range(layers)]
-    for path, index in pairs(record):
-        out[index].append(path)
-    return out
-
-
-def ended_by(stderr: str) -> str:
-    m = re.search(r"workload ended \(([^)]*)\)", stderr)
-    assert m, f"no 'workload ended' line:\n{stderr}"
-    return m[1]
 
 
 # --- what a run must leave behind: nothing ---------------------------------------------------
@@ -267,15 +233,6 @@ def leftovers(containerd, tmp_path: Path) -> Leftovers:
 
 # --- images -------------------------------------------------------------------------------------
 
-RUN_SH = """\
-cat /app/a.txt
-case "$1" in
-  exit) echo done-exit ;;
-  sleep) cat /app/b.txt; echo sleeping; exec /bin/busybox sleep 1000 ;;
-  ready) cat /app/c.txt; echo READY; exec /bin/busybox sleep 1000 ;;
-esac
-"""
-
 
 @pytest.fixture(scope="module")
 def kinds(containerd, busybox_layer: Path, tmp_path_factory) -> ai.Image:
@@ -287,20 +244,6 @@ def kinds(containerd, busybox_layer: Path, tmp_path_factory) -> ai.Image:
     return ai.build(containerd, tmp_path_factory.mktemp("kinds"), "localhost/analyze-kinds:1",
                     [busybox_layer.read_bytes(), l1, l2],
                     ai.config(["/bin/sh", "/app/run.sh", "exit"]))
-
-
-KIND_OUTPUT = "alpha-upper\ndone-exit\n"
-KINDS = {
-    # name: (flags, expected record set, period, how it ends, output on stderr)
-    "exit": ([], {BB, ("app/run.sh", 1), ("app/a.txt", 2)}, 10,
-             "the workload exited", "done-exit"),
-    "period": (["--args", '["/bin/sh","/app/run.sh","sleep"]'],
-               {BB, ("app/run.sh", 1), ("app/a.txt", 2), ("app/b.txt", 1)}, 2,
-               "the --period elapsed", "sleeping"),
-    "line": (["--args", '["/bin/sh","/app/run.sh","ready"]', "--wait-on-line", "READY"],
-             {BB, ("app/run.sh", 1), ("app/a.txt", 2), ("app/c.txt", 2)}, 30,
-             "the --wait-on-line text was printed", "READY"),
-}
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
@@ -364,7 +307,7 @@ def test_whiteouts_and_first_access(containerd, busybox_layer: Path, tmp_path: P
                    [busybox_layer.read_bytes(), l1, l2], ai.config(["/bin/sh", "/app/wh.sh"]))
     leftovers.reset()
     record = tmp_path / "record.jsonl"
-    res = cli("-a", containerd.address, "analyze", img.name, "--record-out", record,
+    res = run_cli("-a", containerd.address, "analyze", img.name, "--record-out", record,
               "--period", "10", "--json", env=env_with_tmp(leftovers.tmpdir))
     assert res.returncode == 0, res.stderr
     summary = json.loads(res.stdout)
@@ -420,7 +363,7 @@ def test_sampler_flags(flags_image: ai.Image, containerd, tmp_path: Path,
     (data / "d1.txt").write_text("host-data")
     env_file = tmp_path / "env"
     env_file.write_text("C=from-file\nD=4\n")
-    res = cli("-a", containerd.address, "analyze", flags_image.name,
+    res = run_cli("-a", containerd.address, "analyze", flags_image.name,
               "--record-out", tmp_path / "r.jsonl", "--period", "10",
               "--env", "A=1", "--env", "C=from-flag", "--env-file", env_file,
               "--user", "1000:1000", "--cwd", "/tmp",
@@ -451,7 +394,7 @@ def test_sampler_flags(flags_image: ai.Image, containerd, tmp_path: Path,
 
 def test_entrypoint_keeps_cmd_and_image_config(flags_image: ai.Image, containerd,
                                             tmp_path: Path) -> None:
-    res = cli("-a", containerd.address, "analyze", flags_image.name,
+    res = run_cli("-a", containerd.address, "analyze", flags_image.name,
               "--record-out", tmp_path / "r.jsonl", "--period", "10",
               "--entrypoint", '["/bin/sh"]')
     assert res.returncode == 0, res.stderr
@@ -463,7 +406,7 @@ def test_entrypoint_keeps_cmd_and_image_config(flags_image: ai.Image, containerd
 
 
 def test_net_host(flags_image: ai.Image, containerd, tmp_path: Path) -> None:
-    res = cli("-a", containerd.address, "analyze", flags_image.name,
+    res = run_cli("-a", containerd.address, "analyze", flags_image.name,
               "--record-out", tmp_path / "r.jsonl", "--period", "10",
               "--entrypoint", '["/bin/sh"]', "--net-host", "--user", "app")
     assert res.returncode == 0, res.stderr
@@ -504,7 +447,7 @@ def test_bad_flag_values(bad: list[str], words: str, flags_image: ai.Image, cont
     if words in ("--args", "--mount"):  # analyze takes the same flags, checked the same way
         commands.append(["analyze", flags_image.name, "--record-out", str(tmp_path / "r.jsonl")])
     for cmd in commands:
-        res = cli("-a", containerd.address, *cmd, *bad, env=env_with_tmp(leftovers.tmpdir))
+        res = run_cli("-a", containerd.address, *cmd, *bad, env=env_with_tmp(leftovers.tmpdir))
         msg = error_message(res)
         assert words in msg, msg
         assert res.returncode == 2, res.returncode
@@ -699,7 +642,7 @@ def test_analyze_of_a_workload_that_cannot_start_fails(kinds: ai.Image, containe
     record is no result, and a user expects a non-zero exit (unlike `optimize`, which
     still converts). Unspecified: see the report."""
     record = tmp_path / "record.jsonl"
-    res = cli("-a", containerd.address, "analyze", kinds.name, "--record-out", record,
+    res = run_cli("-a", containerd.address, "analyze", kinds.name, "--record-out", record,
               "--period", "5", "--entrypoint", '["/nonexistent"]',
               env=env_with_tmp(leftovers.tmpdir))
     leftovers.check()
@@ -797,13 +740,13 @@ def test_hostile_symlinks(containerd, busybox_layer: Path, tmp_path: Path,
     assert ("app/h.sh", 1) in rec
     # --user secretuser: /etc/passwd is a symlink to the host secret; it must be resolved
     # inside the rootfs (where it leads nowhere), never on the host.
-    res = cli("-a", containerd.address, "analyze", img.name, "--record-out", record,
+    res = run_cli("-a", containerd.address, "analyze", img.name, "--record-out", record,
               "--period", "10", "--user", "secretuser", env=env_with_tmp(leftovers.tmpdir))
     assert token not in res.stderr + res.stdout
     assert "id=4242" not in res.stderr + res.stdout, res.stderr
     msg = error_message(res)
     assert "secretuser" in msg and "/etc/passwd" in msg, msg
-    res = cli("-a", containerd.address, "analyze", img.name, "--record-out", record,
+    res = run_cli("-a", containerd.address, "analyze", img.name, "--record-out", record,
               "--period", "10", "--user", "0:secretuser", env=env_with_tmp(leftovers.tmpdir))
     assert token not in res.stderr + res.stdout
     assert "id=4242" not in res.stderr + res.stdout, res.stderr
@@ -823,7 +766,7 @@ def test_passwd_that_is_a_fifo(containerd, busybox_layer: Path, tmp_path: Path,
     img = ai.build(containerd, tmp_path / "img", "localhost/analyze-fifo:1", raw,
                    ai.config(["/bin/echo", "fifo-ran"]))
     leftovers.reset()
-    res = cli("-a", containerd.address, "analyze", img.name, "--record-out",
+    res = run_cli("-a", containerd.address, "analyze", img.name, "--record-out",
               tmp_path / "r.jsonl", "--period", "5", "--user", "someone",
               env=env_with_tmp(leftovers.tmpdir), timeout=60)
     msg = error_message(res)
@@ -846,7 +789,7 @@ def test_dotdot_tar_entry(containerd, busybox_layer: Path, tmp_path: Path,
                    ai.config(["/bin/cat", "/app/ok.txt", f"/tmp/{escape}"]))
     leftovers.reset()
     record = tmp_path / "r.jsonl"
-    res = cli("-a", containerd.address, "analyze", img.name, "--record-out", record,
+    res = run_cli("-a", containerd.address, "analyze", img.name, "--record-out", record,
               "--period", "5", env=env_with_tmp(leftovers.tmpdir))
     assert not Path("/tmp", escape).exists(), "a .. entry escaped the snapshot"
     assert res.returncode == 0, res.stderr
@@ -880,7 +823,7 @@ def test_index_image_records_the_host_manifest(containerd, busybox_layer: Path,
     [host] = [m for p, m, _ in f.platform_manifests(layout, "v1")
               if p and p["architecture"] == f.HOST_PLATFORM[1]]
     record = tmp_path / "record.jsonl"
-    res = cli("-a", containerd.address, "analyze", name, "--record-out", record,
+    res = run_cli("-a", containerd.address, "analyze", name, "--record-out", record,
               "--period", "10")
     assert res.returncode == 0, res.stderr
     assert "host-platform" in res.stderr.splitlines()
@@ -894,7 +837,7 @@ def test_index_image_records_the_host_manifest(containerd, busybox_layer: Path,
 def test_analyze_then_record_in_oci_layout(kinds: ai.Image, containerd, tmp_path: Path,
                                            leftovers: Leftovers) -> None:
     record = tmp_path / "record.jsonl"
-    res = cli("-a", containerd.address, "analyze", kinds.name, "--record-out", record,
+    res = run_cli("-a", containerd.address, "analyze", kinds.name, "--record-out", record,
               "--period", "10", "--json", env=env_with_tmp(leftovers.tmpdir))
     assert res.returncode == 0, res.stderr
     summary = json.loads(res.stdout)
@@ -905,11 +848,11 @@ def test_analyze_then_record_in_oci_layout(kinds: ai.Image, containerd, tmp_path
     assert set(pairs(rec)) == KINDS["exit"][1]
 
     out = tmp_path / "out"
-    res = cli("optimize", "--oci", "--record-in", record, f"oci:{kinds.layout}:{kinds.tag}",
-              f"oci:{out}:esgz", env=_env(CONTAINERD_ADDRESS="/nonexistent/containerd.sock"))
+    res = run_cli("optimize", "--oci", "--record-in", record, f"oci:{kinds.layout}:{kinds.tag}",
+              f"oci:{out}:esgz", env=cli_env(CONTAINERD_ADDRESS="/nonexistent/containerd.sock"))
     printed_digest(res)
     from_layout = [[p for p in lay["prioritized"] if not p.endswith("/")]
-                   for lay in json.loads(cli("inspect", f"oci:{out}:esgz", "--json").stdout)
+                   for lay in json.loads(run_cli("inspect", f"oci:{out}:esgz", "--json").stdout)
                    ["layers"]]
     assert from_layout == expected_prioritized(rec, 3)
     # ... and a containerd `optimize` run of the same workload prioritized the same
@@ -924,7 +867,7 @@ def test_analyze_prefetch_list_out_round_trip(kinds: ai.Image, containerd, tmp_p
     """A real workload run's --prefetch-list-out gives, fed back with --prefetch-list, the
     same image byte for byte as its record with --record-in (daemonless conversions)."""
     record, listing = tmp_path / "record.jsonl", tmp_path / "prefetch.txt"
-    res = cli("-a", containerd.address, "analyze", kinds.name, "--record-out", record,
+    res = run_cli("-a", containerd.address, "analyze", kinds.name, "--record-out", record,
               "--prefetch-list-out", listing, "--period", "10",
               env=env_with_tmp(leftovers.tmpdir))
     assert res.returncode == 0, res.stderr
@@ -934,10 +877,10 @@ def test_analyze_prefetch_list_out_round_trip(kinds: ai.Image, containerd, tmp_p
     assert rec[0]["manifestDigest"] in lines[0], lines
     assert [x for x in lines if not x.startswith("#")] == [r["path"] for r in rec]
     src = f"oci:{kinds.layout}:{kinds.tag}"
-    nodaemon = _env(CONTAINERD_ADDRESS="/nonexistent/containerd.sock")
-    via_record = printed_digest(cli("optimize", "--oci", "--record-in", record, src,
+    nodaemon = cli_env(CONTAINERD_ADDRESS="/nonexistent/containerd.sock")
+    via_record = printed_digest(run_cli("optimize", "--oci", "--record-in", record, src,
                                     f"oci:{tmp_path / 'r'}:esgz", env=nodaemon))
-    via_list = printed_digest(cli("optimize", "--oci", "--prefetch-list", listing, src,
+    via_list = printed_digest(run_cli("optimize", "--oci", "--prefetch-list", listing, src,
                                   f"oci:{tmp_path / 'l'}:esgz", env=nodaemon))
     assert via_list == via_record
 
@@ -948,7 +891,7 @@ def test_analyze_record_survives_a_rebuild(kinds: ai.Image, containerd, tmp_path
     manifest digest), and convert the rebuild with the old record, with no daemon: the
     base layers prioritize the same files in the same order, the top layer by path."""
     record = tmp_path / "record.jsonl"
-    res = cli("-a", containerd.address, "analyze", kinds.name, "--record-out", record,
+    res = run_cli("-a", containerd.address, "analyze", kinds.name, "--record-out", record,
               "--period", "10", env=env_with_tmp(leftovers.tmpdir))
     assert res.returncode == 0, res.stderr
     rec = read_record(record)
@@ -958,17 +901,17 @@ def test_analyze_record_survives_a_rebuild(kinds: ai.Image, containerd, tmp_path
     new_digest = f.write_layout(rebuilt, "v2", [*kinds.layers[:2], top],
                                 ai.config(["/bin/sh", "/app/run.sh", "exit"]))
     assert new_digest != kinds.manifest
-    nodaemon = _env(CONTAINERD_ADDRESS="/nonexistent/containerd.sock")
+    nodaemon = cli_env(CONTAINERD_ADDRESS="/nonexistent/containerd.sock")
 
     def prioritized_of(out: Path) -> list[list[str]]:
-        report = json.loads(cli("inspect", f"oci:{out}:esgz", "--json").stdout)
+        report = json.loads(run_cli("inspect", f"oci:{out}:esgz", "--json").stdout)
         return [[p for p in lay["prioritized"] if not p.endswith("/")]
                 for lay in report["layers"]]
 
-    printed_digest(cli("optimize", "--oci", "--record-in", record,
+    printed_digest(run_cli("optimize", "--oci", "--record-in", record,
                        f"oci:{kinds.layout}:{kinds.tag}", f"oci:{tmp_path / 'v1'}:esgz",
                        env=nodaemon))
-    res = cli("optimize", "--oci", "--record-in", record, f"oci:{rebuilt}:v2",
+    res = run_cli("optimize", "--oci", "--record-in", record, f"oci:{rebuilt}:v2",
               f"oci:{tmp_path / 'v2'}:esgz", env=nodaemon)
     printed_digest(res)
     assert "matched by path" in res.stderr, res.stderr

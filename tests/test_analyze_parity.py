@@ -22,22 +22,23 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from support.cli import cli_env, run_cli
+from support.containerd import ctr_run
+from support.containerd import optimize as our_containerd_optimize
 from support.imagefactory import write_layout
-from support.runnerlib import DAEMONLESS, cli_env, layout_prioritized, run_cli
-from support.tarfactory import build_tar, dir_, reg
-from support.unprivileged import make_unprivileged
-from test_optimize_containerd import optimize as our_containerd_optimize
-from test_optimize_parity import (
+from support.reference import (
     Image,
-    _import,
-    our_toc,
-    prioritized_files,
+    ctr_import,
+    ctr_remote_run,
     read_record,
     reference_optimize,
     reference_tocs,
     require_accesses,
 )
-from test_toc_parity import NO_LANDMARK, ctr_remote_run
+from support.runnerlib import DAEMONLESS, layout_prioritized
+from support.tarfactory import build_tar, dir_, reg
+from support.tocs import NO_LANDMARK, our_toc, prioritized_files
+from support.unprivileged import make_unprivileged
 
 pytestmark = pytest.mark.interop
 
@@ -74,7 +75,7 @@ def image(containerd, busybox_layer: Path, tmp_path_factory) -> Image:
     base = tmp_path_factory.mktemp("anaparity")
     config = {"config": {"Entrypoint": WORKLOAD, "Env": ["PATH=/bin"], "WorkingDir": "/"}}
     write_layout(base / "layout", "v1", [busybox_layer.read_bytes(), *_layers()], config)
-    return _import(containerd, base / "layout", "v1", "localhost/anaparity:1", base / "img.tar")
+    return ctr_import(containerd, base / "layout", "v1", "localhost/anaparity:1", base / "img.tar")
 
 
 def _our_tocs(containerd, target: str) -> list[dict]:
@@ -182,8 +183,6 @@ def test_recorded_files_and_order_match_ctr_remote(
 
 
 def test_optimized_image_runs(image: Image, containerd) -> None:
-    from test_optimize_containerd import ctr_run
-
     run = our_containerd_optimize(
         containerd, "--oci", "--period", "3", image.ref, "localhost/anaparity:run",
     )

@@ -19,9 +19,10 @@ import time
 from pathlib import Path
 
 import pytest
+from support.cli import cli_env, printed_digest
+from support.containerd import optimize
 from support.imagefactory import archive_for_ctr, write_busybox_image
 from support.tarfactory import build_tar, dir_, reg
-from test_optimize_containerd import _env, optimize, printed_digest
 
 from estargz_opt.workload.containerd.runner import OWNER_LABEL, SAMPLE_LABEL
 
@@ -84,7 +85,7 @@ def _start_killed_run(containerd, image: str, target: str) -> tuple[str, list[in
     proc = subprocess.Popen(
         [sys.executable, "-m", "estargz_opt", "-a", containerd.address, "optimize", "--oci",
          "--period", "120", "--wait-on-line", "never-printed", image, target],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=_env(),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=cli_env(),
     )
     try:
         deadline = time.monotonic() + 60
@@ -145,7 +146,7 @@ def test_a_running_owners_container_is_left_alone(containerd, image: str) -> Non
     first = subprocess.Popen(
         [sys.executable, "-m", "estargz_opt", "-a", containerd.address, "optimize", "--oci",
          "--period", "8", image, "localhost/reap:first"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=_env(),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=cli_env(),
     )
     try:
         deadline = time.monotonic() + 60

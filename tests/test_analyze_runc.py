@@ -31,17 +31,7 @@ from pathlib import Path
 import pytest
 from support import analyzeimages as ai
 from support import imagefactory as f
-from support.runnerlib import (
-    DAEMONLESS,
-    MONITOR,
-    RunLeftovers,
-    cli_env,
-    layout_prioritized,
-    run_cli,
-    run_layout_image,
-    sample_containers,
-)
-from test_analyze import (
+from support.analyzeimages import (
     BB,
     KIND_OUTPUT,
     KINDS,
@@ -51,8 +41,16 @@ from test_analyze import (
     pairs,
     read_record,
 )
-from test_optimize_containerd import error_message
-from test_optimize_oci import NoDaemon
+from support.cli import cli_env, error_message, run_cli
+from support.nodaemon import NoDaemon
+from support.runnerlib import (
+    DAEMONLESS,
+    MONITOR,
+    RunLeftovers,
+    layout_prioritized,
+    run_layout_image,
+    sample_containers,
+)
 
 RUNNERS = list(DAEMONLESS)
 

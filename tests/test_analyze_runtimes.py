@@ -24,17 +24,7 @@ from pathlib import Path
 import pytest
 from support import analyzeimages as ai
 from support import imagefactory as f
-from support.runnerlib import (
-    DAEMONLESS,
-    STATE_ROOT,
-    RunLeftovers,
-    V1Controllers,
-    cgroup_controllers_on_v2_in_hybrid,
-    cli_env,
-    layout_prioritized,
-    run_layout_image,
-)
-from test_analyze import (
+from support.analyzeimages import (
     BB,
     KIND_OUTPUT,
     RUN_SH,
@@ -44,7 +34,17 @@ from test_analyze import (
     prioritized,
     read_record,
 )
-from test_optimize_containerd import ctr_run
+from support.cli import cli_env
+from support.containerd import ctr_run
+from support.runnerlib import (
+    DAEMONLESS,
+    STATE_ROOT,
+    RunLeftovers,
+    V1Controllers,
+    cgroup_controllers_on_v2_in_hybrid,
+    layout_prioritized,
+    run_layout_image,
+)
 
 pytestmark = pytest.mark.interop
 

@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from support.containerd import NAMESPACE, estargz_opt, file_digest
+from support.cli import estargz_opt
+from support.containerd import NAMESPACE, file_digest
 from support.layers import BUSYBOX_PRIORITIZED, SYNTHETIC_PRIORITIZED, write_list
 
 pytestmark = pytest.mark.interop

@@ -35,7 +35,7 @@ from pathlib import Path
 import pytest
 from support import imagefactory as F
 from support import lazypull
-from support.containerd import estargz_opt
+from support.cli import estargz_opt
 
 pytestmark = pytest.mark.interop
 

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from support.containerd import estargz_opt
+from support.cli import estargz_opt
 from support.imagefactory import (
     HOST_PLATFORM,
     blob_path,
@@ -24,7 +24,7 @@ from support.imagefactory import (
     write_layout,
 )
 from support.tarfactory import build_tar, dir_, reg
-from test_prefetch_list import TAG, per_layer, prioritized_files
+from support.tocs import per_layer, prioritized_files
 
 BASE0 = [dir_("bin/"), reg("bin/sh", b"sh\n"), dir_("lib/"), reg("lib/libc.so", b"libc\n"),
          reg("lib/unused.so", b"never read\n")]
@@ -43,6 +43,7 @@ def app(version: int) -> bytes:
     return build_tar(files)
 
 
+TAG = "v1"
 #: The workload's accesses on release 1: (path, layer index), in access order.
 ACCESSES = [("app/main.py", 2), ("lib/libc.so", 0), ("usr/py/re.py", 1), ("bin/sh", 0),
             ("app/old.py", 2), ("usr/py/os.py", 1), ("app/util.py", 2)]
@@ -81,14 +82,14 @@ def test_record_of_release_1_prioritizes_release_2(images, tmp_path: Path) -> No
     assert digest1 != digest2
     record = write_record(tmp_path / "rec.jsonl", digest1, ACCESSES)
     res1 = optimize(src1, tmp_path / "out1", "--record-in", str(record))
-    original = per_layer(tmp_path / "out1", res1.stdout)
+    original = per_layer(tmp_path / "out1", TAG, res1.stdout)
     assert original == [["lib/libc.so", "bin/sh"], ["usr/py/re.py", "usr/py/os.py"],
                         ["app/main.py", "app/old.py", "app/util.py"]]
     assert "WARNING" not in res1.stderr, res1.stderr  # the record's own image: exact match
 
     res2 = optimize(src2, tmp_path / "out2", "--record-in", str(record), "--json")
     report = json.loads(res2.stdout)
-    rebuilt = per_layer(tmp_path / "out2", report["target"])
+    rebuilt = per_layer(tmp_path / "out2", TAG, report["target"])
     # Base layers: the same files in the same order; the new top layer matched by path.
     assert rebuilt[:2] == original[:2]
     assert rebuilt[2] == ["app/main.py", "app/util.py"]
@@ -116,7 +117,7 @@ def test_record_of_another_image_is_an_error(images, tmp_path: Path) -> None:
     res = optimize(src, tmp_path / "out", "--record-in", str(record), "--allow-empty-profile")
     assert not errors(res.stderr)
     assert re.search(r"WARNING: .*the record was made for .*--allow-empty-profile", res.stderr)
-    assert per_layer(tmp_path / "out", res.stdout) == [[], [], []]
+    assert per_layer(tmp_path / "out", TAG, res.stdout) == [[], [], []]
 
 
 def test_under_half_matched_warns(images, tmp_path: Path) -> None:
@@ -125,7 +126,7 @@ def test_under_half_matched_warns(images, tmp_path: Path) -> None:
     lst.write_text("bin/sh\ngone/a\ngone/b\ngone/c\n")
     res = optimize(src, tmp_path / "out", "--prefetch-list", str(lst))
     assert "WARNING: the profile matches only 1 of its 4 files" in res.stderr, res.stderr
-    assert per_layer(tmp_path / "out", res.stdout) == [["bin/sh"], [], []]
+    assert per_layer(tmp_path / "out", TAG, res.stdout) == [["bin/sh"], [], []]
 
 
 def test_merged_in_command_line_order(images, tmp_path: Path) -> None:
@@ -139,12 +140,12 @@ def test_merged_in_command_line_order(images, tmp_path: Path) -> None:
     lst.write_text("usr/py/*.py\nbin/sh\n")
     res = optimize(src, tmp_path / "a", "--record-in", str(startup),
                    "--record-in", str(requests))
-    assert per_layer(tmp_path / "a", res.stdout) == [
+    assert per_layer(tmp_path / "a", TAG, res.stdout) == [
         ["lib/libc.so"], ["usr/py/re.py", "usr/py/json.py"], ["app/main.py", "app/util.py"]]
     # Reversed order, and a prefetch list in between: first occurrence wins, no repeats.
     res = optimize(src, tmp_path / "b", "--record-in", str(requests),
                    "--prefetch-list", str(lst), "--record-in", str(startup))
-    assert per_layer(tmp_path / "b", res.stdout) == [
+    assert per_layer(tmp_path / "b", TAG, res.stdout) == [
         ["lib/libc.so", "bin/sh"], ["usr/py/json.py", "usr/py/os.py", "usr/py/re.py"],
         ["app/main.py", "app/util.py"]]
 
@@ -166,7 +167,7 @@ def test_prefetch_list_out_round_trip(tmp_path: Path, odd: str) -> None:
     via_list = optimize(src, tmp_path / "l", "--prefetch-list", str(lst))
     assert via_list.stdout.splitlines()[-1] == via_record.stdout.splitlines()[-1]
     assert resolve_tag(tmp_path / "l", TAG)["digest"] == resolve_tag(tmp_path / "r", TAG)["digest"]
-    assert per_layer(tmp_path / "l", via_list.stdout)[1] == ["app/x.py", odd, "app/main.py"]
+    assert per_layer(tmp_path / "l", TAG, via_list.stdout)[1] == ["app/x.py", odd, "app/main.py"]
 
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -237,7 +238,7 @@ def test_recorded_layer_is_preferred_where_it_moved(tmp_path: Path,
     write_layout(new_layout, TAG, [extra, build_tar(BASE0), build_tar(BASE1), hotfix, app(2)])
     record = write_record(tmp_path / "rec.jsonl", digest1, ACCESSES)
     res = optimize(new_layout, tmp_path / "out", "--record-in", str(record))
-    got = per_layer(tmp_path / "out", res.stdout)
+    got = per_layer(tmp_path / "out", TAG, res.stdout)
     if old_image_in_layout:
         assert got == [[], ["lib/libc.so", "bin/sh"], ["usr/py/re.py", "usr/py/os.py"], [],
                        ["app/main.py", "app/util.py"]]

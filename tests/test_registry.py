@@ -26,8 +26,7 @@ from pathlib import Path
 import pytest
 from support import imagefactory as F
 from support import lazypull
-from support.containerd import estargz_opt
-from support.runnerlib import cli_env, run_cli
+from support.cli import cli_env, estargz_opt, run_cli
 
 from estargz_opt.reference import RegistryRef
 from estargz_opt.stores.registry.options import RegistryOptions

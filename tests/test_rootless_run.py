@@ -30,11 +30,11 @@ from pathlib import Path
 import pytest
 from support import analyzeimages as ai
 from support import imagefactory as f
+from support.analyzeimages import BB, KIND_OUTPUT, KINDS, RUN_SH, ended_by, expected_prioritized
+from support.cli import error_message, printed_digest
 from support.runnerlib import V1Controllers, cgroup_controllers_on_v2_in_hybrid
+from support.tocs import our_toc, prioritized_files
 from support.unprivileged import Unprivileged, make_unprivileged
-from test_analyze import BB, KIND_OUTPUT, KINDS, RUN_SH, ended_by, expected_prioritized
-from test_optimize_containerd import error_message, printed_digest
-from test_optimize_parity import our_toc, prioritized_files
 
 SAMPLE = "estargz-opt-sample-"
 

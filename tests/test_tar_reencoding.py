@@ -34,9 +34,10 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from support.containerd import estargz_opt
+from support.cli import estargz_opt
 from support.imagefactory import archive_for_ctr
 from support.ociimage import OCIImage, image_target, import_image, read_manifest, write_oci_layout
+from support.reference import ctr_remote_run
 from support.tarbytes import (
     SET_ASIDE,
     build_retar,
@@ -59,7 +60,6 @@ from support.tarfactory import (
     reg,
     symlink,
 )
-from test_toc_parity import ctr_remote_run
 
 from estargz_opt.errors import BadInputError
 from estargz_opt.format import Format, LayerOptions, convert_layer
