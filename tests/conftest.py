@@ -1,4 +1,13 @@
-"""Shared fixtures: a private containerd, the reference ctr-remote and test layers."""
+"""Shared fixtures (a private containerd, the reference ctr-remote, test layers) and the
+layers of the suite a developer picks with -m (markers registered in pyproject.toml).
+
+``unit``: in process or nearly, no root, no daemon, no network; what `make unit` runs. A
+module or test says so itself, and collection fails if it also asks for a heavier layer.
+``root`` (mounts, namespaces, another uid, apt), ``containerd`` (a private daemon),
+``registry`` (registry servers), ``slow`` (fuzzing, bombs, killed runs): a fixture in
+FIXTURE_LAYERS marks every test that uses it, directly or through another fixture; a
+module or test marks itself for the rest. `make test` runs every layer.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +15,9 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -24,7 +35,18 @@ from support.layers import (  # noqa: E402
     build_synthetic_layer,
 )
 
+if TYPE_CHECKING:
+    from estargz_opt.stores.containerd.client import Client
+
 _CACHE_KEY = pytest.StashKey[str]()
+
+#: the layers a fixture puts its users in
+FIXTURE_LAYERS = {
+    "containerd": ("containerd", "root"),
+    "ctr_remote": ("containerd", "root"),  # drives a containerd; installed by apt as root
+    "busybox_layer": ("root",),  # apt-get download into the machine's cache
+}
+HEAVY_LAYERS = ("root", "containerd", "registry", "slow")
 
 
 def _skip(reason: str) -> None:
@@ -39,6 +61,24 @@ def pytest_configure(config: pytest.Config) -> None:
     path = tempfile.mkdtemp(prefix="estargz-opt-test-cache-")
     config.stash[_CACHE_KEY] = path
     os.environ["ESTARGZ_OPT_CACHE_DIR"] = path
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark each test with the layers its fixtures need; refuse a `unit` test that
+    needs more (it would fail, or skip, where `make unit` runs)."""
+    wrong = []
+    for item in items:
+        for name in getattr(item, "fixturenames", ()):
+            for layer in FIXTURE_LAYERS.get(name, ()):
+                item.add_marker(layer)
+        if item.get_closest_marker("interop"):
+            item.add_marker("containerd")
+            item.add_marker("root")
+        heavy = [layer for layer in HEAVY_LAYERS if item.get_closest_marker(layer)]
+        if heavy and item.get_closest_marker("unit"):
+            wrong.append(f"{item.nodeid}: marked unit but needs {', '.join(heavy)}")
+    if wrong:
+        raise pytest.UsageError("\n".join(wrong))
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -74,6 +114,15 @@ def containerd(tmp_path_factory: pytest.TempPathFactory):
         yield daemon
     finally:
         daemon.stop()
+
+
+@pytest.fixture
+def client(containerd: Containerd) -> Iterator[Client]:
+    """A gRPC client of the session's containerd, default namespace, closed after the test."""
+    from estargz_opt.stores.containerd.client import Client
+
+    with Client(containerd.address, "default", timeout=120) as c:
+        yield c
 
 
 @pytest.fixture(scope="session")

@@ -52,6 +52,8 @@ from support.runnerlib import (
     sample_containers,
 )
 
+pytestmark = pytest.mark.root
+
 RUNNERS = list(DAEMONLESS)
 
 

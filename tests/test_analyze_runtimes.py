@@ -46,7 +46,7 @@ from support.runnerlib import (
     run_layout_image,
 )
 
-pytestmark = pytest.mark.interop
+pytestmark = [pytest.mark.interop, pytest.mark.root]
 
 WANT = {BB, ("app/run.sh", 1), ("app/a.txt", 2), ("app/b.txt", 1)}
 SLEEP = ["--args", '["/bin/sh","/app/run.sh","sleep"]']

@@ -25,6 +25,8 @@ import pytest
 import zstandard
 from support import imagefactory as f
 
+pytestmark = pytest.mark.root
+
 LAYERS = [
     {"etc/": None, "etc/app.conf": b"conf=1\n"},
     {"srv/": None, "srv/data.txt": b"data\n" * 1000},

@@ -41,6 +41,7 @@ def test_a_fifo_is_written_in_place(tmp_path: Path) -> None:
     assert stat.S_ISFIFO(os.stat(fifo).st_mode)
 
 
+@pytest.mark.root
 @pytest.mark.skipif(os.geteuid() != 0, reason="mknod of a character device needs root")
 def test_layer_convert_into_a_null_device_keeps_the_device(
     tmp_path: Path, synthetic_layer: Path

@@ -23,6 +23,8 @@ from support import tarfactory as tf
 import estargz_opt.errors as errors
 import estargz_opt.format as fmt_mod
 
+pytestmark = pytest.mark.unit
+
 Format = fmt_mod.Format
 
 

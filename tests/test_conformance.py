@@ -23,6 +23,8 @@ open_layer = fmt_mod.open_layer
 
 from estargz_opt.errors import BadInputError  # noqa: E402
 
+pytestmark = pytest.mark.unit
+
 FORMATS = list(Format)
 # Shrinking a failing layer takes minutes; CI wants the failure fast. Set
 # ESTARGZ_TEST_SHRINK=1 to get a minimal example when debugging.

@@ -249,12 +249,6 @@ def test_bad_address_and_namespace() -> None:
 
 
 @pytest.fixture
-def client(containerd) -> Iterator[Client]:
-    with Client(containerd.address, "default", timeout=60) as c:
-        yield c
-
-
-@pytest.fixture
 def lease(client: Client) -> Iterator[str]:
     """A lease for the test's writes: containerd may collect unreferenced content at any
     time after any deletion, e.g. another test's."""

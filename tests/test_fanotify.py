@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -28,7 +29,12 @@ from estargz_opt.workload.fanotify import (
     paths_under,
 )
 
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounts and fanotify need root")
+_ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="mounts and fanotify need root")
+
+
+def needs_root(test: Callable[..., None]) -> Callable[..., None]:
+    """In the root layer, and skipped elsewhere (a developer's non-root run)."""
+    return pytest.mark.root(_ROOT_ONLY(test))
 
 
 @pytest.fixture

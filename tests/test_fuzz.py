@@ -14,7 +14,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pytest
 from support.peakrss import run_measured
+
+pytestmark = pytest.mark.slow
 
 TARGET = Path(__file__).resolve().parent / "support" / "fuzz_reader.py"
 MAX_RSS_MIB = 200

@@ -27,6 +27,8 @@ from support.peakrss import run_measured
 
 from estargz_opt.format import Format, estargz, externaltoc, zstdchunked
 
+pytestmark = pytest.mark.slow
+
 MAX_RSS_MIB = 200
 HANG_GUARD_S = 60
 MiB = 1 << 20

@@ -29,6 +29,8 @@ from estargz_opt.format.source import Spool
 from estargz_opt.prioritize.layerindex import LayerNames
 from estargz_opt.workload.analyzer import scan_layer
 
+pytestmark = pytest.mark.unit
+
 
 def _chunks(data: bytes, size: int = 4096) -> Iterator[bytes]:
     for i in range(0, len(data), size):

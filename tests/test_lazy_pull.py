@@ -37,7 +37,7 @@ from support import imagefactory as F
 from support import lazypull
 from support.cli import estargz_opt
 
-pytestmark = pytest.mark.interop
+pytestmark = [pytest.mark.interop, pytest.mark.registry, pytest.mark.slow]
 
 READY = "READY"
 PRIO = ("data/prio-a.bin", "data/prio-b.bin")

@@ -37,6 +37,8 @@ import zstandard
 from support import imagefactory as f
 from support.nodaemon import NoDaemon
 
+pytestmark = pytest.mark.root
+
 # --- the images ------------------------------------------------------------------------------
 
 HOST = f.platform_str(f.HOST_PLATFORM)

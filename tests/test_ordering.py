@@ -12,6 +12,8 @@ from support import tarfactory as tf
 
 import estargz_opt.format as fmt_mod
 
+pytestmark = pytest.mark.unit
+
 FORMATS = list(fmt_mod.Format)
 
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import sys
 
+import pytest
 from support.peakrss import run_measured
+
+pytestmark = pytest.mark.unit
 
 TOUCH = "b = bytearray({n} << 20)\nfor i in range(0, len(b), 4096): b[i] = 1"
 

@@ -35,6 +35,8 @@ from support.imagefactory import (
 from support.tarfactory import build_tar, dir_, reg
 from support.tocs import per_layer
 
+pytestmark = pytest.mark.unit
+
 LANDMARK = ".prefetch.landmark"
 NO_LANDMARK = ".no.prefetch.landmark"
 TAG = "v1"

@@ -26,6 +26,8 @@ from support.imagefactory import (
 from support.tarfactory import build_tar, dir_, reg
 from support.tocs import per_layer, prioritized_files
 
+pytestmark = pytest.mark.unit
+
 BASE0 = [dir_("bin/"), reg("bin/sh", b"sh\n"), dir_("lib/"), reg("lib/libc.so", b"libc\n"),
          reg("lib/unused.so", b"never read\n")]
 BASE1 = [dir_("usr/"), dir_("usr/py/"), reg("usr/py/os.py", b"os\n"),

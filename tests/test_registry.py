@@ -32,6 +32,8 @@ from estargz_opt.reference import RegistryRef
 from estargz_opt.stores.registry.options import RegistryOptions
 from estargz_opt.stores.registry.store import RegistryStore
 
+pytestmark = pytest.mark.registry
+
 FORMATS = {
     "estargz": [],
     "external-toc": ["--estargz-external-toc"],

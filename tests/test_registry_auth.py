@@ -33,6 +33,8 @@ from estargz_opt.stores.registry.options import RegistryOptions
 from estargz_opt.stores.registry.session import Session, open_session
 from estargz_opt.stores.registry.store import RegistryStore
 
+pytestmark = pytest.mark.registry
+
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 CREDS = f"{USER}:{PASSWORD}"
 

@@ -21,6 +21,8 @@ from support.imagefactory import simple_layer, write_layout
 from support.lazypull import Registry
 from support.registries import PASSWORD, USER, Registries
 
+pytestmark = pytest.mark.registry
+
 CREDS = f"{USER}:{PASSWORD}"
 TOC_DIGEST = "containerd.io/snapshot/stargz/toc.digest"
 

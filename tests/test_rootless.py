@@ -24,6 +24,8 @@ from support.unprivileged import Unprivileged, make_unprivileged
 
 from estargz_opt.workload.rootless import checks
 
+pytestmark = pytest.mark.root
+
 
 @pytest.fixture(scope="module")
 def user() -> Iterator[Unprivileged]:

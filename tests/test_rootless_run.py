@@ -36,6 +36,8 @@ from support.runnerlib import V1Controllers, cgroup_controllers_on_v2_in_hybrid
 from support.tocs import our_toc, prioritized_files
 from support.unprivileged import Unprivileged, make_unprivileged
 
+pytestmark = pytest.mark.root
+
 SAMPLE = "estargz-opt-sample-"
 
 

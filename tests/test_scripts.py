@@ -19,6 +19,8 @@ from support.containerd import (
 )
 from support.layers import BIG_SIZE, LONG_NAME
 
+pytestmark = pytest.mark.root
+
 
 def _mounts_under(path: Path) -> list[str]:
     prefix = str(path)

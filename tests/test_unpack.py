@@ -36,12 +36,6 @@ def test_chain_ids_follow_the_oci_image_spec() -> None:
 
 
 @pytest.fixture
-def client(containerd) -> Iterator[Client]:
-    with Client(containerd.address, "default", timeout=120) as c:
-        yield c
-
-
-@pytest.fixture
 def lease(client: Client) -> Iterator[str]:
     """One lease for the test's blobs and snapshots, deleted (synchronously) after it."""
     with client.leases.hold(sync=True) as lease_id:
