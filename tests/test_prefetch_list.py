@@ -26,7 +26,7 @@ import re
 from pathlib import Path
 
 import pytest
-from support.cli import estargz_opt
+from support.cli import invoke
 from support.imagefactory import (
     layout_state,
     platform_manifests,
@@ -87,8 +87,8 @@ def optimize(src: Path, dst: Path, prefetch: str | bytes, *extra: str,
         lst.write_bytes(prefetch)
     else:
         lst.write_text(prefetch)
-    return estargz_opt("optimize", "--oci", "--prefetch-list", str(lst), *extra,
-                       f"oci:{src}:{TAG}", f"oci:{dst}:{TAG}", check=check)
+    return invoke("optimize", "--oci", "--prefetch-list", str(lst), *extra,
+                  f"oci:{src}:{TAG}", f"oci:{dst}:{TAG}", check=check)
 
 
 def test_paths_comments_blank_lines_and_cleaning(source: Path, tmp_path: Path) -> None:

@@ -9,22 +9,18 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from support.cli import estargz_opt
+from support.cli import Invoked, invoke, run_cli
 from support.imagefactory import (
     HOST_PLATFORM,
-    blob_path,
     layout_state,
-    platform_manifests,
     resolve_tag,
     write_layout,
 )
 from support.tarfactory import build_tar, dir_, reg
-from support.tocs import per_layer, prioritized_files
+from support.tocs import per_layer
 
 pytestmark = pytest.mark.unit
 
@@ -64,9 +60,9 @@ def write_record(path: Path, manifest: str, accesses: list[tuple[str, int]]) -> 
     return path
 
 
-def optimize(src: Path, dst: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return estargz_opt("optimize", "--oci", *args, f"oci:{src}:{TAG}", f"oci:{dst}:{TAG}",
-                       check=check)
+def optimize(src: Path, dst: Path, *args: str, check: bool = True) -> Invoked:
+    return invoke("optimize", "--oci", *args, f"oci:{src}:{TAG}", f"oci:{dst}:{TAG}",
+                  check=check)
 
 
 def errors(stderr: str) -> list[str]:
@@ -201,26 +197,15 @@ def test_readme_ci_recipe_converts_later_releases(tmp_path: Path) -> None:
     base = None
     for cmd in converts:
         assert cmd[:2] == ["estargz-opt", "optimize"], cmd
-        res = subprocess.run([sys.executable, "-m", "estargz_opt", *cmd[1:]], cwd=tmp_path,
-                             capture_output=True, text=True, timeout=600)
+        res = run_cli(*cmd[1:], cwd=tmp_path, timeout=600)
         assert res.returncode == 0, res.stderr
         assert "matched by path" in res.stderr, res.stderr
         layout, tag = cmd[-1].removeprefix("oci:").rsplit(":", 1)
-        got = per_layer_of(tmp_path / layout, tag, res.stdout)
+        got = per_layer(tmp_path / layout, tag, res.stdout)
         assert got[2] == ["app/main.py", "app/util.py"], got
         assert base is None or got[:2] == base, (got, base)
         base = got[:2]
     assert base == [["lib/libc.so", "bin/sh"], ["usr/py/re.py", "usr/py/os.py"]]
-
-
-def per_layer_of(layout: Path, tag: str, printed: str) -> list[list[str]]:
-    """Prioritized files of each layer of LAYOUT:TAG (the printed digest), bottom first."""
-    digest = printed.strip().splitlines()[-1]
-    assert resolve_tag(layout, tag)["digest"] == digest
-    [(_plat, _desc, manifest)] = platform_manifests(layout, tag)
-    return [prioritized_files(json.loads(
-        estargz_opt("layer", "toc", str(blob_path(layout, lay["digest"]))).stdout))
-        for lay in manifest["layers"]]
 
 
 @pytest.mark.parametrize("old_image_in_layout", [True, False], ids=["same-layout", "alone"])

@@ -74,12 +74,12 @@ class Invoked:
 
 
 def invoke(*args: str | Path, env: Mapping[str, str] | None = None,
-           input: str | bytes | None = None) -> Invoked:
+           input: str | bytes | None = None, check: bool = False) -> Invoked:
     """Run the CLI's entry point (`estargz_opt.cli.main`, which maps every expected error
     to one line and an exit status) in this process, with stdin, stdout, stderr and the
     environment swapped for the call as CliRunner does. What main() sets for the whole
     process (the root logger's handlers and level, the SIGTERM handler, sys.argv) is put
-    back afterwards."""
+    back afterwards. With *check*, a non-zero exit fails the test with the output."""
     from estargz_opt import cli
 
     argv = [str(a) for a in args]
@@ -99,7 +99,11 @@ def invoke(*args: str | Path, env: Mapping[str, str] | None = None,
             root.handlers[:] = handlers
             root.setLevel(level)
         stdout, stderr = out.getvalue(), err.getvalue()
-    return Invoked(["estargz-opt", *argv], code, stdout.decode(), stderr.decode())
+    res = Invoked(["estargz-opt", *argv], code, stdout.decode(), stderr.decode())
+    if check and code != 0:
+        raise AssertionError(f"{' '.join(res.args)} exited {code}\nstdout:\n{res.stdout}\n"
+                             f"stderr:\n{res.stderr}")
+    return res
 
 
 def printed_digest(res: subprocess.CompletedProcess[str] | Invoked) -> str:

@@ -8,7 +8,7 @@ import difflib
 import json
 from pathlib import Path
 
-from support.cli import estargz_opt
+from support.cli import invoke
 from support.imagefactory import blob_path, platform_manifests, resolve_tag
 
 LANDMARK = ".prefetch.landmark"
@@ -87,7 +87,7 @@ def describe_mismatch(label: str, ours: dict, ref: dict, max_entries: int = 8) -
 
 def our_toc(blob: Path) -> dict:
     """The TOC of a converted layer blob, as `estargz-opt layer toc` prints it."""
-    return json.loads(estargz_opt("layer", "toc", str(blob)).stdout)
+    return json.loads(invoke("layer", "toc", blob, check=True).stdout)
 
 
 def prioritized_files(toc: dict) -> list[str]:
