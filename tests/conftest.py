@@ -38,7 +38,8 @@ from support.layers import (  # noqa: E402
 if TYPE_CHECKING:
     from estargz_opt.stores.containerd.client import Client
 
-_CACHE_KEY = pytest.StashKey[str]()
+_RUN_DIR_KEY = pytest.StashKey[Path]()
+_FAILED_KEY = pytest.StashKey[bool]()
 
 #: the layers a fixture puts its users in
 FIXTURE_LAYERS = {
@@ -55,12 +56,30 @@ def _skip(reason: str) -> None:
     pytest.skip(reason)
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_configure(config: pytest.Config) -> None:
-    """The run's own converted-layer cache, set before any fixture (session and module
-    fixtures convert images too): the machine's cache is never filled or read."""
-    path = tempfile.mkdtemp(prefix="estargz-opt-test-cache-")
-    config.stash[_CACHE_KEY] = path
-    os.environ["ESTARGZ_OPT_CACHE_DIR"] = path
+    """Everything the run writes goes under one directory of its own, removed at the end
+    (kept only when a test failed, for a look at what it left): pytest's base temp (unless
+    --basetemp names one, as .ci/run does), $TMPDIR for this process and every child (the
+    CLI's spools, a killed run's leftovers), and the converted-layer cache, set before any
+    fixture converts anything, so the machine's cache is never filled or read."""
+    run = Path(tempfile.mkdtemp(prefix="estargz-opt-tests-"))
+    run.chmod(0o755)  # tests that drop to another uid reach their own dirs under it
+    config.stash[_RUN_DIR_KEY] = run
+    if config.option.basetemp is None:
+        config.option.basetemp = str(run / "pytest")
+    tmp = run / "tmp"
+    tmp.mkdir(mode=0o1777)
+    tmp.chmod(0o1777)
+    os.environ["TMPDIR"] = str(tmp)
+    tempfile.tempdir = None  # gettempdir() reads TMPDIR again
+    cache = run / "layer-cache"
+    cache.mkdir()
+    os.environ["ESTARGZ_OPT_CACHE_DIR"] = str(cache)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    session.config.stash[_FAILED_KEY] = exitstatus not in (0, 5)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -82,9 +101,13 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    path = config.stash.get(_CACHE_KEY, None)
-    if path:
-        shutil.rmtree(path, ignore_errors=True)
+    run = config.stash.get(_RUN_DIR_KEY, None)
+    if run is None:
+        return
+    if config.stash.get(_FAILED_KEY, False) and config.option.basetemp == str(run / "pytest"):
+        print(f"\ntest files kept for the failures: {run}", file=sys.stderr)
+        return
+    shutil.rmtree(run, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)
