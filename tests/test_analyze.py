@@ -30,7 +30,6 @@ import secrets
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -51,7 +50,7 @@ from support.analyzeimages import (
     prioritized,
     read_record,
 )
-from support.cli import cli_env, error_message, printed_digest, run_cli
+from support.cli import cli_argv, cli_env, error_message, printed_digest, run_cli
 from support.containerd import Containerd, ctr_run, images, optimize
 
 pytestmark = pytest.mark.interop
@@ -78,7 +77,7 @@ def start(c: Containerd, *args: str | Path, env: dict[str, str],
     """The CLI in the background; its stderr goes to *stderr_path* (to poll)."""
     with open(stderr_path, "wb") as err:
         return subprocess.Popen(
-            [sys.executable, "-m", "estargz_opt", "-a", c.address, *map(str, args)],
+            [*cli_argv(), "-a", c.address, *map(str, args)],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err, env=env,
             start_new_session=True)  # its own process group, as a shell's foreground job
 
@@ -420,7 +419,7 @@ def test_stdin(flags_image: ai.Image, containerd, tmp_path: Path, leftovers: Lef
     text = f"piped-{secrets.token_hex(4)}\n"
     t0 = time.monotonic()
     res = subprocess.run(
-        [sys.executable, "-m", "estargz_opt", "-a", containerd.address, "analyze",
+        [*cli_argv(), "-a", containerd.address, "analyze",
          flags_image.name, "--record-out", str(tmp_path / "r.jsonl"), "--period", "8",
          "-i", "--entrypoint", '["/bin/cat"]', "--args", "[]"],
         input=text, capture_output=True, text=True, env=env_with_tmp(leftovers.tmpdir),
@@ -575,7 +574,7 @@ def test_without_cap_sys_admin(kinds: ai.Image, containerd, tmp_path: Path,
     assert not cap_eff & (1 << 21), "setpriv did not drop CAP_SYS_ADMIN"
     dst = "localhost/analyze-kinds:1-nocap"
     res = subprocess.run(
-        [*drop, sys.executable, "-m", "estargz_opt", "-a", containerd.address, "optimize",
+        [*drop, *cli_argv(), "-a", containerd.address, "optimize",
          "--oci", "--period", "5", kinds.name, dst],
         capture_output=True, text=True, stdin=subprocess.DEVNULL,
         env=env_with_tmp(leftovers.tmpdir), timeout=120)
@@ -595,7 +594,7 @@ def test_without_runc(kinds: ai.Image, containerd, tmp_path: Path,
     env = env_with_tmp(leftovers.tmpdir, PATH=str(bindir))
     dst = "localhost/analyze-kinds:1-norunc"
     res = subprocess.run(
-        [sys.executable, "-m", "estargz_opt", "-a", containerd.address, "optimize", "--oci",
+        [*cli_argv(), "-a", containerd.address, "optimize", "--oci",
          "--period", "5", kinds.name, dst],
         capture_output=True, text=True, stdin=subprocess.DEVNULL, env=env, timeout=120)
     msg = error_message(res)

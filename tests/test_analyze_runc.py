@@ -23,7 +23,6 @@ import os
 import secrets
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,7 +40,7 @@ from support.analyzeimages import (
     pairs,
     read_record,
 )
-from support.cli import cli_env, error_message, run_cli
+from support.cli import cli_argv, cli_env, error_message, run_cli
 from support.nodaemon import NoDaemon
 from support.runnerlib import (
     DAEMONLESS,
@@ -180,7 +179,7 @@ def test_missing_runtime_and_bad_entrypoint(
 
 def _start(*args: str | Path, env: dict[str, str], err: Path) -> subprocess.Popen:
     with open(err, "wb") as e:
-        return subprocess.Popen([sys.executable, "-m", "estargz_opt", *map(str, args)],
+        return subprocess.Popen(cli_argv(*args),
                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=e,
                                 env=env, start_new_session=True)
 

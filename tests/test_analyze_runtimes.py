@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import json
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,7 +33,7 @@ from support.analyzeimages import (
     prioritized,
     read_record,
 )
-from support.cli import cli_env
+from support.cli import cli_argv, cli_env
 from support.containerd import ctr_run
 from support.runnerlib import (
     DAEMONLESS,
@@ -84,7 +83,7 @@ def _run_watching(argv: list[str], env: dict[str, str], root: str,
     before = set(Path(root).iterdir()) if Path(root).is_dir() else set()
     err = tmp_path / "err"
     with open(err, "wb") as e:
-        proc = subprocess.Popen([sys.executable, "-m", "estargz_opt", *argv], env=env,
+        proc = subprocess.Popen([*cli_argv(), *argv], env=env,
                                 stdout=subprocess.PIPE, stderr=e, stdin=subprocess.DEVNULL)
     seen: set[str] = set()
     while proc.poll() is None:
@@ -184,7 +183,7 @@ def test_both_runners_give_the_same_spec_and_take_a_runtime_path(
         spy = _spy_runtime(tmp_path / f"spy-{runner}", out)
         env = cli_env(tmp_path, CONTAINERD_ADDRESS=containerd.address)
         res = subprocess.run(
-            [sys.executable, "-m", "estargz_opt", "analyze", "--runner", runner, "--runtime",
+            [*cli_argv(), "analyze", "--runner", runner, "--runtime",
              str(spy), *flags, "--record-out", str(tmp_path / f"{runner}.jsonl"), src],
             capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL, timeout=120)
         assert res.returncode == 0, res.stderr

@@ -12,12 +12,11 @@ import os
 import pty
 import select
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from support.cli import cli_env
+from support.cli import cli_argv, cli_env
 from support.imagefactory import archive_for_ctr, write_busybox_image
 from support.tarfactory import build_tar, dir_, reg
 
@@ -39,7 +38,7 @@ def test_terminal_and_stdin_reach_the_workload(containerd, image: str, tmp_path:
     record = tmp_path / "rec.jsonl"
     master, slave = pty.openpty()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "estargz_opt", "-a", containerd.address, "optimize", "--oci",
+        [*cli_argv(), "-a", containerd.address, "optimize", "--oci",
          "-t", "-i", "--period", "20", "--wait-on-line", "READY", "--record-out", str(record),
          image, "localhost/tty:out"],
         stdin=slave, stdout=subprocess.PIPE, stderr=slave, env=cli_env(),

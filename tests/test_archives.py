@@ -18,12 +18,12 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import zstandard
 from support import imagefactory as f
+from support.cli import cli_argv, run_cli
 
 pytestmark = pytest.mark.root
 
@@ -48,9 +48,7 @@ def tool(*argv: str | Path, check: bool = True) -> subprocess.CompletedProcess[s
     return proc
 
 
-def cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "estargz_opt", *map(str, args)],
-                          capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300)
+cli = run_cli
 
 
 def optimize(*args: str | Path) -> str:
@@ -184,7 +182,7 @@ def test_concurrent_runs_into_one_archive_keep_every_image(oci_archive: Path, tm
     out = tmp_path / "shared.tar"
     src = f"oci-archive:{oci_archive}:{SRC_TAG}"
     flags = {"a": [], "b": ["--zstdchunked"], "c": ["--estargz-chunk-size", "65536"]}
-    runs = [subprocess.Popen([sys.executable, "-m", "estargz_opt", "optimize", "--oci",
+    runs = [subprocess.Popen([*cli_argv(), "optimize", "--oci",
                               "--no-optimize", *fmt, src, f"oci-archive:{out}:{tag}"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             for tag, fmt in flags.items()]

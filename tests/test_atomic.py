@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 import stat
 import subprocess
-import sys
 import threading
 from pathlib import Path
 
 import pytest
+from support.cli import cli_argv
 
 from estargz_opt.atomic import atomic_output
 
@@ -50,7 +50,7 @@ def test_layer_convert_into_a_null_device_keeps_the_device(
     null = tmp_path / "null"
     os.mknod(null, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
     proc = subprocess.run(
-        [sys.executable, "-m", "estargz_opt", "layer", "convert", str(synthetic_layer), str(null)],
+        [*cli_argv(), "layer", "convert", str(synthetic_layer), str(null)],
         capture_output=True, text=True, check=False,
     )
     assert proc.returncode == 0, proc.stderr

@@ -19,9 +19,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support.cli import cli_argv
 from support.imagefactory import simple_layer, write_layout
 
-CLI = [sys.executable, "-m", "estargz_opt"]
+CLI = cli_argv()
 FORMATS = {
     "estargz": [],
     "zstdchunked": ["--zstdchunked"],

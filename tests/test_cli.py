@@ -37,7 +37,8 @@ def test_version() -> None:
     (["optimize", "--no-such-flag", "a", "b"], "No such option '--no-such-flag'"),
     (["optimize", "oci:/x:1"], "Missing argument"),
     (["nosuchcommand"], "No such command 'nosuchcommand'"),
-    (["optimize", "--period", "soon", "oci:/x:1", "oci:/y:1"], "Invalid value for '--period': 'soon'"),
+    (["optimize", "--period", "soon", "oci:/x:1", "oci:/y:1"],
+     "Invalid value for '--period': 'soon'"),
     (["layer", "convert", "/nonexistent/src.tar", "/tmp/out"], "does not exist"),
 ])
 def test_click_usage_errors_exit_2_in_one_line(args: list[str], words: str) -> None:

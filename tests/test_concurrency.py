@@ -23,12 +23,12 @@ from pathlib import Path
 
 import pytest
 from support import imagefactory as f
-from support.cli import cli_env, printed_digest
+from support.cli import cli_argv, cli_env, printed_digest
 from support.containerd import Containerd, active, import_layout, leases
 from support.ociimage import image_target
 
 ROOT = Path(__file__).resolve().parent.parent
-CLI = [sys.executable, "-m", "estargz_opt"]
+CLI = cli_argv()
 BIG = 24 << 20  # a layer that takes a while to compress and write: time to interrupt
 
 

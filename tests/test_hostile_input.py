@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import zstandard
 from support import tarfactory as tf
+from support.cli import cli_argv
 from support.peakrss import run_measured
 
 from estargz_opt.format import Format, estargz, externaltoc, zstdchunked
@@ -47,7 +48,7 @@ def measured(*args: str | Path) -> Run:
     """The CLI in a child process, with its own peak RSS (peakrss); killed past the guard."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         m = run_measured(
-            [sys.executable, "-m", "estargz_opt", *map(str, args)],
+            cli_argv(*args),
             timeout=HANG_GUARD_S,
             stdout=out,
             stderr=err,

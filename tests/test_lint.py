@@ -35,8 +35,7 @@ from pathlib import Path
 
 import pytest
 from support import imagefactory as f
-
-import estargz_opt
+from support.cli import cli_env, run_cli
 
 HOST = f.platform_str(f.HOST_PLATFORM)
 PREFETCH_LANDMARK = ".prefetch.landmark"
@@ -69,19 +68,9 @@ FORMAT = {"estargz": "estargz", "zstdchunked": "zstdchunked",
 
 # --- running the CLI --------------------------------------------------------------------------
 
-def _env() -> dict[str, str]:
-    """Child processes import the estargz_opt under test, and see no CONTAINERD_*."""
-    src = str(Path(estargz_opt.__file__).resolve().parent.parent)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CONTAINERD_")}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))
-    return env
-
-
 def cli(*args: str | Path, check: bool = True, timeout: float = 120
         ) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "estargz_opt", *map(str, args)],
-                          capture_output=True, text=True, stdin=subprocess.DEVNULL,
-                          env=_env(), timeout=timeout)
+    proc = run_cli(*args, timeout=timeout)
     if check:
         assert proc.returncode == 0, _fmt(proc)
     return proc
@@ -548,7 +537,7 @@ def test_progress_on_a_terminal_leaves_stdout_clean(big, tmp_path):
     if shutil.which("tmux") is None:
         pytest.skip("tmux is not installed")
     out, done = tmp_path / "out.txt", tmp_path / "done"
-    env = " ".join(f"{k}={shlex.quote(v)}" for k, v in _env().items()
+    env = " ".join(f"{k}={shlex.quote(v)}" for k, v in cli_env().items()
                    if k in ("PYTHONPATH", "PATH", "HOME"))
     cmd = (f"env {env} {shlex.quote(sys.executable)} -m estargz_opt optimize --oci "
            f"--no-optimize oci:{big}:t oci:{tmp_path / 'dst'}:t > {out}; "

@@ -55,7 +55,7 @@ from pathlib import Path
 
 import pytest
 from support import imagefactory as f
-from support.cli import cli_env, error_message, printed_digest, run_cli
+from support.cli import cli_argv, cli_env, error_message, printed_digest, run_cli
 from support.containerd import (
     Containerd,
     active,
@@ -566,7 +566,7 @@ def test_host_platform_of_a_host_only_image_converts(host_only, containerd) -> N
 def start_optimize(c: Containerd, tmp: Path, *args: str) -> subprocess.Popen:
     tmpdir = tmp / "tmpdir"
     tmpdir.mkdir(exist_ok=True)
-    return subprocess.Popen([sys.executable, "-m", "estargz_opt", "-a", c.address, "optimize",
+    return subprocess.Popen([*cli_argv(), "-a", c.address, "optimize",
                              *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             stdin=subprocess.DEVNULL, env=cli_env(TMPDIR=str(tmpdir)))
 

@@ -35,6 +35,7 @@ from pathlib import Path
 import pytest
 import zstandard
 from support import imagefactory as f
+from support.cli import cli_argv
 from support.nodaemon import NoDaemon
 
 pytestmark = pytest.mark.root
@@ -192,7 +193,7 @@ def convert(src: Source, nodaemon: NoDaemon, tmp_path_factory: pytest.TempPathFa
 # --- checks ---------------------------------------------------------------------------------------
 
 def cli(*args: str | Path, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "estargz_opt", *map(str, args)],
+    proc = subprocess.run(cli_argv(*args),
                           capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300)
     if check:
         assert proc.returncode == 0, _fmt(proc)

@@ -14,7 +14,6 @@ import random
 import re
 import shutil
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.parse
@@ -26,7 +25,7 @@ from pathlib import Path
 import pytest
 from support import imagefactory as F
 from support import lazypull
-from support.cli import cli_env, estargz_opt, run_cli
+from support.cli import cli_argv, cli_env, estargz_opt, run_cli
 
 from estargz_opt.reference import RegistryRef
 from estargz_opt.stores.registry.options import RegistryOptions
@@ -506,7 +505,7 @@ def test_a_killed_runs_spool_is_removed_by_the_next(env: Env, tmp_path: Path,
     try:
         args = ["optimize", "--oci", "--no-optimize", "--no-cache", *PLAIN,
                 src.replace(env.host, proxy.host), f"docker://{proxy.host}/spool:esgz"]
-        run = subprocess.Popen([sys.executable, "-m", "estargz_opt", *args],
+        run = subprocess.Popen([*cli_argv(), *args],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
         def spools() -> list[str]:
@@ -545,7 +544,7 @@ def test_registry_killed_mid_push_then_rerun_sends_only_the_rest(tmp_path: Path)
         layout = tmp_path / "src"
         F.write_layout(layout, "1", image_layers(10) + image_layers(11))
         dst = f"docker://{proxy.host}/killed:esgz"
-        cmd = [sys.executable, "-m", "estargz_opt", "optimize", "--oci", "--no-optimize",
+        cmd = [*cli_argv(), "optimize", "--oci", "--no-optimize",
                "--dest-tls-verify=false", f"oci:{layout}:1", dst]
         run = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                stdin=subprocess.DEVNULL)

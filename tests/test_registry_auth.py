@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import subprocess
-import sys
 import tarfile
 import time
 from collections.abc import Iterator
@@ -23,6 +22,7 @@ from urllib.parse import urljoin
 
 import httpx
 import pytest
+from support.cli import cli_argv
 from support.lazypull import Registry, RegistryConfig, _free_port
 from support.registries import PASSWORD, USER, LoopbackCA, Registries, sha256
 
@@ -515,7 +515,7 @@ def test_client_certificate_through_the_command_line(regs: Registries, mtls: Reg
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
         env = {k: v for k, v in os.environ.items() if k not in (
             "REGISTRY_AUTH_FILE", "DOCKER_CONFIG", "XDG_RUNTIME_DIR", "XDG_CONFIG_HOME")}
-        return subprocess.run([sys.executable, "-m", "estargz_opt", "--log-level", "error",
+        return subprocess.run([*cli_argv(), "--log-level", "error",
                                *args], capture_output=True, text=True, timeout=300,
                               stdin=subprocess.DEVNULL, env={**env, "HOME": str(tmp_path)})
 

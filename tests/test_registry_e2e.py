@@ -12,11 +12,11 @@ import base64
 import json
 import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support.cli import cli_argv
 from support.imagefactory import simple_layer, write_layout
 from support.lazypull import Registry
 from support.registries import PASSWORD, USER, Registries
@@ -90,7 +90,7 @@ def _run(cmd: list[str], home: Path) -> subprocess.CompletedProcess[str]:
 
 
 def _cli(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return _run([sys.executable, "-m", "estargz_opt", *args], home)
+    return _run([*cli_argv(), *args], home)
 
 
 def _ok(proc: subprocess.CompletedProcess[str]) -> str:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from support.cli import cli_argv
 from support.imagefactory import (
     all_layer_descriptors,
     blob_path,
@@ -15,7 +15,7 @@ from support.imagefactory import (
     write_layout,
 )
 
-CLI = [sys.executable, "-m", "estargz_opt"]
+CLI = cli_argv()
 
 
 def optimize(*args: str) -> subprocess.CompletedProcess[str]:

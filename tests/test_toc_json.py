@@ -11,12 +11,12 @@ import dataclasses
 import json
 import struct
 import subprocess
-import sys
 import tarfile
 
 import pytest
 import zstandard
 from support import tarfactory as tf
+from support.cli import cli_argv
 
 import estargz_opt.format as fmt_mod
 
@@ -310,7 +310,7 @@ def test_zstd_chunked_footer_and_annotations(tmp_path):
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_cli_layer_toc_prints_the_exact_json(fmt, tmp_path):
     conv = convert(tmp_path, tf.sample_entries(1024) + ODD_NAMES, fmt)
-    cmd = [sys.executable, "-m", "estargz_opt", "layer", "toc", str(conv.path)]
+    cmd = [*cli_argv(), "layer", "toc", str(conv.path)]
     if conv.result.toc_blob is not None:
         (tmp_path / "toc.blob").write_bytes(conv.result.toc_blob)
         cmd += ["--toc", str(tmp_path / "toc.blob")]

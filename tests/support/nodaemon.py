@@ -8,11 +8,11 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from support.cli import cli_argv
 from support.containerd import find_ctr_remote
 
 CONTAINERD_BINARIES = re.compile(r"^(ctr|ctr-remote|containerd.*|nerdctl|dockerd?|buildkitd)$")
@@ -69,7 +69,7 @@ class NoDaemon:
 
     def optimize(self, *args: str | Path, ro: tuple[Path, ...] = ()
                  ) -> subprocess.CompletedProcess:
-        return self.run([sys.executable, "-m", "estargz_opt", "optimize", *map(str, args)],
+        return self.run([*cli_argv(), "optimize", *map(str, args)],
                         ro=ro)
 
 
