@@ -34,6 +34,7 @@ from support.layers import (  # noqa: E402
     build_busybox_layer,
     build_synthetic_layer,
 )
+from support.reference import ParityReference  # noqa: E402
 
 if TYPE_CHECKING:
     from estargz_opt.stores.containerd.client import Client
@@ -156,6 +157,15 @@ def ctr_remote() -> Path:
     except Unavailable as e:
         _skip(f"reference ctr-remote unavailable: {e}")
         raise  # not reached
+
+
+@pytest.fixture(scope="session")
+def parity_reference(ctr_remote: Path, containerd: Containerd, busybox_layer: Path,
+                     tmp_path_factory: pytest.TempPathFactory) -> ParityReference:
+    """The parity image (busybox + two docker-style layers) in the session's containerd,
+    with ctr-remote's optimize of it run once per format for every test comparing to it."""
+    return ParityReference(ctr_remote, containerd, busybox_layer,
+                           tmp_path_factory.mktemp("parity"))
 
 
 @pytest.fixture(scope="session")

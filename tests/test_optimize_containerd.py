@@ -68,17 +68,10 @@ from support.containerd import (
 )
 from support.ociimage import image_target, read_manifest
 from support.reference import (
-    EXPECTED_ACCESSES,
-    TAG,
-    WORKLOAD,
-    ctr_import,
+    ParityReference,
     ctr_remote_run,
-    parity_upper_layers,
-    read_record,
     recorded_per_layer,
-    reference_optimize,
     reference_tocs,
-    require_accesses,
 )
 from support.tocs import describe_mismatch, normalize, prioritized_files
 
@@ -287,27 +280,13 @@ def test_external_toc_makes_two_images(runnable: Source, containerd) -> None:
     assert ctr_run(containerd, dst) == runnable.output
 
 
-@pytest.fixture(scope="module")
-def parity(containerd, busybox_layer: Path, tmp_path_factory):
-    """test_optimize_parity.py's image (busybox + two docker-style layers), in containerd."""
-    base = tmp_path_factory.mktemp("cdparity")
-    config = {"config": {"Entrypoint": WORKLOAD, "Env": ["PATH=/bin"], "WorkingDir": "/"}}
-    f.write_layout(base / "layout", TAG, [busybox_layer.read_bytes(), *parity_upper_layers()],
-                   config)
-    return ctr_import(containerd, base / "layout", TAG, "localhost/cdparity:1", base / "image.tar")
-
 
 @pytest.mark.parametrize("fmt", ["estargz", "zstdchunked"])
-def test_toc_matches_ctr_remote_on_the_same_containerd_image(fmt: str, parity, containerd,
-                                                             ctr_remote: Path,
-                                                             tmp_path: Path) -> None:
-    record = tmp_path / "record.jsonl"
-    ref_target = f"localhost/cdparity:1-ctr-remote-{fmt}"
-    res = reference_optimize(ctr_remote, containerd, parity, ref_target, fmt, WORKLOAD, record)
-    recorded = read_record(record, res)
-    require_accesses(recorded, parity, EXPECTED_ACCESSES, res.stderr)
-    assert res.returncode == 0, f"ctr-remote optimize failed\nstderr:\n{res.stderr}"
-    ref_tocs = reference_tocs(ctr_remote, containerd, ref_target, fmt)
+def test_toc_matches_ctr_remote_on_the_same_containerd_image(
+        fmt: str, parity_reference: ParityReference, containerd, ctr_remote: Path) -> None:
+    parity = parity_reference.image
+    reference = parity_reference.run(fmt)
+    record, recorded, ref_tocs = reference.record, reference.recorded, reference.tocs
 
     dst = f"localhost/cdparity:1-ours-{fmt}"
     zstd = ["--zstdchunked"] if fmt == "zstdchunked" else []

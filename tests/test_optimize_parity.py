@@ -37,19 +37,14 @@ from support.imagefactory import (
     blob_path,
     platform_manifests,
     resolve_tag,
-    write_layout,
 )
 from support.reference import (
-    EXPECTED_ACCESSES,
-    TAG,
-    WORKLOAD,
     Image,
+    ParityReference,
     ctr_import,
-    parity_upper_layers,
     read_record,
     recorded_per_layer,
     reference_optimize,
-    reference_tocs,
     require_accesses,
 )
 from support.tocs import (
@@ -66,13 +61,6 @@ FORMATS = ("estargz", "zstdchunked")
 UMOCI_TOOL = "usr/bin/tool"
 UMOCI_WORKLOAD = ["/bin/busybox", "cat", "/" + UMOCI_TOOL]
 
-
-@pytest.fixture(scope="module")
-def parity_image(containerd, busybox_layer: Path, tmp_path_factory) -> Image:
-    base = tmp_path_factory.mktemp("optparity")
-    config = {"config": {"Entrypoint": WORKLOAD, "Env": ["PATH=/bin"], "WorkingDir": "/"}}
-    write_layout(base / "layout", TAG, [busybox_layer.read_bytes(), *parity_upper_layers()], config)
-    return ctr_import(containerd, base / "layout", TAG, "localhost/optparity:1", base / "image.tar")
 
 
 def _run(*cmd: str | Path) -> None:
@@ -166,19 +154,11 @@ def our_optimize(image: Image, out: Path, fmt: str, record: Path) -> list[tuple[
 # --- tests ------------------------------------------------------------------
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_optimize_toc_matches_ctr_remote(fmt: str, parity_image: Image, containerd,
-                                         ctr_remote: Path, tmp_path: Path) -> None:
-    record = tmp_path / "record.jsonl"
-    target = f"localhost/optparity:1-{fmt}"
-    res = reference_optimize(ctr_remote, containerd, parity_image, target, fmt, WORKLOAD,
-                             record)
-    recorded = read_record(record, res)
-    require_accesses(recorded, parity_image, EXPECTED_ACCESSES, res.stderr)
-    if res.returncode != 0:
-        pytest.fail(f"ctr-remote optimize failed on a docker-style image\n"
-                    f"stderr:\n{res.stderr}", pytrace=False)
-    ref_tocs = reference_tocs(ctr_remote, containerd, target, fmt)
-    assert len(ref_tocs) == parity_image.layer_count
+def test_optimize_toc_matches_ctr_remote(fmt: str, parity_reference: ParityReference,
+                                         tmp_path: Path) -> None:
+    parity_image = parity_reference.image
+    reference = parity_reference.run(fmt)
+    record, recorded, ref_tocs = reference.record, reference.recorded, reference.tocs
 
     ours = our_optimize(parity_image, tmp_path / "out", fmt, record)
     expected = recorded_per_layer(recorded, parity_image)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from support.containerd import NAMESPACE, Containerd
-from support.imagefactory import TOC_DIGEST, archive_for_ctr, platform_manifests
+from support.imagefactory import TOC_DIGEST, archive_for_ctr, platform_manifests, write_layout
 from support.ociimage import image_target, read_manifest
 from support.tarfactory import build_tar, dir_, reg
 
@@ -128,3 +128,46 @@ def reference_tocs(ctr_remote: Path, containerd, target: str, fmt: str) -> list[
         tocs.append(json.loads(ctr_remote_run(ctr_remote, containerd, *dump,
                                               layer["digest"]).stdout))
     return tocs
+
+
+@dataclass(frozen=True)
+class ReferenceRun:
+    """ctr-remote's `image optimize` of the parity image in one format: the record its
+    analyzer wrote (path and lines) and the TOC of each layer it converted."""
+
+    record: Path
+    recorded: list[dict]
+    tocs: list[dict]
+
+
+class ParityReference:
+    """The parity image in the session's containerd and ctr-remote's optimize of it, run
+    once per format for every test that compares against it (each run samples the
+    workload for seconds)."""
+
+    def __init__(self, ctr_remote: Path, containerd: Containerd, busybox_layer: Path,
+                 base: Path) -> None:
+        self.ctr_remote, self.containerd, self.base = ctr_remote, containerd, base
+        config = {"config": {"Entrypoint": WORKLOAD, "Env": ["PATH=/bin"], "WorkingDir": "/"}}
+        write_layout(base / "layout", TAG, [busybox_layer.read_bytes(), *parity_upper_layers()],
+                     config)
+        self.image = ctr_import(containerd, base / "layout", TAG, "localhost/optparity:1",
+                                base / "image.tar")
+        self._runs: dict[str, ReferenceRun] = {}
+
+    def run(self, fmt: str) -> ReferenceRun:
+        """ctr-remote's run in `fmt` (skipped where its sample container cannot run)."""
+        if fmt not in self._runs:
+            record = self.base / f"record-{fmt}.jsonl"
+            target = f"localhost/optparity:1-ctr-remote-{fmt}"
+            res = reference_optimize(self.ctr_remote, self.containerd, self.image, target, fmt,
+                                     WORKLOAD, record)
+            recorded = read_record(record, res)
+            require_accesses(recorded, self.image, EXPECTED_ACCESSES, res.stderr)
+            if res.returncode != 0:
+                pytest.fail(f"ctr-remote optimize failed on a docker-style image\n"
+                            f"stderr:\n{res.stderr}", pytrace=False)
+            tocs = reference_tocs(self.ctr_remote, self.containerd, target, fmt)
+            assert len(tocs) == self.image.layer_count
+            self._runs[fmt] = ReferenceRun(record, recorded, tocs)
+        return self._runs[fmt]
