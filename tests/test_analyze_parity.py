@@ -126,7 +126,7 @@ def test_recorded_files_and_order_match_ctr_remote(
     # Byte-compatible: ctr-remote's lines, each once, in first-access order.
     assert our_lines == _dedup(theirs.read_text().splitlines())
 
-    # The runners without containerd, on the same image as an OCI layout (issue 14).
+    # The runners without containerd, on the same image as an OCI layout.
     daemonless: dict[str, list[list[str]]] = {}
     for runner, flags in DAEMONLESS.items():
         layout = tmp_path / f"layout-{runner}"

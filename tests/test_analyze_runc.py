@@ -1,4 +1,4 @@
-"""The runners without containerd (runc; issue 14), on `oci:` images the tests build.
+"""The runners without containerd (runc, rootless), on `oci:` images the tests build.
 
 Each test is parametrized over `runnerlib.DAEMONLESS`, so every such runner gets the
 same checks (the rootless runner adds its row there):

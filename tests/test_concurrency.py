@@ -1,4 +1,4 @@
-"""Concurrent and killed runs of ``optimize`` never lose another run's work (issue 17).
+"""Concurrent and killed runs of ``optimize`` never lose another run's work.
 
 * Four runs at once into one existing OCI layout, with different tags, all keep their tag,
   20 rounds out of 20 (index.json is updated under a lock and re-read under it).

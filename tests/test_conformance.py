@@ -2,7 +2,8 @@
 
 The blobs are checked with the independent readers in tarfactory (footers, gzip members, zstd
 frames parsed from the spec), and through the engine's own reader (open_layer / verify /
-write_tar). Spec: upstream-optimize.md §1-4.
+write_tar). Spec: the eStargz and zstd:chunked layer formats (stargz-snapshotter's
+estargz package and its docs).
 """
 
 from __future__ import annotations

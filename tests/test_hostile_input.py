@@ -1,6 +1,6 @@
 """Hostile inputs through the real CLI: one line, a non-zero exit, bounded memory, no hang.
 
-Each input class of the fuzz/kill/load campaign (issue 17) is built here byte by byte:
+Each input class of the fuzz/kill/load campaign is built here byte by byte:
 decompression bombs in the TOC, in a chunk and as a source layer; TOC JSON nested
 thousands deep; tar mtimes outside int64 or past year 9999; hardlink loops and long
 chains; damaged metadata-only members and payload entries that disagree with an intact

@@ -1,4 +1,4 @@
-"""Issue 6: ``verify``, ``inspect``, ``optimize --json``, progress and JSON logs, end to end.
+"""``verify``, ``inspect``, ``optimize --json``, progress and JSON logs, end to end.
 
 Every image here is built by :mod:`imagefactory` and converted by our own ``optimize``
 (one run per format, shared by the module), then:

@@ -1,4 +1,4 @@
-"""``estargz-opt optimize`` on images in containerd (issue 4), checked with ctr and ctr-remote.
+"""``estargz-opt optimize`` on images in containerd , checked with ctr and ctr-remote.
 
 Everything runs against private containerds started by scripts/containerd-up.sh:
 
@@ -10,7 +10,7 @@ Everything runs against private containerds started by scripts/containerd-up.sh:
   in the middle of a run (then restarted with containerd-up.sh on the same
   directory).
 
-What is checked, per the issue's "Done when":
+What is checked:
 
 * ``-a SOCK optimize --oci --no-optimize`` (and ``--record-in``, and
   ``--zstdchunked``) gives an image that ``ctr run --rm`` runs with the

@@ -1,7 +1,7 @@
 """``estargz-opt optimize --prefetch-list FILE``: which files go first, in which layer.
 
 No container runs and no daemon is needed: the list is resolved against the
-layers' own tar contents (upstream-optimize.md §7, "Prefetch list"):
+layers' own tar contents:
 
 * one path or glob per line; lines are trimmed, empty lines and ``#``
   comments skipped; a path is cleaned (``/x`` and ``./x`` are ``x``);

@@ -1,4 +1,4 @@
-"""Profiles that survive a rebuild, merge, and fail loudly when they match nothing (issue 16).
+"""Profiles that survive a rebuild, merge, and fail loudly when they match nothing.
 
 No daemon: OCI layouts built by imagefactory, records written here in ctr-remote's
 --record-out form (JSON lines path/manifestDigest/layerIndex). What a layer prioritizes is

@@ -329,7 +329,7 @@ def test_bad_references_exit_2() -> None:
 def test_workload_of_a_registry_image_runs_without_containerd(
     env: Env, busybox_layer: Path, tmp_path: Path
 ) -> None:
-    """analyze and optimize of docker:// run the workload with the runc runner (issue 14):
+    """analyze and optimize of docker:// run the workload with the runc runner:
     the layers stream from the registry; no containerd is asked."""
     app = F.simple_layer({"app/": None, "app/a.txt": b"from-the-registry\n"})
     layout = tmp_path / "src"

@@ -1,5 +1,5 @@
 """Registry sessions against Debian's docker-registry (distribution 2.8) on loopback in
-the four configurations of issue 13 (tests/support/registries.py): the scheme, TLS from certs.d,
+the four configurations of tests/support/registries.py: the scheme, TLS from certs.d,
 credentials from every place skopeo/docker look, Basic and bearer-token auth checked by
 the real registry, and the one-line errors. Images pushed through a session are read
 back by skopeo, an independent client."""

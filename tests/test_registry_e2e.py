@@ -1,4 +1,4 @@
-"""`estargz-opt optimize docker://… docker://…` in each registry configuration of issue 13
+"""`estargz-opt optimize docker://… docker://…` in each registry configuration
 (tests/support/registries.py: plain HTTP, TLS with a test CA, htpasswd over TLS, token auth),
 each time reaching the registry the way that configuration needs (flags, a certs.d
 directory under HOME, an auth file, --*-creds). The source image is pushed by skopeo and

@@ -1,7 +1,7 @@
 """Byte-level format checks: Go-compatible TOC JSON and the three footers.
 
 The TOC digest is sha256 over the exact JSON bytes, so every whitespace and escaping detail
-matters (upstream-optimize.md §1.5, §1.6, §2, §3; pitfalls 6-8, 16, 18).
+matters (Go's encoding/json output, as upstream's estargz writer produces it).
 """
 
 from __future__ import annotations

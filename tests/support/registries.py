@@ -1,4 +1,4 @@
-"""Test registries in the four configurations of issue 13, for tests/test_registry_auth.py
+"""Test registries in four configurations, for tests/test_registry_auth.py
 (and the registry store's tests):
 
 * plain HTTP;

@@ -1,7 +1,7 @@
-"""Shared by the tests of the runners that need no containerd (runc; rootless later).
+"""Shared by the tests of the runners that need no containerd (runc, rootless).
 
 `DAEMONLESS` names each such runner with the flags that select it, so that a test
-parametrized over it covers every one (issue 14: the rootless runner adds its row).
+parametrized over it covers every one (the rootless runner has its row).
 `RunLeftovers` is test_analyze's `Leftovers` for them: no sample container in the
 runtime's state, no sample cgroup, no monitor, no mount, no netns, nothing in $TMPDIR.
 Helpers read the converted OCI layout (prioritized files per layer) and run an image of
