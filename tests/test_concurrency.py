@@ -6,7 +6,7 @@
   A's rollback leaves B's image whole and verifying, whether B has finished or is still
   writing (and depends on a blob A added).
 * SIGKILL at random points of a run into an OCI layout, each followed by a rerun
-  (bench/kill_and_rerun.py): no ``*.tmp`` is left and the result verifies.
+  (tests/support/kill_and_rerun.py): no ``*.tmp`` is left and the result verifies.
 * Three runs at once converting the same image in one containerd all succeed.
 """
 
@@ -180,8 +180,9 @@ def test_rollback_of_a_new_layout_nobody_else_used_removes_it(slow: Path, tmp_pa
 # --- SIGKILL and rerun ------------------------------------------------------------------------
 
 def test_killed_runs_leave_no_tmp_after_a_rerun(slow: Path, tmp_path: Path) -> None:
-    """The first 5 of bench/kill_and_rerun.py's 20 points (its seed fixed), checked here too."""
-    res = subprocess.run([sys.executable, str(ROOT / "bench" / "kill_and_rerun.py"), str(slow),
+    """The first 5 of support/kill_and_rerun.py's 20 points (its seed fixed), checked here."""
+    script = Path(__file__).resolve().parent / "support" / "kill_and_rerun.py"
+    res = subprocess.run([sys.executable, str(script), str(slow),
                           "t", str(tmp_path), "--kills", "5", "--seed", "17"],
                          capture_output=True, text=True, env=cli_env(), timeout=900)
     summary = json.loads(res.stdout)
