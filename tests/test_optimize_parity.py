@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from support.cli import estargz_opt
+from support.cli import invoke
 from support.imagefactory import (
     TOC_DIGEST,
     blob_path,
@@ -142,7 +142,7 @@ def our_optimize(image: Image, out: Path, fmt: str, record: Path) -> list[tuple[
         args.append("--zstdchunked")
     args += ["--record-in", str(record), f"oci:{image.layout}:{image.tag}",
              f"oci:{out}:{image.tag}"]
-    res = estargz_opt(*args)
+    res = invoke(*args, check=True)
     printed = res.stdout.strip().splitlines()[-1]
     assert resolve_tag(out, image.tag)["digest"] == printed, \
         f"printed {printed!r}; {out}:{image.tag} is {resolve_tag(out, image.tag)}"
@@ -214,8 +214,8 @@ def test_umoci_image_converts_where_ctr_remote_fails(umoci_case: UmociCase, cont
         ours = our_optimize(image, tmp_path / f"out-{fmt}", fmt, record)
         for desc, blob in ours:
             assert TOC_DIGEST in desc.get("annotations", {}), desc
-            estargz_opt("layer", "verify", str(blob), "--toc-digest",
-                        desc["annotations"][TOC_DIGEST])
+            invoke("layer", "verify", str(blob), "--toc-digest",
+                        desc["annotations"][TOC_DIGEST], check=True)
         assert prioritized_files(our_toc(ours[0][1])) == ["bin/busybox"], fmt
         names = [e["name"].rstrip("/") for e in our_toc(ours[1][1])["entries"]
                  if e.get("type") != "chunk"]

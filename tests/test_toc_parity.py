@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import pytest
-from support.cli import estargz_opt
+from support.cli import invoke
 from support.ociimage import OCIImage, image_target, import_image, read_manifest, write_oci_layout
 from support.reference import ctr_remote_run
 from support.tocs import LANDMARK, NO_LANDMARK, describe_mismatch, normalize
@@ -257,8 +257,8 @@ def our_convert(src: Path, out: Path, fmt: str, prioritized: Path | None) -> tup
     args = ["layer", "convert", str(src), str(out), "--format", fmt]
     if prioritized is not None:
         args += ["--prioritized-files", str(prioritized)]
-    report = json.loads(estargz_opt(*args).stdout)
-    toc = json.loads(estargz_opt("layer", "toc", str(out)).stdout)
+    report = json.loads(invoke(*args, check=True).stdout)
+    toc = json.loads(invoke("layer", "toc", str(out), check=True).stdout)
     return report, toc
 
 
@@ -391,7 +391,7 @@ def test_umoci_layer_prioritized(umoci_image: OCIImage, containerd, ctr_remote: 
     for fmt in FORMATS:
         out = tmp_path / f"umoci-{fmt}.out"
         report, toc = our_convert(src, out, fmt, prio)
-        estargz_opt("layer", "verify", str(out), "--toc-digest", report["tocDigest"])
+        invoke("layer", "verify", str(out), "--toc-digest", report["tocDigest"], check=True)
         names = [e["name"] for e in toc["entries"]]
         assert names[:2] == [UMOCI_TOOL, LANDMARK], names
         # Nothing invented, nothing lost: the rest is the input in order.
