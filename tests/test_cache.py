@@ -258,6 +258,7 @@ def _mount_tmpfs(where: Path, options: str) -> None:
     assert done.returncode == 0, f"mounting a tmpfs needs root: {done.stderr}"
 
 
+@pytest.mark.root
 def test_a_read_only_cache_directory_is_one_warning(image: Path, tmp_path: Path,
                                                      mount_point: Path) -> None:
     _mount_tmpfs(mount_point, "ro,size=1m")
@@ -272,6 +273,7 @@ def test_a_read_only_cache_directory_is_one_warning(image: Path, tmp_path: Path,
     verify(f"oci:{tmp_path / 'out'}:t")
 
 
+@pytest.mark.root
 def test_a_full_cache_filesystem_is_one_warning(tmp_path: Path, mount_point: Path) -> None:
     src = tmp_path / "src"
     write_layout(src, "t", [simple_layer({"x/": None, "x/y": noise(400_000, n)})

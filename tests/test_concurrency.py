@@ -27,6 +27,8 @@ from support.cli import cli_argv, cli_env, printed_digest
 from support.containerd import Containerd, active, import_layout, leases
 from support.ociimage import image_target
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
 CLI = cli_argv()
 BIG = 24 << 20  # a layer that takes a while to compress and write: time to interrupt

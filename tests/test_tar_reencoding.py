@@ -431,6 +431,7 @@ _LENGTH_PARTS = (range(5, 4500), range(4500, 6400), range(6400, 7800), range(780
                  range(9000, MAX_RECORD + 1))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lengths", _LENGTH_PARTS, ids=lambda r: f"{r.start}-{r.stop - 1}")
 def test_pax_records_of_every_length_read_back(lengths: range, retar_bin: Path,
                                                tmp_path: Path) -> None:
