@@ -14,6 +14,7 @@ from support.cli import cli_argv
 from estargz_opt.atomic import atomic_output
 
 
+@pytest.mark.unit
 def test_replaces_a_regular_file_only_on_success(tmp_path: Path) -> None:
     target = tmp_path / "out"
     target.write_bytes(b"old")
@@ -28,6 +29,7 @@ def test_replaces_a_regular_file_only_on_success(tmp_path: Path) -> None:
     assert os.listdir(tmp_path) == ["out"]
 
 
+@pytest.mark.unit
 def test_a_fifo_is_written_in_place(tmp_path: Path) -> None:
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)

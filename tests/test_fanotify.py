@@ -74,6 +74,7 @@ def _write(path: Path, data: bytes = b"x") -> Path:
     return path
 
 
+@pytest.mark.unit
 def test_paths_under_keeps_only_paths_inside_root() -> None:
     got = paths_under(
         [
@@ -171,6 +172,7 @@ class _FakeLibc:
         return -1
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("fake", "kind", "words"),
     [
@@ -199,6 +201,7 @@ def _bare_monitor() -> FanotifyMonitor:
     return mon
 
 
+@pytest.mark.unit
 def test_queue_overflow_is_counted_and_logged(caplog: pytest.LogCaptureFixture) -> None:
     meta = fanotify._METADATA
     buf = meta.pack(meta.size, 3, 0, meta.size, fanotify.FAN_Q_OVERFLOW, -1, 0) * 2
@@ -209,6 +212,7 @@ def test_queue_overflow_is_counted_and_logged(caplog: pytest.LogCaptureFixture) 
     assert "overflow" in caplog.text
 
 
+@pytest.mark.unit
 def test_unknown_metadata_version_is_refused() -> None:
     meta = fanotify._METADATA
     buf = meta.pack(meta.size, 4, 0, meta.size, fanotify.FAN_OPEN, -1, 0)

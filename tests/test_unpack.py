@@ -25,6 +25,7 @@ def _sha(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
+@pytest.mark.unit
 def test_chain_ids_follow_the_oci_image_spec() -> None:
     a, b, c = (_sha(x) for x in (b"a", b"b", b"c"))
     # Written out by hand from the spec: ChainID(L0|..|Ln) = Digest(ChainID(..Ln-1) + " " + Ln).
