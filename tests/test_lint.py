@@ -35,7 +35,7 @@ from pathlib import Path
 
 import pytest
 from support import imagefactory as f
-from support.cli import cli_env, run_cli
+from support.cli import Invoked, cli_env, invoke
 
 HOST = f.platform_str(f.HOST_PLATFORM)
 PREFETCH_LANDMARK = ".prefetch.landmark"
@@ -68,20 +68,20 @@ FORMAT = {"estargz": "estargz", "zstdchunked": "zstdchunked",
 
 # --- running the CLI --------------------------------------------------------------------------
 
-def cli(*args: str | Path, check: bool = True, timeout: float = 120
-        ) -> subprocess.CompletedProcess:
-    proc = run_cli(*args, timeout=timeout)
+def cli(*args: str | Path, check: bool = True) -> Invoked:
+    """The CLI in process (the tmux test below runs it on a terminal of its own)."""
+    proc = invoke(*args)
     if check:
         assert proc.returncode == 0, _fmt(proc)
     return proc
 
 
-def _fmt(proc: subprocess.CompletedProcess) -> str:
+def _fmt(proc: Invoked) -> str:
     return (f"{shlex.join(map(str, proc.args))} exited {proc.returncode}\n"
             f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
 
 
-def failed(proc: subprocess.CompletedProcess) -> str:
+def failed(proc: Invoked) -> str:
     """A failure: non-zero exit, no traceback, one error line, the last on stderr."""
     assert proc.returncode not in (0, None), f"expected a failure\n{_fmt(proc)}"
     assert "Traceback" not in proc.stderr, _fmt(proc)
@@ -194,7 +194,7 @@ def read_toc(conv: Conversion, layer: dict) -> dict:
     return json.loads(proc.stdout)
 
 
-def verify_json(ref: str, *pre: str) -> tuple[subprocess.CompletedProcess, dict]:
+def verify_json(ref: str, *pre: str) -> tuple[Invoked, dict]:
     proc = cli(*pre, "verify", "--json", ref, check=False)
     return proc, json.loads(proc.stdout)
 
