@@ -87,7 +87,10 @@ def invoke(*args: str | Path, env: Mapping[str, str] | None = None,
     handlers, level = root.handlers[:], root.level
     sigterm, saved_argv = signal.getsignal(signal.SIGTERM), sys.argv
     code = 0
-    with CliRunner().isolation(input=input, env=env) as (out, err, _):
+    # As for a child (cli_env): no CONTAINERD_* from the developer's shell; a test names
+    # its daemon with -a.
+    unset: dict[str, str | None] = {k: None for k in os.environ if k.startswith("CONTAINERD")}
+    with CliRunner().isolation(input=input, env={**unset, **(env or {})}) as (out, err, _):
         sys.argv = ["estargz-opt", *argv]
         try:
             cli.main()
