@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import zstandard
 from support import imagefactory as f
-from support.cli import cli_argv, run_cli
+from support.cli import cli_argv, invoke
 
 pytestmark = pytest.mark.root
 
@@ -48,7 +48,7 @@ def tool(*argv: str | Path, check: bool = True) -> subprocess.CompletedProcess[s
     return proc
 
 
-cli = run_cli
+cli = invoke  # in process: what these tests check is the CLI's output and files
 
 
 def optimize(*args: str | Path) -> str:

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support.cli import cli_argv
+from support.cli import Invoked, cli_argv, invoke
 from support.imagefactory import simple_layer, write_layout
 
 CLI = cli_argv()
@@ -30,13 +30,9 @@ FORMATS = {
 }
 
 
-def run(
-    *args: str, cache: Path | None = None, check: bool = True
-) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ)
-    if cache is not None:
-        env["ESTARGZ_OPT_CACHE_DIR"] = str(cache)
-    done = subprocess.run([*CLI, *args], capture_output=True, text=True, env=env)
+def run(*args: str, cache: Path | None = None, check: bool = True) -> Invoked:
+    """The CLI in process (the concurrent and killed runs below are child processes)."""
+    done = invoke(*args, env={"ESTARGZ_OPT_CACHE_DIR": str(cache)} if cache else None)
     if check:
         assert done.returncode == 0, done.stderr
     return done
