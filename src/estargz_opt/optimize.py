@@ -44,7 +44,7 @@ from estargz_opt.format.build import LayerResult
 from estargz_opt.format.source import Spool
 from estargz_opt.progress import Progress
 from estargz_opt.stores import Store, StoreOptions, open_store, pair, same_store
-from estargz_opt.walk import images
+from estargz_opt.walk import check_selection, images
 
 log = logging.getLogger("estargz_opt")
 TOC_IMAGE_SUFFIX = "-esgztoc"
@@ -213,12 +213,11 @@ def optimize(req: OptimizeRequest) -> OptimizeOutcome:
     with ExitStack() as stack:
         src = stack.enter_context(open_store(src_ref, req.src_store, create=False))
         root = src.resolve(src_ref.tag)
+        check_selection(src, root, matcher, str(src_ref))
         log.info(
             "converting platforms: %s%s",
             matcher.describe(),
-            ""
-            if req.platforms or req.all_platforms
-            else " (the host; use --platform or --all-platforms for others)",
+            "; use --platform or --all-platforms for others" if matcher.host_default else "",
         )
         # The host layers, decompressed while the workload runs, for their conversion.
         spool = Spool()
@@ -386,10 +385,11 @@ def _analyze(
     """Run the workload of the host platform's image; None if the host is not converted."""
     host = _host_manifest(src, root)
     if host is None or not matcher.matches(platforms.host()):
+        # ctr-remote too skips its analyzer when no --platform is the host's.
         log.warning(
-            "the workload runs only for the host platform %s, which is not converted "
-            "here: no files are prioritized",
+            "the workload runs only on the host platform %s, and %s: no files are prioritized",
             platforms.host(),
+            f"{src_ref} has no image for it" if host is None else "--platform does not convert it",
         )
         return None
     if req.platforms or req.all_platforms:
