@@ -69,7 +69,8 @@ def config_platform(store: Store, manifest: Manifest, where: str) -> Platform | 
 def root_platform(store: Store, root: Descriptor, manifest: Manifest) -> Platform | None:
     """A single manifest's platform: its config's, else its descriptor's (an OCI layout's
     index.json may give one), else None (unknown, so accepted as any platform)."""
-    return config_platform(store, manifest, f"manifest {root.digest}") or root.platform
+    where = str(root.platform) if root.platform else f"manifest {root.digest}"
+    return config_platform(store, manifest, where) or root.platform
 
 
 def no_match(image: str, matcher: Matcher, index: Index) -> PlatformError:
