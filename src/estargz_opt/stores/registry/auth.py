@@ -21,8 +21,9 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
@@ -142,9 +143,13 @@ class RegistryAuth(httpx.Auth):
     """Authentication for one registry host, shared by every request of a session
     (thread-safe: layers are fetched in parallel)."""
 
-    def __init__(self, host: str, credentials: CredentialLookup) -> None:
+    def __init__(
+        self, host: str, credentials: CredentialLookup, searched: Sequence[Path] = ()
+    ) -> None:
         self.host = host
         self._lookup = credentials
+        #: the auth files the lookup reads, named when it finds nothing
+        self._searched = tuple(searched)
         self._lock = threading.Lock()
         self._challenge: Challenge | None = None
         self._tokens: dict[Scopes, _Token] = {}
@@ -328,9 +333,13 @@ class RegistryAuth(httpx.Auth):
                 f"{'no credentials' if cred is None else 'the credentials from ' + cred.source}"
                 f" does not grant {wanted}")
         if cred is None:
+            where = ", ".join(
+                f"{p}{'' if p.exists() else ' (absent)'}" for p in self._searched)
             return RegistryAccessError(
-                f"{what}: no credentials were found (pass --src-creds/--dest-creds or "
-                "--authfile, or log in with podman/docker login)")
+                f"{what}: no credentials were found"
+                + (f" in {where}" if where else "")
+                + " (pass --src-creds/--dest-creds or --authfile, or log in with "
+                "podman/skopeo/docker login)")
         scheme = challenge.scheme if challenge is not None else None
         if scheme == "basic" and cred.identity_token and not cred.username:
             return RegistryAccessError(

@@ -2,11 +2,14 @@
 plus docker's global `credsStore`.
 
 Order: `--*-creds` (or none at all with `--src-no-creds`); then `--authfile` or
-`REGISTRY_AUTH_FILE`, else `${XDG_RUNTIME_DIR}/containers/auth.json` and
-`${XDG_CONFIG_HOME:-~/.config}/containers/auth.json`; then `$DOCKER_CONFIG/config.json`
-or `~/.docker/config.json`; then the legacy `~/.dockercfg`. The first file that has an
-answer for the registry wins. Inside a file: `credHelpers[host]`, then `auths` from the
-most specific key (`host/ns/repo`) to the host, then `credsStore`.
+`REGISTRY_AUTH_FILE`, else containers-auth.json(5)'s primary file,
+`${XDG_RUNTIME_DIR}/containers/auth.json` or, with XDG_RUNTIME_DIR unset,
+`/run/containers/$UID/auth.json` (where `podman login` and `skopeo login` write as root
+under a plain sudo or in CI), and `${XDG_CONFIG_HOME:-~/.config}/containers/auth.json`;
+then `$DOCKER_CONFIG/config.json` or `~/.docker/config.json`; then the legacy
+`~/.dockercfg`. The first file that has an answer for the registry wins. Inside a file:
+`credHelpers[host]`, then `auths` from the most specific key (`host/ns/repo`) to the
+host, then `credsStore`.
 
 Every lookup reads `RegistryOptions.env`, never os.environ, and every result says where
 it came from so that an "unauthorized" error can name the source.
@@ -34,6 +37,9 @@ DOCKER_HUB_LEGACY_KEY = "https://index.docker.io/v1/"
 IDENTITY_TOKEN_USER = "<token>"
 #: How long a credential helper may take (it may talk to a keychain or a cloud API).
 HELPER_TIMEOUT = 30.0
+#: The primary auth file's directory when XDG_RUNTIME_DIR is unset: /run/containers/$UID
+#: (containers-auth.json(5); containers/image's fallback on Linux).
+RUN_CONTAINERS = Path("/run/containers")
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +96,13 @@ def lookup(host: str, repository: str | None, opts: RegistryOptions) -> Credenti
     return None
 
 
+def searched(opts: RegistryOptions) -> list[Path]:
+    """The auth files a lookup reads, in order (for the error that found nothing)."""
+    if opts.no_creds or opts.creds is not None:
+        return []
+    return [f.path for f in _auth_files(opts)]
+
+
 def _auth_files(opts: RegistryOptions) -> Iterator[_AuthFile]:
     """The files to read, in order. Without HOME in the environment the per-user
     places that hang off it are skipped (never guessed)."""
@@ -107,6 +120,8 @@ def _auth_files(opts: RegistryOptions) -> Iterator[_AuthFile]:
     else:
         if env.get("XDG_RUNTIME_DIR"):
             places.append(_AuthFile(Path(env["XDG_RUNTIME_DIR"]) / "containers" / "auth.json"))
+        else:
+            places.append(_AuthFile(RUN_CONTAINERS / str(os.getuid()) / "auth.json"))
         config_home = under("XDG_CONFIG_HOME", ".config")
         places.append(_AuthFile(config_home / "containers" / "auth.json") if config_home
                       else None)

@@ -68,7 +68,9 @@ class TransportFailure:
 def open_session(host: str, opts: RegistryOptions) -> Session:
     """A session to `host` (HOST[:PORT]); plain HTTP only when TLS verification is off."""
     tls = tls_config(host, opts)
-    auth = RegistryAuth(host, lambda repo: credentials.lookup(host, repo, opts))
+    auth = RegistryAuth(
+        host, lambda repo: credentials.lookup(host, repo, opts), credentials.searched(opts)
+    )
     auth.credential(None)  # a bad auth file fails here, before any request
     client = httpx.Client(timeout=TIMEOUT, verify=tls.context, auth=auth,
                           follow_redirects=True)
