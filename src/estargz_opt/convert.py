@@ -296,17 +296,16 @@ class Converter:
             fill = stack.enter_context(slot.fill()) if slot else None
             if shown:
                 shown.start(desc.digest, tar.size)
+                # An interrupted or failed layer leaves the display without being "done".
+                stack.callback(shown.abandon, desc.digest)
             try:
                 out = fill.tee(sink.file) if fill else sink.file
                 result = build_layer(tar, out, opts, progress)
-                if shown:
-                    shown.update(desc.digest, result.uncompressed_size, result.size)
             except BadInputError as exc:
                 raise BadInputError(f"{what} ({desc.digest}): {exc}") from None
-            finally:
-                if shown:
-                    shown.finish(desc.digest)
             sink.commit(result.digest, result.size, result.diff_id)
+            if shown:
+                shown.finish(desc.digest, tar.size, result.size)
             if slot and fill:
                 slot.store(fill, result)
         return result
