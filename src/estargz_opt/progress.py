@@ -48,7 +48,7 @@ class Progress:
             self._layers[digest] = _Layer(digest, total, now, last_log=now)
         if not self._live:
             log.info(
-                "converting layer %s (%d bytes of tar)", digest, total, extra={"layer": digest}
+                "converting layer %s (%s of tar)", digest, _size(total), extra={"layer": digest}
             )
 
     def update(self, digest: str, bytes_in: int, bytes_out: int) -> None:
