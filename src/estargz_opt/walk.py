@@ -92,8 +92,8 @@ def check_selection(store: Store, root: Descriptor, matcher: Matcher, image: str
         platform = root_platform(store, root, manifest)
         if platform is not None and not matcher.matches(platform):
             raise PlatformError(
-                f"{image} is an image for {platform}, not for {matcher.describe()} "
-                f"(convert it with --platform {platform} or --all-platforms)"
+                f"{image} is an image for {platform}, not for {matcher.describe()}; "
+                f"convert it with --platform {platform} or --all-platforms"
             )
     elif root.media_type in d.INDEX_TYPES:
         index = read_index(store, root)
