@@ -35,9 +35,9 @@ def test_lookup_order_follows_containers_auth_json() -> None:
     assert credentials.searched(with_runtime) == [Path("/r/containers/auth.json"), *rest]
     assert credentials.searched(without) == [
         Path(f"/run/containers/{os.getuid()}/auth.json"), *rest]
-    # --authfile (or REGISTRY_AUTH_FILE) replaces the containers files, not docker's.
+    # --authfile (or REGISTRY_AUTH_FILE) takes the primary file's place only.
     named = RegistryOptions(authfile=Path("/a.json"), env={"HOME": str(home)})
-    assert credentials.searched(named) == [Path("/a.json"), *rest[1:]]
+    assert credentials.searched(named) == [Path("/a.json"), *rest]
 
 
 @pytest.fixture(scope="module")

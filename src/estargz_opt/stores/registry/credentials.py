@@ -1,11 +1,11 @@
 """Registry credentials, looked up the way skopeo and podman do (containers/image),
 plus docker's global `credsStore`.
 
-Order: `--*-creds` (or none at all with `--src-no-creds`); then `--authfile` or
-`REGISTRY_AUTH_FILE`, else containers-auth.json(5)'s primary file,
+Order (containers-auth.json(5)): `--*-creds` (or none at all with `--src-no-creds`); then
+`--authfile` or `REGISTRY_AUTH_FILE`, else the primary file,
 `${XDG_RUNTIME_DIR}/containers/auth.json` or, with XDG_RUNTIME_DIR unset,
 `/run/containers/$UID/auth.json` (where `podman login` and `skopeo login` write as root
-under a plain sudo or in CI), and `${XDG_CONFIG_HOME:-~/.config}/containers/auth.json`;
+under a plain sudo or in CI); then `${XDG_CONFIG_HOME:-~/.config}/containers/auth.json`;
 then `$DOCKER_CONFIG/config.json` or `~/.docker/config.json`; then the legacy
 `~/.dockercfg`. The first file that has an answer for the registry wins. Inside a file:
 `credHelpers[host]`, then `auths` from the most specific key (`host/ns/repo`) to the
@@ -115,16 +115,16 @@ def _auth_files(opts: RegistryOptions) -> Iterator[_AuthFile]:
     named = opts.authfile or (Path(env["REGISTRY_AUTH_FILE"]) if env.get(
         "REGISTRY_AUTH_FILE") else None)
     places: list[_AuthFile | None] = []
+    # The override takes the primary file's place only (containers-auth.json(5)).
     if named is not None:
         places.append(_AuthFile(named))
+    elif env.get("XDG_RUNTIME_DIR"):
+        places.append(_AuthFile(Path(env["XDG_RUNTIME_DIR"]) / "containers" / "auth.json"))
     else:
-        if env.get("XDG_RUNTIME_DIR"):
-            places.append(_AuthFile(Path(env["XDG_RUNTIME_DIR"]) / "containers" / "auth.json"))
-        else:
-            places.append(_AuthFile(RUN_CONTAINERS / str(os.getuid()) / "auth.json"))
-        config_home = under("XDG_CONFIG_HOME", ".config")
-        places.append(_AuthFile(config_home / "containers" / "auth.json") if config_home
-                      else None)
+        places.append(_AuthFile(RUN_CONTAINERS / str(os.getuid()) / "auth.json"))
+    config_home = under("XDG_CONFIG_HOME", ".config")
+    places.append(_AuthFile(config_home / "containers" / "auth.json") if config_home
+                  else None)
     docker_dir = under("DOCKER_CONFIG", ".docker")
     places.append(_AuthFile(docker_dir / "config.json") if docker_dir else None)
     places.append(_AuthFile(home / ".dockercfg", legacy=True) if home else None)
