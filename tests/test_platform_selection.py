@@ -145,3 +145,14 @@ def test_variant_is_matched_strictly(tmp_path: Path, busybox_layer: Path):
     proc = cli("optimize", "--oci", "--no-optimize", "--platform", "linux/arm/v7",
                f"oci:{layout}:v7", f"oci:{out}:x", tmp=tmp_path)
     assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("tag", ["bare", "index"])
+def test_analyze_of_foreign_image_names_both_platforms(foreign: Path, tmp_path: Path,
+                                                       tag: str):
+    record = tmp_path / "record.jsonl"
+    msg = one_error(cli("analyze", "--runner", "runc", "--period", "3", "--record-out", record,
+                        f"oci:{foreign}:{tag}", tmp=tmp_path))
+    assert FOREIGN in msg and f"{HOST} (the host)" in msg, msg
+    assert "the workload runs only on the host platform" in msg, msg
+    assert not record.exists()

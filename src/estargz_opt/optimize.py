@@ -305,6 +305,13 @@ def analyze_image(
         check_record_out(prefetch_list_out, "--prefetch-list-out")
     with open_store(ref, store_opts, create=False) as store:
         root = store.resolve(ref.tag)
+        check_selection(
+            store,
+            root,
+            platforms.matcher((), False),
+            str(ref),
+            "the workload runs only on the host platform",
+        )
         host = _host_manifest(store, root)
         if host is None:
             raise EstargzOptError(

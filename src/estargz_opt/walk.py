@@ -73,18 +73,21 @@ def root_platform(store: Store, root: Descriptor, manifest: Manifest) -> Platfor
     return config_platform(store, manifest, where) or root.platform
 
 
-def no_match(image: str, matcher: Matcher, index: Index) -> PlatformError:
+def no_match(image: str, matcher: Matcher, index: Index, hint: str = "") -> PlatformError:
     """An index none of whose images the matcher selects."""
     available = ", ".join(str(m.platform) for m in index.manifests if m.platform) or "none"
     return PlatformError(
         f"{image} has no image for {matcher.describe()}; it has: {available} "
-        "(choose with --platform or --all-platforms)"
+        f"({hint or 'choose with --platform or --all-platforms'})"
     )
 
 
-def check_selection(store: Store, root: Descriptor, matcher: Matcher, image: str) -> None:
+def check_selection(
+    store: Store, root: Descriptor, matcher: Matcher, image: str, hint: str = ""
+) -> None:
     """Fail before any work (a workload run, a download) if the matcher selects nothing:
-    an index with no entry for the platforms, or a single manifest of another platform."""
+    an index with no entry for the platforms, or a single manifest of another platform.
+    `hint` replaces the advice on --platform (for commands that have no such option)."""
     if root.media_type in d.MANIFEST_TYPES:
         manifest = read_manifest(store, root)
         if not is_image(manifest):
@@ -93,7 +96,7 @@ def check_selection(store: Store, root: Descriptor, matcher: Matcher, image: str
         if platform is not None and not matcher.matches(platform):
             raise PlatformError(
                 f"{image} is an image for {platform}, not for {matcher.describe()}; "
-                f"convert it with --platform {platform} or --all-platforms"
+                + (hint or f"convert it with --platform {platform} or --all-platforms")
             )
     elif root.media_type in d.INDEX_TYPES:
         index = read_index(store, root)
@@ -102,7 +105,7 @@ def check_selection(store: Store, root: Descriptor, matcher: Matcher, image: str
             for child in index.manifests
             if not is_attestation(child) and child.media_type in d.INDEX_TYPES | d.MANIFEST_TYPES
         ):
-            raise no_match(image, matcher, index)
+            raise no_match(image, matcher, index, hint)
 
 
 @dataclass(frozen=True, slots=True)
