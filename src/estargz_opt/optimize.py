@@ -213,12 +213,6 @@ def optimize(req: OptimizeRequest) -> OptimizeOutcome:
     with ExitStack() as stack:
         src = stack.enter_context(open_store(src_ref, req.src_store, create=False))
         root = src.resolve(src_ref.tag)
-        check_selection(src, root, matcher, str(src_ref))
-        log.info(
-            "converting platforms: %s%s",
-            matcher.describe(),
-            "; use --platform or --all-platforms for others" if matcher.host_default else "",
-        )
         # The host layers, decompressed while the workload runs, for their conversion.
         spool = Spool()
         stack.callback(spool.close)
@@ -232,7 +226,14 @@ def optimize(req: OptimizeRequest) -> OptimizeOutcome:
         pair(src, dst)
         try:
             # The destination is opened (a registry's push access checked) before the
-            # workload runs, so a refusal costs no run and no conversion.
+            # workload runs, so a refusal costs no run and no conversion; then the platforms
+            # are checked (which reads a single manifest's config), before the run too.
+            check_selection(src, root, matcher, str(src_ref))
+            log.info(
+                "converting platforms: %s%s",
+                matcher.describe(),
+                "; use --platform or --all-platforms for others" if matcher.host_default else "",
+            )
             analysis = None
             if run_workload:
                 analysis = _analyze(req, src, root, src_ref, matcher, spool)
