@@ -156,3 +156,10 @@ def test_analyze_of_foreign_image_names_both_platforms(foreign: Path, tmp_path: 
     assert FOREIGN in msg and f"{HOST} (the host)" in msg, msg
     assert "the workload runs only on the host platform" in msg, msg
     assert not record.exists()
+
+
+@pytest.mark.parametrize("command", ["verify", "inspect"])
+def test_verify_platform_of_foreign_single_manifest(foreign: Path, tmp_path: Path,
+                                                    command: str):
+    msg = one_error(cli(command, "--platform", HOST, f"oci:{foreign}:bare", tmp=tmp_path))
+    assert f"is an image for {FOREIGN}, not for {HOST}" in msg, msg
