@@ -38,7 +38,7 @@ from estargz_opt.workload.rootless import checks
 from estargz_opt.workload.rootless.checks import IdMapping, RootlessUnavailableError
 from estargz_opt.workload.rootless.monitor import RootlessMonitor, RootlessSetup
 from estargz_opt.workload.rootless.spec import rootless_spec
-from estargz_opt.workload.rootless.userns import kill_all, ns_id
+from estargz_opt.workload.rootless.userns import kill_all, ns_id, signal_pid_namespace
 from estargz_opt.workload.runc.runner import RuncRunner, RuncTask, RuntimeCLI
 from estargz_opt.workload.runner import (
     SAMPLE_PREFIX,
@@ -60,6 +60,16 @@ CNI_NEEDS_ROOT = (
     "private network with only a loopback, or the host's with --net-host; run as root "
     "for --cni"
 )
+
+
+class RootlessTask(RuncTask):
+    """The runc runner's task, signalled without the runtime: `kill --all` finds the
+    processes through the container's cgroup, which a rootless container does not have,
+    and signals none (see `userns.signal_pid_namespace`)."""
+
+    def kill(self, signo: int) -> None:
+        if self._pid and not self._exited.is_set():
+            signal_pid_namespace(self._pid, signo)
 
 
 class RootlessRunner(RuncRunner):
@@ -182,6 +192,9 @@ class RootlessRunner(RuncRunner):
             if ns:
                 kill_all(ns)
             monitor.close()
+
+    def new_task(self, cli: RuntimeCLI, cid: str) -> RuncTask:
+        return RootlessTask(cli, cid)
 
     def _require_monitor(self) -> RootlessMonitor:
         if self._monitor is None:

@@ -23,18 +23,58 @@ def ns_id(path: str) -> str:
     return f"{st.st_dev}:{st.st_ino}"
 
 
-def members(ns: str) -> list[int]:
-    """The pids of the processes in the user namespace `ns` that we can see."""
+def members(ns: str, kind: str = "user") -> list[int]:
+    """The pids of the live processes in the `kind` namespace `ns` that we can see.
+
+    Zombies are left out: they hold nothing, and one whose parent is us (the monitor
+    helper, until `close` waits for it) would otherwise be "killed" until a timeout."""
     found = []
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
         try:
-            if ns_id(f"/proc/{entry.name}/ns/user") == ns:
+            if ns_id(f"/proc/{entry.name}/ns/{kind}") == ns and not _zombie(entry.name):
                 found.append(int(entry.name))
         except OSError:
             continue
     return found
+
+
+def _zombie(pid: str) -> bool:
+    """Whether /proc/PID/stat says Z (exited, not yet waited for); the state follows the
+    command name, which may hold spaces and parentheses."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        stat = f.read()
+    return stat[stat.rindex(b")") + 2 : stat.rindex(b")") + 3] == b"Z"
+
+
+def signal_pid_namespace(init: int, signo: int) -> int:
+    """Send `signo` to every process in the PID namespace of `init`; how many got it.
+
+    `runc kill --all` finds a container's processes through its cgroup, and a rootless
+    container has none (runc 1.1 then signals nobody: "lstat : no such file or
+    directory"), so the rootless runner signals them itself. Each is signalled through
+    a pidfd taken before its namespace is checked, so a pid reused meanwhile is never
+    signalled."""
+    try:
+        ns = ns_id(f"/proc/{init}/ns/pid")
+    except OSError:
+        return 0  # gone already
+    sent = 0
+    for pid in members(ns, "pid"):
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            continue
+        try:
+            if ns_id(f"/proc/{pid}/ns/pid") == ns:
+                signal.pidfd_send_signal(pidfd, signo)
+                sent += 1
+        except OSError:  # it exited meanwhile
+            continue
+        finally:
+            os.close(pidfd)
+    return sent
 
 
 def kill_all(ns: str, timeout: float = 5.0) -> list[int]:

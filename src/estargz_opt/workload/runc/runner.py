@@ -183,6 +183,10 @@ class RuncRunner:
         elsewhere, e.g. in a user namespace)."""
         return self._cli()
 
+    def new_task(self, cli: RuntimeCLI, cid: str) -> RuncTask:
+        """The handle on the container `cid` (a subclass may signal it another way)."""
+        return RuncTask(cli, cid)
+
     def reap_stale(self) -> None:
         """Kill and delete the sample containers of dead runs (by their owner annotation;
         a live run's are left alone)."""
@@ -270,7 +274,7 @@ class RuncRunner:
             json.dump(spec, f)
         _become_subreaper()
         with contextlib.ExitStack() as stack:
-            task = stack.enter_context(RuncTask(cli, run.id))
+            task = stack.enter_context(self.new_task(cli, run.id))
             stack.callback(task.cleanup)
             console = stack.enter_context(_Console(run.path)) if stdio.terminal else None
             fds = stack.enter_context(_stdio_fds(stdio))
