@@ -176,17 +176,28 @@ def plan_ids(
     return IdMapping(uid, gid, users, groups)
 
 
+def one_id_reason(mapping: IdMapping) -> str:
+    """Why only the caller's own id can be mapped (for the info line and the refusals)."""
+    if shutil.which("newuidmap") is None or shutil.which("newgidmap") is None:
+        return "newuidmap and newgidmap (apt-get install uidmap) are not installed"
+    if not setuid_helpers_work():
+        return "newuidmap cannot work without CAP_SETUID and CAP_SETGID in the bounding set"
+    return f"uid {mapping.uid} has no range in /etc/subuid and /etc/subgid"
+
+
+#: What a run with one id does, said once per run (podman's ignore_chown_errors).
+ONE_ID = (
+    "every file of the image is unpacked as your id and the workload runs as root of its "
+    "user namespace (as podman's ignore_chown_errors); only a workload whose user or group "
+    "is not root cannot run this way"
+)
+
+
 def several_ids_refusal(mapping: IdMapping, why: str) -> RootlessUnavailableError:
     """The image needs ids the namespace does not have; say what would give them."""
     if mapping.several:
         return refuse(f"{why}, beyond the {mapping.size} ids of this user's /etc/subuid range")
-    if shutil.which("newuidmap") is None or shutil.which("newgidmap") is None:
-        how = "newuidmap and newgidmap (apt-get install uidmap) are not installed"
-    elif not setuid_helpers_work():
-        how = "newuidmap cannot work without CAP_SETUID and CAP_SETGID in the bounding set"
-    else:
-        how = f"uid {mapping.uid} has no range in /etc/subuid and /etc/subgid"
-    return refuse(f"{why}, and only your own id can be mapped: {how}")
+    return refuse(f"{why}, and only your own id can be mapped: {one_id_reason(mapping)}")
 
 
 def is_real_root() -> bool:

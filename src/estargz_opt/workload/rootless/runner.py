@@ -10,10 +10,14 @@ container joins the monitor's mount namespace and, by default, gets its own netw
 namespace with only a loopback (--net-host shares the host's; --cni needs root).
 
 No setuid helper and no capability is used on the host. The one exception, taken only
-when it is there and configured: an image that needs several ids gets them from Debian's
+when it is there and configured: an image's several ids come from Debian's
 newuidmap/newgidmap (setuid root, from the uidmap package, as every rootless container
-tool uses) within the caller's /etc/subuid and /etc/subgid ranges; without them, such an
-image is refused up front.
+tool uses) within the caller's /etc/subuid and /etc/subgid ranges. Without them (no
+range, no uidmap, or capabilities dropped as in a restricted Kubernetes pod) only the
+caller's own id is mapped, as root of the namespace: every file is unpacked as that id
+(podman's ignore_chown_errors; ownership does not change which files the workload
+opens) and the workload runs as root there. Only a workload whose user or group is not
+root is refused then (`rootless.spec`): no such id exists in the namespace.
 
 Cleanup is killing every process of that user namespace (`rootless.userns`): the kernel
 then frees the mount namespace, the tmpfs and the network namespace. The namespace's
@@ -112,12 +116,14 @@ class RootlessRunner(RuncRunner):
                 f"nsenter is not installed (apt-get install util-linux): the rootless "
                 f"runner needs it; {checks.WAYS_OUT}"
             )
-        log.info(
-            "rootless run: %s",
-            f"{self.mapping.size} ids from /etc/subuid"
-            if self.mapping.several
-            else "only your own id is mapped (root in the namespace)",
-        )
+        if self.mapping.several:
+            log.info("rootless run: %d ids from /etc/subuid", self.mapping.size)
+        else:
+            log.info(
+                "rootless run with only your own id (%s): %s",
+                checks.one_id_reason(self.mapping),
+                checks.ONE_ID,
+            )
 
     def reap_stale(self) -> None:
         """Kill the processes of the user namespaces of runs killed with SIGKILL.
