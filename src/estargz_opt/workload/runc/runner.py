@@ -106,6 +106,9 @@ class RuntimeCLI:
             stdin=subprocess.DEVNULL,
             timeout=timeout,
             check=False,
+            # Not in our process group: a terminal's Ctrl-C must not kill a `delete`
+            # that the cleanup after that Ctrl-C runs (it would leave the container).
+            process_group=0,
         )
 
     def containers(self) -> list[dict[str, object]]:
@@ -291,6 +294,7 @@ class RuncRunner:
                     pass_fds=console.pass_fds if console else (),
                     timeout=_COMMAND_TIMEOUT,
                     check=False,
+                    process_group=0,  # as `run`: out of reach of a terminal's Ctrl-C
                 )
             except subprocess.TimeoutExpired:
                 raise WorkloadStartError(
