@@ -554,14 +554,17 @@ def _interrupt(containerd, kinds: ai.Image, tmp_path: Path, leftovers: Leftovers
                  "--args", '["/bin/sh","/app/run.sh","sleep"]', kinds.name, dst,
                  env=env_with_tmp(leftovers.tmpdir), stderr_path=err)
     wait_for_text(err, "sleeping", proc)
+    sent = time.monotonic()
     if signo == signal.SIGINT:
         ctrl_c(proc, group)
     else:
         proc.send_signal(signo)
     res = finish(proc, err)
+    took = time.monotonic() - sent
     msg = error_message(res)
     assert msg == "interrupted", msg
     assert res.returncode == 130
+    assert took < 2.0, f"the run took {took:.2f}s to end after signal {signo}"
     leftovers.check()
     return res
 
