@@ -1,4 +1,5 @@
-"""Find and kill every process of one user namespace: the rootless runner's cleanup.
+"""Find and signal the processes of one namespace: the rootless runner's stopping and
+cleanup.
 
 All a rootless run makes lives in the user namespace of its monitor helper: the
 container's processes (whatever the runtime does with them), the mount namespace and the
@@ -6,7 +7,8 @@ tmpfs that holds the rootfs. Once no process is left in it, the kernel frees all
 So a run, and the run after one killed with SIGKILL, cleans up by killing the processes
 of that namespace, found by the namespace's identity (device and inode of its nsfs
 file), which the run writes into its run directory. Its owner may kill them: it owns the
-namespace, which gives it CAP_KILL there, and nothing on the host.
+namespace, which gives it CAP_KILL there, and nothing on the host. The workload is
+stopped the same way, by the processes of its PID namespace (`signal_pid_namespace`).
 """
 
 from __future__ import annotations
