@@ -11,7 +11,8 @@ stop signal.
 Everything the run creates is undone in reverse order whatever happens (success, error,
 timeout, Ctrl-C): the task and the container, the stdio, the network namespace, the
 monitor (and with it the rootfs mount, which lives only in its namespace), the runner's
-rootfs, and the run directory. After a SIGKILL the next run reaps what was left.
+rootfs, and the run directory; once that has taken a second, each step is named as it
+starts (`CleanupSteps`). After a SIGKILL the next run reaps what was left.
 """
 
 from __future__ import annotations
