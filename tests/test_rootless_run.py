@@ -44,10 +44,7 @@ SAMPLE = "estargz-opt-sample-"
 
 @pytest.fixture(scope="module")
 def user() -> Iterator[Unprivileged]:
-    # a uid of this test process's own: the checks below count the uid's processes, and
-    # a concurrent test session runs its own as the default one
-    uid = 65536 + os.getpid() % 100000
-    made = make_unprivileged(uid, uid)
+    made = make_unprivileged()
     yield made
     made.remove()
 

@@ -34,8 +34,7 @@ RUNNERS = ["runc", "rootless"]
 
 @pytest.fixture(scope="module")
 def user() -> Iterator[Unprivileged]:
-    uid = 65536 + os.getpid() % 100000  # its own: the checks count the uid's processes
-    made = make_unprivileged(uid, uid)
+    made = make_unprivileged()
     yield made
     made.remove()
 
