@@ -46,8 +46,8 @@ def _zombie(pid: str) -> bool:
     """Whether /proc/PID/stat says Z (exited, not yet waited for); the state follows the
     command name, which may hold spaces and parentheses."""
     with open(f"/proc/{pid}/stat", "rb") as f:
-        stat = f.read()
-    return stat[stat.rindex(b")") + 2 : stat.rindex(b")") + 3] == b"Z"
+        after_name = f.read().rpartition(b")")[2]
+    return after_name[1:2] == b"Z"
 
 
 def signal_pid_namespace(init: int, signo: int) -> int:
