@@ -57,26 +57,32 @@ def signal_pid_namespace(init: int, signo: int) -> int:
     container has none (runc 1.1 then signals nobody: "lstat : no such file or
     directory"), so the rootless runner signals them itself. Each is signalled through
     a pidfd taken before its namespace is checked, so a pid reused meanwhile is never
-    signalled."""
+    signalled. Every pidfd is taken first and init is signalled last: its death (with
+    SIGKILL) ends the rest of the namespace at once, before they could be reached."""
     try:
         ns = ns_id(f"/proc/{init}/ns/pid")
     except OSError:
         return 0  # gone already
-    sent = 0
-    for pid in members(ns, "pid"):
-        try:
-            pidfd = os.pidfd_open(pid)
-        except OSError:
-            continue
-        try:
-            if ns_id(f"/proc/{pid}/ns/pid") == ns:
-                signal.pidfd_send_signal(pidfd, signo)
-                sent += 1
-        except OSError:  # it exited meanwhile
-            continue
-        finally:
+    pidfds: list[tuple[int, int]] = []
+    try:
+        for pid in members(ns, "pid"):
+            try:
+                pidfd = os.pidfd_open(pid)
+            except OSError:
+                continue
+            pidfds.append((pid, pidfd))
+        sent = 0
+        for pid, pidfd in sorted(pidfds, key=lambda p: p[0] == init):
+            try:
+                if ns_id(f"/proc/{pid}/ns/pid") == ns:
+                    signal.pidfd_send_signal(pidfd, signo)
+                    sent += 1
+            except OSError:  # it exited meanwhile
+                continue
+        return sent
+    finally:
+        for _, pidfd in pidfds:
             os.close(pidfd)
-    return sent
 
 
 def kill_all(ns: str, timeout: float = 5.0) -> list[int]:
