@@ -6,19 +6,21 @@ unprivileged uid with no capabilities (setpriv), the runc runner as root.
   nothing behind;
 * a cleanup step that takes longer (a runtime wrapper whose `delete` takes 3 s) is named
   after a second, and a second Ctrl-C meanwhile names it instead of cutting it short;
-* the rootless runner ends its workload as fast as the runc runner: on a small image
-  its wall time is within 1.5 s of runc's, and no run waits for a workload that did not
-  exit after a signal.
+* the rootless runner ends its workload within 1 s of the period's end, and as fast as
+  the runc runner: on a small image its wall time is within 1.5 s of runc's, and no run
+  waits for a workload that did not exit after a signal.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import analyzeimages as ai
@@ -70,8 +72,9 @@ class Run:
         self.tmp = user.tmpdir if runner == "rootless" else tmp / "tmp"
         self.leftovers = None if runner == "rootless" else RunLeftovers(self.tmp)
 
-    def argv(self, *args: str | Path) -> list[str]:
-        args = ("analyze", "--runner", self.runner, *args)
+    def argv(self, *args: str | Path, top: tuple[str, ...] = ()) -> list[str]:
+        """`analyze --runner RUNNER ARGS`, after the global options `top`."""
+        args = (*top, "analyze", "--runner", self.runner, *args)
         if self.runner == "rootless":
             return self.user.argv(*args)
         return [sys.executable, "-m", "estargz_opt", *map(str, args)]
@@ -171,12 +174,24 @@ def test_rootless_stops_as_fast_as_runc(user: Unprivileged, small: str,
         run = Run(runner, user, tmp_path)
         t0 = time.monotonic()
         res = subprocess.run(run.argv("--period", "2", "--record-out",
-                                      user.home / f"{runner}.jsonl", small),
+                                      user.home / f"{runner}.jsonl", small,
+                                      top=("--log-format", "json")),
                              env=run.env(), capture_output=True, text=True, timeout=120,
                              check=False)
         took[runner] = time.monotonic() - t0
         assert res.returncode == 0, res.stderr
         assert "ended (the --period elapsed) with exit status 137" in res.stderr, res.stderr
         assert "did not exit" not in res.stderr, res.stderr
+        if runner == "rootless":
+            # the workload is gone, the monitor stopped, within 1 s of the period's end
+            stopped = logged_at(res.stderr, "workload ended") - logged_at(res.stderr,
+                                                                           "waiting for 2s")
+            assert stopped < 2 + 1.0, f"{stopped - 2:.2f}s after the period:\n{res.stderr}"
         run.check_clean()
     assert took["rootless"] < took["runc"] + 1.5, took
+
+
+def logged_at(stderr: str, text: str) -> float:
+    """When the JSON log line holding `text` was written (seconds)."""
+    [line] = [json.loads(x) for x in stderr.splitlines() if text in x and x.startswith("{")]
+    return datetime.strptime(line["asctime"], "%Y-%m-%d %H:%M:%S,%f").timestamp()
