@@ -286,6 +286,21 @@ def test_one_id_without_newuidmap(owned: str, user: Unprivileged) -> None:
     check_clean(user)
 
 
+def test_one_id_under_no_new_privs(owned: str, user: Unprivileged) -> None:
+    """An /etc/subuid range, but no_new_privs (Kubernetes' allowPrivilegeEscalation:
+    false): setuid newuidmap gains nothing, so the run maps one id and says why."""
+    argv = user.argv("analyze", "--period", "10", "--record-out", user.home / "n.jsonl",
+                     owned, setuid_helpers=True)
+    argv.insert(argv.index("--"), "--no-new-privs")
+    res = subprocess.run(user.with_subids(argv), capture_output=True, text=True,
+                         env=user.env(), timeout=120, check=False)
+    assert res.returncode == 0, res.stderr
+    assert ("rootless run with only your own id (newuidmap cannot gain privileges under "
+            "no_new_privs)") in res.stderr, res.stderr
+    assert "owner=0:0" in res.stderr and "ids-done" in res.stderr, res.stderr
+    check_clean(user)
+
+
 DEBIAN_SH = ("stat -c 'owner=%u:%g %n' /usr/bin/chage /var/cache/lighttpd /home/app/notes\n"
              "cat /usr/bin/chage /etc/lighttpd/lighttpd.conf /home/app/notes > /dev/null\n"
              "/bin/busybox ls /usr/share/doc/passwd\necho debian-done\n")
