@@ -14,11 +14,11 @@ when it is there and configured: an image's several ids come from Debian's
 newuidmap/newgidmap (setuid root, from the uidmap package, as every rootless container
 tool uses) within the caller's /etc/subuid and /etc/subgid ranges. Without them (no
 range, no uidmap, capabilities dropped or no_new_privs, as in a restricted Kubernetes
-pod) only the
-caller's own id is mapped, as root of the namespace: every file is unpacked as that id
-(podman's ignore_chown_errors; ownership does not change which files the workload
-opens) and the workload runs as root there. Only a workload whose user or group is not
-root is refused then (`rootless.spec`): no such id exists in the namespace.
+pod) only the caller's own id is mapped, as root of the namespace: every file is
+unpacked as that id (podman's ignore_chown_errors; ownership does not change which
+files the workload opens) and the workload runs as root there. Only a workload whose
+user or group is not root is refused then (`rootless.spec`): no such id exists in the
+namespace.
 
 Cleanup is killing every process of that user namespace (`rootless.userns`): the kernel
 then frees the mount namespace, the tmpfs and the network namespace. The namespace's
