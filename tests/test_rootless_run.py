@@ -6,10 +6,10 @@ What is checked, as for the other runners (tests/test_analyze.py):
   and the converted layers' prioritized files; the optimized image runs (rootless too);
 * the runner is chosen by itself when not root, and by --runner rootless;
 * a hostile image's symlinks never reach host files (a host secret's atime stays);
-* several ids: without newuidmap or a subordinate range, one id (every file the
-  caller's, the workload root of the namespace; a Debian image records what the runc
-  runner records), and a non-root user refused; given by newuidmap/newgidmap from an
-  /etc/subuid range when there is one;
+* several ids: without newuidmap, a subordinate range, the bounding set's CAP_SETUID or
+  under no_new_privs, one id (every file the caller's, the workload root of the
+  namespace; a Debian image records what the runc runner records), and a non-root user
+  refused; given by newuidmap/newgidmap from an /etc/subuid range when there is one;
 * --cni is refused in one line;
 * cleanup after success, SIGTERM, Ctrl-C and a workload killed from outside: no process
   of the uid, nothing in its TMPDIR; after a SIGKILL of estargz-opt, the next run kills
