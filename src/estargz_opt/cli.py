@@ -212,8 +212,11 @@ def _sampler_options(f: Callable[..., Any]) -> Callable[..., Any]:
             default="",
             help="How the sample container runs: containerd (its task service), runc (the "
             "runtime's CLI, no daemon) or rootless (no privilege at all; the rootfs is held "
-            "in memory, a tmpfs the size of the image). Default: rootless when not root; "
-            "as root, containerd for an image in containerd, runc for any other source.",
+            "in memory, a tmpfs the size of the image; with only your own id mapped, no "
+            "/etc/subuid range or no capabilities, every file is yours and the workload "
+            "runs as root of its namespace, so an image whose User is not root is "
+            "refused). Default: rootless when not root; as root, containerd for an image "
+            "in containerd, runc for any other source.",
         ),
         click.option("--rootless", is_flag=True, help="The same as --runner rootless."),
         click.option(

@@ -106,6 +106,9 @@ class RuntimeCLI:
             stdin=subprocess.DEVNULL,
             timeout=timeout,
             check=False,
+            # Not in our process group: a terminal's Ctrl-C must not kill a `delete`
+            # that the cleanup after that Ctrl-C runs (it would leave the container).
+            process_group=0,
         )
 
     def containers(self) -> list[dict[str, object]]:
@@ -182,6 +185,10 @@ class RuncRunner:
         """How the runtime is run for the container of `run` (a subclass may run it
         elsewhere, e.g. in a user namespace)."""
         return self._cli()
+
+    def new_task(self, cli: RuntimeCLI, cid: str) -> RuncTask:
+        """The handle on the container `cid` (a subclass may signal it another way)."""
+        return RuncTask(cli, cid)
 
     def reap_stale(self) -> None:
         """Kill and delete the sample containers of dead runs (by their owner annotation;
@@ -270,7 +277,7 @@ class RuncRunner:
             json.dump(spec, f)
         _become_subreaper()
         with contextlib.ExitStack() as stack:
-            task = stack.enter_context(RuncTask(cli, run.id))
+            task = stack.enter_context(self.new_task(cli, run.id))
             stack.callback(task.cleanup)
             console = stack.enter_context(_Console(run.path)) if stdio.terminal else None
             fds = stack.enter_context(_stdio_fds(stdio))
@@ -287,6 +294,7 @@ class RuncRunner:
                     pass_fds=console.pass_fds if console else (),
                     timeout=_COMMAND_TIMEOUT,
                     check=False,
+                    process_group=0,  # as `run`: out of reach of a terminal's Ctrl-C
                 )
             except subprocess.TimeoutExpired:
                 raise WorkloadStartError(
