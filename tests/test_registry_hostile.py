@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
+import random
 import subprocess
 import sys
 import time
@@ -54,14 +55,14 @@ class Upstream:
 
 @pytest.fixture(scope="module")
 def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Upstream]:
-    """docker-registry holding app:1, two small layers converted by us (so that `verify`
+    """docker-registry holding app:1, two layers (one of 3 MiB) converted by us (so that `verify`
     passes it); the source image in an OCI layout, to push."""
     base = tmp_path_factory.mktemp("hostile")
     registry = lazypull.Registry.start(base)
     layout = base / "src"
     F.write_layout(layout, "1", [
         F.simple_layer({"etc/": None, "etc/hello": b"hello\n" * 500}),
-        F.simple_layer({"data/": None, "data/x.bin": bytes(range(256)) * 4096}),
+        F.simple_layer({"data/": None, "data/x.bin": random.Random(7).randbytes(3 << 20)}),
     ])
     try:
         run = cli(base, "optimize", "--oci", "--no-optimize", "--no-cache", *PLAIN,
@@ -274,6 +275,23 @@ def test_a_trickling_server_fails_at_the_deadline(upstream: Upstream, front: Hos
         run = verify(tmp_path, front, *(["--creds", f"{front.user}:{front.password}"]
                                         if front.auth else []))
     fails(run, tmp_path, f"no complete answer within {DEADLINE} s", bound=4 * DEADLINE + 4)
+
+
+def test_a_slow_link_passes_where_a_trickle_does_not(upstream: Upstream,
+                                                     tmp_path: Path) -> None:
+    """Through an 8 Mbit/s link the 3 MiB layer takes over 3 s, past --registry-timeout
+    1: at the default minimum rate (256 KiB/s) its bytes buy it the time; at 2 MiB/s
+    they do not, and the download stops once it falls behind, in one line."""
+    proxy = lazypull.Proxy.start(upstream.registry.host, tmp_path / "proxy.jsonl", mbit=8)
+    try:
+        image = f"docker://{proxy.host}/app:1"
+        slow = cli(tmp_path, "verify", "--tls-verify=false", "--registry-timeout", "1", image)
+        assert slow.returncode == 0 and slow.seconds > 3, slow
+        fails(cli(tmp_path, "verify", "--tls-verify=false", "--registry-timeout", "1",
+                  "--registry-min-rate", "2048", image), tmp_path,
+              "no complete answer within 1 s (plus 2048 KiB/s of transfer", bound=10)
+    finally:
+        proxy.stop()
 
 
 # --------------------------------------------------------------------------- big bodies
