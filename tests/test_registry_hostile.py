@@ -258,22 +258,29 @@ def _stalled(what: str, front: HostileServer, other: HostileServer, upstream: Up
     elif what == "upload POST headers":
         front.on("POST", UPLOADS, trickle_headers())
         return "push"
+    elif what == "upload PATCH headers":
+        # the streamed PATCH first, then the upload again from the spool
+        front.on("PATCH", UPLOADS, trickle_headers())
+        return "push"
     return "verify"
 
 
 @pytest.mark.parametrize("what", ["ping headers", "manifest body", "blob body",
-                                  "token headers", "upload POST headers"])
+                                  "token headers", "upload POST headers",
+                                  "upload PATCH headers"])
 def test_a_trickling_server_fails_at_the_deadline(upstream: Upstream, front: HostileServer,
                                                   other: HostileServer, tmp_path: Path,
                                                   what: str) -> None:
     """One byte every half second keeps per-read timeouts happy; the request's deadline
-    (2 s here) ends it: one line, well within the bound, with no retry."""
+    (2 s here) ends it: one line, well within the bound, with no retry. (A minimum rate
+    of 4 MiB/s, so that the 3 MiB a PATCH sends buy it under a second more.)"""
+    rate = ["--registry-min-rate", "4096"]
     if _stalled(what, front, other, upstream) == "push":
-        run = push(tmp_path, upstream, front)
+        run = push(tmp_path, upstream, front, *rate)
         not_pushed(upstream)
     else:
-        run = verify(tmp_path, front, *(["--creds", f"{front.user}:{front.password}"]
-                                        if front.auth else []))
+        run = verify(tmp_path, front, *rate, *(["--creds", f"{front.user}:{front.password}"]
+                                               if front.auth else []))
     fails(run, tmp_path, f"no complete answer within {DEADLINE} s", bound=4 * DEADLINE + 4)
 
 

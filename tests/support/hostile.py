@@ -35,6 +35,8 @@ class Seen:
     path: str
     headers: dict[str, str]
     body: bytes
+    #: time.monotonic() when it arrived
+    at: float = field(default_factory=time.monotonic)
 
     @property
     def raw(self) -> bytes:

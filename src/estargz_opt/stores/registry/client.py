@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -545,16 +544,24 @@ class Client:
         it is still being produced. None once the registry took it; else why not: a
         stream is never replayed (no retry here), the caller uploads again from its copy.
         An exception raised by `body` (the blob was discarded) goes through."""
-        # The body comes at the pace of the conversion: no deadline, only per-read timeouts.
-        unhurried = Limit(math.inf, self.session.limit.min_rate)
+        limits = self.session.limits
+
+        def paced() -> Iterator[bytes]:
+            # The body comes at the conversion's pace, which is no fault of the registry:
+            # the deadline starts again with each piece, so it bounds sending that piece,
+            # and, after the last, the registry's answer.
+            for piece in body:
+                limits.restart()
+                yield piece
+
         try:
-            with self._bounded(unhurried):
+            with self._bounded():
                 resp = self._once(
                     "PATCH",
                     up.location,
                     "streaming a blob",
                     ok=lambda r: r.status_code in (202, 413),
-                    content=body,
+                    content=paced(),
                     headers={"Content-Type": "application/octet-stream"},
                 )
         except Retry as exc:
