@@ -11,6 +11,7 @@ test can prove no secret reached it.
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import re
 import secrets
@@ -139,9 +140,10 @@ def endless(status: int = 200, headers: dict[str, str] | None = None) -> Handler
     return handle
 
 
+@functools.cache
 def gzip_bomb(inflated: int) -> bytes:
     """A gzip stream of `inflated` zero bytes (about a thousandth of it in size)."""
-    z = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    z = zlib.compressobj(1, zlib.DEFLATED, 16 + zlib.MAX_WBITS, 9, zlib.Z_RLE)
     block = bytes(1 << 20)
     return b"".join([*(z.compress(block) for _ in range(inflated >> 20)), z.flush()])
 
@@ -216,7 +218,7 @@ class HostileServer:
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
         self._httpd.daemon_threads = True
         self._httpd.owner = self  # type: ignore[attr-defined]
-        threading.Thread(target=self._httpd.serve_forever, daemon=True).start()
+        threading.Thread(target=self._httpd.serve_forever, args=(0.05,), daemon=True).start()
 
     @property
     def host(self) -> str:
