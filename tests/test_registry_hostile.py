@@ -373,6 +373,13 @@ def test_a_deeply_nested_manifest_is_one_line(front: HostileServer, tmp_path: Pa
     fails(verify(tmp_path, front), tmp_path, "JSON nested deeper than 64 levels")
 
 
+def test_a_redirect_to_an_invalid_url_is_one_line_at_once(front: HostileServer,
+                                                          tmp_path: Path) -> None:
+    front.on("GET", MANIFEST, redirect("http://[::1/x"))
+    fails(verify(tmp_path, front), tmp_path, "tag '1': a redirect to an unusable URL",
+          bound=5)  # not retried
+
+
 def test_an_invalid_upload_location_is_one_line(upstream: Upstream, front: HostileServer,
                                                 tmp_path: Path) -> None:
     front.on("POST", UPLOADS, answer(202, headers={"Location": "http://[::1/upload"}))

@@ -254,4 +254,6 @@ def read_whole(response: httpx.Response, cap: int) -> bytes:
         raise BodyError(f"the answer is not valid {encoding} ({exc})") from None
     if len(data) > cap or inflate.unconsumed_tail:
         raise BodyError(f"the answer is larger than {cap} bytes once decoded ({encoding})")
+    if not inflate.eof:
+        raise BodyError(f"the answer's {encoding} stream is cut short")
     return data

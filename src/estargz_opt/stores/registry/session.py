@@ -185,6 +185,10 @@ def request_failure(host: str, exc: httpx.HTTPError | httpx.InvalidURL,
                                 f"the last to {exc.request.url}", retryable=False)
     if isinstance(exc, httpx.InvalidURL | httpx.UnsupportedProtocol):
         return TransportFailure(f"unusable URL ({exc})", retryable=False)
+    if isinstance(exc, httpx.RemoteProtocolError) and str(exc).startswith("Invalid URL in "
+                                                                         "location header"):
+        # httpx's words for a redirect to a URL it cannot parse: the same every time
+        return TransportFailure(f"a redirect to an unusable URL ({exc})", retryable=False)
     if isinstance(exc, httpx.TransportError):
         return transport_failure(host, exc, tls)
     return TransportFailure(f"{type(exc).__name__}: {exc}", retryable=False)
