@@ -13,7 +13,7 @@ covers them.
 
 The transport also hands every body over as it was sent: it takes Content-Encoding off
 the headers (into `ENCODING`) so that httpx never inflates a body by itself; callers
-that read a body whole decode it under their own cap (`client.read_whole`).
+that read a body whole decode it under their own cap (`read_whole`).
 """
 
 from __future__ import annotations
@@ -63,8 +63,8 @@ class _Usage:
         return self.started + allowed - time.monotonic()
 
     def over_time(self) -> str:
-        return (f"no complete answer within {self.limit.timeout:g} s (plus "
-                f"{self.limit.min_rate >> 10} KiB/s of transfer; --registry-timeout, "
+        return (f"no complete answer within {self.limit.timeout:g} s plus 1 s per "
+                f"{self.limit.min_rate / 1024:g} KiB moved (--registry-timeout, "
                 "--registry-min-rate)")
 
 
