@@ -98,12 +98,12 @@ class Run:
     seconds: float
 
 
-def cli(tmp_path: Path, *args: str, timeout: float = 120) -> Run:
+def cli(tmp_path: Path, *args: str, timeout: float = 120, **env_extra: str) -> Run:
     """Our CLI, with its temporary files in tmp_path/tmp (checked empty by `fails`)."""
     tmp = tmp_path / "tmp"
     tmp.mkdir(exist_ok=True)
     env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": str(tmp_path),
-           "TMPDIR": str(tmp), "PYTHONPATH": ":".join(sys.path)}
+           "TMPDIR": str(tmp), "PYTHONPATH": ":".join(sys.path), **env_extra}
     started = time.monotonic()
     res = subprocess.run([sys.executable, "-m", "estargz_opt", *args], capture_output=True,
                          text=True, env=env, stdin=subprocess.DEVNULL, timeout=timeout)
@@ -299,6 +299,14 @@ def test_a_slow_link_passes_where_a_trickle_does_not(upstream: Upstream,
               "no complete answer within 1 s plus 1 s per 2048 KiB moved", bound=10)
     finally:
         proxy.stop()
+
+
+def test_the_deadline_can_be_set_in_the_environment(front: HostileServer,
+                                                    tmp_path: Path) -> None:
+    front.on("GET", r"^/v2/$", trickle_headers())
+    fails(cli(tmp_path, "inspect", "--tls-verify=false", f"docker://{front.host}/app:1",
+              ESTARGZ_OPT_REGISTRY_TIMEOUT="1.5"), tmp_path,
+          "no complete answer within 1.5 s", bound=5)
 
 
 # --------------------------------------------------------------------------- big bodies
