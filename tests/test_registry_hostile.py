@@ -216,10 +216,13 @@ def test_credentials_never_reach_a_host_a_redirect_led_to(
 # --------------------------------------------------------------------------- redirects
 
 
-def test_a_redirect_loop_on_one_host_is_one_line(front: HostileServer, tmp_path: Path) -> None:
-    front.on("GET", MANIFEST, redirect(lambda ex: front.url + ex.path))
+@pytest.mark.parametrize("path", ["/v2/app/manifests/1", "/v2/"])
+def test_a_redirect_loop_on_one_host_is_one_line(front: HostileServer, tmp_path: Path,
+                                                 path: str) -> None:
+    """On a manifest, and on the session's first request (the ping)."""
+    front.on("GET", f"^{path}$", redirect(lambda ex: front.url + ex.path))
     fails(verify(tmp_path, front), tmp_path, "more than 10 redirects (a redirect loop?), "
-          f"the last to http://{front.host}/v2/app/manifests/1")
+          f"the last to http://{front.host}{path}")
 
 
 def test_a_redirect_loop_over_two_hosts_is_one_line(front: HostileServer,

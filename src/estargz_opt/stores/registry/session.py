@@ -87,7 +87,7 @@ def open_session(host: str, opts: RegistryOptions) -> Session:
     auth.credential(None)  # a bad auth file fails here, before any request
     limits = Limits()
     # Identity: bodies come as stored; a server that encodes anyway is decoded under
-    # our caps (client.read_whole), never by httpx.
+    # our caps (limits.read_whole), never by httpx.
     client = httpx.Client(timeout=TIMEOUT, transport=Transport(tls.context, limits),
                           auth=auth, follow_redirects=True, max_redirects=MAX_REDIRECTS,
                           headers={"Accept-Encoding": "identity"})
@@ -107,17 +107,17 @@ def _ping(session: Session, opts: RegistryOptions) -> str:
     host = session.host
 
     def get(url: str) -> None:
+        """GET `url`; a TransportError when no server answered there (the caller may
+        try plain HTTP), else one line for an answer that cannot be used."""
         with session.limits.applied(session.limit):
             try:
                 session.client.get(url).close()
-            except httpx.TransportError:
-                cut = session.limits.exceeded()
-                if cut is None:
-                    raise
-                raise RegistryAccessError(f"registry {host}: {cut} ({url})") from None
             except (httpx.HTTPError, httpx.InvalidURL) as exc:
-                raise RegistryAccessError(
-                    f"registry {host}: {session.failure(exc).reason}") from None
+                reason = session.limits.exceeded() or _misdirected(exc)
+                if reason is None and isinstance(exc, httpx.TransportError):
+                    raise
+                reason = reason or session.failure(exc).reason
+                raise RegistryAccessError(f"registry {host}: {reason} ({url})") from None
 
     try:
         get(f"https://{host}/v2/")
@@ -175,20 +175,27 @@ def describe_transport_error(host: str, exc: BaseException,
     return RegistryAccessError(f"registry {host}: {transport_failure(host, exc, tls).reason}")
 
 
-def request_failure(host: str, exc: httpx.HTTPError | httpx.InvalidURL,
-                    tls: TlsConfig) -> TransportFailure:
-    """`transport_failure`, and the failures httpx raises outside the transport (a
-    redirect loop, a URL it cannot use, a body it cannot send again), which no retry
-    mends."""
+def _misdirected(exc: httpx.HTTPError | httpx.InvalidURL) -> str | None:
+    """Why a request went nowhere, when a redirect or a URL sent it nowhere."""
     if isinstance(exc, httpx.TooManyRedirects):
-        return TransportFailure(f"more than {MAX_REDIRECTS} redirects (a redirect loop?), "
-                                f"the last to {exc.request.url}", retryable=False)
+        return (f"more than {MAX_REDIRECTS} redirects (a redirect loop?), the last to "
+                f"{exc.request.url}")
     if isinstance(exc, httpx.InvalidURL | httpx.UnsupportedProtocol):
-        return TransportFailure(f"unusable URL ({exc})", retryable=False)
+        return f"unusable URL ({exc})"
     if isinstance(exc, httpx.RemoteProtocolError) and str(exc).startswith("Invalid URL in "
                                                                          "location header"):
-        # httpx's words for a redirect to a URL it cannot parse: the same every time
-        return TransportFailure(f"a redirect to an unusable URL ({exc})", retryable=False)
+        # httpx's words for a redirect to a URL it cannot parse
+        return f"a redirect to an unusable URL ({exc})"
+    return None
+
+
+def request_failure(host: str, exc: httpx.HTTPError | httpx.InvalidURL,
+                    tls: TlsConfig) -> TransportFailure:
+    """`transport_failure`, and the failures that no retry mends: a redirect loop or a
+    URL httpx cannot use (`_misdirected`), a body it cannot send again."""
+    reason = _misdirected(exc)
+    if reason is not None:
+        return TransportFailure(reason, retryable=False)
     if isinstance(exc, httpx.TransportError):
         return transport_failure(host, exc, tls)
     return TransportFailure(f"{type(exc).__name__}: {exc}", retryable=False)
