@@ -39,7 +39,10 @@ from support.hostile import (
 
 PLAIN = ["--src-tls-verify=false", "--dest-tls-verify=false"]
 #: the deadline stalls are run with, and the bound each such run must end within
+#: (a hang, as before these bounds, lasts for ever; the margin is for a loaded machine)
 DEADLINE = 1
+STALL_BOUND = 20
+#: the bound for any other failure
 BOUND = 30
 BLOB = r"^/v2/app/blobs/sha256:"
 MANIFEST = r"^/v2/app/manifests/"
@@ -284,7 +287,7 @@ def test_a_trickling_server_fails_at_the_deadline(upstream: Upstream, front: Hos
     else:
         run = verify(tmp_path, front, *rate, *(["--creds", f"{front.user}:{front.password}"]
                                                if front.auth else []))
-    fails(run, tmp_path, f"no complete answer within {DEADLINE} s", bound=4 * DEADLINE + 4)
+    fails(run, tmp_path, f"no complete answer within {DEADLINE} s", bound=STALL_BOUND)
 
 
 def test_a_slow_link_passes_where_a_trickle_does_not(upstream: Upstream,
@@ -299,7 +302,7 @@ def test_a_slow_link_passes_where_a_trickle_does_not(upstream: Upstream,
         assert slow.returncode == 0 and slow.seconds > 3, slow
         fails(cli(tmp_path, "verify", "--tls-verify=false", "--registry-timeout", "1",
                   "--registry-min-rate", "2048", image), tmp_path,
-              "no complete answer within 1 s plus 1 s per 2048 KiB moved", bound=10)
+              "no complete answer within 1 s plus 1 s per 2048 KiB moved", bound=STALL_BOUND)
     finally:
         proxy.stop()
 
@@ -309,7 +312,7 @@ def test_the_deadline_can_be_set_in_the_environment(front: HostileServer,
     front.on("GET", r"^/v2/$", trickle_headers())
     fails(cli(tmp_path, "inspect", "--tls-verify=false", f"docker://{front.host}/app:1",
               ESTARGZ_OPT_REGISTRY_TIMEOUT="1.5"), tmp_path,
-          "no complete answer within 1.5 s", bound=5)
+          "no complete answer within 1.5 s", bound=STALL_BOUND)
 
 
 # --------------------------------------------------------------------------- big bodies
@@ -387,8 +390,8 @@ def test_a_deeply_nested_manifest_is_one_line(front: HostileServer, tmp_path: Pa
 def test_a_redirect_to_an_invalid_url_is_one_line_at_once(front: HostileServer,
                                                           tmp_path: Path) -> None:
     front.on("GET", MANIFEST, redirect("http://[::1/x"))
-    fails(verify(tmp_path, front), tmp_path, "tag '1': a redirect to an unusable URL",
-          bound=5)  # not retried
+    fails(verify(tmp_path, front), tmp_path, "tag '1': a redirect to an unusable URL")
+    assert len([s for s in front.seen if "/manifests/" in s.path]) == 1  # not retried
 
 
 def test_an_invalid_upload_location_is_one_line(upstream: Upstream, front: HostileServer,
