@@ -339,7 +339,7 @@ def test_an_endless_body_is_cut_at_its_cap(upstream: Upstream, front: HostileSer
     elif what == "tags list":
         front.on("GET", MANIFEST, answer(404, b"{}"))
         front.on("GET", r"^/v2/app/tags/list", endless())
-        words.append("listing tags")
+        words.append("listing tags: the answer is larger than 1048576 bytes")
     else:
         front.on("GET", MANIFEST, endless(400, {"Content-Type": "application/json"}))
         words = ["tag '1': 400"]

@@ -257,13 +257,14 @@ class Client:
     def _repository_exists(self) -> bool:
         """Whether the repository is known (registries answer an unknown tag and an
         unknown repository alike on manifests; the tag list tells them apart)."""
-        resp = self._send(
-            "GET",
-            self.url("tags/list"),
-            "listing tags",
-            ok=lambda r: r.status_code in (200, 401, 403, 404),
-            params={"n": "1"},
-        )
+        with self._bounded():  # a small answer, though asked while reading a manifest
+            resp = self._send(
+                "GET",
+                self.url("tags/list"),
+                "listing tags",
+                ok=lambda r: r.status_code in (200, 401, 403, 404),
+                params={"n": "1"},
+            )
         return resp.status_code != 404
 
     def manifest_size(self, digest: str) -> int | None:
