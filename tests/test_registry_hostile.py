@@ -20,12 +20,14 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import imagefactory as F
 import lazypull
 import pytest
 from peakrss import run_measured
 from support.hostile import (
+    Auth,
     Exchange,
     HostileServer,
     answer,
@@ -53,7 +55,7 @@ UPLOADS = r"^/v2/out/blobs/uploads/"
 class Upstream:
     registry: lazypull.Registry
     layout: Path
-    manifest: dict  # type: ignore[type-arg]
+    manifest: dict[str, Any]
 
 
 @pytest.fixture(scope="module")
@@ -195,11 +197,11 @@ def test_a_cdn_redirect_works_anonymously(upstream: Upstream, front: HostileServ
 @pytest.mark.parametrize("what", ["blob", "manifest", "upload"])
 def test_credentials_never_reach_a_host_a_redirect_led_to(
         upstream: Upstream, front: HostileServer, other: HostileServer, tmp_path: Path,
-        auth: str, what: str) -> None:
+        auth: Auth, what: str) -> None:
     """The redirect target answers 401 with a bearer challenge of its own: the run fails
     in one line naming it, and it never got an Authorization header or any form of the
     secret (nor did its token realm get asked)."""
-    front.auth = auth  # type: ignore[assignment]
+    front.auth = auth
     other.on("*", "^/token", answer(200, b'{"token": "cdn-token"}'))
     other.on("*", "", challenge(lambda ex: f"{other.url}/token"))
     creds = ["--creds", f"{front.user}:{front.password}"]
@@ -318,10 +320,6 @@ def test_the_deadline_can_be_set_in_the_environment(front: HostileServer,
 # --------------------------------------------------------------------------- big bodies
 
 
-def _config_of(upstream: Upstream) -> str:
-    return str(upstream.manifest["config"]["digest"])
-
-
 @pytest.mark.parametrize("what", ["ping", "token", "config", "tags list", "error body"])
 def test_an_endless_body_is_cut_at_its_cap(upstream: Upstream, front: HostileServer,
                                            other: HostileServer, tmp_path: Path,
@@ -334,7 +332,7 @@ def test_an_endless_body_is_cut_at_its_cap(upstream: Upstream, front: HostileSer
         other.on("GET", "^/token", endless(headers={"Content-Type": "application/json"}))
         words.append(f"its token server {other.host}")
     elif what == "config":
-        front.on("GET", f"/blobs/{_config_of(upstream)}$", endless())
+        front.on("GET", f"/blobs/{upstream.manifest['config']['digest']}$", endless())
         words.append(f"is larger than {upstream.manifest['config']['size']} bytes")
     elif what == "tags list":
         front.on("GET", MANIFEST, answer(404, b"{}"))
