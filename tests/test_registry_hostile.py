@@ -317,6 +317,18 @@ def test_the_deadline_can_be_set_in_the_environment(front: HostileServer,
           "no complete answer within 1.5 s", bound=STALL_BOUND)
 
 
+def test_the_deadline_holds_through_a_proxy_the_environment_names(
+        front: HostileServer, tmp_path: Path) -> None:
+    """ALL_PROXY is honoured, on connections bounded like any other: a proxy that
+    trickles its answer to the CONNECT of the ping is cut at the deadline."""
+    front.on("*", "", trickle_headers())
+    fails(cli(tmp_path, "inspect", "--tls-verify=false", "--registry-timeout", "1",
+              "docker://127.0.0.1:9/app:1", ALL_PROXY=front.url), tmp_path,
+          "no complete answer within 1 s", bound=STALL_BOUND)
+    assert [s.method for s in front.seen] == ["CONNECT"] and \
+        front.seen[0].path == "127.0.0.1:9", front.seen
+
+
 # --------------------------------------------------------------------------- big bodies
 
 

@@ -185,7 +185,8 @@ class _Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
 
-    do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = _serve
+    # CONNECT too: the server may stand as an HTTP proxy (its path is then host:port)
+    do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_CONNECT = _serve
 
 
 def _chunks(rfile: object) -> Iterator[bytes]:

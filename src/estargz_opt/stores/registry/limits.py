@@ -196,16 +196,15 @@ class _Backend(httpcore.NetworkBackend):
 
 
 class Transport(httpx.HTTPTransport):
-    """httpx's transport on a pool whose connections obey `limits`, handing bodies over
-    undecoded (Content-Encoding moved to the `ENCODING` extension)."""
+    """httpx's transport (direct, or through `proxy`) on connections that obey
+    `limits`, handing bodies over undecoded (Content-Encoding moved to `ENCODING`)."""
 
-    def __init__(self, context: ssl.SSLContext, limits: Limits) -> None:
-        super().__init__(verify=context)
-        # httpx offers no way to pass a network backend: its pool is replaced by the same
-        # pool on ours (httpx.HTTPTransport only wraps the pool and maps its exceptions).
-        self._pool = httpcore.ConnectionPool(
-            ssl_context=context, network_backend=_Backend(limits),
-            max_connections=100, max_keepalive_connections=20, keepalive_expiry=5.0)
+    def __init__(self, context: ssl.SSLContext, limits: Limits,
+                 proxy: httpx.Proxy | None = None) -> None:
+        super().__init__(verify=context, proxy=proxy)
+        # httpx offers no way to pass httpcore a network backend: its pool (direct or a
+        # proxy's) is given ours, which every connection it makes then uses.
+        self._pool._network_backend = _Backend(limits)
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         response = super().handle_request(request)

@@ -17,6 +17,7 @@ import ssl
 from dataclasses import dataclass, field
 
 import httpx
+from httpx._utils import get_environment_proxies  # httpx's own reading of them
 
 from estargz_opt.stores.registry import credentials
 from estargz_opt.stores.registry.access import RegistryAccessError
@@ -89,8 +90,8 @@ def open_session(host: str, opts: RegistryOptions) -> Session:
     # Identity: bodies come as stored; a server that encodes anyway is decoded under
     # our caps (limits.read_whole), never by httpx.
     client = httpx.Client(timeout=TIMEOUT, transport=Transport(tls.context, limits),
-                          auth=auth, follow_redirects=True, max_redirects=MAX_REDIRECTS,
-                          headers={"Accept-Encoding": "identity"})
+                          mounts=_proxies(tls, limits), auth=auth, follow_redirects=True,
+                          max_redirects=MAX_REDIRECTS, headers={"Accept-Encoding": "identity"})
     session = Session(host, "", client, auth, tls, limits,
                       Limit(opts.timeout, opts.min_rate))
     try:
@@ -99,6 +100,14 @@ def open_session(host: str, opts: RegistryOptions) -> Session:
         client.close()
         raise
     return session
+
+
+def _proxies(tls: TlsConfig, limits: Limits) -> dict[str, httpx.BaseTransport | None]:
+    """The proxies the environment names (HTTP(S)_PROXY, ALL_PROXY, NO_PROXY), as httpx
+    reads them when it makes its own transports, which a custom one turns off; each on
+    a transport that obeys `limits` too (None: that pattern goes direct)."""
+    return {pattern: None if url is None else Transport(tls.context, limits, httpx.Proxy(url))
+            for pattern, url in get_environment_proxies().items()}
 
 
 def _ping(session: Session, opts: RegistryOptions) -> str:
