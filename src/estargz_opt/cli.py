@@ -33,7 +33,11 @@ from estargz_opt.stores.containerd.model import (
     DEFAULT_NAMESPACE,
     ContainerdOptions,
 )
-from estargz_opt.stores.registry.options import RegistryOptions
+from estargz_opt.stores.registry.options import (
+    DEFAULT_MIN_RATE,
+    DEFAULT_TIMEOUT,
+    RegistryOptions,
+)
 from estargz_opt.workload.options import DEFAULT_PERIOD, DEFAULT_RUNTIME, RUNNERS, SamplerOptions
 
 log = logging.getLogger("estargz_opt")
@@ -260,7 +264,28 @@ def _registry_options(*prefixes: str) -> Callable[[Callable[..., Any]], Callable
                 type=click.Path(dir_okay=False, path_type=Path),
                 help="Registry credentials file (else REGISTRY_AUTH_FILE, containers' "
                 "auth.json, then Docker's config.json).",
-            )
+            ),
+            click.option(
+                "--registry-timeout",
+                type=click.FloatRange(min=0, min_open=True),
+                default=DEFAULT_TIMEOUT,
+                show_default=True,
+                envvar="ESTARGZ_OPT_REGISTRY_TIMEOUT",
+                metavar="SECONDS",
+                help="Seconds any one registry request may take in all, beyond the time "
+                "its bytes need at --registry-min-rate; a server that stalls or trickles "
+                "fails then (env ESTARGZ_OPT_REGISTRY_TIMEOUT).",
+            ),
+            click.option(
+                "--registry-min-rate",
+                type=click.IntRange(min=1),
+                default=DEFAULT_MIN_RATE >> 10,
+                show_default=True,
+                envvar="ESTARGZ_OPT_REGISTRY_MIN_RATE",
+                metavar="KIB_PER_S",
+                help="Slowest average rate, in KiB/s, a registry transfer may keep "
+                "(env ESTARGZ_OPT_REGISTRY_MIN_RATE).",
+            ),
         ]
         for p in prefixes:
             side = {"src-": "the source's ", "dest-": "the destination's "}.get(p, "the ")
@@ -307,6 +332,9 @@ def _registry(kw: dict[str, Any], prefix: str, authfile: Path | None) -> Registr
         tls_verify=kw.pop(f"{p}tls_verify"),
         cert_dir=kw.pop(f"{p}cert_dir"),
         env=os.environ,
+        # one pair for both sides
+        timeout=kw["registry_timeout"],
+        min_rate=kw["registry_min_rate"] << 10,
     )
 
 
