@@ -39,6 +39,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import stat
 import tempfile
 import threading
@@ -519,7 +520,12 @@ class LayerCache:
 
     def _remove(self, key: str) -> None:
         for suffix in (".meta", ".blob"):  # the .meta first: the entry is gone at once
-            (self.dir / f"{key}{suffix}").unlink(missing_ok=True)
+            path = self.dir / f"{key}{suffix}"
+            try:
+                path.unlink(missing_ok=True)
+            except IsADirectoryError:  # never made by us: planted, removed as damage
+                with contextlib.suppress(RecursionError):
+                    shutil.rmtree(path, ignore_errors=True)
 
 
 @dataclass(slots=True)
