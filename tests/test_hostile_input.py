@@ -14,6 +14,7 @@ import functools
 import gzip
 import io
 import json
+import signal
 import struct
 import subprocess
 import sys
@@ -554,7 +555,7 @@ import os, signal, sys
 class Interrupt:  # a Ctrl-C exactly while the CLI's heavy modules load
     def find_spec(self, name, path=None, target=None):
         if name == {module!r}:
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), {signo})
         return None
 sys.meta_path.insert(0, Interrupt())
 sys.argv = ["estargz-opt", "layer", "verify", "/nonexistent"]
@@ -563,20 +564,21 @@ main()
 """
 
 
+@pytest.mark.parametrize("signo", [signal.SIGINT, signal.SIGTERM], ids=["int", "term"])
 @pytest.mark.parametrize("module", ["click", "estargz_opt.format.reader", "estargz_opt.optimize"])
-def test_ctrl_c_while_modules_load_exits_130_quietly(module: str) -> None:
+def test_a_signal_while_modules_load_exits_128_plus_it_quietly(module: str, signo: int) -> None:
     """The console script's path: the handler is in before the first heavy import.
 
     (Before Python runs any of our code, the interpreter's own handler is in force; that
     window cannot be closed from Python.)
     """
     proc = subprocess.run(
-        [sys.executable, "-c", CTRL_C_DURING_IMPORT.format(module=module)],
+        [sys.executable, "-c", CTRL_C_DURING_IMPORT.format(module=module, signo=int(signo))],
         capture_output=True,
         text=True,
         timeout=HANG_GUARD_S,
     )
-    assert (proc.returncode, proc.stderr) == (130, "estargz-opt: error: interrupted\n")
+    assert (proc.returncode, proc.stderr) == (128 + signo, "estargz-opt: error: interrupted\n")
 
 
 def _big_window_zstd(size: int) -> bytes:
