@@ -443,3 +443,23 @@ def test_an_archive_whose_blobs_are_links_keeps_every_image(oci_archive: Path,
         (tmp_path / tag).mkdir()
         check_output(f"oci-archive:{archive}:{tag}", new, tmp_path / tag, LAYERS)
     assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("kind", ["oci-archive", "docker-archive"])
+def test_a_piped_archive_is_one_line_naming_it(oci_archive: Path, docker_archive: Path,
+                                               tmp_path: Path, kind: str):
+    archive = oci_archive if kind == "oci-archive" else docker_archive
+    ref = f"{kind}:/dev/stdin" + (f":{SRC_TAG}" if kind == "oci-archive" else "")
+    out = tmp_path / "out.tar"
+    for args in (["verify", ref], ["inspect", ref],
+                 ["optimize", "--oci", "--no-optimize", ref, f"oci-archive:{out}:x"]):
+        with open(archive, "rb") as data:
+            feed = subprocess.Popen(["cat"], stdin=data, stdout=subprocess.PIPE)
+            res = subprocess.run([sys.executable, "-m", "estargz_opt", "--log-level", "error",
+                                  *args], stdin=feed.stdout, capture_output=True, text=True,
+                                 timeout=60)
+            feed.stdout.close()
+            feed.wait()
+        one_error(res, f"{kind}:/dev/stdin is a pipe", "save it to")
+    assert not out.exists()
+    assert leftovers(tmp_path) == []
