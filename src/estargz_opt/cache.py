@@ -247,6 +247,10 @@ def foreign(path: Path) -> str | None:
         st = os.stat(path)  # a symlink the user set up is followed, once, for the root
     if not stat.S_ISDIR(st.st_mode):
         return "it is not a directory"
+    return _not_ours(st)
+
+
+def _not_ours(st: os.stat_result) -> str | None:
     if st.st_uid != os.geteuid():
         return f"it is owned by uid {st.st_uid}, not by this user (uid {os.geteuid()})"
     return None
@@ -287,18 +291,20 @@ class LayerCache:
         log.warning("%s", self.warning)
 
     def refusal(self) -> str | None:
-        """Why this cache directory must not be used (foreign or not a directory)."""
+        """Why this cache directory must not be used: see `foreign`; its layers/ must
+        also be a real directory of this user's."""
         why = foreign(self.root)
-        if why is None:
-            try:
-                st = os.lstat(self.dir)
-            except FileNotFoundError:
-                return None
-            if not stat.S_ISDIR(st.st_mode):
-                return f"{self.dir} is not a directory"
-            if st.st_uid != os.geteuid():
-                why = f"it is owned by uid {st.st_uid}, not by this user (uid {os.geteuid()})"
-        return None if why is None else f"{why}"
+        if why is not None:
+            return why
+        try:
+            st = os.lstat(self.dir)
+        except FileNotFoundError:
+            return None
+        if stat.S_ISLNK(st.st_mode):
+            return f"{self.dir} is a symbolic link (never followed inside the cache)"
+        if not stat.S_ISDIR(st.st_mode):
+            return f"{self.dir} is not a directory"
+        return _not_ours(st)
 
     def _open(self) -> bool:
         """Create the directory and reap killed runs' fills, once; the layer threads
