@@ -399,9 +399,10 @@ def test_compressed_or_foreign_archive_files(oci_archive: Path, tmp_path: Path):
 
 # --- archives written by other tools ----------------------------------------------------------
 
-def _relink_blobs(archive: Path, tmp: Path) -> dict[str, str]:
+def _relink_blobs(archive: Path, tmp: Path, first: list[str]) -> dict[str, str]:
     """Rewrite `archive` with every blob's data under store/ and blobs/sha256/HEX a
-    symlink or a hardlink member to it, alternately; which kind holds each blob."""
+    symlink or a hardlink member to it, alternately (the digests `first` first, so that
+    they get both kinds); which kind holds each blob."""
     tree = tmp / "relink"
     tree.mkdir()
     tool("tar", "-C", tree, "-xf", archive)
@@ -409,7 +410,10 @@ def _relink_blobs(archive: Path, tmp: Path) -> dict[str, str]:
     with tarfile.open(archive, "w") as out:
         for name in ("index.json", "oci-layout"):
             out.add(tree / name, arcname=name)
-        for n, blob in enumerate(sorted((tree / "blobs" / "sha256").iterdir())):
+        order = {digest[7:]: n for n, digest in enumerate(first)}
+        blobs = sorted((tree / "blobs" / "sha256").iterdir(),
+                       key=lambda p: (order.get(p.name, len(order)), p.name))
+        for n, blob in enumerate(blobs):
             out.add(blob, arcname=f"store/{blob.name}")
             link = tarfile.TarInfo(f"blobs/sha256/{blob.name}")
             if n % 2:
@@ -430,9 +434,9 @@ def test_an_archive_whose_blobs_are_links_keeps_every_image(oci_archive: Path,
     shutil.copy(oci_archive, archive)
     src = f"oci-archive:{oci_archive}:{SRC_TAG}"
     old = optimize("--oci", "--no-optimize", src, f"oci-archive:{archive}:old")
-    kinds = _relink_blobs(archive, tmp_path)
     old_layers = [x["digest"] for x in json.loads(
         tool("skopeo", "inspect", "--raw", f"oci-archive:{archive}:old").stdout)["layers"]]
+    kinds = _relink_blobs(archive, tmp_path, old_layers)
     assert {kinds[d] for d in old_layers} == {"symlink", "hardlink"}, kinds
     plain = skopeo_digest(f"oci-archive:{archive}:{SRC_TAG}")
     new = optimize("--oci", "--no-optimize", src, f"oci-archive:{archive}:new")

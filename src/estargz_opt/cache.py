@@ -41,7 +41,6 @@ import os
 import re
 import shutil
 import stat
-import tempfile
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -54,7 +53,7 @@ from estargz_opt.atomic import atomic_output, temp_file
 from estargz_opt.digest import digest_of, hasher
 from estargz_opt.errors import BadInputError, EstargzOptError
 from estargz_opt.format import OUTPUT_VERSION, LayerOptions, LayerResult, build_layer
-from estargz_opt.format.codec import Output
+from estargz_opt.format.codec import MAX_TOC_SIZE, Output
 from estargz_opt.format.source import open_tar
 from estargz_opt.stores.owner import is_dead, temp_owner, temp_prefix
 
@@ -65,8 +64,9 @@ SUBDIR = "layers"
 DEFAULT_MAX_SIZE = 10 << 30
 _READ = 1 << 20
 _STATS = "stats.json"
-#: the largest .meta or stats.json read (a .meta holds at most an external TOC, base64)
-_MAX_META = 64 << 20
+#: the largest .meta read: it may hold an external TOC (at most MAX_TOC_SIZE), base64
+_MAX_META = MAX_TOC_SIZE * 4 // 3 + (1 << 20)
+_MAX_STATS = 1 << 16
 _NOFOLLOW = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 #: a run waits for another one filling the same entry until that fill stops growing
@@ -165,7 +165,9 @@ def _result_from_json(data: bytes, key: str) -> LayerResult:
         raw = jsonlimits.loads_object(data, "layer cache metadata", max_size=_MAX_META)
     except BadInputError as exc:
         raise _Damaged(str(exc)) from None
-    if raw.get("key") != key:
+    if "key" not in raw:
+        raise _Damaged("its metadata names no key (an older version wrote it)")
+    if raw["key"] != key:
         raise _Damaged("its metadata was written for another key")
     annotations = raw.get("annotations")
     if not isinstance(annotations, dict) or not all(
@@ -222,10 +224,9 @@ def _read_small(path: Path, limit: int) -> bytes:
 def _replace(path: Path, data: bytes, prefix: str) -> None:
     """Write `path` whole by renaming a new file over it. Unlike atomic_write this never
     writes in place: a symlink or device planted at `path` is replaced, not written to."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=".tmp")
+    f, tmp = temp_file(path.parent, prefix)
     try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o644)
+        with f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -286,8 +287,9 @@ class LayerCache:
         with self._lock:
             if self.warning is not None:
                 return
-            self.warning = f"the layer cache {self.dir} cannot be used ({why}): " \
-                "converting without it"
+            self.warning = (
+                f"the layer cache {self.dir} cannot be used ({why}): converting without it"
+            )
         log.warning("%s", self.warning)
 
     def refusal(self) -> str | None:
@@ -503,7 +505,7 @@ class LayerCache:
         rewritten whole after the next run)."""
         path = self.dir / _STATS
         try:
-            raw = jsonlimits.loads_object(_read_small(path, _MAX_META), str(path))
+            raw = jsonlimits.loads_object(_read_small(path, _MAX_STATS), str(path))
             return Stats(_field(raw, "hits", int), _field(raw, "misses", int))
         except FileNotFoundError:
             return Stats()
