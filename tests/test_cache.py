@@ -545,6 +545,11 @@ def _plant(cache: Path, host: Path, how: str) -> None:
         _swap(metas[0].with_suffix(".blob"), metas[1].with_suffix(".blob"))
     elif how == "blob-links-to-a-valid-host-blob":
         _to_host(big.with_suffix(".blob"), host)
+    elif how == "blob-hardlinks-a-valid-host-blob":
+        blob = big.with_suffix(".blob")
+        _to_host(blob, host)
+        blob.unlink()
+        os.link(host / blob.name, blob)
     elif how == "meta-links-to-host":
         _to_host(big, host)
     elif how == "blob-links-to-dev-zero":
@@ -589,7 +594,8 @@ def _plant(cache: Path, host: Path, how: str) -> None:
         raise AssertionError(how)
 
 
-DAMAGE = ["swapped", "blob-links-to-a-valid-host-blob", "meta-links-to-host",
+DAMAGE = ["swapped", "blob-links-to-a-valid-host-blob", "blob-hardlinks-a-valid-host-blob",
+          "meta-links-to-host",
           "blob-links-to-dev-zero", "blob-is-a-fifo", "meta-is-a-directory", "locks-link-out",
           "stats-links-to-host", "meta-deep-json", "meta-mistyped", "meta-wrong-size",
           "stats-garbage", "stats-deep-and-mistyped", "layers-links-to-host"]

@@ -197,17 +197,20 @@ def _result_from_json(data: bytes, key: str) -> LayerResult:
 
 
 def _open_regular(path: Path) -> int:
-    """An fd on `path` if it is a regular file; never follows a symlink, never blocks on
-    a FIFO. Raises _Damaged for anything else, FileNotFoundError if it is not there."""
+    """An fd on `path` if it is a regular file of one link (as the cache writes them);
+    never follows a symlink, never blocks on a FIFO. Raises _Damaged for anything else,
+    FileNotFoundError if it is not there."""
     try:
         fd = os.open(path, _NOFOLLOW)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise _Damaged(f"{path.name} is a symbolic link") from None
         raise
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise _Damaged(f"{path.name} is not a regular file")
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+        os.close(fd)  # a hardlink may share a host file's inode: never read either
+        kind = "not a regular file" if st.st_nlink == 1 else "a file with other hard links"
+        raise _Damaged(f"{path.name} is {kind}")
     return fd
 
 

@@ -907,9 +907,9 @@ def _interrupt(signum: int, _frame: object) -> None:
 
 def main() -> None:
     """Entry point: every expected failure becomes one line on stderr and a non-zero exit."""
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, _interrupt)
-    try:
+    try:  # a signal right after its handler is in is an Interrupted like any other
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, _interrupt)
         logging.basicConfig(format="estargz-opt: %(levelname)s: %(message)s", level=logging.INFO)
         cli.main(standalone_mode=False, prog_name="estargz-opt")
     except click.UsageError as exc:
@@ -933,6 +933,8 @@ def main() -> None:
 
 def _fail(message: str, code: int) -> None:
     """The one error line: JSON like every other log line under --log-format json."""
+    for signum in (signal.SIGINT, signal.SIGTERM):  # the run is over: a second signal
+        signal.signal(signum, signal.SIG_IGN)  # must not turn its line into a traceback
     root = logging.getLogger()
     if any(type(h.formatter).__name__ == "JsonFormatter" for h in root.handlers):
         logging.getLogger("estargz_opt").error(message)
