@@ -8,8 +8,10 @@ middle of an import.
 
 from __future__ import annotations
 
+# _signal, the C module: `signal` builds its enums at import, a few milliseconds during
+# which a Ctrl-C would still print a traceback. (`os` is loaded already, by the interpreter.)
+import _signal  # type: ignore[import-not-found]  # (typeshed has no stub for it)
 import os
-import signal
 
 
 def _interrupted_early(signum: int, _frame: object) -> None:
@@ -18,8 +20,8 @@ def _interrupted_early(signum: int, _frame: object) -> None:
 
 
 def main() -> None:
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, _interrupted_early)
+    for signum in (_signal.SIGINT, _signal.SIGTERM):
+        _signal.signal(signum, _interrupted_early)
     from estargz_opt import cli
 
     cli.main()  # its first step replaces these handlers with the run's (no window between)
