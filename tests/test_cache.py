@@ -688,6 +688,13 @@ def test_a_cache_directory_owned_by_another_user_is_not_used(
         os.chown(where, 0, 0)
     assert {k: v[0] for k, v in _snapshot(cache).items()} == {
         k: v[0] for k, v in before.items()}
+    # Nothing is made in another user's directory, not even layers/.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    os.chown(empty, 65534, 65534)
+    report = optimize(f"oci:{image}:t", f"oci:{tmp_path / 'out-empty'}:t", cache=empty)
+    assert states(report) == ["off", "off"] and report["target"] == plain["target"]
+    assert list(empty.iterdir()) == []
 
 
 def test_a_missing_blob_is_named_missing(image: Path, tmp_path: Path) -> None:

@@ -256,7 +256,7 @@ def foreign(path: Path) -> str | None:
 
 def _not_ours(st: os.stat_result) -> str | None:
     if st.st_uid != os.geteuid():
-        return f"it is owned by uid {st.st_uid}, not by this user (uid {os.geteuid()})"
+        return f"it is owned by uid {st.st_uid}, not by this user, uid {os.geteuid()}"
     return None
 
 
@@ -317,9 +317,11 @@ class LayerCache:
         with self._open_lock:
             if not self._opened:
                 self._opened = True
-                try:
-                    self.dir.mkdir(parents=True, exist_ok=True)
-                    why = self.refusal()
+                try:  # nothing is made inside another user's directory
+                    why = foreign(self.root)
+                    if why is None:
+                        self.dir.mkdir(parents=True, exist_ok=True)
+                        why = self.refusal()
                     if why is not None:
                         self.turn_off(why)
                     else:
