@@ -772,7 +772,7 @@ def test_command_line_creds_and_no_creds_override_files(regs: Registries, certs_
 def test_bad_auth_file_is_one_line(regs: Registries, certs_d: Path, tmp_path: Path) -> None:
     bad = tmp_path / "auth.json"
     bad.write_text("{not json")
-    with pytest.raises(RegistryAccessError, match=rf"^auth file {bad}: not valid JSON"):
+    with pytest.raises(RegistryAccessError, match=rf"^auth file {bad}: malformed JSON"):
         open_session(regs.basic.host, _home_opts(regs, certs_d, tmp_path, authfile=bad))
 
 

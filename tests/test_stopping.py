@@ -133,7 +133,7 @@ def test_sigterm(runner: str, user: Unprivileged, small: str, tmp_path: Path) ->
     proc.send_signal(signal.SIGTERM)
     code = proc.wait(timeout=30)
     took = time.monotonic() - sent
-    assert code == 130 and err.read_text().rstrip().endswith("error: interrupted"), \
+    assert code == 143 and err.read_text().rstrip().endswith("error: interrupted"), \
         err.read_text()
     assert took < 2.0, f"SIGTERM took {took:.2f}s:\n{err.read_text()}"
     run.check_clean()

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import os
 import subprocess
 from collections.abc import Iterator, Mapping
@@ -27,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from estargz_opt import jsonlimits
+from estargz_opt.errors import BadInputError
 from estargz_opt.stores.registry.access import RegistryAccessError
 from estargz_opt.stores.registry.options import RegistryOptions
 
@@ -158,10 +159,9 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     except OSError as e:
         raise RegistryAccessError(f"auth file {path}: cannot be read ({e.strerror})") from None
     try:
-        data = json.loads(text) if text.strip() else {}
-    except json.JSONDecodeError as e:
-        raise RegistryAccessError(f"auth file {path}: not valid JSON ({e.msg}, line "
-                                  f"{e.lineno})") from None
+        data = jsonlimits.loads(text, f"auth file {path}") if text.strip() else {}
+    except BadInputError as e:
+        raise RegistryAccessError(str(e)) from None
     if not isinstance(data, dict):
         raise RegistryAccessError(f"auth file {path}: not a JSON object")
     return data
@@ -243,11 +243,11 @@ def run_helper(name: str, host: str, env: Mapping[str, str]) -> Credential | Non
         raise RegistryAccessError(f"{source} failed for {host} (exit {res.returncode}"
                                   f"{': ' + first[0][:200] if first else ''})")
     try:
-        data = json.loads(out)
+        data = jsonlimits.loads(out, source)
         user, secret = data["Username"], data["Secret"]
         if not isinstance(user, str) or not isinstance(secret, str):
             raise TypeError
-    except (json.JSONDecodeError, KeyError, TypeError):
+    except (BadInputError, KeyError, TypeError):
         raise RegistryAccessError(f"{source}: its answer for {host} is not JSON with "
                                   "Username and Secret") from None
     if user == IDENTITY_TOKEN_USER:
