@@ -34,17 +34,19 @@ from runnerlib import (
     layout_prioritized,
     run_layout_image,
 )
+from support.runtimes import CRUN_HYBRID, refusing_runtime
 from test_analyze import (
     BB,
     KIND_OUTPUT,
     RUN_SH,
+    Leftovers,
     ended_by,
     expected_prioritized,
     pairs,
     prioritized,
     read_record,
 )
-from test_optimize_containerd import ctr_run
+from test_optimize_containerd import ctr_run, error_message
 
 pytestmark = pytest.mark.interop
 
@@ -194,3 +196,57 @@ def test_both_runners_give_the_same_spec_and_take_a_runtime_path(
     assert specs["runc"]["linux"]["cgroupsPath"].startswith("/estargz-opt/estargz-opt-sample-")
     assert specs["containerd"]["linux"]["cgroupsPath"].startswith("/default/estargz-opt-sample-")
     assert _normalized(specs["runc"]) == _normalized(specs["containerd"])
+
+
+# --- a workload that cannot start fails the run -------------------------------------------
+
+#: cause -> (flags that make it happen, given a scratch directory; what the error names)
+CANNOT_START = {
+    "missing entrypoint": (lambda d: ["--entrypoint", '["/no/such/binary"]'],
+                           "/no/such/binary"),
+    "runtime exits 1 at create": (lambda d: ["--runtime", str(refusing_runtime(d / "exits-1"))],
+                                  "exits-1"),
+    "crun refuses the host": (
+        lambda d: ["--runtime", str(refusing_runtime(d / "crun", CRUN_HYBRID))],
+        "cgroups in hybrid mode not supported"),
+}
+
+
+@pytest.mark.parametrize("cause", list(CANNOT_START))
+@pytest.mark.parametrize("runner", ["containerd", *DAEMONLESS])
+def test_a_workload_that_cannot_start_fails_the_run(
+    runner: str, cause: str, containerd, layers: list[bytes], tmp_path: Path
+) -> None:
+    """Exit 1, one line with the cause, and nothing written or left: no destination, no
+    record, no container, task, snapshot, lease, cgroup, mount or process."""
+    make_flags, named = CANNOT_START[cause]
+    record = tmp_path / "r.jsonl"
+    common = ["optimize", "--oci", "--period", "5", "--record-out", str(record),
+              *make_flags(tmp_path)]
+    if runner == "containerd":
+        img = ai.build(containerd, tmp_path / "img", "localhost/analyze-nostart:1", layers,
+                       CONFIG)
+        ours = Leftovers(containerd, tmp_path / "tmpdir")
+        env = cli_env(ours.tmpdir, CONTAINERD_ADDRESS=containerd.address)
+        argv = [*common, img.name, "localhost/analyze-nostart:1-esgz"]
+    else:
+        layout = tmp_path / "layout"
+        f.write_layout(layout, "v1", layers, CONFIG)
+        index = (layout / "index.json").read_text()
+        leftovers = RunLeftovers(tmp_path / "tmpdir")
+        env = cli_env(leftovers.tmpdir)
+        argv = [*common, *DAEMONLESS[runner], f"oci:{layout}:v1", f"oci:{layout}:esgz"]
+    started = time.monotonic()
+    res = subprocess.run([sys.executable, "-m", "estargz_opt", *argv], capture_output=True,
+                         text=True, env=env, stdin=subprocess.DEVNULL, timeout=120)
+    msg = error_message(res)
+    assert res.returncode == 1
+    assert msg.startswith("the workload could not start: ") and named in msg, msg
+    assert time.monotonic() - started < 5 + 30, "it waited for the --period"
+    assert "done-exit" not in res.stderr
+    assert not record.exists()
+    if runner == "containerd":
+        ours.check()  # no new image either
+    else:
+        leftovers.check()
+        assert (layout / "index.json").read_text() == index

@@ -313,11 +313,6 @@ def analyze_image(
                 "the workload cannot run here"
             )
         result = _run_workload(store, str(ref), host, sampler, progress)
-    if result.sample.ended_by == "error":
-        # analyze makes nothing but the record: an empty one would only mislead.
-        raise EstargzOptError(
-            f"the workload could not start, so nothing was recorded: {result.sample.error}"
-        )
     write_record(record_out, result.entries)
     if prefetch_list_out:
         _write_prefetch_list_out(

@@ -45,7 +45,6 @@ class Analysis:
         return {
             "endedBy": self.sample.ended_by,
             "exitStatus": self.sample.exit_status,
-            "error": self.sample.error,
             "fileAccesses": len(self.sample.paths),
             "recordedFiles": len(self.entries),
             "queueOverflows": self.sample.overflows,

@@ -47,7 +47,9 @@ class SampleError(EstargzOptError):
 
 
 class WorkloadStartError(EstargzOptError):
-    """The workload could not start; reported like a workload that fails at once."""
+    """The workload could not start (the runtime refused the host or the spec, or the
+    entrypoint is missing): the run fails, unlike a workload that starts and exits
+    non-zero, whose reads are recorded."""
 
 
 class RunnerError(EstargzOptError):

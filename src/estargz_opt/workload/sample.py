@@ -63,10 +63,9 @@ class SampleResult:
     """What happened in the run; `paths` are container paths in first-access order."""
 
     paths: list[str] = field(default_factory=list)
-    #: "exit", "line", "period", "signal", or "error" when the workload could not start
+    #: "exit", "line", "period" or "signal"
     ended_by: str = ""
     exit_status: int | None = None
-    error: str | None = None
     overflows: int = 0
 
 
@@ -135,16 +134,16 @@ def run_sample(req: SampleRequest) -> SampleResult:
             gpu_hook=find_gpu_hook() if opts.gpus else None,
         )
         stdio = stack.enter_context(Stdio(os.path.join(run.path, "io"), opts, out))
+        # A workload that never ran recorded nothing that means anything: the run fails
+        # (as ctr-remote's does when its task cannot be created or started), and
+        # everything made so far is undone. One that ran and exited non-zero is recorded.
         try:
             task = stack.enter_context(runner.container(run, image, spec, stdio.paths))
+            monitor.begin()
+            stdio.start(task)
+            task.start()
         except WorkloadStartError as exc:
-            # Like a workload that fails at once: report it; the caller converts anyway.
-            log.error("the workload could not start: %s", exc)
-            return SampleResult(ended_by="error", error=str(exc))
-
-        monitor.begin()
-        stdio.start(task)
-        task.start()
+            raise WorkloadStartError(f"the workload could not start: {exc}") from None
         result = _wait(task, opts, stdio, monitor, on_tick)
         if result.ended_by != "exit":
             _kill(task, stop_signal(image.config), result)

@@ -159,7 +159,10 @@ class ContainerdTask:
         self._id = container_id
 
     def start(self) -> None:
-        self._client.tasks.start(self._id)
+        try:
+            self._client.tasks.start(self._id)
+        except ContainerdError as exc:
+            raise WorkloadStartError(str(exc)) from None
 
     def wait(self, timeout: float | None = None) -> int | None:
         try:
