@@ -47,6 +47,7 @@ from estargz_opt.descriptor import Descriptor
 from estargz_opt.mount import Mount
 from estargz_opt.stores import Store
 from estargz_opt.stores.owner import is_dead, this_process
+from estargz_opt.workload.cgroups import runtime_prefix
 from estargz_opt.workload.monitor import Monitor
 from estargz_opt.workload.options import DEFAULT_RUNTIME
 from estargz_opt.workload.runc.layers import UnpackedLayers
@@ -164,6 +165,7 @@ class RuncRunner:
         #: where unpacked layers are kept between runs (None: unpack every run, flat)
         self._layer_cache = layer_cache
         self._unpack = unpack_options or UnpackOptions()
+        self._runtime_cli: RuntimeCLI | None = None
 
     def check(self) -> None:
         """Fail early, in one line: this runner needs root and the runtime."""
@@ -176,7 +178,12 @@ class RuncRunner:
             )
 
     def _cli(self) -> RuntimeCLI:
-        return RuntimeCLI(find_runtime(self._runtime), self._state_root)
+        """The runtime on the private state root, run as this host's cgroups need
+        (`cgroups.runtime_prefix`: crun on a hybrid host), worked out once."""
+        if self._runtime_cli is None:
+            binary = find_runtime(self._runtime)
+            self._runtime_cli = RuntimeCLI(binary, self._state_root, runtime_prefix(binary))
+        return self._runtime_cli
 
     def runtime_cli(self, run: RunDir) -> RuntimeCLI:
         """How the runtime is run for the container of `run` (a subclass may run it

@@ -1,0 +1,107 @@
+"""How the OCI runtime is run for this host's cgroup layout (v1, hybrid or unified).
+
+runc runs the sample container on every layout. crun (Debian's 1.8, and crun to this
+day) refuses a hybrid host whose cgroup v2 hierarchy still holds a controller ("cgroups
+in hybrid mode not supported, drop all controllers from cgroupv2"): it checks that
+before it looks at its cgroup manager, so neither `--cgroup-manager=disabled` nor a spec
+without `cgroupsPath` or resources gets past it (measured on this kind of host, which
+leaves hugetlb on v2). There, crun is run in a private mount namespace of its own in
+which the v2 hierarchy is unmounted: it then takes the host for a cgroup v1 one and
+puts the container in the v1 controllers, as runc does on that host. Nothing changes on
+the host, and the namespace goes when the runtime command exits (the container's init
+joins the monitor's mount namespace). A sample container needs no cgroup limits, so
+leaving the controllers on v2 unused loses nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shlex
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from estargz_opt.workload.runner import SampleError
+
+#: where a hybrid host mounts its cgroup v2 hierarchy (systemd's layout)
+HYBRID_V2 = "/sys/fs/cgroup/unified"
+#: where the containerd runner keeps runtime wrappers (root's only: the shim runs them)
+RUNTIME_WRAPPERS = "/run/estargz-opt/runtimes"
+#: the shell step that hides it from the runtime, then runs the runtime ("$@")
+_HIDE_V2 = f'umount -l {HYBRID_V2} && exec "$@"'
+
+
+def v2_controllers_in_hybrid(cgroup_root: str = "/sys/fs/cgroup") -> list[str]:
+    """The controllers a hybrid host leaves on its v2 hierarchy ([] on a v1 or a unified
+    host, or on a hybrid one whose v2 hierarchy only tracks processes)."""
+    if os.path.exists(os.path.join(cgroup_root, "cgroup.controllers")):
+        return []  # unified
+    try:
+        with open(os.path.join(cgroup_root, "unified", "cgroup.controllers")) as f:
+            return f.read().split()
+    except OSError:
+        return []  # v1 only
+
+
+def refuses_hybrid(binary: str) -> bool:
+    """Whether this runtime is a crun (by what it says it is: a wrapper that execs runc
+    is runc), which refuses a hybrid host with controllers on v2."""
+    try:
+        out = subprocess.run(
+            [binary, "--version"],
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL,
+            timeout=10,
+            check=False,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return out.startswith("crun ")
+
+
+def runtime_prefix(binary: str) -> tuple[str, ...]:
+    """What the runtime `binary` is run under on this host: nothing, or (crun on a
+    hybrid host with controllers on v2) a private mount namespace without cgroup v2."""
+    if not v2_controllers_in_hybrid() or not refuses_hybrid(binary):
+        return ()
+    tools = {name: shutil.which(name) for name in ("unshare", "umount", "sh")}
+    missing = [name for name, path in tools.items() if path is None]
+    if missing:
+        raise SampleError(
+            f"{os.path.basename(binary)} refuses this hybrid cgroup host, and running it "
+            f"without cgroup v2 needs {', '.join(missing)} (util-linux): install it, or "
+            "use --runtime runc"
+        )
+    unshare, umount, sh = (str(tools[n]) for n in ("unshare", "umount", "sh"))
+    hide = _HIDE_V2.replace("umount ", f"{umount} ", 1)
+    return (unshare, "--mount", "--propagation", "private", "--", sh, "-c", hide, "sh")
+
+
+def wrapped_runtime(binary: str, directory: Path) -> str:
+    """The runtime as one executable, for containerd's shim (which takes a binary, not a
+    command line): `binary` itself, or a script in `directory` (root's only) that runs
+    it under `runtime_prefix`. The script is named after its content, written once."""
+    prefix = runtime_prefix(binary)
+    if not prefix:
+        return binary
+    text = f'#!/bin/sh\nexec {shlex.join([*prefix, binary])} "$@"\n'
+    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+    path = directory / f"{os.path.basename(binary)}-cgroup-v1-{digest}"
+    if path.is_file():
+        return str(path)
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o700)
+        os.rename(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return str(path)
