@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import shlex
 import shutil
@@ -25,6 +26,8 @@ import tempfile
 from pathlib import Path
 
 from estargz_opt.workload.runner import SampleError
+
+log = logging.getLogger("estargz_opt")
 
 #: where a hybrid host mounts its cgroup v2 hierarchy (systemd's layout)
 HYBRID_V2 = "/sys/fs/cgroup/unified"
@@ -105,3 +108,30 @@ def wrapped_runtime(binary: str, directory: Path) -> str:
             os.unlink(tmp)
         raise
     return str(path)
+
+
+def remove_cgroup(cgroups_path: str, mountinfo: str = "/proc/self/mountinfo") -> None:
+    """Remove the (empty) cgroup `cgroups_path` from every cgroup hierarchy mounted here.
+
+    A runtime that fails after it made the container's cgroups (crun on cgroup v2 when it
+    cannot load its device filter) leaves them, and its `delete` knows no container to
+    remove them with. A cgroup that still has processes is left (and logged)."""
+    rel = cgroups_path.strip("/")
+    if not rel:
+        return
+    try:
+        with open(mountinfo) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return
+    for line in lines:
+        fields = line.split(" - ", 1)
+        if len(fields) != 2 or fields[1].split(" ", 1)[0] not in ("cgroup", "cgroup2"):
+            continue
+        mount_point = fields[0].split(" ")[4].replace("\\040", " ")
+        try:
+            os.rmdir(os.path.join(mount_point, rel))
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            log.warning("cleanup: cannot remove cgroup %s in %s: %s", rel, mount_point, exc)

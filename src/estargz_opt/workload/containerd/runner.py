@@ -27,7 +27,7 @@ from estargz_opt.stores.containerd.model import Container
 from estargz_opt.stores.containerd.store import ContainerdStore
 from estargz_opt.stores.containerd.transport import socket_path
 from estargz_opt.stores.owner import OWNER_LABEL, is_dead, this_process
-from estargz_opt.workload.cgroups import RUNTIME_WRAPPERS, wrapped_runtime
+from estargz_opt.workload.cgroups import RUNTIME_WRAPPERS, remove_cgroup, wrapped_runtime
 from estargz_opt.workload.containerd.unpack import unpack
 from estargz_opt.workload.monitor import Monitor
 from estargz_opt.workload.options import DEFAULT_RUNTIME
@@ -158,6 +158,8 @@ class ContainerdRunner:
                 _end_task(client, run.id)
         finally:
             quietly("delete container", client.containers.delete, run.id, missing_ok=True)
+            # what a runtime that failed at create left (its delete knows no container)
+            remove_cgroup(str(spec.get("linux", {}).get("cgroupsPath", "")))
 
 
 class ContainerdTask:

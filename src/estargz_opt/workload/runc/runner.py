@@ -47,7 +47,7 @@ from estargz_opt.descriptor import Descriptor
 from estargz_opt.mount import Mount
 from estargz_opt.stores import Store
 from estargz_opt.stores.owner import is_dead, this_process
-from estargz_opt.workload.cgroups import runtime_prefix
+from estargz_opt.workload.cgroups import remove_cgroup, runtime_prefix
 from estargz_opt.workload.monitor import Monitor
 from estargz_opt.workload.options import DEFAULT_RUNTIME
 from estargz_opt.workload.runc.layers import UnpackedLayers
@@ -277,6 +277,8 @@ class RuncRunner:
             json.dump(spec, f)
         _become_subreaper()
         with contextlib.ExitStack() as stack:
+            # last: what a failed create left (the task's cleanup deletes the rest)
+            stack.callback(remove_cgroup, str(spec.get("linux", {}).get("cgroupsPath", "")))
             task = stack.enter_context(RuncTask(cli, run.id))
             stack.callback(task.cleanup)
             console = stack.enter_context(_Console(run.path)) if stdio.terminal else None
