@@ -35,7 +35,7 @@ from estargz_opt.workload.options import SamplerOptions
 
 if TYPE_CHECKING:
     from estargz_opt.workload.analyzer import Analysis
-from estargz_opt.cache import DEFAULT_MAX_SIZE, LayerCache
+from estargz_opt.cache import DEFAULT_MAX_SIZE, LayerCache, default_dir
 from estargz_opt.convert import Converter, ConvertOptions, ConvertResult, toc_image
 from estargz_opt.descriptor import Descriptor, Manifest
 from estargz_opt.errors import EstargzOptError, UsageError
@@ -312,7 +312,7 @@ def analyze_image(
                 f"{ref} has no image for the host platform {platforms.host()}: "
                 "the workload cannot run here"
             )
-        result = _run_workload(store, str(ref), host, sampler, progress)
+        result = _run_workload(store, str(ref), host, sampler, progress, cache_dir=default_dir())
     write_record(record_out, result.entries)
     if prefetch_list_out:
         _write_prefetch_list_out(
@@ -353,8 +353,11 @@ def _run_workload(
     sampler: SamplerOptions,
     progress: Progress | None,
     spool: Spool | None = None,
+    *,
+    cache_dir: Path | None,
 ) -> Analysis:
-    """The workload run of optimize and analyze, with its countdown and output on stderr."""
+    """The workload run of optimize and analyze, with its countdown and output on stderr;
+    the runc runner keeps unpacked layers under `cache_dir` (None: --no-cache)."""
     from estargz_opt.workload.analyzer import analyze
 
     return analyze(
@@ -367,6 +370,7 @@ def _run_workload(
         # The sampler only writes and flushes its output, which the passthrough does.
         output=progress.passthrough() if progress else None,  # type: ignore[arg-type]
         spool=spool,
+        cache_dir=cache_dir,
     )
 
 
@@ -394,8 +398,9 @@ def _analyze(
             platforms.host(),
         )
     host_desc, manifest = host
+    sampler = req.sampler or SamplerOptions()
     result = _run_workload(
-        src, str(src_ref), host, req.sampler or SamplerOptions(), req.progress, spool
+        src, str(src_ref), host, sampler, req.progress, spool, cache_dir=req.cache_dir
     )
     if req.record_out:
         write_record(req.record_out, result.entries)

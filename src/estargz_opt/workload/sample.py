@@ -20,7 +20,6 @@ import contextlib
 import logging
 import os
 import secrets
-import shutil
 import signal
 import sys
 import tempfile
@@ -31,6 +30,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
+from estargz_opt.fstree import remove_tree
 from estargz_opt.stores.owner import is_dead, this_process
 from estargz_opt.workload import network
 from estargz_opt.workload.options import SamplerOptions
@@ -45,6 +45,7 @@ from estargz_opt.workload.runner import (
     SampleImage,
     Task,
     WorkloadStartError,
+    quietly,
 )
 from estargz_opt.workload.spec import (
     NO_GPU_HOOK,
@@ -102,7 +103,7 @@ def run_sample(req: SampleRequest) -> SampleResult:
     with ExitStack() as stack:
         run = RunDir(run_id, os.path.join(tempfile.gettempdir(), run_id))
         os.mkdir(run.path, 0o700)
-        stack.callback(shutil.rmtree, run.path, ignore_errors=True)
+        stack.callback(quietly, "remove the run directory", remove_tree, run.path)
         _write(os.path.join(run.path, "owner"), this_process())
         os.mkdir(run.rootfs)
 
@@ -183,8 +184,12 @@ def reap_stale_dirs() -> None:
             owner_file = os.path.join(tmp, name, "owner")
             if name.startswith(SAMPLE_PREFIX) and os.path.isfile(owner_file):
                 with open(owner_file) as f:
-                    if is_dead(f.read()):
-                        shutil.rmtree(os.path.join(tmp, name), ignore_errors=True)
+                    dead = is_dead(f.read())
+                if dead:
+                    try:
+                        remove_tree(os.path.join(tmp, name))
+                    except OSError as exc:  # tried again by the next run; never in its way
+                        log.debug("cannot remove %s, left by a killed run: %s", name, exc)
 
 
 def _wait(
