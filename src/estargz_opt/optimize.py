@@ -35,7 +35,7 @@ from estargz_opt.workload.options import SamplerOptions
 
 if TYPE_CHECKING:
     from estargz_opt.workload.analyzer import Analysis
-from estargz_opt.cache import DEFAULT_MAX_SIZE, LayerCache, default_dir
+from estargz_opt.cache import DEFAULT_MAX_SIZE, LayerCache
 from estargz_opt.convert import Converter, ConvertOptions, ConvertResult, toc_image
 from estargz_opt.descriptor import Descriptor, Manifest
 from estargz_opt.errors import EstargzOptError, UsageError
@@ -297,8 +297,11 @@ def analyze_image(
     store_opts: StoreOptions,
     progress: Progress | None = None,
     prefetch_list_out: Path | None = None,
+    *,
+    cache_dir: Path | None,
 ) -> Analysis:
-    """`estargz-opt analyze`: run the workload and write its record; convert nothing."""
+    """`estargz-opt analyze`: run the workload and write its record; convert nothing.
+    The runc runner keeps unpacked layers under `cache_dir` (None: --no-cache)."""
     ref = reference.parse(src)
     check_runner(ref, sampler)
     check_record_out(record_out)
@@ -312,7 +315,7 @@ def analyze_image(
                 f"{ref} has no image for the host platform {platforms.host()}: "
                 "the workload cannot run here"
             )
-        result = _run_workload(store, str(ref), host, sampler, progress, cache_dir=default_dir())
+        result = _run_workload(store, str(ref), host, sampler, progress, cache_dir=cache_dir)
     write_record(record_out, result.entries)
     if prefetch_list_out:
         _write_prefetch_list_out(
