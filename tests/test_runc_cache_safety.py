@@ -6,7 +6,8 @@
   any of them, during the run or after it, while everything above stays reachable.
 - `--cache-dir` moves the unpacked-layer directory, which is 0700.
 - A 1,100-level directory image: the run succeeds (its file recorded), leaves nothing,
-  with or without the cache, and the next run of another image succeeds.
+  with or without the cache, and the next run of another image succeeds; the same
+  with the rootless runner, whose monitor walks the tree for its handle map.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import analyzeimages as ai
 import imagefactory as f
 import pytest
 from runnerlib import RunLeftovers, cli_env, run_cli
-from unprivileged import UID, setpriv
+from unprivileged import UID, make_unprivileged, setpriv
 
 pytestmark = pytest.mark.interop
 
@@ -234,3 +235,28 @@ def test_a_partial_unpack_that_cannot_be_removed_blocks_no_run(busybox_layer: Pa
     assert res.returncode == 0 and "cannot remove" not in res.stderr, res.stderr
     assert not fill.exists()
     leftovers.check()
+
+
+def test_the_rootless_runner_on_a_1100_level_tree(busybox_layer: Path) -> None:
+    user = make_unprivileged()
+    try:
+        busybox = busybox_layer.read_bytes()
+        layout = user.home / "layout"
+        f.write_layout(layout, "deep", [busybox, _deep_layer()],
+                       ai.config(["/bin/sh", "/app/run.sh"]))
+        f.write_layout(layout, "plain",
+                       [busybox, ai.layer([ai.script("app/run.sh", "echo plain\n")])],
+                       ai.config(["/bin/sh", "/app/run.sh"]))
+        user.give(layout)
+        record = user.home / "deep.jsonl"
+        res = user.run("analyze", "--runner", "rootless", "--record-out", record,
+                       f"oci:{layout}:deep", timeout=300)
+        assert res.returncode == 0 and "deep-done" in res.stderr, res.stderr
+        assert any(json.loads(line)["path"].endswith("/d/bottom.txt")
+                   for line in record.read_text().splitlines()), record.read_text()
+        res = user.run("analyze", "--runner", "rootless", "--record-out",
+                       user.home / "plain.jsonl", f"oci:{layout}:plain")
+        assert res.returncode == 0 and "plain" in res.stderr, res.stderr
+        assert os.listdir(user.tmpdir) == []
+    finally:
+        user.remove()
