@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import resource
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import analyzeimages as ai
@@ -45,6 +47,7 @@ from test_analyze import (
     read_record,
 )
 from test_optimize_containerd import ctr_run, error_message
+from unprivileged import Unprivileged, make_unprivileged
 
 pytestmark = pytest.mark.interop
 
@@ -314,3 +317,33 @@ def _can_raise_memlock() -> bool:
                 if line.startswith("CapEff:"))
     return bool(caps & (1 << 24)) or \
         resource.getrlimit(resource.RLIMIT_MEMLOCK)[1] == resource.RLIM_INFINITY
+
+
+@pytest.fixture(scope="module")
+def user() -> Iterator[Unprivileged]:
+    made = make_unprivileged()
+    yield made
+    made.remove()
+
+
+@pytest.mark.parametrize("cause", list(CANNOT_START))
+def test_a_workload_that_cannot_start_fails_the_rootless_run(
+    cause: str, user: Unprivileged, layers: list[bytes], tmp_path: Path
+) -> None:
+    """The same as root, as an unprivileged user with the rootless runner."""
+    make_flags, named = CANNOT_START[cause]
+    scratch = user.home / f"nostart-{len(list(user.home.iterdir()))}"
+    scratch.mkdir()
+    layout = scratch / "layout"
+    f.write_layout(layout, "v1", layers, CONFIG)
+    flags = make_flags(scratch)
+    user.give(scratch)
+    index = (layout / "index.json").read_text()
+    record = scratch / "r.jsonl"
+    res = user.run("optimize", "--oci", "--runner", "rootless", "--period", "5",
+                   "--record-out", record, *flags, f"oci:{layout}:v1", f"oci:{layout}:esgz")
+    msg = error_message(res)
+    assert res.returncode == 1
+    assert msg.startswith("the workload could not start: ") and named in msg, msg
+    assert not record.exists() and (layout / "index.json").read_text() == index
+    assert os.listdir(user.tmpdir) == []
