@@ -10,7 +10,8 @@ which the v2 hierarchy is unmounted: it then takes the host for a cgroup v1 one 
 puts the container in the v1 controllers, as runc does on that host. Nothing changes on
 the host, and the namespace goes when the runtime command exits (the container's init
 joins the monitor's mount namespace). A sample container needs no cgroup limits, so
-leaving the controllers on v2 unused loses nothing.
+leaving the controllers on v2 unused loses nothing. The rootless runner's crun gets an
+empty /sys/fs/cgroup the same way (`runtime_prefix(rootless=True)`).
 """
 
 from __future__ import annotations
@@ -33,8 +34,6 @@ log = logging.getLogger("estargz_opt")
 HYBRID_V2 = "/sys/fs/cgroup/unified"
 #: where the containerd runner keeps runtime wrappers (root's only: the shim runs them)
 RUNTIME_WRAPPERS = "/run/estargz-opt/runtimes"
-#: the shell step that hides it from the runtime, then runs the runtime ("$@")
-_HIDE_V2 = f'umount -l {HYBRID_V2} && exec "$@"'
 
 
 def v2_controllers_in_hybrid(cgroup_root: str = "/sys/fs/cgroup") -> list[str]:
@@ -66,12 +65,19 @@ def refuses_hybrid(binary: str) -> bool:
     return out.startswith("crun ")
 
 
-def runtime_prefix(binary: str) -> tuple[str, ...]:
+def runtime_prefix(binary: str, *, rootless: bool = False) -> tuple[str, ...]:
     """What the runtime `binary` is run under on this host: nothing, or (crun on a
-    hybrid host with controllers on v2) a private mount namespace without cgroup v2."""
+    hybrid host with controllers on v2) a private mount namespace without cgroup v2.
+
+    As root, only the v2 hierarchy is unmounted there, so crun uses the v1 controllers.
+    In a user namespace (`rootless`, crun run with `--cgroup-manager=disabled`), the
+    host's cgroup mounts cannot be unmounted (they are locked), but an empty tmpfs can
+    be mounted over /sys/fs/cgroup: crun then finds no hybrid layout to refuse, and
+    makes no cgroup (the rootless runner uses none)."""
     if not v2_controllers_in_hybrid() or not refuses_hybrid(binary):
         return ()
-    tools = {name: shutil.which(name) for name in ("unshare", "umount", "sh")}
+    tool = "mount" if rootless else "umount"
+    tools = {name: shutil.which(name) for name in ("unshare", tool, "sh")}
     missing = [name for name, path in tools.items() if path is None]
     if missing:
         raise SampleError(
@@ -79,9 +85,14 @@ def runtime_prefix(binary: str) -> tuple[str, ...]:
             f"without cgroup v2 needs {', '.join(missing)} (util-linux): install it, or "
             "use --runtime runc"
         )
-    unshare, umount, sh = (str(tools[n]) for n in ("unshare", "umount", "sh"))
-    hide = _HIDE_V2.replace("umount ", f"{umount} ", 1)
-    return (unshare, "--mount", "--propagation", "private", "--", sh, "-c", hide, "sh")
+    unshare, hider, sh = (str(tools[n]) for n in ("unshare", tool, "sh"))
+    hide = (
+        f"{hider} -t tmpfs -o size=4k,mode=755 tmpfs {os.path.dirname(HYBRID_V2)}"
+        if rootless
+        else f"{hider} -l {HYBRID_V2}"
+    )
+    script = f'{hide} && exec "$@"'
+    return (unshare, "--mount", "--propagation", "private", "--", sh, "-c", script, "sh")
 
 
 def wrapped_runtime(binary: str, directory: Path) -> str:
