@@ -191,12 +191,12 @@ def test_both_runners_give_the_same_spec_and_take_a_runtime_path(
 #: cause -> (flags that make it happen, given a scratch directory; what the error names)
 CANNOT_START = {
     "missing entrypoint": (lambda d: ["--entrypoint", '["/no/such/binary"]'],
-                           "/no/such/binary"),
+                           ("/no/such/binary",)),
     "runtime exits 1 at create": (lambda d: ["--runtime", str(refusing_runtime(d / "exits-1"))],
-                                  "exits-1"),
+                                  ("exits-1", "exit status 1")),
     "crun refuses the host": (
         lambda d: ["--runtime", str(refusing_runtime(d / "crun", CRUN_HYBRID))],
-        "cgroups in hybrid mode not supported"),
+        ("cgroups in hybrid mode not supported",)),
 }
 
 
@@ -229,7 +229,8 @@ def test_a_workload_that_cannot_start_fails_the_run(
                          text=True, env=env, stdin=subprocess.DEVNULL, timeout=120)
     msg = error_message(res)
     assert res.returncode == 1
-    assert msg.startswith("the workload could not start: ") and named in msg, msg
+    assert msg.startswith("the workload could not start: "), msg
+    assert all(word in msg for word in named), msg
     assert time.monotonic() - started < 5 + 30, "it waited for the --period"
     assert "done-exit" not in res.stderr
     assert not record.exists()
@@ -344,6 +345,7 @@ def test_a_workload_that_cannot_start_fails_the_rootless_run(
                    "--record-out", record, *flags, f"oci:{layout}:v1", f"oci:{layout}:esgz")
     msg = error_message(res)
     assert res.returncode == 1
-    assert msg.startswith("the workload could not start: ") and named in msg, msg
+    assert msg.startswith("the workload could not start: "), msg
+    assert all(word in msg for word in named), msg
     assert not record.exists() and (layout / "index.json").read_text() == index
     assert os.listdir(user.tmpdir) == []

@@ -302,7 +302,7 @@ class RuncRunner:
                     f"{cli.binary} create did not finish in {_COMMAND_TIMEOUT:g}s"
                 ) from None
             if res.returncode != 0:
-                raise WorkloadStartError(_runtime_error(log_path, cli.binary))
+                raise WorkloadStartError(_runtime_error(log_path, cli.binary, res.returncode))
             fds.close()  # the workload holds its ends now
             with open(os.path.join(run.path, "pid")) as f:
                 task.created(int(f.read().strip()))
@@ -541,8 +541,8 @@ def _become_subreaper() -> None:
         raise SampleError(f"cannot become a child subreaper: {os.strerror(ctypes.get_errno())}")
 
 
-def _runtime_error(log_path: str, binary: str) -> str:
-    """The runtime's last error message, from its JSON log."""
+def _runtime_error(log_path: str, binary: str, status: int) -> str:
+    """The runtime's last error message, from its JSON log (or its exit status)."""
     last = ""
     with contextlib.suppress(OSError), open(log_path, errors="replace") as f:
         for line in f:
@@ -552,4 +552,4 @@ def _runtime_error(log_path: str, binary: str) -> str:
                 continue
             if isinstance(entry, dict) and entry.get("level") in ("error", "fatal"):
                 last = str(entry.get("msg", ""))
-    return f"{os.path.basename(binary)} create: {last or 'failed'}"
+    return f"{os.path.basename(binary)} create: {last or f'exit status {status}, no message'}"
