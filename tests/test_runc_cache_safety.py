@@ -150,22 +150,26 @@ def test_setuid_files_are_out_of_other_users_reach(
 
 def test_a_cache_dir_someone_else_owns_is_not_used(busybox_layer: Path,
                                                    special_layer: bytes, base: Path) -> None:
-    """An `unpacked` directory another user owns (who could plant or reach layers):
-    not used; the run unpacks into its own run directory, and says so."""
+    """An `unpacked` directory another user owns, or one in a directory another user
+    owns (who could plant or reach layers, or swap the directory): not used; the run
+    unpacks into its own run directory, and says so."""
     layout = base / "layout"
     f.write_layout(layout, "v1", [busybox_layer.read_bytes(), special_layer],
                    ai.config(["/bin/sh", "-c", "echo ran"]))
-    planted = base / "cache" / "unpacked"
-    planted.mkdir(parents=True)
-    os.chown(planted, UID, UID)
     leftovers = RunLeftovers(base / "tmp" / "run")
-    res = run_cli("analyze", "--runner", "runc", "--cache-dir", base / "cache",
-                  "--record-out", base / "r.jsonl", f"oci:{layout}:v1",
-                  env=cli_env(leftovers.tmpdir))
-    assert res.returncode == 0, res.stderr
-    assert "ran" in res.stderr and "unpacking for this run only" in res.stderr, res.stderr
-    assert list(planted.iterdir()) == []
-    leftovers.check()
+    for owned in ("unpacked", "cache"):  # the directory, or the one that holds it
+        cache = base / owned / "cache"
+        planted = cache / "unpacked"
+        planted.mkdir(parents=True, mode=0o700)
+        os.chown(cache if owned == "cache" else planted, UID, UID)
+        res = run_cli("analyze", "--runner", "runc", "--cache-dir", cache,
+                      "--record-out", base / "r.jsonl", f"oci:{layout}:v1",
+                      env=cli_env(leftovers.tmpdir))
+        assert res.returncode == 0, res.stderr
+        assert "ran" in res.stderr and "unpacking for this run only" in res.stderr, res.stderr
+        assert f"uid {os.geteuid()}" in res.stderr, res.stderr
+        assert list(planted.iterdir()) == []
+        leftovers.check()
 
 
 DEPTH = 1_100

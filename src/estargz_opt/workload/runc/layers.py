@@ -142,13 +142,18 @@ def _lock_file(path: Path, how: int = fcntl.LOCK_SH) -> Iterator[int]:
 
 def _private_dir(path: Path) -> None:
     """Make `path` (and its parents) and check that it is ours and no one else's: a
-    directory, not a symlink, owned by us, mode 0700 (set if an older run left it 0755).
+    directory, not a symlink, owned by us, mode 0700 (set if an older run left it 0755),
+    in a directory that only we (or root) can change, so that no one can swap it.
     PermissionError otherwise: the runner then unpacks into the run directory."""
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    st = os.lstat(path)
+    st, parent = os.lstat(path), os.stat(path.parent)
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
         raise PermissionError(
             errno.EPERM, f"{path} is not a directory owned by uid {os.geteuid()}"
+        )
+    if parent.st_uid not in (0, os.geteuid()) or parent.st_mode & 0o022:
+        raise PermissionError(
+            errno.EPERM, f"{path.parent} can be changed by another user than uid {os.geteuid()}"
         )
     if stat.S_IMODE(st.st_mode) != 0o700:
         os.chmod(path, 0o700, follow_symlinks=False)
