@@ -4,7 +4,8 @@
   (the workload may need them: it sees them as the image has them) and, with
   --no-cache, in the run directory: an unprivileged user can neither reach nor execute
   any of them, during the run or after it, while everything above stays reachable.
-- `--cache-dir` moves the unpacked-layer directory, which is 0700.
+- `--cache-dir` moves the unpacked-layer directory, which is 0700: another user cannot
+  plant a file in a cached layer's world-writable directory either.
 - A 1,100-level directory image: the run succeeds (its file recorded), leaves nothing,
   with or without the cache, and the next run of another image succeeds; the same
   with the rootless runner, whose monitor walks the tree for its handle map.
@@ -59,6 +60,8 @@ def special_layer(tmp_path_factory) -> bytes:
         os.chown(src / "app" / name, 0, 0)
         (src / "app" / name).chmod(mode)
     subprocess.run(["setcap", "cap_net_raw+ep", str(src / "app" / "cap")], check=True)
+    (src / "app" / "tmp").mkdir()
+    (src / "app" / "tmp").chmod(0o1777)  # as an image's /tmp: anyone may write there
     return subprocess.run(
         ["tar", "--xattrs", "--xattrs-include=security.capability", "--numeric-owner",
          "-C", str(src), "-cf", "-", "app"], check=True, capture_output=True).stdout
@@ -144,6 +147,14 @@ def test_setuid_files_are_out_of_other_users_reach(
         assert (unpacked.stat().st_mode & 0o777) == 0o700
         # after the run, the layers stay (for the next run), still out of reach
         _check_unreachable(base, len(SPECIAL))
+        # nor can another user plant a file in a cached layer through its world-writable
+        # /tmp (every later container would see it): stripping setuid bits would not
+        # have stopped that, a 0700 directory does
+        [tmp] = [p for p in unpacked.glob("*/app/tmp")]
+        res = subprocess.run([*setpriv(UID, UID), "/bin/sh", "-c", f"echo x > {tmp}/planted"],
+                             capture_output=True, text=True, timeout=30, check=False)
+        assert res.returncode != 0 and "Permission denied" in res.stderr, res
+        assert not (tmp / "planted").exists()
     else:
         assert _special_files(base) == [], "--no-cache kept an unpacked layer"
 
