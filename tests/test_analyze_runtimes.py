@@ -26,6 +26,7 @@ from pathlib import Path
 import analyzeimages as ai
 import imagefactory as f
 import pytest
+from helpers_containerd import SCRIPTS, Containerd
 from runnerlib import (
     DAEMONLESS,
     STATE_ROOT,
@@ -70,7 +71,8 @@ CONFIG = ai.config(["/bin/sh", "/app/run.sh", "exit"])
 
 def _run_watching(argv: list[str], env: dict[str, str], root: str,
                   tmp_path: Path) -> tuple[subprocess.CompletedProcess, set[str]]:
-    """Run the CLI; meanwhile, the files in the sample container's state directory."""
+    """Run the CLI; meanwhile, the files in the sample container's state directory (this
+    run's: its spec names our TMPDIR; other runs on this machine share the state root)."""
     before = set(Path(root).iterdir()) if Path(root).is_dir() else set()
     err = tmp_path / "err"
     with open(err, "wb") as e:
@@ -80,7 +82,9 @@ def _run_watching(argv: list[str], env: dict[str, str], root: str,
     while proc.poll() is None:
         with contextlib.suppress(OSError):  # the directory goes when the run ends
             for d in set(Path(root).iterdir()) - before:
-                if d.name.startswith("estargz-opt-sample-") and d.is_dir():
+                if d.name.startswith("estargz-opt-sample-") and d.is_dir() and any(
+                        env["TMPDIR"] in (d / spec).read_text(errors="replace")
+                        for spec in ("config.json", "state.json") if (d / spec).exists()):
                     seen |= {p.name for p in d.iterdir()}
         time.sleep(0.05)
     out, _ = proc.communicate(timeout=120)
@@ -349,3 +353,49 @@ def test_a_workload_that_cannot_start_fails_the_rootless_run(
     assert all(word in msg for word in named), msg
     assert not record.exists() and (layout / "index.json").read_text() == index
     assert os.listdir(user.tmpdir) == []
+
+
+@pytest.fixture(scope="module", params=list(CGROUP_LAYOUTS))
+def containerd_on_layout(request, tmp_path_factory) -> Iterator[tuple[str, Containerd]]:
+    """A private containerd started in a mount namespace that shows one cgroup layout:
+    its shims, and the runtimes they run, see that layout."""
+    if not Path("/sys/fs/cgroup/unified/cgroup.controllers").exists():
+        pytest.skip("the layouts are made from a hybrid host's")
+    directory = tmp_path_factory.mktemp("ctrd-layout", numbered=True)
+    script = f'{CGROUP_LAYOUTS[request.param]} || exit 97\nexec bash "$@"'
+    subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script,
+                    "sh", str(SCRIPTS / "containerd-up.sh"), str(directory)],
+                   check=True, capture_output=True, stdin=subprocess.DEVNULL, timeout=90)
+    daemon = Containerd(directory)
+    try:
+        yield request.param, daemon
+    finally:
+        daemon.stop()
+
+
+@pytest.mark.parametrize("runtime", ["runc", "crun"])
+def test_each_runtime_on_each_cgroup_layout_in_containerd(
+    runtime: str, containerd_on_layout: tuple[str, Containerd], layers: list[bytes],
+    tmp_path: Path
+) -> None:
+    """The containerd runner with runc and crun, containerd seeing cgroup v1 only, this
+    hybrid host, or a unified one: the same record, nothing left."""
+    layout_name, c = containerd_on_layout
+    img = ai.build(c, tmp_path / "img", f"localhost/analyze-layout-{runtime}:1", layers,
+                   CONFIG)
+    ours = Leftovers(c, tmp_path / "tmpdir")
+    record = tmp_path / "r.jsonl"
+    res = subprocess.run(
+        [sys.executable, "-m", "estargz_opt", "analyze", "--runtime", runtime, "--period",
+         "10", "--record-out", str(record), img.name],
+        capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120,
+        env=cli_env(ours.tmpdir, CONTAINERD_ADDRESS=c.address))
+    if runtime == "crun" and layout_name == "unified" and not _can_raise_memlock():
+        msg = error_message(res)  # as in the runc runner: see there
+        assert "could not start" in msg and "RLIM_MEMLOCK" in msg, msg
+        assert not record.exists()
+    else:
+        assert res.returncode == 0, res.stderr
+        assert ended_by(res.stderr) == "the workload exited", res.stderr
+        assert set(pairs(read_record(record))) == {BB, ("app/run.sh", 1), ("app/a.txt", 2)}
+    ours.check()

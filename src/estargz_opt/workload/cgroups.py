@@ -91,7 +91,12 @@ def runtime_prefix(binary: str, *, rootless: bool = False) -> tuple[str, ...]:
         if rootless
         else f"{hider} -l {HYBRID_V2}"
     )
-    script = f'{hide} && exec "$@"'
+    # Checked again where the runtime runs: containerd's shim may see another layout
+    # (a containerd started in a mount namespace of its own).
+    script = (
+        f'if read -r c < {HYBRID_V2}/cgroup.controllers 2>/dev/null && [ -n "$c" ]; '
+        f'then {hide} || exit 125; fi; exec "$@"'
+    )
     return (unshare, "--mount", "--propagation", "private", "--", sh, "-c", script, "sh")
 
 
