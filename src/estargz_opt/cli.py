@@ -542,6 +542,12 @@ def optimize_cmd(
     type=_OUTPUT_FILE,
     help="Where to write the record (JSON lines, ctr-remote's format).",
 )
+@_cache_dir_option(default_on=True)
+@click.option(
+    "--no-cache",
+    is_flag=True,
+    help="Keep no unpacked layers: the runc runner unpacks the image for this run only.",
+)
 @_prefetch_list_out_option
 @_registry_options("")
 @_workload_run_options
@@ -549,6 +555,8 @@ def analyze_cmd(
     containerd: ContainerdOptions,
     src: str,
     record_out: Path,
+    cache_dir: Path | None,
+    no_cache: bool,
     prefetch_list_out: Path | None,
     as_json: bool,
     quiet: bool,
@@ -570,7 +578,13 @@ def analyze_cmd(
     sampler = _sampler(flags)
     progress = Progress()
     result = analyze_image(
-        src, sampler, record_out, store_opts, None if quiet else progress, prefetch_list_out
+        src,
+        sampler,
+        record_out,
+        store_opts,
+        None if quiet else progress,
+        prefetch_list_out,
+        cache_dir=None if no_cache else cache_dir or cache.default_dir(),
     )
     progress.close()
     if as_json:

@@ -297,8 +297,11 @@ def analyze_image(
     store_opts: StoreOptions,
     progress: Progress | None = None,
     prefetch_list_out: Path | None = None,
+    *,
+    cache_dir: Path | None,
 ) -> Analysis:
-    """`estargz-opt analyze`: run the workload and write its record; convert nothing."""
+    """`estargz-opt analyze`: run the workload and write its record; convert nothing.
+    The runc runner keeps unpacked layers under `cache_dir` (None: --no-cache)."""
     ref = reference.parse(src)
     check_runner(ref, sampler)
     check_record_out(record_out)
@@ -319,12 +322,7 @@ def analyze_image(
                 f"{ref} has no image for the host platform {platforms.host()}: "
                 "the workload cannot run here"
             )
-        result = _run_workload(store, str(ref), host, sampler, progress)
-    if result.sample.ended_by == "error":
-        # analyze makes nothing but the record: an empty one would only mislead.
-        raise EstargzOptError(
-            f"the workload could not start, so nothing was recorded: {result.sample.error}"
-        )
+        result = _run_workload(store, str(ref), host, sampler, progress, cache_dir=cache_dir)
     write_record(record_out, result.entries)
     if prefetch_list_out:
         _write_prefetch_list_out(
@@ -365,8 +363,11 @@ def _run_workload(
     sampler: SamplerOptions,
     progress: Progress | None,
     spool: Spool | None = None,
+    *,
+    cache_dir: Path | None,
 ) -> Analysis:
-    """The workload run of optimize and analyze, with its countdown and output on stderr."""
+    """The workload run of optimize and analyze, with its countdown and output on stderr;
+    the runc runner keeps unpacked layers under `cache_dir` (None: --no-cache)."""
     from estargz_opt.workload.analyzer import analyze
 
     return analyze(
@@ -379,6 +380,7 @@ def _run_workload(
         # The sampler only writes and flushes its output, which the passthrough does.
         output=progress.passthrough() if progress else None,  # type: ignore[arg-type]
         spool=spool,
+        cache_dir=cache_dir,
     )
 
 
@@ -407,8 +409,9 @@ def _analyze(
             platforms.host(),
         )
     host_desc, manifest = host
+    sampler = req.sampler or SamplerOptions()
     result = _run_workload(
-        src, str(src_ref), host, req.sampler or SamplerOptions(), req.progress, spool
+        src, str(src_ref), host, sampler, req.progress, spool, cache_dir=req.cache_dir
     )
     if req.record_out:
         write_record(req.record_out, result.entries)
