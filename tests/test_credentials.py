@@ -138,7 +138,7 @@ def test_identity_token_entry(env: dict[str, str]) -> None:
 
 
 @pytest.mark.parametrize(("content", "words"), [
-    ("{not json", "not valid JSON"),
+    ("{not json", "malformed JSON"),
     ("[1, 2]", "not a JSON object"),
     (json.dumps({"auths": {HOST: {"auth": "!!!"}}}), "not base64 of USER:PASS"),
     (json.dumps({"auths": {HOST: {"auth": base64.b64encode(b"nocolon").decode()}}}),

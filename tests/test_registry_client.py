@@ -324,5 +324,5 @@ def test_a_refused_token_request_is_one_line_naming_the_source() -> None:
     assert str(err.value) == (
         f"registry {registry.host}: unauthorized for repository {REPO} (the token server "
         "auth.test refused the login): no credentials were found (pass --src-creds/"
-        "--dest-creds or --authfile, or log in with podman/docker login)")
+        "--dest-creds or --authfile, or log in with podman/skopeo/docker login)")
 

@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from estargz_opt import __version__, cache, check, platforms
-from estargz_opt.errors import EstargzOptError, UsageError
+from estargz_opt.errors import EstargzOptError, Interrupted, UsageError
 from estargz_opt.format import (
     DEFAULT_CHUNK_SIZE,
     Format,
@@ -33,7 +33,11 @@ from estargz_opt.stores.containerd.model import (
     DEFAULT_NAMESPACE,
     ContainerdOptions,
 )
-from estargz_opt.stores.registry.options import RegistryOptions
+from estargz_opt.stores.registry.options import (
+    DEFAULT_MIN_RATE,
+    DEFAULT_TIMEOUT,
+    RegistryOptions,
+)
 from estargz_opt.workload.options import DEFAULT_PERIOD, DEFAULT_RUNTIME, RUNNERS, SamplerOptions
 
 log = logging.getLogger("estargz_opt")
@@ -212,8 +216,11 @@ def _sampler_options(f: Callable[..., Any]) -> Callable[..., Any]:
             default="",
             help="How the sample container runs: containerd (its task service), runc (the "
             "runtime's CLI, no daemon) or rootless (no privilege at all; the rootfs is held "
-            "in memory, a tmpfs the size of the image). Default: rootless when not root; "
-            "as root, containerd for an image in containerd, runc for any other source.",
+            "in memory, a tmpfs the size of the image; with only your own id mapped, no "
+            "/etc/subuid range or no capabilities, every file is yours and the workload "
+            "runs as root of its namespace, so an image whose User is not root is "
+            "refused). Default: rootless when not root; as root, containerd for an image "
+            "in containerd, runc for any other source.",
         ),
         click.option("--rootless", is_flag=True, help="The same as --runner rootless."),
         click.option(
@@ -257,7 +264,28 @@ def _registry_options(*prefixes: str) -> Callable[[Callable[..., Any]], Callable
                 type=click.Path(dir_okay=False, path_type=Path),
                 help="Registry credentials file (else REGISTRY_AUTH_FILE, containers' "
                 "auth.json, then Docker's config.json).",
-            )
+            ),
+            click.option(
+                "--registry-timeout",
+                type=click.FloatRange(min=0, min_open=True),
+                default=DEFAULT_TIMEOUT,
+                show_default=True,
+                envvar="ESTARGZ_OPT_REGISTRY_TIMEOUT",
+                metavar="SECONDS",
+                help="Seconds any one registry request may take in all, beyond the time "
+                "its bytes need at --registry-min-rate; a server that stalls or trickles "
+                "fails then (env ESTARGZ_OPT_REGISTRY_TIMEOUT).",
+            ),
+            click.option(
+                "--registry-min-rate",
+                type=click.IntRange(min=1),
+                default=DEFAULT_MIN_RATE >> 10,
+                show_default=True,
+                envvar="ESTARGZ_OPT_REGISTRY_MIN_RATE",
+                metavar="KIB_PER_S",
+                help="Slowest average rate, in KiB/s, a registry transfer may keep "
+                "(env ESTARGZ_OPT_REGISTRY_MIN_RATE).",
+            ),
         ]
         for p in prefixes:
             side = {"src-": "the source's ", "dest-": "the destination's "}.get(p, "the ")
@@ -304,6 +332,9 @@ def _registry(kw: dict[str, Any], prefix: str, authfile: Path | None) -> Registr
         tls_verify=kw.pop(f"{p}tls_verify"),
         cert_dir=kw.pop(f"{p}cert_dir"),
         env=os.environ,
+        # one pair for both sides
+        timeout=kw["registry_timeout"],
+        min_rate=kw["registry_min_rate"] << 10,
     )
 
 
@@ -511,6 +542,12 @@ def optimize_cmd(
     type=_OUTPUT_FILE,
     help="Where to write the record (JSON lines, ctr-remote's format).",
 )
+@_cache_dir_option(default_on=True)
+@click.option(
+    "--no-cache",
+    is_flag=True,
+    help="Keep no unpacked layers: the runc runner unpacks the image for this run only.",
+)
 @_prefetch_list_out_option
 @_registry_options("")
 @_workload_run_options
@@ -518,6 +555,8 @@ def analyze_cmd(
     containerd: ContainerdOptions,
     src: str,
     record_out: Path,
+    cache_dir: Path | None,
+    no_cache: bool,
     prefetch_list_out: Path | None,
     as_json: bool,
     quiet: bool,
@@ -539,7 +578,13 @@ def analyze_cmd(
     sampler = _sampler(flags)
     progress = Progress()
     result = analyze_image(
-        src, sampler, record_out, store_opts, None if quiet else progress, prefetch_list_out
+        src,
+        sampler,
+        record_out,
+        store_opts,
+        None if quiet else progress,
+        prefetch_list_out,
+        cache_dir=None if no_cache else cache_dir or cache.default_dir(),
     )
     progress.close()
     if as_json:
@@ -901,15 +946,16 @@ def _configure_logging(fmt: str, level: str) -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def _terminate(signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt  # unwind like Ctrl-C, so stores roll back what was written
+def _interrupt(signum: int, _frame: object) -> None:
+    raise Interrupted(signum)  # unwinds, so stores roll back what was written
 
 
 def main() -> None:
     """Entry point: every expected failure becomes one line on stderr and a non-zero exit."""
-    logging.basicConfig(format="estargz-opt: %(levelname)s: %(message)s", level=logging.INFO)
-    signal.signal(signal.SIGTERM, _terminate)
-    try:
+    try:  # a signal right after its handler is in is an Interrupted like any other
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, _interrupt)
+        logging.basicConfig(format="estargz-opt: %(levelname)s: %(message)s", level=logging.INFO)
         cli.main(standalone_mode=False, prog_name="estargz-opt")
     except click.UsageError as exc:
         _fail(exc.format_message(), 2)
@@ -919,8 +965,10 @@ def main() -> None:
         _fail(str(exc), exc.exit_code)
     except EstargzOptError as exc:
         _fail(str(exc), 1)
+    except Interrupted as exc:
+        _fail("interrupted", 128 + exc.signum)
     except (KeyboardInterrupt, click.Abort):
-        _fail("interrupted", 130)
+        _fail("interrupted", 128 + signal.SIGINT)
     except BrokenPipeError:
         sys.exit(1)
     except OSError as exc:  # a disk, permission or path problem the layers above did not name
@@ -930,6 +978,8 @@ def main() -> None:
 
 def _fail(message: str, code: int) -> None:
     """The one error line: JSON like every other log line under --log-format json."""
+    for signum in (signal.SIGINT, signal.SIGTERM):  # the run is over: a second signal
+        signal.signal(signum, signal.SIG_IGN)  # must not turn its line into a traceback
     root = logging.getLogger()
     if any(type(h.formatter).__name__ == "JsonFormatter" for h in root.handlers):
         logging.getLogger("estargz_opt").error(message)

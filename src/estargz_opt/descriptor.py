@@ -11,6 +11,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Self
 
+from estargz_opt import jsonlimits
 from estargz_opt.errors import BadInputError
 
 # media types
@@ -239,13 +240,7 @@ def _extra(raw: dict[str, Any], *known: str) -> dict[str, Any]:
 
 
 def _load(data: bytes, where: str) -> dict[str, Any]:
-    try:
-        raw = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadInputError(f"malformed JSON in {where}: {exc}") from None
-    if not isinstance(raw, dict):
-        raise BadInputError(f"malformed JSON in {where}: not an object")
-    return raw
+    return jsonlimits.loads_object(data, where)
 
 
 def load_json(data: bytes, where: str) -> dict[str, Any]:

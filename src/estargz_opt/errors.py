@@ -22,3 +22,15 @@ class UsageError(EstargzOptError):
     like every other usage error)."""
 
     exit_code = 2
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM during a run. It unwinds like Ctrl-C (every `finally` and
+    `except BaseException` rolls back what was written), then the run exits 128 + the
+    signal, as shells report a signal (130 for Ctrl-C, 143 for SIGTERM). Not an
+    Exception, so no handler takes it for a failure; not a KeyboardInterrupt, so click
+    prints nothing of its own."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum

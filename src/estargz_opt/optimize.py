@@ -44,7 +44,7 @@ from estargz_opt.format.build import LayerResult
 from estargz_opt.format.source import Spool
 from estargz_opt.progress import Progress
 from estargz_opt.stores import Store, StoreOptions, open_store, pair, same_store
-from estargz_opt.walk import images
+from estargz_opt.walk import check_selection, images
 
 log = logging.getLogger("estargz_opt")
 TOC_IMAGE_SUFFIX = "-esgztoc"
@@ -213,13 +213,6 @@ def optimize(req: OptimizeRequest) -> OptimizeOutcome:
     with ExitStack() as stack:
         src = stack.enter_context(open_store(src_ref, req.src_store, create=False))
         root = src.resolve(src_ref.tag)
-        log.info(
-            "converting platforms: %s%s",
-            matcher.describe(),
-            ""
-            if req.platforms or req.all_platforms
-            else " (the host; use --platform or --all-platforms for others)",
-        )
         # The host layers, decompressed while the workload runs, for their conversion.
         spool = Spool()
         stack.callback(spool.close)
@@ -233,7 +226,14 @@ def optimize(req: OptimizeRequest) -> OptimizeOutcome:
         pair(src, dst)
         try:
             # The destination is opened (a registry's push access checked) before the
-            # workload runs, so a refusal costs no run and no conversion.
+            # workload runs, so a refusal costs no run and no conversion; then the platforms
+            # are checked (which reads a single manifest's config), before the run too.
+            check_selection(src, root, matcher, str(src_ref))
+            log.info(
+                "converting platforms: %s%s",
+                matcher.describe(),
+                "; use --platform or --all-platforms for others" if matcher.host_default else "",
+            )
             analysis = None
             if run_workload:
                 analysis = _analyze(req, src, root, src_ref, matcher, spool)
@@ -297,8 +297,11 @@ def analyze_image(
     store_opts: StoreOptions,
     progress: Progress | None = None,
     prefetch_list_out: Path | None = None,
+    *,
+    cache_dir: Path | None,
 ) -> Analysis:
-    """`estargz-opt analyze`: run the workload and write its record; convert nothing."""
+    """`estargz-opt analyze`: run the workload and write its record; convert nothing.
+    The runc runner keeps unpacked layers under `cache_dir` (None: --no-cache)."""
     ref = reference.parse(src)
     check_runner(ref, sampler)
     check_record_out(record_out)
@@ -306,18 +309,20 @@ def analyze_image(
         check_record_out(prefetch_list_out, "--prefetch-list-out")
     with open_store(ref, store_opts, create=False) as store:
         root = store.resolve(ref.tag)
+        check_selection(
+            store,
+            root,
+            platforms.matcher((), False),
+            str(ref),
+            "the workload runs only on the host platform",
+        )
         host = _host_manifest(store, root)
         if host is None:
             raise EstargzOptError(
                 f"{ref} has no image for the host platform {platforms.host()}: "
                 "the workload cannot run here"
             )
-        result = _run_workload(store, str(ref), host, sampler, progress)
-    if result.sample.ended_by == "error":
-        # analyze makes nothing but the record: an empty one would only mislead.
-        raise EstargzOptError(
-            f"the workload could not start, so nothing was recorded: {result.sample.error}"
-        )
+        result = _run_workload(store, str(ref), host, sampler, progress, cache_dir=cache_dir)
     write_record(record_out, result.entries)
     if prefetch_list_out:
         _write_prefetch_list_out(
@@ -358,8 +363,11 @@ def _run_workload(
     sampler: SamplerOptions,
     progress: Progress | None,
     spool: Spool | None = None,
+    *,
+    cache_dir: Path | None,
 ) -> Analysis:
-    """The workload run of optimize and analyze, with its countdown and output on stderr."""
+    """The workload run of optimize and analyze, with its countdown and output on stderr;
+    the runc runner keeps unpacked layers under `cache_dir` (None: --no-cache)."""
     from estargz_opt.workload.analyzer import analyze
 
     return analyze(
@@ -372,6 +380,7 @@ def _run_workload(
         # The sampler only writes and flushes its output, which the passthrough does.
         output=progress.passthrough() if progress else None,  # type: ignore[arg-type]
         spool=spool,
+        cache_dir=cache_dir,
     )
 
 
@@ -386,10 +395,11 @@ def _analyze(
     """Run the workload of the host platform's image; None if the host is not converted."""
     host = _host_manifest(src, root)
     if host is None or not matcher.matches(platforms.host()):
+        # ctr-remote too skips its analyzer when no --platform is the host's.
         log.warning(
-            "the workload runs only for the host platform %s, which is not converted "
-            "here: no files are prioritized",
+            "the workload runs only on the host platform %s, and %s: no files are prioritized",
             platforms.host(),
+            f"{src_ref} has no image for it" if host is None else "--platform does not convert it",
         )
         return None
     if req.platforms or req.all_platforms:
@@ -399,8 +409,9 @@ def _analyze(
             platforms.host(),
         )
     host_desc, manifest = host
+    sampler = req.sampler or SamplerOptions()
     result = _run_workload(
-        src, str(src_ref), host, req.sampler or SamplerOptions(), req.progress, spool
+        src, str(src_ref), host, sampler, req.progress, spool, cache_dir=req.cache_dir
     )
     if req.record_out:
         write_record(req.record_out, result.entries)

@@ -25,6 +25,7 @@ import httpx
 from estargz_opt.stores.registry.auth import RegistryAuth
 from estargz_opt.stores.registry.client import Client, RetryPolicy
 from estargz_opt.stores.registry.credentials import Credential
+from estargz_opt.stores.registry.limits import Limit, Limits
 from estargz_opt.stores.registry.options import RegistryOptions
 from estargz_opt.stores.registry.session import Session
 from estargz_opt.stores.registry.tls import tls_config
@@ -126,7 +127,9 @@ class FakeRegistry:
             data = self.blobs.get(rest)
             if data is None:
                 return _error(404, "BLOB_UNKNOWN")
-            return httpx.Response(200, content=b"" if request.method == "HEAD" else data,
+            # An iterator, not bytes: httpx reads a bytes body at once, and the client
+            # streams blobs raw, as from a socket.
+            return httpx.Response(200, content=iter([b"" if request.method == "HEAD" else data]),
                                   headers={"Content-Length": str(len(data))})
         return self._upload(request, rest, body)
 
@@ -201,11 +204,14 @@ def _error(status: int, code: str) -> httpx.Response:
 def client_for(registry: FakeRegistry, retry: RetryPolicy = FAST,
                credential: Credential | None = None) -> Iterator[Client]:
     """Our client for REPO on `registry`, as `open_session` would build it (the auth flow
-    learns the challenge from the first GET /v2/), over MockTransport."""
+    learns the challenge from the first GET /v2/), over MockTransport (so the time and
+    size bounds, which live in the real transport, do not apply here)."""
     auth = RegistryAuth(registry.host, lambda _repo: credential)
     http = httpx.Client(transport=httpx.MockTransport(registry.handle), auth=auth)
+    opts = RegistryOptions()
     with http:
         http.get(f"https://{registry.host}/v2/").close()
-        tls = tls_config(registry.host, RegistryOptions())
-        yield Client(Session(registry.host, f"https://{registry.host}", http, auth, tls), REPO,
-                     retry)
+        session = Session(registry.host, f"https://{registry.host}", http, auth,
+                          tls_config(registry.host, opts), Limits(),
+                          Limit(opts.timeout, opts.min_rate))
+        yield Client(session, REPO, retry)

@@ -8,10 +8,10 @@ the end conditions all read it. Parsing a value and checking it are one function
 from __future__ import annotations
 
 import csv
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from estargz_opt import jsonlimits
 from estargz_opt.errors import BadInputError
 
 DEFAULT_PERIOD = 10
@@ -88,9 +88,9 @@ def parse_json_array(flag: str, text: str) -> list[str] | None:
     if text == "":
         return None
     try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise BadInputError(f"{flag} must be a JSON array of strings: {e.msg}") from None
+        value = jsonlimits.loads(text, flag)
+    except BadInputError as e:
+        raise BadInputError(f"{flag} must be a JSON array of strings ({e})") from None
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise BadInputError(f"{flag} must be a JSON array of strings, got {text!r}")
     return value

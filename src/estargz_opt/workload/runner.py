@@ -47,7 +47,9 @@ class SampleError(EstargzOptError):
 
 
 class WorkloadStartError(EstargzOptError):
-    """The workload could not start; reported like a workload that fails at once."""
+    """The workload could not start (the runtime refused the host or the spec, or the
+    entrypoint is missing): the run fails, unlike a workload that starts and exits
+    non-zero, whose reads are recorded."""
 
 
 class RunnerError(EstargzOptError):
@@ -90,7 +92,9 @@ class StdioPaths:
 class Task(Protocol):
     """The created, not yet started, workload of one run."""
 
-    def start(self) -> None: ...
+    def start(self) -> None:
+        """Start it; WorkloadStartError if the runtime cannot."""
+        ...
 
     def wait(self, timeout: float | None = None) -> int | None:
         """Its exit status once it has exited; RunnerError if it did not within `timeout`."""

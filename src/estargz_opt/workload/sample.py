@@ -11,7 +11,8 @@ stop signal.
 Everything the run creates is undone in reverse order whatever happens (success, error,
 timeout, Ctrl-C): the task and the container, the stdio, the network namespace, the
 monitor (and with it the rootfs mount, which lives only in its namespace), the runner's
-rootfs, and the run directory. After a SIGKILL the next run reaps what was left.
+rootfs, and the run directory; once that has taken a second, each step is named as it
+starts (`CleanupSteps`). After a SIGKILL the next run reaps what was left.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import contextlib
 import logging
 import os
 import secrets
-import shutil
 import signal
 import sys
 import tempfile
@@ -29,8 +29,9 @@ import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
+from estargz_opt.fstree import remove_tree
 from estargz_opt.stores.owner import is_dead, this_process
 from estargz_opt.workload import network
 from estargz_opt.workload.options import SamplerOptions
@@ -45,6 +46,7 @@ from estargz_opt.workload.runner import (
     SampleImage,
     Task,
     WorkloadStartError,
+    quietly,
 )
 from estargz_opt.workload.spec import (
     NO_GPU_HOOK,
@@ -63,10 +65,9 @@ class SampleResult:
     """What happened in the run; `paths` are container paths in first-access order."""
 
     paths: list[str] = field(default_factory=list)
-    #: "exit", "line", "period", "signal", or "error" when the workload could not start
+    #: "exit", "line", "period" or "signal"
     ended_by: str = ""
     exit_status: int | None = None
-    error: str | None = None
     overflows: int = 0
 
 
@@ -103,13 +104,18 @@ def run_sample(req: SampleRequest) -> SampleResult:
     with ExitStack() as stack:
         run = RunDir(run_id, os.path.join(tempfile.gettempdir(), run_id))
         os.mkdir(run.path, 0o700)
-        stack.callback(shutil.rmtree, run.path, ignore_errors=True)
+        undo = CleanupSteps()
+        stack.callback(undo.done)
+        stack.callback(quietly, "remove the run directory", remove_tree, run.path)
+        stack.callback(undo.step, "the run directory")
         _write(os.path.join(run.path, "owner"), this_process())
         os.mkdir(run.rootfs)
 
         mounts = stack.enter_context(runner.rootfs(run, image))
+        stack.callback(undo.step, "the rootfs")
         log_path = os.path.join(run.path, "monitor.log")
         monitor = stack.enter_context(runner.monitor(run, image, mounts, log_path))
+        stack.callback(undo.step, "the file-access monitor")
 
         etc_dir = None
         if not opts.net_host:
@@ -120,6 +126,7 @@ def run_sample(req: SampleRequest) -> SampleResult:
         netns = None
         if opts.cni:
             netns = stack.enter_context(network.cni_namespace(run.id, opts))
+            stack.callback(undo.step, "the CNI network namespace")
 
         spec = build_spec(
             image.config,
@@ -135,16 +142,18 @@ def run_sample(req: SampleRequest) -> SampleResult:
             gpu_hook=find_gpu_hook() if opts.gpus else None,
         )
         stdio = stack.enter_context(Stdio(os.path.join(run.path, "io"), opts, out))
+        stack.callback(undo.step, "the workload's stdio")
+        # A workload that never ran recorded nothing that means anything: the run fails
+        # (as ctr-remote's does when its task cannot be created or started), and
+        # everything made so far is undone. One that ran and exited non-zero is recorded.
         try:
             task = stack.enter_context(runner.container(run, image, spec, stdio.paths))
+            stack.callback(undo.step, "the sample container")
+            monitor.begin()
+            stdio.start(task)
+            task.start()
         except WorkloadStartError as exc:
-            # Like a workload that fails at once: report it; the caller converts anyway.
-            log.error("the workload could not start: %s", exc)
-            return SampleResult(ended_by="error", error=str(exc))
-
-        monitor.begin()
-        stdio.start(task)
-        task.start()
+            raise WorkloadStartError(f"the workload could not start: {exc}") from None
         result = _wait(task, opts, stdio, monitor, on_tick)
         if result.ended_by != "exit":
             _kill(task, stop_signal(image.config), result)
@@ -172,6 +181,58 @@ _ENDINGS = {
 }
 
 
+#: How long a run's cleanup may take before it says what it is still undoing.
+SLOW_CLEANUP = 1.0
+
+
+class CleanupSteps:
+    """Names the run's cleanup steps as they start, so that a slow one is said.
+
+    `step` is pushed on the run's ExitStack after each thing the run makes, so it is
+    called just before that thing is undone. Once the cleanup has taken SLOW_CLEANUP, the
+    step under way is logged, and each later one as it starts: a Ctrl-C or SIGTERM that
+    does not end the run at once says what it waits for. Meanwhile a further Ctrl-C or
+    SIGTERM (from the main thread's handlers) names the step instead of cutting it short,
+    which would leave a container, a mount or a namespace behind."""
+
+    def __init__(self, after: float = SLOW_CLEANUP) -> None:
+        self._after = after
+        self._current = ""
+        self._timer: threading.Timer | None = None
+        self._said = False
+        self._previous: dict[int, Any] = {}
+        self._interrupted = False
+
+    def step(self, what: str) -> None:
+        self._current = what
+        if self._said:
+            log.info("cleaning up: %s", what)
+        elif self._timer is None:
+            self._timer = threading.Timer(self._after, self._slow)
+            self._timer.daemon = True
+            self._timer.start()
+            if threading.current_thread() is threading.main_thread():
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    self._previous[sig] = signal.signal(sig, self._again)
+
+    def _slow(self) -> None:
+        self._said = True
+        log.info("cleaning up: %s", self._current)
+
+    def _again(self, _signum: int, _frame: object) -> None:
+        self._interrupted = True
+        log.warning("still cleaning up: %s (it cannot be cut short)", self._current)
+
+    def done(self) -> None:
+        """The cleanup is over: an interrupt that came during it ends the run now."""
+        if self._timer is not None:
+            self._timer.cancel()
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        if self._interrupted:
+            raise KeyboardInterrupt
+
+
 def reap_stale_dirs() -> None:
     """Remove the run directories of runs killed with SIGKILL (they could not clean up).
 
@@ -184,8 +245,12 @@ def reap_stale_dirs() -> None:
             owner_file = os.path.join(tmp, name, "owner")
             if name.startswith(SAMPLE_PREFIX) and os.path.isfile(owner_file):
                 with open(owner_file) as f:
-                    if is_dead(f.read()):
-                        shutil.rmtree(os.path.join(tmp, name), ignore_errors=True)
+                    dead = is_dead(f.read())
+                if dead:
+                    try:
+                        remove_tree(os.path.join(tmp, name))
+                    except OSError as exc:  # tried again by the next run; never in its way
+                        log.debug("cannot remove %s, left by a killed run: %s", name, exc)
 
 
 def _wait(

@@ -47,6 +47,7 @@ from estargz_opt.descriptor import Descriptor
 from estargz_opt.mount import Mount
 from estargz_opt.stores import Store
 from estargz_opt.stores.owner import is_dead, this_process
+from estargz_opt.workload.cgroups import remove_cgroup, runtime_prefix
 from estargz_opt.workload.monitor import Monitor
 from estargz_opt.workload.options import DEFAULT_RUNTIME
 from estargz_opt.workload.runc.layers import UnpackedLayers
@@ -106,6 +107,9 @@ class RuntimeCLI:
             stdin=subprocess.DEVNULL,
             timeout=timeout,
             check=False,
+            # Not in our process group: a terminal's Ctrl-C must not kill a `delete`
+            # that the cleanup after that Ctrl-C runs (it would leave the container).
+            process_group=0,
         )
 
     def containers(self) -> list[dict[str, object]]:
@@ -164,6 +168,7 @@ class RuncRunner:
         #: where unpacked layers are kept between runs (None: unpack every run, flat)
         self._layer_cache = layer_cache
         self._unpack = unpack_options or UnpackOptions()
+        self._runtime_cli: RuntimeCLI | None = None
 
     def check(self) -> None:
         """Fail early, in one line: this runner needs root and the runtime."""
@@ -176,12 +181,21 @@ class RuncRunner:
             )
 
     def _cli(self) -> RuntimeCLI:
-        return RuntimeCLI(find_runtime(self._runtime), self._state_root)
+        """The runtime on the private state root, run as this host's cgroups need
+        (`cgroups.runtime_prefix`: crun on a hybrid host), worked out once."""
+        if self._runtime_cli is None:
+            binary = find_runtime(self._runtime)
+            self._runtime_cli = RuntimeCLI(binary, self._state_root, runtime_prefix(binary))
+        return self._runtime_cli
 
     def runtime_cli(self, run: RunDir) -> RuntimeCLI:
         """How the runtime is run for the container of `run` (a subclass may run it
         elsewhere, e.g. in a user namespace)."""
         return self._cli()
+
+    def new_task(self, cli: RuntimeCLI, cid: str) -> RuncTask:
+        """The handle on the container `cid` (a subclass may signal it another way)."""
+        return RuncTask(cli, cid)
 
     def reap_stale(self) -> None:
         """Kill and delete the sample containers of dead runs (by their owner annotation;
@@ -270,7 +284,9 @@ class RuncRunner:
             json.dump(spec, f)
         _become_subreaper()
         with contextlib.ExitStack() as stack:
-            task = stack.enter_context(RuncTask(cli, run.id))
+            # last: what a failed create left (the task's cleanup deletes the rest)
+            stack.callback(remove_cgroup, str(spec.get("linux", {}).get("cgroupsPath", "")))
+            task = stack.enter_context(self.new_task(cli, run.id))
             stack.callback(task.cleanup)
             console = stack.enter_context(_Console(run.path)) if stdio.terminal else None
             fds = stack.enter_context(_stdio_fds(stdio))
@@ -287,13 +303,14 @@ class RuncRunner:
                     pass_fds=console.pass_fds if console else (),
                     timeout=_COMMAND_TIMEOUT,
                     check=False,
+                    process_group=0,  # as `run`: out of reach of a terminal's Ctrl-C
                 )
             except subprocess.TimeoutExpired:
                 raise WorkloadStartError(
                     f"{cli.binary} create did not finish in {_COMMAND_TIMEOUT:g}s"
                 ) from None
             if res.returncode != 0:
-                raise WorkloadStartError(_runtime_error(log_path, cli.binary))
+                raise WorkloadStartError(_runtime_error(log_path, cli.binary, res.returncode))
             fds.close()  # the workload holds its ends now
             with open(os.path.join(run.path, "pid")) as f:
                 task.created(int(f.read().strip()))
@@ -532,8 +549,8 @@ def _become_subreaper() -> None:
         raise SampleError(f"cannot become a child subreaper: {os.strerror(ctypes.get_errno())}")
 
 
-def _runtime_error(log_path: str, binary: str) -> str:
-    """The runtime's last error message, from its JSON log."""
+def _runtime_error(log_path: str, binary: str, status: int) -> str:
+    """The runtime's last error message, from its JSON log (or its exit status)."""
     last = ""
     with contextlib.suppress(OSError), open(log_path, errors="replace") as f:
         for line in f:
@@ -543,4 +560,4 @@ def _runtime_error(log_path: str, binary: str) -> str:
                 continue
             if isinstance(entry, dict) and entry.get("level") in ("error", "fatal"):
                 last = str(entry.get("msg", ""))
-    return f"{os.path.basename(binary)} create: {last or 'failed'}"
+    return f"{os.path.basename(binary)} create: {last or f'exit status {status}, no message'}"
