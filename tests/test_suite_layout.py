@@ -1,6 +1,7 @@
 """How the suite itself is laid out, checked so that it stays so: test modules share code
 only through tests/support (no test module imports another), bench/ reaches the tests'
-code only through that package, and no test cites an issue number."""
+code only through that package, and no test cites an issue number or a document the
+repository does not hold."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ pytestmark = pytest.mark.unit
 TESTS = Path(__file__).resolve().parent
 BENCH = TESTS.parent / "bench"
 ISSUE = re.compile(r"\bissues? ?#?\d+|\bissue's\b", re.IGNORECASE)
+DOCUMENT = re.compile(r"[\w./-]+\.md\b")
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -52,3 +54,13 @@ def test_no_issue_numbers() -> None:
              for p in python_files(TESTS, BENCH)
              for n, line in enumerate(p.read_text().splitlines(), 1) if ISSUE.search(line)]
     assert cited == []
+
+
+def test_documents_cited_are_in_the_repository() -> None:
+    """A `.md` a test or benchmark names is the repository's own (at its top or in
+    bench/, docs/), not a file of someone's machine."""
+    repo = TESTS.parent
+    missing = [f"{p.relative_to(repo)}: {name}" for p in python_files(TESTS, BENCH)
+               for name in DOCUMENT.findall(p.read_text())
+               if not any((base / name).is_file() for base in (repo, BENCH, repo / "docs"))]
+    assert missing == []
