@@ -1,4 +1,6 @@
-"""Images for the workload-analyzer tests (tests/test_analyze.py).
+"""Images for the workload-analyzer tests of every runner, and what they share: the
+workload kinds (`KINDS`: exit, --period, --wait-on-line) with the records they must
+give, and reading a record or what a run prioritized.
 
 Layer tars are docker-style: every parent directory has its own entry before what it
 holds. Entries are given as a list of :class:`E` (file, dir, symlink, whiteout, ...), so a

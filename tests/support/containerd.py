@@ -2,7 +2,8 @@
 
 The daemon is started and stopped by scripts/containerd-up.sh and
 scripts/containerd-down.sh, so tests, the demo and people at a shell all use
-the same set-up. Everything it writes lives in one directory.
+the same set-up. Everything it writes lives in one directory. Below the daemon: our CLI
+against it (`optimize`) and what a test reads back (images, leases, ingests in progress).
 """
 
 from __future__ import annotations

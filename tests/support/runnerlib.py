@@ -2,7 +2,7 @@
 
 `DAEMONLESS` names each such runner with the flags that select it, so that a test
 parametrized over it covers every one (the rootless runner has its row).
-`RunLeftovers` is test_analyze's `Leftovers` for them: no sample container in the
+`RunLeftovers` is support.leftovers' `Leftovers` for them: no sample container in the
 runtime's state, no sample cgroup, no monitor, no mount, no netns, nothing in $TMPDIR.
 Helpers read the converted OCI layout (prioritized files per layer) and run an image of
 a layout with runc on umoci's unpack of it.
