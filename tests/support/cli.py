@@ -78,13 +78,12 @@ def invoke(*args: str | Path, env: Mapping[str, str] | None = None,
     """Run the CLI's entry point (`estargz_opt.cli.main`, which maps every expected error
     to one line and an exit status) in this process, with stdin, stdout, stderr and the
     environment swapped for the call as CliRunner does. What main() sets for the whole
-    process (the root logger's handlers and level, the SIGTERM handler, sys.argv) is put
-    back afterwards. With *check*, a non-zero exit fails the test with the output."""
+    process (loggers' levels and handlers, the SIGTERM handler, sys.argv) is put back
+    afterwards. With *check*, a non-zero exit fails the test with the output."""
     from estargz_opt import cli
 
     argv = [str(a) for a in args]
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
+    loggers = _logger_state()
     sigterm, saved_argv = signal.getsignal(signal.SIGTERM), sys.argv
     code = 0
     # As for a child (cli_env): no CONTAINERD_* from the developer's shell; a test names
@@ -99,14 +98,38 @@ def invoke(*args: str | Path, env: Mapping[str, str] | None = None,
         finally:
             sys.argv = saved_argv
             signal.signal(signal.SIGTERM, sigterm)
-            root.handlers[:] = handlers
-            root.setLevel(level)
+            _restore_loggers(loggers)
         stdout, stderr = out.getvalue(), err.getvalue()
     res = Invoked(["estargz-opt", *argv], code, stdout.decode(), stderr.decode())
     if check and code != 0:
         raise AssertionError(f"{' '.join(res.args)} exited {code}\nstdout:\n{res.stdout}\n"
                              f"stderr:\n{res.stderr}")
     return res
+
+
+_LoggerState = dict[str, tuple[int, list[logging.Handler], bool]]
+
+
+def _logger_state() -> _LoggerState:
+    """Level, handlers and propagation of the root logger and every named one: the CLI
+    sets them for its process (its handler on stderr, httpx quietened), and a test
+    process must keep its own (caplog, a test that logs httpx at DEBUG)."""
+    named = [(n, lg) for n, lg in logging.Logger.manager.loggerDict.items()
+             if isinstance(lg, logging.Logger)]
+    return {n: (lg.level, lg.handlers[:], lg.propagate)
+            for n, lg in [("", logging.getLogger()), *named]}
+
+
+def _restore_loggers(state: _LoggerState) -> None:
+    for name, (level, handlers, propagate) in state.items():
+        lg = logging.getLogger(name or None)
+        lg.setLevel(level)
+        lg.handlers[:] = handlers
+        lg.propagate = propagate
+    for name, lg in logging.Logger.manager.loggerDict.items():  # made during the run
+        if isinstance(lg, logging.Logger) and name not in state:
+            lg.setLevel(logging.NOTSET)
+            lg.handlers.clear()
 
 
 def printed_digest(res: subprocess.CompletedProcess[str] | Invoked) -> str:
