@@ -99,3 +99,18 @@ def test_success_prints_the_digest_last(layout: Path, tmp_path: Path) -> None:
                  f"oci:{tmp_path / 'dst'}:v1")
     assert res.returncode == 0, res
     assert res.stdout.strip().splitlines()[-1].startswith("sha256:")
+
+
+def test_an_in_process_run_leaves_the_test_process_as_it_was() -> None:
+    """What main() sets for its process (signal handlers, log levels and handlers) is put
+    back by invoke: a failed run ignores SIGINT, which children would inherit."""
+    import logging
+    import signal
+
+    signals = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    root, httpx_logger = logging.getLogger(), logging.getLogger("httpx")
+    logs = (root.level, root.handlers[:], httpx_logger.level)
+    assert invoke("optimize", "--zstdchunked", "oci:/x:1", "oci:/y:1").returncode == 2
+    assert invoke("--log-format", "json", "--version").returncode == 0
+    assert {s: signal.getsignal(s) for s in signals} == signals
+    assert (root.level, root.handlers[:], httpx_logger.level) == logs

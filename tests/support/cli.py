@@ -78,13 +78,16 @@ def invoke(*args: str | Path, env: Mapping[str, str] | None = None,
     """Run the CLI's entry point (`estargz_opt.cli.main`, which maps every expected error
     to one line and an exit status) in this process, with stdin, stdout, stderr and the
     environment swapped for the call as CliRunner does. What main() sets for the whole
-    process (loggers' levels and handlers, the SIGTERM handler, sys.argv) is put back
+    process (loggers' levels and handlers, SIGINT and SIGTERM, sys.argv) is put back
     afterwards. With *check*, a non-zero exit fails the test with the output."""
     from estargz_opt import cli
 
     argv = [str(a) for a in args]
     loggers = _logger_state()
-    sigterm, saved_argv = signal.getsignal(signal.SIGTERM), sys.argv
+    # main() handles SIGINT and SIGTERM, and ignores both once it fails: left so, this
+    # process and every child it starts later would ignore Ctrl-C.
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    saved_argv = sys.argv
     code = 0
     # As for a child (cli_env): no CONTAINERD_* from the developer's shell; a test names
     # its daemon with -a.
@@ -97,7 +100,8 @@ def invoke(*args: str | Path, env: Mapping[str, str] | None = None,
             code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
         finally:
             sys.argv = saved_argv
-            signal.signal(signal.SIGTERM, sigterm)
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
             _restore_loggers(loggers)
         stdout, stderr = out.getvalue(), err.getvalue()
     res = Invoked(["estargz-opt", *argv], code, stdout.decode(), stderr.decode())
