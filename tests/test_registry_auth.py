@@ -26,9 +26,9 @@ import pytest
 from lazypull import Registry, RegistryConfig, _free_port
 from registries import PASSWORD, USER, LoopbackCA, Registries, sha256
 
+from estargz_opt.errors import RegistryAccessError
 from estargz_opt.reference import RegistryRef
 from estargz_opt.stores.registry import credentials
-from estargz_opt.stores.registry.access import RegistryAccessError
 from estargz_opt.stores.registry.options import RegistryOptions
 from estargz_opt.stores.registry.session import Session, open_session
 from estargz_opt.stores.registry.store import RegistryStore

@@ -16,9 +16,9 @@ from estargz_opt import descriptor as d
 from estargz_opt.convert import TOC_LAYER_DIGEST
 from estargz_opt.descriptor import Descriptor, Manifest
 from estargz_opt.digest import sha256_digest
-from estargz_opt.errors import EstargzOptError
+from estargz_opt.errors import EstargzOptError, MissingExternalTOCError
 from estargz_opt.format import TOC_DIGEST_ANNOTATION, UNCOMPRESSED_SIZE_ANNOTATION, open_layer
-from estargz_opt.format.reader import Layer, MissingExternalTOCError
+from estargz_opt.format.reader import Layer
 from estargz_opt.format.toc import LANDMARKS, NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK
 from estargz_opt.format.zstdchunked import MANIFEST_CHECKSUM, MANIFEST_POSITION
 from estargz_opt.platforms import Matcher

@@ -21,7 +21,7 @@ from estargz_opt import descriptor as d
 from estargz_opt.cache import LayerCache, Slot, layer_key
 from estargz_opt.descriptor import Descriptor, Manifest
 from estargz_opt.digest import sha256_digest
-from estargz_opt.errors import BadInputError, EstargzOptError
+from estargz_opt.errors import BadInputError, Cancelled, EstargzOptError
 from estargz_opt.format import Format, LayerOptions, LayerResult, build_layer, open_layer
 from estargz_opt.format.source import Spool, TarSource, open_tar
 from estargz_opt.platforms import Matcher
@@ -65,10 +65,6 @@ class ConvertResult:
     layers: list[LayerReport]
     toc_layers: list[Descriptor]  # external TOC blobs, for the TOC image
     warnings: list[str]
-
-
-class Cancelled(EstargzOptError):
-    """The conversion was interrupted."""
 
 
 class Converter:

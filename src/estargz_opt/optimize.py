@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING, Any
 
 from estargz_opt import descriptor as d
 from estargz_opt import platforms, reference
+from estargz_opt.errors import EmptyProfileError
 from estargz_opt.prioritize.layerindex import LayerNames
 from estargz_opt.prioritize.prefetch import write_prefetch_list
 from estargz_opt.prioritize.profile import (
     EXAMPLES,
-    EmptyProfileError,
     LayerId,
     Profile,
     ProfileKind,

@@ -19,7 +19,6 @@ from pathlib import Path
 
 from estargz_opt import descriptor as d
 from estargz_opt.descriptor import Manifest
-from estargz_opt.errors import EstargzOptError
 from estargz_opt.format import tarfmt
 from estargz_opt.prioritize.layerindex import LayerNames
 from estargz_opt.prioritize.prefetch import expand_prefetch_list, read_prefetch_list
@@ -41,10 +40,6 @@ class ProfileSource:
 
     kind: ProfileKind
     path: Path
-
-
-class EmptyProfileError(EstargzOptError):
-    """The profile prioritizes nothing in the image (exit 1 unless --allow-empty-profile)."""
 
 
 @dataclass(frozen=True, slots=True)

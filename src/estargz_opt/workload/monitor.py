@@ -36,25 +36,21 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from typing import IO, Any, ClassVar, Protocol
 
-from estargz_opt.errors import EstargzOptError
-from estargz_opt.mount import Mount
-from estargz_opt.workload.fanotify import (
-    EventSource,
+from estargz_opt.errors import (
+    EstargzOptError,
     FanotifyError,
-    FanotifyMonitor,
     FanotifyPermissionError,
     FanotifyUnavailableError,
-    drain,
+    MonitorError,
+    MountError,
 )
-from estargz_opt.workload.mounts import MountError, make_rslave, mount_all
+from estargz_opt.mount import Mount
+from estargz_opt.workload.fanotify import EventSource, FanotifyMonitor, drain
+from estargz_opt.workload.mounts import make_rslave, mount_all
 
 CLONE_NEWNS = 0x00020000
 PR_SET_PDEATHSIG = 1
 _REPLY_TIMEOUT = 15.0
-
-
-class MonitorError(EstargzOptError):
-    """The monitor process failed or stopped answering."""
 
 
 _ERRORS: dict[str, type[EstargzOptError]] = {

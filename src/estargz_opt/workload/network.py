@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from estargz_opt.errors import EstargzOptError
+from estargz_opt.errors import NetworkError
 from estargz_opt.workload.options import SamplerOptions
 
 log = logging.getLogger("estargz_opt")
@@ -27,10 +27,6 @@ NETNS_DIR = "/var/run/netns"
 DEFAULT_CONF_DIR = "/etc/cni/net.d"
 DEFAULT_PLUGIN_DIRS = ("/opt/cni/bin", "/usr/lib/cni")
 IFNAME = "eth0"
-
-
-class NetworkError(EstargzOptError):
-    """The CNI network of the sample container could not be set up."""
 
 
 def load_conf(conf_dir: str) -> dict[str, Any]:

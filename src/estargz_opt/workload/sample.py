@@ -31,6 +31,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
+from estargz_opt.errors import RunnerError, SampleError, WorkloadStartError
 from estargz_opt.stores.owner import is_dead, this_process
 from estargz_opt.workload import network
 from estargz_opt.workload.options import SamplerOptions
@@ -40,11 +41,8 @@ from estargz_opt.workload.runner import (
     FileMonitor,
     RunDir,
     Runner,
-    RunnerError,
-    SampleError,
     SampleImage,
     Task,
-    WorkloadStartError,
 )
 from estargz_opt.workload.spec import (
     NO_GPU_HOOK,

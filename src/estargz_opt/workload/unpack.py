@@ -44,7 +44,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from estargz_opt.descriptor import Descriptor
-from estargz_opt.errors import BadInputError
+from estargz_opt.errors import BadInputError, UnmappedOwnerError, UnpackError
 from estargz_opt.format import tarfmt
 from estargz_opt.format.source import plain_pieces
 
@@ -57,18 +57,6 @@ OVERLAY_OPAQUE = "trusted.overlay.opaque"
 MAX_LINKS = 40
 _DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _PIECE = 1 << 20
-
-
-class UnpackError(BadInputError):
-    """A layer could not be applied (its tar is bad, or it asks for the impossible)."""
-
-
-class UnmappedOwnerError(UnpackError):
-    """An entry is owned by an id the caller cannot give files (see UnpackOptions.ids)."""
-
-    def __init__(self, name: str, uid: int, gid: int) -> None:
-        super().__init__(f"{name} is owned by uid {uid} gid {gid}")
-        self.name, self.uid, self.gid = name, uid, gid
 
 
 @dataclass(frozen=True, slots=True)

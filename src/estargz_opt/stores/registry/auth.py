@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from estargz_opt.stores.registry.access import RegistryAccessError
+from estargz_opt.errors import RegistryAccessError
 from estargz_opt.stores.registry.credentials import Credential
 
 log = logging.getLogger("estargz_opt")

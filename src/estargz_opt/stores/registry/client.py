@@ -25,8 +25,7 @@ import httpx
 from estargz_opt import descriptor as d
 from estargz_opt.descriptor import Descriptor
 from estargz_opt.digest import digest_of, hasher, sha256_digest
-from estargz_opt.errors import BadInputError, EstargzOptError
-from estargz_opt.stores.registry.access import RegistryAccessError
+from estargz_opt.errors import BadInputError, RegistryAccessError, RegistryError
 from estargz_opt.stores.registry.session import Session, transport_failure
 
 log = logging.getLogger("estargz_opt")
@@ -43,10 +42,6 @@ CHUNK = 16 << 20
 MIN_CHUNK = 64 << 10
 _RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 T = TypeVar("T")
-
-
-class RegistryError(EstargzOptError):
-    """A registry answered something we cannot go on from (the message says which)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from estargz_opt.stores.registry.access import RegistryAccessError
+from estargz_opt.errors import RegistryAccessError
 from estargz_opt.stores.registry.options import RegistryOptions
 
 #: The hosts that all mean Docker Hub, and the key `docker login` writes for it.

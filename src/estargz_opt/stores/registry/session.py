@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 
 import httpx
 
+from estargz_opt.errors import RegistryAccessError
 from estargz_opt.stores.registry import credentials
-from estargz_opt.stores.registry.access import RegistryAccessError
 from estargz_opt.stores.registry.auth import RegistryAuth
 from estargz_opt.stores.registry.options import RegistryOptions
 from estargz_opt.stores.registry.tls import TlsConfig, tls_config

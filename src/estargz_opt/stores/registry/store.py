@@ -39,18 +39,11 @@ from typing import BinaryIO, Self
 from estargz_opt import descriptor as d
 from estargz_opt.descriptor import Descriptor, Index
 from estargz_opt.digest import sha256_digest, sha256_hex
-from estargz_opt.errors import BadInputError
+from estargz_opt.errors import BadInputError, RegistryError
 from estargz_opt.reference import DEFAULT_TAG, RegistryRef
 from estargz_opt.stores import check_blob
 from estargz_opt.stores.owner import is_dead, temp_owner, temp_prefix
-from estargz_opt.stores.registry.client import (
-    PIECE,
-    Client,
-    RegistryError,
-    RetryPolicy,
-    Upload,
-    sniff_type,
-)
+from estargz_opt.stores.registry.client import PIECE, Client, RetryPolicy, Upload, sniff_type
 from estargz_opt.stores.registry.options import RegistryOptions
 from estargz_opt.stores.registry.session import Session, open_session
 

@@ -33,25 +33,25 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import IO, Any, ClassVar
 
-from estargz_opt.errors import EstargzOptError
+from estargz_opt.errors import (
+    EstargzOptError,
+    ImageTooBigError,
+    NeedsIdsError,
+    RootlessUnavailableError,
+    UnmappedOwnerError,
+    UnpackError,
+)
 from estargz_opt.mount import Mount
 from estargz_opt.workload import monitor as base
 from estargz_opt.workload.fanotify_fid import FidMonitor, HandleMap
 from estargz_opt.workload.mounts import make_rslave, mount_all, remount
 from estargz_opt.workload.rootless.checks import (
     IdMapping,
-    RootlessUnavailableError,
     memory_refusal,
     refuse,
     several_ids_refusal,
 )
-from estargz_opt.workload.unpack import (
-    Layer,
-    UnmappedOwnerError,
-    UnpackError,
-    UnpackOptions,
-    unpack_layers,
-)
+from estargz_opt.workload.unpack import Layer, UnpackOptions, unpack_layers
 
 log = logging.getLogger("estargz_opt")
 
@@ -61,15 +61,6 @@ WRITE_ROOM = 64 << 20
 #: How long unpacking may take before the parent gives up waiting for `ready`.
 UNPACK_TIMEOUT = 1800.0
 _FRAME = struct.Struct("<Q")
-
-
-class ImageTooBigError(RootlessUnavailableError):
-    """The unpacked image did not fit in the tmpfs (memory)."""
-
-
-class NeedsIdsError(RootlessUnavailableError):
-    """The image owns files by ids the user namespace does not map (the helper's report;
-    the parent turns it into the refusal that names the ways out)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,24 +30,18 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 
+from estargz_opt.errors import RootlessUnavailableError, SampleError
 from estargz_opt.mount import Mount
 from estargz_opt.stores import Store
 from estargz_opt.stores.owner import is_dead
 from estargz_opt.workload.options import SamplerOptions
 from estargz_opt.workload.rootless import checks
-from estargz_opt.workload.rootless.checks import IdMapping, RootlessUnavailableError
+from estargz_opt.workload.rootless.checks import IdMapping
 from estargz_opt.workload.rootless.monitor import RootlessMonitor, RootlessSetup
 from estargz_opt.workload.rootless.spec import rootless_spec
 from estargz_opt.workload.rootless.userns import kill_all, ns_id
 from estargz_opt.workload.runc.runner import RuncRunner, RuncTask, RuntimeCLI
-from estargz_opt.workload.runner import (
-    SAMPLE_PREFIX,
-    RunDir,
-    SampleError,
-    SampleImage,
-    StdioPaths,
-    find_runtime,
-)
+from estargz_opt.workload.runner import SAMPLE_PREFIX, RunDir, SampleImage, StdioPaths, find_runtime
 from estargz_opt.workload.spec import Spec
 
 log = logging.getLogger("estargz_opt")

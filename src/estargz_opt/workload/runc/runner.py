@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from estargz_opt.descriptor import Descriptor
+from estargz_opt.errors import RunnerError, SampleError, WorkloadStartError
 from estargz_opt.mount import Mount
 from estargz_opt.stores import Store
 from estargz_opt.stores.owner import is_dead, this_process
@@ -55,11 +56,8 @@ from estargz_opt.workload.runner import (
     SAMPLE_PREFIX,
     FileMonitor,
     RunDir,
-    RunnerError,
-    SampleError,
     SampleImage,
     StdioPaths,
-    WorkloadStartError,
     find_runtime,
     quietly,
 )
