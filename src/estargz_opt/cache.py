@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from estargz_opt.atomic import atomic_output, atomic_write, temp_file
+from estargz_opt.constants import DEFAULT_CACHE_MAX_SIZE, IO_CHUNK
 from estargz_opt.digest import digest_of, hasher
 from estargz_opt.format import OUTPUT_VERSION, LayerOptions, LayerResult, build_layer
 from estargz_opt.format.codec import Output
@@ -49,8 +50,6 @@ log = logging.getLogger("estargz_opt")
 
 ENV_DIR = "ESTARGZ_OPT_CACHE_DIR"
 SUBDIR = "layers"
-DEFAULT_MAX_SIZE = 10 << 30
-_READ = 1 << 20
 _STATS = "stats.json"
 #: a run waits for another one filling the same entry until that fill stops growing
 STALL_SECONDS = 10
@@ -124,7 +123,7 @@ def _result_from_json(data: bytes) -> LayerResult:
 class LayerCache:
     """One cache directory, for one run (several threads) or one `cache` command."""
 
-    def __init__(self, root: Path, max_size: int = DEFAULT_MAX_SIZE) -> None:
+    def __init__(self, root: Path, max_size: int = DEFAULT_CACHE_MAX_SIZE) -> None:
         self.root = root
         self.dir = root / SUBDIR
         self.max_size = max_size
@@ -423,7 +422,7 @@ class Slot:
         h = hasher()
         size = 0
         with open(hit.blob, "rb") as f:
-            while block := f.read(_READ):
+            while block := f.read(IO_CHUNK):
                 h.update(block)
                 size += len(block)
                 out.write(block)
@@ -496,7 +495,7 @@ def convert_file(
     opts.validate()
     h = hasher()
     with open(src, "rb") as f:
-        while block := f.read(_READ):
+        while block := f.read(IO_CHUNK):
             h.update(block)
     try:
         with cache.slot(layer_key(digest_of(h), opts)) as slot:

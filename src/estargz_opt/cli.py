@@ -15,6 +15,7 @@ from typing import Any
 import click
 
 from estargz_opt import __version__, cache, check, platforms
+from estargz_opt.constants import DEFAULT_CACHE_MAX_SIZE, TOC_IMAGE_SUFFIX
 from estargz_opt.errors import EstargzOptError, UsageError
 from estargz_opt.format import (
     DEFAULT_CHUNK_SIZE,
@@ -391,7 +392,9 @@ def _profiles(records: tuple[Path, ...], lists: tuple[Path, ...]) -> tuple[Profi
     help="Minimal gzip member size (breaks upstream VerifyTOC).",
 )
 @click.option(
-    "--estargz-external-toc", is_flag=True, help="Keep TOCs in a separate image DST-esgztoc."
+    "--estargz-external-toc",
+    is_flag=True,
+    help=f"Keep TOCs in a separate image DST{TOC_IMAGE_SUFFIX}.",
 )
 @click.option(
     "--record-out",
@@ -403,7 +406,7 @@ def _profiles(records: tuple[Path, ...], lists: tuple[Path, ...]) -> tuple[Profi
 @click.option(
     "--cache-max-size",
     type=_Size(),
-    default=cache.DEFAULT_MAX_SIZE,
+    default=DEFAULT_CACHE_MAX_SIZE,
     help="Evict least recently used cache entries beyond this size after the run (default 10G).",
 )
 @_prefetch_list_out_option
@@ -875,7 +878,7 @@ def cache_info(cache_dir: Path | None, as_json: bool) -> None:
 @click.option(
     "--cache-max-size",
     type=_Size(),
-    default=cache.DEFAULT_MAX_SIZE,
+    default=DEFAULT_CACHE_MAX_SIZE,
     help="Without --all: evict least recently used entries beyond this size (default 10G).",
 )
 def cache_prune(cache_dir: Path | None, everything: bool, cache_max_size: int) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 
 from estargz_opt import descriptor as d
 from estargz_opt.cache import LayerCache, Slot, layer_key
+from estargz_opt.constants import IO_CHUNK, TOC_DIGEST_ANNOTATION, TOC_LAYER_DIGEST_ANNOTATION
 from estargz_opt.descriptor import Descriptor, Manifest
 from estargz_opt.digest import sha256_digest
 from estargz_opt.errors import BadInputError, Cancelled, EstargzOptError
@@ -31,7 +32,6 @@ from estargz_opt.walk import attested, is_attestation, is_image, read_index, rea
 
 log = logging.getLogger("estargz_opt")
 
-TOC_LAYER_DIGEST = "containerd.io/snapshot/stargz/layer.digest"
 _EMPTY_CONFIG = b"{}"
 
 
@@ -231,7 +231,7 @@ class Converter:
                 media_type=d.OCI_LAYER_GZIP,
                 digest=sha256_digest(result.toc_blob),
                 size=len(result.toc_blob),
-                annotations={TOC_LAYER_DIGEST: result.digest},
+                annotations={TOC_LAYER_DIGEST_ANNOTATION: result.digest},
             )
             with self._lock:
                 self.toc_layers.append(toc_desc)
@@ -317,7 +317,7 @@ class Converter:
 
     def _reusable(self, desc: Descriptor, what: str) -> bool:
         """Upstream's --reuse test, plus every chunk verified: keep only sound eStargz layers."""
-        toc_digest = (desc.annotations or {}).get("containerd.io/snapshot/stargz/toc.digest")
+        toc_digest = (desc.annotations or {}).get(TOC_DIGEST_ANNOTATION)
         if not toc_digest:
             return False
         with self.src.local_file(desc, what) as path:
@@ -383,7 +383,7 @@ class Converter:
             open(path, "rb") as f,
             self.dst.sink(source=desc) as s,
         ):
-            while block := f.read(1 << 20):
+            while block := f.read(IO_CHUNK):
                 s.file.write(block)
             s.commit(desc.digest, desc.size)
 

@@ -11,24 +11,52 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Self
 
+from estargz_opt.constants import (
+    DOCKER_CONFIG as DOCKER_CONFIG,
+)
+from estargz_opt.constants import (
+    DOCKER_FOREIGN as DOCKER_FOREIGN,
+)
+from estargz_opt.constants import (
+    DOCKER_FOREIGN_GZIP as DOCKER_FOREIGN_GZIP,
+)
+from estargz_opt.constants import (
+    DOCKER_LAYER as DOCKER_LAYER,
+)
+from estargz_opt.constants import (
+    DOCKER_LAYER_GZIP as DOCKER_LAYER_GZIP,
+)
+from estargz_opt.constants import (
+    DOCKER_LAYER_ZSTD as DOCKER_LAYER_ZSTD,
+)
+from estargz_opt.constants import (
+    DOCKER_LIST as DOCKER_LIST,
+)
+from estargz_opt.constants import (
+    DOCKER_MANIFEST as DOCKER_MANIFEST,
+)
+from estargz_opt.constants import (
+    OCI_CONFIG as OCI_CONFIG,
+)
+from estargz_opt.constants import (
+    OCI_FOREIGN as OCI_FOREIGN,
+)
+from estargz_opt.constants import (
+    OCI_INDEX as OCI_INDEX,
+)
+from estargz_opt.constants import (
+    OCI_LAYER as OCI_LAYER,
+)
+from estargz_opt.constants import (
+    OCI_LAYER_GZIP as OCI_LAYER_GZIP,
+)
+from estargz_opt.constants import (
+    OCI_LAYER_ZSTD as OCI_LAYER_ZSTD,
+)
+from estargz_opt.constants import (
+    OCI_MANIFEST as OCI_MANIFEST,
+)
 from estargz_opt.errors import BadInputError
-
-# media types
-OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
-OCI_LAYER = "application/vnd.oci.image.layer.v1.tar"
-OCI_LAYER_GZIP = OCI_LAYER + "+gzip"
-OCI_LAYER_ZSTD = OCI_LAYER + "+zstd"
-OCI_FOREIGN = "application/vnd.oci.image.layer.nondistributable.v1.tar"
-DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
-DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
-DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
-DOCKER_LAYER = "application/vnd.docker.image.rootfs.diff.tar"
-DOCKER_LAYER_GZIP = DOCKER_LAYER + ".gzip"
-DOCKER_LAYER_ZSTD = DOCKER_LAYER + ".zstd"  # containerd's name; docker has no zstd type
-DOCKER_FOREIGN = "application/vnd.docker.image.rootfs.foreign.diff.tar"
-DOCKER_FOREIGN_GZIP = DOCKER_FOREIGN + ".gzip"
 
 INDEX_TYPES = frozenset({OCI_INDEX, DOCKER_LIST})
 MANIFEST_TYPES = frozenset({OCI_MANIFEST, DOCKER_MANIFEST})
@@ -57,7 +85,6 @@ DOCKER_TO_OCI = {
     DOCKER_FOREIGN_GZIP: OCI_FOREIGN + "+gzip",
     DOCKER_FOREIGN: OCI_FOREIGN,
 }
-REF_NAME = "org.opencontainers.image.ref.name"
 
 
 def is_docker(media_type: str) -> bool:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from estargz_opt import descriptor as d
 from estargz_opt import platforms, reference
+from estargz_opt.constants import DEFAULT_CACHE_MAX_SIZE, MAX_MANIFEST_SIZE, TOC_IMAGE_SUFFIX
 from estargz_opt.errors import EmptyProfileError
 from estargz_opt.prioritize.layerindex import LayerNames
 from estargz_opt.prioritize.prefetch import write_prefetch_list
@@ -35,7 +36,7 @@ from estargz_opt.workload.options import SamplerOptions
 
 if TYPE_CHECKING:
     from estargz_opt.workload.analyzer import Analysis
-from estargz_opt.cache import DEFAULT_MAX_SIZE, LayerCache
+from estargz_opt.cache import LayerCache
 from estargz_opt.convert import Converter, ConvertOptions, ConvertResult, toc_image
 from estargz_opt.descriptor import Descriptor, Manifest
 from estargz_opt.errors import EstargzOptError, UsageError
@@ -47,9 +48,6 @@ from estargz_opt.stores import Store, StoreOptions, open_store, pair, same_store
 from estargz_opt.walk import images
 
 log = logging.getLogger("estargz_opt")
-TOC_IMAGE_SUFFIX = "-esgztoc"
-#: a record's manifest bigger than this is not read (it names no image we could use)
-MAX_MANIFEST_SIZE = 4 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +76,7 @@ class OptimizeRequest:
     progress: Progress | None = None
     #: the converted-layer cache (estargz_opt.cache); None: no cache (--no-cache)
     cache_dir: Path | None = None
-    cache_max_size: int = DEFAULT_MAX_SIZE
+    cache_max_size: int = DEFAULT_CACHE_MAX_SIZE
 
     @property
     def runs_workload(self) -> bool:

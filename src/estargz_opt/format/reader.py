@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import BinaryIO
 
+from estargz_opt.constants import LANDMARKS, TOC_TAR_NAME
 from estargz_opt.digest import digest_of, hasher
 from estargz_opt.errors import BadInputError, MissingExternalTOCError, VerificationError
 from estargz_opt.format import tarfmt
@@ -25,9 +26,7 @@ from estargz_opt.format.codec import Decompressor, Footer, Stream, TruncatedErro
 from estargz_opt.format.estargz import GzipDecompressor, LegacyGzipDecompressor
 from estargz_opt.format.externaltoc import ExternalTOCDecompressor
 from estargz_opt.format.toc import (
-    LANDMARKS,
     TOC,
-    TOC_TAR_NAME,
     TOCEntry,
     as_decoded,
     parse_toc,

@@ -23,6 +23,7 @@ from urllib.parse import urljoin
 import httpx
 
 from estargz_opt import descriptor as d
+from estargz_opt.constants import MAX_MANIFEST_SIZE
 from estargz_opt.descriptor import Descriptor
 from estargz_opt.digest import digest_of, hasher, sha256_digest
 from estargz_opt.errors import BadInputError, RegistryAccessError, RegistryError
@@ -33,7 +34,6 @@ log = logging.getLogger("estargz_opt")
 #: What we ask for when resolving a reference: every manifest and index type we read.
 MANIFEST_ACCEPT = ", ".join([d.OCI_INDEX, d.OCI_MANIFEST, d.DOCKER_LIST, d.DOCKER_MANIFEST])
 #: Registries commonly refuse manifests over 4 MiB; a bigger answer is not a manifest.
-MAX_MANIFEST = 4 << 20
 #: Read and upload in pieces of this size (memory stays flat whatever the blob's size).
 PIECE = 1 << 20
 #: Chunked uploads: pieces of this size unless the registry asks for bigger ones.
@@ -204,17 +204,17 @@ class Client:
             raise self.error(resp, what)
         with contextlib.closing(resp):
             length = resp.headers.get("Content-Length")
-            if length is not None and length.isdigit() and int(length) > MAX_MANIFEST:
+            if length is not None and length.isdigit() and int(length) > MAX_MANIFEST_SIZE:
                 raise RegistryError(
                     f"{self.where}: {what}: manifest too large ({length} bytes; the limit is "
-                    f"{MAX_MANIFEST})"
+                    f"{MAX_MANIFEST_SIZE})"
                 )
             body = bytearray()
             for piece in resp.iter_bytes():
                 body += piece
-                if len(body) > MAX_MANIFEST:
+                if len(body) > MAX_MANIFEST_SIZE:
                     raise RegistryError(
-                        f"{self.where}: {what}: manifest too large (over {MAX_MANIFEST} bytes)"
+                        f"{self.where}: {what}: manifest too large (over {MAX_MANIFEST_SIZE} bytes)"
                     )
         data = bytes(body)
         media_type = resp.headers.get("Content-Type", "").partition(";")[0].strip()

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import BinaryIO, Self
 
 from estargz_opt import descriptor as d
+from estargz_opt.constants import IO_CHUNK
 from estargz_opt.descriptor import Descriptor, Index
 from estargz_opt.digest import sha256_digest, sha256_hex
 from estargz_opt.errors import BadInputError, RegistryError
@@ -49,7 +50,6 @@ from estargz_opt.stores.registry.session import Session, open_session
 
 log = logging.getLogger("estargz_opt")
 
-_READ = 1 << 20
 #: Blobs pushed at once (each its own connection); the converter's workers run besides.
 _UPLOADS = 2
 #: Layers downloaded at once ahead of the conversion, and how many downloaded layers may
@@ -282,7 +282,7 @@ class RegistryStore:
 
     def stream(self, desc: Descriptor, what: str) -> Iterator[bytes]:
         with self.local_file(desc, what) as path, open(path, "rb") as f:
-            while block := f.read(_READ):
+            while block := f.read(IO_CHUNK):
                 yield block
 
     def prefetch(self, descs: Sequence[Descriptor], whats: Sequence[str]) -> None:
