@@ -559,7 +559,7 @@ main()
 """
 
 
-@pytest.mark.parametrize("module", ["click", "estargz_opt.format.reader", "estargz_opt.optimize"])
+@pytest.mark.parametrize("module", ["click", "estargz_opt.format.reader", "estargz_opt.pipeline"])
 def test_ctrl_c_while_modules_load_exits_130_quietly(module: str) -> None:
     """The console script's path: the handler is in before the first heavy import.
 

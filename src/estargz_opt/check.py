@@ -8,6 +8,7 @@ checks each layer the way the snapshotter will, and more (DiffID, sizes, landmar
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -37,6 +38,8 @@ from estargz_opt.walk import images
 
 @dataclass(slots=True)
 class LayerCheck:
+    """One layer as `verify` and `inspect` see it; errors fail `verify`."""
+
     platform: str
     index: int
     digest: str
@@ -75,6 +78,8 @@ def _camel(name: str) -> str:
 
 @dataclass(slots=True)
 class ImageReport:
+    """What `verify` or `inspect` found: the image (root digest) and each layer."""
+
     image: str
     digest: str
     layers: list[LayerCheck] = field(default_factory=list)
@@ -116,7 +121,7 @@ def check_image(
             _note(
                 report,
                 f"{label}: Docker media types cannot carry annotations; "
-                "lazy pulling needs OCI types (convert with --oci)",
+                "lazy pulling needs OCI types (convert them to OCI ones)",
             )
         layers = [x for x in manifest.layers if x.media_type in d.LAYER_TYPES]
         for i, layer in enumerate(layers):
@@ -246,6 +251,29 @@ def _zstd_annotations(layer: Layer, ann: dict[str, str]) -> list[str]:
         if ann.get(key) != value:
             errors.append(f"{key} {ann.get(key)!r} != {what}{value}")
     return errors
+
+
+def verify(
+    image: str, *, platforms: Sequence[str] = (), store: StoreOptions | None = None
+) -> ImageReport:
+    """Check every layer of `image` the way a lazy pull and a full pull will read it
+    (footer, TOC digest, every chunk, DiffID, sizes, landmark, annotations, the external
+    TOC image); `ImageReport.ok` says whether all pass. `platforms`: only these (default:
+    all); `image` is a containerd name, oci:DIR:TAG, oci-archive:PATH, docker://…"""
+    return check_ref(image, store or StoreOptions(), _matcher(platforms), deep=True)
+
+
+def inspect(
+    image: str, *, platforms: Sequence[str] = (), store: StoreOptions | None = None
+) -> ImageReport:
+    """Describe what a lazy pull of `image` prefetches, per layer (no chunk is checked)."""
+    return check_ref(image, store or StoreOptions(), _matcher(platforms), deep=False)
+
+
+def _matcher(specs: Sequence[str]) -> Matcher:
+    from estargz_opt import platforms
+
+    return platforms.matcher(tuple(specs), not specs)
 
 
 def check_ref(

@@ -23,10 +23,10 @@ from estargz_opt.constants import IO_CHUNK, TOC_DIGEST_ANNOTATION, TOC_LAYER_DIG
 from estargz_opt.descriptor import Descriptor, Manifest
 from estargz_opt.digest import sha256_digest
 from estargz_opt.errors import BadInputError, Cancelled, EstargzOptError
+from estargz_opt.events import ProgressListener
 from estargz_opt.format import Format, LayerOptions, LayerResult, build_layer, open_layer
 from estargz_opt.format.source import Spool, TarSource, open_tar
 from estargz_opt.platforms import Matcher
-from estargz_opt.progress import Progress
 from estargz_opt.stores import Prefetching, Store
 from estargz_opt.walk import attested, is_attestation, is_image, read_index, read_manifest
 
@@ -42,7 +42,7 @@ class ConvertOptions:
     oci: bool = False
     reuse: bool = False
     prioritized: Mapping[str, Sequence[str]] = field(default_factory=dict)  # layer digest -> paths
-    progress: Progress | None = None
+    progress: ProgressListener | None = None
     cache: LayerCache | None = None  # None: --no-cache
     #: source layers already checked and decompressed (during the workload run), by digest
     spool: Spool | None = None

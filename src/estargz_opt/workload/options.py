@@ -20,6 +20,8 @@ DEFAULT_PERIOD = 10
 RUNNERS: tuple[str, ...] = ("containerd", "runc", "rootless")
 #: --runtime's default: the OCI runtime every runner runs (containerd's through its shim)
 DEFAULT_RUNTIME = "runc"
+#: --dns-nameservers' default (ctr-remote's)
+DEFAULT_NAMESERVERS = "8.8.8.8"
 
 
 @dataclass(slots=True)
@@ -39,7 +41,7 @@ class SamplerOptions:
     env: list[str] = field(default_factory=list)  # K=V, added or overridden
     env_file: str = ""  # one K=V per line
     mounts: list[str] = field(default_factory=list)  # type=…,source=…,destination=…,options=a:b
-    dns_nameservers: str = "8.8.8.8"  # CSV
+    dns_nameservers: str = DEFAULT_NAMESERVERS  # CSV
     dns_search_domains: str = ""  # CSV
     dns_options: str = ""  # CSV
     add_hosts: str = ""  # CSV of host:IP

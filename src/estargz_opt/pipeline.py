@@ -1,4 +1,5 @@
-"""`optimize` from end to end: references -> stores -> prioritized files -> convert -> tag.
+"""`optimize` and `analyze` from end to end: references -> stores -> prioritized files ->
+convert -> tag.
 
 The tag is written only after every blob is in place; on any failure (or Ctrl-C) the
 destination store rolls back what this run wrote.
@@ -7,6 +8,7 @@ destination store rolls back what this run wrote.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -15,7 +17,13 @@ from typing import TYPE_CHECKING, Any
 
 from estargz_opt import descriptor as d
 from estargz_opt import platforms, reference
-from estargz_opt.constants import DEFAULT_CACHE_MAX_SIZE, MAX_MANIFEST_SIZE, TOC_IMAGE_SUFFIX
+from estargz_opt.cache import default_dir as default_cache_dir
+from estargz_opt.constants import (
+    DEFAULT_CACHE_MAX_SIZE,
+    DEFAULT_CHUNK_SIZE,
+    MAX_MANIFEST_SIZE,
+    TOC_IMAGE_SUFFIX,
+)
 from estargz_opt.errors import EmptyProfileError
 from estargz_opt.prioritize.layerindex import LayerNames
 from estargz_opt.prioritize.prefetch import write_prefetch_list
@@ -39,11 +47,11 @@ if TYPE_CHECKING:
 from estargz_opt.cache import LayerCache
 from estargz_opt.convert import Converter, ConvertOptions, ConvertResult, toc_image
 from estargz_opt.descriptor import Descriptor, Manifest
-from estargz_opt.errors import EstargzOptError, UsageError
+from estargz_opt.errors import EstargzOptError, OptionsError, UsageError
+from estargz_opt.events import ProgressListener
 from estargz_opt.format import Format, LayerOptions
 from estargz_opt.format.build import LayerResult
 from estargz_opt.format.source import Spool
-from estargz_opt.progress import Progress
 from estargz_opt.stores import Store, StoreOptions, open_store, pair, same_store
 from estargz_opt.walk import images
 
@@ -52,55 +60,125 @@ log = logging.getLogger("estargz_opt")
 
 @dataclass(frozen=True, slots=True)
 class OptimizeRequest:
+    """What `optimize` converts, and how. Build one with `from_options`: it fills the
+    defaults that depend on other options and checks how the options combine."""
+
     src: str
     dst: str
     layer: LayerOptions = field(default_factory=LayerOptions)
+    #: convert Docker media types to OCI ones (needed for the annotations)
     oci: bool = False
+    #: keep layers that are already sound eStargz and get no prioritized files
     reuse: bool = False
+    #: platforms to convert ("linux/arm64"); none: the host's
     platforms: tuple[str, ...] = ()
     all_platforms: bool = False
+    #: convert without prioritized files (no workload run, no record)
     no_optimize: bool = False
-    #: --record-in and --prefetch-list files, merged in this order
+    #: records and prefetch lists, merged in this order
     profiles: tuple[ProfileSource, ...] = ()
     #: a profile that prioritizes nothing is a warning instead of an error
     allow_empty_profile: bool = False
-    #: run the workload with these options (any source; --runner); see workload.options
+    #: run the workload with these options (any source); see workload.options
     sampler: SamplerOptions | None = None
     #: write the record of the workload run here (ctr-remote's --record-out)
     record_out: Path | None = None
-    #: also write the workload run's files as a prefetch list here
+    #: also write the workload run's (or the profiles') files as a prefetch list here
     prefetch_list_out: Path | None = None
     #: how to reach the source's and the destination's stores
     src_store: StoreOptions = field(default_factory=StoreOptions)
     dst_store: StoreOptions = field(default_factory=StoreOptions)
-    progress: Progress | None = None
-    #: the converted-layer cache (estargz_opt.cache); None: no cache (--no-cache)
+    #: the converted-layer cache (estargz_opt.cache); None: no cache
     cache_dir: Path | None = None
     cache_max_size: int = DEFAULT_CACHE_MAX_SIZE
+
+    @classmethod
+    def from_options(
+        cls,
+        src: str,
+        dst: str,
+        *,
+        format: Format | str = Format.ESTARGZ,
+        compression_level: int | None = None,
+        chunk_size: int = 0,
+        min_chunk_size: int = 0,
+        workers: int | None = None,
+        oci: bool = False,
+        reuse: bool = False,
+        platforms: Sequence[str] = (),
+        all_platforms: bool = False,
+        no_optimize: bool = False,
+        profiles: Sequence[ProfileSource] = (),
+        allow_empty_profile: bool = False,
+        sampler: SamplerOptions | None = None,
+        record_out: Path | None = None,
+        prefetch_list_out: Path | None = None,
+        src_store: StoreOptions | None = None,
+        dst_store: StoreOptions | None = None,
+        cache: bool = True,
+        cache_dir: Path | None = None,
+        cache_max_size: int = DEFAULT_CACHE_MAX_SIZE,
+    ) -> OptimizeRequest:
+        """A checked request, with every default that depends on other options filled in.
+
+        The fields are those of the same names, except: compression_level None is the
+        format's default; chunk_size 0 is DEFAULT_CHUNK_SIZE; min_chunk_size is dropped
+        for zstdchunked (upstream ignores it there); records among `profiles` are
+        dropped under no_optimize (as ctr-remote ignores its --record-in then) while
+        prefetch lists are refused; `cache` with no cache_dir uses the default cache
+        directory (estargz_opt.cache.default_dir). OptionsError if options contradict.
+        """
+        fmt = Format(format)
+        layer = LayerOptions(
+            format=fmt,
+            compression_level=compression_level,
+            chunk_size=chunk_size or DEFAULT_CHUNK_SIZE,
+            min_chunk_size=0 if fmt is Format.ZSTDCHUNKED else min_chunk_size,
+            workers=workers,
+        )
+        if no_optimize:
+            profiles = [p for p in profiles if p.kind is not ProfileKind.RECORD]
+        req = cls(
+            src=src,
+            dst=dst,
+            layer=layer,
+            oci=oci,
+            reuse=reuse,
+            platforms=tuple(platforms),
+            all_platforms=all_platforms,
+            no_optimize=no_optimize,
+            profiles=tuple(profiles),
+            allow_empty_profile=allow_empty_profile,
+            sampler=sampler,
+            record_out=record_out,
+            prefetch_list_out=prefetch_list_out,
+            src_store=src_store or StoreOptions(),
+            dst_store=dst_store or StoreOptions(),
+            cache_dir=(cache_dir or default_cache_dir()) if cache else None,
+            cache_max_size=cache_max_size,
+        )
+        req.validate()
+        return req
 
     @property
     def runs_workload(self) -> bool:
         return not (self.no_optimize or self.profiles)
 
-    @staticmethod
-    def layer_format(zstdchunked: bool, external_toc: bool) -> Format:
-        """The layer format the flags ask for (they exclude each other)."""
-        if zstdchunked and external_toc:
-            raise UsageError("--zstdchunked and --estargz-external-toc do not go together")
-        if zstdchunked:
-            return Format.ZSTDCHUNKED
-        return Format.EXTERNAL_TOC if external_toc else Format.ESTARGZ
-
     def validate(self) -> None:
-        """Every check of how optimize's options combine, as UsageError (exit 2)."""
+        """Every check of how the options combine, as OptionsError (a UsageError)."""
         src, dst = reference.parse(self.src), reference.parse(self.dst)
         fmt = self.layer.format
+        self.layer.validate()
         if fmt is Format.ZSTDCHUNKED and not self.oci:
-            raise UsageError("--zstdchunked requires --oci")
+            raise OptionsError("{fmt} requires {oci}", fmt=_FORMAT_TERM[fmt], oci="oci=True")
         if fmt is Format.EXTERNAL_TOC and self.reuse:
-            raise UsageError("--estargz-external-toc cannot be combined with --reuse")
+            raise OptionsError(
+                "{fmt} cannot be combined with {reuse}", fmt=_FORMAT_TERM[fmt], reuse="reuse=True"
+            )
         if self.no_optimize and any(p.kind is ProfileKind.PREFETCH_LIST for p in self.profiles):
-            raise UsageError("--prefetch-list cannot be combined with --no-optimize")
+            raise OptionsError(
+                "{plist} cannot be combined with {no_opt}", plist=_PLIST, no_opt=_NO_OPTIMIZE
+            )
         if isinstance(dst, reference.DockerArchiveRef):
             raise UsageError(
                 f"{dst}: docker-archive: images are read only; write oci-archive:PATH[:TAG] "
@@ -111,25 +189,61 @@ class OptimizeRequest:
         if isinstance(dst, reference.RegistryRef) and dst.digest:
             raise UsageError(f"the destination {dst} names a digest; give it a tag instead")
         if self.record_out and not self.runs_workload:
-            raise UsageError(
-                "--record-out records a workload run; it cannot be combined with --record-in, "
-                "--prefetch-list or --no-optimize"
+            raise OptionsError(
+                "{out} records a workload run; it cannot be combined with {rec}, {plist} "
+                "or {no_opt}",
+                out="record_out",
+                rec=_RECORD,
+                plist=_PLIST,
+                no_opt=_NO_OPTIMIZE,
             )
         if self.prefetch_list_out and not (self.runs_workload or self.profiles):
-            raise UsageError(
-                "--prefetch-list-out writes the files of a workload run or of the profiles; "
-                "--no-optimize has neither"
+            raise OptionsError(
+                "{out} writes the files of a workload run or of the profiles; {no_opt} has "
+                "neither",
+                out="prefetch_list_out",
+                no_opt=_NO_OPTIMIZE,
             )
         if self.allow_empty_profile and not self.profiles:
-            raise UsageError("--allow-empty-profile applies to --record-in and --prefetch-list")
+            raise OptionsError(
+                "{allow} applies to {rec} and {plist}",
+                allow="allow_empty_profile=True",
+                rec=_RECORD,
+                plist=_PLIST,
+            )
         if self.cache_max_size < 0:
-            raise UsageError(f"--cache-max-size must not be negative, got {self.cache_max_size}")
+            raise OptionsError(
+                "{size} must not be negative, got " + str(self.cache_max_size),
+                size="cache_max_size",
+            )
         if not (dst.tag or src.tag):
             raise UsageError(f"name the destination tag: {dst} needs oci:DIR:TAG")
 
 
+#: how errors name the option terms (a front end spells them its own way: OptionsError)
+_FORMAT_TERM = {f: f"format={f.value}" for f in Format}
+_RECORD = f"profiles={ProfileKind.RECORD.value}"
+_PLIST = f"profiles={ProfileKind.PREFETCH_LIST.value}"
+_NO_OPTIMIZE = "no_optimize=True"
+
+
+@dataclass(frozen=True, slots=True)
+class AnalyzeRequest:
+    """What `analyze` runs: the image's workload, recorded into `record_out`."""
+
+    src: str
+    record_out: Path
+    sampler: SamplerOptions = field(default_factory=SamplerOptions)
+    store: StoreOptions = field(default_factory=StoreOptions)
+    #: also write the recorded files as a prefetch list here
+    prefetch_list_out: Path | None = None
+
+
 @dataclass(slots=True)
-class OptimizeOutcome:
+class OptimizeResult:
+    """What `optimize` made: the new image's digest, per layer what happened, and the
+    workload run or profile that ordered the files."""
+
     format: str
     source_digest: str
     digest: str
@@ -142,7 +256,7 @@ class OptimizeOutcome:
     profile: Profile | None = None
 
     def report(self) -> dict[str, Any]:
-        """The `optimize --json` report."""
+        """The result as a JSON object (what `optimize --json` prints)."""
         layers = []
         for lay in self.result.layers:
             r = lay.result
@@ -197,7 +311,12 @@ class OptimizeOutcome:
         }
 
 
-def optimize(req: OptimizeRequest) -> OptimizeOutcome:
+def optimize(req: OptimizeRequest, progress: ProgressListener | None = None) -> OptimizeResult:
+    """Convert req.src into req.dst, prioritized files first; see OptimizeRequest.
+
+    The tag is written only after every blob is in place; on any failure (or
+    KeyboardInterrupt) the destination store rolls back what this run wrote.
+    """
     req.validate()
     src_ref, dst_ref = reference.parse(req.src), reference.parse(req.dst)
     matcher = platforms.matcher(req.platforms, req.all_platforms)
@@ -205,7 +324,7 @@ def optimize(req: OptimizeRequest) -> OptimizeOutcome:
     if req.record_out:
         check_record_out(req.record_out)
     if req.prefetch_list_out:
-        check_record_out(req.prefetch_list_out, "--prefetch-list-out")
+        check_record_out(req.prefetch_list_out, "prefetch list")
     dst_tag = dst_ref.tag or src_ref.tag
     assert dst_tag  # validate() checked it
     with ExitStack() as stack:
@@ -234,7 +353,7 @@ def optimize(req: OptimizeRequest) -> OptimizeOutcome:
             # workload runs, so a refusal costs no run and no conversion.
             analysis = None
             if run_workload:
-                analysis = _analyze(req, src, root, src_ref, matcher, spool)
+                analysis = _analyze(req, src, root, src_ref, matcher, spool, progress)
                 prioritized = analysis.prioritized if analysis else {}
                 profile = None
             else:
@@ -254,7 +373,7 @@ def optimize(req: OptimizeRequest) -> OptimizeOutcome:
                 oci=req.oci,
                 reuse=req.reuse,
                 prioritized=prioritized,
-                progress=req.progress,
+                progress=progress,
                 cache=cache,
                 spool=spool,
             )
@@ -276,7 +395,7 @@ def optimize(req: OptimizeRequest) -> OptimizeOutcome:
         except BaseException:
             dst.rollback()
             raise
-    return OptimizeOutcome(
+    return OptimizeResult(
         req.layer.format.value,
         root.digest,
         result.target.digest,
@@ -288,21 +407,20 @@ def optimize(req: OptimizeRequest) -> OptimizeOutcome:
     )
 
 
-def analyze_image(
-    src: str,
-    sampler: SamplerOptions,
-    record_out: Path,
-    store_opts: StoreOptions,
-    progress: Progress | None = None,
-    prefetch_list_out: Path | None = None,
-) -> Analysis:
-    """`estargz-opt analyze`: run the workload and write its record; convert nothing."""
+def analyze(req: AnalyzeRequest, progress: ProgressListener | None = None) -> Analysis:
+    """Run the workload of req.src and write its record; convert nothing."""
+    src, sampler, record_out, prefetch_list_out = (
+        req.src,
+        req.sampler,
+        req.record_out,
+        req.prefetch_list_out,
+    )
     ref = reference.parse(src)
     check_runner(ref, sampler)
     check_record_out(record_out)
     if prefetch_list_out:
-        check_record_out(prefetch_list_out, "--prefetch-list-out")
-    with open_store(ref, store_opts, create=False) as store:
+        check_record_out(prefetch_list_out, "prefetch list")
+    with open_store(ref, req.store, create=False) as store:
         root = store.resolve(ref.tag)
         host = _host_manifest(store, root)
         if host is None:
@@ -325,11 +443,14 @@ def analyze_image(
 
 
 def check_runner(src: reference.ImageRef, sampler: SamplerOptions) -> None:
-    """--runner containerd runs only images in containerd (UsageError otherwise)."""
+    """The containerd runner runs only images in containerd (OptionsError otherwise)."""
     if sampler.runner == "containerd" and not isinstance(src, reference.ContainerdRef):
-        raise UsageError(
-            f"--runner containerd runs images in containerd, and {src} is not one; drop "
-            "--runner (the runc runner runs it) or import the image into containerd"
+        raise OptionsError(
+            "{containerd} runs images in containerd, and " + str(src).replace("{", "{{")
+            + " is not one; drop {runner} (the runc runner runs it) or import the image "
+            "into containerd",
+            containerd="runner=containerd",
+            runner="runner",
         )
 
 
@@ -354,7 +475,7 @@ def _run_workload(
     name: str,
     host: tuple[Descriptor, Manifest],
     sampler: SamplerOptions,
-    progress: Progress | None,
+    progress: ProgressListener | None,
     spool: Spool | None = None,
 ) -> Analysis:
     """The workload run of optimize and analyze, with its countdown and output on stderr."""
@@ -368,7 +489,7 @@ def _run_workload(
         sampler,
         on_tick=progress.sampling if progress else None,
         # The sampler only writes and flushes its output, which the passthrough does.
-        output=progress.passthrough() if progress else None,  # type: ignore[arg-type]
+        output=progress.workload_output() if progress else None,
         spool=spool,
     )
 
@@ -380,6 +501,7 @@ def _analyze(
     src_ref: reference.ImageRef,
     matcher: platforms.Matcher,
     spool: Spool,
+    progress: ProgressListener | None,
 ) -> Analysis | None:
     """Run the workload of the host platform's image; None if the host is not converted."""
     host = _host_manifest(src, root)
@@ -398,7 +520,7 @@ def _analyze(
         )
     host_desc, manifest = host
     result = _run_workload(
-        src, str(src_ref), host, req.sampler or SamplerOptions(), req.progress, spool
+        src, str(src_ref), host, req.sampler or SamplerOptions(), progress, spool
     )
     if req.record_out:
         write_record(req.record_out, result.entries)
@@ -424,7 +546,7 @@ def _profile(
             + (
                 "the image has no manifest for it (the wrong platform?)"
                 if host is None
-                else "it is not converted here (the wrong --platform?)"
+                else "it is not converted here (the wrong platforms?)"
             ),
         )
         return None
@@ -483,9 +605,9 @@ def _empty_profile(req: OptimizeRequest, reason: str) -> None:
     """A profile that prioritizes nothing: an error, or a warning under --allow-empty-profile."""
     if not req.allow_empty_profile:
         raise EmptyProfileError(
-            f"{reason}; nothing written (--allow-empty-profile converts anyway)"
+            f"{reason}; nothing written (allow_empty_profile converts anyway)"
         )
-    log.warning("%s: converting without prioritized files (--allow-empty-profile)", reason)
+    log.warning("%s: converting without prioritized files (allow_empty_profile)", reason)
 
 
 def _host_manifest(src: Store, desc: Descriptor) -> tuple[Descriptor, Manifest] | None:
