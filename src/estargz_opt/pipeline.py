@@ -45,7 +45,13 @@ from estargz_opt.workload.options import SamplerOptions
 if TYPE_CHECKING:
     from estargz_opt.workload.analyzer import Analysis
 from estargz_opt.cache import LayerCache
-from estargz_opt.convert import Converter, ConvertOptions, ConvertResult, toc_image
+from estargz_opt.convert import (
+    Converter,
+    ConvertOptions,
+    ConvertResult,
+    LayerReport,
+    toc_image,
+)
 from estargz_opt.descriptor import Descriptor, Manifest
 from estargz_opt.errors import EstargzOptError, OptionsError, UsageError
 from estargz_opt.events import ProgressListener
@@ -254,6 +260,12 @@ class OptimizeResult:
     analysis: Analysis | None = None
     #: the --record-in / --prefetch-list profile as matched to the host image
     profile: Profile | None = None
+
+    @property
+    def layers(self) -> list[LayerReport]:
+        """Per layer of every converted platform: source and target descriptors, what the
+        engine did (None: reused as it was), whether the cache served it."""
+        return self.result.layers
 
     def report(self) -> dict[str, Any]:
         """The result as a JSON object (what `optimize --json` prints)."""

@@ -181,9 +181,7 @@ def sampler_options(f: Callable[..., Any]) -> Callable[..., Any]:
         option(
             w, "--wait-on-line", default="", help="End the run when a stdout line contains this."
         ),
-        option(
-            w, "--wait-on-signal", is_flag=True, help="Run until the workload exits or Ctrl-C."
-        ),
+        option(w, "--wait-on-signal", is_flag=True, help="Run until the workload exits or Ctrl-C."),
         option(
             w,
             "--runner",

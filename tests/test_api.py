@@ -1,0 +1,211 @@
+"""The public Python API and the command line on top of it, in process.
+
+No subprocess, no daemon, no root: an OCI layout made by the image factory is optimized
+through `estargz_opt.optimize`, and the CLI is driven with click's CliRunner.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import subprocess
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner
+from imagefactory import blob_path, resolve_tag, simple_layer, write_layout
+
+import estargz_opt as eo
+from estargz_opt.cli import cli
+from estargz_opt.cli.help import SECTIONS, SectionOption
+
+FILES = {
+    "etc/": None,
+    "etc/app.conf": b"port=80\n" * 40,
+    "usr/": None,
+    "usr/bin/": None,
+    "usr/bin/app": bytes(range(256)) * 300,
+    "usr/lib/": None,
+    "usr/lib/libunused.so": b"never read\n" * 500,
+}
+TOP = {"app/": None, "app/main.py": b"print('ready')\n", "app/data.bin": b"\0" * 5000}
+PREFETCH = ["usr/bin/app", "etc/app.conf", "app/main.py"]
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Path:
+    layout = tmp_path / "layout"
+    write_layout(layout, "src", [simple_layer(FILES), simple_layer(TOP)])
+    return layout
+
+
+@pytest.fixture
+def no_subprocess(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test if anything starts a process: the API runs in this one."""
+
+    def forbidden(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"a subprocess was started: {args!r}")
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", forbidden)
+
+
+def test_all_lists_the_api() -> None:
+    for name in ("optimize", "analyze", "verify", "inspect", "convert_layer"):
+        assert name in eo.__all__ and callable(getattr(eo, name))
+    for name in eo.__all__:
+        assert getattr(eo, name) is not None, name
+    assert issubclass(eo.OptionsError, eo.UsageError)
+    assert issubclass(eo.UsageError, eo.EstargzOptError)
+    assert eo.__version__ == importlib.metadata.version("estargz-opt")
+
+
+def test_optimize_with_a_prefetch_list(image: Path, tmp_path: Path, no_subprocess: None) -> None:
+    plist = tmp_path / "list.txt"
+    plist.write_text("\n".join(PREFETCH) + "\n")
+    source = resolve_tag(image, "src")["digest"]
+    request = eo.OptimizeRequest.from_options(
+        f"oci:{image}:src",
+        f"oci:{image}:esgz",
+        oci=True,
+        profiles=[eo.ProfileSource(eo.ProfileKind.PREFETCH_LIST, plist)],
+        cache=False,
+    )
+    assert request.layer.level == eo.Format.ESTARGZ.default_level
+    result = eo.optimize(request)
+
+    assert isinstance(result, eo.OptimizeResult)
+    assert result.format == "estargz"
+    assert result.source_digest == source
+    assert result.digest == resolve_tag(image, "esgz")["digest"] != source
+    assert result.extra_image is None and result.analysis is None and result.warnings == []
+    assert result.profile is not None
+    assert (result.profile.files, result.profile.matched) == (3, 3)
+    assert [lay.result.prioritized_files for lay in result.layers if lay.result] == [2, 1]
+    for lay in result.layers:
+        assert blob_path(image, lay.target.digest).stat().st_size == lay.target.size
+        assert lay.cache == "off"
+    assert result.report()["target"] == result.digest
+
+    report = eo.verify(f"oci:{image}:esgz")
+    assert isinstance(report, eo.ImageReport) and report.ok, report
+    assert [c.prioritized for c in report.layers] == [
+        ["usr/bin/app", "etc/app.conf"],
+        ["app/main.py"],
+    ]
+
+
+def test_option_errors_name_fields_and_the_cli_names_flags(image: Path) -> None:
+    with pytest.raises(eo.OptionsError) as info:
+        eo.OptimizeRequest.from_options(f"oci:{image}:src", f"oci:{image}:x", format="zstdchunked")
+    assert str(info.value) == "format=zstdchunked requires oci=True"
+
+    out = CliRunner().invoke(
+        cli, ["optimize", "--zstdchunked", f"oci:{image}:src", f"oci:{image}:x"]
+    )
+    assert isinstance(out.exception, eo.UsageError)
+    assert str(out.exception) == "--zstdchunked requires --oci"
+
+
+def test_from_options_owns_the_defaults(image: Path, tmp_path: Path) -> None:
+    zstd = eo.OptimizeRequest.from_options(
+        f"oci:{image}:src",
+        f"oci:{image}:x",
+        format=eo.Format.ZSTDCHUNKED,
+        oci=True,
+        min_chunk_size=1 << 16,
+        no_optimize=True,
+        cache_dir=tmp_path / "c",
+        profiles=[eo.ProfileSource(eo.ProfileKind.RECORD, tmp_path / "unused.jsonl")],
+    )
+    # zstd:chunked has no min chunk size, and a record means nothing under no_optimize.
+    assert (zstd.layer.level, zstd.layer.min_chunk_size, zstd.profiles) == (3, 0, ())
+    assert zstd.cache_dir == tmp_path / "c"
+    gz = eo.OptimizeRequest.from_options(f"oci:{image}:src", f"oci:{image}:x", cache=False)
+    assert (gz.layer.level, gz.layer.chunk_size, gz.cache_dir) == (9, 4 << 20, None)
+
+
+def test_convert_layer_writes_the_external_toc(tmp_path: Path) -> None:
+    src = tmp_path / "layer.tar"
+    src.write_bytes(simple_layer(FILES))
+    out = tmp_path / "out.blob"
+    options = eo.LayerOptions(format=eo.Format.EXTERNAL_TOC, prioritized=("usr/bin/app", "nope"))
+    done = eo.convert_layer(src, out, options)
+    assert done.toc_file == tmp_path / "out.blob.toc" and done.toc_file.stat().st_size > 0
+    assert done.layer.missing_prioritized == ["nope"] and done.layer.prioritized_files == 1
+    assert out.stat().st_size == done.layer.size
+    with pytest.raises(
+        eo.OptionsError, match="toc_out applies to format=estargz-external-toc only"
+    ):
+        eo.convert_layer(src, tmp_path / "x", eo.LayerOptions(), toc_out=tmp_path / "t")
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_optimize_prints_the_digest(image: Path) -> None:
+    out = CliRunner().invoke(
+        cli,
+        [
+            "optimize",
+            "--oci",
+            "--no-optimize",
+            "--no-cache",
+            "-q",
+            f"oci:{image}:src",
+            f"oci:{image}:o",
+        ],
+    )
+    assert out.exit_code == 0, out.output
+    assert out.stdout.strip() == resolve_tag(image, "o")["digest"]
+
+
+def test_cli_version_is_the_package_version() -> None:
+    out = CliRunner().invoke(cli, ["--version"])
+    assert out.stdout.strip() == f"estargz-opt, version {importlib.metadata.version('estargz-opt')}"
+
+
+@pytest.mark.parametrize("command", ["optimize", "analyze", "verify", "inspect"])
+def test_every_option_has_a_section_and_a_help_line(command: str) -> None:
+    cmd = cli.commands[command]
+    assert isinstance(cmd, click.Command)
+    options = [p for p in cmd.params if isinstance(p, click.Option)]
+    assert options
+    for p in options:
+        assert isinstance(p, SectionOption), p.opts
+        assert p.help and p.help.strip(), p.opts
+
+
+def test_optimize_help_shows_the_sections_in_order_with_defaults() -> None:
+    out = CliRunner().invoke(cli, ["optimize", "--help"], terminal_width=200)
+    assert out.exit_code == 0
+    heads = [
+        line[: -len(" options:")] for line in out.stdout.splitlines() if line.endswith(" options:")
+    ]
+    assert heads == [*SECTIONS, "Other"]
+    for shown in (
+        "[default: 3]",
+        "[default: 9]",
+        "[default: 10G]",
+        "[default: 10]",
+        "[default: runc]",
+    ):
+        assert shown in out.stdout, shown
+    assert "[containerd|runc|rootless]" in out.stdout  # no empty choice
+
+
+def test_json_report_is_the_result_report(image: Path) -> None:
+    out = CliRunner().invoke(
+        cli,
+        [
+            "optimize",
+            "--oci",
+            "--no-optimize",
+            "--no-cache",
+            "--json",
+            f"oci:{image}:src",
+            f"oci:{image}:j",
+        ],
+    )
+    assert out.exit_code == 0, out.output
+    report = json.loads(out.stdout)
+    assert report["target"] == resolve_tag(image, "j")["digest"]
+    assert [lay["format"] for lay in report["layers"]] == ["estargz", "estargz"]
