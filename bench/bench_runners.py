@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Full `optimize` of an `oci:` image with the runners that need no containerd, against
-ctr-remote 0.14.3's optimize of the same image in containerd, in the same run (issue 14).
+ctr-remote 0.14.3's optimize of the same image in containerd, in the same run.
 
 On the cached 3-layer Debian test image (bench/build_image.py, workload
 `python3 /app/main.py`, ~250 MB of tar):

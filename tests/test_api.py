@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import click
@@ -17,7 +18,7 @@ from click.testing import CliRunner
 from imagefactory import blob_path, resolve_tag, simple_layer, write_layout
 
 import estargz_opt as eo
-from estargz_opt.cli import cli
+from estargz_opt.cli import cli, main
 from estargz_opt.cli.help import SECTIONS, SectionOption
 
 FILES = {
@@ -95,16 +96,67 @@ def test_optimize_with_a_prefetch_list(image: Path, tmp_path: Path, no_subproces
     ]
 
 
-def test_option_errors_name_fields_and_the_cli_names_flags(image: Path) -> None:
+def run_main(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *args: str
+) -> tuple[int, str, str]:
+    """The console script's main(), in process: (exit status, stdout, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["estargz-opt", *args])
+    with pytest.raises(SystemExit) as info:
+        main()
+        sys.exit(0)
+    out = capsys.readouterr()
+    return int(info.value.code or 0), out.out, out.err
+
+
+def test_option_errors_name_fields_and_the_cli_names_flags(
+    image: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     with pytest.raises(eo.OptionsError) as info:
         eo.OptimizeRequest.from_options(f"oci:{image}:src", f"oci:{image}:x", format="zstdchunked")
     assert str(info.value) == "format=zstdchunked requires oci=True"
 
-    out = CliRunner().invoke(
-        cli, ["optimize", "--zstdchunked", f"oci:{image}:src", f"oci:{image}:x"]
+    code, out, err = run_main(
+        monkeypatch, capsys, "optimize", "--zstdchunked", f"oci:{image}:src", f"oci:{image}:x"
     )
-    assert isinstance(out.exception, eo.UsageError)
-    assert str(out.exception) == "--zstdchunked requires --oci"
+    assert (code, out, err) == (2, "", "estargz-opt: error: --zstdchunked requires --oci\n")
+
+
+def test_an_empty_profile_names_the_flag_on_the_command_line(
+    image: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    plist = tmp_path / "none.txt"
+    plist.write_text("not/in/the/image\n")
+    request = eo.OptimizeRequest.from_options(
+        f"oci:{image}:src",
+        f"oci:{image}:x",
+        profiles=[eo.ProfileSource(eo.ProfileKind.PREFETCH_LIST, plist)],
+        cache=False,
+    )
+    with pytest.raises(eo.EmptyProfileError, match="allow_empty_profile=True converts anyway"):
+        eo.optimize(request)
+    code, _out, err = run_main(
+        monkeypatch,
+        capsys,
+        "optimize",
+        "--prefetch-list",
+        str(plist),
+        "--no-cache",
+        f"oci:{image}:src",
+        f"oci:{image}:x",
+    )
+    assert code == 1 and err.endswith("(--allow-empty-profile converts anyway)\n"), err
+    code, _out, err = run_main(
+        monkeypatch,
+        capsys,
+        "optimize",
+        "--prefetch-list",
+        str(plist),
+        "--no-cache",
+        "--allow-empty-profile",
+        f"oci:{image}:src",
+        f"oci:{image}:x",
+    )
+    assert code == 0 and "converting without prioritized files (--allow-empty-profile)" in err
 
 
 def test_from_options_owns_the_defaults(image: Path, tmp_path: Path) -> None:

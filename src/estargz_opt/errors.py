@@ -41,20 +41,46 @@ and keeps its traceback. Errors about options name the API's fields and values
         └── FanotifyUnavailableError
 
 The modules that raise these import them from here; no other module defines a public
-error class.
+error class. A log record that names options carries `extra={OPTION_TERMS: True}`: its
+string arguments that are terms are spelled by the front end too.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Self
 
 if TYPE_CHECKING:
     from grpc import StatusCode
 
+#: the attribute of a log record whose string arguments may be option terms
+OPTION_TERMS = "option_terms"
+
 
 class EstargzOptError(Exception):
-    """A failure the user can act on; the message is a complete sentence-like line."""
+    """A failure the user can act on; the message is a complete sentence-like line.
+
+    An error that names options keeps its message as a template whose {placeholders}
+    stand for terms such as `oci=True` or `format=zstdchunked`: `str()` spells them as
+    the API does, `spelled()` lets a front end (the CLI: its flags) spell them its way.
+    """
+
+    template: str | None = None
+    terms: Mapping[str, str] = MappingProxyType({})
+
+    @classmethod
+    def with_terms(cls, template: str, **terms: str) -> Self:
+        """The error whose message is `template` with its terms filled in."""
+        exc = cls(template.format(**terms))
+        exc.template, exc.terms = template, terms
+        return exc
+
+    def spelled(self, spell: Callable[[str], str]) -> str:
+        """The message with each term replaced by spell(term)."""
+        if self.template is None:
+            return str(self)
+        return self.template.format(**{k: spell(v) for k, v in self.terms.items()})
 
 
 class UsageError(EstargzOptError):
@@ -65,21 +91,11 @@ class UsageError(EstargzOptError):
 
 
 class OptionsError(UsageError):
-    """Options that do not go together, named as the API's fields and values.
-
-    The message is a template whose {placeholders} stand for terms such as `oci` or
-    `format=zstd:chunked`; `str()` spells them as the API does, `spelled()` lets a
-    front end (the CLI: its flags) spell them its own way.
-    """
+    """Options that do not go together, named as the API's fields and values (terms)."""
 
     def __init__(self, template: str, **terms: str) -> None:
-        self.template = template
-        self.terms = terms
         super().__init__(template.format(**terms))
-
-    def spelled(self, spell: Callable[[str], str]) -> str:
-        """The message with each term replaced by spell(term)."""
-        return self.template.format(**{k: spell(v) for k, v in self.terms.items()})
+        self.template, self.terms = template, terms
 
 
 class BadInputError(EstargzOptError):

@@ -24,7 +24,7 @@ from estargz_opt.constants import (
     MAX_MANIFEST_SIZE,
     TOC_IMAGE_SUFFIX,
 )
-from estargz_opt.errors import EmptyProfileError
+from estargz_opt.errors import OPTION_TERMS, EmptyProfileError
 from estargz_opt.prioritize.layerindex import LayerNames
 from estargz_opt.prioritize.prefetch import write_prefetch_list
 from estargz_opt.prioritize.profile import (
@@ -614,12 +614,18 @@ def _layer_ids(store: Store, manifest_digest: str) -> list[LayerId] | None:
 
 
 def _empty_profile(req: OptimizeRequest, reason: str) -> None:
-    """A profile that prioritizes nothing: an error, or a warning under --allow-empty-profile."""
+    """A profile that prioritizes nothing: an error, or a warning with allow_empty_profile."""
+    allow = "allow_empty_profile=True"
     if not req.allow_empty_profile:
-        raise EmptyProfileError(
-            f"{reason}; nothing written (allow_empty_profile converts anyway)"
+        raise EmptyProfileError.with_terms(
+            "{reason}; nothing written ({allow} converts anyway)", reason=reason, allow=allow
         )
-    log.warning("%s: converting without prioritized files (allow_empty_profile)", reason)
+    log.warning(
+        "%s: converting without prioritized files (%s)",
+        reason,
+        allow,
+        extra={OPTION_TERMS: True},
+    )
 
 
 def _host_manifest(src: Store, desc: Descriptor) -> tuple[Descriptor, Manifest] | None:

@@ -13,6 +13,7 @@ from estargz_opt.cli.cache import cache_group
 from estargz_opt.cli.check import inspect_cmd, verify_cmd
 from estargz_opt.cli.layer import layer
 from estargz_opt.cli.optimize import analyze_cmd, optimize_cmd
+from estargz_opt.cli.params import flag, spell_log_terms
 from estargz_opt.errors import EstargzOptError, UsageError
 from estargz_opt.stores.containerd.model import (
     DEFAULT_ADDRESS,
@@ -90,6 +91,7 @@ def _configure_logging(fmt: str, level: str) -> None:
         handler.setFormatter(JsonFormatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
     else:
         handler.setFormatter(logging.Formatter("estargz-opt: %(levelname)s: %(message)s"))
+    handler.addFilter(spell_log_terms)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -113,9 +115,9 @@ def main() -> None:
     except click.ClickException as exc:
         _fail(exc.format_message(), exc.exit_code)
     except UsageError as exc:
-        _fail(str(exc), exc.exit_code)
+        _fail(exc.spelled(flag), exc.exit_code)
     except EstargzOptError as exc:
-        _fail(str(exc), 1)
+        _fail(exc.spelled(flag), 1)
     except (KeyboardInterrupt, click.Abort):
         _fail("interrupted", 130)
     except BrokenPipeError:

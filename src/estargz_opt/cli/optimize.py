@@ -14,7 +14,6 @@ from estargz_opt.cli.params import (
     OUTPUT_FILE,
     Size,
     cache_dir_option,
-    flag_errors,
     format_size,
     prefetch_list_out_option,
     registry,
@@ -230,33 +229,32 @@ def optimize_cmd(
     dst_registry = registry(flags, "dest-", authfile)
     workload = sampler(flags)
     progress = Progress()
-    with flag_errors():
-        request = OptimizeRequest.from_options(
-            src,
-            dst,
-            format=fmt,
-            compression_level=zstdchunked_compression_level
-            if fmt is Format.ZSTDCHUNKED
-            else estargz_compression_level,
-            chunk_size=estargz_chunk_size,
-            min_chunk_size=estargz_min_chunk_size,
-            oci=oci,
-            reuse=reuse,
-            platforms=platform_specs,
-            all_platforms=all_platforms,
-            no_optimize=no_optimize,
-            profiles=_profiles(record_in, prefetch_list),
-            allow_empty_profile=allow_empty_profile,
-            sampler=workload,
-            record_out=record_out,
-            prefetch_list_out=prefetch_list_out,
-            src_store=StoreOptions(containerd, src_registry),
-            dst_store=StoreOptions(containerd, dst_registry),
-            cache=not no_cache,
-            cache_dir=cache_dir,
-            cache_max_size=cache_max_size,
-        )
-        result = optimize(request, None if quiet else progress)
+    request = OptimizeRequest.from_options(
+        src,
+        dst,
+        format=fmt,
+        compression_level=zstdchunked_compression_level
+        if fmt is Format.ZSTDCHUNKED
+        else estargz_compression_level,
+        chunk_size=estargz_chunk_size,
+        min_chunk_size=estargz_min_chunk_size,
+        oci=oci,
+        reuse=reuse,
+        platforms=platform_specs,
+        all_platforms=all_platforms,
+        no_optimize=no_optimize,
+        profiles=_profiles(record_in, prefetch_list),
+        allow_empty_profile=allow_empty_profile,
+        sampler=workload,
+        record_out=record_out,
+        prefetch_list_out=prefetch_list_out,
+        src_store=StoreOptions(containerd, src_registry),
+        dst_store=StoreOptions(containerd, dst_registry),
+        cache=not no_cache,
+        cache_dir=cache_dir,
+        cache_max_size=cache_max_size,
+    )
+    result = optimize(request, None if quiet else progress)
     progress.close()
     if as_json:
         click.echo(json.dumps(result.report()))
@@ -303,8 +301,7 @@ def analyze_cmd(
     store_opts = StoreOptions(containerd, registry(flags, "", authfile))
     request = AnalyzeRequest(src, record_out, sampler(flags), store_opts, prefetch_list_out)
     progress = Progress()
-    with flag_errors():
-        result = analyze(request, None if quiet else progress)
+    result = analyze(request, None if quiet else progress)
     progress.close()
     if as_json:
         click.echo(json.dumps({"record": str(record_out), **result.report()}))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -14,7 +15,7 @@ import click
 
 from estargz_opt import cache
 from estargz_opt.cli.help import CACHE, OUTPUT, REGISTRY, WORKLOAD, option
-from estargz_opt.errors import EstargzOptError, OptionsError, UsageError
+from estargz_opt.errors import OPTION_TERMS, EstargzOptError, UsageError
 from estargz_opt.stores.registry.options import RegistryOptions
 from estargz_opt.workload.options import (
     DEFAULT_NAMESERVERS,
@@ -49,14 +50,29 @@ FLAGS: Mapping[str, str] = {
 }
 
 
+def flag(term: str) -> str:
+    """The command line's spelling of an option term (a term it has no flag for: as is)."""
+    return FLAGS.get(term, term)
+
+
 @contextlib.contextmanager
-def flag_errors(overrides: Mapping[str, str] | None = None) -> Iterator[None]:
-    """An OptionsError raised in the block names flags instead of the library's fields."""
-    table = {**FLAGS, **(overrides or {})}
+def flag_errors(overrides: Mapping[str, str]) -> Iterator[None]:
+    """In the block, errors spell the terms of `overrides` this command's way (the rest
+    as every command: `flag`, applied where main() prints the error)."""
     try:
         yield
-    except OptionsError as exc:
-        raise UsageError(exc.spelled(lambda term: table.get(term, term))) from None
+    except EstargzOptError as exc:
+        if exc.template is not None:
+            exc.args = (exc.spelled(lambda term: overrides.get(term) or flag(term)),)
+            exc.template = None
+        raise
+
+
+def spell_log_terms(record: logging.LogRecord) -> bool:
+    """A logging filter: the option terms among a record's arguments, spelled as flags."""
+    if getattr(record, OPTION_TERMS, False) and isinstance(record.args, tuple):
+        record.args = tuple(flag(a) if isinstance(a, str) else a for a in record.args)
+    return True
 
 
 def format_size(n: int) -> str:

@@ -95,7 +95,7 @@ def runner_for(store: Store, opts: SamplerOptions) -> Runner:
         from estargz_opt.workload.containerd.runner import ContainerdRunner
 
         return ContainerdRunner(
-            as_containerd(store, "--runner containerd (the containerd runner)"), opts.runtime
+            as_containerd(store, "the containerd runner"), opts.runtime
         )
     return RuncRunner(store, opts.runtime, layer_cache=default_dir())
 
