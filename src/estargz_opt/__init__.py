@@ -39,14 +39,10 @@ if TYPE_CHECKING:
     from estargz_opt.events import ProgressListener
     from estargz_opt.format import Format, LayerOptions, LayerResult
     from estargz_opt.layer import LayerConversion, convert_layer
-    from estargz_opt.pipeline import (
-        AnalyzeRequest,
-        OptimizeRequest,
-        OptimizeResult,
-        analyze,
-        optimize,
-    )
+    from estargz_opt.pipeline import analyze, optimize
     from estargz_opt.prioritize.profile import ProfileKind, ProfileSource
+    from estargz_opt.report import OptimizeResult
+    from estargz_opt.request import AnalyzeRequest, OptimizeRequest
     from estargz_opt.stores import StoreOptions
     from estargz_opt.stores.containerd.model import ContainerdOptions
     from estargz_opt.stores.registry.options import RegistryOptions
@@ -62,9 +58,9 @@ _HOMES = {
     "inspect": "estargz_opt.check",
     "convert_layer": "estargz_opt.layer",
     # their options and results
-    "OptimizeRequest": "estargz_opt.pipeline",
-    "OptimizeResult": "estargz_opt.pipeline",
-    "AnalyzeRequest": "estargz_opt.pipeline",
+    "OptimizeRequest": "estargz_opt.request",
+    "OptimizeResult": "estargz_opt.report",
+    "AnalyzeRequest": "estargz_opt.request",
     "Analysis": "estargz_opt.workload.analyzer",
     "ImageReport": "estargz_opt.check",
     "LayerCheck": "estargz_opt.check",

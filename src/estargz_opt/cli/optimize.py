@@ -25,8 +25,9 @@ from estargz_opt.cli.progress import Progress
 from estargz_opt.constants import DEFAULT_CACHE_MAX_SIZE, DEFAULT_CHUNK_SIZE, TOC_IMAGE_SUFFIX
 from estargz_opt.errors import UsageError
 from estargz_opt.format import Format
-from estargz_opt.pipeline import AnalyzeRequest, OptimizeRequest, analyze, optimize
+from estargz_opt.pipeline import analyze, optimize
 from estargz_opt.prioritize.profile import ProfileKind, ProfileSource
+from estargz_opt.request import AnalyzeRequest, OptimizeRequest
 from estargz_opt.stores import StoreOptions
 from estargz_opt.stores.containerd.model import ContainerdOptions
 
