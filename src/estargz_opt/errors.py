@@ -83,6 +83,11 @@ class EstargzOptError(Exception):
         return self.template.format(**{k: spell(v) for k, v in self.terms.items()})
 
 
+def literal(text: str) -> str:
+    """`text` as part of a template: its braces are not placeholders."""
+    return text.replace("{", "{{").replace("}", "}}")
+
+
 class UsageError(EstargzOptError):
     """The request asks for something contradictory or impossible (exit status 2 on the
     command line, like every other usage error)."""

@@ -19,7 +19,7 @@ from estargz_opt.constants import (
     MAX_MANIFEST_SIZE,
     TOC_IMAGE_SUFFIX,
 )
-from estargz_opt.errors import OPTION_TERMS, EmptyProfileError
+from estargz_opt.errors import OPTION_TERMS, EmptyProfileError, literal
 from estargz_opt.prioritize.layerindex import LayerNames
 from estargz_opt.prioritize.prefetch import write_prefetch_list
 from estargz_opt.prioritize.profile import (
@@ -130,7 +130,7 @@ def optimize(req: OptimizeRequest, progress: ProgressListener | None = None) -> 
                 and profile.prioritized
                 and not any(lay.result and lay.result.prioritized_files for lay in result.layers)
             ):
-                _empty_profile(req, profile.empty_reason(req.profiles))
+                _empty_profile(req, literal(profile.empty_reason(req.profiles)))
             tags = {dst_tag: result.target}
             extra = None
             if req.layer.format is Format.EXTERNAL_TOC:
@@ -279,8 +279,9 @@ def _profile(
             + (
                 "the image has no manifest for it (the wrong platform?)"
                 if host is None
-                else "it is not converted here (the wrong platforms?)"
+                else "it is not converted here (the wrong {platforms}?)"
             ),
+            platforms="platforms",
         )
         return None
     host_desc, manifest = host
@@ -303,7 +304,7 @@ def _profile(
         host_desc.digest,
     )
     if not profile.prioritized:
-        _empty_profile(req, profile.empty_reason(req.profiles))
+        _empty_profile(req, literal(profile.empty_reason(req.profiles)))
     elif profile.matched * 2 < profile.files:
         log.warning(
             "the profile matches only %d of its %d files in %s (e.g. not found: %s)",
@@ -334,17 +335,19 @@ def _layer_ids(store: Store, manifest_digest: str) -> list[LayerId] | None:
     return [LayerId(x.digest, i) for x, i in zip(layers, diff_ids, strict=True)]
 
 
-def _empty_profile(req: OptimizeRequest, reason: str) -> None:
-    """A profile that prioritizes nothing: an error, or a warning with allow_empty_profile."""
-    allow = "allow_empty_profile=True"
+def _empty_profile(req: OptimizeRequest, reason: str, **terms: str) -> None:
+    """A profile that prioritizes nothing: an error, or a warning with allow_empty_profile.
+    `reason` is a template over `terms` (see EstargzOptError.with_terms)."""
+    terms["allow"] = "allow_empty_profile=True"
+    error = EmptyProfileError.with_terms(
+        reason + "; nothing written ({allow} converts anyway)", **terms
+    )
     if not req.allow_empty_profile:
-        raise EmptyProfileError.with_terms(
-            "{reason}; nothing written ({allow} converts anyway)", reason=reason, allow=allow
-        )
+        raise error
     log.warning(
         "%s: converting without prioritized files (%s)",
-        reason,
-        allow,
+        str(error).split("; nothing written", 1)[0],
+        terms["allow"],
         extra={OPTION_TERMS: True},
     )
 

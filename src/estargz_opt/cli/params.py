@@ -47,6 +47,7 @@ FLAGS: Mapping[str, str] = {
     "runner=containerd": "--runner containerd",
     "runner": "--runner",
     "toc_out": "--toc-out",
+    "platforms": "--platform",
 }
 
 

@@ -122,6 +122,21 @@ class Progress:
             if self._live:
                 self._clear()
 
+    def write_through(self, data: bytes) -> None:
+        """Write the workload's bytes to the stream, the live line cleared first."""
+        with self._lock:
+            self._clear()
+            self._stream.flush()
+            buffer = getattr(self._stream, "buffer", None)
+            if buffer is not None:
+                buffer.write(data)
+                buffer.flush()
+            else:
+                self._stream.write(data.decode(errors="replace"))
+
+    def flush(self) -> None:
+        self._stream.flush()
+
     def _draw(self) -> None:
         now = time.monotonic()
         parts = [f"{layer.digest[7:19]} {_describe(layer, now)}" for layer in self._layers.values()]
@@ -143,20 +158,11 @@ class _Passthrough:
         self._progress = progress
 
     def write(self, data: bytes) -> int:
-        p = self._progress
-        with p._lock:
-            p._clear()
-            p._stream.flush()
-            buffer = getattr(p._stream, "buffer", None)
-            if buffer is not None:
-                buffer.write(data)
-                buffer.flush()
-            else:
-                p._stream.write(data.decode(errors="replace"))
+        self._progress.write_through(data)
         return len(data)
 
     def flush(self) -> None:
-        self._progress._stream.flush()
+        self._progress.flush()
 
 
 def _describe(layer: _Layer, now: float) -> str:

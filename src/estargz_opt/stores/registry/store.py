@@ -31,8 +31,9 @@ import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Self
 
@@ -64,6 +65,16 @@ class _Discarded(Exception):
     """Ends a stream whose blob was discarded or whose run stopped (never committed)."""
 
 
+@dataclass(frozen=True, slots=True)
+class _StreamOwner:
+    """What a streamed upload tells the store that made it (its own methods, handed over,
+    so that the sink calls nothing private of the store)."""
+
+    opened: Callable[[Upload], None]
+    committed: Callable[[_StreamSink, str, int], None]
+    cancel: Callable[[Upload], None]
+
+
 class _StreamSink:
     """A new blob, streamed to an upload session while it is written (module docstring).
 
@@ -74,10 +85,13 @@ class _StreamSink:
     be replayed after a 401.
     """
 
-    def __init__(self, store: RegistryStore, f: BinaryIO, path: Path) -> None:
+    def __init__(
+        self, client: Client, f: BinaryIO, path: Path, owner: _StreamOwner
+    ) -> None:
         self.file = self
         self.committed = False
-        self._store = store
+        self._client = client
+        self._owner = owner
         self._f = f
         self.path = path
         self._cond = threading.Condition()
@@ -107,7 +121,7 @@ class _StreamSink:
 
     def _body(self) -> Iterator[bytes]:
         """The spool as it grows, to its end once committed."""
-        stopped = self._store.client.stopped
+        stopped = self._client.stopped
         with open(self.path, "rb") as f:
             sent = 0
             while True:
@@ -128,11 +142,11 @@ class _StreamSink:
                 yield piece
 
     def _stream(self) -> None:
-        client = self._store.client
+        client = self._client
         try:
             up = client.start_upload()
             self.upload = up
-            self._store._opened(up)
+            self._owner.opened(up)
             if up.min_chunk:
                 self.failure = f"the registry asks for chunks of at least {up.min_chunk} bytes"
                 return
@@ -147,7 +161,7 @@ class _StreamSink:
         with self._cond:
             self._done = True
             self._cond.notify_all()
-        self._store._push_streamed(self, digest, size)
+        self._owner.committed(self, digest, size)
         self.committed = True
 
     def wait(self) -> str | None:
@@ -162,7 +176,7 @@ class _StreamSink:
             self._cond.notify_all()
         self._thread.join(timeout=30)
         if self.upload is not None and not self._thread.is_alive():
-            self._store._cancel(self.upload)
+            self._owner.cancel(self.upload)
 
 
 class RegistryStore:
@@ -352,7 +366,12 @@ class RegistryStore:
         sink = None
         try:
             with f:
-                sink = _StreamSink(self, f, path)
+                sink = _StreamSink(
+                    self.client,
+                    f,
+                    path,
+                    _StreamOwner(self._opened, self._push_streamed, self._cancel),
+                )
                 yield sink
         finally:
             if sink is None or not sink.committed:

@@ -206,7 +206,7 @@ def _helper(raw: dict[str, Any], cmd_in: IO[bytes], out: IO[bytes]) -> int:
         raise base._Failure(
             "userns", str(refuse(f"cannot create a user namespace ({os.strerror(err)})"))
         )
-    base._say(out, type="unshared")
+    base.say(out, type="unshared")
     line = cmd_in.readline().decode().split()
     if not line or line[0] != "mapped":
         return 1
@@ -235,7 +235,7 @@ def _helper(raw: dict[str, Any], cmd_in: IO[bytes], out: IO[bytes]) -> int:
     remount(target, f"size={min(limit, used + WRITE_ROOM)}")
     handles = HandleMap(target)
     monitor = FidMonitor(target, handles)
-    base._say(out, type="ready", pid=os.getpid(), bytes=used, files=len(handles.paths))
+    base.say(out, type="ready", pid=os.getpid(), bytes=used, files=len(handles.paths))
     return base.serve(monitor, cmd_in, out)
 
 
