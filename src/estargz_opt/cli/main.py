@@ -82,6 +82,27 @@ for command in (optimize_cmd, analyze_cmd, verify_cmd, inspect_cmd, layer, cache
     cli.add_command(command)
 
 
+def _option_flags(command: click.Command) -> dict[str, str]:
+    """Each option's field name -> its flags ("terminal" -> "-t/--terminal"), in every
+    command: how an error names an option the library calls by its field name."""
+    out: dict[str, str] = {}
+    for param in command.params:
+        if isinstance(param, click.Option) and param.name:
+            out.setdefault(param.name, "/".join(param.opts))
+    if isinstance(command, click.Group):
+        for sub in command.commands.values():
+            out = _option_flags(sub) | out
+    return out
+
+
+_OPTION_FLAGS = _option_flags(cli)
+
+
+def _spell(term: str) -> str:
+    """A term of an error message, as the command line spells it."""
+    return flag(term) if term != flag(term) else _OPTION_FLAGS.get(term, term)
+
+
 def _configure_logging(fmt: str, level: str) -> None:
     """One stderr handler; JSON lines carry extra fields such as the layer digest."""
     handler = logging.StreamHandler(sys.stderr)
@@ -115,9 +136,9 @@ def main() -> None:
     except click.ClickException as exc:
         _fail(exc.format_message(), exc.exit_code)
     except UsageError as exc:
-        _fail(exc.spelled(flag), exc.exit_code)
+        _fail(exc.spelled(_spell), exc.exit_code)
     except EstargzOptError as exc:
-        _fail(exc.spelled(flag), 1)
+        _fail(exc.spelled(_spell), 1)
     except (KeyboardInterrupt, click.Abort):
         _fail("interrupted", 130)
     except BrokenPipeError:

@@ -234,8 +234,10 @@ def sampler(kw: dict[str, Any]) -> SamplerOptions:
     opts = SamplerOptions(**fields)
     try:
         opts.validate()
-    except EstargzOptError as exc:
-        raise UsageError(str(exc)) from None
+    except EstargzOptError as exc:  # a usage error here: exit 2, the options named as flags
+        if exc.template is None:
+            raise UsageError(str(exc)) from None
+        raise UsageError.with_terms(exc.template, **exc.terms) from None
     return opts
 
 

@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from estargz_opt.errors import BadInputError
+from estargz_opt.errors import BadInputError, literal
 
 DEFAULT_PERIOD = 10
 #: --runner values; "" (the default) picks by where the image is and who we are (see
@@ -63,38 +63,50 @@ class SamplerOptions:
 
     def validate(self) -> None:
         """Reject flag combinations and values upstream refuses, with one clear line."""
+        bad = BadInputError.with_terms
         if self.terminal and not self.stdin:
-            raise BadInputError("-t/--terminal requires -i")
+            raise bad("{terminal} requires {stdin}", terminal="terminal", stdin="stdin")
         if self.runner and self.runner not in RUNNERS:
-            raise BadInputError(
-                f"--runner must be one of {', '.join(RUNNERS)}, got {self.runner!r}"
+            raise bad(
+                "{runner} must be one of " + literal(f"{', '.join(RUNNERS)}, got {self.runner!r}"),
+                runner="runner",
             )
         if not self.runtime:
-            raise BadInputError("--runtime must name an OCI runtime (runc, crun or a path)")
+            raise bad(
+                "{runtime} must name an OCI runtime (runc, crun or a path)", runtime="runtime"
+            )
         if self.wait_on_signal and self.terminal:
-            raise BadInputError("--wait-on-signal cannot be used with -t/--terminal")
-        parse_json_array("--args", self.args)
-        parse_json_array("--entrypoint", self.entrypoint)
+            raise bad(
+                "{signal} cannot be used with {terminal}",
+                signal="wait_on_signal",
+                terminal="terminal",
+            )
+        parse_json_array("args", self.args)
+        parse_json_array("entrypoint", self.entrypoint)
         for m in self.mounts:
             parse_mount(m)
         parse_add_hosts(self.add_hosts)
         parse_gpus(self.gpus)
         if self.cwd and not self.cwd.startswith("/"):
-            raise BadInputError(f"--cwd {self.cwd!r} must be an absolute path")
+            raise bad("{cwd} " + literal(repr(self.cwd)) + " must be an absolute path", cwd="cwd")
         for e in self.env:
-            check_env_entry("--env", e)
+            check_env_entry("env", e)
 
 
-def parse_json_array(flag: str, text: str) -> list[str] | None:
-    """Parse a JSON-array flag value; None when the flag was not given ("")."""
+def parse_json_array(field: str, text: str) -> list[str] | None:
+    """Parse the JSON array of the option `field`; None when it was not given ("")."""
     if text == "":
         return None
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:
-        raise BadInputError(f"{flag} must be a JSON array of strings: {e.msg}") from None
+        raise BadInputError.with_terms(
+            "{field} must be a JSON array of strings: " + literal(e.msg), field=field
+        ) from None
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise BadInputError(f"{flag} must be a JSON array of strings, got {text!r}")
+        raise BadInputError.with_terms(
+            "{field} must be a JSON array of strings, got " + literal(repr(text)), field=field
+        )
     return value
 
 
@@ -166,7 +178,10 @@ def parse_gpus(text: str) -> list[str]:
     return out
 
 
-def check_env_entry(flag: str, entry: str) -> None:
-    """A `K=V` (or bare `K`) entry of --env or --env-file needs a name."""
+def check_env_entry(field: str, entry: str) -> None:
+    """A `K=V` (or bare `K`) entry of env or env_file needs a name."""
     if entry.startswith("="):
-        raise BadInputError(f"invalid {flag} entry {entry!r}: the variable name is empty")
+        raise BadInputError.with_terms(
+            "invalid {field} entry " + literal(repr(entry)) + ": the variable name is empty",
+            field=field,
+        )
