@@ -121,6 +121,17 @@ def test_option_errors_name_fields_and_the_cli_names_flags(
     assert (code, out, err) == (2, "", "estargz-opt: error: --zstdchunked requires --oci\n")
 
 
+def test_workload_option_errors_name_fields_and_the_cli_names_flags(
+    image: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(eo.BadInputError, match="^terminal requires stdin$"):
+        eo.SamplerOptions(terminal=True).validate()
+    code, _out, err = run_main(
+        monkeypatch, capsys, "optimize", "--oci", "-t", f"oci:{image}:src", f"oci:{image}:x"
+    )
+    assert (code, err) == (2, "estargz-opt: error: -t/--terminal requires -i\n")
+
+
 def test_an_empty_profile_names_the_flag_on_the_command_line(
     image: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
