@@ -40,7 +40,8 @@ from estargz_opt.workload.rootless.checks import IdMapping
 from estargz_opt.workload.rootless.monitor import RootlessMonitor, RootlessSetup
 from estargz_opt.workload.rootless.spec import rootless_spec
 from estargz_opt.workload.rootless.userns import kill_all, ns_id
-from estargz_opt.workload.runc.runner import RuncRunner, RuncTask, RuntimeCLI
+from estargz_opt.workload.runc.runner import RuncRunner, RuncTask
+from estargz_opt.workload.runc.runtime import RuntimeCLI
 from estargz_opt.workload.runner import SAMPLE_PREFIX, RunDir, SampleImage, StdioPaths, find_runtime
 from estargz_opt.workload.spec import Spec
 
