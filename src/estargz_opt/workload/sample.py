@@ -92,7 +92,7 @@ def run_sample(req: SampleRequest) -> SampleResult:
     opts.validate()
     runner.check()
     if opts.gpus and find_gpu_hook() is None:
-        raise SampleError(NO_GPU_HOOK)
+        raise SampleError.with_terms(NO_GPU_HOOK, gpus="gpus")
     out = req.output if req.output is not None else sys.stderr.buffer
     run_id = f"{SAMPLE_PREFIX}{secrets.token_hex(8)}"
     # The runner's objects first: a dead run's container may still use its run directory.
