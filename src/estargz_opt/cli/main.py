@@ -54,6 +54,7 @@ from estargz_opt.stores.containerd.model import (
     type=click.Choice(["debug", "info", "warning", "error"]),
     default="info",
     show_default=True,
+    help="The least severe log lines shown on stderr.",
 )
 @click.pass_context
 def cli(
