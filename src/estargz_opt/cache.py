@@ -33,7 +33,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -172,7 +172,8 @@ class LayerCache:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(entry.path)
 
-    def _count(self, hit: bool) -> None:
+    def count(self, hit: bool) -> None:
+        """One hit or miss of this run (a slot reports them; `finish` records them)."""
         with self._lock:
             if hit:
                 self.stats.hits += 1
@@ -294,7 +295,7 @@ class LayerCache:
             if fd is None:
                 break
             try:
-                self._remove(key)
+                self.remove(key)
                 (self.dir / f"{key}.lock").unlink(missing_ok=True)
             finally:
                 os.close(fd)
@@ -341,7 +342,8 @@ class LayerCache:
         finally:
             os.close(fd)
 
-    def _remove(self, key: str) -> None:
+    def remove(self, key: str) -> None:
+        """Remove the entry `key` (a damaged one, or an evicted one under its lock)."""
         for suffix in (".meta", ".blob"):  # the .meta first: the entry is gone at once
             (self.dir / f"{key}{suffix}").unlink(missing_ok=True)
 
@@ -428,28 +430,28 @@ class Slot:
                 out.write(block)
         ok = size == hit.result.size and digest_of(h) == hit.result.digest
         if ok:
-            self.cache._count(hit=True)
+            self.cache.count(hit=True)
         else:
             self.discard(f"its blob does not have its digest {hit.result.digest}")
         return ok
 
     def served_elsewhere(self) -> None:
         """A hit whose blob the destination already holds: counted, nothing copied."""
-        self.cache._count(hit=True)
+        self.cache.count(hit=True)
 
     def discard(self, why: str) -> None:
         log.warning(
             "layer cache entry %s is damaged (%s): removed, converting again", self.key, why
         )
         try:
-            self.cache._remove(self.key)
+            self.cache.remove(self.key)
         except OSError as exc:
             self.cache.turn_off(exc)
 
     @contextlib.contextmanager
     def fill(self) -> Iterator[Fill]:
         """A tee for the converted blob; `store` makes it an entry."""
-        self.cache._count(hit=False)
+        self.cache.count(hit=False)
         if not self.locked or not self.cache.usable:
             yield Fill(self.cache, None, None)
             return
@@ -483,8 +485,28 @@ class Slot:
             atomic_write(self._meta, _result_to_json(result), temp_prefix("fill"))
         except OSError as exc:
             with contextlib.suppress(OSError):
-                self.cache._remove(self.key)
+                self.cache.remove(self.key)
             self.cache.turn_off(exc)
+
+
+def cached_build(
+    cache: LayerCache | None,
+    key: str,
+    serve: Callable[[Slot], LayerResult | None],
+    build: Callable[[Slot | None], LayerResult],
+) -> tuple[LayerResult, str]:
+    """The one path of a conversion through the cache, for optimize's layers and for
+    `layer convert`: the entry `key`, locked against other runs; its hit if `serve`
+    delivers it (None: it could not), else `build` (which fills the entry through the
+    slot; no slot without a cache). Returns the result and "hit", "miss" or "off"."""
+    if cache is None:
+        return build(None), "off"
+    with cache.slot(key) as slot:
+        served = serve(slot)
+        if served is not None:
+            return served, "hit"
+        result = build(slot)
+        return result, "miss" if slot.locked and cache.usable else "off"
 
 
 def convert_file(
@@ -497,18 +519,26 @@ def convert_file(
     with open(src, "rb") as f:
         while block := f.read(IO_CHUNK):
             h.update(block)
+
+    def serve(slot: Slot) -> LayerResult | None:
+        hit = slot.lookup()
+        if hit is None:
+            return None
+        with contextlib.suppress(_NotServed), atomic_output(out) as dst:
+            if not slot.copy_to(hit, dst):
+                raise _NotServed  # out is not written
+            return hit.result
+        return None
+
+    def build(slot: Slot | None) -> LayerResult:
+        assert slot is not None  # a cache is given
+        with open_tar(src) as tar, atomic_output(out) as dst, slot.fill() as fill:
+            result = build_layer(tar, fill.tee(dst), opts)
+            slot.store(fill, result)
+        return result
+
     try:
-        with cache.slot(layer_key(digest_of(h), opts)) as slot:
-            hit = slot.lookup()
-            if hit is not None:
-                with contextlib.suppress(_NotServed), atomic_output(out) as dst:
-                    if not slot.copy_to(hit, dst):
-                        raise _NotServed  # out is not written
-                    return hit.result, "hit"
-            with open_tar(src) as tar, atomic_output(out) as dst, slot.fill() as fill:
-                result = build_layer(tar, fill.tee(dst), opts)
-                slot.store(fill, result)
-            return result, "miss" if slot.locked and cache.usable else "off"
+        return cached_build(cache, layer_key(digest_of(h), opts), serve, build)
     finally:
         cache.finish()
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from estargz_opt import descriptor as d
-from estargz_opt.cache import LayerCache, Slot, layer_key
+from estargz_opt.cache import LayerCache, Slot, cached_build, layer_key
 from estargz_opt.constants import IO_CHUNK, TOC_DIGEST_ANNOTATION, TOC_LAYER_DIGEST_ANNOTATION
 from estargz_opt.descriptor import Descriptor, Manifest
 from estargz_opt.digest import sha256_digest
@@ -208,18 +208,12 @@ class Converter:
             self._copy(desc, what)
             return kept, None, self._report(platform, desc, kept, "", None, started)
         opts = replace(self.opts.layer, prioritized=prioritized)
-        cache = self.opts.cache
-        if cache is None:
-            result = self._build(desc, what, opts, None)
-            state = "off"
-        else:
-            with cache.slot(layer_key(desc.digest, opts)) as slot:
-                cached = self._from_cache(desc, what, slot)
-                if cached is not None:
-                    result, state = cached, "hit"
-                else:
-                    result = self._build(desc, what, opts, slot)
-                    state = "miss" if slot.locked and cache.usable else "off"
+        result, state = cached_build(
+            self.opts.cache,
+            layer_key(desc.digest, opts),
+            lambda slot: self._from_cache(desc, what, slot),
+            lambda slot: self._build(desc, what, opts, slot),
+        )
         if result.missing_prioritized:
             self._warn(
                 f"{what}: {len(result.missing_prioritized)} prioritized path(s) not in the layer "
