@@ -124,7 +124,7 @@ def test_option_errors_name_fields_and_the_cli_names_flags(
 def test_workload_option_errors_name_fields_and_the_cli_names_flags(
     image: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    with pytest.raises(eo.BadInputError, match="^terminal requires stdin$"):
+    with pytest.raises(eo.BadInputError, match=r"^terminal requires stdin$"):
         eo.SamplerOptions(terminal=True).validate()
     code, _out, err = run_main(
         monkeypatch, capsys, "optimize", "--oci", "-t", f"oci:{image}:src", f"oci:{image}:x"
@@ -204,21 +204,16 @@ def test_convert_layer_writes_the_external_toc(tmp_path: Path) -> None:
     assert not (tmp_path / "x").exists()
 
 
-def test_cli_optimize_prints_the_digest(image: Path) -> None:
-    out = CliRunner().invoke(
-        cli,
-        [
-            "optimize",
-            "--oci",
-            "--no-optimize",
-            "--no-cache",
-            "-q",
-            f"oci:{image}:src",
-            f"oci:{image}:o",
-        ],
-    )
+def cli_convert(image: Path, tag: str, *extra: str) -> str:
+    """`optimize --no-optimize` of the test image to TAG through CliRunner: its stdout."""
+    args = ["optimize", "--oci", "--no-optimize", "--no-cache", "-q", *extra]
+    out = CliRunner().invoke(cli, [*args, f"oci:{image}:src", f"oci:{image}:{tag}"])
     assert out.exit_code == 0, out.output
-    assert out.stdout.strip() == resolve_tag(image, "o")["digest"]
+    return out.stdout
+
+
+def test_cli_optimize_prints_the_digest(image: Path) -> None:
+    assert cli_convert(image, "o").strip() == resolve_tag(image, "o")["digest"]
 
 
 def test_cli_version_is_the_package_version() -> None:
@@ -256,19 +251,6 @@ def test_optimize_help_shows_the_sections_in_order_with_defaults() -> None:
 
 
 def test_json_report_is_the_result_report(image: Path) -> None:
-    out = CliRunner().invoke(
-        cli,
-        [
-            "optimize",
-            "--oci",
-            "--no-optimize",
-            "--no-cache",
-            "--json",
-            f"oci:{image}:src",
-            f"oci:{image}:j",
-        ],
-    )
-    assert out.exit_code == 0, out.output
-    report = json.loads(out.stdout)
+    report = json.loads(cli_convert(image, "j", "--json"))
     assert report["target"] == resolve_tag(image, "j")["digest"]
     assert [lay["format"] for lay in report["layers"]] == ["estargz", "estargz"]
