@@ -153,9 +153,9 @@ def test_args_override_replaces_cmd(tmp_path):
 
 @pytest.mark.parametrize("bad", ["not json", '"str"', "[1]", '{"a":1}', '["a"'])
 def test_bad_json_args(tmp_path, bad):
-    with pytest.raises(BadInputError, match="^args must be a JSON array"):
+    with pytest.raises(BadInputError, match="args must be a JSON array"):
         spec_of(tmp_path, args=bad)
-    with pytest.raises(BadInputError, match="^entrypoint must be a JSON array"):
+    with pytest.raises(BadInputError, match="entrypoint must be a JSON array"):
         spec_of(tmp_path, entrypoint=bad)
 
 
