@@ -13,7 +13,7 @@ from estargz_opt.cli.cache import cache_group
 from estargz_opt.cli.check import inspect_cmd, verify_cmd
 from estargz_opt.cli.layer import layer
 from estargz_opt.cli.optimize import analyze_cmd, optimize_cmd
-from estargz_opt.cli.params import flag, spell_log_terms
+from estargz_opt.cli.params import SpellTerms, option_flags, spelling
 from estargz_opt.errors import EstargzOptError, UsageError
 from estargz_opt.stores.containerd.model import (
     DEFAULT_ADDRESS,
@@ -83,25 +83,8 @@ for command in (optimize_cmd, analyze_cmd, verify_cmd, inspect_cmd, layer, cache
     cli.add_command(command)
 
 
-def _option_flags(command: click.Command) -> dict[str, str]:
-    """Each option's field name -> its flags ("terminal" -> "-t/--terminal"), in every
-    command: how an error names an option the library calls by its field name."""
-    out: dict[str, str] = {}
-    for param in command.params:
-        if isinstance(param, click.Option) and param.name:
-            out.setdefault(param.name, "/".join(param.opts))
-    if isinstance(command, click.Group):
-        for sub in command.commands.values():
-            out = _option_flags(sub) | out
-    return out
-
-
-_OPTION_FLAGS = _option_flags(cli)
-
-
-def _spell(term: str) -> str:
-    """A term of an error message, as the command line spells it."""
-    return flag(term) if term != flag(term) else _OPTION_FLAGS.get(term, term)
+#: how errors and log lines name the library's option terms: as this command line's flags
+_spell = spelling(option_flags(cli))
 
 
 def _configure_logging(fmt: str, level: str) -> None:
@@ -113,7 +96,7 @@ def _configure_logging(fmt: str, level: str) -> None:
         handler.setFormatter(JsonFormatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
     else:
         handler.setFormatter(logging.Formatter("estargz-opt: %(levelname)s: %(message)s"))
-    handler.addFilter(spell_log_terms)
+    handler.addFilter(SpellTerms(_spell))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

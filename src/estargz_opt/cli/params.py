@@ -31,7 +31,8 @@ OUTPUT_FILE = click.Path(dir_okay=False, path_type=Path)
 
 _SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
-#: How the command line spells the library's option terms in an OptionsError.
+#: How the command line spells the library's option terms where a field name is not
+#: enough (a value, or a flag named otherwise); other fields: their options' flags.
 FLAGS: Mapping[str, str] = {
     "oci=True": "--oci",
     "reuse=True": "--reuse",
@@ -40,40 +41,54 @@ FLAGS: Mapping[str, str] = {
     "no_optimize=True": "--no-optimize",
     "profiles=record": "--record-in",
     "profiles=prefetch-list": "--prefetch-list",
-    "record_out": "--record-out",
-    "prefetch_list_out": "--prefetch-list-out",
     "allow_empty_profile=True": "--allow-empty-profile",
-    "cache_max_size": "--cache-max-size",
     "runner=containerd": "--runner containerd",
-    "runner": "--runner",
-    "toc_out": "--toc-out",
     "platforms": "--platform",
 }
 
 
-def flag(term: str) -> str:
-    """The command line's spelling of an option term (a term it has no flag for: as is)."""
-    return FLAGS.get(term, term)
+def option_flags(command: click.Command) -> dict[str, str]:
+    """Each option's field name -> its flags ("terminal" -> "-t/--terminal"), in the
+    command and every subcommand (the first command that has the field wins)."""
+    out: dict[str, str] = {}
+    for param in command.params:
+        if isinstance(param, click.Option) and param.name:
+            out.setdefault(param.name, "/".join(param.opts))
+    if isinstance(command, click.Group):
+        for sub in command.commands.values():
+            out = option_flags(sub) | out
+    return out
+
+
+def spelling(fields: Mapping[str, str]) -> Callable[[str], str]:
+    """How an error or log line names an option term on this command line: FLAGS, else
+    the flags of the option of that field name (`option_flags`), else the term as is."""
+    return lambda term: FLAGS.get(term) or fields.get(term, term)
 
 
 @contextlib.contextmanager
 def flag_errors(overrides: Mapping[str, str]) -> Iterator[None]:
     """In the block, errors spell the terms of `overrides` this command's way (the rest
-    as every command: `flag`, applied where main() prints the error)."""
+    are spelled where main() prints the error)."""
     try:
         yield
     except EstargzOptError as exc:
-        if exc.template is not None:
-            exc.args = (exc.spelled(lambda term: overrides.get(term) or flag(term)),)
-            exc.template = None
+        exc.terms = {k: overrides.get(v, v) for k, v in exc.terms.items()}
         raise
 
 
-def spell_log_terms(record: logging.LogRecord) -> bool:
-    """A logging filter: the option terms among a record's arguments, spelled as flags."""
-    if getattr(record, OPTION_TERMS, False) and isinstance(record.args, tuple):
-        record.args = tuple(flag(a) if isinstance(a, str) else a for a in record.args)
-    return True
+class SpellTerms(logging.Filter):
+    """The option terms among a log record's arguments, spelled for the command line
+    (records the library marks with OPTION_TERMS)."""
+
+    def __init__(self, spell: Callable[[str], str]) -> None:
+        super().__init__()
+        self._spell = spell
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, OPTION_TERMS, False) and isinstance(record.args, tuple):
+            record.args = tuple(self._spell(a) if isinstance(a, str) else a for a in record.args)
+        return True
 
 
 def format_size(n: int) -> str:
