@@ -42,7 +42,7 @@ from estargz_opt.descriptor import (
 )
 from estargz_opt.digest import digest_of, hasher, sha256_digest, sha256_hex
 from estargz_opt.errors import BadInputError, EstargzOptError
-from estargz_opt.stores import check_blob
+from estargz_opt.stores import check_blob, write_through_sink
 from estargz_opt.stores.owner import is_dead, temp_owner, temp_prefix
 
 log = logging.getLogger("estargz_opt")
@@ -212,9 +212,7 @@ class OCILayout:
     # ------------------------------------------------------------------ writing
 
     def write(self, data: bytes, source: Descriptor | None = None) -> None:
-        with self.sink() as s:
-            s.file.write(data)
-            s.commit(sha256_digest(data), len(data))
+        write_through_sink(self, data)
 
     @contextlib.contextmanager
     def sink(self, source: Descriptor | None = None) -> Iterator[FileSink]:

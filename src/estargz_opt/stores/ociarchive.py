@@ -34,7 +34,7 @@ from estargz_opt.constants import IO_CHUNK
 from estargz_opt.descriptor import OCI_INDEX, Descriptor, Index
 from estargz_opt.digest import sha256_digest, sha256_hex
 from estargz_opt.errors import BadInputError, EstargzOptError
-from estargz_opt.stores import check_blob
+from estargz_opt.stores import check_blob, write_through_sink
 from estargz_opt.stores.oci import (
     LAYOUT_FILE,
     FileSink,
@@ -152,9 +152,7 @@ class OCIArchive:
     # ------------------------------------------------------------------ writing
 
     def write(self, data: bytes, source: Descriptor | None = None) -> None:
-        with self.sink() as s:
-            s.file.write(data)
-            s.commit(sha256_digest(data), len(data))
+        write_through_sink(self, data)
 
     @contextlib.contextmanager
     def sink(self, source: Descriptor | None = None) -> Iterator[FileSink]:
