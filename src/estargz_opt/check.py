@@ -121,7 +121,7 @@ def check_image(
             _note(
                 report,
                 f"{label}: Docker media types cannot carry annotations; "
-                "lazy pulling needs OCI types (convert them to OCI ones)",
+                "lazy pulling needs OCI types (convert with --oci)",
             )
         layers = [x for x in manifest.layers if x.media_type in d.LAYER_TYPES]
         for i, layer in enumerate(layers):
