@@ -17,16 +17,23 @@ between the tools; the median wall time of --repeat runs is reported with the nu
 (layer, path) pairs each recorded and the converted image's size.
 
 `RUNNERS` holds one row per runner (name -> flags, environment). The rootless runner's
-row runs as an unprivileged uid with no capabilities (setpriv, as tests/unprivileged.py
-does), with an /etc/subuid and /etc/subgid range (the Debian image owns files by several
-groups), on a copy of the layout that uid owns; it unpacks the image onto a tmpfs on every
-run (nothing is kept between rootless runs), and its row also gives how much memory that
-tmpfs took (the rootfs is held in memory), besides every row's peak RSS.
+row runs as an unprivileged uid with no capabilities at all (setpriv --inh-caps=-all
+--bounding-set=-all, as tests/unprivileged.py does) and no /etc/subuid range, as in a
+restricted Kubernetes pod: only its own id is mapped, so the Debian image's files of
+several owners are all that id's. It runs on a copy of the layout that uid owns, unpacks
+the image onto a tmpfs on every run (nothing is kept between rootless runs), and its row
+also gives how much memory that tmpfs took (the rootfs is held in memory), besides every
+row's peak RSS.
+
+--image small runs the same on a 2 MiB image instead (Debian's busybox-static and an
+app that prints "ready" and sleeps: what stopping costs shows, not unpacking or
+converting). Every run is checked for "did not exit" warnings (a workload that ignored
+the stop signal); the notes say how many there were.
 
 Results: a markdown table on stdout and bench/results/<name>.json.
 
 Usage: python3 bench/bench_runners.py [--repeat N] [--period S] [--runners runc,rootless]
-       [--wait-idle SECONDS] [--name NAME]
+       [--image debian|small] [--wait-idle SECONDS] [--name NAME]
 """
 
 from __future__ import annotations
@@ -42,11 +49,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent / "tests"))
+import analyzeimages
 import benchlib
 import build_image
+import imagefactory
 from bench_layers import find_ctr_remote, image_target, median_run, our_cli, private_containerd
 from bench_optimize import one_run as ctr_remote_run
 from benchlib import NO_CACHE, REPO_ROOT, RESULTS_DIR, log, run, run_measured
+from layers import build_busybox_layer
 from unprivileged import Unprivileged, make_unprivileged
 
 #: runner -> (estargz-opt flags, extra environment); the rootless runner adds its row
@@ -57,6 +67,24 @@ RUNNERS: dict[str, tuple[list[str], dict[str, str]]] = {
 #: the runners whose row runs as an unprivileged uid (tests/unprivileged.py)
 AS_USER = {"rootless"}
 _TMPFS = re.compile(r"the image's rootfs takes (\d+) MiB of memory")
+SMALL_REF = "docker.io/library/estargz-opt-bench-small:latest"
+SMALL_APP = "echo ready\nexec /bin/busybox sleep 1000\n"
+
+
+def small_image(work: Path) -> dict:
+    """The 2 MiB image (busybox-static and the app), as an OCI layout and an archive for
+    `ctr images import`; the keys of build_image.ensure_image() that this bench reads."""
+    layout = work / "small-layout"
+    busybox = build_busybox_layer(work / "busybox.tar").read_bytes()
+    app = analyzeimages.layer([analyzeimages.script("app/run.sh", SMALL_APP)])
+    digest = imagefactory.write_layout(layout, "latest", [busybox, app],
+                                       analyzeimages.config(["/bin/sh", "/app/run.sh"]))
+    tar = imagefactory.archive_for_ctr(layout, "latest", SMALL_REF, work / "small.tar")
+    blobs = layout / "blobs" / "sha256"
+    return {"ref": SMALL_REF, "base_name": None, "oci_layout": str(layout),
+            "oci_tar": str(tar), "manifest_digest": digest,
+            "total_size": sum(p.stat().st_size for p in blobs.iterdir()),
+            "architecture": imagefactory.HOST_PLATFORM[1]}
 
 
 def as_user(layout: str, stack: contextlib.ExitStack) -> tuple[Unprivileged, str]:
@@ -83,8 +111,7 @@ def ours_run(runner: str, cli: list[str], layout: str, period: int, attempt: int
         cmd = [*cli, *args]
         env = {**os.environ, "ESTARGZ_OPT_CACHE_DIR": str(work / "cache"), **extra_env}
     else:
-        # a Debian image owns files by several groups (shadow, ...): a subordinate range
-        cmd = user.with_subids(user.argv(*args, setuid_helpers=True))
+        cmd = user.argv(*args)  # no capability, no /etc/subuid range: one id
         env = user.env(**extra_env)
     log(f"estargz-opt {runner} (#{attempt + 1}): {' '.join(cmd[1:])}")
     m = run_measured(cmd, env=env).check()
@@ -100,6 +127,7 @@ def ours_run(runner: str, cli: list[str], layout: str, period: int, attempt: int
         "recorded_files": len({(r["layerIndex"], r["path"]) for r in lines}),
         "recorded_set": sorted({f"{r['layerIndex']}:{r['path']}" for r in lines}),
         "tmpfs_mib": int(tmpfs[1]) if tmpfs else None,
+        "did_not_exit": m.stderr.count("did not exit"),
     }
     log(f"  {m.wall_s:.1f} s wall, {m.cpu_s:.1f} s CPU, {res['total_size'] / 1e6:.1f} MB,"
         f" {res['recorded_files']} files recorded")
@@ -128,6 +156,9 @@ def render(report: dict) -> str:
         same = report[runner]["same_record"]
         notes.append(f"{runner}: recorded set {'equal to' if same else 'DIFFERS from'}"
                      " ctr-remote's")
+    warned = sum(r.get("did_not_exit", 0) for runner in report["runners"]
+                 for r in report[f"{runner}-runs"])
+    notes.append(f'"did not exit" warnings in all runs of ours: {warned}')
     notes.append(f"load average {report['loadavg_start']} -> {report['loadavg_end']}")
     return table + "\n\n" + "\n".join(notes)
 
@@ -139,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runners", default=",".join(RUNNERS))
     ap.add_argument("--name", default=None)
     ap.add_argument("--ctr-remote", default=None)
+    ap.add_argument("--image", choices=("debian", "small"), default="debian")
     ap.add_argument("--wait-idle", type=float, default=0,
                     help="wait up to this many seconds for the load average to drop below 0.5")
     args = ap.parse_args(argv)
@@ -147,24 +179,25 @@ def main(argv: list[str] | None = None) -> int:
     benchlib.install_signal_handlers()
     if os.geteuid() != 0:
         raise SystemExit("run as root: ctr-remote needs a private containerd")
-    image = build_image.ensure_image()
     if args.wait_idle:
         benchlib.wait_for("the machine to be idle (1-min load < 0.5)",
                           lambda: os.getloadavg()[0] < 0.5, args.wait_idle, every_s=10)
     ctr_remote = find_ctr_remote(args.ctr_remote)
     cli = our_cli()
-    report: dict = {"name": name, "period": args.period, "repeat": args.repeat,
-                    "runners": runners,
-                    "image": {k: image[k] for k in ("ref", "manifest_digest", "total_size")},
-                    "loadavg_start": [round(x, 2) for x in os.getloadavg()],
-                    "git_head": run(["git", "-C", REPO_ROOT, "rev-parse", "--short", "HEAD"],
-                                    check=False).stdout.strip()}
     t0 = time.monotonic()
     with contextlib.ExitStack() as stack:
         sock, _pid = stack.enter_context(private_containerd())
         work = stack.enter_context(benchlib.temp_dir("eo-bench-runners-", "/var/tmp"))
-        run(["ctr", "-a", sock, "images", "import", "--no-unpack", "--base-name",
-             image["base_name"], image["oci_tar"]])
+        work.chmod(0o755)
+        image = build_image.ensure_image() if args.image == "debian" else small_image(work)
+        report: dict = {
+            "name": name, "period": args.period, "repeat": args.repeat, "runners": runners,
+            "image": {k: image[k] for k in ("ref", "manifest_digest", "total_size")},
+            "loadavg_start": [round(x, 2) for x in os.getloadavg()],
+            "git_head": run(["git", "-C", REPO_ROOT, "rev-parse", "--short", "HEAD"],
+                            check=False).stdout.strip()}
+        base = ["--base-name", image["base_name"]] if image["base_name"] else []
+        run(["ctr", "-a", sock, "images", "import", "--no-unpack", *base, image["oci_tar"]])
         image_target(sock, image["ref"])
         users = {r: as_user(image["oci_layout"], stack) for r in runners if r in AS_USER}
 

@@ -238,7 +238,9 @@ print("RESULT: the reference reader agrees on every layer" if agree
       else "RESULT: MISMATCH between estargz-opt and ctr-remote")
 sys.exit(0 if agree else 3)
 PY
-)" || { echo "$REPORT"; die "the reference reader disagrees (see above)"; }
+)" || { echo "$REPORT" >&2; die "the reference reader disagrees (see above)"; }
+# The table goes here, under its heading; the summary repeats only its verdict.
+echo "$REPORT" >&2
 
 # --- 5. run it ------------------------------------------------------------------------------
 say "ctr run --rm $DST"
@@ -252,7 +254,7 @@ cat <<SUMMARY
 containerd : private, $SOCK ($SYSTEM)
 optimize   : estargz-opt -a SOCK optimize --oci --period 5 --record-out record.jsonl $SRC $DST  (${OPT_S} s, workload run included)
 record     : $(wc -l <"$REC") files recorded by running the app: $(sed -n 's/.*"path":"\([^"]*\)".*/\1/p' "$REC" | paste -sd, -)
-$REPORT
+layers     : $(grep -c '^layer ' <<<"$REPORT") converted (table above); $(tail -n1 <<<"$REPORT")
 ctr run    : $RUN_OUT
 SUMMARY
 echo "demo took $(( SECONDS - T0 )) s; cleaning up" >&2

@@ -40,6 +40,7 @@ import analyzeimages as ai
 import imagefactory as f
 import pytest
 from helpers_containerd import Containerd
+from support.ptyrun import PtyRun
 from test_optimize_containerd import (
     _env,
     cli,
@@ -554,14 +555,17 @@ def _interrupt(containerd, kinds: ai.Image, tmp_path: Path, leftovers: Leftovers
                  "--args", '["/bin/sh","/app/run.sh","sleep"]', kinds.name, dst,
                  env=env_with_tmp(leftovers.tmpdir), stderr_path=err)
     wait_for_text(err, "sleeping", proc)
+    sent = time.monotonic()
     if signo == signal.SIGINT:
         ctrl_c(proc, group)
     else:
         proc.send_signal(signo)
     res = finish(proc, err)
+    took = time.monotonic() - sent
     msg = error_message(res)
     assert msg == "interrupted", msg
-    assert res.returncode == 130
+    assert res.returncode == 128 + signo  # 130 for Ctrl-C, 143 for SIGTERM
+    assert took < 2.0, f"the run took {took:.2f}s to end after signal {signo}"
     leftovers.check()
     return res
 
@@ -570,6 +574,25 @@ def _interrupt(containerd, kinds: ai.Image, tmp_path: Path, leftovers: Leftovers
 def test_ctrl_c(group: bool, kinds: ai.Image, containerd, tmp_path: Path,
                 leftovers: Leftovers) -> None:
     _interrupt(containerd, kinds, tmp_path, leftovers, signal.SIGINT, group)
+
+
+def test_ctrl_c_on_a_terminal(kinds: ai.Image, containerd, tmp_path: Path,
+                              leftovers: Leftovers) -> None:
+    """Ctrl-C typed on the command's own terminal (a pty: the whole foreground process
+    group gets SIGINT) ends the run within 2 s, with nothing left."""
+    term = PtyRun([sys.executable, "-m", "estargz_opt", "-a", containerd.address, "optimize",
+                   "--oci", "--period", "60", "--args", '["/bin/sh","/app/run.sh","sleep"]',
+                   kinds.name, "localhost/analyze-kinds:1-pty"],
+                  env_with_tmp(leftovers.tmpdir))
+    try:
+        term.wait_for("sleeping")
+        typed = term.type(b"\x03")
+        code = term.finish()
+    finally:
+        term.close()
+    assert code == 130 and term.text.rstrip().endswith("error: interrupted"), term.text
+    assert term.ended - typed < 2.0, f"{term.ended - typed:.2f}s:\n{term.text}"
+    leftovers.check()
 
 
 def test_sigterm(kinds: ai.Image, containerd, tmp_path: Path, leftovers: Leftovers) -> None:

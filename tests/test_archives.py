@@ -19,6 +19,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import imagefactory as f
@@ -394,3 +395,75 @@ def test_compressed_or_foreign_archive_files(oci_archive: Path, tmp_path: Path):
                   f"oci-archive:{oci_archive}:{SRC_TAG}", f"oci-archive:{missing}:x"),
               "cannot write", "No such file")
     one_error(cli("verify", f"oci-archive:{tmp_path}"), "Is a directory")
+
+
+# --- archives written by other tools ----------------------------------------------------------
+
+def _relink_blobs(archive: Path, tmp: Path, first: list[str]) -> dict[str, str]:
+    """Rewrite `archive` with every blob's data under store/ and blobs/sha256/HEX a
+    symlink or a hardlink member to it, alternately (the digests `first` first, so that
+    they get both kinds); which kind holds each blob."""
+    tree = tmp / "relink"
+    tree.mkdir()
+    tool("tar", "-C", tree, "-xf", archive)
+    kinds = {}
+    with tarfile.open(archive, "w") as out:
+        for name in ("index.json", "oci-layout"):
+            out.add(tree / name, arcname=name)
+        order = {digest[7:]: n for n, digest in enumerate(first)}
+        blobs = sorted((tree / "blobs" / "sha256").iterdir(),
+                       key=lambda p: (order.get(p.name, len(order)), p.name))
+        for n, blob in enumerate(blobs):
+            out.add(blob, arcname=f"store/{blob.name}")
+            link = tarfile.TarInfo(f"blobs/sha256/{blob.name}")
+            if n % 2:
+                link.type, link.linkname = tarfile.SYMTYPE, f"../../store/{blob.name}"
+            else:
+                link.type, link.linkname = tarfile.LNKTYPE, f"store/{blob.name}"
+            out.addfile(link)
+            kinds["sha256:" + blob.name] = "symlink" if n % 2 else "hardlink"
+    return kinds
+
+
+def test_an_archive_whose_blobs_are_links_keeps_every_image(oci_archive: Path,
+                                                             tmp_path: Path):
+    """A destination whose blobs are symlink and hardlink members (read through the
+    links) gains a tag and loses no blob: not its images', nor the shared ones the new
+    image finds there and so does not write again."""
+    archive = tmp_path / "linked.tar"
+    shutil.copy(oci_archive, archive)
+    src = f"oci-archive:{oci_archive}:{SRC_TAG}"
+    old = optimize("--oci", "--no-optimize", src, f"oci-archive:{archive}:old")
+    old_layers = [x["digest"] for x in json.loads(
+        tool("skopeo", "inspect", "--raw", f"oci-archive:{archive}:old").stdout)["layers"]]
+    kinds = _relink_blobs(archive, tmp_path, old_layers)
+    assert {kinds[d] for d in old_layers} == {"symlink", "hardlink"}, kinds
+    plain = skopeo_digest(f"oci-archive:{archive}:{SRC_TAG}")
+    new = optimize("--oci", "--no-optimize", src, f"oci-archive:{archive}:new")
+    assert new == old  # the same conversion: every layer blob shared with "old"
+    assert skopeo_digest(f"oci-archive:{archive}:{SRC_TAG}") == plain
+    tool("skopeo", "copy", f"oci-archive:{archive}:{SRC_TAG}", f"oci:{tmp_path / 'plain'}:x")
+    for tag in ("old", "new"):
+        (tmp_path / tag).mkdir()
+        check_output(f"oci-archive:{archive}:{tag}", new, tmp_path / tag, LAYERS)
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("kind", ["oci-archive", "docker-archive"])
+def test_a_piped_archive_is_one_line_naming_it(oci_archive: Path, docker_archive: Path,
+                                               tmp_path: Path, kind: str):
+    archive = oci_archive if kind == "oci-archive" else docker_archive
+    ref = f"{kind}:/dev/stdin" + (f":{SRC_TAG}" if kind == "oci-archive" else "")
+    out = tmp_path / "out.tar"
+    for args in (["verify", ref], ["inspect", ref],
+                 ["optimize", "--oci", "--no-optimize", ref, f"oci-archive:{out}:x"]):
+        with open(archive, "rb") as data:
+            feed = subprocess.Popen(["cat"], stdin=data, stdout=subprocess.PIPE)
+            res = subprocess.run([sys.executable, "-m", "estargz_opt", "--log-level", "error",
+                                  *args], stdin=feed.stdout, capture_output=True, text=True,
+                                 timeout=60)
+            feed.stdout.close()
+            feed.wait()
+        one_error(res, f"{kind}:/dev/stdin is a pipe", "save it to")
+    assert not out.exists()
+    assert leftovers(tmp_path) == []

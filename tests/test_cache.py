@@ -495,3 +495,214 @@ def test_archives_use_the_cache(image: Path, tmp_path: Path) -> None:
     assert states(second) == ["hit", "hit"]
     assert first["target"] == second["target"]
     verify(f"oci:{tmp_path / 'd2'}:t")
+
+
+# ----------------------------------------------------------------------------- hostile cache
+
+
+def _snapshot(tree: Path) -> dict[str, tuple[bytes | str, int, int]]:
+    """Content (or link target), atime and mtime of every file under `tree`, unfollowed;
+    read with O_NOATIME, so that taking it moves no atime."""
+    found = {}
+    for path in sorted(tree.rglob("*")):
+        st = path.lstat()
+        if path.is_symlink():
+            body: bytes | str = os.readlink(path)
+        elif path.is_file():
+            fd = os.open(path, os.O_RDONLY | os.O_NOATIME)
+            with os.fdopen(fd, "rb") as f:
+                body = f.read()
+        else:
+            body = ""
+        found[str(path.relative_to(tree))] = (body, st.st_atime_ns, st.st_mtime_ns)
+    return found
+
+
+def _to_host(path: Path, host: Path) -> Path:
+    """Move a cache file out to `host`, symlink it back, and make its atime older than its
+    mtime, so that a single read of it (relatime) would move the atime."""
+    moved = host / path.name
+    path.rename(moved)
+    path.symlink_to(moved)
+    os.utime(moved, ns=(1_000_000_000 * 10**9, 1_700_000_000 * 10**9))
+    return moved
+
+
+def _swap(a: Path, b: Path) -> None:
+    tmp = a.with_name("swap")
+    a.rename(tmp)
+    b.rename(a)
+    tmp.rename(b)
+
+
+def _plant(cache: Path, host: Path, how: str) -> None:
+    """Damage a filled cache the way `how` says; host files go under `host`."""
+    layers = cache / "layers"
+    metas = entries(cache)
+    big = max(metas, key=lambda p: p.with_suffix(".blob").stat().st_size)
+    if how == "swapped":  # both entries consistent in themselves, under each other's key
+        _swap(metas[0], metas[1])
+        _swap(metas[0].with_suffix(".blob"), metas[1].with_suffix(".blob"))
+    elif how == "blob-links-to-a-valid-host-blob":
+        _to_host(big.with_suffix(".blob"), host)
+    elif how == "blob-hardlinks-a-valid-host-blob":
+        blob = big.with_suffix(".blob")
+        _to_host(blob, host)
+        blob.unlink()
+        os.link(host / blob.name, blob)
+    elif how == "meta-links-to-host":
+        _to_host(big, host)
+    elif how == "blob-links-to-dev-zero":
+        blob = big.with_suffix(".blob")
+        blob.unlink()
+        blob.symlink_to("/dev/zero")
+    elif how == "blob-is-a-fifo":
+        blob = big.with_suffix(".blob")
+        blob.unlink()
+        os.mkfifo(blob)
+    elif how == "meta-is-a-directory":
+        big.unlink()
+        big.mkdir()
+    elif how == "locks-link-out":  # a run must not create the link's target
+        for meta in metas:
+            lock = meta.with_suffix(".lock")
+            lock.unlink(missing_ok=True)
+            lock.symlink_to(host / f"planted-{meta.stem}")
+        (layers / "stats.lock").unlink(missing_ok=True)
+        (layers / "stats.lock").symlink_to(host / "planted-stats")
+    elif how == "stats-links-to-host":
+        _to_host(layers / "stats.json", host)
+    elif how == "meta-deep-json":
+        big.write_text("[" * 100_000 + "]" * 100_000)
+    elif how == "meta-mistyped":
+        doc = json.loads(big.read_text())
+        big.write_text(json.dumps({**doc, "size": "large", "annotations": ["x"]}))
+    elif how == "meta-wrong-size":  # claims a size the blob does not have
+        doc = json.loads(big.read_text())
+        big.write_text(json.dumps({**doc, "size": doc["size"] + 1}))
+    elif how == "stats-garbage":
+        (layers / "stats.json").write_bytes(b"\x00\xffnot json" * 100)
+    elif how == "stats-deep-and-mistyped":
+        (layers / "stats.json").write_text('{"hits": ' + "[" * 50_000 + "]" * 50_000 + "}")
+    elif how == "layers-links-to-host":  # a whole valid cache, elsewhere
+        layers.rename(host / "layers")
+        layers.symlink_to(host / "layers")
+        for path in (host / "layers").iterdir():
+            os.utime(path, ns=(1_000_000_000 * 10**9, 1_700_000_000 * 10**9),
+                     follow_symlinks=False)
+    else:
+        raise AssertionError(how)
+
+
+DAMAGE = ["swapped", "blob-links-to-a-valid-host-blob", "blob-hardlinks-a-valid-host-blob",
+          "meta-links-to-host",
+          "blob-links-to-dev-zero", "blob-is-a-fifo", "meta-is-a-directory", "locks-link-out",
+          "stats-links-to-host", "meta-deep-json", "meta-mistyped", "meta-wrong-size",
+          "stats-garbage", "stats-deep-and-mistyped", "layers-links-to-host"]
+
+
+@pytest.mark.parametrize("how", DAMAGE)
+def test_whatever_the_cache_holds_the_image_is_a_no_cache_runs(
+    image: Path, tmp_path: Path, how: str
+) -> None:
+    """A damaged, swapped or planted cache never changes the output and never reads,
+    writes or touches a file outside it; `cache info` and `prune` survive it."""
+    cache, host = tmp_path / "cache", tmp_path / "host"
+    host.mkdir()
+    (host / "bystander").write_text("not yours")
+    os.utime(host / "bystander", ns=(1_000_000_000 * 10**9, 1_700_000_000 * 10**9))
+    plain = optimize(f"oci:{image}:t", f"oci:{tmp_path / 'plain'}:t", "--no-cache")
+    optimize(f"oci:{image}:t", f"oci:{tmp_path / 'cold'}:t", cache=cache)
+    _plant(cache, host, how)
+    before = _snapshot(host)
+    started = time.monotonic()
+    # Into a new layout, and into one that holds both blobs already (nothing is copied
+    # there: a swapped entry would give its digest to the wrong layer without a copy).
+    fresh = optimize(f"oci:{image}:t", f"oci:{tmp_path / 'fresh'}:t", cache=cache)
+    holding = optimize(f"oci:{image}:t", f"oci:{tmp_path / 'cold'}:again", cache=cache)
+    assert time.monotonic() - started < 60
+    for report in (fresh, holding):
+        assert report["target"] == plain["target"], (how, report["stderr"])
+        assert "Traceback" not in report["stderr"]
+    assert tag_digest(tmp_path / "cold", "again") == plain["target"]
+    assert _snapshot(host) == before, how
+    assert not list(host.glob("planted-*"))
+    verify(f"oci:{tmp_path / 'fresh'}:t")
+    verify(f"oci:{tmp_path / 'cold'}:again")
+    for args in (["cache", "info", "--json"], ["cache", "prune"], ["cache", "prune", "--all"]):
+        done = run(*args, cache=cache, check=False)
+        assert "Traceback" not in done.stderr, done.stderr
+        if how == "layers-links-to-host":  # refused: the cache is not used at all
+            assert done.returncode == 1 and len(done.stderr.splitlines()) == 1, done.stderr
+            assert "is a symbolic link" in done.stderr
+        else:
+            assert done.returncode == 0, done.stderr
+    assert _snapshot(host) == before, how
+    assert not list((cache / "layers").glob(".*.tmp"))
+
+
+def test_swapped_entries_never_give_layer_convert_another_layer(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    layers = []
+    for n in range(2):
+        layers.append(tmp_path / f"{n}.tar")
+        layers[n].write_bytes(simple_layer({"d/": None, f"d/{n}": noise(50_000 + n, n)}))
+        run("layer", "convert", "--cache-dir", str(cache), str(layers[n]),
+            str(tmp_path / f"{n}.cold"))
+    metas = entries(cache)
+    _swap(metas[0], metas[1])
+    _swap(metas[0].with_suffix(".blob"), metas[1].with_suffix(".blob"))
+    for n in range(2):
+        plain = run("layer", "convert", str(layers[n]), str(tmp_path / f"{n}.plain"))
+        warm = run("layer", "convert", "--cache-dir", str(cache), str(layers[n]),
+                   str(tmp_path / f"{n}.warm"))
+        assert json.loads(warm.stdout)["cache"] == "miss", warm.stderr
+        assert "written for another key" in warm.stderr
+        assert (tmp_path / f"{n}.warm").read_bytes() == (tmp_path / f"{n}.plain").read_bytes()
+        assert json.loads(warm.stdout)["digest"] == json.loads(plain.stdout)["digest"]
+
+
+def test_a_cache_directory_owned_by_another_user_is_not_used(
+    image: Path, tmp_path: Path
+) -> None:
+    """Its owner could plant entries (as git's safe.directory): one warning, no entry
+    read or written; `cache info` and `prune` refuse it in one line."""
+    if os.geteuid() != 0:
+        pytest.fail("changing a directory's owner needs root")
+    cache = tmp_path / "cache"
+    plain = optimize(f"oci:{image}:t", f"oci:{tmp_path / 'plain'}:t", "--no-cache")
+    optimize(f"oci:{image}:t", f"oci:{tmp_path / 'cold'}:t", cache=cache)
+    before = _snapshot(cache)
+    for where in (cache, cache / "layers"):
+        os.chown(where, 65534, 65534)
+        report = optimize(f"oci:{image}:t", f"oci:{tmp_path / ('out-' + where.name)}:t",
+                          cache=cache)
+        assert states(report) == ["off", "off"]
+        assert report["target"] == plain["target"]
+        warnings = cache_warnings(report["stderr"])
+        assert len(warnings) == 1 and "owned by uid 65534" in warnings[0], report["stderr"]
+        for args in (["cache", "info"], ["cache", "prune", "--all"]):
+            done = run(*args, cache=cache, check=False)
+            assert done.returncode == 1, done.stdout
+            assert done.stderr.count("\n") == 1 and "owned by uid 65534" in done.stderr
+        os.chown(where, 0, 0)
+    assert {k: v[0] for k, v in _snapshot(cache).items()} == {
+        k: v[0] for k, v in before.items()}
+    # Nothing is made in another user's directory, not even layers/.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    os.chown(empty, 65534, 65534)
+    report = optimize(f"oci:{image}:t", f"oci:{tmp_path / 'out-empty'}:t", cache=empty)
+    assert states(report) == ["off", "off"] and report["target"] == plain["target"]
+    assert list(empty.iterdir()) == []
+
+
+def test_a_missing_blob_is_named_missing(image: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    cold = optimize(f"oci:{image}:t", f"oci:{tmp_path / 'one'}:t", cache=cache)
+    blobs(cache)[0].unlink()
+    again = optimize(f"oci:{image}:t", f"oci:{tmp_path / 'two'}:t", cache=cache)
+    assert again["target"] == cold["target"]
+    damaged = [x for x in again["stderr"].splitlines() if "is damaged" in x]
+    assert len(damaged) == 1 and "its blob is missing" in damaged[0], again["stderr"]
+    assert "-1" not in damaged[0]

@@ -167,6 +167,21 @@ def test_rollback_keeps_the_image_another_run_wrote(b_state: str, slow: Path, sm
         assert unreferenced_warnings(report) == [], report["warnings"]
 
 
+@pytest.mark.parametrize("signo", [signal.SIGINT, signal.SIGTERM], ids=["int", "term"])
+def test_a_signal_mid_run_exits_128_plus_it_and_rolls_back(
+    slow: Path, tmp_path: Path, signo: int
+) -> None:
+    """As shells report a signal: 130 for Ctrl-C, 143 for SIGTERM; one line either way."""
+    dst = tmp_path / "new"
+    a = start("--log-level", "warning", "optimize", "--oci", "--no-optimize", "--quiet",
+              f"oci:{slow}:t", f"oci:{dst}:a")
+    wait_for_big_write(dst, a)
+    a.send_signal(signo)
+    done = finish(a)
+    assert (done.returncode, done.stderr) == (128 + signo, "estargz-opt: error: interrupted\n")
+    assert not dst.exists(), sorted(p.name for p in dst.rglob("*"))
+
+
 def test_rollback_of_a_new_layout_nobody_else_used_removes_it(slow: Path, tmp_path: Path) -> None:
     dst = tmp_path / "new"
     a = start("optimize", "--oci", "--no-optimize", f"oci:{slow}:t", f"oci:{dst}:a")

@@ -12,8 +12,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, Phase, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, Phase, given, settings, strategies as st
 
 pytest.register_assert_rewrite("tarfactory")  # readable failures from shared checks
 import tarfactory as tf  # noqa: E402

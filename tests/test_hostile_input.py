@@ -12,9 +12,13 @@ from __future__ import annotations
 
 import functools
 import gzip
+import io
+import json
+import signal
 import struct
 import subprocess
 import sys
+import tarfile
 import tempfile
 import zlib
 from dataclasses import dataclass
@@ -24,6 +28,7 @@ import pytest
 import zstandard
 
 pytest.register_assert_rewrite("tarfactory")
+import imagefactory as imf  # noqa: E402
 import tarfactory as tf  # noqa: E402
 from peakrss import run_measured  # noqa: E402
 
@@ -272,7 +277,7 @@ def test_deeply_nested_toc_json(tmp_path: Path, fmt: Format, where: str) -> None
     }[where]
     args = with_toc_json(conv, fmt, doc, tmp_path)
     for cmd in READERS:
-        refused(measured(*reader_args(cmd, args, tmp_path)), "nested too deeply")
+        refused(measured(*reader_args(cmd, args, tmp_path)), "nested deeper than")
 
 
 @pytest.mark.parametrize("value", ['"\\u0080"', "[1]", "{}", '"a b"'])
@@ -550,7 +555,7 @@ import os, signal, sys
 class Interrupt:  # a Ctrl-C exactly while the CLI's heavy modules load
     def find_spec(self, name, path=None, target=None):
         if name == {module!r}:
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), {signo})
         return None
 sys.meta_path.insert(0, Interrupt())
 sys.argv = ["estargz-opt", "layer", "verify", "/nonexistent"]
@@ -559,20 +564,21 @@ main()
 """
 
 
+@pytest.mark.parametrize("signo", [signal.SIGINT, signal.SIGTERM], ids=["int", "term"])
 @pytest.mark.parametrize("module", ["click", "estargz_opt.format.reader", "estargz_opt.pipeline"])
-def test_ctrl_c_while_modules_load_exits_130_quietly(module: str) -> None:
+def test_a_signal_while_modules_load_exits_128_plus_it_quietly(module: str, signo: int) -> None:
     """The console script's path: the handler is in before the first heavy import.
 
     (Before Python runs any of our code, the interpreter's own handler is in force; that
     window cannot be closed from Python.)
     """
     proc = subprocess.run(
-        [sys.executable, "-c", CTRL_C_DURING_IMPORT.format(module=module)],
+        [sys.executable, "-c", CTRL_C_DURING_IMPORT.format(module=module, signo=int(signo))],
         capture_output=True,
         text=True,
         timeout=HANG_GUARD_S,
     )
-    assert (proc.returncode, proc.stderr) == (130, "estargz-opt: error: interrupted\n")
+    assert (proc.returncode, proc.stderr) == (128 + signo, "estargz-opt: error: interrupted\n")
 
 
 def _big_window_zstd(size: int) -> bytes:
@@ -600,3 +606,135 @@ def test_zstd_chunk_that_asks_for_a_huge_window(tmp_path: Path, cmd: str) -> Non
     msg = refused(run, "too much memory")
     assert f"offset {at}" in msg, msg
     assert run.rss_mib < 100, f"the decoder allocated the window: {run.rss_mib:.0f} MiB"
+
+
+# ---------------------------------------------------------------------------------------------
+# JSON nested too deeply, in every document an image, archive or flag brings
+
+DEEP = b"[" * 100_000 + b"]" * 100_000
+
+
+def _deep_doc(media_type: str | None = None) -> bytes:
+    head = b'{"schemaVersion": 2, ' + (
+        b'"mediaType": "' + media_type.encode() + b'", ' if media_type else b"")
+    return head + b'"x": ' + DEEP + b"}"
+
+
+def _image(layout: Path) -> None:
+    imf.write_layout(layout, "t", [imf.simple_layer({"a/": None, "a/b": b"b" * 1000})])
+
+
+def _retag(layout: Path, media_type: str, data: bytes) -> None:
+    digest, size = imf.put_blob(layout, data)
+    imf.tag_descriptor(layout, "t", imf.descriptor(media_type, digest, size))
+
+
+def _deep_manifest(layout: Path) -> None:
+    _retag(layout, imf.OCI_MANIFEST, _deep_doc(imf.OCI_MANIFEST))
+
+
+def _deep_index(layout: Path) -> None:
+    _retag(layout, imf.OCI_INDEX, _deep_doc(imf.OCI_INDEX))
+
+
+def _deep_config(layout: Path) -> None:
+    manifest = imf.read_json(layout, imf.resolve_tag(layout, "t")["digest"])
+    digest, size = imf.put_blob(layout, b'{"architecture": "amd64", "x": ' + DEEP + b"}")
+    manifest["config"] = imf.descriptor(imf.OCI_CONFIG, digest, size)
+    _retag(layout, imf.OCI_MANIFEST, json.dumps(manifest).encode())
+
+
+def _deep_index_json(layout: Path) -> None:
+    (layout / "index.json").write_bytes(_deep_doc(imf.OCI_INDEX))
+
+
+def _tar_dir(layout: Path, out: Path) -> None:
+    with tarfile.open(out, "w") as tar:
+        for path in sorted(layout.rglob("*")):
+            tar.add(path, arcname=str(path.relative_to(layout)), recursive=False)
+
+
+def _replace_member(archive: Path, name: str, data: bytes) -> None:
+    with tarfile.open(archive) as old:
+        members = [(m, old.extractfile(m).read() if m.isfile() else None) for m in old]
+    with tarfile.open(archive, "w") as new:
+        for m, body in members:
+            if m.name == name:
+                body, m.size = data, len(data)
+            new.addfile(m, io.BytesIO(body) if body is not None else None)
+
+
+def _source(kind: str, tmp: Path) -> str:
+    """An image whose `kind` document is nested 100,000 deep; its reference."""
+    layout = tmp / "src"
+    _image(layout)
+    if kind in ("oci-archive-index", "docker-archive-manifest", "docker-archive-config"):
+        if kind == "oci-archive-index":
+            _deep_index_json(layout)
+            _tar_dir(layout, tmp / "src.tar")
+            return f"oci-archive:{tmp / 'src.tar'}:t"
+        subprocess.run(["skopeo", "copy", "-q", f"oci:{layout}:t",
+                        f"docker-archive:{tmp / 'src.tar'}:example.com/a:t"],
+                       check=True, capture_output=True)
+        if kind == "docker-archive-manifest":
+            _replace_member(tmp / "src.tar", "manifest.json", DEEP)
+        else:
+            with tarfile.open(tmp / "src.tar") as tar:
+                config = json.loads(tar.extractfile("manifest.json").read())[0]["Config"]
+            _replace_member(tmp / "src.tar", config, b'{"x": ' + DEEP + b"}")
+        return f"docker-archive:{tmp / 'src.tar'}"
+    {"layout-index": _deep_index_json, "manifest": _deep_manifest, "index": _deep_index,
+     "config": _deep_config}[kind](layout)
+    return f"oci:{layout}:t"
+
+
+QUIET = ["--log-level", "warning", "optimize"]  # the error line alone on stderr
+SOURCES = ["layout-index", "manifest", "index", "config", "oci-archive-index",
+           "docker-archive-manifest", "docker-archive-config"]
+
+
+@pytest.mark.parametrize("kind", SOURCES)
+@pytest.mark.parametrize("cmd", ["optimize", "verify", "inspect"])
+def test_deep_json_in_a_source_is_one_line(tmp_path: Path, kind: str, cmd: str) -> None:
+    ref = _source(kind, tmp_path)
+    dst = tmp_path / "dst"
+    args = {"optimize": [*QUIET, "--oci", "--no-optimize", "--no-cache", ref,
+                         f"oci:{dst}:t"],
+            "verify": ["verify", ref], "inspect": ["inspect", ref]}[cmd]
+    refused(measured(*args), "nested deeper than")
+    assert not dst.exists()
+
+
+@pytest.mark.parametrize("kind", ["oci", "oci-archive"])
+def test_deep_json_in_a_destination_is_one_line(tmp_path: Path, kind: str) -> None:
+    _image(tmp_path / "src")
+    dst = tmp_path / "dst"
+    _image(dst)
+    _deep_index_json(dst)
+    ref = f"oci:{dst}:new"
+    if kind == "oci-archive":
+        _tar_dir(dst, tmp_path / "dst.tar")
+        ref = f"oci-archive:{tmp_path / 'dst.tar'}:new"
+    target = tmp_path / "dst.tar" if kind == "oci-archive" else dst / "index.json"
+    before = target.read_bytes()
+    refused(measured(*QUIET, "--oci", "--no-optimize", "--no-cache",
+                     f"oci:{tmp_path / 'src'}:t", ref), "nested deeper than")
+    assert target.read_bytes() == before
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_deep_json_in_a_record_flag_or_auth_file_is_one_line(tmp_path: Path) -> None:
+    _image(tmp_path / "src")
+    src, dst = f"oci:{tmp_path / 'src'}:t", f"oci:{tmp_path / 'dst'}:t"
+    record = tmp_path / "deep.record.jsonl"
+    record.write_bytes(b'{"path": "a/b", "x": ' + DEEP + b"}\n")
+    refused(measured(*QUIET, "--oci", "--no-cache", "--record-in", record, src, dst),
+            "nested deeper than")
+    deep_flag = "[" * 30_000 + "]" * 30_000  # one argument holds at most 128 KiB
+    refused(measured(*QUIET, "--oci", "--no-cache", "--args", deep_flag, src, dst),
+            "nested deeper than")
+    auth = tmp_path / "auth.json"
+    auth.write_bytes(b'{"auths": ' + DEEP + b"}")
+    refused(measured(*QUIET, "--oci", "--no-optimize", "--no-cache", "--authfile", auth,
+                     src, "docker://127.0.0.1:9/a:t"), "nested deeper than")
+    assert not (tmp_path / "dst").exists()

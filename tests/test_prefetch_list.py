@@ -159,13 +159,15 @@ def test_globs_honour_whiteouts(source: Path, tmp_path: Path) -> None:
 @pytest.mark.parametrize("listing", [
     "wh/gone\nopq/old\n",          # all deleted by whiteouts above
     "# nothing but comments\n\n",  # an empty list: no prioritized files at all
-], ids=["deleted", "comments-only"])
+    "data/\nopq/\n",                # directories only: found, but no file to move
+], ids=["deleted", "comments-only", "directories-only"])
 def test_nothing_to_prioritize(source: Path, tmp_path: Path, listing: str) -> None:
     # A list that prioritizes nothing is an error: one line, exit 1, nothing written...
     res = optimize(source, tmp_path / "out", listing, check=False)
     assert res.returncode == 1, res
     errors = [line for line in res.stderr.splitlines() if "error" in line]
     assert len(errors) == 1 and "nothing written" in errors[0], res.stderr
+    assert "e.g. )" not in errors[0] and "()" not in errors[0], errors[0]
     assert not (tmp_path / "out").exists() or not layout_state(tmp_path / "out"), \
         "a failed conversion left files behind"
     # ...and a warning with --allow-empty-profile.

@@ -668,8 +668,9 @@ def test_authfile_option_legacy_dockercfg_and_url_keys(regs: Registries, certs_d
 @pytest.mark.usefixtures("basic_image")
 def test_first_file_with_an_answer_wins(regs: Registries, certs_d: Path,
                                         tmp_path: Path) -> None:
-    """XDG_RUNTIME_DIR's file before ~/.docker; a named auth file replaces the
-    containers files (so ~/.config is skipped) but not docker's."""
+    """XDG_RUNTIME_DIR's file before ~/.docker; a named auth file takes the primary
+    file's place only, so ~/.config and then ~/.docker are still read after it
+    (containers-auth.json(5))."""
     host = regs.basic.host
     good = _write(tmp_path / "run/containers/auth.json", _auth_json(host))
     _write(tmp_path / ".docker/config.json", _auth_json(host, password="wrong"))
@@ -680,13 +681,13 @@ def test_first_file_with_an_answer_wins(regs: Registries, certs_d: Path,
         assert s.credential_source == f"auth file {good} (key {host})"
     finally:
         s.close()
-    _write(tmp_path / ".config/containers/auth.json", _auth_json(host, password="wrong2"))
-    docker = _write(tmp_path / ".docker/config.json", _auth_json(host))
+    config = _write(tmp_path / ".config/containers/auth.json", _auth_json(host))
+    _write(tmp_path / ".docker/config.json", _auth_json(host, password="wrong2"))
     named = _write(tmp_path / "empty.json", {"auths": {}})
     s = open_session(host, _home_opts(regs, certs_d, tmp_path, authfile=named))
     try:
         assert _pull_tags(s, "ns/app") == ["v1"]
-        assert s.credential_source == f"auth file {docker} (key {host})"
+        assert s.credential_source == f"auth file {config} (key {host})"
     finally:
         s.close()
 
@@ -771,7 +772,7 @@ def test_command_line_creds_and_no_creds_override_files(regs: Registries, certs_
 def test_bad_auth_file_is_one_line(regs: Registries, certs_d: Path, tmp_path: Path) -> None:
     bad = tmp_path / "auth.json"
     bad.write_text("{not json")
-    with pytest.raises(RegistryAccessError, match=rf"^auth file {bad}: not valid JSON"):
+    with pytest.raises(RegistryAccessError, match=rf"^auth file {bad}: malformed JSON"):
         open_session(regs.basic.host, _home_opts(regs, certs_d, tmp_path, authfile=bad))
 
 

@@ -6,8 +6,10 @@ What is checked, as for the other runners (tests/test_analyze.py):
   and the converted layers' prioritized files; the optimized image runs (rootless too);
 * the runner is chosen by itself when not root, and by --runner rootless;
 * a hostile image's symlinks never reach host files (a host secret's atime stays);
-* several ids: refused without newuidmap or a subordinate range, and given by
-  newuidmap/newgidmap from an /etc/subuid range when there is one;
+* several ids: without newuidmap, a subordinate range, the bounding set's CAP_SETUID or
+  under no_new_privs, one id (every file the caller's, the workload root of the
+  namespace; a Debian image records what the runc runner records), and a non-root user
+  refused; given by newuidmap/newgidmap from an /etc/subuid range when there is one;
 * --cni is refused in one line;
 * cleanup after success, SIGTERM, Ctrl-C and a workload killed from outside: no process
   of the uid, nothing in its TMPDIR; after a SIGKILL of estargz-opt, the next run kills
@@ -30,7 +32,8 @@ from pathlib import Path
 import analyzeimages as ai
 import imagefactory as f
 import pytest
-from runnerlib import V1Controllers, cgroup_controllers_on_v2_in_hybrid
+from runnerlib import V1Controllers, cgroup_controllers_on_v2_in_hybrid, cli_env, run_cli
+from support.debs import deb_layer, owners
 from test_analyze import BB, KIND_OUTPUT, KINDS, RUN_SH, ended_by, expected_prioritized
 from test_optimize_containerd import error_message, printed_digest
 from test_optimize_parity import our_toc, prioritized_files
@@ -220,7 +223,7 @@ def test_dotdot_tar_entry(user: Unprivileged, busybox_layer: Path) -> None:
 
 # --- several ids ------------------------------------------------------------------
 
-IDS_SH = "stat -c 'owner=%u:%g' /srv/data\n/bin/busybox id\necho ids-done\n"
+IDS_SH = "stat -c 'owner=%u:%g' /srv/data\ncat /srv/data\n/bin/busybox id\necho ids-done\n"
 
 
 @pytest.fixture(scope="module")
@@ -230,23 +233,44 @@ def owned(user: Unprivileged, busybox_layer: Path) -> str:
                   ai.config(["/bin/sh", "/app/ids.sh"]))
 
 
+def _no_subuid_range(user: Unprivileged) -> None:
+    for etc in ("/etc/subuid", "/etc/subgid"):
+        if Path(etc).exists():
+            assert not any(line.split(":")[0] in (str(user.uid), "estargz-test")
+                           for line in Path(etc).read_text().splitlines()), etc
+
+
 @pytest.mark.parametrize("bounding", ["kept", "empty"])
-def test_several_ids_without_a_subordinate_range(bounding: str, owned: str,
-                                                 user: Unprivileged) -> None:
-    res = user.run("analyze", "--record-out", user.home / "o.jsonl", owned,
+def test_one_id_without_a_subordinate_range(bounding: str, owned: str,
+                                            user: Unprivileged) -> None:
+    """No /etc/subuid range (or an empty bounding set, where newuidmap cannot work): every
+    file is the caller's, the workload runs as root of the namespace, said in one line;
+    a workload whose user is not root is refused, naming --user 0."""
+    _no_subuid_range(user)
+    res = user.run("analyze", "--period", "10", "--record-out", user.home / "o.jsonl", owned,
+                   setuid_helpers=bounding == "kept")
+    assert res.returncode == 0, res.stderr
+    why = (f"uid {user.uid} has no range in /etc/subuid" if bounding == "kept"
+           else "newuidmap cannot work without CAP_SETUID and CAP_SETGID")
+    said = [x for x in res.stderr.splitlines() if "rootless run with only your own id" in x]
+    assert len(said) == 1 and why in said[0] and "ignore_chown_errors" in said[0], said
+    assert "owner=0:0" in res.stderr and "uid=0 gid=0" in res.stderr, res.stderr
+    assert "ids-done" in res.stderr
+    rec = {json.loads(x)["path"] for x in (user.home / "o.jsonl").read_text().split()}
+    assert {"srv/data", "app/ids.sh"} <= rec, rec
+    check_clean(user)
+
+    res = user.run("analyze", "--record-out", user.home / "o.jsonl", "--user", "1000", owned,
                    setuid_helpers=bounding == "kept")
     msg = error_message(res)
-    assert msg.startswith("cannot run the workload rootless: the image needs several ids "
-                          "(srv/data is owned by uid 1000 gid 1000)"), msg
-    if bounding == "kept":
-        assert f"uid {user.uid} has no range in /etc/subuid" in msg, msg
-    else:
-        assert "newuidmap cannot work without CAP_SETUID and CAP_SETGID" in msg, msg
-    assert "--record-in" in msg
+    assert msg.startswith("cannot run the workload rootless: the workload runs as uid 1000 "
+                          "(its User, or --user; --user 0 runs it as root of the namespace), "
+                          "and only your own id can be mapped: "), msg
+    assert why in msg and "--record-in" in msg, msg
     check_clean(user)
 
 
-def test_several_ids_without_newuidmap(owned: str, user: Unprivileged) -> None:
+def test_one_id_without_newuidmap(owned: str, user: Unprivileged) -> None:
     bin_dir = user.home / "bin-no-uidmap"
     bin_dir.mkdir(exist_ok=True)
     for tool in ("runc", "crun", "nsenter"):
@@ -254,12 +278,70 @@ def test_several_ids_without_newuidmap(owned: str, user: Unprivileged) -> None:
         if not link.exists():
             link.symlink_to(subprocess.run(["which", tool], capture_output=True, text=True,
                                            check=True).stdout.strip())
-    res = user.run("analyze", "--record-out", user.home / "o.jsonl", owned,
+    res = user.run("analyze", "--period", "10", "--record-out", user.home / "o.jsonl", owned,
                    env=user.env(PATH=str(bin_dir)))
-    msg = error_message(res)
-    assert "needs several ids" in msg and "newuidmap and newgidmap" in msg, msg
-    assert "apt-get install uidmap" in msg
+    assert res.returncode == 0, res.stderr
+    assert "newuidmap and newgidmap (apt-get install uidmap) are not installed" in res.stderr
+    assert "owner=0:0" in res.stderr and "ids-done" in res.stderr, res.stderr
     check_clean(user)
+
+
+def test_one_id_under_no_new_privs(owned: str, user: Unprivileged) -> None:
+    """An /etc/subuid range, but no_new_privs (Kubernetes' allowPrivilegeEscalation:
+    false): setuid newuidmap gains nothing, so the run maps one id and says why."""
+    argv = user.argv("analyze", "--period", "10", "--record-out", user.home / "n.jsonl",
+                     owned, setuid_helpers=True)
+    argv.insert(argv.index("--"), "--no-new-privs")
+    res = subprocess.run(user.with_subids(argv), capture_output=True, text=True,
+                         env=user.env(), timeout=120, check=False)
+    assert res.returncode == 0, res.stderr
+    assert ("rootless run with only your own id (newuidmap cannot gain privileges under "
+            "no_new_privs)") in res.stderr, res.stderr
+    assert "owner=0:0" in res.stderr and "ids-done" in res.stderr, res.stderr
+    check_clean(user)
+
+
+DEBIAN_SH = ("stat -c 'owner=%u:%g %n' /usr/bin/chage /var/cache/lighttpd /home/app/notes\n"
+             "cat /usr/bin/chage /etc/lighttpd/lighttpd.conf /home/app/notes > /dev/null\n"
+             "/bin/busybox ls /usr/share/doc/passwd\necho debian-done\n")
+
+
+def test_one_id_debian_image(user: Unprivileged, busybox_layer: Path, tmp_path: Path) -> None:
+    """Debian's own layers (passwd: root:shadow, lighttpd: www-data) and an app's files
+    (uid 1000, mode 0600), run as an unprivileged uid with no /etc/subuid range and no
+    capability at all (setpriv --inh-caps=-all --bounding-set=-all): the rootless runner
+    records the same (layer, path) set as the runc runner as root."""
+    _no_subuid_range(user)
+    passwd, lighttpd = deb_layer("passwd"), deb_layer("lighttpd")
+    assert (0, 42) in owners(passwd) and (33, 33) in owners(lighttpd)
+    app = ai.layer([ai.script("app/debian.sh", DEBIAN_SH),
+                    ai.file("home/app/notes", "n\n", mode=0o600, owner=1000)])
+    src = layout(user, "debian", [busybox_layer.read_bytes(), passwd, lighttpd, app],
+                 ai.config(["/bin/sh", "/app/debian.sh"]))
+    record = user.home / "debian.jsonl"
+    res = user.run("optimize", "--oci", "--period", "10", "--record-out", record, src,
+                   f"{src.rsplit(':', 1)[0]}:esgz")
+    printed_digest(res)
+    assert "--bounding-set=-all" in user.argv()
+    assert "rootless run with only your own id (newuidmap cannot work" in res.stderr
+    for path in ("/usr/bin/chage", "/var/cache/lighttpd", "/home/app/notes"):
+        assert f"owner=0:0 {path}" in res.stderr, res.stderr
+    assert "debian-done" in res.stderr
+    check_clean(user)
+
+    runc_record = tmp_path / "runc.jsonl"
+    res = run_cli("analyze", "--runner", "runc", "--period", "10", "--record-out",
+                  runc_record, src, env=cli_env(tmp_path, ESTARGZ_OPT_CACHE_DIR=str(tmp_path)))
+    assert res.returncode == 0, res.stderr
+    assert "owner=0:42 /usr/bin/chage" in res.stderr and "owner=33:33" in res.stderr
+
+    def pairs(path: Path) -> set[tuple[int, str]]:
+        return {(r["layerIndex"], r["path"]) for r in map(json.loads, path.read_text().split())}
+
+    ours = pairs(record)
+    assert ours == pairs(runc_record)
+    assert {(1, "usr/bin/chage"), (2, "etc/lighttpd/lighttpd.conf"),
+            (3, "home/app/notes")} <= ours, ours
 
 
 def test_several_ids_from_subuid(owned: str, user: Unprivileged) -> None:

@@ -33,8 +33,7 @@ from pathlib import Path
 
 import pytest
 from helpers_containerd import estargz_opt
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 from imagefactory import archive_for_ctr
 from ociimage import OCIImage, image_target, import_image, read_manifest, write_oci_layout
 from tarbytes import (

@@ -22,7 +22,9 @@ from pathlib import Path
 
 import estargz_opt
 
-UID = GID = 64123
+#: This process's own: tests count and kill the uid's processes, and several test
+#: sessions (or a benchmark) run at once on one machine.
+UID = GID = 65536 + os.getpid() % 100000
 #: by its path: a test may give the user a PATH without it
 SETPRIV = shutil.which("setpriv") or "setpriv"
 

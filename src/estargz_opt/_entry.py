@@ -1,14 +1,17 @@
 """The console-script entry: a Ctrl-C handler goes in before any heavy import.
 
 Importing the CLI pulls in click, grpc and the codecs (a tenth of a second or more); an
-interrupt in that window must exit 130 with one line, like one during the run, not print
-a KeyboardInterrupt traceback from the middle of an import.
+interrupt in that window must exit 128 + the signal (130 for Ctrl-C, 143 for SIGTERM)
+with one line, like one during the run, not print a KeyboardInterrupt traceback from the
+middle of an import.
 """
 
 from __future__ import annotations
 
+# _signal, the C module: `signal` builds its enums at import, a few milliseconds during
+# which a Ctrl-C would still print a traceback. (`os` is loaded already, by the interpreter.)
+import _signal  # type: ignore[import-not-found]  # (typeshed has no stub for it)
 import os
-import signal
 
 
 def _interrupted_early(signum: int, _frame: object) -> None:
@@ -17,9 +20,8 @@ def _interrupted_early(signum: int, _frame: object) -> None:
 
 
 def main() -> None:
-    previous = {s: signal.signal(s, _interrupted_early) for s in (signal.SIGINT, signal.SIGTERM)}
+    for signum in (_signal.SIGINT, _signal.SIGTERM):
+        _signal.signal(signum, _interrupted_early)
     from estargz_opt import cli
 
-    for s, handler in previous.items():  # cli.main installs the run's own handling
-        signal.signal(s, handler)
-    cli.main()
+    cli.main()  # its first step replaces these handlers with the run's (no window between)

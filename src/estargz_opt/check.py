@@ -33,7 +33,7 @@ from estargz_opt.format.reader import Layer
 from estargz_opt.platforms import Matcher
 from estargz_opt.stores import Store, StoreOptions, open_store
 from estargz_opt.stores.oci import OCILayout
-from estargz_opt.walk import images
+from estargz_opt.walk import check_selection, images
 
 
 @dataclass(slots=True)
@@ -108,6 +108,9 @@ def check_image(
 ) -> ImageReport:
     """Check (deep: every chunk, DiffID and size too) or just describe every layer."""
     report = ImageReport(image=name, digest=root.digest)
+    check_selection(
+        store, root, matcher, name, "choose with --platform, or give none to check every one"
+    )
     external = _external_tocs(store, toc_image) if toc_image else {}
     for image in images(store, root, matcher):
         manifest = image.manifest

@@ -28,7 +28,14 @@ from estargz_opt.format import Format, LayerOptions, LayerResult, build_layer, o
 from estargz_opt.format.source import Spool, TarSource, open_tar
 from estargz_opt.platforms import Matcher
 from estargz_opt.stores import Prefetching, Store
-from estargz_opt.walk import attested, is_attestation, is_image, read_index, read_manifest
+from estargz_opt.walk import (
+    attested,
+    is_attestation,
+    is_image,
+    no_match,
+    read_index,
+    read_manifest,
+)
 
 log = logging.getLogger("estargz_opt")
 
@@ -113,10 +120,7 @@ class Converter:
                 self._copy(child, "unknown media type")
                 slots.append(child)
         if not new_digest:
-            available = ", ".join(str(m.platform) for m in index.manifests if m.platform) or "none"
-            raise EstargzOptError(
-                f"no manifest matches {self.opts.platforms.describe()} (the image has: {available})"
-            )
+            raise no_match(f"index {desc.digest}", self.opts.platforms, index)
         # Attestations pass through untouched, in place, when the manifest they describe is
         # kept. They still name (and attest) the source manifest, which is the truth.
         for pos, att in attestations.items():
@@ -282,17 +286,16 @@ class Converter:
             fill = stack.enter_context(slot.fill()) if slot else None
             if shown:
                 shown.start(desc.digest, tar.size)
+                # An interrupted or failed layer leaves the display without being "done".
+                stack.callback(shown.abandon, desc.digest)
             try:
                 out = fill.tee(sink.file) if fill else sink.file
                 result = build_layer(tar, out, opts, progress)
-                if shown:
-                    shown.update(desc.digest, result.uncompressed_size, result.size)
             except BadInputError as exc:
                 raise BadInputError(f"{what} ({desc.digest}): {exc}") from None
-            finally:
-                if shown:
-                    shown.finish(desc.digest)
             sink.commit(result.digest, result.size, result.diff_id)
+            if shown:
+                shown.finish(desc.digest, tar.size, result.size)
             if slot and fill:
                 slot.store(fill, result)
         return result

@@ -11,49 +11,22 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Self
 
+from estargz_opt import jsonlimits
 from estargz_opt.constants import (
     DOCKER_CONFIG as DOCKER_CONFIG,
-)
-from estargz_opt.constants import (
     DOCKER_FOREIGN as DOCKER_FOREIGN,
-)
-from estargz_opt.constants import (
     DOCKER_FOREIGN_GZIP as DOCKER_FOREIGN_GZIP,
-)
-from estargz_opt.constants import (
     DOCKER_LAYER as DOCKER_LAYER,
-)
-from estargz_opt.constants import (
     DOCKER_LAYER_GZIP as DOCKER_LAYER_GZIP,
-)
-from estargz_opt.constants import (
     DOCKER_LAYER_ZSTD as DOCKER_LAYER_ZSTD,
-)
-from estargz_opt.constants import (
     DOCKER_LIST as DOCKER_LIST,
-)
-from estargz_opt.constants import (
     DOCKER_MANIFEST as DOCKER_MANIFEST,
-)
-from estargz_opt.constants import (
     OCI_CONFIG as OCI_CONFIG,
-)
-from estargz_opt.constants import (
     OCI_FOREIGN as OCI_FOREIGN,
-)
-from estargz_opt.constants import (
     OCI_INDEX as OCI_INDEX,
-)
-from estargz_opt.constants import (
     OCI_LAYER as OCI_LAYER,
-)
-from estargz_opt.constants import (
     OCI_LAYER_GZIP as OCI_LAYER_GZIP,
-)
-from estargz_opt.constants import (
     OCI_LAYER_ZSTD as OCI_LAYER_ZSTD,
-)
-from estargz_opt.constants import (
     OCI_MANIFEST as OCI_MANIFEST,
 )
 from estargz_opt.errors import BadInputError
@@ -266,13 +239,7 @@ def _extra(raw: dict[str, Any], *known: str) -> dict[str, Any]:
 
 
 def _load(data: bytes, where: str) -> dict[str, Any]:
-    try:
-        raw = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadInputError(f"malformed JSON in {where}: {exc}") from None
-    if not isinstance(raw, dict):
-        raise BadInputError(f"malformed JSON in {where}: not an object")
-    return raw
+    return jsonlimits.loads_object(data, where)
 
 
 def load_json(data: bytes, where: str) -> dict[str, Any]:

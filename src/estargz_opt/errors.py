@@ -13,6 +13,7 @@ and keeps its traceback. Errors about options name the API's fields and values
     │       └── UnmappedOwnerError    ... because of an owner the namespace cannot map
     ├── VerificationError             a layer does not match its TOC, digests, annotations
     │   └── MissingExternalTOCError   an external-TOC layer was given without its TOC
+    ├── PlatformError                 the image has nothing for the platforms asked for
     ├── EmptyProfileError             the profile prioritizes nothing in the image
     ├── Cancelled                     the conversion was interrupted
     ├── RegistryAccessError           a registry cannot be reached or refused our login
@@ -36,9 +37,12 @@ and keeps its traceback. Errors about options name the API's fields and values
     ├── MonitorError                  the file-access monitor failed
     ├── MountError                    a mount the sample container needs failed
     ├── NetworkError                  the workload's network (CNI) could not be set up
+    ├── ForeignCacheError             a cache directory of another user is not used
     └── FanotifyError                 fanotify could not be set up or read
         ├── FanotifyPermissionError
         └── FanotifyUnavailableError
+
+    Interrupted (a BaseException)     SIGINT or SIGTERM: unwinds, then exits 128 + signal
 
 The modules that raise these import them from here; no other module defines a public
 error class. A log record that names options carries `extra={OPTION_TERMS: True}`: its
@@ -124,6 +128,10 @@ class VerificationError(EstargzOptError):
 
 class MissingExternalTOCError(VerificationError):
     """The blob is an external-TOC layer and its TOC was not supplied."""
+
+
+class PlatformError(EstargzOptError):
+    """The image has nothing for the platforms asked for (the host's by default)."""
 
 
 class EmptyProfileError(EstargzOptError):
@@ -238,3 +246,19 @@ class FanotifyPermissionError(FanotifyError):
 
 class FanotifyUnavailableError(FanotifyError):
     """The kernel (or libc) has no usable fanotify."""
+
+
+class ForeignCacheError(EstargzOptError):
+    """`cache info`/`prune` on a directory the cache refuses to use (another user's)."""
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM during a run. It unwinds like Ctrl-C (every `finally` and
+    `except BaseException` rolls back what was written), then the run exits 128 + the
+    signal, as shells report a signal (130 for Ctrl-C, 143 for SIGTERM). Not an
+    Exception, so no handler takes it for a failure; not a KeyboardInterrupt, so click
+    prints nothing of its own."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum

@@ -21,8 +21,12 @@ class ProgressListener(Protocol):
     def update(self, digest: str, bytes_in: int, bytes_out: int) -> None:
         """So far: tar bytes read, blob bytes written."""
 
-    def finish(self, digest: str) -> None:
-        """The layer is converted, or its conversion stopped (an error, an interrupt)."""
+    def finish(self, digest: str, bytes_in: int, bytes_out: int) -> None:
+        """The layer is converted and stored: the whole tar (bytes_in) went in, bytes_out
+        came out. Only a layer that got this far is finished."""
+
+    def abandon(self, digest: str) -> None:
+        """The layer's conversion stopped (an error, an interrupt); never after finish()."""
 
     def cached(self, digest: str, size: int) -> None:
         """The layer was taken from the converted-layer cache: nothing was converted."""

@@ -40,7 +40,7 @@ def nesting_depth(data: bytes) -> int:
         data = data.replace(b"\\\\", b"__").replace(b'\\"', b"__")
     outside = b"".join(data.split(b'"')[::2])  # strings are every other piece
     brackets = outside.translate(None, _NOT_BRACKETS).translate(_STEP)
-    return max(itertools.accumulate(map(_DELTA.__getitem__, brackets)))
+    return max(itertools.accumulate(map(_DELTA.__getitem__, brackets)), default=0)
 
 
 def loads(data: bytes | str, what: str, *, max_size: int = MAX_DOCUMENT,

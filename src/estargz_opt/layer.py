@@ -14,8 +14,7 @@ from pathlib import Path
 from estargz_opt import cache
 from estargz_opt.atomic import atomic_output
 from estargz_opt.errors import OptionsError
-from estargz_opt.format import Format, LayerOptions, LayerResult
-from estargz_opt.format import convert_layer as build_file
+from estargz_opt.format import Format, LayerOptions, LayerResult, convert_layer as build_file
 from estargz_opt.format.build import ProgressFn
 
 

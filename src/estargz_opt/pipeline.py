@@ -13,8 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from estargz_opt import descriptor as d
-from estargz_opt import platforms, reference
+from estargz_opt import descriptor as d, platforms, reference
 from estargz_opt.constants import (
     MAX_MANIFEST_SIZE,
     TOC_IMAGE_SUFFIX,
@@ -51,7 +50,7 @@ from estargz_opt.events import ProgressListener
 from estargz_opt.format import Format
 from estargz_opt.format.source import Spool
 from estargz_opt.stores import Store, open_store, pair, same_store
-from estargz_opt.walk import images
+from estargz_opt.walk import check_selection, images
 
 log = logging.getLogger("estargz_opt")
 
@@ -75,13 +74,6 @@ def optimize(req: OptimizeRequest, progress: ProgressListener | None = None) -> 
     with ExitStack() as stack:
         src = stack.enter_context(open_store(src_ref, req.src_store, create=False))
         root = src.resolve(src_ref.tag)
-        log.info(
-            "converting platforms: %s%s",
-            matcher.describe(),
-            ""
-            if req.platforms or req.all_platforms
-            else " (the host; use --platform or --all-platforms for others)",
-        )
         # The host layers, decompressed while the workload runs, for their conversion.
         spool = Spool()
         stack.callback(spool.close)
@@ -95,7 +87,19 @@ def optimize(req: OptimizeRequest, progress: ProgressListener | None = None) -> 
         pair(src, dst)
         try:
             # The destination is opened (a registry's push access checked) before the
-            # workload runs, so a refusal costs no run and no conversion.
+            # workload runs, so a refusal costs no run and no conversion; then the platforms
+            # are checked (which reads a single manifest's config), before the run too.
+            check_selection(src, root, matcher, str(src_ref))
+            if matcher.host_default:
+                log.info(
+                    "converting platforms: %s; use %s or %s for others",
+                    matcher.describe(),
+                    "platforms",
+                    "all_platforms",
+                    extra={OPTION_TERMS: True},
+                )
+            else:
+                log.info("converting platforms: %s", matcher.describe())
             analysis = None
             if run_workload:
                 analysis = _analyze(req, src, root, src_ref, matcher, spool, progress)
@@ -167,6 +171,13 @@ def analyze(req: AnalyzeRequest, progress: ProgressListener | None = None) -> An
         check_record_out(prefetch_list_out, "prefetch list")
     with open_store(ref, req.store, create=False) as store:
         root = store.resolve(ref.tag)
+        check_selection(
+            store,
+            root,
+            platforms.matcher((), False),
+            str(ref),
+            "the workload runs only on the host platform",
+        )
         host = _host_manifest(store, root)
         if host is None:
             raise EstargzOptError(
@@ -239,11 +250,22 @@ def _analyze(
     """Run the workload of the host platform's image; None if the host is not converted."""
     host = _host_manifest(src, root)
     if host is None or not matcher.matches(platforms.host()):
-        log.warning(
-            "the workload runs only for the host platform %s, which is not converted "
-            "here: no files are prioritized",
-            platforms.host(),
-        )
+        # ctr-remote too skips its analyzer when no platform asked for is the host's.
+        if host is None:
+            log.warning(
+                "the workload runs only on the host platform %s, and %s has no image for it: "
+                "no files are prioritized",
+                platforms.host(),
+                src_ref,
+            )
+        else:
+            log.warning(
+                "the workload runs only on the host platform %s, and %s does not convert it: "
+                "no files are prioritized",
+                platforms.host(),
+                "platforms",
+                extra={OPTION_TERMS: True},
+            )
         return None
     if req.platforms or req.all_platforms:
         log.info(

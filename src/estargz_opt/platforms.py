@@ -85,10 +85,17 @@ def host() -> Platform:
 
 @dataclass(frozen=True, slots=True)
 class Matcher:
-    """Which manifests of an index to convert: all, or those equal to one of `wanted`."""
+    """Which platform images to convert: all, or those equal to one of `wanted`.
+
+    Equal after normalisation, variant included: containerd's strict matching
+    (`platforms.DefaultStrict()` for the host, `platforms.Ordered` for --platform), which
+    ctr-remote applies; so an arm64 host does not take an arm/v7 image for its own.
+    """
 
     wanted: tuple[Platform, ...]
     all: bool = False
+    #: no --platform or --all-platforms was given: `wanted` is the host alone
+    host_default: bool = False
 
     def matches(self, p: Platform | None) -> bool:
         if self.all or p is None:
@@ -99,7 +106,7 @@ class Matcher:
     def describe(self) -> str:
         if self.all:
             return "all platforms"
-        return ", ".join(str(w) for w in self.wanted)
+        return ", ".join(str(w) for w in self.wanted) + (" (the host)" if self.host_default else "")
 
 
 def matcher(specs: Sequence[str], all_platforms: bool) -> Matcher:
@@ -107,4 +114,4 @@ def matcher(specs: Sequence[str], all_platforms: bool) -> Matcher:
         return Matcher((), all=True)
     if specs:
         return Matcher(tuple(parse(s) for s in specs))
-    return Matcher((host(),))
+    return Matcher((host(),), host_default=True)

@@ -58,6 +58,16 @@ _HOST = re.compile(
     r"(?:(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?\.?)+|\[[0-9a-fA-F:.]+\])(?::[0-9]+)?"
 )
 _TRANSPORT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+#: `docker:/x`, `oci-archive//x`, `docker:::x`: a transport misspelled. No image name has
+#: a colon before a slash with no port between, nor an empty path component.
+_TRANSPORT_LIKE = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)(:/+|/{2,}|:{2,})")
+#: the transports a misspelling is matched to, with their right spelling
+_SPELLING = {
+    "docker": "docker://",
+    "oci": "oci:",
+    "oci-archive": "oci-archive:",
+    "docker-archive": "docker-archive:",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,12 +188,27 @@ def parse(text: str) -> ImageRef:
     if not text.startswith("oci:"):
         if not text or any(c.isspace() for c in text):
             raise EstargzOptError(f"invalid image reference {text!r}")
+        _refuse_misspelled_transport(text)
         return ContainerdRef(text)
     rest = text[len("oci:") :]
     path, _, tag = rest.partition(":")
     if not path:
         raise EstargzOptError(f"invalid image reference {text!r}: no directory")
     return OCIRef(Path(path), tag or None)
+
+
+def _refuse_misspelled_transport(text: str) -> None:
+    """A UsageError for a transport spelled wrong (`docker:/x`), which would otherwise be
+    taken for a containerd image name and fail later on the containerd socket."""
+    m = _TRANSPORT_LIKE.match(text)
+    if m is None:
+        return
+    right = _SPELLING.get(m.group(1).lower())
+    raise UsageError(
+        f"invalid image reference {text!r}: {m.group()!r} is not a transport"
+        + (f" (did you mean {right}?)" if right else " nor part of an image name")
+        + "; use docker://, oci:, oci-archive:, docker-archive: or a containerd image name"
+    )
 
 
 _OCI_ARCHIVE = "oci-archive:"

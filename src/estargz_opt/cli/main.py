@@ -14,7 +14,7 @@ from estargz_opt.cli.check import inspect_cmd, verify_cmd
 from estargz_opt.cli.layer import layer
 from estargz_opt.cli.optimize import analyze_cmd, optimize_cmd
 from estargz_opt.cli.params import SpellTerms, option_flags, spelling
-from estargz_opt.errors import EstargzOptError, UsageError
+from estargz_opt.errors import EstargzOptError, Interrupted, UsageError
 from estargz_opt.stores.containerd.model import (
     DEFAULT_ADDRESS,
     DEFAULT_NAMESPACE,
@@ -105,15 +105,16 @@ def _configure_logging(fmt: str, level: str) -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def _terminate(signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt  # unwind like Ctrl-C, so stores roll back what was written
+def _interrupt(signum: int, _frame: object) -> None:
+    raise Interrupted(signum)  # unwinds, so stores roll back what was written
 
 
 def main() -> None:
     """Entry point: every expected failure becomes one line on stderr and a non-zero exit."""
-    logging.basicConfig(format="estargz-opt: %(levelname)s: %(message)s", level=logging.INFO)
-    signal.signal(signal.SIGTERM, _terminate)
-    try:
+    try:  # a signal right after its handler is in is an Interrupted like any other
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, _interrupt)
+        logging.basicConfig(format="estargz-opt: %(levelname)s: %(message)s", level=logging.INFO)
         cli.main(standalone_mode=False, prog_name="estargz-opt")
     except click.UsageError as exc:
         _fail(exc.format_message(), 2)
@@ -123,8 +124,10 @@ def main() -> None:
         _fail(exc.spelled(_spell), exc.exit_code)
     except EstargzOptError as exc:
         _fail(exc.spelled(_spell), 1)
+    except Interrupted as exc:
+        _fail("interrupted", 128 + exc.signum)
     except (KeyboardInterrupt, click.Abort):
-        _fail("interrupted", 130)
+        _fail("interrupted", 128 + signal.SIGINT)
     except BrokenPipeError:
         sys.exit(1)
     except OSError as exc:  # a disk, permission or path problem the layers above did not name
@@ -134,6 +137,8 @@ def main() -> None:
 
 def _fail(message: str, code: int) -> None:
     """The one error line: JSON like every other log line under --log-format json."""
+    for signum in (signal.SIGINT, signal.SIGTERM):  # the run is over: a second signal
+        signal.signal(signum, signal.SIG_IGN)  # must not turn its line into a traceback
     root = logging.getLogger()
     if any(type(h.formatter).__name__ == "JsonFormatter" for h in root.handlers):
         logging.getLogger("estargz_opt").error(message)

@@ -16,7 +16,11 @@ import click
 from estargz_opt import cache
 from estargz_opt.cli.help import CACHE, OUTPUT, REGISTRY, WORKLOAD, option
 from estargz_opt.errors import OPTION_TERMS, EstargzOptError, UsageError
-from estargz_opt.stores.registry.options import RegistryOptions
+from estargz_opt.stores.registry.options import (
+    DEFAULT_MIN_RATE,
+    DEFAULT_TIMEOUT,
+    RegistryOptions,
+)
 from estargz_opt.workload.options import (
     DEFAULT_NAMESERVERS,
     DEFAULT_PERIOD,
@@ -220,8 +224,11 @@ def sampler_options(f: Callable[..., Any]) -> Callable[..., Any]:
             type=click.Choice(RUNNERS),
             help="How the sample container runs: containerd (its task service), runc (the "
             "runtime's CLI, no daemon) or rootless (no privilege at all; the rootfs is held "
-            "in memory, a tmpfs the size of the image). Default: rootless when not root; "
-            "as root, containerd for an image in containerd, runc for any other source.",
+            "in memory, a tmpfs the size of the image; with only your own id mapped, no "
+            "/etc/subuid range or no capabilities, every file is yours and the workload "
+            "runs as root of its namespace, so an image whose User is not root is "
+            "refused). Default: rootless when not root; as root, containerd for an image "
+            "in containerd, runc for any other source.",
         ),
         option(w, "--rootless", is_flag=True, help="The same as --runner rootless."),
         option(
@@ -269,7 +276,28 @@ def registry_options(*prefixes: str) -> Callable[[Callable[..., Any]], Callable[
                 type=click.Path(dir_okay=False, path_type=Path),
                 help="Registry credentials file (else REGISTRY_AUTH_FILE, containers' "
                 "auth.json, then Docker's config.json).",
-            )
+            ),
+            option(
+                r,
+                "--registry-timeout",
+                type=click.FloatRange(min=0, min_open=True),
+                default=DEFAULT_TIMEOUT,
+                envvar="ESTARGZ_OPT_REGISTRY_TIMEOUT",
+                metavar="SECONDS",
+                help="Seconds any one registry request may take in all, beyond the time "
+                "its bytes need at --registry-min-rate; a server that stalls or trickles "
+                "fails then (env ESTARGZ_OPT_REGISTRY_TIMEOUT).",
+            ),
+            option(
+                r,
+                "--registry-min-rate",
+                type=click.IntRange(min=1),
+                default=DEFAULT_MIN_RATE >> 10,
+                envvar="ESTARGZ_OPT_REGISTRY_MIN_RATE",
+                metavar="KIB_PER_S",
+                help="Slowest average rate, in KiB/s, a registry transfer may keep "
+                "(env ESTARGZ_OPT_REGISTRY_MIN_RATE).",
+            ),
         ]
         for p in prefixes:
             side = {"src-": "the source's ", "dest-": "the destination's "}.get(p, "the ")
@@ -319,4 +347,7 @@ def registry(kw: dict[str, Any], prefix: str, authfile: Path | None) -> Registry
         tls_verify=kw.pop(f"{p}tls_verify"),
         cert_dir=kw.pop(f"{p}cert_dir"),
         env=os.environ,
+        # one pair for both sides
+        timeout=kw["registry_timeout"],
+        min_rate=kw["registry_min_rate"] << 10,
     )

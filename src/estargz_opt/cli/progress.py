@@ -50,7 +50,7 @@ class Progress:
             self._layers[digest] = _Layer(digest, total, now, last_log=now)
         if not self._live:
             log.info(
-                "converting layer %s (%d bytes of tar)", digest, total, extra={"layer": digest}
+                "converting layer %s (%s of tar)", digest, _size(total), extra={"layer": digest}
             )
 
     def update(self, digest: str, bytes_in: int, bytes_out: int) -> None:
@@ -68,7 +68,9 @@ class Progress:
                 layer.last_log = now
                 log.info("layer %s: %s", digest, _describe(layer, now), extra={"layer": digest})
 
-    def finish(self, digest: str) -> None:
+    def finish(self, digest: str, bytes_in: int, bytes_out: int) -> None:
+        """The layer is converted and stored: the whole tar (bytes_in) went in, bytes_out
+        came out. Only a layer that got this far is reported as done."""
         with self._lock:
             layer = self._layers.pop(digest, None)
             if layer is None:
@@ -77,19 +79,31 @@ class Progress:
             if self._live:
                 self._clear()
             log.info(
-                "layer %s done: %s in %.1f s",
+                "layer %s done: %s of tar in, %s out in %.1f s",
                 digest,
-                _describe(layer, now),
+                _size(bytes_in),
+                _size(bytes_out),
                 now - layer.started,
                 extra={"layer": digest},
             )
             if self._live and self._layers:
                 self._draw()
 
+    def abandon(self, digest: str) -> None:
+        """The layer's conversion stopped (an error, Ctrl-C): it leaves the display with no
+        line of its own, the error says why. Nothing happens after finish()."""
+        with self._lock:
+            if self._layers.pop(digest, None) is None:
+                return
+            if self._live:
+                self._clear()
+                if self._layers:
+                    self._draw()
+
     def cached(self, digest: str, size: int) -> None:
         """A layer taken from the layer cache: nothing was converted."""
         log.info(
-            "layer %s cached: %s from the layer cache", digest, _mib(size), extra={"layer": digest}
+            "layer %s cached: %s from the layer cache", digest, _size(size), extra={"layer": digest}
         )
 
     def sampling(self, seconds_left: float | None, files: int) -> None:
@@ -166,11 +180,19 @@ class _Passthrough:
 
 
 def _describe(layer: _Layer, now: float) -> str:
+    """A layer under way. bytes_in counts the tar entries rewritten so far, which leave out
+    the tar's end blocks and padding: the share is an estimate, so it stops short of 100%
+    until finish() reports the whole tar."""
     rate = layer.bytes_in / max(now - layer.started, 1e-6)
-    # The uncompressed stream also holds the TOC, so it can outgrow the input tar.
-    share = f"{min(layer.bytes_in / layer.total, 1.0):.0%} " if layer.total else ""
-    return f"{share}{_mib(layer.bytes_in)} in, {_mib(layer.bytes_out)} out, {_mib(rate)}/s"
+    share = f"{min(layer.bytes_in / layer.total, 0.99):.0%} " if layer.total else ""
+    return f"{share}{_size(layer.bytes_in)} in, {_size(layer.bytes_out)} out, {_size(rate)}/s"
 
 
-def _mib(n: float) -> str:
-    return f"{n / (1 << 20):.1f} MiB"
+def _size(n: float) -> str:
+    """Bytes in the largest binary unit that keeps a digit before the point: a 9 KiB
+    layer is 9.0 KiB, not 0.0 MiB."""
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"

@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from estargz_opt import jsonlimits
+from estargz_opt.constants import MAX_TOC_SIZE
 from estargz_opt.digest import sha256_digest
 from estargz_opt.errors import BadInputError
 
@@ -214,12 +216,7 @@ def toc_digest(toc_json: bytes) -> str:
 
 def parse_toc(data: bytes) -> TOC:
     """Decode TOC JSON strictly enough that a malformed TOC is named, not crashed on."""
-    try:
-        doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadInputError(f"malformed TOC JSON: {exc}") from None
-    except RecursionError:  # the schema nests 4 deep; refuse what the decoder cannot hold
-        raise BadInputError("malformed TOC JSON: arrays or objects nested too deeply") from None
+    doc = jsonlimits.loads(data, "TOC", max_size=MAX_TOC_SIZE)
     if not isinstance(doc, dict) or not isinstance(doc.get("entries", []), list):
         raise BadInputError("malformed TOC JSON: expected an object with an entries list")
     version = doc.get("version", 0)

@@ -87,6 +87,9 @@ class Profile:
         named = ", ".join(f"{s.kind.label} {s.path}" for s in sources)
         if self.files == 0:
             return f"the profile ({named}) lists no files"
+        if not self.missing:  # every path is there, and none is a file to move first
+            return (f"the profile ({named}): its {self.files} path(s) in the image "
+                    f"{self.manifest_digest} are directories only, no file to prioritize")
         files = "its one file" if self.files == 1 else f"none of its {self.files} files"
         found = "is not" if self.files == 1 else "is"
         head = f"the profile ({named}): {files} {found} in the image {self.manifest_digest}"

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from estargz_opt import jsonlimits
 from estargz_opt.descriptor import Manifest
 from estargz_opt.errors import BadInputError, EstargzOptError
 from estargz_opt.format import atomic_output, tarfmt
@@ -45,10 +46,7 @@ def read_record(path: Path) -> list[RecordEntry]:
     for lineno, line in enumerate(read_lines(path), 1):
         if not line.strip():
             continue
-        try:
-            doc = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise BadInputError(f"{path}:{lineno}: not a JSON record line ({exc.msg})") from None
+        doc = jsonlimits.loads(line, f"{path}:{lineno}: record line")
         if not isinstance(doc, dict):
             raise BadInputError(f"{path}:{lineno}: record line is not a JSON object")
         p, m, i = doc.get("path"), doc.get("manifestDigest"), doc.get("layerIndex")

@@ -12,13 +12,12 @@ else computed once.
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn, Self
 
-from estargz_opt import descriptor as d
+from estargz_opt import descriptor as d, jsonlimits
 from estargz_opt.descriptor import Descriptor, Manifest
 from estargz_opt.digest import sha256_digest, sha256_hex
 from estargz_opt.errors import BadInputError, EstargzOptError, UsageError
@@ -184,10 +183,7 @@ class DockerArchive:
 
 def _parse_manifest(data: bytes, what: str) -> list[_Entry]:
     where = f"{what}/manifest.json"
-    try:
-        raw: Any = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadInputError(f"malformed JSON in {where}: {exc}") from None
+    raw: Any = jsonlimits.loads(data, where)
     if not isinstance(raw, list) or not raw:
         raise BadInputError(f"malformed {where}: not a list of images")
     entries = []

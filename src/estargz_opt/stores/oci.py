@@ -111,6 +111,8 @@ class OCILayout:
         #: fd of blobs/, share-locked while this run may write (see the module docstring)
         self._writer: int | None = None
         if create:
+            if (root / "index.json").exists():
+                self.index()  # a damaged index.json fails here, before any blob is written
             self._start_writing()
         elif not (root / "index.json").is_file():
             raise EstargzOptError(f"{root} is not an OCI image layout (no index.json)")

@@ -209,9 +209,12 @@ class OCIArchive:
             for name in ("blobs", "blobs/sha256"):
                 tar.addfile(_info(name, 0, tarfile.DIRTYPE))
             if self._tar is not None:
+                # Every blob name the archive had, as a regular file: a blob held by a
+                # symlink or hardlink member (to a file outside blobs/ or another blob)
+                # is read through it, so it is written whole, never dropped.
                 with open(self._tar.path, "rb") as old:
                     for name, member in sorted(self._tar.members.items()):
-                        if name.startswith(_BLOBS) and name == member.name:  # not a link
+                        if name.startswith(_BLOBS):
                             old.seek(member.offset)
                             tar.addfile(_info(name, member.size), old)
             for digest, path in sorted(self._new.items()):

@@ -53,6 +53,11 @@ class TarIndex:
         except OSError as exc:
             raise EstargzOptError(f"cannot read {what}: {exc.strerror}") from None
         with f:
+            if not f.seekable():
+                raise BadInputError(
+                    f"{what} is a pipe or other stream: an archive is read by offset, so it "
+                    f"must be a file (save it to one first)"
+                )
             kind = sniff(f.read(4))
             if kind != "none":
                 raise BadInputError(

@@ -8,10 +8,10 @@ the end conditions all read it. Parsing a value and checking it are one function
 from __future__ import annotations
 
 import csv
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from estargz_opt import jsonlimits
 from estargz_opt.errors import BadInputError, literal
 
 DEFAULT_PERIOD = 10
@@ -98,10 +98,10 @@ def parse_json_array(field: str, text: str) -> list[str] | None:
     if text == "":
         return None
     try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
+        value = jsonlimits.loads(text, field)
+    except BadInputError as e:
         raise BadInputError.with_terms(
-            "{field} must be a JSON array of strings: " + literal(e.msg), field=field
+            "{field} must be a JSON array of strings " + literal(f"({e})"), field=field
         ) from None
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise BadInputError.with_terms(

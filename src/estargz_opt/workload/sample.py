@@ -11,7 +11,8 @@ stop signal.
 Everything the run creates is undone in reverse order whatever happens (success, error,
 timeout, Ctrl-C): the task and the container, the stdio, the network namespace, the
 monitor (and with it the rootfs mount, which lives only in its namespace), the runner's
-rootfs, and the run directory. After a SIGKILL the next run reaps what was left.
+rootfs, and the run directory; once that has taken a second, each step is named as it
+starts (`CleanupSteps`). After a SIGKILL the next run reaps what was left.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from estargz_opt.errors import RunnerError, SampleError, WorkloadStartError
 from estargz_opt.stores.owner import is_dead, this_process
@@ -101,13 +102,18 @@ def run_sample(req: SampleRequest) -> SampleResult:
     with ExitStack() as stack:
         run = RunDir(run_id, os.path.join(tempfile.gettempdir(), run_id))
         os.mkdir(run.path, 0o700)
+        undo = CleanupSteps()
+        stack.callback(undo.done)
         stack.callback(shutil.rmtree, run.path, ignore_errors=True)
+        stack.callback(undo.step, "the run directory")
         _write(os.path.join(run.path, "owner"), this_process())
         os.mkdir(run.rootfs)
 
         mounts = stack.enter_context(runner.rootfs(run, image))
+        stack.callback(undo.step, "the rootfs")
         log_path = os.path.join(run.path, "monitor.log")
         monitor = stack.enter_context(runner.monitor(run, image, mounts, log_path))
+        stack.callback(undo.step, "the file-access monitor")
 
         etc_dir = None
         if not opts.net_host:
@@ -118,6 +124,7 @@ def run_sample(req: SampleRequest) -> SampleResult:
         netns = None
         if opts.cni:
             netns = stack.enter_context(network.cni_namespace(run.id, opts))
+            stack.callback(undo.step, "the CNI network namespace")
 
         spec = build_spec(
             image.config,
@@ -133,12 +140,14 @@ def run_sample(req: SampleRequest) -> SampleResult:
             gpu_hook=find_gpu_hook() if opts.gpus else None,
         )
         stdio = stack.enter_context(Stdio(os.path.join(run.path, "io"), opts, out))
+        stack.callback(undo.step, "the workload's stdio")
         try:
             task = stack.enter_context(runner.container(run, image, spec, stdio.paths))
         except WorkloadStartError as exc:
             # Like a workload that fails at once: report it; the caller converts anyway.
             log.error("the workload could not start: %s", exc)
             return SampleResult(ended_by="error", error=str(exc))
+        stack.callback(undo.step, "the sample container")
 
         monitor.begin()
         stdio.start(task)
@@ -168,6 +177,58 @@ _ENDINGS = {
     "period": "the --period elapsed",
     "signal": "interrupted under --wait-on-signal",
 }
+
+
+#: How long a run's cleanup may take before it says what it is still undoing.
+SLOW_CLEANUP = 1.0
+
+
+class CleanupSteps:
+    """Names the run's cleanup steps as they start, so that a slow one is said.
+
+    `step` is pushed on the run's ExitStack after each thing the run makes, so it is
+    called just before that thing is undone. Once the cleanup has taken SLOW_CLEANUP, the
+    step under way is logged, and each later one as it starts: a Ctrl-C or SIGTERM that
+    does not end the run at once says what it waits for. Meanwhile a further Ctrl-C or
+    SIGTERM (from the main thread's handlers) names the step instead of cutting it short,
+    which would leave a container, a mount or a namespace behind."""
+
+    def __init__(self, after: float = SLOW_CLEANUP) -> None:
+        self._after = after
+        self._current = ""
+        self._timer: threading.Timer | None = None
+        self._said = False
+        self._previous: dict[int, Any] = {}
+        self._interrupted = False
+
+    def step(self, what: str) -> None:
+        self._current = what
+        if self._said:
+            log.info("cleaning up: %s", what)
+        elif self._timer is None:
+            self._timer = threading.Timer(self._after, self._slow)
+            self._timer.daemon = True
+            self._timer.start()
+            if threading.current_thread() is threading.main_thread():
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    self._previous[sig] = signal.signal(sig, self._again)
+
+    def _slow(self) -> None:
+        self._said = True
+        log.info("cleaning up: %s", self._current)
+
+    def _again(self, _signum: int, _frame: object) -> None:
+        self._interrupted = True
+        log.warning("still cleaning up: %s (it cannot be cut short)", self._current)
+
+    def done(self) -> None:
+        """The cleanup is over: an interrupt that came during it ends the run now."""
+        if self._timer is not None:
+            self._timer.cancel()
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        if self._interrupted:
+            raise KeyboardInterrupt
 
 
 def reap_stale_dirs() -> None:

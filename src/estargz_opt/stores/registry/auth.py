@@ -21,14 +21,16 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
+from pathlib import Path
 
 import httpx
 
-from estargz_opt.errors import RegistryAccessError
+from estargz_opt import jsonlimits
+from estargz_opt.errors import BadInputError, RegistryAccessError
 from estargz_opt.stores.registry.credentials import Credential
+from estargz_opt.stores.registry.limits import SMALL, BodyError, read_whole
 
 log = logging.getLogger("estargz_opt")
 
@@ -117,6 +119,18 @@ def _replayable(request: httpx.Request) -> bool:
     return isinstance(request.stream, httpx.ByteStream)
 
 
+def _realm_url(host: str, realm: str) -> httpx.URL:
+    """The token realm a registry announced, if it is an http(s) URL; else one line."""
+    try:
+        url = httpx.URL(realm)
+    except httpx.InvalidURL:
+        url = None
+    if url is None or url.scheme not in ("http", "https") or not url.host:
+        raise RegistryAccessError(f"registry {host}: its token realm {realm[:200]!r} is not "
+                                  "an http(s) URL")
+    return url
+
+
 def _basic(cred: Credential) -> str:
     return "Basic " + base64.b64encode(f"{cred.username}:{cred.password}".encode()).decode()
 
@@ -142,9 +156,13 @@ class RegistryAuth(httpx.Auth):
     """Authentication for one registry host, shared by every request of a session
     (thread-safe: layers are fetched in parallel)."""
 
-    def __init__(self, host: str, credentials: CredentialLookup) -> None:
+    def __init__(
+        self, host: str, credentials: CredentialLookup, searched: Sequence[Path] = ()
+    ) -> None:
         self.host = host
         self._lookup = credentials
+        #: the auth files the lookup reads, named when it finds nothing
+        self._searched = tuple(searched)
         self._lock = threading.Lock()
         self._challenge: Challenge | None = None
         self._tokens: dict[Scopes, _Token] = {}
@@ -161,7 +179,7 @@ class RegistryAuth(httpx.Auth):
 
     def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response,
                                                              None]:
-        if not self._ours(request.url):
+        if not self.ours(request.url):
             # An upload Location or a redirect on another host: no credentials go there.
             yield request
             return
@@ -172,7 +190,9 @@ class RegistryAuth(httpx.Auth):
         if not ping:
             yield from self._authorize(request, repo, scopes, refused=None)
         response = yield request
-        if response.status_code != 401:
+        if response.status_code != 401 or not self.ours(response.url):
+            # A 401 from a host a redirect led to is that host's business: its challenge
+            # is neither learned nor answered (the caller names the refusal).
             return
         challenge = self._pick(response)
         if challenge is None or ping:
@@ -193,7 +213,7 @@ class RegistryAuth(httpx.Auth):
         if response.status_code == 401:
             raise self._refused(repo, self._pick(response) or challenge)
 
-    def _ours(self, url: httpx.URL) -> bool:
+    def ours(self, url: httpx.URL) -> bool:
         """Whether `url` is on this registry (a default port written out counts)."""
         default = {"https": 443, "http": 80}.get(url.scheme)
         host = f"[{url.host}]" if ":" in url.host else url.host
@@ -249,7 +269,7 @@ class RegistryAuth(httpx.Auth):
     def _fetch_token(self, challenge: Challenge, repo: str | None, scopes: Scopes,
                      cred: Credential | None) -> Generator[httpx.Request, httpx.Response, str]:
         now = time.monotonic()
-        realm = challenge.params["realm"]
+        realm = _realm_url(self.host, challenge.params["realm"])
         service = challenge.params.get("service")
         ordered = sorted(scopes)
         if cred is not None and cred.identity_token:
@@ -263,22 +283,29 @@ class RegistryAuth(httpx.Auth):
             headers = {"Authorization": _basic(cred)} if cred is not None and cred.username \
                 else {}
             token_request = httpx.Request("GET", realm, params=query, headers=headers)
-        realm_host = urlsplit(realm).netloc or realm
+        realm_host = realm.netloc.decode("ascii")
         log.debug("registry %s: token for %s from %s, with %s", self.host,
                   " ".join(ordered) or "no scope", realm_host,
                   "anonymous access" if cred is None else cred.source)
         response = yield token_request
-        response.read()
+        try:
+            # read by httpx (it reads it again once the flow moves on), within the
+            # request's byte cap (limits.py)
+            response.read()
+            raw = read_whole(response, SMALL)
+        except (BodyError, httpx.HTTPError) as exc:
+            raise RegistryAccessError(f"registry {self.host}: its token server {realm_host}: "
+                                      f"{exc}") from None
         if response.status_code in (401, 403):
             raise self._refused(repo, challenge, f"the token server {realm_host}")
         if not response.is_success:
             raise RegistryAccessError(f"registry {self.host}: its token server {realm_host} "
                                       f"answered HTTP {response.status_code}")
         try:
-            body = response.json()
+            body = jsonlimits.loads_object(raw, "token", max_size=SMALL)
             value = body.get("token") or body.get("access_token")
-        except (ValueError, AttributeError, TypeError):
-            value = None
+        except BadInputError:
+            body, value = {}, None
         if not isinstance(value, str) or not value:
             raise RegistryAccessError(f"registry {self.host}: its token server {realm_host} "
                                       "sent no token")
@@ -328,9 +355,13 @@ class RegistryAuth(httpx.Auth):
                 f"{'no credentials' if cred is None else 'the credentials from ' + cred.source}"
                 f" does not grant {wanted}")
         if cred is None:
+            where = ", ".join(
+                f"{p}{'' if p.exists() else ' (absent)'}" for p in self._searched)
             return RegistryAccessError(
-                f"{what}: no credentials were found (pass --src-creds/--dest-creds or "
-                "--authfile, or log in with podman/docker login)")
+                f"{what}: no credentials were found"
+                + (f" in {where}" if where else "")
+                + " (pass --src-creds/--dest-creds or --authfile, or log in with "
+                "podman/skopeo/docker login)")
         scheme = challenge.scheme if challenge is not None else None
         if scheme == "basic" and cred.identity_token and not cred.username:
             return RegistryAccessError(

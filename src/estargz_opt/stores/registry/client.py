@@ -22,12 +22,13 @@ from urllib.parse import urljoin
 
 import httpx
 
-from estargz_opt import descriptor as d
+from estargz_opt import descriptor as d, jsonlimits
 from estargz_opt.constants import MAX_MANIFEST_SIZE
 from estargz_opt.descriptor import Descriptor
 from estargz_opt.digest import digest_of, hasher, sha256_digest
 from estargz_opt.errors import BadInputError, RegistryAccessError, RegistryError
-from estargz_opt.stores.registry.session import Session, transport_failure
+from estargz_opt.stores.registry.limits import SMALL, BodyError, Limit, read_whole
+from estargz_opt.stores.registry.session import Session
 
 log = logging.getLogger("estargz_opt")
 
@@ -93,9 +94,25 @@ class Client:
     def url(self, tail: str) -> str:
         return f"{self.session.base_url}/v2/{self.repository}/{tail}"
 
-    def _absolute(self, location: str) -> str:
-        """A Location header, which may be relative to the registry."""
-        return urljoin(self.session.base_url + "/", location)
+    def _location(self, resp: httpx.Response, what: str) -> str:
+        """The response's Location as an absolute URL: a relative one is relative to the
+        URL that answered (RFC 9110), which a redirect may have moved to another host."""
+        location = resp.headers.get("Location", "")
+        try:
+            url = httpx.URL(urljoin(str(resp.url), location))
+        except (httpx.InvalidURL, ValueError):
+            url = None
+        if url is None or url.scheme not in ("http", "https") or not url.host:
+            raise RegistryError(f"{self.where}: {what}: the registry sent an unusable "
+                                f"Location {location[:200]!r}")
+        return str(url)
+
+    @contextlib.contextmanager
+    def _bounded(self, limit: Limit | None = None) -> Iterator[None]:
+        """Bound the requests made in the block, and the reading of their answers, by
+        `limit` (the session's small-answer bounds by default); each try restarts it."""
+        with self.session.limits.applied(limit or self.session.limit):
+            yield
 
     def _send(
         self,
@@ -145,17 +162,22 @@ class Client:
         """One try: the answer if `ok` accepts it; Retry if it failed in a way worth
         retrying (connection error, 408, 429, 5xx); else a RegistryError naming why.
         `kw['content']` may be a callable making a fresh body (a stream is never replayed
-        half-read). A streamed answer must be closed by the caller."""
+        half-read). A streamed answer must be closed by the caller, and read inside
+        `_bounded` (else it is read unbounded)."""
+        if self.session.limits.current() is None:
+            with self._bounded():
+                return self._once(method, url, what, ok=ok, stream=stream, **kw)
         args = dict(kw)
         if callable(args.get("content")):
             args["content"] = args["content"]()  # type: ignore[operator]
+        self.session.limits.restart()
         try:
             req = self.session.client.build_request(method, url, **args)  # type: ignore[arg-type]
             resp = self.session.client.send(req, stream=stream)
-        except httpx.TransportError as exc:
-            failure = transport_failure(self.session.host, exc, self.session.tls)
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
+            failure = self.session.failure(exc)
             if not failure.retryable:
-                raise RegistryError(f"{self.where}: {failure.reason}") from None
+                raise RegistryError(f"{self.where}: {what}: {failure.reason}") from None
             raise Retry(failure.reason) from exc
         if ok(resp):
             return resp
@@ -164,14 +186,20 @@ class Client:
             reason = f"{resp.status_code} {resp.reason_phrase}".strip()
             resp.close()
             raise Retry(reason, after)
-        if stream:
-            resp.read()
-        raise self.error(resp, what)
+        try:
+            raise self.error(resp, what)
+        finally:
+            resp.close()
 
     def error(self, resp: httpx.Response, what: str) -> RegistryError | RegistryAccessError:
         """The one line for an answer we cannot use."""
-        code, message = _error_body(resp)
+        code, message = self._error_body(resp)
         status = resp.status_code
+        if status == 401 and not self.session.auth.ours(resp.url):
+            return RegistryError(
+                f"{self.where}: {what}: {resp.url.netloc.decode('ascii')}, where a redirect "
+                "led, answered 401 Unauthorized (credentials go to the registry and its "
+                "token server only)")
         if status == 401:
             # the auth flow answers every 401 it can; what it passes on it words as well
             return self.session.auth.refusal(self.repository, resp)
@@ -189,34 +217,31 @@ class Client:
 
     def get_manifest(self, reference: str, what: str) -> tuple[Descriptor, bytes]:
         """The manifest or index `reference` (tag or digest) names, with its descriptor."""
-        resp = self._send(
-            "GET",
-            self.url(f"manifests/{reference}"),
-            what,
-            ok=lambda r: r.status_code in (200, 404),
-            stream=True,
-            headers={"Accept": MANIFEST_ACCEPT},
-        )
-        if resp.status_code == 404:
-            resp.read()
-            if not self._repository_exists():
-                raise RegistryError(f"{self.where}: {what}: repository not found")
-            raise self.error(resp, what)
-        with contextlib.closing(resp):
-            length = resp.headers.get("Content-Length")
-            if length is not None and length.isdigit() and int(length) > MAX_MANIFEST_SIZE:
-                raise RegistryError(
-                    f"{self.where}: {what}: manifest too large ({length} bytes; the limit is "
-                    f"{MAX_MANIFEST_SIZE})"
-                )
-            body = bytearray()
-            for piece in resp.iter_bytes():
-                body += piece
-                if len(body) > MAX_MANIFEST_SIZE:
+        with self._bounded(self.session.limit.reading(MAX_MANIFEST_SIZE)):
+            resp = self._send(
+                "GET",
+                self.url(f"manifests/{reference}"),
+                what,
+                ok=lambda r: r.status_code in (200, 404),
+                stream=True,
+                headers={"Accept": MANIFEST_ACCEPT},
+            )
+            if resp.status_code == 404:
+                error = self.error(resp, what)
+                resp.close()
+                if not self._repository_exists():
+                    raise RegistryError(f"{self.where}: {what}: repository not found")
+                raise error
+            with contextlib.closing(resp):
+                length = resp.headers.get("Content-Length")
+                if length is not None and length.isdigit() and int(length) > MAX_MANIFEST_SIZE:
                     raise RegistryError(
-                        f"{self.where}: {what}: manifest too large (over {MAX_MANIFEST_SIZE} bytes)"
+                        f"{self.where}: {what}: manifest too large ({length} bytes; the "
+                        f"limit is {MAX_MANIFEST_SIZE})"
                     )
-        data = bytes(body)
+                data = self._whole(resp, MAX_MANIFEST_SIZE, what)
+        # Checked here, so that no deeper parse meets an unbounded document.
+        jsonlimits.loads_object(data, f"{self.where}: {what}", max_size=MAX_MANIFEST_SIZE)
         media_type = resp.headers.get("Content-Type", "").partition(";")[0].strip()
         if media_type not in d.INDEX_TYPES | d.MANIFEST_TYPES:
             media_type = sniff_type(data) or media_type
@@ -226,13 +251,14 @@ class Client:
     def _repository_exists(self) -> bool:
         """Whether the repository is known (registries answer an unknown tag and an
         unknown repository alike on manifests; the tag list tells them apart)."""
-        resp = self._send(
-            "GET",
-            self.url("tags/list"),
-            "listing tags",
-            ok=lambda r: r.status_code in (200, 401, 403, 404),
-            params={"n": "1"},
-        )
+        with self._bounded():  # a small answer, though asked while reading a manifest
+            resp = self._send(
+                "GET",
+                self.url("tags/list"),
+                "listing tags",
+                ok=lambda r: r.status_code in (200, 401, 403, 404),
+                params={"n": "1"},
+            )
         return resp.status_code != 404
 
     def manifest_size(self, digest: str) -> int | None:
@@ -270,64 +296,106 @@ class Client:
         return int(length) if resp.status_code == 200 and length.isdigit() else None
 
     def read_blob(self, desc: Descriptor, what: str) -> bytes:
-        """A small blob (config), checked."""
-        resp = self._send(
-            "GET", self.url(f"blobs/{desc.digest}"), what, ok=lambda r: r.status_code == 200
-        )
-        return resp.content
+        """A small blob (config), read whole: no more than its descriptor says, and never
+        more than a JSON document may hold."""
+        if desc.size > jsonlimits.MAX_DOCUMENT:
+            raise RegistryError(f"{self.where}: {what}: {desc.size} bytes, too large to read "
+                                f"whole (the limit is {jsonlimits.MAX_DOCUMENT})")
+        with self._bounded(self.session.limit.reading(desc.size)):
+            resp = self._send(
+                "GET",
+                self.url(f"blobs/{desc.digest}"),
+                what,
+                ok=lambda r: r.status_code == 200,
+                stream=True,
+            )
+            with contextlib.closing(resp):
+                return self._whole(resp, desc.size, what)
+
+    def _whole(self, resp: httpx.Response, cap: int, what: str) -> bytes:
+        """`read_whole`, its failures and a cut-off transfer in one line."""
+        try:
+            return read_whole(resp, cap)
+        except BodyError as exc:
+            raise RegistryError(f"{self.where}: {what}: {exc}") from None
+        except httpx.HTTPError as exc:
+            raise RegistryError(
+                f"{self.where}: {what}: {self.session.failure(exc).reason}") from None
+
+    def _error_body(self, resp: httpx.Response) -> tuple[str, str]:
+        """The first (code, message) of a distribution error body, or ("", "")."""
+        try:
+            raw = read_whole(resp, SMALL)
+            errors = jsonlimits.loads_object(raw, "error", max_size=SMALL).get("errors")
+            first = errors[0] if isinstance(errors, list) and errors else {}
+            if not isinstance(first, dict):
+                return "", ""
+            message = " ".join(str(first.get("message", "")).split())[:500]
+            return str(first.get("code", ""))[:100], message
+        except (BodyError, BadInputError, httpx.HTTPError):
+            return "", ""
 
     def download(self, desc: Descriptor, what: str, out: BinaryIO) -> None:
         """Stream the blob into `out` through its digest check; a download that does not
         match is fetched once more, then fails naming the digest."""
         for attempt in (1, 2):
-            out.seek(0)
-            out.truncate()
-            h = hasher()
-            size = 0
-            resp = self._send(
-                "GET",
-                self.url(f"blobs/{desc.digest}"),
-                f"{what} ({desc.digest})",
-                ok=lambda r: r.status_code == 200,
-                stream=True,
-            )
-            try:
-                with contextlib.closing(resp):
-                    for piece in resp.iter_bytes(PIECE):
-                        if self.stopped.is_set():
-                            raise RegistryError(f"{self.where}: download interrupted")
-                        h.update(piece)
-                        size += len(piece)
-                        if size > desc.size:
-                            break
-                        out.write(piece)
-            except httpx.TransportError as exc:
-                if attempt == 2:
-                    raise RegistryError(
-                        f"{self.where}: {what} ({desc.digest}): download failed: {exc}"
-                    ) from None
-                log.warning(
-                    "%s: %s (%s): download broke off (%s); fetching it again",
-                    self.where,
-                    what,
-                    desc.digest,
-                    exc,
-                )
-                continue
-            if size == desc.size and digest_of(h) == desc.digest:
-                out.flush()
-                return
-            if attempt == 1:
-                log.warning(
-                    "%s: %s (%s) does not match its digest or size; fetching it again",
-                    self.where,
-                    what,
-                    desc.digest,
-                )
+            with self._bounded(self.session.limit.reading(desc.size)):
+                if self._download_once(desc, what, out, attempt):
+                    return
         raise BadInputError(
             f"{self.where}: blob {desc.digest} ({what}) does not match its digest or size "
             "(fetched twice)"
         )
+
+    def _download_once(self, desc: Descriptor, what: str, out: BinaryIO, attempt: int) -> bool:
+        """One try of `download`: whether it got the blob. The body is taken as sent
+        (a Content-Encoding is the server's mistake: the digest decides)."""
+        out.seek(0)
+        out.truncate()
+        h = hasher()
+        size = 0
+        resp = self._send(
+            "GET",
+            self.url(f"blobs/{desc.digest}"),
+            f"{what} ({desc.digest})",
+            ok=lambda r: r.status_code == 200,
+            stream=True,
+        )
+        try:
+            with contextlib.closing(resp):
+                for piece in resp.iter_raw(PIECE):
+                    if self.stopped.is_set():
+                        raise RegistryError(f"{self.where}: download interrupted")
+                    h.update(piece)
+                    size += len(piece)
+                    if size > desc.size:
+                        break
+                    out.write(piece)
+        except httpx.HTTPError as exc:
+            cut = self.session.limits.exceeded()
+            if attempt == 2 or cut is not None:
+                raise RegistryError(
+                    f"{self.where}: {what} ({desc.digest}): download failed: {cut or exc}"
+                ) from None
+            log.warning(
+                "%s: %s (%s): download broke off (%s); fetching it again",
+                self.where,
+                what,
+                desc.digest,
+                exc,
+            )
+            return False
+        if size == desc.size and digest_of(h) == desc.digest:
+            out.flush()
+            return True
+        if attempt == 1:
+            log.warning(
+                "%s: %s (%s) does not match its digest or size; fetching it again",
+                self.where,
+                what,
+                desc.digest,
+            )
+        return False
 
     def mount(self, digest: str, source_repository: str) -> bool:
         """Cross-repository mount; False (and the session the registry opened instead
@@ -341,9 +409,8 @@ class Client:
         )
         if resp.status_code == 201:
             return True
-        location = resp.headers.get("Location")
-        if location:
-            self.cancel(Upload(self._absolute(location)))
+        if "Location" in resp.headers:
+            self.cancel(Upload(self._location(resp, f"mounting blob {digest}")))
         return False
 
     def check_push(self) -> None:
@@ -356,9 +423,8 @@ class Client:
             "checking that we may push",
             ok=lambda r: r.status_code == 202,
         )
-        location = resp.headers.get("Location")
-        if location:
-            self.cancel(Upload(self._absolute(location)))
+        if "Location" in resp.headers:
+            self.cancel(Upload(self._location(resp, "checking that we may push")))
 
     def start_upload(self) -> Upload:
         resp = self._once(
@@ -369,13 +435,13 @@ class Client:
         )
         min_chunk = resp.headers.get("OCI-Chunk-Min-Length", "")
         return Upload(
-            self._absolute(resp.headers["Location"]),
+            self._location(resp, "starting an upload"),
             min_chunk=int(min_chunk) if min_chunk.isdigit() else 0,
         )
 
     def cancel(self, upload: Upload) -> None:
         """Cancel an upload session (best effort: it expires on the registry anyway)."""
-        with contextlib.suppress(httpx.HTTPError):
+        with contextlib.suppress(httpx.HTTPError, httpx.InvalidURL), self._bounded():
             self.session.client.delete(upload.location)
 
     def upload(
@@ -464,7 +530,7 @@ class Client:
             headers=headers,
         )
         if resp.status_code == 202 and "Location" in resp.headers:
-            up.location = self._absolute(resp.headers["Location"])
+            up.location = self._location(resp, "uploading a blob")
             up.offset = offset + n
         return resp.status_code
 
@@ -473,15 +539,26 @@ class Client:
         it is still being produced. None once the registry took it; else why not: a
         stream is never replayed (no retry here), the caller uploads again from its copy.
         An exception raised by `body` (the blob was discarded) goes through."""
+        limits = self.session.limits
+
+        def paced() -> Iterator[bytes]:
+            # The body comes at the conversion's pace, which is no fault of the registry:
+            # the deadline starts again with each piece, so it bounds sending that piece,
+            # and, after the last, the registry's answer.
+            for piece in body:
+                limits.restart()
+                yield piece
+
         try:
-            resp = self._once(
-                "PATCH",
-                up.location,
-                "streaming a blob",
-                ok=lambda r: r.status_code in (202, 413),
-                content=body,
-                headers={"Content-Type": "application/octet-stream"},
-            )
+            with self._bounded():
+                resp = self._once(
+                    "PATCH",
+                    up.location,
+                    "streaming a blob",
+                    ok=lambda r: r.status_code in (202, 413),
+                    content=paced(),
+                    headers={"Content-Type": "application/octet-stream"},
+                )
         except Retry as exc:
             return exc.reason
         except RegistryError as exc:
@@ -490,7 +567,10 @@ class Client:
             up.whole_refused = True
             return "refused whole (413)"
         if "Location" in resp.headers:
-            up.location = self._absolute(resp.headers["Location"])
+            try:
+                up.location = self._location(resp, "streaming a blob")
+            except RegistryError as exc:
+                return str(exc)
         return None
 
     def finish_stream(self, up: Upload, digest: str) -> str | None:
@@ -505,7 +585,8 @@ class Client:
         return None
 
     def _finish(self, up: Upload, digest: str) -> None:
-        # Added to the Location's own query (its upload state), which `params=` would drop.
+        # Added to the Location's own query (its upload state), which `params=` would drop
+        # (`_location` checked that it parses).
         url = str(httpx.URL(up.location).copy_add_param("digest", digest))
         self._once(
             "PUT",
@@ -528,20 +609,10 @@ def _retry_after(value: str | None) -> float | None:
     return None
 
 
-def _error_body(resp: httpx.Response) -> tuple[str, str]:
-    """The first (code, message) of a distribution error body, or ("", "")."""
-    try:
-        errors = resp.json().get("errors") or []
-        first = errors[0]
-        return str(first.get("code", "")), str(first.get("message", ""))
-    except (ValueError, AttributeError, IndexError, TypeError, httpx.ResponseNotRead):
-        return "", ""
-
-
 def sniff_type(data: bytes) -> str | None:
     """The media type of a manifest or an index, told by its content (None: neither)."""
     try:
-        raw = d.load_json(data, "manifest")
+        raw = jsonlimits.loads_object(data, "manifest", max_size=MAX_MANIFEST_SIZE)
     except BadInputError:
         return None
     media_type = raw.get("mediaType")

@@ -1,12 +1,15 @@
 """Registry credentials, looked up the way skopeo and podman do (containers/image),
 plus docker's global `credsStore`.
 
-Order: `--*-creds` (or none at all with `--src-no-creds`); then `--authfile` or
-`REGISTRY_AUTH_FILE`, else `${XDG_RUNTIME_DIR}/containers/auth.json` and
-`${XDG_CONFIG_HOME:-~/.config}/containers/auth.json`; then `$DOCKER_CONFIG/config.json`
-or `~/.docker/config.json`; then the legacy `~/.dockercfg`. The first file that has an
-answer for the registry wins. Inside a file: `credHelpers[host]`, then `auths` from the
-most specific key (`host/ns/repo`) to the host, then `credsStore`.
+Order (containers-auth.json(5)): `--*-creds` (or none at all with `--src-no-creds`); then
+`--authfile` or `REGISTRY_AUTH_FILE`, else the primary file,
+`${XDG_RUNTIME_DIR}/containers/auth.json` or, with XDG_RUNTIME_DIR unset,
+`/run/containers/$UID/auth.json` (where `podman login` and `skopeo login` write as root
+under a plain sudo or in CI); then `${XDG_CONFIG_HOME:-~/.config}/containers/auth.json`;
+then `$DOCKER_CONFIG/config.json` or `~/.docker/config.json`; then the legacy
+`~/.dockercfg`. The first file that has an answer for the registry wins. Inside a file:
+`credHelpers[host]`, then `auths` from the most specific key (`host/ns/repo`) to the
+host, then `credsStore`.
 
 Every lookup reads `RegistryOptions.env`, never os.environ, and every result says where
 it came from so that an "unauthorized" error can name the source.
@@ -16,7 +19,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import os
 import subprocess
 from collections.abc import Iterator, Mapping
@@ -24,7 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from estargz_opt.errors import RegistryAccessError
+from estargz_opt import jsonlimits
+from estargz_opt.errors import BadInputError, RegistryAccessError
 from estargz_opt.stores.registry.options import RegistryOptions
 
 #: The hosts that all mean Docker Hub, and the key `docker login` writes for it.
@@ -34,6 +37,9 @@ DOCKER_HUB_LEGACY_KEY = "https://index.docker.io/v1/"
 IDENTITY_TOKEN_USER = "<token>"
 #: How long a credential helper may take (it may talk to a keychain or a cloud API).
 HELPER_TIMEOUT = 30.0
+#: The primary auth file's directory when XDG_RUNTIME_DIR is unset: /run/containers/$UID
+#: (containers-auth.json(5); containers/image's fallback on Linux).
+RUN_CONTAINERS = Path("/run/containers")
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +96,13 @@ def lookup(host: str, repository: str | None, opts: RegistryOptions) -> Credenti
     return None
 
 
+def searched(opts: RegistryOptions) -> list[Path]:
+    """The auth files a lookup reads, in order (for the error that found nothing)."""
+    if opts.no_creds or opts.creds is not None:
+        return []
+    return [f.path for f in _auth_files(opts)]
+
+
 def _auth_files(opts: RegistryOptions) -> Iterator[_AuthFile]:
     """The files to read, in order. Without HOME in the environment the per-user
     places that hang off it are skipped (never guessed)."""
@@ -102,14 +115,16 @@ def _auth_files(opts: RegistryOptions) -> Iterator[_AuthFile]:
     named = opts.authfile or (Path(env["REGISTRY_AUTH_FILE"]) if env.get(
         "REGISTRY_AUTH_FILE") else None)
     places: list[_AuthFile | None] = []
+    # The override takes the primary file's place only (containers-auth.json(5)).
     if named is not None:
         places.append(_AuthFile(named))
+    elif env.get("XDG_RUNTIME_DIR"):
+        places.append(_AuthFile(Path(env["XDG_RUNTIME_DIR"]) / "containers" / "auth.json"))
     else:
-        if env.get("XDG_RUNTIME_DIR"):
-            places.append(_AuthFile(Path(env["XDG_RUNTIME_DIR"]) / "containers" / "auth.json"))
-        config_home = under("XDG_CONFIG_HOME", ".config")
-        places.append(_AuthFile(config_home / "containers" / "auth.json") if config_home
-                      else None)
+        places.append(_AuthFile(RUN_CONTAINERS / str(os.getuid()) / "auth.json"))
+    config_home = under("XDG_CONFIG_HOME", ".config")
+    places.append(_AuthFile(config_home / "containers" / "auth.json") if config_home
+                  else None)
     docker_dir = under("DOCKER_CONFIG", ".docker")
     places.append(_AuthFile(docker_dir / "config.json") if docker_dir else None)
     places.append(_AuthFile(home / ".dockercfg", legacy=True) if home else None)
@@ -143,10 +158,9 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     except OSError as e:
         raise RegistryAccessError(f"auth file {path}: cannot be read ({e.strerror})") from None
     try:
-        data = json.loads(text) if text.strip() else {}
-    except json.JSONDecodeError as e:
-        raise RegistryAccessError(f"auth file {path}: not valid JSON ({e.msg}, line "
-                                  f"{e.lineno})") from None
+        data = jsonlimits.loads(text, f"auth file {path}") if text.strip() else {}
+    except BadInputError as e:
+        raise RegistryAccessError(str(e)) from None
     if not isinstance(data, dict):
         raise RegistryAccessError(f"auth file {path}: not a JSON object")
     return data
@@ -228,11 +242,11 @@ def run_helper(name: str, host: str, env: Mapping[str, str]) -> Credential | Non
         raise RegistryAccessError(f"{source} failed for {host} (exit {res.returncode}"
                                   f"{': ' + first[0][:200] if first else ''})")
     try:
-        data = json.loads(out)
+        data = jsonlimits.loads(out, source)
         user, secret = data["Username"], data["Secret"]
         if not isinstance(user, str) or not isinstance(secret, str):
             raise TypeError
-    except (json.JSONDecodeError, KeyError, TypeError):
+    except (BadInputError, KeyError, TypeError):
         raise RegistryAccessError(f"{source}: its answer for {host} is not JSON with "
                                   "Username and Secret") from None
     if user == IDENTITY_TOKEN_USER:

@@ -6,6 +6,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+#: Defaults (limits.py enforces them): no request but a blob transfer needs a minute
+#: from a working registry, and at 256 KiB/s a 2 GiB layer may take 2h20 (a 100 Mbit/s
+#: link moves it in 3 min), while a server trickling a byte a second fails in a minute.
+DEFAULT_TIMEOUT = 60.0
+DEFAULT_MIN_RATE = 256 << 10
+
 
 @dataclass(frozen=True, slots=True)
 class RegistryOptions:
@@ -31,3 +37,8 @@ class RegistryOptions:
     #: per-host ones
     cert_dir: Path | None = None
     env: Mapping[str, str] = field(default_factory=dict)
+    #: --registry-timeout: seconds any one request may take (headers and body), beyond
+    #: the time its bytes need at `min_rate`
+    timeout: float = DEFAULT_TIMEOUT
+    #: --registry-min-rate: bytes per second a transfer must keep up on average
+    min_rate: int = DEFAULT_MIN_RATE

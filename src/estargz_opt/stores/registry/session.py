@@ -17,15 +17,20 @@ import ssl
 from dataclasses import dataclass, field
 
 import httpx
+from httpx._utils import get_environment_proxies  # httpx's own reading of them
 
 from estargz_opt.errors import RegistryAccessError
 from estargz_opt.stores.registry import credentials
 from estargz_opt.stores.registry.auth import RegistryAuth
+from estargz_opt.stores.registry.limits import Limit, Limits, Transport
 from estargz_opt.stores.registry.options import RegistryOptions
 from estargz_opt.stores.registry.tls import TlsConfig, tls_config
 
-#: Per-request timeouts: connecting is quick or it fails; reads wait for a slow registry.
+#: Per-read timeouts: connecting is quick or it fails; reads wait for a slow registry.
+#: A whole request is bounded by `Session.limit` (limits.py).
 TIMEOUT = httpx.Timeout(30.0, connect=10.0)
+#: Redirects followed per request: a CDN needs one or two; more is a loop.
+MAX_REDIRECTS = 10
 #: The TLS alerts (OpenSSL's reason names) a server sends when it requires a client
 #: certificate it did not get, or does not accept the one it got.
 CLIENT_CERT_ALERTS = ("BAD_CERTIFICATE", "CERTIFICATE_REQUIRED", "UNKNOWN_CA",
@@ -44,6 +49,17 @@ class Session:
     #: the flow `client` authenticates with; it owns every "unauthorized" message
     auth: RegistryAuth = field(repr=False)
     tls: TlsConfig = field(repr=False)
+    #: the bounds each thread's request under way obeys
+    limits: Limits = field(repr=False)
+    #: the bounds of a request whose answer is small (`Limit.reading` for bigger ones)
+    limit: Limit = field(repr=False)
+
+    def failure(self, exc: httpx.HTTPError | httpx.InvalidURL) -> TransportFailure:
+        """Why the request under way failed: its bounds, or `request_failure`."""
+        cut = self.limits.exceeded()
+        if cut is not None:
+            return TransportFailure(cut, retryable=False)
+        return request_failure(self.host, exc, self.tls)
 
     @property
     def credential_source(self) -> str:
@@ -68,23 +84,54 @@ class TransportFailure:
 def open_session(host: str, opts: RegistryOptions) -> Session:
     """A session to `host` (HOST[:PORT]); plain HTTP only when TLS verification is off."""
     tls = tls_config(host, opts)
-    auth = RegistryAuth(host, lambda repo: credentials.lookup(host, repo, opts))
+    auth = RegistryAuth(
+        host, lambda repo: credentials.lookup(host, repo, opts), credentials.searched(opts)
+    )
     auth.credential(None)  # a bad auth file fails here, before any request
-    client = httpx.Client(timeout=TIMEOUT, verify=tls.context, auth=auth,
-                          follow_redirects=True)
+    limits = Limits()
+    # Identity: bodies come as stored; a server that encodes anyway is decoded under
+    # our caps (limits.read_whole), never by httpx.
+    client = httpx.Client(timeout=TIMEOUT, transport=Transport(tls.context, limits),
+                          mounts=_proxies(tls, limits), auth=auth, follow_redirects=True,
+                          max_redirects=MAX_REDIRECTS, headers={"Accept-Encoding": "identity"})
+    session = Session(host, "", client, auth, tls, limits,
+                      Limit(opts.timeout, opts.min_rate))
     try:
-        base_url = _ping(client, host, tls, opts)
+        session.base_url = _ping(session, opts)
     except BaseException:
         client.close()
         raise
-    return Session(host, base_url, client, auth, tls)
+    return session
 
 
-def _ping(client: httpx.Client, host: str, tls: TlsConfig, opts: RegistryOptions) -> str:
+def _proxies(tls: TlsConfig, limits: Limits) -> dict[str, httpx.BaseTransport | None]:
+    """The proxies the environment names (HTTP(S)_PROXY, ALL_PROXY, NO_PROXY), as httpx
+    reads them when it makes its own transports, which a custom one turns off; each on
+    a transport that obeys `limits` too (None: that pattern goes direct)."""
+    return {pattern: None if url is None else Transport(tls.context, limits, httpx.Proxy(url))
+            for pattern, url in get_environment_proxies().items()}
+
+
+def _ping(session: Session, opts: RegistryOptions) -> str:
     """The base URL that answers `GET /v2/` (any HTTP status will do: a 401 is the
     challenge the auth flow remembers)."""
+    host = session.host
+
+    def get(url: str) -> None:
+        """GET `url`; a TransportError when no server answered there (the caller may
+        try plain HTTP), else one line for an answer that cannot be used."""
+        with session.limits.applied(session.limit):
+            try:
+                session.client.get(url).close()
+            except (httpx.HTTPError, httpx.InvalidURL) as exc:
+                reason = session.limits.exceeded() or _misdirected(exc)
+                if reason is None and isinstance(exc, httpx.TransportError):
+                    raise
+                reason = reason or session.failure(exc).reason
+                raise RegistryAccessError(f"registry {host}: {reason} ({url})") from None
+
     try:
-        client.get(f"https://{host}/v2/").close()
+        get(f"https://{host}/v2/")
         return f"https://{host}"
     except httpx.TransportError as e:
         https_error = e
@@ -92,11 +139,11 @@ def _ping(client: httpx.Client, host: str, tls: TlsConfig, opts: RegistryOptions
     if not opts.tls_verify and not _refused_or_unresolved(https_error) and \
             _server_alert(https_error) is None:
         try:
-            client.get(f"http://{host}/v2/").close()
+            get(f"http://{host}/v2/")
             return f"http://{host}"
         except httpx.TransportError:
             pass
-    raise describe_transport_error(host, https_error, tls) from None
+    raise describe_transport_error(host, https_error, session.tls) from None
 
 
 def _causes(exc: BaseException) -> list[BaseException]:
@@ -137,6 +184,32 @@ def describe_transport_error(host: str, exc: BaseException,
                              tls: TlsConfig) -> RegistryAccessError:
     """One line for a registry that cannot be reached: DNS, refused, TLS or other."""
     return RegistryAccessError(f"registry {host}: {transport_failure(host, exc, tls).reason}")
+
+
+def _misdirected(exc: httpx.HTTPError | httpx.InvalidURL) -> str | None:
+    """Why a request went nowhere, when a redirect or a URL sent it nowhere."""
+    if isinstance(exc, httpx.TooManyRedirects):
+        return (f"more than {MAX_REDIRECTS} redirects (a redirect loop?), the last to "
+                f"{exc.request.url}")
+    if isinstance(exc, httpx.InvalidURL | httpx.UnsupportedProtocol):
+        return f"unusable URL ({exc})"
+    if isinstance(exc, httpx.RemoteProtocolError) and str(exc).startswith("Invalid URL in "
+                                                                         "location header"):
+        # httpx's words for a redirect to a URL it cannot parse
+        return f"a redirect to an unusable URL ({exc})"
+    return None
+
+
+def request_failure(host: str, exc: httpx.HTTPError | httpx.InvalidURL,
+                    tls: TlsConfig) -> TransportFailure:
+    """`transport_failure`, and the failures that no retry mends: a redirect loop or a
+    URL httpx cannot use (`_misdirected`), a body it cannot send again."""
+    reason = _misdirected(exc)
+    if reason is not None:
+        return TransportFailure(reason, retryable=False)
+    if isinstance(exc, httpx.TransportError):
+        return transport_failure(host, exc, tls)
+    return TransportFailure(f"{type(exc).__name__}: {exc}", retryable=False)
 
 
 def transport_failure(host: str, exc: BaseException, tls: TlsConfig) -> TransportFailure:

@@ -146,16 +146,27 @@ def _sub_range(path: str, uid: int) -> IdRange | None:
 CAP_SETGID, CAP_SETUID = 6, 7
 
 
-def setuid_helpers_work() -> bool:
-    """newuidmap/newgidmap (setuid root) get CAP_SETUID/CAP_SETGID only if our bounding
-    set still has them (a runner started with an empty bounding set cannot use them)."""
+def _status(field: str) -> str:
+    """A field of /proc/self/status ("" if unreadable)."""
     try:
         with open("/proc/self/status") as f:
-            line = next(x for x in f if x.startswith("CapBnd:"))
-    except (OSError, StopIteration):
-        return False
-    bounding = int(line.split()[1], 16)
-    return all(bounding >> cap & 1 for cap in (CAP_SETUID, CAP_SETGID))
+            return next((x.split(":", 1)[1].strip() for x in f if x.startswith(f"{field}:")), "")
+    except OSError:
+        return ""
+
+
+def setuid_helper_obstacle() -> str:
+    """Why newuidmap/newgidmap (setuid root) cannot work for us, or "" if they can: they
+    get CAP_SETUID/CAP_SETGID only if our bounding set still has them (a runner started
+    with an empty one cannot use them), and no setuid binary gains anything under
+    no_new_privs (Kubernetes' allowPrivilegeEscalation: false, docker's
+    no-new-privileges)."""
+    if _status("NoNewPrivs") == "1":
+        return "newuidmap cannot gain privileges under no_new_privs"
+    bounding = int(_status("CapBnd") or "0", 16)
+    if not all(bounding >> cap & 1 for cap in (CAP_SETUID, CAP_SETGID)):
+        return "newuidmap cannot work without CAP_SETUID and CAP_SETGID in the bounding set"
+    return ""
 
 
 def plan_ids(
@@ -164,7 +175,7 @@ def plan_ids(
     """Several ids when newuidmap/newgidmap and the caller's ranges are there, else one."""
     if shutil.which("newuidmap") is None or shutil.which("newgidmap") is None:
         return IdMapping(uid, gid)
-    if not setuid_helpers_work():
+    if setuid_helper_obstacle():
         return IdMapping(uid, gid)
     users, groups = _sub_range(subuid, uid), _sub_range(subgid, uid)
     if users is None or groups is None:
@@ -172,17 +183,27 @@ def plan_ids(
     return IdMapping(uid, gid, users, groups)
 
 
+def one_id_reason(mapping: IdMapping) -> str:
+    """Why only the caller's own id can be mapped (for the info line and the refusals)."""
+    if shutil.which("newuidmap") is None or shutil.which("newgidmap") is None:
+        return "newuidmap and newgidmap (apt-get install uidmap) are not installed"
+    no_range = f"uid {mapping.uid} has no range in /etc/subuid and /etc/subgid"
+    return setuid_helper_obstacle() or no_range
+
+
+#: What a run with one id does, said once per run (podman's ignore_chown_errors).
+ONE_ID = (
+    "every file of the image is unpacked as your id and the workload runs as root of its "
+    "user namespace (as podman's ignore_chown_errors); only a workload whose user or group "
+    "is not root cannot run this way"
+)
+
+
 def several_ids_refusal(mapping: IdMapping, why: str) -> RootlessUnavailableError:
     """The image needs ids the namespace does not have; say what would give them."""
     if mapping.several:
         return refuse(f"{why}, beyond the {mapping.size} ids of this user's /etc/subuid range")
-    if shutil.which("newuidmap") is None or shutil.which("newgidmap") is None:
-        how = "newuidmap and newgidmap (apt-get install uidmap) are not installed"
-    elif not setuid_helpers_work():
-        how = "newuidmap cannot work without CAP_SETUID and CAP_SETGID in the bounding set"
-    else:
-        how = f"uid {mapping.uid} has no range in /etc/subuid and /etc/subgid"
-    return refuse(f"{why}, and only your own id can be mapped: {how}")
+    return refuse(f"{why}, and only your own id can be mapped: {one_id_reason(mapping)}")
 
 
 def is_real_root() -> bool:

@@ -221,7 +221,11 @@ def _helper(raw: dict[str, Any], cmd_in: IO[bytes], out: IO[bytes]) -> int:
         for name, diff_id in zip(raw["layer_names"], raw["diff_ids"], strict=True)
     ]
     try:
-        unpack_layers(target, layers, UnpackOptions(privileged=False, ids=mapping.size))
+        # With one id, owners the namespace cannot map are left as the caller's (a
+        # refused chown is skipped without privileges); with a range, one beyond it is
+        # refused rather than given a wrong owner.
+        ids = mapping.size if mapping.several else None
+        unpack_layers(target, layers, UnpackOptions(privileged=False, ids=ids))
     except UnmappedOwnerError as exc:
         raise base._Failure("ids", f"the image needs several ids ({exc})") from None
     except UnpackError as exc:

@@ -10,10 +10,15 @@ container joins the monitor's mount namespace and, by default, gets its own netw
 namespace with only a loopback (--net-host shares the host's; --cni needs root).
 
 No setuid helper and no capability is used on the host. The one exception, taken only
-when it is there and configured: an image that needs several ids gets them from Debian's
+when it is there and configured: an image's several ids come from Debian's
 newuidmap/newgidmap (setuid root, from the uidmap package, as every rootless container
-tool uses) within the caller's /etc/subuid and /etc/subgid ranges; without them, such an
-image is refused up front.
+tool uses) within the caller's /etc/subuid and /etc/subgid ranges. Without them (no
+range, no uidmap, capabilities dropped or no_new_privs, as in a restricted Kubernetes
+pod) only the caller's own id is mapped, as root of the namespace: every file is
+unpacked as that id (podman's ignore_chown_errors; ownership does not change which
+files the workload opens) and the workload runs as root there. Only a workload whose
+user or group is not root is refused then (`rootless.spec`): no such id exists in the
+namespace.
 
 Cleanup is killing every process of that user namespace (`rootless.userns`): the kernel
 then frees the mount namespace, the tmpfs and the network namespace. The namespace's
@@ -39,7 +44,7 @@ from estargz_opt.workload.rootless import checks
 from estargz_opt.workload.rootless.checks import IdMapping
 from estargz_opt.workload.rootless.monitor import RootlessMonitor, RootlessSetup
 from estargz_opt.workload.rootless.spec import rootless_spec
-from estargz_opt.workload.rootless.userns import kill_all, ns_id
+from estargz_opt.workload.rootless.userns import kill_all, ns_id, signal_pid_namespace
 from estargz_opt.workload.runc.runner import RuncRunner, RuncTask
 from estargz_opt.workload.runc.runtime import RuntimeCLI
 from estargz_opt.workload.runner import SAMPLE_PREFIX, RunDir, SampleImage, StdioPaths, find_runtime
@@ -55,6 +60,16 @@ CNI_NEEDS_ROOT = (
     "private network with only a loopback, or the host's with --net-host; run as root "
     "for --cni"
 )
+
+
+class RootlessTask(RuncTask):
+    """The runc runner's task, signalled without the runtime: `kill --all` finds the
+    processes through the container's cgroup, which a rootless container does not have,
+    and signals none (see `userns.signal_pid_namespace`)."""
+
+    def kill(self, signo: int) -> None:
+        if self._pid and not self._exited.is_set():
+            signal_pid_namespace(self._pid, signo)
 
 
 class RootlessRunner(RuncRunner):
@@ -97,12 +112,14 @@ class RootlessRunner(RuncRunner):
                 f"nsenter is not installed (apt-get install util-linux): the rootless "
                 f"runner needs it; {checks.WAYS_OUT}"
             )
-        log.info(
-            "rootless run: %s",
-            f"{self.mapping.size} ids from /etc/subuid"
-            if self.mapping.several
-            else "only your own id is mapped (root in the namespace)",
-        )
+        if self.mapping.several:
+            log.info("rootless run: %d ids from /etc/subuid", self.mapping.size)
+        else:
+            log.info(
+                "rootless run with only your own id (%s): %s",
+                checks.one_id_reason(self.mapping),
+                checks.ONE_ID,
+            )
 
     def reap_stale(self) -> None:
         """Kill the processes of the user namespaces of runs killed with SIGKILL.
@@ -177,6 +194,9 @@ class RootlessRunner(RuncRunner):
             if ns:
                 kill_all(ns)
             monitor.close()
+
+    def new_task(self, cli: RuntimeCLI, cid: str) -> RuncTask:
+        return RootlessTask(cli, cid)
 
     def _require_monitor(self) -> RootlessMonitor:
         if self._monitor is None:

@@ -41,8 +41,9 @@ def rootless_spec(spec: Spec, mapping: IdMapping) -> Spec:
     ids += [("group", g) for g in extra]
     for kind, value in ids:
         if value >= mapping.size:
+            how = "" if mapping.several else "; --user 0 runs it as root of the namespace"
             raise several_ids_refusal(
-                mapping, f"the workload runs as {kind} {value} (its User, or --user)"
+                mapping, f"the workload runs as {kind} {value} (its User, or --user{how})"
             )
     own_netns = any(ns["type"] == "network" for ns in linux["namespaces"])
     for mount in spec["mounts"]:

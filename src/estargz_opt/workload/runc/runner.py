@@ -114,6 +114,10 @@ class RuncRunner:
         elsewhere, e.g. in a user namespace)."""
         return self._cli()
 
+    def new_task(self, cli: RuntimeCLI, cid: str) -> RuncTask:
+        """The handle on the container `cid` (a subclass may signal it another way)."""
+        return RuncTask(cli, cid)
+
     def reap_stale(self) -> None:
         """Kill and delete the sample containers of dead runs (by their owner annotation;
         a live run's are left alone)."""
@@ -201,7 +205,7 @@ class RuncRunner:
             json.dump(spec, f)
         become_subreaper()
         with contextlib.ExitStack() as stack:
-            task = stack.enter_context(RuncTask(cli, run.id))
+            task = stack.enter_context(self.new_task(cli, run.id))
             stack.callback(task.cleanup)
             console = stack.enter_context(Console(run.path)) if stdio.terminal else None
             fds = stack.enter_context(stdio_fds(stdio))
@@ -218,6 +222,7 @@ class RuncRunner:
                     pass_fds=console.pass_fds if console else (),
                     timeout=COMMAND_TIMEOUT,
                     check=False,
+                    process_group=0,  # as `run`: out of reach of a terminal's Ctrl-C
                 )
             except subprocess.TimeoutExpired:
                 raise WorkloadStartError(

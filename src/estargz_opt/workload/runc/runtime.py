@@ -41,6 +41,9 @@ class RuntimeCLI:
             stdin=subprocess.DEVNULL,
             timeout=timeout,
             check=False,
+            # Not in our process group: a terminal's Ctrl-C must not kill a `delete`
+            # that the cleanup after that Ctrl-C runs (it would leave the container).
+            process_group=0,
         )
 
     def containers(self) -> list[dict[str, object]]:

@@ -5,6 +5,13 @@ and one prioritized file list always give the same blob. So a converted layer st
 under a key made of exactly those inputs (plus the engine's OUTPUT_VERSION) can be
 reused by any later run, and a rebuilt image recompresses only the layers that changed.
 
+Its jobs, one module each: `keys` (which conversion an entry holds; where the cache
+lives), `files` (entry metadata and every file of the cache, trusted no further than
+checked), `locks` (one flock per key; waiting for another run's fill), `eviction` (least
+recently used entries beyond the size limit; the hit and miss counts). This module holds
+the cache of one run (`LayerCache`), its entries (`Slot`), and the one path of a
+conversion through it (`cached_build`), which optimize and `layer convert` share.
+
 Layout, under ``DIR/layers/`` (DIR also holds other tools' subdirectories):
 
 * ``KEY.blob`` the converted blob, ``KEY.meta`` its LayerResult (JSON); the entry exists
@@ -16,108 +23,75 @@ Layout, under ``DIR/layers/`` (DIR also holds other tools' subdirectories):
   run waiting for the key watches it grow (and stops waiting for a stalled one);
 * ``stats.json`` hits and misses, for ``cache info``.
 
-A blob is served only if it hashes to its recorded digest while being copied; a damaged
-entry is removed, logged and rebuilt. Any OSError of the cache (read-only, disk full)
-turns the cache off for the rest of the run with one warning: a cache never fails a run.
+A hit is served only if its ``.meta`` names the requested key (entries swapped between
+keys are each consistent in themselves) and its blob hashes to the recorded digest while
+being copied; a damaged entry is removed, logged and rebuilt. Nothing in the cache is
+trusted further than that: no symlink inside it is followed (every file is opened with
+O_NOFOLLOW and its type checked on the open descriptor, so a blob linked to a host file
+or to /dev/zero is never read), metadata and stats go through jsonlimits and are checked
+field by field, and a cache directory not owned by the running user is not used at all
+(as git's safe.directory: its owner could plant entries). Any OSError of the cache
+(read-only, disk full) turns the cache off for the rest of the run with one warning: a
+cache never fails a run.
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import errno
-import fcntl
-import hashlib
-import json
 import logging
 import os
+import shutil
+import stat
 import threading
-import time
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
-from estargz_opt.atomic import atomic_output, atomic_write, temp_file
+from estargz_opt.atomic import atomic_output, temp_file
+from estargz_opt.cache.eviction import STATS, Stats, Usage, add_stats, entries, evict, read_stats
+from estargz_opt.cache.files import (
+    MAX_META,
+    Damaged,
+    foreign,
+    not_ours,
+    open_regular,
+    read_small,
+    replace_file,
+    result_from_json,
+    result_to_json,
+)
+from estargz_opt.cache.keys import ENV_DIR, default_dir, fill_kind, layer_key
+from estargz_opt.cache.locks import STALL_SECONDS, KeyLocks
 from estargz_opt.constants import DEFAULT_CACHE_MAX_SIZE, IO_CHUNK
 from estargz_opt.digest import digest_of, hasher
-from estargz_opt.format import OUTPUT_VERSION, LayerOptions, LayerResult, build_layer
+from estargz_opt.errors import ForeignCacheError
+from estargz_opt.format import LayerOptions, LayerResult, build_layer
 from estargz_opt.format.codec import Output
 from estargz_opt.format.source import open_tar
 from estargz_opt.stores.owner import is_dead, temp_owner, temp_prefix
 
+__all__ = [
+    "ENV_DIR",
+    "STALL_SECONDS",
+    "SUBDIR",
+    "Fill",
+    "Hit",
+    "LayerCache",
+    "Slot",
+    "Stats",
+    "Usage",
+    "cached_build",
+    "convert_file",
+    "default_dir",
+    "foreign",
+    "layer_key",
+]
+
 log = logging.getLogger("estargz_opt")
 
-ENV_DIR = "ESTARGZ_OPT_CACHE_DIR"
 SUBDIR = "layers"
-_STATS = "stats.json"
-#: a run waits for another one filling the same entry until that fill stops growing
-STALL_SECONDS = 10
-_POLL_SECONDS = 0.2
-
-
-def _fill_kind(key: str) -> str:
-    """The temporary name's kind of a fill of `key` (a waiting run watches it grow)."""
-    return f"fill-{key}"
-
-
-def default_dir(env: Mapping[str, str] = os.environ) -> Path:
-    """$ESTARGZ_OPT_CACHE_DIR, else $XDG_CACHE_HOME/estargz-opt, else /var/cache/estargz-opt
-    for root and ~/.cache/estargz-opt for anyone else."""
-    if env.get(ENV_DIR):
-        return Path(env[ENV_DIR])
-    if env.get("XDG_CACHE_HOME"):
-        return Path(env["XDG_CACHE_HOME"]) / "estargz-opt"
-    if os.geteuid() == 0:
-        return Path("/var/cache/estargz-opt")
-    return Path.home() / ".cache" / "estargz-opt"
-
-
-def layer_key(source_digest: str, opts: LayerOptions, engine: int = OUTPUT_VERSION) -> str:
-    """The key of a converted layer: every input that can change its bytes.
-
-    `workers` is left out on purpose: the thread count never changes the output.
-    """
-    fields = {
-        "engine": engine,
-        "source": source_digest,
-        "format": opts.format.value,
-        "level": opts.level,
-        "chunkSize": opts.chunk_size,
-        "minChunkSize": opts.min_chunk_size,
-        "prioritized": list(opts.prioritized),
-    }
-    blob = json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
-    return hashlib.sha256(blob).hexdigest()
-
-
-@dataclass(slots=True)
-class Stats:
-    hits: int = 0
-    misses: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class Usage:
-    """What `cache info` shows."""
-
-    directory: Path
-    entries: int
-    bytes: int
-    hits: int
-    misses: int
-
-
-def _result_to_json(r: LayerResult) -> bytes:
-    raw = asdict(r)
-    raw["toc_blob"] = None if r.toc_blob is None else base64.b64encode(r.toc_blob).decode()
-    return json.dumps(raw, sort_keys=True).encode()
-
-
-def _result_from_json(data: bytes) -> LayerResult:
-    raw: dict[str, Any] = json.loads(data)
-    toc = raw.pop("toc_blob")
-    return LayerResult(**raw, toc_blob=None if toc is None else base64.b64decode(toc))
 
 
 class LayerCache:
@@ -133,6 +107,7 @@ class LayerCache:
         self._lock = threading.Lock()
         self._open_lock = threading.Lock()
         self._opened = False
+        self.locks = KeyLocks(self.dir, self.turn_off)
 
     # ------------------------------------------------------------------ state
 
@@ -140,16 +115,32 @@ class LayerCache:
     def usable(self) -> bool:
         return self.warning is None
 
-    def turn_off(self, exc: OSError) -> None:
+    def turn_off(self, exc: OSError | str) -> None:
         """Stop using the cache for this run, with one warning line."""
+        why = exc if isinstance(exc, str) else exc.strerror or str(exc)
         with self._lock:
             if self.warning is not None:
                 return
             self.warning = (
-                f"the layer cache {self.dir} cannot be used ({exc.strerror or exc}): "
-                "converting without it"
+                f"the layer cache {self.dir} cannot be used ({why}): converting without it"
             )
         log.warning("%s", self.warning)
+
+    def refusal(self) -> str | None:
+        """Why this cache directory must not be used: see `foreign`; its layers/ must
+        also be a real directory of this user's."""
+        why = foreign(self.root)
+        if why is not None:
+            return why
+        try:
+            st = os.lstat(self.dir)
+        except FileNotFoundError:
+            return None
+        if stat.S_ISLNK(st.st_mode):
+            return f"{self.dir} is a symbolic link (never followed inside the cache)"
+        if not stat.S_ISDIR(st.st_mode):
+            return f"{self.dir} is not a directory"
+        return not_ours(st)
 
     def _open(self) -> bool:
         """Create the directory and reap killed runs' fills, once; the layer threads
@@ -157,9 +148,15 @@ class LayerCache:
         with self._open_lock:
             if not self._opened:
                 self._opened = True
-                try:
-                    self.dir.mkdir(parents=True, exist_ok=True)
-                    self._remove_dead_fills()
+                try:  # nothing is made inside another user's directory
+                    why = foreign(self.root)
+                    if why is None:
+                        self.dir.mkdir(parents=True, exist_ok=True)
+                        why = self.refusal()
+                    if why is not None:
+                        self.turn_off(why)
+                    else:
+                        self._remove_dead_fills()
                 except OSError as exc:
                     self.turn_off(exc)
         return self.usable
@@ -185,167 +182,60 @@ class LayerCache:
     @contextlib.contextmanager
     def slot(self, key: str) -> Iterator[Slot]:
         """The entry `key`, locked against other runs while the block runs."""
-        fd = self._wait_for_key(key) if self._open() else None
+        fd = self.locks.wait(key) if self._open() else None
         try:
             yield Slot(self, key, locked=fd is not None)
         finally:
             if fd is not None:
                 os.close(fd)
 
-    def _wait_for_key(self, key: str) -> int | None:
-        """The lock of `key`, waiting for the run that holds it while its fill grows.
-
-        A holder whose fill has not grown for STALL_SECONDS (stopped, stuck on a slow
-        disk) is not waited for: this run then converts the layer without the cache.
-        """
-        try:
-            return self._lock_key(key, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            pass
-        log.info("layer cache entry %s is being filled by another run: waiting for it", key)
-        seen, since = -1, time.monotonic()
-        while True:
-            time.sleep(_POLL_SECONDS)
-            try:
-                return self._lock_key(key, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                pass
-            grown = self._fill_size(key)
-            if grown != seen:
-                seen, since = grown, time.monotonic()
-            elif time.monotonic() - since > STALL_SECONDS:
-                log.warning(
-                    "the run filling layer cache entry %s made no progress for %d s: "
-                    "converting without the cache",
-                    key,
-                    STALL_SECONDS,
-                )
-                return None
-
-    def _fill_size(self, key: str) -> int:
-        total = 0
-        for path in self.dir.glob(f".{_fill_kind(key)}@*.tmp"):
-            with contextlib.suppress(FileNotFoundError):
-                total += path.stat().st_size
-        return total
-
-    def _lock_key(self, key: str, how: int = fcntl.LOCK_EX) -> int | None:
-        """An fd holding flock `how` on KEY.lock; None if the cache failed (it is then off).
-        A lock file removed (pruned) while we waited is taken again."""
-        path = self.dir / f"{key}.lock"
-        while True:
-            try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-            except OSError as exc:
-                self.turn_off(exc)
-                return None
-            try:
-                fcntl.flock(fd, how)
-                same = os.path.samestat(os.stat(path), os.fstat(fd))
-            except FileNotFoundError:
-                same = False
-            except BaseException:
-                os.close(fd)
-                raise
-            if same:
-                return fd
-            os.close(fd)
-
     def finish(self) -> None:
         """After a run: record its hits and misses, then evict to the size limit."""
         if not self._opened or not self.usable:
             return
         try:
-            self._add_stats(self.stats)
+            add_stats(self.dir, self.locks, self.stats)
             self.evict(self.max_size)
         except OSError as exc:
             self.turn_off(exc)
 
     # ------------------------------------------------------------------ maintenance
 
-    def _entries(self) -> list[tuple[float, int, str]]:
-        """(last use, bytes, key) of every entry."""
-        found = []
-        with contextlib.suppress(FileNotFoundError):
-            for entry in os.scandir(self.dir):
-                if not entry.name.endswith(".meta"):
-                    continue
-                key = entry.name[: -len(".meta")]
-                try:
-                    meta = entry.stat()
-                    blob = os.stat(self.dir / f"{key}.blob").st_size
-                except FileNotFoundError:
-                    continue
-                found.append((meta.st_mtime, meta.st_size + blob, key))
-        return found
-
     def evict(self, max_size: int) -> int:
-        """Remove least recently used entries until the cache holds at most max_size
-        bytes; entries another run holds are skipped. Returns the entries removed."""
-        entries = sorted(self._entries())
-        total = sum(size for _, size, _ in entries)
-        removed = 0
-        for _, size, key in entries:
-            if total <= max_size:
-                break
-            try:
-                fd = self._lock_key(key, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                continue
-            if fd is None:
-                break
-            try:
-                self.remove(key)
-                (self.dir / f"{key}.lock").unlink(missing_ok=True)
-            finally:
-                os.close(fd)
-            total -= size
-            removed += 1
-        return removed
+        """Remove least recently used entries beyond max_size bytes (see eviction.evict)."""
+        return evict(self.dir, self.locks, self.remove, max_size)
 
     def prune(self, everything: bool) -> int:
         """`cache prune`: down to the size limit, or (everything) empty."""
+        self._refuse_foreign()
         if not self.dir.is_dir():
             return 0
         removed = self.evict(0 if everything else self.max_size)
         self._remove_dead_fills()
         if everything:
-            (self.dir / _STATS).unlink(missing_ok=True)
+            (self.dir / STATS).unlink(missing_ok=True)
         return removed
 
+    def _refuse_foreign(self) -> None:
+        why = self.refusal()
+        if why is not None:
+            raise ForeignCacheError(f"the layer cache {self.dir} is not used: {why}")
+
     def usage(self) -> Usage:
-        entries = self._entries()
-        stats = self._read_stats()
-        return Usage(
-            self.dir, len(entries), sum(s for _, s, _ in entries), stats.hits, stats.misses
-        )
-
-    def _read_stats(self) -> Stats:
-        try:
-            raw = json.loads((self.dir / _STATS).read_bytes())
-            return Stats(int(raw["hits"]), int(raw["misses"]))
-        except (OSError, ValueError, KeyError, TypeError):
-            return Stats()
-
-    def _add_stats(self, run: Stats) -> None:
-        if not (run.hits or run.misses):
-            return
-        fd = self._lock_key("stats")
-        if fd is None:
-            return
-        try:
-            old = self._read_stats()
-            total = Stats(old.hits + run.hits, old.misses + run.misses)
-            atomic_write(
-                self.dir / _STATS, json.dumps(asdict(total)).encode(), temp_prefix("stats")
-            )
-        finally:
-            os.close(fd)
+        self._refuse_foreign()
+        found = entries(self.dir)
+        stats = read_stats(self.dir)
+        return Usage(self.dir, len(found), sum(s for _, s, _ in found), stats.hits, stats.misses)
 
     def remove(self, key: str) -> None:
         """Remove the entry `key` (a damaged one, or an evicted one under its lock)."""
         for suffix in (".meta", ".blob"):  # the .meta first: the entry is gone at once
-            (self.dir / f"{key}{suffix}").unlink(missing_ok=True)
+            path = self.dir / f"{key}{suffix}"
+            try:
+                path.unlink(missing_ok=True)
+            except IsADirectoryError:  # never made by us: planted, removed as damage
+                with contextlib.suppress(RecursionError):
+                    shutil.rmtree(path, ignore_errors=True)
 
 
 @dataclass(slots=True)
@@ -397,16 +287,14 @@ class Slot:
         if not self.locked or not self.cache.usable:
             return None
         try:
-            data = self._meta.read_bytes()
+            result = result_from_json(read_small(self._meta, MAX_META), self.key)
         except FileNotFoundError:
+            return None
+        except Damaged as exc:
+            self.discard(str(exc))
             return None
         except OSError as exc:
             self.cache.turn_off(exc)
-            return None
-        try:
-            result = _result_from_json(data)
-        except (ValueError, TypeError, KeyError, AttributeError):
-            self.discard("its metadata cannot be read")
             return None
         with contextlib.suppress(OSError):
             os.utime(self._meta)  # the last use, for least-recently-used eviction
@@ -415,16 +303,25 @@ class Slot:
     def copy_to(self, hit: Hit, out: Output) -> bool:
         """Copy the cached blob to out, hashing it; whether it had its digest and size."""
         try:
-            held = hit.blob.stat().st_size
+            fd = open_regular(hit.blob)
         except FileNotFoundError:
-            held = -1
-        if held != hit.result.size:
-            self.discard(f"its blob holds {held} bytes, not {hit.result.size}")
+            self.discard("its blob is missing")
+            return False
+        except Damaged as exc:
+            self.discard(str(exc))
+            return False
+        except OSError as exc:
+            self.cache.turn_off(exc)
             return False
         h = hasher()
         size = 0
-        with open(hit.blob, "rb") as f:
-            while block := f.read(IO_CHUNK):
+        with os.fdopen(fd, "rb") as f:
+            held = os.fstat(fd).st_size
+            if held != hit.result.size:
+                self.discard(f"its blob holds {held} bytes, not {hit.result.size}")
+                return False
+            # Never more than the recorded size: a file that grows is not read forever.
+            while size <= hit.result.size and (block := f.read(IO_CHUNK)):
                 h.update(block)
                 size += len(block)
                 out.write(block)
@@ -456,7 +353,7 @@ class Slot:
             yield Fill(self.cache, None, None)
             return
         try:
-            f, tmp = temp_file(self.cache.dir, temp_prefix(_fill_kind(self.key)))
+            f, tmp = temp_file(self.cache.dir, temp_prefix(fill_kind(self.key)))
         except OSError as exc:
             self.cache.turn_off(exc)
             yield Fill(self.cache, None, None)
@@ -482,7 +379,7 @@ class Slot:
             if fill.file.tell() != result.size:
                 raise OSError(errno.EIO, "the cached blob is short")
             os.replace(fill.tmp, self._blob)
-            atomic_write(self._meta, _result_to_json(result), temp_prefix("fill"))
+            replace_file(self._meta, result_to_json(self.key, result), temp_prefix("fill"))
         except OSError as exc:
             with contextlib.suppress(OSError):
                 self.cache.remove(self.key)

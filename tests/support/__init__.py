@@ -1,0 +1,1 @@
+"""Helpers for tests: image factories and servers shared by test modules."""
