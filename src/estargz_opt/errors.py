@@ -32,7 +32,7 @@ and keeps its traceback. Errors about options name the API's fields and values
     │   └── RootlessUnavailableError  the rootless runner cannot work on this host
     │       ├── ImageTooBigError
     │       └── NeedsIdsError
-    ├── WorkloadStartError            the workload could not start
+    ├── WorkloadStartError            the workload could not start: the run fails
     ├── RunnerError                   a runner could not signal, wait for or delete a task
     ├── MonitorError                  the file-access monitor failed
     ├── MountError                    a mount the sample container needs failed
@@ -217,7 +217,9 @@ class NeedsIdsError(RootlessUnavailableError):
 
 
 class WorkloadStartError(EstargzOptError):
-    """The workload could not start; reported like a workload that fails at once."""
+    """The workload could not start (the runtime refused the host or the spec, or the
+    entrypoint is missing): the run fails, unlike a workload that starts and exits
+    non-zero, whose reads are recorded."""
 
 
 class RunnerError(EstargzOptError):

@@ -157,18 +157,13 @@ def optimize(req: OptimizeRequest, progress: ProgressListener | None = None) -> 
 
 
 def analyze(req: AnalyzeRequest, progress: ProgressListener | None = None) -> Analysis:
-    """Run the workload of req.src and write its record; convert nothing."""
-    src, sampler, record_out, prefetch_list_out = (
-        req.src,
-        req.sampler,
-        req.record_out,
-        req.prefetch_list_out,
-    )
-    ref = reference.parse(src)
-    check_runner(ref, sampler)
-    check_record_out(record_out)
-    if prefetch_list_out:
-        check_record_out(prefetch_list_out, "prefetch list")
+    """Run the workload of req.src and write its record; convert nothing. The runc runner
+    keeps unpacked layers under req.cache_dir (None: for this run only)."""
+    ref = reference.parse(req.src)
+    check_runner(ref, req.sampler)
+    check_record_out(req.record_out)
+    if req.prefetch_list_out:
+        check_record_out(req.prefetch_list_out, "prefetch list")
     with open_store(ref, req.store, create=False) as store:
         root = store.resolve(ref.tag)
         check_selection(
@@ -184,16 +179,13 @@ def analyze(req: AnalyzeRequest, progress: ProgressListener | None = None) -> An
                 f"{ref} has no image for the host platform {platforms.host()}: "
                 "the workload cannot run here"
             )
-        result = _run_workload(store, str(ref), host, sampler, progress)
-    if result.sample.ended_by == "error":
-        # analyze makes nothing but the record: an empty one would only mislead.
-        raise EstargzOptError(
-            f"the workload could not start, so nothing was recorded: {result.sample.error}"
+        result = _run_workload(
+            store, str(ref), host, req.sampler, progress, cache_dir=req.cache_dir
         )
-    write_record(record_out, result.entries)
-    if prefetch_list_out:
+    write_record(req.record_out, result.entries)
+    if req.prefetch_list_out:
         _write_prefetch_list_out(
-            prefetch_list_out, str(ref), host[0].digest, [e.path for e in result.entries]
+            req.prefetch_list_out, str(ref), host[0].digest, [e.path for e in result.entries]
         )
     return result
 
@@ -221,8 +213,11 @@ def _run_workload(
     sampler: SamplerOptions,
     progress: ProgressListener | None,
     spool: Spool | None = None,
+    *,
+    cache_dir: Path | None,
 ) -> Analysis:
-    """The workload run of optimize and analyze, with its countdown and output on stderr."""
+    """The workload run of optimize and analyze, with its countdown and output on stderr;
+    the runc runner keeps unpacked layers under `cache_dir` (None: --no-cache)."""
     from estargz_opt.workload.analyzer import analyze
 
     return analyze(
@@ -235,6 +230,7 @@ def _run_workload(
         # The sampler only writes and flushes its output, which the passthrough does.
         output=progress.workload_output() if progress else None,
         spool=spool,
+        cache_dir=cache_dir,
     )
 
 
@@ -274,8 +270,9 @@ def _analyze(
             platforms.host(),
         )
     host_desc, manifest = host
+    sampler = req.sampler or SamplerOptions()
     result = _run_workload(
-        src, str(src_ref), host, req.sampler or SamplerOptions(), progress, spool
+        src, str(src_ref), host, sampler, progress, spool, cache_dir=req.cache_dir
     )
     if req.record_out:
         write_record(req.record_out, result.entries)

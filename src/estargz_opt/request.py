@@ -189,7 +189,8 @@ _NO_OPTIMIZE = "no_optimize=True"
 
 @dataclass(frozen=True, slots=True)
 class AnalyzeRequest:
-    """What `analyze` runs: the image's workload, recorded into `record_out`."""
+    """What `analyze` runs: the image's workload, recorded into `record_out`. Build one
+    with `from_options` for the default cache directory."""
 
     src: str
     record_out: Path
@@ -197,6 +198,31 @@ class AnalyzeRequest:
     store: StoreOptions = field(default_factory=StoreOptions)
     #: also write the recorded files as a prefetch list here
     prefetch_list_out: Path | None = None
+    #: where the runc runner keeps unpacked layers between runs; None: this run only
+    cache_dir: Path | None = None
+
+    @classmethod
+    def from_options(
+        cls,
+        src: str,
+        record_out: Path,
+        *,
+        sampler: SamplerOptions | None = None,
+        store: StoreOptions | None = None,
+        prefetch_list_out: Path | None = None,
+        cache: bool = True,
+        cache_dir: Path | None = None,
+    ) -> AnalyzeRequest:
+        """A request whose `cache` with no cache_dir uses the default cache directory
+        (estargz_opt.cache.default_dir), as OptimizeRequest.from_options does."""
+        return cls(
+            src,
+            record_out,
+            sampler or SamplerOptions(),
+            store or StoreOptions(),
+            prefetch_list_out,
+            (cache_dir or default_cache_dir()) if cache else None,
+        )
 
 
 def check_runner(src: reference.ImageRef, sampler: SamplerOptions) -> None:

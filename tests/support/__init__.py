@@ -1,1 +1,1 @@
-"""Helpers for tests: image factories and servers shared by test modules."""
+"""Helpers shared by test modules: image factories, servers, runtimes."""

@@ -275,6 +275,13 @@ def optimize_cmd(
     type=OUTPUT_FILE,
     help="Where to write the record (JSON lines, ctr-remote's format).",
 )
+@cache_dir_option(default_on=True)
+@option(
+    CACHE,
+    "--no-cache",
+    is_flag=True,
+    help="Keep no unpacked layers: the runc runner unpacks the image for this run only.",
+)
 @prefetch_list_out_option
 @registry_options("")
 @workload_run_options
@@ -282,6 +289,8 @@ def analyze_cmd(
     containerd: ContainerdOptions,
     src: str,
     record_out: Path,
+    cache_dir: Path | None,
+    no_cache: bool,
     prefetch_list_out: Path | None,
     as_json: bool,
     quiet: bool,
@@ -300,7 +309,15 @@ def analyze_cmd(
       estargz-opt optimize --oci --record-in app.jsonl oci:app:1.0 oci:app:1.0-esgz
     """
     store_opts = StoreOptions(containerd, registry(flags, "", authfile))
-    request = AnalyzeRequest(src, record_out, sampler(flags), store_opts, prefetch_list_out)
+    request = AnalyzeRequest.from_options(
+        src,
+        record_out,
+        sampler=sampler(flags),
+        store=store_opts,
+        prefetch_list_out=prefetch_list_out,
+        cache=not no_cache,
+        cache_dir=cache_dir,
+    )
     progress = Progress()
     result = analyze(request, None if quiet else progress)
     progress.close()

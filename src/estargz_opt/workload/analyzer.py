@@ -13,10 +13,10 @@ import logging
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import BinaryIO
 
 from estargz_opt import descriptor as d
-from estargz_opt.cache import default_dir
 from estargz_opt.descriptor import Descriptor, Manifest
 from estargz_opt.format.source import Spool
 from estargz_opt.prioritize.layerindex import LayerNames
@@ -45,7 +45,6 @@ class Analysis:
         return {
             "endedBy": self.sample.ended_by,
             "exitStatus": self.sample.exit_status,
-            "error": self.sample.error,
             "fileAccesses": len(self.sample.paths),
             "recordedFiles": len(self.entries),
             "queueOverflows": self.sample.overflows,
@@ -62,18 +61,22 @@ def analyze(
     on_tick: Tick | None = None,
     output: BinaryIO | None = None,
     spool: Spool | None = None,
+    cache_dir: Path | None = None,
 ) -> Analysis:
     """Run the workload of `manifest` (the host platform's) and record what it touched;
-    with `spool`, the layers' tar bytes are kept there for the conversion that follows."""
+    with `spool`, the layers' tar bytes are kept there for the conversion that follows.
+    `cache_dir` (--cache-dir) holds the runc runner's unpacked layers; None: none are
+    kept (--no-cache)."""
     config = d.load_json(store.read(manifest.config, "image config"), "image config")
     layers = [x for x in manifest.layers if x.media_type in d.LAYER_TYPES]
     diff_ids = d.config_diff_ids(config, len(layers), image_name)
     image = SampleImage(image_name, config, layers, diff_ids)
-    req = SampleRequest(runner_for(store, opts), image, opts, on_tick=on_tick, output=output)
+    runner = runner_for(store, opts, cache_dir)
+    req = SampleRequest(runner, image, opts, on_tick=on_tick, output=output)
     return record_workload(req, manifest_desc.digest, spool)
 
 
-def runner_for(store: Store, opts: SamplerOptions) -> Runner:
+def runner_for(store: Store, opts: SamplerOptions, cache_dir: Path | None = None) -> Runner:
     """The runner `--runner` names. By default: the rootless runner for anyone but root
     (in the initial user namespace), whatever the source; for root, containerd's own for
     an image in containerd, and runc directly for any other store (a layout, an archive,
@@ -97,7 +100,7 @@ def runner_for(store: Store, opts: SamplerOptions) -> Runner:
         return ContainerdRunner(
             as_containerd(store, "the containerd runner"), opts.runtime
         )
-    return RuncRunner(store, opts.runtime, layer_cache=default_dir())
+    return RuncRunner(store, opts.runtime, layer_cache=cache_dir)
 
 
 def record_workload(

@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from types import TracebackType
 
 from estargz_opt.errors import FanotifyError
+from estargz_opt.fstree import walk
 from estargz_opt.workload.fanotify import (
     FAN_ACCESS,
     FAN_CLASS_NOTIF,
@@ -83,11 +84,13 @@ class HandleMap:
         fn.restype = ctypes.c_int
         self._fn = fn
         self.paths: dict[Handle, str] = {}
-        root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            self._walk(root_fd, "")
-        finally:
-            os.close(root_fd)
+        # Sorted, so that of several hard links the same one always wins; iterative, as
+        # an image's tree may be deeper than the recursion limit.
+        for e in walk(root, sort=True):
+            if stat.S_ISREG(e.st.st_mode):
+                handle = self._handle(e.dir_fd, e.name)
+                if handle is not None:
+                    self.paths.setdefault(handle, e.path)
 
     def _handle(self, dir_fd: int, name: str) -> Handle | None:
         fh = _FileHandle()
@@ -103,28 +106,6 @@ class HandleMap:
             log.debug("name_to_handle_at %s: %s", name, os.strerror(err))
             return None
         return fh.handle_type, bytes(fh.f_handle[: fh.handle_bytes])
-
-    def _walk(self, dir_fd: int, prefix: str) -> None:
-        # Sorted, so that of several hard links the same one always wins.
-        with os.scandir(dir_fd) as it:
-            entries = sorted(it, key=lambda e: e.name)
-        for entry in entries:
-            rel = prefix + entry.name
-            mode = entry.stat(follow_symlinks=False).st_mode
-            if stat.S_ISREG(mode):
-                handle = self._handle(dir_fd, entry.name)
-                if handle is not None:
-                    self.paths.setdefault(handle, rel)
-            elif stat.S_ISDIR(mode):
-                fd = os.open(
-                    entry.name,
-                    os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                    dir_fd=dir_fd,
-                )
-                try:
-                    self._walk(fd, rel + "/")
-                finally:
-                    os.close(fd)
 
 
 def parse_fid_events(buf: bytes) -> Iterator[Handle | None]:

@@ -78,7 +78,9 @@ class StdioPaths:
 class Task(Protocol):
     """The created, not yet started, workload of one run."""
 
-    def start(self) -> None: ...
+    def start(self) -> None:
+        """Start it; WorkloadStartError if the runtime cannot."""
+        ...
 
     def wait(self, timeout: float | None = None) -> int | None:
         """Its exit status once it has exited; RunnerError if it did not within `timeout`."""

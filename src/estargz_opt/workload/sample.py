@@ -21,7 +21,6 @@ import contextlib
 import logging
 import os
 import secrets
-import shutil
 import signal
 import sys
 import tempfile
@@ -33,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 from estargz_opt.errors import RunnerError, SampleError, WorkloadStartError
+from estargz_opt.fstree import remove_tree
 from estargz_opt.stores.owner import is_dead, this_process
 from estargz_opt.workload import network
 from estargz_opt.workload.options import SamplerOptions
@@ -44,6 +44,7 @@ from estargz_opt.workload.runner import (
     Runner,
     SampleImage,
     Task,
+    quietly,
 )
 from estargz_opt.workload.spec import (
     NO_GPU_HOOK,
@@ -62,10 +63,9 @@ class SampleResult:
     """What happened in the run; `paths` are container paths in first-access order."""
 
     paths: list[str] = field(default_factory=list)
-    #: "exit", "line", "period", "signal", or "error" when the workload could not start
+    #: "exit", "line", "period" or "signal"
     ended_by: str = ""
     exit_status: int | None = None
-    error: str | None = None
     overflows: int = 0
 
 
@@ -104,7 +104,7 @@ def run_sample(req: SampleRequest) -> SampleResult:
         os.mkdir(run.path, 0o700)
         undo = CleanupSteps()
         stack.callback(undo.done)
-        stack.callback(shutil.rmtree, run.path, ignore_errors=True)
+        stack.callback(quietly, "remove the run directory", remove_tree, run.path)
         stack.callback(undo.step, "the run directory")
         _write(os.path.join(run.path, "owner"), this_process())
         os.mkdir(run.rootfs)
@@ -141,17 +141,17 @@ def run_sample(req: SampleRequest) -> SampleResult:
         )
         stdio = stack.enter_context(Stdio(os.path.join(run.path, "io"), opts, out))
         stack.callback(undo.step, "the workload's stdio")
+        # A workload that never ran recorded nothing that means anything: the run fails
+        # (as ctr-remote's does when its task cannot be created or started), and
+        # everything made so far is undone. One that ran and exited non-zero is recorded.
         try:
             task = stack.enter_context(runner.container(run, image, spec, stdio.paths))
+            stack.callback(undo.step, "the sample container")
+            monitor.begin()
+            stdio.start(task)
+            task.start()
         except WorkloadStartError as exc:
-            # Like a workload that fails at once: report it; the caller converts anyway.
-            log.error("the workload could not start: %s", exc)
-            return SampleResult(ended_by="error", error=str(exc))
-        stack.callback(undo.step, "the sample container")
-
-        monitor.begin()
-        stdio.start(task)
-        task.start()
+            raise WorkloadStartError(f"the workload could not start: {exc}") from None
         result = _wait(task, opts, stdio, monitor, on_tick)
         if result.ended_by != "exit":
             _kill(task, stop_signal(image.config), result)
@@ -243,8 +243,12 @@ def reap_stale_dirs() -> None:
             owner_file = os.path.join(tmp, name, "owner")
             if name.startswith(SAMPLE_PREFIX) and os.path.isfile(owner_file):
                 with open(owner_file) as f:
-                    if is_dead(f.read()):
-                        shutil.rmtree(os.path.join(tmp, name), ignore_errors=True)
+                    dead = is_dead(f.read())
+                if dead:
+                    try:
+                        remove_tree(os.path.join(tmp, name))
+                    except OSError as exc:  # tried again by the next run; never in its way
+                        log.debug("cannot remove %s, left by a killed run: %s", name, exc)
 
 
 def _wait(

@@ -37,7 +37,6 @@ import errno
 import hashlib
 import logging
 import os
-import shutil
 import stat
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -48,6 +47,7 @@ from estargz_opt.descriptor import Descriptor
 from estargz_opt.errors import BadInputError, UnmappedOwnerError, UnpackError
 from estargz_opt.format import tarfmt
 from estargz_opt.format.source import plain_pieces
+from estargz_opt.fstree import remove_tree
 
 log = logging.getLogger("estargz_opt")
 
@@ -488,7 +488,7 @@ class _Tree:
             return
         if stat.S_ISDIR(st.st_mode):
             self._forget()
-            shutil.rmtree(base, dir_fd=pfd)
+            remove_tree(base, dir_fd=pfd)
         else:
             os.unlink(base, dir_fd=pfd)
 

@@ -17,6 +17,7 @@ import os
 import signal
 import subprocess
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 from estargz_opt.descriptor import Descriptor
 from estargz_opt.errors import RunnerError, SampleError, WorkloadStartError
@@ -27,6 +28,7 @@ from estargz_opt.stores.containerd.model import Container
 from estargz_opt.stores.containerd.store import ContainerdStore
 from estargz_opt.stores.containerd.transport import socket_path
 from estargz_opt.stores.owner import OWNER_LABEL, is_dead, this_process
+from estargz_opt.workload.cgroups import RUNTIME_WRAPPERS, remove_cgroup, wrapped_runtime
 from estargz_opt.workload.containerd.unpack import unpack
 from estargz_opt.workload.monitor import Monitor
 from estargz_opt.workload.options import DEFAULT_RUNTIME
@@ -62,6 +64,14 @@ class ContainerdRunner:
     def check(self) -> None:
         """Fail early, in one line, when the runtime containerd's shim calls is missing."""
         find_runtime(self._runtime)
+
+    def _runtime_binary(self) -> str:
+        """The shim's BinaryName: "" (the shim's own runc) by default, as before
+        --runtime; else the runtime, wrapped as this host's cgroups need (crun on a
+        hybrid host: `cgroups.wrapped_runtime`)."""
+        if self._runtime == DEFAULT_RUNTIME:
+            return ""
+        return wrapped_runtime(find_runtime(self._runtime), Path(RUNTIME_WRAPPERS))
 
     def reap_stale(self) -> None:
         """Remove the sample containers (and their tasks and snapshots) of dead runs.
@@ -132,8 +142,7 @@ class ContainerdRunner:
                     stdout=stdio.stdout,
                     stderr=stdio.stderr,
                     terminal=stdio.terminal,
-                    # the default stays the shim's own choice, as before --runtime
-                    runtime_binary="" if self._runtime == DEFAULT_RUNTIME else self._runtime,
+                    runtime_binary=self._runtime_binary(),
                 )
             except ContainerdError as exc:
                 if "executable file not found in $PATH" in str(exc) and (
@@ -147,6 +156,8 @@ class ContainerdRunner:
                 _end_task(client, run.id)
         finally:
             quietly("delete container", client.containers.delete, run.id, missing_ok=True)
+            # what a runtime that failed at create left (its delete knows no container)
+            remove_cgroup(str(spec.get("linux", {}).get("cgroupsPath", "")))
 
 
 class ContainerdTask:
@@ -157,7 +168,10 @@ class ContainerdTask:
         self._id = container_id
 
     def start(self) -> None:
-        self._client.tasks.start(self._id)
+        try:
+            self._client.tasks.start(self._id)
+        except ContainerdError as exc:
+            raise WorkloadStartError(str(exc)) from None
 
     def wait(self, timeout: float | None = None) -> int | None:
         try:

@@ -39,6 +39,7 @@ from estargz_opt.errors import RootlessUnavailableError, SampleError
 from estargz_opt.mount import Mount
 from estargz_opt.stores import Store
 from estargz_opt.stores.owner import is_dead
+from estargz_opt.workload.cgroups import runtime_prefix
 from estargz_opt.workload.options import SamplerOptions
 from estargz_opt.workload.rootless import checks
 from estargz_opt.workload.rootless.checks import IdMapping
@@ -211,7 +212,12 @@ class RootlessRunner(RuncRunner):
         os.makedirs(root, 0o700, exist_ok=True)
         binary = find_runtime(self._runtime)
         flags = ("--cgroup-manager=disabled",) if "crun" in os.path.basename(binary) else ()
-        prefix = ("nsenter", f"--user={monitor.user_ns_path}", "--preserve-credentials")
+        prefix = (
+            "nsenter",
+            f"--user={monitor.user_ns_path}",
+            "--preserve-credentials",
+            *runtime_prefix(binary, rootless=True),  # crun on a hybrid cgroup host
+        )
         return RuntimeCLI(binary, root, prefix, flags)
 
     @contextlib.contextmanager

@@ -6,6 +6,13 @@ this is the same for the runc runner. A layer is unpacked (`unpack_overlay_layer
 stacks it as an overlayfs lowerdir under its own upper directory (the workload's writes
 never reach the shared layers).
 
+The directory is root's only (0700, and refused when someone else owns it): layers keep
+their setuid/setgid files and file capabilities, as the workload may need them (an
+image's `su`, `ping`), so no other user may reach them, as containerd keeps its
+snapshots under a 0700 root. Trees are walked and removed without recursion
+(`fstree`), whatever their depth; a fill that cannot be removed is logged and left, and
+never stops a run.
+
 Concurrency and crashes, as the converted-layer cache handles them: a layer is filled
 into a temporary directory named after its owner process and renamed into place (a
 concurrent fill of the same layer keeps the first); a run holds a shared flock on each
@@ -17,15 +24,17 @@ killed with SIGKILL are removed by the next run.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
-import shutil
+import stat
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from estargz_opt.constants import DEFAULT_CACHE_MAX_SIZE
+from estargz_opt.fstree import remove_tree, tree_size
 from estargz_opt.stores.owner import is_dead, temp_owner, temp_prefix
 from estargz_opt.workload.unpack import Layer, UnpackOptions, unpack_overlay_layer
 
@@ -50,7 +59,7 @@ class UnpackedLayers:
     def hold(self, layers: Sequence[Layer], options: UnpackOptions) -> Iterator[list[str]]:
         """The directory of each layer (bottom first), unpacked if needed, kept from
         eviction until the context ends."""
-        self.dir.mkdir(parents=True, exist_ok=True)
+        _private_dir(self.dir)
         self._reap_dead_fills()
         with contextlib.ExitStack() as stack:
             paths = []
@@ -74,13 +83,13 @@ class UnpackedLayers:
         tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(_FILL), suffix=".tmp", dir=self.dir))
         try:
             stats = unpack_overlay_layer(str(tmp), layer, options)
-            size = _du(tmp)
+            size = tree_size(str(tmp))
             (self.dir / f"{path.name}.size").write_text(str(size))
             os.chmod(tmp, 0o755)
             os.rename(tmp, path)
             log.debug("unpacked layer %s: %d entries, %d MB", layer.name, stats.entries, size >> 20)
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            _remove(tmp, "a partial unpack")
             raise
 
     def _reap_dead_fills(self) -> None:
@@ -88,7 +97,7 @@ class UnpackedLayers:
             owner = temp_owner(entry.name)
             if owner is not None and is_dead(owner):
                 log.info("deleting %s, left by a run that was killed", entry.path)
-                shutil.rmtree(entry.path, ignore_errors=True)
+                _remove(Path(entry.path), "a partial unpack")
 
     def evict(self) -> None:
         """Remove least recently used layers until at most `max_size` bytes are kept;
@@ -113,7 +122,8 @@ class UnpackedLayers:
                 except BlockingIOError:
                     continue  # in use
                 log.debug("evicting unpacked layer %s (%d MB)", key, size >> 20)
-                shutil.rmtree(self.dir / key, ignore_errors=True)
+                if not _remove(self.dir / key, "an evicted layer"):
+                    continue
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.dir / f"{key}.size")
                 total -= size
@@ -130,10 +140,30 @@ def _lock_file(path: Path, how: int = fcntl.LOCK_SH) -> Iterator[int]:
         os.close(fd)
 
 
-def _du(path: Path) -> int:
-    total = 0
-    for dirpath, dirs, files in os.walk(path):
-        for name in dirs + files:
-            with contextlib.suppress(OSError):
-                total += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
-    return total
+def _private_dir(path: Path) -> None:
+    """Make `path` (and its parents) and check that it is ours and no one else's: a
+    directory, not a symlink, owned by us, mode 0700 (set if an older run left it 0755),
+    in a directory that only we (or root) can change, so that no one can swap it.
+    PermissionError otherwise: the runner then unpacks into the run directory."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st, parent = os.lstat(path), os.stat(path.parent)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+        raise PermissionError(
+            errno.EPERM, f"{path} is not a directory owned by uid {os.geteuid()}"
+        )
+    if parent.st_uid not in (0, os.geteuid()) or parent.st_mode & 0o022:
+        raise PermissionError(
+            errno.EPERM, f"{path.parent} can be changed by another user than uid {os.geteuid()}"
+        )
+    if stat.S_IMODE(st.st_mode) != 0o700:
+        os.chmod(path, 0o700, follow_symlinks=False)
+
+
+def _remove(path: Path, what: str) -> bool:
+    """Remove a tree; a failure is logged (the next run tries again) and never raised."""
+    try:
+        remove_tree(str(path))
+        return True
+    except OSError as exc:
+        log.warning("cannot remove %s %s: %s", what, path, exc)
+        return False

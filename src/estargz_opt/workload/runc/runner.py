@@ -44,6 +44,7 @@ from estargz_opt.errors import RunnerError, SampleError, WorkloadStartError
 from estargz_opt.mount import Mount
 from estargz_opt.stores import Store
 from estargz_opt.stores.owner import is_dead, this_process
+from estargz_opt.workload.cgroups import remove_cgroup, runtime_prefix
 from estargz_opt.workload.monitor import Monitor
 from estargz_opt.workload.options import DEFAULT_RUNTIME
 from estargz_opt.workload.runc.console import Console, relay, stdio_fds
@@ -95,6 +96,7 @@ class RuncRunner:
         #: where unpacked layers are kept between runs (None: unpack every run, flat)
         self._layer_cache = layer_cache
         self._unpack = unpack_options or UnpackOptions()
+        self._runtime_cli: RuntimeCLI | None = None
 
     def check(self) -> None:
         """Fail early, in one line: this runner needs root and the runtime."""
@@ -107,7 +109,12 @@ class RuncRunner:
             )
 
     def _cli(self) -> RuntimeCLI:
-        return RuntimeCLI(find_runtime(self._runtime), self._state_root)
+        """The runtime on the private state root, run as this host's cgroups need
+        (`cgroups.runtime_prefix`: crun on a hybrid host), worked out once."""
+        if self._runtime_cli is None:
+            binary = find_runtime(self._runtime)
+            self._runtime_cli = RuntimeCLI(binary, self._state_root, runtime_prefix(binary))
+        return self._runtime_cli
 
     def runtime_cli(self, run: RunDir) -> RuntimeCLI:
         """How the runtime is run for the container of `run` (a subclass may run it
@@ -205,6 +212,8 @@ class RuncRunner:
             json.dump(spec, f)
         become_subreaper()
         with contextlib.ExitStack() as stack:
+            # last: what a failed create left (the task's cleanup deletes the rest)
+            stack.callback(remove_cgroup, str(spec.get("linux", {}).get("cgroupsPath", "")))
             task = stack.enter_context(self.new_task(cli, run.id))
             stack.callback(task.cleanup)
             console = stack.enter_context(Console(run.path)) if stdio.terminal else None
@@ -229,7 +238,7 @@ class RuncRunner:
                     f"{cli.binary} create did not finish in {COMMAND_TIMEOUT:g}s"
                 ) from None
             if res.returncode != 0:
-                raise WorkloadStartError(runtime_error(log_path, cli.binary))
+                raise WorkloadStartError(runtime_error(log_path, cli.binary, res.returncode))
             fds.close()  # the workload holds its ends now
             with open(os.path.join(run.path, "pid")) as f:
                 task.created(int(f.read().strip()))

@@ -82,8 +82,8 @@ class RuntimeCLI:
                 log.warning("cleanup: could not delete %s: %s", cid, res.stderr.strip())
 
 
-def runtime_error(log_path: str, binary: str) -> str:
-    """The runtime's last error message, from its JSON log."""
+def runtime_error(log_path: str, binary: str, status: int) -> str:
+    """The runtime's last error message, from its JSON log (or its exit status)."""
     last = ""
     with contextlib.suppress(OSError), open(log_path, errors="replace") as f:
         for line in f:
@@ -93,4 +93,4 @@ def runtime_error(log_path: str, binary: str) -> str:
                 continue
             if isinstance(entry, dict) and entry.get("level") in ("error", "fatal"):
                 last = str(entry.get("msg", ""))
-    return f"{os.path.basename(binary)} create: {last or 'failed'}"
+    return f"{os.path.basename(binary)} create: {last or f'exit status {status}, no message'}"
