@@ -7,7 +7,6 @@ only if this user owns it (as git's safe.directory: its owner could plant entrie
 from __future__ import annotations
 
 import base64
-import contextlib
 import errno
 import json
 import os
@@ -19,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from estargz_opt import jsonlimits
-from estargz_opt.atomic import temp_file
+from estargz_opt.atomic import atomic_write
 from estargz_opt.constants import MAX_TOC_SIZE
 from estargz_opt.errors import BadInputError
 from estargz_opt.format import LayerResult
@@ -129,19 +128,9 @@ def read_small(path: Path, limit: int) -> bytes:
 
 
 def replace_file(path: Path, data: bytes, prefix: str) -> None:
-    """Write `path` whole by renaming a new file over it. Unlike atomic_write this never
-    writes in place: a symlink or device planted at `path` is replaced, not written to."""
-    f, tmp = temp_file(path.parent, prefix)
-    try:
-        with f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    """Write `path` whole by renaming a new file over it, never in place: a symlink or
+    device planted at `path` is replaced, not written to."""
+    atomic_write(path, data, prefix, into_special=False)
 
 
 def foreign(path: Path) -> str | None:
