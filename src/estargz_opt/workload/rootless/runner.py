@@ -7,7 +7,7 @@ image), watched by fanotify in FID mode. The runtime is started in that namespac
 (`nsenter --user`, which needs no privilege on a namespace one owns) with the spec from
 the same steps as every runner's, adjusted by `rootless.spec` (no cgroups); the
 container joins the monitor's mount namespace and, by default, gets its own network
-namespace with only a loopback (--net-host shares the host's; --cni needs root).
+namespace with only a loopback (net_host shares the host's; cni needs root).
 
 No setuid helper and no capability is used on the host. The one exception, taken only
 when it is there and configured: an image's several ids come from Debian's
@@ -56,10 +56,11 @@ log = logging.getLogger("estargz_opt")
 #: The file in a run directory naming the run's user namespace (`userns.ns_id`).
 USERNS_FILE = "userns"
 
+#: The refusal of the cni option: a template over the terms `cni` and `net_host`.
 CNI_NEEDS_ROOT = (
-    "--cni needs root (its plugins configure the host's network); a rootless run has a "
-    "private network with only a loopback, or the host's with --net-host; run as root "
-    "for --cni"
+    "{cni} needs root (its plugins configure the host's network); a rootless run has a "
+    "private network with only a loopback, or the host's with {net_host}; run as root "
+    "for {cni}"
 )
 
 
@@ -104,7 +105,7 @@ class RootlessRunner(RuncRunner):
     def check(self) -> None:
         """Everything that can be known before anything is made, in one line each."""
         if self._opts.cni:
-            raise SampleError(CNI_NEEDS_ROOT)
+            raise SampleError.with_terms(CNI_NEEDS_ROOT, cni="cni", net_host="net_host")
         checks.check_kernel(self._release)
         checks.check_userns(self._proc_sys)
         find_runtime(self._runtime)
