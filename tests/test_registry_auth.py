@@ -344,7 +344,7 @@ def test_wrong_password_names_the_source_and_not_the_secret(
     caplog.set_level(logging.DEBUG)
     bad = "Wr0ng-pa55-7d2e"
     s = open_session(regs.all()[name].host, _opts(regs, name, certs_d, creds=f"{USER}:{bad}",
-                                                  creds_flag="--dest-creds"))
+                                                  creds_source="the command line (--dest-creds)"))
     try:
         with pytest.raises(RegistryAccessError) as e:
             s.client.get(f"{s.base_url}/v2/acme/app/tags/list")

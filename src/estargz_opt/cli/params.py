@@ -342,7 +342,7 @@ def registry(kw: dict[str, Any], prefix: str, authfile: Path | None) -> Registry
     return RegistryOptions(
         authfile=authfile,
         creds=kw.pop(f"{p}creds"),
-        creds_flag=f"--{prefix}creds",
+        creds_source=f"the command line (--{prefix}creds)",
         no_creds=kw.pop(f"{p}no_creds"),
         tls_verify=kw.pop(f"{p}tls_verify"),
         cert_dir=kw.pop(f"{p}cert_dir"),
