@@ -156,7 +156,7 @@ def test_push_through_session_then_skopeo_reads_it(regs: Registries, certs_d: Pa
         r = s.client.get(f"{s.base_url}/v2/acme/app/manifests/v1",
                          headers={"Accept": OCI_MANIFEST})
         assert r.status_code == 200 and sha256(r.content) == digest
-        expected = "none" if name in ("plain", "tls") else "the command line (--creds)"
+        expected = "none" if name in ("plain", "tls") else "the creds option"
         assert s.credential_source == expected
     finally:
         s.close()
@@ -371,7 +371,7 @@ def test_token_without_the_scope_says_so(regs: Registries, certs_d: Path) -> Non
         regs.issuer.denied.clear()
     assert str(e.value) == (
         f"registry {s.host}: unauthorized for repository locked/app: the token obtained "
-        "with the credentials from the command line (--creds) does not grant "
+        "with the credentials from the creds option does not grant "
         "repository:locked/app:pull")
 
 
