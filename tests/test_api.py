@@ -6,6 +6,7 @@ through `estargz_opt.optimize`, and the CLI is driven with click's CliRunner.
 
 from __future__ import annotations
 
+import ast
 import importlib.metadata
 import json
 import subprocess
@@ -254,3 +255,38 @@ def test_json_report_is_the_result_report(image: Path) -> None:
     report = json.loads(cli_convert(image, "j", "--json"))
     assert report["target"] == resolve_tag(image, "j")["digest"]
     assert [lay["format"] for lay in report["layers"]] == ["estargz", "estargz"]
+
+
+def test_every_option_term_the_library_names_has_a_flag() -> None:
+    """Each term an error or log line of the library names an option by (a keyword given
+    to with_terms or OptionsError, or a module constant it passes) is spelled as a flag
+    by the command line: no message shows a field name to a CLI user."""
+    from estargz_opt.cli.main import _spell
+
+    src = Path(eo.__file__).parent
+    terms: set[str] = set()
+    for path in src.rglob("*.py"):
+        parts = path.relative_to(src.parent).with_suffix("").parts
+        if "cli" in parts or "__main__" in parts:
+            continue
+        module = importlib.import_module(".".join(p for p in parts if p != "__init__"))
+        for node in ast.walk(ast.parse(path.read_text())):
+            name = getattr(getattr(node, "func", None), "attr", None)
+            name = name or getattr(getattr(node, "func", None), "id", None)
+            if not isinstance(node, ast.Call) or name not in ("with_terms", "OptionsError"):
+                continue
+            for kw in node.keywords:
+                value = kw.value
+                if isinstance(value, ast.Constant) and isinstance(value.value, str):
+                    terms.add(value.value)
+                elif isinstance(value, ast.Name) and hasattr(module, value.id):
+                    found = getattr(module, value.id)
+                    if isinstance(found, str):
+                        terms.add(found)
+                elif isinstance(value, ast.Subscript) and isinstance(value.value, ast.Name):
+                    terms.update(getattr(module, value.value.id).values())
+    terms -= {"reason"}  # a template's free text, not an option
+    terms |= {"platforms", "all_platforms", "allow_empty_profile=True"}  # log arguments
+    assert {"format=zstdchunked", "profiles=record", "terminal", "stdin"} <= terms, terms
+    unspelled = sorted(t for t in terms if not _spell(t).startswith("-"))
+    assert unspelled == [], unspelled

@@ -130,10 +130,12 @@ class OptimizeRequest:
         fmt = self.layer.format
         self.layer.validate()
         if fmt is Format.ZSTDCHUNKED and not self.oci:
-            raise OptionsError("{fmt} requires {oci}", fmt=_FORMAT_TERM[fmt], oci="oci=True")
+            raise OptionsError("{fmt} requires {oci}", fmt="format=zstdchunked", oci="oci=True")
         if fmt is Format.EXTERNAL_TOC and self.reuse:
             raise OptionsError(
-                "{fmt} cannot be combined with {reuse}", fmt=_FORMAT_TERM[fmt], reuse="reuse=True"
+                "{fmt} cannot be combined with {reuse}",
+                fmt="format=estargz-external-toc",
+                reuse="reuse=True",
             )
         if self.no_optimize and any(p.kind is ProfileKind.PREFETCH_LIST for p in self.profiles):
             raise OptionsError(
@@ -181,7 +183,6 @@ class OptimizeRequest:
 
 
 #: how errors name the option terms (a front end spells them its own way: OptionsError)
-_FORMAT_TERM = {f: f"format={f.value}" for f in Format}
 _RECORD = f"profiles={ProfileKind.RECORD.value}"
 _PLIST = f"profiles={ProfileKind.PREFETCH_LIST.value}"
 _NO_OPTIMIZE = "no_optimize=True"

@@ -62,21 +62,22 @@ class SamplerOptions:
         return self.period if self.period > 0 else DEFAULT_PERIOD
 
     def validate(self) -> None:
-        """Reject flag combinations and values upstream refuses, with one clear line."""
-        bad = BadInputError.with_terms
+        """Reject option combinations and values upstream refuses, with one clear line."""
         if self.terminal and not self.stdin:
-            raise bad("{terminal} requires {stdin}", terminal="terminal", stdin="stdin")
+            raise BadInputError.with_terms(
+                "{terminal} requires {stdin}", terminal="terminal", stdin="stdin"
+            )
         if self.runner and self.runner not in RUNNERS:
-            raise bad(
+            raise BadInputError.with_terms(
                 "{runner} must be one of " + literal(f"{', '.join(RUNNERS)}, got {self.runner!r}"),
                 runner="runner",
             )
         if not self.runtime:
-            raise bad(
+            raise BadInputError.with_terms(
                 "{runtime} must name an OCI runtime (runc, crun or a path)", runtime="runtime"
             )
         if self.wait_on_signal and self.terminal:
-            raise bad(
+            raise BadInputError.with_terms(
                 "{signal} cannot be used with {terminal}",
                 signal="wait_on_signal",
                 terminal="terminal",
@@ -88,7 +89,9 @@ class SamplerOptions:
         parse_add_hosts(self.add_hosts)
         parse_gpus(self.gpus)
         if self.cwd and not self.cwd.startswith("/"):
-            raise bad("{cwd} " + literal(repr(self.cwd)) + " must be an absolute path", cwd="cwd")
+            raise BadInputError.with_terms(
+                "{cwd} " + literal(repr(self.cwd)) + " must be an absolute path", cwd="cwd"
+            )
         for e in self.env:
             check_env_entry("env", e)
 
