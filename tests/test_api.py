@@ -109,6 +109,46 @@ def run_main(
     return int(info.value.code or 0), out.out, out.err
 
 
+class Recorder:
+    """A ProgressListener that keeps what it was told."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+
+    def start(self, digest: str, total: int) -> None:
+        self.calls.append(("start", digest))
+
+    def update(self, digest: str, bytes_in: int, bytes_out: int) -> None:
+        pass
+
+    def finish(self, digest: str, bytes_in: int, bytes_out: int) -> None:
+        self.calls.append(("finish", digest))
+
+    def abandon(self, digest: str) -> None:
+        self.calls.append(("abandon", digest))
+
+    def cached(self, digest: str, size: int) -> None:
+        self.calls.append(("cached", digest))
+
+    def sampling(self, seconds_left: float | None, files: int) -> None:
+        pass
+
+    def workload_output(self) -> None:
+        return None
+
+
+def test_progress_listener_hears_each_layer_start_and_finish_once(image: Path) -> None:
+    listener = Recorder()
+    request = eo.OptimizeRequest.from_options(
+        f"oci:{image}:src", f"oci:{image}:p", oci=True, no_optimize=True, cache=False
+    )
+    result = eo.optimize(request, listener)
+    sources = sorted(lay.source.digest for lay in result.layers)
+    for what in ("start", "finish"):
+        assert sorted(d for kind, d in listener.calls if kind == what) == sources
+    assert [kind for kind, _ in listener.calls if kind not in ("start", "finish")] == []
+
+
 def test_option_errors_name_fields_and_the_cli_names_flags(
     image: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

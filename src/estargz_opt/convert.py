@@ -284,10 +284,11 @@ class Converter:
             tar = stack.enter_context(self._source(desc, what))
             sink = stack.enter_context(self.dst.sink(source=desc))
             fill = stack.enter_context(slot.fill()) if slot else None
+            finished: list[bool] = []
             if shown:
                 shown.start(desc.digest, tar.size)
                 # An interrupted or failed layer leaves the display without being "done".
-                stack.callback(shown.abandon, desc.digest)
+                stack.callback(_abandon_unless, finished, shown, desc.digest)
             try:
                 out = fill.tee(sink.file) if fill else sink.file
                 result = build_layer(tar, out, opts, progress)
@@ -296,6 +297,7 @@ class Converter:
             sink.commit(result.digest, result.size, result.diff_id)
             if shown:
                 shown.finish(desc.digest, tar.size, result.size)
+                finished.append(True)
             if slot and fill:
                 slot.store(fill, result)
         return result
@@ -428,3 +430,9 @@ def _children(data: bytes) -> list[Descriptor]:
         except ValueError:
             continue
     return out
+
+
+def _abandon_unless(finished: list[bool], listener: ProgressListener, digest: str) -> None:
+    """Tell the listener a layer stopped, unless it was finished (then nothing is said)."""
+    if not finished:
+        listener.abandon(digest)

@@ -26,7 +26,8 @@ class ProgressListener(Protocol):
         came out. Only a layer that got this far is finished."""
 
     def abandon(self, digest: str) -> None:
-        """The layer's conversion stopped (an error, an interrupt); never after finish()."""
+        """The layer's conversion stopped (an error, an interrupt): called instead of
+        finish(), never after it."""
 
     def cached(self, digest: str, size: int) -> None:
         """The layer was taken from the converted-layer cache: nothing was converted."""
