@@ -186,28 +186,11 @@ def test_an_empty_profile_names_the_flag_on_the_command_line(
     )
     with pytest.raises(eo.EmptyProfileError, match="allow_empty_profile=True converts anyway"):
         eo.optimize(request)
-    code, _out, err = run_main(
-        monkeypatch,
-        capsys,
-        "optimize",
-        "--prefetch-list",
-        str(plist),
-        "--no-cache",
-        f"oci:{image}:src",
-        f"oci:{image}:x",
-    )
+    args = ["optimize", "--prefetch-list", str(plist), "--no-cache"]
+    refs = [f"oci:{image}:src", f"oci:{image}:x"]
+    code, _out, err = run_main(monkeypatch, capsys, *args, *refs)
     assert code == 1 and err.endswith("(--allow-empty-profile converts anyway)\n"), err
-    code, _out, err = run_main(
-        monkeypatch,
-        capsys,
-        "optimize",
-        "--prefetch-list",
-        str(plist),
-        "--no-cache",
-        "--allow-empty-profile",
-        f"oci:{image}:src",
-        f"oci:{image}:x",
-    )
+    code, _out, err = run_main(monkeypatch, capsys, *args, "--allow-empty-profile", *refs)
     assert code == 0 and "converting without prioritized files (--allow-empty-profile)" in err
 
 
