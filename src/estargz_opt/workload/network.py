@@ -18,7 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from estargz_opt.errors import NetworkError, literal
+from estargz_opt import jsonlimits
+from estargz_opt.errors import BadInputError, NetworkError, literal
 from estargz_opt.workload.options import SamplerOptions
 
 log = logging.getLogger("estargz_opt")
@@ -47,11 +48,11 @@ def load_conf(conf_dir: str) -> dict[str, Any]:
         raise _cni_error(f"no CNI network config (*.conf, *.conflist) in {directory}")
     path = files[0]
     try:
-        doc = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise _cni_error(f"cannot read {path}: {exc}") from None
-    if not isinstance(doc, dict):
-        raise _cni_error(f"{path} is not a JSON object")
+        doc = jsonlimits.loads_object(path.read_bytes(), str(path))
+    except OSError as exc:
+        raise _cni_error(f"cannot read {path}: {exc.strerror}") from None
+    except BadInputError as exc:
+        raise _cni_error(str(exc)) from None
     if "plugins" in doc:
         return doc
     # A single-plugin .conf is a list of one.
@@ -88,14 +89,16 @@ def _run_plugin(
     )
     if proc.returncode != 0:
         try:
-            msg = json.loads(proc.stdout).get("msg", "")
-        except ValueError:
+            msg = str(jsonlimits.loads_object(proc.stdout, "CNI error").get("msg", ""))
+        except BadInputError:
             msg = proc.stderr.decode(errors="replace").strip()
         raise _cni_error(f"plugin {conf.get('type')} {command} failed: {msg}")
     if command != "ADD" or not proc.stdout.strip():
         return {}
-    result: dict[str, Any] = json.loads(proc.stdout)  # a CNI result is a JSON object
-    return result
+    try:
+        return jsonlimits.loads_object(proc.stdout, f"plugin {conf.get('type')} result")
+    except BadInputError as exc:
+        raise _cni_error(str(exc)) from None
 
 
 def _create_netns(name: str) -> str:
