@@ -51,6 +51,7 @@ lint:
 	$(MKVENV) test >/dev/null
 	"$(VPY)" -m ruff check .
 	"$(VPY)" -m mypy --strict src
+	"$(VPY)" -m mypy --strict docs/examples
 
 demo: demo-deps
 	PYTHON="$(VPY)" bash scripts/demo.sh

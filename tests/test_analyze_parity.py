@@ -23,8 +23,7 @@ from pathlib import Path
 
 import pytest
 from support.cli import cli_env, run_cli
-from support.containerd import ctr_run
-from support.containerd import optimize as our_containerd_optimize
+from support.containerd import ctr_run, optimize as our_containerd_optimize
 from support.imagefactory import write_layout
 from support.reference import (
     Image,

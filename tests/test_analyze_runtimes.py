@@ -23,8 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import analyzeimages as ai
-from support import imagefactory as f
+from support import analyzeimages as ai, imagefactory as f
 from support.analyzeimages import (
     BB,
     KIND_OUTPUT,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from estargz_opt.stores.registry.access import RegistryAccessError
+from estargz_opt.errors import RegistryAccessError
 from estargz_opt.stores.registry.credentials import Credential, lookup, parse_creds
 from estargz_opt.stores.registry.options import RegistryOptions
 
@@ -116,7 +116,7 @@ def test_docker_hub_keys_in_any_spelling(env: dict[str, str]) -> None:
 
 def test_the_command_line_wins_and_no_creds_is_anonymous(env: dict[str, str]) -> None:
     write(Path(env["XDG_RUNTIME_DIR"]) / "containers" / "auth.json", {HOST: auth("file")})
-    cred = found(env, creds="cli:pw", creds_flag="--src-creds")
+    cred = found(env, creds="cli:pw", creds_source="the command line (--src-creds)")
     assert cred == Credential("cli", "pw", "the command line (--src-creds)")
     assert found(env, no_creds=True) is None
 
@@ -127,8 +127,9 @@ def test_the_command_line_wins_and_no_creds_is_anonymous(env: dict[str, str]) ->
 ])
 def test_incomplete_command_line_creds(value: str, words: str) -> None:
     with pytest.raises(RegistryAccessError) as err:
-        parse_creds(value, "--dest-creds")
-    assert words in str(err.value) and "the command line (--dest-creds)" in str(err.value)
+        parse_creds(value, "the command line (--dest-creds)")
+    assert str(err.value).startswith("credentials from the command line (--dest-creds): ")
+    assert words in str(err.value)
 
 
 def test_identity_token_entry(env: dict[str, str]) -> None:

@@ -26,8 +26,7 @@ from pathlib import Path
 
 import pytest
 import zstandard
-from support import imagefactory as imf
-from support import tarfactory as tf
+from support import imagefactory as imf, tarfactory as tf
 from support.cli import cli_argv
 from support.peakrss import run_measured
 
@@ -566,7 +565,7 @@ main()
 
 
 @pytest.mark.parametrize("signo", [signal.SIGINT, signal.SIGTERM], ids=["int", "term"])
-@pytest.mark.parametrize("module", ["click", "estargz_opt.format.reader", "estargz_opt.optimize"])
+@pytest.mark.parametrize("module", ["click", "estargz_opt.format.reader", "estargz_opt.pipeline"])
 def test_a_signal_while_modules_load_exits_128_plus_it_quietly(module: str, signo: int) -> None:
     """The console script's path: the handler is in before the first heavy import.
 

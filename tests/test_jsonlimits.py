@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from estargz_opt import cache, jsonlimits
+from estargz_opt import jsonlimits
+from estargz_opt.cache.files import Damaged, result_from_json
 from estargz_opt.descriptor import Index, Manifest, load_json
 from estargz_opt.errors import BadInputError, EstargzOptError
 from estargz_opt.format.toc import parse_toc
@@ -78,5 +79,5 @@ def test_every_parser_refuses_deep_json_in_one_error(name: str, tmp_path: Path) 
 
 def test_cache_metadata_deep_or_mistyped_is_damage_not_a_crash() -> None:
     for data in (OBJECT, '{"key": "k", "size": "big"}', "[]", "\x00"):
-        with pytest.raises(cache._Damaged):
-            cache._result_from_json(data.encode(), "k")
+        with pytest.raises(Damaged):
+            result_from_json(data.encode(), "k")

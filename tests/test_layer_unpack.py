@@ -20,8 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import imagefactory as f
-from support import tarfactory as tf
+from support import imagefactory as f, tarfactory as tf
 from support.trees import tree_print
 
 from estargz_opt.descriptor import OCI_LAYER_GZIP, Descriptor

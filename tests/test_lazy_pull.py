@@ -33,8 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from support import imagefactory as F
-from support import lazypull
+from support import imagefactory as F, lazypull
 from support.cli import estargz_opt
 
 pytestmark = [pytest.mark.interop, pytest.mark.registry, pytest.mark.slow]

@@ -644,7 +644,7 @@ def test_analysis_countdown_and_workload_output_share_the_terminal():
     the run clears it for good."""
     import io
 
-    from estargz_opt.progress import Progress
+    from estargz_opt.cli.progress import Progress
 
     class Tty(io.TextIOWrapper):
         def isatty(self) -> bool:
@@ -654,7 +654,7 @@ def test_analysis_countdown_and_workload_output_share_the_terminal():
     stream = Tty(raw, encoding="utf-8", write_through=True)
     p = Progress(stream)
     p.sampling(3.0, 2)
-    p.passthrough().write(b"hello from the workload\n")
+    p.workload_output().write(b"hello from the workload\n")
     p.sampling(2.0, 5)
     p.sampling(0.0, 5)
     text = raw.getvalue().decode()

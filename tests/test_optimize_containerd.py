@@ -454,7 +454,7 @@ def test_permission_denied(containerd, runnable: Source, unchanged: Unchanged) -
     loads grpc's lazy modules, difflib is click's), then drops to nobody and runs the CLI."""
     code = (
         "import os, sys, difflib\n"
-        "import estargz_opt.cli, estargz_opt.optimize, estargz_opt.stores.containerd.store\n"
+        "import estargz_opt.cli, estargz_opt.pipeline, estargz_opt.stores.containerd.store\n"
         "from estargz_opt.stores.containerd.client import Client\n"
         "from estargz_opt.stores.containerd.errors import ContainerdError\n"
         "try:\n"

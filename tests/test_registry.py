@@ -23,8 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from support import imagefactory as F
-from support import lazypull
+from support import imagefactory as F, lazypull
 from support.cli import cli_argv, cli_env, estargz_opt, run_cli
 
 from estargz_opt.reference import RegistryRef

@@ -26,9 +26,9 @@ from support.cli import cli_argv
 from support.lazypull import Registry, RegistryConfig, _free_port
 from support.registries import PASSWORD, USER, LoopbackCA, Registries, sha256
 
+from estargz_opt.errors import RegistryAccessError
 from estargz_opt.reference import RegistryRef
 from estargz_opt.stores.registry import credentials
-from estargz_opt.stores.registry.access import RegistryAccessError
 from estargz_opt.stores.registry.options import RegistryOptions
 from estargz_opt.stores.registry.session import Session, open_session
 from estargz_opt.stores.registry.store import RegistryStore
@@ -158,7 +158,7 @@ def test_push_through_session_then_skopeo_reads_it(regs: Registries, certs_d: Pa
         r = s.client.get(f"{s.base_url}/v2/acme/app/manifests/v1",
                          headers={"Accept": OCI_MANIFEST})
         assert r.status_code == 200 and sha256(r.content) == digest
-        expected = "none" if name in ("plain", "tls") else "the command line (--creds)"
+        expected = "none" if name in ("plain", "tls") else "the creds option"
         assert s.credential_source == expected
     finally:
         s.close()
@@ -346,7 +346,7 @@ def test_wrong_password_names_the_source_and_not_the_secret(
     caplog.set_level(logging.DEBUG)
     bad = "Wr0ng-pa55-7d2e"
     s = open_session(regs.all()[name].host, _opts(regs, name, certs_d, creds=f"{USER}:{bad}",
-                                                  creds_flag="--dest-creds"))
+                                                  creds_source="the command line (--dest-creds)"))
     try:
         with pytest.raises(RegistryAccessError) as e:
             s.client.get(f"{s.base_url}/v2/acme/app/tags/list")
@@ -373,7 +373,7 @@ def test_token_without_the_scope_says_so(regs: Registries, certs_d: Path) -> Non
         regs.issuer.denied.clear()
     assert str(e.value) == (
         f"registry {s.host}: unauthorized for repository locked/app: the token obtained "
-        "with the credentials from the command line (--creds) does not grant "
+        "with the credentials from the creds option does not grant "
         "repository:locked/app:pull")
 
 

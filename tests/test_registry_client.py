@@ -15,9 +15,8 @@ import pytest
 from support.fakeregistry import REPO, FakeRegistry, client_for, sha256
 
 from estargz_opt.descriptor import OCI_MANIFEST, Descriptor
-from estargz_opt.errors import BadInputError
+from estargz_opt.errors import BadInputError, RegistryAccessError
 from estargz_opt.stores.registry import client as client_module
-from estargz_opt.stores.registry.access import RegistryAccessError
 from estargz_opt.stores.registry.client import MIN_CHUNK, RegistryError, RetryPolicy
 
 pytestmark = pytest.mark.unit

@@ -23,8 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import imagefactory as F
-from support import lazypull
+from support import imagefactory as F, lazypull
 from support.cli import cli_argv
 from support.hostile import (
     Auth,

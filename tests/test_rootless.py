@@ -21,8 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import analyzeimages as ai
-from support import imagefactory as f
+from support import analyzeimages as ai, imagefactory as f
 from support.unprivileged import Unprivileged, make_unprivileged
 
 from estargz_opt.workload.rootless import checks, userns

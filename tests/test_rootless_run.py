@@ -30,8 +30,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import analyzeimages as ai
-from support import imagefactory as f
+from support import analyzeimages as ai, imagefactory as f
 from support.analyzeimages import BB, KIND_OUTPUT, KINDS, RUN_SH, ended_by, expected_prioritized
 from support.cli import cli_env, error_message, printed_digest, run_cli
 from support.debs import deb_layer, owners

@@ -26,8 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import analyzeimages as ai
-from support import imagefactory as f
+from support import analyzeimages as ai, imagefactory as f
 from support.cli import cli_argv, cli_env, run_cli
 from support.runnerlib import RunLeftovers
 from support.unprivileged import UID, make_unprivileged, setpriv

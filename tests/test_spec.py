@@ -155,9 +155,9 @@ def test_args_override_replaces_cmd(tmp_path):
 
 @pytest.mark.parametrize("bad", ["not json", '"str"', "[1]", '{"a":1}', '["a"'])
 def test_bad_json_args(tmp_path, bad):
-    with pytest.raises(BadInputError, match="--args must be a JSON array"):
+    with pytest.raises(BadInputError, match="args must be a JSON array"):
         spec_of(tmp_path, args=bad)
-    with pytest.raises(BadInputError, match="--entrypoint must be a JSON array"):
+    with pytest.raises(BadInputError, match="entrypoint must be a JSON array"):
         spec_of(tmp_path, entrypoint=bad)
 
 
@@ -181,7 +181,7 @@ def test_env_only_flag(tmp_path):
 
 
 def test_env_file_missing(tmp_path):
-    with pytest.raises(BadInputError, match="cannot read --env-file"):
+    with pytest.raises(BadInputError, match="cannot read env_file"):
         spec_of(tmp_path, env_file=str(tmp_path / "nope"))
 
 
@@ -195,9 +195,9 @@ def test_cwd_and_terminal(tmp_path):
 
 
 def test_flag_combination_errors():
-    with pytest.raises(BadInputError, match="requires -i"):
+    with pytest.raises(BadInputError, match="terminal requires stdin"):
         SamplerOptions(terminal=True).validate()
-    with pytest.raises(BadInputError, match="--wait-on-signal"):
+    with pytest.raises(BadInputError, match="wait_on_signal cannot be used with terminal"):
         SamplerOptions(terminal=True, stdin=True, wait_on_signal=True).validate()
     SamplerOptions(wait_on_signal=True).validate()
 

@@ -141,7 +141,7 @@ def test_env_file_wins_over_env(tmp_path: Path, rootfs: str) -> None:
     assert env_only["process"]["env"] == ["A=file", "C=flag", "D=file"]
     untouched = applied(inputs(rootfs), steps.apply_env_file)
     assert untouched["process"]["env"] == []
-    with pytest.raises(BadInputError, match="cannot read --env-file"):
+    with pytest.raises(BadInputError, match="cannot read env_file"):
         applied(inputs(rootfs, env_file=str(tmp_path / "nope")), steps.apply_env_file)
 
 

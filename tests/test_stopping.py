@@ -23,8 +23,7 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-from support import analyzeimages as ai
-from support import imagefactory as f
+from support import analyzeimages as ai, imagefactory as f
 from support.cli import cli_argv, cli_env
 from support.ptyrun import PtyRun
 from support.runnerlib import RunLeftovers, sample_containers

@@ -32,8 +32,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 from support.cli import invoke
 from support.imagefactory import archive_for_ctr
 from support.ociimage import OCIImage, image_target, import_image, read_manifest, write_oci_layout

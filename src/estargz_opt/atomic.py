@@ -31,16 +31,20 @@ def temp_file(directory: Path, prefix: str) -> tuple[BinaryIO, Path]:
 
 
 @contextlib.contextmanager
-def atomic_output(path: str | os.PathLike[str], prefix: str | None = None) -> Iterator[BinaryIO]:
+def atomic_output(
+    path: str | os.PathLike[str], prefix: str | None = None, *, into_special: bool = True
+) -> Iterator[BinaryIO]:
     """A temporary file beside `path` that replaces it (synced) only if the block succeeds.
 
     `prefix` names the temporary file (default `.NAME.`), e.g. after its owner. A `path`
     that exists and is not a regular file (`/dev/null`, `/dev/stdout`, a FIFO) is written
-    in place: renaming over it would replace a device node with a file.
+    in place: renaming over it would replace a device node with a file. With
+    `into_special` False nothing is ever written in place: whatever is at `path` (a
+    symlink or device someone planted there) is replaced.
     """
     target = Path(path)
     try:
-        special = not stat.S_ISREG(os.stat(target).st_mode)
+        special = into_special and not stat.S_ISREG(os.stat(target).st_mode)
     except FileNotFoundError:
         special = False
     if special:
@@ -60,7 +64,9 @@ def atomic_output(path: str | os.PathLike[str], prefix: str | None = None) -> It
         raise
 
 
-def atomic_write(path: Path, data: bytes, prefix: str | None = None) -> None:
-    """Replace `path` with `data` in one step."""
-    with atomic_output(path, prefix) as f:
+def atomic_write(
+    path: Path, data: bytes, prefix: str | None = None, *, into_special: bool = True
+) -> None:
+    """Replace `path` with `data` in one step (see atomic_output for `into_special`)."""
+    with atomic_output(path, prefix, into_special=into_special) as f:
         f.write(data)

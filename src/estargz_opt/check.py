@@ -8,19 +8,28 @@ checks each layer the way the snapshotter will, and more (DiffID, sizes, landmar
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from estargz_opt import descriptor as d
-from estargz_opt.convert import TOC_LAYER_DIGEST
+from estargz_opt.constants import (
+    LANDMARKS,
+    NO_PREFETCH_LANDMARK,
+    PREFETCH_LANDMARK,
+    TOC_DIGEST_ANNOTATION,
+    TOC_IMAGE_SUFFIX,
+    TOC_LAYER_DIGEST_ANNOTATION,
+    UNCOMPRESSED_SIZE_ANNOTATION,
+    ZSTD_MANIFEST_CHECKSUM_ANNOTATION,
+    ZSTD_MANIFEST_POSITION_ANNOTATION,
+)
 from estargz_opt.descriptor import Descriptor, Manifest
 from estargz_opt.digest import sha256_digest
-from estargz_opt.errors import EstargzOptError
-from estargz_opt.format import TOC_DIGEST_ANNOTATION, UNCOMPRESSED_SIZE_ANNOTATION, open_layer
-from estargz_opt.format.reader import Layer, MissingExternalTOCError
-from estargz_opt.format.toc import LANDMARKS, NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK
-from estargz_opt.format.zstdchunked import MANIFEST_CHECKSUM, MANIFEST_POSITION
+from estargz_opt.errors import EstargzOptError, MissingExternalTOCError
+from estargz_opt.format import open_layer
+from estargz_opt.format.reader import Layer
 from estargz_opt.platforms import Matcher
 from estargz_opt.stores import Store, StoreOptions, open_store
 from estargz_opt.stores.oci import OCILayout
@@ -29,6 +38,8 @@ from estargz_opt.walk import check_selection, images
 
 @dataclass(slots=True)
 class LayerCheck:
+    """One layer as `verify` and `inspect` see it; errors fail `verify`."""
+
     platform: str
     index: int
     digest: str
@@ -67,6 +78,8 @@ def _camel(name: str) -> str:
 
 @dataclass(slots=True)
 class ImageReport:
+    """What `verify` or `inspect` found: the image (root digest) and each layer."""
+
     image: str
     digest: str
     layers: list[LayerCheck] = field(default_factory=list)
@@ -134,7 +147,7 @@ def _external_tocs(store: Store, toc_image: Descriptor) -> dict[str, bytes]:
     manifest = Manifest.parse(store.read(toc_image, "TOC image"), toc_image.digest)
     out = {}
     for layer in manifest.layers:
-        target = (layer.annotations or {}).get(TOC_LAYER_DIGEST)
+        target = (layer.annotations or {}).get(TOC_LAYER_DIGEST_ANNOTATION)
         if target:
             out[target] = store.read(layer, f"TOC blob for {target}")
     return out
@@ -219,24 +232,51 @@ def _unreadable(exc: EstargzOptError, ann: dict[str, str], has_toc: bool, toc_im
     message = str(exc)
     if isinstance(exc, MissingExternalTOCError):
         if toc_image and not has_toc:
-            return "external TOC: the TOC image (-esgztoc) has no TOC for this layer"
-        return "external TOC: the TOC image (-esgztoc) is missing"
+            return f"external TOC: the TOC image ({TOC_IMAGE_SUFFIX}) has no TOC for this layer"
+        return f"external TOC: the TOC image ({TOC_IMAGE_SUFFIX}) is missing"
     if ann.get(TOC_DIGEST_ANNOTATION):
         return f"damaged eStargz layer (annotated, but unreadable): {message}"
     return "not an eStargz or zstd:chunked layer: a lazy pull fetches it whole"
 
 
 def _zstd_annotations(layer: Layer, ann: dict[str, str]) -> list[str]:
-    errors = []
     footer = layer.footer
-    position = f"{footer.toc_offset}:{footer.toc_size}:{len(layer.toc_json)}:1"
-    if ann.get(MANIFEST_POSITION) != position:
-        errors.append(f"{MANIFEST_POSITION} {ann.get(MANIFEST_POSITION)!r} != footer {position}")
     raw = layer.read_at(footer.toc_offset or 0, footer.toc_size)
-    checksum = sha256_digest(raw)
-    if ann.get(MANIFEST_CHECKSUM) != checksum:
-        errors.append(f"{MANIFEST_CHECKSUM} {ann.get(MANIFEST_CHECKSUM)!r} != {checksum}")
+    want = {
+        ZSTD_MANIFEST_POSITION_ANNOTATION: (
+            f"{footer.toc_offset}:{footer.toc_size}:{len(layer.toc_json)}:1",
+            "footer ",
+        ),
+        ZSTD_MANIFEST_CHECKSUM_ANNOTATION: (sha256_digest(raw), ""),
+    }
+    errors = []
+    for key, (value, what) in want.items():
+        if ann.get(key) != value:
+            errors.append(f"{key} {ann.get(key)!r} != {what}{value}")
     return errors
+
+
+def verify(
+    image: str, *, platforms: Sequence[str] = (), store: StoreOptions | None = None
+) -> ImageReport:
+    """Check every layer of `image` the way a lazy pull and a full pull will read it
+    (footer, TOC digest, every chunk, DiffID, sizes, landmark, annotations, the external
+    TOC image); `ImageReport.ok` says whether all pass. `platforms`: only these (default:
+    all); `image` is a containerd name, oci:DIR:TAG, oci-archive:PATH, docker://…"""
+    return check_ref(image, store or StoreOptions(), _matcher(platforms), deep=True)
+
+
+def inspect(
+    image: str, *, platforms: Sequence[str] = (), store: StoreOptions | None = None
+) -> ImageReport:
+    """Describe what a lazy pull of `image` prefetches, per layer (no chunk is checked)."""
+    return check_ref(image, store or StoreOptions(), _matcher(platforms), deep=False)
+
+
+def _matcher(specs: Sequence[str]) -> Matcher:
+    from estargz_opt import platforms
+
+    return platforms.matcher(tuple(specs), not specs)
 
 
 def check_ref(
@@ -245,7 +285,6 @@ def check_ref(
     """Open the image named ref_text (containerd name, oci:DIR:TAG, docker://…) and check
     it."""
     from estargz_opt import reference
-    from estargz_opt.optimize import TOC_IMAGE_SUFFIX
 
     ref = reference.parse(ref_text)
     with open_store(ref, store_opts, create=False) as store:

@@ -18,14 +18,15 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from estargz_opt import descriptor as d
-from estargz_opt.cache import LayerCache, Slot, layer_key
+from estargz_opt.cache import LayerCache, Slot, cached_build, layer_key
+from estargz_opt.constants import IO_CHUNK, TOC_DIGEST_ANNOTATION, TOC_LAYER_DIGEST_ANNOTATION
 from estargz_opt.descriptor import Descriptor, Manifest
 from estargz_opt.digest import sha256_digest
-from estargz_opt.errors import BadInputError, EstargzOptError
+from estargz_opt.errors import BadInputError, Cancelled, EstargzOptError
+from estargz_opt.events import ProgressListener
 from estargz_opt.format import Format, LayerOptions, LayerResult, build_layer, open_layer
 from estargz_opt.format.source import Spool, TarSource, open_tar
 from estargz_opt.platforms import Matcher
-from estargz_opt.progress import Progress
 from estargz_opt.stores import Prefetching, Store
 from estargz_opt.walk import (
     attested,
@@ -38,7 +39,6 @@ from estargz_opt.walk import (
 
 log = logging.getLogger("estargz_opt")
 
-TOC_LAYER_DIGEST = "containerd.io/snapshot/stargz/layer.digest"
 _EMPTY_CONFIG = b"{}"
 
 
@@ -49,7 +49,7 @@ class ConvertOptions:
     oci: bool = False
     reuse: bool = False
     prioritized: Mapping[str, Sequence[str]] = field(default_factory=dict)  # layer digest -> paths
-    progress: Progress | None = None
+    progress: ProgressListener | None = None
     cache: LayerCache | None = None  # None: --no-cache
     #: source layers already checked and decompressed (during the workload run), by digest
     spool: Spool | None = None
@@ -72,10 +72,6 @@ class ConvertResult:
     layers: list[LayerReport]
     toc_layers: list[Descriptor]  # external TOC blobs, for the TOC image
     warnings: list[str]
-
-
-class Cancelled(EstargzOptError):
-    """The conversion was interrupted."""
 
 
 class Converter:
@@ -216,18 +212,12 @@ class Converter:
             self._copy(desc, what)
             return kept, None, self._report(platform, desc, kept, "", None, started)
         opts = replace(self.opts.layer, prioritized=prioritized)
-        cache = self.opts.cache
-        if cache is None:
-            result = self._build(desc, what, opts, None)
-            state = "off"
-        else:
-            with cache.slot(layer_key(desc.digest, opts)) as slot:
-                cached = self._from_cache(desc, what, slot)
-                if cached is not None:
-                    result, state = cached, "hit"
-                else:
-                    result = self._build(desc, what, opts, slot)
-                    state = "miss" if slot.locked and cache.usable else "off"
+        result, state = cached_build(
+            self.opts.cache,
+            layer_key(desc.digest, opts),
+            lambda slot: self._from_cache(desc, what, slot),
+            lambda slot: self._build(desc, what, opts, slot),
+        )
         if result.missing_prioritized:
             self._warn(
                 f"{what}: {len(result.missing_prioritized)} prioritized path(s) not in the layer "
@@ -239,7 +229,7 @@ class Converter:
                 media_type=d.OCI_LAYER_GZIP,
                 digest=sha256_digest(result.toc_blob),
                 size=len(result.toc_blob),
-                annotations={TOC_LAYER_DIGEST: result.digest},
+                annotations={TOC_LAYER_DIGEST_ANNOTATION: result.digest},
             )
             with self._lock:
                 self.toc_layers.append(toc_desc)
@@ -294,10 +284,11 @@ class Converter:
             tar = stack.enter_context(self._source(desc, what))
             sink = stack.enter_context(self.dst.sink(source=desc))
             fill = stack.enter_context(slot.fill()) if slot else None
+            finished: list[bool] = []
             if shown:
                 shown.start(desc.digest, tar.size)
                 # An interrupted or failed layer leaves the display without being "done".
-                stack.callback(shown.abandon, desc.digest)
+                stack.callback(_abandon_unless, finished, shown, desc.digest)
             try:
                 out = fill.tee(sink.file) if fill else sink.file
                 result = build_layer(tar, out, opts, progress)
@@ -306,6 +297,7 @@ class Converter:
             sink.commit(result.digest, result.size, result.diff_id)
             if shown:
                 shown.finish(desc.digest, tar.size, result.size)
+                finished.append(True)
             if slot and fill:
                 slot.store(fill, result)
         return result
@@ -324,7 +316,7 @@ class Converter:
 
     def _reusable(self, desc: Descriptor, what: str) -> bool:
         """Upstream's --reuse test, plus every chunk verified: keep only sound eStargz layers."""
-        toc_digest = (desc.annotations or {}).get("containerd.io/snapshot/stargz/toc.digest")
+        toc_digest = (desc.annotations or {}).get(TOC_DIGEST_ANNOTATION)
         if not toc_digest:
             return False
         with self.src.local_file(desc, what) as path:
@@ -390,7 +382,7 @@ class Converter:
             open(path, "rb") as f,
             self.dst.sink(source=desc) as s,
         ):
-            while block := f.read(1 << 20):
+            while block := f.read(IO_CHUNK):
                 s.file.write(block)
             s.commit(desc.digest, desc.size)
 
@@ -438,3 +430,9 @@ def _children(data: bytes) -> list[Descriptor]:
         except ValueError:
             continue
     return out
+
+
+def _abandon_unless(finished: list[bool], listener: ProgressListener, digest: str) -> None:
+    """Tell the listener a layer stopped, unless it was finished (then nothing is said)."""
+    if not finished:
+        listener.abandon(digest)

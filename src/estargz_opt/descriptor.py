@@ -12,24 +12,24 @@ from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Self
 
 from estargz_opt import jsonlimits
+from estargz_opt.constants import (
+    DOCKER_CONFIG as DOCKER_CONFIG,
+    DOCKER_FOREIGN as DOCKER_FOREIGN,
+    DOCKER_FOREIGN_GZIP as DOCKER_FOREIGN_GZIP,
+    DOCKER_LAYER as DOCKER_LAYER,
+    DOCKER_LAYER_GZIP as DOCKER_LAYER_GZIP,
+    DOCKER_LAYER_ZSTD as DOCKER_LAYER_ZSTD,
+    DOCKER_LIST as DOCKER_LIST,
+    DOCKER_MANIFEST as DOCKER_MANIFEST,
+    OCI_CONFIG as OCI_CONFIG,
+    OCI_FOREIGN as OCI_FOREIGN,
+    OCI_INDEX as OCI_INDEX,
+    OCI_LAYER as OCI_LAYER,
+    OCI_LAYER_GZIP as OCI_LAYER_GZIP,
+    OCI_LAYER_ZSTD as OCI_LAYER_ZSTD,
+    OCI_MANIFEST as OCI_MANIFEST,
+)
 from estargz_opt.errors import BadInputError
-
-# media types
-OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
-OCI_LAYER = "application/vnd.oci.image.layer.v1.tar"
-OCI_LAYER_GZIP = OCI_LAYER + "+gzip"
-OCI_LAYER_ZSTD = OCI_LAYER + "+zstd"
-OCI_FOREIGN = "application/vnd.oci.image.layer.nondistributable.v1.tar"
-DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
-DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
-DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
-DOCKER_LAYER = "application/vnd.docker.image.rootfs.diff.tar"
-DOCKER_LAYER_GZIP = DOCKER_LAYER + ".gzip"
-DOCKER_LAYER_ZSTD = DOCKER_LAYER + ".zstd"  # containerd's name; docker has no zstd type
-DOCKER_FOREIGN = "application/vnd.docker.image.rootfs.foreign.diff.tar"
-DOCKER_FOREIGN_GZIP = DOCKER_FOREIGN + ".gzip"
 
 INDEX_TYPES = frozenset({OCI_INDEX, DOCKER_LIST})
 MANIFEST_TYPES = frozenset({OCI_MANIFEST, DOCKER_MANIFEST})
@@ -58,7 +58,6 @@ DOCKER_TO_OCI = {
     DOCKER_FOREIGN_GZIP: OCI_FOREIGN + "+gzip",
     DOCKER_FOREIGN: OCI_FOREIGN,
 }
-REF_NAME = "org.opencontainers.image.ref.name"
 
 
 def is_docker(media_type: str) -> bool:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from estargz_opt import descriptor as d
 from estargz_opt.descriptor import Descriptor, Index, Manifest, Platform
-from estargz_opt.errors import EstargzOptError
+from estargz_opt.errors import PlatformError
 from estargz_opt.platforms import Matcher
 from estargz_opt.stores import Store
 
@@ -49,10 +49,6 @@ def read_index(store: Store, desc: Descriptor) -> Index:
 def read_manifest(store: Store, desc: Descriptor, platform: str = "") -> Manifest:
     where = f"manifest {desc.digest}" + (f" ({platform})" if platform else "")
     return Manifest.parse(store.read(desc, where), where)
-
-
-class PlatformError(EstargzOptError):
-    """The image has nothing for the platforms asked for (the host's by default)."""
 
 
 def config_platform(store: Store, manifest: Manifest, where: str) -> Platform | None:

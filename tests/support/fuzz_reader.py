@@ -30,8 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import zstandard
-from hypothesis import HealthCheck, Phase, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, Phase, given, settings, strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for the support package
 from estargz_opt.errors import EstargzOptError

@@ -9,11 +9,13 @@ from __future__ import annotations
 import os
 
 from estargz_opt.atomic import atomic_output
-from estargz_opt.format.build import (
+from estargz_opt.constants import (
     DEFAULT_CHUNK_SIZE,
-    OUTPUT_VERSION,
     TOC_DIGEST_ANNOTATION,
     UNCOMPRESSED_SIZE_ANNOTATION,
+)
+from estargz_opt.format.build import (
+    OUTPUT_VERSION,
     Format,
     LayerOptions,
     LayerResult,

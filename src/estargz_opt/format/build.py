@@ -14,6 +14,17 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from estargz_opt.constants import (
+    DEFAULT_CHUNK_SIZE,
+    IO_CHUNK,
+    LANDMARK_CONTENTS,
+    LANDMARKS,
+    NO_PREFETCH_LANDMARK,
+    PREFETCH_LANDMARK,
+    TOC_DIGEST_ANNOTATION,
+    TOC_TAR_NAME,
+    UNCOMPRESSED_SIZE_ANNOTATION,
+)
 from estargz_opt.digest import digest_of, hasher, sha256_digest
 from estargz_opt.errors import BadInputError
 from estargz_opt.format import estargz, externaltoc, tarfmt, zstdchunked
@@ -21,23 +32,14 @@ from estargz_opt.format.codec import Compressor, Output
 from estargz_opt.format.source import TarSource
 from estargz_opt.format.tarfmt import TarEntry
 from estargz_opt.format.toc import (
-    LANDMARK_CONTENTS,
-    LANDMARKS,
-    NO_PREFETCH_LANDMARK,
-    PREFETCH_LANDMARK,
-    TOC_TAR_NAME,
     TOCEntry,
     TOCWriter,
     format_modtime,
     toc_digest,
 )
 
-DEFAULT_CHUNK_SIZE = 4 << 20
-TOC_DIGEST_ANNOTATION = "containerd.io/snapshot/stargz/toc.digest"
-UNCOMPRESSED_SIZE_ANNOTATION = "io.containers.estargz.uncompressed-size"
 _BATCH_BYTES = 1 << 20  # members are handed to threads in batches of about this size
 _IN_FLIGHT_BYTES = 16 << 20  # bound on uncompressed bytes queued for compression
-_READ = 4 << 20
 
 ProgressFn = Callable[[int, int], None]
 
@@ -545,7 +547,7 @@ def _pread(fd: int, e: TarEntry, at: int, length: int) -> bytes:
     pos = e.data_offset + at
     remaining = length
     while remaining:
-        data = os.pread(fd, min(remaining, _READ), pos)
+        data = os.pread(fd, min(remaining, IO_CHUNK), pos)
         if not data:
             raise BadInputError(f"truncated tar: content of {e.name!r} ends early")
         parts.append(data)

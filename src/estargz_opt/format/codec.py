@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 PIECE = 1 << 20  # the most plain bytes a stream hands out at once, whatever the ratio
-MAX_TOC_SIZE = 150 << 20  # upstream and containers/storage refuse bigger TOCs too
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,9 +14,9 @@ from collections.abc import Iterator
 import deflate
 from isal import isal_zlib
 
+from estargz_opt.constants import MAX_TOC_SIZE, TOC_TAR_NAME
 from estargz_opt.format import tarfmt
-from estargz_opt.format.codec import MAX_TOC_SIZE, PIECE, Footer, TOCTail
-from estargz_opt.format.toc import TOC_TAR_NAME
+from estargz_opt.format.codec import PIECE, Footer, TOCTail
 
 DEFAULT_LEVEL = 9
 # Go's compress/gzip levels below 0, which ctr-remote passes through: DefaultCompression

@@ -18,16 +18,15 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import BinaryIO
 
+from estargz_opt.constants import LANDMARKS, TOC_TAR_NAME
 from estargz_opt.digest import digest_of, hasher
-from estargz_opt.errors import BadInputError, VerificationError
+from estargz_opt.errors import BadInputError, MissingExternalTOCError, VerificationError
 from estargz_opt.format import tarfmt
 from estargz_opt.format.codec import Decompressor, Footer, Stream, TruncatedError, decode_all
 from estargz_opt.format.estargz import GzipDecompressor, LegacyGzipDecompressor
 from estargz_opt.format.externaltoc import ExternalTOCDecompressor
 from estargz_opt.format.toc import (
-    LANDMARKS,
     TOC,
-    TOC_TAR_NAME,
     TOCEntry,
     as_decoded,
     parse_toc,
@@ -42,10 +41,6 @@ DECOMPRESSORS: tuple[Decompressor, ...] = (
     ExternalTOCDecompressor(),
 )
 _STEP = 1 << 20
-
-
-class MissingExternalTOCError(VerificationError):
-    """The blob is an external-TOC layer and its TOC was not supplied."""
 
 
 @dataclass(frozen=True, slots=True)

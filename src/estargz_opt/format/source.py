@@ -16,13 +16,12 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
+from estargz_opt.constants import IO_CHUNK
 from estargz_opt.errors import BadInputError
 from estargz_opt.format.codec import PIECE, Stream, TruncatedError, decode_all
 from estargz_opt.format.estargz import GzipStream
 from estargz_opt.format.zstdchunked import SOURCE_WINDOW_LOG_MAX, ZstdStream
 from estargz_opt.magic import ZSTD_MAGIC, sniff
-
-_COPY = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,7 +52,7 @@ def open_tar(path: str | os.PathLike[str], tmp_dir: str | None = None) -> Iterat
             elif kind == "zstd":
                 size = unzstd_into(f, tmp)
             else:
-                shutil.copyfileobj(f, tmp, _COPY)
+                shutil.copyfileobj(f, tmp, IO_CHUNK)
                 size = tmp.tell()
             tmp.flush()
             yield TarSource(tmp, size, kind)
@@ -167,7 +166,7 @@ def _decompress_into(stream: Stream, kind: str, src: BinaryIO, dst: BinaryIO) ->
     total = 0
     hole = False
     try:
-        for out in decode_all(stream, iter(lambda: src.read(_COPY), b"")):
+        for out in decode_all(stream, iter(lambda: src.read(IO_CHUNK), b"")):
             if out == _ZEROS[: len(out)]:
                 dst.seek(len(out), os.SEEK_CUR)
                 hole = True

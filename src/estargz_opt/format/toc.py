@@ -14,15 +14,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from estargz_opt import jsonlimits
+from estargz_opt.constants import MAX_TOC_SIZE
 from estargz_opt.digest import sha256_digest
 from estargz_opt.errors import BadInputError
-from estargz_opt.format.codec import MAX_TOC_SIZE
 
-TOC_TAR_NAME = "stargz.index.json"
-PREFETCH_LANDMARK = ".prefetch.landmark"
-NO_PREFETCH_LANDMARK = ".no.prefetch.landmark"
-LANDMARK_CONTENTS = b"\x0f"
-LANDMARKS = frozenset({PREFETCH_LANDMARK, NO_PREFETCH_LANDMARK})
 ENTRY_TYPES = frozenset({"dir", "reg", "symlink", "hardlink", "char", "block", "fifo", "chunk"})
 
 # (python attribute, JSON key) in Go's declaration order; all but name/type are omitempty.

@@ -13,8 +13,13 @@ from collections.abc import Iterator
 
 import zstandard
 
+from estargz_opt.constants import (
+    MAX_TOC_SIZE,
+    ZSTD_MANIFEST_CHECKSUM_ANNOTATION,
+    ZSTD_MANIFEST_POSITION_ANNOTATION,
+)
 from estargz_opt.digest import sha256_digest
-from estargz_opt.format.codec import MAX_TOC_SIZE, PIECE, Footer, TOCTail
+from estargz_opt.format.codec import PIECE, Footer, TOCTail
 
 if sys.version_info >= (3, 14):
     from compression import zstd as _zstd
@@ -34,8 +39,6 @@ SKIPPABLE_MAGIC = 0x184D2A50
 _SKIPPABLE_HEADER = struct.Struct("<II")
 _FOOTER_MAGIC = b"GnUlInUx"
 _MANIFEST_TYPE_CRFS = 1
-MANIFEST_CHECKSUM = "io.containers.zstd-chunked.manifest-checksum"
-MANIFEST_POSITION = "io.containers.zstd-chunked.manifest-position"
 
 
 def skippable_frame(payload: bytes) -> bytes:
@@ -66,12 +69,13 @@ class ZstdCompressor:
             struct.pack("<QQQQ", toc_offset, len(compressed), len(toc_json), _MANIFEST_TYPE_CRFS)
             + _FOOTER_MAGIC
         )
+        position = f"{toc_offset}:{len(compressed)}:{len(toc_json)}:1"
         return TOCTail(
             blob_tail=skippable_frame(compressed) + skippable_frame(footer),
             diff_tail=b"",
             annotations={
-                MANIFEST_CHECKSUM: sha256_digest(compressed),
-                MANIFEST_POSITION: f"{toc_offset}:{len(compressed)}:{len(toc_json)}:1",
+                ZSTD_MANIFEST_CHECKSUM_ANNOTATION: sha256_digest(compressed),
+                ZSTD_MANIFEST_POSITION_ANNOTATION: position,
             },
         )
 

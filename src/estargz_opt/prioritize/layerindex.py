@@ -9,6 +9,7 @@ import tarfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
+from estargz_opt.constants import IO_CHUNK
 from estargz_opt.errors import BadInputError
 from estargz_opt.format import tarfmt
 from estargz_opt.format.source import plain_pieces
@@ -27,7 +28,7 @@ class LayerNames:
     def names_in(path: str | os.PathLike[str]) -> frozenset[str]:
         """The clean names of one layer blob file (tar, tar+gzip or tar+zstd)."""
         with open(path, "rb") as f:
-            return LayerNames.names_in_stream(iter(lambda: f.read(1 << 20), b""))
+            return LayerNames.names_in_stream(iter(lambda: f.read(IO_CHUNK), b""))
 
     @staticmethod
     def names_in_stream(chunks: Iterable[bytes]) -> frozenset[str]:
@@ -36,7 +37,7 @@ class LayerNames:
         Used on blobs read from containerd while the workload runs: the tar is parsed as
         it is decompressed, so only the headers are kept.
         """
-        stream = io.BufferedReader(_ChunkReader(plain_pieces(chunks, "layer")), 1 << 20)
+        stream = io.BufferedReader(_ChunkReader(plain_pieces(chunks, "layer")), IO_CHUNK)
         try:
             with tarfile.open(fileobj=stream, mode="r|") as tar:
                 names = {tarfmt.clean_name(m.name) for m in tar}

@@ -90,7 +90,7 @@ def write_prefetch_list(path: Path, paths: Iterable[str], header: Sequence[str])
     for p in paths:
         line = prefetch_list_line(p)
         if line is None:
-            log.warning("--prefetch-list-out: %r cannot be written as a line: left out", p)
+            log.warning("prefetch list: %r cannot be written as a line: left out", p)
             continue
         lines.append(line)
     try:

@@ -19,7 +19,6 @@ from pathlib import Path
 
 from estargz_opt import descriptor as d
 from estargz_opt.descriptor import Manifest
-from estargz_opt.errors import EstargzOptError
 from estargz_opt.format import tarfmt
 from estargz_opt.prioritize.layerindex import LayerNames
 from estargz_opt.prioritize.prefetch import expand_prefetch_list, read_prefetch_list
@@ -31,20 +30,24 @@ EXAMPLES = 5
 
 
 class ProfileKind(Enum):
-    RECORD = "--record-in"
-    PREFETCH_LIST = "--prefetch-list"
+    """A record (ctr-remote's JSON lines, matched by layer or by path) or a prefetch list
+    (paths and globs, matched by path)."""
+
+    RECORD = "record"
+    PREFETCH_LIST = "prefetch-list"
+
+    @property
+    def label(self) -> str:
+        """How messages name a file of this kind."""
+        return self.value.replace("-", " ")
 
 
 @dataclass(frozen=True, slots=True)
 class ProfileSource:
-    """One --record-in or --prefetch-list file, in command-line order."""
+    """One record or prefetch-list file; a request merges them in the order given."""
 
     kind: ProfileKind
     path: Path
-
-
-class EmptyProfileError(EstargzOptError):
-    """The profile prioritizes nothing in the image (exit 1 unless --allow-empty-profile)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,7 +75,7 @@ class Profile:
     missing_by_layer: dict[str, int] = field(default_factory=dict)
     #: manifest digests of records that were not made for this image
     foreign_manifests: list[str] = field(default_factory=list)
-    #: the prioritized paths in merged (access) order, each once: the --prefetch-list-out
+    #: the prioritized paths in merged (access) order, each once: what a prefetch-list output holds
     order: list[str] = field(default_factory=list)
 
     @property
@@ -81,7 +84,7 @@ class Profile:
 
     def empty_reason(self, sources: Sequence[ProfileSource]) -> str:
         """Why nothing is prioritized, in one line."""
-        named = ", ".join(f"{s.kind.value} {s.path}" for s in sources)
+        named = ", ".join(f"{s.kind.label} {s.path}" for s in sources)
         if self.files == 0:
             return f"the profile ({named}) lists no files"
         if not self.missing:  # every path is there, and none is a file to move first
@@ -209,7 +212,7 @@ def _warn_rebuilt(
     log.warning(
         "%s %s was recorded for another image than %s: its files are matched by path: "
         "%d of %d found (%s)%s",
-        source.kind.value,
+        source.kind.label,
         source.path,
         manifest_digest,
         sum(found.values()),

@@ -103,15 +103,16 @@ class Recorder:
         return entry
 
 
-def check_record_out(path: Path, option: str = "--record-out") -> None:
-    """Fail before the workload runs if the record could not be written afterwards."""
+def check_record_out(path: Path, what: str = "record") -> None:
+    """Fail before the workload runs if the record (or prefetch list) could not be
+    written afterwards."""
     parent = path.parent
     if not parent.is_dir():
-        raise EstargzOptError(f"cannot write {option} {path}: {parent} is not a directory")
+        raise EstargzOptError(f"cannot write the {what} {path}: {parent} is not a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise EstargzOptError(f"cannot write {option} {path}: {parent} is not writable")
+        raise EstargzOptError(f"cannot write the {what} {path}: {parent} is not writable")
     if path.is_dir():
-        raise EstargzOptError(f"cannot write {option} {path}: it is a directory")
+        raise EstargzOptError(f"cannot write the {what} {path}: it is a directory")
 
 
 def write_record(path: Path, entries: Iterable[RecordEntry]) -> None:

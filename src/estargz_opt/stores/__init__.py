@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, Self, runtime_checkable
 
 from estargz_opt.descriptor import Descriptor
+from estargz_opt.digest import sha256_digest
 from estargz_opt.errors import BadInputError, EstargzOptError
 from estargz_opt.reference import (
     ContainerdRef,
@@ -132,6 +133,13 @@ class StoreOptions:
 
     containerd: ContainerdOptions = field(default_factory=ContainerdOptions)
     registry: RegistryOptions = field(default_factory=RegistryOptions)
+
+
+def write_through_sink(store: Store, data: bytes) -> None:
+    """`Store.write` for a store whose small blobs take the same path as large ones."""
+    with store.sink() as s:
+        s.file.write(data)
+        s.commit(sha256_digest(data), len(data))
 
 
 def open_store(ref: ImageRef, opts: StoreOptions, *, create: bool) -> Store:

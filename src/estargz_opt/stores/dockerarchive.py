@@ -17,8 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn, Self
 
-from estargz_opt import descriptor as d
-from estargz_opt import jsonlimits
+from estargz_opt import descriptor as d, jsonlimits
 from estargz_opt.descriptor import Descriptor, Manifest
 from estargz_opt.digest import sha256_digest, sha256_hex
 from estargz_opt.errors import BadInputError, EstargzOptError, UsageError

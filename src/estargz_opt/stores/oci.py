@@ -32,26 +32,24 @@ from pathlib import Path
 from typing import BinaryIO, Self
 
 from estargz_opt.atomic import atomic_write, temp_file
+from estargz_opt.constants import IO_CHUNK, MAX_MANIFEST_SIZE, REF_NAME_ANNOTATION
 from estargz_opt.descriptor import (
     LAYER_TYPES,
     OCI_INDEX,
-    REF_NAME,
     Descriptor,
     Index,
     load_json,
 )
 from estargz_opt.digest import digest_of, hasher, sha256_digest, sha256_hex
 from estargz_opt.errors import BadInputError, EstargzOptError
-from estargz_opt.stores import check_blob
+from estargz_opt.stores import check_blob, write_through_sink
 from estargz_opt.stores.owner import is_dead, temp_owner, temp_prefix
 
 log = logging.getLogger("estargz_opt")
 
 #: the oci-layout file every layout (and OCI archive) holds
 LAYOUT_FILE = b'{"imageLayoutVersion":"1.0.0"}'
-_READ = 1 << 20
 #: Larger blobs are layers, not manifests or indexes: not read to find references.
-_MAX_JSON = 4 << 20
 
 
 def stream_file_checked(path: Path, desc: Descriptor, what: str) -> Iterator[bytes]:
@@ -60,7 +58,7 @@ def stream_file_checked(path: Path, desc: Descriptor, what: str) -> Iterator[byt
     h = hasher()
     size = 0
     with open(path, "rb") as f:
-        while block := f.read(_READ):
+        while block := f.read(IO_CHUNK):
             h.update(block)
             size += len(block)
             yield block
@@ -186,7 +184,7 @@ class OCILayout:
             if desc.digest in seen:
                 continue
             seen.add(desc.digest)
-            if desc.size > _MAX_JSON or desc.media_type in LAYER_TYPES:
+            if desc.size > MAX_MANIFEST_SIZE or desc.media_type in LAYER_TYPES:
                 continue
             try:
                 raw = load_json(self.read(desc, "manifest"), desc.digest)
@@ -216,9 +214,7 @@ class OCILayout:
     # ------------------------------------------------------------------ writing
 
     def write(self, data: bytes, source: Descriptor | None = None) -> None:
-        with self.sink() as s:
-            s.file.write(data)
-            s.commit(sha256_digest(data), len(data))
+        write_through_sink(self, data)
 
     @contextlib.contextmanager
     def sink(self, source: Descriptor | None = None) -> Iterator[FileSink]:
@@ -381,23 +377,25 @@ def resolve_in(index: Index, name: str | None, where: str, form: str) -> Descrip
             f"{where} holds {len(manifests)} images; name one with {form} (tags: {known})"
         )
     for desc in manifests:
-        if (desc.annotations or {}).get(REF_NAME) == name:
+        if (desc.annotations or {}).get(REF_NAME_ANNOTATION) == name:
             return desc
     raise EstargzOptError(f"no image tagged {name!r} in {where} (tags: {known})")
 
 
 def retag(index: Index, tags: Mapping[str, Descriptor]) -> None:
     """Point each name of `tags` at its descriptor in a layout's index (in place)."""
-    kept = [d for d in index.manifests if (d.annotations or {}).get(REF_NAME) not in tags]
+    kept = [
+        d for d in index.manifests if (d.annotations or {}).get(REF_NAME_ANNOTATION) not in tags
+    ]
     added = [
-        desc.with_changes(annotations={**(desc.annotations or {}), REF_NAME: name})
+        desc.with_changes(annotations={**(desc.annotations or {}), REF_NAME_ANNOTATION: name})
         for name, desc in tags.items()
     ]
     index.manifests = [*kept, *added]
 
 
 def tags_of(index: Index) -> list[str]:
-    return [t for d in index.manifests if (t := (d.annotations or {}).get(REF_NAME))]
+    return [t for d in index.manifests if (t := (d.annotations or {}).get(REF_NAME_ANNOTATION))]
 
 
 def lock_dir(path: Path, how: int) -> int | None:

@@ -30,10 +30,11 @@ from pathlib import Path
 from typing import BinaryIO, Self
 
 from estargz_opt.atomic import atomic_output, temp_file
+from estargz_opt.constants import IO_CHUNK
 from estargz_opt.descriptor import OCI_INDEX, Descriptor, Index
 from estargz_opt.digest import sha256_digest, sha256_hex
 from estargz_opt.errors import BadInputError, EstargzOptError
-from estargz_opt.stores import check_blob
+from estargz_opt.stores import check_blob, write_through_sink
 from estargz_opt.stores.oci import (
     LAYOUT_FILE,
     FileSink,
@@ -50,7 +51,6 @@ log = logging.getLogger("estargz_opt")
 
 _KIND = "oci-archive"
 _BLOBS = "blobs/sha256/"
-_COPY = 1 << 20
 
 
 class OCIArchive:
@@ -152,9 +152,7 @@ class OCIArchive:
     # ------------------------------------------------------------------ writing
 
     def write(self, data: bytes, source: Descriptor | None = None) -> None:
-        with self.sink() as s:
-            s.file.write(data)
-            s.commit(sha256_digest(data), len(data))
+        write_through_sink(self, data)
 
     @contextlib.contextmanager
     def sink(self, source: Descriptor | None = None) -> Iterator[FileSink]:
@@ -207,7 +205,7 @@ class OCIArchive:
         self._open()
 
     def _write_tar(self, out: BinaryIO, index: Index) -> None:
-        with tarfile.TarFile(fileobj=out, mode="w", copybufsize=_COPY) as tar:
+        with tarfile.TarFile(fileobj=out, mode="w", copybufsize=IO_CHUNK) as tar:
             for name in ("blobs", "blobs/sha256"):
                 tar.addfile(_info(name, 0, tarfile.DIRTYPE))
             if self._tar is not None:

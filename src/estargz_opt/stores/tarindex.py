@@ -17,13 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from estargz_opt.constants import IO_CHUNK
 from estargz_opt.descriptor import Descriptor
 from estargz_opt.digest import digest_of, hasher, sha256_digest
 from estargz_opt.errors import BadInputError, EstargzOptError
 from estargz_opt.magic import sniff
 from estargz_opt.stores import check_blob
 
-_READ = 1 << 20
 _BLOCK = 512
 #: links followed before a name is declared a loop
 _MAX_HOPS = 16
@@ -81,7 +81,7 @@ class TarIndex:
             f.seek(member.offset)
             left = member.size
             while left:
-                block = f.read(min(left, _READ))
+                block = f.read(min(left, IO_CHUNK))
                 if not block:
                     raise BadInputError(f"{self.path} is truncated inside {member.name}")
                 left -= len(block)

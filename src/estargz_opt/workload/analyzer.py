@@ -98,7 +98,7 @@ def runner_for(store: Store, opts: SamplerOptions, cache_dir: Path | None = None
         from estargz_opt.workload.containerd.runner import ContainerdRunner
 
         return ContainerdRunner(
-            as_containerd(store, "--runner containerd (the containerd runner)"), opts.runtime
+            as_containerd(store, "the containerd runner"), opts.runtime
         )
     return RuncRunner(store, opts.runtime, layer_cache=cache_dir)
 

@@ -26,7 +26,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from estargz_opt.workload.runner import SampleError
+from estargz_opt.errors import SampleError
 
 log = logging.getLogger("estargz_opt")
 

@@ -25,7 +25,11 @@ from collections.abc import Iterable, Iterator
 from types import TracebackType
 from typing import Protocol
 
-from estargz_opt.errors import EstargzOptError
+from estargz_opt.errors import (
+    FanotifyError,
+    FanotifyPermissionError,
+    FanotifyUnavailableError,
+)
 
 log = logging.getLogger("estargz_opt")
 
@@ -51,18 +55,6 @@ DAEMONLESS_HINT = (
     "(made by `estargz-opt analyze --record-out` on a machine where that works) or a "
     "list of files with --prefetch-list FILE"
 )
-
-
-class FanotifyError(EstargzOptError):
-    """fanotify could not be set up or returned data this tool cannot read."""
-
-
-class FanotifyPermissionError(FanotifyError):
-    """The process lacks CAP_SYS_ADMIN, which mount-wide fanotify marks require."""
-
-
-class FanotifyUnavailableError(FanotifyError):
-    """The kernel (or libc) has no usable fanotify."""
 
 
 def _permission_error(what: str) -> FanotifyPermissionError:

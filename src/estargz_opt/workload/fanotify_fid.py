@@ -25,6 +25,7 @@ import struct
 from collections.abc import Iterator
 from types import TracebackType
 
+from estargz_opt.errors import FanotifyError
 from estargz_opt.fstree import walk
 from estargz_opt.workload.fanotify import (
     FAN_ACCESS,
@@ -35,7 +36,6 @@ from estargz_opt.workload.fanotify import (
     FAN_OPEN,
     FAN_Q_OVERFLOW,
     FANOTIFY_METADATA_VERSION,
-    FanotifyError,
     _libc,
     _permission_error,
     _unavailable_error,

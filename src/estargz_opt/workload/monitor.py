@@ -36,25 +36,21 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from typing import IO, Any, ClassVar, Protocol
 
-from estargz_opt.errors import EstargzOptError
-from estargz_opt.mount import Mount
-from estargz_opt.workload.fanotify import (
-    EventSource,
+from estargz_opt.errors import (
+    EstargzOptError,
     FanotifyError,
-    FanotifyMonitor,
     FanotifyPermissionError,
     FanotifyUnavailableError,
-    drain,
+    MonitorError,
+    MountError,
 )
-from estargz_opt.workload.mounts import MountError, make_rslave, mount_all
+from estargz_opt.mount import Mount
+from estargz_opt.workload.fanotify import EventSource, FanotifyMonitor, drain
+from estargz_opt.workload.mounts import make_rslave, mount_all
 
 CLONE_NEWNS = 0x00020000
 PR_SET_PDEATHSIG = 1
 _REPLY_TIMEOUT = 15.0
-
-
-class MonitorError(EstargzOptError):
-    """The monitor process failed or stopped answering."""
 
 
 _ERRORS: dict[str, type[EstargzOptError]] = {
@@ -198,7 +194,7 @@ class Monitor:
 # ----------------------------------------------------------------- the helper process
 
 
-def _say(out: IO[bytes], **msg: Any) -> None:
+def say(out: IO[bytes], **msg: Any) -> None:
     out.write(json.dumps(msg).encode() + b"\n")
     out.flush()
 
@@ -232,7 +228,7 @@ def _helper(setup: dict[str, Any], cmd_in: IO[bytes], out: IO[bytes]) -> int:
         )
     make_rslave("/")
     mount_all([Mount(**m) for m in setup["mounts"]], setup["target"])
-    _say(out, type="ready", pid=os.getpid())
+    say(out, type="ready", pid=os.getpid())
     return serve(monitor, cmd_in, out)
 
 
@@ -256,7 +252,7 @@ def serve(monitor: _Watcher, cmd_in: IO[bytes], out: IO[bytes]) -> int:
         for fd, _ in poller.poll():
             if fd == monitor.fileno():
                 for path in monitor.events():
-                    _say(out, path=path)
+                    say(out, path=path)
                 continue
             data = os.read(fd_in, 4096)
             if not data:  # the parent is gone or closed our stdin: finish as on stop
@@ -268,12 +264,12 @@ def serve(monitor: _Watcher, cmd_in: IO[bytes], out: IO[bytes]) -> int:
                 if command == "start" and not watching:
                     monitor.mark()
                     watching = True
-                    _say(out, type="started")
+                    say(out, type="started")
                 elif command == "stop":
                     if watching:
                         for path in drain(monitor, 0.2):
-                            _say(out, path=path)
-                    _say(out, type="stopped", overflows=monitor.overflows)
+                            say(out, path=path)
+                    say(out, type="stopped", overflows=monitor.overflows)
                     monitor.close()
                     return 0
 
@@ -291,9 +287,9 @@ def main(helper: Callable[[dict[str, Any], IO[bytes], IO[bytes]], int] | None = 
     try:
         return (helper or _helper)(json.loads(sys.argv[1]), sys.stdin.buffer, out)
     except _Failure as exc:
-        _say(out, error=str(exc), kind=exc.kind)
+        say(out, error=str(exc), kind=exc.kind)
     except (EstargzOptError, OSError) as exc:
-        _say(out, error=str(exc), kind=_error_kind(exc))
+        say(out, error=str(exc), kind=_error_kind(exc))
     return 1
 
 

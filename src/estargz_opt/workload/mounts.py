@@ -14,7 +14,7 @@ import ctypes
 import os
 from collections.abc import Sequence
 
-from estargz_opt.errors import EstargzOptError
+from estargz_opt.errors import MountError
 from estargz_opt.mount import Mount
 
 MS_RDONLY = 0x1
@@ -37,10 +37,6 @@ _FLAGS = {
     "rbind": MS_BIND | MS_REC,
 }
 _IGNORED = {"rw", "suid", "dev", "exec", "defaults"}
-
-
-class MountError(EstargzOptError):
-    """A mount or unmount of the sample rootfs failed."""
 
 
 def _libc() -> ctypes.CDLL:

@@ -18,7 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from estargz_opt.errors import EstargzOptError
+from estargz_opt import jsonlimits
+from estargz_opt.errors import BadInputError, NetworkError, literal
 from estargz_opt.workload.options import SamplerOptions
 
 log = logging.getLogger("estargz_opt")
@@ -29,8 +30,9 @@ DEFAULT_PLUGIN_DIRS = ("/opt/cni/bin", "/usr/lib/cni")
 IFNAME = "eth0"
 
 
-class NetworkError(EstargzOptError):
-    """The CNI network of the sample container could not be set up."""
+def _cni_error(text: str) -> NetworkError:
+    """An error of the workload's CNI network: `text`, after the option's name."""
+    return NetworkError.with_terms("{cni}: " + literal(text), cni="cni")
 
 
 def load_conf(conf_dir: str) -> dict[str, Any]:
@@ -41,18 +43,16 @@ def load_conf(conf_dir: str) -> dict[str, Any]:
             p for p in directory.iterdir() if p.suffix in (".conf", ".conflist", ".json")
         )
     except OSError as exc:
-        raise NetworkError(
-            f"--cni: cannot read the CNI config dir {directory}: {exc.strerror}"
-        ) from None
+        raise _cni_error(f"cannot read the CNI config dir {directory}: {exc.strerror}") from None
     if not files:
-        raise NetworkError(f"--cni: no CNI network config (*.conf, *.conflist) in {directory}")
+        raise _cni_error(f"no CNI network config (*.conf, *.conflist) in {directory}")
     path = files[0]
     try:
-        doc = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise NetworkError(f"--cni: cannot read {path}: {exc}") from None
-    if not isinstance(doc, dict):
-        raise NetworkError(f"--cni: {path} is not a JSON object")
+        doc = jsonlimits.loads_object(path.read_bytes(), str(path))
+    except OSError as exc:
+        raise _cni_error(f"cannot read {path}: {exc.strerror}") from None
+    except BadInputError as exc:
+        raise _cni_error(str(exc)) from None
     if "plugins" in doc:
         return doc
     # A single-plugin .conf is a list of one.
@@ -69,7 +69,7 @@ def plugin_path(kind: str, plugin_dir: str) -> str:
         candidate = os.path.join(d, kind)
         if os.access(candidate, os.X_OK):
             return candidate
-    raise NetworkError(f"--cni: CNI plugin {kind!r} not found in {', '.join(dirs)}")
+    raise _cni_error(f"CNI plugin {kind!r} not found in {', '.join(dirs)}")
 
 
 def _run_plugin(
@@ -89,14 +89,16 @@ def _run_plugin(
     )
     if proc.returncode != 0:
         try:
-            msg = json.loads(proc.stdout).get("msg", "")
-        except ValueError:
+            msg = str(jsonlimits.loads_object(proc.stdout, "CNI error").get("msg", ""))
+        except BadInputError:
             msg = proc.stderr.decode(errors="replace").strip()
-        raise NetworkError(f"--cni: plugin {conf.get('type')} {command} failed: {msg}")
+        raise _cni_error(f"plugin {conf.get('type')} {command} failed: {msg}")
     if command != "ADD" or not proc.stdout.strip():
         return {}
-    result: dict[str, Any] = json.loads(proc.stdout)  # a CNI result is a JSON object
-    return result
+    try:
+        return jsonlimits.loads_object(proc.stdout, f"plugin {conf.get('type')} result")
+    except BadInputError as exc:
+        raise _cni_error(str(exc)) from None
 
 
 def _create_netns(name: str) -> str:
@@ -104,9 +106,11 @@ def _create_netns(name: str) -> str:
     try:
         res = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True)
     except FileNotFoundError:
-        raise NetworkError("--cni needs iproute2 (apt-get install iproute2)") from None
+        raise NetworkError.with_terms(
+            "{cni} needs iproute2 (apt-get install iproute2)", cni="cni"
+        ) from None
     if res.returncode != 0:
-        raise NetworkError(f"--cni: cannot create a network namespace: {res.stderr.strip()}")
+        raise _cni_error(f"cannot create a network namespace: {res.stderr.strip()}")
     return os.path.join(NETNS_DIR, name)
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from estargz_opt import jsonlimits
-from estargz_opt.errors import BadInputError
+from estargz_opt.errors import BadInputError, literal
 
 DEFAULT_PERIOD = 10
 #: --runner values; "" (the default) picks by where the image is and who we are (see
@@ -20,6 +20,8 @@ DEFAULT_PERIOD = 10
 RUNNERS: tuple[str, ...] = ("containerd", "runc", "rootless")
 #: --runtime's default: the OCI runtime every runner runs (containerd's through its shim)
 DEFAULT_RUNTIME = "runc"
+#: --dns-nameservers' default (ctr-remote's)
+DEFAULT_NAMESERVERS = "8.8.8.8"
 
 
 @dataclass(slots=True)
@@ -39,7 +41,7 @@ class SamplerOptions:
     env: list[str] = field(default_factory=list)  # K=V, added or overridden
     env_file: str = ""  # one K=V per line
     mounts: list[str] = field(default_factory=list)  # type=…,source=…,destination=…,options=a:b
-    dns_nameservers: str = "8.8.8.8"  # CSV
+    dns_nameservers: str = DEFAULT_NAMESERVERS  # CSV
     dns_search_domains: str = ""  # CSV
     dns_options: str = ""  # CSV
     add_hosts: str = ""  # CSV of host:IP
@@ -60,39 +62,54 @@ class SamplerOptions:
         return self.period if self.period > 0 else DEFAULT_PERIOD
 
     def validate(self) -> None:
-        """Reject flag combinations and values upstream refuses, with one clear line."""
+        """Reject option combinations and values upstream refuses, with one clear line."""
         if self.terminal and not self.stdin:
-            raise BadInputError("-t/--terminal requires -i")
+            raise BadInputError.with_terms(
+                "{terminal} requires {stdin}", terminal="terminal", stdin="stdin"
+            )
         if self.runner and self.runner not in RUNNERS:
-            raise BadInputError(
-                f"--runner must be one of {', '.join(RUNNERS)}, got {self.runner!r}"
+            raise BadInputError.with_terms(
+                "{runner} must be one of " + literal(f"{', '.join(RUNNERS)}, got {self.runner!r}"),
+                runner="runner",
             )
         if not self.runtime:
-            raise BadInputError("--runtime must name an OCI runtime (runc, crun or a path)")
+            raise BadInputError.with_terms(
+                "{runtime} must name an OCI runtime (runc, crun or a path)", runtime="runtime"
+            )
         if self.wait_on_signal and self.terminal:
-            raise BadInputError("--wait-on-signal cannot be used with -t/--terminal")
-        parse_json_array("--args", self.args)
-        parse_json_array("--entrypoint", self.entrypoint)
+            raise BadInputError.with_terms(
+                "{signal} cannot be used with {terminal}",
+                signal="wait_on_signal",
+                terminal="terminal",
+            )
+        parse_json_array("args", self.args)
+        parse_json_array("entrypoint", self.entrypoint)
         for m in self.mounts:
             parse_mount(m)
         parse_add_hosts(self.add_hosts)
         parse_gpus(self.gpus)
         if self.cwd and not self.cwd.startswith("/"):
-            raise BadInputError(f"--cwd {self.cwd!r} must be an absolute path")
+            raise BadInputError.with_terms(
+                "{cwd} " + literal(repr(self.cwd)) + " must be an absolute path", cwd="cwd"
+            )
         for e in self.env:
-            check_env_entry("--env", e)
+            check_env_entry("env", e)
 
 
-def parse_json_array(flag: str, text: str) -> list[str] | None:
-    """Parse a JSON-array flag value; None when the flag was not given ("")."""
+def parse_json_array(field: str, text: str) -> list[str] | None:
+    """Parse the JSON array of the option `field`; None when it was not given ("")."""
     if text == "":
         return None
     try:
-        value = jsonlimits.loads(text, flag)
+        value = jsonlimits.loads(text, field)
     except BadInputError as e:
-        raise BadInputError(f"{flag} must be a JSON array of strings ({e})") from None
+        raise BadInputError.with_terms(
+            "{field} must be a JSON array of strings " + literal(f"({e})"), field=field
+        ) from None
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise BadInputError(f"{flag} must be a JSON array of strings, got {text!r}")
+        raise BadInputError.with_terms(
+            "{field} must be a JSON array of strings, got " + literal(repr(text)), field=field
+        )
     return value
 
 
@@ -164,7 +181,10 @@ def parse_gpus(text: str) -> list[str]:
     return out
 
 
-def check_env_entry(flag: str, entry: str) -> None:
-    """A `K=V` (or bare `K`) entry of --env or --env-file needs a name."""
+def check_env_entry(field: str, entry: str) -> None:
+    """A `K=V` (or bare `K`) entry of env or env_file needs a name."""
     if entry.startswith("="):
-        raise BadInputError(f"invalid {flag} entry {entry!r}: the variable name is empty")
+        raise BadInputError.with_terms(
+            "invalid {field} entry " + literal(repr(entry)) + ": the variable name is empty",
+            field=field,
+        )

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from estargz_opt.descriptor import Descriptor
-from estargz_opt.errors import EstargzOptError
+from estargz_opt.errors import SampleError
 from estargz_opt.mount import Mount
 from estargz_opt.workload.spec import Spec
 
@@ -40,20 +40,6 @@ log = logging.getLogger("estargz_opt")
 SAMPLE_PREFIX = "estargz-opt-sample-"
 #: How long a runner waits for the workload to exit after a signal.
 KILL_WAIT = 5.0
-
-
-class SampleError(EstargzOptError):
-    """The sample container could not be set up."""
-
-
-class WorkloadStartError(EstargzOptError):
-    """The workload could not start (the runtime refused the host or the spec, or the
-    entrypoint is missing): the run fails, unlike a workload that starts and exits
-    non-zero, whose reads are recorded."""
-
-
-class RunnerError(EstargzOptError):
-    """A runner could not signal, wait for or delete the sample task."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,6 +31,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
+from estargz_opt.errors import RunnerError, SampleError, WorkloadStartError
 from estargz_opt.fstree import remove_tree
 from estargz_opt.stores.owner import is_dead, this_process
 from estargz_opt.workload import network
@@ -41,11 +42,8 @@ from estargz_opt.workload.runner import (
     FileMonitor,
     RunDir,
     Runner,
-    RunnerError,
-    SampleError,
     SampleImage,
     Task,
-    WorkloadStartError,
     quietly,
 )
 from estargz_opt.workload.spec import (
@@ -95,7 +93,7 @@ def run_sample(req: SampleRequest) -> SampleResult:
     opts.validate()
     runner.check()
     if opts.gpus and find_gpu_hook() is None:
-        raise SampleError(NO_GPU_HOOK)
+        raise SampleError.with_terms(NO_GPU_HOOK, gpus="gpus")
     out = req.output if req.output is not None else sys.stderr.buffer
     run_id = f"{SAMPLE_PREFIX}{secrets.token_hex(8)}"
     # The runner's objects first: a dead run's container may still use its run directory.

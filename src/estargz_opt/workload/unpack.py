@@ -42,8 +42,9 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
+from estargz_opt.constants import IO_CHUNK
 from estargz_opt.descriptor import Descriptor
-from estargz_opt.errors import BadInputError
+from estargz_opt.errors import BadInputError, UnmappedOwnerError, UnpackError
 from estargz_opt.format import tarfmt
 from estargz_opt.format.source import plain_pieces
 from estargz_opt.fstree import remove_tree
@@ -56,19 +57,6 @@ OVERLAY_OPAQUE = "trusted.overlay.opaque"
 #: as Linux: more symlinks than this on one path is ELOOP
 MAX_LINKS = 40
 _DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_PIECE = 1 << 20
-
-
-class UnpackError(BadInputError):
-    """A layer could not be applied (its tar is bad, or it asks for the impossible)."""
-
-
-class UnmappedOwnerError(UnpackError):
-    """An entry is owned by an id the caller cannot give files (see UnpackOptions.ids)."""
-
-    def __init__(self, name: str, uid: int, gid: int) -> None:
-        super().__init__(f"{name} is owned by uid {uid} gid {gid}")
-        self.name, self.uid, self.gid = name, uid, gid
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,12 +145,12 @@ class _Forward:
     def seek(self, offset: int, /) -> int:
         if offset < self.pos:
             raise ValueError("a layer stream cannot seek back")
-        while self.pos < offset and self.read(min(offset - self.pos, _PIECE)):
+        while self.pos < offset and self.read(min(offset - self.pos, IO_CHUNK)):
             pass
         return self.pos
 
     def drain(self) -> None:
-        while self.read(_PIECE):
+        while self.read(IO_CHUNK):
             pass
 
 
@@ -397,7 +385,7 @@ class _Tree:
             plain.seek(e.data_offset)
             left = e.size
             while left:
-                data = plain.read(min(left, _PIECE))
+                data = plain.read(min(left, IO_CHUNK))
                 if not data:
                     raise UnpackError(f"truncated tar: content of {e.name!r} ends early")
                 _write_all(fd, data)

@@ -12,16 +12,18 @@ from typing import Any, Generic, TypeVar
 from google.protobuf import empty_pb2
 from google.protobuf.message import Message
 
-from estargz_opt.stores.containerd._pb import containers_pb2 as ctr
-from estargz_opt.stores.containerd._pb import content_pb2 as cs
-from estargz_opt.stores.containerd._pb import diff_pb2 as diff
-from estargz_opt.stores.containerd._pb import images_pb2 as img
-from estargz_opt.stores.containerd._pb import introspection_pb2 as intro
-from estargz_opt.stores.containerd._pb import leases_pb2 as lease
-from estargz_opt.stores.containerd._pb import namespaces_pb2 as ns
-from estargz_opt.stores.containerd._pb import snapshots_pb2 as snap
-from estargz_opt.stores.containerd._pb import tasks_pb2 as task
-from estargz_opt.stores.containerd._pb import version_pb2 as ver
+from estargz_opt.stores.containerd._pb import (
+    containers_pb2 as ctr,
+    content_pb2 as cs,
+    diff_pb2 as diff,
+    images_pb2 as img,
+    introspection_pb2 as intro,
+    leases_pb2 as lease,
+    namespaces_pb2 as ns,
+    snapshots_pb2 as snap,
+    tasks_pb2 as task,
+    version_pb2 as ver,
+)
 
 UNARY, SERVER_STREAM, BIDI = "unary_unary", "unary_stream", "stream_stream"
 

@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 
 from google.protobuf import any_pb2, empty_pb2, field_mask_pb2
 
+from estargz_opt.constants import GC_EXPIRE_LABEL as GC_EXPIRE_LABEL
 from estargz_opt.descriptor import Descriptor
 from estargz_opt.stores.containerd import rpcs, wire
 from estargz_opt.stores.containerd._pb import (
@@ -50,7 +51,6 @@ log = logging.getLogger("estargz_opt.stores.containerd")
 
 #: The type URL containerd gives an OCI runtime spec (JSON) inside a container record.
 SPEC_TYPE_URL = "types.containerd.io/opencontainers/runtime-spec/1/Spec"
-GC_EXPIRE_LABEL = "containerd.io/gc.expire"
 
 
 class ImagesService(Service):

@@ -18,6 +18,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import BinaryIO, Self
 
+from estargz_opt.constants import GC_CONTENT_LABEL, IO_CHUNK, UNCOMPRESSED_LABEL
 from estargz_opt.descriptor import Descriptor, load_json
 from estargz_opt.digest import digest_of, hasher, sha256_digest, sha256_hex
 from estargz_opt.errors import BadInputError, EstargzOptError
@@ -39,9 +40,6 @@ from estargz_opt.stores.owner import OWNER_LABEL, is_dead, this_process
 
 log = logging.getLogger("estargz_opt")
 
-UNCOMPRESSED_LABEL = "containerd.io/uncompressed"
-GC_CONTENT = "containerd.io/gc.ref.content"
-_BLOCK = 1 << 20
 _INGEST_PREFIX = "estargz-opt-"
 
 
@@ -66,7 +64,7 @@ class _UploadPipe:
 
     def write(self, data: bytes) -> int:
         self._buf += data
-        if len(self._buf) >= _BLOCK:
+        if len(self._buf) >= IO_CHUNK:
             self._sink.put(bytes(self._buf))
             self._buf = bytearray()
         return len(data)
@@ -356,7 +354,7 @@ class ContainerdStore:
         return {
             k: v
             for k, v in labels.items()
-            if not k.startswith(GC_CONTENT) and k != UNCOMPRESSED_LABEL
+            if not k.startswith(GC_CONTENT_LABEL) and k != UNCOMPRESSED_LABEL
         }
 
     # ------------------------------------------------------------------ writing
@@ -415,11 +413,11 @@ def _gc_labels(data: bytes) -> dict[str, str]:
         return {}
     labels: dict[str, str] = {}
     if isinstance(raw.get("config"), dict) and isinstance(raw["config"].get("digest"), str):
-        labels[f"{GC_CONTENT}.config"] = raw["config"]["digest"]
+        labels[f"{GC_CONTENT_LABEL}.config"] = raw["config"]["digest"]
     for key, short in (("layers", "l"), ("manifests", "m")):
         items = raw.get(key)
         if isinstance(items, list):
             for i, item in enumerate(items):
                 if isinstance(item, dict) and isinstance(item.get("digest"), str):
-                    labels[f"{GC_CONTENT}.{short}.{i}"] = item["digest"]
+                    labels[f"{GC_CONTENT_LABEL}.{short}.{i}"] = item["digest"]
     return labels

@@ -28,8 +28,7 @@ from pathlib import Path
 import httpx
 
 from estargz_opt import jsonlimits
-from estargz_opt.errors import BadInputError
-from estargz_opt.stores.registry.access import RegistryAccessError
+from estargz_opt.errors import BadInputError, RegistryAccessError
 from estargz_opt.stores.registry.credentials import Credential
 from estargz_opt.stores.registry.limits import SMALL, BodyError, read_whole
 

@@ -22,12 +22,11 @@ from urllib.parse import urljoin
 
 import httpx
 
-from estargz_opt import descriptor as d
-from estargz_opt import jsonlimits
+from estargz_opt import descriptor as d, jsonlimits
+from estargz_opt.constants import MAX_MANIFEST_SIZE
 from estargz_opt.descriptor import Descriptor
 from estargz_opt.digest import digest_of, hasher, sha256_digest
-from estargz_opt.errors import BadInputError, EstargzOptError
-from estargz_opt.stores.registry.access import RegistryAccessError
+from estargz_opt.errors import BadInputError, RegistryAccessError, RegistryError
 from estargz_opt.stores.registry.limits import SMALL, BodyError, Limit, read_whole
 from estargz_opt.stores.registry.session import Session
 
@@ -36,7 +35,6 @@ log = logging.getLogger("estargz_opt")
 #: What we ask for when resolving a reference: every manifest and index type we read.
 MANIFEST_ACCEPT = ", ".join([d.OCI_INDEX, d.OCI_MANIFEST, d.DOCKER_LIST, d.DOCKER_MANIFEST])
 #: Registries commonly refuse manifests over 4 MiB; a bigger answer is not a manifest.
-MAX_MANIFEST = 4 << 20
 #: Read and upload in pieces of this size (memory stays flat whatever the blob's size).
 PIECE = 1 << 20
 #: Chunked uploads: pieces of this size unless the registry asks for bigger ones.
@@ -45,10 +43,6 @@ CHUNK = 16 << 20
 MIN_CHUNK = 64 << 10
 _RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 T = TypeVar("T")
-
-
-class RegistryError(EstargzOptError):
-    """A registry answered something we cannot go on from (the message says which)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,7 +217,7 @@ class Client:
 
     def get_manifest(self, reference: str, what: str) -> tuple[Descriptor, bytes]:
         """The manifest or index `reference` (tag or digest) names, with its descriptor."""
-        with self._bounded(self.session.limit.reading(MAX_MANIFEST)):
+        with self._bounded(self.session.limit.reading(MAX_MANIFEST_SIZE)):
             resp = self._send(
                 "GET",
                 self.url(f"manifests/{reference}"),
@@ -240,14 +234,14 @@ class Client:
                 raise error
             with contextlib.closing(resp):
                 length = resp.headers.get("Content-Length")
-                if length is not None and length.isdigit() and int(length) > MAX_MANIFEST:
+                if length is not None and length.isdigit() and int(length) > MAX_MANIFEST_SIZE:
                     raise RegistryError(
                         f"{self.where}: {what}: manifest too large ({length} bytes; the "
-                        f"limit is {MAX_MANIFEST})"
+                        f"limit is {MAX_MANIFEST_SIZE})"
                     )
-                data = self._whole(resp, MAX_MANIFEST, what)
+                data = self._whole(resp, MAX_MANIFEST_SIZE, what)
         # Checked here, so that no deeper parse meets an unbounded document.
-        jsonlimits.loads_object(data, f"{self.where}: {what}", max_size=MAX_MANIFEST)
+        jsonlimits.loads_object(data, f"{self.where}: {what}", max_size=MAX_MANIFEST_SIZE)
         media_type = resp.headers.get("Content-Type", "").partition(";")[0].strip()
         if media_type not in d.INDEX_TYPES | d.MANIFEST_TYPES:
             media_type = sniff_type(data) or media_type
@@ -618,7 +612,7 @@ def _retry_after(value: str | None) -> float | None:
 def sniff_type(data: bytes) -> str | None:
     """The media type of a manifest or an index, told by its content (None: neither)."""
     try:
-        raw = jsonlimits.loads_object(data, "manifest", max_size=MAX_MANIFEST)
+        raw = jsonlimits.loads_object(data, "manifest", max_size=MAX_MANIFEST_SIZE)
     except BadInputError:
         return None
     media_type = raw.get("mediaType")

@@ -27,8 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from estargz_opt import jsonlimits
-from estargz_opt.errors import BadInputError
-from estargz_opt.stores.registry.access import RegistryAccessError
+from estargz_opt.errors import BadInputError, RegistryAccessError
 from estargz_opt.stores.registry.options import RegistryOptions
 
 #: The hosts that all mean Docker Hub, and the key `docker login` writes for it.
@@ -62,15 +61,9 @@ class _AuthFile:
     legacy: bool = False
 
 
-def command_line_source(flag: str) -> str:
-    """The source of `RegistryOptions.creds`, named by the flag that set it."""
-    return f"the command line ({flag})"
-
-
-def parse_creds(value: str, flag: str) -> Credential:
-    """USER[:PASS] given to `flag`; prompt-free, so a missing password is an error
-    rather than a question."""
-    source = command_line_source(flag)
+def parse_creds(value: str, source: str) -> Credential:
+    """USER[:PASS] from `source` (RegistryOptions.creds_source); prompt-free, so a
+    missing password is an error rather than a question."""
     user, sep, password = value.partition(":")
     if not user:
         raise RegistryAccessError(f"credentials from {source}: the user name is empty "
@@ -88,7 +81,7 @@ def lookup(host: str, repository: str | None, opts: RegistryOptions) -> Credenti
     if opts.no_creds:
         return None
     if opts.creds is not None:
-        return parse_creds(opts.creds, opts.creds_flag)
+        return parse_creds(opts.creds, opts.creds_source)
     keys = list(_candidate_keys(host, repository))
     for auth_file in _auth_files(opts):
         found = _lookup_in_file(auth_file, host, keys, opts.env)

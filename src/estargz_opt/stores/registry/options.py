@@ -26,9 +26,9 @@ class RegistryOptions:
     authfile: Path | None = None
     #: --src-creds / --dest-creds USER[:PASS]; overrides every auth file
     creds: str | None = field(default=None, repr=False)
-    #: the flag that set `creds` (--creds, --src-creds or --dest-creds), so that an
-    #: error about them names exactly what the user typed
-    creds_flag: str = "--creds"
+    #: where `creds` came from, as errors about them name it (the command line says which
+    #: of its flags, so that an error names exactly what the user typed)
+    creds_source: str = "the creds option"
     #: --src-no-creds: access the registry anonymously
     no_creds: bool = False
     #: --src-tls-verify / --dest-tls-verify; false also allows plain HTTP

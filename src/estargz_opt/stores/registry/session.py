@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 import httpx
 from httpx._utils import get_environment_proxies  # httpx's own reading of them
 
+from estargz_opt.errors import RegistryAccessError
 from estargz_opt.stores.registry import credentials
-from estargz_opt.stores.registry.access import RegistryAccessError
 from estargz_opt.stores.registry.auth import RegistryAuth
 from estargz_opt.stores.registry.limits import Limit, Limits, Transport
 from estargz_opt.stores.registry.options import RegistryOptions

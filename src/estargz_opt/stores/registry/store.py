@@ -31,32 +31,26 @@ import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Self
 
 from estargz_opt import descriptor as d
+from estargz_opt.constants import IO_CHUNK
 from estargz_opt.descriptor import Descriptor, Index
 from estargz_opt.digest import sha256_digest, sha256_hex
-from estargz_opt.errors import BadInputError
+from estargz_opt.errors import BadInputError, RegistryError
 from estargz_opt.reference import DEFAULT_TAG, RegistryRef
 from estargz_opt.stores import check_blob
 from estargz_opt.stores.owner import is_dead, temp_owner, temp_prefix
-from estargz_opt.stores.registry.client import (
-    PIECE,
-    Client,
-    RegistryError,
-    RetryPolicy,
-    Upload,
-    sniff_type,
-)
+from estargz_opt.stores.registry.client import PIECE, Client, RetryPolicy, Upload, sniff_type
 from estargz_opt.stores.registry.options import RegistryOptions
 from estargz_opt.stores.registry.session import Session, open_session
 
 log = logging.getLogger("estargz_opt")
 
-_READ = 1 << 20
 #: Blobs pushed at once (each its own connection); the converter's workers run besides.
 _UPLOADS = 2
 #: Layers downloaded at once ahead of the conversion, and how many downloaded layers may
@@ -71,6 +65,16 @@ class _Discarded(Exception):
     """Ends a stream whose blob was discarded or whose run stopped (never committed)."""
 
 
+@dataclass(frozen=True, slots=True)
+class _StreamOwner:
+    """What a streamed upload tells the store that made it (its own methods, handed over,
+    so that the sink calls nothing private of the store)."""
+
+    opened: Callable[[Upload], None]
+    committed: Callable[[_StreamSink, str, int], None]
+    cancel: Callable[[Upload], None]
+
+
 class _StreamSink:
     """A new blob, streamed to an upload session while it is written (module docstring).
 
@@ -81,10 +85,13 @@ class _StreamSink:
     be replayed after a 401.
     """
 
-    def __init__(self, store: RegistryStore, f: BinaryIO, path: Path) -> None:
+    def __init__(
+        self, client: Client, f: BinaryIO, path: Path, owner: _StreamOwner
+    ) -> None:
         self.file = self
         self.committed = False
-        self._store = store
+        self._client = client
+        self._owner = owner
         self._f = f
         self.path = path
         self._cond = threading.Condition()
@@ -114,7 +121,7 @@ class _StreamSink:
 
     def _body(self) -> Iterator[bytes]:
         """The spool as it grows, to its end once committed."""
-        stopped = self._store.client.stopped
+        stopped = self._client.stopped
         with open(self.path, "rb") as f:
             sent = 0
             while True:
@@ -135,11 +142,11 @@ class _StreamSink:
                 yield piece
 
     def _stream(self) -> None:
-        client = self._store.client
+        client = self._client
         try:
             up = client.start_upload()
             self.upload = up
-            self._store._opened(up)
+            self._owner.opened(up)
             if up.min_chunk:
                 self.failure = f"the registry asks for chunks of at least {up.min_chunk} bytes"
                 return
@@ -154,7 +161,7 @@ class _StreamSink:
         with self._cond:
             self._done = True
             self._cond.notify_all()
-        self._store._push_streamed(self, digest, size)
+        self._owner.committed(self, digest, size)
         self.committed = True
 
     def wait(self) -> str | None:
@@ -169,7 +176,7 @@ class _StreamSink:
             self._cond.notify_all()
         self._thread.join(timeout=30)
         if self.upload is not None and not self._thread.is_alive():
-            self._store._cancel(self.upload)
+            self._owner.cancel(self.upload)
 
 
 class RegistryStore:
@@ -289,7 +296,7 @@ class RegistryStore:
 
     def stream(self, desc: Descriptor, what: str) -> Iterator[bytes]:
         with self.local_file(desc, what) as path, open(path, "rb") as f:
-            while block := f.read(_READ):
+            while block := f.read(IO_CHUNK):
                 yield block
 
     def prefetch(self, descs: Sequence[Descriptor], whats: Sequence[str]) -> None:
@@ -359,7 +366,12 @@ class RegistryStore:
         sink = None
         try:
             with f:
-                sink = _StreamSink(self, f, path)
+                sink = _StreamSink(
+                    self.client,
+                    f,
+                    path,
+                    _StreamOwner(self._opened, self._push_streamed, self._cancel),
+                )
                 yield sink
         finally:
             if sink is None or not sink.committed:

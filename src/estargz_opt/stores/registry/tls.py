@@ -16,7 +16,7 @@ import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
-from estargz_opt.stores.registry.access import RegistryAccessError
+from estargz_opt.errors import RegistryAccessError
 from estargz_opt.stores.registry.options import RegistryOptions
 
 #: Where a root user's certs.d directories are; tests cannot write here, so they use a

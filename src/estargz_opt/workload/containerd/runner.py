@@ -20,6 +20,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from estargz_opt.descriptor import Descriptor
+from estargz_opt.errors import RunnerError, SampleError, WorkloadStartError
 from estargz_opt.mount import Mount
 from estargz_opt.stores.containerd.client import Client
 from estargz_opt.stores.containerd.errors import ContainerdError
@@ -34,11 +35,8 @@ from estargz_opt.workload.options import DEFAULT_RUNTIME
 from estargz_opt.workload.runner import (
     KILL_WAIT,
     RunDir,
-    RunnerError,
-    SampleError,
     SampleImage,
     StdioPaths,
-    WorkloadStartError,
     find_runtime,
     quietly,
 )

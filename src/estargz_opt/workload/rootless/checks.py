@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from estargz_opt.workload.runner import SampleError
+from estargz_opt.errors import RootlessUnavailableError
 
 #: fanotify filesystem marks inside a user namespace (commit 58f5fbeb367f).
 MIN_KERNEL = (6, 16)
@@ -25,10 +25,6 @@ WAYS_OUT = (
     "run as root, or convert without running the workload: --record-in FILE (a record "
     "made by `estargz-opt analyze --record-out` where that works) or --prefetch-list FILE"
 )
-
-
-class RootlessUnavailableError(SampleError):
-    """The rootless runner cannot work on this host (one line, with the ways out)."""
 
 
 def refuse(reason: str) -> RootlessUnavailableError:

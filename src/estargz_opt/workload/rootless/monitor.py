@@ -33,25 +33,25 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import IO, Any, ClassVar
 
-from estargz_opt.errors import EstargzOptError
+from estargz_opt.errors import (
+    EstargzOptError,
+    ImageTooBigError,
+    NeedsIdsError,
+    RootlessUnavailableError,
+    UnmappedOwnerError,
+    UnpackError,
+)
 from estargz_opt.mount import Mount
 from estargz_opt.workload import monitor as base
 from estargz_opt.workload.fanotify_fid import FidMonitor, HandleMap
 from estargz_opt.workload.mounts import make_rslave, mount_all, remount
 from estargz_opt.workload.rootless.checks import (
     IdMapping,
-    RootlessUnavailableError,
     memory_refusal,
     refuse,
     several_ids_refusal,
 )
-from estargz_opt.workload.unpack import (
-    Layer,
-    UnmappedOwnerError,
-    UnpackError,
-    UnpackOptions,
-    unpack_layers,
-)
+from estargz_opt.workload.unpack import Layer, UnpackOptions, unpack_layers
 
 log = logging.getLogger("estargz_opt")
 
@@ -61,15 +61,6 @@ WRITE_ROOM = 64 << 20
 #: How long unpacking may take before the parent gives up waiting for `ready`.
 UNPACK_TIMEOUT = 1800.0
 _FRAME = struct.Struct("<Q")
-
-
-class ImageTooBigError(RootlessUnavailableError):
-    """The unpacked image did not fit in the tmpfs (memory)."""
-
-
-class NeedsIdsError(RootlessUnavailableError):
-    """The image owns files by ids the user namespace does not map (the helper's report;
-    the parent turns it into the refusal that names the ways out)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,7 +206,7 @@ def _helper(raw: dict[str, Any], cmd_in: IO[bytes], out: IO[bytes]) -> int:
         raise base._Failure(
             "userns", str(refuse(f"cannot create a user namespace ({os.strerror(err)})"))
         )
-    base._say(out, type="unshared")
+    base.say(out, type="unshared")
     line = cmd_in.readline().decode().split()
     if not line or line[0] != "mapped":
         return 1
@@ -248,7 +239,7 @@ def _helper(raw: dict[str, Any], cmd_in: IO[bytes], out: IO[bytes]) -> int:
     remount(target, f"size={min(limit, used + WRITE_ROOM)}")
     handles = HandleMap(target)
     monitor = FidMonitor(target, handles)
-    base._say(out, type="ready", pid=os.getpid(), bytes=used, files=len(handles.paths))
+    base.say(out, type="ready", pid=os.getpid(), bytes=used, files=len(handles.paths))
     return base.serve(monitor, cmd_in, out)
 
 

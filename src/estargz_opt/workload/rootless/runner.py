@@ -7,7 +7,7 @@ image), watched by fanotify in FID mode. The runtime is started in that namespac
 (`nsenter --user`, which needs no privilege on a namespace one owns) with the spec from
 the same steps as every runner's, adjusted by `rootless.spec` (no cgroups); the
 container joins the monitor's mount namespace and, by default, gets its own network
-namespace with only a loopback (--net-host shares the host's; --cni needs root).
+namespace with only a loopback (net_host shares the host's; cni needs root).
 
 No setuid helper and no capability is used on the host. The one exception, taken only
 when it is there and configured: an image's several ids come from Debian's
@@ -35,25 +35,20 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 
+from estargz_opt.errors import RootlessUnavailableError, SampleError
 from estargz_opt.mount import Mount
 from estargz_opt.stores import Store
 from estargz_opt.stores.owner import is_dead
 from estargz_opt.workload.cgroups import runtime_prefix
 from estargz_opt.workload.options import SamplerOptions
 from estargz_opt.workload.rootless import checks
-from estargz_opt.workload.rootless.checks import IdMapping, RootlessUnavailableError
+from estargz_opt.workload.rootless.checks import IdMapping
 from estargz_opt.workload.rootless.monitor import RootlessMonitor, RootlessSetup
 from estargz_opt.workload.rootless.spec import rootless_spec
 from estargz_opt.workload.rootless.userns import kill_all, ns_id, signal_pid_namespace
-from estargz_opt.workload.runc.runner import RuncRunner, RuncTask, RuntimeCLI
-from estargz_opt.workload.runner import (
-    SAMPLE_PREFIX,
-    RunDir,
-    SampleError,
-    SampleImage,
-    StdioPaths,
-    find_runtime,
-)
+from estargz_opt.workload.runc.runner import RuncRunner, RuncTask
+from estargz_opt.workload.runc.runtime import RuntimeCLI
+from estargz_opt.workload.runner import SAMPLE_PREFIX, RunDir, SampleImage, StdioPaths, find_runtime
 from estargz_opt.workload.spec import Spec
 
 log = logging.getLogger("estargz_opt")
@@ -61,10 +56,11 @@ log = logging.getLogger("estargz_opt")
 #: The file in a run directory naming the run's user namespace (`userns.ns_id`).
 USERNS_FILE = "userns"
 
+#: The refusal of the cni option: a template over the terms `cni` and `net_host`.
 CNI_NEEDS_ROOT = (
-    "--cni needs root (its plugins configure the host's network); a rootless run has a "
-    "private network with only a loopback, or the host's with --net-host; run as root "
-    "for --cni"
+    "{cni} needs root (its plugins configure the host's network); a rootless run has a "
+    "private network with only a loopback, or the host's with {net_host}; run as root "
+    "for {cni}"
 )
 
 
@@ -109,7 +105,7 @@ class RootlessRunner(RuncRunner):
     def check(self) -> None:
         """Everything that can be known before anything is made, in one line each."""
         if self._opts.cni:
-            raise SampleError(CNI_NEEDS_ROOT)
+            raise SampleError.with_terms(CNI_NEEDS_ROOT, cni="cni", net_host="net_host")
         checks.check_kernel(self._release)
         checks.check_userns(self._proc_sys)
         find_runtime(self._runtime)

@@ -33,6 +33,7 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from estargz_opt.constants import DEFAULT_CACHE_MAX_SIZE
 from estargz_opt.fstree import remove_tree, tree_size
 from estargz_opt.stores.owner import is_dead, temp_owner, temp_prefix
 from estargz_opt.workload.unpack import Layer, UnpackOptions, unpack_overlay_layer
@@ -40,14 +41,13 @@ from estargz_opt.workload.unpack import Layer, UnpackOptions, unpack_overlay_lay
 log = logging.getLogger("estargz_opt")
 
 SUBDIR = "unpacked"
-DEFAULT_MAX_SIZE = 10 << 30
 _FILL = "unpack"
 
 
 class UnpackedLayers:
     """The unpacked-layer directory under a cache root (see the module docstring)."""
 
-    def __init__(self, root: Path, max_size: int = DEFAULT_MAX_SIZE) -> None:
+    def __init__(self, root: Path, max_size: int = DEFAULT_CACHE_MAX_SIZE) -> None:
         self.dir = root / SUBDIR
         self.max_size = max_size
 

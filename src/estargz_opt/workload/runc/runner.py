@@ -10,9 +10,8 @@ directory, joined to the monitor's mount namespace, then `start`ed, `kill`ed and
 
 What containerd's shim does for the containerd runner, this runner does itself: it
 connects the workload's stdio to the FIFOs (or, with -t, relays the terminal the
-runtime hands over on its console socket), and it waits for the container's init
-process as its parent: estargz-opt becomes a child subreaper, so that the init
-(double-forked by the runtime) is re-parented to it and its exit status is known.
+runtime hands over on its console socket: `console`), and it waits for the container's
+init process as its parent (`subreaper`). The runtime's command line is `runtime`.
 
 The runtime's state lives under a private root (`STATE_ROOT`), and every container
 carries its owner process in an annotation, so that after a SIGKILL the next run kills
@@ -26,13 +25,11 @@ Imports no grpc and no containerd client: it runs on hosts without containerd.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import fcntl
 import json
 import logging
 import os
 import signal
-import socket
 import struct
 import subprocess
 import termios
@@ -40,27 +37,27 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
 from pathlib import Path
 
 from estargz_opt.descriptor import Descriptor
+from estargz_opt.errors import RunnerError, SampleError, WorkloadStartError
 from estargz_opt.mount import Mount
 from estargz_opt.stores import Store
 from estargz_opt.stores.owner import is_dead, this_process
 from estargz_opt.workload.cgroups import remove_cgroup, runtime_prefix
 from estargz_opt.workload.monitor import Monitor
 from estargz_opt.workload.options import DEFAULT_RUNTIME
+from estargz_opt.workload.runc.console import Console, relay, stdio_fds
 from estargz_opt.workload.runc.layers import UnpackedLayers
+from estargz_opt.workload.runc.runtime import COMMAND_TIMEOUT, RuntimeCLI, runtime_error
+from estargz_opt.workload.runc.subreaper import become_subreaper, wait_orphan
 from estargz_opt.workload.runner import (
     KILL_WAIT,
     SAMPLE_PREFIX,
     FileMonitor,
     RunDir,
-    RunnerError,
-    SampleError,
     SampleImage,
     StdioPaths,
-    WorkloadStartError,
     find_runtime,
     quietly,
 )
@@ -75,77 +72,8 @@ STATE_ROOT = "/run/estargz-opt/runc"
 OWNER_ANNOTATION = "estargz-opt.owner"
 #: The cgroups path of a sample container is /<this>/<run id>.
 CGROUP_PARENT = "estargz-opt"
-#: How long one runtime command may take (create sets up namespaces and mounts).
-_COMMAND_TIMEOUT = 60.0
-PR_SET_CHILD_SUBREAPER = 36
 #: overlayfs takes its options in one page; leave room for upperdir and workdir
 _MAX_LOWERDIR = 3000
-
-
-@dataclass(frozen=True, slots=True)
-class RuntimeCLI:
-    """One OCI runtime with runc's command line, on one private state root.
-
-    prefix: what runs the runtime (the rootless runner's `nsenter --user=…`); flags: the
-    runtime's own global flags after --root."""
-
-    binary: str
-    root: str
-    prefix: tuple[str, ...] = ()
-    flags: tuple[str, ...] = ()
-
-    def argv(self, *args: str) -> list[str]:
-        return [*self.prefix, self.binary, "--root", self.root, *self.flags, *args]
-
-    def run(
-        self, *args: str, timeout: float = _COMMAND_TIMEOUT
-    ) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            self.argv(*args),
-            capture_output=True,
-            text=True,
-            stdin=subprocess.DEVNULL,
-            timeout=timeout,
-            check=False,
-            # Not in our process group: a terminal's Ctrl-C must not kill a `delete`
-            # that the cleanup after that Ctrl-C runs (it would leave the container).
-            process_group=0,
-        )
-
-    def containers(self) -> list[dict[str, object]]:
-        """`list --format json`: every container under the root ([] when there is none)."""
-        if not os.path.isdir(self.root):
-            return []
-        res = self.run("list", "--format", "json")
-        if res.returncode != 0:
-            log.debug("cannot list sample containers: %s", res.stderr.strip())
-            return []
-        try:
-            found = json.loads(res.stdout or "[]")
-        except ValueError:
-            return []
-        return [c for c in found or [] if isinstance(c, dict)]
-
-    def state(self, cid: str) -> dict[str, object] | None:
-        res = self.run("state", cid)
-        if res.returncode != 0:
-            return None
-        try:
-            state = json.loads(res.stdout)
-        except ValueError:
-            return None
-        return state if isinstance(state, dict) else None
-
-    def remove(self, cid: str) -> None:
-        """Kill every process of the container and delete it (cleanup; never raises)."""
-        for args in (("kill", "--all", cid, "KILL"), ("delete", "--force", cid)):
-            try:
-                res = self.run(*args)
-            except (OSError, subprocess.SubprocessError) as exc:
-                log.warning("cleanup: %s %s: %s", args[0], cid, exc)
-                continue
-            if res.returncode != 0 and args[0] == "delete" and self.state(cid) is not None:
-                log.warning("cleanup: could not delete %s: %s", cid, res.stderr.strip())
 
 
 class RuncRunner:
@@ -282,14 +210,14 @@ class RuncRunner:
         }
         with open(os.path.join(bundle, "config.json"), "w") as f:
             json.dump(spec, f)
-        _become_subreaper()
+        become_subreaper()
         with contextlib.ExitStack() as stack:
             # last: what a failed create left (the task's cleanup deletes the rest)
             stack.callback(remove_cgroup, str(spec.get("linux", {}).get("cgroupsPath", "")))
             task = stack.enter_context(self.new_task(cli, run.id))
             stack.callback(task.cleanup)
-            console = stack.enter_context(_Console(run.path)) if stdio.terminal else None
-            fds = stack.enter_context(_stdio_fds(stdio))
+            console = stack.enter_context(Console(run.path)) if stdio.terminal else None
+            fds = stack.enter_context(stdio_fds(stdio))
             args = ["create", "--bundle", bundle, "--pid-file", os.path.join(run.path, "pid")]
             if console is not None:
                 args += ["--console-socket", console.address]
@@ -301,16 +229,16 @@ class RuncRunner:
                     stdout=fds[1],
                     stderr=fds[2],
                     pass_fds=console.pass_fds if console else (),
-                    timeout=_COMMAND_TIMEOUT,
+                    timeout=COMMAND_TIMEOUT,
                     check=False,
                     process_group=0,  # as `run`: out of reach of a terminal's Ctrl-C
                 )
             except subprocess.TimeoutExpired:
                 raise WorkloadStartError(
-                    f"{cli.binary} create did not finish in {_COMMAND_TIMEOUT:g}s"
+                    f"{cli.binary} create did not finish in {COMMAND_TIMEOUT:g}s"
                 ) from None
             if res.returncode != 0:
-                raise WorkloadStartError(_runtime_error(log_path, cli.binary, res.returncode))
+                raise WorkloadStartError(runtime_error(log_path, cli.binary, res.returncode))
             fds.close()  # the workload holds its ends now
             with open(os.path.join(run.path, "pid")) as f:
                 task.created(int(f.read().strip()))
@@ -346,26 +274,18 @@ class RuncTask:
         threading.Thread(target=self._reap, name="sample-reap", daemon=True).start()
 
     def _reap(self) -> None:
-        try:
-            _, status = os.waitpid(self._pid, 0)
-            self._status = os.waitstatus_to_exitcode(status)
-            if self._status < 0:  # killed by a signal: the shell's (and containerd's) 128+N
-                self._status = 128 - self._status
-        except ChildProcessError:
-            # not our child after all (another subreaper above the runtime): poll for it
-            while os.path.exists(f"/proc/{self._pid}"):
-                time.sleep(0.1)
+        self._status = wait_orphan(self._pid)
         self._exited.set()
 
     def attach_console(self, master: int, stdio: StdioPaths) -> None:
         """-t: relay the terminal to the stdout FIFO and the stdin FIFO to it."""
         self._master = master
         out = os.open(stdio.stdout, os.O_WRONLY | os.O_CLOEXEC)
-        self._relays.append(_relay(master, out, "sample-tty-out", close_dst=True))
+        self._relays.append(relay(master, out, "sample-tty-out", close_dst=True))
         if stdio.stdin:
             src = os.open(stdio.stdin, os.O_RDONLY | os.O_CLOEXEC)
             self._relays.append(
-                _relay(src, os.dup(master), "sample-tty-in", close_src=True, close_dst=True)
+                relay(src, os.dup(master), "sample-tty-in", close_src=True, close_dst=True)
             )
 
     def start(self) -> None:
@@ -418,121 +338,6 @@ class RuncTask:
         sampler closed its end (with -t the relay ends there too)."""
 
 
-@contextlib.contextmanager
-def _stdio_fds(stdio: StdioPaths) -> Iterator[_Fds]:
-    """The ends of the stdio FIFOs the runtime hands to the workload (/dev/null for a
-    stream it does not get, and for all three with -t: the terminal carries them)."""
-    fds = _Fds()
-    try:
-        null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
-        fds.add(null)
-        if stdio.terminal:
-            fds.std = [null, null, null]
-        else:
-            # The sampler holds each FIFO open, so neither open blocks.
-            stdin = _open_fifo(stdio.stdin, os.O_RDONLY) if stdio.stdin else null
-            stdout = _open_fifo(stdio.stdout, os.O_WRONLY) if stdio.stdout else null
-            stderr = _open_fifo(stdio.stderr, os.O_WRONLY) if stdio.stderr else null
-            fds.add(stdin, stdout, stderr)
-            fds.std = [stdin, stdout, stderr]
-        yield fds
-    finally:
-        fds.close()
-
-
-class _Fds:
-    def __init__(self) -> None:
-        self._owned: set[int] = set()
-        self.std: list[int] = []
-
-    def __getitem__(self, i: int) -> int:
-        return self.std[i]
-
-    def add(self, *fds: int) -> None:
-        self._owned.update(fds)
-
-    def close(self) -> None:
-        for fd in self._owned:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self._owned.clear()
-
-
-def _open_fifo(path: str, mode: int) -> int:
-    fd = os.open(path, mode | os.O_NONBLOCK | os.O_CLOEXEC)
-    os.set_blocking(fd, True)
-    return fd
-
-
-class _Console:
-    """The socket on which the runtime hands over the terminal's master end (-t).
-
-    Bound through a descriptor of the run directory (`/proc/self/fd/N/console`) and given
-    to the runtime the same way (N is passed to it), so that no path can be too long
-    for a socket address, however deep $TMPDIR is.
-    """
-
-    def __init__(self, directory: str) -> None:
-        self._dir = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        self.address = f"/proc/self/fd/{self._dir}/console"
-        self.pass_fds = (self._dir,)
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        self._sock.bind(self.address)
-        self._sock.listen(1)
-
-    def __enter__(self) -> _Console:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._sock.close()
-        os.close(self._dir)
-
-    def receive(self) -> int:
-        self._sock.settimeout(_COMMAND_TIMEOUT)
-        try:
-            conn, _ = self._sock.accept()
-            with conn:
-                _, fds, _, _ = socket.recv_fds(conn, 4096, 1)
-        except OSError as exc:
-            raise WorkloadStartError(f"the runtime did not hand over the terminal: {exc}") from None
-        if not fds:
-            raise WorkloadStartError("the runtime did not hand over the terminal")
-        os.set_inheritable(fds[0], False)
-        return fds[0]
-
-
-def _relay(
-    src: int, dst: int, name: str, *, close_src: bool = False, close_dst: bool = False
-) -> threading.Thread:
-    """Copy src to dst until either end is done (the terminal relay)."""
-
-    def copy() -> None:
-        try:
-            while True:
-                try:
-                    data = os.read(src, 65536)
-                except OSError:  # EIO: the terminal's last holder exited
-                    return
-                if not data:
-                    return
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(dst, view) :]
-        except OSError:
-            return
-        finally:
-            if close_src:
-                with contextlib.suppress(OSError):
-                    os.close(src)
-            if close_dst:
-                with contextlib.suppress(OSError):
-                    os.close(dst)
-
-    t = threading.Thread(target=copy, name=name, daemon=True)
-    t.start()
-    return t
-
-
 def _fits_overlay(lower: list[str]) -> bool:
     """Whether these lowerdirs go into one overlayfs mount: its options fit in a page,
     and no path holds a separator of overlayfs's options (',' ':' and the escape)."""
@@ -541,23 +346,3 @@ def _fits_overlay(lower: list[str]) -> bool:
     )
 
 
-def _become_subreaper() -> None:
-    """Have orphaned descendants re-parented to this process, so that the container's
-    init (which the runtime double-forks) is our child and its exit status ours to read."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
-        raise SampleError(f"cannot become a child subreaper: {os.strerror(ctypes.get_errno())}")
-
-
-def _runtime_error(log_path: str, binary: str, status: int) -> str:
-    """The runtime's last error message, from its JSON log (or its exit status)."""
-    last = ""
-    with contextlib.suppress(OSError), open(log_path, errors="replace") as f:
-        for line in f:
-            try:
-                entry = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(entry, dict) and entry.get("level") in ("error", "fatal"):
-                last = str(entry.get("msg", ""))
-    return f"{os.path.basename(binary)} create: {last or f'exit status {status}, no message'}"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from estargz_opt.errors import BadInputError
+from estargz_opt.errors import BadInputError, literal
 from estargz_opt.workload.options import check_env_entry
 
 
@@ -28,18 +28,23 @@ def merge_env(base: list[str], overrides: list[str]) -> list[str]:
 
 
 def read_env_file(path: str) -> list[str]:
-    """`--env-file`: one K=V per line; empty lines and lines starting with '#' are skipped."""
+    """The env_file option: one K=V per line; empty lines and lines starting with "#" are
+    skipped."""
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except OSError as e:
-        raise BadInputError(f"cannot read --env-file {path}: {e.strerror or e}") from None
+        raise BadInputError.with_terms(
+            "cannot read {env_file} " + literal(f"{path}: {e.strerror or e}"), env_file="env_file"
+        ) from None
     except UnicodeDecodeError:
-        raise BadInputError(f"--env-file {path} is not UTF-8 text") from None
+        raise BadInputError.with_terms(
+            "{env_file} " + literal(path) + " is not UTF-8 text", env_file="env_file"
+        ) from None
     out = []
     for line in text.splitlines():
         if not line.strip() or line.lstrip().startswith("#"):
             continue
-        check_env_entry("--env-file", line)
+        check_env_entry("env_file", line)
         out.append(line)
     return out

@@ -59,10 +59,10 @@ def stop_signal(image_config: dict[str, Any], default: str = "SIGKILL") -> int:
 def process_args(image_config: dict[str, Any], opts: SamplerOptions) -> list[str]:
     """(--entrypoint or Entrypoint) + (--args or Cmd). --entrypoint does not clear Cmd."""
     cfg = config_section(image_config)
-    entrypoint = parse_json_array("--entrypoint", opts.entrypoint)
+    entrypoint = parse_json_array("entrypoint", opts.entrypoint)
     if entrypoint is None:
         entrypoint = list(cfg.get("Entrypoint") or [])
-    cmd = parse_json_array("--args", opts.args)
+    cmd = parse_json_array("args", opts.args)
     if cmd is None:
         cmd = list(cfg.get("Cmd") or [])
     return entrypoint + cmd

@@ -34,9 +34,10 @@ from estargz_opt.workload.spec.users import resolve_user
 #: The host's files bound read-only with --net-host, in this order.
 HOST_ETC_FILES: tuple[str, ...] = ("/etc/hosts", "/etc/resolv.conf")
 
-#: Why --gpus cannot run here (said before anything is set up, and by the gpus step).
+#: Why the gpus option cannot work here (said before anything is set up, and by the gpus
+#: step): a template over the term `gpus` (EstargzOptError.with_terms).
 NO_GPU_HOOK = (
-    "--gpus needs the NVIDIA Container Toolkit (nvidia-container-runtime-hook was not "
+    "{gpus} needs the NVIDIA Container Toolkit (nvidia-container-runtime-hook was not "
     "found on PATH)"
 )
 
@@ -53,7 +54,7 @@ class SpecInputs:
     container_id/namespace: give the cgroups path /<namespace>/<id> as containerd does.
     files_root: where this process can read the rootfs's /etc/passwd and /etc/group, when
         `rootfs` is mounted only in another mount namespace (default: `rootfs`).
-    gpu_hook: the NVIDIA container runtime hook, needed for --gpus (see find_gpu_hook).
+    gpu_hook: the NVIDIA container runtime hook, needed for gpus (see find_gpu_hook).
     """
 
     image_config: dict[str, Any]
@@ -98,12 +99,12 @@ def apply_image_config(spec: Spec, inputs: SpecInputs) -> None:
 
 
 def apply_env(spec: Spec, inputs: SpecInputs) -> None:
-    """--env: each K=V replaces the same key in place or is appended; a bare K unsets."""
+    """env: each K=V replaces the same key in place or is appended; a bare K unsets."""
     spec["process"]["env"] = merge_env(spec["process"]["env"], inputs.opts.env)
 
 
 def apply_mounts(spec: Spec, inputs: SpecInputs) -> None:
-    """--mount: added after the default mounts, in the order given."""
+    """mounts: added after the default mounts, in the order given."""
     spec["mounts"] += [parse_mount(m) for m in inputs.opts.mounts]
 
 
@@ -137,20 +138,20 @@ def apply_args(spec: Spec, inputs: SpecInputs) -> None:
 
 
 def apply_env_file(spec: Spec, inputs: SpecInputs) -> None:
-    """--env-file: merged after --env, so it wins for the same key, as upstream."""
+    """env_file: merged after env, so it wins for the same key, as upstream."""
     if inputs.opts.env_file:
         process = spec["process"]
         process["env"] = merge_env(process["env"], read_env_file(inputs.opts.env_file))
 
 
 def apply_user(spec: Spec, inputs: SpecInputs) -> None:
-    """--user replaces the image's User, resolved in the image's own passwd and group."""
+    """user replaces the image's User, resolved in the image's own passwd and group."""
     if inputs.opts.user:
         spec["process"]["user"] = resolve_user(inputs.files, inputs.opts.user)
 
 
 def apply_cwd(spec: Spec, inputs: SpecInputs) -> None:
-    """--cwd replaces the image's WorkingDir."""
+    """cwd replaces the image's WorkingDir."""
     if inputs.opts.cwd:
         spec["process"]["cwd"] = inputs.opts.cwd
 
@@ -164,7 +165,7 @@ def apply_tty(spec: Spec, inputs: SpecInputs) -> None:
 
 
 def apply_network(spec: Spec, inputs: SpecInputs) -> None:
-    """--net-host drops the network namespace; --cni joins the CNI one (netns_path)."""
+    """net_host drops the network namespace; cni joins the CNI one (netns_path)."""
     linux = spec["linux"]
     if inputs.opts.net_host:
         linux["namespaces"] = [ns for ns in linux["namespaces"] if ns["type"] != "network"]
@@ -173,14 +174,14 @@ def apply_network(spec: Spec, inputs: SpecInputs) -> None:
 
 
 def apply_gpus(spec: Spec, inputs: SpecInputs) -> None:
-    """--gpus: the NVIDIA Container Toolkit's prestart hook injects the devices and the
+    """gpus: the NVIDIA Container Toolkit's prestart hook injects the devices and the
     driver libraries the NVIDIA_* variables ask for (what `--gpus` does in docker)."""
     if not inputs.opts.gpus:
         return
     devices = parse_gpus(inputs.opts.gpus)
     hook = inputs.gpu_hook
     if hook is None:
-        raise BadInputError(NO_GPU_HOOK)
+        raise BadInputError.with_terms(NO_GPU_HOOK, gpus="gpus")
     visible = ",".join(d.split("=", 1)[1] for d in devices)
     process = spec["process"]
     process["env"] = merge_env(

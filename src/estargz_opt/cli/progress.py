@@ -1,7 +1,8 @@
 """Per-layer progress on stderr: a live status line on a terminal, periodic log lines elsewhere.
 
-Stdout stays untouched (it carries the digest or the JSON report), so progress can never
-garble what a pipeline reads.
+The command line's ProgressListener (estargz_opt.events). Stdout stays untouched (it
+carries the digest or the JSON report), so progress can never garble what a pipeline
+reads.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import TextIO
+from typing import BinaryIO, TextIO, cast
 
 log = logging.getLogger("estargz_opt")
 _LOG_EVERY = 5.0
@@ -29,7 +30,8 @@ class _Layer:
 
 
 class Progress:
-    """Receives (digest, bytes in, bytes out) from converting threads and shows it."""
+    """Receives (digest, bytes in, bytes out) from converting threads and shows it (a
+    ProgressListener)."""
 
     def __init__(self, stream: TextIO | None = None, *, live: bool | None = None) -> None:
         self._stream = stream or sys.stderr
@@ -124,14 +126,30 @@ class Progress:
                 self._last_sample_log = now
                 log.info("%s", text)
 
-    def passthrough(self) -> _Passthrough:
+    def workload_output(self) -> BinaryIO:
         """A binary stream for the workload's output: it clears the live line first."""
-        return _Passthrough(self)
+        # It only writes and flushes, which is all the workload's output pump does.
+        return cast(BinaryIO, _Passthrough(self))
 
     def close(self) -> None:
         with self._lock:
             if self._live:
                 self._clear()
+
+    def write_through(self, data: bytes) -> None:
+        """Write the workload's bytes to the stream, the live line cleared first."""
+        with self._lock:
+            self._clear()
+            self._stream.flush()
+            buffer = getattr(self._stream, "buffer", None)
+            if buffer is not None:
+                buffer.write(data)
+                buffer.flush()
+            else:
+                self._stream.write(data.decode(errors="replace"))
+
+    def flush(self) -> None:
+        self._stream.flush()
 
     def _draw(self) -> None:
         now = time.monotonic()
@@ -154,20 +172,11 @@ class _Passthrough:
         self._progress = progress
 
     def write(self, data: bytes) -> int:
-        p = self._progress
-        with p._lock:
-            p._clear()
-            p._stream.flush()
-            buffer = getattr(p._stream, "buffer", None)
-            if buffer is not None:
-                buffer.write(data)
-                buffer.flush()
-            else:
-                p._stream.write(data.decode(errors="replace"))
+        self._progress.write_through(data)
         return len(data)
 
     def flush(self) -> None:
-        self._progress._stream.flush()
+        self._progress.flush()
 
 
 def _describe(layer: _Layer, now: float) -> str:

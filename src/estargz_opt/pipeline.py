@@ -1,0 +1,379 @@
+"""`optimize` and `analyze` from end to end: references -> stores -> prioritized files ->
+convert -> tag.
+
+The tag is written only after every blob is in place; on any failure (or Ctrl-C) the
+destination store rolls back what this run wrote.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import ExitStack
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from estargz_opt import descriptor as d, platforms, reference
+from estargz_opt.constants import (
+    MAX_MANIFEST_SIZE,
+    TOC_IMAGE_SUFFIX,
+)
+from estargz_opt.errors import OPTION_TERMS, EmptyProfileError, literal
+from estargz_opt.prioritize.layerindex import LayerNames
+from estargz_opt.prioritize.prefetch import write_prefetch_list
+from estargz_opt.prioritize.profile import (
+    EXAMPLES,
+    LayerId,
+    Profile,
+    match_profile,
+)
+from estargz_opt.prioritize.record import (
+    check_record_out,
+    prioritized_from_record,
+    write_record,
+)
+from estargz_opt.report import OptimizeResult
+from estargz_opt.request import AnalyzeRequest, OptimizeRequest, check_runner
+from estargz_opt.workload.options import SamplerOptions
+
+if TYPE_CHECKING:
+    from estargz_opt.workload.analyzer import Analysis
+from estargz_opt.cache import LayerCache
+from estargz_opt.convert import (
+    Converter,
+    ConvertOptions,
+    toc_image,
+)
+from estargz_opt.descriptor import Descriptor, Manifest
+from estargz_opt.errors import EstargzOptError
+from estargz_opt.events import ProgressListener
+from estargz_opt.format import Format
+from estargz_opt.format.source import Spool
+from estargz_opt.stores import Store, open_store, pair, same_store
+from estargz_opt.walk import check_selection, images
+
+log = logging.getLogger("estargz_opt")
+
+
+def optimize(req: OptimizeRequest, progress: ProgressListener | None = None) -> OptimizeResult:
+    """Convert req.src into req.dst, prioritized files first; see OptimizeRequest.
+
+    The tag is written only after every blob is in place; on any failure (or
+    KeyboardInterrupt) the destination store rolls back what this run wrote.
+    """
+    req.validate()
+    src_ref, dst_ref = reference.parse(req.src), reference.parse(req.dst)
+    matcher = platforms.matcher(req.platforms, req.all_platforms)
+    run_workload = req.runs_workload
+    if req.record_out:
+        check_record_out(req.record_out)
+    if req.prefetch_list_out:
+        check_record_out(req.prefetch_list_out, "prefetch list")
+    dst_tag = dst_ref.tag or src_ref.tag
+    assert dst_tag  # validate() checked it
+    with ExitStack() as stack:
+        src = stack.enter_context(open_store(src_ref, req.src_store, create=False))
+        root = src.resolve(src_ref.tag)
+        # The host layers, decompressed while the workload runs, for their conversion.
+        spool = Spool()
+        stack.callback(spool.close)
+        same = same_store(src_ref, dst_ref)
+        cache = LayerCache(req.cache_dir, req.cache_max_size) if req.cache_dir else None
+        if cache:
+            stack.callback(cache.finish)
+        dst: Store = (
+            src if same else stack.enter_context(open_store(dst_ref, req.dst_store, create=True))
+        )
+        pair(src, dst)
+        try:
+            # The destination is opened (a registry's push access checked) before the
+            # workload runs, so a refusal costs no run and no conversion; then the platforms
+            # are checked (which reads a single manifest's config), before the run too.
+            check_selection(src, root, matcher, str(src_ref))
+            if matcher.host_default:
+                log.info(
+                    "converting platforms: %s; use %s or %s for others",
+                    matcher.describe(),
+                    "platforms",
+                    "all_platforms",
+                    extra={OPTION_TERMS: True},
+                )
+            else:
+                log.info("converting platforms: %s", matcher.describe())
+            analysis = None
+            if run_workload:
+                analysis = _analyze(req, src, root, src_ref, matcher, spool, progress)
+                prioritized = analysis.prioritized if analysis else {}
+                profile = None
+            else:
+                profile = _profile(req, src, root, matcher)
+                prioritized = profile.prioritized if profile else {}
+                if profile and req.prefetch_list_out:
+                    _write_prefetch_list_out(
+                        req.prefetch_list_out,
+                        str(src_ref),
+                        profile.manifest_digest,
+                        profile.order,
+                        "profile's",
+                    )
+            opts = ConvertOptions(
+                layer=req.layer,
+                platforms=matcher,
+                oci=req.oci,
+                reuse=req.reuse,
+                prioritized=prioritized,
+                progress=progress,
+                cache=cache,
+                spool=spool,
+            )
+            result = Converter(src, dst, opts, same_store=same).convert(root)
+            if cache and cache.warning:
+                result.warnings.append(cache.warning)
+            if (
+                profile
+                and profile.prioritized
+                and not any(lay.result and lay.result.prioritized_files for lay in result.layers)
+            ):
+                _empty_profile(req, literal(profile.empty_reason(req.profiles)))
+            tags = {dst_tag: result.target}
+            extra = None
+            if req.layer.format is Format.EXTERNAL_TOC:
+                tags[dst_tag + TOC_IMAGE_SUFFIX] = toc_image(result.toc_layers, dst)
+                extra = str(dst_ref.with_tag(dst_tag + TOC_IMAGE_SUFFIX))
+            dst.tag(tags)
+        except BaseException:
+            dst.rollback()
+            raise
+    return OptimizeResult(
+        req.layer.format.value,
+        root.digest,
+        result.target.digest,
+        extra,
+        result,
+        result.warnings,
+        analysis,
+        profile,
+    )
+
+
+def analyze(req: AnalyzeRequest, progress: ProgressListener | None = None) -> Analysis:
+    """Run the workload of req.src and write its record; convert nothing. The runc runner
+    keeps unpacked layers under req.cache_dir (None: for this run only)."""
+    ref = reference.parse(req.src)
+    check_runner(ref, req.sampler)
+    check_record_out(req.record_out)
+    if req.prefetch_list_out:
+        check_record_out(req.prefetch_list_out, "prefetch list")
+    with open_store(ref, req.store, create=False) as store:
+        root = store.resolve(ref.tag)
+        check_selection(
+            store,
+            root,
+            platforms.matcher((), False),
+            str(ref),
+            "the workload runs only on the host platform",
+        )
+        host = _host_manifest(store, root)
+        if host is None:
+            raise EstargzOptError(
+                f"{ref} has no image for the host platform {platforms.host()}: "
+                "the workload cannot run here"
+            )
+        result = _run_workload(
+            store, str(ref), host, req.sampler, progress, cache_dir=req.cache_dir
+        )
+    write_record(req.record_out, result.entries)
+    if req.prefetch_list_out:
+        _write_prefetch_list_out(
+            req.prefetch_list_out, str(ref), host[0].digest, [e.path for e in result.entries]
+        )
+    return result
+
+
+def _write_prefetch_list_out(
+    path: Path, image: str, manifest_digest: str, paths: list[str], what: str = "workload"
+) -> None:
+    """The prioritized files as a prefetch list: reviewable, and matched by path."""
+    when = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    write_prefetch_list(
+        path,
+        paths,
+        [
+            f"estargz-opt prefetch list: the {what} files of {image} ({manifest_digest}), "
+            f"written {when}",
+            "one path per line, in access order; use with estargz-opt optimize --prefetch-list",
+        ],
+    )
+
+
+def _run_workload(
+    store: Store,
+    name: str,
+    host: tuple[Descriptor, Manifest],
+    sampler: SamplerOptions,
+    progress: ProgressListener | None,
+    spool: Spool | None = None,
+    *,
+    cache_dir: Path | None,
+) -> Analysis:
+    """The workload run of optimize and analyze, with its countdown and output on stderr;
+    the runc runner keeps unpacked layers under `cache_dir` (None: --no-cache)."""
+    from estargz_opt.workload.analyzer import analyze
+
+    return analyze(
+        store,
+        name,
+        host[0],
+        host[1],
+        sampler,
+        on_tick=progress.sampling if progress else None,
+        # The sampler only writes and flushes its output, which the passthrough does.
+        output=progress.workload_output() if progress else None,
+        spool=spool,
+        cache_dir=cache_dir,
+    )
+
+
+def _analyze(
+    req: OptimizeRequest,
+    src: Store,
+    root: Descriptor,
+    src_ref: reference.ImageRef,
+    matcher: platforms.Matcher,
+    spool: Spool,
+    progress: ProgressListener | None,
+) -> Analysis | None:
+    """Run the workload of the host platform's image; None if the host is not converted."""
+    host = _host_manifest(src, root)
+    if host is None or not matcher.matches(platforms.host()):
+        # ctr-remote too skips its analyzer when no platform asked for is the host's.
+        if host is None:
+            log.warning(
+                "the workload runs only on the host platform %s, and %s has no image for it: "
+                "no files are prioritized",
+                platforms.host(),
+                src_ref,
+            )
+        else:
+            log.warning(
+                "the workload runs only on the host platform %s, and %s does not convert it: "
+                "no files are prioritized",
+                platforms.host(),
+                "platforms",
+                extra={OPTION_TERMS: True},
+            )
+        return None
+    if req.platforms or req.all_platforms:
+        log.info(
+            "the workload runs for the host platform %s only; other platforms are "
+            "converted without prioritized files",
+            platforms.host(),
+        )
+    host_desc, manifest = host
+    sampler = req.sampler or SamplerOptions()
+    result = _run_workload(
+        src, str(src_ref), host, sampler, progress, spool, cache_dir=req.cache_dir
+    )
+    if req.record_out:
+        write_record(req.record_out, result.entries)
+    if req.prefetch_list_out:
+        _write_prefetch_list_out(
+            req.prefetch_list_out, str(src_ref), host_desc.digest, [e.path for e in result.entries]
+        )
+    result.prioritized = prioritized_from_record(result.entries, host_desc.digest, manifest)
+    return result
+
+
+def _profile(
+    req: OptimizeRequest, src: Store, root: Descriptor, matcher: platforms.Matcher
+) -> Profile | None:
+    """Match the profiles to the host image; EmptyProfileError if that prioritizes nothing."""
+    if not req.profiles:
+        return None
+    host = _host_manifest(src, root)
+    if host is None or not matcher.matches(platforms.host()):
+        _empty_profile(
+            req,
+            f"the profile applies to the host platform {platforms.host()}, and "
+            + (
+                "the image has no manifest for it (the wrong platform?)"
+                if host is None
+                else "it is not converted here (the wrong {platforms}?)"
+            ),
+            platforms="platforms",
+        )
+        return None
+    host_desc, manifest = host
+
+    def layer_names() -> LayerNames:
+        layers = [x for x in manifest.layers if x.media_type in d.LAYER_TYPES]
+        names = []
+        for i, layer in enumerate(layers):
+            with src.local_file(layer, f"layer {i} of the host image") as p:
+                names.append(LayerNames.names_in(p))
+        return LayerNames(names)
+
+    profile = match_profile(
+        req.profiles, host_desc.digest, manifest, layer_names, lambda m: _layer_ids(src, m)
+    )
+    log.info(
+        "prioritized files: %d in %d layer(s) of %s",
+        profile.matched,
+        len(profile.prioritized),
+        host_desc.digest,
+    )
+    if not profile.prioritized:
+        _empty_profile(req, literal(profile.empty_reason(req.profiles)))
+    elif profile.matched * 2 < profile.files:
+        log.warning(
+            "the profile matches only %d of its %d files in %s (e.g. not found: %s)",
+            profile.matched,
+            profile.files,
+            host_desc.digest,
+            ", ".join(profile.missing[:EXAMPLES]),
+        )
+    return profile
+
+
+def _layer_ids(store: Store, manifest_digest: str) -> list[LayerId] | None:
+    """The layers of the manifest `manifest_digest`, if the store holds it (and its config)."""
+    size = store.size_of(manifest_digest)
+    if size is None or size > MAX_MANIFEST_SIZE:
+        return None
+    where = f"manifest {manifest_digest}"
+    try:
+        manifest = Manifest.parse(
+            store.read(Descriptor(d.OCI_MANIFEST, manifest_digest, size), where), where
+        )
+        layers = [x for x in manifest.layers if x.media_type in d.LAYER_TYPES]
+        config = d.load_json(store.read(manifest.config, f"config of {where}"), where)
+        diff_ids = d.config_diff_ids(config, len(layers), where)
+    except EstargzOptError as exc:
+        log.debug("the layers of %s are unknown: %s", manifest_digest, exc)
+        return None
+    return [LayerId(x.digest, i) for x, i in zip(layers, diff_ids, strict=True)]
+
+
+def _empty_profile(req: OptimizeRequest, reason: str, **terms: str) -> None:
+    """A profile that prioritizes nothing: an error, or a warning with allow_empty_profile.
+    `reason` is a template over `terms` (see EstargzOptError.with_terms)."""
+    terms["allow"] = "allow_empty_profile=True"
+    error = EmptyProfileError.with_terms(
+        reason + "; nothing written ({allow} converts anyway)", **terms
+    )
+    if not req.allow_empty_profile:
+        raise error
+    log.warning(
+        "%s: converting without prioritized files (%s)",
+        str(error).split("; nothing written", 1)[0],
+        terms["allow"],
+        extra={OPTION_TERMS: True},
+    )
+
+
+def _host_manifest(src: Store, desc: Descriptor) -> tuple[Descriptor, Manifest] | None:
+    """The manifest a record refers to: the host platform's, matched strictly, as upstream."""
+    host = platforms.matcher((), False)
+    for image in images(src, desc, host, need_platform=True):
+        return image.desc, image.manifest
+    return None
