@@ -105,7 +105,8 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     run = config.stash.get(_RUN_DIR_KEY, None)
     if run is None:
         return
-    if config.stash.get(_FAILED_KEY, False) and config.option.basetemp == str(run / "pytest"):
+    ours = config.option.basetemp == str(run / "pytest")
+    if config.stash.get(_FAILED_KEY, False) and ours and (run / "pytest").is_dir():
         print(f"\ntest files kept for the failures: {run}", file=sys.stderr)
         return
     shutil.rmtree(run, ignore_errors=True)
