@@ -406,6 +406,15 @@ def _profiles(records: tuple[Path, ...], lists: tuple[Path, ...]) -> tuple[Profi
 )
 @click.option("--all-platforms", is_flag=True, help="Convert every platform of an index.")
 @click.option("--zstdchunked", is_flag=True, help="Write zstd:chunked layers (needs --oci).")
+@click.option(
+    "--zstdchunked-flavor",
+    type=click.Choice(["stargz", "containers"]),
+    default="stargz",
+    show_default=True,
+    help="stargz: ctr-remote's layout, read by stargz-snapshotter; containers: "
+    "containers/storage's layout with tar-split, pulled partially by podman and CRI-O "
+    "(enable_partial_images).",
+)
 @click.option("--zstdchunked-compression-level", type=int, default=3, show_default=True)
 @click.option(
     "--estargz-compression-level",
@@ -453,6 +462,7 @@ def optimize_cmd(
     platform_specs: tuple[str, ...],
     all_platforms: bool,
     zstdchunked: bool,
+    zstdchunked_flavor: str,
     zstdchunked_compression_level: int,
     estargz_compression_level: int,
     estargz_chunk_size: int,
@@ -489,7 +499,7 @@ def optimize_cmd(
       estargz-opt optimize --oci --record-in record.jsonl oci:app:1.0 oci:app:1.0-esgz
       estargz-opt optimize --oci --no-optimize --all-platforms oci:in:latest oci:out:latest
     """
-    fmt = OptimizeRequest.layer_format(zstdchunked, estargz_external_toc)
+    fmt = OptimizeRequest.layer_format(zstdchunked, estargz_external_toc, zstdchunked_flavor)
     layer_opts = LayerOptions(
         format=fmt,
         compression_level=zstdchunked_compression_level

@@ -411,7 +411,7 @@ def toc_image(toc_layers: list[Descriptor], dst: Store) -> Descriptor:
 
 def _layer_type(media_type: str, fmt: Format) -> str:
     foreign = "foreign" in media_type or "nondistributable" in media_type
-    if fmt is Format.ZSTDCHUNKED:
+    if fmt.is_zstd:
         return (d.OCI_FOREIGN if foreign else d.OCI_LAYER) + "+zstd"
     if d.is_docker(media_type):
         return d.DOCKER_FOREIGN_GZIP if foreign else d.DOCKER_LAYER_GZIP

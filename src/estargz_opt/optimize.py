@@ -85,19 +85,21 @@ class OptimizeRequest:
         return not (self.no_optimize or self.profiles)
 
     @staticmethod
-    def layer_format(zstdchunked: bool, external_toc: bool) -> Format:
+    def layer_format(zstdchunked: bool, external_toc: bool, flavor: str = "stargz") -> Format:
         """The layer format the flags ask for (they exclude each other)."""
         if zstdchunked and external_toc:
             raise UsageError("--zstdchunked and --estargz-external-toc do not go together")
+        if flavor != "stargz" and not zstdchunked:
+            raise UsageError("--zstdchunked-flavor needs --zstdchunked")
         if zstdchunked:
-            return Format.ZSTDCHUNKED
+            return Format.ZSTDCHUNKED_CONTAINERS if flavor == "containers" else Format.ZSTDCHUNKED
         return Format.EXTERNAL_TOC if external_toc else Format.ESTARGZ
 
     def validate(self) -> None:
         """Every check of how optimize's options combine, as UsageError (exit 2)."""
         src, dst = reference.parse(self.src), reference.parse(self.dst)
         fmt = self.layer.format
-        if fmt is Format.ZSTDCHUNKED and not self.oci:
+        if fmt.is_zstd and not self.oci:
             raise UsageError("--zstdchunked requires --oci")
         if fmt is Format.EXTERNAL_TOC and self.reuse:
             raise UsageError("--estargz-external-toc cannot be combined with --reuse")

@@ -52,13 +52,19 @@ class Format(StrEnum):
     ESTARGZ = "estargz"
     ZSTDCHUNKED = "zstdchunked"
     EXTERNAL_TOC = "estargz-external-toc"
+    #: zstd:chunked as containers/storage writes it (podman, CRI-O): see format.zchunked
+    ZSTDCHUNKED_CONTAINERS = "zstdchunked-containers"
+
+    @property
+    def is_zstd(self) -> bool:
+        return self in (Format.ZSTDCHUNKED, Format.ZSTDCHUNKED_CONTAINERS)
 
     @property
     def default_level(self) -> int:
-        return zstdchunked.DEFAULT_LEVEL if self is Format.ZSTDCHUNKED else estargz.DEFAULT_LEVEL
+        return zstdchunked.DEFAULT_LEVEL if self.is_zstd else estargz.DEFAULT_LEVEL
 
     def compressor(self, level: int) -> Compressor:
-        if self is Format.ZSTDCHUNKED:
+        if self.is_zstd:
             return zstdchunked.ZstdCompressor(level)
         if self is Format.EXTERNAL_TOC:
             return externaltoc.ExternalTOCCompressor(level)
@@ -81,7 +87,7 @@ class LayerOptions:
         )
 
     def validate(self) -> None:
-        if self.format is Format.ZSTDCHUNKED:
+        if self.format.is_zstd:
             if not 1 <= self.level <= 22:
                 raise BadInputError(f"zstd compression level must be 1-22, got {self.level}")
             if self.min_chunk_size:
@@ -400,6 +406,10 @@ def build_layer(
 ) -> LayerResult:
     """Write the converted layer for src to out (positioned at 0) and describe it."""
     opts.validate()
+    if opts.format is Format.ZSTDCHUNKED_CONTAINERS:
+        from estargz_opt.format.zchunked_build import build_containers_layer  # needs this module
+
+        return build_containers_layer(src, out, opts, progress)
     order, missing, front = order_entries(index_entries(src), opts.prioritized)
     comp = opts.format.compressor(opts.level)
     workers = opts.workers or os.cpu_count() or 1
