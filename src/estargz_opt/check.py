@@ -17,7 +17,13 @@ from estargz_opt.convert import TOC_LAYER_DIGEST
 from estargz_opt.descriptor import Descriptor, Manifest
 from estargz_opt.digest import sha256_digest
 from estargz_opt.errors import EstargzOptError
-from estargz_opt.format import TOC_DIGEST_ANNOTATION, UNCOMPRESSED_SIZE_ANNOTATION, open_layer
+from estargz_opt.format import (
+    TOC_DIGEST_ANNOTATION,
+    UNCOMPRESSED_SIZE_ANNOTATION,
+    Format,
+    open_layer,
+    zchunked_verify,
+)
 from estargz_opt.format.reader import Layer, MissingExternalTOCError
 from estargz_opt.format.toc import LANDMARKS, NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK
 from estargz_opt.format.zstdchunked import MANIFEST_CHECKSUM, MANIFEST_POSITION
@@ -153,6 +159,8 @@ def _check_layer(
     check = LayerCheck(platform, i, desc.digest, desc.media_type, size=desc.size)
     with ExitStack() as stack:
         path = stack.enter_context(store.local_file(desc, f"layer {i} of {platform}"))
+        if zchunked_verify.is_containers_path(path):
+            return _check_containers(check, path, ann, diff_id, deep)
         try:
             layer: Layer = stack.enter_context(
                 open_layer(path, external_toc=external.get(desc.digest))
@@ -211,6 +219,28 @@ def _check_layer(
             check.errors.append(f"missing annotation {UNCOMPRESSED_SIZE_ANNOTATION}")
         elif size_ann != str(usize):
             check.errors.append(f"{UNCOMPRESSED_SIZE_ANNOTATION} {size_ann} != {usize} bytes")
+    return check
+
+
+def _check_containers(
+    check: LayerCheck, path: Any, ann: dict[str, str], diff_id: str | None, deep: bool
+) -> LayerCheck:
+    """A containers-flavour zstd:chunked layer, checked as c/storage will (deep) or described."""
+    check.format = Format.ZSTDCHUNKED_CONTAINERS.value
+    if deep:
+        r = zchunked_verify.verify_containers_layer(path, ann, diff_id)
+        check.entries, check.chunks, check.errors = r.entries, r.chunks, r.errors
+        check.uncompressed_size = r.uncompressed_size
+        return check
+    try:
+        with open(path, "rb") as f:
+            layer = zchunked_verify.open_containers_layer(f)
+    except (EstargzOptError, ValueError) as exc:
+        check.errors.append(f"unreadable containers zstd:chunked layer: {exc}")
+        return check
+    check.errors.extend(zchunked_verify.check_annotations(layer, ann))
+    check.entries = sum(1 for e in layer.entries if e.get("type") != "chunk")
+    check.chunks = sum(1 for e in layer.entries if e.get("type") in ("reg", "chunk"))
     return check
 
 

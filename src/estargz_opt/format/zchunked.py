@@ -53,6 +53,22 @@ TYPE_NAMES = {
     tarfmt.FIFO: "fifo",
     tarfmt.SYMLINK: "symlink",
 }
+#: the TOC fields c/storage compares with each tar-split header
+HEADER_FIELDS = (
+    "type",
+    "name",
+    "linkName",
+    "mode",
+    "size",
+    "uid",
+    "gid",
+    "modtime",
+    "accesstime",
+    "changetime",
+    "devMajor",
+    "devMinor",
+    "xattrs",
+)
 _WINDOW = 64
 _CHAR_OFFSET = 31
 _SPLIT_MASK = 0xFFFF
