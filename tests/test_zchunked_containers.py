@@ -148,7 +148,8 @@ def test_layout_annotations_and_diffid(converted: tuple[Path, dict[str, Any]]) -
     # zstd(1) skips the skippable frames: what it decodes is the tar the DiffID names
     tar = subprocess.run(["zstd", "-dc", blob], capture_output=True, check=True).stdout
     assert summary["diffID"] == "sha256:" + hashlib.sha256(tar).hexdigest()
-    names = tarfile.open(fileobj=io.BytesIO(tar)).getnames()
+    with tarfile.open(fileobj=io.BytesIO(tar)) as t:
+        names = t.getnames()
     assert names[:2] == ["data", "data/x"]  # the prioritized file first, no landmark
     assert ".prefetch.landmark" not in names
     report = verify_containers_layer(blob, ann, summary["diffID"])
@@ -165,9 +166,10 @@ def test_toc_fields(converted: tuple[Path, dict[str, Any]]) -> None:
     big = by_name["data/big"]
     assert big[0]["type"] == "reg" and len(big) > 4
     assert all(c["type"] == "chunk" for c in big[1:])
-    assert big[0]["digest"] == "sha256:" + hashlib.sha256(
-        tarfile.open(fileobj=io.BytesIO(sample_tar())).extractfile("data/big").read()  # type: ignore[union-attr]
-    ).hexdigest()
+    with tarfile.open(fileobj=io.BytesIO(sample_tar())) as t:
+        member = t.extractfile("data/big")
+        assert member is not None
+        assert big[0]["digest"] == "sha256:" + hashlib.sha256(member.read()).hexdigest()
     assert [c.get("chunkType") for c in big].count("zeros") == 1
     assert big[0]["offset"] < big[0]["endOffset"]
     (zeros,) = by_name["data/zeros"]
