@@ -10,6 +10,7 @@ trixie root serve every test; each pull sequence has podman storage of its own.
 from __future__ import annotations
 
 import io
+import json
 import random
 import re
 import subprocess
@@ -22,8 +23,8 @@ from typing import Any
 
 import pytest
 from imagefactory import write_busybox_image
-from lazypull import Proxy, Registry
 from layers import LayerBuildError, build_busybox_layer
+from lazypull import Proxy, Registry
 from support import trixie
 
 CLI = [sys.executable, "-m", "estargz_opt"]
@@ -84,9 +85,8 @@ class World:
     registry: Registry
     proxy: Proxy
 
-    def podman(self, store: str, cmd: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-        res = trixie.run(f"{trixie.podman(store)} {cmd}", self.share, timeout)
-        return res
+    def podman(self, store: str, cmd: str) -> subprocess.CompletedProcess[str]:
+        return trixie.run(f"{trixie.podman(store)} {cmd}", self.share)
 
     def pulled_bytes(self, since: int) -> int:
         return sum(r["bytes"] for r in self.proxy.requests()[since:] if "/blobs/" in r["path"])
@@ -110,7 +110,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         pytest.skip(str(exc))
     v10, v11 = releases()
     for tag, layers in (("1.0", v10), ("1.1", v11)):
-        write_busybox_image(share / "src", tag, busybox, layers, cmd=["/bin/busybox", "sh", "-c", SHOW])
+        write_busybox_image(share / "src", tag, busybox, layers,
+                            cmd=["/bin/busybox", "sh", "-c", SHOW])
     registry = Registry.start(share)
     proxy = Proxy.start(registry.host, share / "proxy.log")
     try:
@@ -202,6 +203,4 @@ def _changed_layer_size(world: World) -> int:
     res = subprocess.run(["skopeo", "inspect", "--raw", "--tls-verify=false",
                           f"docker://{world.registry.host}/ours:1.1"],
                          capture_output=True, text=True, check=True)
-    import json
-
     return int(json.loads(res.stdout)["layers"][-1]["size"])
