@@ -85,10 +85,8 @@ class Profile:
         if self.files == 0:
             return f"the profile ({named}) lists no files"
         if not self.missing:  # every path is there, and none is a file to move first
-            return (
-                f"the profile ({named}): its {self.files} path(s) in the image "
-                f"{self.manifest_digest} are directories only, no file to prioritize"
-            )
+            return (f"the profile ({named}): its {self.files} path(s) in the image "
+                    f"{self.manifest_digest} are directories only, no file to prioritize")
         files = "its one file" if self.files == 1 else f"none of its {self.files} files"
         found = "is not" if self.files == 1 else "is"
         head = f"the profile ({named}): {files} {found} in the image {self.manifest_digest}"
@@ -125,7 +123,6 @@ def match_profile(
         if old is None or new is None or index >= len(old):
             return None
         return next((j for j, lay in enumerate(new) if lay.same(old[index])), None)
-
     names: LayerNames | None = None
     placed: set[tuple[str, str]] = set()
     paths: set[str] = set()
