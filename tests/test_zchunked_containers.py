@@ -26,6 +26,7 @@ from estargz_opt.format import zchunked
 from estargz_opt.format.zchunked_verify import open_containers_layer, verify_containers_layer
 
 CLI = [sys.executable, "-m", "estargz_opt"]
+CONTAINERS = ("--format", "zstdchunked", "--zstdchunked-flavor", "containers")
 STARGZ_TOC = "containerd.io/snapshot/stargz/toc.digest"
 
 
@@ -131,7 +132,7 @@ def converted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
     d = tmp_path_factory.mktemp("zc")
     (d / "in.tar").write_bytes(sample_tar())
     (d / "prio").write_text("data/x\n")
-    done = cli("layer", "convert", "--format", "zstdchunked-containers",
+    done = cli("layer", "convert", *CONTAINERS,
                "--prioritized-files", d / "prio", d / "in.tar", d / "out")
     assert done.returncode == 0, done.stderr
     return d / "out", json.loads(done.stdout)
@@ -187,16 +188,25 @@ def test_the_cache_keeps_the_flavours_apart(tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     first = cli("layer", "convert", "--format", "zstdchunked", "--cache-dir", cache,
                 tmp_path / "in.tar", tmp_path / "a")
-    second = cli("layer", "convert", "--format", "zstdchunked-containers", "--cache-dir",
-                 cache, tmp_path / "in.tar", tmp_path / "b")
+    second = cli("layer", "convert", *CONTAINERS, "--cache-dir", cache,
+                 tmp_path / "in.tar", tmp_path / "b")
     assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
     assert json.loads(second.stdout)["cache"] == "miss"
     assert (tmp_path / "b").read_bytes()[-8:] == b"GNUlInUx"
     assert (tmp_path / "a").read_bytes()[-8:] == b"GnUlInUx"
-    again = cli("layer", "convert", "--format", "zstdchunked-containers", "--cache-dir",
-                cache, tmp_path / "in.tar", tmp_path / "c")
+    again = cli("layer", "convert", *CONTAINERS, "--cache-dir", cache,
+                tmp_path / "in.tar", tmp_path / "c")
     assert json.loads(again.stdout)["cache"] == "hit"
     assert (tmp_path / "c").read_bytes() == (tmp_path / "b").read_bytes()
+
+
+def test_flavor_applies_to_zstdchunked_only(tmp_path: Path) -> None:
+    (tmp_path / "in.tar").write_bytes(sample_tar())
+    done = cli("layer", "convert", "--zstdchunked-flavor", "containers", tmp_path / "in.tar",
+               tmp_path / "out")
+    assert done.returncode != 0 and not (tmp_path / "out").exists()
+    assert "applies to zstd:chunked only" in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 def test_flavor_needs_zstdchunked(tmp_path: Path) -> None:

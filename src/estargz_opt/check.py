@@ -20,7 +20,6 @@ from estargz_opt.errors import EstargzOptError
 from estargz_opt.format import (
     TOC_DIGEST_ANNOTATION,
     UNCOMPRESSED_SIZE_ANNOTATION,
-    Format,
     open_layer,
     zchunked_verify,
 )
@@ -226,7 +225,7 @@ def _check_containers(
     check: LayerCheck, path: Any, ann: dict[str, str], diff_id: str | None, deep: bool
 ) -> LayerCheck:
     """A containers-flavour zstd:chunked layer, checked as c/storage will (deep) or described."""
-    check.format = Format.ZSTDCHUNKED_CONTAINERS.value
+    check.format = "zstdchunked-containers"
     if deep:
         r = zchunked_verify.verify_containers_layer(path, ann, diff_id)
         check.entries, check.chunks, check.errors = r.entries, r.chunks, r.errors

@@ -20,6 +20,7 @@ from estargz_opt.format import (
     DEFAULT_CHUNK_SIZE,
     Format,
     LayerOptions,
+    ZstdFlavor,
     atomic_output,
     convert_layer,
     open_layer,
@@ -41,6 +42,15 @@ from estargz_opt.stores.registry.options import (
 from estargz_opt.workload.options import DEFAULT_PERIOD, DEFAULT_RUNTIME, RUNNERS, SamplerOptions
 
 log = logging.getLogger("estargz_opt")
+_ZSTD_FLAVOR = click.option(
+    "--zstdchunked-flavor",
+    type=click.Choice([f.value for f in ZstdFlavor]),
+    default=ZstdFlavor.STARGZ.value,
+    show_default=True,
+    help="Whose zstd:chunked: stargz (ctr-remote's; stargz-snapshotter lazily pulls it) or "
+    "containers (containers/storage's, with tar-split; podman and CRI-O pull it partially "
+    "with enable_partial_images).",
+)
 _GZIP_NEGATIVE_LEVELS = (
     "-1 is Go's default (6); -2 is Huffman-only, written by zlib's Z_HUFFMAN_ONLY"
 )
@@ -406,15 +416,7 @@ def _profiles(records: tuple[Path, ...], lists: tuple[Path, ...]) -> tuple[Profi
 )
 @click.option("--all-platforms", is_flag=True, help="Convert every platform of an index.")
 @click.option("--zstdchunked", is_flag=True, help="Write zstd:chunked layers (needs --oci).")
-@click.option(
-    "--zstdchunked-flavor",
-    type=click.Choice(["stargz", "containers"]),
-    default="stargz",
-    show_default=True,
-    help="stargz: ctr-remote's layout, read by stargz-snapshotter; containers: "
-    "containers/storage's layout with tar-split, pulled partially by podman and CRI-O "
-    "(enable_partial_images).",
-)
+@_ZSTD_FLAVOR
 @click.option("--zstdchunked-compression-level", type=int, default=3, show_default=True)
 @click.option(
     "--estargz-compression-level",
@@ -507,6 +509,7 @@ def optimize_cmd(
         else estargz_compression_level,
         chunk_size=estargz_chunk_size or DEFAULT_CHUNK_SIZE,
         min_chunk_size=0 if zstdchunked else estargz_min_chunk_size,
+        zstd_flavor=ZstdFlavor(zstdchunked_flavor),
     )
     src_registry = _registry(flags, "src-", authfile)
     dst_registry = _registry(flags, "dest-", authfile)
@@ -752,6 +755,7 @@ def layer() -> None:
 
 
 @layer.command("convert")
+@_ZSTD_FLAVOR
 @click.argument("src", type=_INPUT_FILE)
 @click.argument("out", type=click.Path(dir_okay=False, writable=True, path_type=Path))
 @click.option(
@@ -798,6 +802,7 @@ def layer() -> None:
 )
 @_cache_dir_option(default_on=False)
 def layer_convert(
+    zstdchunked_flavor: str,
     src: Path,
     out: Path,
     fmt: str,
@@ -824,6 +829,7 @@ def layer_convert(
         chunk_size=chunk_size,
         min_chunk_size=min_chunk_size,
         workers=threads,
+        zstd_flavor=ZstdFlavor(zstdchunked_flavor),
     )
     if opts.format is not Format.EXTERNAL_TOC and toc_out is not None:
         raise click.UsageError("--toc-out applies to --format estargz-external-toc only")

@@ -332,7 +332,7 @@ class Converter:
 
     def _reusable(self, desc: Descriptor, what: str) -> bool:
         """Upstream's --reuse test, plus every chunk verified: keep only sound eStargz layers."""
-        if self.opts.layer.format is Format.ZSTDCHUNKED_CONTAINERS:
+        if self.opts.layer.containers:
             return self._reusable_containers(desc, what)
         toc_digest = (desc.annotations or {}).get("containerd.io/snapshot/stargz/toc.digest")
         if not toc_digest:
@@ -434,7 +434,7 @@ def toc_image(toc_layers: list[Descriptor], dst: Store) -> Descriptor:
 
 def _layer_type(media_type: str, fmt: Format) -> str:
     foreign = "foreign" in media_type or "nondistributable" in media_type
-    if fmt.is_zstd:
+    if fmt is Format.ZSTDCHUNKED:
         return (d.OCI_FOREIGN if foreign else d.OCI_LAYER) + "+zstd"
     if d.is_docker(media_type):
         return d.DOCKER_FOREIGN_GZIP if foreign else d.DOCKER_LAYER_GZIP

@@ -92,14 +92,14 @@ class OptimizeRequest:
         if flavor != "stargz" and not zstdchunked:
             raise UsageError("--zstdchunked-flavor needs --zstdchunked")
         if zstdchunked:
-            return Format.ZSTDCHUNKED_CONTAINERS if flavor == "containers" else Format.ZSTDCHUNKED
+            return Format.ZSTDCHUNKED
         return Format.EXTERNAL_TOC if external_toc else Format.ESTARGZ
 
     def validate(self) -> None:
         """Every check of how optimize's options combine, as UsageError (exit 2)."""
         src, dst = reference.parse(self.src), reference.parse(self.dst)
         fmt = self.layer.format
-        if fmt.is_zstd and not self.oci:
+        if fmt is Format.ZSTDCHUNKED and not self.oci:
             raise UsageError("--zstdchunked requires --oci")
         if fmt is Format.EXTERNAL_TOC and self.reuse:
             raise UsageError("--estargz-external-toc cannot be combined with --reuse")

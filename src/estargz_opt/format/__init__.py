@@ -18,6 +18,7 @@ from estargz_opt.format.build import (
     LayerOptions,
     LayerResult,
     ProgressFn,
+    ZstdFlavor,
     build_layer,
 )
 from estargz_opt.format.reader import Layer, open_layer
@@ -35,6 +36,7 @@ __all__ = [
     "LayerOptions",
     "LayerResult",
     "TOCEntry",
+    "ZstdFlavor",
     "atomic_output",
     "build_layer",
     "convert_layer",

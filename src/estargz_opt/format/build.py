@@ -48,23 +48,25 @@ ProgressFn = Callable[[int, int], None]
 OUTPUT_VERSION = 1
 
 
+class ZstdFlavor(StrEnum):
+    """Whose zstd:chunked: ctr-remote's (stargz-snapshotter reads it) or containers/storage's
+    (podman and CRI-O pull it partially; see estargz_opt.format.zchunked)."""
+
+    STARGZ = "stargz"
+    CONTAINERS = "containers"
+
+
 class Format(StrEnum):
     ESTARGZ = "estargz"
     ZSTDCHUNKED = "zstdchunked"
     EXTERNAL_TOC = "estargz-external-toc"
-    #: zstd:chunked as containers/storage writes it (podman, CRI-O): see format.zchunked
-    ZSTDCHUNKED_CONTAINERS = "zstdchunked-containers"
-
-    @property
-    def is_zstd(self) -> bool:
-        return self in (Format.ZSTDCHUNKED, Format.ZSTDCHUNKED_CONTAINERS)
 
     @property
     def default_level(self) -> int:
-        return zstdchunked.DEFAULT_LEVEL if self.is_zstd else estargz.DEFAULT_LEVEL
+        return zstdchunked.DEFAULT_LEVEL if self is Format.ZSTDCHUNKED else estargz.DEFAULT_LEVEL
 
     def compressor(self, level: int) -> Compressor:
-        if self.is_zstd:
+        if self is Format.ZSTDCHUNKED:
             return zstdchunked.ZstdCompressor(level)
         if self is Format.EXTERNAL_TOC:
             return externaltoc.ExternalTOCCompressor(level)
@@ -79,6 +81,12 @@ class LayerOptions:
     chunk_size: int = DEFAULT_CHUNK_SIZE
     min_chunk_size: int = 0
     workers: int | None = None  # threads for compression; never changes the bytes
+    zstd_flavor: ZstdFlavor = ZstdFlavor.STARGZ
+
+    @property
+    def containers(self) -> bool:
+        """Whether this is the containers/storage flavour of zstd:chunked."""
+        return self.format is Format.ZSTDCHUNKED and self.zstd_flavor is ZstdFlavor.CONTAINERS
 
     @property
     def level(self) -> int:
@@ -87,7 +95,9 @@ class LayerOptions:
         )
 
     def validate(self) -> None:
-        if self.format.is_zstd:
+        if self.zstd_flavor is not ZstdFlavor.STARGZ and self.format is not Format.ZSTDCHUNKED:
+            raise BadInputError("a zstd:chunked flavour applies to zstd:chunked only")
+        if self.format is Format.ZSTDCHUNKED:
             if not 1 <= self.level <= 22:
                 raise BadInputError(f"zstd compression level must be 1-22, got {self.level}")
             if self.min_chunk_size:
@@ -406,7 +416,7 @@ def build_layer(
 ) -> LayerResult:
     """Write the converted layer for src to out (positioned at 0) and describe it."""
     opts.validate()
-    if opts.format is Format.ZSTDCHUNKED_CONTAINERS:
+    if opts.containers:
         from estargz_opt.format.zchunked_build import build_containers_layer  # needs this module
 
         return build_containers_layer(src, out, opts, progress)
