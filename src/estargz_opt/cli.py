@@ -417,7 +417,11 @@ def _profiles(records: tuple[Path, ...], lists: tuple[Path, ...]) -> tuple[Profi
 @click.option("--all-platforms", is_flag=True, help="Convert every platform of an index.")
 @click.option("--zstdchunked", is_flag=True, help="Write zstd:chunked layers (needs --oci).")
 @_ZSTD_FLAVOR
-@click.option("--zstdchunked-compression-level", type=int, default=3, show_default=True)
+@click.option(
+    "--zstdchunked-compression-level",
+    type=int,
+    help="zstd level 1-22 (default 3; 9 with --zstdchunked-flavor containers).",
+)
 @click.option(
     "--estargz-compression-level",
     type=int,
@@ -465,7 +469,7 @@ def optimize_cmd(
     all_platforms: bool,
     zstdchunked: bool,
     zstdchunked_flavor: str,
-    zstdchunked_compression_level: int,
+    zstdchunked_compression_level: int | None,
     estargz_compression_level: int,
     estargz_chunk_size: int,
     estargz_min_chunk_size: int,

@@ -16,7 +16,7 @@ from enum import StrEnum
 
 from estargz_opt.digest import digest_of, hasher, sha256_digest
 from estargz_opt.errors import BadInputError
-from estargz_opt.format import estargz, externaltoc, tarfmt, zstdchunked
+from estargz_opt.format import estargz, externaltoc, tarfmt, zchunked, zstdchunked
 from estargz_opt.format.codec import Compressor, Output
 from estargz_opt.format.source import TarSource
 from estargz_opt.format.tarfmt import TarEntry
@@ -90,9 +90,9 @@ class LayerOptions:
 
     @property
     def level(self) -> int:
-        return (
-            self.format.default_level if self.compression_level is None else self.compression_level
-        )
+        if self.compression_level is not None:
+            return self.compression_level
+        return zchunked.DEFAULT_LEVEL if self.containers else self.format.default_level
 
     def validate(self) -> None:
         if self.zstd_flavor is not ZstdFlavor.STARGZ and self.format is not Format.ZSTDCHUNKED:
