@@ -294,3 +294,20 @@ def test_verify_refuses_a_tarsplit_that_disagrees_with_the_toc(image: Path) -> N
 
     _edit(image, edit_manifest=swap)
     _verify_fails(image, "TOC and tar-split disagree on mode of 'data/x'")
+
+
+def test_verify_refuses_a_toc_over_the_limit(
+    converted: tuple[Path, dict[str, Any]], tmp_path: Path
+) -> None:
+    """A footer stating a TOC over 150 MiB: c/storage pulls such a layer whole."""
+    blob, summary = converted
+    data = bytearray(blob.read_bytes())
+    footer = zchunked.FooterData.parse(bytes(data[-zchunked.FOOTER_SIZE:]))
+    big = zchunked.FooterData(footer.toc_offset, footer.toc_size, 151 << 20,
+                              footer.manifest_type, footer.tarsplit_offset,
+                              footer.tarsplit_size, footer.tarsplit_plain_size)
+    data[-zchunked.FOOTER_SIZE:] = big.to_bytes()
+    (tmp_path / "blob").write_bytes(data)
+    ann = {**summary["annotations"], zchunked.MANIFEST_POSITION: big.manifest_position()}
+    errors = verify_containers_layer(tmp_path / "blob", ann, None).errors
+    assert len(errors) == 1 and "over c/storage's 157286400-byte limit" in errors[0], errors
