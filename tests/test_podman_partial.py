@@ -22,10 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from imagefactory import write_busybox_image
+from imagefactory import blob_path, write_busybox_image
 from layers import LayerBuildError, build_busybox_layer
 from lazypull import Proxy, Registry
 from support import trixie
+
+from estargz_opt.format.zchunked_verify import open_containers_layer
 
 CLI = [sys.executable, "-m", "estargz_opt"]
 #: What the image prints: above the "--" line, what any pull must reproduce (regular files
@@ -204,3 +206,27 @@ def _changed_layer_size(world: World) -> int:
                           f"docker://{world.registry.host}/ours:1.1"],
                          capture_output=True, text=True, check=True)
     return int(json.loads(res.stdout)["layers"][-1]["size"])
+
+
+def test_chunks_are_skopeos_chunks(world: World) -> None:
+    """Our chunk boundaries are c/storage's, so a file dedups against layers skopeo wrote."""
+    share = world.share
+    _cli("optimize", "--oci", "--no-optimize", "--zstdchunked", "--zstdchunked-flavor",
+         "containers", f"oci:{share}/src:1.0", f"oci:{share}/ours-oci:1.0")
+    res = trixie.run("skopeo copy -q --dest-compress-format zstd:chunked "
+                     "oci:/share/src:1.0 oci:/share/sk-oci:1.0", share)
+    assert res.returncode == 0, res.stderr
+    ours, theirs = (_chunk_digests(share / name, "data/b/big") for name in ("ours-oci", "sk-oci"))
+    assert len(ours) > 50 and ours == theirs
+
+
+def _chunk_digests(layout: Path, name: str) -> list[str]:
+    index = json.loads((layout / "index.json").read_text())
+    manifest = json.loads(blob_path(layout, index["manifests"][-1]["digest"]).read_text())
+    for layer in manifest["layers"]:
+        with open(blob_path(layout, layer["digest"]), "rb") as f:
+            entries = open_containers_layer(f).entries
+        found = [e.get("chunkDigest", "") for e in entries if e["name"] == name]
+        if found:
+            return found
+    raise AssertionError(f"{name} is in no layer of {layout}")

@@ -140,13 +140,13 @@ class Chunker:
     """c/storage's chunk boundaries for one file's content, fed in pieces of any size.
 
     The rolling sum (s1: window sum plus 64*31; s2: running sum of s1 minus 64*(dropped
-    byte + 31)) is computed for a whole piece at once with numpy cumulative sums modulo
-    2**32; only s2 matters for the cut test. Zero runs are rolled too, but never cut in.
+    byte + 31)) is computed for a whole piece at once with numpy cumulative sums; only
+    s2 matters for the cut test. Zero runs are rolled too, but never cut in.
     """
 
     def __init__(self) -> None:
         self._window = bytes(_WINDOW)
-        self._s2 = np.uint32(_WINDOW * (_WINDOW - 1) * _CHAR_OFFSET)
+        self._s2 = (_WINDOW * (_WINDOW - 1) * _CHAR_OFFSET) & _SPLIT_MASK
         self._zeros = 0  # zeros at the end of what was fed, not yet classified
         self._open = 0  # bytes in the current chunk so far
 
@@ -214,16 +214,23 @@ class Chunker:
                 start = end
 
     def _roll(self, data: bytes) -> list[int]:
-        """Roll data through the sum; the offsets just after each byte where a cut falls."""
-        ext = np.frombuffer(self._window + data, dtype=np.uint8).astype(np.uint32)
-        prefix = np.zeros(len(ext) + 1, dtype=np.uint32)
-        np.cumsum(ext, dtype=np.uint32, out=prefix[1:])
-        window_sum = prefix[_WINDOW + 1 :] - prefix[1 : len(data) + 1]
-        step = window_sum - np.uint32(_WINDOW) * ext[: len(data)]
-        s2 = np.cumsum(step, dtype=np.uint32) + self._s2
-        self._s2 = s2[-1]
+        """Roll data through the sum; the offsets just after each byte where a cut falls.
+
+        Only s2's low 16 bits decide a cut, so the arithmetic is done modulo 2**16
+        (uint16 arrays: half the memory traffic of 32-bit sums, the same cuts).
+        """
+        n = len(data)
+        ext = np.frombuffer(self._window + data, dtype=np.uint8)
+        prefix = np.empty(len(ext) + 1, dtype=np.uint16)
+        prefix[0] = 0
+        np.cumsum(ext, dtype=np.uint16, out=prefix[1:])
+        step = prefix[_WINDOW + 1 :] - prefix[1 : n + 1]  # the window's sum after each byte
+        step -= ext[:n].astype(np.uint16) * np.uint16(_WINDOW)  # minus 64 * the byte dropped
+        s2 = np.cumsum(step, dtype=np.uint16)
+        s2 += np.uint16(self._s2)
+        self._s2 = int(s2[-1])
         self._window = (self._window + data)[-_WINDOW:]
-        return [int(i) + 1 for i in np.flatnonzero((s2 & _SPLIT_MASK) == _SPLIT_MASK)]
+        return [int(i) + 1 for i in np.flatnonzero(s2 == np.uint16(_SPLIT_MASK))]
 
 
 # ----------------------------------------------------------------------------- tar-split
