@@ -311,3 +311,25 @@ def test_verify_refuses_a_toc_over_the_limit(
     ann = {**summary["annotations"], zchunked.MANIFEST_POSITION: big.manifest_position()}
     errors = verify_containers_layer(tmp_path / "blob", ann, None).errors
     assert len(errors) == 1 and "over c/storage's 157286400-byte limit" in errors[0], errors
+
+
+def _layer_digests(layout: Path, tag: str) -> list[str]:
+    manifest = read_json(layout, resolve_tag(layout, tag)["digest"])
+    return [layer["digest"] for layer in manifest["layers"]]
+
+
+def test_reuse_keeps_containers_layers_only(image: Path) -> None:
+    """--reuse keeps a sound containers-flavour layer; a stargz-flavour one is converted."""
+    kept = cli("optimize", "--oci", "--no-optimize", "--reuse", *CONTAINERS[2:], "--zstdchunked",
+               f"oci:{image}:zc", f"oci:{image}:again")
+    assert kept.returncode == 0, kept.stderr
+    assert _layer_digests(image, "again") == _layer_digests(image, "zc")
+    stargz = cli("optimize", "--oci", "--no-optimize", "--zstdchunked", f"oci:{image}:t",
+                 f"oci:{image}:sz")
+    assert stargz.returncode == 0, stargz.stderr
+    redone = cli("optimize", "--oci", "--no-optimize", "--reuse", *CONTAINERS[2:],
+                 "--zstdchunked", f"oci:{image}:sz", f"oci:{image}:redone")
+    assert redone.returncode == 0, redone.stderr
+    (digest,) = _layer_digests(image, "redone")
+    assert digest != _layer_digests(image, "sz")[0]
+    assert blob_path(image, digest).read_bytes()[-8:] == b"GNUlInUx"

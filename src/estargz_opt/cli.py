@@ -420,7 +420,7 @@ def _profiles(records: tuple[Path, ...], lists: tuple[Path, ...]) -> tuple[Profi
 @click.option(
     "--zstdchunked-compression-level",
     type=int,
-    help="zstd level 1-22 (default 3; 9 with --zstdchunked-flavor containers).",
+    help="zstd level 1-22 (default 3; 7 with --zstdchunked-flavor containers).",
 )
 @click.option(
     "--estargz-compression-level",

@@ -79,7 +79,7 @@ def build_containers_layer(
         raise
     ts = tarsplit.finish()
     offsets = [*members.offsets, members.csize]
-    entries = [ent for p in pending for ent in p.resolve(offsets)]
+    entries = [ent for p in pending for ent in p.resolve(offsets, members.chunk_digests)]
     toc = zchunked.toc_json(entries, sha256_digest(ts))
     if len(toc) > MAX_TOC_SIZE:
         raise BadInputError(
@@ -128,29 +128,30 @@ def _write_entry(
 def _write_content(
     fd: int, e: tarfmt.TarEntry, size: int, members: _ParallelMembers, chunks: list[ChunkRef]
 ) -> tuple[str, int]:
-    """Write a file's content, one frame per chunk; its digest and tar-split CRC."""
+    """Write a file's content, one frame per chunk; its digest and tar-split CRC.
+
+    A chunk (at most MAX_CHUNK bytes) is gathered before its frame is begun, so that
+    its length is known and the compression pool hashes it beside compressing it.
+    """
     chunker = zchunked.Chunker()
     whole = hasher()
     crc: int | None = None
-    chunk_hash = hasher()
-    open_chunk: ChunkRef | None = None
+    parts: list[bytes] = []
+    zeros = False
     written = 0
 
     def take(piece: zchunked.Piece) -> None:
-        nonlocal open_chunk, chunk_hash, written
+        nonlocal zeros, written
         if piece.data:
-            if open_chunk is None:
-                member, _ = members.start_chunk(False, 0)
-                open_chunk = ChunkRef(member, written, 0, "", piece.zeros)
-                chunk_hash = hasher()
-            members.write(piece.data)
-            chunk_hash.update(piece.data)
-            open_chunk.size += len(piece.data)
-            written += len(piece.data)
-        if piece.cut and open_chunk is not None:
-            open_chunk.digest = digest_of(chunk_hash)
-            chunks.append(open_chunk)
-            open_chunk = None
+            parts.append(piece.data)
+            zeros = piece.zeros
+        if piece.cut and parts:
+            data = b"".join(parts) if len(parts) > 1 else parts[0]
+            parts.clear()
+            member, _ = members.start_chunk(False, len(data))
+            members.write(data)
+            chunks.append(ChunkRef(member, written, len(data), zeros))
+            written += len(data)
 
     at = 0
     while at < size:
