@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
 # A Debian trixie root with podman 5, skopeo 1.18, cosign, oras and python3, built once with debootstrap
 # under $TRIXIE_ROOT (default /var/tmp/trixie-root), entered with pivot_root (podman unpacks layers
-# there) and with this host's leftover v2 cgroup controllers bound to v1 (crun refuses them).
+# there) with the cgroup v2 hierarchy of a hybrid host hidden (crun refuses controllers on it).
 # Usage: trixie-root.sh            -> builds it, prints its path
 #        trixie-root.sh run 'CMD'  -> runs CMD inside (host network; $TRIXIE_SHARE, if set,
 #                                     is bound at /share)
 set -euo pipefail
 T=${TRIXIE_ROOT:-/var/tmp/trixie-root}
 if [[ ! -f $T/.done ]]; then
-  rm -rf $T; uri=$(sed -n 's/^URIs: *//p' /etc/apt/sources.list.d/debian.sources | head -1)
+  exec 9>"$T.lock"; flock 9  # one build at a time; a waiter finds it done
+fi
+if [[ ! -f $T/.done ]]; then
+  rm -rf $T; uri=$(sed -n 's/^URIs: *//p' /etc/apt/sources.list.d/debian.sources 2>/dev/null | head -1 || true)
+  uri=${uri:-http://deb.debian.org/debian}
   debootstrap --variant=minbase --include=podman,skopeo,crun,conmon,netavark,fuse-overlayfs,ca-certificates,cosign,oras,python3,curl \
     trixie $T "$uri" > $T.debootstrap.log 2>&1
   mkdir -p $T/etc/containers
