@@ -8,6 +8,7 @@ checks each layer the way the snapshotter will, and more (DiffID, sizes, landmar
 
 from __future__ import annotations
 
+import os
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -222,7 +223,11 @@ def _check_layer(
 
 
 def _check_containers(
-    check: LayerCheck, path: Any, ann: dict[str, str], diff_id: str | None, deep: bool
+    check: LayerCheck,
+    path: str | os.PathLike[str],
+    ann: dict[str, str],
+    diff_id: str | None,
+    deep: bool,
 ) -> LayerCheck:
     """A containers-flavour zstd:chunked layer, checked as c/storage will (deep) or described."""
     check.format = "zstdchunked-containers"

@@ -76,8 +76,8 @@ HEADER_FIELDS = (
 _WINDOW = 64
 _CHAR_OFFSET = 31
 _SPLIT_MASK = 0xFFFF
-_SKIPPABLE = struct.Struct("<II")
-_SKIPPABLE_MAGIC = 0x184D2A50
+SKIPPABLE_HEADER = struct.Struct("<II")
+SKIPPABLE_MAGIC = 0x184D2A50
 _FOOTER = struct.Struct("<7Q8s")
 _CRC64 = anycrc.Model("CRC64-GO-ISO")  # tar-split's file checksum (Go's crc64 ISO table)
 _NONZERO = re.compile(rb"[^\x00]")
@@ -86,7 +86,7 @@ _TARSPLIT_FILE, _TARSPLIT_SEGMENT = 1, 2
 
 
 def skippable_frame(payload: bytes) -> bytes:
-    return _SKIPPABLE.pack(_SKIPPABLE_MAGIC, len(payload)) + payload
+    return SKIPPABLE_HEADER.pack(SKIPPABLE_MAGIC, len(payload)) + payload
 
 
 @dataclass(frozen=True, slots=True)
@@ -386,8 +386,8 @@ def tail_frames(
     tarsplit_plain: int,
 ) -> tuple[bytes, dict[str, str]]:
     """The TOC, tar-split and footer frames after payload_size bytes, and the annotations."""
-    toc_offset = payload_size + _SKIPPABLE.size
-    tarsplit_offset = toc_offset + len(toc_compressed) + _SKIPPABLE.size
+    toc_offset = payload_size + SKIPPABLE_HEADER.size
+    tarsplit_offset = toc_offset + len(toc_compressed) + SKIPPABLE_HEADER.size
     footer = FooterData(
         toc_offset,
         len(toc_compressed),

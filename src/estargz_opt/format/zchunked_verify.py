@@ -25,7 +25,7 @@ from estargz_opt.jsonlimits import loads_object
 
 STARGZ_TOC_ANNOTATION = "containerd.io/snapshot/stargz/toc.digest"
 MAX_TARSPLIT_SIZE = 1 << 30  # a bound on the decoded tar-split we hold in memory
-_FRAME_HEADER = 8
+_FRAME_HEADER = zchunked.SKIPPABLE_HEADER.size
 
 
 def is_containers_path(path: str | os.PathLike[str]) -> bool:
@@ -61,8 +61,8 @@ def _frame(fd: int, offset: int, length: int, size: int, what: str) -> bytes:
     if offset < _FRAME_HEADER or offset + length > size:
         raise BadInputError(f"{what} position {offset}:{length} lies outside the blob")
     head = os.pread(fd, _FRAME_HEADER, offset - _FRAME_HEADER)
-    magic, n = zchunked._SKIPPABLE.unpack(head)
-    if magic != zchunked._SKIPPABLE_MAGIC or n != length:
+    magic, n = zchunked.SKIPPABLE_HEADER.unpack(head)
+    if magic != zchunked.SKIPPABLE_MAGIC or n != length:
         raise BadInputError(f"{what} at {offset} is not in a skippable frame of {length} bytes")
     return os.pread(fd, length, offset)
 
