@@ -149,6 +149,14 @@ def first_pulls(world: World) -> dict[str, tuple[str, str]]:
 FALLBACK = re.compile(r"falling back|fallback|failed to retrieve partial blob|convert", re.I)
 
 
+def test_verify_reads_them_from_the_registry(world: World) -> None:
+    done = subprocess.run([*CLI, "verify", "--tls-verify=false",
+                           f"docker://{world.registry.host}/ours:1.1"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count("zstdchunked-containers") == 3
+
+
 def test_podman_pulls_our_layers_partially(first_pulls: dict[str, tuple[str, str]]) -> None:
     log = first_pulls["ours"][0]
     differs = re.findall(r'Created zstd:chunked differ for blob \\?"(sha256:\w+)', log)

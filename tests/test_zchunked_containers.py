@@ -333,3 +333,24 @@ def test_reuse_keeps_containers_layers_only(image: Path) -> None:
     (digest,) = _layer_digests(image, "redone")
     assert digest != _layer_digests(image, "sz")[0]
     assert blob_path(image, digest).read_bytes()[-8:] == b"GNUlInUx"
+
+
+def test_verify_names_a_truncated_blob(
+    converted: tuple[Path, dict[str, Any]], tmp_path: Path
+) -> None:
+    blob, summary = converted
+    (tmp_path / "blob").write_bytes(blob.read_bytes()[:-10])
+    errors = verify_containers_layer(tmp_path / "blob", summary["annotations"], None).errors
+    assert errors and all("\n" not in e for e in errors), errors
+
+
+def test_non_utf8_names_are_refused_in_one_line(tmp_path: Path) -> None:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT,
+                      encoding="latin-1") as t:
+        ti = tarfile.TarInfo("caf\xe9")
+        t.addfile(ti, io.BytesIO(b""))
+    (tmp_path / "in.tar").write_bytes(buf.getvalue())
+    done = cli("layer", "convert", *CONTAINERS, tmp_path / "in.tar", tmp_path / "out")
+    assert done.returncode != 0 and not (tmp_path / "out").exists()
+    assert "is not UTF-8" in done.stderr and "Traceback" not in done.stderr
