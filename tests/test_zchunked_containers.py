@@ -354,3 +354,20 @@ def test_non_utf8_names_are_refused_in_one_line(tmp_path: Path) -> None:
     done = cli("layer", "convert", *CONTAINERS, tmp_path / "in.tar", tmp_path / "out")
     assert done.returncode != 0 and not (tmp_path / "out").exists()
     assert "is not UTF-8" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("entry", [["not", "an", "object"], {"name": "x", "offset": "12"}])
+def test_verify_names_a_malformed_toc(
+    converted: tuple[Path, dict[str, Any]], tmp_path: Path, entry: Any
+) -> None:
+    blob, _ = converted
+    with open(blob, "rb") as f:
+        parsed = open_containers_layer(f)
+    toc = zchunked.toc_json([*parsed.entries, entry], parsed.toc["tarSplitDigest"])
+    payload = blob.read_bytes()[: parsed.footer.toc_offset - 8]
+    tail, ann = zchunked.tail_frames(len(payload), zstandard.ZstdCompressor().compress(toc),
+                                     len(toc), parsed.tarsplit_raw,
+                                     parsed.footer.tarsplit_plain_size)
+    (tmp_path / "blob").write_bytes(payload + tail)
+    errors = verify_containers_layer(tmp_path / "blob", ann, None).errors
+    assert len(errors) == 1 and "TOC entry" in errors[0], errors

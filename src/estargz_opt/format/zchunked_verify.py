@@ -101,8 +101,21 @@ def open_containers_layer(f: BinaryIO) -> ContainersLayer:
     want = toc.get("tarSplitDigest")
     if want != sha256_digest(ts_raw):
         raise BadInputError(f"tar-split digest {sha256_digest(ts_raw)} != TOC's {want}")
+    for e in toc["entries"]:
+        if not (isinstance(e, dict) and isinstance(e.get("name"), str)):
+            raise BadInputError(f"malformed TOC entry {str(e)[:80]!r}")
+        for key in ("size", "offset", "endOffset", "chunkSize", "chunkOffset", "mode"):
+            if not isinstance(e.get(key, 0), int):
+                raise BadInputError(f"TOC entry {e['name']!r} has a non-integer {key}")
     lines = _unzstd(ts_raw, footer.tarsplit_plain_size, "tar-split").splitlines()
     records = [loads_object(line, "tar-split record") for line in lines if line.strip()]
+    for i, rec in enumerate(records):
+        if not (
+            rec.get("type") in (1, 2)
+            and isinstance(rec.get("payload") or "", str)
+            and isinstance(rec.get("size", 0), int)
+        ):
+            raise BadInputError(f"malformed tar-split record {i}")
     return ContainersLayer(size, footer, toc_raw, toc, ts_raw, records)
 
 
@@ -197,7 +210,7 @@ def _tarsplit_vs_tar(layer: ContainersLayer, tar: BinaryIO) -> list[str]:
     for i, rec in enumerate(layer.tarsplit):
         kind = rec.get("type")
         if kind == 2:
-            raw = base64.b64decode(rec.get("payload") or "")
+            raw = base64.b64decode(rec.get("payload") or "", validate=True)
             if os.pread(fd, len(raw), pos) != raw:
                 return [f"tar-split record {i} (segment) differs from the tar at offset {pos}"]
             pos += len(raw)
