@@ -408,15 +408,3 @@ def tail_frames(
         TARSPLIT_POSITION: footer.tarsplit_position(),
     }
 
-
-__all__ = [
-    "FOOTER_SIZE",
-    "MANIFEST_CHECKSUM",
-    "MANIFEST_POSITION",
-    "TARSPLIT_POSITION",
-    "Chunker",
-    "FooterData",
-    "PendingEntry",
-    "TarSplitWriter",
-    "crc64",
-]

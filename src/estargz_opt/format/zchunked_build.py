@@ -11,13 +11,12 @@ rebuilds.
 from __future__ import annotations
 
 import os
-import threading
 
 import zstandard
 
 from estargz_opt.digest import digest_of, hasher, sha256_digest
 from estargz_opt.errors import BadInputError
-from estargz_opt.format import tarfmt, zchunked
+from estargz_opt.format import tarfmt, zchunked, zstdchunked
 from estargz_opt.format.build import (
     LayerOptions,
     LayerResult,
@@ -27,28 +26,11 @@ from estargz_opt.format.build import (
     index_entries,
     order_entries,
 )
-from estargz_opt.format.codec import MAX_TOC_SIZE, Compressor, Output, TOCTail
+from estargz_opt.format.codec import MAX_TOC_SIZE, Compressor, Output
 from estargz_opt.format.source import TarSource
 from estargz_opt.format.zchunked import ChunkRef, PendingEntry
 
 _READ = 4 << 20
-
-
-class ContainersCompressor:
-    """The member half of the Compressor protocol; the tail is written by build_containers_layer."""
-
-    def __init__(self, level: int) -> None:
-        self.level = level
-        self._local = threading.local()
-
-    def compress_member(self, data: bytes) -> bytes:
-        enc = getattr(self._local, "enc", None)
-        if enc is None:
-            enc = self._local.enc = zstandard.ZstdCompressor(level=self.level, write_checksum=True)
-        return enc.compress(data)
-
-    def write_toc_and_footer(self, toc_json: bytes, payload_size: int) -> TOCTail:
-        raise NotImplementedError("the containers flavour writes its tail itself")
 
 
 def build_containers_layer(
@@ -56,7 +38,7 @@ def build_containers_layer(
 ) -> LayerResult:
     """Write the containers-flavour layer for src to out and describe it."""
     order, missing, front = order_entries(index_entries(src), opts.prioritized)
-    comp: Compressor = ContainersCompressor(opts.level)
+    comp: Compressor = zstdchunked.ZstdCompressor(opts.level)  # only its frames are used
     members = _ParallelMembers(comp, out, opts.workers or os.cpu_count() or 1, progress)
     tarsplit = zchunked.TarSplitWriter(opts.level)
     pending: list[PendingEntry] = []
