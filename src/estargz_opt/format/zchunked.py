@@ -25,7 +25,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import anycrc  # type: ignore[import-untyped]
-import numpy as np
 import zstandard
 
 from estargz_opt.digest import sha256_digest
@@ -220,6 +219,8 @@ class Chunker:
         Only s2's low 16 bits decide a cut, so the arithmetic is done modulo 2**16
         (uint16 arrays: half the memory traffic of 32-bit sums, the same cuts).
         """
+        import numpy as np  # here, not at the top: it would add ~60 ms to every CLI start
+
         n = len(data)
         ext = np.frombuffer(self._window + data, dtype=np.uint8)
         prefix = np.empty(len(ext) + 1, dtype=np.uint16)
