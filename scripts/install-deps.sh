@@ -19,7 +19,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)"
 CACHE="${ESTARGZ_OPT_CACHE:-/var/cache/estargz-opt}"
 DEMO_PACKAGES=(containerd runc)
-TEST_PACKAGES=("${DEMO_PACKAGES[@]}" crun skopeo umoci busybox-static debootstrap tmux
+TEST_PACKAGES=("${DEMO_PACKAGES[@]}" crun skopeo umoci busybox-static debootstrap tmux zstd
                containernetworking-plugins iproute2 uidmap)
 
 log() { printf 'install-deps: %s\n' "$*" >&2; }

@@ -11,13 +11,15 @@
 #   - fuse3: fusermount3 and the FUSE userspace bits the snapshotter mounts with;
 #   - golang-github-vbatts-tar-split-dev: tests/go/retar (tests/test_tar_reencoding.py)
 #     re-encodes tars with Go's archive/tar as upstream does (the stargz library
-#     depends on it too; named here because the tar tests use it directly).
+#     depends on it too; named here because the tar tests use it directly);
+#   - debootstrap: scripts/trixie-root.sh builds the Debian trixie root whose podman 5
+#     and skopeo 1.18 read containers-flavour zstd:chunked (tests/test_podman_partial.py).
 # Idempotent: installs only what is missing; apt-get update runs at most once,
 # and only when something is missing.
 set -euo pipefail
 
 APT_PACKAGES=(golang-go golang-github-containerd-stargz-snapshotter-dev golang-github-vbatts-tar-split-dev
-              docker-registry fuse3)
+              docker-registry fuse3 debootstrap)
 
 log() { printf 'install-e2e-deps: %s\n' "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }

@@ -266,7 +266,7 @@ def test_optimize_help_shows_the_sections_in_order_with_defaults() -> None:
     ]
     assert heads == [*SECTIONS, "Other"]
     for shown in (
-        "[default: 3]",
+        "[default: (3; 7 with",
         "[default: 9]",
         "[default: 10G]",
         "[default: 10]",

@@ -8,6 +8,7 @@ checks each layer the way the snapshotter will, and more (DiffID, sizes, landmar
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
@@ -28,7 +29,7 @@ from estargz_opt.constants import (
 from estargz_opt.descriptor import Descriptor, Manifest
 from estargz_opt.digest import sha256_digest
 from estargz_opt.errors import EstargzOptError, MissingExternalTOCError
-from estargz_opt.format import open_layer
+from estargz_opt.format import open_layer, zchunked_verify
 from estargz_opt.format.reader import Layer
 from estargz_opt.platforms import Matcher
 from estargz_opt.stores import Store, StoreOptions, open_store
@@ -166,6 +167,8 @@ def _check_layer(
     check = LayerCheck(platform, i, desc.digest, desc.media_type, size=desc.size)
     with ExitStack() as stack:
         path = stack.enter_context(store.local_file(desc, f"layer {i} of {platform}"))
+        if zchunked_verify.is_containers_path(path):
+            return _check_containers(check, path, ann, diff_id, deep)
         try:
             layer: Layer = stack.enter_context(
                 open_layer(path, external_toc=external.get(desc.digest))
@@ -224,6 +227,32 @@ def _check_layer(
             check.errors.append(f"missing annotation {UNCOMPRESSED_SIZE_ANNOTATION}")
         elif size_ann != str(usize):
             check.errors.append(f"{UNCOMPRESSED_SIZE_ANNOTATION} {size_ann} != {usize} bytes")
+    return check
+
+
+def _check_containers(
+    check: LayerCheck,
+    path: str | os.PathLike[str],
+    ann: dict[str, str],
+    diff_id: str | None,
+    deep: bool,
+) -> LayerCheck:
+    """A containers-flavour zstd:chunked layer, checked as c/storage will (deep) or described."""
+    check.format = "zstdchunked-containers"
+    if deep:
+        r = zchunked_verify.verify_containers_layer(path, ann, diff_id)
+        check.entries, check.chunks, check.errors = r.entries, r.chunks, r.errors
+        check.uncompressed_size = r.uncompressed_size
+        return check
+    try:
+        with open(path, "rb") as f:
+            layer = zchunked_verify.open_containers_layer(f)
+    except (EstargzOptError, ValueError) as exc:
+        check.errors.append(f"unreadable containers zstd:chunked layer: {exc}")
+        return check
+    check.errors.extend(zchunked_verify.check_annotations(layer, ann))
+    check.entries = sum(1 for e in layer.entries if e.get("type") != "chunk")
+    check.chunks = sum(1 for e in layer.entries if e.get("type") in ("reg", "chunk"))
     return check
 
 

@@ -24,7 +24,15 @@ from estargz_opt.descriptor import Descriptor, Manifest
 from estargz_opt.digest import sha256_digest
 from estargz_opt.errors import BadInputError, Cancelled, EstargzOptError
 from estargz_opt.events import ProgressListener
-from estargz_opt.format import Format, LayerOptions, LayerResult, build_layer, open_layer
+from estargz_opt.format import (
+    Format,
+    LayerOptions,
+    LayerResult,
+    build_layer,
+    open_layer,
+    zchunked,
+    zchunked_verify,
+)
 from estargz_opt.format.source import Spool, TarSource, open_tar
 from estargz_opt.platforms import Matcher
 from estargz_opt.stores import Prefetching, Store
@@ -316,6 +324,8 @@ class Converter:
 
     def _reusable(self, desc: Descriptor, what: str) -> bool:
         """Upstream's --reuse test, plus every chunk verified: keep only sound eStargz layers."""
+        if self.opts.layer.containers:
+            return self._reusable_containers(desc, what)
         toc_digest = (desc.annotations or {}).get(TOC_DIGEST_ANNOTATION)
         if not toc_digest:
             return False
@@ -327,6 +337,19 @@ class Converter:
                 log.info("%s (%s) is not reusable: %s", what, desc.digest, exc)
                 return False
         return True
+
+    def _reusable_containers(self, desc: Descriptor, what: str) -> bool:
+        """For the containers flavour, only a sound containers-flavour layer is kept."""
+        ann = desc.annotations or {}
+        if not ann.get(zchunked.MANIFEST_CHECKSUM):
+            return False
+        with self.src.local_file(desc, what) as path:
+            if not zchunked_verify.is_containers_path(path):
+                return False
+            errors = zchunked_verify.verify_containers_layer(path, ann, None).errors
+        if errors:
+            log.info("%s (%s) is not reusable: %s", what, desc.digest, errors[0])
+        return not errors
 
     def _report(
         self,

@@ -12,7 +12,7 @@ from estargz_opt import reference
 from estargz_opt.cache import default_dir as default_cache_dir
 from estargz_opt.constants import DEFAULT_CACHE_MAX_SIZE, DEFAULT_CHUNK_SIZE
 from estargz_opt.errors import OptionsError, UsageError
-from estargz_opt.format import Format, LayerOptions
+from estargz_opt.format import Format, LayerOptions, ZstdFlavor
 from estargz_opt.prioritize.profile import ProfileKind, ProfileSource
 from estargz_opt.stores import StoreOptions
 from estargz_opt.workload.options import SamplerOptions
@@ -59,6 +59,7 @@ class OptimizeRequest:
         dst: str,
         *,
         format: Format | str = Format.ESTARGZ,
+        zstd_flavor: ZstdFlavor | str = ZstdFlavor.STARGZ,
         compression_level: int | None = None,
         chunk_size: int = 0,
         min_chunk_size: int = 0,
@@ -82,11 +83,12 @@ class OptimizeRequest:
         """A checked request, with every default that depends on other options filled in.
 
         The fields are those of the same names, except: compression_level None is the
-        format's default; chunk_size 0 is DEFAULT_CHUNK_SIZE; min_chunk_size is dropped
-        for zstdchunked (upstream ignores it there); records among `profiles` are
-        dropped under no_optimize (as ctr-remote ignores its --record-in then) while
-        prefetch lists are refused; `cache` with no cache_dir uses the default cache
-        directory (estargz_opt.cache.default_dir). OptionsError if options contradict.
+        format's (and zstd flavour's) default; chunk_size 0 is DEFAULT_CHUNK_SIZE;
+        min_chunk_size is dropped for zstdchunked (upstream ignores it there); records
+        among `profiles` are dropped under no_optimize (as ctr-remote ignores its
+        --record-in then) while prefetch lists are refused; `cache` with no cache_dir uses
+        the default cache directory (estargz_opt.cache.default_dir). OptionsError if
+        options contradict.
         """
         fmt = Format(format)
         layer = LayerOptions(
@@ -95,6 +97,7 @@ class OptimizeRequest:
             chunk_size=chunk_size or DEFAULT_CHUNK_SIZE,
             min_chunk_size=0 if fmt is Format.ZSTDCHUNKED else min_chunk_size,
             workers=workers,
+            zstd_flavor=ZstdFlavor(zstd_flavor),
         )
         if no_optimize:
             profiles = [p for p in profiles if p.kind is not ProfileKind.RECORD]
@@ -128,6 +131,9 @@ class OptimizeRequest:
         """Every check of how the options combine, as OptionsError (a UsageError)."""
         src, dst = reference.parse(self.src), reference.parse(self.dst)
         fmt = self.layer.format
+        if self.layer.zstd_flavor is not ZstdFlavor.STARGZ and fmt is not Format.ZSTDCHUNKED:
+            raise OptionsError("{flavor} needs {fmt}", flavor="zstd_flavor",
+                               fmt="format=zstdchunked")
         self.layer.validate()
         if fmt is Format.ZSTDCHUNKED and not self.oci:
             raise OptionsError("{fmt} requires {oci}", fmt="format=zstdchunked", oci="oci=True")

@@ -44,6 +44,8 @@ def layer_key(source_digest: str, opts: LayerOptions, engine: int = OUTPUT_VERSI
         "minChunkSize": opts.min_chunk_size,
         "prioritized": list(opts.prioritized),
     }
+    if opts.containers:  # stargz-flavour keys stay what they were
+        fields["zstdFlavor"] = opts.zstd_flavor.value
     blob = json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()
 

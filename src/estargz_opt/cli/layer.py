@@ -13,13 +13,15 @@ from estargz_opt.atomic import atomic_output
 from estargz_opt.cli.optimize import GZIP_NEGATIVE_LEVELS
 from estargz_opt.cli.params import (
     INPUT_FILE,
+    ZSTD_FLAVOR,
+    ZSTD_LEVEL_DEFAULT,
     cache_dir_option,
     flag_errors,
     read_lines,
     read_optional,
 )
 from estargz_opt.constants import DEFAULT_CHUNK_SIZE
-from estargz_opt.format import Format, LayerOptions, open_layer
+from estargz_opt.format import Format, LayerOptions, ZstdFlavor, open_layer
 from estargz_opt.layer import convert_layer, default_toc_file
 
 log = logging.getLogger("estargz_opt")
@@ -49,6 +51,7 @@ def layer() -> None:
     show_default=True,
     help="Output layer format.",
 )
+@ZSTD_FLAVOR
 @click.option(
     "--prioritized-files",
     type=INPUT_FILE,
@@ -58,7 +61,7 @@ def layer() -> None:
     "--compression-level",
     type=int,
     help=f"gzip 0-9 (default {Format.ESTARGZ.default_level}; {GZIP_NEGATIVE_LEVELS}) or zstd "
-    f"1-22 (default {Format.ZSTDCHUNKED.default_level}).",
+    f"1-22 (default {ZSTD_LEVEL_DEFAULT}).",
 )
 @click.option(
     "--chunk-size",
@@ -90,6 +93,7 @@ def layer_convert(
     src: Path,
     out: Path,
     fmt: str,
+    zstdchunked_flavor: str,
     prioritized_files: Path | None,
     compression_level: int | None,
     chunk_size: int,
@@ -113,6 +117,7 @@ def layer_convert(
         chunk_size=chunk_size,
         min_chunk_size=min_chunk_size,
         workers=threads,
+        zstd_flavor=ZstdFlavor(zstdchunked_flavor),
     )
     with flag_errors({"format=estargz-external-toc": "--format estargz-external-toc"}):
         done = convert_layer(src, out, opts, toc_out=toc_out, cache_dir=cache_dir)

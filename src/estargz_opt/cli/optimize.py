@@ -12,6 +12,8 @@ from estargz_opt.cli.help import CACHE, FORMAT, IMAGE, OUTPUT, PROFILE, Sectione
 from estargz_opt.cli.params import (
     INPUT_FILE,
     OUTPUT_FILE,
+    ZSTD_FLAVOR,
+    ZSTD_LEVEL_DEFAULT,
     Size,
     cache_dir_option,
     format_size,
@@ -122,11 +124,12 @@ def _format(zstdchunked: bool, external_toc: bool) -> Format:
     help="Keep layers that are already sound eStargz and have no prioritized files.",
 )
 @option(FORMAT, "--zstdchunked", is_flag=True, help="Write zstd:chunked layers (needs --oci).")
+@ZSTD_FLAVOR
 @option(
     FORMAT,
     "--zstdchunked-compression-level",
     type=int,
-    default=Format.ZSTDCHUNKED.default_level,
+    show_default=ZSTD_LEVEL_DEFAULT,
     help="zstd level 1-22.",
 )
 @option(
@@ -189,7 +192,8 @@ def optimize_cmd(
     platform_specs: tuple[str, ...],
     all_platforms: bool,
     zstdchunked: bool,
-    zstdchunked_compression_level: int,
+    zstdchunked_flavor: str,
+    zstdchunked_compression_level: int | None,
     estargz_compression_level: int,
     estargz_chunk_size: int,
     estargz_min_chunk_size: int,
@@ -234,6 +238,7 @@ def optimize_cmd(
         src,
         dst,
         format=fmt,
+        zstd_flavor=zstdchunked_flavor,
         compression_level=zstdchunked_compression_level
         if fmt is Format.ZSTDCHUNKED
         else estargz_compression_level,

@@ -14,8 +14,10 @@ from typing import Any
 import click
 
 from estargz_opt import cache
-from estargz_opt.cli.help import CACHE, OUTPUT, REGISTRY, WORKLOAD, option
+from estargz_opt.cli.help import CACHE, FORMAT, OUTPUT, REGISTRY, WORKLOAD, option
 from estargz_opt.errors import OPTION_TERMS, EstargzOptError, UsageError
+from estargz_opt.format import Format, ZstdFlavor
+from estargz_opt.format.zchunked import DEFAULT_LEVEL as ZCHUNKED_DEFAULT_LEVEL
 from estargz_opt.stores.registry.options import (
     DEFAULT_MIN_RATE,
     DEFAULT_TIMEOUT,
@@ -48,7 +50,25 @@ FLAGS: Mapping[str, str] = {
     "allow_empty_profile=True": "--allow-empty-profile",
     "runner=containerd": "--runner containerd",
     "platforms": "--platform",
+    "zstd_flavor": "--zstdchunked-flavor",
 }
+
+#: --zstdchunked-flavor, on optimize and layer convert
+ZSTD_FLAVOR = option(
+    FORMAT,
+    "--zstdchunked-flavor",
+    type=click.Choice([f.value for f in ZstdFlavor]),
+    default=ZstdFlavor.STARGZ.value,
+    show_default=True,
+    help="Whose zstd:chunked: stargz (ctr-remote's; stargz-snapshotter lazily pulls it) or "
+    "containers (containers/storage's, with tar-split; podman and CRI-O pull it partially "
+    "with enable_partial_images).",
+)
+#: the zstd level's default depends on the flavour
+ZSTD_LEVEL_DEFAULT = (
+    f"{Format.ZSTDCHUNKED.default_level}; {ZCHUNKED_DEFAULT_LEVEL} with --zstdchunked-flavor "
+    "containers"
+)
 
 
 def option_flags(command: click.Command) -> dict[str, str]:

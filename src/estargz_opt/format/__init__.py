@@ -20,6 +20,7 @@ from estargz_opt.format.build import (
     LayerOptions,
     LayerResult,
     ProgressFn,
+    ZstdFlavor,
     build_layer,
 )
 from estargz_opt.format.reader import Layer, open_layer
@@ -37,6 +38,7 @@ __all__ = [
     "LayerOptions",
     "LayerResult",
     "TOCEntry",
+    "ZstdFlavor",
     "atomic_output",
     "build_layer",
     "convert_layer",

@@ -27,7 +27,7 @@ from estargz_opt.constants import (
 )
 from estargz_opt.digest import digest_of, hasher, sha256_digest
 from estargz_opt.errors import BadInputError
-from estargz_opt.format import estargz, externaltoc, tarfmt, zstdchunked
+from estargz_opt.format import estargz, externaltoc, tarfmt, zchunked, zstdchunked
 from estargz_opt.format.codec import Compressor, Output
 from estargz_opt.format.source import TarSource
 from estargz_opt.format.tarfmt import TarEntry
@@ -48,6 +48,14 @@ ProgressFn = Callable[[int, int], None]
 #: fields, footer, compressor settings): the converted-layer cache (estargz_opt.cache)
 #: keys on it, so entries written by an older engine are then no longer used.
 OUTPUT_VERSION = 1
+
+
+class ZstdFlavor(StrEnum):
+    """Whose zstd:chunked: ctr-remote's (stargz-snapshotter reads it) or containers/storage's
+    (podman and CRI-O pull it partially; see estargz_opt.format.zchunked)."""
+
+    STARGZ = "stargz"
+    CONTAINERS = "containers"
 
 
 class Format(StrEnum):
@@ -75,14 +83,22 @@ class LayerOptions:
     chunk_size: int = DEFAULT_CHUNK_SIZE
     min_chunk_size: int = 0
     workers: int | None = None  # threads for compression; never changes the bytes
+    zstd_flavor: ZstdFlavor = ZstdFlavor.STARGZ
+
+    @property
+    def containers(self) -> bool:
+        """Whether this is the containers/storage flavour of zstd:chunked."""
+        return self.format is Format.ZSTDCHUNKED and self.zstd_flavor is ZstdFlavor.CONTAINERS
 
     @property
     def level(self) -> int:
-        return (
-            self.format.default_level if self.compression_level is None else self.compression_level
-        )
+        if self.compression_level is not None:
+            return self.compression_level
+        return zchunked.DEFAULT_LEVEL if self.containers else self.format.default_level
 
     def validate(self) -> None:
+        if self.zstd_flavor is not ZstdFlavor.STARGZ and self.format is not Format.ZSTDCHUNKED:
+            raise BadInputError("a zstd:chunked flavour applies to zstd:chunked only")
         if self.format is Format.ZSTDCHUNKED:
             if not 1 <= self.level <= 22:
                 raise BadInputError(f"zstd compression level must be 1-22, got {self.level}")
@@ -402,6 +418,10 @@ def build_layer(
 ) -> LayerResult:
     """Write the converted layer for src to out (positioned at 0) and describe it."""
     opts.validate()
+    if opts.containers:
+        from estargz_opt.format.zchunked_build import build_containers_layer  # needs this module
+
+        return build_containers_layer(src, out, opts, progress)
     order, missing, front = order_entries(index_entries(src), opts.prioritized)
     comp = opts.format.compressor(opts.level)
     workers = opts.workers or os.cpu_count() or 1
