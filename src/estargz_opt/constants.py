@@ -41,6 +41,12 @@ ZSTD_MANIFEST_CHECKSUM_ANNOTATION: Final = "io.containers.zstd-chunked.manifest-
 ZSTD_MANIFEST_POSITION_ANNOTATION: Final = "io.containers.zstd-chunked.manifest-position"
 #: an index entry's tag in an OCI image layout
 REF_NAME_ANNOTATION: Final = "org.opencontainers.image.ref.name"
+#: BuildKit's attestation entries in an index: their kind, and the manifest they describe
+REFERENCE_TYPE_ANNOTATION: Final = "vnd.docker.reference.type"
+REFERENCE_DIGEST_ANNOTATION: Final = "vnd.docker.reference.digest"
+#: ours: on an attestation re-pointed at a converted manifest, the source manifest's digest
+#: (what the attestation's subject names; the converted one has the same files, re-encoded)
+SOURCE_DIGEST_ANNOTATION: Final = "io.github.estargz-opt.source.digest"
 
 # -- containerd labels (on content and images) ----------------------------------------
 UNCOMPRESSED_LABEL: Final = "containerd.io/uncompressed"

@@ -19,7 +19,13 @@ from typing import Any
 
 from estargz_opt import descriptor as d
 from estargz_opt.cache import LayerCache, Slot, cached_build, layer_key
-from estargz_opt.constants import IO_CHUNK, TOC_DIGEST_ANNOTATION, TOC_LAYER_DIGEST_ANNOTATION
+from estargz_opt.constants import (
+    IO_CHUNK,
+    REFERENCE_DIGEST_ANNOTATION,
+    SOURCE_DIGEST_ANNOTATION,
+    TOC_DIGEST_ANNOTATION,
+    TOC_LAYER_DIGEST_ANNOTATION,
+)
 from estargz_opt.descriptor import Descriptor, Manifest
 from estargz_opt.digest import sha256_digest
 from estargz_opt.errors import BadInputError, Cancelled, EstargzOptError
@@ -61,6 +67,8 @@ class ConvertOptions:
     cache: LayerCache | None = None  # None: --no-cache
     #: source layers already checked and decompressed (during the workload run), by digest
     spool: Spool | None = None
+    #: leave BuildKit's attestation manifests out of converted indexes
+    drop_attestations: bool = False
 
 
 @dataclass(slots=True)
@@ -80,6 +88,19 @@ class ConvertResult:
     layers: list[LayerReport]
     toc_layers: list[Descriptor]  # external TOC blobs, for the TOC image
     warnings: list[str]
+
+
+def repoint(att: Descriptor, new: str) -> Descriptor:
+    """The index entry of attestation *att* naming manifest *new*; the digest it named
+    before is kept under SOURCE_DIGEST_ANNOTATION (unchanged if nothing moved)."""
+    old = attested(att)
+    if old == new:
+        return att
+    annotations = dict(att.annotations or {})
+    annotations[REFERENCE_DIGEST_ANNOTATION] = new
+    if old:
+        annotations[SOURCE_DIGEST_ANNOTATION] = old
+    return replace(att, annotations=annotations)
 
 
 class Converter:
@@ -129,12 +150,14 @@ class Converter:
                 slots.append(child)
         if not new_digest:
             raise no_match(f"index {desc.digest}", self.opts.platforms, index)
-        # Attestations pass through untouched, in place, when the manifest they describe is
-        # kept. They still name (and attest) the source manifest, which is the truth.
+        # An attestation stays in place when the manifest it describes is kept, re-pointed
+        # at the converted manifest (same files, new encoding) so that tools looking up a
+        # platform manifest's SBOM find it; its own bytes, which name the source, are kept.
         for pos, att in attestations.items():
-            if attested(att) in new_digest:
+            new = new_digest.get(attested(att) or "")
+            if new is not None and not self.opts.drop_attestations:
                 self._copy(att, "attestation")
-                slots[pos] = att
+                slots[pos] = repoint(att, new)
         kept = [s for s in slots if s is not None]
         index.manifests = kept
         index.media_type = self._map_type(index.media_type)

@@ -125,6 +125,7 @@ def optimize(req: OptimizeRequest, progress: ProgressListener | None = None) -> 
                 progress=progress,
                 cache=cache,
                 spool=spool,
+                drop_attestations=req.drop_attestations,
             )
             result = Converter(src, dst, opts, same_store=same).convert(root)
             if cache and cache.warning:

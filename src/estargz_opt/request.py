@@ -51,6 +51,8 @@ class OptimizeRequest:
     #: the converted-layer cache (estargz_opt.cache); None: no cache
     cache_dir: Path | None = None
     cache_max_size: int = DEFAULT_CACHE_MAX_SIZE
+    #: leave BuildKit's attestation manifests out (else they follow the converted manifests)
+    drop_attestations: bool = False
 
     @classmethod
     def from_options(
@@ -79,6 +81,7 @@ class OptimizeRequest:
         cache: bool = True,
         cache_dir: Path | None = None,
         cache_max_size: int = DEFAULT_CACHE_MAX_SIZE,
+        drop_attestations: bool = False,
     ) -> OptimizeRequest:
         """A checked request, with every default that depends on other options filled in.
 
@@ -119,6 +122,7 @@ class OptimizeRequest:
             dst_store=dst_store or StoreOptions(),
             cache_dir=(cache_dir or default_cache_dir()) if cache else None,
             cache_max_size=cache_max_size,
+            drop_attestations=drop_attestations,
         )
         req.validate()
         return req
