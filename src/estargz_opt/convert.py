@@ -88,6 +88,8 @@ class ConvertResult:
     layers: list[LayerReport]
     toc_layers: list[Descriptor]  # external TOC blobs, for the TOC image
     warnings: list[str]
+    #: source manifest or index digest -> its converted one (artifacts, kept, are not here)
+    converted: dict[str, str] = field(default_factory=dict)
 
 
 def repoint(att: Descriptor, new: str) -> Descriptor:
@@ -115,20 +117,27 @@ class Converter:
         self.cancel = threading.Event()
         self._lock = threading.Lock()
         self._copied: set[str] = set()
+        self._converted: dict[str, str] = {}
 
     # ------------------------------------------------------------------ walk
 
     def convert(self, desc: Descriptor) -> ConvertResult:
         target = self._node(desc, platform=str(desc.platform) if desc.platform else "")
-        return ConvertResult(target, self.layers, self.toc_layers, self.warnings)
+        return ConvertResult(
+            target, self.layers, self.toc_layers, self.warnings, self._converted
+        )
 
     def _node(self, desc: Descriptor, platform: str) -> Descriptor:
         if desc.media_type in d.INDEX_TYPES:
-            return self._index(desc)
-        if desc.media_type in d.MANIFEST_TYPES:
-            return self._manifest(desc, platform)
-        self._copy(desc, "unknown media type")
-        return desc
+            new = self._index(desc)
+        elif desc.media_type in d.MANIFEST_TYPES:
+            new = self._manifest(desc, platform)
+        else:
+            self._copy(desc, "unknown media type")
+            return desc
+        if new.digest != desc.digest:  # what signed the source no longer names this
+            self._converted[desc.digest] = new.digest
+        return new
 
     def _index(self, desc: Descriptor) -> Descriptor:
         index = read_index(self.src, desc)

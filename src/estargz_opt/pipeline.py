@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from estargz_opt import descriptor as d, platforms, reference
+from estargz_opt import descriptor as d, platforms, reference, signatures
 from estargz_opt.constants import (
     MAX_MANIFEST_SIZE,
     TOC_IMAGE_SUFFIX,
@@ -128,6 +128,10 @@ def optimize(req: OptimizeRequest, progress: ProgressListener | None = None) -> 
                 drop_attestations=req.drop_attestations,
             )
             result = Converter(src, dst, opts, same_store=same).convert(root)
+            signed = signatures.find(src, list(result.converted))
+            result.warnings += signed.warnings(
+                result.converted, signatures.image_name(dst_ref)
+            )
             if cache and cache.warning:
                 result.warnings.append(cache.warning)
             if (
@@ -154,6 +158,7 @@ def optimize(req: OptimizeRequest, progress: ProgressListener | None = None) -> 
         result.warnings,
         analysis,
         profile,
+        signed,
     )
 
 

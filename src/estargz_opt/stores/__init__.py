@@ -127,6 +127,17 @@ class Prefetching(Protocol):
     def prefetch(self, descs: Sequence[Descriptor], whats: Sequence[str]) -> None: ...
 
 
+@runtime_checkable
+class Referring(Protocol):
+    """A store that can say what is attached to a manifest: cosign's tags
+    (`sha256-<hex>.sig`) and OCI 1.1 referrers (through the referrers API where there is
+    one, else the `sha256-<hex>` tag-schema index). A capability, not part of `Store`."""
+
+    def has_tag(self, tag: str) -> bool: ...
+
+    def referrers(self, digest: str) -> list[Descriptor]: ...
+
+
 @dataclass(frozen=True, slots=True)
 class StoreOptions:
     """How to reach the stores of one side of a run (source or destination)."""
