@@ -129,9 +129,9 @@ def optimize(req: OptimizeRequest, progress: ProgressListener | None = None) -> 
             )
             result = Converter(src, dst, opts, same_store=same).convert(root)
             signed = signatures.find(src, list(result.converted))
-            result.warnings += signed.warnings(
-                result.converted, signatures.image_name(dst_ref)
-            )
+            for message in signed.warnings(result.converted, signatures.image_name(dst_ref)):
+                log.warning("%s", message)
+                result.warnings.append(message)
             if cache and cache.warning:
                 result.warnings.append(cache.warning)
             if (

@@ -1,0 +1,147 @@
+"""Signatures of a converted image, with Debian trixie's cosign 2.5 and oras 1.2 against a
+loopback docker-registry with TLS (2.8: no referrers API, so referrers go through the tag
+schema): a signed source is never converted silently, its signatures are not copied (they
+would not verify), and re-signing the printed digest makes the converted image verify."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import imagefactory as f
+import pytest
+from lazypull import Registry, RegistryConfig, Unavailable
+from registries import LoopbackCA
+from support import trixie
+
+SIG_ARTIFACT = "application/vnd.dev.cosign.artifact.sig.v1+json"
+
+
+@dataclass
+class World:
+    share: Path
+    registry: Registry
+    home: Path  # its certs.d trusts the test CA, for estargz-opt
+
+    def tool(self, cmd: str) -> subprocess.CompletedProcess[str]:
+        """cosign or oras in the trixie root, trusting the test CA, keys in /share/keys."""
+        return trixie.run(
+            "export SSL_CERT_FILE=/share/ca/ca.crt COSIGN_PASSWORD= COSIGN_YES=true; "
+            f"cd /share/keys && {cmd}", self.share, timeout=300)
+
+    def optimize(self, src: str, dst: str, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "estargz_opt", "optimize", "--oci", "--no-optimize", *args,
+             f"docker://{self.registry.host}/{src}", f"docker://{self.registry.host}/{dst}"],
+            capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
+            env={**os.environ, "HOME": str(self.home)})
+
+    def push(self, repo: str, layers: list[bytes]) -> str:
+        """A new image in the registry (via a layout); its manifest digest."""
+        layout = self.share / f"layout-{repo}"
+        digest = f.write_layout(layout, "1", layers, {"config": {"Cmd": ["/bin/true"]}})
+        res = self.tool(f"oras cp --from-oci-layout /share/{layout.name}:1 "
+                        f"{self.registry.host}/{repo}:1")
+        assert res.returncode == 0, res.stderr
+        return digest
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    try:
+        trixie.ensure_root()
+    except trixie.TrixieUnavailable as exc:
+        pytest.skip(str(exc))
+    share = tmp_path_factory.mktemp("supply")
+    ca = LoopbackCA.create(share / "ca")
+    try:
+        registry = Registry.start(share, RegistryConfig(ca.server_crt, ca.server_key, ca.ca_crt))
+    except Unavailable as exc:
+        pytest.skip(str(exc))
+    home = share / "home"
+    ca.certs_d(home / ".config/containers/certs.d", registry.host)
+    (share / "keys").mkdir()
+    w = World(share, registry, home)
+    try:
+        res = w.tool("cosign generate-key-pair")
+        assert res.returncode == 0, res.stderr
+        yield w
+    finally:
+        registry.stop()
+
+
+def verify(world: World, ref: str) -> subprocess.CompletedProcess[str]:
+    return world.tool(f"cosign verify --key cosign.pub --insecure-ignore-tlog=true "
+                      f"{world.registry.host}/{ref}")
+
+
+def report(proc: subprocess.CompletedProcess[str]) -> dict:
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_cosign_signed_source_warns_and_resigning_verifies(world: World) -> None:
+    src = world.push("signed", [f.simple_layer({"etc/a": b"a\n"})])
+    res = world.tool("cosign sign --key cosign.key --tlog-upload=false "
+                     f"{world.registry.host}/signed@{src}")
+    assert res.returncode == 0, res.stderr
+    assert verify(world, f"signed@{src}").returncode == 0
+
+    proc = world.optimize("signed:1", "signed:1-esgz", "--json")
+    doc = report(proc)
+    new = doc["target"]
+    tag = "sha256-" + src.split(":", 1)[1] + ".sig"
+    assert doc["signatures"]["found"] is True
+    assert doc["signatures"]["kinds"] == ["cosign-tag"]
+    assert doc["signatures"]["signatures"] == [
+        {"subject": src, "kind": "cosign-tag", "name": tag}]
+    resign = f"cosign sign {world.registry.host}/signed@{new}"
+    assert any(tag in line and resign in line for line in proc.stderr.splitlines()), proc.stderr
+
+    failed = verify(world, f"signed@{new}")
+    assert failed.returncode != 0 and "no signatures found" in failed.stderr, failed.stderr
+    res = world.tool("cosign sign --key cosign.key --tlog-upload=false "
+                     f"{world.registry.host}/signed@{new}")
+    assert res.returncode == 0, res.stderr
+    assert verify(world, f"signed@{new}").returncode == 0
+
+
+def test_referrer_signature_is_found(world: World) -> None:
+    """A signature attached as an OCI referrer (oras attach: the tag-schema fallback on
+    this registry) is found too; an SBOM referrer is no signature."""
+    src = world.push("refsig", [f.simple_layer({"etc/b": b"b\n"})])
+    (world.share / "keys" / "sig.json").write_text("{}")
+    for artifact in (SIG_ARTIFACT, "application/spdx+json"):
+        res = world.tool(f"oras attach --artifact-type {artifact} "
+                         f"{world.registry.host}/refsig@{src} sig.json:application/json")
+        assert res.returncode == 0, res.stderr
+    doc = report(world.optimize("refsig:1", "refsig:1-esgz", "--json"))
+    sigs = doc["signatures"]
+    assert sigs["found"] is True and sigs["kinds"] == ["oci-referrer"], sigs
+    assert len(sigs["signatures"]) == 1 and sigs["signatures"][0]["subject"] == src, sigs
+
+
+def test_unsigned_source_reports_none(world: World) -> None:
+    world.push("plain", [f.simple_layer({"etc/c": b"c\n"})])
+    proc = world.optimize("plain:1", "plain:1-esgz", "--json")
+    sigs = report(proc)["signatures"]
+    assert sigs == {"found": False, "kinds": [], "signatures": [], "unchecked": {}}, sigs
+    assert "signed" not in proc.stderr, proc.stderr
+
+
+def test_signature_tag_on_garbage_still_counts(world: World) -> None:
+    """The cosign tag is looked at, not read: a tag naming a manifest that is no signature
+    is still reported (the user decides), and the conversion is not stopped."""
+    src = world.push("garbage", [f.simple_layer({"etc/d": b"d\n"})])
+    other = world.push("garbage-other", [f.simple_layer({"etc/e": b"e\n"})])
+    tag = "sha256-" + src.split(":", 1)[1] + ".sig"
+    res = world.tool(f"oras cp {world.registry.host}/garbage-other@{other} "
+                     f"{world.registry.host}/garbage:{tag}")
+    assert res.returncode == 0, res.stderr
+    sigs = report(world.optimize("garbage:1", "garbage:1-esgz", "--json"))["signatures"]
+    assert sigs["kinds"] == ["cosign-tag"], sigs
