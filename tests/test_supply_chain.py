@@ -145,3 +145,22 @@ def test_signature_tag_on_garbage_still_counts(world: World) -> None:
     assert res.returncode == 0, res.stderr
     sigs = report(world.optimize("garbage:1", "garbage:1-esgz", "--json"))["signatures"]
     assert sigs["kinds"] == ["cosign-tag"], sigs
+
+
+def test_with_referrer_lists_converted_under_source(world: World) -> None:
+    """--with-referrer: the converted manifest's subject is the source, so that oras
+    discover on the source lists it (here through the tag-schema index we update)."""
+    src = world.push("linked", [f.simple_layer({"etc/f": b"f\n"})])
+    doc = report(world.optimize("linked:1", "linked:1-esgz", "--json", "--with-referrer"))
+    new = doc["target"]
+    res = world.tool(f"oras discover --format json {world.registry.host}/linked@{src}")
+    assert res.returncode == 0, res.stderr
+    listed = [m["digest"] for m in json.loads(res.stdout)["manifests"]]
+    assert listed == [new], res.stdout
+    res = world.tool(f"oras manifest fetch {world.registry.host}/linked@{new}")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["subject"]["digest"] == src
+    # Without the flag, the converted image names nothing.
+    doc = report(world.optimize("linked:1", "linked:1-plain", "--json"))
+    res = world.tool(f"oras manifest fetch {world.registry.host}/linked@{doc['target']}")
+    assert "subject" not in json.loads(res.stdout)

@@ -69,6 +69,8 @@ class ConvertOptions:
     spool: Spool | None = None
     #: leave BuildKit's attestation manifests out of converted indexes
     drop_attestations: bool = False
+    #: the converted top manifest's `subject` is the source's (nydusify's --with-referrer)
+    with_referrer: bool = False
 
 
 @dataclass(slots=True)
@@ -118,10 +120,12 @@ class Converter:
         self._lock = threading.Lock()
         self._copied: set[str] = set()
         self._converted: dict[str, str] = {}
+        self._root: Descriptor | None = None
 
     # ------------------------------------------------------------------ walk
 
     def convert(self, desc: Descriptor) -> ConvertResult:
+        self._root = desc
         target = self._node(desc, platform=str(desc.platform) if desc.platform else "")
         return ConvertResult(
             target, self.layers, self.toc_layers, self.warnings, self._converted
@@ -170,6 +174,7 @@ class Converter:
         kept = [s for s in slots if s is not None]
         index.manifests = kept
         index.media_type = self._map_type(index.media_type)
+        self._link_source(desc, index.extra)
         return self._put_json(index.to_bytes(), desc, index.media_type)
 
     def _manifest(self, desc: Descriptor, platform: str) -> Descriptor:
@@ -223,7 +228,15 @@ class Converter:
         if manifest.media_type:
             manifest.media_type = self._map_type(manifest.media_type)
         new_type = self._map_type(desc.media_type)
+        self._link_source(desc, manifest.extra)
         return self._put_json(manifest.to_bytes(), desc, new_type)
+
+    def _link_source(self, desc: Descriptor, extra: dict[str, Any]) -> None:
+        """With with_referrer, the top document names the source as its `subject`, so
+        that a registry lists the converted image among the source's referrers."""
+        if self.opts.with_referrer and desc is self._root:
+            extra["subject"] = {"mediaType": desc.media_type, "digest": desc.digest,
+                                "size": desc.size}
 
     def _config(self, desc: Descriptor, raw: dict[str, Any], diff_ids: list[str]) -> Descriptor:
         rootfs = raw.get("rootfs")

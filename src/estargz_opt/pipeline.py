@@ -49,7 +49,7 @@ from estargz_opt.errors import EstargzOptError
 from estargz_opt.events import ProgressListener
 from estargz_opt.format import Format
 from estargz_opt.format.source import Spool
-from estargz_opt.stores import Store, open_store, pair, same_store
+from estargz_opt.stores import Referring, Store, open_store, pair, same_store
 from estargz_opt.walk import check_selection, images
 
 log = logging.getLogger("estargz_opt")
@@ -126,6 +126,7 @@ def optimize(req: OptimizeRequest, progress: ProgressListener | None = None) -> 
                 cache=cache,
                 spool=spool,
                 drop_attestations=req.drop_attestations,
+                with_referrer=req.with_referrer,
             )
             result = Converter(src, dst, opts, same_store=same).convert(root)
             signed = signatures.find(src, list(result.converted))
@@ -146,6 +147,8 @@ def optimize(req: OptimizeRequest, progress: ProgressListener | None = None) -> 
                 tags[dst_tag + TOC_IMAGE_SUFFIX] = toc_image(result.toc_layers, dst)
                 extra = str(dst_ref.with_tag(dst_tag + TOC_IMAGE_SUFFIX))
             dst.tag(tags)
+            if req.with_referrer and isinstance(dst, Referring):
+                dst.attach(root.digest, result.target)
         except BaseException:
             dst.rollback()
             raise

@@ -53,6 +53,8 @@ class OptimizeRequest:
     cache_max_size: int = DEFAULT_CACHE_MAX_SIZE
     #: leave BuildKit's attestation manifests out (else they follow the converted manifests)
     drop_attestations: bool = False
+    #: the converted image's `subject` is the source (its bytes change: optional)
+    with_referrer: bool = False
 
     @classmethod
     def from_options(
@@ -82,6 +84,7 @@ class OptimizeRequest:
         cache_dir: Path | None = None,
         cache_max_size: int = DEFAULT_CACHE_MAX_SIZE,
         drop_attestations: bool = False,
+        with_referrer: bool = False,
     ) -> OptimizeRequest:
         """A checked request, with every default that depends on other options filled in.
 
@@ -123,6 +126,7 @@ class OptimizeRequest:
             cache_dir=(cache_dir or default_cache_dir()) if cache else None,
             cache_max_size=cache_max_size,
             drop_attestations=drop_attestations,
+            with_referrer=with_referrer,
         )
         req.validate()
         return req

@@ -130,6 +130,13 @@ def _format(zstdchunked: bool, external_toc: bool) -> Format:
     help="Leave BuildKit's attestation manifests (SBOM, provenance) out of the converted "
     "index; by default they follow the converted manifests.",
 )
+@option(
+    FORMAT,
+    "--with-referrer",
+    is_flag=True,
+    help="Make the source the converted image's subject, so that a registry lists the "
+    "converted image among the source's referrers (changes the manifest's bytes).",
+)
 @option(FORMAT, "--zstdchunked", is_flag=True, help="Write zstd:chunked layers (needs --oci).")
 @ZSTD_FLAVOR
 @option(
@@ -197,6 +204,7 @@ def optimize_cmd(
     allow_empty_profile: bool,
     reuse: bool,
     drop_attestations: bool,
+    with_referrer: bool,
     platform_specs: tuple[str, ...],
     all_platforms: bool,
     zstdchunked: bool,
@@ -255,6 +263,7 @@ def optimize_cmd(
         oci=oci,
         reuse=reuse,
         drop_attestations=drop_attestations,
+        with_referrer=with_referrer,
         platforms=platform_specs,
         all_platforms=all_platforms,
         no_optimize=no_optimize,

@@ -137,6 +137,11 @@ class Referring(Protocol):
 
     def referrers(self, digest: str) -> list[Descriptor]: ...
 
+    def attach(self, subject: str, referrer: Descriptor) -> None:
+        """List `referrer`, a manifest already written whose `subject` is `subject`,
+        where the store has no referrers API to find it by itself (a tag-schema index)."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class StoreOptions:

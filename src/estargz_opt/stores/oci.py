@@ -137,6 +137,9 @@ class OCILayout:
     def has_tag(self, tag: str) -> bool:
         return tag in tags_of(self.index())
 
+    def attach(self, subject: str, referrer: Descriptor) -> None:
+        """Nothing to do: `referrers` finds a tagged manifest by its subject."""
+
     def referrers(self, digest: str) -> list[Descriptor]:
         """A layout has no referrers API: the manifests of index.json whose subject is
         `digest` (where oras and cosign put them), and the tag-schema index if tagged."""

@@ -283,6 +283,20 @@ class RegistryStore:
             _, data = self.client.get_manifest(tag, what)
         return Index.parse(data, f"{self.client.where}: {what}").manifests
 
+    def attach(self, subject: str, referrer: Descriptor) -> None:
+        if self.client.referrers(subject) is not None:
+            return  # the registry indexes a pushed manifest's subject itself
+        tag = digest_tag(subject)
+        what = f"referrers of {subject} (tag {tag!r})"
+        index = Index(d.OCI_INDEX, [], {"schemaVersion": 2})
+        if self.client.has_manifest(tag):
+            _, data = self.client.get_manifest(tag, what)
+            index = Index.parse(data, f"{self.client.where}: {what}")
+        if any(m.digest == referrer.digest for m in index.manifests):
+            return
+        index.manifests.append(referrer)
+        self.client.put_manifest(tag, d.OCI_INDEX, index.to_bytes())
+
     def read(self, desc: Descriptor, what: str) -> bytes:
         data = self._manifests.get(desc.digest) or self._out.get(desc.digest)
         if data is None:
