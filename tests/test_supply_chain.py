@@ -18,6 +18,7 @@ import pytest
 from lazypull import Registry, RegistryConfig, Unavailable
 from registries import LoopbackCA
 from support import trixie
+from support.hostile import HostileServer, answer
 
 SIG_ARTIFACT = "application/vnd.dev.cosign.artifact.sig.v1+json"
 
@@ -164,3 +165,50 @@ def test_with_referrer_lists_converted_under_source(world: World) -> None:
     doc = report(world.optimize("linked:1", "linked:1-plain", "--json"))
     res = world.tool(f"oras manifest fetch {world.registry.host}/linked@{doc['target']}")
     assert "subject" not in json.loads(res.stdout)
+
+
+def test_referrers_index_not_json_is_a_warning(world: World, tmp_path: Path) -> None:
+    """A registry whose referrers API answers garbage: the check is incomplete, which the
+    warning and `unchecked` say in one line; the conversion (informational data) goes on."""
+    plain = Registry.start(tmp_path)
+    try:
+        with HostileServer(upstream=plain.host) as front:
+            front.on("GET", r"/referrers/", answer(200, b"not json {",
+                                                   {"Content-Type": f.OCI_INDEX}))
+            f.write_layout(world.share / "layout-hostile", "1",
+                           [f.simple_layer({"etc/g": b"g\n"})])
+            res = world.tool("oras cp --to-plain-http --from-oci-layout "
+                             f"/share/layout-hostile:1 {plain.host}/r:1")
+            assert res.returncode == 0, res.stderr
+            done = subprocess.run(
+                [sys.executable, "-m", "estargz_opt", "optimize", "--oci", "--no-optimize",
+                 "--json", "--src-tls-verify=false", "--dest-tls-verify=false",
+                 f"docker://{front.host}/r:1", f"docker://{front.host}/r:1-esgz"],
+                capture_output=True, text=True, timeout=300)
+            src = report(done)
+            assert src["signatures"]["found"] is False
+            (why,) = src["signatures"]["unchecked"].values()
+            assert "JSON" in why, why
+            warned = [w for w in src["warnings"] if "could not check source" in w]
+            assert len(warned) == 1 and "\n" not in warned[0], src["warnings"]
+    finally:
+        plain.stop()
+
+
+def test_layout_referrer_naming_a_missing_blob_is_a_warning(tmp_path: Path) -> None:
+    """In an OCI layout, a referrer entry whose manifest blob is missing: the signature
+    check says it could not finish; the converted image is written whole."""
+    layout = tmp_path / "layout"
+    digest = f.write_layout(layout, "1", [f.simple_layer({"etc/h": b"h\n"})])
+    index = json.loads((layout / "index.json").read_text())
+    index["manifests"].append({"mediaType": f.OCI_MANIFEST, "size": 100,
+                               "digest": "sha256:" + "0" * 64})
+    (layout / "index.json").write_text(json.dumps(index))
+    done = subprocess.run(
+        [sys.executable, "-m", "estargz_opt", "optimize", "--oci", "--no-optimize", "--json",
+         f"oci:{layout}:1", f"oci:{tmp_path}/out:1"], capture_output=True, text=True,
+        timeout=300)
+    doc = report(done)
+    assert list(doc["signatures"]["unchecked"]) == [digest], doc["signatures"]
+    assert sum("could not check source" in line for line in done.stderr.splitlines()) == 1
+    assert f.resolve_tag(tmp_path / "out", "1")["digest"] == doc["target"]
