@@ -20,6 +20,8 @@ from registries import LoopbackCA
 from support import trixie
 from support.hostile import HostileServer, answer
 
+from estargz_opt.constants import SOURCE_DIGEST_ANNOTATION as SOURCE_DIGEST
+
 SIG_ARTIFACT = "application/vnd.dev.cosign.artifact.sig.v1+json"
 
 
@@ -212,3 +214,34 @@ def test_layout_referrer_naming_a_missing_blob_is_a_warning(tmp_path: Path) -> N
     assert list(doc["signatures"]["unchecked"]) == [digest], doc["signatures"]
     assert sum("could not check source" in line for line in done.stderr.splitlines()) == 1
     assert f.resolve_tag(tmp_path / "out", "1")["digest"] == doc["target"]
+
+
+def test_sbom_referrer_follows_the_converted_image(world: World) -> None:
+    """An SBOM attached by oras (tag schema on this registry) is attached to the converted
+    manifest too, its blob unchanged, the source digest kept in an annotation."""
+    src = world.push("sbom", [f.simple_layer({"etc/i": b"i\n"})])
+    (world.share / "keys" / "sbom.spdx.json").write_text('{"spdxVersion": "SPDX-2.3"}')
+    res = world.tool(f"oras attach --artifact-type application/spdx+json "
+                     f"{world.registry.host}/sbom@{src} sbom.spdx.json:application/spdx+json")
+    assert res.returncode == 0, res.stderr
+    new = report(world.optimize("sbom:1", "sbom:1-esgz", "--json"))["target"]
+
+    def discover(digest: str) -> list[dict]:
+        res = world.tool(f"oras discover --format json {world.registry.host}/sbom@{digest}")
+        assert res.returncode == 0, res.stderr
+        return json.loads(res.stdout)["manifests"]
+
+    (old_ref,), (new_ref,) = discover(src), discover(new)
+    assert new_ref["artifactType"] == old_ref["artifactType"] == "application/spdx+json"
+    fetched = {}
+    for name, ref in (("old", old_ref), ("new", new_ref)):
+        res = world.tool(f"oras manifest fetch {world.registry.host}/sbom@{ref['digest']}")
+        assert res.returncode == 0, res.stderr
+        fetched[name] = json.loads(res.stdout)
+    assert fetched["new"]["subject"]["digest"] == new
+    assert fetched["new"]["layers"] == fetched["old"]["layers"]
+    assert fetched["new"]["annotations"][SOURCE_DIGEST] == src
+    # --drop-attestations: nothing follows.
+    dropped = report(world.optimize("sbom:1", "sbom:1-drop", "--json", "--drop-attestations",
+                                    "--estargz-compression-level", "1"))["target"]
+    assert dropped != new and discover(dropped) == []

@@ -91,7 +91,7 @@ class ConvertResult:
     toc_layers: list[Descriptor]  # external TOC blobs, for the TOC image
     warnings: list[str]
     #: source manifest or index digest -> its converted one (artifacts, kept, are not here)
-    converted: dict[str, str] = field(default_factory=dict)
+    converted: dict[str, Descriptor] = field(default_factory=dict)
 
 
 def repoint(att: Descriptor, new: str) -> Descriptor:
@@ -119,7 +119,7 @@ class Converter:
         self.cancel = threading.Event()
         self._lock = threading.Lock()
         self._copied: set[str] = set()
-        self._converted: dict[str, str] = {}
+        self._converted: dict[str, Descriptor] = {}
         self._root: Descriptor | None = None
 
     # ------------------------------------------------------------------ walk
@@ -140,7 +140,7 @@ class Converter:
             self._copy(desc, "unknown media type")
             return desc
         if new.digest != desc.digest:  # what signed the source no longer names this
-            self._converted[desc.digest] = new.digest
+            self._converted[desc.digest] = new
         return new
 
     def _index(self, desc: Descriptor) -> Descriptor:
@@ -230,6 +230,37 @@ class Converter:
         new_type = self._map_type(desc.media_type)
         self._link_source(desc, manifest.extra)
         return self._put_json(manifest.to_bytes(), desc, new_type)
+
+    def copy_referrer(self, ref: Descriptor, source: str, subject: Descriptor) -> Descriptor | None:
+        """Referrer `ref` of source manifest `source` (an SBOM, a provenance) written to
+        the destination as a referrer of its converted `subject`: its blobs as they are,
+        its manifest naming the new subject, the source digest kept under
+        SOURCE_DIGEST_ANNOTATION. None if it does not name `source` (a stale listing)."""
+        what = f"referrer {ref.digest} of {source}"
+        raw = d.load_json(self.src.read(ref, what), what)
+        named = raw.get("subject")
+        if not isinstance(named, dict) or named.get("digest") != source:
+            return None
+        blobs = [raw.get("config"), *(raw.get("layers") or [])]
+        for blob in blobs:
+            try:
+                self._copy(Descriptor.from_json(blob), what)
+            except ValueError as exc:
+                raise BadInputError(f"malformed {what}: {exc}") from None
+        raw["subject"] = {"mediaType": subject.media_type, "digest": subject.digest,
+                          "size": subject.size}
+        annotations = raw.get("annotations")
+        raw["annotations"] = {**(annotations if isinstance(annotations, dict) else {}),
+                              SOURCE_DIGEST_ANNOTATION: source}
+        data = d.dump(raw)
+        self.dst.write(data, source=ref)
+        return Descriptor(
+            media_type=str(raw.get("mediaType") or ref.media_type),
+            digest=sha256_digest(data),
+            size=len(data),
+            annotations=ref.annotations,
+            artifact_type=ref.artifact_type,
+        )
 
     def _link_source(self, desc: Descriptor, extra: dict[str, Any]) -> None:
         """With with_referrer, the top document names the source as its `subject`, so

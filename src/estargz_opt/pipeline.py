@@ -128,7 +128,8 @@ def optimize(req: OptimizeRequest, progress: ProgressListener | None = None) -> 
                 drop_attestations=req.drop_attestations,
                 with_referrer=req.with_referrer,
             )
-            result = Converter(src, dst, opts, same_store=same).convert(root)
+            converter = Converter(src, dst, opts, same_store=same)
+            result = converter.convert(root)
             signed = signatures.find(src, list(result.converted))
             for message in signed.warnings(result.converted, signatures.image_name(dst_ref)):
                 log.warning("%s", message)
@@ -141,14 +142,24 @@ def optimize(req: OptimizeRequest, progress: ProgressListener | None = None) -> 
                 and not any(lay.result and lay.result.prioritized_files for lay in result.layers)
             ):
                 _empty_profile(req, literal(profile.empty_reason(req.profiles)))
+            # Referrers that describe the files (SBOMs, provenance) follow the image.
+            attach = [] if req.drop_attestations else [
+                (target, copied)
+                for source, target in result.converted.items()
+                for ref in signed.attachments.get(source, [])
+                if (copied := converter.copy_referrer(ref, source, target)) is not None
+            ]
             tags = {dst_tag: result.target}
             extra = None
             if req.layer.format is Format.EXTERNAL_TOC:
                 tags[dst_tag + TOC_IMAGE_SUFFIX] = toc_image(result.toc_layers, dst)
                 extra = str(dst_ref.with_tag(dst_tag + TOC_IMAGE_SUFFIX))
             dst.tag(tags)
-            if req.with_referrer and isinstance(dst, Referring):
-                dst.attach(root.digest, result.target)
+            if isinstance(dst, Referring):
+                if req.with_referrer:
+                    attach.append((root, result.target))
+                for subject, referrer in attach:
+                    dst.attach(subject.digest, referrer)
         except BaseException:
             dst.rollback()
             raise

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from estargz_opt.constants import COSIGN_SIGNATURE_SUFFIX, SIGNATURE_ARTIFACT_TYPES
+from estargz_opt.descriptor import Descriptor
 from estargz_opt.digest import digest_tag
 from estargz_opt.errors import EstargzOptError
 from estargz_opt.reference import ImageRef, RegistryRef
@@ -47,6 +48,8 @@ class Signatures:
 
     found: list[Signature] = field(default_factory=list)
     unchecked: dict[str, str] = field(default_factory=dict)
+    #: the other referrers (SBOMs, provenance) of each source digest, to carry along
+    attachments: dict[str, list[Descriptor]] = field(default_factory=dict)
 
     @property
     def kinds(self) -> list[str]:
@@ -62,11 +65,12 @@ class Signatures:
             "unchecked": dict(self.unchecked),
         }
 
-    def warnings(self, converted: Mapping[str, str], dst: str) -> list[str]:
+    def warnings(self, converted: Mapping[str, Descriptor], dst: str) -> list[str]:
         """One warning per signed source digest, naming what signs it and the command
         that signs its converted digest; one per digest that could not be checked."""
         out = []
-        for subject, new in converted.items():
+        for subject, target in converted.items():
+            new = target.digest
             names = [f"{s.kind} {s.name}" for s in self.found if s.subject == subject]
             if names:
                 out.append(
@@ -95,6 +99,8 @@ def find(store: Store, subjects: list[str]) -> Signatures:
             for ref in store.referrers(subject):
                 if ref.artifact_type in SIGNATURE_ARTIFACT_TYPES:
                     result.found.append(Signature(subject, REFERRER, ref.digest))
+                else:
+                    result.attachments.setdefault(subject, []).append(ref)
         except EstargzOptError as exc:
             result.unchecked[subject] = str(exc)
     return result

@@ -138,7 +138,21 @@ class OCILayout:
         return tag in tags_of(self.index())
 
     def attach(self, subject: str, referrer: Descriptor) -> None:
-        """Nothing to do: `referrers` finds a tagged manifest by its subject."""
+        """An untagged index.json entry, where `referrers` (and oras) look for it."""
+        self._start_writing()
+        try:
+            with self._index_locked():
+                index = self.index()
+                if any(m.digest == referrer.digest for m in index.manifests):
+                    return
+                index.manifests.append(referrer)
+                atomic_write(
+                    self.root / "index.json", index.to_bytes(), prefix=temp_prefix("index.json")
+                )
+        except OSError as exc:
+            raise EstargzOptError(
+                f"cannot write {self.root / 'index.json'}: {exc.strerror}"
+            ) from None
 
     def referrers(self, digest: str) -> list[Descriptor]:
         """A layout has no referrers API: the manifests of index.json whose subject is

@@ -284,6 +284,7 @@ class RegistryStore:
         return Index.parse(data, f"{self.client.where}: {what}").manifests
 
     def attach(self, subject: str, referrer: Descriptor) -> None:
+        self._push_manifest(referrer, set())  # a copied referrer, which no tag reaches
         if self.client.referrers(subject) is not None:
             return  # the registry indexes a pushed manifest's subject itself
         tag = digest_tag(subject)
