@@ -38,9 +38,9 @@ from support import imagefactory as f
 from support.cli import cli_argv
 from support.nodaemon import NoDaemon
 
-pytestmark = pytest.mark.root
-
 from estargz_opt.constants import SOURCE_DIGEST_ANNOTATION as SOURCE_DIGEST
+
+pytestmark = pytest.mark.root
 
 # --- the images ------------------------------------------------------------------------------
 

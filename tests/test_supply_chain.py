@@ -6,21 +6,21 @@ would not verify), and re-signing the printed digest makes the converted image v
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import imagefactory as f
 import pytest
-from lazypull import Registry, RegistryConfig, Unavailable
-from registries import LoopbackCA
-from support import trixie
+from support import imagefactory as f, trixie
+from support.cli import cli_argv, cli_env
 from support.hostile import HostileServer, answer
+from support.lazypull import Registry, RegistryConfig, Unavailable
+from support.registries import LoopbackCA
 
 from estargz_opt.constants import SOURCE_DIGEST_ANNOTATION as SOURCE_DIGEST
+
+pytestmark = [pytest.mark.root, pytest.mark.registry, pytest.mark.slow]
 
 SIG_ARTIFACT = "application/vnd.dev.cosign.artifact.sig.v1+json"
 
@@ -39,10 +39,10 @@ class World:
 
     def optimize(self, src: str, dst: str, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "estargz_opt", "optimize", "--oci", "--no-optimize", *args,
+            [*cli_argv("optimize", "--oci", "--no-optimize"), *args,
              f"docker://{self.registry.host}/{src}", f"docker://{self.registry.host}/{dst}"],
             capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
-            env={**os.environ, "HOME": str(self.home)})
+            env=cli_env(HOME=str(self.home)))
 
     def push(self, repo: str, layers: list[bytes]) -> str:
         """A new image in the registry (via a layout); its manifest digest."""
@@ -183,7 +183,7 @@ def test_referrers_index_not_json_is_a_warning(world: World, tmp_path: Path) -> 
                              f"/share/layout-hostile:1 {plain.host}/r:1")
             assert res.returncode == 0, res.stderr
             done = subprocess.run(
-                [sys.executable, "-m", "estargz_opt", "optimize", "--oci", "--no-optimize",
+                [*cli_argv("optimize", "--oci", "--no-optimize"),
                  "--json", "--src-tls-verify=false", "--dest-tls-verify=false",
                  f"docker://{front.host}/r:1", f"docker://{front.host}/r:1-esgz"],
                 capture_output=True, text=True, timeout=300)
@@ -207,7 +207,7 @@ def test_layout_referrer_naming_a_missing_blob_is_a_warning(tmp_path: Path) -> N
                                "digest": "sha256:" + "0" * 64})
     (layout / "index.json").write_text(json.dumps(index))
     done = subprocess.run(
-        [sys.executable, "-m", "estargz_opt", "optimize", "--oci", "--no-optimize", "--json",
+        [*cli_argv("optimize", "--oci", "--no-optimize"), "--json",
          f"oci:{layout}:1", f"oci:{tmp_path}/out:1"], capture_output=True, text=True,
         timeout=300)
     doc = report(done)
