@@ -245,3 +245,34 @@ def test_sbom_referrer_follows_the_converted_image(world: World) -> None:
     dropped = report(world.optimize("sbom:1", "sbom:1-drop", "--json", "--drop-attestations",
                                     "--estargz-compression-level", "1"))["target"]
     assert dropped != new and discover(dropped) == []
+
+
+def test_attest_statement_names_every_layer(world: World) -> None:
+    """--attest: oras discover lists an in-toto statement on the converted image; it names
+    each layer's source and converted digests, which match the two manifests."""
+    src = world.push("attest", [f.simple_layer({"etc/j": b"j\n"}),
+                                f.simple_layer({"etc/k": b"k\n"})])
+    new = report(world.optimize("attest:1", "attest:1-esgz", "--json", "--attest"))["target"]
+    res = world.tool(f"oras discover --format json {world.registry.host}/attest@{new}")
+    assert res.returncode == 0, res.stderr
+    (ref,) = json.loads(res.stdout)["manifests"]
+    assert ref["artifactType"] == "application/vnd.in-toto+json"
+    res = world.tool(f"oras manifest fetch {world.registry.host}/attest@{ref['digest']}")
+    assert res.returncode == 0, res.stderr
+    (blob,) = json.loads(res.stdout)["layers"]
+    res = world.tool(f"oras blob fetch --output - {world.registry.host}/attest@{blob['digest']}")
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(res.stdout)
+    pred = doc["predicate"]
+    assert doc["subject"][0]["digest"]["sha256"] == new.split(":", 1)[1]
+    assert (pred["source"]["digest"], pred["converted"]["digest"]) == (src, new)
+
+    def layers(digest: str) -> list[str]:
+        res = world.tool(f"oras manifest fetch {world.registry.host}/attest@{digest}")
+        assert res.returncode == 0, res.stderr
+        return [lay["digest"] for lay in json.loads(res.stdout)["layers"]]
+
+    assert [lay["source"]["digest"] for lay in pred["layers"]] == layers(src)
+    assert [lay["converted"]["digest"] for lay in pred["layers"]] == layers(new)
+    assert all(lay["diffID"] and lay["tocDigest"] for lay in pred["layers"]), pred
+    assert pred["format"] == "estargz" and pred["builder"]["name"] == "estargz-opt"

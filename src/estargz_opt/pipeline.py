@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from estargz_opt import descriptor as d, platforms, reference, signatures
+from estargz_opt import attest, descriptor as d, platforms, reference, signatures
 from estargz_opt.constants import (
     MAX_MANIFEST_SIZE,
     TOC_IMAGE_SUFFIX,
@@ -149,6 +149,16 @@ def optimize(req: OptimizeRequest, progress: ProgressListener | None = None) -> 
                 for ref in signed.attachments.get(source, [])
                 if (copied := converter.copy_referrer(ref, source, target)) is not None
             ]
+            if req.attest:
+                doc = attest.statement(
+                    root.digest,
+                    result.target,
+                    signatures.image_name(dst_ref),
+                    result,
+                    req.layer,
+                    prioritized,
+                )
+                attach.append((result.target, attest.write(dst, result.target, doc)))
             tags = {dst_tag: result.target}
             extra = None
             if req.layer.format is Format.EXTERNAL_TOC:

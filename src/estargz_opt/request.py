@@ -55,6 +55,8 @@ class OptimizeRequest:
     drop_attestations: bool = False
     #: the converted image's `subject` is the source (its bytes change: optional)
     with_referrer: bool = False
+    #: attach an in-toto statement of the conversion to the converted image (attest.py)
+    attest: bool = False
 
     @classmethod
     def from_options(
@@ -85,6 +87,7 @@ class OptimizeRequest:
         cache_max_size: int = DEFAULT_CACHE_MAX_SIZE,
         drop_attestations: bool = False,
         with_referrer: bool = False,
+        attest: bool = False,
     ) -> OptimizeRequest:
         """A checked request, with every default that depends on other options filled in.
 
@@ -127,6 +130,7 @@ class OptimizeRequest:
             cache_max_size=cache_max_size,
             drop_attestations=drop_attestations,
             with_referrer=with_referrer,
+            attest=attest,
         )
         req.validate()
         return req

@@ -137,6 +137,13 @@ def _format(zstdchunked: bool, external_toc: bool) -> Format:
     help="Make the source the converted image's subject, so that a registry lists the "
     "converted image among the source's referrers (changes the manifest's bytes).",
 )
+@option(
+    FORMAT,
+    "--attest",
+    is_flag=True,
+    help="Attach an unsigned in-toto statement of the conversion (digests of the image and "
+    "of each layer, DiffIDs, TOC digests, options, profile) as a referrer of the result.",
+)
 @option(FORMAT, "--zstdchunked", is_flag=True, help="Write zstd:chunked layers (needs --oci).")
 @ZSTD_FLAVOR
 @option(
@@ -205,6 +212,7 @@ def optimize_cmd(
     reuse: bool,
     drop_attestations: bool,
     with_referrer: bool,
+    attest: bool,
     platform_specs: tuple[str, ...],
     all_platforms: bool,
     zstdchunked: bool,
@@ -264,6 +272,7 @@ def optimize_cmd(
         reuse=reuse,
         drop_attestations=drop_attestations,
         with_referrer=with_referrer,
+        attest=attest,
         platforms=platform_specs,
         all_platforms=all_platforms,
         no_optimize=no_optimize,
