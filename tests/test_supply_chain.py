@@ -276,3 +276,38 @@ def test_attest_statement_names_every_layer(world: World) -> None:
     assert [lay["converted"]["digest"] for lay in pred["layers"]] == layers(new)
     assert all(lay["diffID"] and lay["tocDigest"] for lay in pred["layers"]), pred
     assert pred["format"] == "estargz" and pred["builder"]["name"] == "estargz-opt"
+
+
+def test_cosign_referrer_signature_warns_and_resigning_verifies(world: World) -> None:
+    """cosign's OCI 1.1 mode (a referrer, the tag schema on this registry): found, and
+    the converted digest verifies only once re-signed."""
+    src = world.push("signed11", [f.simple_layer({"etc/l": b"l\n"})])
+    sign = ("COSIGN_EXPERIMENTAL=1 cosign sign --key cosign.key --tlog-upload=false "
+            "--registry-referrers-mode=oci-1-1 " + world.registry.host + "/signed11@{}")
+    check = ("COSIGN_EXPERIMENTAL=1 cosign verify --key cosign.pub --insecure-ignore-tlog=true "
+             "--experimental-oci11 " + world.registry.host + "/signed11@{}")
+    res = world.tool(sign.format(src))
+    assert res.returncode == 0, res.stderr
+    assert world.tool(check.format(src)).returncode == 0
+    proc = world.optimize("signed11:1", "signed11:1-esgz", "--json")
+    doc = report(proc)
+    assert doc["signatures"]["kinds"] == ["oci-referrer"], doc["signatures"]
+    assert any("is signed" in line and doc["target"] in line
+               for line in proc.stderr.splitlines()), proc.stderr
+    assert world.tool(check.format(doc["target"])).returncode != 0
+    assert world.tool(sign.format(doc["target"])).returncode == 0
+    assert world.tool(check.format(doc["target"])).returncode == 0
+
+
+def test_layout_signature_tag_is_found(tmp_path: Path) -> None:
+    """In an OCI layout, cosign's tag names an entry of index.json: found the same way."""
+    layout = tmp_path / "layout"
+    digest = f.write_layout(layout, "1", [f.simple_layer({"etc/m": b"m\n"})])
+    sig = f.write_layout(layout, "sha256-" + digest.split(":", 1)[1] + ".sig",
+                         [f.simple_layer({"sig": b"s\n"})])
+    done = subprocess.run(
+        [*cli_argv("optimize", "--oci", "--no-optimize", "--json"), f"oci:{layout}:1",
+         f"oci:{tmp_path}/out:1"], capture_output=True, text=True, timeout=300)
+    sigs = report(done)["signatures"]
+    assert sigs["kinds"] == ["cosign-tag"] and sigs["signatures"][0]["subject"] == digest
+    assert sig not in (tmp_path / "out" / "index.json").read_text()
