@@ -311,3 +311,21 @@ def test_layout_signature_tag_is_found(tmp_path: Path) -> None:
     sigs = report(done)["signatures"]
     assert sigs["kinds"] == ["cosign-tag"] and sigs["signatures"][0]["subject"] == digest
     assert sig not in (tmp_path / "out" / "index.json").read_text()
+
+
+def test_attest_into_layout_and_archive(tmp_path: Path) -> None:
+    """A layout lists the statement in index.json (untagged, its subject the converted
+    image); an archive keeps no referrers: a warning says the statement was left out."""
+    layout = tmp_path / "layout"
+    f.write_layout(layout, "1", [f.simple_layer({"etc/n": b"n\n"})])
+    argv = cli_argv("optimize", "--oci", "--no-optimize", "--json", "--attest")
+    doc = report(subprocess.run([*argv, f"oci:{layout}:1", f"oci:{tmp_path}/out:1"],
+                                capture_output=True, text=True, timeout=300))
+    entries = json.loads((tmp_path / "out" / "index.json").read_text())["manifests"]
+    (statement,) = [m for m in entries if m.get("artifactType") == "application/vnd.in-toto+json"]
+    manifest = json.loads(f.read_blob(tmp_path / "out", statement["digest"]))
+    assert manifest["subject"]["digest"] == doc["target"]
+    done = subprocess.run([*argv, f"oci:{layout}:1", f"oci-archive:{tmp_path}/out.tar:1"],
+                          capture_output=True, text=True, timeout=300)
+    warned = [w for w in report(done)["warnings"] if "keeps no OCI referrers" in w]
+    assert warned and "conversion attestation" in warned[0], done.stderr

@@ -8,6 +8,7 @@ destination store rolls back what this run wrote.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from datetime import UTC, datetime
 from pathlib import Path
@@ -42,6 +43,7 @@ from estargz_opt.cache import LayerCache
 from estargz_opt.convert import (
     Converter,
     ConvertOptions,
+    ConvertResult,
     toc_image,
 )
 from estargz_opt.descriptor import Descriptor, Manifest
@@ -142,23 +144,9 @@ def optimize(req: OptimizeRequest, progress: ProgressListener | None = None) -> 
                 and not any(lay.result and lay.result.prioritized_files for lay in result.layers)
             ):
                 _empty_profile(req, literal(profile.empty_reason(req.profiles)))
-            # Referrers that describe the files (SBOMs, provenance) follow the image.
-            attach = [] if req.drop_attestations else [
-                (target, copied)
-                for source, target in result.converted.items()
-                for ref in signed.attachments.get(source, [])
-                if (copied := converter.copy_referrer(ref, source, target)) is not None
-            ]
-            if req.attest:
-                doc = attest.statement(
-                    root.digest,
-                    result.target,
-                    signatures.image_name(dst_ref),
-                    result,
-                    req.layer,
-                    prioritized,
-                )
-                attach.append((result.target, attest.write(dst, result.target, doc)))
+            attach = _referrers(
+                req, root.digest, converter, result, signed, dst, dst_ref, prioritized
+            )
             tags = {dst_tag: result.target}
             extra = None
             if req.layer.format is Format.EXTERNAL_TOC:
@@ -167,9 +155,9 @@ def optimize(req: OptimizeRequest, progress: ProgressListener | None = None) -> 
             dst.tag(tags)
             if isinstance(dst, Referring):
                 if req.with_referrer:
-                    attach.append((root, result.target))
+                    attach.append((root.digest, result.target))
                 for subject, referrer in attach:
-                    dst.attach(subject.digest, referrer)
+                    dst.attach(subject, referrer)
         except BaseException:
             dst.rollback()
             raise
@@ -184,6 +172,51 @@ def optimize(req: OptimizeRequest, progress: ProgressListener | None = None) -> 
         profile,
         signed,
     )
+
+
+def _referrers(
+    req: OptimizeRequest,
+    source: str,
+    converter: Converter,
+    result: ConvertResult,
+    signed: signatures.Signatures,
+    dst: Store,
+    dst_ref: reference.ImageRef,
+    prioritized: Mapping[str, Sequence[str]],
+) -> list[tuple[str, Descriptor]]:
+    """The referrers written for the converted image, as (subject digest, referrer), for
+    the destination to list once tagged: the source's SBOM and provenance referrers, moved
+    onto the converted manifests, and the --attest statement. A destination that keeps no
+    referrers (containerd, archives) gets none, and a warning says what was left out."""
+    copies = [] if req.drop_attestations else [
+        (old, target, ref)
+        for old, target in result.converted.items()
+        for ref in signed.attachments.get(old, [])
+    ]
+    if not isinstance(dst, Referring):
+        left = [f"{len(copies)} referrers of the source"] if copies else []
+        left += ["the conversion attestation"] if req.attest else []
+        if left:
+            message = f"{dst_ref} keeps no OCI referrers: not attached: {', '.join(left)}"
+            log.warning("%s", message)
+            result.warnings.append(message)
+        return []
+    out = [
+        (target.digest, copied)
+        for old, target, ref in copies
+        if (copied := converter.copy_referrer(ref, old, target)) is not None
+    ]
+    if req.attest:
+        doc = attest.statement(
+            source,
+            result.target,
+            signatures.image_name(dst_ref),
+            result,
+            req.layer,
+            prioritized,
+        )
+        out.append((result.target.digest, attest.write(dst, result.target, doc)))
+    return out
 
 
 def analyze(req: AnalyzeRequest, progress: ProgressListener | None = None) -> Analysis:
