@@ -329,3 +329,28 @@ def test_attest_into_layout_and_archive(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=300)
     warned = [w for w in report(done)["warnings"] if "keeps no OCI referrers" in w]
     assert warned and "conversion attestation" in warned[0], done.stderr
+
+
+def test_sbom_referrer_naming_a_missing_blob_fails_whole(tmp_path: Path) -> None:
+    """An SBOM referrer whose blob is missing would be copied half: one line, exit 1, and
+    the destination is not written (no tag, no layout)."""
+    layout = tmp_path / "layout"
+    digest = f.write_layout(layout, "1", [f.simple_layer({"etc/o": b"o\n"})])
+    size = len(f.read_blob(layout, digest))
+    config = f.put_blob(layout, b"{}")
+    sbom = {"schemaVersion": 2, "mediaType": f.OCI_MANIFEST,
+            "artifactType": "application/spdx+json",
+            "config": f.descriptor("application/vnd.oci.empty.v1+json", *config),
+            "layers": [f.descriptor("application/spdx+json", "sha256:" + "1" * 64, 10)],
+            "subject": f.descriptor(f.OCI_MANIFEST, digest, size)}
+    ref = f.descriptor(f.OCI_MANIFEST, *f.put_json(layout, sbom))
+    index = json.loads((layout / "index.json").read_text())
+    index["manifests"].append(ref)
+    (layout / "index.json").write_text(json.dumps(index))
+    done = subprocess.run(
+        [*cli_argv("optimize", "--oci", "--no-optimize"), f"oci:{layout}:1",
+         f"oci:{tmp_path}/out:1"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr
+    (last,) = [line for line in done.stderr.splitlines() if "error" in line]
+    assert "1111" in last and "Traceback" not in done.stderr, done.stderr
+    assert not (tmp_path / "out").exists()
