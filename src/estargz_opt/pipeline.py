@@ -210,7 +210,7 @@ def _referrers(
         doc = attest.statement(
             source,
             result.target,
-            signatures.image_name(dst_ref),
+            signatures.image_name(dst_ref) or str(dst_ref),
             result,
             req.layer,
             prioritized,

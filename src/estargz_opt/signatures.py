@@ -65,7 +65,7 @@ class Signatures:
             "unchecked": dict(self.unchecked),
         }
 
-    def warnings(self, converted: Mapping[str, Descriptor], dst: str) -> list[str]:
+    def warnings(self, converted: Mapping[str, Descriptor], dst: str | None) -> list[str]:
         """One warning per signed source digest, naming what signs it and the command
         that signs its converted digest; one per digest that could not be checked."""
         out = []
@@ -76,7 +76,7 @@ class Signatures:
                 out.append(
                     f"source {subject} is signed ({', '.join(names)}); signatures are not "
                     f"copied, they would not verify on the converted {new}: re-sign it "
-                    f"(cosign sign {dst}@{new})"
+                    f"(cosign sign {dst or 'REPOSITORY'}@{new}" + (")" if dst else " once pushed)")
                 )
         out += [
             f"could not check source {subject} for signatures: {why}"
@@ -106,9 +106,9 @@ def find(store: Store, subjects: list[str]) -> Signatures:
     return result
 
 
-def image_name(ref: ImageRef) -> str:
+def image_name(ref: ImageRef) -> str | None:
     """How cosign names the destination's repository (`docker://h/r:t` -> `h/r`);
-    other stores as written, since cosign signs only what is in a registry."""
+    None elsewhere: cosign signs what is in a registry, once pushed."""
     if isinstance(ref, RegistryRef):
         return f"{ref.registry}/{ref.repository}"
-    return str(ref)
+    return None
