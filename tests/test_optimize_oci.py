@@ -38,6 +38,8 @@ from support import imagefactory as f
 from support.cli import cli_argv
 from support.nodaemon import NoDaemon
 
+from estargz_opt.constants import SOURCE_DIGEST_ANNOTATION as SOURCE_DIGEST
+
 pytestmark = pytest.mark.root
 
 # --- the images ------------------------------------------------------------------------------
@@ -162,6 +164,8 @@ CONVERSIONS = {
     "other-platform": ("multi", ("--oci", "--no-optimize", "--platform", OTHER)),
     "default-platform": ("multi", ("--oci", "--no-optimize")),
     "extras-all": ("extras", ("--oci", "--no-optimize", "--all-platforms")),
+    "extras-drop": ("extras", ("--oci", "--no-optimize", "--all-platforms",
+                               "--drop-attestations")),
     "docker-keep": ("dk", ("--no-optimize",)),
     "docker-oci": ("dk", ("--oci", "--no-optimize")),
 }
@@ -492,8 +496,18 @@ def test_unknown_media_types_pass_through(convert, src: Source):
 
     src_att, out_att = pick(src_index, True), pick(out_index, True)
     src_art, out_art = pick(src_index, False), pick(out_index, False)
-    # Attestation manifest (in-toto layer, not a layer type): same bytes.
+    # Attestation manifest (in-toto layer, not a layer type): same bytes, its index entry
+    # re-pointed at the converted manifest of the platform it described, the source's
+    # digest kept beside.
+    src_ann, out_ann = src_att.pop("annotations"), out_att.pop("annotations")
     assert out_att == src_att, (src_att, out_att)
+    src_host = next(m for m in src_index["manifests"]
+                    if m.get("platform") and f.platform_str(m["platform"]) == HOST)
+    out_host = next(m for m in out_index["manifests"]
+                    if m.get("platform") and f.platform_str(m["platform"]) == HOST)
+    assert src_ann[f.REFERENCE_DIGEST] == src_host["digest"] != out_host["digest"]
+    assert out_ann == {**src_ann, f.REFERENCE_DIGEST: out_host["digest"],
+                       SOURCE_DIGEST: src_host["digest"]}, out_ann
     att = f.read_json(conv.layout, out_att["digest"])
     assert att["layers"][0]["mediaType"] == f.IN_TOTO_LAYER
     in_toto = f.blob_path(conv.layout, att["layers"][0]["digest"])
@@ -503,6 +517,14 @@ def test_unknown_media_types_pass_through(convert, src: Source):
     assert out_art == src_art, (src_art, out_art)
     assert f.blob_path(conv.layout, out_art["digest"]).read_bytes() == f.read_blob(
         src.layout, src_art["digest"])
+
+
+def test_drop_attestations(convert, src: Source):
+    """--drop-attestations: the attestation entry goes, the artifact and images stay."""
+    conv = convert("extras-drop")
+    out_index = f.read_json(conv.layout, conv.digest)
+    kinds = [m.get("annotations", {}).get(f.REFERENCE_TYPE) for m in out_index["manifests"]]
+    assert len(kinds) == 3 and not any(kinds), out_index
 
 
 def test_index_keeps_manifest_order(convert, src: Source):
@@ -516,8 +538,9 @@ def test_index_keeps_manifest_order(convert, src: Source):
                 for m in index["manifests"]]
 
     assert kinds(out_index) == kinds(src_index), (kinds(src_index), kinds(out_index))
-    # The two entries the converter does not touch stay at their positions.
-    assert out_index["manifests"][2:] == src_index["manifests"][2:]
+    # The attestation and the artifact stay at their positions (same manifests).
+    assert ([m["digest"] for m in out_index["manifests"][2:]]
+            == [m["digest"] for m in src_index["manifests"][2:]])
 
 
 # --- Docker media types ---------------------------------------------------------------------

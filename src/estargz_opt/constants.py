@@ -27,6 +27,18 @@ DOCKER_LAYER_GZIP: Final = DOCKER_LAYER + ".gzip"
 DOCKER_LAYER_ZSTD: Final = DOCKER_LAYER + ".zstd"  # containerd's name; docker has no zstd type
 DOCKER_FOREIGN: Final = "application/vnd.docker.image.rootfs.foreign.diff.tar"
 DOCKER_FOREIGN_GZIP: Final = DOCKER_FOREIGN + ".gzip"
+#: artifact types of signatures attached as OCI referrers: cosign's, sigstore's bundle
+#: (cosign 2.5 --new-bundle-format) and notation's; they sign a digest, so never move
+SIGNATURE_ARTIFACT_TYPES: Final = frozenset(
+    {
+        "application/vnd.dev.cosign.artifact.sig.v1+json",
+        "application/vnd.dev.sigstore.bundle.v0.3+json",
+        "application/vnd.cncf.notary.signature",
+    }
+)
+#: cosign's tag suffixes beside an image: its signatures, its attestations
+COSIGN_SIGNATURE_SUFFIX: Final = ".sig"
+COSIGN_ATTESTATION_SUFFIX: Final = ".att"
 
 # -- annotations (on descriptors) ----------------------------------------------------
 #: the sha256 of a layer's TOC JSON: what the stargz snapshotter checks before lazy pulling
@@ -41,6 +53,12 @@ ZSTD_MANIFEST_CHECKSUM_ANNOTATION: Final = "io.containers.zstd-chunked.manifest-
 ZSTD_MANIFEST_POSITION_ANNOTATION: Final = "io.containers.zstd-chunked.manifest-position"
 #: an index entry's tag in an OCI image layout
 REF_NAME_ANNOTATION: Final = "org.opencontainers.image.ref.name"
+#: BuildKit's attestation entries in an index: their kind, and the manifest they describe
+REFERENCE_TYPE_ANNOTATION: Final = "vnd.docker.reference.type"
+REFERENCE_DIGEST_ANNOTATION: Final = "vnd.docker.reference.digest"
+#: ours: on an attestation re-pointed at a converted manifest, the source manifest's digest
+#: (what the attestation's subject names; the converted one has the same files, re-encoded)
+SOURCE_DIGEST_ANNOTATION: Final = "io.github.estargz-opt.source.digest"
 
 # -- containerd labels (on content and images) ----------------------------------------
 UNCOMPRESSED_LABEL: Final = "containerd.io/uncompressed"

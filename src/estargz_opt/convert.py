@@ -19,7 +19,13 @@ from typing import Any
 
 from estargz_opt import descriptor as d
 from estargz_opt.cache import LayerCache, Slot, cached_build, layer_key
-from estargz_opt.constants import IO_CHUNK, TOC_DIGEST_ANNOTATION, TOC_LAYER_DIGEST_ANNOTATION
+from estargz_opt.constants import (
+    IO_CHUNK,
+    REFERENCE_DIGEST_ANNOTATION,
+    SOURCE_DIGEST_ANNOTATION,
+    TOC_DIGEST_ANNOTATION,
+    TOC_LAYER_DIGEST_ANNOTATION,
+)
 from estargz_opt.descriptor import Descriptor, Manifest
 from estargz_opt.digest import sha256_digest
 from estargz_opt.errors import BadInputError, Cancelled, EstargzOptError
@@ -61,6 +67,10 @@ class ConvertOptions:
     cache: LayerCache | None = None  # None: --no-cache
     #: source layers already checked and decompressed (during the workload run), by digest
     spool: Spool | None = None
+    #: leave BuildKit's attestation manifests out of converted indexes
+    drop_attestations: bool = False
+    #: the converted top manifest's `subject` is the source's (nydusify's --with-referrer)
+    with_referrer: bool = False
 
 
 @dataclass(slots=True)
@@ -80,6 +90,21 @@ class ConvertResult:
     layers: list[LayerReport]
     toc_layers: list[Descriptor]  # external TOC blobs, for the TOC image
     warnings: list[str]
+    #: source manifest or index digest -> its converted one (artifacts, kept, are not here)
+    converted: dict[str, Descriptor] = field(default_factory=dict)
+
+
+def repoint(att: Descriptor, new: str) -> Descriptor:
+    """The index entry of attestation *att* naming manifest *new*; the digest it named
+    before is kept under SOURCE_DIGEST_ANNOTATION (unchanged if nothing moved)."""
+    old = attested(att)
+    if old == new:
+        return att
+    annotations = dict(att.annotations or {})
+    annotations[REFERENCE_DIGEST_ANNOTATION] = new
+    if old:
+        annotations[SOURCE_DIGEST_ANNOTATION] = old
+    return replace(att, annotations=annotations)
 
 
 class Converter:
@@ -94,20 +119,29 @@ class Converter:
         self.cancel = threading.Event()
         self._lock = threading.Lock()
         self._copied: set[str] = set()
+        self._converted: dict[str, Descriptor] = {}
+        self._root: Descriptor | None = None
 
     # ------------------------------------------------------------------ walk
 
     def convert(self, desc: Descriptor) -> ConvertResult:
+        self._root = desc
         target = self._node(desc, platform=str(desc.platform) if desc.platform else "")
-        return ConvertResult(target, self.layers, self.toc_layers, self.warnings)
+        return ConvertResult(
+            target, self.layers, self.toc_layers, self.warnings, self._converted
+        )
 
     def _node(self, desc: Descriptor, platform: str) -> Descriptor:
         if desc.media_type in d.INDEX_TYPES:
-            return self._index(desc)
-        if desc.media_type in d.MANIFEST_TYPES:
-            return self._manifest(desc, platform)
-        self._copy(desc, "unknown media type")
-        return desc
+            new = self._index(desc)
+        elif desc.media_type in d.MANIFEST_TYPES:
+            new = self._manifest(desc, platform)
+        else:
+            self._copy(desc, "unknown media type")
+            return desc
+        if new.digest != desc.digest:  # what signed the source no longer names this
+            self._converted[desc.digest] = new
+        return new
 
     def _index(self, desc: Descriptor) -> Descriptor:
         index = read_index(self.src, desc)
@@ -129,15 +163,18 @@ class Converter:
                 slots.append(child)
         if not new_digest:
             raise no_match(f"index {desc.digest}", self.opts.platforms, index)
-        # Attestations pass through untouched, in place, when the manifest they describe is
-        # kept. They still name (and attest) the source manifest, which is the truth.
+        # An attestation stays in place when the manifest it describes is kept, re-pointed
+        # at the converted manifest (same files, new encoding) so that tools looking up a
+        # platform manifest's SBOM find it; its own bytes, which name the source, are kept.
         for pos, att in attestations.items():
-            if attested(att) in new_digest:
+            new = new_digest.get(attested(att) or "")
+            if new is not None and not self.opts.drop_attestations:
                 self._copy(att, "attestation")
-                slots[pos] = att
+                slots[pos] = repoint(att, new)
         kept = [s for s in slots if s is not None]
         index.manifests = kept
         index.media_type = self._map_type(index.media_type)
+        self._link_source(desc, index.extra)
         return self._put_json(index.to_bytes(), desc, index.media_type)
 
     def _manifest(self, desc: Descriptor, platform: str) -> Descriptor:
@@ -191,7 +228,46 @@ class Converter:
         if manifest.media_type:
             manifest.media_type = self._map_type(manifest.media_type)
         new_type = self._map_type(desc.media_type)
+        self._link_source(desc, manifest.extra)
         return self._put_json(manifest.to_bytes(), desc, new_type)
+
+    def copy_referrer(self, ref: Descriptor, source: str, subject: Descriptor) -> Descriptor | None:
+        """Referrer `ref` of source manifest `source` (an SBOM, a provenance) written to
+        the destination as a referrer of its converted `subject`: its blobs as they are,
+        its manifest naming the new subject, the source digest kept under
+        SOURCE_DIGEST_ANNOTATION. None if it does not name `source` (a stale listing)."""
+        what = f"referrer {ref.digest} of {source}"
+        raw = d.load_json(self.src.read(ref, what), what)
+        named = raw.get("subject")
+        if not isinstance(named, dict) or named.get("digest") != source:
+            return None
+        blobs = [raw.get("config"), *(raw.get("layers") or [])]
+        for blob in blobs:
+            try:
+                self._copy(Descriptor.from_json(blob), what)
+            except ValueError as exc:
+                raise BadInputError(f"malformed {what}: {exc}") from None
+        raw["subject"] = {"mediaType": subject.media_type, "digest": subject.digest,
+                          "size": subject.size}
+        annotations = raw.get("annotations")
+        raw["annotations"] = {**(annotations if isinstance(annotations, dict) else {}),
+                              SOURCE_DIGEST_ANNOTATION: source}
+        data = d.dump(raw)
+        self.dst.write(data, source=ref)
+        return Descriptor(
+            media_type=str(raw.get("mediaType") or ref.media_type),
+            digest=sha256_digest(data),
+            size=len(data),
+            annotations=ref.annotations,
+            artifact_type=ref.artifact_type,
+        )
+
+    def _link_source(self, desc: Descriptor, extra: dict[str, Any]) -> None:
+        """With with_referrer, the top document names the source as its `subject`, so
+        that a registry lists the converted image among the source's referrers."""
+        if self.opts.with_referrer and desc is self._root:
+            extra["subject"] = {"mediaType": desc.media_type, "digest": desc.digest,
+                                "size": desc.size}
 
     def _config(self, desc: Descriptor, raw: dict[str, Any], diff_ids: list[str]) -> Descriptor:
         rootfs = raw.get("rootfs")

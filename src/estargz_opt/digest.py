@@ -48,6 +48,14 @@ def sha256_hex(digest: str) -> str | None:
     return hexpart
 
 
+def digest_tag(digest: str, suffix: str = "") -> str:
+    """The tag naming something attached to `digest` ("sha256:ab" -> "sha256-ab" + suffix):
+    cosign's `.sig`/`.att` tags and the OCI referrers tag schema (no suffix) share it,
+    since a tag cannot hold a colon."""
+    algorithm, _, hexpart = digest.partition(":")
+    return f"{algorithm}-{hexpart}{suffix}"
+
+
 def hasher_for(digest: str) -> Hasher | None:
     """A fresh hasher of the digest's algorithm, or None if hashlib does not know it."""
     algo = digest.partition(":")[0]

@@ -8,12 +8,13 @@ destination store rolls back what this run wrote.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from estargz_opt import descriptor as d, platforms, reference
+from estargz_opt import attest, descriptor as d, platforms, reference, signatures
 from estargz_opt.constants import (
     MAX_MANIFEST_SIZE,
     TOC_IMAGE_SUFFIX,
@@ -42,6 +43,7 @@ from estargz_opt.cache import LayerCache
 from estargz_opt.convert import (
     Converter,
     ConvertOptions,
+    ConvertResult,
     toc_image,
 )
 from estargz_opt.descriptor import Descriptor, Manifest
@@ -49,7 +51,7 @@ from estargz_opt.errors import EstargzOptError
 from estargz_opt.events import ProgressListener
 from estargz_opt.format import Format
 from estargz_opt.format.source import Spool
-from estargz_opt.stores import Store, open_store, pair, same_store
+from estargz_opt.stores import Referring, Store, open_store, pair, same_store
 from estargz_opt.walk import check_selection, images
 
 log = logging.getLogger("estargz_opt")
@@ -125,8 +127,15 @@ def optimize(req: OptimizeRequest, progress: ProgressListener | None = None) -> 
                 progress=progress,
                 cache=cache,
                 spool=spool,
+                drop_attestations=req.drop_attestations,
+                with_referrer=req.with_referrer,
             )
-            result = Converter(src, dst, opts, same_store=same).convert(root)
+            converter = Converter(src, dst, opts, same_store=same)
+            result = converter.convert(root)
+            signed = signatures.find(src, list(result.converted))
+            for message in signed.warnings(result.converted, signatures.image_name(dst_ref)):
+                log.warning("%s", message)
+                result.warnings.append(message)
             if cache and cache.warning:
                 result.warnings.append(cache.warning)
             if (
@@ -135,12 +144,20 @@ def optimize(req: OptimizeRequest, progress: ProgressListener | None = None) -> 
                 and not any(lay.result and lay.result.prioritized_files for lay in result.layers)
             ):
                 _empty_profile(req, literal(profile.empty_reason(req.profiles)))
+            attach = _referrers(
+                req, root.digest, converter, result, signed, dst, dst_ref, prioritized
+            )
             tags = {dst_tag: result.target}
             extra = None
             if req.layer.format is Format.EXTERNAL_TOC:
                 tags[dst_tag + TOC_IMAGE_SUFFIX] = toc_image(result.toc_layers, dst)
                 extra = str(dst_ref.with_tag(dst_tag + TOC_IMAGE_SUFFIX))
             dst.tag(tags)
+            if isinstance(dst, Referring):
+                if req.with_referrer:
+                    attach.append((root.digest, result.target))
+                for subject, referrer in attach:
+                    dst.attach(subject, referrer)
         except BaseException:
             dst.rollback()
             raise
@@ -153,7 +170,53 @@ def optimize(req: OptimizeRequest, progress: ProgressListener | None = None) -> 
         result.warnings,
         analysis,
         profile,
+        signed,
     )
+
+
+def _referrers(
+    req: OptimizeRequest,
+    source: str,
+    converter: Converter,
+    result: ConvertResult,
+    signed: signatures.Signatures,
+    dst: Store,
+    dst_ref: reference.ImageRef,
+    prioritized: Mapping[str, Sequence[str]],
+) -> list[tuple[str, Descriptor]]:
+    """The referrers written for the converted image, as (subject digest, referrer), for
+    the destination to list once tagged: the source's SBOM and provenance referrers, moved
+    onto the converted manifests, and the --attest statement. A destination that keeps no
+    referrers (containerd, archives) gets none, and a warning says what was left out."""
+    copies = [] if req.drop_attestations else [
+        (old, target, ref)
+        for old, target in result.converted.items()
+        for ref in signed.attachments.get(old, [])
+    ]
+    if not isinstance(dst, Referring):
+        left = [f"{len(copies)} referrers of the source"] if copies else []
+        left += ["the conversion attestation"] if req.attest else []
+        if left:
+            message = f"{dst_ref} keeps no OCI referrers: not attached: {', '.join(left)}"
+            log.warning("%s", message)
+            result.warnings.append(message)
+        return []
+    out = [
+        (target.digest, copied)
+        for old, target, ref in copies
+        if (copied := converter.copy_referrer(ref, old, target)) is not None
+    ]
+    if req.attest:
+        doc = attest.statement(
+            source,
+            result.target,
+            signatures.image_name(dst_ref) or str(dst_ref),
+            result,
+            req.layer,
+            prioritized,
+        )
+        out.append((result.target.digest, attest.write(dst, result.target, doc)))
+    return out
 
 
 def analyze(req: AnalyzeRequest, progress: ProgressListener | None = None) -> Analysis:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from estargz_opt.convert import ConvertResult, LayerReport
 from estargz_opt.format.build import LayerResult
 from estargz_opt.prioritize.profile import EXAMPLES, Profile
+from estargz_opt.signatures import Signatures
 
 if TYPE_CHECKING:
     from estargz_opt.workload.analyzer import Analysis
@@ -28,6 +29,8 @@ class OptimizeResult:
     analysis: Analysis | None = None
     #: the --record-in / --prefetch-list profile as matched to the host image
     profile: Profile | None = None
+    #: the source's signatures, which the converted image does not carry
+    signatures: Signatures = field(default_factory=Signatures)
 
     @property
     def layers(self) -> list[LayerReport]:
@@ -68,6 +71,7 @@ class OptimizeResult:
             "layers": layers,
             "extraImage": self.extra_image,
             "warnings": self.warnings,
+            "signatures": self.signatures.report(),
             "workload": None if self.analysis is None else self.analysis.report(),
             "profile": None
             if self.profile is None

@@ -51,6 +51,12 @@ class OptimizeRequest:
     #: the converted-layer cache (estargz_opt.cache); None: no cache
     cache_dir: Path | None = None
     cache_max_size: int = DEFAULT_CACHE_MAX_SIZE
+    #: leave BuildKit's attestation manifests out (else they follow the converted manifests)
+    drop_attestations: bool = False
+    #: the converted image's `subject` is the source (its bytes change: optional)
+    with_referrer: bool = False
+    #: attach an in-toto statement of the conversion to the converted image (attest.py)
+    attest: bool = False
 
     @classmethod
     def from_options(
@@ -79,6 +85,9 @@ class OptimizeRequest:
         cache: bool = True,
         cache_dir: Path | None = None,
         cache_max_size: int = DEFAULT_CACHE_MAX_SIZE,
+        drop_attestations: bool = False,
+        with_referrer: bool = False,
+        attest: bool = False,
     ) -> OptimizeRequest:
         """A checked request, with every default that depends on other options filled in.
 
@@ -119,6 +128,9 @@ class OptimizeRequest:
             dst_store=dst_store or StoreOptions(),
             cache_dir=(cache_dir or default_cache_dir()) if cache else None,
             cache_max_size=cache_max_size,
+            drop_attestations=drop_attestations,
+            with_referrer=with_referrer,
+            attest=attest,
         )
         req.validate()
         return req

@@ -5,7 +5,8 @@ or check:
 - attestations: BuildKit's manifests annotated `vnd.docker.reference.type`; they describe
   the manifest named by `vnd.docker.reference.digest` (its provenance, its SBOM);
 - artifacts: manifests whose config is not an image config (signatures, Helm charts…).
-The converter passes both through untouched; verify/inspect and the host-manifest lookup
+The converter passes artifacts through untouched and re-points attestations at the
+converted manifest; verify/inspect and the host-manifest lookup
 skip them.
 
 A single manifest (no index) has the platform its config names: it is selected by the same
@@ -18,23 +19,21 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from estargz_opt import descriptor as d
+from estargz_opt.constants import REFERENCE_DIGEST_ANNOTATION, REFERENCE_TYPE_ANNOTATION
 from estargz_opt.descriptor import Descriptor, Index, Manifest, Platform
 from estargz_opt.errors import PlatformError
 from estargz_opt.platforms import Matcher
 from estargz_opt.stores import Store
 
-REFERENCE_TYPE = "vnd.docker.reference.type"
-REFERENCE_DIGEST = "vnd.docker.reference.digest"
-
 
 def is_attestation(child: Descriptor) -> bool:
     """An index entry that describes another manifest rather than being a platform image."""
-    return bool((child.annotations or {}).get(REFERENCE_TYPE))
+    return bool((child.annotations or {}).get(REFERENCE_TYPE_ANNOTATION))
 
 
 def attested(child: Descriptor) -> str | None:
     """The digest of the manifest an attestation describes."""
-    return (child.annotations or {}).get(REFERENCE_DIGEST)
+    return (child.annotations or {}).get(REFERENCE_DIGEST_ANNOTATION)
 
 
 def is_image(manifest: Manifest) -> bool:

@@ -123,6 +123,27 @@ def _format(zstdchunked: bool, external_toc: bool) -> Format:
     is_flag=True,
     help="Keep layers that are already sound eStargz and have no prioritized files.",
 )
+@option(
+    FORMAT,
+    "--drop-attestations",
+    is_flag=True,
+    help="Leave BuildKit's attestation manifests (SBOM, provenance) out of the converted "
+    "index; by default they follow the converted manifests.",
+)
+@option(
+    FORMAT,
+    "--with-referrer",
+    is_flag=True,
+    help="Make the source the converted image's subject, so that a registry lists the "
+    "converted image among the source's referrers (changes the manifest's bytes).",
+)
+@option(
+    FORMAT,
+    "--attest",
+    is_flag=True,
+    help="Attach an unsigned in-toto statement of the conversion (digests of the image and "
+    "of each layer, DiffIDs, TOC digests, options, profile) as a referrer of the result.",
+)
 @option(FORMAT, "--zstdchunked", is_flag=True, help="Write zstd:chunked layers (needs --oci).")
 @ZSTD_FLAVOR
 @option(
@@ -189,6 +210,9 @@ def optimize_cmd(
     prefetch_list: tuple[Path, ...],
     allow_empty_profile: bool,
     reuse: bool,
+    drop_attestations: bool,
+    with_referrer: bool,
+    attest: bool,
     platform_specs: tuple[str, ...],
     all_platforms: bool,
     zstdchunked: bool,
@@ -246,6 +270,9 @@ def optimize_cmd(
         min_chunk_size=estargz_min_chunk_size,
         oci=oci,
         reuse=reuse,
+        drop_attestations=drop_attestations,
+        with_referrer=with_referrer,
+        attest=attest,
         platforms=platform_specs,
         all_platforms=all_platforms,
         no_optimize=no_optimize,

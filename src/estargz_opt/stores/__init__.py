@@ -127,6 +127,22 @@ class Prefetching(Protocol):
     def prefetch(self, descs: Sequence[Descriptor], whats: Sequence[str]) -> None: ...
 
 
+@runtime_checkable
+class Referring(Protocol):
+    """A store that can say what is attached to a manifest: cosign's tags
+    (`sha256-<hex>.sig`) and OCI 1.1 referrers (through the referrers API where there is
+    one, else the `sha256-<hex>` tag-schema index). A capability, not part of `Store`."""
+
+    def has_tag(self, tag: str) -> bool: ...
+
+    def referrers(self, digest: str) -> list[Descriptor]: ...
+
+    def attach(self, subject: str, referrer: Descriptor) -> None:
+        """List `referrer`, a manifest already written whose `subject` is `subject`,
+        where the store has no referrers API to find it by itself (a tag-schema index)."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class StoreOptions:
     """How to reach the stores of one side of a run (source or destination)."""

@@ -35,12 +35,13 @@ from estargz_opt.atomic import atomic_write, temp_file
 from estargz_opt.constants import IO_CHUNK, MAX_MANIFEST_SIZE, REF_NAME_ANNOTATION
 from estargz_opt.descriptor import (
     LAYER_TYPES,
+    MANIFEST_TYPES,
     OCI_INDEX,
     Descriptor,
     Index,
     load_json,
 )
-from estargz_opt.digest import digest_of, hasher, sha256_digest, sha256_hex
+from estargz_opt.digest import digest_of, digest_tag, hasher, sha256_digest, sha256_hex
 from estargz_opt.errors import BadInputError, EstargzOptError
 from estargz_opt.stores import check_blob, write_through_sink
 from estargz_opt.stores.owner import is_dead, temp_owner, temp_prefix
@@ -132,6 +133,46 @@ class OCILayout:
 
     def resolve(self, name: str | None) -> Descriptor:
         return resolve_in(self.index(), name, str(self.root), "oci:DIR:TAG")
+
+    def has_tag(self, tag: str) -> bool:
+        return tag in tags_of(self.index())
+
+    def attach(self, subject: str, referrer: Descriptor) -> None:
+        """An untagged index.json entry, where `referrers` (and oras) look for it."""
+        self._start_writing()
+        try:
+            with self._index_locked():
+                index = self.index()
+                if any(m.digest == referrer.digest for m in index.manifests):
+                    return
+                index.manifests.append(referrer)
+                atomic_write(
+                    self.root / "index.json", index.to_bytes(), prefix=temp_prefix("index.json")
+                )
+        except OSError as exc:
+            raise EstargzOptError(
+                f"cannot write {self.root / 'index.json'}: {exc.strerror}"
+            ) from None
+
+    def referrers(self, digest: str) -> list[Descriptor]:
+        """A layout has no referrers API: the manifests of index.json whose subject is
+        `digest` (where oras and cosign put them), and the tag-schema index if tagged."""
+        index = self.index()
+        found: list[Descriptor] = []
+        tag = digest_tag(digest)
+        for desc in index.manifests:
+            where = f"{self.root}: manifest {desc.digest}"
+            if (desc.annotations or {}).get(REF_NAME_ANNOTATION) == tag:
+                found += Index.parse(self.read(desc, where), where).manifests
+            elif desc.media_type in MANIFEST_TYPES and desc.digest != digest:
+                raw = load_json(self.read(desc, where), where)
+                subject, config = raw.get("subject"), raw.get("config")
+                if isinstance(subject, dict) and subject.get("digest") == digest:
+                    kind = raw.get("artifactType") or (
+                        config.get("mediaType") if isinstance(config, dict) else None
+                    )
+                    found.append(desc.with_changes(artifact_type=str(kind or "")))
+        return found
 
     def blob_path(self, digest: str) -> Path:
         hexpart = sha256_hex(digest)

@@ -272,6 +272,37 @@ class Client:
         length = resp.headers.get("Content-Length", "")
         return int(length) if resp.status_code == 200 and length.isdigit() else None
 
+    def has_manifest(self, reference: str) -> bool:
+        """Whether the tag or digest names a manifest (HEAD; nothing of it is read)."""
+        resp = self._send(
+            "HEAD",
+            self.url(f"manifests/{reference}"),
+            f"manifest {reference}",
+            ok=lambda r: r.status_code in (200, 404),
+            headers={"Accept": MANIFEST_ACCEPT},
+        )
+        return resp.status_code == 200
+
+    def referrers(self, digest: str) -> bytes | None:
+        """The OCI 1.1 referrers index of `digest`, or None where the registry has no
+        referrers API (it answers 404, as docker-registry 2.8 does)."""
+        what = f"referrers of {digest}"
+        with self._bounded(self.session.limit.reading(MAX_MANIFEST_SIZE)):
+            resp = self._send(
+                "GET",
+                self.url(f"referrers/{digest}"),
+                what,
+                ok=lambda r: r.status_code in (200, 404),
+                stream=True,
+                headers={"Accept": d.OCI_INDEX},
+            )
+            with contextlib.closing(resp):
+                if resp.status_code == 404:
+                    return None
+                data = self._whole(resp, MAX_MANIFEST_SIZE, what)
+        jsonlimits.loads_object(data, f"{self.where}: {what}", max_size=MAX_MANIFEST_SIZE)
+        return data
+
     def put_manifest(self, reference: str, media_type: str, data: bytes) -> None:
         self._send(
             "PUT",

@@ -40,7 +40,7 @@ from typing import BinaryIO, Self
 from estargz_opt import descriptor as d
 from estargz_opt.constants import IO_CHUNK
 from estargz_opt.descriptor import Descriptor, Index
-from estargz_opt.digest import sha256_digest, sha256_hex
+from estargz_opt.digest import digest_tag, sha256_digest, sha256_hex
 from estargz_opt.errors import BadInputError, RegistryError
 from estargz_opt.reference import DEFAULT_TAG, RegistryRef
 from estargz_opt.stores import check_blob
@@ -267,6 +267,36 @@ class RegistryStore:
         with self._lock:
             self._manifests[desc.digest] = data
         return desc
+
+    def has_tag(self, tag: str) -> bool:
+        return self.client.has_manifest(tag)
+
+    def referrers(self, digest: str) -> list[Descriptor]:
+        """Through the referrers API, else the tag-schema index (`sha256-<hex>`)."""
+        what = f"referrers of {digest}"
+        data = self.client.referrers(digest)
+        if data is None:
+            tag = digest_tag(digest)
+            if not self.client.has_manifest(tag):
+                return []
+            what = f"referrers of {digest} (tag {tag!r})"
+            _, data = self.client.get_manifest(tag, what)
+        return Index.parse(data, f"{self.client.where}: {what}").manifests
+
+    def attach(self, subject: str, referrer: Descriptor) -> None:
+        self._push_manifest(referrer, set())  # a copied referrer, which no tag reaches
+        if self.client.referrers(subject) is not None:
+            return  # the registry indexes a pushed manifest's subject itself
+        tag = digest_tag(subject)
+        what = f"referrers of {subject} (tag {tag!r})"
+        index = Index(d.OCI_INDEX, [], {"schemaVersion": 2})
+        if self.client.has_manifest(tag):
+            _, data = self.client.get_manifest(tag, what)
+            index = Index.parse(data, f"{self.client.where}: {what}")
+        if any(m.digest == referrer.digest for m in index.manifests):
+            return
+        index.manifests.append(referrer)
+        self.client.put_manifest(tag, d.OCI_INDEX, index.to_bytes())
 
     def read(self, desc: Descriptor, what: str) -> bytes:
         data = self._manifests.get(desc.digest) or self._out.get(desc.digest)
