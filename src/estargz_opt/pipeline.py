@@ -39,6 +39,7 @@ from estargz_opt.workload.options import SamplerOptions
 if TYPE_CHECKING:
     from estargz_opt.workload.analyzer import Analysis
 from estargz_opt.cache import LayerCache
+from estargz_opt.cache.remote import open_remote
 from estargz_opt.convert import (
     Converter,
     ConvertOptions,
@@ -81,6 +82,11 @@ def optimize(req: OptimizeRequest, progress: ProgressListener | None = None) -> 
         cache = LayerCache(req.cache_dir, req.cache_max_size) if req.cache_dir else None
         if cache:
             stack.callback(cache.finish)
+        remote = (
+            stack.enter_context(open_remote(req.cache_ref, req.dst_store.registry,
+                                            req.cache_ref_trust))
+            if req.cache_ref else None
+        )
         dst: Store = (
             src if same else stack.enter_context(open_store(dst_ref, req.dst_store, create=True))
         )
@@ -124,6 +130,7 @@ def optimize(req: OptimizeRequest, progress: ProgressListener | None = None) -> 
                 prioritized=prioritized,
                 progress=progress,
                 cache=cache,
+                remote=remote,
                 spool=spool,
             )
             result = Converter(src, dst, opts, same_store=same).convert(root)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from estargz_opt import reference
 from estargz_opt.cache import default_dir as default_cache_dir
+from estargz_opt.cache.remote import Trust
 from estargz_opt.constants import DEFAULT_CACHE_MAX_SIZE, DEFAULT_CHUNK_SIZE
 from estargz_opt.errors import OptionsError, UsageError
 from estargz_opt.format import Format, LayerOptions, ZstdFlavor
@@ -51,6 +52,10 @@ class OptimizeRequest:
     #: the converted-layer cache (estargz_opt.cache); None: no cache
     cache_dir: Path | None = None
     cache_max_size: int = DEFAULT_CACHE_MAX_SIZE
+    #: a remote layer cache in a registry repository, docker://HOST/REPO (cache.remote),
+    #: reached with the destination's registry options
+    cache_ref: str | None = None
+    cache_ref_trust: Trust = Trust.FULL
 
     @classmethod
     def from_options(
@@ -79,6 +84,8 @@ class OptimizeRequest:
         cache: bool = True,
         cache_dir: Path | None = None,
         cache_max_size: int = DEFAULT_CACHE_MAX_SIZE,
+        cache_ref: str | None = None,
+        cache_ref_trust: Trust | str = Trust.FULL,
     ) -> OptimizeRequest:
         """A checked request, with every default that depends on other options filled in.
 
@@ -119,6 +126,8 @@ class OptimizeRequest:
             dst_store=dst_store or StoreOptions(),
             cache_dir=(cache_dir or default_cache_dir()) if cache else None,
             cache_max_size=cache_max_size,
+            cache_ref=cache_ref or None,
+            cache_ref_trust=Trust(cache_ref_trust),
         )
         req.validate()
         return req
@@ -186,6 +195,14 @@ class OptimizeRequest:
             )
         if not (dst.tag or src.tag):
             raise UsageError(f"name the destination tag: {dst} needs oci:DIR:TAG")
+        if self.cache_ref is not None:
+            ref = reference.parse(self.cache_ref)
+            if not isinstance(ref, reference.RegistryRef) or ref.digest:
+                raise OptionsError(
+                    "{ref} names a registry repository, docker://HOST/REPO, got "
+                    + repr(self.cache_ref),
+                    ref="cache_ref",
+                )
 
 
 #: how errors name the option terms (a front end spells them its own way: OptionsError)

@@ -40,7 +40,10 @@ from estargz_opt.errors import EstargzOptError
 from estargz_opt.format import LayerResult, open_layer
 from estargz_opt.format.source import TarSource
 from estargz_opt.format.tarfmt import iter_entries
+from estargz_opt.reference import RegistryRef
 from estargz_opt.stores.registry.client import Client
+from estargz_opt.stores.registry.options import RegistryOptions
+from estargz_opt.stores.registry.session import open_session
 
 log = logging.getLogger("estargz_opt")
 
@@ -202,6 +205,26 @@ class RemoteCache:
         except EstargzOptError as exc:
             log.warning("remote layer cache %s: entry %s not published: %s",
                         self.where, tag, exc)
+
+
+@contextlib.contextmanager
+def open_remote(ref: str, opts: RegistryOptions, trust: Trust) -> Iterator[RemoteCache | None]:
+    """The remote cache `ref` (docker://HOST/REPO; a tag is ignored) for one run. A
+    registry that cannot be reached turns it off with one warning, never fails the run."""
+    parsed = RegistryRef.parse(ref)
+    try:
+        session = open_session(parsed.api_host, opts)
+    except EstargzOptError as exc:
+        log.warning("the remote layer cache %s cannot be used (%s): converting without it",
+                    ref, exc)
+        session = None
+    if session is None:
+        yield None
+        return
+    try:
+        yield RemoteCache(Client(session, parsed.repository), trust)
+    finally:
+        session.close()
 
 
 def blob_is_zstd(path: Path) -> bool:
