@@ -160,11 +160,15 @@ def test_a_bad_entry_is_ignored_and_converted_afresh(fleet: Fleet, damage: str) 
         _plant(fleet, key, other, json.dumps(raw, sort_keys=True).encode())
     elif damage == "corrupt":
         _plant(fleet, key, layer, b"{not json")
-    else:
-        gone = json.loads(meta)
-        gone["digest"] = "sha256:" + "0" * 64
-        _plant(fleet, key, d.Descriptor(layer.media_type, gone["digest"], layer.size),
-               json.dumps(gone, sort_keys=True).encode())
+    else:  # the entry names a blob the repository no longer holds
+        saved = fleet.root / "saved-blob"
+        c = fleet.client()
+        try:
+            with open(saved, "w+b") as f:
+                c.download(layer, "saved", f)
+            assert c.session.client.delete(c.url(f"blobs/{layer.digest}")).status_code == 202
+        finally:
+            c.session.close()
     try:
         proc = fleet.machine(f"C-{damage}").optimize(
             f"oci:{fleet.images['one']}:v1", f"docker://{fleet.reg.host}/app/c-{damage}:v1",
@@ -173,8 +177,14 @@ def test_a_bad_entry_is_ignored_and_converted_afresh(fleet: Fleet, damage: str) 
         assert [lay["cache"] for lay in _layers(report)][0] == "miss"
         assert f"entry {tag_of(key)} ignored" in err, err
         assert report["target"] == fleet.filled["target"]
-    finally:
-        _plant(fleet, key, layer, meta)  # the genuine entry back for the other tests
+    finally:  # the genuine entry back for the other tests
+        if damage == "missing-blob":
+            c = fleet.client()
+            try:
+                c.upload(saved, layer.digest, layer.size, lambda _: None)
+            finally:
+                c.session.close()
+        _plant(fleet, key, layer, meta)
 
 
 def test_two_machines_filling_one_key_at_once_both_succeed(fleet: Fleet) -> None:
