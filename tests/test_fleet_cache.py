@@ -6,6 +6,7 @@ read the cache without writing it."""
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -126,7 +127,6 @@ def _plant(fleet: Fleet, key: str, layer: d.Descriptor, meta: bytes) -> None:
 def _entry(fleet: Fleet, key: str) -> tuple[d.Descriptor, bytes]:
     c = fleet.client()
     try:
-        import json
         _, raw = c.get_manifest(tag_of(key), "entry")
         m = json.loads(raw)
         config = d.Descriptor.from_json(m["config"])
@@ -146,7 +146,6 @@ def _keys(fleet: Fleet) -> list[str]:
 
 @pytest.mark.parametrize("damage", ["planted", "corrupt", "missing-blob"])
 def test_a_bad_entry_is_ignored_and_converted_afresh(fleet: Fleet, damage: str) -> None:
-    import json
     by_digest = {}
     for key in _keys(fleet):
         layer, meta = _entry(fleet, key)
@@ -174,7 +173,7 @@ def test_a_bad_entry_is_ignored_and_converted_afresh(fleet: Fleet, damage: str) 
             f"oci:{fleet.images['one']}:v1", f"docker://{fleet.reg.host}/app/c-{damage}:v1",
             "--cache-ref", fleet.ref())
         report, err = finished(proc)
-        assert [lay["cache"] for lay in _layers(report)][0] == "miss"
+        assert _layers(report)[0]["cache"] == "miss"
         assert f"entry {tag_of(key)} ignored" in err, err
         assert report["target"] == fleet.filled["target"]
     finally:  # the genuine entry back for the other tests
@@ -185,6 +184,29 @@ def test_a_bad_entry_is_ignored_and_converted_afresh(fleet: Fleet, damage: str) 
             finally:
                 c.session.close()
         _plant(fleet, key, layer, meta)
+
+
+def test_digest_only_trust_takes_a_planted_entry(fleet: Fleet) -> None:
+    """The documented risk of --cache-ref-trust=digest-only: no content check, so an entry
+    planted by whoever may push to the cache repository ends up in the image."""
+    by_digest = {}
+    for key in _keys(fleet):
+        layer, meta = _entry(fleet, key)
+        by_digest[layer.digest] = (key, layer, meta)
+    base1, _, app = _targets(fleet.filled)
+    key, layer, meta = by_digest[base1]
+    _, other, other_meta = by_digest[app]
+    raw = json.loads(other_meta)
+    raw["key"] = key
+    _plant(fleet, key, other, json.dumps(raw, sort_keys=True).encode())
+    try:
+        report, _ = finished(fleet.machine("E").optimize(
+            f"oci:{fleet.images['one']}:v1", f"docker://{fleet.reg.host}/app/e:v1",
+            "--cache-ref", fleet.ref(), "--cache-ref-trust", "digest-only"))
+    finally:
+        _plant(fleet, key, layer, meta)
+    assert _layers(report)[0]["cache"] == "remote-hit"
+    assert _targets(report)[0] == app != base1
 
 
 def test_two_machines_filling_one_key_at_once_both_succeed(fleet: Fleet) -> None:

@@ -153,7 +153,7 @@ class RemoteCache:
               prioritized: Sequence[str]) -> bool:
         """Whether the downloaded blob may stand for converting `source` (module
         docstring, (b) and (c)); a failure is warned about."""
-        why = _mismatch(entry.result, blob, source, prioritized)
+        why = mismatch(entry.result, blob, source, prioritized)
         if why is not None:
             self._refuse(entry.key, why)
         return why is None
@@ -232,7 +232,7 @@ def blob_is_zstd(path: Path) -> bool:
         return f.read(4) == b"\x28\xb5\x2f\xfd"
 
 
-def _mismatch(result: LayerResult, blob: Path, source: TarSource,
+def mismatch(result: LayerResult, blob: Path, source: TarSource,
               prioritized: Sequence[str]) -> str | None:
     """Why the blob is not the conversion of `source`, or None."""
     try:
