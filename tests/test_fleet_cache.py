@@ -33,6 +33,8 @@ class Fleet:
     images: dict[str, Path]  # name -> OCI layout (tag v1)
     #: machine A's report converting image "one" with the cache (it filled the cache)
     filled: dict[str, object]
+    #: the registry's access log of A's run
+    filled_log: str
 
     def machine(self, name: str) -> Machine:
         return Machine(self.root / name, self.reg)
@@ -68,10 +70,11 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         images = {name: _image(root / "src" / name, os.urandom(50_000))
                   for name in ("one", "two", "three")}
         a = Machine(root / "A", reg)
+        before = len(reg.log())
         report, _ = finished(a.optimize(f"oci:{images['one']}:v1",
                                         f"docker://{reg.host}/app/one:v1",
                                         "--cache-ref", f"docker://{reg.host}/{CACHE}"))
-        yield Fleet(reg, root, images, report)
+        yield Fleet(reg, root, images, report, reg.log()[before:])
     finally:
         reg.stop()
 
@@ -88,6 +91,11 @@ def _targets(report: dict[str, object]) -> list[str]:
 
 def test_second_machine_mounts_the_shared_base_layers(fleet: Fleet) -> None:
     assert [lay["cache"] for lay in _layers(fleet.filled)] == ["miss"] * 3
+    # A uploaded each layer once, into its destination; the cache got them by mount.
+    converted = _targets(fleet.filled)
+    assert sorted(fleet.reg.mounts(CACHE, fleet.filled_log)) == sorted(converted)
+    to_cache = {x.replace("%3A", ":") for x in fleet.reg.blob_uploads(CACHE, fleet.filled_log)}
+    assert not to_cache & set(converted)
     before = len(fleet.reg.log())
     report, _ = finished(fleet.machine("B").optimize(
         f"oci:{fleet.images['two']}:v1", f"docker://{fleet.reg.host}/app/two:v1",

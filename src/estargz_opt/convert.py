@@ -237,7 +237,7 @@ class Converter:
         def build(slot: Slot | None) -> LayerResult:
             built = self._build(desc, what, opts, slot)
             if self.opts.remote and slot and (blob := slot.stored_blob()):
-                self.opts.remote.publish(key, built, blob)
+                self.opts.remote.defer(key, built, blob)
             return built
 
         if self.opts.cache is None and self.opts.remote is not None:

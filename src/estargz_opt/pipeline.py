@@ -148,6 +148,11 @@ def optimize(req: OptimizeRequest, progress: ProgressListener | None = None) -> 
                 tags[dst_tag + TOC_IMAGE_SUFFIX] = toc_image(result.toc_layers, dst)
                 extra = str(dst_ref.with_tag(dst_tag + TOC_IMAGE_SUFFIX))
             dst.tag(tags)
+            if remote is not None:
+                remote.publish_all(
+                    (dst_ref.api_host, dst_ref.repository)
+                    if isinstance(dst_ref, reference.RegistryRef) else None
+                )
         except BaseException:
             dst.rollback()
             raise

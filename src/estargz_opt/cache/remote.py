@@ -81,6 +81,7 @@ class RemoteCache:
         self.trust = trust
         self._lock = threading.Lock()
         self._writable: bool | None = None
+        self._pending: list[tuple[str, LayerResult, Path]] = []
         #: the one line said when the cache could not be read this run (then off)
         self.off: str | None = None
 
@@ -174,8 +175,24 @@ class RemoteCache:
                              "conversions are not published to it", self.where)
             return self._writable
 
-    def publish(self, key: str, result: LayerResult, blob: Path) -> None:
-        """Push the blob, then its entry (the tag last). An entry already there wins."""
+    def defer(self, key: str, result: LayerResult, blob: Path) -> None:
+        """Publish this conversion once the run's image is written (`publish_all`)."""
+        with self._lock:
+            self._pending.append((key, result, blob))
+
+    def publish_all(self, mount_from: tuple[str, str] | None) -> None:
+        """Publish the deferred conversions. Their blobs are by now in the destination:
+        one on this registry (`mount_from`: host, repository) gives them by mount, so a
+        fleet uploads each converted layer once, not once more for the cache."""
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for key, result, blob in pending:
+            self.publish(key, result, blob, mount_from)
+
+    def publish(self, key: str, result: LayerResult, blob: Path,
+                mount_from: tuple[str, str] | None = None) -> None:
+        """Push the blob (by mount when it can), then its entry (the tag last). An entry
+        already there wins."""
         if self.off is not None or not self.writable():
             return
         tag = tag_of(key)
@@ -193,7 +210,9 @@ class RemoteCache:
         try:
             if self.client.manifest_size(tag) is not None:
                 return  # the first complete entry wins
-            if self.client.blob_size(result.digest) != result.size:
+            mounted = (mount_from is not None and mount_from[0] == self.client.session.host
+                       and self.client.mount(result.digest, mount_from[1]))
+            if not mounted and self.client.blob_size(result.digest) != result.size:
                 self.client.upload(blob, result.digest, result.size, lambda _: None)
             with tempfile.NamedTemporaryFile(prefix="estargz-opt-remote-") as f:
                 f.write(meta)
@@ -202,7 +221,7 @@ class RemoteCache:
                     self.client.upload(Path(f.name), config.digest, config.size,
                                        lambda _: None)
             self.client.put_manifest(tag, d.OCI_MANIFEST, manifest)
-        except EstargzOptError as exc:
+        except (EstargzOptError, OSError) as exc:  # the image is written: never fail it
             log.warning("remote layer cache %s: entry %s not published: %s",
                         self.where, tag, exc)
 
