@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -252,3 +253,15 @@ def test_pull_only_credentials_read_and_never_write(fleet: Fleet) -> None:
     lines = [x for x in err.splitlines() if x.strip()]
     assert len([x for x in lines if "read-only" in x]) == 1, err
     assert not any("error" in x.lower() or "warning" in x.lower() for x in lines), err
+
+
+def test_an_unreachable_cache_is_one_warning_never_a_failure(fleet: Fleet) -> None:
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    report, err = finished(fleet.machine("F").optimize(
+        f"oci:{fleet.images['one']}:v1", f"docker://{fleet.reg.host}/app/f:v1",
+        "--cache-ref", f"docker://127.0.0.1:{port}/cache"))
+    assert report["target"] == fleet.filled["target"]
+    warnings = [x for x in err.splitlines() if "WARNING" in x]
+    assert len(warnings) == 1 and "cannot be used" in warnings[0], err

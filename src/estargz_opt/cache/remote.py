@@ -102,9 +102,13 @@ class RemoteCache:
         if self.off is not None:
             return None
         tag = tag_of(key)
-        try:
+        try:  # a registry that fails the first request is off for the run
             if self.client.manifest_size(tag) is None:
                 return None
+        except EstargzOptError as exc:
+            self._turn_off(str(exc))
+            return None
+        try:  # past it, what fails is this entry
             _, raw = self.client.get_manifest(tag, f"cache entry {tag}")
             manifest = jsonlimits.loads_object(raw, "cache entry", max_size=MAX_MANIFEST_SIZE)
             config = Descriptor.from_json(manifest.get("config"))
@@ -121,8 +125,7 @@ class RemoteCache:
         except (ValueError, TypeError, AttributeError) as exc:
             return self._refuse(key, f"its manifest is malformed ({exc})")
         except EstargzOptError as exc:
-            self._turn_off(str(exc))
-            return None
+            return self._refuse(key, str(exc))
         if layer.digest != result.digest or layer.size != result.size:
             return self._refuse(key, "its layer is not the blob its metadata describes")
         return RemoteEntry(key, result, layer)
