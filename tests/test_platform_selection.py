@@ -15,12 +15,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
-import imagefactory as f
 import pytest
+from support import imagefactory as f
+from support.cli import cli_argv
 
 HOST = f.platform_str(f.HOST_PLATFORM)
 FOREIGN_ARCH = "arm64" if f.HOST_PLATFORM[1] != "arm64" else "amd64"
@@ -32,7 +32,7 @@ ERROR = "estargz-opt: error:"
 
 def cli(*args: str | Path, tmp: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "estargz_opt", *map(str, args)],
+        cli_argv(*args),
         capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=180,
         env={k: v for k, v in os.environ.items() if not k.startswith("CONTAINERD")}
         | {"TMPDIR": str(tmp)},
