@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from imagefactory import simple_layer, write_layout
+from support.imagefactory import simple_layer, write_layout
 from support.fleet import Machine, TokenRegistry, finished
 
 

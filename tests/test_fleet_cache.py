@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from imagefactory import simple_layer, write_layout
 from support.fleet import CREDS, Machine, TokenRegistry, finished
+from support.imagefactory import simple_layer, write_layout
 
 from estargz_opt import descriptor as d
 from estargz_opt.cache.remote import ARTIFACT_TYPE, ENTRY_TYPE, tag_of
@@ -23,6 +23,8 @@ from estargz_opt.digest import sha256_digest
 from estargz_opt.stores.registry.client import Client
 from estargz_opt.stores.registry.options import RegistryOptions
 from estargz_opt.stores.registry.session import open_session
+
+pytestmark = pytest.mark.registry
 
 CACHE = "cache/layers"
 

@@ -8,11 +8,14 @@ import os
 import tarfile
 from pathlib import Path
 
-from imagefactory import simple_layer
+import pytest
+from support.imagefactory import simple_layer
 
 from estargz_opt.cache.remote import mismatch
 from estargz_opt.format import Format, LayerOptions, LayerResult, build_layer
 from estargz_opt.format.source import open_tar
+
+pytestmark = pytest.mark.unit
 
 
 def _convert(tmp: Path, name: str, layer: bytes, opts: LayerOptions) -> tuple[Path, Path,

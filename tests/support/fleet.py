@@ -11,8 +11,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from lazypull import Registry, RegistryConfig
-from registries import ISSUER, PASSWORD, SERVICE, USER, LoopbackCA, TokenIssuer
+from support.lazypull import Registry, RegistryConfig
+from support.registries import ISSUER, PASSWORD, SERVICE, USER, LoopbackCA, TokenIssuer
 
 CREDS = f"{USER}:{PASSWORD}"
 
