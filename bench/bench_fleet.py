@@ -25,8 +25,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from support.imagefactory import simple_layer, write_layout
 from support.fleet import Machine, TokenRegistry, finished
+from support.imagefactory import simple_layer, write_layout
 
 
 def _base_layer(name: str, mb: int, seed: int) -> bytes:
