@@ -12,8 +12,10 @@ import pytest
 from support.imagefactory import simple_layer
 
 from estargz_opt.cache.remote import mismatch
+from estargz_opt.errors import OptionsError
 from estargz_opt.format import Format, LayerOptions, LayerResult, build_layer
 from estargz_opt.format.source import open_tar
+from estargz_opt.request import OptimizeRequest
 
 pytestmark = pytest.mark.unit
 
@@ -68,3 +70,10 @@ def test_other_order_other_owner_other_content_and_a_damaged_blob_fail(tmp_path:
     blob.write_bytes(bytes(data))
     with open_tar(src) as tar:
         assert "does not verify" in str(mismatch(result, blob, tar, ["b/three", "a/one"]))
+
+
+@pytest.mark.parametrize("ref", ["oci:/tmp/cache", "docker://r.example/c@sha256:" + "0" * 64])
+def test_cache_ref_must_name_a_registry_repository(ref: str) -> None:
+    with pytest.raises(OptionsError, match="cache_ref"):
+        OptimizeRequest.from_options("oci:/tmp/in:v1", "oci:/tmp/out:v1", no_optimize=True,
+                                     cache_ref=ref)
