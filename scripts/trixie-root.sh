@@ -38,6 +38,8 @@ if [[ ${1:-} == run ]]; then
     # crun refuses a hybrid host whose v2 hierarchy holds controllers: hide v2 in this namespace
     umount -l /sys/fs/cgroup/unified 2>/dev/null || true
     umount -l /.oldroot
+    # the host'"'"'s TMPDIR names a directory this root does not have: its /tmp is new
+    export TMPDIR=/tmp
     exec /bin/bash -lc "$2"' x "$T" "$2" "${TRIXIE_SHARE:-}"
 else
   echo $T
