@@ -15,10 +15,12 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from estargz_opt import descriptor as d
 from estargz_opt.cache import LayerCache, Slot, cached_build, layer_key
+from estargz_opt.cache.remote import RemoteCache, Trust
 from estargz_opt.constants import (
     IO_CHUNK,
     REFERENCE_DIGEST_ANNOTATION,
@@ -41,7 +43,7 @@ from estargz_opt.format import (
 )
 from estargz_opt.format.source import Spool, TarSource, open_tar
 from estargz_opt.platforms import Matcher
-from estargz_opt.stores import Prefetching, Store
+from estargz_opt.stores import Mounting, Prefetching, Store
 from estargz_opt.walk import (
     attested,
     is_attestation,
@@ -65,6 +67,7 @@ class ConvertOptions:
     prioritized: Mapping[str, Sequence[str]] = field(default_factory=dict)  # layer digest -> paths
     progress: ProgressListener | None = None
     cache: LayerCache | None = None  # None: --no-cache
+    remote: RemoteCache | None = None  # --cache-ref
     #: source layers already checked and decompressed (during the workload run), by digest
     spool: Spool | None = None
     #: leave BuildKit's attestation manifests out of converted indexes
@@ -81,7 +84,8 @@ class LayerReport:
     diff_id: str
     result: LayerResult | None  # None when the layer was kept (--reuse)
     seconds: float
-    cache: str = "off"  # "hit", "miss" or "off" (no cache, or it could not be used)
+    #: "hit", "remote-hit", "miss" or "off" (no cache, or it could not be used)
+    cache: str = "off"
 
 
 @dataclass(slots=True)
@@ -296,12 +300,29 @@ class Converter:
             self._copy(desc, what)
             return kept, None, self._report(platform, desc, kept, "", None, started)
         opts = replace(self.opts.layer, prioritized=prioritized)
-        result, state = cached_build(
-            self.opts.cache,
-            layer_key(desc.digest, opts),
-            lambda slot: self._from_cache(desc, what, slot),
-            lambda slot: self._build(desc, what, opts, slot),
-        )
+        key = layer_key(desc.digest, opts)
+        remote_hit: list[bool] = []
+
+        def serve(slot: Slot | None) -> LayerResult | None:
+            local = self._from_cache(desc, what, slot) if slot else None
+            if local is None and (remote := self._from_remote(desc, what, opts, key, slot)):
+                remote_hit.append(True)
+                return remote
+            return local
+
+        def build(slot: Slot | None) -> LayerResult:
+            built = self._build(desc, what, opts, slot)
+            if self.opts.remote and slot and (blob := slot.stored_blob()):
+                self.opts.remote.defer(key, built, blob)
+            return built
+
+        if self.opts.cache is None and self.opts.remote is not None:
+            served = serve(None)
+            result, state = (served, "hit") if served else (build(None), "off")
+        else:
+            result, state = cached_build(self.opts.cache, key, serve, build)
+        if remote_hit:
+            state = "remote-hit"
         if result.missing_prioritized:
             self._warn(
                 f"{what}: {len(result.missing_prioritized)} prioritized path(s) not in the layer "
@@ -348,6 +369,53 @@ class Converter:
                     sink.commit(r.digest, r.size, r.diff_id)
         if not served:
             return None
+        if self.opts.progress:
+            self.opts.progress.cached(desc.digest, r.size)
+        return r
+
+    def _from_remote(
+        self, desc: Descriptor, what: str, opts: LayerOptions, key: str, slot: Slot | None
+    ) -> LayerResult | None:
+        """The remote cache's entry `key`, checked (cache/remote.py), in the destination:
+        mounted from the cache repository when they share a registry, else downloaded
+        once (into the local cache too)."""
+        remote = self.opts.remote
+        entry = remote.lookup(key) if remote else None
+        if remote is None or entry is None:
+            return None
+        r = entry.result
+        with contextlib.ExitStack() as stack:
+            blob: Path | None = None
+            if remote.trust is Trust.FULL:
+                blob = stack.enter_context(remote.download(entry))
+                if blob is None:
+                    return None
+                tar = stack.enter_context(self._source(desc, what))
+                if not remote.check(entry, blob, tar, opts.prioritized):
+                    return None
+            else:  # the source must still be there and sound, as for a conversion
+                for _ in self.src.stream(desc, what):
+                    pass
+            host, repo = remote.client.session.host, remote.client.repository
+            if isinstance(self.dst, Mounting) and self.dst.mount_blob(host, repo, r.digest,
+                                                                       r.size):
+                pass  # moved no bytes
+            elif not self.dst.holds(r.digest, r.size):
+                if blob is None:
+                    blob = stack.enter_context(remote.download(entry))
+                    if blob is None:
+                        return None
+                with (
+                    self.dst.sink(source=desc) as sink,
+                    slot.fill() if slot else contextlib.nullcontext() as fill,
+                    open(blob, "rb") as f,
+                ):
+                    out = fill.tee(sink.file) if fill else sink.file
+                    while block := f.read(IO_CHUNK):
+                        out.write(block)
+                    sink.commit(r.digest, r.size, r.diff_id)
+                    if slot and fill:
+                        slot.store(fill, r)
         if self.opts.progress:
             self.opts.progress.cached(desc.digest, r.size)
         return r

@@ -40,6 +40,7 @@ from estargz_opt.workload.options import SamplerOptions
 if TYPE_CHECKING:
     from estargz_opt.workload.analyzer import Analysis
 from estargz_opt.cache import LayerCache
+from estargz_opt.cache.remote import open_remote
 from estargz_opt.convert import (
     Converter,
     ConvertOptions,
@@ -83,6 +84,11 @@ def optimize(req: OptimizeRequest, progress: ProgressListener | None = None) -> 
         cache = LayerCache(req.cache_dir, req.cache_max_size) if req.cache_dir else None
         if cache:
             stack.callback(cache.finish)
+        remote = (
+            stack.enter_context(open_remote(req.cache_ref, req.dst_store.registry,
+                                            req.cache_ref_trust))
+            if req.cache_ref else None
+        )
         dst: Store = (
             src if same else stack.enter_context(open_store(dst_ref, req.dst_store, create=True))
         )
@@ -126,6 +132,7 @@ def optimize(req: OptimizeRequest, progress: ProgressListener | None = None) -> 
                 prioritized=prioritized,
                 progress=progress,
                 cache=cache,
+                remote=remote,
                 spool=spool,
                 drop_attestations=req.drop_attestations,
                 with_referrer=req.with_referrer,
@@ -158,6 +165,11 @@ def optimize(req: OptimizeRequest, progress: ProgressListener | None = None) -> 
                     attach.append((root.digest, result.target))
                 for subject, referrer in attach:
                     dst.attach(subject, referrer)
+            if remote is not None:
+                remote.publish_all(
+                    (dst_ref.api_host, dst_ref.repository)
+                    if isinstance(dst_ref, reference.RegistryRef) else None
+                )
         except BaseException:
             dst.rollback()
             raise

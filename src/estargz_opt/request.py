@@ -10,6 +10,7 @@ from pathlib import Path
 
 from estargz_opt import reference
 from estargz_opt.cache import default_dir as default_cache_dir
+from estargz_opt.cache.remote import Trust
 from estargz_opt.constants import DEFAULT_CACHE_MAX_SIZE, DEFAULT_CHUNK_SIZE
 from estargz_opt.errors import OptionsError, UsageError
 from estargz_opt.format import Format, LayerOptions, ZstdFlavor
@@ -57,6 +58,10 @@ class OptimizeRequest:
     with_referrer: bool = False
     #: attach an in-toto statement of the conversion to the converted image (attest.py)
     attest: bool = False
+    #: a remote layer cache in a registry repository, docker://HOST/REPO (cache.remote),
+    #: reached with the destination's registry options
+    cache_ref: str | None = None
+    cache_ref_trust: Trust = Trust.FULL
 
     @classmethod
     def from_options(
@@ -88,6 +93,8 @@ class OptimizeRequest:
         drop_attestations: bool = False,
         with_referrer: bool = False,
         attest: bool = False,
+        cache_ref: str | None = None,
+        cache_ref_trust: Trust | str = Trust.FULL,
     ) -> OptimizeRequest:
         """A checked request, with every default that depends on other options filled in.
 
@@ -131,6 +138,8 @@ class OptimizeRequest:
             drop_attestations=drop_attestations,
             with_referrer=with_referrer,
             attest=attest,
+            cache_ref=cache_ref or None,
+            cache_ref_trust=Trust(cache_ref_trust),
         )
         req.validate()
         return req
@@ -198,6 +207,14 @@ class OptimizeRequest:
             )
         if not (dst.tag or src.tag):
             raise UsageError(f"name the destination tag: {dst} needs oci:DIR:TAG")
+        if self.cache_ref is not None:
+            ref = reference.parse(self.cache_ref)
+            if not isinstance(ref, reference.RegistryRef) or ref.digest:
+                raise OptionsError(
+                    "{ref} names a registry repository, docker://HOST/REPO, got "
+                    + repr(self.cache_ref),
+                    ref="cache_ref",
+                )
 
 
 #: how errors name the option terms (a front end spells them its own way: OptionsError)

@@ -332,6 +332,12 @@ class Slot:
             self.discard(f"its blob does not have its digest {hit.result.digest}")
         return ok
 
+    def stored_blob(self) -> Path | None:
+        """The entry's blob file once `store` made it (for publishing it elsewhere)."""
+        if not self.locked or not self.cache.usable or not self._meta.exists():
+            return None
+        return self._blob
+
     def served_elsewhere(self) -> None:
         """A hit whose blob the destination already holds: counted, nothing copied."""
         self.cache.count(hit=True)

@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 
+from estargz_opt.cache.remote import ENV_REF as ENV_CACHE_REF, Trust
 from estargz_opt.cli.help import CACHE, FORMAT, IMAGE, OUTPUT, PROFILE, SectionedCommand, option
 from estargz_opt.cli.params import (
     INPUT_FILE,
@@ -192,6 +193,22 @@ def _format(zstdchunked: bool, external_toc: bool) -> Format:
     help="Evict least recently used cache entries beyond this size after the run.",
 )
 @option(
+    CACHE,
+    "--cache-ref",
+    envvar=ENV_CACHE_REF,
+    metavar="docker://HOST/REPO",
+    help="Also share converted layers through this registry repository (env "
+    "ESTARGZ_OPT_CACHE_REF; the destination's registry credentials; pull-only ones read it).",
+)
+@option(
+    CACHE,
+    "--cache-ref-trust",
+    type=click.Choice([t.value for t in Trust]),
+    default=Trust.FULL.value,
+    help="full: a remote entry is used once its blob verifies and matches the source "
+    "layer's files; digest-only: trust the cache repository as the destination (no check).",
+)
+@option(
     OUTPUT,
     "--record-out",
     type=OUTPUT_FILE,
@@ -227,6 +244,8 @@ def optimize_cmd(
     cache_dir: Path | None,
     no_cache: bool,
     cache_max_size: int,
+    cache_ref: str | None,
+    cache_ref_trust: str,
     as_json: bool,
     quiet: bool,
     authfile: Path | None,
@@ -286,6 +305,8 @@ def optimize_cmd(
         cache=not no_cache,
         cache_dir=cache_dir,
         cache_max_size=cache_max_size,
+        cache_ref=cache_ref,
+        cache_ref_trust=cache_ref_trust,
     )
     result = optimize(request, None if quiet else progress)
     progress.close()

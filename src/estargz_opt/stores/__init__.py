@@ -143,6 +143,16 @@ class Referring(Protocol):
         ...
 
 
+@runtime_checkable
+class Mounting(Protocol):
+    """A store that can take a blob from another repository of its own registry by
+    reference, moving no bytes (a cross-repository mount). A capability, not `Store`."""
+
+    def mount_blob(self, host: str, repository: str, digest: str, size: int) -> bool:
+        """Whether the blob is now held (False: another registry, or not mounted)."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class StoreOptions:
     """How to reach the stores of one side of a run (source or destination)."""

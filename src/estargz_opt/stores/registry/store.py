@@ -324,6 +324,12 @@ class RegistryStore:
             return True
         return self.mount_from is not None and self.client.mount(digest, self.mount_from)
 
+    def mount_blob(self, host: str, repository: str, digest: str, size: int) -> bool:
+        """`Mounting`: mount the blob from `repository` when it is on this registry."""
+        if host != self.ref.api_host:
+            return False
+        return self.client.blob_size(digest) == size or self.client.mount(digest, repository)
+
     def stream(self, desc: Descriptor, what: str) -> Iterator[bytes]:
         with self.local_file(desc, what) as path, open(path, "rb") as f:
             while block := f.read(IO_CHUNK):
