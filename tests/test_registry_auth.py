@@ -382,6 +382,8 @@ def test_secrets_never_in_debug_logs(regs: Registries, certs_d: Path,
     """httpx and httpcore log every request at DEBUG: neither the password, its Basic
     encoding nor any token the issuer handed out appears."""
     caplog.set_level(logging.DEBUG)
+    for logger in ("httpx", "httpcore"):  # whatever an earlier in-process CLI run set
+        caplog.set_level(logging.DEBUG, logger=logger)
     for name in ("basic", "token"):
         s = open_session(regs.all()[name].host, _opts(regs, name, certs_d))
         try:
