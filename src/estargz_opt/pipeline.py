@@ -18,7 +18,12 @@ from estargz_opt.constants import (
     MAX_MANIFEST_SIZE,
     TOC_IMAGE_SUFFIX,
 )
-from estargz_opt.errors import OPTION_TERMS, EmptyProfileError, literal
+from estargz_opt.errors import (
+    OPTION_TERMS,
+    EmptyProfileError,
+    EmulationUnavailableError,
+    literal,
+)
 from estargz_opt.prioritize.layerindex import LayerNames
 from estargz_opt.prioritize.prefetch import write_prefetch_list
 from estargz_opt.prioritize.profile import (
@@ -44,13 +49,15 @@ from estargz_opt.convert import (
     ConvertOptions,
     toc_image,
 )
-from estargz_opt.descriptor import Descriptor, Manifest
+from estargz_opt.descriptor import Descriptor, Manifest, Platform
 from estargz_opt.errors import EstargzOptError
 from estargz_opt.events import ProgressListener
 from estargz_opt.format import Format
 from estargz_opt.format.source import Spool
 from estargz_opt.stores import Store, open_store, pair, same_store
-from estargz_opt.walk import check_selection, images
+from estargz_opt.walk import check_selection, images, root_platform
+from estargz_opt.workload import emulation
+from estargz_opt.workload.emulation import Emulation
 
 log = logging.getLogger("estargz_opt")
 
@@ -243,45 +250,91 @@ def _analyze(
     spool: Spool,
     progress: ProgressListener | None,
 ) -> Analysis | None:
-    """Run the workload of the host platform's image; None if the host is not converted."""
-    host = _host_manifest(src, root)
-    if host is None or not matcher.matches(platforms.host()):
-        # ctr-remote too skips its analyzer when no platform asked for is the host's.
+    """Run the workload once per selected platform (foreign ones under qemu-user); None if
+    no platform ran. Each platform's files go to its own layers; the record holds every
+    platform's entries under its own manifest digest."""
+    runs = _workload_images(src, root, matcher, src_ref, req.allow_empty_profile)
+    if not runs:
+        return None
+    sampler = req.sampler or SamplerOptions()
+    combined: Analysis | None = None
+    lists: list[tuple[Platform, str, list[str]]] = []
+    for emu, desc, manifest in runs:
+        if len(runs) > 1 or emu.entry:
+            log.info("running the workload for %s", emu.describe())
+        result = _run_workload(
+            src, str(src_ref), (desc, manifest), sampler, progress, spool, cache_dir=req.cache_dir
+        )
+        lists.append((emu.platform, desc.digest, [e.path for e in result.entries]))
+        mine = prioritized_from_record(result.entries, desc.digest, manifest)
+        if combined is None:
+            combined = result
+            combined.prioritized = mine
+            continue
+        combined.entries.extend(result.entries)
+        for layer, paths in mine.items():
+            have = combined.prioritized.setdefault(layer, [])
+            have.extend(x for x in paths if x not in have)
+    assert combined is not None
+    if req.record_out:
+        write_record(req.record_out, combined.entries)
+    if req.prefetch_list_out:
+        for platform, digest, paths in lists:
+            out = req.prefetch_list_out
+            if len(lists) > 1:
+                out = out.with_name(f"{out.name}.{platform_suffix(platform)}")
+            _write_prefetch_list_out(out, str(src_ref), digest, paths)
+    return combined
+
+
+def platform_suffix(p: Platform) -> str:
+    """`linux-arm64-v8`: the suffix of a platform's own prefetch list."""
+    return "-".join(x for x in (p.os, p.architecture, p.variant) if x)
+
+
+def _workload_images(
+    src: Store,
+    root: Descriptor,
+    matcher: platforms.Matcher,
+    src_ref: reference.ImageRef,
+    allow_empty_profile: bool,
+) -> list[tuple[Emulation, Descriptor, Manifest]]:
+    """The selected platforms' manifests whose workload can run here, natively or emulated.
+
+    A platform that cannot run refuses the run (EmulationUnavailableError), or with
+    allow_empty_profile is converted without prioritized files, as ctr-remote does.
+    """
+    if matcher.host_default:
+        host = _host_manifest(src, root)
         if host is None:
             log.warning(
-                "the workload runs only on the host platform %s, and %s has no image for it: "
-                "no files are prioritized",
-                platforms.host(),
+                "%s has no image for the host platform %s: no files are prioritized",
                 src_ref,
-            )
-        else:
-            log.warning(
-                "the workload runs only on the host platform %s, and %s does not convert it: "
-                "no files are prioritized",
                 platforms.host(),
-                "platforms",
-                extra={OPTION_TERMS: True},
             )
-        return None
-    if req.platforms or req.all_platforms:
-        log.info(
-            "the workload runs for the host platform %s only; other platforms are "
-            "converted without prioritized files",
-            platforms.host(),
+            return []
+        return [(Emulation(platforms.host()), *host)]
+    out: list[tuple[Emulation, Descriptor, Manifest]] = []
+    for image in images(src, root, matcher, need_platform=True):
+        platform = (
+            image.desc.platform
+            or (platforms.parse(image.platform) if image.platform else None)
+            or root_platform(src, image.desc, image.manifest)
+            or platforms.host()
         )
-    host_desc, manifest = host
-    sampler = req.sampler or SamplerOptions()
-    result = _run_workload(
-        src, str(src_ref), host, sampler, progress, spool, cache_dir=req.cache_dir
-    )
-    if req.record_out:
-        write_record(req.record_out, result.entries)
-    if req.prefetch_list_out:
-        _write_prefetch_list_out(
-            req.prefetch_list_out, str(src_ref), host_desc.digest, [e.path for e in result.entries]
-        )
-    result.prioritized = prioritized_from_record(result.entries, host_desc.digest, manifest)
-    return result
+        try:
+            emu = emulation.find(platform)
+        except EmulationUnavailableError as exc:
+            if not allow_empty_profile:
+                raise EmulationUnavailableError.with_terms(
+                    str(exc).replace("{", "{{").replace("}", "}}")
+                    + "; or {allow} converts it without prioritized files",
+                    allow="allow_empty_profile=True",
+                ) from None
+            log.warning("%s: converting it without prioritized files", exc)
+            continue
+        out.append((emu, image.desc, image.manifest))
+    return out
 
 
 def _profile(
