@@ -172,12 +172,16 @@ class OptimizeRequest:
                 out="prefetch_list_out",
                 no_opt=_NO_OPTIMIZE,
             )
-        if self.allow_empty_profile and not self.profiles:
+        foreign_runs = self.runs_workload and (self.platforms or self.all_platforms)
+        if self.allow_empty_profile and not (self.profiles or foreign_runs):
             raise OptionsError(
-                "{allow} applies to {rec} and {plist}",
+                "{allow} applies to {rec}, {plist}, and to {platforms} or {all} "
+                "(a platform that cannot run here)",
                 allow="allow_empty_profile=True",
                 rec=_RECORD,
                 plist=_PLIST,
+                platforms="platforms",
+                all="all_platforms",
             )
         if self.cache_max_size < 0:
             raise OptionsError(

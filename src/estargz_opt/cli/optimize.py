@@ -115,7 +115,8 @@ def _format(zstdchunked: bool, external_toc: bool) -> Format:
     PROFILE,
     "--allow-empty-profile",
     is_flag=True,
-    help="Convert even if the profiles prioritize no file of the image (else exit 1).",
+    help="Convert even if the profiles prioritize no file of the image, or a selected "
+    "platform cannot run here (no qemu-user): without a profile (else exit 1).",
 )
 @option(
     FORMAT,

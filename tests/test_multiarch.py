@@ -1,0 +1,134 @@
+"""Every selected platform is profiled: foreign ones under qemu-user (binfmt_misc F entries).
+
+One shared two-platform busybox image (Debian's busybox-static for amd64 and arm64); its
+script reads /data/<uname -m>/*, so each platform's record and first-in-layer files must
+be that platform's set, and never the other's.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+from pathlib import Path
+
+import pytest
+from runnerlib import cli_env, our_toc, prioritized_files, run_cli
+from support.multiarch import DATA, write_two_platform_image
+
+from estargz_opt import platforms
+from estargz_opt.errors import EmulationUnavailableError
+from estargz_opt.workload import emulation
+
+pytestmark = pytest.mark.skipif(platform.machine() != "x86_64",
+                                reason="the image pairs amd64 (native) with arm64 (emulated)")
+
+SCRIPT = {"bin/busybox", "app/run.sh"}  # bin/sh is a symlink: its target is read
+WANT = {"linux/amd64": SCRIPT | set(DATA["x86_64"]),
+        "linux/arm64": SCRIPT | set(DATA["aarch64"])}
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    base = tmp_path_factory.mktemp("multiarch")
+    layout = base / "layout"
+    return layout, write_two_platform_image(layout, "v1", base / "debs")
+
+
+def _manifests(layout: Path, tag: str) -> dict[str, dict]:
+    """platform -> manifest of the index under `tag`."""
+    index = json.loads((layout / "index.json").read_text())
+    desc = next(m for m in index["manifests"]
+                if m.get("annotations", {}).get("org.opencontainers.image.ref.name") == tag)
+    blob = layout / "blobs" / "sha256"
+    doc = json.loads((blob / desc["digest"].removeprefix("sha256:")).read_text())
+    return {f'{m["platform"]["os"]}/{m["platform"]["architecture"]}':
+            json.loads((blob / m["digest"].removeprefix("sha256:")).read_text())
+            for m in doc["manifests"]}
+
+
+def _first_files(layout: Path, manifest: dict) -> set[str]:
+    blob = layout / "blobs" / "sha256" / manifest["layers"][0]["digest"].removeprefix("sha256:")
+    return set(prioritized_files(our_toc(blob)))
+
+
+def test_all_platforms_each_gets_its_own_profile(
+    image: tuple[Path, dict[str, str]], tmp_path: Path
+) -> None:
+    layout, digests = image
+    record = tmp_path / "record.jsonl"
+    lists = tmp_path / "prefetch.txt"
+    res = run_cli("optimize", "--oci", "--runner", "runc", "--all-platforms", "--period", "20",
+                  "--record-out", record, "--prefetch-list-out", lists,
+                  f"oci:{layout}:v1", f"oci:{layout}:esgz", env=cli_env(tmp_path))
+    assert res.returncode == 0, res.stderr
+    assert "running the workload for linux/arm64 (emulated by" in res.stderr, res.stderr
+    entries = [json.loads(x) for x in record.read_text().splitlines()]
+    for plat, digest in digests.items():
+        got = {e["path"] for e in entries if e["manifestDigest"] == digest}
+        assert got == WANT[plat], (plat, got)
+        listed = (tmp_path / f"prefetch.txt.{plat.replace('/', '-')}").read_text()
+        assert {x for x in listed.splitlines() if x and not x.startswith("#")} == WANT[plat]
+    converted = _manifests(layout, "esgz")
+    for plat, want in WANT.items():
+        assert _first_files(layout, converted[plat]) == want, plat
+
+
+def test_platform_arm64_alone_profiles_arm64_only(
+    image: tuple[Path, dict[str, str]], tmp_path: Path
+) -> None:
+    layout, digests = image
+    record = tmp_path / "record.jsonl"
+    res = run_cli("optimize", "--oci", "--runner", "runc", "--platform", "linux/arm64",
+                  "--period", "20", "--record-out", record,
+                  f"oci:{layout}:v1", f"oci:{layout}:arm", env=cli_env(tmp_path))
+    assert res.returncode == 0, res.stderr
+    entries = [json.loads(x) for x in record.read_text().splitlines()]
+    assert {e["manifestDigest"] for e in entries} == {digests["linux/arm64"]}
+    assert {e["path"] for e in entries} == WANT["linux/arm64"]
+
+
+def _masked(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """The CLI in a private mount namespace whose binfmt_misc is an empty tmpfs: no qemu
+    entry, and none can be registered there."""
+    script = ('mount -t tmpfs none /proc/sys/fs/binfmt_misc && '
+              'mount -t tmpfs none /usr/lib/binfmt.d && exec "$@"')
+    return subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script,
+                           "sh", *run_cli_argv(args)],
+                          capture_output=True, text=True, timeout=180, env=cli_env(tmp_path))
+
+
+def run_cli_argv(args: list[str]) -> list[str]:
+    import sys
+    return [sys.executable, "-m", "estargz_opt", *args]
+
+
+def test_without_qemu_refuses_in_one_line_or_converts_without_profile(
+    image: tuple[Path, dict[str, str]], tmp_path: Path
+) -> None:
+    layout, _ = image
+    args = ["optimize", "--oci", "--runner", "runc", "--all-platforms", "--period", "20",
+            f"oci:{layout}:v1", f"oci:{layout}:noqemu"]
+    res = _masked(args, tmp_path)
+    assert res.returncode != 0
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) >= 1 and "Traceback" not in res.stderr, res.stderr
+    assert "apt-get install qemu-user-static" in lines[-1], res.stderr
+    assert "--allow-empty-profile" in lines[-1], res.stderr
+    assert "noqemu" not in (layout / "index.json").read_text()
+
+    res = _masked([*args[:-1], "--allow-empty-profile", f"oci:{layout}:noqemu"], tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "linux/arm64" in res.stderr and "without prioritized files" in res.stderr
+    converted = _manifests(layout, "noqemu")
+    assert _first_files(layout, converted["linux/arm64"]) == set()
+    assert _first_files(layout, converted["linux/amd64"]) == WANT["linux/amd64"]
+
+
+def test_entry_without_fix_binary_flag_is_refused(tmp_path: Path) -> None:
+    """Without F the interpreter would be looked up inside the container, and not found."""
+    (tmp_path / "qemu-aarch64").write_text(
+        "enabled\ninterpreter /usr/bin/qemu-aarch64\nflags: OC\noffset 0\n")
+    with pytest.raises(EmulationUnavailableError, match="F \\(fix-binary\\) flag"):
+        emulation.find(platforms.parse("linux/arm64"), tmp_path, tmp_path / "none")
+    assert emulation.find(platforms.host()).entry is None
