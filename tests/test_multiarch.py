@@ -12,7 +12,9 @@ import platform
 import subprocess
 from pathlib import Path
 
+import imagefactory as f
 import pytest
+from helpers_containerd import NAMESPACE, Containerd
 from runnerlib import cli_env, our_toc, prioritized_files, run_cli
 from support.multiarch import DATA, write_two_platform_image
 
@@ -86,6 +88,45 @@ def test_platform_arm64_alone_profiles_arm64_only(
     entries = [json.loads(x) for x in record.read_text().splitlines()]
     assert {e["manifestDigest"] for e in entries} == {digests["linux/arm64"]}
     assert {e["path"] for e in entries} == WANT["linux/arm64"]
+
+
+def test_containerd_runner_profiles_each_platform_and_arm64_runs_under_qemu(
+    image: tuple[Path, dict[str, str]], containerd: Containerd, ctr_remote: Path,
+    tmp_path: Path,
+) -> None:
+    """The containerd runner, checked with ctr-remote's get-toc-digest; the converted arm64
+    image prints under `ctr run` (qemu) what the original prints."""
+    layout, digests = image
+    f.archive_for_ctr(layout, "v1", "example.com/multiarch:v1", tmp_path / "image.tar")
+    containerd.ctr("images", "import", "--no-unpack", "--all-platforms",
+                   str(tmp_path / "image.tar"))
+    record = tmp_path / "record.jsonl"
+    res = run_cli("-a", containerd.address, "optimize", "--oci", "--all-platforms",
+                  "--period", "20", "--record-out", record, "example.com/multiarch:v1",
+                  "example.com/multiarch:esgz", env=cli_env(tmp_path))
+    assert res.returncode == 0, res.stderr
+    entries = [json.loads(x) for x in record.read_text().splitlines()]
+    for plat, digest in digests.items():
+        assert {e["path"] for e in entries if e["manifestDigest"] == digest} == WANT[plat]
+    target = containerd.ctr("images", "ls", "name==example.com/multiarch:esgz").stdout
+    index = json.loads(containerd.ctr("content", "get", target.splitlines()[1].split()[2]).stdout)
+    for m in index["manifests"]:
+        plat = f'{m["platform"]["os"]}/{m["platform"]["architecture"]}'
+        manifest = json.loads(containerd.ctr("content", "get", m["digest"]).stdout)
+        layer = manifest["layers"][0]
+        got = subprocess.run([str(ctr_remote), "-a", containerd.address, "-n", NAMESPACE,
+                              "images", "get-toc-digest", layer["digest"]],
+                             capture_output=True, text=True, timeout=120, check=True).stdout
+        assert got.strip() == layer["annotations"][f.TOC_DIGEST], plat
+        blob = tmp_path / f"{plat.replace('/', '-')}.blob"
+        blob.write_bytes(containerd.ctr("content", "get", layer["digest"], input=b"").stdout)
+        assert set(prioritized_files(our_toc(blob))) == WANT[plat], plat
+    printed = {}
+    for ref in ("example.com/multiarch:v1", "example.com/multiarch:esgz"):
+        printed[ref] = containerd.ctr("run", "--rm", "--platform", "linux/arm64", ref,
+                                      f"multiarch-{ref.rsplit(':', 1)[1]}").stdout
+    assert printed["example.com/multiarch:esgz"] == printed["example.com/multiarch:v1"]
+    assert printed["example.com/multiarch:v1"].startswith("arch=aarch64\none-aarch64\n")
 
 
 def _masked(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
