@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import platform
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import pytest
 from helpers_containerd import NAMESPACE, Containerd
 from runnerlib import cli_env, our_toc, prioritized_files, run_cli
 from support.multiarch import DATA, write_two_platform_image
+from unprivileged import make_unprivileged
 
 from estargz_opt import platforms
 from estargz_opt.errors import EmulationUnavailableError
@@ -127,6 +129,31 @@ def test_containerd_runner_profiles_each_platform_and_arm64_runs_under_qemu(
                                       f"multiarch-{ref.rsplit(':', 1)[1]}").stdout
     assert printed["example.com/multiarch:esgz"] == printed["example.com/multiarch:v1"]
     assert printed["example.com/multiarch:v1"].startswith("arch=aarch64\none-aarch64\n")
+
+
+def test_rootless_runner_profiles_each_platform(
+    image: tuple[Path, dict[str, str]], tmp_path: Path
+) -> None:
+    """Unprivileged, in a user namespace: the host's F entries still apply there (the
+    kernel opened qemu at registration), so nothing of qemu is needed in the rootfs."""
+    layout, digests = image
+    user = make_unprivileged()
+    try:
+        mine = user.give(Path(shutil.copytree(layout, user.home / "layout")))
+        record = user.home / "record.jsonl"
+        res = user.run("optimize", "--oci", "--runner", "rootless", "--all-platforms",
+                       "--period", "20", "--record-out", record,
+                       f"oci:{mine}:v1", f"oci:{mine}:esgz")
+        assert res.returncode == 0, res.stderr
+        assert "emulated by" in res.stderr, res.stderr
+        entries = [json.loads(x) for x in record.read_text().splitlines()]
+        for plat, digest in digests.items():
+            assert {e["path"] for e in entries if e["manifestDigest"] == digest} == WANT[plat]
+        converted = _manifests(mine, "esgz")
+        for plat, want in WANT.items():
+            assert _first_files(mine, converted[plat]) == want, plat
+    finally:
+        user.remove()
 
 
 def _masked(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
