@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import platform
 import shutil
+import sys
 import subprocess
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import imagefactory as f
 import pytest
 from helpers_containerd import NAMESPACE, Containerd
 from runnerlib import cli_env, our_toc, prioritized_files, run_cli
-from support.multiarch import DATA, write_two_platform_image
+from support.multiarch import DATA, without_qemu, write_two_platform_image
 from unprivileged import make_unprivileged
 
 from estargz_opt import platforms
@@ -157,18 +158,8 @@ def test_rootless_runner_profiles_each_platform(
 
 
 def _masked(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
-    """The CLI in a private mount namespace whose binfmt_misc is an empty tmpfs: no qemu
-    entry, and none can be registered there."""
-    script = ('mount -t tmpfs none /proc/sys/fs/binfmt_misc && '
-              'mount -t tmpfs none /usr/lib/binfmt.d && exec "$@"')
-    return subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script,
-                           "sh", *run_cli_argv(args)],
+    return subprocess.run(without_qemu([sys.executable, "-m", "estargz_opt", *args]),
                           capture_output=True, text=True, timeout=180, env=cli_env(tmp_path))
-
-
-def run_cli_argv(args: list[str]) -> list[str]:
-    import sys
-    return [sys.executable, "-m", "estargz_opt", *args]
 
 
 def test_without_qemu_refuses_in_one_line_or_converts_without_profile(

@@ -30,11 +30,13 @@ from estargz_opt.prioritize.profile import (
     EXAMPLES,
     LayerId,
     Profile,
+    ProfileKind,
     match_profile,
 )
 from estargz_opt.prioritize.record import (
     check_record_out,
     prioritized_from_record,
+    read_record,
     write_record,
 )
 from estargz_opt.report import OptimizeResult
@@ -55,7 +57,7 @@ from estargz_opt.events import ProgressListener
 from estargz_opt.format import Format
 from estargz_opt.format.source import Spool
 from estargz_opt.stores import Store, open_store, pair, same_store
-from estargz_opt.walk import check_selection, images, root_platform
+from estargz_opt.walk import PlatformImage, check_selection, images, root_platform
 from estargz_opt.workload import emulation
 from estargz_opt.workload.emulation import Emulation
 
@@ -340,11 +342,14 @@ def _workload_images(
 def _profile(
     req: OptimizeRequest, src: Store, root: Descriptor, matcher: platforms.Matcher
 ) -> Profile | None:
-    """Match the profiles to the host image; EmptyProfileError if that prioritizes nothing."""
+    """Match the profiles to each selected platform's image; EmptyProfileError if that
+    prioritizes nothing. Returns the first matched platform's profile, its `prioritized`
+    holding every platform's layers (each platform's files in its own layers)."""
     if not req.profiles:
         return None
-    host = _host_manifest(src, root)
-    if host is None or not matcher.matches(platforms.host()):
+    targets = _profile_targets(req, src, root, matcher)
+    if not targets:
+        host = _host_manifest(src, root)
         _empty_profile(
             req,
             f"the profile applies to the host platform {platforms.host()}, and "
@@ -356,33 +361,123 @@ def _profile(
             platforms="platforms",
         )
         return None
-    host_desc, manifest = host
+    merged: Profile | None = None
+    for desc, manifest, from_manifest in targets:
+        profile = _match_one(req, src, desc, manifest, from_manifest)
+        if merged is None:
+            merged = profile
+            continue
+        for layer, paths in profile.prioritized.items():
+            merged.prioritized.setdefault(layer, []).extend(paths)
+    assert merged is not None
+    if not merged.prioritized:
+        _empty_profile(req, literal(merged.empty_reason(req.profiles)))
+    return merged
 
+
+def _profile_targets(
+    req: OptimizeRequest, src: Store, root: Descriptor, matcher: platforms.Matcher
+) -> list[tuple[Descriptor, Manifest, str | None]]:
+    """(descriptor, manifest, whose record lines to apply by path or None) per platform.
+
+    A platform the records name gets its own lines. One they do not name while they name a
+    sibling platform gets nothing, unless profile_platform names the sibling to apply by
+    path. Records naming no manifest of the image (a rebuilt image) and prefetch lists
+    apply to every platform by path, the portable rules.
+    """
+    if matcher.host_default:
+        host = _host_manifest(src, root)
+        return [(*host, None)] if host else []
+    selected = [
+        (_platform_of(src, image), image.desc, image.manifest)
+        for image in images(src, root, matcher, need_platform=True)
+    ]
+    every = {
+        _platform_key(_platform_of(src, image)): image.desc.digest
+        for image in images(src, root, platforms.matcher((), True), need_platform=True)
+    }
+    named = {
+        e.manifest_digest
+        for source in req.profiles
+        if source.kind is ProfileKind.RECORD
+        for e in read_record(source.path)
+    }
+    lists = any(source.kind is ProfileKind.PREFETCH_LIST for source in req.profiles)
+    chosen = None
+    if req.profile_platform:
+        chosen = every.get(_platform_key(platforms.parse(req.profile_platform)))
+        if chosen is None or chosen not in named:
+            raise EstargzOptError.with_terms(
+                f"{{pp}} {req.profile_platform}: the image has no such platform, or the "
+                "records have no lines for it",
+                pp="profile_platform",
+            )
+    siblings = named & set(every.values())
+    out: list[tuple[Descriptor, Manifest, str | None]] = []
+    for platform, desc, manifest in selected:
+        if desc.digest in named or lists or not siblings:
+            out.append((desc, manifest, None))  # its own lines, path lists, a rebuilt image
+            continue
+        if chosen is not None:
+            out.append((desc, manifest, chosen))  # another platform's lines, by path
+            continue
+        log.warning(
+            "the records have no lines for %s: converting it without prioritized files "
+            "(%s applies another platform's by path)",
+            platform,
+            "profile_platform",
+            extra={OPTION_TERMS: True},
+        )
+    return out
+
+
+def _platform_of(src: Store, image: PlatformImage) -> Platform:
+    if image.desc.platform:
+        return image.desc.platform
+    if image.platform:
+        return platforms.parse(image.platform)
+    return root_platform(src, image.desc, image.manifest) or platforms.host()
+
+
+def _platform_key(p: Platform) -> tuple[str, str, str]:
+    return platforms.normalize(p)
+
+
+def _match_one(
+    req: OptimizeRequest,
+    src: Store,
+    desc: Descriptor,
+    manifest: Manifest,
+    from_manifest: str | None,
+) -> Profile:
     def layer_names() -> LayerNames:
         layers = [x for x in manifest.layers if x.media_type in d.LAYER_TYPES]
         names = []
         for i, layer in enumerate(layers):
-            with src.local_file(layer, f"layer {i} of the host image") as p:
+            with src.local_file(layer, f"layer {i} of {desc.digest}") as p:
                 names.append(LayerNames.names_in(p))
         return LayerNames(names)
 
     profile = match_profile(
-        req.profiles, host_desc.digest, manifest, layer_names, lambda m: _layer_ids(src, m)
+        req.profiles,
+        desc.digest,
+        manifest,
+        layer_names,
+        lambda m: _layer_ids(src, m),
+        from_manifest=from_manifest,
     )
     log.info(
         "prioritized files: %d in %d layer(s) of %s",
         profile.matched,
         len(profile.prioritized),
-        host_desc.digest,
+        desc.digest,
     )
-    if not profile.prioritized:
-        _empty_profile(req, literal(profile.empty_reason(req.profiles)))
-    elif profile.matched * 2 < profile.files:
+    if profile.prioritized and profile.matched * 2 < profile.files:
         log.warning(
             "the profile matches only %d of its %d files in %s (e.g. not found: %s)",
             profile.matched,
             profile.files,
-            host_desc.digest,
+            desc.digest,
             ", ".join(profile.missing[:EXAMPLES]),
         )
     return profile

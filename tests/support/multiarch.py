@@ -20,6 +20,14 @@ DATA = {m: {f"data/{m}/{n}.txt": f"{n}-{m}\n".encode() for n in ("one", "two")}
         for m in MACHINE.values()}
 
 
+def without_qemu(argv: list[str]) -> list[str]:
+    """`argv` run in a private mount namespace whose binfmt_misc (and Debian's binfmt.d)
+    is an empty tmpfs: no qemu entry, and none can be registered (root only)."""
+    script = ("mount -t tmpfs none /proc/sys/fs/binfmt_misc && "
+              'mount -t tmpfs none /usr/lib/binfmt.d && exec "$@"')
+    return ["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh", *argv]
+
+
 def busybox_deb(arch: str) -> Path:
     """Debian's busybox-static for `arch`, downloaded (with dpkg's foreign arch) if absent."""
     DEB_CACHE.mkdir(parents=True, exist_ok=True)

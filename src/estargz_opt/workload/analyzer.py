@@ -97,9 +97,7 @@ def runner_for(store: Store, opts: SamplerOptions, cache_dir: Path | None = None
         # when the runc or rootless runner runs an image from a layout, archive or registry
         from estargz_opt.workload.containerd.runner import ContainerdRunner
 
-        return ContainerdRunner(
-            as_containerd(store, "the containerd runner"), opts.runtime
-        )
+        return ContainerdRunner(as_containerd(store, "the containerd runner"), opts.runtime)
     return RuncRunner(store, opts.runtime, layer_cache=cache_dir)
 
 
