@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 import platform
 import shutil
-import sys
 import subprocess
+import sys
 from pathlib import Path
 
 import imagefactory as f
@@ -191,3 +191,46 @@ def test_entry_without_fix_binary_flag_is_refused(tmp_path: Path) -> None:
     with pytest.raises(EmulationUnavailableError, match="F \\(fix-binary\\) flag"):
         emulation.find(platforms.parse("linux/arm64"), tmp_path, tmp_path / "none")
     assert emulation.find(platforms.host()).entry is None
+
+
+def _record(path: Path, lines: dict[str, set[str]]) -> Path:
+    path.write_text("".join(json.dumps({"path": p, "manifestDigest": digest, "layerIndex": 0})
+                            + "\n" for digest, paths in lines.items() for p in sorted(paths)))
+    return path
+
+
+def test_record_in_applies_each_platforms_lines_and_profile_platform_by_path(
+    image: tuple[Path, dict[str, str]], tmp_path: Path
+) -> None:
+    layout, digests = image
+    both = _record(tmp_path / "both.jsonl", {digests[p]: WANT[p] for p in WANT})
+    res = run_cli("optimize", "--oci", "--all-platforms", "--record-in", both,
+                  f"oci:{layout}:v1", f"oci:{layout}:from-both", env=cli_env(tmp_path))
+    assert res.returncode == 0, res.stderr
+    converted = _manifests(layout, "from-both")
+    for plat, want in WANT.items():
+        assert _first_files(layout, converted[plat]) == want, plat
+
+    amd = _record(tmp_path / "amd64.jsonl", {digests["linux/amd64"]: WANT["linux/amd64"]})
+    res = run_cli("optimize", "--oci", "--all-platforms", "--record-in", amd,
+                  f"oci:{layout}:v1", f"oci:{layout}:from-amd", env=cli_env(tmp_path))
+    assert res.returncode == 0, res.stderr
+    assert "no lines for linux/arm64" in res.stderr and "--profile-platform" in res.stderr
+    converted = _manifests(layout, "from-amd")
+    assert _first_files(layout, converted["linux/arm64"]) == set()
+    assert _first_files(layout, converted["linux/amd64"]) == WANT["linux/amd64"]
+
+    res = run_cli("optimize", "--oci", "--all-platforms", "--record-in", amd,
+                  "--profile-platform", "linux/amd64",
+                  f"oci:{layout}:v1", f"oci:{layout}:by-path", env=cli_env(tmp_path))
+    assert res.returncode == 0, res.stderr
+    converted = _manifests(layout, "by-path")
+    for plat in WANT:
+        assert _first_files(layout, converted[plat]) == WANT["linux/amd64"], plat
+
+    res = run_cli("optimize", "--oci", "--all-platforms", "--record-in", amd,
+                  "--profile-platform", "linux/s390x",
+                  f"oci:{layout}:v1", f"oci:{layout}:bad", env=cli_env(tmp_path))
+    assert res.returncode != 0 and res.stderr.strip().splitlines()[-1].startswith(
+        "estargz-opt: error: --profile-platform linux/s390x"), res.stderr
+    assert '"bad"' not in (layout / "index.json").read_text()
