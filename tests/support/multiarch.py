@@ -12,7 +12,7 @@ from pathlib import Path
 import imagefactory as f
 
 #: where the .debs are kept between runs (downloaded once per machine)
-DEB_CACHE = Path("/var/cache/estargz-opt-multiarch")
+DEB_CACHE = Path("/var/cache/estargz-opt/multiarch")  # as scripts/install-deps.sh
 MACHINE = {"amd64": "x86_64", "arm64": "aarch64"}
 RUN_SH = b'#!/bin/sh\necho "arch=$(uname -m)"\ncat /data/$(uname -m)/*\n'
 #: the files each platform's workload reads, besides the shell and the script
