@@ -205,11 +205,14 @@ def test_record_in_applies_each_platforms_lines_and_profile_platform_by_path(
     layout, digests = image
     both = _record(tmp_path / "both.jsonl", {digests[p]: WANT[p] for p in WANT})
     res = run_cli("optimize", "--oci", "--all-platforms", "--record-in", both,
+                  "--prefetch-list-out", tmp_path / "list.txt",
                   f"oci:{layout}:v1", f"oci:{layout}:from-both", env=cli_env(tmp_path))
     assert res.returncode == 0, res.stderr
     converted = _manifests(layout, "from-both")
     for plat, want in WANT.items():
         assert _first_files(layout, converted[plat]) == want, plat
+        listed = (tmp_path / f"list.txt.{plat.replace('/', '-')}").read_text().splitlines()
+        assert {x for x in listed if x and not x.startswith("#")} == want, plat
 
     amd = _record(tmp_path / "amd64.jsonl", {digests["linux/amd64"]: WANT["linux/amd64"]})
     res = run_cli("optimize", "--oci", "--all-platforms", "--record-in", amd,

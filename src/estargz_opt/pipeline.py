@@ -115,16 +115,10 @@ def optimize(req: OptimizeRequest, progress: ProgressListener | None = None) -> 
                 prioritized = analysis.prioritized if analysis else {}
                 profile = None
             else:
-                profile = _profile(req, src, root, matcher)
+                profile, lists = _profile(req, src, root, matcher)
                 prioritized = profile.prioritized if profile else {}
                 if profile and req.prefetch_list_out:
-                    _write_prefetch_list_out(
-                        req.prefetch_list_out,
-                        str(src_ref),
-                        profile.manifest_digest,
-                        profile.order,
-                        "profile's",
-                    )
+                    _write_prefetch_lists(req.prefetch_list_out, str(src_ref), lists, "profile's")
             opts = ConvertOptions(
                 layer=req.layer,
                 platforms=matcher,
@@ -281,12 +275,20 @@ def _analyze(
     if req.record_out:
         write_record(req.record_out, combined.entries)
     if req.prefetch_list_out:
-        for platform, digest, paths in lists:
-            out = req.prefetch_list_out
-            if len(lists) > 1:
-                out = out.with_name(f"{out.name}.{platform_suffix(platform)}")
-            _write_prefetch_list_out(out, str(src_ref), digest, paths)
+        _write_prefetch_lists(req.prefetch_list_out, str(src_ref), lists)
     return combined
+
+
+def _write_prefetch_lists(
+    path: Path, image: str, lists: list[tuple[Platform, str, list[str]]], what: str = "workload"
+) -> None:
+    """One list per platform: `path` itself for one, `path.<os>-<arch>[-<variant>]` each
+    for several (plain lists stay readable by every tool; a marker inside would not)."""
+    for platform, digest, paths in lists:
+        out = (
+            path if len(lists) == 1 else path.with_name(f"{path.name}.{platform_suffix(platform)}")
+        )
+        _write_prefetch_list_out(out, image, digest, paths, what)
 
 
 def platform_suffix(p: Platform) -> str:
@@ -341,12 +343,13 @@ def _workload_images(
 
 def _profile(
     req: OptimizeRequest, src: Store, root: Descriptor, matcher: platforms.Matcher
-) -> Profile | None:
+) -> tuple[Profile | None, list[tuple[Platform, str, list[str]]]]:
     """Match the profiles to each selected platform's image; EmptyProfileError if that
     prioritizes nothing. Returns the first matched platform's profile, its `prioritized`
-    holding every platform's layers (each platform's files in its own layers)."""
+    holding every platform's layers (each platform's files in its own layers), and each
+    platform's files in order (for the prefetch lists)."""
     if not req.profiles:
-        return None
+        return None, []
     targets = _profile_targets(req, src, root, matcher)
     if not targets:
         host = _host_manifest(src, root)
@@ -360,10 +363,12 @@ def _profile(
             ),
             platforms="platforms",
         )
-        return None
+        return None, []
     merged: Profile | None = None
-    for desc, manifest, from_manifest in targets:
+    lists: list[tuple[Platform, str, list[str]]] = []
+    for platform, desc, manifest, from_manifest in targets:
         profile = _match_one(req, src, desc, manifest, from_manifest)
+        lists.append((platform, desc.digest, list(profile.order)))
         if merged is None:
             merged = profile
             continue
@@ -372,13 +377,13 @@ def _profile(
     assert merged is not None
     if not merged.prioritized:
         _empty_profile(req, literal(merged.empty_reason(req.profiles)))
-    return merged
+    return merged, lists
 
 
 def _profile_targets(
     req: OptimizeRequest, src: Store, root: Descriptor, matcher: platforms.Matcher
-) -> list[tuple[Descriptor, Manifest, str | None]]:
-    """(descriptor, manifest, whose record lines to apply by path or None) per platform.
+) -> list[tuple[Platform, Descriptor, Manifest, str | None]]:
+    """(platform, descriptor, manifest, whose record lines to apply by path or None) per platform.
 
     A platform the records name gets its own lines. One they do not name while they name a
     sibling platform gets nothing, unless profile_platform names the sibling to apply by
@@ -387,7 +392,7 @@ def _profile_targets(
     """
     if matcher.host_default:
         host = _host_manifest(src, root)
-        return [(*host, None)] if host else []
+        return [(platforms.host(), *host, None)] if host else []
     selected = [
         (_platform_of(src, image), image.desc, image.manifest)
         for image in images(src, root, matcher, need_platform=True)
@@ -413,13 +418,15 @@ def _profile_targets(
                 pp="profile_platform",
             )
     siblings = named & set(every.values())
-    out: list[tuple[Descriptor, Manifest, str | None]] = []
+    out: list[tuple[Platform, Descriptor, Manifest, str | None]] = []
     for platform, desc, manifest in selected:
         if desc.digest in named or lists or not siblings:
-            out.append((desc, manifest, None))  # its own lines, path lists, a rebuilt image
+            out.append(
+                (platform, desc, manifest, None)
+            )  # its own lines, path lists, a rebuilt image
             continue
         if chosen is not None:
-            out.append((desc, manifest, chosen))  # another platform's lines, by path
+            out.append((platform, desc, manifest, chosen))  # another platform's lines, by path
             continue
         log.warning(
             "the records have no lines for %s: converting it without prioritized files "
