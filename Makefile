@@ -16,7 +16,7 @@ PYTEST_STATUS_FILE ?=
 # How the scripts get the venv (they default to the same .venv).
 MKVENV = PYTHON="$(PYTHON)" VENV="$(VENV)" bash scripts/install-venv.sh
 
-.PHONY: demo-deps test-deps test lint demo
+.PHONY: demo-deps test-deps test unit unit-unprivileged lint demo
 
 # The demo: containerd, runc, the busybox-static .deb, ctr-remote; the project.
 demo-deps:
@@ -34,6 +34,18 @@ test: test-deps
 	@rc=0; "$(VPY)" -m pytest -q || rc=$$?; \
 	if [ -n "$(PYTEST_STATUS_FILE)" ]; then echo $$rc > "$(PYTEST_STATUS_FILE)"; fi; \
 	exit $$rc
+
+# The fast layer (pytest -m unit): the format engine, TOC/record/prefetch logic, parsing,
+# validation and the CLI's messages, in process. No root, no apt, no daemon, no network:
+# only the venv. Other layers: -m root, containerd, registry, slow (see tests/conftest.py).
+unit:
+	$(MKVENV) test >/dev/null
+	"$(VPY)" -m pytest -q -m unit -p no:cacheprovider
+
+# `make unit` as it runs for a developer with no privileges: an unprivileged uid with no
+# capabilities, in a network namespace of its own (run as root, after `make unit` once).
+unit-unprivileged:
+	bash scripts/unit-unprivileged.sh
 
 lint:
 	$(MKVENV) test >/dev/null

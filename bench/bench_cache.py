@@ -11,7 +11,7 @@ layer (/app/main.py) changed, all measured in the same run:
   (d) registry -> registry: the rebuilt image pushed (by skopeo) to Debian's docker-registry
       on loopback, converted into another tag there once, then again with the warm cache
       and the target holding every blob: timed, with the registry's request log (through
-      bench/throttle_proxy.py, unthrottled) showing that no blob was uploaded.
+      tests/support/throttle_proxy.py, unthrottled) showing that no blob was uploaded.
 Targets: (c) at most 0.05x of (a); (b) no slower than --no-cache; (d) no layer converted
 and no blob uploaded. (c) must also give the manifest digest of (b). A markdown table
 goes to stdout, details to bench/results/<name>.json.
@@ -112,7 +112,7 @@ def registry_rerun(cli: list[str], rebuilt: Path, work: Path, cache: Path,
                    stack: contextlib.ExitStack) -> dict:
     """(d): the rerun registry -> registry with a warm cache and a full target."""
     sys.path.insert(0, str(benchlib.REPO_ROOT / "tests"))
-    import lazypull  # the tests' registry and request-logging proxy
+    from support import lazypull  # the tests' registry and request-logging proxy
 
     registry = lazypull.Registry.start(work)
     stack.callback(registry.stop)

@@ -320,7 +320,7 @@ def _layout_with_layer(layout: Path, layer: Path) -> None:
 def run_registry(cli: list[str], name: str, check: bool, rebuild: bool) -> int:
     """optimize registry -> registry of the 2 GiB layer: peak RSS against the target."""
     sys.path.insert(0, str(REPO_ROOT / "tests"))
-    import lazypull  # the tests' registry helper
+    from support import lazypull  # the tests' registry helper
 
     layer = ensure_random_tar(rebuild)
     log(f"layer: {layer.stat().st_size / MiB:.0f} MiB uncompressed tar ({layer})")

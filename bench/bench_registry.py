@@ -3,7 +3,7 @@
 
 The cached ~250 MB test image (bench/build_image.py) is copied by skopeo, directly, into
 a fresh loopback ``docker-registry`` as ``img:1``; the tools then reach the registry only
-through bench/throttle_proxy.py (``--rtt-ms`` per request and per connection, ``--mbit``
+through tests/support/throttle_proxy.py (``--rtt-ms`` per request and per connection, ``--mbit``
 shared by every connection and by both directions: ``--throttle-uploads``). Each run:
 
 * estargz-opt: ``optimize --oci --no-optimize --no-cache --src-tls-verify=false
@@ -39,9 +39,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent / "tests"))
 import benchlib
 import build_image
-import lazypull
 from bench_layers import find_ctr_remote, median_run, our_cli, private_containerd
 from benchlib import NO_CACHE, REPO_ROOT, RESULTS_DIR, log, run, run_measured
+from support import lazypull
 
 SRC, DST = "img:1", "img:1-esgz"
 TOOLS = ("estargz-opt", "ctr-remote")

@@ -18,7 +18,7 @@ between the tools; the median wall time of --repeat runs is reported with the nu
 
 `RUNNERS` holds one row per runner (name -> flags, environment). The rootless runner's
 row runs as an unprivileged uid with no capabilities at all (setpriv --inh-caps=-all
---bounding-set=-all, as tests/unprivileged.py does) and no /etc/subuid range, as in a
+--bounding-set=-all, as tests/support/unprivileged.py does) and no /etc/subuid range, as in a
 restricted Kubernetes pod: only its own id is mapped, so the Debian image's files of
 several owners are all that id's. It runs on a copy of the layout that uid owns, unpacks
 the image onto a tmpfs on every run (nothing is kept between rootless runs), and its row
@@ -49,22 +49,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent / "tests"))
-import analyzeimages
 import benchlib
 import build_image
-import imagefactory
 from bench_layers import find_ctr_remote, image_target, median_run, our_cli, private_containerd
 from bench_optimize import one_run as ctr_remote_run
 from benchlib import NO_CACHE, REPO_ROOT, RESULTS_DIR, log, run, run_measured
-from layers import build_busybox_layer
-from unprivileged import Unprivileged, make_unprivileged
+from support import analyzeimages, imagefactory
+from support.layers import build_busybox_layer
+from support.unprivileged import Unprivileged, make_unprivileged
 
 #: runner -> (estargz-opt flags, extra environment); the rootless runner adds its row
 RUNNERS: dict[str, tuple[list[str], dict[str, str]]] = {
     "runc": (["--runner", "runc"], {}),
     "rootless": (["--runner", "rootless"], {}),
 }
-#: the runners whose row runs as an unprivileged uid (tests/unprivileged.py)
+#: the runners whose row runs as an unprivileged uid (tests/support/unprivileged.py)
 AS_USER = {"rootless"}
 _TMPFS = re.compile(r"the image's rootfs takes (\d+) MiB of memory")
 SMALL_REF = "docker.io/library/estargz-opt-bench-small:latest"

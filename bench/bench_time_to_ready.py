@@ -13,7 +13,7 @@ workload ``python3 /app/main.py`` imports some stdlib modules and prints ``ready
      * ``eo-ctrr-record`` (diagnostic): ``estargz-opt optimize --oci --record-in R``
        with R the record ctr-remote wrote (``--record-out``): its profile, our layers.
    All are pushed (``ctr push --plain-http``) to Debian's docker-registry on loopback.
-2. bench/throttle_proxy.py sits in front of the registry and emulates the link: 20 ms
+2. tests/support/throttle_proxy.py sits in front of the registry and emulates the link: 20 ms
    per request (and per new connection), 100 Mbit/s shared (``--rtt-ms``, ``--mbit``).
 3. Each run starts from empty daemons: a fresh stargz snapshotter
    (tests/e2e/snapshotter/main.go on Debian's 0.12 library, default settings:
@@ -50,9 +50,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent / "tests"))
 import benchlib
 import build_image
-import lazypull
 from bench_layers import private_containerd
 from benchlib import REPO_ROOT, RESULTS_DIR, log, markdown_table, run
+from support import lazypull
 
 READY = "ready"
 CTR_REMOTE = Path(os.environ.get("ESTARGZ_OPT_CTR_REMOTE",

@@ -25,9 +25,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-import imagefactory as f
-from helpers_containerd import Containerd
-from layers import build_busybox_layer
+from support import imagefactory as f
+from support.containerd import Containerd
+from support.layers import build_busybox_layer
 
 from estargz_opt.stores.containerd.client import Client
 

@@ -30,26 +30,27 @@ import secrets
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import analyzeimages as ai
-import imagefactory as f
 import pytest
-from helpers_containerd import Containerd
-from support.ptyrun import PtyRun
-from test_optimize_containerd import (
-    _env,
-    cli,
-    ctr_run,
-    error_message,
-    images,
-    optimize,
-    printed_digest,
+from support import analyzeimages as ai, imagefactory as f
+from support.analyzeimages import (
+    BB,
+    KIND_OUTPUT,
+    KINDS,
+    RUN_SH,
+    ended_by,
+    expected_prioritized,
+    pairs,
+    prioritized,
+    read_record,
 )
+from support.cli import cli_argv, cli_env, error_message, printed_digest, run_cli
+from support.containerd import Containerd, ctr_run, images, optimize
+from support.leftovers import Leftovers, monitor_processes
+from support.ptyrun import PtyRun
 
 pytestmark = pytest.mark.interop
 
@@ -63,13 +64,11 @@ CONTAINERD_DEFAULT_CAPS = {
     "CAP_SYS_CHROOT", "CAP_KILL", "CAP_AUDIT_WRITE",
 }
 
-BB = ("bin/busybox", 0)
-
 
 # --- running the CLI --------------------------------------------------------------------------
 
 def env_with_tmp(tmpdir: Path, **extra: str) -> dict[str, str]:
-    return _env(TMPDIR=str(tmpdir), **extra)
+    return cli_env(TMPDIR=str(tmpdir), **extra)
 
 
 def start(c: Containerd, *args: str | Path, env: dict[str, str],
@@ -77,7 +76,7 @@ def start(c: Containerd, *args: str | Path, env: dict[str, str],
     """The CLI in the background; its stderr goes to *stderr_path* (to poll)."""
     with open(stderr_path, "wb") as err:
         return subprocess.Popen(
-            [sys.executable, "-m", "estargz_opt", "-a", c.address, *map(str, args)],
+            [*cli_argv(), "-a", c.address, *map(str, args)],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err, env=env,
             start_new_session=True)  # its own process group, as a shell's foreground job
 
@@ -132,133 +131,7 @@ def wait_for_container(c: Containerd, proc: subprocess.Popen, timeout: float = 3
     pytest.fail("no estargz-opt-sample-* container appeared")
 
 
-def read_record(path: Path) -> list[dict]:
-    assert path.is_file(), f"no record at {path}"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def pairs(record: list[dict]) -> list[tuple[str, int]]:
-    return [(r["path"], r["layerIndex"]) for r in record]
-
-
-def inspect(c: Containerd, image: str) -> list[dict]:
-    res = cli("-a", c.address, "inspect", image, "--json")
-    assert res.returncode == 0, res.stderr
-    return json.loads(res.stdout)["layers"]
-
-
-def prioritized(c: Containerd, image: str) -> list[list[str]]:
-    """Per layer, the regular files before the landmark (directories left out)."""
-    out = []
-    for lay in inspect(c, image):
-        out.append([p for p in lay["prioritized"] if not p.endswith("/")])
-    return out
-
-
-def expected_prioritized(record: list[dict], layers: int) -> list[list[str]]:
-    out: list[list[str]] = [[] for _ in range(layers)]
-    for path, index in pairs(record):
-        out[index].append(path)
-    return out
-
-
-def ended_by(stderr: str) -> str:
-    m = re.search(r"workload ended \(([^)]*)\)", stderr)
-    assert m, f"no 'workload ended' line:\n{stderr}"
-    return m[1]
-
-
 # --- what a run must leave behind: nothing ---------------------------------------------------
-
-def _ctr_rows(c: Containerd, *args: str) -> set[str]:
-    res = c.ctr(*args)
-    return {line.split()[0] for line in res.stdout.splitlines()[1:] if line.strip()}
-
-
-def _netns() -> set[str]:
-    d = Path("/var/run/netns")
-    return set(os.listdir(d)) if d.is_dir() else set()
-
-
-def _monitors(c: Containerd) -> list[str]:
-    """Monitor processes of runs against *c* (their mounts name its directory): other
-    estargz-opt runs on this machine (other test sessions) have their own."""
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue  # gone meanwhile
-        if MONITOR in cmdline and str(c.dir) in cmdline:
-            found.append(f"{pid} {cmdline}")
-    return found
-
-
-@dataclass
-class State:
-    containers: set[str]
-    tasks: set[str]
-    snapshots: set[str]
-    leases: set[str]
-    images: set[str]
-    sample_mounts: list[str]
-    netns: set[str]
-
-    @classmethod
-    def take(cls, c: Containerd) -> State:
-        mountinfo = Path("/proc/self/mountinfo").read_text().splitlines()
-        return cls(
-            containers=set(c.ctr("containers", "ls", "-q").stdout.split()),
-            tasks=_ctr_rows(c, "tasks", "ls"),
-            snapshots=_ctr_rows(c, "snapshots", "ls"),
-            leases=_ctr_rows(c, "leases", "ls"),
-            images=images(c),
-            sample_mounts=[m for m in mountinfo if SAMPLE in m or str(c.dir) in m],
-            netns=_netns(),
-        )
-
-
-class Leftovers:
-    """Take the state before a run; `check()` after it: nothing new may remain."""
-
-    def __init__(self, c: Containerd, tmpdir: Path) -> None:
-        self.c = c
-        self.tmpdir = tmpdir
-        tmpdir.mkdir(parents=True, exist_ok=True)
-        self.before = State.take(c)
-
-    def reset(self) -> None:
-        """Take the state again (after a test built and imported its own image)."""
-        self.before = State.take(self.c)
-
-    def check(self, *, new_images: set[str] = frozenset()) -> None:
-        after = State.take(self.c)
-        b = self.before
-        # A sample mount or network namespace of another estargz-opt run on this machine
-        # (another test session) may come and go meanwhile: what a run leaks stays.
-        deadline = time.monotonic() + 10
-        while (set(after.sample_mounts) - set(b.sample_mounts) or after.netns - b.netns) \
-                and time.monotonic() < deadline:
-            time.sleep(0.5)
-            after = State.take(self.c)
-        assert not {x for x in after.containers if x.startswith(SAMPLE)}, after.containers
-        # "Nothing new" rather than "equal": a run may reap what a SIGKILLed one left.
-        assert after.containers <= b.containers, "containers left behind"
-        assert after.tasks <= b.tasks, "tasks left behind"
-        assert not {x for x in after.snapshots if SAMPLE in x}, after.snapshots
-        assert after.snapshots - b.snapshots == set(), \
-            f"new snapshots: {after.snapshots - b.snapshots}"
-        assert after.leases <= b.leases, f"leases: before {b.leases}, after {after.leases}"
-        assert set(after.sample_mounts) <= set(b.sample_mounts), after.sample_mounts
-        # The runs get a private $TMPDIR: their estargz-opt-sample-* directory goes there
-        # (checked in test_sample_container_spec), so /tmp is not looked at: other
-        # estargz-opt runs on this machine may come and go there.
-        assert list(self.tmpdir.iterdir()) == [], \
-            f"left in $TMPDIR: {list(self.tmpdir.iterdir())}"
-        assert after.netns <= b.netns, f"network namespaces left: {after.netns - b.netns}"
-        assert _monitors(self.c) == [], f"monitor process left: {_monitors(self.c)}"
-        assert after.images - b.images == set(new_images), \
-            f"new images {after.images - b.images}, want {set(new_images)}"
 
 
 @pytest.fixture
@@ -267,15 +140,6 @@ def leftovers(containerd, tmp_path: Path) -> Leftovers:
 
 
 # --- images -------------------------------------------------------------------------------------
-
-RUN_SH = """\
-cat /app/a.txt
-case "$1" in
-  exit) echo done-exit ;;
-  sleep) cat /app/b.txt; echo sleeping; exec /bin/busybox sleep 1000 ;;
-  ready) cat /app/c.txt; echo READY; exec /bin/busybox sleep 1000 ;;
-esac
-"""
 
 
 @pytest.fixture(scope="module")
@@ -288,20 +152,6 @@ def kinds(containerd, busybox_layer: Path, tmp_path_factory) -> ai.Image:
     return ai.build(containerd, tmp_path_factory.mktemp("kinds"), "localhost/analyze-kinds:1",
                     [busybox_layer.read_bytes(), l1, l2],
                     ai.config(["/bin/sh", "/app/run.sh", "exit"]))
-
-
-KIND_OUTPUT = "alpha-upper\ndone-exit\n"
-KINDS = {
-    # name: (flags, expected record set, period, how it ends, output on stderr)
-    "exit": ([], {BB, ("app/run.sh", 1), ("app/a.txt", 2)}, 10,
-             "the workload exited", "done-exit"),
-    "period": (["--args", '["/bin/sh","/app/run.sh","sleep"]'],
-               {BB, ("app/run.sh", 1), ("app/a.txt", 2), ("app/b.txt", 1)}, 2,
-               "the --period elapsed", "sleeping"),
-    "line": (["--args", '["/bin/sh","/app/run.sh","ready"]', "--wait-on-line", "READY"],
-             {BB, ("app/run.sh", 1), ("app/a.txt", 2), ("app/c.txt", 2)}, 30,
-             "the --wait-on-line text was printed", "READY"),
-}
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
@@ -365,7 +215,7 @@ def test_whiteouts_and_first_access(containerd, busybox_layer: Path, tmp_path: P
                    [busybox_layer.read_bytes(), l1, l2], ai.config(["/bin/sh", "/app/wh.sh"]))
     leftovers.reset()
     record = tmp_path / "record.jsonl"
-    res = cli("-a", containerd.address, "analyze", img.name, "--record-out", record,
+    res = run_cli("-a", containerd.address, "analyze", img.name, "--record-out", record,
               "--period", "10", "--json", env=env_with_tmp(leftovers.tmpdir))
     assert res.returncode == 0, res.stderr
     summary = json.loads(res.stdout)
@@ -421,7 +271,7 @@ def test_sampler_flags(flags_image: ai.Image, containerd, tmp_path: Path,
     (data / "d1.txt").write_text("host-data")
     env_file = tmp_path / "env"
     env_file.write_text("C=from-file\nD=4\n")
-    res = cli("-a", containerd.address, "analyze", flags_image.name,
+    res = run_cli("-a", containerd.address, "analyze", flags_image.name,
               "--record-out", tmp_path / "r.jsonl", "--period", "10",
               "--env", "A=1", "--env", "C=from-flag", "--env-file", env_file,
               "--user", "1000:1000", "--cwd", "/tmp",
@@ -452,7 +302,7 @@ def test_sampler_flags(flags_image: ai.Image, containerd, tmp_path: Path,
 
 def test_entrypoint_keeps_cmd_and_image_config(flags_image: ai.Image, containerd,
                                             tmp_path: Path) -> None:
-    res = cli("-a", containerd.address, "analyze", flags_image.name,
+    res = run_cli("-a", containerd.address, "analyze", flags_image.name,
               "--record-out", tmp_path / "r.jsonl", "--period", "10",
               "--entrypoint", '["/bin/sh"]')
     assert res.returncode == 0, res.stderr
@@ -464,7 +314,7 @@ def test_entrypoint_keeps_cmd_and_image_config(flags_image: ai.Image, containerd
 
 
 def test_net_host(flags_image: ai.Image, containerd, tmp_path: Path) -> None:
-    res = cli("-a", containerd.address, "analyze", flags_image.name,
+    res = run_cli("-a", containerd.address, "analyze", flags_image.name,
               "--record-out", tmp_path / "r.jsonl", "--period", "10",
               "--entrypoint", '["/bin/sh"]', "--net-host", "--user", "app")
     assert res.returncode == 0, res.stderr
@@ -478,7 +328,7 @@ def test_stdin(flags_image: ai.Image, containerd, tmp_path: Path, leftovers: Lef
     text = f"piped-{secrets.token_hex(4)}\n"
     t0 = time.monotonic()
     res = subprocess.run(
-        [sys.executable, "-m", "estargz_opt", "-a", containerd.address, "analyze",
+        [*cli_argv(), "-a", containerd.address, "analyze",
          flags_image.name, "--record-out", str(tmp_path / "r.jsonl"), "--period", "8",
          "-i", "--entrypoint", '["/bin/cat"]', "--args", "[]"],
         input=text, capture_output=True, text=True, env=env_with_tmp(leftovers.tmpdir),
@@ -505,7 +355,7 @@ def test_bad_flag_values(bad: list[str], words: str, flags_image: ai.Image, cont
     if words in ("--args", "--mount"):  # analyze takes the same flags, checked the same way
         commands.append(["analyze", flags_image.name, "--record-out", str(tmp_path / "r.jsonl")])
     for cmd in commands:
-        res = cli("-a", containerd.address, *cmd, *bad, env=env_with_tmp(leftovers.tmpdir))
+        res = run_cli("-a", containerd.address, *cmd, *bad, env=env_with_tmp(leftovers.tmpdir))
         msg = error_message(res)
         assert words in msg, msg
         assert res.returncode == 2, res.returncode
@@ -580,7 +430,7 @@ def test_ctrl_c_on_a_terminal(kinds: ai.Image, containerd, tmp_path: Path,
                               leftovers: Leftovers) -> None:
     """Ctrl-C typed on the command's own terminal (a pty: the whole foreground process
     group gets SIGINT) ends the run within 2 s, with nothing left."""
-    term = PtyRun([sys.executable, "-m", "estargz_opt", "-a", containerd.address, "optimize",
+    term = PtyRun([*cli_argv(), "-a", containerd.address, "optimize",
                    "--oci", "--period", "60", "--args", '["/bin/sh","/app/run.sh","sleep"]',
                    kinds.name, "localhost/analyze-kinds:1-pty"],
                   env_with_tmp(leftovers.tmpdir))
@@ -655,7 +505,7 @@ def test_without_cap_sys_admin(kinds: ai.Image, containerd, tmp_path: Path,
     assert not cap_eff & (1 << 21), "setpriv did not drop CAP_SYS_ADMIN"
     dst = "localhost/analyze-kinds:1-nocap"
     res = subprocess.run(
-        [*drop, sys.executable, "-m", "estargz_opt", "-a", containerd.address, "optimize",
+        [*drop, *cli_argv(), "-a", containerd.address, "optimize",
          "--oci", "--period", "5", kinds.name, dst],
         capture_output=True, text=True, stdin=subprocess.DEVNULL,
         env=env_with_tmp(leftovers.tmpdir), timeout=120)
@@ -675,7 +525,7 @@ def test_without_runc(kinds: ai.Image, containerd, tmp_path: Path,
     env = env_with_tmp(leftovers.tmpdir, PATH=str(bindir))
     dst = "localhost/analyze-kinds:1-norunc"
     res = subprocess.run(
-        [sys.executable, "-m", "estargz_opt", "-a", containerd.address, "optimize", "--oci",
+        [*cli_argv(), "-a", containerd.address, "optimize", "--oci",
          "--period", "5", kinds.name, dst],
         capture_output=True, text=True, stdin=subprocess.DEVNULL, env=env, timeout=120)
     msg = error_message(res)
@@ -717,7 +567,7 @@ def test_analyze_of_a_workload_that_cannot_start_fails(kinds: ai.Image, containe
     """`analyze` only makes a record: when the workload cannot start at all, it fails, as
     `optimize` does, and writes no record."""
     record = tmp_path / "record.jsonl"
-    res = cli("-a", containerd.address, "analyze", kinds.name, "--record-out", record,
+    res = run_cli("-a", containerd.address, "analyze", kinds.name, "--record-out", record,
               "--period", "5", "--entrypoint", '["/nonexistent"]',
               env=env_with_tmp(leftovers.tmpdir))
     leftovers.check()
@@ -741,7 +591,7 @@ def test_sample_container_spec(kinds: ai.Image, containerd, tmp_path: Path,
         wait_for_text(err, "sleeping", proc)
         cid = wait_for_container(containerd, proc)
         info = json.loads(containerd.ctr("containers", "info", cid).stdout)
-        monitors = _monitors(containerd)
+        monitors = monitor_processes(containerd)
     finally:
         ctrl_c(proc, False)
         finish(proc, err)
@@ -816,13 +666,13 @@ def test_hostile_symlinks(containerd, busybox_layer: Path, tmp_path: Path,
     assert ("app/h.sh", 1) in rec
     # --user secretuser: /etc/passwd is a symlink to the host secret; it must be resolved
     # inside the rootfs (where it leads nowhere), never on the host.
-    res = cli("-a", containerd.address, "analyze", img.name, "--record-out", record,
+    res = run_cli("-a", containerd.address, "analyze", img.name, "--record-out", record,
               "--period", "10", "--user", "secretuser", env=env_with_tmp(leftovers.tmpdir))
     assert token not in res.stderr + res.stdout
     assert "id=4242" not in res.stderr + res.stdout, res.stderr
     msg = error_message(res)
     assert "secretuser" in msg and "/etc/passwd" in msg, msg
-    res = cli("-a", containerd.address, "analyze", img.name, "--record-out", record,
+    res = run_cli("-a", containerd.address, "analyze", img.name, "--record-out", record,
               "--period", "10", "--user", "0:secretuser", env=env_with_tmp(leftovers.tmpdir))
     assert token not in res.stderr + res.stdout
     assert "id=4242" not in res.stderr + res.stdout, res.stderr
@@ -842,7 +692,7 @@ def test_passwd_that_is_a_fifo(containerd, busybox_layer: Path, tmp_path: Path,
     img = ai.build(containerd, tmp_path / "img", "localhost/analyze-fifo:1", raw,
                    ai.config(["/bin/echo", "fifo-ran"]))
     leftovers.reset()
-    res = cli("-a", containerd.address, "analyze", img.name, "--record-out",
+    res = run_cli("-a", containerd.address, "analyze", img.name, "--record-out",
               tmp_path / "r.jsonl", "--period", "5", "--user", "someone",
               env=env_with_tmp(leftovers.tmpdir), timeout=60)
     msg = error_message(res)
@@ -865,7 +715,7 @@ def test_dotdot_tar_entry(containerd, busybox_layer: Path, tmp_path: Path,
                    ai.config(["/bin/cat", "/app/ok.txt", f"/tmp/{escape}"]))
     leftovers.reset()
     record = tmp_path / "r.jsonl"
-    res = cli("-a", containerd.address, "analyze", img.name, "--record-out", record,
+    res = run_cli("-a", containerd.address, "analyze", img.name, "--record-out", record,
               "--period", "5", env=env_with_tmp(leftovers.tmpdir))
     assert not Path("/tmp", escape).exists(), "a .. entry escaped the snapshot"
     assert res.returncode == 0, res.stderr
@@ -899,7 +749,7 @@ def test_index_image_records_the_host_manifest(containerd, busybox_layer: Path,
     [host] = [m for p, m, _ in f.platform_manifests(layout, "v1")
               if p and p["architecture"] == f.HOST_PLATFORM[1]]
     record = tmp_path / "record.jsonl"
-    res = cli("-a", containerd.address, "analyze", name, "--record-out", record,
+    res = run_cli("-a", containerd.address, "analyze", name, "--record-out", record,
               "--period", "10")
     assert res.returncode == 0, res.stderr
     assert "host-platform" in res.stderr.splitlines()
@@ -913,7 +763,7 @@ def test_index_image_records_the_host_manifest(containerd, busybox_layer: Path,
 def test_analyze_then_record_in_oci_layout(kinds: ai.Image, containerd, tmp_path: Path,
                                            leftovers: Leftovers) -> None:
     record = tmp_path / "record.jsonl"
-    res = cli("-a", containerd.address, "analyze", kinds.name, "--record-out", record,
+    res = run_cli("-a", containerd.address, "analyze", kinds.name, "--record-out", record,
               "--period", "10", "--json", env=env_with_tmp(leftovers.tmpdir))
     assert res.returncode == 0, res.stderr
     summary = json.loads(res.stdout)
@@ -924,11 +774,11 @@ def test_analyze_then_record_in_oci_layout(kinds: ai.Image, containerd, tmp_path
     assert set(pairs(rec)) == KINDS["exit"][1]
 
     out = tmp_path / "out"
-    res = cli("optimize", "--oci", "--record-in", record, f"oci:{kinds.layout}:{kinds.tag}",
-              f"oci:{out}:esgz", env=_env(CONTAINERD_ADDRESS="/nonexistent/containerd.sock"))
+    res = run_cli("optimize", "--oci", "--record-in", record, f"oci:{kinds.layout}:{kinds.tag}",
+              f"oci:{out}:esgz", env=cli_env(CONTAINERD_ADDRESS="/nonexistent/containerd.sock"))
     printed_digest(res)
     from_layout = [[p for p in lay["prioritized"] if not p.endswith("/")]
-                   for lay in json.loads(cli("inspect", f"oci:{out}:esgz", "--json").stdout)
+                   for lay in json.loads(run_cli("inspect", f"oci:{out}:esgz", "--json").stdout)
                    ["layers"]]
     assert from_layout == expected_prioritized(rec, 3)
     # ... and a containerd `optimize` run of the same workload prioritized the same
@@ -943,7 +793,7 @@ def test_analyze_prefetch_list_out_round_trip(kinds: ai.Image, containerd, tmp_p
     """A real workload run's --prefetch-list-out gives, fed back with --prefetch-list, the
     same image byte for byte as its record with --record-in (daemonless conversions)."""
     record, listing = tmp_path / "record.jsonl", tmp_path / "prefetch.txt"
-    res = cli("-a", containerd.address, "analyze", kinds.name, "--record-out", record,
+    res = run_cli("-a", containerd.address, "analyze", kinds.name, "--record-out", record,
               "--prefetch-list-out", listing, "--period", "10",
               env=env_with_tmp(leftovers.tmpdir))
     assert res.returncode == 0, res.stderr
@@ -953,10 +803,10 @@ def test_analyze_prefetch_list_out_round_trip(kinds: ai.Image, containerd, tmp_p
     assert rec[0]["manifestDigest"] in lines[0], lines
     assert [x for x in lines if not x.startswith("#")] == [r["path"] for r in rec]
     src = f"oci:{kinds.layout}:{kinds.tag}"
-    nodaemon = _env(CONTAINERD_ADDRESS="/nonexistent/containerd.sock")
-    via_record = printed_digest(cli("optimize", "--oci", "--record-in", record, src,
+    nodaemon = cli_env(CONTAINERD_ADDRESS="/nonexistent/containerd.sock")
+    via_record = printed_digest(run_cli("optimize", "--oci", "--record-in", record, src,
                                     f"oci:{tmp_path / 'r'}:esgz", env=nodaemon))
-    via_list = printed_digest(cli("optimize", "--oci", "--prefetch-list", listing, src,
+    via_list = printed_digest(run_cli("optimize", "--oci", "--prefetch-list", listing, src,
                                   f"oci:{tmp_path / 'l'}:esgz", env=nodaemon))
     assert via_list == via_record
 
@@ -967,7 +817,7 @@ def test_analyze_record_survives_a_rebuild(kinds: ai.Image, containerd, tmp_path
     manifest digest), and convert the rebuild with the old record, with no daemon: the
     base layers prioritize the same files in the same order, the top layer by path."""
     record = tmp_path / "record.jsonl"
-    res = cli("-a", containerd.address, "analyze", kinds.name, "--record-out", record,
+    res = run_cli("-a", containerd.address, "analyze", kinds.name, "--record-out", record,
               "--period", "10", env=env_with_tmp(leftovers.tmpdir))
     assert res.returncode == 0, res.stderr
     rec = read_record(record)
@@ -977,17 +827,17 @@ def test_analyze_record_survives_a_rebuild(kinds: ai.Image, containerd, tmp_path
     new_digest = f.write_layout(rebuilt, "v2", [*kinds.layers[:2], top],
                                 ai.config(["/bin/sh", "/app/run.sh", "exit"]))
     assert new_digest != kinds.manifest
-    nodaemon = _env(CONTAINERD_ADDRESS="/nonexistent/containerd.sock")
+    nodaemon = cli_env(CONTAINERD_ADDRESS="/nonexistent/containerd.sock")
 
     def prioritized_of(out: Path) -> list[list[str]]:
-        report = json.loads(cli("inspect", f"oci:{out}:esgz", "--json").stdout)
+        report = json.loads(run_cli("inspect", f"oci:{out}:esgz", "--json").stdout)
         return [[p for p in lay["prioritized"] if not p.endswith("/")]
                 for lay in report["layers"]]
 
-    printed_digest(cli("optimize", "--oci", "--record-in", record,
+    printed_digest(run_cli("optimize", "--oci", "--record-in", record,
                        f"oci:{kinds.layout}:{kinds.tag}", f"oci:{tmp_path / 'v1'}:esgz",
                        env=nodaemon))
-    res = cli("optimize", "--oci", "--record-in", record, f"oci:{rebuilt}:v2",
+    res = run_cli("optimize", "--oci", "--record-in", record, f"oci:{rebuilt}:v2",
               f"oci:{tmp_path / 'v2'}:esgz", env=nodaemon)
     printed_digest(res)
     assert "matched by path" in res.stderr, res.stderr

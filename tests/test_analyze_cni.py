@@ -14,9 +14,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from imagefactory import archive_for_ctr, write_busybox_image
-from tarfactory import build_tar, dir_, reg
-from test_optimize_containerd import optimize, printed_digest
+from support.cli import printed_digest
+from support.containerd import optimize
+from support.imagefactory import archive_for_ctr, write_busybox_image
+from support.tarfactory import build_tar, dir_, reg
 
 PLUGINS = Path("/usr/lib/cni")
 BRIDGE = "eo-cnitest0"

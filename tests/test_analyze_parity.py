@@ -22,22 +22,22 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from imagefactory import write_layout
-from runnerlib import DAEMONLESS, cli_env, layout_prioritized, run_cli
-from tarfactory import build_tar, dir_, reg
-from test_optimize_containerd import optimize as our_containerd_optimize
-from test_optimize_parity import (
+from support.cli import cli_env, run_cli
+from support.containerd import ctr_run, optimize as our_containerd_optimize
+from support.imagefactory import write_layout
+from support.reference import (
     Image,
-    _import,
-    our_toc,
-    prioritized_files,
+    ctr_import,
+    ctr_remote_run,
     read_record,
     reference_optimize,
     reference_tocs,
     require_accesses,
 )
-from test_toc_parity import NO_LANDMARK, ctr_remote_run
-from unprivileged import make_unprivileged
+from support.runnerlib import DAEMONLESS, layout_prioritized
+from support.tarfactory import build_tar, dir_, reg
+from support.tocs import NO_LANDMARK, our_toc, prioritized_files
+from support.unprivileged import make_unprivileged
 
 pytestmark = pytest.mark.interop
 
@@ -74,12 +74,12 @@ def image(containerd, busybox_layer: Path, tmp_path_factory) -> Image:
     base = tmp_path_factory.mktemp("anaparity")
     config = {"config": {"Entrypoint": WORKLOAD, "Env": ["PATH=/bin"], "WorkingDir": "/"}}
     write_layout(base / "layout", "v1", [busybox_layer.read_bytes(), *_layers()], config)
-    return _import(containerd, base / "layout", "v1", "localhost/anaparity:1", base / "img.tar")
+    return ctr_import(containerd, base / "layout", "v1", "localhost/anaparity:1", base / "img.tar")
 
 
 def _our_tocs(containerd, target: str) -> list[dict]:
     """Our converted layers' TOCs, read back from containerd by our own reader."""
-    from ociimage import image_target, read_manifest
+    from support.ociimage import image_target, read_manifest
 
     manifest = read_manifest(containerd, image_target(containerd, target))
     tocs = []
@@ -125,7 +125,7 @@ def test_recorded_files_and_order_match_ctr_remote(
     # Byte-compatible: ctr-remote's lines, each once, in first-access order.
     assert our_lines == _dedup(theirs.read_text().splitlines())
 
-    # The runners without containerd, on the same image as an OCI layout (issue 14).
+    # The runners without containerd, on the same image as an OCI layout.
     daemonless: dict[str, list[list[str]]] = {}
     for runner, flags in DAEMONLESS.items():
         layout = tmp_path / f"layout-{runner}"
@@ -172,7 +172,7 @@ def test_recorded_files_and_order_match_ctr_remote(
     assert all(prioritized_files(t) for t in our_tocs)
 
     # ctr-remote's reader accepts our layers.
-    from ociimage import image_target, read_manifest
+    from support.ociimage import image_target, read_manifest
 
     manifest = read_manifest(containerd, image_target(containerd, "localhost/anaparity:ours"))
     for layer in manifest["layers"]:
@@ -182,8 +182,6 @@ def test_recorded_files_and_order_match_ctr_remote(
 
 
 def test_optimized_image_runs(image: Image, containerd) -> None:
-    from test_optimize_containerd import ctr_run
-
     run = our_containerd_optimize(
         containerd, "--oci", "--period", "3", image.ref, "localhost/anaparity:run",
     )

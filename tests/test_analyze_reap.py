@@ -13,15 +13,15 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import pytest
-from imagefactory import archive_for_ctr, write_busybox_image
-from tarfactory import build_tar, dir_, reg
-from test_optimize_containerd import _env, optimize, printed_digest
+from support.cli import cli_argv, cli_env, printed_digest
+from support.containerd import optimize
+from support.imagefactory import archive_for_ctr, write_busybox_image
+from support.tarfactory import build_tar, dir_, reg
 
 from estargz_opt.workload.containerd.runner import OWNER_LABEL, SAMPLE_LABEL
 
@@ -82,9 +82,9 @@ def _start_killed_run(containerd, image: str, target: str) -> tuple[str, list[in
 
     Returns the sample container's id and the pids of its monitor process(es)."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "estargz_opt", "-a", containerd.address, "optimize", "--oci",
+        [*cli_argv(), "-a", containerd.address, "optimize", "--oci",
          "--period", "120", "--wait-on-line", "never-printed", image, target],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=_env(),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=cli_env(),
     )
     try:
         deadline = time.monotonic() + 60
@@ -143,9 +143,9 @@ def test_next_run_removes_what_a_killed_run_left(containerd, image: str) -> None
 def test_a_running_owners_container_is_left_alone(containerd, image: str) -> None:
     """Two runs at once: the second must not reap the first's live container."""
     first = subprocess.Popen(
-        [sys.executable, "-m", "estargz_opt", "-a", containerd.address, "optimize", "--oci",
+        [*cli_argv(), "-a", containerd.address, "optimize", "--oci",
          "--period", "8", image, "localhost/reap:first"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=_env(),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=cli_env(),
     )
     try:
         deadline = time.monotonic() + 60

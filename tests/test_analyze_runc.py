@@ -1,4 +1,4 @@
-"""The runners without containerd (runc; issue 14), on `oci:` images the tests build.
+"""The runners without containerd (runc, rootless), on `oci:` images the tests build.
 
 Each test is parametrized over `runnerlib.DAEMONLESS`, so every such runner gets the
 same checks (the rootless runner adds its row there):
@@ -23,25 +23,13 @@ import os
 import secrets
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import analyzeimages as ai
-import imagefactory as f
 import pytest
-from runnerlib import (
-    DAEMONLESS,
-    MONITOR,
-    RunLeftovers,
-    cli_env,
-    layout_prioritized,
-    run_cli,
-    run_layout_image,
-    sample_containers,
-)
-from test_analyze import (
+from support import analyzeimages as ai, imagefactory as f
+from support.analyzeimages import (
     BB,
     KIND_OUTPUT,
     KINDS,
@@ -51,8 +39,18 @@ from test_analyze import (
     pairs,
     read_record,
 )
-from test_optimize_containerd import error_message
-from test_optimize_oci import NoDaemon
+from support.cli import cli_argv, cli_env, error_message, run_cli
+from support.nodaemon import NoDaemon
+from support.runnerlib import (
+    DAEMONLESS,
+    MONITOR,
+    RunLeftovers,
+    layout_prioritized,
+    run_layout_image,
+    sample_containers,
+)
+
+pytestmark = pytest.mark.root
 
 RUNNERS = list(DAEMONLESS)
 
@@ -181,7 +179,7 @@ def test_missing_runtime_and_bad_entrypoint(
 
 def _start(*args: str | Path, env: dict[str, str], err: Path) -> subprocess.Popen:
     with open(err, "wb") as e:
-        return subprocess.Popen([sys.executable, "-m", "estargz_opt", *map(str, args)],
+        return subprocess.Popen(cli_argv(*args),
                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=e,
                                 env=env, start_new_session=True)
 

@@ -18,39 +18,36 @@ import json
 import os
 import resource
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import analyzeimages as ai
-import imagefactory as f
 import pytest
-from helpers_containerd import SCRIPTS, Containerd
-from runnerlib import (
-    DAEMONLESS,
-    STATE_ROOT,
-    RunLeftovers,
-    cli_env,
-    layout_prioritized,
-    run_layout_image,
-)
-from support.runtimes import CRUN_HYBRID, refusing_runtime
-from test_analyze import (
+from support import analyzeimages as ai, imagefactory as f
+from support.analyzeimages import (
     BB,
     KIND_OUTPUT,
     RUN_SH,
-    Leftovers,
     ended_by,
     expected_prioritized,
     pairs,
     prioritized,
     read_record,
 )
-from test_optimize_containerd import ctr_run, error_message
-from unprivileged import Unprivileged, make_unprivileged
+from support.cli import cli_argv, cli_env, error_message
+from support.containerd import SCRIPTS, Containerd, ctr_run
+from support.leftovers import Leftovers
+from support.runnerlib import (
+    DAEMONLESS,
+    STATE_ROOT,
+    RunLeftovers,
+    layout_prioritized,
+    run_layout_image,
+)
+from support.runtimes import CRUN_HYBRID, refusing_runtime
+from support.unprivileged import Unprivileged, make_unprivileged
 
-pytestmark = pytest.mark.interop
+pytestmark = [pytest.mark.interop, pytest.mark.root]
 
 WANT = {BB, ("app/run.sh", 1), ("app/a.txt", 2), ("app/b.txt", 1)}
 SLEEP = ["--args", '["/bin/sh","/app/run.sh","sleep"]']
@@ -76,7 +73,7 @@ def _run_watching(argv: list[str], env: dict[str, str], root: str,
     before = set(Path(root).iterdir()) if Path(root).is_dir() else set()
     err = tmp_path / "err"
     with open(err, "wb") as e:
-        proc = subprocess.Popen([sys.executable, "-m", "estargz_opt", *argv], env=env,
+        proc = subprocess.Popen([*cli_argv(), *argv], env=env,
                                 stdout=subprocess.PIPE, stderr=e, stdin=subprocess.DEVNULL)
     seen: set[str] = set()
     while proc.poll() is None:
@@ -178,7 +175,7 @@ def test_both_runners_give_the_same_spec_and_take_a_runtime_path(
         spy = _spy_runtime(tmp_path / f"spy-{runner}", out)
         env = cli_env(tmp_path, CONTAINERD_ADDRESS=containerd.address)
         res = subprocess.run(
-            [sys.executable, "-m", "estargz_opt", "analyze", "--runner", runner, "--runtime",
+            [*cli_argv(), "analyze", "--runner", runner, "--runtime",
              str(spy), *flags, "--record-out", str(tmp_path / f"{runner}.jsonl"), src],
             capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL, timeout=120)
         assert res.returncode == 0, res.stderr
@@ -229,7 +226,7 @@ def test_a_workload_that_cannot_start_fails_the_run(
         env = cli_env(leftovers.tmpdir)
         argv = [*common, *DAEMONLESS[runner], f"oci:{layout}:v1", f"oci:{layout}:esgz"]
     started = time.monotonic()
-    res = subprocess.run([sys.executable, "-m", "estargz_opt", *argv], capture_output=True,
+    res = subprocess.run([*cli_argv(), *argv], capture_output=True,
                          text=True, env=env, stdin=subprocess.DEVNULL, timeout=120)
     msg = error_message(res)
     assert res.returncode == 1
@@ -262,7 +259,7 @@ def test_crun_records_what_runc_records(runner: str, containerd, layers: list[by
     for runtime in ("runc", "crun"):
         record = tmp_path / f"{runtime}.jsonl"
         res = subprocess.run(
-            [sys.executable, "-m", "estargz_opt", "analyze", *flags, "--runtime", runtime,
+            [*cli_argv(), "analyze", *flags, "--runtime", runtime,
              "--period", "10", "--record-out", str(record), src],
             capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120,
             env=cli_env(tmp_path, CONTAINERD_ADDRESS=containerd.address))
@@ -294,7 +291,7 @@ def test_each_runtime_on_each_cgroup_layout(runtime: str, layout_name: str,
     f.write_layout(layout, "v1", layers, CONFIG)
     leftovers = RunLeftovers(tmp_path / "tmpdir")
     record = tmp_path / "r.jsonl"
-    argv = [sys.executable, "-m", "estargz_opt", "analyze", "--runner", "runc", "--runtime",
+    argv = [*cli_argv(), "analyze", "--runner", "runc", "--runtime",
             runtime, "--period", "10", "--record-out", str(record), f"oci:{layout}:v1"]
     script = f'{CGROUP_LAYOUTS[layout_name]} || exit 97\nexec "$@"'
     res = subprocess.run(
@@ -386,7 +383,7 @@ def test_each_runtime_on_each_cgroup_layout_in_containerd(
     ours = Leftovers(c, tmp_path / "tmpdir")
     record = tmp_path / "r.jsonl"
     res = subprocess.run(
-        [sys.executable, "-m", "estargz_opt", "analyze", "--runtime", runtime, "--period",
+        [*cli_argv(), "analyze", "--runtime", runtime, "--period",
          "10", "--record-out", str(record), img.name],
         capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120,
         env=cli_env(ours.tmpdir, CONTAINERD_ADDRESS=c.address))

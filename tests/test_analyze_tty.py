@@ -12,14 +12,13 @@ import os
 import pty
 import select
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from imagefactory import archive_for_ctr, write_busybox_image
-from tarfactory import build_tar, dir_, reg
-from test_optimize_containerd import _env
+from support.cli import cli_argv, cli_env
+from support.imagefactory import archive_for_ctr, write_busybox_image
+from support.tarfactory import build_tar, dir_, reg
 
 SCRIPT = b"#!/bin/sh\ntty\nread x\necho got:$x\necho READY\nsleep 30\n"
 
@@ -39,10 +38,10 @@ def test_terminal_and_stdin_reach_the_workload(containerd, image: str, tmp_path:
     record = tmp_path / "rec.jsonl"
     master, slave = pty.openpty()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "estargz_opt", "-a", containerd.address, "optimize", "--oci",
+        [*cli_argv(), "-a", containerd.address, "optimize", "--oci",
          "-t", "-i", "--period", "20", "--wait-on-line", "READY", "--record-out", str(record),
          image, "localhost/tty:out"],
-        stdin=slave, stdout=subprocess.PIPE, stderr=slave, env=_env(),
+        stdin=slave, stdout=subprocess.PIPE, stderr=slave, env=cli_env(),
     )
     os.close(slave)
     seen = b""

@@ -16,11 +16,13 @@ from pathlib import Path
 import click
 import pytest
 from click.testing import CliRunner
-from imagefactory import blob_path, resolve_tag, simple_layer, write_layout
+from support.imagefactory import blob_path, resolve_tag, simple_layer, write_layout
 
 import estargz_opt as eo
 from estargz_opt.cli import cli, main
 from estargz_opt.cli.help import SECTIONS, SectionOption
+
+pytestmark = pytest.mark.unit
 
 FILES = {
     "etc/": None,

@@ -18,13 +18,15 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
-import imagefactory as f
 import pytest
 import zstandard
+from support import imagefactory as f
+from support.cli import cli_argv, invoke
+
+pytestmark = pytest.mark.root
 
 LAYERS = [
     {"etc/": None, "etc/app.conf": b"conf=1\n"},
@@ -47,9 +49,7 @@ def tool(*argv: str | Path, check: bool = True) -> subprocess.CompletedProcess[s
     return proc
 
 
-def cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "estargz_opt", *map(str, args)],
-                          capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300)
+cli = invoke  # in process: what these tests check is the CLI's output and files
 
 
 def optimize(*args: str | Path) -> str:
@@ -183,7 +183,7 @@ def test_concurrent_runs_into_one_archive_keep_every_image(oci_archive: Path, tm
     out = tmp_path / "shared.tar"
     src = f"oci-archive:{oci_archive}:{SRC_TAG}"
     flags = {"a": [], "b": ["--zstdchunked"], "c": ["--estargz-chunk-size", "65536"]}
-    runs = [subprocess.Popen([sys.executable, "-m", "estargz_opt", "optimize", "--oci",
+    runs = [subprocess.Popen([*cli_argv(), "optimize", "--oci",
                               "--no-optimize", *fmt, src, f"oci-archive:{out}:{tag}"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             for tag, fmt in flags.items()]
@@ -459,7 +459,7 @@ def test_a_piped_archive_is_one_line_naming_it(oci_archive: Path, docker_archive
                  ["optimize", "--oci", "--no-optimize", ref, f"oci-archive:{out}:x"]):
         with open(archive, "rb") as data:
             feed = subprocess.Popen(["cat"], stdin=data, stdout=subprocess.PIPE)
-            res = subprocess.run([sys.executable, "-m", "estargz_opt", "--log-level", "error",
+            res = subprocess.run([*cli_argv(), "--log-level", "error",
                                   *args], stdin=feed.stdout, capture_output=True, text=True,
                                  timeout=60)
             feed.stdout.close()

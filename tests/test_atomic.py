@@ -5,15 +5,16 @@ from __future__ import annotations
 import os
 import stat
 import subprocess
-import sys
 import threading
 from pathlib import Path
 
 import pytest
+from support.cli import cli_argv
 
 from estargz_opt.atomic import atomic_output
 
 
+@pytest.mark.unit
 def test_replaces_a_regular_file_only_on_success(tmp_path: Path) -> None:
     target = tmp_path / "out"
     target.write_bytes(b"old")
@@ -28,6 +29,7 @@ def test_replaces_a_regular_file_only_on_success(tmp_path: Path) -> None:
     assert os.listdir(tmp_path) == ["out"]
 
 
+@pytest.mark.unit
 def test_a_fifo_is_written_in_place(tmp_path: Path) -> None:
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
@@ -41,6 +43,7 @@ def test_a_fifo_is_written_in_place(tmp_path: Path) -> None:
     assert stat.S_ISFIFO(os.stat(fifo).st_mode)
 
 
+@pytest.mark.root
 @pytest.mark.skipif(os.geteuid() != 0, reason="mknod of a character device needs root")
 def test_layer_convert_into_a_null_device_keeps_the_device(
     tmp_path: Path, synthetic_layer: Path
@@ -49,7 +52,7 @@ def test_layer_convert_into_a_null_device_keeps_the_device(
     null = tmp_path / "null"
     os.mknod(null, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
     proc = subprocess.run(
-        [sys.executable, "-m", "estargz_opt", "layer", "convert", str(synthetic_layer), str(null)],
+        [*cli_argv(), "layer", "convert", str(synthetic_layer), str(null)],
         capture_output=True, text=True, check=False,
     )
     assert proc.returncode == 0, proc.stderr

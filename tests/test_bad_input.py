@@ -11,34 +11,23 @@ import gzip
 import json
 import random
 import struct
-import subprocess
-import sys
 import tarfile
 import zlib
 from pathlib import Path
 
 import pytest
+from support import tarfactory as tf
+from support.cli import Invoked, invoke
 
-pytest.register_assert_rewrite("tarfactory")  # readable failures from shared checks
-import tarfactory as tf  # noqa: E402
+import estargz_opt.errors as errors
+import estargz_opt.format as fmt_mod
 
-import estargz_opt.errors as errors  # noqa: E402
-import estargz_opt.format as fmt_mod  # noqa: E402
+pytestmark = pytest.mark.unit
 
 Format = fmt_mod.Format
 
 
-def run_cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "estargz_opt", *map(str, args)],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=120,
-    )
-
-
-def assert_one_line_error(proc: subprocess.CompletedProcess[str], *keywords: str) -> str:
+def assert_one_line_error(proc: Invoked, *keywords: str) -> str:
     """Non-zero exit, exactly one stderr line, containing at least one of the keywords."""
     assert proc.returncode != 0, f"exit 0; stdout={proc.stdout!r}"
     lines = proc.stderr.splitlines()
@@ -176,7 +165,7 @@ def test_convert_refuses_bad_input(make, keywords, tmp_path):
     outdir = tmp_path / "out"
     outdir.mkdir()
     out = outdir / "layer.blob"
-    proc = run_cli("layer", "convert", src, out)
+    proc = invoke("layer", "convert", src, out)
     assert_one_line_error(proc, *keywords)
     assert list(outdir.iterdir()) == [], "OUT or a temporary file was left behind"
 
@@ -199,7 +188,7 @@ def test_existing_out_survives_a_failed_convert(tmp_path):
     src.write_bytes(truncated_tar())
     out = tmp_path / "out.blob"
     out.write_bytes(b"previous")
-    assert_one_line_error(run_cli("layer", "convert", src, out), *TRUNCATED)
+    assert_one_line_error(invoke("layer", "convert", src, out), *TRUNCATED)
     assert out.read_bytes() == b"previous"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.blob", "src.tar"]
 
@@ -209,7 +198,7 @@ def test_absolute_names_are_normalized_not_refused(tmp_path):
     src = tmp_path / "src.tar"
     src.write_bytes(tf.build_tar(entries))
     out = tmp_path / "out.blob"
-    proc = run_cli("layer", "convert", src, out)
+    proc = invoke("layer", "convert", src, out)
     assert proc.returncode == 0, proc.stderr
     names = [e["name"] for e in tf.toc_entries(tf.extract_toc_json(out.read_bytes(), "estargz"))]
     assert [tf.clean_name(n) for n in names] == [tf.NO_LANDMARK, "etc", "etc/x", "etc/y"]
@@ -282,7 +271,7 @@ def verify_cli(tmp_path: Path, blob: bytes, toc_blob: bytes | None, digest: str)
     if toc_blob is not None:
         (tmp_path / "verify.toc").write_bytes(toc_blob)
         args += ["--toc", tmp_path / "verify.toc"]
-    return run_cli(*args)
+    return invoke(*args)
 
 
 def test_verify_accepts_an_identical_rewrite(layer, tmp_path):
@@ -344,10 +333,10 @@ def test_verify_truncated_blob(layer, keep, tmp_path):
 
 def test_verify_external_toc_needs_the_toc(tmp_path):
     conv = tf.convert(tmp_path, [tf.reg("a", b"a")], Format.EXTERNAL_TOC)
-    proc = run_cli("layer", "verify", conv.path, "--toc-digest", conv.result.toc_digest)
+    proc = invoke("layer", "verify", conv.path, "--toc-digest", conv.result.toc_digest)
     assert_one_line_error(proc, "toc")
     (tmp_path / "toc").write_bytes(conv.result.toc_blob)
-    proc = run_cli(
+    proc = invoke(
         "layer",
         "verify",
         conv.path,

@@ -19,9 +19,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from imagefactory import simple_layer, write_layout
+from support.cli import Invoked, cli_argv, invoke
+from support.imagefactory import simple_layer, write_layout
 
-CLI = [sys.executable, "-m", "estargz_opt"]
+CLI = cli_argv()
 FORMATS = {
     "estargz": [],
     "zstdchunked": ["--zstdchunked"],
@@ -29,13 +30,9 @@ FORMATS = {
 }
 
 
-def run(
-    *args: str, cache: Path | None = None, check: bool = True
-) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ)
-    if cache is not None:
-        env["ESTARGZ_OPT_CACHE_DIR"] = str(cache)
-    done = subprocess.run([*CLI, *args], capture_output=True, text=True, env=env)
+def run(*args: str, cache: Path | None = None, check: bool = True) -> Invoked:
+    """The CLI in process (the concurrent and killed runs below are child processes)."""
+    done = invoke(*args, env={"ESTARGZ_OPT_CACHE_DIR": str(cache)} if cache else None)
     if check:
         assert done.returncode == 0, done.stderr
     return done
@@ -257,6 +254,7 @@ def _mount_tmpfs(where: Path, options: str) -> None:
     assert done.returncode == 0, f"mounting a tmpfs needs root: {done.stderr}"
 
 
+@pytest.mark.root
 def test_a_read_only_cache_directory_is_one_warning(image: Path, tmp_path: Path,
                                                      mount_point: Path) -> None:
     _mount_tmpfs(mount_point, "ro,size=1m")
@@ -271,6 +269,7 @@ def test_a_read_only_cache_directory_is_one_warning(image: Path, tmp_path: Path,
     verify(f"oci:{tmp_path / 'out'}:t")
 
 
+@pytest.mark.root
 def test_a_full_cache_filesystem_is_one_warning(tmp_path: Path, mount_point: Path) -> None:
     src = tmp_path / "src"
     write_layout(src, "t", [simple_layer({"x/": None, "x/y": noise(400_000, n)})
@@ -427,7 +426,7 @@ def test_containerd_uses_the_cache_and_copies_nothing_it_holds(containerd, tmp_p
                                                                ) -> None:
     """containerd as source and destination: a hit is copied into a namespace that lacks
     the blob, and not even read where containerd already holds it."""
-    from imagefactory import archive_for_ctr
+    from support.imagefactory import archive_for_ctr
 
     cache = tmp_path / "cache"
     layout = tmp_path / "layout"

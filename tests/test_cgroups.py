@@ -6,7 +6,11 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from estargz_opt.workload import cgroups
+
+pytestmark = pytest.mark.root
 
 
 def test_layouts(tmp_path: Path) -> None:

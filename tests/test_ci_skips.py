@@ -13,7 +13,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from helpers_containerd import REPO
+import pytest
+from support.containerd import REPO
+
+pytestmark = pytest.mark.unit
 
 CHECK = REPO / ".ci" / "check-skips.py"
 

@@ -1,4 +1,4 @@
-"""Concurrent and killed runs of ``optimize`` never lose another run's work (issue 17).
+"""Concurrent and killed runs of ``optimize`` never lose another run's work.
 
 * Four runs at once into one existing OCI layout, with different tags, all keep their tag,
   20 rounds out of 20 (index.json is updated under a lock and re-read under it).
@@ -6,7 +6,7 @@
   A's rollback leaves B's image whole and verifying, whether B has finished or is still
   writing (and depends on a blob A added).
 * SIGKILL at random points of a run into an OCI layout, each followed by a rerun
-  (bench/kill_and_rerun.py): no ``*.tmp`` is left and the result verifies.
+  (tests/support/kill_and_rerun.py): no ``*.tmp`` is left and the result verifies.
 * Three runs at once converting the same image in one containerd all succeed.
 """
 
@@ -21,21 +21,23 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import imagefactory as f
 import pytest
-from helpers_containerd import Containerd
-from ociimage import image_target
-from test_optimize_containerd import _env, active, import_layout, leases, printed_digest
+from support import imagefactory as f
+from support.cli import cli_argv, cli_env, printed_digest
+from support.containerd import Containerd, active, import_layout, leases
+from support.ociimage import image_target
+
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
-CLI = [sys.executable, "-m", "estargz_opt"]
+CLI = cli_argv()
 BIG = 24 << 20  # a layer that takes a while to compress and write: time to interrupt
 
 
 def start(*args: str | Path) -> subprocess.Popen:
     return subprocess.Popen([*CLI, *map(str, args)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
-                            env=_env())
+                            env=cli_env())
 
 
 def finish(proc: subprocess.Popen, timeout: float = 180) -> subprocess.CompletedProcess:
@@ -50,7 +52,7 @@ def finish(proc: subprocess.Popen, timeout: float = 180) -> subprocess.Completed
 
 def verify(layout: Path, tag: str) -> dict:
     res = subprocess.run([*CLI, "verify", "--json", f"oci:{layout}:{tag}"], capture_output=True,
-                         text=True, env=_env(), timeout=180)
+                         text=True, env=cli_env(), timeout=180)
     assert res.returncode == 0, f"verify oci:{layout}:{tag} failed:\n{res.stdout}\n{res.stderr}"
     report = json.loads(res.stdout)
     assert report["ok"], report
@@ -195,10 +197,11 @@ def test_rollback_of_a_new_layout_nobody_else_used_removes_it(slow: Path, tmp_pa
 # --- SIGKILL and rerun ------------------------------------------------------------------------
 
 def test_killed_runs_leave_no_tmp_after_a_rerun(slow: Path, tmp_path: Path) -> None:
-    """The first 5 of bench/kill_and_rerun.py's 20 points (its seed fixed), checked here too."""
-    res = subprocess.run([sys.executable, str(ROOT / "bench" / "kill_and_rerun.py"), str(slow),
+    """The first 5 of support/kill_and_rerun.py's 20 points (its seed fixed), checked here."""
+    script = Path(__file__).resolve().parent / "support" / "kill_and_rerun.py"
+    res = subprocess.run([sys.executable, str(script), str(slow),
                           "t", str(tmp_path), "--kills", "5", "--seed", "17"],
-                         capture_output=True, text=True, env=_env(), timeout=900)
+                         capture_output=True, text=True, env=cli_env(), timeout=900)
     summary = json.loads(res.stdout)
     assert res.returncode == 0, json.dumps(summary, indent=1) + res.stderr
     assert summary["kills"] == 5 and summary["reruns_ok"] == 5, summary
@@ -228,7 +231,7 @@ def test_dead_runs_temp_files_are_removed_live_ones_kept(small: Path, tmp_path: 
     for p in files.values():
         p.write_bytes(b"partial")
     res = subprocess.run([*CLI, "optimize", "--oci", "--no-optimize", f"oci:{small}:t",
-                          f"oci:{dst}:x"], capture_output=True, text=True, env=_env())
+                          f"oci:{dst}:x"], capture_output=True, text=True, env=cli_env())
     assert res.returncode == 0, res.stderr
     assert {k for k, p in files.items() if p.exists()} == {"alive", "other-host"}
 
@@ -236,7 +239,7 @@ def test_dead_runs_temp_files_are_removed_live_ones_kept(small: Path, tmp_path: 
 def test_verify_reports_unreferenced_blobs(small: Path, tmp_path: Path) -> None:
     dst = tmp_path / "dst"
     res = subprocess.run([*CLI, "optimize", "--oci", "--no-optimize", f"oci:{small}:t",
-                          f"oci:{dst}:x"], capture_output=True, text=True, env=_env())
+                          f"oci:{dst}:x"], capture_output=True, text=True, env=cli_env())
     assert res.returncode == 0, res.stderr
     assert unreferenced_warnings(verify(dst, "x")) == []
     digest, size = f.put_blob(dst, b"left by an interrupted run\n" * 10)

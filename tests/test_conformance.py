@@ -2,7 +2,8 @@
 
 The blobs are checked with the independent readers in tarfactory (footers, gzip members, zstd
 frames parsed from the spec), and through the engine's own reader (open_layer / verify /
-write_tar). Spec: upstream-optimize.md §1-4.
+write_tar). Spec: the eStargz and zstd:chunked layer formats (stargz-snapshotter's
+estargz package and its docs).
 """
 
 from __future__ import annotations
@@ -13,16 +14,16 @@ from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings, strategies as st
+from support import tarfactory as tf
 
-pytest.register_assert_rewrite("tarfactory")  # readable failures from shared checks
-import tarfactory as tf  # noqa: E402
-
-import estargz_opt.format as fmt_mod  # noqa: E402
+import estargz_opt.format as fmt_mod
 
 Format = fmt_mod.Format
 open_layer = fmt_mod.open_layer
 
 from estargz_opt.errors import BadInputError  # noqa: E402
+
+pytestmark = pytest.mark.unit
 
 FORMATS = list(Format)
 # Shrinking a failing layer takes minutes; CI wants the failure fast. Set

@@ -62,6 +62,7 @@ def _serialized_descriptor(module: Path) -> bytes:
     raise AssertionError(f"{module.name} registers no descriptor")
 
 
+@pytest.mark.unit
 def test_generated_modules_match_protos(tmp_path: Path) -> None:
     """Committed _pb/ modules hold exactly what scripts/gen-protos.sh makes of protos/.
 
@@ -174,6 +175,7 @@ containerd.services.diff.v1.ApplyResponse applied=1
 """
 
 
+@pytest.mark.unit
 def test_field_numbers_are_containerds() -> None:
     pool = descriptor_pool.Default()
     expected: dict[str, dict[str, int]] = {}
@@ -199,6 +201,7 @@ def test_field_numbers_are_containerds() -> None:
     ]
 
 
+@pytest.mark.unit
 def test_rpc_table_matches_protos() -> None:
     """rpcs.py's hand-declared stubs agree with the services in the .proto files."""
     pool = descriptor_pool.Default()
@@ -219,6 +222,7 @@ def test_rpc_table_matches_protos() -> None:
 # ---------------------------------------------------------------- errors without a daemon
 
 
+@pytest.mark.unit
 def test_missing_socket_says_how_to_point_at_containerd(tmp_path: Path) -> None:
     address = str(tmp_path / "nothing.sock")
     with Client(address) as client, pytest.raises(ContainerdUnavailableError) as err:
@@ -229,6 +233,7 @@ def test_missing_socket_says_how_to_point_at_containerd(tmp_path: Path) -> None:
     assert "start" in message and "\n" not in message
 
 
+@pytest.mark.unit
 def test_refused_socket(tmp_path: Path) -> None:
     path = tmp_path / "stale.sock"
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
@@ -238,6 +243,7 @@ def test_refused_socket(tmp_path: Path) -> None:
     assert str(path) in str(err.value) and "refused" in str(err.value)
 
 
+@pytest.mark.unit
 def test_bad_address_and_namespace() -> None:
     with pytest.raises(ContainerdError, match="unix socket"):
         Client("tcp://127.0.0.1:1234")
@@ -246,12 +252,6 @@ def test_bad_address_and_namespace() -> None:
 
 
 # ---------------------------------------------------------------- against containerd
-
-
-@pytest.fixture
-def client(containerd) -> Iterator[Client]:
-    with Client(containerd.address, "default", timeout=60) as c:
-        yield c
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
-from collections.abc import Iterator
 
 import pytest
 
@@ -29,12 +28,6 @@ def _digest(data: bytes) -> str:
 
 def _ref(what: str) -> str:
     return f"services-test-{what}-{secrets.token_hex(6)}"
-
-
-@pytest.fixture
-def client(containerd) -> Iterator[Client]:
-    with Client(containerd.address, "default", timeout=60) as c:
-        yield c
 
 
 def _alive(client: Client, digest: str) -> bool:

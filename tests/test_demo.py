@@ -9,7 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers_containerd import SCRIPTS, containerd_unavailable_reason
+from support.containerd import SCRIPTS, containerd_unavailable_reason
+
+pytestmark = [pytest.mark.root, pytest.mark.containerd, pytest.mark.slow]
 
 DEMO = SCRIPTS / "demo.sh"
 

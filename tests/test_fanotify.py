@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -28,7 +29,12 @@ from estargz_opt.workload.fanotify import (
     paths_under,
 )
 
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounts and fanotify need root")
+_ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="mounts and fanotify need root")
+
+
+def needs_root(test: Callable[..., None]) -> Callable[..., None]:
+    """In the root layer, and skipped elsewhere (a developer's non-root run)."""
+    return pytest.mark.root(_ROOT_ONLY(test))
 
 
 @pytest.fixture
@@ -68,6 +74,7 @@ def _write(path: Path, data: bytes = b"x") -> Path:
     return path
 
 
+@pytest.mark.unit
 def test_paths_under_keeps_only_paths_inside_root() -> None:
     got = paths_under(
         [
@@ -165,6 +172,7 @@ class _FakeLibc:
         return -1
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("fake", "kind", "words"),
     [
@@ -193,6 +201,7 @@ def _bare_monitor() -> FanotifyMonitor:
     return mon
 
 
+@pytest.mark.unit
 def test_queue_overflow_is_counted_and_logged(caplog: pytest.LogCaptureFixture) -> None:
     meta = fanotify._METADATA
     buf = meta.pack(meta.size, 3, 0, meta.size, fanotify.FAN_Q_OVERFLOW, -1, 0) * 2
@@ -203,6 +212,7 @@ def test_queue_overflow_is_counted_and_logged(caplog: pytest.LogCaptureFixture) 
     assert "overflow" in caplog.text
 
 
+@pytest.mark.unit
 def test_unknown_metadata_version_is_refused() -> None:
     meta = fanotify._METADATA
     buf = meta.pack(meta.size, 4, 0, meta.size, fanotify.FAN_OPEN, -1, 0)

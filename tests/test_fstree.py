@@ -11,6 +11,8 @@ import pytest
 
 from estargz_opt import fstree
 
+pytestmark = pytest.mark.unit
+
 DEPTH = 1_100
 NAME = "d" * 200  # 1,100 levels of these: about 220,000 characters, far past PATH_MAX
 

@@ -1,8 +1,8 @@
-"""The in-repo fuzz target (tests/fuzz_reader.py) for a bounded time, as part of the suite.
+"""The in-repo fuzz target (tests/support/fuzz_reader.py) for a bounded time, as part of the suite.
 
-It runs in its own process so that its peak RSS is its own (tests/peakrss.py), under a timeout
-that is the hang guard; each case inside has a 30 s alarm of its own. ESTARGZ_OPT_FUZZ_SECONDS
-sets the budget (default 45 s, about a minute with start-up).
+It runs in its own process so that its peak RSS is its own (tests/support/peakrss.py), under a
+timeout that is the hang guard; each case inside has a 30 s alarm of its own.
+ESTARGZ_OPT_FUZZ_SECONDS sets the budget (default 45 s, about a minute with start-up).
 """
 
 from __future__ import annotations
@@ -14,9 +14,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-from peakrss import run_measured
+import pytest
+from support.peakrss import run_measured
 
-TARGET = Path(__file__).resolve().parent / "fuzz_reader.py"
+pytestmark = pytest.mark.slow
+
+TARGET = Path(__file__).resolve().parent / "support" / "fuzz_reader.py"
 MAX_RSS_MIB = 200
 
 

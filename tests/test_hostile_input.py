@@ -1,10 +1,10 @@
 """Hostile inputs through the real CLI: one line, a non-zero exit, bounded memory, no hang.
 
-Each input class of the fuzz/kill/load campaign (issue 17) is built here byte by byte:
+Each input class of the fuzz/kill/load campaign is built here byte by byte:
 decompression bombs in the TOC, in a chunk and as a source layer; TOC JSON nested
 thousands deep; tar mtimes outside int64 or past year 9999; hardlink loops and long
 chains; damaged metadata-only members and payload entries that disagree with an intact
-TOC. The child's own peak RSS comes from tests/peakrss.py; a timeout is the hang guard.
+TOC. The child's own peak RSS comes from tests/support/peakrss.py; a timeout is the hang guard.
 Times are recorded in the test's output (run with -s to see them).
 """
 
@@ -26,13 +26,13 @@ from pathlib import Path
 
 import pytest
 import zstandard
+from support import imagefactory as imf, tarfactory as tf
+from support.cli import cli_argv
+from support.peakrss import run_measured
 
-pytest.register_assert_rewrite("tarfactory")
-import imagefactory as imf  # noqa: E402
-import tarfactory as tf  # noqa: E402
-from peakrss import run_measured  # noqa: E402
+from estargz_opt.format import Format, estargz, externaltoc, zstdchunked
 
-from estargz_opt.format import Format, estargz, externaltoc, zstdchunked  # noqa: E402
+pytestmark = pytest.mark.slow
 
 MAX_RSS_MIB = 200
 HANG_GUARD_S = 60
@@ -52,7 +52,7 @@ def measured(*args: str | Path) -> Run:
     """The CLI in a child process, with its own peak RSS (peakrss); killed past the guard."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         m = run_measured(
-            [sys.executable, "-m", "estargz_opt", *map(str, args)],
+            cli_argv(*args),
             timeout=HANG_GUARD_S,
             stdout=out,
             stderr=err,

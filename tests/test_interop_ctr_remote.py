@@ -27,8 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from helpers_containerd import NAMESPACE, estargz_opt, file_digest
-from layers import BUSYBOX_PRIORITIZED, SYNTHETIC_PRIORITIZED, write_list
+from support.cli import invoke
+from support.containerd import NAMESPACE, file_digest
+from support.layers import BUSYBOX_PRIORITIZED, SYNTHETIC_PRIORITIZED, write_list
 
 pytestmark = pytest.mark.interop
 
@@ -87,7 +88,7 @@ def convert(src: Path, out: Path, case: Case, prioritized: tuple[str, ...],
     if case.external:
         toc_out = workdir / "toc.blob"
         args += ["--toc-out", str(toc_out)]
-    res = estargz_opt(*args)
+    res = invoke(*args, check=True)
     try:
         desc = json.loads(res.stdout)
     except json.JSONDecodeError as e:
@@ -148,13 +149,13 @@ def test_ctr_remote_reads_our_toc(case: Case, layer: str, layer_src, containerd,
 
     # Our own TOC view, to compare with what upstream's reader dumps.
     toc_args = ["layer", "toc", str(out)] + (["--toc", str(toc_out)] if toc_out else [])
-    our_toc = json.loads(estargz_opt(*toc_args).stdout)
+    our_toc = json.loads(invoke(*toc_args, check=True).stdout)
 
     if case.external:
         # See the module docstring: ctr-remote cannot read an external TOC.
         assert toc_out is not None and toc_out.is_file(), "--toc-out wrote no TOC blob"
-        estargz_opt("layer", "verify", str(out), "--toc", str(toc_out),
-                    "--toc-digest", toc_digest)
+        invoke("layer", "verify", str(out), "--toc", str(toc_out),
+                    "--toc-digest", toc_digest, check=True)
         blob = out.read_bytes()
         payload = blob[:-EXTERNAL_TOC_FOOTER_SIZE]
         assert blob[-EXTERNAL_TOC_FOOTER_SIZE:][16:33] == b"STARGZEXTERNALTOC"

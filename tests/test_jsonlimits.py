@@ -23,6 +23,8 @@ from estargz_opt.stores import dockerarchive
 from estargz_opt.stores.registry import credentials
 from estargz_opt.workload.options import parse_json_array
 
+pytestmark = pytest.mark.unit
+
 DEEP = "[" * 200_000 + "]" * 200_000
 
 

@@ -19,9 +19,9 @@ import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
-import imagefactory as f
 import pytest
-import tarfactory as tf
+from support import imagefactory as f, tarfactory as tf
+from support.trees import tree_print
 
 from estargz_opt.descriptor import OCI_LAYER_GZIP, Descriptor
 from estargz_opt.errors import BadInputError
@@ -34,38 +34,9 @@ from estargz_opt.workload.unpack import (
     unpack_overlay_layer,
 )
 
+pytestmark = pytest.mark.root
+
 TESTS = Path(__file__).parent
-
-
-def tree_print(root: str) -> dict[str, list[object]]:
-    """Everything a workload sees of each path under root (atime and ctime aside)."""
-    out: dict[str, list[object]] = {}
-    for dirpath, dirs, files in os.walk(root):
-        for name in dirs + files:
-            p = os.path.join(dirpath, name)
-            st = os.lstat(p)
-            rel = os.path.relpath(p, root)
-            kind = stat.S_IFMT(st.st_mode)
-            row: list[object] = [kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid]
-            if not stat.S_ISDIR(st.st_mode):
-                row.append(st.st_mtime_ns)  # a merged overlay directory has its own
-            if stat.S_ISREG(st.st_mode):
-                with open(p, "rb") as fh:
-                    row += [hashlib.sha256(fh.read()).hexdigest(), st.st_nlink]
-            elif stat.S_ISLNK(st.st_mode):
-                row.append(os.readlink(p))
-            elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
-                row.append([os.major(st.st_rdev), os.minor(st.st_rdev)])
-            if not stat.S_ISLNK(st.st_mode):
-                row.append(
-                    sorted(
-                        (k, os.getxattr(p, k, follow_symlinks=False).hex())
-                        for k in os.listxattr(p, follow_symlinks=False)
-                        if k.startswith("user.")
-                    )
-                )
-            out[rel] = row
-    return out
 
 
 def _sha(data: bytes) -> str:
@@ -120,19 +91,13 @@ L2 = tf.build_tar([
 ])
 
 
-@pytest.fixture
-def client(containerd) -> Iterator[Client]:
-    with Client(containerd.address, "default", timeout=120) as c:
-        yield c
-
-
 def _mounted_tree(mounts: list[dict]) -> dict[str, list[object]]:
     """tree_print of `mounts` mounted in a private mount namespace (gone with it)."""
     script = (
         "import json, sys, tempfile\n"
         "from estargz_opt.mount import Mount\n"
         "from estargz_opt.workload.mounts import make_rslave, mount_all\n"
-        "from test_layer_unpack import tree_print\n"
+        "from support.trees import tree_print\n"
         "make_rslave('/')\n"
         "d = tempfile.mkdtemp()\n"
         "mount_all([Mount(**m) for m in json.loads(sys.argv[1])], d)\n"

@@ -21,13 +21,15 @@ from pathlib import Path
 import pytest
 import zstandard
 from hypothesis import HealthCheck, given, settings
-from tarfactory import build_tar, dir_, gzip_bytes, layer_trees, reg, zstd_bytes
+from support.tarfactory import build_tar, dir_, gzip_bytes, layer_trees, reg, zstd_bytes
 
 from estargz_opt.errors import BadInputError
 from estargz_opt.format import Format, LayerOptions, build_layer, convert_layer, open_tar
 from estargz_opt.format.source import Spool
 from estargz_opt.prioritize.layerindex import LayerNames
 from estargz_opt.workload.analyzer import scan_layer
+
+pytestmark = pytest.mark.unit
 
 
 def _chunks(data: bytes, size: int = 4096) -> Iterator[bytes]:

@@ -1,8 +1,8 @@
 """End to end with the real consumer: the stargz snapshotter lazily pulls our images.
 
-Set-up (module-scoped, tests/lazypull.py): the snapshotter daemon of
+Set-up (module-scoped, tests/support/lazypull.py): the snapshotter daemon of
 tests/e2e/snapshotter/main.go (Debian's stargz-snapshotter 0.12 library), Debian's
-docker-registry on loopback, and bench/throttle_proxy.py in front of it without any
+docker-registry on loopback, and tests/support/throttle_proxy.py in front of it without any
 throttling, only to log every request the snapshotter makes.
 
 Per format: a two-layer busybox image (layer 0: busybox; layer 1: two files the
@@ -32,12 +32,11 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import imagefactory as F
-import lazypull
 import pytest
-from helpers_containerd import estargz_opt
+from support import imagefactory as F, lazypull
+from support.cli import estargz_opt
 
-pytestmark = pytest.mark.interop
+pytestmark = [pytest.mark.interop, pytest.mark.registry, pytest.mark.slow]
 
 READY = "READY"
 PRIO = ("data/prio-a.bin", "data/prio-b.bin")

@@ -1,4 +1,4 @@
-"""Issue 6: ``verify``, ``inspect``, ``optimize --json``, progress and JSON logs, end to end.
+"""``verify``, ``inspect``, ``optimize --json``, progress and JSON logs, end to end.
 
 Every image here is built by :mod:`imagefactory` and converted by our own ``optimize``
 (one run per format, shared by the module), then:
@@ -33,10 +33,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import imagefactory as f
 import pytest
-
-import estargz_opt
+from support import imagefactory as f
+from support.cli import Invoked, cli_env, invoke
 
 HOST = f.platform_str(f.HOST_PLATFORM)
 PREFETCH_LANDMARK = ".prefetch.landmark"
@@ -69,30 +68,20 @@ FORMAT = {"estargz": "estargz", "zstdchunked": "zstdchunked",
 
 # --- running the CLI --------------------------------------------------------------------------
 
-def _env() -> dict[str, str]:
-    """Child processes import the estargz_opt under test, and see no CONTAINERD_*."""
-    src = str(Path(estargz_opt.__file__).resolve().parent.parent)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CONTAINERD_")}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))
-    return env
-
-
-def cli(*args: str | Path, check: bool = True, timeout: float = 120
-        ) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "estargz_opt", *map(str, args)],
-                          capture_output=True, text=True, stdin=subprocess.DEVNULL,
-                          env=_env(), timeout=timeout)
+def cli(*args: str | Path, check: bool = True) -> Invoked:
+    """The CLI in process (the tmux test below runs it on a terminal of its own)."""
+    proc = invoke(*args)
     if check:
         assert proc.returncode == 0, _fmt(proc)
     return proc
 
 
-def _fmt(proc: subprocess.CompletedProcess) -> str:
+def _fmt(proc: Invoked) -> str:
     return (f"{shlex.join(map(str, proc.args))} exited {proc.returncode}\n"
             f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
 
 
-def failed(proc: subprocess.CompletedProcess) -> str:
+def failed(proc: Invoked) -> str:
     """A failure: non-zero exit, no traceback, one error line, the last on stderr."""
     assert proc.returncode not in (0, None), f"expected a failure\n{_fmt(proc)}"
     assert "Traceback" not in proc.stderr, _fmt(proc)
@@ -205,7 +194,7 @@ def read_toc(conv: Conversion, layer: dict) -> dict:
     return json.loads(proc.stdout)
 
 
-def verify_json(ref: str, *pre: str) -> tuple[subprocess.CompletedProcess, dict]:
+def verify_json(ref: str, *pre: str) -> tuple[Invoked, dict]:
     proc = cli(*pre, "verify", "--json", ref, check=False)
     return proc, json.loads(proc.stdout)
 
@@ -548,7 +537,7 @@ def test_progress_on_a_terminal_leaves_stdout_clean(big, tmp_path):
     if shutil.which("tmux") is None:
         pytest.skip("tmux is not installed")
     out, done = tmp_path / "out.txt", tmp_path / "done"
-    env = " ".join(f"{k}={shlex.quote(v)}" for k, v in _env().items()
+    env = " ".join(f"{k}={shlex.quote(v)}" for k, v in cli_env().items()
                    if k in ("PYTHONPATH", "PATH", "HOME"))
     cmd = (f"env {env} {shlex.quote(sys.executable)} -m estargz_opt optimize --oci "
            f"--no-optimize oci:{big}:t oci:{tmp_path / 'dst'}:t > {out}; "

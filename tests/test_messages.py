@@ -8,18 +8,20 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-import imagefactory as f
 import pytest
+from support import imagefactory as f
+from support.cli import cli_argv
+
+pytestmark = pytest.mark.unit
 
 ERROR = "estargz-opt: error:"
 
 
 def cli(*args: str | Path, tmp: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "estargz_opt", *map(str, args)],
+    return subprocess.run(cli_argv(*args),
                           capture_output=True, text=True, stdin=subprocess.DEVNULL,
                           env=os.environ | {"TMPDIR": str(tmp)}, timeout=timeout)
 
@@ -98,7 +100,7 @@ def test_interrupted_layer_is_not_reported_done(tmp_path: Path) -> None:
     del tar
     out = tmp_path / "out"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "estargz_opt", "optimize", "--oci", "--no-optimize",
+        [*cli_argv(), "optimize", "--oci", "--no-optimize",
          f"oci:{layout}:big", f"oci:{out}:t"],
         stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
         text=True, env=os.environ | {"TMPDIR": str(tmp_path)})

@@ -11,15 +11,15 @@ import json
 import platform
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
-import imagefactory as f
 import pytest
-from helpers_containerd import NAMESPACE, Containerd
-from runnerlib import cli_env, our_toc, prioritized_files, run_cli
+from support import imagefactory as f
+from support.cli import cli_argv, cli_env, run_cli
+from support.containerd import NAMESPACE, Containerd
 from support.multiarch import DATA, without_qemu, write_two_platform_image
-from unprivileged import make_unprivileged
+from support.tocs import our_toc, prioritized_files
+from support.unprivileged import make_unprivileged
 
 from estargz_opt import platforms
 from estargz_opt.errors import EmulationUnavailableError
@@ -158,7 +158,7 @@ def test_rootless_runner_profiles_each_platform(
 
 
 def _masked(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(without_qemu([sys.executable, "-m", "estargz_opt", *args]),
+    return subprocess.run(without_qemu(cli_argv(*args)),
                           capture_output=True, text=True, timeout=180, env=cli_env(tmp_path))
 
 

@@ -1,4 +1,4 @@
-"""``estargz-opt optimize`` on images in containerd (issue 4), checked with ctr and ctr-remote.
+"""``estargz-opt optimize`` on images in containerd , checked with ctr and ctr-remote.
 
 Everything runs against private containerds started by scripts/containerd-up.sh:
 
@@ -10,7 +10,7 @@ Everything runs against private containerds started by scripts/containerd-up.sh:
   in the middle of a run (then restarted with containerd-up.sh on the same
   directory).
 
-What is checked, per the issue's "Done when":
+What is checked:
 
 * ``-a SOCK optimize --oci --no-optimize`` (and ``--record-in``, and
   ``--zstdchunked``) gives an image that ``ctr run --rm`` runs with the
@@ -53,26 +53,27 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import imagefactory as f
 import pytest
-from helpers_containerd import Containerd, containerd_unavailable_reason
-from ociimage import image_target, read_manifest
-from test_optimize_parity import (
-    EXPECTED_ACCESSES,
-    TAG,
-    WORKLOAD,
-    _import,
-    _upper_layers,
-    prioritized_files,
-    read_record,
-    recorded_per_layer,
-    reference_optimize,
-    reference_tocs,
-    require_accesses,
+from support import imagefactory as f
+from support.cli import cli_argv, cli_env, error_message, printed_digest, run_cli
+from support.containerd import (
+    Containerd,
+    active,
+    containerd_unavailable_reason,
+    ctr_run,
+    images,
+    import_layout,
+    leases,
+    optimize,
 )
-from test_toc_parity import ctr_remote_run, describe_mismatch, normalize
-
-import estargz_opt
+from support.ociimage import image_target, read_manifest
+from support.reference import (
+    ParityReference,
+    ctr_remote_run,
+    recorded_per_layer,
+    reference_tocs,
+)
+from support.tocs import describe_mismatch, normalize, prioritized_files
 
 pytestmark = pytest.mark.interop
 
@@ -80,7 +81,6 @@ SRC_LABEL = "containerd.io/distribution.source.example"
 UNCOMPRESSED = "containerd.io/uncompressed"
 GC_REF = "containerd.io/gc.ref.content."
 GC_EXPIRE = "containerd.io/gc.expire"
-ERROR = "estargz-opt: error: "
 RUN_CMD = ["/bin/busybox", "sh", "-c", f"echo {f.BUSYBOX_HELLO}; cat /data/a.txt"]
 RUN_OUTPUT = f"{f.BUSYBOX_HELLO}\nalpha\n"
 MiB = 1 << 20
@@ -88,49 +88,6 @@ BIG = 40 * MiB  # random bytes in the big image's layer: ~0.5 s for containerd t
 
 
 # --- running things -------------------------------------------------------------------------
-
-def _env(**extra: str) -> dict[str, str]:
-    """Our CLI as a child process importing the estargz_opt under test, no CONTAINERD_*."""
-    src = str(Path(estargz_opt.__file__).resolve().parent.parent)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CONTAINERD_")}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))
-    return {**env, **extra}
-
-
-def cli(*args: str | Path, env: dict[str, str] | None = None,
-        timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "estargz_opt", *map(str, args)],
-                          capture_output=True, text=True, stdin=subprocess.DEVNULL,
-                          env=env or _env(), timeout=timeout)
-
-
-def optimize(c: Containerd, *args: str | Path, **kw) -> subprocess.CompletedProcess:
-    return cli("-a", c.address, "optimize", *args, **kw)
-
-
-def printed_digest(res: subprocess.CompletedProcess) -> str:
-    """Success: exit 0 and the new digest on the last stdout line."""
-    assert res.returncode == 0, (f"{res.args} exited {res.returncode}\nstdout:\n{res.stdout}\n"
-                                 f"stderr:\n{res.stderr}")
-    last = res.stdout.strip().splitlines()[-1]
-    assert re.fullmatch(r"sha256:[0-9a-f]{64}", last), res.stdout
-    return last
-
-
-def error_message(res: subprocess.CompletedProcess) -> str:
-    """Failure: non-zero exit, no digest, one error line and it is stderr's last line."""
-    assert res.returncode != 0, f"expected a failure\nstdout:\n{res.stdout}\nstderr:{res.stderr}"
-    assert "Traceback" not in res.stderr, res.stderr
-    assert not re.search(r"sha256:[0-9a-f]{64}\s*$", res.stdout), res.stdout
-    lines = res.stderr.strip().splitlines()
-    errors = [line for line in lines if line.startswith(ERROR)]
-    assert len(errors) == 1 and lines[-1] == errors[0], \
-        f"want one {ERROR!r} line, last on stderr:\n{res.stderr}"
-    return errors[0].removeprefix(ERROR)
-
-
-def images(c: Containerd) -> set[str]:
-    return set(c.ctr("images", "ls", "-q").stdout.split())
 
 
 def content_labels(c: Containerd) -> dict[str, dict[str, str]]:
@@ -156,41 +113,6 @@ def doc(c: Containerd, digest: str) -> dict:
 
 def label(c: Containerd, digest: str, **labels: str) -> None:
     c.ctr("content", "label", digest, *(f"{k}={v}" for k, v in labels.items()))
-
-
-def leases(c: Containerd, namespace: str = "default") -> list[tuple[str, str]]:
-    """(id, labels) of estargz-opt's leases, from ``ctr leases ls``."""
-    res = subprocess.run(["ctr", "-a", c.address, "-n", namespace, "leases", "ls"],
-                         capture_output=True, text=True, check=True, timeout=60)
-    rows = [line.split() for line in res.stdout.splitlines()[1:] if line.strip()]
-    return [(row[0], row[-1]) for row in rows if "estargz-opt" in " ".join(row)]
-
-
-_SIZE = re.compile(r"([\d.]+)\s*([kMGT]?B)")
-_UNITS = {"B": 1, "kB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12}
-
-
-def active(c: Containerd) -> dict[str, float]:
-    """Ingests in progress or left behind: ref -> bytes held (``ctr content active``)."""
-    out = {}
-    for line in c.ctr("content", "active").stdout.splitlines()[1:]:
-        cols = [x for x in line.split("\t") if x]
-        if cols:
-            m = _SIZE.fullmatch(cols[1].strip()) if len(cols) > 1 else None
-            out[cols[0]] = float(m[1]) * _UNITS[m[2]] if m else 0.0
-    return out
-
-
-def ctr_run(c: Containerd, image: str) -> str:
-    cid = f"esgzcd-{os.getpid()}-{time.monotonic_ns() % 10**9}"
-    return c.ctr("run", "--rm", image, cid).stdout
-
-
-def import_layout(c: Containerd, layout: Path, tag: str, name: str, archive: Path,
-                  all_platforms: bool = True) -> None:
-    f.archive_for_ctr(layout, tag, name, archive)
-    c.ctr("images", "import", "--no-unpack",
-          *(["--all-platforms"] if all_platforms else []), str(archive))
 
 
 def walk(c: Containerd, top: str) -> list[tuple[dict, dict]]:
@@ -358,26 +280,13 @@ def test_external_toc_makes_two_images(runnable: Source, containerd) -> None:
     assert ctr_run(containerd, dst) == runnable.output
 
 
-@pytest.fixture(scope="module")
-def parity(containerd, busybox_layer: Path, tmp_path_factory):
-    """test_optimize_parity.py's image (busybox + two docker-style layers), in containerd."""
-    base = tmp_path_factory.mktemp("cdparity")
-    config = {"config": {"Entrypoint": WORKLOAD, "Env": ["PATH=/bin"], "WorkingDir": "/"}}
-    f.write_layout(base / "layout", TAG, [busybox_layer.read_bytes(), *_upper_layers()], config)
-    return _import(containerd, base / "layout", TAG, "localhost/cdparity:1", base / "image.tar")
-
 
 @pytest.mark.parametrize("fmt", ["estargz", "zstdchunked"])
-def test_toc_matches_ctr_remote_on_the_same_containerd_image(fmt: str, parity, containerd,
-                                                             ctr_remote: Path,
-                                                             tmp_path: Path) -> None:
-    record = tmp_path / "record.jsonl"
-    ref_target = f"localhost/cdparity:1-ctr-remote-{fmt}"
-    res = reference_optimize(ctr_remote, containerd, parity, ref_target, fmt, WORKLOAD, record)
-    recorded = read_record(record, res)
-    require_accesses(recorded, parity, EXPECTED_ACCESSES, res.stderr)
-    assert res.returncode == 0, f"ctr-remote optimize failed\nstderr:\n{res.stderr}"
-    ref_tocs = reference_tocs(ctr_remote, containerd, ref_target, fmt)
+def test_toc_matches_ctr_remote_on_the_same_containerd_image(
+        fmt: str, parity_reference: ParityReference, containerd, ctr_remote: Path) -> None:
+    parity = parity_reference.image
+    reference = parity_reference.run(fmt)
+    record, recorded, ref_tocs = reference.record, reference.recorded, reference.tocs
 
     dst = f"localhost/cdparity:1-ours-{fmt}"
     zstd = ["--zstdchunked"] if fmt == "zstdchunked" else []
@@ -520,12 +429,12 @@ def unchanged(containerd) -> Iterator[Unchanged]:
 
 def test_missing_socket(tmp_path: Path, runnable: Source, unchanged: Unchanged) -> None:
     sock = tmp_path / "no" / "containerd.sock"
-    msg = error_message(cli("-a", sock, "optimize", "--oci", "--no-optimize", runnable.name,
-                            "localhost/x:1"))
+    msg = error_message(run_cli("-a", sock, "optimize", "--oci", "--no-optimize",
+                                runnable.name, "localhost/x:1"))
     assert str(sock) in msg and "-a/--address" in msg, msg
     # The same through CONTAINERD_ADDRESS, as ctr.
-    msg = error_message(cli("optimize", "--oci", "--no-optimize", runnable.name, "localhost/x:1",
-                            env=_env(CONTAINERD_ADDRESS=str(sock))))
+    msg = error_message(run_cli("optimize", "--oci", "--no-optimize", runnable.name,
+                                "localhost/x:1", env=cli_env(CONTAINERD_ADDRESS=str(sock))))
     assert str(sock) in msg and "-a/--address" in msg, msg
 
 
@@ -534,7 +443,7 @@ def test_refused_socket(tmp_path: Path, unchanged: Unchanged) -> None:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.bind(str(sock))  # a socket file nobody listens on
     s.close()
-    msg = error_message(cli("-a", sock, "optimize", "--oci", "--no-optimize", "localhost/a:1",
+    msg = error_message(run_cli("-a", sock, "optimize", "--oci", "--no-optimize", "localhost/a:1",
                             "localhost/b:1"))
     assert str(sock) in msg and "refused" in msg and "-a/--address" in msg, msg
 
@@ -558,7 +467,7 @@ def test_permission_denied(containerd, runnable: Source, unchanged: Unchanged) -
     )
     res = subprocess.run([sys.executable, "-c", code, "-a", containerd.address, "optimize",
                           "--oci", "--no-optimize", runnable.name, "localhost/cdrun:1-nobody"],
-                         capture_output=True, text=True, env=_env(), timeout=120,
+                         capture_output=True, text=True, env=cli_env(), timeout=120,
                          stdin=subprocess.DEVNULL)
     msg = error_message(res)
     assert "permission denied" in msg.lower() and containerd.address in msg, msg
@@ -575,7 +484,7 @@ def test_namespace_that_does_not_exist(containerd, runnable: Source,
     before = containerd.ctr("namespaces", "ls", "-q").stdout.split()
     assert "nope" not in before
     try:
-        res = cli("-a", containerd.address, "-n", "nope", "optimize", "--oci", "--no-optimize",
+        res = run_cli("-a", containerd.address, "-n", "nope", "optimize", "--oci", "--no-optimize",
                   runnable.name, "localhost/cdrun:1-nope")
         msg = error_message(res)
         after = containerd.ctr("namespaces", "ls", "-q").stdout.split()
@@ -636,9 +545,9 @@ def test_host_platform_of_a_host_only_image_converts(host_only, containerd) -> N
 def start_optimize(c: Containerd, tmp: Path, *args: str) -> subprocess.Popen:
     tmpdir = tmp / "tmpdir"
     tmpdir.mkdir(exist_ok=True)
-    return subprocess.Popen([sys.executable, "-m", "estargz_opt", "-a", c.address, "optimize",
+    return subprocess.Popen([*cli_argv(), "-a", c.address, "optimize",
                              *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            stdin=subprocess.DEVNULL, env=_env(TMPDIR=str(tmpdir)))
+                            stdin=subprocess.DEVNULL, env=cli_env(TMPDIR=str(tmpdir)))
 
 
 def wait_for_big_ingest(c: Containerd, proc: subprocess.Popen, timeout: float = 60) -> str:
@@ -684,8 +593,8 @@ def test_killed_mid_write_then_rerun(own: Containerd, big: str, tmp_path: Path) 
     assert stale and all(GC_EXPIRE in labels for _, labels in stale), \
         f"the killed run's lease should remain, with an expiry: {stale}"
 
-    res = cli("-a", own.address, "--debug", "optimize", *args,
-              env=_env(TMPDIR=str(tmp_path / "tmpdir")))
+    res = run_cli("-a", own.address, "--debug", "optimize", *args,
+              env=cli_env(TMPDIR=str(tmp_path / "tmpdir")))
     assert "failed precondition" not in res.stderr, res.stderr
     digest = printed_digest(res)
     # The rerun resumed the killed run's ingest (its ref names the dead owner).
@@ -713,7 +622,7 @@ def test_containerd_dies_mid_run_then_rerun(own: Containerd, big: str, tmp_path:
         restart(own, pid)
     assert dst not in images(own), "half-created DST image after containerd died"
 
-    res = optimize(own, *args, env=_env(TMPDIR=str(tmp_path / "tmpdir")))
+    res = optimize(own, *args, env=cli_env(TMPDIR=str(tmp_path / "tmpdir")))
     assert "failed precondition" not in res.stderr, res.stderr
     digest = printed_digest(res)
     assert image_target(own, dst) == digest
@@ -748,7 +657,7 @@ def test_containerd_to_oci_layout(runnable: Source, containerd, tmp_path: Path,
                                      f"oci:{out}:v2"))
     assert f.resolve_tag(out, "v2")["digest"] == digest
     for _mdesc, layer in f.all_layer_descriptors(out, "v2"):
-        res = cli("layer", "verify", f.blob_path(out, layer["digest"]), "--toc-digest",
+        res = run_cli("layer", "verify", f.blob_path(out, layer["digest"]), "--toc-digest",
                   layer["annotations"][f.TOC_DIGEST])
         assert res.returncode == 0, res.stderr
     res = subprocess.run(["skopeo", "copy", f"oci:{out}:v2", f"oci:{tmp_path / 'copy'}:v2"],
@@ -776,7 +685,7 @@ def test_digest_is_stable_across_stores(runnable: Source, containerd, tmp_path: 
     """containerd -> containerd and oci: -> oci: give the same image."""
     a = printed_digest(optimize(containerd, "--oci", "--no-optimize", runnable.name,
                                 "localhost/cdrun:1-again"))
-    b = printed_digest(cli("optimize", "--oci", "--no-optimize", f"oci:{runnable.layout}:v1",
+    b = printed_digest(run_cli("optimize", "--oci", "--no-optimize", f"oci:{runnable.layout}:v1",
                            f"oci:{tmp_path / 'o'}:v1"))
     assert a == b
     assert hashlib.sha256(blob(containerd, a)).hexdigest() == a.removeprefix("sha256:")

@@ -32,10 +32,13 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import imagefactory as f
 import pytest
 import zstandard
-from helpers_containerd import find_ctr_remote
+from support import imagefactory as f
+from support.cli import cli_argv
+from support.nodaemon import NoDaemon
+
+pytestmark = pytest.mark.root
 
 # --- the images ------------------------------------------------------------------------------
 
@@ -68,71 +71,9 @@ PREFETCH_LIST = "# prefetch list for the app layer\n\nsrv/**/b.*\n  etc/app.conf
 EXPECTED_PREFETCH_HEAD_L1 = EXPECTED_HEADS[1]
 
 ERROR_PREFIX = "estargz-opt: error:"
-HARNESS_RC = 97
-CONTAINERD_BINARIES = re.compile(r"^(ctr|ctr-remote|containerd.*|nerdctl|dockerd?|buildkitd)$")
 
 
 # --- running the CLI without any containerd -----------------------------------------------
-
-def _can_unshare() -> bool:
-    if os.geteuid() != 0 or shutil.which("unshare") is None:
-        return False
-    probe = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
-                            "mount -t tmpfs tmpfs /run"], capture_output=True)
-    return probe.returncode == 0
-
-
-class NoDaemon:
-    """Runs commands with no containerd reachable (see the module docstring)."""
-
-    def __init__(self, base: Path) -> None:
-        self.bin = base / "bin"
-        self.bin.mkdir(parents=True)
-        hidden = set()
-        for d in os.environ.get("PATH", "/usr/bin:/bin").split(os.pathsep):
-            if not d or not os.path.isdir(d):
-                continue
-            for name in sorted(os.listdir(d)):
-                src = os.path.join(d, name)
-                if CONTAINERD_BINARIES.match(name):
-                    hidden.add(os.path.realpath(src))
-                    continue
-                dst = self.bin / name
-                if not dst.exists() and os.access(src, os.X_OK) and os.path.isfile(src):
-                    dst.symlink_to(src)
-        ref = find_ctr_remote()
-        if ref is not None:
-            hidden.add(str(ref))
-        self.hidden = sorted(p for p in hidden if os.path.isfile(p))
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("CONTAINERD")}
-        self.env["PATH"] = str(self.bin)
-        self.namespaced = _can_unshare()
-
-    def run(self, argv: list[str], ro: tuple[Path, ...] = ()) -> subprocess.CompletedProcess:
-        if ro and not self.namespaced:
-            pytest.skip("a read-only bind mount needs root and unshare(1)")
-        if self.namespaced:
-            lines = ["mount -t tmpfs tmpfs /run || exit 97"]
-            lines += [f"mount --bind /dev/null {_q(p)} || exit 97" for p in self.hidden]
-            for p in ro:
-                lines += [f"mount --bind {_q(p)} {_q(p)} || exit 97",
-                          f"mount -o remount,bind,ro {_q(p)} || exit 97"]
-            lines.append('exec "$@"')
-            argv = ["/usr/bin/unshare", "--mount", "--propagation", "private",
-                    "/bin/sh", "-c", "\n".join(lines), "sh", *argv]
-        proc = subprocess.run(argv, capture_output=True, text=True, env=self.env,
-                              stdin=subprocess.DEVNULL, timeout=300)
-        assert proc.returncode != HARNESS_RC, f"sandbox set-up failed: {proc.stderr}"
-        return proc
-
-    def optimize(self, *args: str | Path, ro: tuple[Path, ...] = ()
-                 ) -> subprocess.CompletedProcess:
-        return self.run([sys.executable, "-m", "estargz_opt", "optimize", *map(str, args)],
-                        ro=ro)
-
-
-def _q(p: str | Path) -> str:
-    return "'" + str(p).replace("'", "'\\''") + "'"
 
 
 def _fmt(proc: subprocess.CompletedProcess) -> str:
@@ -252,7 +193,7 @@ def convert(src: Source, nodaemon: NoDaemon, tmp_path_factory: pytest.TempPathFa
 # --- checks ---------------------------------------------------------------------------------------
 
 def cli(*args: str | Path, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "estargz_opt", *map(str, args)],
+    proc = subprocess.run(cli_argv(*args),
                           capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300)
     if check:
         assert proc.returncode == 0, _fmt(proc)

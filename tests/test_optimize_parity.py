@@ -31,67 +31,36 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from helpers_containerd import estargz_opt
-from imagefactory import (
+from support.cli import invoke
+from support.imagefactory import (
     TOC_DIGEST,
-    archive_for_ctr,
     blob_path,
     platform_manifests,
     resolve_tag,
-    write_layout,
 )
-from ociimage import image_target, read_manifest
-from tarfactory import build_tar, dir_, reg
-from test_toc_parity import LANDMARK, NO_LANDMARK, ctr_remote_run, describe_mismatch, normalize
+from support.reference import (
+    Image,
+    ParityReference,
+    ctr_import,
+    read_record,
+    recorded_per_layer,
+    reference_optimize,
+    require_accesses,
+)
+from support.tocs import (
+    LANDMARK,
+    describe_mismatch,
+    normalize,
+    our_toc,
+    prioritized_files,
+)
 
 pytestmark = pytest.mark.interop
 
 FORMATS = ("estargz", "zstdchunked")
-TAG = "v1"
-WORKLOAD = ["/bin/busybox", "sh", "-c", "cat /data/a.txt /data/b.txt /etc/app.conf; sleep 1"]
-# What the workload opens, and the layer (bottom = 0) each file comes from.
-EXPECTED_ACCESSES = [("bin/busybox", 0), ("data/a.txt", 1), ("data/b.txt", 2),
-                     ("etc/app.conf", 2)]
 UMOCI_TOOL = "usr/bin/tool"
 UMOCI_WORKLOAD = ["/bin/busybox", "cat", "/" + UMOCI_TOOL]
-# Words of a sample container that could not be started (no runtime, no
-# cgroups, no overlay...): then there is nothing to compare against.
-RUNTIME_TROUBLE = ("runc", "OCI runtime", "shim", "cgroup", "failed to mount", "overlay")
 
-
-def _upper_layers() -> list[bytes]:
-    """Two docker-style layers: each file's parent directory has its own entry."""
-    one = [dir_("data/"), reg("data/a.txt", b"alpha\n" * 40),
-           dir_("etc/"), reg("etc/hostname", b"parity\n")]
-    two = [dir_("data/"), reg("data/b.txt", b"bravo\n" * 3000),
-           reg("data/unread.txt", b"never opened\n"),
-           dir_("etc/"), reg("etc/app.conf", b"mode = fast\n", mode=0o600)]
-    return [build_tar(one), build_tar(two)]
-
-
-@dataclass(frozen=True)
-class Image:
-    layout: Path
-    tag: str
-    ref: str  # its name in the private containerd
-    manifest_digest: str
-    layer_count: int
-
-
-def _import(containerd, layout: Path, tag: str, ref: str, archive: Path) -> Image:
-    [(_plat, desc, manifest)] = platform_manifests(layout, tag)
-    archive_for_ctr(layout, tag, ref, archive)
-    containerd.ctr("images", "import", "--no-unpack", "--all-platforms", str(archive))
-    assert image_target(containerd, ref) == desc["digest"]
-    return Image(layout, tag, ref, desc["digest"], len(manifest["layers"]))
-
-
-@pytest.fixture(scope="module")
-def parity_image(containerd, busybox_layer: Path, tmp_path_factory) -> Image:
-    base = tmp_path_factory.mktemp("optparity")
-    config = {"config": {"Entrypoint": WORKLOAD, "Env": ["PATH=/bin"], "WorkingDir": "/"}}
-    write_layout(base / "layout", TAG, [busybox_layer.read_bytes(), *_upper_layers()], config)
-    return _import(containerd, base / "layout", TAG, "localhost/optparity:1", base / "image.tar")
 
 
 def _run(*cmd: str | Path) -> None:
@@ -158,67 +127,12 @@ def umoci_case(request, containerd, busybox_layer: Path, tmp_path_factory) -> Um
         # The point of this case is the missing parent entries (the hand-made
         # layer of test_toc_parity.py covers that if this umoci differs).
         pytest.skip(f"umoci wrote {names}, expected {[*parents, UMOCI_TOOL]}")
-    return UmociCase(variant, _import(containerd, layout, tag,
+    return UmociCase(variant, ctr_import(containerd, layout, tag,
                                       f"localhost/optparity-umoci-{variant}:t",
                                       base / "image.tar"))
 
 
 # --- helpers ----------------------------------------------------------------
-
-def reference_optimize(ctr_remote: Path, containerd, image: Image, target: str, fmt: str,
-                       workload: list[str], record: Path) -> subprocess.CompletedProcess:
-    if shutil.which("runc") is None:
-        pytest.skip("ctr-remote optimize runs the image: runc is not installed")
-    args = ["image", "optimize", "--oci"]
-    if fmt == "zstdchunked":
-        args.append("--zstdchunked")
-    args += ["--period", "3", "--record-out", str(record), "--entrypoint", json.dumps(workload),
-             image.ref, target]
-    return ctr_remote_run(ctr_remote, containerd, *args, check=False)
-
-
-def read_record(record: Path, res: subprocess.CompletedProcess) -> list[dict]:
-    if not record.is_file():
-        if any(w in res.stderr for w in RUNTIME_TROUBLE):
-            pytest.skip(f"the sample container could not run:\n{res.stderr[-2000:]}")
-        pytest.fail(f"ctr-remote wrote no record (exit {res.returncode})\n"
-                    f"stderr:\n{res.stderr}", pytrace=False)
-    return [json.loads(line) for line in record.read_text().splitlines() if line.strip()]
-
-
-def require_accesses(recorded: list[dict], image: Image, expected: list[tuple[str, int]],
-                     stderr: str) -> None:
-    got = [(r["path"], r["layerIndex"]) for r in recorded
-           if r["manifestDigest"] == image.manifest_digest]
-    missing = [e for e in expected if e not in got]
-    if missing:
-        pytest.skip(f"the sample container did not open {missing} (record: {got}); "
-                    f"it probably did not run\nctr-remote stderr:\n{stderr[-2000:]}")
-
-
-def recorded_per_layer(recorded: list[dict], image: Image) -> list[list[str]]:
-    """The record as ``--record-in`` must apply it: host manifest lines only,
-    layer index in range, first occurrence of (layer, path) kept, file order."""
-    out: list[list[str]] = [[] for _ in range(image.layer_count)]
-    for r in recorded:
-        index = r["layerIndex"]
-        if r["manifestDigest"] == image.manifest_digest and 0 <= index < image.layer_count \
-                and r["path"] not in out[index]:
-            out[index].append(r["path"])
-    return out
-
-
-def reference_tocs(ctr_remote: Path, containerd, target: str, fmt: str) -> list[dict]:
-    manifest = read_manifest(containerd, image_target(containerd, target))
-    tocs = []
-    for layer in manifest["layers"]:
-        assert TOC_DIGEST in layer.get("annotations", {}), layer
-        dump = ["images", "get-toc-digest", "--dump-toc"]
-        if fmt == "zstdchunked":
-            dump.append("--zstdchunked")
-        tocs.append(json.loads(ctr_remote_run(ctr_remote, containerd, *dump,
-                                              layer["digest"]).stdout))
-    return tocs
 
 
 def our_optimize(image: Image, out: Path, fmt: str, record: Path) -> list[tuple[dict, Path]]:
@@ -228,7 +142,7 @@ def our_optimize(image: Image, out: Path, fmt: str, record: Path) -> list[tuple[
         args.append("--zstdchunked")
     args += ["--record-in", str(record), f"oci:{image.layout}:{image.tag}",
              f"oci:{out}:{image.tag}"]
-    res = estargz_opt(*args)
+    res = invoke(*args, check=True)
     printed = res.stdout.strip().splitlines()[-1]
     assert resolve_tag(out, image.tag)["digest"] == printed, \
         f"printed {printed!r}; {out}:{image.tag} is {resolve_tag(out, image.tag)}"
@@ -237,36 +151,14 @@ def our_optimize(image: Image, out: Path, fmt: str, record: Path) -> list[tuple[
     return [(layer, blob_path(out, layer["digest"])) for layer in manifest["layers"]]
 
 
-def our_toc(blob: Path) -> dict:
-    return json.loads(estargz_opt("layer", "toc", str(blob)).stdout)
-
-
-def prioritized_files(toc: dict) -> list[str]:
-    """Non-directory entries before the landmark ([] after a leading no-prefetch one)."""
-    entries = [e for e in toc["entries"] if e.get("type") != "chunk"]
-    names = [e["name"] for e in entries]
-    if names and names[0] == NO_LANDMARK:
-        return []
-    assert LANDMARK in names, f"TOC has no landmark: {names[:12]}"
-    return [e["name"] for e in entries[:names.index(LANDMARK)] if e.get("type") != "dir"]
-
-
 # --- tests ------------------------------------------------------------------
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_optimize_toc_matches_ctr_remote(fmt: str, parity_image: Image, containerd,
-                                         ctr_remote: Path, tmp_path: Path) -> None:
-    record = tmp_path / "record.jsonl"
-    target = f"localhost/optparity:1-{fmt}"
-    res = reference_optimize(ctr_remote, containerd, parity_image, target, fmt, WORKLOAD,
-                             record)
-    recorded = read_record(record, res)
-    require_accesses(recorded, parity_image, EXPECTED_ACCESSES, res.stderr)
-    if res.returncode != 0:
-        pytest.fail(f"ctr-remote optimize failed on a docker-style image\n"
-                    f"stderr:\n{res.stderr}", pytrace=False)
-    ref_tocs = reference_tocs(ctr_remote, containerd, target, fmt)
-    assert len(ref_tocs) == parity_image.layer_count
+def test_optimize_toc_matches_ctr_remote(fmt: str, parity_reference: ParityReference,
+                                         tmp_path: Path) -> None:
+    parity_image = parity_reference.image
+    reference = parity_reference.run(fmt)
+    record, recorded, ref_tocs = reference.record, reference.recorded, reference.tocs
 
     ours = our_optimize(parity_image, tmp_path / "out", fmt, record)
     expected = recorded_per_layer(recorded, parity_image)
@@ -322,8 +214,8 @@ def test_umoci_image_converts_where_ctr_remote_fails(umoci_case: UmociCase, cont
         ours = our_optimize(image, tmp_path / f"out-{fmt}", fmt, record)
         for desc, blob in ours:
             assert TOC_DIGEST in desc.get("annotations", {}), desc
-            estargz_opt("layer", "verify", str(blob), "--toc-digest",
-                        desc["annotations"][TOC_DIGEST])
+            invoke("layer", "verify", str(blob), "--toc-digest",
+                        desc["annotations"][TOC_DIGEST], check=True)
         assert prioritized_files(our_toc(ours[0][1])) == ["bin/busybox"], fmt
         names = [e["name"].rstrip("/") for e in our_toc(ours[1][1])["entries"]
                  if e.get("type") != "chunk"]

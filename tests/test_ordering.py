@@ -1,4 +1,4 @@
-"""Entry ordering corner cases (upstream-optimize.md §1.1-1.2, pitfall 10).
+"""Entry ordering corner cases (upstream's estargz writer: prioritized files first).
 
 Where our product deliberately differs from upstream (a prioritized file whose parent has no
 tar entry, a prioritized path missing from the layer) the test says so. Every case also runs
@@ -8,11 +8,11 @@ the full layer check from tarfactory, so the output tree must still equal the in
 from __future__ import annotations
 
 import pytest
+from support import tarfactory as tf
 
-pytest.register_assert_rewrite("tarfactory")  # readable failures from shared checks
-import tarfactory as tf  # noqa: E402
+import estargz_opt.format as fmt_mod
 
-import estargz_opt.format as fmt_mod  # noqa: E402
+pytestmark = pytest.mark.unit
 
 FORMATS = list(fmt_mod.Format)
 
@@ -221,6 +221,6 @@ def test_chunked_prioritized_file_stays_together(fmt, tmp_path):
     kinds = [(e["name"], e["type"]) for e in conv.entries]
     assert kinds[:6] == [("big", "reg")] + [("big", "chunk")] * 4 + [(tf.LANDMARK, "reg")]
     # the landmark's data starts after all of big's data: prefetching [0, landmark.offset)
-    # covers every prioritized byte (spec pitfall 9)
+    # covers every prioritized byte
     landmark = toc_entry(conv, tf.LANDMARK)
     assert all(e["offset"] < landmark["offset"] for e in conv.entries if e["name"] == "big")

@@ -1,10 +1,13 @@
-"""tests/peakrss.py measures the command's memory, not the test process's."""
+"""tests/support/peakrss.py measures the command's memory, not the test process's."""
 
 from __future__ import annotations
 
 import sys
 
-from peakrss import run_measured
+import pytest
+from support.peakrss import run_measured
+
+pytestmark = pytest.mark.unit
 
 TOUCH = "b = bytearray({n} << 20)\nfor i in range(0, len(b), 4096): b[i] = 1"
 

@@ -15,12 +15,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
-import imagefactory as f
 import pytest
+from support import imagefactory as f
+from support.cli import cli_argv
 from support.multiarch import without_qemu
 
 HOST = f.platform_str(f.HOST_PLATFORM)
@@ -32,7 +32,7 @@ ERROR = "estargz-opt: error:"
 
 
 def cli(*args: str | Path, tmp: Path, qemu: bool = True) -> subprocess.CompletedProcess[str]:
-    argv = [sys.executable, "-m", "estargz_opt", *map(str, args)]
+    argv = cli_argv(*args)
     return subprocess.run(
         argv if qemu else without_qemu(argv),
         capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=180,

@@ -14,7 +14,6 @@ import json
 import random
 import re
 import subprocess
-import sys
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,14 +21,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from imagefactory import blob_path, write_busybox_image
-from layers import LayerBuildError, build_busybox_layer
-from lazypull import Proxy, Registry
 from support import trixie
+from support.cli import cli_argv
+from support.imagefactory import blob_path, write_busybox_image
+from support.layers import LayerBuildError, build_busybox_layer
+from support.lazypull import Proxy, Registry
 
 from estargz_opt.format.zchunked_verify import open_containers_layer
 
-CLI = [sys.executable, "-m", "estargz_opt"]
+pytestmark = [pytest.mark.root, pytest.mark.registry, pytest.mark.slow]
+
+CLI = cli_argv()
 #: What the image prints: above the "--" line, what any pull must reproduce (regular files
 #: and hardlinks with owners, modes, times and contents; the symlink's target); below it,
 #: the whole tree, device node and symlink and directory times included.

@@ -1,7 +1,7 @@
 """``estargz-opt optimize --prefetch-list FILE``: which files go first, in which layer.
 
 No container runs and no daemon is needed: the list is resolved against the
-layers' own tar contents (upstream-optimize.md §7, "Prefetch list"):
+layers' own tar contents:
 
 * one path or glob per line; lines are trimmed, empty lines and ``#``
   comments skipped; a path is cleaned (``/x`` and ``./x`` are ``x``);
@@ -22,14 +22,20 @@ move along with a file are left out of that list on purpose.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import pytest
-from helpers_containerd import estargz_opt
-from imagefactory import blob_path, layout_state, platform_manifests, resolve_tag, write_layout
-from tarfactory import build_tar, dir_, reg
+from support.cli import invoke
+from support.imagefactory import (
+    layout_state,
+    platform_manifests,
+    write_layout,
+)
+from support.tarfactory import build_tar, dir_, reg
+from support.tocs import per_layer
+
+pytestmark = pytest.mark.unit
 
 LANDMARK = ".prefetch.landmark"
 NO_LANDMARK = ".no.prefetch.landmark"
@@ -81,33 +87,8 @@ def optimize(src: Path, dst: Path, prefetch: str | bytes, *extra: str,
         lst.write_bytes(prefetch)
     else:
         lst.write_text(prefetch)
-    return estargz_opt("optimize", "--oci", "--prefetch-list", str(lst), *extra,
-                       f"oci:{src}:{TAG}", f"oci:{dst}:{TAG}", check=check)
-
-
-def prioritized_files(toc: dict) -> list[str]:
-    """The non-directory entries before the landmark, in TOC order."""
-    entries = [e for e in toc["entries"] if e.get("type") != "chunk"]
-    names = [e["name"] for e in entries]
-    if names and names[0] == NO_LANDMARK:
-        assert LANDMARK not in names, names
-        return []
-    assert LANDMARK in names and NO_LANDMARK not in names, \
-        f"TOC has neither a leading {NO_LANDMARK} nor a {LANDMARK}: {names[:12]}"
-    return [e["name"] for e in entries[:names.index(LANDMARK)] if e.get("type") != "dir"]
-
-
-def per_layer(dst: Path, printed: str) -> list[list[str]]:
-    """Prioritized files of each layer of DST's image, bottom first."""
-    digest = printed.strip().splitlines()[-1]
-    assert resolve_tag(dst, TAG)["digest"] == digest, \
-        f"printed {digest}, {dst}:{TAG} is {resolve_tag(dst, TAG)}"
-    [(_plat, _desc, manifest)] = platform_manifests(dst, TAG)
-    out = []
-    for layer in manifest["layers"]:
-        toc = json.loads(estargz_opt("layer", "toc", str(blob_path(dst, layer["digest"]))).stdout)
-        out.append(prioritized_files(toc))
-    return out
+    return invoke("optimize", "--oci", "--prefetch-list", str(lst), *extra,
+                  f"oci:{src}:{TAG}", f"oci:{dst}:{TAG}", check=check)
 
 
 def test_paths_comments_blank_lines_and_cleaning(source: Path, tmp_path: Path) -> None:
@@ -126,7 +107,7 @@ def test_paths_comments_blank_lines_and_cleaning(source: Path, tmp_path: Path) -
         "",
     ]) + "\n"
     res = optimize(source, tmp_path / "out", listing)
-    assert per_layer(tmp_path / "out", res.stdout) == [
+    assert per_layer(tmp_path / "out", TAG, res.stdout) == [
         ["data/b.txt", "base.txt", "data/a.txt"],
         ["mid.txt"],
         ["top.txt"],
@@ -136,7 +117,7 @@ def test_paths_comments_blank_lines_and_cleaning(source: Path, tmp_path: Path) -
 def test_top_most_layer_and_whiteouts(source: Path, tmp_path: Path) -> None:
     listing = "shadow/file\nwh/gone\nwh/back\nopq/old\nopq/new\nbase.txt\n"
     res = optimize(source, tmp_path / "out", listing)
-    assert per_layer(tmp_path / "out", res.stdout) == [
+    assert per_layer(tmp_path / "out", TAG, res.stdout) == [
         # shadow/file is in the bottom layer too, but the top one provides it;
         # wh/gone (.wh.gone above) and opq/old (opaque dir above): nowhere.
         ["base.txt"],
@@ -149,7 +130,7 @@ def test_globs_honour_whiteouts(source: Path, tmp_path: Path) -> None:
     # wh/* sees wh/gone (deleted) and wh/back (top layer); opq/* sees opq/old
     # (hidden by the opaque dir) and opq/new; shadow/* only the top copy.
     res = optimize(source, tmp_path / "out", "opq/*\nwh/*\nshadow/*\n")
-    assert per_layer(tmp_path / "out", res.stdout) == [
+    assert per_layer(tmp_path / "out", TAG, res.stdout) == [
         [],
         ["opq/new"],
         ["wh/back", "shadow/file"],
@@ -173,7 +154,7 @@ def test_nothing_to_prioritize(source: Path, tmp_path: Path, listing: str) -> No
     # ...and a warning with --allow-empty-profile.
     res = optimize(source, tmp_path / "out", listing, "--allow-empty-profile")
     assert "WARNING" in res.stderr and "--allow-empty-profile" in res.stderr, res.stderr
-    assert per_layer(tmp_path / "out", res.stdout) == [[], [], []]
+    assert per_layer(tmp_path / "out", TAG, res.stdout) == [[], [], []]
 
 
 def test_glob_forms_in_sorted_order(source: Path, tmp_path: Path) -> None:
@@ -187,7 +168,7 @@ def test_glob_forms_in_sorted_order(source: Path, tmp_path: Path) -> None:
         "data/x*.log",       # x10 is new; x1, x2 already listed above
     ]) + "\n"
     res = optimize(source, tmp_path / "out", listing)
-    assert per_layer(tmp_path / "out", res.stdout) == [
+    assert per_layer(tmp_path / "out", TAG, res.stdout) == [
         ["data/a.txt", "data/b.txt", "data/c.txt",
          "data/x1.log", "data/x2.log",
          "logs/a.log", "logs/b.log",
@@ -204,7 +185,7 @@ def test_glob_matching_nothing_warns_and_succeeds(source: Path, tmp_path: Path) 
     res = optimize(source, tmp_path / "out", "nothing/*.bin\ntop.txt\n")
     assert "nothing/*.bin" in res.stderr, \
         f"no warning names the glob that matched nothing; stderr:\n{res.stderr}"
-    assert per_layer(tmp_path / "out", res.stdout) == [[], [], ["top.txt"]]
+    assert per_layer(tmp_path / "out", TAG, res.stdout) == [[], [], ["top.txt"]]
 
 
 def test_glob_order_is_deterministic(source: Path, tmp_path: Path) -> None:
@@ -213,7 +194,7 @@ def test_glob_order_is_deterministic(source: Path, tmp_path: Path) -> None:
     second = optimize(source, tmp_path / "two", listing)
     d1, d2 = (r.stdout.strip().splitlines()[-1] for r in (first, second))
     assert d1 == d2, "two runs with the same globs gave different images"
-    got = per_layer(tmp_path / "one", first.stdout)
+    got = per_layer(tmp_path / "one", TAG, first.stdout)
     txt = sorted(["data/a.txt", "data/b.txt", "data/c.txt", "data/sub/deep.txt", "base.txt"])
     assert got == [
         [*txt, "logs/a.log", "logs/b.log", "logs/c.log",
@@ -275,7 +256,7 @@ def test_a_repeated_layer_gets_the_list_of_its_top_copy(tmp_path: Path) -> None:
     src = tmp_path / "src"
     write_layout(src, TAG, [repeated, middle, repeated])
     res = optimize(src, tmp_path / "out", "a/two\n")
-    assert per_layer(tmp_path / "out", res.stdout) == [["a/two"], [], ["a/two"]]
+    assert per_layer(tmp_path / "out", TAG, res.stdout) == [["a/two"], [], ["a/two"]]
     [(_plat, _desc, manifest)] = platform_manifests(tmp_path / "out", TAG)
     digests = [layer["digest"] for layer in manifest["layers"]]
     assert digests[0] == digests[2] != digests[1], digests

@@ -1,4 +1,4 @@
-"""Profiles that survive a rebuild, merge, and fail loudly when they match nothing (issue 16).
+"""Profiles that survive a rebuild, merge, and fail loudly when they match nothing.
 
 No daemon: OCI layouts built by imagefactory, records written here in ctr-remote's
 --record-out form (JSON lines path/manifestDigest/layerIndex). What a layer prioritizes is
@@ -9,22 +9,20 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from helpers_containerd import estargz_opt
-from imagefactory import (
+from support.cli import Invoked, invoke, run_cli
+from support.imagefactory import (
     HOST_PLATFORM,
-    blob_path,
     layout_state,
-    platform_manifests,
     resolve_tag,
     write_layout,
 )
-from tarfactory import build_tar, dir_, reg
-from test_prefetch_list import TAG, per_layer, prioritized_files
+from support.tarfactory import build_tar, dir_, reg
+from support.tocs import per_layer
+
+pytestmark = pytest.mark.unit
 
 BASE0 = [dir_("bin/"), reg("bin/sh", b"sh\n"), dir_("lib/"), reg("lib/libc.so", b"libc\n"),
          reg("lib/unused.so", b"never read\n")]
@@ -43,6 +41,7 @@ def app(version: int) -> bytes:
     return build_tar(files)
 
 
+TAG = "v1"
 #: The workload's accesses on release 1: (path, layer index), in access order.
 ACCESSES = [("app/main.py", 2), ("lib/libc.so", 0), ("usr/py/re.py", 1), ("bin/sh", 0),
             ("app/old.py", 2), ("usr/py/os.py", 1), ("app/util.py", 2)]
@@ -61,9 +60,9 @@ def write_record(path: Path, manifest: str, accesses: list[tuple[str, int]]) -> 
     return path
 
 
-def optimize(src: Path, dst: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return estargz_opt("optimize", "--oci", *args, f"oci:{src}:{TAG}", f"oci:{dst}:{TAG}",
-                       check=check)
+def optimize(src: Path, dst: Path, *args: str, check: bool = True) -> Invoked:
+    return invoke("optimize", "--oci", *args, f"oci:{src}:{TAG}", f"oci:{dst}:{TAG}",
+                  check=check)
 
 
 def errors(stderr: str) -> list[str]:
@@ -81,14 +80,14 @@ def test_record_of_release_1_prioritizes_release_2(images, tmp_path: Path) -> No
     assert digest1 != digest2
     record = write_record(tmp_path / "rec.jsonl", digest1, ACCESSES)
     res1 = optimize(src1, tmp_path / "out1", "--record-in", str(record))
-    original = per_layer(tmp_path / "out1", res1.stdout)
+    original = per_layer(tmp_path / "out1", TAG, res1.stdout)
     assert original == [["lib/libc.so", "bin/sh"], ["usr/py/re.py", "usr/py/os.py"],
                         ["app/main.py", "app/old.py", "app/util.py"]]
     assert "WARNING" not in res1.stderr, res1.stderr  # the record's own image: exact match
 
     res2 = optimize(src2, tmp_path / "out2", "--record-in", str(record), "--json")
     report = json.loads(res2.stdout)
-    rebuilt = per_layer(tmp_path / "out2", report["target"])
+    rebuilt = per_layer(tmp_path / "out2", TAG, report["target"])
     # Base layers: the same files in the same order; the new top layer matched by path.
     assert rebuilt[:2] == original[:2]
     assert rebuilt[2] == ["app/main.py", "app/util.py"]
@@ -116,7 +115,7 @@ def test_record_of_another_image_is_an_error(images, tmp_path: Path) -> None:
     res = optimize(src, tmp_path / "out", "--record-in", str(record), "--allow-empty-profile")
     assert not errors(res.stderr)
     assert re.search(r"WARNING: .*the record was made for .*--allow-empty-profile", res.stderr)
-    assert per_layer(tmp_path / "out", res.stdout) == [[], [], []]
+    assert per_layer(tmp_path / "out", TAG, res.stdout) == [[], [], []]
 
 
 def test_under_half_matched_warns(images, tmp_path: Path) -> None:
@@ -125,7 +124,7 @@ def test_under_half_matched_warns(images, tmp_path: Path) -> None:
     lst.write_text("bin/sh\ngone/a\ngone/b\ngone/c\n")
     res = optimize(src, tmp_path / "out", "--prefetch-list", str(lst))
     assert "WARNING: the profile matches only 1 of its 4 files" in res.stderr, res.stderr
-    assert per_layer(tmp_path / "out", res.stdout) == [["bin/sh"], [], []]
+    assert per_layer(tmp_path / "out", TAG, res.stdout) == [["bin/sh"], [], []]
 
 
 def test_merged_in_command_line_order(images, tmp_path: Path) -> None:
@@ -139,12 +138,12 @@ def test_merged_in_command_line_order(images, tmp_path: Path) -> None:
     lst.write_text("usr/py/*.py\nbin/sh\n")
     res = optimize(src, tmp_path / "a", "--record-in", str(startup),
                    "--record-in", str(requests))
-    assert per_layer(tmp_path / "a", res.stdout) == [
+    assert per_layer(tmp_path / "a", TAG, res.stdout) == [
         ["lib/libc.so"], ["usr/py/re.py", "usr/py/json.py"], ["app/main.py", "app/util.py"]]
     # Reversed order, and a prefetch list in between: first occurrence wins, no repeats.
     res = optimize(src, tmp_path / "b", "--record-in", str(requests),
                    "--prefetch-list", str(lst), "--record-in", str(startup))
-    assert per_layer(tmp_path / "b", res.stdout) == [
+    assert per_layer(tmp_path / "b", TAG, res.stdout) == [
         ["lib/libc.so", "bin/sh"], ["usr/py/json.py", "usr/py/os.py", "usr/py/re.py"],
         ["app/main.py", "app/util.py"]]
 
@@ -166,7 +165,7 @@ def test_prefetch_list_out_round_trip(tmp_path: Path, odd: str) -> None:
     via_list = optimize(src, tmp_path / "l", "--prefetch-list", str(lst))
     assert via_list.stdout.splitlines()[-1] == via_record.stdout.splitlines()[-1]
     assert resolve_tag(tmp_path / "l", TAG)["digest"] == resolve_tag(tmp_path / "r", TAG)["digest"]
-    assert per_layer(tmp_path / "l", via_list.stdout)[1] == ["app/x.py", odd, "app/main.py"]
+    assert per_layer(tmp_path / "l", TAG, via_list.stdout)[1] == ["app/x.py", odd, "app/main.py"]
 
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -198,26 +197,15 @@ def test_readme_ci_recipe_converts_later_releases(tmp_path: Path) -> None:
     base = None
     for cmd in converts:
         assert cmd[:2] == ["estargz-opt", "optimize"], cmd
-        res = subprocess.run([sys.executable, "-m", "estargz_opt", *cmd[1:]], cwd=tmp_path,
-                             capture_output=True, text=True, timeout=600)
+        res = run_cli(*cmd[1:], cwd=tmp_path, timeout=600)
         assert res.returncode == 0, res.stderr
         assert "matched by path" in res.stderr, res.stderr
         layout, tag = cmd[-1].removeprefix("oci:").rsplit(":", 1)
-        got = per_layer_of(tmp_path / layout, tag, res.stdout)
+        got = per_layer(tmp_path / layout, tag, res.stdout)
         assert got[2] == ["app/main.py", "app/util.py"], got
         assert base is None or got[:2] == base, (got, base)
         base = got[:2]
     assert base == [["lib/libc.so", "bin/sh"], ["usr/py/re.py", "usr/py/os.py"]]
-
-
-def per_layer_of(layout: Path, tag: str, printed: str) -> list[list[str]]:
-    """Prioritized files of each layer of LAYOUT:TAG (the printed digest), bottom first."""
-    digest = printed.strip().splitlines()[-1]
-    assert resolve_tag(layout, tag)["digest"] == digest
-    [(_plat, _desc, manifest)] = platform_manifests(layout, tag)
-    return [prioritized_files(json.loads(
-        estargz_opt("layer", "toc", str(blob_path(layout, lay["digest"]))).stdout))
-        for lay in manifest["layers"]]
 
 
 @pytest.mark.parametrize("old_image_in_layout", [True, False], ids=["same-layout", "alone"])
@@ -237,7 +225,7 @@ def test_recorded_layer_is_preferred_where_it_moved(tmp_path: Path,
     write_layout(new_layout, TAG, [extra, build_tar(BASE0), build_tar(BASE1), hotfix, app(2)])
     record = write_record(tmp_path / "rec.jsonl", digest1, ACCESSES)
     res = optimize(new_layout, tmp_path / "out", "--record-in", str(record))
-    got = per_layer(tmp_path / "out", res.stdout)
+    got = per_layer(tmp_path / "out", TAG, res.stdout)
     if old_image_in_layout:
         assert got == [[], ["lib/libc.so", "bin/sh"], ["usr/py/re.py", "usr/py/os.py"], [],
                        ["app/main.py", "app/util.py"]]

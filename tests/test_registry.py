@@ -1,5 +1,5 @@
 """docker:// sources and destinations against a real registry (Debian's docker-registry,
-distribution 2.8, plain HTTP on loopback), with bench/throttle_proxy.py in front of it,
+distribution 2.8, plain HTTP on loopback), with tests/support/throttle_proxy.py in front of it,
 unthrottled, logging every request: the log shows which bytes moved.
 
 Source images are pushed by skopeo (not by us), and what we push is checked by skopeo
@@ -14,7 +14,6 @@ import random
 import re
 import shutil
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.parse
@@ -23,15 +22,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import imagefactory as F
-import lazypull
 import pytest
-from helpers_containerd import estargz_opt
-from runnerlib import cli_env, run_cli
+from support import imagefactory as F, lazypull
+from support.cli import cli_argv, cli_env, estargz_opt, run_cli
 
 from estargz_opt.reference import RegistryRef
 from estargz_opt.stores.registry.options import RegistryOptions
 from estargz_opt.stores.registry.store import RegistryStore
+
+pytestmark = pytest.mark.registry
 
 FORMATS = {
     "estargz": [],
@@ -329,7 +328,7 @@ def test_bad_references_exit_2() -> None:
 def test_workload_of_a_registry_image_runs_without_containerd(
     env: Env, busybox_layer: Path, tmp_path: Path
 ) -> None:
-    """analyze and optimize of docker:// run the workload with the runc runner (issue 14):
+    """analyze and optimize of docker:// run the workload with the runc runner:
     the layers stream from the registry; no containerd is asked."""
     app = F.simple_layer({"app/": None, "app/a.txt": b"from-the-registry\n"})
     layout = tmp_path / "src"
@@ -505,7 +504,7 @@ def test_a_killed_runs_spool_is_removed_by_the_next(env: Env, tmp_path: Path,
     try:
         args = ["optimize", "--oci", "--no-optimize", "--no-cache", *PLAIN,
                 src.replace(env.host, proxy.host), f"docker://{proxy.host}/spool:esgz"]
-        run = subprocess.Popen([sys.executable, "-m", "estargz_opt", *args],
+        run = subprocess.Popen([*cli_argv(), *args],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
         def spools() -> list[str]:
@@ -544,7 +543,7 @@ def test_registry_killed_mid_push_then_rerun_sends_only_the_rest(tmp_path: Path)
         layout = tmp_path / "src"
         F.write_layout(layout, "1", image_layers(10) + image_layers(11))
         dst = f"docker://{proxy.host}/killed:esgz"
-        cmd = [sys.executable, "-m", "estargz_opt", "optimize", "--oci", "--no-optimize",
+        cmd = [*cli_argv(), "optimize", "--oci", "--no-optimize",
                "--dest-tls-verify=false", f"oci:{layout}:1", dst]
         run = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                stdin=subprocess.DEVNULL)

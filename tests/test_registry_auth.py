@@ -1,5 +1,5 @@
 """Registry sessions against Debian's docker-registry (distribution 2.8) on loopback in
-the four configurations of issue 13 (tests/registries.py): the scheme, TLS from certs.d,
+the four configurations of tests/support/registries.py: the scheme, TLS from certs.d,
 credentials from every place skopeo/docker look, Basic and bearer-token auth checked by
 the real registry, and the one-line errors. Images pushed through a session are read
 back by skopeo, an independent client."""
@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import subprocess
-import sys
 import tarfile
 import time
 from collections.abc import Iterator
@@ -23,8 +22,9 @@ from urllib.parse import urljoin
 
 import httpx
 import pytest
-from lazypull import Registry, RegistryConfig, _free_port
-from registries import PASSWORD, USER, LoopbackCA, Registries, sha256
+from support.cli import cli_argv
+from support.lazypull import Registry, RegistryConfig, _free_port
+from support.registries import PASSWORD, USER, LoopbackCA, Registries, sha256
 
 from estargz_opt.errors import RegistryAccessError
 from estargz_opt.reference import RegistryRef
@@ -32,6 +32,8 @@ from estargz_opt.stores.registry import credentials
 from estargz_opt.stores.registry.options import RegistryOptions
 from estargz_opt.stores.registry.session import Session, open_session
 from estargz_opt.stores.registry.store import RegistryStore
+
+pytestmark = pytest.mark.registry
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 CREDS = f"{USER}:{PASSWORD}"
@@ -513,7 +515,7 @@ def test_client_certificate_through_the_command_line(regs: Registries, mtls: Reg
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
         env = {k: v for k, v in os.environ.items() if k not in (
             "REGISTRY_AUTH_FILE", "DOCKER_CONFIG", "XDG_RUNTIME_DIR", "XDG_CONFIG_HOME")}
-        return subprocess.run([sys.executable, "-m", "estargz_opt", "--log-level", "error",
+        return subprocess.run([*cli_argv(), "--log-level", "error",
                                *args], capture_output=True, text=True, timeout=300,
                               stdin=subprocess.DEVNULL, env={**env, "HOME": str(tmp_path)})
 

@@ -1,5 +1,5 @@
-"""`estargz-opt optimize docker://… docker://…` in each registry configuration of issue 13
-(tests/registries.py: plain HTTP, TLS with a test CA, htpasswd over TLS, token auth),
+"""`estargz-opt optimize docker://… docker://…` in each registry configuration
+(tests/support/registries.py: plain HTTP, TLS with a test CA, htpasswd over TLS, token auth),
 each time reaching the registry the way that configuration needs (flags, a certs.d
 directory under HOME, an auth file, --*-creds). The source image is pushed by skopeo and
 the result read back by skopeo (`inspect`, and `copy … oci:`, which checks every
@@ -12,14 +12,16 @@ import base64
 import json
 import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from imagefactory import simple_layer, write_layout
-from lazypull import Registry
-from registries import PASSWORD, USER, Registries
+from support.cli import cli_argv
+from support.imagefactory import simple_layer, write_layout
+from support.lazypull import Registry
+from support.registries import PASSWORD, USER, Registries
+
+pytestmark = pytest.mark.registry
 
 CREDS = f"{USER}:{PASSWORD}"
 TOC_DIGEST = "containerd.io/snapshot/stargz/toc.digest"
@@ -88,7 +90,7 @@ def _run(cmd: list[str], home: Path) -> subprocess.CompletedProcess[str]:
 
 
 def _cli(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return _run([sys.executable, "-m", "estargz_opt", *args], home)
+    return _run([*cli_argv(), *args], home)
 
 
 def _ok(proc: subprocess.CompletedProcess[str]) -> str:

@@ -22,10 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import imagefactory as F
-import lazypull
 import pytest
-from peakrss import run_measured
+from support import imagefactory as F, lazypull
+from support.cli import cli_argv
 from support.hostile import (
     Auth,
     Exchange,
@@ -38,6 +37,9 @@ from support.hostile import (
     trickle_body,
     trickle_headers,
 )
+from support.peakrss import run_measured
+
+pytestmark = pytest.mark.registry
 
 PLAIN = ["--src-tls-verify=false", "--dest-tls-verify=false"]
 #: the deadline stalls are run with, and the bound each such run must end within
@@ -110,7 +112,7 @@ def cli(tmp_path: Path, *args: str, timeout: float = 120, **env_extra: str) -> R
     env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": str(tmp_path),
            "TMPDIR": str(tmp), "PYTHONPATH": ":".join(sys.path), **env_extra}
     started = time.monotonic()
-    res = subprocess.run([sys.executable, "-m", "estargz_opt", *args], capture_output=True,
+    res = subprocess.run(cli_argv(*args), capture_output=True,
                          text=True, env=env, stdin=subprocess.DEVNULL, timeout=timeout)
     return Run(res.returncode, res.stderr, time.monotonic() - started)
 
@@ -365,9 +367,9 @@ def test_a_gzip_bomb_on_the_ping_is_never_inflated(upstream: Upstream, front: Ho
                                       {"Content-Encoding": "gzip"}))
     tmp = tmp_path / "tmp"
     tmp.mkdir()
-    measured = run_measured(["env", f"TMPDIR={tmp}", f"HOME={tmp_path}", sys.executable,
-                             "-m", "estargz_opt", "verify", "--tls-verify=false",
-                             f"docker://{front.host}/app:1"], timeout=120,
+    measured = run_measured(["env", f"TMPDIR={tmp}", f"HOME={tmp_path}",
+                             *cli_argv("verify", "--tls-verify=false",
+                                       f"docker://{front.host}/app:1")], timeout=120,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     assert measured is not None and measured.returncode == 0, measured
     assert measured.rss_mib < 160, measured

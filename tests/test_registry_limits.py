@@ -11,6 +11,8 @@ import pytest
 
 from estargz_opt.stores.registry.limits import ENCODING, BodyError, read_whole
 
+pytestmark = pytest.mark.unit
+
 
 def _encoded(data: bytes, wbits: int) -> bytes:
     z = zlib.compressobj(6, zlib.DEFLATED, wbits)

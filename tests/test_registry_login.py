@@ -15,13 +15,15 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import imagefactory as f
 import pytest
-from lazypull import Registry, RegistryConfig
-from registries import PASSWORD, USER, LoopbackCA, htpasswd
+from support import imagefactory as f
+from support.lazypull import Registry, RegistryConfig
+from support.registries import PASSWORD, USER, LoopbackCA, htpasswd
 
 from estargz_opt.stores.registry import credentials
 from estargz_opt.stores.registry.options import RegistryOptions
+
+pytestmark = [pytest.mark.registry, pytest.mark.root]
 
 ERROR = "estargz-opt: error:"
 

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from imagefactory import (
+from support.cli import cli_argv
+from support.imagefactory import (
     all_layer_descriptors,
     blob_path,
     simple_layer,
     write_layout,
 )
 
-CLI = [sys.executable, "-m", "estargz_opt"]
+CLI = cli_argv()
 
 
 def optimize(*args: str) -> subprocess.CompletedProcess[str]:

@@ -20,12 +20,13 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import analyzeimages as ai
-import imagefactory as f
 import pytest
-from unprivileged import Unprivileged, make_unprivileged
+from support import analyzeimages as ai, imagefactory as f
+from support.unprivileged import Unprivileged, make_unprivileged
 
 from estargz_opt.workload.rootless import checks, userns
+
+pytestmark = pytest.mark.root
 
 
 @pytest.fixture(scope="module")

@@ -29,15 +29,15 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import analyzeimages as ai
-import imagefactory as f
 import pytest
-from runnerlib import cli_env, run_cli
+from support import analyzeimages as ai, imagefactory as f
+from support.analyzeimages import BB, KIND_OUTPUT, KINDS, RUN_SH, ended_by, expected_prioritized
+from support.cli import cli_env, error_message, printed_digest, run_cli
 from support.debs import deb_layer, owners
-from test_analyze import BB, KIND_OUTPUT, KINDS, RUN_SH, ended_by, expected_prioritized
-from test_optimize_containerd import error_message, printed_digest
-from test_optimize_parity import our_toc, prioritized_files
-from unprivileged import Unprivileged, make_unprivileged
+from support.tocs import our_toc, prioritized_files
+from support.unprivileged import Unprivileged, make_unprivileged
+
+pytestmark = pytest.mark.root
 
 SAMPLE = "estargz-opt-sample-"
 

@@ -20,19 +20,18 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import analyzeimages as ai
-import imagefactory as f
 import pytest
-from runnerlib import RunLeftovers, cli_env, run_cli
-from unprivileged import UID, make_unprivileged, setpriv
+from support import analyzeimages as ai, imagefactory as f
+from support.cli import cli_argv, cli_env, run_cli
+from support.runnerlib import RunLeftovers
+from support.unprivileged import UID, make_unprivileged, setpriv
 
-pytestmark = pytest.mark.interop
+pytestmark = [pytest.mark.interop, pytest.mark.root]
 
 SPECIAL = ("app/suid", "app/sgid", "app/cap")
 
@@ -123,7 +122,7 @@ def test_setuid_files_are_out_of_other_users_reach(
     err = base / "err"
     with open(err, "wb") as e:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "estargz_opt", "analyze", "--runner", "runc", *flags,
+            [*cli_argv(), "analyze", "--runner", "runc", *flags,
              "--wait-on-signal", "--record-out", str(base / "r.jsonl"), f"oci:{layout}:v1"],
             env=cli_env(leftovers.tmpdir), stdout=subprocess.DEVNULL, stderr=e,
             stdin=subprocess.DEVNULL)

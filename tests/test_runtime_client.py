@@ -29,12 +29,6 @@ LAYER_TAR = "application/vnd.oci.image.layer.v1.tar"
 
 
 @pytest.fixture
-def client(containerd) -> Iterator[Client]:
-    with Client(containerd.address, "default", timeout=60) as c:
-        yield c
-
-
-@pytest.fixture
 def lease(client: Client) -> Iterator[str]:
     """One lease for the test's blobs and snapshots, as a sample container's must have.
 

@@ -11,13 +11,15 @@ import tarfile
 from pathlib import Path, PurePosixPath
 
 import pytest
-from helpers_containerd import (
+from support.containerd import (
     SCRIPTS,
     Containerd,
     containerd_unavailable_reason,
     file_digest,
 )
-from layers import BIG_SIZE, LONG_NAME
+from support.layers import BIG_SIZE, LONG_NAME
+
+pytestmark = pytest.mark.root
 
 
 def _mounts_under(path: Path) -> list[str]:

@@ -13,6 +13,8 @@ from estargz_opt.errors import BadInputError
 from estargz_opt.workload import spec as S
 from estargz_opt.workload.spec import SamplerOptions, build_spec
 
+pytestmark = pytest.mark.unit
+
 CFG = {
     "architecture": "amd64",
     "os": "linux",

@@ -16,6 +16,8 @@ from estargz_opt.errors import BadInputError
 from estargz_opt.workload.options import SamplerOptions
 from estargz_opt.workload.spec import DEFAULT_PATH_ENV, Spec, SpecInputs, default_spec, steps
 
+pytestmark = pytest.mark.unit
+
 PASSWD = "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1001::/home/app:/bin/sh\n"
 GROUP = "root:x:0:\nappgrp:x:1001:\nextra:x:2000:app\n"
 HOOK = "/usr/bin/nvidia-container-runtime-hook"

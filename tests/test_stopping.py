@@ -17,18 +17,19 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
-import analyzeimages as ai
-import imagefactory as f
 import pytest
-from runnerlib import RunLeftovers, cli_env, sample_containers
+from support import analyzeimages as ai, imagefactory as f
+from support.cli import cli_argv, cli_env
 from support.ptyrun import PtyRun
-from unprivileged import Unprivileged, make_unprivileged
+from support.runnerlib import RunLeftovers, sample_containers
+from support.unprivileged import Unprivileged, make_unprivileged
+
+pytestmark = pytest.mark.root
 
 APP = "echo ready\nexec /bin/busybox sleep 1000\n"
 RUNNERS = ["runc", "rootless"]
@@ -77,7 +78,7 @@ class Run:
         args = (*top, "analyze", "--runner", self.runner, *args)
         if self.runner == "rootless":
             return self.user.argv(*args)
-        return [sys.executable, "-m", "estargz_opt", *map(str, args)]
+        return cli_argv(*args)
 
     def env(self) -> dict[str, str]:
         if self.runner == "rootless":

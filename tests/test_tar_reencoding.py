@@ -32,11 +32,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
-from helpers_containerd import estargz_opt
 from hypothesis import HealthCheck, given, settings, strategies as st
-from imagefactory import archive_for_ctr
-from ociimage import OCIImage, image_target, import_image, read_manifest, write_oci_layout
-from tarbytes import (
+from support.cli import invoke
+from support.imagefactory import archive_for_ctr
+from support.ociimage import OCIImage, image_target, import_image, read_manifest, write_oci_layout
+from support.reference import ctr_remote_run
+from support.tarbytes import (
     SET_ASIDE,
     build_retar,
     kept_entries,
@@ -45,7 +46,7 @@ from tarbytes import (
     split_entries,
     try_retar,
 )
-from tarfactory import (
+from support.tarfactory import (
     GNU,
     PAX,
     Entry,
@@ -58,7 +59,6 @@ from tarfactory import (
     reg,
     symlink,
 )
-from test_toc_parity import ctr_remote_run
 
 from estargz_opt.errors import BadInputError
 from estargz_opt.format import Format, LayerOptions, convert_layer
@@ -430,6 +430,7 @@ _LENGTH_PARTS = (range(5, 4500), range(4500, 6400), range(6400, 7800), range(780
                  range(9000, MAX_RECORD + 1))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lengths", _LENGTH_PARTS, ids=lambda r: f"{r.start}-{r.stop - 1}")
 def test_pax_records_of_every_length_read_back(lengths: range, retar_bin: Path,
                                                tmp_path: Path) -> None:
@@ -505,8 +506,8 @@ def test_boundary_records_unpack_and_run_in_containerd(containerd, busybox_layer
     config = {"Entrypoint": ["/bin/busybox", "sh", "-c", _list_script(tops)]}
     write_oci_layout(tmp_path / "src", [busybox_layer.read_bytes(), layer],
                      "localhost/pax-bounds:1", image_config=config)
-    estargz_opt("optimize", "--oci", "--no-optimize", "-q", f"oci:{tmp_path / 'src'}:1",
-                f"oci:{tmp_path / 'out'}:1")
+    invoke("optimize", "--oci", "--no-optimize", "-q", f"oci:{tmp_path / 'src'}:1",
+                f"oci:{tmp_path / 'out'}:1", check=True)
     ours = decompress_blob(_top_layer_blob(tmp_path / "out"), "estargz")
     got_records = {length - len(str(length)) for length, _k, _v in pax_records(ours)}
     assert set(BOUNDARY_TEXTS) <= got_records
@@ -550,7 +551,7 @@ def test_negative_ids_modes_and_devices_are_refused(tmp_path: Path) -> None:
         src = tmp_path / f"{offset}.tar"
         src.write_bytes(header + bytes(1024))
         out = tmp_path / f"{offset}.esgz"
-        res = estargz_opt("layer", "convert", str(src), str(out), check=False)
+        res = invoke("layer", "convert", str(src), str(out), check=False)
         assert res.returncode == 1, res
         assert res.stderr == (f"estargz-opt: error: cannot re-encode tar entry 'neg': "
                               f"negative {what} -5\n"), res.stderr
@@ -563,8 +564,8 @@ def test_gnu_name_of_almost_one_mib_stays_gnu(tmp_path: Path) -> None:
     src = tmp_path / "long.tar"
     src.write_bytes(write_tar([reg(name, b"deep\n", fmt=GNU)]))
     out = tmp_path / "long.esgz"
-    estargz_opt("layer", "convert", str(src), str(out), "--compression-level", "1")
-    estargz_opt("layer", "verify", str(out))
+    invoke("layer", "convert", str(src), str(out), "--compression-level", "1", check=True)
+    invoke("layer", "verify", str(out), check=True)
     payload = decompress_blob(out.read_bytes(), "estargz")
     entry = next(e for e in split_entries(payload) if e.name.startswith("nnn"))
     assert entry.raw[156:157] == b"L" and entry.raw[257:265] == b"ustar  \0"
@@ -574,8 +575,8 @@ def test_gnu_name_of_almost_one_mib_stays_gnu(tmp_path: Path) -> None:
 # --- gzip levels -1 and -2 -------------------------------------------------------------------
 
 def _level_blob(src: Path, out: Path, level: int) -> bytes:
-    estargz_opt("layer", "convert", str(src), str(out), "--compression-level", str(level))
-    estargz_opt("layer", "verify", str(out))
+    invoke("layer", "convert", str(src), str(out), "--compression-level", str(level), check=True)
+    invoke("layer", "verify", str(out), check=True)
     return out.read_bytes()
 
 
@@ -592,11 +593,11 @@ def test_gzip_levels_minus_one_and_minus_two(tmp_path: Path) -> None:
         assert blobs[level][:10] == bytes.fromhex("1f8b08000000000000ff")
     assert kept_entries(decompress_blob(blobs[-2], "estargz")) == kept_entries(
         decompress_blob(blobs[6], "estargz"))
-    res = estargz_opt("layer", "convert", str(src), str(tmp_path / "x"), "--compression-level",
+    res = invoke("layer", "convert", str(src), str(tmp_path / "x"), "--compression-level",
                       "-3", check=False)
     assert res.returncode == 1 and "must be -2 to 9" in res.stderr and res.stderr.count("\n") == 1
-    assert "Huffman-only" in estargz_opt("layer", "convert", "--help").stdout
-    assert "Huffman-only" in estargz_opt("optimize", "--help").stdout
+    assert "Huffman-only" in invoke("layer", "convert", "--help", check=True).stdout
+    assert "Huffman-only" in invoke("optimize", "--help", check=True).stdout
 
 
 @pytest.mark.parametrize("level", ["-1", "-2"])
@@ -604,11 +605,11 @@ def test_optimize_accepts_negative_gzip_levels(level: str, tmp_path: Path) -> No
     write_oci_layout(tmp_path / "src", [write_tar([reg("a.txt", b"a\n" * 1000)])],
                      "localhost/levels:1")
     out = tmp_path / "out"
-    estargz_opt("optimize", "--oci", "--no-optimize", "-q", "--estargz-compression-level", level,
-                f"oci:{tmp_path / 'src'}:1", f"oci:{out}:1")
+    invoke("optimize", "--oci", "--no-optimize", "-q", "--estargz-compression-level", level,
+                f"oci:{tmp_path / 'src'}:1", f"oci:{out}:1", check=True)
     layer = tmp_path / "layer.esgz"
     layer.write_bytes(_top_layer_blob(out))
-    estargz_opt("layer", "verify", str(layer))
+    invoke("layer", "verify", str(layer), check=True)
     assert layer.read_bytes()[8] == 0  # XFL of Go's gzip at levels other than 1 and 9
 
 
@@ -620,7 +621,7 @@ def test_what_go_cannot_reencode_is_refused(retar_bin: Path, tmp_path: Path) -> 
     assert try_retar(retar_bin, raw) is None
     src, out = tmp_path / "in.tar", tmp_path / "out.esgz"
     src.write_bytes(raw)
-    res = estargz_opt("layer", "convert", str(src), str(out), check=False)
+    res = invoke("layer", "convert", str(src), str(out), check=False)
     assert res.returncode == 1 and res.stderr.count("\n") == 1, res.stderr
     assert res.stderr.startswith("estargz-opt: error: cannot re-encode tar entry 'd/ppp")
     assert not out.exists()

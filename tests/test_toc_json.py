@@ -1,7 +1,7 @@
 """Byte-level format checks: Go-compatible TOC JSON and the three footers.
 
 The TOC digest is sha256 over the exact JSON bytes, so every whitespace and escaping detail
-matters (upstream-optimize.md §1.5, §1.6, §2, §3; pitfalls 6-8, 16, 18).
+matters (Go's encoding/json output, as upstream's estargz writer produces it).
 """
 
 from __future__ import annotations
@@ -11,16 +11,16 @@ import dataclasses
 import json
 import struct
 import subprocess
-import sys
 import tarfile
 
 import pytest
 import zstandard
+from support import tarfactory as tf
+from support.cli import cli_argv
 
-pytest.register_assert_rewrite("tarfactory")  # readable failures from shared checks
-import tarfactory as tf  # noqa: E402
+import estargz_opt.format as fmt_mod
 
-import estargz_opt.format as fmt_mod  # noqa: E402
+pytestmark = pytest.mark.unit
 
 Format = fmt_mod.Format
 FORMATS = list(Format)
@@ -310,7 +310,7 @@ def test_zstd_chunked_footer_and_annotations(tmp_path):
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_cli_layer_toc_prints_the_exact_json(fmt, tmp_path):
     conv = convert(tmp_path, tf.sample_entries(1024) + ODD_NAMES, fmt)
-    cmd = [sys.executable, "-m", "estargz_opt", "layer", "toc", str(conv.path)]
+    cmd = [*cli_argv(), "layer", "toc", str(conv.path)]
     if conv.result.toc_blob is not None:
         (tmp_path / "toc.blob").write_bytes(conv.result.toc_blob)
         cmd += ["--toc", str(tmp_path / "toc.blob")]

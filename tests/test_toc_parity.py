@@ -38,29 +38,26 @@ must abort with ``not found``, while we convert, verify, and put
 
 from __future__ import annotations
 
-import difflib
 import io
 import json
 import random
 import shutil
-import subprocess
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import pytest
-from helpers_containerd import NAMESPACE, estargz_opt
-from ociimage import OCIImage, image_target, import_image, read_manifest, write_oci_layout
+from support.cli import invoke
+from support.ociimage import OCIImage, image_target, import_image, read_manifest, write_oci_layout
+from support.reference import ctr_remote_run
+from support.tocs import LANDMARK, NO_LANDMARK, describe_mismatch, normalize
 
 pytestmark = pytest.mark.interop
 
 MIB = 1 << 20
 MTIME = 1_700_000_000  # 2023-11-14T22:13:20Z
-LANDMARK = ".prefetch.landmark"
-NO_LANDMARK = ".no.prefetch.landmark"
 TOC_DIGEST_ANNOTATION = "containerd.io/snapshot/stargz/toc.digest"
 FORMATS = ("estargz", "zstdchunked")
-VOLATILE_FIELDS = ("offset", "innerOffset")
 
 SYN_LONG_NAME = "long/" + "n" * 70 + "/" + "m" * 60 + ".txt"
 GNU_LONG_NAME = "gnu/" + "g" * 120 + ".bin"
@@ -218,16 +215,6 @@ def umoci_tar() -> bytes:
 
 # --- the two converters -----------------------------------------------------
 
-def ctr_remote_run(ctr_remote: Path, containerd, *args: str,
-                   check: bool = True) -> subprocess.CompletedProcess:
-    cmd = [str(ctr_remote), "-a", containerd.address, "-n", NAMESPACE, *args]
-    res = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL,
-                         timeout=300)
-    if check and res.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {res.returncode}\n"
-                             f"stdout:\n{res.stdout}\nstderr:\n{res.stderr}")
-    return res
-
 
 def write_record(path: Path, image: OCIImage, per_layer: tuple[tuple[str, ...], ...]) -> Path:
     """A record file as ``ctr-remote optimize --record-out`` writes it."""
@@ -270,79 +257,12 @@ def our_convert(src: Path, out: Path, fmt: str, prioritized: Path | None) -> tup
     args = ["layer", "convert", str(src), str(out), "--format", fmt]
     if prioritized is not None:
         args += ["--prioritized-files", str(prioritized)]
-    report = json.loads(estargz_opt(*args).stdout)
-    toc = json.loads(estargz_opt("layer", "toc", str(out)).stdout)
+    report = json.loads(invoke(*args, check=True).stdout)
+    toc = json.loads(invoke("layer", "toc", str(out), check=True).stdout)
     return report, toc
 
 
 # --- comparison -------------------------------------------------------------
-
-def normalize(toc: dict) -> dict:
-    """Drop offsets; fill elided userName/groupName from the last one seen."""
-    users: dict[int, str] = {}
-    groups: dict[int, str] = {}
-    entries = []
-    for raw in toc.get("entries", []):
-        e = {k: v for k, v in raw.items() if k not in VOLATILE_FIELDS}
-        if e.get("type") != "chunk":
-            for key, idkey, seen in (("userName", "uid", users), ("groupName", "gid", groups)):
-                ident = e.get(idkey, 0)
-                if e.get(key):
-                    seen[ident] = e[key]
-                elif ident in seen:
-                    e[key] = seen[ident]
-        entries.append(e)
-    return {"version": toc.get("version"), "entries": entries}
-
-
-def _key(e: dict) -> str:
-    return f"{e.get('type')} {e.get('name')!r}" + (
-        f" @{e['chunkOffset']}" if e.get("chunkOffset") else "")
-
-
-_ABSENT = "<absent>"
-
-
-def _field_diff(ours: dict, ref: dict) -> list[str]:
-    return [f"      {f}: ours={ours.get(f, _ABSENT)!r} ctr-remote={ref.get(f, _ABSENT)!r}"
-            for f in sorted(set(ours) | set(ref)) if ours.get(f, _ABSENT) != ref.get(f, _ABSENT)]
-
-
-def describe_mismatch(label: str, ours: dict, ref: dict, max_entries: int = 8) -> str | None:
-    """None if the normalized TOCs are equal, else a readable report."""
-    if ours == ref:
-        return None
-    lines = [f"{label}: TOCs differ (ours {len(ours['entries'])} entries, "
-             f"ctr-remote {len(ref['entries'])})"]
-    if ours["version"] != ref["version"]:
-        lines.append(f"  version: ours={ours['version']!r} ctr-remote={ref['version']!r}")
-    ours_keys = [_key(e) for e in ours["entries"]]
-    ref_keys = [_key(e) for e in ref["entries"]]
-    if ours_keys != ref_keys:
-        lines.append("  entry order/names/types differ (- ctr-remote, + ours):")
-        diff = list(difflib.unified_diff(ref_keys, ours_keys, "ctr-remote", "ours",
-                                         n=2, lineterm=""))
-        lines += ["    " + d for d in diff[2:62]]
-        if len(diff) > 62:
-            lines.append(f"    ... {len(diff) - 62} more diff lines")
-    # Field differences, entries paired by key (first occurrence).
-    ref_by_key: dict[str, tuple[int, dict]] = {}
-    for i, e in enumerate(ref["entries"]):
-        ref_by_key.setdefault(_key(e), (i, e))
-    shown = 0
-    for i, e in enumerate(ours["entries"]):
-        pair = ref_by_key.get(_key(e))
-        if pair is None or pair[1] == e:
-            continue
-        if shown == 0:
-            lines.append("  field differences:")
-        lines.append(f"    entry {_key(e)} (ours #{i}, ctr-remote #{pair[0]}):")
-        lines += _field_diff(e, pair[1])
-        shown += 1
-        if shown >= max_entries:
-            lines.append("    ... (more entries differ)")
-            break
-    return "\n".join(lines)
 
 
 # --- fixtures ---------------------------------------------------------------
@@ -471,7 +391,7 @@ def test_umoci_layer_prioritized(umoci_image: OCIImage, containerd, ctr_remote: 
     for fmt in FORMATS:
         out = tmp_path / f"umoci-{fmt}.out"
         report, toc = our_convert(src, out, fmt, prio)
-        estargz_opt("layer", "verify", str(out), "--toc-digest", report["tocDigest"])
+        invoke("layer", "verify", str(out), "--toc-digest", report["tocDigest"], check=True)
         names = [e["name"] for e in toc["entries"]]
         assert names[:2] == [UMOCI_TOOL, LANDMARK], names
         # Nothing invented, nothing lost: the rest is the input in order.

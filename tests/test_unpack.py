@@ -12,8 +12,8 @@ import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
-import imagefactory as f
 import pytest
+from support import imagefactory as f
 
 from estargz_opt.descriptor import OCI_LAYER_GZIP, Descriptor
 from estargz_opt.errors import BadInputError
@@ -25,6 +25,7 @@ def _sha(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
+@pytest.mark.unit
 def test_chain_ids_follow_the_oci_image_spec() -> None:
     a, b, c = (_sha(x) for x in (b"a", b"b", b"c"))
     # Written out by hand from the spec: ChainID(L0|..|Ln) = Digest(ChainID(..Ln-1) + " " + Ln).
@@ -33,12 +34,6 @@ def test_chain_ids_follow_the_oci_image_spec() -> None:
     assert chain_ids([a, b, c]) == [a, ab, abc]
     assert chain_ids([a]) == [a]
     assert chain_ids([]) == []
-
-
-@pytest.fixture
-def client(containerd) -> Iterator[Client]:
-    with Client(containerd.address, "default", timeout=120) as c:
-        yield c
 
 
 @pytest.fixture

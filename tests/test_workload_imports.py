@@ -13,6 +13,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.unit
+
 FORBIDDEN = ("grpc", "google.protobuf")
 
 

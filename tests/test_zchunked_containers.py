@@ -11,7 +11,6 @@ import json
 import random
 import re
 import subprocess
-import sys
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -19,12 +18,20 @@ from typing import Any
 import pytest
 import zstandard
 from hypothesis import given, settings, strategies as st
-from imagefactory import blob_path, put_json, read_json, resolve_tag, tag_descriptor, write_layout
+from support.cli import cli_argv
+from support.imagefactory import (
+    blob_path,
+    put_json,
+    read_json,
+    resolve_tag,
+    tag_descriptor,
+    write_layout,
+)
 
 from estargz_opt.format import zchunked
 from estargz_opt.format.zchunked_verify import open_containers_layer, verify_containers_layer
 
-CLI = [sys.executable, "-m", "estargz_opt"]
+CLI = cli_argv()
 CONTAINERS = ("--format", "zstdchunked", "--zstdchunked-flavor", "containers")
 STARGZ_TOC = "containerd.io/snapshot/stargz/toc.digest"
 
@@ -83,6 +90,7 @@ def _chunks(data: bytes, cuts: list[int]) -> list[tuple[bytes, bool]]:
     return out
 
 
+@pytest.mark.unit
 @settings(max_examples=40, deadline=None)
 @given(
     st.lists(
@@ -107,6 +115,7 @@ def test_chunks_do_not_depend_on_how_the_content_is_fed(
     )
 
 
+@pytest.mark.unit
 def test_a_local_edit_keeps_the_other_chunks() -> None:
     rnd = random.Random(1)
     a = rnd.randbytes(2 << 20)
@@ -117,6 +126,7 @@ def test_a_local_edit_keeps_the_other_chunks() -> None:
     assert sum(c not in ca for c in cb) <= 2
 
 
+@pytest.mark.unit
 def test_no_chunk_exceeds_the_bound() -> None:
     data = b"\x01" * (zchunked.MAX_CHUNK * 2 + 10)  # a constant byte never cuts
     sizes = [len(c) for c, _ in _chunks(data, [1 << 20])]

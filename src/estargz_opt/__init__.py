@@ -37,7 +37,7 @@ if TYPE_CHECKING:
         WorkloadStartError,
     )
     from estargz_opt.events import ProgressListener
-    from estargz_opt.format import Format, LayerOptions, LayerResult
+    from estargz_opt.format import Format, LayerOptions, LayerResult, ZstdFlavor
     from estargz_opt.layer import LayerConversion, convert_layer
     from estargz_opt.pipeline import analyze, optimize
     from estargz_opt.prioritize.profile import ProfileKind, ProfileSource
@@ -66,6 +66,7 @@ _HOMES = {
     "LayerCheck": "estargz_opt.check",
     "LayerConversion": "estargz_opt.layer",
     "Format": "estargz_opt.format",
+    "ZstdFlavor": "estargz_opt.format",
     "LayerOptions": "estargz_opt.format",
     "LayerResult": "estargz_opt.format",
     "ProfileKind": "estargz_opt.prioritize.profile",
@@ -120,6 +121,7 @@ __all__ = [
     "UsageError",
     "VerificationError",
     "WorkloadStartError",
+    "ZstdFlavor",
     "analyze",
     "convert_layer",
     "inspect",

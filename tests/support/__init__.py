@@ -1,1 +1,2 @@
-"""Helpers shared by test modules: image factories, servers, runtimes."""
+"""Helpers shared by the tests and the benchmarks: image and tar factories, servers, daemons,
+runtimes."""

@@ -14,7 +14,7 @@ import subprocess
 import tarfile
 from pathlib import Path
 
-from layers import DEB_CACHE, LayerBuildError
+from support.layers import DEB_CACHE, LayerBuildError
 
 
 def deb(package: str, cache: Path = DEB_CACHE) -> Path:

@@ -9,7 +9,7 @@ import subprocess
 import tarfile
 from pathlib import Path
 
-import imagefactory as f
+from support import imagefactory as f
 
 #: where the .debs are kept between runs (downloaded once per machine)
 DEB_CACHE = Path("/var/cache/estargz-opt/multiarch")  # as scripts/install-deps.sh

@@ -443,9 +443,14 @@ def _is_ascii(raw: bytes) -> bool:
     return raw.isascii() and b"\0" not in raw
 
 
+#: the bytes Go's toASCII drops: NUL and every non-ASCII byte
+_NOT_ASCII = bytes([0, *range(0x80, 0x100)])
+
+
 def _to_ascii(raw: bytes) -> bytes:
-    """Go's toASCII: drop every non-ASCII character (and NUL)."""
-    return raw if _is_ascii(raw) else bytes(b for b in raw if 0 < b < 0x80)
+    """Go's toASCII: drop every non-ASCII character (and NUL). bytes.translate, not a
+    loop in Python: PAX values run to megabytes (a long xattr), each header goes here."""
+    return raw if _is_ascii(raw) else raw.translate(None, _NOT_ASCII)
 
 
 def _split_ustar(name: bytes) -> tuple[bytes, bytes] | None:

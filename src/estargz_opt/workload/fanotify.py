@@ -13,6 +13,7 @@ Each event carries an open fd on the accessed file; the file's path is what
 
 from __future__ import annotations
 
+import abc
 import ctypes
 import errno
 import logging
@@ -23,7 +24,7 @@ import struct
 import time
 from collections.abc import Iterable, Iterator
 from types import TracebackType
-from typing import Protocol
+from typing import Protocol, Self
 
 from estargz_opt.errors import (
     FanotifyError,
@@ -137,7 +138,46 @@ def drain(source: EventSource, timeout: float = 0.0) -> list[str]:
         deadline = time.monotonic()
 
 
-class FanotifyMonitor:
+def init_group(flags: int, event_f_flags: int, what: str) -> tuple[int, ctypes.CDLL]:
+    """A new non-blocking, close-on-exec notification group's fd (with `flags` added),
+    and the libc that marks it; `what` names the call in errors."""
+    libc = _libc()
+    fd = libc.fanotify_init(FAN_CLASS_NOTIF | FAN_CLOEXEC | FAN_NONBLOCK | flags, event_f_flags)
+    if fd < 0:
+        err = ctypes.get_errno()
+        if err == errno.EPERM:
+            raise _permission_error(what)
+        if err in (errno.ENOSYS, errno.EINVAL):
+            raise _unavailable_error(what, err)
+        raise FanotifyError(f"fanotify_init failed: {os.strerror(err)}")
+    return fd, libc
+
+
+class Group(abc.ABC):
+    """What both monitors share: a context manager that closes the group, and its fd."""
+
+    _fd: int
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Close the group (and whatever else the monitor holds)."""
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class FanotifyMonitor(Group):
     """Records files opened or read on the mount that holds `mount_path`, by any process.
 
     Use as a context manager; the fanotify group exists from construction until close.
@@ -161,21 +201,9 @@ class FanotifyMonitor:
         self.overflows = 0
         self._proc_dir_fd = proc_dir_fd
         self._seen: dict[str, None] = {}
-        self._fd = -1
-        libc = _libc()
-        fd = libc.fanotify_init(
-            FAN_CLASS_NOTIF | FAN_CLOEXEC | FAN_NONBLOCK,
-            os.O_RDONLY | getattr(os, "O_LARGEFILE", 0) | os.O_CLOEXEC,
+        self._fd, self._libc = init_group(
+            0, os.O_RDONLY | getattr(os, "O_LARGEFILE", 0) | os.O_CLOEXEC, "fanotify_init"
         )
-        if fd < 0:
-            err = ctypes.get_errno()
-            if err == errno.EPERM:
-                raise _permission_error("fanotify_init")
-            if err in (errno.ENOSYS, errno.EINVAL):
-                raise _unavailable_error("fanotify_init", err)
-            raise FanotifyError(f"fanotify_init failed: {os.strerror(err)}")
-        self._fd = fd
-        self._libc = libc
         if mark:
             self.mark()
 
@@ -198,25 +226,11 @@ class FanotifyMonitor:
                 raise _unavailable_error(f"fanotify_mark on {self.mount_path}", err)
             raise FanotifyError(f"cannot watch {self.mount_path} with fanotify: {os.strerror(err)}")
 
-    def __enter__(self) -> FanotifyMonitor:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
     def close(self) -> None:
         """Close the fanotify group; the kernel drops its marks and queued events."""
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-
-    def fileno(self) -> int:
-        return self._fd
 
     def events(self) -> Iterator[str]:
         """Yield the path of every event queued now, without waiting for more.

@@ -23,22 +23,18 @@ import os
 import stat
 import struct
 from collections.abc import Iterator
-from types import TracebackType
 
 from estargz_opt.errors import FanotifyError
 from estargz_opt.fstree import walk
 from estargz_opt.workload.fanotify import (
     FAN_ACCESS,
-    FAN_CLASS_NOTIF,
-    FAN_CLOEXEC,
     FAN_MARK_ADD,
-    FAN_NONBLOCK,
     FAN_OPEN,
     FAN_Q_OVERFLOW,
     FANOTIFY_METADATA_VERSION,
-    _libc,
+    Group,
     _permission_error,
-    _unavailable_error,
+    init_group,
 )
 
 log = logging.getLogger("estargz_opt")
@@ -136,7 +132,7 @@ def parse_fid_events(buf: bytes) -> Iterator[Handle | None]:
         off = end
 
 
-class FidMonitor:
+class FidMonitor(Group):
     """Records regular files opened or read on the filesystem of `root` (FID mode).
 
     The group is created at construction (so that a refusal is known before anything
@@ -149,21 +145,9 @@ class FidMonitor:
         self.handles = handles
         self.overflows = 0
         self.unknown = 0
-        self._fd = -1
-        libc = _libc()
-        fd = libc.fanotify_init(
-            FAN_CLASS_NOTIF | FAN_CLOEXEC | FAN_NONBLOCK | FAN_REPORT_FID,
-            os.O_RDONLY | os.O_CLOEXEC,
+        self._fd, self._libc = init_group(
+            FAN_REPORT_FID, os.O_RDONLY | os.O_CLOEXEC, "fanotify_init(FAN_REPORT_FID)"
         )
-        if fd < 0:
-            err = ctypes.get_errno()
-            if err == errno.EPERM:
-                raise _permission_error("fanotify_init(FAN_REPORT_FID)")
-            if err in (errno.ENOSYS, errno.EINVAL):
-                raise _unavailable_error("fanotify_init(FAN_REPORT_FID)", err)
-            raise FanotifyError(f"fanotify_init failed: {os.strerror(err)}")
-        self._fd = fd
-        self._libc = libc
         # Held from now on: once the container pivots into the rootfs, `root` no longer
         # names it in this process (whose root moved with it).
         self._root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -181,9 +165,6 @@ class FidMonitor:
             raise FanotifyError(
                 f"cannot watch {self.root} with a fanotify filesystem mark: {os.strerror(err)}"
             )
-
-    def fileno(self) -> int:
-        return self._fd
 
     def events(self) -> Iterator[str]:
         """Yield the path of every event queued now, without waiting for more."""
@@ -212,14 +193,3 @@ class FidMonitor:
             os.close(self._fd)
             os.close(self._root_fd)
             self._fd = -1
-
-    def __enter__(self) -> FidMonitor:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

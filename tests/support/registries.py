@@ -1,4 +1,4 @@
-"""Test registries in the four configurations of issue 13, for tests/test_registry_auth.py
+"""Test registries in four configurations, for tests/test_registry_auth.py
 (and the registry store's tests):
 
 * plain HTTP;
@@ -34,7 +34,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.x509.oid import NameOID
-from lazypull import Registry, RegistryConfig
+
+from support.lazypull import Registry, RegistryConfig
 
 USER = "tester"
 PASSWORD = "s3cret-Pa55word-9f1c"

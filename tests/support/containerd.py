@@ -2,7 +2,8 @@
 
 The daemon is started and stopped by scripts/containerd-up.sh and
 scripts/containerd-down.sh, so tests, the demo and people at a shell all use
-the same set-up. Everything it writes lives in one directory.
+the same set-up. Everything it writes lives in one directory. Below the daemon: our CLI
+against it (`optimize`) and what a test reads back (images, leases, ingests in progress).
 """
 
 from __future__ import annotations
@@ -10,13 +11,17 @@ from __future__ import annotations
 import hashlib
 import itertools
 import os
+import re
 import shutil
 import subprocess
-import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from support.cli import run_cli
+from support.imagefactory import archive_for_ctr
+
+REPO = Path(__file__).resolve().parents[2]
 SCRIPTS = REPO / "scripts"
 CONTAINERD = "/usr/bin/containerd"
 CTR_REMOTE_DEFAULT = Path("/opt/estargz-opt/ctr-remote/usr/bin/ctr-remote")
@@ -155,13 +160,48 @@ def ensure_ctr_remote() -> Path:
     return path
 
 
-def estargz_opt(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    """Run our CLI (``python -m estargz_opt ...``) with text output."""
-    cmd = [sys.executable, "-m", "estargz_opt", *args]
-    res = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL,
-                         timeout=600)
-    if check and res.returncode != 0:
-        raise AssertionError(
-            f"{' '.join(cmd)} exited {res.returncode}\nstdout:\n{res.stdout}\n"
-            f"stderr:\n{res.stderr}")
-    return res
+def optimize(c: Containerd, *args: str | Path, **kw) -> subprocess.CompletedProcess:
+    """`estargz-opt -a SOCKET optimize ARGS` against *c*, as a child process."""
+    return run_cli("-a", c.address, "optimize", *args, **kw)
+
+
+def images(c: Containerd) -> set[str]:
+    """The image names in *c*'s default namespace."""
+    return set(c.ctr("images", "ls", "-q").stdout.split())
+
+
+def leases(c: Containerd, namespace: str = "default") -> list[tuple[str, str]]:
+    """(id, labels) of estargz-opt's leases, from ``ctr leases ls``."""
+    res = subprocess.run(["ctr", "-a", c.address, "-n", namespace, "leases", "ls"],
+                         capture_output=True, text=True, check=True, timeout=60)
+    rows = [line.split() for line in res.stdout.splitlines()[1:] if line.strip()]
+    return [(row[0], row[-1]) for row in rows if "estargz-opt" in " ".join(row)]
+
+
+_SIZE = re.compile(r"([\d.]+)\s*([kMGT]?B)")
+_UNITS = {"B": 1, "kB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12}
+
+
+def active(c: Containerd) -> dict[str, float]:
+    """Ingests in progress or left behind: ref -> bytes held (``ctr content active``)."""
+    out = {}
+    for line in c.ctr("content", "active").stdout.splitlines()[1:]:
+        cols = [x for x in line.split("\t") if x]
+        if cols:
+            m = _SIZE.fullmatch(cols[1].strip()) if len(cols) > 1 else None
+            out[cols[0]] = float(m[1]) * _UNITS[m[2]] if m else 0.0
+    return out
+
+
+def ctr_run(c: Containerd, image: str) -> str:
+    """``ctr run --rm`` the image under a fresh container id; its stdout."""
+    cid = f"esgzcd-{os.getpid()}-{time.monotonic_ns() % 10**9}"
+    return c.ctr("run", "--rm", image, cid).stdout
+
+
+def import_layout(c: Containerd, layout: Path, tag: str, name: str, archive: Path,
+                  all_platforms: bool = True) -> None:
+    """Import the layout's TAG into *c* as NAME (through an archive, as ctr needs)."""
+    archive_for_ctr(layout, tag, name, archive)
+    c.ctr("images", "import", "--no-unpack",
+          *(["--all-platforms"] if all_platforms else []), str(archive))

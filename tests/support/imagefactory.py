@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ociimage import host_goarch
+from support.ociimage import host_goarch
 
 # --- media types and annotations ------------------------------------------------------------
 

@@ -1,6 +1,6 @@
 """Build real tar files for the layer-format tests, and read layers back independently.
 
-Everything here is written against the format description (upstream-optimize.md §1-4), not
+Everything here is written against the format description (the eStargz and zstd:chunked specs), not
 against the engine, so the tests can check the engine's output with code that does not share
 its bugs:
 

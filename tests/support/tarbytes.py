@@ -17,7 +17,7 @@ BLOCK = 512
 SET_ASIDE = frozenset({"stargz.index.json", ".prefetch.landmark", ".no.prefetch.landmark"})
 _META = frozenset(b"xgLK")
 _HEADER_ONLY = frozenset(b"123456")
-RETAR_SOURCE = Path(__file__).parent / "go" / "retar"
+RETAR_SOURCE = Path(__file__).resolve().parents[1] / "go" / "retar"
 TAR_SPLIT_GOPATH = Path("/usr/share/gocode")  # Debian's golang-github-vbatts-tar-split-dev
 
 

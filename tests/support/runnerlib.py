@@ -1,8 +1,8 @@
-"""Shared by the tests of the runners that need no containerd (runc; rootless later).
+"""Shared by the tests of the runners that need no containerd (runc, rootless).
 
 `DAEMONLESS` names each such runner with the flags that select it, so that a test
-parametrized over it covers every one (issue 14: the rootless runner adds its row).
-`RunLeftovers` is test_analyze's `Leftovers` for them: no sample container in the
+parametrized over it covers every one (the rootless runner has its row).
+`RunLeftovers` is support.leftovers' `Leftovers` for them: no sample container in the
 runtime's state, no sample cgroup, no monitor, no mount, no netns, nothing in $TMPDIR.
 Helpers read the converted OCI layout (prioritized files per layer) and run an image of
 a layout with runc on umoci's unpack of it.
@@ -14,30 +14,16 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-from test_optimize_parity import our_toc, prioritized_files
+from support.tocs import our_toc, prioritized_files
 
 #: runner name -> the flags that select it for an oci: source
 DAEMONLESS: dict[str, list[str]] = {"runc": ["--runner", "runc"]}
 STATE_ROOT = "/run/estargz-opt/runc"
 SAMPLE = "estargz-opt-sample-"
 MONITOR = "estargz_opt.workload.monitor"
-
-
-def cli_env(tmpdir: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CONTAINERD")}
-    env.update(TMPDIR=str(tmpdir), **extra)
-    return env
-
-
-def run_cli(*args: str | Path, env: dict[str, str], timeout: float = 180,
-            stdin: int | None = subprocess.DEVNULL) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "estargz_opt", *map(str, args)],
-                          capture_output=True, text=True, env=env, stdin=stdin,
-                          timeout=timeout)
 
 
 def sample_containers(root: str = STATE_ROOT) -> set[str]:

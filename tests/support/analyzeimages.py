@@ -1,4 +1,6 @@
-"""Images for the workload-analyzer tests (tests/test_analyze.py).
+"""Images for the workload-analyzer tests of every runner, and what they share: the
+workload kinds (`KINDS`: exit, --period, --wait-on-line) with the records they must
+give, and reading a record or what a run prioritized.
 
 Layer tars are docker-style: every parent directory has its own entry before what it
 holds. Entries are given as a list of :class:`E` (file, dir, symlink, whiteout, ...), so a
@@ -8,14 +10,17 @@ test can also write what a hostile image would (absolute symlinks, ``..`` names)
 from __future__ import annotations
 
 import io
+import json
+import re
 import tarfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import imagefactory as f
-from helpers_containerd import Containerd
-from ociimage import image_target
+from support import imagefactory as f
+from support.cli import run_cli
+from support.containerd import Containerd
+from support.ociimage import image_target
 
 MTIME = f.LAYER_MTIME
 
@@ -139,3 +144,68 @@ def config(cmd: Sequence[str] = (), entrypoint: Sequence[str] = (), **extra) -> 
         cfg["Entrypoint"] = list(entrypoint)
     cfg.update(extra)
     return {"config": cfg}
+
+
+BB = ("bin/busybox", 0)
+
+
+def read_record(path: Path) -> list[dict]:
+    assert path.is_file(), f"no record at {path}"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def pairs(record: list[dict]) -> list[tuple[str, int]]:
+    return [(r["path"], r["layerIndex"]) for r in record]
+
+
+def inspect(c: Containerd, image: str) -> list[dict]:
+    res = run_cli("-a", c.address, "inspect", image, "--json")
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout)["layers"]
+
+
+def prioritized(c: Containerd, image: str) -> list[list[str]]:
+    """Per layer, the regular files before the landmark (directories left out)."""
+    out = []
+    for lay in inspect(c, image):
+        out.append([p for p in lay["prioritized"] if not p.endswith("/")])
+    return out
+
+
+def expected_prioritized(record: list[dict], layers: int) -> list[list[str]]:
+    out: list[list[str]] = [[] for _ in range(layers)]
+    for path, index in pairs(record):
+        out[index].append(path)
+    return out
+
+
+def ended_by(stderr: str) -> str:
+    m = re.search(r"workload ended \(([^)]*)\)", stderr)
+    assert m, f"no 'workload ended' line:\n{stderr}"
+    return m[1]
+
+
+RUN_SH = """\
+cat /app/a.txt
+case "$1" in
+  exit) echo done-exit ;;
+  sleep) cat /app/b.txt; echo sleeping; exec /bin/busybox sleep 1000 ;;
+  ready) cat /app/c.txt; echo READY; exec /bin/busybox sleep 1000 ;;
+esac
+"""
+
+
+KIND_OUTPUT = "alpha-upper\ndone-exit\n"
+
+
+KINDS = {
+    # name: (flags, expected record set, period, how it ends, output on stderr)
+    "exit": ([], {BB, ("app/run.sh", 1), ("app/a.txt", 2)}, 10,
+             "the workload exited", "done-exit"),
+    "period": (["--args", '["/bin/sh","/app/run.sh","sleep"]'],
+               {BB, ("app/run.sh", 1), ("app/a.txt", 2), ("app/b.txt", 1)}, 2,
+               "the --period elapsed", "sleeping"),
+    "line": (["--args", '["/bin/sh","/app/run.sh","ready"]', "--wait-on-line", "READY"],
+             {BB, ("app/run.sh", 1), ("app/a.txt", 2), ("app/c.txt", 2)}, 30,
+             "the --wait-on-line text was printed", "READY"),
+}

@@ -10,7 +10,7 @@ Each case must end in success or an EstargzOptError whose message is one line (w
 CLI prints): any other exception is a traceback, and fails the run; so does a case over
 30 s (SIGALRM). Memory is measured by the caller (tests/test_fuzz.py, with wait4).
 
-Usage: python tests/fuzz_reader.py [--seconds 40] [--seed N]; prints "cases: N ...".
+Usage: python tests/support/fuzz_reader.py [--seconds 40] [--seed N]; prints "cases: N ...".
 """
 
 from __future__ import annotations
@@ -32,9 +32,7 @@ from typing import Any
 import zstandard
 from hypothesis import HealthCheck, Phase, given, settings, strategies as st
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import tarfactory as tf
-
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for the support package
 from estargz_opt.errors import EstargzOptError
 from estargz_opt.format import (
     Format,
@@ -45,6 +43,7 @@ from estargz_opt.format import (
     tarfmt,
     zstdchunked,
 )
+from support import tarfactory as tf
 
 CASE_LIMIT_S = 30
 
