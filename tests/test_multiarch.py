@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from support import imagefactory as f
-from support.cli import cli_argv, cli_env, run_cli
+from support.cli import cli_argv, cli_env, invoke, run_cli
 from support.containerd import NAMESPACE, Containerd
 from support.multiarch import DATA, without_qemu, write_two_platform_image
 from support.tocs import our_toc, prioritized_files
@@ -237,3 +237,16 @@ def test_record_in_applies_each_platforms_lines_and_profile_platform_by_path(
     assert res.returncode != 0 and res.stderr.strip().splitlines()[-1].startswith(
         "estargz-opt: error: --profile-platform linux/s390x"), res.stderr
     assert '"bad"' not in (layout / "index.json").read_text()
+
+
+def test_profile_options_are_checked_before_any_work() -> None:
+    """In process: the combinations the request refuses, each naming its flags."""
+    for args, words in (
+        (["--profile-platform", "linux/amd64"], "--profile-platform applies to --record-in"),
+        (["--record-in", __file__, "--profile-platform", "linux/nope"], "unknown platform"),
+        (["--allow-empty-profile"], "--allow-empty-profile applies to"),
+    ):
+        res = invoke("optimize", "--oci", *args, "oci:/nonexistent/a:v1",
+                     "oci:/nonexistent/b:x")
+        assert res.returncode != 0 and words in res.stderr, (args, res.stderr)
+        assert len(res.stderr.strip().splitlines()) == 1, res.stderr

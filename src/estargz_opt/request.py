@@ -13,6 +13,7 @@ from estargz_opt.cache import default_dir as default_cache_dir
 from estargz_opt.constants import DEFAULT_CACHE_MAX_SIZE, DEFAULT_CHUNK_SIZE
 from estargz_opt.errors import OptionsError, UsageError
 from estargz_opt.format import Format, LayerOptions, ZstdFlavor
+from estargz_opt.platforms import parse as parse_platform
 from estargz_opt.prioritize.profile import ProfileKind, ProfileSource
 from estargz_opt.stores import StoreOptions
 from estargz_opt.workload.options import SamplerOptions
@@ -180,6 +181,8 @@ class OptimizeRequest:
             p.kind is ProfileKind.RECORD for p in self.profiles
         ):
             raise OptionsError("{pp} applies to {rec}", pp="profile_platform", rec=_RECORD)
+        if self.profile_platform is not None:
+            parse_platform(self.profile_platform)  # a bad spelling fails before any work
         foreign_runs = self.runs_workload and (self.platforms or self.all_platforms)
         if self.allow_empty_profile and not (self.profiles or foreign_runs):
             raise OptionsError(
