@@ -64,9 +64,12 @@ def test_all_platforms_each_gets_its_own_profile(
     record = tmp_path / "record.jsonl"
     lists = tmp_path / "prefetch.txt"
     res = run_cli("optimize", "--oci", "--runner", "runc", "--all-platforms", "--period", "20",
-                  "--record-out", record, "--prefetch-list-out", lists,
+                  "--record-out", record, "--prefetch-list-out", lists, "--json",
                   f"oci:{layout}:v1", f"oci:{layout}:esgz", env=cli_env(tmp_path))
     assert res.returncode == 0, res.stderr
+    runs = json.loads(res.stdout)["workload"]["platforms"]
+    assert [(r["platform"], r["exitStatus"], r["recordedFiles"]) for r in runs] == [
+        ("linux/amd64", 0, 4), ("linux/arm64", 0, 4)], runs
     assert "running the workload for linux/arm64 (emulated by" in res.stderr, res.stderr
     entries = [json.loads(x) for x in record.read_text().splitlines()]
     for plat, digest in digests.items():

@@ -263,10 +263,12 @@ def _analyze(
         )
         lists.append((emu.platform, desc.digest, [e.path for e in result.entries]))
         mine = prioritized_from_record(result.entries, desc.digest, manifest)
+        result.platform = str(emu.platform)
         if combined is None:
             combined = result
             combined.prioritized = mine
             continue
+        combined.others.append(result)
         combined.entries.extend(result.entries)
         for layer, paths in mine.items():
             have = combined.prioritized.setdefault(layer, [])
