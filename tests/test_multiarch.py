@@ -226,6 +226,12 @@ def test_record_in_applies_each_platforms_lines_and_profile_platform_by_path(
     assert _first_files(layout, converted["linux/arm64"]) == set()
     assert _first_files(layout, converted["linux/amd64"]) == WANT["linux/amd64"]
 
+    res = run_cli("optimize", "--oci", "--platform", "linux/arm64", "--record-in", amd,
+                  f"oci:{layout}:v1", f"oci:{layout}:arm-only", env=cli_env(tmp_path))
+    assert res.returncode == 1, res.stderr
+    assert "lines for none of the selected platforms" in res.stderr.strip().splitlines()[-1]
+    assert '"arm-only"' not in (layout / "index.json").read_text()
+
     res = run_cli("optimize", "--oci", "--all-platforms", "--record-in", amd,
                   "--profile-platform", "linux/amd64",
                   f"oci:{layout}:v1", f"oci:{layout}:by-path", env=cli_env(tmp_path))

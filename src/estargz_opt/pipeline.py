@@ -322,14 +322,8 @@ def _workload_images(
         return [(Emulation(platforms.host()), *host)]
     out: list[tuple[Emulation, Descriptor, Manifest]] = []
     for image in images(src, root, matcher, need_platform=True):
-        platform = (
-            image.desc.platform
-            or (platforms.parse(image.platform) if image.platform else None)
-            or root_platform(src, image.desc, image.manifest)
-            or platforms.host()
-        )
         try:
-            emu = emulation.find(platform)
+            emu = emulation.find(_platform_of(src, image))
         except EmulationUnavailableError as exc:
             if not allow_empty_profile:
                 raise EmulationUnavailableError.with_terms(
@@ -353,6 +347,9 @@ def _profile(
     if not req.profiles:
         return None, []
     targets = _profile_targets(req, src, root, matcher)
+    if not targets and not matcher.host_default:
+        _empty_profile(req, "the profiles have lines for none of the selected platforms")
+        return None, []
     if not targets:
         host = _host_manifest(src, root)
         _empty_profile(
