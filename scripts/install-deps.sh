@@ -10,7 +10,9 @@
 #   test: the same, plus Debian's crun (--runtime crun tests) skopeo umoci
 #         busybox-static debootstrap tmux, uidmap (newuidmap/newgidmap: the
 #         rootless runner's several-ids test),
-#         containernetworking-plugins iproute2 (--cni tests), and the lazy-pull
+#         containernetworking-plugins iproute2 (--cni tests), qemu-user-static
+#         with its qemu-aarch64 binfmt_misc entry registered, and busybox-static
+#         for amd64 and arm64 in $CACHE/multiarch (the two-platform image), the lazy-pull
 #         end-to-end deps (scripts/install-e2e-deps.sh: Go, the stargz Go
 #         library, docker-registry, fuse3).
 # The project itself goes into the checkout's venv: scripts/install-venv.sh.
@@ -20,7 +22,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)"
 CACHE="${ESTARGZ_OPT_CACHE:-/var/cache/estargz-opt}"
 DEMO_PACKAGES=(containerd runc)
 TEST_PACKAGES=("${DEMO_PACKAGES[@]}" crun skopeo umoci busybox-static debootstrap tmux zstd
-               containernetworking-plugins iproute2 uidmap)
+               containernetworking-plugins iproute2 uidmap qemu-user-static)
 
 log() { printf 'install-deps: %s\n' "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
@@ -75,6 +77,28 @@ if ! compgen -G "$CACHE/debs/busybox-static_*.deb" >/dev/null; then
         (cd "$CACHE/debs" && apt-get -q download busybox-static) >&2 \
             || die "apt-get download busybox-static failed"
     fi
+fi
+
+# --- foreign platforms: qemu-user's binfmt_misc entry, both busybox-static .debs -------
+if [[ "$PURPOSE" == test ]]; then
+    binfmt=/proc/sys/fs/binfmt_misc
+    [[ -e $binfmt/register ]] || mount -t binfmt_misc binfmt_misc "$binfmt" \
+        || die "cannot mount binfmt_misc at $binfmt"
+    # What systemd-binfmt would do at boot with Debian's entry (it has the F flag).
+    [[ -e $binfmt/qemu-aarch64 ]] || cat /usr/lib/binfmt.d/qemu-aarch64.conf > "$binfmt/register" \
+        || die "cannot register qemu-aarch64 with binfmt_misc"
+    mkdir -p "$CACHE/multiarch"
+    for arch in amd64 arm64; do
+        compgen -G "$CACHE/multiarch/busybox-static_*_$arch.deb" >/dev/null && continue
+        if [[ $arch != amd64 ]] && ! dpkg --print-foreign-architectures | grep -qx "$arch"; then
+            dpkg --add-architecture "$arch"
+            APT_UPDATED=0
+        fi
+        apt_update_once
+        log "downloading busybox-static:$arch into $CACHE/multiarch"
+        (cd "$CACHE/multiarch" && apt-get -q download "busybox-static:$arch") >&2 \
+            || die "apt-get download busybox-static:$arch failed"
+    done
 fi
 
 # --- reference ctr-remote -------------------------------------------------------------

@@ -33,6 +33,7 @@ and keeps its traceback. Errors about options name the API's fields and values
     │       ├── ImageTooBigError
     │       └── NeedsIdsError
     ├── WorkloadStartError            the workload could not start: the run fails
+    ├── EmulationUnavailableError     a foreign platform's workload has no qemu-user here
     ├── RunnerError                   a runner could not signal, wait for or delete a task
     ├── MonitorError                  the file-access monitor failed
     ├── MountError                    a mount the sample container needs failed
@@ -220,6 +221,11 @@ class WorkloadStartError(EstargzOptError):
     """The workload could not start (the runtime refused the host or the spec, or the
     entrypoint is missing): the run fails, unlike a workload that starts and exits
     non-zero, whose reads are recorded."""
+
+
+class EmulationUnavailableError(EstargzOptError):
+    """A selected platform is not the host's and no binfmt_misc qemu-user entry with the
+    F flag runs its binaries here (the message names the package that provides one)."""
 
 
 class RunnerError(EstargzOptError):

@@ -43,13 +43,15 @@ def nesting_depth(data: bytes) -> int:
     return max(itertools.accumulate(map(_DELTA.__getitem__, brackets)), default=0)
 
 
-def loads(data: bytes | str, what: str, *, max_size: int = MAX_DOCUMENT,
-          max_depth: int = MAX_DEPTH) -> Any:
+def loads(
+    data: bytes | str, what: str, *, max_size: int = MAX_DOCUMENT, max_depth: int = MAX_DEPTH
+) -> Any:
     """Decode one JSON document named `what` in errors, or raise BadInputError."""
     raw = data.encode() if isinstance(data, str) else data
     if len(raw) > max_size:
-        raise BadInputError(f"{what}: JSON document too large ({len(raw)} bytes, "
-                            f"the limit is {max_size})")
+        raise BadInputError(
+            f"{what}: JSON document too large ({len(raw)} bytes, the limit is {max_size})"
+        )
     if nesting_depth(raw) > max_depth:
         raise BadInputError(f"{what}: JSON nested deeper than {max_depth} levels")
     try:
@@ -60,8 +62,9 @@ def loads(data: bytes | str, what: str, *, max_size: int = MAX_DOCUMENT,
         raise BadInputError(f"{what}: JSON nested too deeply") from None
 
 
-def loads_object(data: bytes | str, what: str, *, max_size: int = MAX_DOCUMENT,
-                 max_depth: int = MAX_DEPTH) -> dict[str, Any]:
+def loads_object(
+    data: bytes | str, what: str, *, max_size: int = MAX_DOCUMENT, max_depth: int = MAX_DEPTH
+) -> dict[str, Any]:
     """`loads` for documents whose top level must be an object."""
     doc = loads(data, what, max_size=max_size, max_depth=max_depth)
     if not isinstance(doc, dict):

@@ -8,7 +8,7 @@ ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 
 def sniff(head: bytes) -> str:
-    """"gzip", "zstd" or "none" (a plain tar, or anything else) for a blob's first 4 bytes."""
+    """ "gzip", "zstd" or "none" (a plain tar, or anything else) for a blob's first 4 bytes."""
     if head.startswith(GZIP_MAGIC):
         return "gzip"
     if head.startswith(ZSTD_MAGIC):

@@ -19,18 +19,25 @@ from estargz_opt.constants import (
     MAX_MANIFEST_SIZE,
     TOC_IMAGE_SUFFIX,
 )
-from estargz_opt.errors import OPTION_TERMS, EmptyProfileError, literal
+from estargz_opt.errors import (
+    OPTION_TERMS,
+    EmptyProfileError,
+    EmulationUnavailableError,
+    literal,
+)
 from estargz_opt.prioritize.layerindex import LayerNames
 from estargz_opt.prioritize.prefetch import write_prefetch_list
 from estargz_opt.prioritize.profile import (
     EXAMPLES,
     LayerId,
     Profile,
+    ProfileKind,
     match_profile,
 )
 from estargz_opt.prioritize.record import (
     check_record_out,
     prioritized_from_record,
+    read_record,
     write_record,
 )
 from estargz_opt.report import OptimizeResult
@@ -47,13 +54,15 @@ from estargz_opt.convert import (
     ConvertResult,
     toc_image,
 )
-from estargz_opt.descriptor import Descriptor, Manifest
+from estargz_opt.descriptor import Descriptor, Manifest, Platform
 from estargz_opt.errors import EstargzOptError
 from estargz_opt.events import ProgressListener
 from estargz_opt.format import Format
 from estargz_opt.format.source import Spool
 from estargz_opt.stores import Referring, Store, open_store, pair, same_store
-from estargz_opt.walk import check_selection, images
+from estargz_opt.walk import PlatformImage, check_selection, images, root_platform
+from estargz_opt.workload import emulation
+from estargz_opt.workload.emulation import Emulation
 
 log = logging.getLogger("estargz_opt")
 
@@ -114,16 +123,10 @@ def optimize(req: OptimizeRequest, progress: ProgressListener | None = None) -> 
                 prioritized = analysis.prioritized if analysis else {}
                 profile = None
             else:
-                profile = _profile(req, src, root, matcher)
+                profile, lists = _profile(req, src, root, matcher)
                 prioritized = profile.prioritized if profile else {}
                 if profile and req.prefetch_list_out:
-                    _write_prefetch_list_out(
-                        req.prefetch_list_out,
-                        str(src_ref),
-                        profile.manifest_digest,
-                        profile.order,
-                        "profile's",
-                    )
+                    _write_prefetch_lists(req.prefetch_list_out, str(src_ref), lists, "profile's")
             opts = ConvertOptions(
                 layer=req.layer,
                 platforms=matcher,
@@ -318,55 +321,112 @@ def _analyze(
     spool: Spool,
     progress: ProgressListener | None,
 ) -> Analysis | None:
-    """Run the workload of the host platform's image; None if the host is not converted."""
-    host = _host_manifest(src, root)
-    if host is None or not matcher.matches(platforms.host()):
-        # ctr-remote too skips its analyzer when no platform asked for is the host's.
+    """Run the workload once per selected platform (foreign ones under qemu-user); None if
+    no platform ran. Each platform's files go to its own layers; the record holds every
+    platform's entries under its own manifest digest."""
+    runs = _workload_images(src, root, matcher, src_ref, req.allow_empty_profile)
+    if not runs:
+        return None
+    sampler = req.sampler or SamplerOptions()
+    combined: Analysis | None = None
+    lists: list[tuple[Platform, str, list[str]]] = []
+    for emu, desc, manifest in runs:
+        if len(runs) > 1 or emu.entry:
+            log.info("running the workload for %s", emu.describe())
+        result = _run_workload(
+            src, str(src_ref), (desc, manifest), sampler, progress, spool, cache_dir=req.cache_dir
+        )
+        lists.append((emu.platform, desc.digest, [e.path for e in result.entries]))
+        mine = prioritized_from_record(result.entries, desc.digest, manifest)
+        result.platform = str(emu.platform)
+        if combined is None:
+            combined = result
+            combined.prioritized = mine
+            continue
+        combined.others.append(result)
+        combined.entries.extend(result.entries)
+        for layer, paths in mine.items():
+            have = combined.prioritized.setdefault(layer, [])
+            have.extend(x for x in paths if x not in have)
+    assert combined is not None
+    if req.record_out:
+        write_record(req.record_out, combined.entries)
+    if req.prefetch_list_out:
+        _write_prefetch_lists(req.prefetch_list_out, str(src_ref), lists)
+    return combined
+
+
+def _write_prefetch_lists(
+    path: Path, image: str, lists: list[tuple[Platform, str, list[str]]], what: str = "workload"
+) -> None:
+    """One list per platform: `path` itself for one, `path.<os>-<arch>[-<variant>]` each
+    for several (plain lists stay readable by every tool; a marker inside would not)."""
+    for platform, digest, paths in lists:
+        out = (
+            path if len(lists) == 1 else path.with_name(f"{path.name}.{platform_suffix(platform)}")
+        )
+        _write_prefetch_list_out(out, image, digest, paths, what)
+
+
+def platform_suffix(p: Platform) -> str:
+    """`linux-arm64-v8`: the suffix of a platform's own prefetch list."""
+    return "-".join(x for x in (p.os, p.architecture, p.variant) if x)
+
+
+def _workload_images(
+    src: Store,
+    root: Descriptor,
+    matcher: platforms.Matcher,
+    src_ref: reference.ImageRef,
+    allow_empty_profile: bool,
+) -> list[tuple[Emulation, Descriptor, Manifest]]:
+    """The selected platforms' manifests whose workload can run here, natively or emulated.
+
+    A platform that cannot run refuses the run (EmulationUnavailableError), or with
+    allow_empty_profile is converted without prioritized files, as ctr-remote does.
+    """
+    if matcher.host_default:
+        host = _host_manifest(src, root)
         if host is None:
             log.warning(
-                "the workload runs only on the host platform %s, and %s has no image for it: "
-                "no files are prioritized",
-                platforms.host(),
+                "%s has no image for the host platform %s: no files are prioritized",
                 src_ref,
-            )
-        else:
-            log.warning(
-                "the workload runs only on the host platform %s, and %s does not convert it: "
-                "no files are prioritized",
                 platforms.host(),
-                "platforms",
-                extra={OPTION_TERMS: True},
             )
-        return None
-    if req.platforms or req.all_platforms:
-        log.info(
-            "the workload runs for the host platform %s only; other platforms are "
-            "converted without prioritized files",
-            platforms.host(),
-        )
-    host_desc, manifest = host
-    sampler = req.sampler or SamplerOptions()
-    result = _run_workload(
-        src, str(src_ref), host, sampler, progress, spool, cache_dir=req.cache_dir
-    )
-    if req.record_out:
-        write_record(req.record_out, result.entries)
-    if req.prefetch_list_out:
-        _write_prefetch_list_out(
-            req.prefetch_list_out, str(src_ref), host_desc.digest, [e.path for e in result.entries]
-        )
-    result.prioritized = prioritized_from_record(result.entries, host_desc.digest, manifest)
-    return result
+            return []
+        return [(Emulation(platforms.host()), *host)]
+    out: list[tuple[Emulation, Descriptor, Manifest]] = []
+    for image in images(src, root, matcher, need_platform=True):
+        try:
+            emu = emulation.find(_platform_of(src, image))
+        except EmulationUnavailableError as exc:
+            if not allow_empty_profile:
+                raise EmulationUnavailableError.with_terms(
+                    str(exc).replace("{", "{{").replace("}", "}}")
+                    + "; or {allow} converts it without prioritized files",
+                    allow="allow_empty_profile=True",
+                ) from None
+            log.warning("%s: converting it without prioritized files", exc)
+            continue
+        out.append((emu, image.desc, image.manifest))
+    return out
 
 
 def _profile(
     req: OptimizeRequest, src: Store, root: Descriptor, matcher: platforms.Matcher
-) -> Profile | None:
-    """Match the profiles to the host image; EmptyProfileError if that prioritizes nothing."""
+) -> tuple[Profile | None, list[tuple[Platform, str, list[str]]]]:
+    """Match the profiles to each selected platform's image; EmptyProfileError if that
+    prioritizes nothing. Returns the first matched platform's profile, its `prioritized`
+    holding every platform's layers (each platform's files in its own layers), and each
+    platform's files in order (for the prefetch lists)."""
     if not req.profiles:
-        return None
-    host = _host_manifest(src, root)
-    if host is None or not matcher.matches(platforms.host()):
+        return None, []
+    targets = _profile_targets(req, src, root, matcher)
+    if not targets and not matcher.host_default:
+        _empty_profile(req, "the profiles have lines for none of the selected platforms")
+        return None, []
+    if not targets:
+        host = _host_manifest(src, root)
         _empty_profile(
             req,
             f"the profile applies to the host platform {platforms.host()}, and "
@@ -377,34 +437,128 @@ def _profile(
             ),
             platforms="platforms",
         )
-        return None
-    host_desc, manifest = host
+        return None, []
+    merged: Profile | None = None
+    lists: list[tuple[Platform, str, list[str]]] = []
+    for platform, desc, manifest, from_manifest in targets:
+        profile = _match_one(req, src, desc, manifest, from_manifest)
+        lists.append((platform, desc.digest, list(profile.order)))
+        if merged is None:
+            merged = profile
+            continue
+        for layer, paths in profile.prioritized.items():
+            merged.prioritized.setdefault(layer, []).extend(paths)
+    assert merged is not None
+    if not merged.prioritized:
+        _empty_profile(req, literal(merged.empty_reason(req.profiles)))
+    return merged, lists
 
+
+def _profile_targets(
+    req: OptimizeRequest, src: Store, root: Descriptor, matcher: platforms.Matcher
+) -> list[tuple[Platform, Descriptor, Manifest, str | None]]:
+    """(platform, descriptor, manifest, whose record lines to apply by path or None) per platform.
+
+    A platform the records name gets its own lines. One they do not name while they name a
+    sibling platform gets nothing, unless profile_platform names the sibling to apply by
+    path. Records naming no manifest of the image (a rebuilt image) and prefetch lists
+    apply to every platform by path, the portable rules.
+    """
+    if matcher.host_default:
+        host = _host_manifest(src, root)
+        return [(platforms.host(), *host, None)] if host else []
+    selected = [
+        (_platform_of(src, image), image.desc, image.manifest)
+        for image in images(src, root, matcher, need_platform=True)
+    ]
+    every = {
+        _platform_key(_platform_of(src, image)): image.desc.digest
+        for image in images(src, root, platforms.matcher((), True), need_platform=True)
+    }
+    named = {
+        e.manifest_digest
+        for source in req.profiles
+        if source.kind is ProfileKind.RECORD
+        for e in read_record(source.path)
+    }
+    lists = any(source.kind is ProfileKind.PREFETCH_LIST for source in req.profiles)
+    chosen = None
+    if req.profile_platform:
+        chosen = every.get(_platform_key(platforms.parse(req.profile_platform)))
+        if chosen is None or chosen not in named:
+            raise EstargzOptError.with_terms(
+                f"{{pp}} {req.profile_platform}: the image has no such platform, or the "
+                "records have no lines for it",
+                pp="profile_platform",
+            )
+    siblings = named & set(every.values())
+    out: list[tuple[Platform, Descriptor, Manifest, str | None]] = []
+    for platform, desc, manifest in selected:
+        if desc.digest in named or lists or not siblings:
+            out.append(
+                (platform, desc, manifest, None)
+            )  # its own lines, path lists, a rebuilt image
+            continue
+        if chosen is not None:
+            out.append((platform, desc, manifest, chosen))  # another platform's lines, by path
+            continue
+        log.warning(
+            "the records have no lines for %s: converting it without prioritized files "
+            "(%s applies another platform's by path)",
+            platform,
+            "profile_platform",
+            extra={OPTION_TERMS: True},
+        )
+    return out
+
+
+def _platform_of(src: Store, image: PlatformImage) -> Platform:
+    if image.desc.platform:
+        return image.desc.platform
+    if image.platform:
+        return platforms.parse(image.platform)
+    return root_platform(src, image.desc, image.manifest) or platforms.host()
+
+
+def _platform_key(p: Platform) -> tuple[str, str, str]:
+    return platforms.normalize(p)
+
+
+def _match_one(
+    req: OptimizeRequest,
+    src: Store,
+    desc: Descriptor,
+    manifest: Manifest,
+    from_manifest: str | None,
+) -> Profile:
     def layer_names() -> LayerNames:
         layers = [x for x in manifest.layers if x.media_type in d.LAYER_TYPES]
         names = []
         for i, layer in enumerate(layers):
-            with src.local_file(layer, f"layer {i} of the host image") as p:
+            with src.local_file(layer, f"layer {i} of {desc.digest}") as p:
                 names.append(LayerNames.names_in(p))
         return LayerNames(names)
 
     profile = match_profile(
-        req.profiles, host_desc.digest, manifest, layer_names, lambda m: _layer_ids(src, m)
+        req.profiles,
+        desc.digest,
+        manifest,
+        layer_names,
+        lambda m: _layer_ids(src, m),
+        from_manifest=from_manifest,
     )
     log.info(
         "prioritized files: %d in %d layer(s) of %s",
         profile.matched,
         len(profile.prioritized),
-        host_desc.digest,
+        desc.digest,
     )
-    if not profile.prioritized:
-        _empty_profile(req, literal(profile.empty_reason(req.profiles)))
-    elif profile.matched * 2 < profile.files:
+    if profile.prioritized and profile.matched * 2 < profile.files:
         log.warning(
             "the profile matches only %d of its %d files in %s (e.g. not found: %s)",
             profile.matched,
             profile.files,
-            host_desc.digest,
+            desc.digest,
             ", ".join(profile.missing[:EXAMPLES]),
         )
     return profile

@@ -14,6 +14,7 @@ from estargz_opt.cache.remote import Trust
 from estargz_opt.constants import DEFAULT_CACHE_MAX_SIZE, DEFAULT_CHUNK_SIZE
 from estargz_opt.errors import OptionsError, UsageError
 from estargz_opt.format import Format, LayerOptions, ZstdFlavor
+from estargz_opt.platforms import parse as parse_platform
 from estargz_opt.prioritize.profile import ProfileKind, ProfileSource
 from estargz_opt.stores import StoreOptions
 from estargz_opt.workload.options import SamplerOptions
@@ -40,6 +41,8 @@ class OptimizeRequest:
     profiles: tuple[ProfileSource, ...] = ()
     #: a profile that prioritizes nothing is a warning instead of an error
     allow_empty_profile: bool = False
+    #: the platform ("linux/amd64") whose record lines other platforms take, by path
+    profile_platform: str | None = None
     #: run the workload with these options (any source); see workload.options
     sampler: SamplerOptions | None = None
     #: write the record of the workload run here (ctr-remote's --record-out)
@@ -82,6 +85,7 @@ class OptimizeRequest:
         no_optimize: bool = False,
         profiles: Sequence[ProfileSource] = (),
         allow_empty_profile: bool = False,
+        profile_platform: str | None = None,
         sampler: SamplerOptions | None = None,
         record_out: Path | None = None,
         prefetch_list_out: Path | None = None,
@@ -128,6 +132,7 @@ class OptimizeRequest:
             no_optimize=no_optimize,
             profiles=tuple(profiles),
             allow_empty_profile=allow_empty_profile,
+            profile_platform=profile_platform,
             sampler=sampler,
             record_out=record_out,
             prefetch_list_out=prefetch_list_out,
@@ -153,8 +158,9 @@ class OptimizeRequest:
         src, dst = reference.parse(self.src), reference.parse(self.dst)
         fmt = self.layer.format
         if self.layer.zstd_flavor is not ZstdFlavor.STARGZ and fmt is not Format.ZSTDCHUNKED:
-            raise OptionsError("{flavor} needs {fmt}", flavor="zstd_flavor",
-                               fmt="format=zstdchunked")
+            raise OptionsError(
+                "{flavor} needs {fmt}", flavor="zstd_flavor", fmt="format=zstdchunked"
+            )
         self.layer.validate()
         if fmt is Format.ZSTDCHUNKED and not self.oci:
             raise OptionsError("{fmt} requires {oci}", fmt="format=zstdchunked", oci="oci=True")
@@ -188,17 +194,26 @@ class OptimizeRequest:
             )
         if self.prefetch_list_out and not (self.runs_workload or self.profiles):
             raise OptionsError(
-                "{out} writes the files of a workload run or of the profiles; {no_opt} has "
-                "neither",
+                "{out} writes the files of a workload run or of the profiles; {no_opt} has neither",
                 out="prefetch_list_out",
                 no_opt=_NO_OPTIMIZE,
             )
-        if self.allow_empty_profile and not self.profiles:
+        if self.profile_platform is not None and not any(
+            p.kind is ProfileKind.RECORD for p in self.profiles
+        ):
+            raise OptionsError("{pp} applies to {rec}", pp="profile_platform", rec=_RECORD)
+        if self.profile_platform is not None:
+            parse_platform(self.profile_platform)  # a bad spelling fails before any work
+        foreign_runs = self.runs_workload and (self.platforms or self.all_platforms)
+        if self.allow_empty_profile and not (self.profiles or foreign_runs):
             raise OptionsError(
-                "{allow} applies to {rec} and {plist}",
+                "{allow} applies to {rec}, {plist}, and to {platforms} or {all} "
+                "(a platform that cannot run here)",
                 allow="allow_empty_profile=True",
                 rec=_RECORD,
                 plist=_PLIST,
+                platforms="platforms",
+                all="all_platforms",
             )
         if self.cache_max_size < 0:
             raise OptionsError(
@@ -265,7 +280,8 @@ def check_runner(src: reference.ImageRef, sampler: SamplerOptions) -> None:
     """The containerd runner runs only images in containerd (OptionsError otherwise)."""
     if sampler.runner == "containerd" and not isinstance(src, reference.ContainerdRef):
         raise OptionsError(
-            "{containerd} runs images in containerd, and " + str(src).replace("{", "{{")
+            "{containerd} runs images in containerd, and "
+            + str(src).replace("{", "{{")
             + " is not one; drop {runner} (the runc runner runs it) or import the image "
             "into containerd",
             containerd="runner=containerd",

@@ -114,9 +114,17 @@ def _format(zstdchunked: bool, external_toc: bool) -> Format:
 )
 @option(
     PROFILE,
+    "--profile-platform",
+    metavar="OS/ARCH",
+    help="With --record-in: selected platforms the record has no lines for take this "
+    "platform's lines, matched by path (else they convert without prioritized files).",
+)
+@option(
+    PROFILE,
     "--allow-empty-profile",
     is_flag=True,
-    help="Convert even if the profiles prioritize no file of the image (else exit 1).",
+    help="Convert even if the profiles prioritize no file of the image, or a selected "
+    "platform cannot run here (no qemu-user): without a profile (else exit 1).",
 )
 @option(
     FORMAT,
@@ -226,6 +234,7 @@ def optimize_cmd(
     record_in: tuple[Path, ...],
     prefetch_list: tuple[Path, ...],
     allow_empty_profile: bool,
+    profile_platform: str | None,
     reuse: bool,
     drop_attestations: bool,
     with_referrer: bool,
@@ -297,6 +306,7 @@ def optimize_cmd(
         no_optimize=no_optimize,
         profiles=_profiles(record_in, prefetch_list),
         allow_empty_profile=allow_empty_profile,
+        profile_platform=profile_platform,
         sampler=workload,
         record_out=record_out,
         prefetch_list_out=prefetch_list_out,

@@ -134,8 +134,8 @@ def plain_pieces(chunks: Iterable[bytes], what: str) -> Iterator[bytes]:
             yield head
         yield from it
         return
-    stream: Stream = GzipStream() if kind == "gzip" else ZstdStream(
-        window_log_max=SOURCE_WINDOW_LOG_MAX
+    stream: Stream = (
+        GzipStream() if kind == "gzip" else ZstdStream(window_log_max=SOURCE_WINDOW_LOG_MAX)
     )
     try:
         yield from decode_all(stream, itertools.chain((head,), it))

@@ -408,4 +408,3 @@ def tail_frames(
         MANIFEST_POSITION: footer.manifest_position(),
         TARSPLIT_POSITION: footer.tarsplit_position(),
     }
-

@@ -88,8 +88,10 @@ class Profile:
         if self.files == 0:
             return f"the profile ({named}) lists no files"
         if not self.missing:  # every path is there, and none is a file to move first
-            return (f"the profile ({named}): its {self.files} path(s) in the image "
-                    f"{self.manifest_digest} are directories only, no file to prioritize")
+            return (
+                f"the profile ({named}): its {self.files} path(s) in the image "
+                f"{self.manifest_digest} are directories only, no file to prioritize"
+            )
         files = "its one file" if self.files == 1 else f"none of its {self.files} files"
         found = "is not" if self.files == 1 else "is"
         head = f"the profile ({named}): {files} {found} in the image {self.manifest_digest}"
@@ -105,6 +107,7 @@ def match_profile(
     manifest: Manifest,
     layer_names: Callable[[], LayerNames],
     layer_ids: Callable[[str], list[LayerId] | None] = lambda _digest: None,
+    from_manifest: str | None = None,
 ) -> Profile:
     """Merge the profiles in order and map each file to a layer of this host image.
 
@@ -112,6 +115,8 @@ def match_profile(
     by path (a prefetch list, or a record of another manifest). `layer_ids(digest)` gives
     the layers of a manifest (this one, or the one a record was made for) if the store
     holds it: a recorded file then stays in its recorded layer wherever that layer now is.
+    `from_manifest`: of a record's lines for other manifests, only that one's are used
+    (another platform's profile, applied by path).
     """
     layers = [x.digest for x in manifest.layers if x.media_type in d.LAYER_TYPES]
     profile = Profile(manifest_digest)
@@ -126,6 +131,7 @@ def match_profile(
         if old is None or new is None or index >= len(old):
             return None
         return next((j for j, lay in enumerate(new) if lay.same(old[index])), None)
+
     names: LayerNames | None = None
     placed: set[tuple[str, str]] = set()
     paths: set[str] = set()
@@ -168,6 +174,8 @@ def match_profile(
     for source in sources:
         if source.kind is ProfileKind.RECORD:
             entries = read_record(source.path)
+            if from_manifest is not None:
+                entries = [e for e in entries if e.manifest_digest == from_manifest]
             # A record with lines for this manifest was made for this image: it is applied
             # exactly as upstream does, lines for other manifests ignored (TOC parity).
             exact = any(e.manifest_digest == manifest_digest for e in entries)

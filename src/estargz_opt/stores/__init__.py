@@ -227,10 +227,7 @@ def pair(src: Store, dst: Store) -> None:
     from estargz_opt.stores.registry.store import RegistryStore
 
     assert isinstance(src, RegistryStore) and isinstance(dst, RegistryStore)
-    if (
-        src.ref.api_host == dst.ref.api_host
-        and src.ref.repository != dst.ref.repository
-    ):
+    if src.ref.api_host == dst.ref.api_host and src.ref.repository != dst.ref.repository:
         dst.mount_from = src.ref.repository
 
 

@@ -39,16 +39,38 @@ class Analysis:
     sample: SampleResult
     #: paths per layer digest, once the caller has matched the record to its manifest
     prioritized: dict[str, list[str]] = field(default_factory=dict)
+    #: the platform this run was for ("linux/arm64"), when several ran
+    platform: str = ""
+    #: the runs of the further platforms (optimize --all-platforms); `entries` holds all
+    others: list[Analysis] = field(default_factory=list)
 
     def report(self) -> dict[str, object]:
-        """How the run went, for JSON reports."""
-        return {
+        """How the run went, for JSON reports; several platforms: each run under
+        "platforms" (the top-level figures are the first platform's run)."""
+        out: dict[str, object] = {
             "endedBy": self.sample.ended_by,
             "exitStatus": self.sample.exit_status,
             "fileAccesses": len(self.sample.paths),
             "recordedFiles": len(self.entries),
             "queueOverflows": self.sample.overflows,
         }
+        if self.others:
+            runs = [self, *self.others]
+            out["platforms"] = [
+                {
+                    "platform": run.platform,
+                    "endedBy": run.sample.ended_by,
+                    "exitStatus": run.sample.exit_status,
+                    "fileAccesses": len(run.sample.paths),
+                    "recordedFiles": run.recorded,
+                }
+                for run in runs
+            ]
+        return out
+
+    @property
+    def recorded(self) -> int:
+        return len(self.entries) - sum(len(o.entries) for o in self.others)
 
 
 def analyze(
@@ -97,9 +119,7 @@ def runner_for(store: Store, opts: SamplerOptions, cache_dir: Path | None = None
         # when the runc or rootless runner runs an image from a layout, archive or registry
         from estargz_opt.workload.containerd.runner import ContainerdRunner
 
-        return ContainerdRunner(
-            as_containerd(store, "the containerd runner"), opts.runtime
-        )
+        return ContainerdRunner(as_containerd(store, "the containerd runner"), opts.runtime)
     return RuncRunner(store, opts.runtime, layer_cache=cache_dir)
 
 

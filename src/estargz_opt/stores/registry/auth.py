@@ -68,12 +68,12 @@ def parse_challenges(headers: list[str]) -> list[Challenge]:
             m = re.match(r"([A-Za-z][A-Za-z0-9_-]*)\s*", rest)
             if m is None:
                 break
-            scheme, rest = m.group(1).lower(), rest[m.end():]
+            scheme, rest = m.group(1).lower(), rest[m.end() :]
             params: dict[str, str] = {}
             while (p := _PARAM.match(rest)) and p.group(0):
                 value = p.group(2) if p.group(2) is not None else p.group(3) or ""
                 params[p.group(1).lower()] = re.sub(r"\\(.)", r"\1", value)
-                rest = rest[p.end():]
+                rest = rest[p.end() :]
             out.append(Challenge(scheme, params))
     return out
 
@@ -110,8 +110,10 @@ def request_scopes(request: httpx.Request) -> tuple[str | None, Scopes]:
 def _choose(response: httpx.Response) -> Challenge | None:
     """The challenge of a 401 that the flow can answer: bearer with a realm, else basic."""
     challenges = parse_challenges(response.headers.get_list("www-authenticate"))
-    return next((c for c in challenges if c.scheme == "bearer" and "realm" in c.params),
-                next((c for c in challenges if c.scheme == "basic"), None))
+    return next(
+        (c for c in challenges if c.scheme == "bearer" and "realm" in c.params),
+        next((c for c in challenges if c.scheme == "basic"), None),
+    )
 
 
 def _replayable(request: httpx.Request) -> bool:
@@ -126,8 +128,9 @@ def _realm_url(host: str, realm: str) -> httpx.URL:
     except httpx.InvalidURL:
         url = None
     if url is None or url.scheme not in ("http", "https") or not url.host:
-        raise RegistryAccessError(f"registry {host}: its token realm {realm[:200]!r} is not "
-                                  "an http(s) URL")
+        raise RegistryAccessError(
+            f"registry {host}: its token realm {realm[:200]!r} is not an http(s) URL"
+        )
     return url
 
 
@@ -177,8 +180,7 @@ class RegistryAuth(httpx.Auth):
 
     # -------------------------------------------------------------- the flow
 
-    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response,
-                                                             None]:
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
         if not self.ours(request.url):
             # An upload Location or a redirect on another host: no credentials go there.
             yield request
@@ -200,8 +202,12 @@ class RegistryAuth(httpx.Auth):
         if not _replayable(request):
             # The body has gone; pre-authorization was refused: nothing to retry.
             raise self._refused(repo, challenge)
-        log.debug("registry %s: %s %s answered 401; authorizing again", self.host,
-                  request.method, request.url.path)
+        log.debug(
+            "registry %s: %s %s answered 401; authorizing again",
+            self.host,
+            request.method,
+            request.url.path,
+        )
         wider = _merge([*scopes, *challenge.params.get("scope", "").split()])
         if wider != scopes:
             with self._lock:
@@ -227,14 +233,20 @@ class RegistryAuth(httpx.Auth):
             with self._lock:
                 known, self._challenge = self._challenge, chosen
             if known is None or (known.scheme, known.params.get("realm")) != (
-                    chosen.scheme, chosen.params.get("realm")):
-                log.debug("registry %s: %s auth%s", self.host, chosen.scheme,
-                          f" (token realm {chosen.params['realm']})"
-                          if chosen.scheme == "bearer" else "")
+                chosen.scheme,
+                chosen.params.get("realm"),
+            ):
+                log.debug(
+                    "registry %s: %s auth%s",
+                    self.host,
+                    chosen.scheme,
+                    f" (token realm {chosen.params['realm']})" if chosen.scheme == "bearer" else "",
+                )
         return chosen
 
-    def _authorize(self, request: httpx.Request, repo: str | None, scopes: Scopes,
-                   refused: str | None) -> Generator[httpx.Request, httpx.Response, None]:
+    def _authorize(
+        self, request: httpx.Request, repo: str | None, scopes: Scopes, refused: str | None
+    ) -> Generator[httpx.Request, httpx.Response, None]:
         """Set the request's Authorization; `refused` is a token the registry just
         answered 401 to, which is not to be used again."""
         with self._lock:
@@ -251,9 +263,14 @@ class RegistryAuth(httpx.Auth):
 
     # -------------------------------------------------------------- tokens
 
-    def _token(self, challenge: Challenge, repo: str | None, scopes: Scopes,
-               cred: Credential | None, refused: str | None
-               ) -> Generator[httpx.Request, httpx.Response, str]:
+    def _token(
+        self,
+        challenge: Challenge,
+        repo: str | None,
+        scopes: Scopes,
+        cred: Credential | None,
+        refused: str | None,
+    ) -> Generator[httpx.Request, httpx.Response, str]:
         """A token for `scopes`: the cached one, else one fetched while other threads
         that need the same scopes wait for it (parallel layer requests ask once)."""
         with self._lock:
@@ -261,32 +278,44 @@ class RegistryAuth(httpx.Auth):
         with fetching:
             with self._lock:
                 cached = self._tokens.get(scopes)
-            if cached is not None and cached.value != refused and \
-                    cached.fresh_until > time.monotonic():
+            if (
+                cached is not None
+                and cached.value != refused
+                and cached.fresh_until > time.monotonic()
+            ):
                 return cached.value
             return (yield from self._fetch_token(challenge, repo, scopes, cred))
 
-    def _fetch_token(self, challenge: Challenge, repo: str | None, scopes: Scopes,
-                     cred: Credential | None) -> Generator[httpx.Request, httpx.Response, str]:
+    def _fetch_token(
+        self, challenge: Challenge, repo: str | None, scopes: Scopes, cred: Credential | None
+    ) -> Generator[httpx.Request, httpx.Response, str]:
         now = time.monotonic()
         realm = _realm_url(self.host, challenge.params["realm"])
         service = challenge.params.get("service")
         ordered = sorted(scopes)
         if cred is not None and cred.identity_token:
-            form = {"grant_type": "refresh_token", "refresh_token": cred.identity_token,
-                    "client_id": CLIENT_ID, **({"service": service} if service else {}),
-                    **({"scope": " ".join(ordered)} if ordered else {})}
+            form = {
+                "grant_type": "refresh_token",
+                "refresh_token": cred.identity_token,
+                "client_id": CLIENT_ID,
+                **({"service": service} if service else {}),
+                **({"scope": " ".join(ordered)} if ordered else {}),
+            }
             token_request = httpx.Request("POST", realm, data=form)
         else:
-            query = httpx.QueryParams([*([("service", service)] if service else []),
-                                       *(("scope", s) for s in ordered)])
-            headers = {"Authorization": _basic(cred)} if cred is not None and cred.username \
-                else {}
+            query = httpx.QueryParams(
+                [*([("service", service)] if service else []), *(("scope", s) for s in ordered)]
+            )
+            headers = {"Authorization": _basic(cred)} if cred is not None and cred.username else {}
             token_request = httpx.Request("GET", realm, params=query, headers=headers)
         realm_host = realm.netloc.decode("ascii")
-        log.debug("registry %s: token for %s from %s, with %s", self.host,
-                  " ".join(ordered) or "no scope", realm_host,
-                  "anonymous access" if cred is None else cred.source)
+        log.debug(
+            "registry %s: token for %s from %s, with %s",
+            self.host,
+            " ".join(ordered) or "no scope",
+            realm_host,
+            "anonymous access" if cred is None else cred.source,
+        )
         response = yield token_request
         try:
             # read by httpx (it reads it again once the flow moves on), within the
@@ -294,26 +323,29 @@ class RegistryAuth(httpx.Auth):
             response.read()
             raw = read_whole(response, SMALL)
         except (BodyError, httpx.HTTPError) as exc:
-            raise RegistryAccessError(f"registry {self.host}: its token server {realm_host}: "
-                                      f"{exc}") from None
+            raise RegistryAccessError(
+                f"registry {self.host}: its token server {realm_host}: {exc}"
+            ) from None
         if response.status_code in (401, 403):
             raise self._refused(repo, challenge, f"the token server {realm_host}")
         if not response.is_success:
-            raise RegistryAccessError(f"registry {self.host}: its token server {realm_host} "
-                                      f"answered HTTP {response.status_code}")
+            raise RegistryAccessError(
+                f"registry {self.host}: its token server {realm_host} "
+                f"answered HTTP {response.status_code}"
+            )
         try:
             body = jsonlimits.loads_object(raw, "token", max_size=SMALL)
             value = body.get("token") or body.get("access_token")
         except BadInputError:
             body, value = {}, None
         if not isinstance(value, str) or not value:
-            raise RegistryAccessError(f"registry {self.host}: its token server {realm_host} "
-                                      "sent no token")
+            raise RegistryAccessError(
+                f"registry {self.host}: its token server {realm_host} sent no token"
+            )
         # `now` is when the request left: the server's clock started later.
         lifetime = token_lifetime(body)
         with self._lock:
-            self._tokens[scopes] = _Token(value, now + lifetime - min(EXPIRY_MARGIN,
-                                                                      lifetime / 4))
+            self._tokens[scopes] = _Token(value, now + lifetime - min(EXPIRY_MARGIN, lifetime / 4))
         return value
 
     # -------------------------------------------------------------- credentials, errors
@@ -336,8 +368,9 @@ class RegistryAuth(httpx.Auth):
             known = self._challenge
         return self._refused(repo, _choose(response) or known)
 
-    def _refused(self, repo: str | None, challenge: Challenge | None,
-                 by: str | None = None) -> RegistryAccessError:
+    def _refused(
+        self, repo: str | None, challenge: Challenge | None, by: str | None = None
+    ) -> RegistryAccessError:
         cred = self.credential(repo)
         what = f"registry {self.host}: unauthorized"
         if repo:
@@ -348,24 +381,31 @@ class RegistryAuth(httpx.Auth):
             # The registry's own scope string lists actions in no fixed order (distribution
             # builds it from a map): normalized, so the message is the same every time.
             scope = challenge.params.get("scope")
-            wanted = (" ".join(sorted(_merge(scope.split()))) or scope) if scope else (
-                "the access it needs")
+            wanted = (
+                (" ".join(sorted(_merge(scope.split()))) or scope)
+                if scope
+                else ("the access it needs")
+            )
             return RegistryAccessError(
                 f"{what}: the token obtained with "
                 f"{'no credentials' if cred is None else 'the credentials from ' + cred.source}"
-                f" does not grant {wanted}")
+                f" does not grant {wanted}"
+            )
         if cred is None:
-            where = ", ".join(
-                f"{p}{'' if p.exists() else ' (absent)'}" for p in self._searched)
+            where = ", ".join(f"{p}{'' if p.exists() else ' (absent)'}" for p in self._searched)
             return RegistryAccessError(
                 f"{what}: no credentials were found"
                 + (f" in {where}" if where else "")
                 + " (pass --src-creds/--dest-creds or --authfile, or log in with "
-                "podman/skopeo/docker login)")
+                "podman/skopeo/docker login)"
+            )
         scheme = challenge.scheme if challenge is not None else None
         if scheme == "basic" and cred.identity_token and not cred.username:
             return RegistryAccessError(
                 f"{what}: {cred.source} gave an identity token (user <token>), which only "
-                "a token server exchanges, and the registry asks for basic auth")
-        return RegistryAccessError(f"{what}: the credentials from {cred.source} were refused"
-                                   + (f" ({scheme} auth)" if scheme else ""))
+                "a token server exchanges, and the registry asks for basic auth"
+            )
+        return RegistryAccessError(
+            f"{what}: the credentials from {cred.source} were refused"
+            + (f" ({scheme} auth)" if scheme else "")
+        )

@@ -103,8 +103,9 @@ class Client:
         except (httpx.InvalidURL, ValueError):
             url = None
         if url is None or url.scheme not in ("http", "https") or not url.host:
-            raise RegistryError(f"{self.where}: {what}: the registry sent an unusable "
-                                f"Location {location[:200]!r}")
+            raise RegistryError(
+                f"{self.where}: {what}: the registry sent an unusable Location {location[:200]!r}"
+            )
         return str(url)
 
     @contextlib.contextmanager
@@ -199,7 +200,8 @@ class Client:
             return RegistryError(
                 f"{self.where}: {what}: {resp.url.netloc.decode('ascii')}, where a redirect "
                 "led, answered 401 Unauthorized (credentials go to the registry and its "
-                "token server only)")
+                "token server only)"
+            )
         if status == 401:
             # the auth flow answers every 401 it can; what it passes on it words as well
             return self.session.auth.refusal(self.repository, resp)
@@ -330,8 +332,10 @@ class Client:
         """A small blob (config), read whole: no more than its descriptor says, and never
         more than a JSON document may hold."""
         if desc.size > jsonlimits.MAX_DOCUMENT:
-            raise RegistryError(f"{self.where}: {what}: {desc.size} bytes, too large to read "
-                                f"whole (the limit is {jsonlimits.MAX_DOCUMENT})")
+            raise RegistryError(
+                f"{self.where}: {what}: {desc.size} bytes, too large to read "
+                f"whole (the limit is {jsonlimits.MAX_DOCUMENT})"
+            )
         with self._bounded(self.session.limit.reading(desc.size)):
             resp = self._send(
                 "GET",
@@ -351,7 +355,8 @@ class Client:
             raise RegistryError(f"{self.where}: {what}: {exc}") from None
         except httpx.HTTPError as exc:
             raise RegistryError(
-                f"{self.where}: {what}: {self.session.failure(exc).reason}") from None
+                f"{self.where}: {what}: {self.session.failure(exc).reason}"
+            ) from None
 
     def _error_body(self, resp: httpx.Response) -> tuple[str, str]:
         """The first (code, message) of a distribution error body, or ("", "")."""

@@ -66,12 +66,14 @@ def parse_creds(value: str, source: str) -> Credential:
     missing password is an error rather than a question."""
     user, sep, password = value.partition(":")
     if not user:
-        raise RegistryAccessError(f"credentials from {source}: the user name is empty "
-                                  "(expected USER:PASS)")
+        raise RegistryAccessError(
+            f"credentials from {source}: the user name is empty (expected USER:PASS)"
+        )
     if not sep:
         raise RegistryAccessError(
             f"credentials from {source}: no password given for user {user!r} "
-            "(expected USER:PASS; estargz-opt never prompts)")
+            "(expected USER:PASS; estargz-opt never prompts)"
+        )
     return Credential(user, password, source)
 
 
@@ -106,8 +108,9 @@ def _auth_files(opts: RegistryOptions) -> Iterator[_AuthFile]:
     def under(var: str, default: str) -> Path | None:
         return Path(env[var]) if env.get(var) else home / default if home else None
 
-    named = opts.authfile or (Path(env["REGISTRY_AUTH_FILE"]) if env.get(
-        "REGISTRY_AUTH_FILE") else None)
+    named = opts.authfile or (
+        Path(env["REGISTRY_AUTH_FILE"]) if env.get("REGISTRY_AUTH_FILE") else None
+    )
     places: list[_AuthFile | None] = []
     # The override takes the primary file's place only (containers-auth.json(5)).
     if named is not None:
@@ -117,8 +120,7 @@ def _auth_files(opts: RegistryOptions) -> Iterator[_AuthFile]:
     else:
         places.append(_AuthFile(RUN_CONTAINERS / str(os.getuid()) / "auth.json"))
     config_home = under("XDG_CONFIG_HOME", ".config")
-    places.append(_AuthFile(config_home / "containers" / "auth.json") if config_home
-                  else None)
+    places.append(_AuthFile(config_home / "containers" / "auth.json") if config_home else None)
     docker_dir = under("DOCKER_CONFIG", ".docker")
     places.append(_AuthFile(docker_dir / "config.json") if docker_dir else None)
     places.append(_AuthFile(home / ".dockercfg", legacy=True) if home else None)
@@ -160,8 +162,9 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return data
 
 
-def _lookup_in_file(auth_file: _AuthFile, host: str, keys: list[str],
-                    env: Mapping[str, str]) -> Credential | None:
+def _lookup_in_file(
+    auth_file: _AuthFile, host: str, keys: list[str], env: Mapping[str, str]
+) -> Credential | None:
     data = _read_json(auth_file.path)
     if data is None:
         return None
@@ -200,15 +203,16 @@ def _from_entry(entry: Mapping[str, Any], source: str, path: Path) -> Credential
             decoded = base64.b64decode(auth, validate=True).decode()
         except (binascii.Error, UnicodeDecodeError):
             raise RegistryAccessError(
-                f"auth file {path}: an `auth` value is not base64 of USER:PASS") from None
+                f"auth file {path}: an `auth` value is not base64 of USER:PASS"
+            ) from None
         user, sep, password = decoded.partition(":")
         if not sep:
             raise RegistryAccessError(
-                f"auth file {path}: an `auth` value has no ':' between user and password")
+                f"auth file {path}: an `auth` value has no ':' between user and password"
+            )
     if not user and not isinstance(identity, str):
         return None
-    return Credential(user, password, source,
-                      identity if isinstance(identity, str) else None)
+    return Credential(user, password, source, identity if isinstance(identity, str) else None)
 
 
 def run_helper(name: str, host: str, env: Mapping[str, str]) -> Credential | None:
@@ -218,31 +222,42 @@ def run_helper(name: str, host: str, env: Mapping[str, str]) -> Credential | Non
     source = f"credential helper {program}"
     try:
         server = DOCKER_HUB_LEGACY_KEY if host in DOCKER_HUB_HOSTS else host
-        res = subprocess.run([program, "get"], input=server.encode(), capture_output=True,
-                             env=dict(env), timeout=HELPER_TIMEOUT, check=False,
-                             executable=_which(program, env))
+        res = subprocess.run(
+            [program, "get"],
+            input=server.encode(),
+            capture_output=True,
+            env=dict(env),
+            timeout=HELPER_TIMEOUT,
+            check=False,
+            executable=_which(program, env),
+        )
     except FileNotFoundError:
-        raise RegistryAccessError(f"{source}: not found on PATH (named for {host} in an "
-                                  "auth file)") from None
+        raise RegistryAccessError(
+            f"{source}: not found on PATH (named for {host} in an auth file)"
+        ) from None
     except subprocess.TimeoutExpired:
-        raise RegistryAccessError(f"{source}: no answer within {HELPER_TIMEOUT:.0f} s "
-                                  f"for {host}") from None
+        raise RegistryAccessError(
+            f"{source}: no answer within {HELPER_TIMEOUT:.0f} s for {host}"
+        ) from None
     out = res.stdout.decode(errors="replace").strip()
     if res.returncode != 0:
         if "credentials not found" in out.lower():
             return None
         # The helper's own message, first line only: it names no secret, it failed.
         first = (out or res.stderr.decode(errors="replace").strip()).splitlines()
-        raise RegistryAccessError(f"{source} failed for {host} (exit {res.returncode}"
-                                  f"{': ' + first[0][:200] if first else ''})")
+        raise RegistryAccessError(
+            f"{source} failed for {host} (exit {res.returncode}"
+            f"{': ' + first[0][:200] if first else ''})"
+        )
     try:
         data = jsonlimits.loads(out, source)
         user, secret = data["Username"], data["Secret"]
         if not isinstance(user, str) or not isinstance(secret, str):
             raise TypeError
     except (BadInputError, KeyError, TypeError):
-        raise RegistryAccessError(f"{source}: its answer for {host} is not JSON with "
-                                  "Username and Secret") from None
+        raise RegistryAccessError(
+            f"{source}: its answer for {host} is not JSON with Username and Secret"
+        ) from None
     if user == IDENTITY_TOKEN_USER:
         return Credential("", "", source, secret)
     return Credential(user, secret, source)

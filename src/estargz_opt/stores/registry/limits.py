@@ -63,9 +63,11 @@ class _Usage:
         return self.started + allowed - time.monotonic()
 
     def over_time(self) -> str:
-        return (f"no complete answer within {self.limit.timeout:g} s plus 1 s per "
-                f"{self.limit.min_rate / 1024:g} KiB moved (--registry-timeout, "
-                "--registry-min-rate)")
+        return (
+            f"no complete answer within {self.limit.timeout:g} s plus 1 s per "
+            f"{self.limit.min_rate / 1024:g} KiB moved (--registry-timeout, "
+            "--registry-min-rate)"
+        )
 
 
 class Limits:
@@ -148,12 +150,15 @@ class _Stream(httpcore.NetworkStream):
     def close(self) -> None:
         self._inner.close()
 
-    def start_tls(self, ssl_context: ssl.SSLContext, server_hostname: str | None = None,
-                  timeout: float | None = None) -> httpcore.NetworkStream:
+    def start_tls(
+        self,
+        ssl_context: ssl.SSLContext,
+        server_hostname: str | None = None,
+        timeout: float | None = None,
+    ) -> httpcore.NetworkStream:
         usage = self._limits.current()
         try:
-            inner = self._inner.start_tls(ssl_context, server_hostname,
-                                          self._clamp(usage, timeout))
+            inner = self._inner.start_tls(ssl_context, server_hostname, self._clamp(usage, timeout))
         except httpcore.TimeoutException:
             self._timed_out(usage)
             raise
@@ -168,28 +173,33 @@ class _Backend(httpcore.NetworkBackend):
         self._inner = httpcore.SyncBackend()
         self._limits = limits
 
-    def connect_tcp(self, host: str, port: int, timeout: float | None = None,
-                    local_address: str | None = None,
-                    socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None
-                    ) -> httpcore.NetworkStream:
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
+    ) -> httpcore.NetworkStream:
         usage = self._limits.current()
         if usage is not None:
             left = max(usage.remaining(), 0.001)
             timeout = left if timeout is None else min(timeout, left)
         try:
-            inner = self._inner.connect_tcp(host, port, timeout, local_address,
-                                            socket_options)
+            inner = self._inner.connect_tcp(host, port, timeout, local_address, socket_options)
         except httpcore.TimeoutException:
             if usage is not None and usage.remaining() <= 0.01:
                 usage.exceeded = usage.over_time()
             raise
         return _Stream(inner, self._limits)
 
-    def connect_unix_socket(self, path: str, timeout: float | None = None,
-                            socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None
-                            ) -> httpcore.NetworkStream:
-        return _Stream(self._inner.connect_unix_socket(path, timeout, socket_options),
-                       self._limits)
+    def connect_unix_socket(
+        self,
+        path: str,
+        timeout: float | None = None,
+        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
+    ) -> httpcore.NetworkStream:
+        return _Stream(self._inner.connect_unix_socket(path, timeout, socket_options), self._limits)
 
     def sleep(self, seconds: float) -> None:
         self._inner.sleep(seconds)
@@ -199,8 +209,9 @@ class Transport(httpx.HTTPTransport):
     """httpx's transport (direct, or through `proxy`) on connections that obey
     `limits`, handing bodies over undecoded (Content-Encoding moved to `ENCODING`)."""
 
-    def __init__(self, context: ssl.SSLContext, limits: Limits,
-                 proxy: httpx.Proxy | None = None) -> None:
+    def __init__(
+        self, context: ssl.SSLContext, limits: Limits, proxy: httpx.Proxy | None = None
+    ) -> None:
         super().__init__(verify=context, proxy=proxy)
         # httpx offers no way to pass httpcore a network backend: its pool (direct or a
         # proxy's) is given ours, which every connection it makes then uses.
@@ -220,8 +231,7 @@ class BodyError(Exception):
 
 
 #: The Content-Encodings `read_whole` decodes (zlib's window bits for each).
-_WBITS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS,
-          "deflate": zlib.MAX_WBITS}
+_WBITS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 
 
 def read_whole(response: httpx.Response, cap: int) -> bytes:
@@ -244,8 +254,10 @@ def read_whole(response: httpx.Response, cap: int) -> bytes:
         return raw
     wbits = _WBITS.get(encoding)
     if wbits is None:
-        raise BodyError(f"the answer has a Content-Encoding we cannot read "
-                        f"({encoding[:40]!r}; we asked for identity)")
+        raise BodyError(
+            f"the answer has a Content-Encoding we cannot read "
+            f"({encoding[:40]!r}; we asked for identity)"
+        )
     inflate = zlib.decompressobj(wbits)
     try:
         data = inflate.decompress(raw, cap + 1)

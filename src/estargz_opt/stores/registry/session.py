@@ -33,9 +33,16 @@ TIMEOUT = httpx.Timeout(30.0, connect=10.0)
 MAX_REDIRECTS = 10
 #: The TLS alerts (OpenSSL's reason names) a server sends when it requires a client
 #: certificate it did not get, or does not accept the one it got.
-CLIENT_CERT_ALERTS = ("BAD_CERTIFICATE", "CERTIFICATE_REQUIRED", "UNKNOWN_CA",
-                      "CERTIFICATE_UNKNOWN", "UNSUPPORTED_CERTIFICATE",
-                      "CERTIFICATE_EXPIRED", "CERTIFICATE_REVOKED", "ACCESS_DENIED")
+CLIENT_CERT_ALERTS = (
+    "BAD_CERTIFICATE",
+    "CERTIFICATE_REQUIRED",
+    "UNKNOWN_CA",
+    "CERTIFICATE_UNKNOWN",
+    "UNSUPPORTED_CERTIFICATE",
+    "CERTIFICATE_EXPIRED",
+    "CERTIFICATE_REVOKED",
+    "ACCESS_DENIED",
+)
 
 
 @dataclass(slots=True)
@@ -91,11 +98,16 @@ def open_session(host: str, opts: RegistryOptions) -> Session:
     limits = Limits()
     # Identity: bodies come as stored; a server that encodes anyway is decoded under
     # our caps (limits.read_whole), never by httpx.
-    client = httpx.Client(timeout=TIMEOUT, transport=Transport(tls.context, limits),
-                          mounts=_proxies(tls, limits), auth=auth, follow_redirects=True,
-                          max_redirects=MAX_REDIRECTS, headers={"Accept-Encoding": "identity"})
-    session = Session(host, "", client, auth, tls, limits,
-                      Limit(opts.timeout, opts.min_rate))
+    client = httpx.Client(
+        timeout=TIMEOUT,
+        transport=Transport(tls.context, limits),
+        mounts=_proxies(tls, limits),
+        auth=auth,
+        follow_redirects=True,
+        max_redirects=MAX_REDIRECTS,
+        headers={"Accept-Encoding": "identity"},
+    )
+    session = Session(host, "", client, auth, tls, limits, Limit(opts.timeout, opts.min_rate))
     try:
         session.base_url = _ping(session, opts)
     except BaseException:
@@ -108,8 +120,10 @@ def _proxies(tls: TlsConfig, limits: Limits) -> dict[str, httpx.BaseTransport | 
     """The proxies the environment names (HTTP(S)_PROXY, ALL_PROXY, NO_PROXY), as httpx
     reads them when it makes its own transports, which a custom one turns off; each on
     a transport that obeys `limits` too (None: that pattern goes direct)."""
-    return {pattern: None if url is None else Transport(tls.context, limits, httpx.Proxy(url))
-            for pattern, url in get_environment_proxies().items()}
+    return {
+        pattern: None if url is None else Transport(tls.context, limits, httpx.Proxy(url))
+        for pattern, url in get_environment_proxies().items()
+    }
 
 
 def _ping(session: Session, opts: RegistryOptions) -> str:
@@ -136,8 +150,11 @@ def _ping(session: Session, opts: RegistryOptions) -> str:
     except httpx.TransportError as e:
         https_error = e
     # A TLS alert proves the server speaks TLS: plain HTTP would only hide the reason.
-    if not opts.tls_verify and not _refused_or_unresolved(https_error) and \
-            _server_alert(https_error) is None:
+    if (
+        not opts.tls_verify
+        and not _refused_or_unresolved(https_error)
+        and _server_alert(https_error) is None
+    ):
         try:
             get(f"http://{host}/v2/")
             return f"http://{host}"
@@ -167,21 +184,24 @@ def _server_alert(exc: BaseException) -> str | None:
 def _client_cert_error(alert: str, tls: TlsConfig) -> str:
     said = alert.lower().replace("_", " ")
     if tls.client_cert is None:
-        return ("TLS: the registry requires a client certificate and none was presented "
-                f"(TLS alert: {said}); put one as a NAME.cert + NAME.key pair in "
-                f"{tls.suggested_dir} "
-                "(or pass --src-cert-dir/--dest-cert-dir)")
-    return (f"TLS: the registry refused the client certificate {tls.client_cert} (TLS "
-            f"alert: {said}); it must be signed by a CA the registry trusts for clients "
-            "(its tls.clientcas) and be valid now")
+        return (
+            "TLS: the registry requires a client certificate and none was presented "
+            f"(TLS alert: {said}); put one as a NAME.cert + NAME.key pair in "
+            f"{tls.suggested_dir} "
+            "(or pass --src-cert-dir/--dest-cert-dir)"
+        )
+    return (
+        f"TLS: the registry refused the client certificate {tls.client_cert} (TLS "
+        f"alert: {said}); it must be signed by a CA the registry trusts for clients "
+        "(its tls.clientcas) and be valid now"
+    )
 
 
 def _refused_or_unresolved(exc: BaseException) -> bool:
     return any(isinstance(c, socket.gaierror | ConnectionRefusedError) for c in _causes(exc))
 
 
-def describe_transport_error(host: str, exc: BaseException,
-                             tls: TlsConfig) -> RegistryAccessError:
+def describe_transport_error(host: str, exc: BaseException, tls: TlsConfig) -> RegistryAccessError:
     """One line for a registry that cannot be reached: DNS, refused, TLS or other."""
     return RegistryAccessError(f"registry {host}: {transport_failure(host, exc, tls).reason}")
 
@@ -189,19 +209,22 @@ def describe_transport_error(host: str, exc: BaseException,
 def _misdirected(exc: httpx.HTTPError | httpx.InvalidURL) -> str | None:
     """Why a request went nowhere, when a redirect or a URL sent it nowhere."""
     if isinstance(exc, httpx.TooManyRedirects):
-        return (f"more than {MAX_REDIRECTS} redirects (a redirect loop?), the last to "
-                f"{exc.request.url}")
+        return (
+            f"more than {MAX_REDIRECTS} redirects (a redirect loop?), the last to {exc.request.url}"
+        )
     if isinstance(exc, httpx.InvalidURL | httpx.UnsupportedProtocol):
         return f"unusable URL ({exc})"
-    if isinstance(exc, httpx.RemoteProtocolError) and str(exc).startswith("Invalid URL in "
-                                                                         "location header"):
+    if isinstance(exc, httpx.RemoteProtocolError) and str(exc).startswith(
+        "Invalid URL in location header"
+    ):
         # httpx's words for a redirect to a URL it cannot parse
         return f"a redirect to an unusable URL ({exc})"
     return None
 
 
-def request_failure(host: str, exc: httpx.HTTPError | httpx.InvalidURL,
-                    tls: TlsConfig) -> TransportFailure:
+def request_failure(
+    host: str, exc: httpx.HTTPError | httpx.InvalidURL, tls: TlsConfig
+) -> TransportFailure:
     """`transport_failure`, and the failures that no retry mends: a redirect loop or a
     URL httpx cannot use (`_misdirected`), a body it cannot send again."""
     reason = _misdirected(exc)
@@ -224,22 +247,30 @@ def transport_failure(host: str, exc: BaseException, tls: TlsConfig) -> Transpor
             f"TLS certificate verification failed ({reason}); put the registry's CA "
             f"certificate as a *.crt file in {tls.suggested_dir} (or pass --src-cert-dir/"
             "--dest-cert-dir), or use --src-tls-verify=false/--dest-tls-verify=false",
-            retryable=False)
+            retryable=False,
+        )
     alert = _server_alert(exc)
     if alert is not None and alert in CLIENT_CERT_ALERTS:
         return TransportFailure(_client_cert_error(alert, tls), retryable=False)
     unresolved = next((c for c in chain if isinstance(c, socket.gaierror)), None)
-    if unresolved is not None or "Name or service not known" in text or \
-            "nodename nor servname" in text:
+    if (
+        unresolved is not None
+        or "Name or service not known" in text
+        or "nodename nor servname" in text
+    ):
         name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
         # A resolver that could not answer for now (EAI_AGAIN) may answer on a retry.
-        return TransportFailure(f"cannot resolve the host name {name} (DNS)",
-                                retryable=unresolved is not None and
-                                unresolved.errno == socket.EAI_AGAIN)
-    if any(isinstance(c, ConnectionRefusedError) for c in chain) or \
-            f"[Errno {errno.ECONNREFUSED}]" in text:
-        return TransportFailure("connection refused (is a registry listening there?)",
-                                retryable=True)
+        return TransportFailure(
+            f"cannot resolve the host name {name} (DNS)",
+            retryable=unresolved is not None and unresolved.errno == socket.EAI_AGAIN,
+        )
+    if (
+        any(isinstance(c, ConnectionRefusedError) for c in chain)
+        or f"[Errno {errno.ECONNREFUSED}]" in text
+    ):
+        return TransportFailure(
+            "connection refused (is a registry listening there?)", retryable=True
+        )
     ssl_error = next((c for c in chain if isinstance(c, ssl.SSLError)), None)
     if ssl_error is not None:
         # OpenSSL's name for an answer that is no TLS record: a plain-HTTP server.
@@ -248,11 +279,11 @@ def transport_failure(host: str, exc: BaseException, tls: TlsConfig) -> Transpor
             f"TLS: {'the registry does not speak TLS' if plain else 'the handshake failed'} "
             f"({chain[-1]}); for a plain-HTTP registry use --tls-verify=false "
             "(--src-tls-verify=false/--dest-tls-verify=false with optimize)",
-            retryable=False)
+            retryable=False,
+        )
     if isinstance(exc, httpx.TimeoutException):
         return TransportFailure(f"no answer in time ({type(exc).__name__})", retryable=True)
     if isinstance(exc, httpx.ConnectError):
-        return TransportFailure(f"cannot connect ({exc or type(exc).__name__})",
-                                retryable=True)
+        return TransportFailure(f"cannot connect ({exc or type(exc).__name__})", retryable=True)
     # The connection broke off after it was made (a reset, a registry that went away).
     return TransportFailure(str(exc) or type(exc).__name__, retryable=True)

@@ -85,9 +85,7 @@ class _StreamSink:
     be replayed after a 401.
     """
 
-    def __init__(
-        self, client: Client, f: BinaryIO, path: Path, owner: _StreamOwner
-    ) -> None:
+    def __init__(self, client: Client, f: BinaryIO, path: Path, owner: _StreamOwner) -> None:
         self.file = self
         self.committed = False
         self._client = client
@@ -454,8 +452,13 @@ class RegistryStore:
                     return
             if self.client.stopped.is_set():
                 raise RegistryError(f"{self.client.where}: upload interrupted")
-            log.info("%s: blob %s: the streamed upload did not land (%s); uploading it "
-                     "again from its spool", self.client.where, digest, why)
+            log.info(
+                "%s: blob %s: the streamed upload did not land (%s); uploading it "
+                "again from its spool",
+                self.client.where,
+                digest,
+                why,
+            )
             if up is not None:
                 self._cancel(up)
             self._push_now(sink.path, digest, size, chunked=up is not None and up.whole_refused)

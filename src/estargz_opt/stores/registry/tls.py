@@ -85,11 +85,13 @@ def _load_dir(ctx: ssl.SSLContext, d: Path) -> Path | None:
                 ctx.load_cert_chain(f, key)
                 pairs.append((f, key))
             elif f.suffix == ".key" and not f.with_suffix(".cert").exists():
-                raise RegistryAccessError(f"client key {f} has no certificate "
-                                          f"{f.with_suffix('.cert').name}")
+                raise RegistryAccessError(
+                    f"client key {f} has no certificate {f.with_suffix('.cert').name}"
+                )
         except ssl.SSLError as e:
-            raise RegistryAccessError(f"{f}: not a usable PEM certificate or key "
-                                      f"({e.reason or e})") from None
+            raise RegistryAccessError(
+                f"{f}: not a usable PEM certificate or key ({e.reason or e})"
+            ) from None
     if len(pairs) > 1:
         ctx.load_cert_chain(*pairs[0])  # each load replaced the one before
     return pairs[0][0] if pairs else None

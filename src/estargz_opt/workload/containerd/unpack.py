@@ -33,6 +33,7 @@ from estargz_opt.stores.containerd.services import SnapshotsService
 
 log = logging.getLogger(__name__)
 
+
 def chain_ids(diff_ids: Sequence[str]) -> list[str]:
     """The chain ID of each layer (OCI image spec, "ChainID"), bottom layer first.
 

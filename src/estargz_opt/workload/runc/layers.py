@@ -148,9 +148,7 @@ def _private_dir(path: Path) -> None:
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     st, parent = os.lstat(path), os.stat(path.parent)
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
-        raise PermissionError(
-            errno.EPERM, f"{path} is not a directory owned by uid {os.geteuid()}"
-        )
+        raise PermissionError(errno.EPERM, f"{path} is not a directory owned by uid {os.geteuid()}")
     if parent.st_uid not in (0, os.geteuid()) or parent.st_mode & 0o022:
         raise PermissionError(
             errno.EPERM, f"{path.parent} can be changed by another user than uid {os.geteuid()}"

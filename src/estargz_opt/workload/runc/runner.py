@@ -344,5 +344,3 @@ def _fits_overlay(lower: list[str]) -> bool:
     return sum(len(p) + 1 for p in lower) < _MAX_LOWERDIR and not any(
         c in p for p in lower for c in ",:\\"
     )
-
-

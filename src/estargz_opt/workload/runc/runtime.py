@@ -31,9 +31,7 @@ class RuntimeCLI:
     def argv(self, *args: str) -> list[str]:
         return [*self.prefix, self.binary, "--root", self.root, *self.flags, *args]
 
-    def run(
-        self, *args: str, timeout: float = COMMAND_TIMEOUT
-    ) -> subprocess.CompletedProcess[str]:
+    def run(self, *args: str, timeout: float = COMMAND_TIMEOUT) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             self.argv(*args),
             capture_output=True,

@@ -238,8 +238,19 @@ def build_spec(
     if not os.path.isabs(rootfs):
         raise BadInputError(f"rootfs {rootfs!r} must be an absolute path")
     # Positional, in SpecInputs' field order (the signature above mirrors it).
-    inputs = SpecInputs(image_config, opts, rootfs, hostname, etc_dir, mount_ns_path,
-                        netns_path, container_id, namespace, files_root, gpu_hook)
+    inputs = SpecInputs(
+        image_config,
+        opts,
+        rootfs,
+        hostname,
+        etc_dir,
+        mount_ns_path,
+        netns_path,
+        container_id,
+        namespace,
+        files_root,
+        gpu_hook,
+    )
     spec = default_spec(rootfs, hostname, inputs.cgroups_path)
     for step in STEPS:
         step(spec, inputs)

@@ -13,7 +13,17 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Container(_message.Message):
-    __slots__ = ("id", "labels", "image", "runtime", "spec", "snapshotter", "snapshot_key", "created_at", "updated_at")
+    __slots__ = (
+        "id",
+        "labels",
+        "image",
+        "runtime",
+        "spec",
+        "snapshotter",
+        "snapshot_key",
+        "created_at",
+        "updated_at",
+    )
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -21,13 +31,19 @@ class Container(_message.Message):
         key: str
         value: str
         def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+
     class Runtime(_message.Message):
         __slots__ = ("name", "options")
         NAME_FIELD_NUMBER: _ClassVar[int]
         OPTIONS_FIELD_NUMBER: _ClassVar[int]
         name: str
         options: _any_pb2.Any
-        def __init__(self, name: _Optional[str] = ..., options: _Optional[_Union[_any_pb2.Any, _Mapping]] = ...) -> None: ...
+        def __init__(
+            self,
+            name: _Optional[str] = ...,
+            options: _Optional[_Union[_any_pb2.Any, _Mapping]] = ...,
+        ) -> None: ...
+
     ID_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
@@ -46,7 +62,18 @@ class Container(_message.Message):
     snapshot_key: str
     created_at: _timestamp_pb2.Timestamp
     updated_at: _timestamp_pb2.Timestamp
-    def __init__(self, id: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., image: _Optional[str] = ..., runtime: _Optional[_Union[Container.Runtime, _Mapping]] = ..., spec: _Optional[_Union[_any_pb2.Any, _Mapping]] = ..., snapshotter: _Optional[str] = ..., snapshot_key: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    def __init__(
+        self,
+        id: _Optional[str] = ...,
+        labels: _Optional[_Mapping[str, str]] = ...,
+        image: _Optional[str] = ...,
+        runtime: _Optional[_Union[Container.Runtime, _Mapping]] = ...,
+        spec: _Optional[_Union[_any_pb2.Any, _Mapping]] = ...,
+        snapshotter: _Optional[str] = ...,
+        snapshot_key: _Optional[str] = ...,
+        created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...,
+        updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...,
+    ) -> None: ...
 
 class GetContainerRequest(_message.Message):
     __slots__ = ("id",)
@@ -88,4 +115,6 @@ class ListContainersResponse(_message.Message):
     __slots__ = ("containers",)
     CONTAINERS_FIELD_NUMBER: _ClassVar[int]
     containers: _containers.RepeatedCompositeFieldContainer[Container]
-    def __init__(self, containers: _Optional[_Iterable[_Union[Container, _Mapping]]] = ...) -> None: ...
+    def __init__(
+        self, containers: _Optional[_Iterable[_Union[Container, _Mapping]]] = ...
+    ) -> None: ...

@@ -14,10 +14,16 @@ class ApplyRequest(_message.Message):
     MOUNTS_FIELD_NUMBER: _ClassVar[int]
     diff: _types_pb2.Descriptor
     mounts: _containers.RepeatedCompositeFieldContainer[_types_pb2.Mount]
-    def __init__(self, diff: _Optional[_Union[_types_pb2.Descriptor, _Mapping]] = ..., mounts: _Optional[_Iterable[_Union[_types_pb2.Mount, _Mapping]]] = ...) -> None: ...
+    def __init__(
+        self,
+        diff: _Optional[_Union[_types_pb2.Descriptor, _Mapping]] = ...,
+        mounts: _Optional[_Iterable[_Union[_types_pb2.Mount, _Mapping]]] = ...,
+    ) -> None: ...
 
 class ApplyResponse(_message.Message):
     __slots__ = ("applied",)
     APPLIED_FIELD_NUMBER: _ClassVar[int]
     applied: _types_pb2.Descriptor
-    def __init__(self, applied: _Optional[_Union[_types_pb2.Descriptor, _Mapping]] = ...) -> None: ...
+    def __init__(
+        self, applied: _Optional[_Union[_types_pb2.Descriptor, _Mapping]] = ...
+    ) -> None: ...

@@ -18,6 +18,7 @@ class Plugin(_message.Message):
         key: str
         value: str
         def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+
     TYPE_FIELD_NUMBER: _ClassVar[int]
     ID_FIELD_NUMBER: _ClassVar[int]
     REQUIRES_FIELD_NUMBER: _ClassVar[int]
@@ -30,7 +31,15 @@ class Plugin(_message.Message):
     platforms: _containers.RepeatedCompositeFieldContainer[_types_pb2.Platform]
     exports: _containers.ScalarMap[str, str]
     capabilities: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, type: _Optional[str] = ..., id: _Optional[str] = ..., requires: _Optional[_Iterable[str]] = ..., platforms: _Optional[_Iterable[_Union[_types_pb2.Platform, _Mapping]]] = ..., exports: _Optional[_Mapping[str, str]] = ..., capabilities: _Optional[_Iterable[str]] = ...) -> None: ...
+    def __init__(
+        self,
+        type: _Optional[str] = ...,
+        id: _Optional[str] = ...,
+        requires: _Optional[_Iterable[str]] = ...,
+        platforms: _Optional[_Iterable[_Union[_types_pb2.Platform, _Mapping]]] = ...,
+        exports: _Optional[_Mapping[str, str]] = ...,
+        capabilities: _Optional[_Iterable[str]] = ...,
+    ) -> None: ...
 
 class PluginsRequest(_message.Message):
     __slots__ = ("filters",)

@@ -20,13 +20,19 @@ class Lease(_message.Message):
         key: str
         value: str
         def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+
     ID_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     id: str
     created_at: _timestamp_pb2.Timestamp
     labels: _containers.ScalarMap[str, str]
-    def __init__(self, id: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    def __init__(
+        self,
+        id: _Optional[str] = ...,
+        created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...,
+        labels: _Optional[_Mapping[str, str]] = ...,
+    ) -> None: ...
 
 class CreateRequest(_message.Message):
     __slots__ = ("id", "labels")
@@ -37,11 +43,14 @@ class CreateRequest(_message.Message):
         key: str
         value: str
         def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+
     ID_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     id: str
     labels: _containers.ScalarMap[str, str]
-    def __init__(self, id: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    def __init__(
+        self, id: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ...
+    ) -> None: ...
 
 class CreateResponse(_message.Message):
     __slots__ = ("lease",)
@@ -83,4 +92,6 @@ class AddResourceRequest(_message.Message):
     RESOURCE_FIELD_NUMBER: _ClassVar[int]
     id: str
     resource: Resource
-    def __init__(self, id: _Optional[str] = ..., resource: _Optional[_Union[Resource, _Mapping]] = ...) -> None: ...
+    def __init__(
+        self, id: _Optional[str] = ..., resource: _Optional[_Union[Resource, _Mapping]] = ...
+    ) -> None: ...

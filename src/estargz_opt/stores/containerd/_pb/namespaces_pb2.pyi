@@ -16,11 +16,14 @@ class Namespace(_message.Message):
         key: str
         value: str
         def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+
     NAME_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     name: str
     labels: _containers.ScalarMap[str, str]
-    def __init__(self, name: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    def __init__(
+        self, name: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ...
+    ) -> None: ...
 
 class ListNamespacesRequest(_message.Message):
     __slots__ = ("filter",)
@@ -32,4 +35,6 @@ class ListNamespacesResponse(_message.Message):
     __slots__ = ("namespaces",)
     NAMESPACES_FIELD_NUMBER: _ClassVar[int]
     namespaces: _containers.RepeatedCompositeFieldContainer[Namespace]
-    def __init__(self, namespaces: _Optional[_Iterable[_Union[Namespace, _Mapping]]] = ...) -> None: ...
+    def __init__(
+        self, namespaces: _Optional[_Iterable[_Union[Namespace, _Mapping]]] = ...
+    ) -> None: ...

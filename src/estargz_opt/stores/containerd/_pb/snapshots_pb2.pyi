@@ -19,6 +19,7 @@ class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     VIEW: _ClassVar[Kind]
     ACTIVE: _ClassVar[Kind]
     COMMITTED: _ClassVar[Kind]
+
 UNKNOWN: Kind
 VIEW: Kind
 ACTIVE: Kind
@@ -33,6 +34,7 @@ class PrepareSnapshotRequest(_message.Message):
         key: str
         value: str
         def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+
     SNAPSHOTTER_FIELD_NUMBER: _ClassVar[int]
     KEY_FIELD_NUMBER: _ClassVar[int]
     PARENT_FIELD_NUMBER: _ClassVar[int]
@@ -41,13 +43,21 @@ class PrepareSnapshotRequest(_message.Message):
     key: str
     parent: str
     labels: _containers.ScalarMap[str, str]
-    def __init__(self, snapshotter: _Optional[str] = ..., key: _Optional[str] = ..., parent: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    def __init__(
+        self,
+        snapshotter: _Optional[str] = ...,
+        key: _Optional[str] = ...,
+        parent: _Optional[str] = ...,
+        labels: _Optional[_Mapping[str, str]] = ...,
+    ) -> None: ...
 
 class PrepareSnapshotResponse(_message.Message):
     __slots__ = ("mounts",)
     MOUNTS_FIELD_NUMBER: _ClassVar[int]
     mounts: _containers.RepeatedCompositeFieldContainer[_types_pb2.Mount]
-    def __init__(self, mounts: _Optional[_Iterable[_Union[_types_pb2.Mount, _Mapping]]] = ...) -> None: ...
+    def __init__(
+        self, mounts: _Optional[_Iterable[_Union[_types_pb2.Mount, _Mapping]]] = ...
+    ) -> None: ...
 
 class ViewSnapshotRequest(_message.Message):
     __slots__ = ("snapshotter", "key", "parent", "labels")
@@ -58,6 +68,7 @@ class ViewSnapshotRequest(_message.Message):
         key: str
         value: str
         def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+
     SNAPSHOTTER_FIELD_NUMBER: _ClassVar[int]
     KEY_FIELD_NUMBER: _ClassVar[int]
     PARENT_FIELD_NUMBER: _ClassVar[int]
@@ -66,13 +77,21 @@ class ViewSnapshotRequest(_message.Message):
     key: str
     parent: str
     labels: _containers.ScalarMap[str, str]
-    def __init__(self, snapshotter: _Optional[str] = ..., key: _Optional[str] = ..., parent: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    def __init__(
+        self,
+        snapshotter: _Optional[str] = ...,
+        key: _Optional[str] = ...,
+        parent: _Optional[str] = ...,
+        labels: _Optional[_Mapping[str, str]] = ...,
+    ) -> None: ...
 
 class ViewSnapshotResponse(_message.Message):
     __slots__ = ("mounts",)
     MOUNTS_FIELD_NUMBER: _ClassVar[int]
     mounts: _containers.RepeatedCompositeFieldContainer[_types_pb2.Mount]
-    def __init__(self, mounts: _Optional[_Iterable[_Union[_types_pb2.Mount, _Mapping]]] = ...) -> None: ...
+    def __init__(
+        self, mounts: _Optional[_Iterable[_Union[_types_pb2.Mount, _Mapping]]] = ...
+    ) -> None: ...
 
 class MountsRequest(_message.Message):
     __slots__ = ("snapshotter", "key")
@@ -86,7 +105,9 @@ class MountsResponse(_message.Message):
     __slots__ = ("mounts",)
     MOUNTS_FIELD_NUMBER: _ClassVar[int]
     mounts: _containers.RepeatedCompositeFieldContainer[_types_pb2.Mount]
-    def __init__(self, mounts: _Optional[_Iterable[_Union[_types_pb2.Mount, _Mapping]]] = ...) -> None: ...
+    def __init__(
+        self, mounts: _Optional[_Iterable[_Union[_types_pb2.Mount, _Mapping]]] = ...
+    ) -> None: ...
 
 class CommitSnapshotRequest(_message.Message):
     __slots__ = ("snapshotter", "name", "key", "labels")
@@ -97,6 +118,7 @@ class CommitSnapshotRequest(_message.Message):
         key: str
         value: str
         def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+
     SNAPSHOTTER_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     KEY_FIELD_NUMBER: _ClassVar[int]
@@ -105,7 +127,13 @@ class CommitSnapshotRequest(_message.Message):
     name: str
     key: str
     labels: _containers.ScalarMap[str, str]
-    def __init__(self, snapshotter: _Optional[str] = ..., name: _Optional[str] = ..., key: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    def __init__(
+        self,
+        snapshotter: _Optional[str] = ...,
+        name: _Optional[str] = ...,
+        key: _Optional[str] = ...,
+        labels: _Optional[_Mapping[str, str]] = ...,
+    ) -> None: ...
 
 class RemoveSnapshotRequest(_message.Message):
     __slots__ = ("snapshotter", "key")
@@ -132,6 +160,7 @@ class Info(_message.Message):
         key: str
         value: str
         def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+
     NAME_FIELD_NUMBER: _ClassVar[int]
     PARENT_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
@@ -144,7 +173,15 @@ class Info(_message.Message):
     created_at: _timestamp_pb2.Timestamp
     updated_at: _timestamp_pb2.Timestamp
     labels: _containers.ScalarMap[str, str]
-    def __init__(self, name: _Optional[str] = ..., parent: _Optional[str] = ..., kind: _Optional[_Union[Kind, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    def __init__(
+        self,
+        name: _Optional[str] = ...,
+        parent: _Optional[str] = ...,
+        kind: _Optional[_Union[Kind, str]] = ...,
+        created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...,
+        updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...,
+        labels: _Optional[_Mapping[str, str]] = ...,
+    ) -> None: ...
 
 class StatSnapshotResponse(_message.Message):
     __slots__ = ("info",)
@@ -158,7 +195,9 @@ class ListSnapshotsRequest(_message.Message):
     FILTERS_FIELD_NUMBER: _ClassVar[int]
     snapshotter: str
     filters: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, snapshotter: _Optional[str] = ..., filters: _Optional[_Iterable[str]] = ...) -> None: ...
+    def __init__(
+        self, snapshotter: _Optional[str] = ..., filters: _Optional[_Iterable[str]] = ...
+    ) -> None: ...
 
 class ListSnapshotsResponse(_message.Message):
     __slots__ = ("info",)

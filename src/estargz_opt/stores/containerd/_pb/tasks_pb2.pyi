@@ -22,6 +22,7 @@ class Status(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     STOPPED: _ClassVar[Status]
     PAUSED: _ClassVar[Status]
     PAUSING: _ClassVar[Status]
+
 UNKNOWN: Status
 CREATED: Status
 RUNNING: Status
@@ -45,7 +46,16 @@ class CreateTaskRequest(_message.Message):
     stderr: str
     terminal: bool
     options: _any_pb2.Any
-    def __init__(self, container_id: _Optional[str] = ..., rootfs: _Optional[_Iterable[_Union[_types_pb2.Mount, _Mapping]]] = ..., stdin: _Optional[str] = ..., stdout: _Optional[str] = ..., stderr: _Optional[str] = ..., terminal: _Optional[bool] = ..., options: _Optional[_Union[_any_pb2.Any, _Mapping]] = ...) -> None: ...
+    def __init__(
+        self,
+        container_id: _Optional[str] = ...,
+        rootfs: _Optional[_Iterable[_Union[_types_pb2.Mount, _Mapping]]] = ...,
+        stdin: _Optional[str] = ...,
+        stdout: _Optional[str] = ...,
+        stderr: _Optional[str] = ...,
+        terminal: _Optional[bool] = ...,
+        options: _Optional[_Union[_any_pb2.Any, _Mapping]] = ...,
+    ) -> None: ...
 
 class CreateTaskResponse(_message.Message):
     __slots__ = ("container_id", "pid")
@@ -61,7 +71,9 @@ class StartRequest(_message.Message):
     EXEC_ID_FIELD_NUMBER: _ClassVar[int]
     container_id: str
     exec_id: str
-    def __init__(self, container_id: _Optional[str] = ..., exec_id: _Optional[str] = ...) -> None: ...
+    def __init__(
+        self, container_id: _Optional[str] = ..., exec_id: _Optional[str] = ...
+    ) -> None: ...
 
 class StartResponse(_message.Message):
     __slots__ = ("pid",)
@@ -85,7 +97,13 @@ class DeleteResponse(_message.Message):
     pid: int
     exit_status: int
     exited_at: _timestamp_pb2.Timestamp
-    def __init__(self, id: _Optional[str] = ..., pid: _Optional[int] = ..., exit_status: _Optional[int] = ..., exited_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    def __init__(
+        self,
+        id: _Optional[str] = ...,
+        pid: _Optional[int] = ...,
+        exit_status: _Optional[int] = ...,
+        exited_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...,
+    ) -> None: ...
 
 class GetRequest(_message.Message):
     __slots__ = ("container_id", "exec_id")
@@ -93,10 +111,23 @@ class GetRequest(_message.Message):
     EXEC_ID_FIELD_NUMBER: _ClassVar[int]
     container_id: str
     exec_id: str
-    def __init__(self, container_id: _Optional[str] = ..., exec_id: _Optional[str] = ...) -> None: ...
+    def __init__(
+        self, container_id: _Optional[str] = ..., exec_id: _Optional[str] = ...
+    ) -> None: ...
 
 class Process(_message.Message):
-    __slots__ = ("container_id", "id", "pid", "status", "stdin", "stdout", "stderr", "terminal", "exit_status", "exited_at")
+    __slots__ = (
+        "container_id",
+        "id",
+        "pid",
+        "status",
+        "stdin",
+        "stdout",
+        "stderr",
+        "terminal",
+        "exit_status",
+        "exited_at",
+    )
     CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
     ID_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
@@ -117,7 +148,19 @@ class Process(_message.Message):
     terminal: bool
     exit_status: int
     exited_at: _timestamp_pb2.Timestamp
-    def __init__(self, container_id: _Optional[str] = ..., id: _Optional[str] = ..., pid: _Optional[int] = ..., status: _Optional[_Union[Status, str]] = ..., stdin: _Optional[str] = ..., stdout: _Optional[str] = ..., stderr: _Optional[str] = ..., terminal: _Optional[bool] = ..., exit_status: _Optional[int] = ..., exited_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    def __init__(
+        self,
+        container_id: _Optional[str] = ...,
+        id: _Optional[str] = ...,
+        pid: _Optional[int] = ...,
+        status: _Optional[_Union[Status, str]] = ...,
+        stdin: _Optional[str] = ...,
+        stdout: _Optional[str] = ...,
+        stderr: _Optional[str] = ...,
+        terminal: _Optional[bool] = ...,
+        exit_status: _Optional[int] = ...,
+        exited_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...,
+    ) -> None: ...
 
 class GetResponse(_message.Message):
     __slots__ = ("process",)
@@ -135,7 +178,13 @@ class KillRequest(_message.Message):
     exec_id: str
     signal: int
     all: bool
-    def __init__(self, container_id: _Optional[str] = ..., exec_id: _Optional[str] = ..., signal: _Optional[int] = ..., all: _Optional[bool] = ...) -> None: ...
+    def __init__(
+        self,
+        container_id: _Optional[str] = ...,
+        exec_id: _Optional[str] = ...,
+        signal: _Optional[int] = ...,
+        all: _Optional[bool] = ...,
+    ) -> None: ...
 
 class WaitRequest(_message.Message):
     __slots__ = ("container_id", "exec_id")
@@ -143,7 +192,9 @@ class WaitRequest(_message.Message):
     EXEC_ID_FIELD_NUMBER: _ClassVar[int]
     container_id: str
     exec_id: str
-    def __init__(self, container_id: _Optional[str] = ..., exec_id: _Optional[str] = ...) -> None: ...
+    def __init__(
+        self, container_id: _Optional[str] = ..., exec_id: _Optional[str] = ...
+    ) -> None: ...
 
 class WaitResponse(_message.Message):
     __slots__ = ("exit_status", "exited_at")
@@ -151,7 +202,11 @@ class WaitResponse(_message.Message):
     EXITED_AT_FIELD_NUMBER: _ClassVar[int]
     exit_status: int
     exited_at: _timestamp_pb2.Timestamp
-    def __init__(self, exit_status: _Optional[int] = ..., exited_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    def __init__(
+        self,
+        exit_status: _Optional[int] = ...,
+        exited_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...,
+    ) -> None: ...
 
 class CloseIORequest(_message.Message):
     __slots__ = ("container_id", "exec_id", "stdin")
@@ -161,7 +216,12 @@ class CloseIORequest(_message.Message):
     container_id: str
     exec_id: str
     stdin: bool
-    def __init__(self, container_id: _Optional[str] = ..., exec_id: _Optional[str] = ..., stdin: _Optional[bool] = ...) -> None: ...
+    def __init__(
+        self,
+        container_id: _Optional[str] = ...,
+        exec_id: _Optional[str] = ...,
+        stdin: _Optional[bool] = ...,
+    ) -> None: ...
 
 class ResizePtyRequest(_message.Message):
     __slots__ = ("container_id", "exec_id", "width", "height")
@@ -173,4 +233,10 @@ class ResizePtyRequest(_message.Message):
     exec_id: str
     width: int
     height: int
-    def __init__(self, container_id: _Optional[str] = ..., exec_id: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ...) -> None: ...
+    def __init__(
+        self,
+        container_id: _Optional[str] = ...,
+        exec_id: _Optional[str] = ...,
+        width: _Optional[int] = ...,
+        height: _Optional[int] = ...,
+    ) -> None: ...

@@ -16,6 +16,7 @@ class Descriptor(_message.Message):
         key: str
         value: str
         def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+
     MEDIA_TYPE_FIELD_NUMBER: _ClassVar[int]
     DIGEST_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -24,7 +25,13 @@ class Descriptor(_message.Message):
     digest: str
     size: int
     annotations: _containers.ScalarMap[str, str]
-    def __init__(self, media_type: _Optional[str] = ..., digest: _Optional[str] = ..., size: _Optional[int] = ..., annotations: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    def __init__(
+        self,
+        media_type: _Optional[str] = ...,
+        digest: _Optional[str] = ...,
+        size: _Optional[int] = ...,
+        annotations: _Optional[_Mapping[str, str]] = ...,
+    ) -> None: ...
 
 class Platform(_message.Message):
     __slots__ = ("os", "architecture", "variant")
@@ -34,7 +41,12 @@ class Platform(_message.Message):
     os: str
     architecture: str
     variant: str
-    def __init__(self, os: _Optional[str] = ..., architecture: _Optional[str] = ..., variant: _Optional[str] = ...) -> None: ...
+    def __init__(
+        self,
+        os: _Optional[str] = ...,
+        architecture: _Optional[str] = ...,
+        variant: _Optional[str] = ...,
+    ) -> None: ...
 
 class Mount(_message.Message):
     __slots__ = ("type", "source", "target", "options")
@@ -46,4 +58,10 @@ class Mount(_message.Message):
     source: str
     target: str
     options: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, type: _Optional[str] = ..., source: _Optional[str] = ..., target: _Optional[str] = ..., options: _Optional[_Iterable[str]] = ...) -> None: ...
+    def __init__(
+        self,
+        type: _Optional[str] = ...,
+        source: _Optional[str] = ...,
+        target: _Optional[str] = ...,
+        options: _Optional[_Iterable[str]] = ...,
+    ) -> None: ...
