@@ -470,8 +470,9 @@ def test_optimize_json_report(convert, src, name: str):
     layout, src_digest, _record = src
     rep = conv.report
     assert set(rep) == {"source", "target", "layers", "extraImage", "warnings", "workload",
-                        "profile"}, rep
+                        "profile", "signatures"}, rep
     assert rep["workload"] is None  # --record-in: no workload ran
+    assert rep["signatures"]["found"] is False  # an unsigned layout
     if name.startswith("no-optimize"):
         assert rep["profile"] is None
         assert all("profileFiles" not in x for x in rep["layers"]), rep["layers"]
