@@ -182,9 +182,11 @@ def test_podman_run_prints_what_the_originals_print(
     assert "null" not in tree and "null" in gzip.partition("--\n")[2]
 
 
-def _pull_times(text: str) -> str:
-    """Times other than the images' own (set by the pull) masked."""
-    return re.sub(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\S* \+0000", _mask, text)
+def _pull_times(text: str) -> list[str]:
+    """The lines with times other than the images' own (set by the pull) masked, sorted
+    again: the listing was sorted with those times in it, so entries whose times the
+    pull set may come in either order."""
+    return sorted(re.sub(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\S* \+0000", _mask, text).splitlines())
 
 
 def _mask(m: re.Match[str]) -> str:
