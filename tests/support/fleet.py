@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from support.lazypull import Registry, RegistryConfig
-from support.registries import ISSUER, PASSWORD, SERVICE, USER, LoopbackCA, TokenIssuer
+from support.registries import PASSWORD, USER, LoopbackCA, TokenIssuer
 
 CREDS = f"{USER}:{PASSWORD}"
 
@@ -29,9 +29,7 @@ class TokenRegistry:
         issuer = TokenIssuer(d / "issuer").start()
         try:
             registry = Registry.start(d, RegistryConfig(
-                ca.server_crt, ca.server_key, ca.ca_crt,
-                f"  token:\n    realm: {issuer.realm}\n    service: {SERVICE}\n"
-                f"    issuer: {ISSUER}\n    rootcertbundle: {issuer.bundle}\n"))
+                ca.server_crt, ca.server_key, ca.ca_crt, issuer.auth_config))
         except BaseException:
             issuer.stop()
             raise

@@ -190,6 +190,12 @@ class TokenIssuer:
     def bundle(self) -> Path:
         return self.dir / "token-signer.crt"
 
+    @property
+    def auth_config(self) -> str:
+        """The registry config's `auth:` body that trusts this issuer's tokens."""
+        return (f"  token:\n    realm: {self.realm}\n    service: {SERVICE}\n"
+                f"    issuer: {ISSUER}\n    rootcertbundle: {self.bundle}\n")
+
     def start(self) -> TokenIssuer:
         self.dir.mkdir(parents=True, exist_ok=True)
         signer = _cert("token signer", self._key, _name("token signer"), self._key, False)
@@ -320,10 +326,7 @@ class Registries:
                     RegistryConfig(tls.tls_cert, tls.tls_key, tls.ca,
                                    "  htpasswd:\n    realm: estargz-opt-test\n"
                                    f"    path: {htpasswd(d / 'htpasswd', {USER: PASSWORD})}\n"),
-                    RegistryConfig(tls.tls_cert, tls.tls_key, tls.ca,
-                                   f"  token:\n    realm: {issuer.realm}\n"
-                                   f"    service: {SERVICE}\n    issuer: {ISSUER}\n"
-                                   f"    rootcertbundle: {issuer.bundle}\n")):
+                    RegistryConfig(tls.tls_cert, tls.tls_key, tls.ca, issuer.auth_config)):
                 started.append(Registry.start(d, config))
         except BaseException:
             for r in started:
